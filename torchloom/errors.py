@@ -1,0 +1,37 @@
+"""The torchloom error hierarchy: one base, subclasses that also inherit the matching builtin."""
+
+from __future__ import annotations
+
+
+class TorchloomError(Exception):
+    """Base of every error torchloom raises on purpose."""
+
+
+class CommandRejected(TorchloomError, ValueError):
+    """A command failed validation; nothing was applied anywhere.
+
+    Attributes:
+        key: the knob or action the error is about, when there is one.
+        reason: the user-facing explanation (what was wrong and what would be right).
+    """
+
+    def __init__(self, reason: str, *, key: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.key = key
+
+
+class JobNotFound(TorchloomError, LookupError):
+    """No job of that name is known to the weaver (or none runs, or several do)."""
+
+
+class WeaverUnavailable(TorchloomError, ConnectionError):
+    """The weaver cannot be reached at the configured address."""
+
+
+class NatsUnavailable(TorchloomError, ConnectionError):
+    """The NATS server cannot be reached or could not be started."""
+
+
+class CommandTimeout(TorchloomError, TimeoutError):
+    """Not every rank answered a command before the deadline."""

@@ -1,0 +1,253 @@
+"""Plain, frozen Python forms of every protocol message; `torchloom.wire` converts them to bytes.
+
+The rest of the code works with these and never sees generated protobuf classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+KnobValue = float | int | bool | str | tuple[float, ...]
+
+
+class ActionKind(StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    CHECKPOINT = "checkpoint"
+    ROLLBACK = "rollback"
+    STOP = "stop"
+    EVAL = "eval"
+    DATA_ADD = "data_add"
+
+
+class AckStatus(StrEnum):
+    APPLIED = "applied"
+    REJECTED = "rejected"
+
+
+class OutcomeStatus(StrEnum):
+    PENDING = "pending"
+    APPLIED = "applied"
+    REJECTED = "rejected"
+    TIMEOUT = "timeout"
+
+
+class RankState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+
+
+class KnobType(StrEnum):
+    FLOAT = "float"
+    INT = "int"
+    BOOL = "bool"
+    STR = "str"
+    FLOAT_LIST = "float_list"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Issuer:
+    kind: str = "cli"
+    identity: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetConfig:
+    """Knob assignments; keys are `name` or `name@group`."""
+
+    values: Mapping[str, KnobValue]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Action:
+    kind: ActionKind
+    args: Mapping[str, str] = field(default_factory=dict)
+
+
+Body = SetConfig | Action
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Command:
+    command_id: str
+    job: str
+    run_id: str
+    seq: int
+    issuer: Issuer
+    issued_at_s: float
+    body: Body
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack:
+    command_id: str
+    job: str
+    run_id: str
+    seq: int
+    rank: int
+    incarnation: str
+    status: AckStatus
+    reason: str = ""
+    step: int = 0
+    decided_at_s: float = 0.0
+    received_at_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KnobSpec:
+    """A knob's schema (type, bounds, groups) and, when reported by a rank, its current value."""
+
+    name: str
+    type: KnobType
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+    description: str = ""
+    value: KnobValue | None = None
+    groups: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceHealth:
+    kind: str = "cpu"
+    device: str = ""
+    index: int = 0
+    nvml_available: bool = False
+    utilization_pct: float = 0.0
+    memory_used_bytes: int = 0
+    memory_total_bytes: int = 0
+    temperature_c: float = 0.0
+    power_w: float = 0.0
+    ecc_volatile_uncorrected: int = 0
+    ecc_volatile_corrected: int = 0
+    remapped_rows_pending: int = 0
+    remapped_rows_failed: int = 0
+    clock_event_reasons: int = 0
+    pcie_replay_count: int = 0
+    xids: tuple[int, ...] = ()
+    healthy: bool = True
+    unhealthy_reason: str = ""
+    cpu_load_pct: float = 0.0
+    rss_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    job: str
+    run_id: str
+    rank: int
+    world_size: int
+    local_rank: int = 0
+    incarnation: str
+    host: str = ""
+    pid: int = 0
+    step: int = 0
+    state: RankState = RankState.RUNNING
+    sent_at_s: float = 0.0
+    step_time_s: float = 0.0
+    last_seq: int = 0
+    knobs: tuple[KnobSpec, ...] = ()
+    device: DeviceHealth | None = None
+    branch: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepMetrics:
+    job: str
+    run_id: str
+    rank: int
+    step: int
+    branch: str = ""
+    time_s: float = 0.0
+    values: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobEvent:
+    job: str
+    run_id: str = ""
+    kind: str
+    message: str = ""
+    time_s: float = 0.0
+    command_id: str = ""
+    attrs: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankResult:
+    rank: int
+    status: AckStatus
+    step: int = 0
+    reason: str = ""
+    received_at_s: float = 0.0
+    decided_at_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    command_id: str
+    job: str
+    status: OutcomeStatus
+    reason: str = ""
+    results: tuple[RankResult, ...] = ()
+    command: Command | None = None
+    submitted_at_s: float = 0.0
+    published_at_s: float = 0.0
+    completed_at_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitRequest:
+    body: Body
+    job: str = ""
+    issuer: Issuer = field(default_factory=Issuer)
+    timeout_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusRequest:
+    job: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankStatus:
+    rank: int
+    step: int = 0
+    state: RankState = RankState.RUNNING
+    last_heartbeat_s: float = 0.0
+    host: str = ""
+    pid: int = 0
+    incarnation: str = ""
+    knobs: Mapping[str, KnobValue] = field(default_factory=dict)
+    device: DeviceHealth | None = None
+    step_time_s: float = 0.0
+    alive: bool = True
+    local_rank: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStatus:
+    job: str
+    run_id: str = ""
+    world_size: int = 0
+    ranks: tuple[RankStatus, ...] = ()
+    knobs: tuple[KnobSpec, ...] = ()
+    last_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusReply:
+    jobs: tuple[JobStatus, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WatchRequest:
+    job: str = ""
+
+
+WatchEvent = StepMetrics | JobEvent | Outcome

@@ -1,0 +1,95 @@
+"""Every NATS subject and JetStream stream name torchloom uses, versioned under `torchloom.v1.`.
+
+Job names and run ids become subject tokens, so they are restricted to `[A-Za-z0-9_-]`.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "torchloom.v1"
+
+# JetStream streams.
+STREAM_COMMANDS = "TORCHLOOM_COMMANDS"  # every validated command, per (job, run)
+STREAM_JOURNAL = "TORCHLOOM_JOURNAL"  # outcomes and job events: the durable audit trail
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_token(kind: str, value: str) -> str:
+    """Return `value` when it is a valid subject token, else raise ValueError naming the form."""
+    if not _TOKEN.match(value):
+        raise ValueError(
+            f"{kind} {value!r} is not valid: use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'"
+        )
+    return value
+
+
+def commands(job: str, run_id: str) -> str:
+    """Validated commands for one run of a job, in seq order (JetStream, STREAM_COMMANDS)."""
+    return f"{PREFIX}.cmd.{check_token('job', job)}.{check_token('run id', run_id)}"
+
+
+def commands_all() -> str:
+    return f"{PREFIX}.cmd.>"
+
+
+def acks(job: str) -> str:
+    """Per-rank acknowledgements of commands."""
+    return f"{PREFIX}.ack.{check_token('job', job)}"
+
+
+def acks_all() -> str:
+    return f"{PREFIX}.ack.*"
+
+
+def heartbeat(job: str, rank: int) -> str:
+    return f"{PREFIX}.hb.{check_token('job', job)}.{int(rank)}"
+
+
+def heartbeats_all() -> str:
+    return f"{PREFIX}.hb.*.*"
+
+
+def heartbeats_of(job: str) -> str:
+    return f"{PREFIX}.hb.{check_token('job', job)}.*"
+
+
+def metrics(job: str, rank: int) -> str:
+    return f"{PREFIX}.metrics.{check_token('job', job)}.{int(rank)}"
+
+
+def metrics_all() -> str:
+    return f"{PREFIX}.metrics.*.*"
+
+
+def metrics_of(job: str) -> str:
+    return f"{PREFIX}.metrics.{check_token('job', job)}.*"
+
+
+def events(job: str) -> str:
+    """Weaver-side job events (joins, deaths, command outcomes, reconfiguration phases)."""
+    return f"{PREFIX}.events.{check_token('job', job)}"
+
+
+def events_all() -> str:
+    return f"{PREFIX}.events.*"
+
+
+def journal(job: str) -> str:
+    """Final outcome of every command (JetStream, STREAM_JOURNAL)."""
+    return f"{PREFIX}.journal.{check_token('job', job)}"
+
+
+def journal_all() -> str:
+    return f"{PREFIX}.journal.*"
+
+
+def api_submit() -> str:
+    """Request-reply: SubmitRequest -> Outcome; the same handler as gRPC Control.Submit."""
+    return f"{PREFIX}.api.submit"
+
+
+def api_status() -> str:
+    """Request-reply: StatusRequest -> StatusReply."""
+    return f"{PREFIX}.api.status"

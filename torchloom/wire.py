@@ -1,0 +1,554 @@
+"""The wire edge: the only module that touches generated protobuf classes.
+
+`encode(msg)` turns any `torchloom.messages` dataclass into bytes; `decode_<name>(data)` turns bytes
+back. Decoding malformed bytes raises `WireError` (a ValueError), never a protobuf exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from torchloom import messages as m
+from torchloom.errors import TorchloomError
+from torchloom.v1 import torchloom_pb2 as pb
+
+
+class WireError(TorchloomError, ValueError):
+    """Bytes that are not the expected protobuf message."""
+
+
+_ACTION = {
+    m.ActionKind.PAUSE: pb.ACTION_KIND_PAUSE,
+    m.ActionKind.RESUME: pb.ACTION_KIND_RESUME,
+    m.ActionKind.CHECKPOINT: pb.ACTION_KIND_CHECKPOINT,
+    m.ActionKind.ROLLBACK: pb.ACTION_KIND_ROLLBACK,
+    m.ActionKind.STOP: pb.ACTION_KIND_STOP,
+    m.ActionKind.EVAL: pb.ACTION_KIND_EVAL,
+    m.ActionKind.DATA_ADD: pb.ACTION_KIND_DATA_ADD,
+}
+_ACTION_BACK = {v: k for k, v in _ACTION.items()}
+_ACK = {m.AckStatus.APPLIED: pb.ACK_STATUS_APPLIED, m.AckStatus.REJECTED: pb.ACK_STATUS_REJECTED}
+_ACK_BACK = {v: k for k, v in _ACK.items()}
+_OUTCOME = {
+    m.OutcomeStatus.PENDING: pb.OUTCOME_STATUS_PENDING,
+    m.OutcomeStatus.APPLIED: pb.OUTCOME_STATUS_APPLIED,
+    m.OutcomeStatus.REJECTED: pb.OUTCOME_STATUS_REJECTED,
+    m.OutcomeStatus.TIMEOUT: pb.OUTCOME_STATUS_TIMEOUT,
+}
+_OUTCOME_BACK = {v: k for k, v in _OUTCOME.items()}
+_STATE = {
+    m.RankState.RUNNING: pb.RANK_STATE_RUNNING,
+    m.RankState.PAUSED: pb.RANK_STATE_PAUSED,
+    m.RankState.FINISHED: pb.RANK_STATE_FINISHED,
+}
+_STATE_BACK = {v: k for k, v in _STATE.items()}
+_KNOB_TYPE = {
+    m.KnobType.FLOAT: pb.KNOB_TYPE_FLOAT,
+    m.KnobType.INT: pb.KNOB_TYPE_INT,
+    m.KnobType.BOOL: pb.KNOB_TYPE_BOOL,
+    m.KnobType.STR: pb.KNOB_TYPE_STR,
+    m.KnobType.FLOAT_LIST: pb.KNOB_TYPE_FLOAT_LIST,
+}
+_KNOB_TYPE_BACK = {v: k for k, v in _KNOB_TYPE.items()}
+
+
+def _enum_back(table: Mapping[Any, Any], value: int, what: str) -> Any:
+    try:
+        return table[value]
+    except KeyError:
+        raise WireError(f"unknown {what} enum value {value}") from None
+
+
+# ---- values -------------------------------------------------------------------------------------
+
+
+def _value_to_pb(value: m.KnobValue, out: pb.Value) -> None:
+    # bool before int: bool is a subclass of int.
+    if isinstance(value, bool):
+        out.b = value
+    elif isinstance(value, int):
+        out.i = value
+    elif isinstance(value, float):
+        out.f = value
+    elif isinstance(value, str):
+        out.s = value
+    elif isinstance(value, tuple | list):
+        out.fl.values.extend(float(v) for v in value)
+    else:
+        raise WireError(f"cannot encode knob value of type {type(value).__name__}")
+
+
+def _value_from_pb(value: pb.Value) -> m.KnobValue:
+    kind = value.WhichOneof("kind")
+    if kind == "f":
+        return value.f
+    if kind == "i":
+        return value.i
+    if kind == "b":
+        return value.b
+    if kind == "s":
+        return value.s
+    if kind == "fl":
+        return tuple(value.fl.values)
+    raise WireError("knob value has no kind set")
+
+
+def _values_to_pb(values: Mapping[str, m.KnobValue], out: Any) -> None:
+    for key, value in values.items():
+        _value_to_pb(value, out[key])
+
+
+def _values_from_pb(values: Any) -> dict[str, m.KnobValue]:
+    return {key: _value_from_pb(values[key]) for key in sorted(values)}
+
+
+# ---- bodies -------------------------------------------------------------------------------------
+
+
+def _body_to_pb(body: m.Body, out: Any) -> None:
+    if isinstance(body, m.SetConfig):
+        out.set.SetInParent()
+        _values_to_pb(body.values, out.set.values)
+    else:
+        out.action.kind = _ACTION[body.kind]
+        for key, value in body.args.items():
+            out.action.args[key] = value
+
+
+def _body_from_pb(msg: Any) -> m.Body:
+    which = msg.WhichOneof("body")
+    if which == "set":
+        return m.SetConfig(values=_values_from_pb(msg.set.values))
+    if which == "action":
+        return m.Action(
+            kind=_enum_back(_ACTION_BACK, msg.action.kind, "action"),
+            args=dict(sorted(msg.action.args.items())),
+        )
+    raise WireError("message has neither a config change nor an action")
+
+
+def _issuer_to_pb(issuer: m.Issuer, out: pb.Issuer) -> None:
+    out.kind = issuer.kind
+    out.identity = issuer.identity
+
+
+def _issuer_from_pb(msg: pb.Issuer) -> m.Issuer:
+    return m.Issuer(kind=msg.kind, identity=msg.identity)
+
+
+# ---- to protobuf --------------------------------------------------------------------------------
+
+
+def _command_to_pb(cmd: m.Command, out: pb.Command) -> None:
+    out.command_id = cmd.command_id
+    out.job = cmd.job
+    out.run_id = cmd.run_id
+    out.seq = cmd.seq
+    _issuer_to_pb(cmd.issuer, out.issuer)
+    out.issued_at_s = cmd.issued_at_s
+    _body_to_pb(cmd.body, out)
+
+
+def _knob_to_pb(spec: m.KnobSpec, out: pb.KnobSpec) -> None:
+    out.name = spec.name
+    out.type = _KNOB_TYPE[spec.type]
+    if spec.min is not None:
+        out.min = spec.min
+    if spec.max is not None:
+        out.max = spec.max
+    out.min_exclusive = spec.min_exclusive
+    out.max_exclusive = spec.max_exclusive
+    out.description = spec.description
+    if spec.value is not None:
+        _value_to_pb(spec.value, out.value)
+    out.groups.extend(spec.groups)
+    out.choices.extend(spec.choices)
+
+
+_DEVICE_FIELDS = tuple(f for f in m.DeviceHealth.__dataclass_fields__ if f != "xids")
+
+
+def _device_to_pb(dev: m.DeviceHealth, out: pb.DeviceHealth) -> None:
+    for name in _DEVICE_FIELDS:
+        setattr(out, name, getattr(dev, name))
+    out.xids.extend(dev.xids)
+
+
+def _device_from_pb(msg: pb.DeviceHealth) -> m.DeviceHealth:
+    fields: dict[str, Any] = {name: getattr(msg, name) for name in _DEVICE_FIELDS}
+    return m.DeviceHealth(xids=tuple(msg.xids), **fields)
+
+
+def _rank_result_to_pb(res: m.RankResult, out: pb.RankResult) -> None:
+    out.rank = res.rank
+    out.status = _ACK[res.status]
+    out.step = res.step
+    out.reason = res.reason
+    out.received_at_s = res.received_at_s
+    out.decided_at_s = res.decided_at_s
+
+
+def _outcome_to_pb(o: m.Outcome, out: pb.Outcome) -> None:
+    out.command_id = o.command_id
+    out.job = o.job
+    out.status = _OUTCOME[o.status]
+    out.reason = o.reason
+    for res in o.results:
+        _rank_result_to_pb(res, out.results.add())
+    if o.command is not None:
+        _command_to_pb(o.command, out.command)
+    out.submitted_at_s = o.submitted_at_s
+    out.published_at_s = o.published_at_s
+    out.completed_at_s = o.completed_at_s
+
+
+def _metrics_to_pb(sm: m.StepMetrics, out: pb.StepMetrics) -> None:
+    out.job = sm.job
+    out.run_id = sm.run_id
+    out.rank = sm.rank
+    out.step = sm.step
+    out.branch = sm.branch
+    out.time_s = sm.time_s
+    for key, value in sm.values.items():
+        out.values[key] = value
+
+
+def _event_to_pb(ev: m.JobEvent, out: pb.JobEvent) -> None:
+    out.job = ev.job
+    out.run_id = ev.run_id
+    out.kind = ev.kind
+    out.message = ev.message
+    out.time_s = ev.time_s
+    out.command_id = ev.command_id
+    for key, value in ev.attrs.items():
+        out.attrs[key] = value
+
+
+def _rank_status_to_pb(rs: m.RankStatus, out: pb.RankStatus) -> None:
+    out.rank = rs.rank
+    out.step = rs.step
+    out.state = _STATE[rs.state]
+    out.last_heartbeat_s = rs.last_heartbeat_s
+    out.host = rs.host
+    out.pid = rs.pid
+    out.incarnation = rs.incarnation
+    _values_to_pb(rs.knobs, out.knobs)
+    if rs.device is not None:
+        _device_to_pb(rs.device, out.device)
+    out.step_time_s = rs.step_time_s
+    out.alive = rs.alive
+    out.local_rank = rs.local_rank
+
+
+def to_pb(msg: Any) -> Any:
+    """Convert a `torchloom.messages` dataclass to its protobuf message."""
+    if isinstance(msg, m.Command):
+        out_cmd = pb.Command()
+        _command_to_pb(msg, out_cmd)
+        return out_cmd
+    if isinstance(msg, m.Ack):
+        return pb.Ack(
+            command_id=msg.command_id,
+            job=msg.job,
+            run_id=msg.run_id,
+            seq=msg.seq,
+            rank=msg.rank,
+            incarnation=msg.incarnation,
+            status=_ACK[msg.status],
+            reason=msg.reason,
+            step=msg.step,
+            decided_at_s=msg.decided_at_s,
+            received_at_s=msg.received_at_s,
+        )
+    if isinstance(msg, m.Heartbeat):
+        hb = pb.Heartbeat(
+            job=msg.job,
+            run_id=msg.run_id,
+            rank=msg.rank,
+            world_size=msg.world_size,
+            local_rank=msg.local_rank,
+            incarnation=msg.incarnation,
+            host=msg.host,
+            pid=msg.pid,
+            step=msg.step,
+            state=_STATE[msg.state],
+            sent_at_s=msg.sent_at_s,
+            step_time_s=msg.step_time_s,
+            last_seq=msg.last_seq,
+            branch=msg.branch,
+        )
+        for spec in msg.knobs:
+            _knob_to_pb(spec, hb.knobs.add())
+        if msg.device is not None:
+            _device_to_pb(msg.device, hb.device)
+        return hb
+    if isinstance(msg, m.StepMetrics):
+        out_sm = pb.StepMetrics()
+        _metrics_to_pb(msg, out_sm)
+        return out_sm
+    if isinstance(msg, m.JobEvent):
+        out_ev = pb.JobEvent()
+        _event_to_pb(msg, out_ev)
+        return out_ev
+    if isinstance(msg, m.Outcome):
+        out_o = pb.Outcome()
+        _outcome_to_pb(msg, out_o)
+        return out_o
+    if isinstance(msg, m.SubmitRequest):
+        req = pb.SubmitRequest(job=msg.job, timeout_s=msg.timeout_s)
+        _issuer_to_pb(msg.issuer, req.issuer)
+        _body_to_pb(msg.body, req)
+        return req
+    if isinstance(msg, m.StatusRequest):
+        return pb.StatusRequest(job=msg.job)
+    if isinstance(msg, m.WatchRequest):
+        return pb.WatchRequest(job=msg.job)
+    if isinstance(msg, m.KnobSpec):
+        out_k = pb.KnobSpec()
+        _knob_to_pb(msg, out_k)
+        return out_k
+    if isinstance(msg, m.DeviceHealth):
+        out_d = pb.DeviceHealth()
+        _device_to_pb(msg, out_d)
+        return out_d
+    if isinstance(msg, m.StatusReply):
+        reply = pb.StatusReply()
+        for js in msg.jobs:
+            out_js = reply.jobs.add(
+                job=js.job, run_id=js.run_id, world_size=js.world_size, last_seq=js.last_seq
+            )
+            for rs in js.ranks:
+                _rank_status_to_pb(rs, out_js.ranks.add())
+            for spec in js.knobs:
+                _knob_to_pb(spec, out_js.knobs.add())
+        return reply
+    raise WireError(f"cannot encode {type(msg).__name__}")
+
+
+def encode(msg: Any) -> bytes:
+    """Serialize a `torchloom.messages` dataclass (or a WatchEvent) to protobuf bytes."""
+    return bytes(to_pb(msg).SerializeToString())
+
+
+def encode_watch_event(ev: m.WatchEvent) -> bytes:
+    out = pb.WatchEvent()
+    if isinstance(ev, m.StepMetrics):
+        _metrics_to_pb(ev, out.metrics)
+    elif isinstance(ev, m.JobEvent):
+        _event_to_pb(ev, out.event)
+    else:
+        _outcome_to_pb(ev, out.outcome)
+    return bytes(out.SerializeToString())
+
+
+# ---- from protobuf ------------------------------------------------------------------------------
+
+
+def _parse(cls: Any, data: bytes) -> Any:
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise WireError(f"malformed {cls.DESCRIPTOR.name}: {exc}") from None
+    return msg
+
+
+def _command_from_pb(msg: pb.Command) -> m.Command:
+    return m.Command(
+        command_id=msg.command_id,
+        job=msg.job,
+        run_id=msg.run_id,
+        seq=msg.seq,
+        issuer=_issuer_from_pb(msg.issuer),
+        issued_at_s=msg.issued_at_s,
+        body=_body_from_pb(msg),
+    )
+
+
+def _knob_from_pb(msg: pb.KnobSpec) -> m.KnobSpec:
+    return m.KnobSpec(
+        name=msg.name,
+        type=_enum_back(_KNOB_TYPE_BACK, msg.type, "knob type"),
+        min=msg.min if msg.HasField("min") else None,
+        max=msg.max if msg.HasField("max") else None,
+        min_exclusive=msg.min_exclusive,
+        max_exclusive=msg.max_exclusive,
+        description=msg.description,
+        value=_value_from_pb(msg.value) if msg.HasField("value") else None,
+        groups=tuple(msg.groups),
+        choices=tuple(msg.choices),
+    )
+
+
+def _metrics_from_pb(msg: pb.StepMetrics) -> m.StepMetrics:
+    return m.StepMetrics(
+        job=msg.job,
+        run_id=msg.run_id,
+        rank=msg.rank,
+        step=msg.step,
+        branch=msg.branch,
+        time_s=msg.time_s,
+        values=dict(sorted(msg.values.items())),
+    )
+
+
+def _event_from_pb(msg: pb.JobEvent) -> m.JobEvent:
+    return m.JobEvent(
+        job=msg.job,
+        run_id=msg.run_id,
+        kind=msg.kind,
+        message=msg.message,
+        time_s=msg.time_s,
+        command_id=msg.command_id,
+        attrs=dict(sorted(msg.attrs.items())),
+    )
+
+
+def _outcome_from_pb(msg: pb.Outcome) -> m.Outcome:
+    return m.Outcome(
+        command_id=msg.command_id,
+        job=msg.job,
+        status=_enum_back(_OUTCOME_BACK, msg.status, "outcome status"),
+        reason=msg.reason,
+        results=tuple(
+            m.RankResult(
+                rank=r.rank,
+                status=_enum_back(_ACK_BACK, r.status, "ack status"),
+                step=r.step,
+                reason=r.reason,
+                received_at_s=r.received_at_s,
+                decided_at_s=r.decided_at_s,
+            )
+            for r in msg.results
+        ),
+        command=_command_from_pb(msg.command) if msg.HasField("command") else None,
+        submitted_at_s=msg.submitted_at_s,
+        published_at_s=msg.published_at_s,
+        completed_at_s=msg.completed_at_s,
+    )
+
+
+def decode_command(data: bytes) -> m.Command:
+    return _command_from_pb(_parse(pb.Command, data))
+
+
+def decode_ack(data: bytes) -> m.Ack:
+    msg = _parse(pb.Ack, data)
+    return m.Ack(
+        command_id=msg.command_id,
+        job=msg.job,
+        run_id=msg.run_id,
+        seq=msg.seq,
+        rank=msg.rank,
+        incarnation=msg.incarnation,
+        status=_enum_back(_ACK_BACK, msg.status, "ack status"),
+        reason=msg.reason,
+        step=msg.step,
+        decided_at_s=msg.decided_at_s,
+        received_at_s=msg.received_at_s,
+    )
+
+
+def decode_heartbeat(data: bytes) -> m.Heartbeat:
+    msg = _parse(pb.Heartbeat, data)
+    return m.Heartbeat(
+        job=msg.job,
+        run_id=msg.run_id,
+        rank=msg.rank,
+        world_size=msg.world_size,
+        local_rank=msg.local_rank,
+        incarnation=msg.incarnation,
+        host=msg.host,
+        pid=msg.pid,
+        step=msg.step,
+        state=_enum_back(_STATE_BACK, msg.state, "rank state"),
+        sent_at_s=msg.sent_at_s,
+        step_time_s=msg.step_time_s,
+        last_seq=msg.last_seq,
+        knobs=tuple(_knob_from_pb(k) for k in msg.knobs),
+        device=_device_from_pb(msg.device) if msg.HasField("device") else None,
+        branch=msg.branch,
+    )
+
+
+def decode_metrics(data: bytes) -> m.StepMetrics:
+    return _metrics_from_pb(_parse(pb.StepMetrics, data))
+
+
+def decode_event(data: bytes) -> m.JobEvent:
+    return _event_from_pb(_parse(pb.JobEvent, data))
+
+
+def decode_outcome(data: bytes) -> m.Outcome:
+    return _outcome_from_pb(_parse(pb.Outcome, data))
+
+
+def decode_submit_request(data: bytes) -> m.SubmitRequest:
+    msg = _parse(pb.SubmitRequest, data)
+    return m.SubmitRequest(
+        job=msg.job,
+        issuer=_issuer_from_pb(msg.issuer),
+        timeout_s=msg.timeout_s,
+        body=_body_from_pb(msg),
+    )
+
+
+def decode_status_request(data: bytes) -> m.StatusRequest:
+    return m.StatusRequest(job=_parse(pb.StatusRequest, data).job)
+
+
+def decode_watch_request(data: bytes) -> m.WatchRequest:
+    return m.WatchRequest(job=_parse(pb.WatchRequest, data).job)
+
+
+def decode_knob_spec(data: bytes) -> m.KnobSpec:
+    return _knob_from_pb(_parse(pb.KnobSpec, data))
+
+
+def decode_status_reply(data: bytes) -> m.StatusReply:
+    msg = _parse(pb.StatusReply, data)
+    jobs = []
+    for js in msg.jobs:
+        ranks = tuple(
+            m.RankStatus(
+                rank=rs.rank,
+                step=rs.step,
+                state=_enum_back(_STATE_BACK, rs.state, "rank state"),
+                last_heartbeat_s=rs.last_heartbeat_s,
+                host=rs.host,
+                pid=rs.pid,
+                incarnation=rs.incarnation,
+                knobs=_values_from_pb(rs.knobs),
+                device=_device_from_pb(rs.device) if rs.HasField("device") else None,
+                step_time_s=rs.step_time_s,
+                alive=rs.alive,
+                local_rank=rs.local_rank,
+            )
+            for rs in js.ranks
+        )
+        jobs.append(
+            m.JobStatus(
+                job=js.job,
+                run_id=js.run_id,
+                world_size=js.world_size,
+                ranks=ranks,
+                knobs=tuple(_knob_from_pb(k) for k in js.knobs),
+                last_seq=js.last_seq,
+            )
+        )
+    return m.StatusReply(jobs=tuple(jobs))
+
+
+def decode_watch_event(data: bytes) -> m.WatchEvent:
+    msg = _parse(pb.WatchEvent, data)
+    which = msg.WhichOneof("body")
+    if which == "metrics":
+        return _metrics_from_pb(msg.metrics)
+    if which == "event":
+        return _event_from_pb(msg.event)
+    if which == "outcome":
+        return _outcome_from_pb(msg.outcome)
+    raise WireError("watch event has no body")

@@ -1,0 +1,119 @@
+"""Unit tests of the CLI's output shapes, built from messages by pure functions."""
+
+from __future__ import annotations
+
+import json
+
+from torchloom import cli
+from torchloom.messages import (
+    AckStatus,
+    JobEvent,
+    JobStatus,
+    Outcome,
+    OutcomeStatus,
+    RankResult,
+    RankState,
+    RankStatus,
+    StatusReply,
+    StepMetrics,
+)
+
+
+def _outcome(status: OutcomeStatus, reason: str = "") -> Outcome:
+    return Outcome(
+        command_id="c1",
+        job="demo",
+        status=status,
+        reason=reason,
+        results=(
+            RankResult(rank=1, status=AckStatus.APPLIED, step=61),
+            RankResult(rank=0, status=AckStatus.APPLIED, step=61),
+        ),
+    )
+
+
+def test_outcome_json_shape() -> None:
+    got = cli.outcome_json(_outcome(OutcomeStatus.APPLIED))
+    assert got == {
+        "command_id": "c1",
+        "status": "applied",
+        "reason": None,
+        "applied": [{"rank": 0, "step": 61}, {"rank": 1, "step": 61}],
+    }
+    json.dumps(got)
+
+
+def test_rejected_outcome_keeps_reason_and_only_applied_ranks() -> None:
+    outcome = Outcome(
+        command_id="c2",
+        job="demo",
+        status=OutcomeStatus.REJECTED,
+        reason="lr=-1 rejected: must be in (0, 10]",
+        results=(RankResult(rank=0, status=AckStatus.REJECTED, step=3, reason="no"),),
+    )
+    got = cli.outcome_json(outcome)
+    assert got["status"] == "rejected"
+    assert got["reason"] == "lr=-1 rejected: must be in (0, 10]"
+    assert got["applied"] == []
+    assert cli.exit_code(outcome) == cli.EXIT_REJECTED
+
+
+def test_exit_codes() -> None:
+    assert cli.exit_code(_outcome(OutcomeStatus.APPLIED)) == 0
+    assert cli.exit_code(_outcome(OutcomeStatus.TIMEOUT)) == cli.EXIT_TIMEOUT
+    assert cli.exit_code(_outcome(OutcomeStatus.PENDING)) == cli.EXIT_TIMEOUT
+
+
+def test_status_json_shape() -> None:
+    reply = StatusReply(
+        jobs=(
+            JobStatus(
+                job="demo",
+                run_id="r1",
+                world_size=2,
+                ranks=(
+                    RankStatus(rank=1, step=9, knobs={"lr": 0.1, "betas": (0.9, 0.99)}, last_heartbeat_s=5.0),
+                    RankStatus(rank=0, step=10, state=RankState.PAUSED, knobs={"lr": float("nan")}),
+                ),
+            ),
+        )
+    )
+    got = cli.status_json(reply)
+    text = json.dumps(got, allow_nan=False)  # strict JSON: NaN must not leak
+    assert json.loads(text) == got
+    job = got["jobs"][0]
+    assert (job["job"], job["world_size"], job["run_id"]) == ("demo", 2, "r1")
+    assert [r["rank"] for r in job["ranks"]] == [0, 1]
+    assert job["ranks"][1]["knobs"] == {"betas": [0.9, 0.99], "lr": 0.1}
+    assert job["ranks"][1]["last_heartbeat_s"] == 5.0
+    assert job["ranks"][0]["state"] == "paused"
+    assert {"rank", "step", "knobs", "last_heartbeat_s"} <= set(job["ranks"][0])
+
+
+def test_human_forms_mention_every_rank() -> None:
+    text = cli.format_outcome(_outcome(OutcomeStatus.APPLIED))
+    assert "rank 0: applied at step 61" in text and "rank 1: applied at step 61" in text
+    table = cli.format_status(
+        StatusReply(
+            jobs=(
+                JobStatus(job="demo", world_size=1, ranks=(RankStatus(rank=0, step=7, knobs={"lr": 0.5}),)),
+            )
+        ),
+        now_s=100.0,
+    )
+    assert "demo" in table and "lr=0.5" in table
+    assert "no jobs" in cli.format_status(StatusReply())
+
+
+def test_watch_lines_and_metrics_rate_limit() -> None:
+    m0 = StepMetrics(job="demo", run_id="r", rank=0, step=1, values={"loss": 1.5})
+    m1 = StepMetrics(job="demo", run_id="r", rank=1, step=1, values={"loss": 1.5})
+    ev = JobEvent(job="demo", kind="rank_joined", message="rank 0")
+    assert cli.format_watch_event(m0) == "metrics demo rank 0 step 1 loss=1.5"
+    assert "rank_joined: rank 0" in cli.format_watch_event(ev)
+    limiter = cli.MetricsLimiter(interval_s=1.0)
+    assert limiter.allow(m0, 10.0)
+    assert not limiter.allow(m0, 10.5)
+    assert limiter.allow(m1, 10.5)  # per rank
+    assert limiter.allow(ev, 10.5)  # events are never dropped
+    assert limiter.allow(m0, 11.0)

@@ -1,0 +1,146 @@
+"""Where a running weaver can be found: the `$TORCHLOOM_HOME/weaver.json` file and the lookup order.
+
+`torchloom run` and `torchloom weaver` write the file; every other CLI command reads it, so a second
+terminal needs no flags. Lookup order: an explicit `--grpc`, then `TORCHLOOM_GRPC`, then the file
+(only while the process that wrote it is alive).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torchloom import env
+
+FILE_NAME = "weaver.json"
+
+
+def home() -> Path:
+    """Return the run-state directory: `TORCHLOOM_HOME`, else `~/.torchloom`."""
+    raw = env.get(env.HOME)
+    return Path(raw).expanduser() if raw else Path.home() / ".torchloom"
+
+
+def discovery_path() -> Path:
+    """Return the path of the discovery file under `home()`."""
+    return home() / FILE_NAME
+
+
+def check_address(addr: str) -> str:
+    """Return `addr` when it looks like HOST:PORT, else raise ValueError naming the expected form."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"gRPC address {addr!r} is not valid: expected HOST:PORT (e.g. 127.0.0.1:50051)")
+    return addr
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WeaverInfo:
+    """The content of the discovery file (docs/design.md, Discovery)."""
+
+    pid: int
+    nats_url: str
+    grpc: str
+    ws_url: str = ""
+    jobs: tuple[str, ...] = ()
+    started_at_s: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "nats_url": self.nats_url,
+            "ws_url": self.ws_url,
+            "grpc": self.grpc,
+            "jobs": list(self.jobs),
+            "started_at_s": self.started_at_s,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> WeaverInfo:
+        """Build from parsed JSON; raise ValueError naming the missing or mistyped key."""
+        if not isinstance(data, dict):
+            raise ValueError("discovery file: expected a JSON object")
+        try:
+            pid = data["pid"]
+            nats_url = data["nats_url"]
+            grpc = data["grpc"]
+        except KeyError as exc:
+            raise ValueError(f"discovery file: missing key {exc.args[0]!r}") from None
+        if not isinstance(pid, int) or not isinstance(nats_url, str) or not isinstance(grpc, str):
+            raise ValueError("discovery file: expected pid (int), nats_url (str) and grpc (str)")
+        jobs = data.get("jobs") or []
+        return cls(
+            pid=pid,
+            nats_url=nats_url,
+            grpc=grpc,
+            ws_url=str(data.get("ws_url") or ""),
+            jobs=tuple(str(j) for j in jobs) if isinstance(jobs, list) else (),
+            started_at_s=float(data.get("started_at_s") or 0.0),
+        )
+
+
+def pid_alive(pid: int) -> bool:
+    """Return True when a process with this pid exists (signal 0 probes without sending)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it is just not ours
+    return True
+
+
+def write(info: WeaverInfo, path: Path | None = None) -> Path:
+    """Write the discovery file atomically (temp file, then rename) and return its path."""
+    target = path or discovery_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def read(path: Path | None = None) -> WeaverInfo | None:
+    """Return the discovery file's content when it exists, parses and its pid is alive; else None."""
+    target = path or discovery_path()
+    try:
+        info = WeaverInfo.from_json(json.loads(target.read_text()))
+    except (OSError, ValueError):
+        return None
+    return info if pid_alive(info.pid) else None
+
+
+def remove(path: Path | None = None, *, pid: int | None = None) -> None:
+    """Remove the discovery file, but only when it is ours (`pid`, default this process)."""
+    target = path or discovery_path()
+    owner = os.getpid() if pid is None else pid
+    try:
+        data = json.loads(target.read_text())
+    except (OSError, ValueError):
+        return
+    # Another launcher may have replaced the file since we wrote it; leave theirs alone.
+    if isinstance(data, dict) and data.get("pid") == owner:
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+
+
+def resolve_grpc(explicit: str | None = None) -> str | None:
+    """Return the weaver's gRPC address: `explicit`, then `TORCHLOOM_GRPC`, then the live file.
+
+    Raises:
+        ValueError: when the explicit or environment address is not HOST:PORT.
+    """
+    if explicit:
+        return check_address(explicit)
+    from_env = env.get(env.GRPC_ADDR)
+    if from_env:
+        return check_address(from_env)
+    info = read()
+    return info.grpc if info is not None else None

@@ -1,0 +1,373 @@
+"""`torchloom run` and `torchloom weaver`: bring up NATS and a weaver when none is reachable, launch torchrun.
+
+The weaver runs as an asyncio task in this process; the embedded nats-server is a child process.
+torchrun is a child in its own session, so a Ctrl-C reaches it exactly once: from us, forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torchloom import discovery, env, subjects
+from torchloom.nats_server import EmbeddedNats
+
+log = logging.getLogger(__name__)
+
+# torchrun options that take no value (from torch.distributed.run's parser); every other torchrun
+# option takes exactly one, given as `--opt VALUE` or `--opt=VALUE`.
+TORCHRUN_FLAGS = frozenset(
+    {"--standalone", "-m", "--module", "--no-python", "--no_python", "--run-path", "--run_path"}
+    | {"--virtual-local-rank", "--virtual_local_rank"}
+)
+_TORCHRUN_VALUE_NAMES = (
+    "nnodes nproc-per-node rdzv-backend rdzv-endpoint rdzv-id rdzv-conf max-restarts "
+    "monitor-interval start-method event-log-handler role log-dir redirects tee "
+    "local-ranks-filter duplicate-stdout-filters duplicate-stderr-filters node-rank master-addr "
+    "master-port local-addr logs-specs numa-binding signals-to-handle shutdown-timeout"
+)
+TORCHRUN_VALUE_OPTIONS = frozenset(
+    opt for name in _TORCHRUN_VALUE_NAMES.split() for opt in (f"--{name}", f"--{name.replace('-', '_')}")
+) | {"-r", "-t"}
+# Our own options; they may appear anywhere before SCRIPT, mixed with torchrun's.
+RUN_OPTIONS = frozenset({"--job", "--nats", "--grpc"})
+# Options that mean the user chose a rendezvous; without one we add --standalone (a free port).
+_RDZV_CHOICES = frozenset(
+    {"--standalone", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend", "--rdzv_backend"}
+    | {"--master-port", "--master_port", "--master-addr", "--master_addr", "--nnodes"}
+)
+READY_TIMEOUT_S = 30.0
+
+
+class UsageError(ValueError):
+    """A `torchloom run` command line that cannot be split into torchrun options and a script."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSpec:
+    """A parsed `torchloom run` command line.
+
+    Attributes:
+        job: job name (default: the script's stem).
+        nats_url: `--nats`, else None (then TORCHLOOM_NATS_URL, else the embedded server).
+        grpc: `--grpc`, else None.
+        torchrun_args: options for torch.distributed.run, in the order given, with defaults added.
+        script: the training script (or module with -m).
+        script_args: everything after SCRIPT, untouched: it belongs to the script.
+    """
+
+    job: str
+    nats_url: str | None
+    grpc: str | None
+    torchrun_args: tuple[str, ...]
+    script: str
+    script_args: tuple[str, ...]
+
+
+def _option_value(argv: Sequence[str], i: int, opt: str) -> tuple[str, int]:
+    """Return (value, next index) for the option at argv[i], in `--opt VALUE` or `--opt=VALUE` form."""
+    word = argv[i]
+    if "=" in word:
+        return word.split("=", 1)[1], i + 1
+    if i + 1 >= len(argv):
+        raise UsageError(f"option {opt} expects a value")
+    return argv[i + 1], i + 2
+
+
+def _has_option(args: Sequence[str], names: frozenset[str]) -> bool:
+    return any(a.split("=", 1)[0] in names for a in args)
+
+
+def split_run_args(argv: Sequence[str]) -> RunSpec:
+    """Split `torchloom run` arguments into ours, torchrun's, SCRIPT and the script's own.
+
+    Everything after SCRIPT (or after `--`) belongs to the script. Defaults added: `--nproc-per-node 1`
+    when absent, and `--standalone` (single node, free port) when no rendezvous option is given.
+
+    Raises:
+        UsageError: on an unknown option before SCRIPT, a missing value, no SCRIPT or a bad job name.
+    """
+    ours: dict[str, str] = {}
+    torchrun: list[str] = []
+    i = 0
+    script: str | None = None
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            i += 1
+            if i < len(argv):
+                script = argv[i]
+            break
+        if not word.startswith("-") or word == "-":
+            script = word
+            break
+        opt = word.split("=", 1)[0]
+        if opt in RUN_OPTIONS:
+            ours[opt], i = _option_value(argv, i, opt)
+        elif opt in TORCHRUN_FLAGS:
+            torchrun.append(word)
+            i += 1
+        elif opt in TORCHRUN_VALUE_OPTIONS:
+            value, i = _option_value(argv, i, opt)
+            torchrun += [opt, value]
+        else:
+            raise UsageError(
+                f"unknown option {word!r} before SCRIPT: expected --job, --nats, --grpc or a torchrun "
+                "option (e.g. --nproc-per-node 2); options for the script go after SCRIPT"
+            )
+    if script is None:
+        raise UsageError("no SCRIPT given: expected `torchloom run [options] SCRIPT [ARGS]`")
+    script_args = tuple(argv[i + 1 :])
+    if not _has_option(torchrun, frozenset({"--nproc-per-node", "--nproc_per_node"})):
+        torchrun += ["--nproc-per-node", "1"]
+    if not _has_option(torchrun, _RDZV_CHOICES):
+        torchrun.insert(0, "--standalone")
+    default_job = Path(script).stem if not _has_option(torchrun, frozenset({"-m", "--module"})) else script
+    job = ours.get("--job") or env.get(env.JOB) or default_job.rsplit(".", 1)[-1]
+    try:
+        subjects.check_token("job", job)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (set it with --job NAME)") from None
+    grpc = ours.get("--grpc")
+    if grpc is not None:
+        try:
+            discovery.check_address(grpc)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return RunSpec(
+        job=job,
+        nats_url=ours.get("--nats"),
+        grpc=grpc,
+        torchrun_args=tuple(torchrun),
+        script=script,
+        script_args=script_args,
+    )
+
+
+def new_run_id() -> str:
+    """Return a fresh run id: 12 hex characters of a uuid4."""
+    return uuid.uuid4().hex[:12]
+
+
+def torchrun_command(spec: RunSpec) -> list[str]:
+    """Return the argv that launches the job under torchrun with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *spec.torchrun_args,
+        spec.script,
+        *spec.script_args,
+    ]
+
+
+def child_env(spec: RunSpec, *, run_id: str, nats_url: str, grpc: str) -> dict[str, str]:
+    """Return the environment of the torchrun child: ours plus the TORCHLOOM_* variables."""
+    out = dict(os.environ)
+    out[env.NATS_URL] = nats_url
+    out[env.JOB] = spec.job
+    out[env.RUN_ID] = run_id
+    out[env.GRPC_ADDR] = grpc
+    out.setdefault("PYTHONUNBUFFERED", "1")
+    return out
+
+
+def exit_status(returncode: int) -> int:
+    """Map a child's return code to ours: the same code, or 128+N when signal N killed it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WeaverEndpoints:
+    """Where clients and ranks reach the weaver and its NATS server."""
+
+    nats_url: str
+    grpc: str
+    ws_url: str
+    owned: bool  # True when this process started the weaver (and so writes the discovery file)
+
+
+async def _probe(grpc: str, timeout_s: float = 2.0) -> bool:
+    """Return True when a weaver answers Status at `grpc` within the deadline."""
+    from torchloom.client import ControlClient
+
+    try:
+        async with asyncio.timeout(timeout_s), ControlClient(grpc) as client:
+            await client.status()
+    except Exception as exc:  # any failure means "not usable": we start our own
+        log.debug("weaver at %s not usable: %s", grpc, exc)
+        return False
+    return True
+
+
+async def find_reusable(nats_url: str | None, grpc: str | None) -> WeaverEndpoints | None:
+    """Return a running weaver to reuse: one that answers and shares the requested NATS URL."""
+    info = discovery.read()
+    if info is not None and (grpc is None or info.grpc == grpc) and nats_url in (None, info.nats_url):
+        if await _probe(info.grpc):
+            return WeaverEndpoints(nats_url=info.nats_url, grpc=info.grpc, ws_url=info.ws_url, owned=False)
+        return None
+    # An explicit weaver plus an explicit NATS URL: the user says they belong together.
+    if grpc is not None and nats_url is not None and await _probe(grpc):
+        return WeaverEndpoints(nats_url=nats_url, grpc=grpc, ws_url="", owned=False)
+    return None
+
+
+@contextlib.asynccontextmanager
+async def hosted_weaver(
+    *, nats_url: str | None, grpc: str | None, run_id: str, jobs: Sequence[str] = ()
+) -> AsyncIterator[WeaverEndpoints]:
+    """Run NATS (embedded unless a URL is given) and a weaver task here until the block exits.
+
+    Writes the discovery file while running and removes it afterwards. NATS is stopped with
+    terminate, wait, then kill.
+
+    Raises:
+        NatsUnavailable: when the embedded server cannot start.
+        WeaverUnavailable: when the weaver fails or does not bind before READY_TIMEOUT_S.
+    """
+    from weaver.app import serve
+
+    from torchloom.errors import WeaverUnavailable
+    from weaver.config import WeaverConfig
+
+    embedded: EmbeddedNats | None = None
+    url = nats_url or env.get(env.NATS_URL)
+    ws_url = ""
+    if url is None:
+        embedded = EmbeddedNats(discovery.home() / "runs" / run_id)
+        await asyncio.to_thread(embedded.start)
+        url, ws_url = embedded.url, embedded.ws_url
+    ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def _ready(w: Any) -> None:
+        if not ready.done():
+            ready.set_result(w)
+
+    config = WeaverConfig(nats_url=url, grpc_addr=grpc or "127.0.0.1:0")
+    task = asyncio.create_task(serve(config, ready=_ready), name="torchloom-weaver")
+    try:
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise WeaverUnavailable(
+                f"weaver did not bind its gRPC port within {READY_TIMEOUT_S:g}s"
+            ) from None
+        if not ready.done():
+            exc = task.exception() if not task.cancelled() else None
+            raise WeaverUnavailable(f"weaver stopped before it was ready: {exc!r}") from exc
+        endpoints = WeaverEndpoints(
+            nats_url=url, grpc=str(ready.result().grpc_address), ws_url=ws_url, owned=True
+        )
+        discovery.write(
+            discovery.WeaverInfo(
+                pid=os.getpid(), nats_url=url, grpc=endpoints.grpc, ws_url=ws_url, jobs=tuple(jobs)
+            )
+        )
+        try:
+            yield endpoints
+        finally:
+            discovery.remove()
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+def announce(endpoints: WeaverEndpoints, *, run_id: str | None = None, job: str | None = None) -> None:
+    """Tell the user (on stderr) where to connect."""
+    who = "started" if endpoints.owned else "reusing"
+    parts = [f"torchloom: {who} weaver at gRPC {endpoints.grpc}", f"NATS {endpoints.nats_url}"]
+    if endpoints.ws_url:
+        parts.append(f"WebSocket {endpoints.ws_url}")
+    if run_id is not None:
+        parts.append(f"job {job} run {run_id}")
+    print("; ".join(parts), file=sys.stderr, flush=True)
+
+
+async def _wait_child(proc: asyncio.subprocess.Process) -> int:
+    """Wait for the child, forwarding SIGINT and SIGTERM to it (it has its own session)."""
+    loop = asyncio.get_running_loop()
+
+    def _forward(sig: signal.Signals) -> None:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, _forward, sig)
+            installed.append(sig)
+    try:
+        return await proc.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        if proc.returncode is None:  # we are being cancelled: do not leave the job behind
+            _forward(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(10.0):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def run(spec: RunSpec) -> int:
+    """Launch the job under torchrun with a weaver reachable, and return the exit status for it."""
+    run_id = new_run_id()
+    async with contextlib.AsyncExitStack() as stack:
+        endpoints = await find_reusable(spec.nats_url or env.get(env.NATS_URL), spec.grpc)
+        if endpoints is None:
+            endpoints = await stack.enter_async_context(
+                hosted_weaver(nats_url=spec.nats_url, grpc=spec.grpc, run_id=run_id, jobs=[spec.job])
+            )
+        announce(endpoints, run_id=run_id, job=spec.job)
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            *torchrun_command(spec),
+            env=child_env(spec, run_id=run_id, nats_url=endpoints.nats_url, grpc=endpoints.grpc),
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        code = exit_status(await _wait_child(proc))
+        print(
+            f"torchloom: job {spec.job} run {run_id} exited with status {code} "
+            f"after {time.monotonic() - started:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+        return code
+    raise AssertionError("unreachable")  # AsyncExitStack does not swallow exceptions
+
+
+async def serve_weaver(*, nats_url: str | None, grpc: str | None) -> int:
+    """Run a standalone weaver until SIGINT or SIGTERM; return 0 on a clean stop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with hosted_weaver(nats_url=nats_url, grpc=grpc, run_id=f"weaver-{new_run_id()}") as ep:
+            announce(ep)
+            print(f"nats_url={ep.nats_url}\ngrpc={ep.grpc}", flush=True)
+            await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print("torchloom: weaver stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,69 @@
+"""The weaver's configuration: one frozen dataclass, checked on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torchloom import env
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def _positive(name: str, value: float, *, upper: float) -> None:
+    if not (math.isfinite(value) and 0.0 < value <= upper):
+        raise ValueError(f"{name}={value!r} rejected: must be in (0, {upper:g}]")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WeaverConfig:
+    """How the weaver connects and when it gives up on ranks and commands.
+
+    Attributes:
+        nats_url: the NATS server (e.g. nats://127.0.0.1:4222).
+        grpc_addr: where the gRPC Control service listens, `host:port`; port 0 picks a free one.
+        dead_after_s: a rank whose last heartbeat is older than this is dead.
+        command_timeout_s: how long a submit waits for every rank when the request names no timeout.
+        journal: publish final outcomes and job events to the JetStream journal.
+        liveness_interval_s: how often dead ranks are looked for.
+        watch_queue_size: events buffered per gRPC watcher before the oldest are dropped.
+        nats_timeout_s: deadline of every single NATS operation (publish ack, stream lookup).
+        replicas: JetStream replicas of the streams (1 for a single server).
+    """
+
+    nats_url: str = DEFAULT_NATS_URL
+    grpc_addr: str = "127.0.0.1:0"
+    dead_after_s: float = 1.0
+    command_timeout_s: float = 30.0
+    journal: bool = True
+    liveness_interval_s: float = 0.1
+    watch_queue_size: int = 1024
+    nats_timeout_s: float = 5.0
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ValueError(
+                f"nats_url={self.nats_url!r} rejected: expected nats://HOST:PORT (or tls://, ws://, wss://)"
+            )
+        host, sep, port = self.grpc_addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(
+                f"grpc_addr={self.grpc_addr!r} rejected: expected HOST:PORT with PORT in [0, 65535]"
+            )
+        _positive("dead_after_s", self.dead_after_s, upper=3600.0)
+        _positive("command_timeout_s", self.command_timeout_s, upper=24 * 3600.0)
+        _positive("liveness_interval_s", self.liveness_interval_s, upper=60.0)
+        _positive("nats_timeout_s", self.nats_timeout_s, upper=600.0)
+        if not 1 <= self.watch_queue_size <= 1_000_000:
+            raise ValueError(f"watch_queue_size={self.watch_queue_size!r} rejected: must be in [1, 1000000]")
+        if not 1 <= self.replicas <= 5:
+            raise ValueError(f"replicas={self.replicas!r} rejected: must be in [1, 5]")
+
+    @classmethod
+    def from_env(cls, *, nats_url: str | None = None, grpc_addr: str | None = None) -> WeaverConfig:
+        """Build a config: explicit arguments, then TORCHLOOM_NATS_URL / TORCHLOOM_GRPC, then defaults."""
+        return cls(
+            nats_url=nats_url or env.get(env.NATS_URL) or DEFAULT_NATS_URL,
+            grpc_addr=grpc_addr or env.get(env.GRPC_ADDR) or "127.0.0.1:0",
+        )

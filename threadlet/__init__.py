@@ -1,0 +1,94 @@
+"""threadlet: the per-rank torchloom agent. `attach()` it to a model and optimizer, call `step()` at
+every step boundary, and commands from the weaver apply at the same step on every rank."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import sys
+from typing import Any, NoReturn
+
+import torch.distributed as dist
+
+from threadlet.agent import Threadlet
+from threadlet.config import ThreadletConfig, from_env
+
+__all__ = ["Threadlet", "ThreadletConfig", "attach", "finish", "from_env"]
+
+log = logging.getLogger("threadlet")
+
+_current: Threadlet | None = None
+_local_logged = False
+
+
+def attach(
+    *,
+    model: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    job: str | None = None,
+    nats_url: str | None = None,
+    run_id: str | None = None,
+    config: ThreadletConfig | None = None,
+) -> Threadlet:
+    """Attach a threadlet to this rank's training. Returns at once, whatever the bus does.
+
+    Call it on every rank at the same point (after `init_process_group`, before training): with
+    more than one rank it creates a dedicated gloo group for the step agreement.
+
+    Args:
+        model: the (DDP) model; kept for later actions, never touched from the bus thread.
+        optimizer: its parameter groups provide the lr and weight_decay knobs; name a group with a
+            "name" key in its dict (else "0", "1", ...) to allow `lr@name`.
+        scheduler: an LR scheduler; setting lr also sets its `base_lrs` (and the groups'
+            `initial_lr`) so the scheduler does not silently undo the change.
+        job: overrides TORCHLOOM_JOB.
+        nats_url: overrides TORCHLOOM_NATS_URL; with none at all the threadlet runs in local mode
+            (no bus, `step()` only counts).
+        run_id: overrides TORCHLOOM_RUN_ID.
+        config: a complete config; the three arguments above must then be None.
+
+    Raises:
+        ValueError: on a malformed setting (the message names the expected form).
+    """
+    global _current, _local_logged
+    if config is None:
+        config = from_env(nats_url=nats_url, job=job, run_id=run_id)
+    elif job is not None or nats_url is not None or run_id is not None:
+        raise ValueError("attach(): pass either config= or job/nats_url/run_id, not both")
+    tl = Threadlet(config, model=model, optimizer=optimizer, scheduler=scheduler)
+    if config.local and not _local_logged:
+        _local_logged = True
+        log.info("threadlet: no TORCHLOOM_NATS_URL, running in local mode (no live control)")
+    _current = tl
+    return tl
+
+
+def finish(tl: Threadlet | None = None) -> NoReturn:
+    """Close the threadlet, tear down torch.distributed safely and exit the process with status 0.
+
+    A gloo job can abort in interpreter teardown after `destroy_process_group()` ("terminate
+    called without an active exception"), so a run that trained fine would be reported failed.
+    This closes `tl` (default: the last attached), barriers, destroys the threadlet's group and
+    the default group, flushes stdout/stderr and leaves with `os._exit(0)`, skipping that teardown.
+    Close your own files before calling it.
+    """
+    tl = tl if tl is not None else _current
+    if tl is not None:
+        tl.close()
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        if tl is not None and tl.group is not None:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(tl.group)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    gc.collect()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)

@@ -1,0 +1,101 @@
+"""The threadlet's configuration: one frozen dataclass, resolved from arguments, TORCHLOOM_* variables
+and defaults, in that order of precedence."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torchloom import env, subjects
+
+DEFAULT_JOB = "default"
+DEFAULT_RUN_ID = "default"
+
+
+def _positive(name: str, value: float, *, upper: float | None = None) -> None:
+    if not math.isfinite(value) or value <= 0 or (upper is not None and value > upper):
+        bound = f"(0, {upper:g}]" if upper is not None else "> 0"
+        raise ValueError(f"{name}={value!r} rejected: must be a finite number in {bound}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ThreadletConfig:
+    """Settings of one rank's threadlet.
+
+    Attributes:
+        nats_url: NATS server URL; None runs in local mode (no bus, commands never arrive).
+        job: job name the rank reports under (a subject token).
+        run_id: run id whose command subject the rank follows (a subject token).
+        heartbeat_interval_s: period of heartbeats.
+        metrics_interval_s: minimum period between two StepMetrics.
+        connect_timeout_s: deadline of one connection attempt (attempts repeat forever).
+        reconnect_wait_s: pause between connection and subscription attempts.
+        agreement_timeout_s: timeout of the dedicated gloo group used for the step agreement.
+        paused_poll_s: period of agreement rounds while the job is paused.
+        close_timeout_s: bound on the final heartbeat and drain in `close()`.
+    """
+
+    nats_url: str | None = None
+    job: str = DEFAULT_JOB
+    run_id: str = DEFAULT_RUN_ID
+    heartbeat_interval_s: float = 0.2
+    metrics_interval_s: float = 0.1
+    connect_timeout_s: float = 2.0
+    reconnect_wait_s: float = 0.25
+    agreement_timeout_s: float = 600.0
+    paused_poll_s: float = 0.02
+    close_timeout_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        subjects.check_token("job", self.job)
+        subjects.check_token("run id", self.run_id)
+        if self.nats_url is not None and "://" not in self.nats_url:
+            raise ValueError(
+                f"nats_url={self.nats_url!r} rejected: expected a URL like nats://127.0.0.1:4222"
+            )
+        _positive("heartbeat_interval_s", self.heartbeat_interval_s, upper=60.0)
+        _positive("metrics_interval_s", self.metrics_interval_s, upper=60.0)
+        _positive("connect_timeout_s", self.connect_timeout_s, upper=300.0)
+        _positive("reconnect_wait_s", self.reconnect_wait_s, upper=60.0)
+        _positive("agreement_timeout_s", self.agreement_timeout_s)
+        _positive("paused_poll_s", self.paused_poll_s, upper=10.0)
+        _positive("close_timeout_s", self.close_timeout_s, upper=60.0)
+
+    @property
+    def local(self) -> bool:
+        """True when there is no bus: the threadlet only counts steps."""
+        return self.nats_url is None
+
+
+def from_env(
+    *,
+    nats_url: str | None = None,
+    job: str | None = None,
+    run_id: str | None = None,
+    heartbeat_interval_s: float | None = None,
+    **overrides: float,
+) -> ThreadletConfig:
+    """Resolve a config: explicit argument, then TORCHLOOM_* variable, then default.
+
+    Args:
+        nats_url: overrides TORCHLOOM_NATS_URL.
+        job: overrides TORCHLOOM_JOB.
+        run_id: overrides TORCHLOOM_RUN_ID.
+        heartbeat_interval_s: overrides TORCHLOOM_HEARTBEAT_INTERVAL_S.
+        **overrides: any other ThreadletConfig field (no variable exists for those).
+
+    Raises:
+        ValueError: on a malformed variable or an out-of-bounds value.
+    """
+    hb = (
+        heartbeat_interval_s
+        if heartbeat_interval_s is not None
+        else env.get_float(env.HEARTBEAT_INTERVAL_S, 0.2)
+    )
+    return ThreadletConfig(
+        nats_url=nats_url if nats_url is not None else env.get(env.NATS_URL),
+        job=job if job is not None else env.get(env.JOB, DEFAULT_JOB) or DEFAULT_JOB,
+        run_id=run_id if run_id is not None else env.get(env.RUN_ID, DEFAULT_RUN_ID) or DEFAULT_RUN_ID,
+        heartbeat_interval_s=hb,
+        **overrides,
+    )

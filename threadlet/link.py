@@ -1,0 +1,242 @@
+"""The threadlet's bus side: a named daemon thread with a private asyncio loop that owns the NATS
+connection, follows the command stream and publishes heartbeats, acks and metrics.
+
+Nothing here touches the model or optimizer, and nothing here raises into the training thread:
+failures are appended to `errors` and surfaced by the agent at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.client import Client
+from nats.js import api
+
+from threadlet.config import ThreadletConfig
+from threadlet.device import sample_device
+from torchloom import bus, subjects, wire
+from torchloom.messages import Command, Heartbeat
+
+log = logging.getLogger(__name__)
+
+THREAD_NAME = "torchloom-threadlet"
+# Idle heartbeats of the ordered consumer: two missed ones make nats-py recreate the consumer, so
+# a consumer lost with a restarted server comes back within about a second.
+_CONSUMER_IDLE_HEARTBEAT_S = 0.5
+
+OnCommand = Callable[[Command, float], None]
+
+
+class Link:
+    """The background thread and its NATS connection.
+
+    Args:
+        config: the threadlet config (nats_url must be set).
+        rank: this process's rank, for subjects and the connection name.
+        on_command: called on the background thread with each decoded command and the unix time
+            it arrived; it must be thread-safe and must not touch training state.
+    """
+
+    def __init__(self, config: ThreadletConfig, *, rank: int, on_command: OnCommand) -> None:
+        assert config.nats_url is not None
+        self._config = config
+        self._rank = rank
+        self._on_command = on_command
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._resubscribe = asyncio.Event()
+        self._nc: Client | None = None
+        self._sub: Any = None
+        self._last_stream_seq = 0
+        self._pending: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        # Written by the training thread (whole-object swaps), read by the heartbeat loop.
+        self.status: Heartbeat | None = None
+        # Appended here, drained by the training thread at a step boundary.
+        self.errors: collections.deque[str] = collections.deque(maxlen=64)
+        self.subscribed = threading.Event()
+
+    # ---- training-thread side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def connected(self) -> bool:
+        nc = self._nc
+        return nc is not None and nc.is_connected
+
+    def publish(self, subject: str, data: bytes) -> None:
+        """Hand a message to the loop; never blocks, never raises (a failure lands in `errors`)."""
+        if self._closing:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._publish_soon, subject, data)
+        except RuntimeError as exc:  # loop already closed
+            self.errors.append(f"publish on {subject} dropped: {exc}")
+
+    def close(self, final_status: Heartbeat | None) -> None:
+        """Send `final_status` (best effort, bounded), close NATS and stop the thread; idempotent."""
+        if self._closing:
+            return
+        if final_status is not None:
+            self.status = final_status
+        self._closing = True
+        if not self._thread.is_alive():
+            self._loop.close()
+            return
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=4 * self._config.close_timeout_s + 1.0)
+
+    # ---- background thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        except Exception as exc:  # the thread must die quietly; training goes on
+            log.debug("threadlet loop ended: %r", exc)
+        finally:
+            self._loop.close()
+
+    def _publish_soon(self, subject: str, data: bytes) -> None:
+        task = self._loop.create_task(self._publish(subject, data))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            self.errors.append(f"not connected to NATS: dropped a message on {subject}")
+            return
+        try:
+            # While reconnecting nats-py buffers the publish and sends it after the reconnect.
+            await nc.publish(subject, data)
+        except Exception as exc:
+            self.errors.append(f"publish on {subject} failed: {exc!r}")
+
+    async def _main(self) -> None:
+        tasks = [
+            asyncio.create_task(self._connection(), name="threadlet-connection"),
+            asyncio.create_task(self._heartbeats(), name="threadlet-heartbeats"),
+        ]
+        try:
+            await self._stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        nc = self._nc
+        if nc is None:
+            return
+        try:
+            async with asyncio.timeout(self._config.close_timeout_s):
+                if nc.is_connected:
+                    await self._send_heartbeat(nc)
+                    if self._pending:
+                        await asyncio.gather(*self._pending, return_exceptions=True)
+                    await nc.flush()  # bounded by the enclosing timeout
+        except Exception as exc:  # best effort: the final heartbeat is a courtesy
+            log.debug("final heartbeat not sent: %r", exc)
+        try:
+            async with asyncio.timeout(self._config.close_timeout_s):
+                await nc.close()
+        except Exception as exc:
+            log.debug("nats close: %r", exc)
+
+    async def _connection(self) -> None:
+        cfg = self._config
+        assert cfg.nats_url is not None
+        while self._nc is None:
+            try:
+                self._nc = await bus.connect(
+                    cfg.nats_url,
+                    name=f"threadlet-{cfg.job}-{self._rank}",
+                    connect_timeout_s=cfg.connect_timeout_s,
+                    reconnect_wait_s=cfg.reconnect_wait_s,
+                    on_reconnected=self._on_reconnected,
+                )
+            except Exception as exc:
+                self.errors.append(str(exc))
+                await asyncio.sleep(cfg.reconnect_wait_s)
+        while True:
+            await self._subscribe(self._nc)
+            await self._resubscribe.wait()
+            self._resubscribe.clear()
+
+    async def _on_reconnected(self) -> None:
+        # A restarted server lost our (memory) consumer: resume from the last stream seq we saw.
+        self._resubscribe.set()
+
+    async def _subscribe(self, nc: Client) -> None:
+        cfg = self._config
+        subject = subjects.commands(cfg.job, cfg.run_id)
+        old, self._sub = self._sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(cfg.connect_timeout_s):
+                    await old.unsubscribe()
+        js = nc.jetstream(timeout=cfg.connect_timeout_s)
+        while self._sub is None:
+            config = api.ConsumerConfig()
+            if self._last_stream_seq > 0:
+                config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = self._last_stream_seq + 1
+            else:
+                config.deliver_policy = api.DeliverPolicy.ALL
+            try:
+                # The stream appears when the weaver starts; until then, retry.
+                self._sub = await js.subscribe(
+                    subject,
+                    stream=subjects.STREAM_COMMANDS,
+                    cb=self._on_msg,
+                    config=config,
+                    ordered_consumer=True,
+                    idle_heartbeat=_CONSUMER_IDLE_HEARTBEAT_S,
+                )
+            except Exception as exc:
+                self.errors.append(f"cannot follow {subject} yet: {exc!r}")
+                await asyncio.sleep(cfg.reconnect_wait_s)
+        self.subscribed.set()
+
+    async def _on_msg(self, msg: Any) -> None:
+        received_at_s = time.time()
+        try:
+            stream_seq = int(msg.metadata.sequence.stream)
+            self._last_stream_seq = max(self._last_stream_seq, stream_seq)
+            self._on_command(wire.decode_command(msg.data), received_at_s)
+        except Exception as exc:
+            self.errors.append(f"bad command message: {exc!r}")
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval_s)
+            nc = self._nc
+            if nc is not None and nc.is_connected:
+                try:
+                    await self._send_heartbeat(nc)
+                except Exception as exc:
+                    self.errors.append(f"heartbeat failed: {exc!r}")
+
+    async def _send_heartbeat(self, nc: Client) -> None:
+        status = self.status
+        if status is None:
+            return
+        hb = dataclasses.replace(status, sent_at_s=time.time(), device=sample_device())
+        await nc.publish(subjects.heartbeat(hb.job, hb.rank), wire.encode(hb))

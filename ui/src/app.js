@@ -1,0 +1,542 @@
+// The torchloom dashboard: live charts per rank, device health, event timeline and a control panel
+// built from the job's knob schema. Everything arrives over NATS WebSocket; drawing happens on
+// requestAnimationFrame, a bounded amount per frame, so a busy bus never freezes the page.
+import uPlot from "uplot";
+import "uplot/dist/uPlot.min.css";
+import "./app.css";
+import { Bus } from "./bus.js";
+import {
+  MetricStore,
+  Timeline,
+  describeBody,
+  describeBounds,
+  deviceState,
+  downsample,
+  formatBytes,
+  formatValue,
+  orderMetrics,
+  validateKnob,
+} from "./logic.js";
+
+const CHART_BUCKETS = 400; // points drawn per series, whatever the retained window holds
+const CHART_MIN_INTERVAL_MS = 250; // redraw a chart at most 4 times a second
+const PANEL_INTERVAL_MS = 400;
+const STALE_S = 3.0;
+const SUBMIT_TIMEOUT_S = 15;
+
+const params = new URLSearchParams(location.search);
+const state = {
+  conn: { state: "connecting", detail: "" },
+  job: params.get("job") || "",
+  jobs: new Map(), // job -> {run_id, world_size, ranks: Map(rank -> {hb, seen_s})}
+  knobs: [], // the selected job's schema, from the lowest rank's latest heartbeat
+  knobSig: "",
+  store: new MetricStore({ capacity: Number(params.get("window") || 2000) }),
+  timeline: new Timeline(500),
+  charts: new Map(), // metric -> {el, plot, keys, dirty, lastDraw}
+  frames: { count: 0, last: 0, deltas: new Float64Array(600), i: 0, max: 0 },
+  received: { heartbeats: 0, metrics: 0, events: 0, outcomes: 0, acks: 0 },
+  panelsDirty: true,
+  lastPanelDraw: 0,
+};
+let bus = null;
+
+const $ = (sel) => document.querySelector(sel);
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+function nowS() {
+  return Date.now() / 1000;
+}
+
+function color(key) {
+  const m = /^r(\d+)(?:\/(.*))?$/.exec(key);
+  const rank = m ? Number(m[1]) : 0;
+  const branchShift = m && m[2] ? 40 : 0;
+  return `hsl(${(rank * 137.5 + branchShift) % 360}, 65%, ${m && m[2] ? 35 : 45}%)`;
+}
+
+function compareKeys(a, b) {
+  const ra = Number(/^r(\d+)/.exec(a)?.[1] ?? 0);
+  const rb = Number(/^r(\d+)/.exec(b)?.[1] ?? 0);
+  return ra - rb || a.localeCompare(b);
+}
+
+// ---- bus handlers ------------------------------------------------------------------------------
+
+function setConn(s, detail) {
+  state.conn = { state: s, detail };
+  const el = $("#conn");
+  el.className = `conn ${s}`;
+  if (s === "connected") el.textContent = `connected: ${detail}`;
+  else if (s === "connecting") el.textContent = `connecting to ${detail}...`;
+  else el.textContent = "NATS unreachable: retrying...";
+  el.title = detail;
+}
+
+function jobEntry(job) {
+  let j = state.jobs.get(job);
+  if (j === undefined) {
+    j = { run_id: "", world_size: 0, ranks: new Map() };
+    state.jobs.set(job, j);
+    renderJobSelect();
+  }
+  return j;
+}
+
+function onHeartbeat(hb) {
+  state.received.heartbeats += 1;
+  const j = jobEntry(hb.job);
+  if (!state.job) selectJob(hb.job);
+  if (hb.run_id !== j.run_id) j.run_id = hb.run_id;
+  j.world_size = hb.world_size;
+  j.ranks.set(hb.rank, { hb, seen_s: nowS() });
+  if (hb.job === state.job) {
+    const lowest = Math.min(...j.ranks.keys());
+    if (hb.rank === lowest && hb.knobs.length > 0) setKnobs(hb.knobs);
+    state.panelsDirty = true;
+  }
+}
+
+function onMetrics(m) {
+  state.received.metrics += 1;
+  if (!state.job) selectJob(m.job);
+  if (m.job !== state.job) return;
+  for (const name of state.store.add(m.rank, m.branch, m.step, m.values)) {
+    const chart = state.charts.get(name);
+    if (chart) chart.dirty = true;
+    else state.charts.set(name, { el: null, plot: null, keys: "", dirty: true, lastDraw: 0 });
+  }
+}
+
+function onEvent(e) {
+  state.received.events += 1;
+  const entry = {
+    job: e.job,
+    kind: e.kind,
+    time_s: e.time_s || nowS(),
+    message: e.message,
+    attrs: e.attrs,
+  };
+  if (e.command_id) entry.command_id = e.command_id;
+  state.timeline.add(entry);
+  state.panelsDirty = true;
+}
+
+function outcomeEntry(o) {
+  const ranks = {};
+  for (const r of o.results) ranks[r.rank] = { status: r.status, step: r.step, reason: r.reason };
+  return {
+    job: o.job,
+    kind: "command",
+    command_id: o.command_id,
+    time_s: o.completed_at_s || o.submitted_at_s || nowS(),
+    status: o.status,
+    reason: o.reason,
+    seq: o.command?.seq,
+    issuer: o.command ? `${o.command.issuer.kind}${o.command.issuer.identity ? `:${o.command.issuer.identity}` : ""}` : "",
+    body: o.command ? describeBody(o.command.body) : "",
+    ranks: Object.keys(ranks).length ? ranks : undefined,
+  };
+}
+
+function onOutcome(o) {
+  state.received.outcomes += 1;
+  state.timeline.add(outcomeEntry(o));
+  state.panelsDirty = true;
+}
+
+function onAck(a) {
+  state.received.acks += 1;
+  let entry = state.timeline.byCommand.get(a.command_id);
+  if (entry === undefined) {
+    entry = state.timeline.add({
+      job: a.job,
+      kind: "command",
+      command_id: a.command_id,
+      time_s: nowS(),
+      status: "pending",
+      seq: a.seq,
+    });
+  }
+  entry.ranks = entry.ranks || {};
+  entry.ranks[a.rank] = { status: a.status, step: a.step, reason: a.reason };
+  state.timeline.version += 1;
+  state.panelsDirty = true;
+}
+
+async function onConnected() {
+  // Knobs may be known before the next heartbeat: ask the weaver (if one is up).
+  try {
+    const reply = await bus.status(state.job);
+    for (const j of reply.jobs) {
+      const e = jobEntry(j.job);
+      e.run_id = e.run_id || j.run_id;
+      e.world_size = e.world_size || j.world_size;
+      if (!state.job) selectJob(j.job);
+      if (j.job === state.job && j.knobs.length > 0 && state.knobs.length === 0) setKnobs(j.knobs);
+    }
+  } catch {
+    // No weaver yet: heartbeats will bring the schema.
+  }
+}
+
+// ---- job selection -----------------------------------------------------------------------------
+
+function selectJob(job) {
+  if (job === state.job) return;
+  state.job = job;
+  state.store.clear();
+  for (const c of state.charts.values()) c.plot?.destroy();
+  state.charts.clear();
+  $("#charts").innerHTML = "";
+  state.knobs = [];
+  state.knobSig = "";
+  renderControls();
+  renderJobSelect();
+  state.panelsDirty = true;
+}
+
+function renderJobSelect() {
+  const sel = $("#job");
+  const jobs = [...state.jobs.keys()].sort();
+  if (state.job && !jobs.includes(state.job)) jobs.unshift(state.job);
+  const html = jobs.map((j) => `<option value="${esc(j)}"${j === state.job ? " selected" : ""}>${esc(j)}</option>`);
+  sel.innerHTML = html.join("") || '<option value="">(no job yet)</option>';
+}
+
+// ---- control panel -----------------------------------------------------------------------------
+
+function setKnobs(knobs) {
+  const sig = JSON.stringify(knobs.map((k) => [k.name, k.type, k.min, k.max, k.minExclusive, k.maxExclusive, k.groups, k.choices]));
+  state.knobs = knobs;
+  if (sig !== state.knobSig) {
+    state.knobSig = sig;
+    renderControls();
+  } else {
+    // Only current values changed: update text in place so typing in an input is never disturbed.
+    for (const k of knobs) {
+      const cur = document.querySelector(`[data-current="${CSS.escape(k.name)}"]`);
+      if (cur) cur.textContent = formatValue(k.value);
+    }
+  }
+}
+
+function renderControls() {
+  const box = $("#knobs");
+  if (state.knobs.length === 0) {
+    box.innerHTML = '<p class="muted">waiting for the job\'s knob schema (heartbeats)...</p>';
+    return;
+  }
+  box.innerHTML = state.knobs
+    .map((k) => {
+      const groups = k.groups.length
+        ? `<select data-group="${esc(k.name)}"><option value="">all groups</option>${k.groups
+            .map((g) => `<option value="${esc(g)}">${esc(g)}</option>`)
+            .join("")}</select>`
+        : "";
+      const hint = k.type === "float" || k.type === "int" || k.type === "float_list" ? describeBounds(k) : k.choices.join("|");
+      return `<div class="knob" title="${esc(k.description)}">
+        <label for="knob-${esc(k.name)}">${esc(k.name)}</label>
+        <span class="current" data-current="${esc(k.name)}">${esc(formatValue(k.value))}</span>
+        <span class="hint">${esc(k.type)} ${esc(hint)}</span>
+        ${groups}
+        <input id="knob-${esc(k.name)}" data-knob="${esc(k.name)}" size="10" autocomplete="off">
+        <button data-set="${esc(k.name)}">set</button>
+      </div>`;
+    })
+    .join("");
+}
+
+function showControlMsg(text, kind) {
+  const el = $("#control-msg");
+  el.textContent = text;
+  el.className = `msg ${kind}`;
+}
+
+function outcomeText(what, o) {
+  const ranks = o.results
+    .slice()
+    .sort((a, b) => a.rank - b.rank)
+    .map((r) => `rank ${r.rank}: ${r.status} at step ${r.step}${r.reason ? ` (${r.reason})` : ""}`)
+    .join("; ");
+  const reason = o.reason ? `: ${o.reason}` : "";
+  return `${what}: ${o.status}${reason}${ranks ? ` [${ranks}]` : ""}`;
+}
+
+async function send(what, req) {
+  if (!bus) return;
+  showControlMsg(`${what}: sent, waiting for every rank...`, "pending");
+  try {
+    const o = await bus.submit(
+      { ...req, job: state.job, identity: `ui@${location.host}`, timeout_s: SUBMIT_TIMEOUT_S },
+      (SUBMIT_TIMEOUT_S + 5) * 1000,
+    );
+    state.timeline.add(outcomeEntry(o));
+    state.panelsDirty = true;
+    showControlMsg(outcomeText(what, o), o.status === "applied" ? "ok" : o.status === "rejected" ? "error" : "pending");
+  } catch (err) {
+    const text = String(err?.message || err);
+    const hint = /no responders|503/i.test(text) ? "no weaver is answering on api.submit" : text;
+    showControlMsg(`${what}: not sent: ${hint}`, "error");
+  }
+}
+
+function onSetClicked(name) {
+  const spec = state.knobs.find((k) => k.name === name);
+  if (!spec) return;
+  const input = document.querySelector(`[data-knob="${CSS.escape(name)}"]`);
+  const groupSel = document.querySelector(`[data-group="${CSS.escape(name)}"]`);
+  const key = groupSel && groupSel.value ? `${name}@${groupSel.value}` : name;
+  const check = validateKnob(key, spec, input.value);
+  if (!check.ok) {
+    showControlMsg(check.error, "error");
+    input.classList.add("invalid");
+    return;
+  }
+  input.classList.remove("invalid");
+  send(`set ${key}=${formatValue(check.value)}`, { set: { [key]: { value: check.value, type: spec.type } } });
+}
+
+function onActionClicked(kind) {
+  const args = {};
+  if (kind === "checkpoint") {
+    const tag = $("#ckpt-tag").value.trim();
+    if (tag) args.tag = tag;
+  }
+  if (kind === "rollback") {
+    const ckpt = $("#rollback-to").value.trim();
+    if (!ckpt) {
+      showControlMsg("rollback: enter the checkpoint to roll back to (e.g. ckpt-3)", "error");
+      return;
+    }
+    args.checkpoint = ckpt;
+  }
+  send(kind, { action: { kind, args } });
+}
+
+// ---- panels ------------------------------------------------------------------------------------
+
+function renderDevices() {
+  const j = state.jobs.get(state.job);
+  const body = $("#devices tbody");
+  if (!j) {
+    body.innerHTML = "";
+    return;
+  }
+  const now = nowS();
+  const rows = [...j.ranks.entries()].sort((a, b) => a[0] - b[0]);
+  $("#job-info").textContent = `run ${j.run_id || "?"} · world size ${j.world_size} · ${rows.length} ranks reporting`;
+  body.innerHTML = rows
+    .map(([rank, { hb, seen_s }]) => {
+      const d = hb.device;
+      const health = deviceState(d);
+      const stale = now - seen_s > STALE_S;
+      const cls = [health === "unhealthy" ? "unhealthy" : "", stale ? "stale" : ""].join(" ").trim();
+      const mem = d ? (d.memory_total_bytes ? `${formatBytes(d.memory_used_bytes)} / ${formatBytes(d.memory_total_bytes)}` : formatBytes(d.rss_bytes)) : "";
+      const util = d ? `${(d.kind === "cpu" ? d.cpu_load_pct || d.utilization_pct : d.utilization_pct).toFixed(0)}%` : "";
+      const healthText = health === "unhealthy" ? `UNHEALTHY: ${d.unhealthy_reason || "?"}` : health;
+      return `<tr class="${cls}" data-rank="${rank}">
+        <td>${rank}${hb.branch ? `/${esc(hb.branch)}` : ""}</td><td>${esc(hb.state)}${stale ? " (silent)" : ""}</td>
+        <td>${hb.step}</td><td>${(hb.step_time_s * 1000).toFixed(1)} ms</td>
+        <td>${d ? `${esc(d.kind)}:${d.index}` : ""}</td><td>${util}</td><td>${mem}</td>
+        <td>${d && d.temperature_c ? `${d.temperature_c.toFixed(0)} °C` : ""}</td>
+        <td>${d && d.power_w ? `${d.power_w.toFixed(0)} W` : ""}</td>
+        <td>${d && d.xids.length ? esc(d.xids.join(",")) : ""}</td>
+        <td class="health">${esc(healthText)}</td></tr>`;
+    })
+    .join("");
+}
+
+function clock(t) {
+  return new Date(t * 1000).toLocaleTimeString([], { hour12: false });
+}
+
+function renderTimeline() {
+  const entries = state.timeline.entries.filter((e) => !state.job || !e.job || e.job === state.job);
+  $("#timeline").innerHTML = entries
+    .slice(0, 200)
+    .map((e) => {
+      let text;
+      if (e.kind === "command") {
+        const ranks = e.ranks
+          ? Object.entries(e.ranks)
+              .sort((a, b) => Number(a[0]) - Number(b[0]))
+              .map(([r, x]) => `rank ${r}: ${x.status} @ step ${x.step}${x.reason ? ` (${esc(x.reason)})` : ""}`)
+              .join("; ")
+          : "";
+        text = `${e.seq ? `#${e.seq} ` : ""}<b>${esc(e.body || e.message || e.command_id)}</b>
+          ${e.issuer ? `by ${esc(e.issuer)}` : ""} → <span class="status ${esc(e.status || "")}">${esc(e.status || "")}</span>
+          ${e.reason ? `: ${esc(e.reason)}` : ""}<div class="ranks">${ranks}</div>`;
+      } else {
+        const attrs = Object.entries(e.attrs || {})
+          .map(([k, v]) => `${esc(k)}=${esc(v)}`)
+          .join(" ");
+        text = `${esc(e.message)} <span class="attrs">${attrs}</span>`;
+      }
+      const kindCls = /dead|fail|rollback|unhealthy/.test(e.kind) ? "bad" : "";
+      return `<div class="entry ${esc(e.kind)}" data-command="${esc(e.command_id || "")}">
+        <span class="time">${clock(e.time_s)}</span><span class="kind ${kindCls}">${esc(e.kind)}</span>
+        <span class="text">${text}</span></div>`;
+    })
+    .join("");
+}
+
+// ---- charts ------------------------------------------------------------------------------------
+
+function ensureChartEl(name, chart) {
+  if (chart.el) return;
+  const el = document.createElement("div");
+  el.className = "chart";
+  el.dataset.metric = name;
+  chart.el = el;
+  // Keep well-known metrics first.
+  const names = orderMetrics([...state.charts.keys()].filter((n) => state.charts.get(n).el || n === name));
+  const idx = names.indexOf(name);
+  const next = names.slice(idx + 1).map((n) => state.charts.get(n).el).find((e) => e && e.parentNode);
+  $("#charts").insertBefore(el, next || null);
+}
+
+function drawChart(name, chart) {
+  const byKey = state.store.metrics.get(name);
+  if (!byKey) return;
+  ensureChartEl(name, chart);
+  const keys = [...byKey.keys()].sort(compareKeys);
+  const { x, ys } = downsample(
+    keys.map((k) => byKey.get(k)),
+    CHART_BUCKETS,
+  );
+  const data = [x, ...ys];
+  const sig = keys.join(",");
+  const width = Math.max(280, chart.el.clientWidth - 8);
+  if (!chart.plot || chart.keys !== sig) {
+    chart.plot?.destroy();
+    chart.el.innerHTML = "";
+    chart.keys = sig;
+    chart.plot = new uPlot(
+      {
+        title: name,
+        width,
+        height: 200,
+        scales: { x: { time: false } },
+        legend: { show: keys.length <= 16 },
+        cursor: { drag: { x: true, y: false } },
+        axes: [{ label: "step", size: 36 }, { size: 64 }],
+        series: [{ label: "step" }, ...keys.map((k) => ({ label: k, stroke: color(k), width: 1.25, spanGaps: true, points: { show: false } }))],
+      },
+      data,
+      chart.el,
+    );
+  } else {
+    if (Math.abs(chart.plot.width - width) > 4) chart.plot.setSize({ width, height: 200 });
+    chart.plot.setData(data);
+  }
+}
+
+function frame(t) {
+  const f = state.frames;
+  if (f.last) {
+    const d = t - f.last;
+    f.deltas[f.i % f.deltas.length] = d;
+    f.i += 1;
+    if (d > f.max) f.max = d;
+  }
+  f.last = t;
+  f.count += 1;
+  const now = performance.now();
+  // At most one chart redraw per frame, the stalest dirty one first: the cost per frame stays
+  // bounded however many metrics and ranks there are.
+  let pick = null;
+  for (const [name, c] of state.charts) {
+    if (!c.dirty || now - c.lastDraw < CHART_MIN_INTERVAL_MS) continue;
+    if (pick === null || c.lastDraw < pick[1].lastDraw) pick = [name, c];
+  }
+  if (pick) {
+    pick[1].dirty = false;
+    pick[1].lastDraw = now;
+    drawChart(pick[0], pick[1]);
+  } else if (now - state.lastPanelDraw > PANEL_INTERVAL_MS) {
+    state.lastPanelDraw = now;
+    // Redraw panels regularly even without news, so silent ranks are marked.
+    renderDevices();
+    if (state.panelsDirty) renderTimeline();
+    state.panelsDirty = false;
+  }
+  requestAnimationFrame(frame);
+}
+
+// ---- debug hook (tests and benchmarks read it) -------------------------------------------------
+
+window.__torchloom = {
+  state,
+  series(metric, key) {
+    const s = state.store.metrics.get(metric)?.get(key);
+    return s ? s.toArrays() : { steps: [], values: [] };
+  },
+  metrics() {
+    return [...state.store.metrics.keys()];
+  },
+  seriesKeys(metric) {
+    return [...(state.store.metrics.get(metric)?.keys() || [])];
+  },
+  timeline() {
+    return state.timeline.entries.map((e) => ({ ...e }));
+  },
+  frameStats() {
+    const f = state.frames;
+    const n = Math.min(f.i, f.deltas.length);
+    const d = Array.from(f.deltas.slice(0, n)).sort((a, b) => a - b);
+    const q = (p) => (n ? d[Math.min(n - 1, Math.floor(p * n))] : 0);
+    return { frames: f.count, p50_ms: q(0.5), p95_ms: q(0.95), p99_ms: q(0.99), max_ms: f.max, window: n };
+  },
+  resetFrameStats() {
+    state.frames.i = 0;
+    state.frames.max = 0;
+  },
+  knobs() {
+    return state.knobs;
+  },
+};
+
+// ---- start -------------------------------------------------------------------------------------
+
+async function loadConfig() {
+  if (params.get("nats")) return { nats_ws_url: params.get("nats") };
+  for (;;) {
+    try {
+      const r = await fetch("config.json", { cache: "no-store" });
+      if (r.ok) return await r.json();
+    } catch {
+      // fall through to retry
+    }
+    setConn("unreachable", "config.json not served");
+    await new Promise((res) => setTimeout(res, 1000));
+  }
+}
+
+async function main() {
+  renderControls();
+  renderJobSelect();
+  $("#knobs").addEventListener("click", (ev) => {
+    const name = ev.target?.dataset?.set;
+    if (name) onSetClicked(name);
+  });
+  $("#knobs").addEventListener("keydown", (ev) => {
+    const name = ev.target?.dataset?.knob;
+    if (name && ev.key === "Enter") onSetClicked(name);
+  });
+  $("#actions").addEventListener("click", (ev) => {
+    const kind = ev.target?.dataset?.action;
+    if (kind) onActionClicked(kind);
+  });
+  $("#job").addEventListener("change", (ev) => selectJob(ev.target.value));
+  requestAnimationFrame(frame);
+  const cfg = await loadConfig();
+  bus = new Bus(cfg.nats_ws_url, { onStatus: setConn, onHeartbeat, onMetrics, onEvent, onOutcome, onAck, onConnected });
+  window.__torchloom.bus = bus;
+  await bus.run();
+}
+
+main();

@@ -1,0 +1,105 @@
+// Unit tests of the dashboard's pure logic (run by `node --test ui/test`, and from pytest).
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import {
+  MetricStore,
+  Series,
+  Timeline,
+  describeBody,
+  describeBounds,
+  downsample,
+  validateKnob,
+} from "../src/logic.js";
+
+const LR = { name: "lr", type: "float", min: 0, max: 10, minExclusive: true, maxExclusive: false, groups: ["head"] };
+
+test("series keeps only the newest points, in order", () => {
+  const s = new Series(3);
+  for (let i = 1; i <= 5; i++) s.push(i, i * 10);
+  assert.deepEqual(s.toArrays(), { steps: [3, 4, 5], values: [30, 40, 50] });
+  assert.deepEqual(s.last(), [5, 50]);
+  assert.throws(() => new Series(1), /capacity=1 rejected: must be an integer >= 2/);
+});
+
+test("downsample aligns series on shared buckets and bounds the point count", () => {
+  const a = new Series(10000);
+  const b = new Series(10000);
+  for (let i = 0; i < 5000; i++) a.push(i, 1);
+  for (let i = 0; i < 5000; i += 7) b.push(i, 2);
+  const { x, ys } = downsample([a, b], 100);
+  assert.equal(x.length, 100);
+  assert.equal(ys.length, 2);
+  assert.ok(ys[0].every((v) => v === 1));
+  assert.ok(ys[1].filter((v) => v !== null).every((v) => v === 2));
+  assert.equal(x[0], 0);
+  assert.equal(x[99], 4999);
+});
+
+test("downsample keeps a step change visible", () => {
+  const s = new Series(1000);
+  for (let i = 0; i < 1000; i++) s.push(i, i < 500 ? 0.1 : 0.05);
+  const { ys } = downsample([s], 50);
+  assert.ok(Math.abs(ys[0][0] - 0.1) < 1e-12);
+  assert.ok(Math.abs(ys[0][49] - 0.05) < 1e-12);
+});
+
+test("downsample of nothing is empty", () => {
+  assert.deepEqual(downsample([new Series(4)], 10), { x: [], ys: [[]] });
+});
+
+test("metric store bounds series and metrics", () => {
+  const st = new MetricStore({ capacity: 4, maxSeriesPerMetric: 2, maxMetrics: 1 });
+  assert.deepEqual(st.add(0, "", 1, { loss: 1, lr: 0.1 }), ["loss"]);
+  st.add(1, "b", 1, { loss: 2 });
+  st.add(2, "", 1, { loss: 3 });
+  assert.deepEqual([...st.metrics.get("loss").keys()], ["r0", "r1/b"]);
+  assert.equal(st.dropped, 2);
+});
+
+test("knob bounds read like the weaver's", () => {
+  assert.equal(describeBounds(LR), "(0, 10]");
+  assert.equal(describeBounds({ min: null, max: 1, maxExclusive: true }), "(-inf, 1)");
+});
+
+test("out-of-range and wrong-type values are refused with the bound named", () => {
+  assert.deepEqual(validateKnob("lr", LR, "-1"), { ok: false, error: "lr=-1 rejected: must be in (0, 10]" });
+  assert.deepEqual(validateKnob("lr", LR, "0"), { ok: false, error: "lr=0 rejected: must be in (0, 10]" });
+  assert.equal(validateKnob("lr", LR, "abc").error, "lr='abc' rejected: expected a float (e.g. 0.001)");
+  assert.equal(validateKnob("lr", LR, "nan").error, "lr=nan rejected: must be a finite number");
+  assert.match(validateKnob("lr@tail", LR, "1").error, /names no parameter group of knob 'lr': its groups are head/);
+  assert.deepEqual(validateKnob("lr", LR, "1e-3"), { ok: true, value: 0.001 });
+  assert.deepEqual(validateKnob("lr@head", LR, "10"), { ok: true, value: 10 });
+});
+
+test("int, bool, str and float-list knobs", () => {
+  const n = { name: "accum", type: "int", min: 1, max: 64 };
+  assert.deepEqual(validateKnob("accum", n, "4"), { ok: true, value: 4 });
+  assert.match(validateKnob("accum", n, "4.5").error, /expected an integer/);
+  assert.match(validateKnob("accum", n, "0").error, /must be in \[1, 64\]/);
+  assert.deepEqual(validateKnob("ema", { name: "ema", type: "bool" }, "on"), { ok: true, value: true });
+  assert.match(validateKnob("ema", { name: "ema", type: "bool" }, "maybe").error, /expected true or false/);
+  const mode = { name: "mode", type: "str", choices: ["a", "b"] };
+  assert.match(validateKnob("mode", mode, "c").error, /must be one of a, b/);
+  const betas = { name: "betas", type: "float_list", min: 0, max: 1, maxExclusive: true };
+  assert.deepEqual(validateKnob("betas", betas, "0.9, 0.999"), { ok: true, value: [0.9, 0.999] });
+  assert.match(validateKnob("betas", betas, "0.9,1").error, /must be in \[0, 1\)/);
+});
+
+test("timeline merges a command's event, acks and outcome into one entry, newest first", () => {
+  const t = new Timeline(3);
+  t.add({ kind: "rank_joined", time_s: 1 });
+  t.add({ kind: "command", command_id: "c1", status: "pending", time_s: 2 });
+  t.add({ kind: "command", command_id: "c1", status: "applied", body: "set lr=0.1", time_s: 3 });
+  t.add({ kind: "command", command_id: "c1", status: "pending", time_s: 4 });
+  assert.equal(t.entries.length, 2);
+  assert.equal(t.entries[0].status, "applied");
+  assert.equal(t.entries[0].body, "set lr=0.1");
+  for (let i = 0; i < 5; i++) t.add({ kind: "rank_dead", time_s: 10 + i });
+  assert.equal(t.entries.length, 3);
+  assert.equal(t.byCommand.size, 0);
+});
+
+test("command bodies read plainly", () => {
+  assert.equal(describeBody({ set: { lr: 0.01, "lr@head": 0.5 } }), "set lr=0.01 lr@head=0.5");
+  assert.equal(describeBody({ action: { kind: "rollback", args: { checkpoint: "ckpt-3" } } }), "rollback checkpoint=ckpt-3");
+});

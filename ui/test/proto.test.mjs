@@ -1,0 +1,55 @@
+// The UI's wire edge round-trips the messages it sends and reads (generated code from proto/).
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { torchloom } from "../src/gen/torchloom.js";
+import { decodeHeartbeat, decodeOutcome, encodeSubmit } from "../src/proto.js";
+
+const pb = torchloom.v1;
+
+test("a SubmitRequest from the UI carries issuer kind ui and typed values", () => {
+  const bytes = encodeSubmit({ job: "j", identity: "ui@x", timeout_s: 5, set: { lr: { value: 0.01, type: "float" }, n: { value: 3, type: "int" } } });
+  const req = pb.SubmitRequest.decode(bytes);
+  assert.equal(req.issuer.kind, "ui");
+  assert.equal(req.job, "j");
+  assert.equal(req.set.values.lr.f, 0.01);
+  assert.equal(Number(req.set.values.n.i), 3);
+  const act = pb.SubmitRequest.decode(encodeSubmit({ job: "", action: { kind: "pause" } }));
+  assert.equal(act.action.kind, pb.ActionKind.ACTION_KIND_PAUSE);
+  assert.throws(() => encodeSubmit({ action: { kind: "explode" } }), /unknown action 'explode'/);
+});
+
+test("heartbeat knobs keep unset bounds as null and enums as names", () => {
+  const hb = pb.Heartbeat.encode(
+    pb.Heartbeat.create({
+      job: "j",
+      rank: 1,
+      step: 42,
+      state: pb.RankState.RANK_STATE_PAUSED,
+      knobs: [pb.KnobSpec.create({ name: "lr", type: pb.KnobType.KNOB_TYPE_FLOAT, min: 0, min_exclusive: true, value: pb.Value.create({ f: 0.1 }) })],
+      device: pb.DeviceHealth.create({ healthy: false, unhealthy_reason: "xid 79", xids: [79] }),
+    }),
+  ).finish();
+  const d = decodeHeartbeat(hb);
+  assert.equal(d.step, 42);
+  assert.equal(d.state, "paused");
+  assert.deepEqual([d.knobs[0].min, d.knobs[0].max, d.knobs[0].minExclusive, d.knobs[0].type, d.knobs[0].value], [0, null, true, "float", 0.1]);
+  assert.equal(d.device.healthy, false);
+  assert.deepEqual(d.device.xids, [79]);
+});
+
+test("outcome results decode per rank", () => {
+  const o = pb.Outcome.encode(
+    pb.Outcome.create({
+      command_id: "c",
+      status: pb.OutcomeStatus.OUTCOME_STATUS_REJECTED,
+      reason: "rank 1: nope",
+      results: [pb.RankResult.create({ rank: 1, status: pb.AckStatus.ACK_STATUS_REJECTED, step: 7, reason: "nope" })],
+      command: pb.Command.create({ seq: 3, issuer: pb.Issuer.create({ kind: "ui" }), set: pb.SetConfig.create({ values: { lr: pb.Value.create({ f: 1 }) } }) }),
+    }),
+  ).finish();
+  const d = decodeOutcome(o);
+  assert.equal(d.status, "rejected");
+  assert.deepEqual(d.results[0], { rank: 1, status: "rejected", step: 7, reason: "nope" });
+  assert.equal(d.command.seq, 3);
+  assert.deepEqual(d.command.body, { set: { lr: 1 } });
+});

@@ -1,0 +1,83 @@
+"""The weaver's entry points: `serve()` for embedding (CLI, launcher) and `main()` for `python -m weaver`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from weaver.config import WeaverConfig
+from weaver.service import Weaver
+
+
+async def serve(
+    config: WeaverConfig,
+    *,
+    ready: Callable[[Weaver], None] | None = None,
+    handle_sigterm: bool = True,
+) -> None:
+    """Run a weaver until cancelled, closed, or (in the main thread) SIGTERM.
+
+    Args:
+        config: the weaver's configuration.
+        ready: called once with the weaver after its gRPC address is bound.
+        handle_sigterm: stop cleanly on SIGTERM. The handler is installed only when the main
+            thread runs this loop and nobody else handles SIGTERM yet, and it is removed on exit.
+            SIGINT is left to `asyncio.run`, which cancels the main task.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = False
+    if (
+        handle_sigterm
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        installed = True
+    try:
+        async with Weaver(config) as weaver:
+            if ready is not None:
+                ready(weaver)
+            closed = asyncio.ensure_future(weaver.wait_closed())
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (closed, stopped):
+                    task.cancel()
+            if closed.done() and not closed.cancelled():
+                closed.result()  # surface a crashed loop
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m weaver --nats URL [--grpc HOST:PORT]`: run a weaver against an existing NATS."""
+    parser = argparse.ArgumentParser(prog="python -m weaver", description=__doc__)
+    parser.add_argument(
+        "--nats", default=None, help="NATS URL (default: TORCHLOOM_NATS_URL or nats://127.0.0.1:4222)"
+    )
+    parser.add_argument("--grpc", default=None, help="HOST:PORT for the gRPC Control service")
+    parser.add_argument(
+        "--dead-after", type=float, default=1.0, help="seconds without heartbeat before a rank is dead"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    base = WeaverConfig.from_env(nats_url=args.nats, grpc_addr=args.grpc)
+    try:
+        config = WeaverConfig(nats_url=base.nats_url, grpc_addr=base.grpc_addr, dead_after_s=args.dead_after)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    def _ready(w: Weaver) -> None:
+        print(f"weaver ready: grpc {w.grpc_address}, nats {config.nats_url}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, ready=_ready))
+    return 0

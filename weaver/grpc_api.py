@@ -1,0 +1,79 @@
+"""The gRPC Control service (Submit, Status, Watch) over a running `Weaver`.
+
+Messages cross the wire through `torchloom.wire` only; handlers are registered generically, so no
+generated servicer class is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from torchloom import wire
+from torchloom.errors import JobNotFound, NatsUnavailable
+from torchloom.messages import Outcome, StatusReply, StatusRequest, SubmitRequest, WatchEvent, WatchRequest
+
+if TYPE_CHECKING:
+    from weaver.service import Weaver
+
+SERVICE = "torchloom.v1.Control"
+
+
+def _handlers(weaver: Weaver) -> Any:
+    async def submit(req: SubmitRequest, context: Any) -> Outcome:
+        try:
+            return await weaver.submit(req)
+        except NatsUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise  # abort raises; this keeps type checkers sure the function never falls through
+
+    async def status(req: StatusRequest, context: Any) -> StatusReply:
+        try:
+            return weaver.status(req.job)
+        except JobNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise
+
+    async def watch(req: WatchRequest, context: Any) -> AsyncIterator[WatchEvent]:
+        async for ev in weaver.iter_watch(req.job):
+            yield ev
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Submit": grpc.unary_unary_rpc_method_handler(
+                submit, request_deserializer=wire.decode_submit_request, response_serializer=wire.encode
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                status, request_deserializer=wire.decode_status_request, response_serializer=wire.encode
+            ),
+            "Watch": grpc.unary_stream_rpc_method_handler(
+                watch,
+                request_deserializer=wire.decode_watch_request,
+                response_serializer=wire.encode_watch_event,
+            ),
+        },
+    )
+
+
+async def start_grpc(weaver: Weaver, address: str) -> tuple[Any, int]:
+    """Start the Control service on `address` (`host:port`, port 0 picks one).
+
+    Returns:
+        The running `grpc.aio.Server` and the port it bound.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_handlers(weaver),))
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises this (older versions returned 0) when binding fails
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC Control service to {address}: is the port in use?")
+    await server.start()
+    return server, port

@@ -1,0 +1,419 @@
+"""The weaver's I/O shell: NATS subscriptions, JetStream publishing, the gRPC server and watchers.
+
+Every decision is delegated to `weaver.state`; this module only feeds it messages and carries out
+what it returns. Callbacks never block: slow work (JetStream publishes, request handling) runs in
+tasks owned by the weaver's TaskGroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any, Self
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from torchloom import bus, subjects, wire
+from torchloom.errors import CommandRejected, JobNotFound, NatsUnavailable
+from torchloom.messages import (
+    Command,
+    JobEvent,
+    Outcome,
+    OutcomeStatus,
+    StatusReply,
+    StatusRequest,
+    SubmitRequest,
+    WatchEvent,
+)
+from weaver import state as st
+from weaver.config import WeaverConfig
+
+log = logging.getLogger(__name__)
+
+QUEUE_GROUP = "torchloom-weaver"
+# Outbound journal/event publishes waiting for JetStream; past this we drop rather than grow.
+_OUTBOX_SIZE = 10_000
+
+__all__ = ["QUEUE_GROUP", "Watcher", "Weaver"]
+
+
+class Watcher:
+    """One subscriber to the weaver's live feed, with a bounded queue that drops the oldest events.
+
+    Iterate it with `async for`; it ends when the weaver closes or `close()` is called.
+    """
+
+    def __init__(self, job: str, maxlen: int) -> None:
+        self.job = job
+        self.dropped = 0
+        self._queue: collections.deque[WatchEvent] = collections.deque(maxlen=maxlen)
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def push(self, ev: WatchEvent) -> None:
+        if self._closed or (self.job and ev.job != self.job):
+            return
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(ev)
+        self._ready.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        while not self._queue:
+            if self._closed:
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+
+class Weaver:
+    """The central service. Use as `async with Weaver(config) as w:`.
+
+    Entering connects to NATS, ensures the JetStream streams, subscribes to heartbeats, acks,
+    metrics and the request-reply API, and starts the gRPC Control service on `grpc_address`.
+    """
+
+    def __init__(self, config: WeaverConfig) -> None:
+        self.config = config
+        self.state = st.WeaverState()
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._grpc: Any = None
+        self._grpc_port = 0
+        self._runner: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._started = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._closing: asyncio.Task[None] | None = None
+        self._submit_lock = asyncio.Lock()
+        self._waiters: dict[str, asyncio.Future[Outcome]] = {}
+        self._watchers: set[Watcher] = set()
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(_OUTBOX_SIZE)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def grpc_address(self) -> str:
+        """`host:port` the gRPC Control service listens on (the actual port when 0 was asked)."""
+        host = self.config.grpc_addr.rpartition(":")[0]
+        return f"{host}:{self._grpc_port}"
+
+    @property
+    def nats(self) -> Client:
+        assert self._nc is not None, "the weaver is not started"
+        return self._nc
+
+    async def start(self) -> None:
+        """Connect, subscribe and serve; undone by `close()` even when it fails halfway."""
+        from weaver.grpc_api import start_grpc  # import here: grpc_api imports this module
+
+        try:
+            self._nc = await bus.connect(
+                self.config.nats_url, name="torchloom-weaver", connect_timeout_s=self.config.nats_timeout_s
+            )
+            self._js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
+            async with asyncio.timeout(self.config.nats_timeout_s):
+                await bus.ensure_streams(self._js, replicas=self.config.replicas)
+            nc = self._nc
+            await nc.subscribe(subjects.heartbeats_all(), cb=self._on_heartbeat)
+            await nc.subscribe(subjects.acks_all(), cb=self._on_ack)
+            await nc.subscribe(subjects.metrics_all(), cb=self._on_metrics)
+            await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=self._on_api_submit)
+            await nc.subscribe(subjects.api_status(), queue=QUEUE_GROUP, cb=self._on_api_status)
+            async with asyncio.timeout(self.config.nats_timeout_s):
+                await nc.flush()
+            self._runner = asyncio.create_task(self._run(), name="torchloom-weaver")
+            await self._started.wait()
+            self._grpc, self._grpc_port = await start_grpc(self, self.config.grpc_addr)
+        except BaseException:
+            await self.close()
+            raise
+        log.info("weaver up: nats %s, grpc %s", self.config.nats_url, self.grpc_address)
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._liveness_loop(), name="weaver-liveness")
+                tg.create_task(self._publish_loop(), name="weaver-publisher")
+                self._started.set()
+        finally:
+            self._tg = None
+            self._started.set()
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Return once the weaver has stopped (after `close()`, or when a loop failed)."""
+        await self._closed.wait()
+        if self._runner is not None and self._runner.done() and not self._runner.cancelled():
+            self._runner.result()  # re-raise the failure of a loop
+
+    async def close(self) -> None:
+        """Stop serving, cancel every task and drain NATS. Idempotent and safe to call concurrently."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=0.2)
+        for watcher in list(self._watchers):
+            watcher.close()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        for fut in self._waiters.values():
+            fut.cancel()
+        self._waiters.clear()
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                async with asyncio.timeout(self.config.nats_timeout_s):
+                    await self._nc.drain()
+            except Exception as exc:  # closing anyway; a dead server must not hang shutdown
+                log.debug("nats drain failed: %s", exc)
+                await self._nc.close()
+        self._closed.set()
+
+    # ---- loops ----------------------------------------------------------------------------------
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.liveness_interval_s)
+            for ev in st.check_liveness(self.state, time.time(), self.config.dead_after_s):
+                self._announce(ev)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            subject, payload = await self._outbox.get()
+            try:
+                if self.config.journal and self._js is not None:
+                    async with asyncio.timeout(self.config.nats_timeout_s):
+                        await self._js.publish(subject, payload)
+                else:
+                    await self.nats.publish(subject, payload)
+            except Exception as exc:  # the journal is best effort; the weaver must keep going
+                log.warning("could not publish to %s: %s", subject, exc)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        if self._tg is None:
+            coro.close()
+            return
+        self._tg.create_task(coro, name=name)
+
+    def _enqueue(self, subject: str, payload: bytes) -> None:
+        try:
+            self._outbox.put_nowait((subject, payload))
+        except asyncio.QueueFull:
+            log.warning("outbox full: dropped a message for %s", subject)
+
+    def _fan_out(self, ev: WatchEvent) -> None:
+        for watcher in self._watchers:
+            watcher.push(ev)
+
+    def _announce(self, ev: JobEvent) -> None:
+        self._fan_out(ev)
+        self._enqueue(subjects.events(ev.job), wire.encode(ev))
+
+    def _finish(self, outcome: Outcome) -> None:
+        """Deliver a final outcome: to its waiting submitter, watchers, the journal and the events."""
+        fut = self._waiters.pop(outcome.command_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(outcome)
+        self._fan_out(outcome)
+        if self.config.journal:
+            self._enqueue(subjects.journal(outcome.job), wire.encode(outcome))
+        self._announce(st.outcome_event(outcome, time.time()))
+
+    # ---- NATS callbacks -------------------------------------------------------------------------
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = wire.decode_heartbeat(msg.data)
+        except ValueError as exc:
+            log.warning("ignored a malformed heartbeat on %s: %s", msg.subject, exc)
+            return
+        effects = st.observe_heartbeat(self.state, hb, time.time())
+        for outcome in effects.dropped:
+            self._finish(outcome)
+        for ev in effects.events:
+            self._announce(ev)
+        if effects.new_run:
+            self._spawn(self._load_seq_floor(hb.job, hb.run_id), name=f"weaver-seq-{hb.job}")
+
+    async def _on_ack(self, msg: Msg) -> None:
+        try:
+            ack = wire.decode_ack(msg.data)
+        except ValueError as exc:
+            log.warning("ignored a malformed ack on %s: %s", msg.subject, exc)
+            return
+        outcome = st.record_ack(self.state, ack, time.time())
+        if outcome is not None:
+            self._finish(outcome)
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        if not self._watchers:
+            return
+        try:
+            self._fan_out(wire.decode_metrics(msg.data))
+        except ValueError as exc:
+            log.debug("ignored malformed metrics on %s: %s", msg.subject, exc)
+
+    async def _on_api_submit(self, msg: Msg) -> None:
+        # A submit waits for every rank; run it apart so other requests are not queued behind it.
+        self._spawn(self._serve_api_submit(msg), name="weaver-api-submit")
+
+    async def _serve_api_submit(self, msg: Msg) -> None:
+        try:
+            req = wire.decode_submit_request(msg.data)
+        except ValueError as exc:
+            outcome = Outcome(command_id="", job="", status=OutcomeStatus.REJECTED, reason=str(exc))
+        else:
+            try:
+                outcome = await self.submit(req)
+            except NatsUnavailable as exc:
+                outcome = st.rejected_outcome(req, str(exc), time.time())
+        with contextlib.suppress(Exception):  # the requester may be gone
+            await msg.respond(wire.encode(outcome))
+
+    async def _on_api_status(self, msg: Msg) -> None:
+        try:
+            req = wire.decode_status_request(msg.data)
+            reply = self.status(req.job)
+        except (ValueError, JobNotFound) as exc:
+            # The NATS API has no error channel: an unknown job answers an empty reply.
+            log.debug("status request: %s", exc)
+            reply = StatusReply()
+        with contextlib.suppress(Exception):
+            await msg.respond(wire.encode(reply))
+
+    # ---- the API --------------------------------------------------------------------------------
+
+    async def _load_seq_floor(self, job: str, run_id: str) -> None:
+        """Read the run's last command from the stream so seqs continue after a weaver restart."""
+        async with self._submit_lock:
+            current = self.state.jobs.get(job)
+            if current is None or current.run_id != run_id or current.seq_known:
+                return
+            await self._load_seq_floor_locked(job, run_id)
+
+    async def _load_seq_floor_locked(self, job: str, run_id: str) -> None:
+        assert self._js is not None
+        try:
+            async with asyncio.timeout(self.config.nats_timeout_s):
+                raw = await self._js.get_last_msg(subjects.STREAM_COMMANDS, subjects.commands(job, run_id))
+        except NotFoundError:
+            last = 0
+        except Exception as exc:
+            raise NatsUnavailable(f"cannot read the last command of {job}/{run_id}: {exc}") from exc
+        else:
+            last = wire.decode_command(raw.data or b"").seq
+        st.set_seq_floor(self.state, job, run_id, last)
+
+    async def submit(self, req: SubmitRequest) -> Outcome:
+        """Validate, sequence and publish a command, then wait for every rank's ack.
+
+        Returns:
+            APPLIED or REJECTED once every rank answered, REJECTED at once when validation fails
+            (nothing is published), or TIMEOUT when the deadline passes first (the command stays in
+            flight; its final outcome is journaled later).
+
+        Raises:
+            NatsUnavailable: the command could not be made durable in JetStream.
+        """
+        submitted = time.time()
+        timeout_s = req.timeout_s if req.timeout_s > 0 else self.config.command_timeout_s
+        dead_after = self.config.dead_after_s
+        try:
+            async with self._submit_lock:
+                job = st.resolve_job(self.state, req.job, submitted, dead_after)
+                if not job.seq_known:
+                    await self._load_seq_floor_locked(job.job, job.run_id)
+                cmd = st.plan_submit(self.state, req, submitted, dead_after)
+                fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+                self._waiters[cmd.command_id] = fut
+                await self._publish_command(cmd)
+        except (CommandRejected, JobNotFound) as exc:
+            return st.rejected_outcome(req, str(exc), time.time())
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            return st.timeout_outcome(self.state, cmd, timeout_s, time.time())
+        finally:
+            # Tracking goes on without a waiter; the final outcome still reaches the journal.
+            self._waiters.pop(cmd.command_id, None)
+
+    async def _publish_command(self, cmd: Command) -> None:
+        assert self._js is not None
+        st.mark_published(self.state, cmd, time.time())
+        try:
+            async with asyncio.timeout(self.config.nats_timeout_s):
+                # The msg id lets JetStream drop a duplicate if this publish is ever retried.
+                await self._js.publish(
+                    subjects.commands(cmd.job, cmd.run_id),
+                    wire.encode(cmd),
+                    headers={"Nats-Msg-Id": cmd.command_id},
+                )
+        except Exception as exc:
+            st.abandon(self.state, cmd)
+            self._waiters.pop(cmd.command_id, None)
+            raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
+
+    def status(self, job: str = "") -> StatusReply:
+        """A snapshot of one job, or of every job for an empty name.
+
+        Raises:
+            JobNotFound: the weaver has not heard of that job.
+        """
+        return st.status(self.state, job, time.time(), self.config.dead_after_s)
+
+    def status_request(self, req: StatusRequest) -> StatusReply:
+        return self.status(req.job)
+
+    def watch(self, job: str = "") -> Watcher:
+        """Subscribe to metrics, job events and final outcomes (of one job, or of all for "")."""
+        watcher = Watcher(job, self.config.watch_queue_size)
+        if self._closing is not None:
+            watcher.close()
+        else:
+            self._watchers.add(watcher)
+        return watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        watcher.close()
+        self._watchers.discard(watcher)
+
+    async def iter_watch(self, job: str = "") -> AsyncIterator[WatchEvent]:
+        """`watch()` as an async generator that unsubscribes when the consumer stops."""
+        watcher = self.watch(job)
+        try:
+            async for ev in watcher:
+                yield ev
+        finally:
+            self.unwatch(watcher)

@@ -18,16 +18,18 @@ async def serve(
     config: WeaverConfig,
     *,
     ready: Callable[[Weaver], None] | None = None,
-    handle_sigterm: bool = True,
+    handle_sigterm: bool = False,
 ) -> None:
-    """Run a weaver until cancelled, closed, or (in the main thread) SIGTERM.
+    """Run a weaver until cancelled, closed or (with `handle_sigterm`) SIGTERM.
 
     Args:
         config: the weaver's configuration.
         ready: called once with the weaver after its gRPC address is bound.
-        handle_sigterm: stop cleanly on SIGTERM. The handler is installed only when the main
-            thread runs this loop and nobody else handles SIGTERM yet, and it is removed on exit.
-            SIGINT is left to `asyncio.run`, which cancels the main task.
+        handle_sigterm: stop cleanly on SIGTERM. Off by default because an embedding entry point
+            (the CLI, the launcher forwarding signals to torchrun) owns its signals. When on, the
+            handler is installed only if the main thread runs this loop and nobody else handles
+            SIGTERM yet, and it is removed on exit. SIGINT is left to `asyncio.run`, which
+            cancels the main task.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -79,5 +81,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"weaver ready: grpc {w.grpc_address}, nats {config.nats_url}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, ready=_ready))
+        asyncio.run(serve(config, ready=_ready, handle_sigterm=True))
     return 0

@@ -127,10 +127,11 @@ def _format_value(value: Any) -> str:
 
 
 def _age(stamp_s: float, now_s: float) -> str:
-    # The weaver reports wall-clock stamps; show how long ago, which is what an operator wants.
+    # Accept a wall-clock stamp or an age in seconds; an operator wants "how long ago" either way.
     if stamp_s <= 0:
         return "-"
-    return f"{max(0.0, now_s - stamp_s):.1f}s ago" if stamp_s > 1e9 else f"{stamp_s:.1f}s"
+    age = now_s - stamp_s if stamp_s > 1e9 else stamp_s
+    return f"{max(0.0, age):.1f}s ago"
 
 
 def format_outcome(outcome: Outcome) -> str:

@@ -1,0 +1,157 @@
+"""`torchloom run` of a real 2-rank torchrun job, steered by `torchloom set` from another process.
+
+The second process gets no flags at all: it finds the weaver through $TORCHLOOM_HOME/weaver.json.
+The ranks' own records are the ground truth for "applied on every rank at the same step".
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "examples" / "train_tiny.py"
+
+
+def _cli(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "torchloom.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def _wait_for_ranks(env: dict[str, str], proc: subprocess.Popen[str], *, min_step: int) -> dict[str, Any]:
+    """Poll `torchloom status --json` until both ranks report at least `min_step`."""
+    deadline = time.monotonic() + 120.0
+    last = ""
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"torchloom run exited early with {proc.returncode}"
+        res = _cli("status", "--json", env=env, timeout_s=30)
+        last = res.stdout + res.stderr
+        if res.returncode == 0:
+            jobs = json.loads(res.stdout)["jobs"]
+            if jobs and len(jobs[0]["ranks"]) == 2 and min(r["step"] for r in jobs[0]["ranks"]) >= min_step:
+                return dict(jobs[0])
+        time.sleep(0.2)
+    raise AssertionError(f"ranks never reached step {min_step}: {last}")
+
+
+def _lr_change_steps(path: Path) -> list[tuple[int, float]]:
+    """(step, new lr) at every step whose record's lr differs from the previous step's."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [
+        (cur["step"], cur["lr"]["body"])
+        for prev, cur in itertools.pairwise(records)
+        if prev["lr"] != cur["lr"]
+    ]
+
+
+@pytest.fixture
+def run_env(subprocess_env: dict[str, str]) -> dict[str, str]:
+    env = dict(subprocess_env)
+    for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
+        env.pop(name, None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.mark.timeout(300)
+def test_run_then_set_from_another_process_applies_at_one_step(
+    tmp_path: Path, tl_home: Path, run_env: dict[str, str]
+) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torchloom.cli",
+            "run",
+            "--job",
+            "clitest",
+            "--nproc-per-node",
+            "2",
+            str(TRAIN),
+            "--steps",
+            "400",
+            "--step-sleep",
+            "0.03",
+            "--out",
+            str(out),
+        ],
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job = _wait_for_ranks(run_env, proc, min_step=5)
+        assert job["job"] == "clitest" and job["world_size"] == 2
+        assert {r["knobs"]["lr"] for r in job["ranks"]} == {0.001}
+
+        applied = _cli("set", "lr=0.003", "--json", env=run_env)
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        outcome = json.loads(applied.stdout)
+        assert set(outcome) == {"command_id", "status", "reason", "applied"}
+        assert outcome["status"] == "applied" and outcome["reason"] is None
+        assert [a["rank"] for a in outcome["applied"]] == [0, 1]
+        step = outcome["applied"][0]["step"]
+        assert outcome["applied"][1]["step"] == step
+
+        bad = {
+            "lr=abc": "expected a float",
+            "lr=-1": "must be in (0, 10]",
+            "lr=nan": "must be a finite number",
+            "nosuch=1": "unknown knob 'nosuch'",
+        }
+        for word, message in bad.items():
+            res = _cli("set", word, "--json", env=run_env)
+            assert res.returncode == 2, (word, res.stdout, res.stderr)
+            body = json.loads(res.stdout)
+            assert body["status"] == "rejected" and body["applied"] == []
+            assert message in body["reason"], (word, body["reason"])
+            assert message in res.stderr
+
+        _stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "NATS nats://127.0.0.1:" in stderr and "gRPC 127.0.0.1:" in stderr
+
+    for rank in (0, 1):
+        decided = json.loads((out / f"rank{rank}.applied.json").read_text())
+        # Only the valid command ever reached the ranks: the weaver rejected the others up front.
+        assert [(d["command_id"], d["status"], d["step"]) for d in decided] == [
+            (outcome["command_id"], "applied", step)
+        ]
+        # The rank's optimizer used the new lr from exactly that step on, and never before.
+        assert _lr_change_steps(out / f"rank{rank}.jsonl") == [(step, 0.003)]
+    assert not (tl_home / "weaver.json").exists(), "discovery file left behind"
+
+
+def test_run_without_script_is_a_usage_error(run_env: dict[str, str]) -> None:
+    res = _cli("run", "--nproc-per-node", "2", env=run_env)
+    assert res.returncode == 2
+    assert "no SCRIPT" in res.stderr
+
+
+def test_run_exits_with_the_jobs_status(tmp_path: Path, run_env: dict[str, str]) -> None:
+    script = tmp_path / "fail.py"
+    script.write_text("import sys\nsys.exit(7)\n")
+    res = _cli("run", str(script), env=run_env, timeout_s=120)
+    # torchrun reports a failed worker as its own exit status 1.
+    assert res.returncode != 0, res.stderr
+    assert "exited with status" in res.stderr

@@ -1,0 +1,93 @@
+"""`torchloom weaver` as a real process: embedded NATS, discovery file, status over gRPC, clean SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _cli(*args: str, env: dict[str, str], timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "torchloom.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def _port_open(url: str) -> bool:
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def clean_env(subprocess_env: dict[str, str]) -> dict[str, str]:
+    env = dict(subprocess_env)
+    for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
+        env.pop(name, None)
+    return env
+
+
+def test_weaver_serves_status_and_stops_cleanly(tl_home: Path, clean_env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchloom.cli", "weaver"],
+        env=clean_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        path = tl_home / "weaver.json"
+        deadline = time.monotonic() + 30.0
+        while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.exists(), f"no discovery file; weaver exited {proc.poll()}"
+        info = json.loads(path.read_text())
+        assert info["pid"] == proc.pid
+        assert info["nats_url"].startswith("nats://127.0.0.1:")
+        assert info["ws_url"].startswith("ws://127.0.0.1:")
+        assert _port_open(info["nats_url"])
+        # The embedded server keeps its JetStream store under $TORCHLOOM_HOME/runs/<id>/.
+        assert any((tl_home / "runs").iterdir())
+
+        # Found through the discovery file alone: no --grpc, no TORCHLOOM_GRPC.
+        status = _cli("status", "--json", env=clean_env)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout) == {"jobs": []}
+
+        # No job yet: a set is rejected by the weaver (exit 2) with a reason.
+        rejected = _cli("set", "lr=0.1", "--json", env=clean_env)
+        assert rejected.returncode == 2, rejected.stderr
+        body = json.loads(rejected.stdout)
+        assert body["status"] == "rejected" and body["reason"] and body["applied"] == []
+
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"grpc={info['grpc']}" in out
+        assert info["grpc"] in err  # printed for users on stderr too
+        assert not path.exists(), "discovery file left behind"
+        assert not _port_open(info["nats_url"]), "embedded nats-server left running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    # Once the weaver is gone, a stale file is not trusted and the CLI says how to start one.
+    path.write_text(json.dumps(info))
+    gone = _cli("status", env=clean_env)
+    assert gone.returncode == 4
+    assert "torchloom run" in gone.stderr

@@ -12,7 +12,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from types import TracebackType
 from typing import Any, Self
 
@@ -220,11 +220,19 @@ class Weaver:
             except Exception as exc:  # the journal is best effort; the weaver must keep going
                 log.warning("could not publish to %s: %s", subject, exc)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `coro` in the TaskGroup; its failure is logged, never allowed to stop the weaver."""
         if self._tg is None:
             coro.close()
             return
-        self._tg.create_task(coro, name=name)
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("weaver task %s failed", name)
+
+        self._tg.create_task(guarded(), name=name)
 
     def _enqueue(self, subject: str, payload: bytes) -> None:
         try:
@@ -255,6 +263,9 @@ class Weaver:
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
             hb = wire.decode_heartbeat(msg.data)
+            # Job and run become subject tokens of commands and events: refuse bad ones up front.
+            subjects.check_token("job", hb.job)
+            subjects.check_token("run id", hb.run_id)
         except ValueError as exc:
             log.warning("ignored a malformed heartbeat on %s: %s", msg.subject, exc)
             return

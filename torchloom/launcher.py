@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from torchloom import discovery, env, subjects
+from torchloom.errors import WeaverUnavailable
 from torchloom.nats_server import EmbeddedNats
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class WeaverEndpoints:
     grpc: str
     ws_url: str
     owned: bool  # True when this process started the weaver (and so writes the discovery file)
+    task: asyncio.Task[None] | None = None  # the in-process weaver, when owned
 
 
 async def _probe(grpc: str, timeout_s: float = 2.0) -> bool:
@@ -236,9 +238,8 @@ async def hosted_weaver(
         NatsUnavailable: when the embedded server cannot start.
         WeaverUnavailable: when the weaver fails or does not bind before READY_TIMEOUT_S.
     """
+    # Imported here so the rest of the CLI works (and starts fast) without loading the weaver.
     from weaver.app import serve
-
-    from torchloom.errors import WeaverUnavailable
     from weaver.config import WeaverConfig
 
     embedded: EmbeddedNats | None = None
@@ -268,7 +269,7 @@ async def hosted_weaver(
             exc = task.exception() if not task.cancelled() else None
             raise WeaverUnavailable(f"weaver stopped before it was ready: {exc!r}") from exc
         endpoints = WeaverEndpoints(
-            nats_url=url, grpc=str(ready.result().grpc_address), ws_url=ws_url, owned=True
+            nats_url=url, grpc=str(ready.result().grpc_address), ws_url=ws_url, owned=True, task=task
         )
         discovery.write(
             discovery.WeaverInfo(
@@ -365,7 +366,13 @@ async def serve_weaver(*, nats_url: str | None, grpc: str | None) -> int:
         async with hosted_weaver(nats_url=nats_url, grpc=grpc, run_id=f"weaver-{new_run_id()}") as ep:
             announce(ep)
             print(f"nats_url={ep.nats_url}\ngrpc={ep.grpc}", flush=True)
-            await stop.wait()
+            stopping = asyncio.create_task(stop.wait())
+            assert ep.task is not None
+            await asyncio.wait({stopping, ep.task}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if ep.task.done() and not ep.task.cancelled() and ep.task.exception() is not None:
+                print(f"torchloom: weaver failed: {ep.task.exception()!r}", file=sys.stderr, flush=True)
+                return 1
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

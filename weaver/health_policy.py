@@ -1,0 +1,522 @@
+"""The weaver's pure health decisions: classify each rank from a snapshot and `now`, then turn the
+classification into reconfiguration actions, like torchft's `quorum_compute(now, state, opt)`.
+
+Nothing here does I/O. The service feeds `classify` with `RankView`s built from heartbeats, gives the
+result to `decide`, carries out the returned actions and stores `snapshot.after(actions, health)` so
+the same decision is not issued twice.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from torchloom.messages import DeviceHealth, Heartbeat, RankState
+
+
+class HealthKind(StrEnum):
+    """A rank's classification; the order below is the precedence when several apply."""
+
+    DEAD = "dead"  # no heartbeat within dead_after_s
+    UNHEALTHY = "unhealthy"  # its device reports unhealthy
+    HUNG = "hung"  # heartbeats, but the step has not moved for hung_after_s while running
+    STRAGGLER = "straggler"  # step time above straggler_factor x the job's median
+    HEALTHY = "healthy"
+
+
+class PolicyMode(StrEnum):
+    RECONFIGURE = "reconfigure"
+    PAUSE = "pause"
+    ALERT = "alert"
+
+
+class Phase(StrEnum):
+    """Where a job's recovery stands; the service moves it back to IDLE when the recovery is done."""
+
+    IDLE = "idle"
+    CHECKPOINTING = "checkpointing"  # checkpoint ordered, restart follows once it is written
+    RESTARTING = "restarting"
+    PAUSED = "paused"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankView:
+    """What the weaver knows of one rank at decision time.
+
+    Attributes:
+        rank: global rank.
+        last_heartbeat_at: weaver clock (s) when its last heartbeat arrived.
+        step: its last reported step.
+        last_step_change_at: weaver clock (s) when `step` last changed.
+        step_time_s: its last reported step time (0: unknown).
+        state: running, paused or finished.
+        device: its last device health, if reported.
+    """
+
+    rank: int
+    last_heartbeat_at: float
+    step: int = 0
+    last_step_change_at: float = 0.0
+    step_time_s: float = 0.0
+    state: RankState = RankState.RUNNING
+    device: DeviceHealth | None = None
+
+    @classmethod
+    def from_heartbeat(cls, hb: Heartbeat, *, received_at: float, last_step_change_at: float) -> RankView:
+        """Build the view of `hb`'s rank; the two clocks are the weaver's, not the rank's."""
+        return cls(
+            rank=hb.rank,
+            last_heartbeat_at=received_at,
+            step=hb.step,
+            last_step_change_at=last_step_change_at,
+            step_time_s=hb.step_time_s,
+            state=hb.state,
+            device=hb.device,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankHealth:
+    """The classification of one rank.
+
+    Attributes:
+        for_s: how long the condition has lasted (dead: since the last heartbeat; hung: since the
+            last step change; straggler: the step time); 0 when healthy or unhealthy.
+        device: the rank's device id (for excluding it from a restart).
+        device_healthy: its last device report was healthy (False also for a dead rank whose
+            device failed before it went silent, as after XID 79).
+    """
+
+    rank: int
+    kind: HealthKind
+    reason: str = ""
+    for_s: float = 0.0
+    device: str = ""
+    device_healthy: bool = True
+
+    @property
+    def key(self) -> str:
+        """Identity of the condition, for alert dedup: `"hung:3"`."""
+        return f"{self.kind}:{self.rank}"
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} rejected: must be a finite number > 0")
+
+
+def _check_thresholds(
+    dead_after_s: float, hung_after_s: float, straggler_factor: float, min_samples: int
+) -> None:
+    _check_positive("dead_after_s", dead_after_s)
+    _check_positive("hung_after_s", hung_after_s)
+    if not math.isfinite(straggler_factor) or straggler_factor <= 1:
+        raise ValueError(f"straggler_factor={straggler_factor!r} rejected: must be a finite number > 1")
+    if min_samples < 1:
+        raise ValueError(f"min_samples={min_samples!r} rejected: must be >= 1")
+
+
+def classify(
+    ranks: Sequence[RankView],
+    now: float,
+    *,
+    dead_after_s: float = 1.0,
+    hung_after_s: float = 10.0,
+    straggler_factor: float = 2.0,
+    min_samples: int = 1,
+) -> dict[int, RankHealth]:
+    """Classify every rank: dead, unhealthy, hung, straggler or healthy (in that precedence).
+
+    A finished rank is healthy whatever its heartbeats: it stopped on purpose. A paused rank is never
+    hung nor a straggler. A straggler's step time is compared with the median of the *other* running
+    ranks' step times: with itself included, one slow rank of two could never exceed twice the median.
+
+    Args:
+        ranks: one view per rank.
+        now: weaver clock (s), the same clock as the views' timestamps.
+        dead_after_s: silence after which a rank is dead.
+        hung_after_s: time without a step change after which a running rank is hung.
+        straggler_factor: step time over this multiple of the peers' median makes a straggler.
+        min_samples: peers with a known step time needed before anyone is called a straggler.
+
+    Returns:
+        The classification by rank.
+
+    Raises:
+        ValueError: a threshold is out of range, or a rank appears twice.
+    """
+    _check_thresholds(dead_after_s, hung_after_s, straggler_factor, min_samples)
+    seen = [v.rank for v in ranks]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"ranks {sorted(seen)} rejected: each rank must appear once")
+    timed = {v.rank: v.step_time_s for v in ranks if v.state is RankState.RUNNING and v.step_time_s > 0}
+    out: dict[int, RankHealth] = {}
+    for v in ranks:
+        device = v.device.device if v.device is not None else ""
+        device_ok = v.device is None or v.device.healthy
+        silent_s = now - v.last_heartbeat_at
+        stuck_s = now - v.last_step_change_at
+        if v.state is RankState.FINISHED:
+            out[v.rank] = RankHealth(rank=v.rank, kind=HealthKind.HEALTHY, reason="finished", device=device)
+        elif silent_s > dead_after_s:
+            last = ""
+            if v.device is not None and not v.device.healthy:
+                last = f"; its device last reported: {v.device.unhealthy_reason or 'unhealthy'}"
+            out[v.rank] = RankHealth(
+                rank=v.rank,
+                kind=HealthKind.DEAD,
+                reason=f"no heartbeat for {silent_s:.1f} s (limit {dead_after_s:g} s){last}",
+                for_s=silent_s,
+                device=device,
+                device_healthy=device_ok,
+            )
+        elif v.device is not None and not v.device.healthy:
+            what = v.device.unhealthy_reason or "device reports unhealthy"
+            out[v.rank] = RankHealth(
+                rank=v.rank,
+                kind=HealthKind.UNHEALTHY,
+                reason=f"{device or 'device'}: {what}",
+                device=device,
+                device_healthy=False,
+            )
+        elif v.state is RankState.RUNNING and stuck_s > hung_after_s:
+            out[v.rank] = RankHealth(
+                rank=v.rank,
+                kind=HealthKind.HUNG,
+                reason=f"step {v.step} unchanged for {stuck_s:.1f} s (limit {hung_after_s:g} s)",
+                for_s=stuck_s,
+                device=device,
+            )
+        else:
+            peers = [t for r, t in timed.items() if r != v.rank]
+            median = statistics.median(peers) if len(peers) >= min_samples else 0.0
+            if v.rank in timed and median > 0 and timed[v.rank] > straggler_factor * median:
+                out[v.rank] = RankHealth(
+                    rank=v.rank,
+                    kind=HealthKind.STRAGGLER,
+                    reason=(
+                        f"step time {timed[v.rank]:.3g} s is {timed[v.rank] / median:.1f}x the median "
+                        f"{median:.3g} s of the other ranks (limit {straggler_factor:g}x)"
+                    ),
+                    for_s=timed[v.rank],
+                    device=device,
+                )
+            else:
+                out[v.rank] = RankHealth(rank=v.rank, kind=HealthKind.HEALTHY, device=device)
+    return out
+
+
+# ---- decisions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthPolicy:
+    """How the weaver reacts to rank health.
+
+    Attributes:
+        mode: "reconfigure" (checkpoint, restart, rescale), "pause" (pause and alert) or "alert".
+        dead_after_s, hung_after_s, straggler_factor, min_samples: `classify` thresholds.
+        hung_restart_after_s: under "reconfigure", a rank hung this long (since its last step
+            change) gets the job restarted; before that it only raises an alert.
+    """
+
+    mode: PolicyMode = PolicyMode.RECONFIGURE
+    dead_after_s: float = 1.0
+    hung_after_s: float = 10.0
+    straggler_factor: float = 2.0
+    min_samples: int = 1
+    hung_restart_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mode", PolicyMode(self.mode))
+        except ValueError:
+            choices = ", ".join(m.value for m in PolicyMode)
+            raise ValueError(f"mode={self.mode!r} rejected: expected one of {choices}") from None
+        _check_thresholds(self.dead_after_s, self.hung_after_s, self.straggler_factor, self.min_samples)
+        _check_positive("hung_restart_after_s", self.hung_restart_after_s)
+        if self.hung_restart_after_s < self.hung_after_s:
+            raise ValueError(
+                f"hung_restart_after_s={self.hung_restart_after_s:g} rejected: must be >= "
+                f"hung_after_s={self.hung_after_s:g} (a rank is hung before it is restarted)"
+            )
+
+    def classify(self, ranks: Sequence[RankView], now: float) -> dict[int, RankHealth]:
+        """`classify` with this policy's thresholds."""
+        return classify(
+            ranks,
+            now,
+            dead_after_s=self.dead_after_s,
+            hung_after_s=self.hung_after_s,
+            straggler_factor=self.straggler_factor,
+            min_samples=self.min_samples,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSnapshot:
+    """The job-level facts a decision needs, plus the recovery state that makes decisions idempotent.
+
+    Attributes:
+        job: job name.
+        world_size: current number of ranks.
+        step: the job's current step (the highest reported).
+        latest_checkpoint_step: step of the newest complete checkpoint, None when there is none.
+        grad_accum_steps: gradient accumulation steps per optimizer step (kept global batch = this
+            x world size x micro batch).
+        hot_spares: declared spare devices (ids) a restart may use instead of shrinking.
+        phase: where a recovery stands; a recovery in progress is not re-issued.
+        alerted: keys (`RankHealth.key`) of conditions already alerted.
+    """
+
+    job: str
+    world_size: int
+    step: int = 0
+    latest_checkpoint_step: int | None = None
+    grad_accum_steps: int = 1
+    hot_spares: tuple[str, ...] = ()
+    phase: Phase = Phase.IDLE
+    alerted: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world_size={self.world_size} rejected: must be >= 1")
+        if self.step < 0:
+            raise ValueError(f"step={self.step} rejected: must be >= 0")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps={self.grad_accum_steps} rejected: must be >= 1")
+        ckpt = self.latest_checkpoint_step
+        if ckpt is not None and not 0 <= ckpt <= self.step:
+            raise ValueError(f"latest_checkpoint_step={ckpt} rejected: must be in [0, step={self.step}]")
+
+    def after(self, actions: Sequence[Action], health: Mapping[int, RankHealth]) -> JobSnapshot:
+        """The snapshot once `actions` are under way: new phase, alerted conditions remembered.
+
+        Conditions that cleared are forgotten, so they alert again if they come back.
+        """
+        phase = self.phase
+        if any(isinstance(a, CheckpointAt) for a in actions):
+            phase = Phase.CHECKPOINTING
+        elif any(isinstance(a, Restart) for a in actions):
+            phase = Phase.RESTARTING
+        elif any(isinstance(a, PauseJob) for a in actions):
+            phase = Phase.PAUSED
+        current = {h.key for h in health.values() if h.kind is not HealthKind.HEALTHY}
+        # Job-level alerts ("no_healthy_device") have no rank condition: they clear with the last one.
+        kept = {k for k in self.alerted if k in current or (current and not _is_rank_key(k))}
+        raised = {a.key for a in actions if isinstance(a, Alert)}
+        return replace(self, phase=phase, alerted=frozenset(kept | raised))
+
+
+def _is_rank_key(key: str) -> bool:
+    kind, _, rank = key.partition(":")
+    return kind in {k.value for k in HealthKind} and rank.isdigit()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alert:
+    """Tell the humans. `key` names the condition (`"dead:2"`); severity is "warning" or "critical"."""
+
+    key: str
+    severity: str
+    message: str
+    ranks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointAt:
+    """Checkpoint the whole job at `step` (the next step boundary)."""
+
+    step: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Restart:
+    """Restart the rank group.
+
+    Attributes:
+        world_size: ranks after the restart.
+        from_step: checkpoint step to resume from (None: no checkpoint, start from scratch).
+        exclude_devices: devices not to use again.
+        spares: hot spares taking their place.
+        steps_lost: training steps redone (current step - checkpoint step).
+    """
+
+    world_size: int
+    from_step: int | None
+    exclude_devices: tuple[str, ...] = ()
+    spares: tuple[str, ...] = ()
+    steps_lost: int = 0
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetGradAccum:
+    """Set `grad_accum_steps` on restart so the global batch stays the same."""
+
+    old: int
+    new: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PauseJob:
+    """Pause every rank at the next step boundary."""
+
+    reason: str
+
+
+Action = Alert | CheckpointAt | Restart | SetGradAccum | PauseJob
+
+
+def _ranks(health: Mapping[int, RankHealth], kind: HealthKind) -> list[RankHealth]:
+    return sorted((h for h in health.values() if h.kind is kind), key=lambda h: h.rank)
+
+
+def _restart(snap: JobSnapshot, bad: Sequence[RankHealth], from_step: int | None, why: str) -> list[Action]:
+    """Plan a restart without `bad` ranks' devices: hot spares first, else shrink and rescale."""
+    excluded = tuple(sorted({h.device for h in bad if h.device}))
+    lost = max(snap.step - from_step, 0) if from_step is not None else snap.step
+    if len(snap.hot_spares) >= len(bad):
+        spares = snap.hot_spares[: len(bad)]
+        plan = f"; hot spare(s) {', '.join(spares)} replace {', '.join(excluded)}" if bad else ""
+        return [
+            Restart(
+                world_size=snap.world_size,
+                from_step=from_step,
+                exclude_devices=excluded,
+                spares=spares,
+                steps_lost=lost,
+                reason=why + plan,
+            )
+        ]
+    new_world = snap.world_size - len(bad)
+    if new_world < 1:
+        return [
+            Alert(
+                key="no_healthy_device",
+                severity="critical",
+                message=f"{why}; no healthy device left to restart on",
+            )
+        ]
+    old, total = snap.grad_accum_steps, snap.grad_accum_steps * snap.world_size
+    actions: list[Action] = []
+    if total % new_world:
+        note = (
+            f"grad_accum_steps={old} cannot keep the global batch: {total} micro-batches "
+            f"({old} x {snap.world_size} ranks) do not divide among {new_world} ranks, "
+            "so the global batch changes"
+        )
+        actions.append(Alert(key=f"grad_accum:{new_world}", severity="warning", message=note))
+        plan = f"; world {snap.world_size} -> {new_world}; {note}"
+    else:
+        new = total // new_world
+        plan = f"; world {snap.world_size} -> {new_world}, grad_accum_steps {old} -> {new}"
+        actions.append(
+            SetGradAccum(
+                old=old,
+                new=new,
+                reason=(
+                    f"keep the global batch of {total} micro-batches on {new_world} ranks "
+                    f"instead of {snap.world_size}"
+                ),
+            )
+        )
+    restart = Restart(
+        world_size=new_world,
+        from_step=from_step,
+        exclude_devices=excluded,
+        steps_lost=lost,
+        reason=why + plan,
+    )
+    return [restart, *actions]
+
+
+def decide(
+    job_snapshot: JobSnapshot, health: Mapping[int, RankHealth], policy: HealthPolicy | str
+) -> list[Action]:
+    """Turn the rank classification into actions under `policy`.
+
+    Decision table ("reconfigure"):
+      * a dead rank, or a rank hung past `hung_restart_after_s`: restart the group from the latest
+        checkpoint (steps lost = current step - checkpoint step), leaving out unhealthy devices;
+      * an unhealthy device while every rank is alive: checkpoint at the next step, restart on the
+        healthy devices (hot spares first, else world = healthy count) and rescale
+        grad_accum_steps by old_world / new_world when that divides (else the alert says so);
+      * hung (not yet past the grace period) or straggler: alert only.
+    "pause": pause and alert for dead, unhealthy and hung; alert for stragglers. "alert": alert only.
+
+    Idempotent: while a checkpoint or restart is under way (`phase`) nothing new is ordered, a
+    paused job is not paused again, and a condition in `alerted` is not alerted again.
+
+    Args:
+        job_snapshot: job facts and recovery state.
+        health: `classify`'s result.
+        policy: a `HealthPolicy` or just its mode name.
+
+    Returns:
+        Actions in the order to carry them out: condition alerts first, then the recovery.
+    """
+    pol = policy if isinstance(policy, HealthPolicy) else HealthPolicy(mode=_mode(policy))
+    actions = _decide(job_snapshot, health, pol)
+    return [a for a in actions if not (isinstance(a, Alert) and a.key in job_snapshot.alerted)]
+
+
+def _decide(snap: JobSnapshot, health: Mapping[int, RankHealth], pol: HealthPolicy) -> list[Action]:
+    if snap.phase in (Phase.CHECKPOINTING, Phase.RESTARTING):
+        return []
+    dead = _ranks(health, HealthKind.DEAD)
+    unhealthy = _ranks(health, HealthKind.UNHEALTHY)
+    hung = _ranks(health, HealthKind.HUNG)
+    stragglers = _ranks(health, HealthKind.STRAGGLER)
+
+    alerts: list[Action] = [
+        Alert(
+            key=h.key,
+            severity="warning" if h.kind is HealthKind.STRAGGLER else "critical",
+            message=f"rank {h.rank} {h.kind}: {h.reason}",
+            ranks=(h.rank,),
+        )
+        for h in [*dead, *unhealthy, *hung, *stragglers]
+    ]
+
+    serious = [*dead, *unhealthy, *hung]
+    if pol.mode is PolicyMode.ALERT or not serious:
+        return alerts
+    if pol.mode is PolicyMode.PAUSE:
+        if snap.phase is Phase.PAUSED:
+            return alerts
+        return [*alerts, PauseJob(reason="; ".join(f"rank {h.rank} {h.kind}" for h in serious))]
+
+    overdue = [h for h in hung if h.for_s >= pol.hung_restart_after_s]
+    if dead or overdue:
+        ckpt = snap.latest_checkpoint_step
+        since = f"checkpoint at step {ckpt}" if ckpt is not None else "scratch (no checkpoint)"
+        why = (
+            ", ".join(f"rank {h.rank} {h.kind}" for h in [*dead, *overdue])
+            + f": restart from {since}, {snap.step - (ckpt or 0)} steps lost"
+        )
+        # A rank that died right after its device failed (XID 79) must not get that device back.
+        bad = sorted([*unhealthy, *(h for h in dead if not h.device_healthy)], key=lambda h: h.rank)
+        return [*alerts, *_restart(snap, bad, ckpt, why)]
+    if unhealthy:
+        nxt = snap.step + 1
+        why = ", ".join(h.reason for h in unhealthy)
+        actions = _restart(snap, unhealthy, nxt, f"unhealthy device: {why}")
+        if any(isinstance(a, Restart) for a in actions):
+            # Every rank is alive, so state is saved at the next boundary and no step is lost.
+            actions.insert(0, CheckpointAt(step=nxt, reason=f"save state before leaving: {why}"))
+        return [*alerts, *actions]
+    return alerts  # hung within its grace period
+
+
+def _mode(name: str) -> PolicyMode:
+    try:
+        return PolicyMode(name)
+    except ValueError:
+        choices = ", ".join(m.value for m in PolicyMode)
+        raise ValueError(f"policy={name!r} rejected: expected one of {choices}") from None

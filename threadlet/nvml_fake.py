@@ -388,3 +388,40 @@ class FakeNvml:
 
     def nvmlErrorString(self, result: int) -> str:
         return _ERROR_NAMES.get(result, f"NVML error {result}")
+
+
+_SPEC_FORM = "KIND[:VALUE]@STEP[/INDEX] with KIND one of xid, ecc, temp, remap (e.g. xid:79@50,ecc:2@80/1)"
+
+
+def from_spec(spec: str, *, device_count: int = 1) -> FakeNvml:
+    """Build a scripted `FakeNvml` from a compact fault list, e.g. for an environment variable.
+
+    `"xid:79@50,temp:95@120/1"` fails device 0 with XID 79 at step 50 and overheats device 1 to
+    95 C at step 120. `ecc:N` adds N uncorrected ECC errors; `remap` sets the row-remapper failure.
+
+    Raises:
+        ValueError: an item is not of the form KIND[:VALUE]@STEP[/INDEX].
+    """
+    fake = FakeNvml(device_count=device_count)
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        head, at, where = item.partition("@")
+        kind, _, value = head.partition(":")
+        step_s, _, index_s = where.partition("/")
+        numbers = [s for s in (value, step_s, index_s) if s]
+        if not at or not step_s or not all(s.isdigit() for s in numbers):
+            raise ValueError(f"fault {item!r} rejected: expected {_SPEC_FORM}")
+        step, index = int(step_s), int(index_s) if index_s else 0
+        if kind == "xid":
+            fake.fail_at(step, int(value) if value else 79, index=index)
+        elif kind == "ecc":
+            fake.ecc_rise_at(step, int(value) if value else 1, index=index)
+        elif kind == "temp":
+            fake.overheat_at(step, int(value) if value else 95, index=index)
+        elif kind == "remap" and not value:
+            fake.remap_at(step, index=index)
+        else:
+            raise ValueError(f"fault {item!r} rejected: expected {_SPEC_FORM}")
+    return fake

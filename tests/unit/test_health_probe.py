@@ -382,3 +382,21 @@ def test_cpu_probe_on_the_real_proc_measures_this_process() -> None:
     assert h.rss_bytes > 1_000_000
     assert h.memory_total_bytes >= h.memory_used_bytes > 0
     assert h.cpu_load_pct > 0.0
+
+
+def test_fault_spec_scripts_the_fake() -> None:
+    fake = nvml_fake.from_spec("xid:79@5, temp:97@3/1, ecc@4/1", device_count=2)
+    p0, p1 = _probe(fake, index=0), _probe(fake, index=1)
+    fake.set_step(4)
+    assert p0.sample().healthy
+    assert p1.sample().unhealthy_reason == (
+        "volatile uncorrected ECC errors rose from 0 to 1; temperature 97 C above 90 C"
+    )
+    fake.set_step(5)
+    assert p0.sample().unhealthy_reason.startswith("XID 79: GPU has fallen off the bus")
+
+
+@pytest.mark.parametrize("spec", ["xid79@5", "xid:79", "boom@3", "remap:1@3", "ecc:-1@3", "temp:95@x"])
+def test_bad_fault_spec_names_the_expected_form(spec: str) -> None:
+    with pytest.raises(ValueError, match=r"rejected: expected KIND\[:VALUE\]@STEP\[/INDEX\]"):
+        nvml_fake.from_spec(spec)

@@ -20,6 +20,7 @@ class ActionKind(StrEnum):
     STOP = "stop"
     EVAL = "eval"
     DATA_ADD = "data_add"
+    FAULT_INJECT = "fault_inject"
 
 
 class AckStatus(StrEnum):
@@ -94,6 +95,8 @@ class Ack:
     step: int = 0
     decided_at_s: float = 0.0
     received_at_s: float = 0.0
+    detail: Mapping[str, str] = field(default_factory=dict)
+    branch: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +157,7 @@ class Heartbeat:
     knobs: tuple[KnobSpec, ...] = ()
     device: DeviceHealth | None = None
     branch: str = ""
+    tick: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +190,8 @@ class RankResult:
     reason: str = ""
     received_at_s: float = 0.0
     decided_at_s: float = 0.0
+    detail: Mapping[str, str] = field(default_factory=dict)
+    branch: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,6 +237,27 @@ class RankStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointInfo:
+    id: str
+    tag: str = ""
+    step: int = 0
+    branch: str = ""
+    path: str = ""
+    created_at_s: float = 0.0
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BranchInfo:
+    id: str
+    parent: str = ""
+    from_checkpoint: str = ""
+    fork_step: int = 0
+    created_at_s: float = 0.0
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class JobStatus:
     job: str
     run_id: str = ""
@@ -238,6 +265,9 @@ class JobStatus:
     ranks: tuple[RankStatus, ...] = ()
     knobs: tuple[KnobSpec, ...] = ()
     last_seq: int = 0
+    checkpoints: tuple[CheckpointInfo, ...] = ()
+    branches: tuple[BranchInfo, ...] = ()
+    branch: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,6 +278,12 @@ class StatusReply:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WatchRequest:
     job: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JournalRequest:
+    job: str = ""
+    follow: bool = False
 
 
 WatchEvent = StepMetrics | JobEvent | Outcome

@@ -28,6 +28,7 @@ _ACTION = {
     m.ActionKind.STOP: pb.ACTION_KIND_STOP,
     m.ActionKind.EVAL: pb.ACTION_KIND_EVAL,
     m.ActionKind.DATA_ADD: pb.ACTION_KIND_DATA_ADD,
+    m.ActionKind.FAULT_INJECT: pb.ACTION_KIND_FAULT_INJECT,
 }
 _ACTION_BACK = {v: k for k, v in _ACTION.items()}
 _ACK = {m.AckStatus.APPLIED: pb.ACK_STATUS_APPLIED, m.AckStatus.REJECTED: pb.ACK_STATUS_REJECTED}
@@ -189,6 +190,9 @@ def _rank_result_to_pb(res: m.RankResult, out: pb.RankResult) -> None:
     out.reason = res.reason
     out.received_at_s = res.received_at_s
     out.decided_at_s = res.decided_at_s
+    for key, value in res.detail.items():
+        out.detail[key] = value
+    out.branch = res.branch
 
 
 def _outcome_to_pb(o: m.Outcome, out: pb.Outcome) -> None:
@@ -262,6 +266,8 @@ def to_pb(msg: Any) -> Any:
             step=msg.step,
             decided_at_s=msg.decided_at_s,
             received_at_s=msg.received_at_s,
+            detail=dict(msg.detail),
+            branch=msg.branch,
         )
     if isinstance(msg, m.Heartbeat):
         hb = pb.Heartbeat(
@@ -279,6 +285,7 @@ def to_pb(msg: Any) -> Any:
             step_time_s=msg.step_time_s,
             last_seq=msg.last_seq,
             branch=msg.branch,
+            tick=msg.tick,
         )
         for spec in msg.knobs:
             _knob_to_pb(spec, hb.knobs.add())
@@ -306,6 +313,8 @@ def to_pb(msg: Any) -> Any:
         return pb.StatusRequest(job=msg.job)
     if isinstance(msg, m.WatchRequest):
         return pb.WatchRequest(job=msg.job)
+    if isinstance(msg, m.JournalRequest):
+        return pb.JournalRequest(job=msg.job, follow=msg.follow)
     if isinstance(msg, m.KnobSpec):
         out_k = pb.KnobSpec()
         _knob_to_pb(msg, out_k)
@@ -318,8 +327,31 @@ def to_pb(msg: Any) -> Any:
         reply = pb.StatusReply()
         for js in msg.jobs:
             out_js = reply.jobs.add(
-                job=js.job, run_id=js.run_id, world_size=js.world_size, last_seq=js.last_seq
+                job=js.job,
+                run_id=js.run_id,
+                world_size=js.world_size,
+                last_seq=js.last_seq,
+                branch=js.branch,
             )
+            for ck in js.checkpoints:
+                out_js.checkpoints.add(
+                    id=ck.id,
+                    tag=ck.tag,
+                    step=ck.step,
+                    branch=ck.branch,
+                    path=ck.path,
+                    created_at_s=ck.created_at_s,
+                    seq=ck.seq,
+                )
+            for br in js.branches:
+                out_js.branches.add(
+                    id=br.id,
+                    parent=br.parent,
+                    from_checkpoint=br.from_checkpoint,
+                    fork_step=br.fork_step,
+                    created_at_s=br.created_at_s,
+                    seq=br.seq,
+                )
             for rs in js.ranks:
                 _rank_status_to_pb(rs, out_js.ranks.add())
             for spec in js.knobs:
@@ -421,6 +453,8 @@ def _outcome_from_pb(msg: pb.Outcome) -> m.Outcome:
                 reason=r.reason,
                 received_at_s=r.received_at_s,
                 decided_at_s=r.decided_at_s,
+                detail=dict(sorted(r.detail.items())),
+                branch=r.branch,
             )
             for r in msg.results
         ),
@@ -449,6 +483,8 @@ def decode_ack(data: bytes) -> m.Ack:
         step=msg.step,
         decided_at_s=msg.decided_at_s,
         received_at_s=msg.received_at_s,
+        detail=dict(sorted(msg.detail.items())),
+        branch=msg.branch,
     )
 
 
@@ -471,6 +507,7 @@ def decode_heartbeat(data: bytes) -> m.Heartbeat:
         knobs=tuple(_knob_from_pb(k) for k in msg.knobs),
         device=_device_from_pb(msg.device) if msg.HasField("device") else None,
         branch=msg.branch,
+        tick=msg.tick,
     )
 
 
@@ -502,6 +539,11 @@ def decode_status_request(data: bytes) -> m.StatusRequest:
 
 def decode_watch_request(data: bytes) -> m.WatchRequest:
     return m.WatchRequest(job=_parse(pb.WatchRequest, data).job)
+
+
+def decode_journal_request(data: bytes) -> m.JournalRequest:
+    msg = _parse(pb.JournalRequest, data)
+    return m.JournalRequest(job=msg.job, follow=msg.follow)
 
 
 def decode_knob_spec(data: bytes) -> m.KnobSpec:
@@ -537,6 +579,30 @@ def decode_status_reply(data: bytes) -> m.StatusReply:
                 ranks=ranks,
                 knobs=tuple(_knob_from_pb(k) for k in js.knobs),
                 last_seq=js.last_seq,
+                checkpoints=tuple(
+                    m.CheckpointInfo(
+                        id=c.id,
+                        tag=c.tag,
+                        step=c.step,
+                        branch=c.branch,
+                        path=c.path,
+                        created_at_s=c.created_at_s,
+                        seq=c.seq,
+                    )
+                    for c in js.checkpoints
+                ),
+                branches=tuple(
+                    m.BranchInfo(
+                        id=b.id,
+                        parent=b.parent,
+                        from_checkpoint=b.from_checkpoint,
+                        fork_step=b.fork_step,
+                        created_at_s=b.created_at_s,
+                        seq=b.seq,
+                    )
+                    for b in js.branches
+                ),
+                branch=js.branch,
             )
         )
     return m.StatusReply(jobs=tuple(jobs))

@@ -67,13 +67,15 @@ def test_roundtrip_of_every_message() -> None:
         step=42,
         decided_at_s=2.0,
         received_at_s=1.5,
+        detail={"checkpoint": "ckpt-1"},
+        branch="b1",
     )
     outcome = m.Outcome(
         command_id="c1",
         job="j",
         status=m.OutcomeStatus.APPLIED,
         command=cmd,
-        results=(m.RankResult(rank=0, status=m.AckStatus.APPLIED, step=4),),
+        results=(m.RankResult(rank=0, status=m.AckStatus.APPLIED, step=4, detail={"k": "v"}, branch="main"),),
         submitted_at_s=1.0,
     )
     metrics = m.StepMetrics(job="j", run_id="r", rank=0, step=3, values={"loss": 0.5})
@@ -97,10 +99,21 @@ def test_roundtrip_of_every_message() -> None:
                 last_seq=3,
                 ranks=(m.RankStatus(rank=0, step=5, knobs={"lr": 0.1}, device=m.DeviceHealth(xids=(79,))),),
                 knobs=(m.KnobSpec(name="lr", type=m.KnobType.FLOAT, min=0.0, min_exclusive=True, value=0.1),),
+                checkpoints=(
+                    m.CheckpointInfo(id="ckpt-1", tag="t", step=9, branch="main", path="/x", seq=2),
+                ),
+                branches=(
+                    m.BranchInfo(id="b1", parent="main", from_checkpoint="ckpt-1", fork_step=9, seq=3),
+                ),
+                branch="b1",
             ),
         )
     )
     assert wire.decode_status_reply(wire.encode(status)) == status
+    hb = m.Heartbeat(job="j", run_id="r", rank=0, world_size=1, incarnation="i", tick=12, branch="b1")
+    assert wire.decode_heartbeat(wire.encode(hb)) == hb
+    jr = m.JournalRequest(job="j", follow=True)
+    assert wire.decode_journal_request(wire.encode(jr)) == jr
 
 
 def test_malformed_bytes_raise_wire_error() -> None:

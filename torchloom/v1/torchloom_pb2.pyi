@@ -35,6 +35,8 @@ class _ActionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ActionKind
     ACTION_KIND_STOP: _ActionKind.ValueType  # 5
     ACTION_KIND_EVAL: _ActionKind.ValueType  # 6
     ACTION_KIND_DATA_ADD: _ActionKind.ValueType  # 7
+    ACTION_KIND_FAULT_INJECT: _ActionKind.ValueType  # 8
+    """refused unless the job allows fault injection"""
 
 class ActionKind(_ActionKind, metaclass=_ActionKindEnumTypeWrapper): ...
 
@@ -46,6 +48,8 @@ ACTION_KIND_ROLLBACK: ActionKind.ValueType  # 4
 ACTION_KIND_STOP: ActionKind.ValueType  # 5
 ACTION_KIND_EVAL: ActionKind.ValueType  # 6
 ACTION_KIND_DATA_ADD: ActionKind.ValueType  # 7
+ACTION_KIND_FAULT_INJECT: ActionKind.ValueType  # 8
+"""refused unless the job allows fault injection"""
 Global___ActionKind: _TypeAlias = ActionKind  # noqa: Y015
 
 class _AckStatus:
@@ -358,6 +362,26 @@ class Ack(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class DetailEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
@@ -369,6 +393,8 @@ class Ack(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     DECIDED_AT_S_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_S_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     job: _builtins.str
     run_id: _builtins.str
@@ -383,6 +409,12 @@ class Ack(_message.Message):
     decided_at_s: _builtins.float
     received_at_s: _builtins.float
     """when this rank first saw the command (for latency accounting)"""
+    branch: _builtins.str
+    """the branch this rank trains on after the decision"""
+    @_builtins.property
+    def detail(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """action results: checkpoint id and path, eval metrics, ..."""
+
     def __init__(
         self,
         *,
@@ -397,10 +429,12 @@ class Ack(_message.Message):
         step: _builtins.int = ...,
         decided_at_s: _builtins.float = ...,
         received_at_s: _builtins.float = ...,
+        detail: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        branch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "decided_at_s", b"decided_at_s", "incarnation", b"incarnation", "job", b"job", "rank", b"rank", "reason", b"reason", "received_at_s", b"received_at_s", "run_id", b"run_id", "seq", b"seq", "status", b"status", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "command_id", b"command_id", "decided_at_s", b"decided_at_s", "detail", b"detail", "incarnation", b"incarnation", "job", b"job", "rank", b"rank", "reason", b"reason", "received_at_s", b"received_at_s", "run_id", b"run_id", "seq", b"seq", "status", b"status", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -571,6 +605,7 @@ class Heartbeat(_message.Message):
     KNOBS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     BRANCH_FIELD_NUMBER: _builtins.int
+    TICK_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     run_id: _builtins.str
     rank: _builtins.int
@@ -588,6 +623,8 @@ class Heartbeat(_message.Message):
     last_seq: _builtins.int
     """last command seq decided (applied or rejected) on this rank"""
     branch: _builtins.str
+    tick: _builtins.int
+    """step() calls since the process started; unlike step it never rewinds"""
     @_builtins.property
     def knobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___KnobSpec]:
         """schema with current values"""
@@ -613,10 +650,11 @@ class Heartbeat(_message.Message):
         knobs: _abc.Iterable[Global___KnobSpec] | None = ...,
         device: Global___DeviceHealth | None = ...,
         branch: _builtins.str = ...,
+        tick: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "device", b"device", "host", b"host", "incarnation", b"incarnation", "job", b"job", "knobs", b"knobs", "last_seq", b"last_seq", "local_rank", b"local_rank", "pid", b"pid", "rank", b"rank", "run_id", b"run_id", "sent_at_s", b"sent_at_s", "state", b"state", "step", b"step", "step_time_s", b"step_time_s", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "device", b"device", "host", b"host", "incarnation", b"incarnation", "job", b"job", "knobs", b"knobs", "last_seq", b"last_seq", "local_rank", b"local_rank", "pid", b"pid", "rank", b"rank", "run_id", b"run_id", "sent_at_s", b"sent_at_s", "state", b"state", "step", b"step", "step_time_s", b"step_time_s", "tick", b"tick", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -749,18 +787,43 @@ Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
 class RankResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class DetailEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     RANK_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_S_FIELD_NUMBER: _builtins.int
     DECIDED_AT_S_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     status: Global___AckStatus.ValueType
     step: _builtins.int
     reason: _builtins.str
     received_at_s: _builtins.float
     decided_at_s: _builtins.float
+    branch: _builtins.str
+    @_builtins.property
+    def detail(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
         self,
         *,
@@ -770,10 +833,12 @@ class RankResult(_message.Message):
         reason: _builtins.str = ...,
         received_at_s: _builtins.float = ...,
         decided_at_s: _builtins.float = ...,
+        detail: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        branch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_at_s", b"decided_at_s", "rank", b"rank", "reason", b"reason", "received_at_s", b"received_at_s", "status", b"status", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "decided_at_s", b"decided_at_s", "detail", b"detail", "rank", b"rank", "reason", b"reason", "received_at_s", b"received_at_s", "status", b"status", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -960,6 +1025,84 @@ class RankStatus(_message.Message):
 Global___RankStatus: _TypeAlias = RankStatus  # noqa: Y015
 
 @_typing.final
+class CheckpointInfo(_message.Message):
+    """A consistent checkpoint taken on every rank at one step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    CREATED_AT_S_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    tag: _builtins.str
+    step: _builtins.int
+    branch: _builtins.str
+    path: _builtins.str
+    created_at_s: _builtins.float
+    seq: _builtins.int
+    """the command that took it"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        step: _builtins.int = ...,
+        branch: _builtins.str = ...,
+        path: _builtins.str = ...,
+        created_at_s: _builtins.float = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "created_at_s", b"created_at_s", "id", b"id", "path", b"path", "seq", b"seq", "step", b"step", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointInfo: _TypeAlias = CheckpointInfo  # noqa: Y015
+
+@_typing.final
+class BranchInfo(_message.Message):
+    """A line of training: the main branch, or one forked by a rollback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    FROM_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    FORK_STEP_FIELD_NUMBER: _builtins.int
+    CREATED_AT_S_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    parent: _builtins.str
+    """parent branch id; empty for the first"""
+    from_checkpoint: _builtins.str
+    """checkpoint the branch was forked from"""
+    fork_step: _builtins.int
+    created_at_s: _builtins.float
+    seq: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        parent: _builtins.str = ...,
+        from_checkpoint: _builtins.str = ...,
+        fork_step: _builtins.int = ...,
+        created_at_s: _builtins.float = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_s", b"created_at_s", "fork_step", b"fork_step", "from_checkpoint", b"from_checkpoint", "id", b"id", "parent", b"parent", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BranchInfo: _TypeAlias = BranchInfo  # noqa: Y015
+
+@_typing.final
 class JobStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -969,14 +1112,23 @@ class JobStatus(_message.Message):
     RANKS_FIELD_NUMBER: _builtins.int
     KNOBS_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    BRANCHES_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     run_id: _builtins.str
     world_size: _builtins.int
     last_seq: _builtins.int
+    branch: _builtins.str
+    """current branch"""
     @_builtins.property
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankStatus]: ...
     @_builtins.property
     def knobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___KnobSpec]: ...
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckpointInfo]: ...
+    @_builtins.property
+    def branches(self) -> _containers.RepeatedCompositeFieldContainer[Global___BranchInfo]: ...
     def __init__(
         self,
         *,
@@ -986,10 +1138,13 @@ class JobStatus(_message.Message):
         ranks: _abc.Iterable[Global___RankStatus] | None = ...,
         knobs: _abc.Iterable[Global___KnobSpec] | None = ...,
         last_seq: _builtins.int = ...,
+        checkpoints: _abc.Iterable[Global___CheckpointInfo] | None = ...,
+        branches: _abc.Iterable[Global___BranchInfo] | None = ...,
+        branch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "knobs", b"knobs", "last_seq", b"last_seq", "ranks", b"ranks", "run_id", b"run_id", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "branches", b"branches", "checkpoints", b"checkpoints", "job", b"job", "knobs", b"knobs", "last_seq", b"last_seq", "ranks", b"ranks", "run_id", b"run_id", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1033,6 +1188,30 @@ class WatchRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class JournalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """empty: every job"""
+    follow: _builtins.bool
+    """keep streaming new entries"""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournalRequest: _TypeAlias = JournalRequest  # noqa: Y015
 
 @_typing.final
 class WatchEvent(_message.Message):

@@ -51,6 +51,11 @@ class ControlStub:
                 request_serializer=torchloom_dot_v1_dot_torchloom__pb2.WatchRequest.SerializeToString,
                 response_deserializer=torchloom_dot_v1_dot_torchloom__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.Journal = channel.unary_stream(
+                '/torchloom.v1.Control/Journal',
+                request_serializer=torchloom_dot_v1_dot_torchloom__pb2.JournalRequest.SerializeToString,
+                response_deserializer=torchloom_dot_v1_dot_torchloom__pb2.WatchEvent.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -76,6 +81,13 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Journal(self, request, context):
+        """The durable journal (JetStream): command outcomes and job events, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_ControlServicer_to_server(servicer, server):
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
                     request_deserializer=torchloom_dot_v1_dot_torchloom__pb2.WatchRequest.FromString,
+                    response_serializer=torchloom_dot_v1_dot_torchloom__pb2.WatchEvent.SerializeToString,
+            ),
+            'Journal': grpc.unary_stream_rpc_method_handler(
+                    servicer.Journal,
+                    request_deserializer=torchloom_dot_v1_dot_torchloom__pb2.JournalRequest.FromString,
                     response_serializer=torchloom_dot_v1_dot_torchloom__pb2.WatchEvent.SerializeToString,
             ),
     }
@@ -177,6 +194,33 @@ class Control:
             target,
             '/torchloom.v1.Control/Watch',
             torchloom_dot_v1_dot_torchloom__pb2.WatchRequest.SerializeToString,
+            torchloom_dot_v1_dot_torchloom__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Journal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/torchloom.v1.Control/Journal',
+            torchloom_dot_v1_dot_torchloom__pb2.JournalRequest.SerializeToString,
             torchloom_dot_v1_dot_torchloom__pb2.WatchEvent.FromString,
             options,
             channel_credentials,

@@ -40,6 +40,8 @@ class ControlStub:
     Submit: _grpc.UnaryUnaryMultiCallable[_torchloom_pb2.SubmitRequest, _torchloom_pb2.Outcome]
     Status: _grpc.UnaryUnaryMultiCallable[_torchloom_pb2.StatusRequest, _torchloom_pb2.StatusReply]
     Watch: _grpc.UnaryStreamMultiCallable[_torchloom_pb2.WatchRequest, _torchloom_pb2.WatchEvent]
+    Journal: _grpc.UnaryStreamMultiCallable[_torchloom_pb2.JournalRequest, _torchloom_pb2.WatchEvent]
+    """The durable journal (JetStream): command outcomes and job events, oldest first."""
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -51,6 +53,8 @@ class ControlAsyncStub(ControlStub):
     Submit: _aio.UnaryUnaryMultiCallable[_torchloom_pb2.SubmitRequest, _torchloom_pb2.Outcome]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_torchloom_pb2.StatusRequest, _torchloom_pb2.StatusReply]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_torchloom_pb2.WatchRequest, _torchloom_pb2.WatchEvent]  # type: ignore[assignment]
+    Journal: _aio.UnaryStreamMultiCallable[_torchloom_pb2.JournalRequest, _torchloom_pb2.WatchEvent]  # type: ignore[assignment]
+    """The durable journal (JetStream): command outcomes and job events, oldest first."""
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     """How the CLI, scripts and agents talk to the weaver. The UI reaches the same handlers over NATS
@@ -77,5 +81,13 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _torchloom_pb2.WatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_torchloom_pb2.WatchEvent], _abc.AsyncIterator[_torchloom_pb2.WatchEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def Journal(
+        self,
+        request: _torchloom_pb2.JournalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_torchloom_pb2.WatchEvent], _abc.AsyncIterator[_torchloom_pb2.WatchEvent]]:
+        """The durable journal (JetStream): command outcomes and job events, oldest first."""
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -158,6 +158,7 @@ class Heartbeat:
     device: DeviceHealth | None = None
     branch: str = ""
     tick: int = 0
+    fault_injection_allowed: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,6 +235,9 @@ class RankStatus:
     step_time_s: float = 0.0
     alive: bool = True
     local_rank: int = 0
+    health: str = "healthy"
+    health_reason: str = ""
+    branch: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -245,6 +245,9 @@ def _rank_status_to_pb(rs: m.RankStatus, out: pb.RankStatus) -> None:
     out.step_time_s = rs.step_time_s
     out.alive = rs.alive
     out.local_rank = rs.local_rank
+    out.health = rs.health
+    out.health_reason = rs.health_reason
+    out.branch = rs.branch
 
 
 def to_pb(msg: Any) -> Any:
@@ -286,6 +289,7 @@ def to_pb(msg: Any) -> Any:
             last_seq=msg.last_seq,
             branch=msg.branch,
             tick=msg.tick,
+            fault_injection_allowed=msg.fault_injection_allowed,
         )
         for spec in msg.knobs:
             _knob_to_pb(spec, hb.knobs.add())
@@ -508,6 +512,7 @@ def decode_heartbeat(data: bytes) -> m.Heartbeat:
         device=_device_from_pb(msg.device) if msg.HasField("device") else None,
         branch=msg.branch,
         tick=msg.tick,
+        fault_injection_allowed=msg.fault_injection_allowed,
     )
 
 
@@ -568,6 +573,9 @@ def decode_status_reply(data: bytes) -> m.StatusReply:
                 step_time_s=rs.step_time_s,
                 alive=rs.alive,
                 local_rank=rs.local_rank,
+                health=rs.health,
+                health_reason=rs.health_reason,
+                branch=rs.branch,
             )
             for rs in js.ranks
         )

@@ -97,7 +97,17 @@ def test_roundtrip_of_every_message() -> None:
                 run_id="r",
                 world_size=2,
                 last_seq=3,
-                ranks=(m.RankStatus(rank=0, step=5, knobs={"lr": 0.1}, device=m.DeviceHealth(xids=(79,))),),
+                ranks=(
+                    m.RankStatus(
+                        rank=0,
+                        step=5,
+                        knobs={"lr": 0.1},
+                        device=m.DeviceHealth(xids=(79,)),
+                        health="hung",
+                        health_reason="r",
+                        branch="b1",
+                    ),
+                ),
                 knobs=(m.KnobSpec(name="lr", type=m.KnobType.FLOAT, min=0.0, min_exclusive=True, value=0.1),),
                 checkpoints=(
                     m.CheckpointInfo(id="ckpt-1", tag="t", step=9, branch="main", path="/x", seq=2),
@@ -110,7 +120,16 @@ def test_roundtrip_of_every_message() -> None:
         )
     )
     assert wire.decode_status_reply(wire.encode(status)) == status
-    hb = m.Heartbeat(job="j", run_id="r", rank=0, world_size=1, incarnation="i", tick=12, branch="b1")
+    hb = m.Heartbeat(
+        job="j",
+        run_id="r",
+        rank=0,
+        world_size=1,
+        incarnation="i",
+        tick=12,
+        branch="b1",
+        fault_injection_allowed=True,
+    )
     assert wire.decode_heartbeat(wire.encode(hb)) == hb
     jr = m.JournalRequest(job="j", follow=True)
     assert wire.decode_journal_request(wire.encode(jr)) == jr

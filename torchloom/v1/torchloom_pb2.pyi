@@ -606,6 +606,7 @@ class Heartbeat(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     BRANCH_FIELD_NUMBER: _builtins.int
     TICK_FIELD_NUMBER: _builtins.int
+    FAULT_INJECTION_ALLOWED_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     run_id: _builtins.str
     rank: _builtins.int
@@ -625,6 +626,8 @@ class Heartbeat(_message.Message):
     branch: _builtins.str
     tick: _builtins.int
     """step() calls since the process started; unlike step it never rewinds"""
+    fault_injection_allowed: _builtins.bool
+    """launched with `torchloom run --allow-fault-injection`"""
     @_builtins.property
     def knobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___KnobSpec]:
         """schema with current values"""
@@ -651,10 +654,11 @@ class Heartbeat(_message.Message):
         device: Global___DeviceHealth | None = ...,
         branch: _builtins.str = ...,
         tick: _builtins.int = ...,
+        fault_injection_allowed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "device", b"device", "host", b"host", "incarnation", b"incarnation", "job", b"job", "knobs", b"knobs", "last_seq", b"last_seq", "local_rank", b"local_rank", "pid", b"pid", "rank", b"rank", "run_id", b"run_id", "sent_at_s", b"sent_at_s", "state", b"state", "step", b"step", "step_time_s", b"step_time_s", "tick", b"tick", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "device", b"device", "fault_injection_allowed", b"fault_injection_allowed", "host", b"host", "incarnation", b"incarnation", "job", b"job", "knobs", b"knobs", "last_seq", b"last_seq", "local_rank", b"local_rank", "pid", b"pid", "rank", b"rank", "run_id", b"run_id", "sent_at_s", b"sent_at_s", "state", b"state", "step", b"step", "step_time_s", b"step_time_s", "tick", b"tick", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -985,6 +989,9 @@ class RankStatus(_message.Message):
     STEP_TIME_S_FIELD_NUMBER: _builtins.int
     ALIVE_FIELD_NUMBER: _builtins.int
     LOCAL_RANK_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    HEALTH_REASON_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     step: _builtins.int
     state: Global___RankState.ValueType
@@ -996,6 +1003,10 @@ class RankStatus(_message.Message):
     step_time_s: _builtins.float
     alive: _builtins.bool
     local_rank: _builtins.int
+    health: _builtins.str
+    """"healthy" | "unhealthy" | "dead" | "hung" | "straggler" """
+    health_reason: _builtins.str
+    branch: _builtins.str
     @_builtins.property
     def knobs(self) -> _containers.MessageMap[_builtins.str, Global___Value]: ...
     @_builtins.property
@@ -1015,10 +1026,13 @@ class RankStatus(_message.Message):
         step_time_s: _builtins.float = ...,
         alive: _builtins.bool = ...,
         local_rank: _builtins.int = ...,
+        health: _builtins.str = ...,
+        health_reason: _builtins.str = ...,
+        branch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "device", b"device", "host", b"host", "incarnation", b"incarnation", "knobs", b"knobs", "last_heartbeat_s", b"last_heartbeat_s", "local_rank", b"local_rank", "pid", b"pid", "rank", b"rank", "state", b"state", "step", b"step", "step_time_s", b"step_time_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "branch", b"branch", "device", b"device", "health", b"health", "health_reason", b"health_reason", "host", b"host", "incarnation", b"incarnation", "knobs", b"knobs", "last_heartbeat_s", b"last_heartbeat_s", "local_rank", b"local_rank", "pid", b"pid", "rank", b"rank", "state", b"state", "step", b"step", "step_time_s", b"step_time_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

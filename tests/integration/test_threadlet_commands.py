@@ -1,0 +1,164 @@
+"""A real 2-rank torchrun job of examples/train_tiny.py follows commands published into JetStream:
+both ranks decide each command at the same step, lr changes exactly from that step, acks arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests.conftest import REPO
+from torchloom import bus, subjects, wire
+from torchloom.messages import Ack, AckStatus, Command, Heartbeat, Issuer, SetConfig
+from torchloom.nats_server import EmbeddedNats
+
+EXAMPLE = REPO / "examples" / "train_tiny.py"
+JOB = "tinyjob"
+
+
+def torchrun(out: Path, env: dict[str, str], *, steps: int, step_sleep: float) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--standalone", str(EXAMPLE), "--steps", str(steps), "--out", str(out),
+        "--step-sleep", str(step_sleep),
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+@pytest.fixture
+def job_env(subprocess_env: dict[str, str], nats_server: EmbeddedNats) -> dict[str, str]:
+    env = dict(subprocess_env)
+    env.update(
+        TORCHLOOM_NATS_URL=nats_server.url,
+        TORCHLOOM_JOB=JOB,
+        TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+@pytest.fixture
+def reap() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            import os
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def read_records(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def command(job: str, run_id: str, seq: int, values: dict[str, object]) -> Command:
+    return Command(
+        command_id=f"c{seq}",
+        job=job,
+        run_id=run_id,
+        seq=seq,
+        issuer=Issuer(kind="cli", identity="test"),
+        issued_at_s=time.time(),
+        body=SetConfig(values=values),  # type: ignore[arg-type]
+    )
+
+
+async def test_commands_decided_at_same_step_on_both_ranks(
+    tmp_path: Path,
+    job_env: dict[str, str],
+    nats_server: EmbeddedNats,
+    reap: list[subprocess.Popen[bytes]],
+) -> None:
+    run_id = job_env["TORCHLOOM_RUN_ID"]
+    out = tmp_path / "out"
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_streams(js)
+        acks: list[Ack] = []
+        heartbeats: list[Heartbeat] = []
+
+        all_acks = asyncio.Event()
+
+        async def on_ack(msg: nats.aio.msg.Msg) -> None:
+            acks.append(wire.decode_ack(msg.data))
+            if len({(a.seq, a.rank) for a in acks}) >= 4:
+                all_acks.set()
+
+        async def on_hb(msg: nats.aio.msg.Msg) -> None:
+            heartbeats.append(wire.decode_heartbeat(msg.data))
+
+        await nc.subscribe(subjects.acks(JOB), cb=on_ack)
+        await nc.subscribe(subjects.heartbeats_of(JOB), cb=on_hb)
+
+        proc = torchrun(out, job_env, steps=300, step_sleep=0.01)
+        reap.append(proc)
+
+        # Publish once both ranks are training (their records grow), so the change lands mid-run.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all(len(read_records(out / f"rank{r}.jsonl")) >= 20 for r in (0, 1)):
+                break
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("ranks did not start training within 60 s")
+
+        subject = subjects.commands(JOB, run_id)
+        await js.publish(subject, wire.encode(command(JOB, run_id, 1, {"lr": 0.005})))
+        await js.publish(subject, wire.encode(command(JOB, run_id, 2, {"momentum": 0.5})))
+
+        stdout, _ = await asyncio.to_thread(proc.communicate, timeout=120)
+        assert proc.returncode == 0, stdout.decode(errors="replace")[-4000:]
+        async with asyncio.timeout(30):
+            await all_acks.wait()
+    finally:
+        await nc.close()
+
+    applied = [json.loads((out / f"rank{r}.applied.json").read_text()) for r in (0, 1)]
+    for rank_applied in applied:
+        assert [(a["seq"], a["kind"], a["status"]) for a in rank_applied] == [
+            (1, "set", "applied"),
+            (2, "set", "rejected"),
+        ]
+    # Same step on every rank, for every command.
+    assert applied[0][0]["step"] == applied[1][0]["step"]
+    assert applied[0][1]["step"] == applied[1][1]["step"]
+    assert applied[0][0]["values"] == {"lr": 0.005}
+    assert all("unknown knob 'momentum'" in a[1]["reason"] for a in applied)
+
+    apply_step = applied[0][0]["step"]
+    for r in (0, 1):
+        records = read_records(out / f"rank{r}.jsonl")
+        assert len(records) == 300
+        for rec in records:
+            want = 0.005 if rec["step"] >= apply_step else 0.001  # type: ignore[operator]
+            assert rec["lr"] == {"body": want, "head": want}, rec
+
+    got = {(a.seq, a.rank): a for a in acks}
+    assert set(got) == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    assert got[1, 0].status is AckStatus.APPLIED and got[1, 1].status is AckStatus.APPLIED
+    assert got[2, 0].status is AckStatus.REJECTED and got[2, 1].status is AckStatus.REJECTED
+    assert {got[1, r].step for r in (0, 1)} == {apply_step}
+    assert all(got[s, r].received_at_s <= got[s, r].decided_at_s for s in (1, 2) for r in (0, 1))
+
+    # Heartbeats reported the knob schema with both named groups, and the job finished cleanly.
+    lr_specs = [k for hb in heartbeats for k in hb.knobs if k.name == "lr"]
+    assert lr_specs and lr_specs[-1].groups == ("body", "head")
+    assert {hb.rank for hb in heartbeats} == {0, 1}
+    assert {hb.state.value for hb in heartbeats if hb.rank == 0} >= {"running", "finished"}

@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,25 @@ def test_run_then_set_from_another_process_applies_at_one_step(
         stderr=subprocess.PIPE,
         text=True,
     )
+    watcher: subprocess.Popen[str] | None = None
     try:
         job = _wait_for_ranks(run_env, proc, min_step=5)
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "torchloom.cli", "watch"],
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        watched: list[str] = []
+
+        def _read() -> None:
+            assert watcher is not None and watcher.stdout is not None
+            for line in watcher.stdout:
+                watched.append(line)
+
+        reader = threading.Thread(target=_read, daemon=True)
+        reader.start()
         assert job["job"] == "clitest" and job["world_size"] == 2
         assert {r["knobs"]["lr"] for r in job["ranks"]} == {0.001}
 
@@ -108,6 +126,29 @@ def test_run_then_set_from_another_process_applies_at_one_step(
         assert [a["rank"] for a in outcome["applied"]] == [0, 1]
         step = outcome["applied"][0]["step"]
         assert outcome["applied"][1]["step"] == step
+
+        # The watch streams metrics of both ranks and the outcome; Ctrl-C ends it quietly.
+        wanted = [
+            "metrics clitest rank 0 step",
+            "metrics clitest rank 1 step",
+            f"outcome applied: command {outcome['command_id']}",
+        ]
+        deadline = time.monotonic() + 60.0
+        while not all(any(w in line for line in watched) for w in wanted) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(timeout=30)
+        reader.join(timeout=10)
+        assert watcher.stderr is not None
+        watch_err = watcher.stderr.read()
+        assert watcher.returncode == 0, watch_err
+        for w in wanted:
+            assert any(w in line for line in watched), (w, watched[-5:])
+
+        for action in ("pause", "resume"):
+            res = _cli(action, "--json", env=run_env)
+            assert res.returncode == 0, (action, res.stdout, res.stderr)
+            assert json.loads(res.stdout)["status"] == "applied"
 
         bad = {
             "lr=abc": "expected a float",
@@ -125,6 +166,9 @@ def test_run_then_set_from_another_process_applies_at_one_step(
 
         _stdout, stderr = proc.communicate(timeout=240)
     finally:
+        if watcher is not None and watcher.poll() is None:
+            watcher.kill()
+            watcher.wait(timeout=10)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
@@ -133,10 +177,13 @@ def test_run_then_set_from_another_process_applies_at_one_step(
 
     for rank in (0, 1):
         decided = json.loads((out / f"rank{rank}.applied.json").read_text())
-        # Only the valid command ever reached the ranks: the weaver rejected the others up front.
-        assert [(d["command_id"], d["status"], d["step"]) for d in decided] == [
-            (outcome["command_id"], "applied", step)
+        # Only the valid commands reached the ranks: the weaver rejected the bad ones up front.
+        assert [(d["kind"], d["status"]) for d in decided] == [
+            ("set", "applied"),
+            ("pause", "applied"),
+            ("resume", "applied"),
         ]
+        assert (decided[0]["command_id"], decided[0]["step"]) == (outcome["command_id"], step)
         # The rank's optimizer used the new lr from exactly that step on, and never before.
         assert _lr_change_steps(out / f"rank{rank}.jsonl") == [(step, 0.003)]
     assert not (tl_home / "weaver.json").exists(), "discovery file left behind"
@@ -155,3 +202,47 @@ def test_run_exits_with_the_jobs_status(tmp_path: Path, run_env: dict[str, str])
     # torchrun reports a failed worker as its own exit status 1.
     assert res.returncode != 0, res.stderr
     assert "exited with status" in res.stderr
+
+
+def test_run_reuses_a_running_weaver(tmp_path: Path, tl_home: Path, run_env: dict[str, str]) -> None:
+    weaver = subprocess.Popen(
+        [sys.executable, "-m", "torchloom.cli", "weaver"],
+        env=run_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        path = tl_home / "weaver.json"
+        deadline = time.monotonic() + 30.0
+        while not path.exists() and weaver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        info = json.loads(path.read_text())
+        out = tmp_path / "out"
+        res = _cli(
+            "run",
+            "--job",
+            "reuse",
+            str(TRAIN),
+            "--steps",
+            "20",
+            "--out",
+            str(out),
+            env=run_env,
+            timeout_s=120,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"reusing weaver at gRPC {info['grpc']}" in res.stderr
+        assert f"NATS {info['nats_url']}" in res.stderr
+        # The job reported to the existing weaver, which still owns the discovery file.
+        status = _cli("status", "--json", "--job", "reuse", env=run_env)
+        assert status.returncode == 0, status.stderr
+        assert [j["job"] for j in json.loads(status.stdout)["jobs"]] == ["reuse"]
+        assert json.loads(path.read_text())["pid"] == weaver.pid
+    finally:
+        weaver.send_signal(signal.SIGTERM)
+        try:
+            weaver.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            weaver.kill()
+            weaver.wait(timeout=10)
+    assert weaver.returncode == 0

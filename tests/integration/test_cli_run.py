@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from torchloom import discovery
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "examples" / "train_tiny.py"
@@ -246,3 +249,52 @@ def test_run_reuses_a_running_weaver(tmp_path: Path, tl_home: Path, run_env: dic
             weaver.kill()
             weaver.wait(timeout=10)
     assert weaver.returncode == 0
+
+
+def test_sigint_reaches_the_job_and_everything_stops(
+    tmp_path: Path, tl_home: Path, run_env: dict[str, str]
+) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torchloom.cli",
+            "run",
+            "--job",
+            "sig",
+            "--nproc-per-node",
+            "2",
+            str(TRAIN),
+            "--steps",
+            "100000",
+            "--step-sleep",
+            "0.05",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        env=run_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job = _wait_for_ranks(run_env, proc, min_step=2)
+        pids = [r["pid"] for r in job["ranks"]]
+        info = json.loads((tl_home / "weaver.json").read_text())
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    # torchrun stops its workers on the forwarded signal; the job did not finish, so not 0.
+    assert proc.returncode != 0, stderr[-2000:]
+    assert "exited with status" in stderr
+    deadline = time.monotonic() + 30.0
+    while any(discovery.pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(discovery.pid_alive(p) for p in pids), "ranks left running"
+    assert not (tl_home / "weaver.json").exists()
+    host, port = info["nats_url"].removeprefix("nats://").rsplit(":", 1)
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=1.0):
+        pass

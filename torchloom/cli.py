@@ -251,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "run",
         help="launch SCRIPT under torchrun with a weaver (started here unless one is reachable)",
-        description="torchloom run [--job NAME] [--nats URL] [--grpc HOST:PORT] [torchrun options] "
-        "SCRIPT [ARGS]. torchrun options (e.g. --nproc-per-node 2, --nnodes, --max-restarts, --rdzv-*, "
-        "--standalone) go before SCRIPT; everything after SCRIPT belongs to the script.",
+        usage="torchloom run [--job NAME] [--nats URL] [--grpc HOST:PORT] [torchrun options] SCRIPT [ARGS]",
+        description="torchrun options (e.g. --nproc-per-node 2, --nnodes, --max-restarts, --rdzv-*, "
+        "--standalone) go before SCRIPT; everything after SCRIPT belongs to the script. --job defaults "
+        "to the script's stem, --nproc-per-node to 1; without a rendezvous option --standalone is added.",
     )
     weaver = sub.add_parser("weaver", help="run a standalone weaver (embedded NATS unless --nats is given)")
     weaver.add_argument(

@@ -1,0 +1,130 @@
+"""Command latency from `Control.Submit` to every rank's acknowledgement, on a real 2-rank torchrun job.
+
+Starts an embedded nats-server and an in-process weaver, launches examples/train_tiny.py under torchrun,
+then submits N lr changes one after another over gRPC. Each Outcome carries the timestamps we need:
+
+* bus time  = (first rank receipt - publish) + (outcome complete - last rank decision) + submit->publish
+* apply wait = last rank decision - last rank receipt (waiting for the next step boundary + agreement)
+
+    python bench/command_latency.py --commands 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from torchloom import messages as m
+from torchloom.client import ControlClient
+from torchloom.nats_server import EmbeddedNats
+from weaver.config import WeaverConfig
+from weaver.service import Weaver
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
+    job, run_id = "bench", uuid.uuid4().hex[:12]
+    with EmbeddedNats(tmp / "nats") as server:
+        async with Weaver(WeaverConfig(nats_url=server.url)) as weaver:
+            env = dict(os.environ, TORCHLOOM_NATS_URL=server.url, TORCHLOOM_JOB=job, TORCHLOOM_RUN_ID=run_id)
+            env.setdefault("OMP_NUM_THREADS", "1")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--standalone",
+                str(REPO / "examples/train_tiny.py"),
+                "--steps",
+                "1000000",
+                "--step-sleep",
+                str(args.step_sleep),
+                "--out",
+                str(tmp / "out"),
+                env=env,
+            )
+            try:
+                async with ControlClient(weaver.grpc_address) as client:
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline:
+                        status = await client.status()
+                        jobs = [j for j in status.jobs if j.job == job]
+                        if jobs and len([r for r in jobs[0].ranks if r.alive]) == 2:
+                            break
+                        await asyncio.sleep(0.1)
+                    else:
+                        raise RuntimeError("job did not start")
+                    total, bus, wait = [], [], []
+                    for i in range(args.commands):
+                        lr = 1e-3 if i % 2 else 2e-3
+                        t0 = time.time()
+                        out = await client.submit(
+                            m.SubmitRequest(job=job, body=m.SetConfig(values={"lr": lr}), timeout_s=10)
+                        )
+                        t1 = time.time()
+                        if out.status is not m.OutcomeStatus.APPLIED:
+                            raise RuntimeError(f"command {i}: {out.status} {out.reason}")
+                        first_recv = min(r.received_at_s for r in out.results)
+                        last_recv = max(r.received_at_s for r in out.results)
+                        last_dec = max(r.decided_at_s for r in out.results)
+                        total.append(t1 - t0)
+                        wait.append(last_dec - last_recv)
+                        to_publish = out.published_at_s - out.submitted_at_s
+                        to_ranks = first_recv - out.published_at_s
+                        to_outcome = out.completed_at_s - last_dec
+                        bus.append(to_publish + to_ranks + to_outcome)
+            finally:
+                proc.terminate()
+                async with asyncio.timeout(30):
+                    await proc.wait()
+    ms = 1e3
+    return {
+        "commands": args.commands,
+        "step_sleep_s": args.step_sleep,
+        "total_ms": {
+            "p50": pct(total, 50) * ms,
+            "p99": pct(total, 99) * ms,
+            "mean": statistics.fmean(total) * ms,
+        },
+        "bus_ms": {"p50": pct(bus, 50) * ms, "p99": pct(bus, 99) * ms, "mean": statistics.fmean(bus) * ms},
+        "apply_wait_ms": {
+            "p50": pct(wait, 50) * ms,
+            "p99": pct(wait, 99) * ms,
+            "mean": statistics.fmean(wait) * ms,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--commands", type=int, default=200)
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--out", default=str(REPO / "bench/results/command_latency.json"))
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    print(f"{'part':<14}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for key in ("total_ms", "bus_ms", "apply_wait_ms"):
+        row = result[key]
+        assert isinstance(row, dict)
+        print(f"{key:<14}{row['p50']:>10.3f}{row['p99']:>10.3f}{row['mean']:>10.3f}")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,17 @@ import pytest
 
 from tests.conftest import REPO
 from torchloom import bus, subjects, wire
-from torchloom.messages import Ack, AckStatus, Command, Heartbeat, Issuer, SetConfig
+from torchloom.messages import (
+    Ack,
+    AckStatus,
+    Action,
+    ActionKind,
+    Command,
+    Heartbeat,
+    Issuer,
+    RankState,
+    SetConfig,
+)
 from torchloom.nats_server import EmbeddedNats
 
 EXAMPLE = REPO / "examples" / "train_tiny.py"
@@ -162,3 +172,78 @@ async def test_commands_decided_at_same_step_on_both_ranks(
     assert lr_specs and lr_specs[-1].groups == ("body", "head")
     assert {hb.rank for hb in heartbeats} == {0, 1}
     assert {hb.state.value for hb in heartbeats if hb.rank == 0} >= {"running", "finished"}
+
+
+def action(job: str, run_id: str, seq: int, kind: ActionKind) -> Command:
+    return Command(
+        command_id=f"c{seq}",
+        job=job,
+        run_id=run_id,
+        seq=seq,
+        issuer=Issuer(kind="cli", identity="test"),
+        issued_at_s=time.time(),
+        body=Action(kind=kind),
+    )
+
+
+async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_same_step(
+    tmp_path: Path,
+    job_env: dict[str, str],
+    nats_server: EmbeddedNats,
+    reap: list[subprocess.Popen[bytes]],
+) -> None:
+    run_id = job_env["TORCHLOOM_RUN_ID"]
+    out = tmp_path / "out"
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_streams(js)
+        paused = asyncio.Event()
+        paused_ranks: set[int] = set()
+
+        async def on_hb(msg: nats.aio.msg.Msg) -> None:
+            hb = wire.decode_heartbeat(msg.data)
+            if hb.state is RankState.PAUSED:
+                paused_ranks.add(hb.rank)
+                if paused_ranks == {0, 1}:
+                    paused.set()
+
+        await nc.subscribe(subjects.heartbeats_of(JOB), cb=on_hb)
+        proc = torchrun(out, job_env, steps=200, step_sleep=0.01)
+        reap.append(proc)
+        deadline = time.monotonic() + 60
+        while not all(len(read_records(out / f"rank{r}.jsonl")) >= 20 for r in (0, 1)):
+            assert time.monotonic() < deadline, "ranks did not start training within 60 s"
+            assert proc.poll() is None
+            await asyncio.sleep(0.05)
+
+        subject = subjects.commands(JOB, run_id)
+        await js.publish(subject, wire.encode(action(JOB, run_id, 1, ActionKind.PAUSE)))
+        async with asyncio.timeout(30):
+            await paused.wait()
+        # While paused no rank makes progress, whatever the wall clock does.
+        held = [len(read_records(out / f"rank{r}.jsonl")) for r in (0, 1)]
+        await js.publish(subject, wire.encode(command(JOB, run_id, 2, {"weight_decay": 0.25})))
+        await js.publish(subject, wire.encode(action(JOB, run_id, 3, ActionKind.RESUME)))
+        stdout, _ = await asyncio.to_thread(proc.communicate, timeout=120)
+        assert proc.returncode == 0, stdout.decode(errors="replace")[-4000:]
+    finally:
+        await nc.close()
+
+    applied = [json.loads((out / f"rank{r}.applied.json").read_text()) for r in (0, 1)]
+    for x in applied:
+        assert [(a["seq"], a["kind"], a["status"]) for a in x] == [
+            (1, "pause", "applied"),
+            (2, "set", "applied"),
+            (3, "resume", "applied"),
+        ]
+    # The pause step is where every rank stopped; commands decided while paused carry that step.
+    pause_step = applied[0][0]["step"]
+    assert {a["step"] for x in applied for a in x} == {pause_step}
+    assert held == [pause_step, pause_step]
+    for r in (0, 1):
+        records = read_records(out / f"rank{r}.jsonl")
+        assert len(records) == 200
+        for rec in records:
+            want = 0.25 if rec["step"] >= pause_step else 0.01  # type: ignore[operator]
+            assert rec["weight_decay"]["body"] == want, rec  # type: ignore[index]

@@ -14,7 +14,15 @@ import grpc
 
 from torchloom import wire
 from torchloom.errors import JobNotFound, TorchloomError, WeaverUnavailable
-from torchloom.messages import Outcome, StatusReply, StatusRequest, SubmitRequest, WatchEvent, WatchRequest
+from torchloom.messages import (
+    JournalRequest,
+    Outcome,
+    StatusReply,
+    StatusRequest,
+    SubmitRequest,
+    WatchEvent,
+    WatchRequest,
+)
 
 _SERVICE = "/torchloom.v1.Control"
 # The weaver's default command timeout; a submit naming none may wait this long for every rank.
@@ -131,5 +139,35 @@ class ControlClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise self._error(exc, "the watch") from None
+        finally:
+            stream.cancel()
+
+    async def journal(self, job: str = "", follow: bool = False) -> AsyncIterator[WatchEvent]:
+        """Stream the durable journal, oldest first: final command outcomes (`Outcome`, with the
+        command, its issuer and every rank's result) and job events (`JobEvent`).
+
+        Args:
+            job: one job's entries, or every job's for "".
+            follow: keep streaming new entries; otherwise the stream ends at the entry that was
+                last when the call was made.
+
+        Raises:
+            ValueError: `job` is not a valid job name.
+            WeaverUnavailable: the weaver cannot be reached or dropped the stream.
+        """
+        call = self._chan().unary_stream(
+            f"{_SERVICE}/Journal",
+            request_serializer=wire.encode,
+            response_deserializer=wire.decode_watch_event,
+        )
+        stream = call(JournalRequest(job=job, follow=follow))
+        try:
+            async for ev in stream:
+                yield ev
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(exc.details() or "bad journal request") from None
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise self._error(exc, "the journal") from None
         finally:
             stream.cancel()

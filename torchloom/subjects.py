@@ -85,6 +85,11 @@ def journal_all() -> str:
     return f"{PREFIX}.journal.*"
 
 
+def launcher(job: str) -> str:
+    """Requests to the job's launcher (a JobEvent of kind "restart" from the weaver's health policy)."""
+    return f"{PREFIX}.launcher.{check_token('job', job)}"
+
+
 def api_submit() -> str:
     """Request-reply: SubmitRequest -> Outcome; the same handler as gRPC Control.Submit."""
     return f"{PREFIX}.api.submit"

@@ -6,8 +6,10 @@ import math
 from dataclasses import dataclass
 
 from torchloom import env
+from weaver.health_policy import HealthPolicy, PolicyMode
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+POLICY_MODES = tuple(m.value for m in PolicyMode)
 
 
 def _positive(name: str, value: float, *, upper: float) -> None:
@@ -29,6 +31,11 @@ class WeaverConfig:
         watch_queue_size: events buffered per gRPC watcher before the oldest are dropped.
         nats_timeout_s: deadline of every single NATS operation (publish ack, stream lookup).
         replicas: JetStream replicas of the streams (1 for a single server).
+        hung_after_s: a running rank whose step has not moved for this long is hung.
+        straggler_factor: a rank whose step time is above this multiple of the other ranks' median
+            is a straggler.
+        health_policy: what rank health problems trigger: "reconfigure" (checkpoint, restart,
+            rescale), "pause" (pause the job and alert) or "alert" (events only).
     """
 
     nats_url: str = DEFAULT_NATS_URL
@@ -40,6 +47,9 @@ class WeaverConfig:
     watch_queue_size: int = 1024
     nats_timeout_s: float = 5.0
     replicas: int = 1
+    hung_after_s: float = 10.0
+    straggler_factor: float = 2.0
+    health_policy: str = "alert"
 
     def __post_init__(self) -> None:
         if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
@@ -59,6 +69,24 @@ class WeaverConfig:
             raise ValueError(f"watch_queue_size={self.watch_queue_size!r} rejected: must be in [1, 1000000]")
         if not 1 <= self.replicas <= 5:
             raise ValueError(f"replicas={self.replicas!r} rejected: must be in [1, 5]")
+        _positive("hung_after_s", self.hung_after_s, upper=24 * 3600.0)
+        if not (math.isfinite(self.straggler_factor) and 1.0 < self.straggler_factor <= 1000.0):
+            raise ValueError(f"straggler_factor={self.straggler_factor!r} rejected: must be in (1, 1000]")
+        if self.health_policy not in POLICY_MODES:
+            raise ValueError(
+                f"health_policy={self.health_policy!r} rejected: expected one of {', '.join(POLICY_MODES)}"
+            )
+
+    def policy(self) -> HealthPolicy:
+        """The health policy these thresholds describe."""
+        return HealthPolicy(
+            mode=PolicyMode(self.health_policy),
+            dead_after_s=self.dead_after_s,
+            hung_after_s=self.hung_after_s,
+            straggler_factor=self.straggler_factor,
+            # A hung rank is restarted after a grace period of at least a minute.
+            hung_restart_after_s=max(60.0, self.hung_after_s),
+        )
 
     @classmethod
     def from_env(cls, *, nats_url: str | None = None, grpc_addr: str | None = None) -> WeaverConfig:

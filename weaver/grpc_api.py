@@ -1,4 +1,4 @@
-"""The gRPC Control service (Submit, Status, Watch) over a running `Weaver`.
+"""The gRPC Control service (Submit, Status, Watch, Journal) over a running `Weaver`.
 
 Messages cross the wire through `torchloom.wire` only; handlers are registered generically, so no
 generated servicer class is needed.
@@ -13,7 +13,15 @@ import grpc
 
 from torchloom import wire
 from torchloom.errors import JobNotFound, NatsUnavailable
-from torchloom.messages import Outcome, StatusReply, StatusRequest, SubmitRequest, WatchEvent, WatchRequest
+from torchloom.messages import (
+    JournalRequest,
+    Outcome,
+    StatusReply,
+    StatusRequest,
+    SubmitRequest,
+    WatchEvent,
+    WatchRequest,
+)
 
 if TYPE_CHECKING:
     from weaver.service import Weaver
@@ -40,6 +48,15 @@ def _handlers(weaver: Weaver) -> Any:
         async for ev in weaver.iter_watch(req.job):
             yield ev
 
+    async def journal(req: JournalRequest, context: Any) -> AsyncIterator[WatchEvent]:
+        try:
+            async for ev in weaver.journal(req.job, follow=req.follow):
+                yield ev
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except NatsUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
@@ -52,6 +69,11 @@ def _handlers(weaver: Weaver) -> Any:
             "Watch": grpc.unary_stream_rpc_method_handler(
                 watch,
                 request_deserializer=wire.decode_watch_request,
+                response_serializer=wire.encode_watch_event,
+            ),
+            "Journal": grpc.unary_stream_rpc_method_handler(
+                journal,
+                request_deserializer=wire.decode_journal_request,
                 response_serializer=wire.encode_watch_event,
             ),
         },

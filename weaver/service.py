@@ -19,11 +19,13 @@ from typing import Any, Self
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from torchloom import bus, subjects, wire
 from torchloom.errors import CommandRejected, JobNotFound, NatsUnavailable
 from torchloom.messages import (
+    Action,
+    ActionKind,
     Command,
     JobEvent,
     Outcome,
@@ -33,16 +35,23 @@ from torchloom.messages import (
     SubmitRequest,
     WatchEvent,
 )
+from weaver import health_policy as hp
 from weaver import state as st
 from weaver.config import WeaverConfig
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "torchloom-weaver"
+# JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
+_WRONG_LAST_SEQUENCE = 10071
 # Outbound journal/event publishes waiting for JetStream; past this we drop rather than grow.
 _OUTBOX_SIZE = 10_000
 
 __all__ = ["QUEUE_GROUP", "Watcher", "Weaver"]
+
+
+class _SeqConflict(Exception):
+    """Another writer stored a command on the run's subject since this weaver last looked."""
 
 
 class Watcher:
@@ -139,6 +148,8 @@ class Weaver:
             self._js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await bus.ensure_streams(self._js, replicas=self.config.replicas)
+            # Before the subscriptions: acks of commands from before a restart must find them pending.
+            await self._recover()
             nc = self._nc
             await nc.subscribe(subjects.heartbeats_all(), cb=self._on_heartbeat)
             await nc.subscribe(subjects.acks_all(), cb=self._on_ack)
@@ -203,10 +214,45 @@ class Weaver:
     # ---- loops ----------------------------------------------------------------------------------
 
     async def _liveness_loop(self) -> None:
+        policy = self.config.policy()
         while True:
             await asyncio.sleep(self.config.liveness_interval_s)
-            for ev in st.check_liveness(self.state, time.time(), self.config.dead_after_s):
+            effects = st.check_health(self.state, time.time(), policy)
+            for ev in effects.events:
                 self._announce(ev)
+            for plan in effects.plans:
+                self._spawn(self._carry_out(plan), name=f"weaver-health-{plan.job}")
+
+    async def _carry_out(self, plan: st.HealthPlan) -> None:
+        """Issue the policy's commands in order, then ask the launcher for the restart."""
+        checkpoint = ""
+        for req in plan.submits:
+            outcome = await self.submit(req)
+            taking = isinstance(req.body, Action) and req.body.kind is ActionKind.CHECKPOINT
+            if taking and outcome.status is OutcomeStatus.APPLIED and outcome.command is not None:
+                first = min(outcome.results, key=lambda r: r.rank, default=None)
+                detail = first.detail if first is not None else {}
+                checkpoint = detail.get("checkpoint_id") or f"ckpt-{outcome.command.seq}"
+            elif taking:
+                # Restarting now would lose the state the checkpoint was to save: decide again later.
+                log.warning("health checkpoint of %s did not apply: %s", plan.job, outcome.reason)
+                st.set_phase(self.state, plan.job, plan.run_id, hp.Phase.IDLE)
+                return
+        if plan.restart is None:
+            return
+        attrs = dict(plan.restart.attrs)
+        if not attrs.get("from_checkpoint"):
+            attrs["from_checkpoint"] = checkpoint
+        request = JobEvent(
+            job=plan.restart.job,
+            run_id=plan.restart.run_id,
+            kind=plan.restart.kind,
+            message=plan.restart.message,
+            time_s=time.time(),
+            attrs=attrs,
+        )
+        await self.nats.publish(subjects.launcher(plan.job), wire.encode(request))
+        st.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
 
     async def _publish_loop(self) -> None:
         while True:
@@ -339,12 +385,12 @@ class Weaver:
             async with asyncio.timeout(self.config.nats_timeout_s):
                 raw = await self._js.get_last_msg(subjects.STREAM_COMMANDS, subjects.commands(job, run_id))
         except NotFoundError:
-            last = 0
+            last, stream_seq = 0, 0
         except Exception as exc:
             raise NatsUnavailable(f"cannot read the last command of {job}/{run_id}: {exc}") from exc
         else:
-            last = wire.decode_command(raw.data or b"").seq
-        st.set_seq_floor(self.state, job, run_id, last)
+            last, stream_seq = wire.decode_command(raw.data or b"").seq, raw.seq or 0
+        st.set_seq_floor(self.state, job, run_id, last, stream_seq)
 
     async def submit(self, req: SubmitRequest) -> Outcome:
         """Validate, sequence and publish a command, then wait for every rank's ack.
@@ -363,12 +409,22 @@ class Weaver:
         try:
             async with self._submit_lock:
                 job = st.resolve_job(self.state, req.job, submitted, dead_after)
-                if not job.seq_known:
-                    await self._load_seq_floor_locked(job.job, job.run_id)
-                cmd = st.plan_submit(self.state, req, submitted, dead_after)
-                fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-                self._waiters[cmd.command_id] = fut
-                await self._publish_command(cmd)
+                for attempt in (1, 2):
+                    if not job.seq_known:
+                        await self._load_seq_floor_locked(job.job, job.run_id)
+                    cmd = st.plan_submit(self.state, req, submitted, dead_after)
+                    fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+                    self._waiters[cmd.command_id] = fut
+                    try:
+                        await self._publish_command(cmd, job.last_stream_seq)
+                        break
+                    except _SeqConflict as exc:
+                        if attempt == 2:
+                            raise NatsUnavailable(
+                                f"command for {job.job} was not stored: another weaver keeps publishing "
+                                f"commands of run {job.run_id} ({exc}); run one weaver per NATS cluster"
+                            ) from exc
+                        log.warning("seq %d of %s was taken by another writer: reloading", cmd.seq, job.job)
         except (CommandRejected, JobNotFound) as exc:
             return st.rejected_outcome(req, str(exc), time.time())
         try:
@@ -380,21 +436,38 @@ class Weaver:
             # Tracking goes on without a waiter; the final outcome still reaches the journal.
             self._waiters.pop(cmd.command_id, None)
 
-    async def _publish_command(self, cmd: Command) -> None:
+    async def _publish_command(self, cmd: Command, expected_stream_seq: int) -> None:
+        """Store `cmd` in JetStream, only if the run's subject still ends at `expected_stream_seq`.
+
+        Raises:
+            _SeqConflict: another writer stored a command there first (the seq may be taken).
+            NatsUnavailable: the command could not be stored.
+        """
         assert self._js is not None
         st.mark_published(self.state, cmd, time.time())
         try:
             async with asyncio.timeout(self.config.nats_timeout_s):
-                # The msg id lets JetStream drop a duplicate if this publish is ever retried.
-                await self._js.publish(
+                ack = await self._js.publish(
                     subjects.commands(cmd.job, cmd.run_id),
                     wire.encode(cmd),
-                    headers={"Nats-Msg-Id": cmd.command_id},
+                    headers={
+                        # The msg id lets JetStream drop a duplicate if this publish is ever retried.
+                        "Nats-Msg-Id": cmd.command_id,
+                        # Two weavers must never hand out the same seq: JetStream refuses the second.
+                        "Nats-Expected-Last-Subject-Sequence": str(expected_stream_seq),
+                    },
                 )
+        except APIError as exc:
+            st.abandon(self.state, cmd)
+            self._waiters.pop(cmd.command_id, None)
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                raise _SeqConflict(str(exc.description)) from exc
+            raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
         except Exception as exc:
             st.abandon(self.state, cmd)
             self._waiters.pop(cmd.command_id, None)
             raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
+        st.mark_stored(self.state, cmd, ack.seq)
 
     def status(self, job: str = "") -> StatusReply:
         """A snapshot of one job, or of every job for an empty name.
@@ -428,3 +501,85 @@ class Weaver:
                 yield ev
         finally:
             self.unwatch(watcher)
+
+    # ---- the journal ----------------------------------------------------------------------------
+
+    async def _read_stream(self, stream: str, subject: str, *, follow: bool) -> AsyncIterator[Msg]:
+        """Messages of `stream` matching `subject`, oldest first, through an ordered consumer.
+
+        Without `follow` it ends at the last matching message stored when it was called.
+        """
+        assert self._js is not None
+        js, deadline = self._js, self.config.nats_timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                last = (await js.get_last_msg(stream, subject)).seq or 0
+        except NotFoundError:
+            last = 0
+        if last == 0 and not follow:
+            return
+        async with asyncio.timeout(deadline):
+            sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+        try:
+            while True:
+                # Following waits for new entries as long as the reader wants them.
+                msg = await sub.next_msg(timeout=None if follow else deadline)
+                yield msg
+                if not follow and msg.metadata.sequence.stream >= last:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def journal(self, job: str = "", *, follow: bool = False) -> AsyncIterator[Outcome | JobEvent]:
+        """The durable journal: final command outcomes and job events, oldest first.
+
+        Args:
+            job: one job's entries, or every job's for "".
+            follow: keep streaming new entries; otherwise end at the last entry stored now.
+
+        Raises:
+            ValueError: `job` is not a valid job name.
+            NatsUnavailable: JetStream did not answer in time.
+        """
+        token = subjects.check_token("job", job) if job else "*"
+        # Both journal.<job> and events.<job> and nothing else of the stream match this filter.
+        subject = f"{subjects.PREFIX}.*.{token}"
+        journal_prefix = subjects.journal_all()[:-1]
+        try:
+            async for msg in self._read_stream(subjects.STREAM_JOURNAL, subject, follow=follow):
+                try:
+                    if msg.subject.startswith(journal_prefix):
+                        yield wire.decode_outcome(msg.data)
+                    else:
+                        yield wire.decode_event(msg.data)
+                except ValueError as exc:
+                    log.warning("skipped a malformed journal entry on %s: %s", msg.subject, exc)
+        except TimeoutError as exc:
+            raise NatsUnavailable(
+                f"the journal stream did not answer within {self.config.nats_timeout_s:g}s"
+            ) from exc
+
+    async def _recover(self) -> None:
+        """Rebuild jobs, registries, seq floors and in-flight commands from the streams."""
+        if not self.config.journal:
+            return
+        st.replay_journal(self.state, [e async for e in self.journal()])
+        for job in list(self.state.jobs.values()):
+            commands: list[tuple[Command, int]] = []
+            subject = subjects.commands(job.job, job.run_id)
+            try:
+                async for msg in self._read_stream(subjects.STREAM_COMMANDS, subject, follow=False):
+                    with contextlib.suppress(ValueError):
+                        commands.append((wire.decode_command(msg.data), msg.metadata.sequence.stream))
+            except TimeoutError as exc:
+                raise NatsUnavailable(f"the commands stream did not answer for {job.job}: {exc}") from exc
+            st.replay_commands(self.state, job.job, job.run_id, commands)
+            log.info(
+                "recovered job %s run %s: seq %d, %d checkpoint(s), %d in flight",
+                job.job,
+                job.run_id,
+                job.last_seq,
+                len(job.registry.checkpoints),
+                len(job.pending),
+            )

@@ -7,11 +7,11 @@ No I/O here: `weaver.service` feeds heartbeats, acks and submits in, and carries
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from torchloom import knobs
-from torchloom.errors import CommandRejected, JobNotFound
+from torchloom.errors import JobNotFound
 from torchloom.messages import (
     Ack,
     AckStatus,
@@ -20,6 +20,7 @@ from torchloom.messages import (
     Body,
     Command,
     Heartbeat,
+    Issuer,
     JobEvent,
     JobStatus,
     KnobSpec,
@@ -33,16 +34,16 @@ from torchloom.messages import (
     StatusReply,
     SubmitRequest,
 )
+from weaver import health_policy as hp
+from weaver import registry as rg
 
 # The reason a threadlet gives on ranks that rejected a command only because another rank refused it;
 # the outcome lists the ranks that refused on their own first.
 SECONDARY_REFUSAL = "refused by another rank"
 
-# Arguments an action cannot do without.
-REQUIRED_ACTION_ARGS: Mapping[ActionKind, tuple[str, ...]] = {
-    ActionKind.ROLLBACK: ("checkpoint",),
-    ActionKind.DATA_ADD: ("name", "path"),
-}
+REQUIRED_ACTION_ARGS = rg.REQUIRED_ACTION_ARGS
+# Who the health policy's own commands are journaled as.
+HEALTH_ISSUER = Issuer(kind="rule", identity="health-policy")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -51,8 +52,10 @@ class RankEntry:
 
     heartbeat: Heartbeat
     last_seen_s: float
-    dead_reported: bool = False
+    last_step_change_at: float = 0.0
     finished_reported: bool = False
+    health: hp.HealthKind = hp.HealthKind.HEALTHY
+    health_reason: str = ""
 
     @property
     def incarnation(self) -> str:
@@ -77,7 +80,11 @@ class JobState:
     Attributes:
         last_seq: the highest seq assigned (or seen) in this run.
         seq_known: last_seq has been checked against the commands stream, so a new seq is safe.
+        last_stream_seq: stream sequence of the run's last message in the commands stream; a
+            publish expects it (Nats-Expected-Last-Subject-Sequence) so two weavers never share a seq.
         retired_runs: earlier run ids of this job; their late heartbeats and acks are ignored.
+        registry: checkpoints, branches and data sources of the run.
+        phase, alerted: the health policy's recovery state (see `health_policy.JobSnapshot`).
     """
 
     job: str
@@ -88,8 +95,12 @@ class JobState:
     knobs: tuple[KnobSpec, ...] = ()
     last_seq: int = 0
     seq_known: bool = False
+    last_stream_seq: int = 0
     pending: dict[int, Pending] = field(default_factory=dict)
     retired_runs: set[str] = field(default_factory=set)
+    registry: rg.Registry = field(default_factory=rg.Registry)
+    phase: hp.Phase = hp.Phase.IDLE
+    alerted: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -165,7 +176,7 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
 
     entry = job.ranks.get(hb.rank)
     if entry is None or entry.incarnation != hb.incarnation:
-        entry = RankEntry(heartbeat=hb, last_seen_s=now)
+        entry = RankEntry(heartbeat=hb, last_seen_s=now, last_step_change_at=now)
         job.ranks[hb.rank] = entry
         events.append(
             _event(
@@ -180,11 +191,10 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
             )
         )
     else:
-        if entry.dead_reported:
-            entry.dead_reported = False
-            events.append(
-                _event(job, "rank_alive", f"rank {hb.rank} is heartbeating again", now, rank=str(hb.rank))
-            )
+        # Progress is a step change or, across a rollback that rewinds the step, a tick change.
+        old = entry.heartbeat
+        if (hb.step, hb.tick) != (old.step, old.tick) or hb.state is not old.state:
+            entry.last_step_change_at = now
         entry.heartbeat = hb
         entry.last_seen_s = now
     if hb.state is RankState.FINISHED and not entry.finished_reported:
@@ -198,29 +208,6 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
 def is_alive(entry: RankEntry, now: float, dead_after_s: float) -> bool:
     """A rank is alive while its last heartbeat is within `dead_after_s` and it has not finished."""
     return entry.heartbeat.state is not RankState.FINISHED and now - entry.last_seen_s <= dead_after_s
-
-
-def check_liveness(state: WeaverState, now: float, dead_after_s: float) -> list[JobEvent]:
-    """Return one `rank_dead` event for each rank that went silent since the last check."""
-    events: list[JobEvent] = []
-    for job in state.jobs.values():
-        for rank, entry in sorted(job.ranks.items()):
-            if entry.dead_reported or entry.heartbeat.state is RankState.FINISHED:
-                continue
-            silent_s = now - entry.last_seen_s
-            if silent_s > dead_after_s:
-                entry.dead_reported = True
-                events.append(
-                    _event(
-                        job,
-                        "rank_dead",
-                        f"rank {rank} sent no heartbeat for {silent_s:.1f}s (limit {dead_after_s:g}s)",
-                        now,
-                        rank=str(rank),
-                        incarnation=entry.incarnation,
-                    )
-                )
-    return events
 
 
 def _has_live_ranks(job: JobState, now: float, dead_after_s: float) -> bool:
@@ -255,23 +242,31 @@ def resolve_job(state: WeaverState, name: str, now: float, dead_after_s: float) 
 # ---- submits ------------------------------------------------------------------------------------
 
 
+def job_facts(job: JobState) -> rg.JobFacts:
+    """The facts action validation reads from the job's heartbeats."""
+    beats = [e.heartbeat for e in job.ranks.values()]
+    return rg.JobFacts(
+        job=job.job,
+        world_size=job.world_size,
+        # Every rank must allow it: one rank launched without the flag refuses anyway.
+        fault_injection_allowed=bool(beats) and all(b.fault_injection_allowed for b in beats),
+    )
+
+
 def validate_body(job: JobState, body: Body) -> Body:
-    """Check a command body against the job; return it with typed values.
+    """Check a command body against the job; return it as it is to be published.
+
+    Knob values come back typed; a rollback comes back with the resolved checkpoint id and path.
 
     Raises:
-        CommandRejected: an invalid knob assignment or a missing action argument.
+        CommandRejected: an invalid knob assignment or action argument (see `registry.validate_action`).
     """
     if isinstance(body, SetConfig):
         typed = knobs.validate_set(knobs.schema_of(job.knobs), body.values)
         return SetConfig(values=typed)
     assert isinstance(body, Action)
-    for arg in REQUIRED_ACTION_ARGS.get(body.kind, ()):
-        if not body.args.get(arg, "").strip():
-            needed = " and ".join(f"{a}=..." for a in REQUIRED_ACTION_ARGS[body.kind])
-            raise CommandRejected(
-                f"action {body.kind.value} needs argument {arg!r}: pass {needed}", key=body.kind.value
-            )
-    return body
+    in_flight = (p.command for p in job.pending.values())
+    return rg.validate_action(job.registry, job_facts(job), body, in_flight)
 
 
 def plan_submit(
@@ -308,13 +303,25 @@ def plan_submit(
     return cmd
 
 
-def set_seq_floor(state: WeaverState, job_name: str, run_id: str, last_seq: int) -> None:
-    """Record the last seq the commands stream holds for a run, so a restarted weaver never reuses one."""
+def set_seq_floor(state: WeaverState, job_name: str, run_id: str, last_seq: int, stream_seq: int = 0) -> None:
+    """Record the last seq the commands stream holds for a run, so a restarted weaver never reuses one.
+
+    `stream_seq` is that message's stream sequence (0: the run has no command yet); the next publish
+    expects it, so a command another weaver slipped in meanwhile is detected.
+    """
     job = state.jobs.get(job_name)
     if job is None or job.run_id != run_id:
         return
     job.last_seq = max(job.last_seq, last_seq)
+    job.last_stream_seq = stream_seq
     job.seq_known = True
+
+
+def mark_stored(state: WeaverState, cmd: Command, stream_seq: int) -> None:
+    """Remember the stream sequence JetStream gave a published command."""
+    job = state.jobs.get(cmd.job)
+    if job is not None and job.run_id == cmd.run_id:
+        job.last_stream_seq = max(job.last_stream_seq, stream_seq)
 
 
 def mark_published(state: WeaverState, cmd: Command, now: float) -> None:
@@ -362,6 +369,8 @@ def _results(pending: Pending) -> tuple[RankResult, ...]:
             reason=a.reason,
             received_at_s=a.received_at_s,
             decided_at_s=a.decided_at_s,
+            detail=dict(a.detail),
+            branch=a.branch,
         )
         for _, a in sorted(pending.acks.items())
     )
@@ -409,13 +418,30 @@ def record_ack(state: WeaverState, ack: Ack, now: float) -> Outcome | None:
     pending = job.pending.get(ack.seq)
     if pending is None or (ack.command_id and ack.command_id != pending.command.command_id):
         return None
+    if pending.world_size < 1:  # recovered before any heartbeat told the world size
+        pending.world_size = job.world_size
     if not 0 <= ack.rank < pending.world_size or ack.rank in pending.acks:
         return None
     pending.acks[ack.rank] = ack
     outcome = compute_outcome(pending, now)
     if outcome is not None:
         del job.pending[ack.seq]
+        settle(job, outcome)
     return outcome
+
+
+def settle(job: JobState, outcome: Outcome) -> None:
+    """Fold a final outcome of the job's run into its registry and recovery phase."""
+    rg.apply_outcome(job.registry, outcome)
+    cmd = outcome.command
+    if (
+        cmd is not None
+        and job.phase is hp.Phase.PAUSED
+        and outcome.status is OutcomeStatus.APPLIED
+        and isinstance(cmd.body, Action)
+        and cmd.body.kind is ActionKind.RESUME
+    ):
+        job.phase = hp.Phase.IDLE
 
 
 def timeout_outcome(state: WeaverState, cmd: Command, timeout_s: float, now: float) -> Outcome:
@@ -490,6 +516,9 @@ def job_status(job: JobState, now: float, dead_after_s: float) -> JobStatus:
             step_time_s=e.heartbeat.step_time_s,
             alive=is_alive(e, now, dead_after_s),
             local_rank=e.heartbeat.local_rank,
+            health=e.health.value,
+            health_reason=e.health_reason,
+            branch=e.heartbeat.branch,
         )
         for rank, e in sorted(job.ranks.items())
     )
@@ -500,6 +529,9 @@ def job_status(job: JobState, now: float, dead_after_s: float) -> JobStatus:
         ranks=ranks,
         knobs=job.knobs,
         last_seq=job.last_seq,
+        checkpoints=tuple(job.registry.checkpoints.values()),
+        branches=tuple(job.registry.branches.values()),
+        branch=job.registry.branch,
     )
 
 
@@ -514,3 +546,243 @@ def status(state: WeaverState, job_name: str, now: float, dead_after_s: float) -
             jobs=(job_status(resolve_job(state, job_name, now, dead_after_s), now, dead_after_s),)
         )
     return StatusReply(jobs=tuple(job_status(j, now, dead_after_s) for _, j in sorted(state.jobs.items())))
+
+
+# ---- health -------------------------------------------------------------------------------------
+
+# The event announcing a transition into each condition.
+_HEALTH_EVENT = {
+    hp.HealthKind.DEAD: "rank_dead",
+    hp.HealthKind.HUNG: "rank_hung",
+    hp.HealthKind.STRAGGLER: "rank_straggler",
+    hp.HealthKind.UNHEALTHY: "device_unhealthy",
+    hp.HealthKind.HEALTHY: "rank_recovered",
+}
+GRAD_ACCUM_KNOB = "grad_accum_steps"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthPlan:
+    """What the health policy ordered for one job, for the service to carry out in order.
+
+    Attributes:
+        submits: commands (checkpoint, pause) issued as `HEALTH_ISSUER` through the normal submit path.
+        restart: a `restart` request for the launcher; an empty `from_checkpoint` attr is filled with
+            the checkpoint an earlier submit of this plan took.
+    """
+
+    job: str
+    run_id: str
+    submits: tuple[SubmitRequest, ...] = ()
+    restart: JobEvent | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthEffects:
+    events: tuple[JobEvent, ...] = ()
+    plans: tuple[HealthPlan, ...] = ()
+
+
+def _grad_accum(job: JobState) -> int:
+    for spec in job.knobs:
+        if spec.name == GRAD_ACCUM_KNOB and isinstance(spec.value, int) and not isinstance(spec.value, bool):
+            return max(1, spec.value)
+    return 1
+
+
+def _action_event(job: JobState, action: hp.Action, now: float) -> JobEvent:
+    attrs: dict[str, str] = {"action": type(action).__name__}
+    if isinstance(action, hp.Alert):
+        attrs |= {"key": action.key, "severity": action.severity, "ranks": ",".join(map(str, action.ranks))}
+        message = action.message
+    elif isinstance(action, hp.Restart):
+        attrs |= {
+            "world_size": str(action.world_size),
+            "from_step": "" if action.from_step is None else str(action.from_step),
+            "exclude_devices": ",".join(action.exclude_devices),
+            "spares": ",".join(action.spares),
+            "steps_lost": str(action.steps_lost),
+        }
+        message = action.reason
+    elif isinstance(action, hp.SetGradAccum):
+        attrs |= {"old": str(action.old), "new": str(action.new)}
+        message = action.reason
+    elif isinstance(action, hp.CheckpointAt):
+        attrs["step"] = str(action.step)
+        message = action.reason
+    else:
+        message = action.reason
+    return _event(job, "health_action", message, now, **attrs)
+
+
+def _plan(
+    job: JobState, actions: list[hp.Action], health: Mapping[int, hp.RankHealth], now: float
+) -> HealthPlan | None:
+    submits: list[SubmitRequest] = []
+    restart: JobEvent | None = None
+    checkpointing = False
+    grad_accum = _grad_accum(job)
+    for a in actions:
+        if isinstance(a, hp.SetGradAccum):
+            grad_accum = a.new
+    for a in actions:
+        if isinstance(a, hp.CheckpointAt):
+            checkpointing = True
+            submits.append(
+                SubmitRequest(job=job.job, issuer=HEALTH_ISSUER, body=Action(kind=ActionKind.CHECKPOINT))
+            )
+        elif isinstance(a, hp.PauseJob):
+            submits.append(
+                SubmitRequest(job=job.job, issuer=HEALTH_ISSUER, body=Action(kind=ActionKind.PAUSE))
+            )
+        elif isinstance(a, hp.Restart):
+            excluded = sorted(
+                r
+                for r, h in health.items()
+                if h.kind is not hp.HealthKind.HEALTHY and h.device in a.exclude_devices
+            )
+            ck = None if a.from_step is None or checkpointing else job.registry.latest_checkpoint(a.from_step)
+            restart = _event(
+                job,
+                "restart",
+                a.reason,
+                now,
+                exclude_ranks=",".join(map(str, excluded)),
+                world_size=str(a.world_size),
+                grad_accum_steps=str(grad_accum),
+                from_checkpoint=ck.id if ck is not None else "",
+                reason=a.reason,
+            )
+    if not submits and restart is None:
+        return None
+    return HealthPlan(job=job.job, run_id=job.run_id, submits=tuple(submits), restart=restart)
+
+
+def check_health(state: WeaverState, now: float, policy: hp.HealthPolicy) -> HealthEffects:
+    """Classify every rank, announce transitions, and decide what the policy orders.
+
+    Each transition gives one event (`rank_dead`, `rank_hung`, `rank_straggler`, `device_unhealthy`,
+    or `rank_recovered` back to healthy); each decided action gives a `health_action` event; checkpoint,
+    pause and restart come back as plans. The job's phase and alerted conditions are updated so the
+    same decision is not made twice.
+    """
+    events: list[JobEvent] = []
+    plans: list[HealthPlan] = []
+    for _, job in sorted(state.jobs.items()):
+        if not job.ranks:
+            continue
+        views = [
+            hp.RankView.from_heartbeat(
+                e.heartbeat, received_at=e.last_seen_s, last_step_change_at=e.last_step_change_at
+            )
+            for e in job.ranks.values()
+        ]
+        health = policy.classify(views, now)
+        for rank, h in sorted(health.items()):
+            entry = job.ranks[rank]
+            if h.kind is not entry.health and not (
+                h.kind is hp.HealthKind.HEALTHY and h.reason == "finished"
+            ):
+                events.append(
+                    _event(
+                        job,
+                        _HEALTH_EVENT[h.kind],
+                        f"rank {rank} {h.kind.value}" + (f": {h.reason}" if h.reason else ""),
+                        now,
+                        rank=str(rank),
+                        reason=h.reason,
+                        device=h.device,
+                        incarnation=entry.incarnation,
+                    )
+                )
+            entry.health, entry.health_reason = h.kind, h.reason
+        step = max(e.heartbeat.step for e in job.ranks.values())
+        latest = job.registry.latest_checkpoint(step) if step >= 0 else None
+        snap = hp.JobSnapshot(
+            job=job.job,
+            world_size=max(1, job.world_size),
+            step=max(0, step),
+            latest_checkpoint_step=latest.step if latest is not None and latest.step >= 0 else None,
+            grad_accum_steps=_grad_accum(job),
+            phase=job.phase,
+            alerted=job.alerted,
+        )
+        actions = hp.decide(snap, health, policy)
+        after = snap.after(actions, health)
+        job.phase, job.alerted = after.phase, after.alerted
+        events.extend(_action_event(job, a, now) for a in actions)
+        plan = _plan(job, actions, health, now)
+        if plan is not None:
+            plans.append(plan)
+    return HealthEffects(events=tuple(events), plans=tuple(plans))
+
+
+def set_phase(state: WeaverState, job_name: str, run_id: str, phase: hp.Phase) -> None:
+    """Move a job's recovery along once the service has carried out (or failed) a plan."""
+    job = state.jobs.get(job_name)
+    if job is not None and job.run_id == run_id:
+        job.phase = phase
+
+
+# ---- restart recovery ---------------------------------------------------------------------------
+
+
+def _recovered_job(
+    state: WeaverState, job_name: str, run_id: str, world_size: int, now: float
+) -> JobState | None:
+    """The job's state for `run_id` as the journal tells it: a later run retires the current one."""
+    job = state.jobs.get(job_name)
+    if job is not None and (job.run_id == run_id or run_id in job.retired_runs):
+        return job if job.run_id == run_id else None
+    retired = (job.retired_runs | {job.run_id}) if job is not None else set()
+    job = JobState(job=job_name, run_id=run_id, world_size=world_size, started_at_s=now, retired_runs=retired)
+    state.jobs[job_name] = job
+    return job
+
+
+def replay_journal(state: WeaverState, entries: Iterable[Outcome | JobEvent]) -> None:
+    """Rebuild jobs, runs and registries from the journal (oldest first) after a weaver restart.
+
+    Ranks are not restored: they come back with their next heartbeat, under the same run.
+    """
+    for entry in entries:
+        if isinstance(entry, JobEvent):
+            if entry.kind == "run_started" and entry.run_id:
+                world = int(entry.attrs.get("world_size", "0") or 0)
+                _recovered_job(state, entry.job, entry.run_id, world, entry.time_s)
+            continue
+        cmd = entry.command
+        if cmd is None or not cmd.run_id:
+            continue
+        job = _recovered_job(state, cmd.job, cmd.run_id, len(entry.results), entry.completed_at_s)
+        if job is None:
+            continue
+        job.world_size = max(job.world_size, len(entry.results))
+        job.last_seq = max(job.last_seq, cmd.seq)
+        job.pending.pop(cmd.seq, None)
+        settle(job, entry)
+
+
+def replay_commands(
+    state: WeaverState, job_name: str, run_id: str, commands: Iterable[tuple[Command, int]]
+) -> None:
+    """Fold the run's commands stream in: `(command, stream sequence)` pairs, oldest first.
+
+    A command with no final outcome in the journal becomes pending again, so acks that arrive after
+    the restart complete it and its outcome is journaled instead of dropped. Afterwards the seq floor
+    is known.
+    """
+    job = state.jobs.get(job_name)
+    if job is None or job.run_id != run_id:
+        return
+    for cmd, stream_seq in commands:
+        job.last_seq = max(job.last_seq, cmd.seq)
+        job.last_stream_seq = max(job.last_stream_seq, stream_seq)
+        if cmd.seq not in job.registry.finished_seqs and cmd.seq not in job.pending:
+            job.pending[cmd.seq] = Pending(
+                command=cmd,
+                world_size=job.world_size,
+                submitted_at_s=cmd.issued_at_s,
+                published_at_s=cmd.issued_at_s,
+            )
+    job.seq_known = True

@@ -20,6 +20,7 @@ from torchloom.messages import (
     SubmitRequest,
 )
 from weaver import state as st
+from weaver.health_policy import HealthPolicy, PolicyMode
 
 DEAD = 1.0
 KNOBS = (
@@ -155,15 +156,21 @@ def test_liveness(age_s: float, state: RankState, alive: bool) -> None:
     assert st.is_alive(entry, 10.0 + age_s, DEAD) is alive
 
 
-def test_dead_rank_is_reported_once_and_revives() -> None:
+POLICY = HealthPolicy(mode=PolicyMode.ALERT, dead_after_s=DEAD, hung_after_s=5.0)
+
+
+def test_dead_rank_is_reported_once_and_recovers() -> None:
     s = running(now=10.0)
-    assert st.check_liveness(s, 10.5, DEAD) == []
+    assert st.check_health(s, 10.5, POLICY).events == ()
     st.observe_heartbeat(s, hb(0), 11.0)
-    events = st.check_liveness(s, 11.5, DEAD)
+    events = [e for e in st.check_health(s, 11.5, POLICY).events if e.kind != "health_action"]
     assert [(e.kind, e.attrs["rank"]) for e in events] == [("rank_dead", "1")]
-    assert st.check_liveness(s, 11.6, DEAD) == []
-    revived = st.observe_heartbeat(s, hb(1), 12.0)
-    assert [e.kind for e in revived.events] == ["rank_alive"]
+    assert "no heartbeat for 1.5 s" in events[0].attrs["reason"]
+    st.observe_heartbeat(s, hb(0), 11.6)
+    assert [e.kind for e in st.check_health(s, 11.6, POLICY).events] == []
+    assert st.observe_heartbeat(s, hb(1), 12.0).events == ()
+    recovered = st.check_health(s, 12.0, POLICY).events
+    assert [(e.kind, e.attrs["rank"]) for e in recovered] == [("rank_recovered", "1")]
 
 
 def test_finished_rank_is_reported_and_never_dead() -> None:
@@ -171,7 +178,8 @@ def test_finished_rank_is_reported_and_never_dead() -> None:
     effects = st.observe_heartbeat(s, hb(1, state=RankState.FINISHED), 10.1)
     assert [e.kind for e in effects.events] == ["rank_finished"]
     assert st.observe_heartbeat(s, hb(1, state=RankState.FINISHED), 10.2).events == ()
-    assert [e.attrs["rank"] for e in st.check_liveness(s, 50.0, DEAD)] == ["0"]
+    dead = [e for e in st.check_health(s, 50.0, POLICY).events if e.kind == "rank_dead"]
+    assert [e.attrs["rank"] for e in dead] == ["0"]
 
 
 # ---- job resolution -----------------------------------------------------------------------------
@@ -253,10 +261,6 @@ def test_invalid_submits_are_rejected_without_consuming_a_seq(body: object, mess
         (SetConfig(values={"lr": "1e-3"}), SetConfig(values={"lr": 0.001})),
         (SetConfig(values={"lr@head": 2}), SetConfig(values={"lr@head": 2.0})),
         (Action(kind=ActionKind.PAUSE), Action(kind=ActionKind.PAUSE)),
-        (
-            Action(kind=ActionKind.ROLLBACK, args={"checkpoint": "c3"}),
-            Action(kind=ActionKind.ROLLBACK, args={"checkpoint": "c3"}),
-        ),
         (
             Action(kind=ActionKind.DATA_ADD, args={"name": "n", "path": "/p"}),
             Action(kind=ActionKind.DATA_ADD, args={"name": "n", "path": "/p"}),

@@ -21,6 +21,12 @@ def test_defaults_are_valid() -> None:
         ({"dead_after_s": 0.0}, "dead_after_s=0.0 rejected: must be in (0, 3600]"),
         ({"command_timeout_s": float("nan")}, "command_timeout_s=nan rejected"),
         ({"watch_queue_size": 0}, "watch_queue_size=0 rejected: must be in [1, 1000000]"),
+        ({"hung_after_s": -1.0}, "hung_after_s=-1.0 rejected: must be in (0, 86400]"),
+        ({"straggler_factor": 1.0}, "straggler_factor=1.0 rejected: must be in (1, 1000]"),
+        (
+            {"health_policy": "panic"},
+            "health_policy='panic' rejected: expected one of reconfigure, pause, alert",
+        ),
     ],
 )
 def test_bad_fields_are_rejected(kwargs: dict[str, object], message: str) -> None:

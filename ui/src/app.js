@@ -104,6 +104,11 @@ function onMetrics(m) {
   state.received.metrics += 1;
   if (!state.job) selectJob(m.job);
   if (m.job !== state.job) return;
+  const v = m.values;
+  // Threadlets report tokens per step; samples per second is what a person compares across ranks.
+  if (v.throughput === undefined && v.tokens !== undefined && v.step_time_s > 0) {
+    v.throughput = v.tokens / v.step_time_s;
+  }
   for (const name of state.store.add(m.rank, m.branch, m.step, m.values)) {
     const chart = state.charts.get(name);
     if (chart) chart.dirty = true;
@@ -340,12 +345,11 @@ function renderDevices() {
       const healthText = health === "unhealthy" ? `UNHEALTHY: ${d.unhealthy_reason || "?"}` : health;
       return `<tr class="${cls}" data-rank="${rank}">
         <td>${rank}${hb.branch ? `/${esc(hb.branch)}` : ""}</td><td>${esc(hb.state)}${stale ? " (silent)" : ""}</td>
-        <td>${hb.step}</td><td>${(hb.step_time_s * 1000).toFixed(1)} ms</td>
+        <td>${hb.step}</td><td class="health">${esc(healthText)}</td><td>${(hb.step_time_s * 1000).toFixed(1)} ms</td>
         <td>${d ? `${esc(d.kind)}:${d.index}` : ""}</td><td>${util}</td><td>${mem}</td>
         <td>${d && d.temperature_c ? `${d.temperature_c.toFixed(0)} °C` : ""}</td>
         <td>${d && d.power_w ? `${d.power_w.toFixed(0)} W` : ""}</td>
-        <td>${d && d.xids.length ? esc(d.xids.join(",")) : ""}</td>
-        <td class="health">${esc(healthText)}</td></tr>`;
+        <td>${d && d.xids.length ? esc(d.xids.join(",")) : ""}</td></tr>`;
     })
     .join("");
 }
@@ -411,6 +415,8 @@ function drawChart(name, chart) {
   const data = [x, ...ys];
   const sig = keys.join(",");
   const width = Math.max(280, chart.el.clientWidth - 8);
+  const knobNames = state.knobs.map((k) => k.name);
+  const stepped = knobNames.includes(name.split("@")[0]);
   if (!chart.plot || chart.keys !== sig) {
     chart.plot?.destroy();
     chart.el.innerHTML = "";
@@ -424,7 +430,18 @@ function drawChart(name, chart) {
         legend: { show: keys.length <= 16 },
         cursor: { drag: { x: true, y: false } },
         axes: [{ label: "step", size: 36 }, { size: 64 }],
-        series: [{ label: "step" }, ...keys.map((k) => ({ label: k, stroke: color(k), width: 1.25, spanGaps: true, points: { show: false } }))],
+        series: [
+          { label: "step" },
+          // Knob values change in steps: draw them stepped so the change sits at its step.
+          ...keys.map((k) => ({
+            label: k,
+            stroke: color(k),
+            width: 1.25,
+            spanGaps: true,
+            points: { show: false },
+            ...(stepped ? { paths: uPlot.paths.stepped({ align: 1 }) } : {}),
+          })),
+        ],
       },
       data,
       chart.el,

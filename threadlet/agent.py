@@ -272,20 +272,29 @@ class Threadlet:
             if ready > self._last_decided:
                 self._carry_out(agreement.decide(self._last_decided, ready, refused, ready, refused))
             return
+        busy = False
         if self._work is not None:
             self._work.wait()
             assert self._round_buf is not None
-            agreed_ready, agreed_refused = (int(v) for v in self._round_buf.tolist())
+            agreed_ready, agreed_refused, least_idle = (int(v) for v in self._round_buf.tolist())
             self._work = None
             ready, refused = self._offer
             if agreed_ready > self._last_decided:
                 self._carry_out(
                     agreement.decide(self._last_decided, ready, refused, agreed_ready, agreed_refused)
                 )
-        # Launch the next round; it overlaps the coming training step and is read at the next boundary.
-        self._offer = self._local_offer()
-        self._round_buf = torch.tensor(self._offer, dtype=torch.int64)
-        self._work = dist.all_reduce(self._round_buf, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+            busy = least_idle < 0  # some rank had commands filed: keep a round at every boundary
+        # A round costs the training thread its launch (tens of microseconds), so an idle job runs
+        # one every agreement_interval_steps. The schedule depends only on agreed values, the step
+        # count and the (agreed) pause state, so every rank launches the same rounds.
+        if busy or self._paused or self.step_count % self.config.agreement_interval_steps == 0:
+            # It overlaps the coming training step and is read at the next boundary.
+            self._offer = self._local_offer()
+            idle = -1 if self._inbox else 0
+            self._round_buf = torch.tensor((*self._offer, idle), dtype=torch.int64)
+            self._work = dist.all_reduce(
+                self._round_buf, op=dist.ReduceOp.MIN, group=self.group, async_op=True
+            )
 
     def _wait_paused(self) -> None:
         while self._paused and not self._closed:

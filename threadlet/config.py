@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from torchloom import env, subjects
 
@@ -31,6 +32,8 @@ class ThreadletConfig:
         connect_timeout_s: deadline of one connection attempt (attempts repeat forever).
         reconnect_wait_s: pause between connection and subscription attempts.
         agreement_timeout_s: timeout of the dedicated gloo group used for the step agreement.
+        agreement_interval_steps: while no rank has a command pending, an agreement round starts
+            only every this many steps (a round per step while any has); must be equal on all ranks.
         paused_poll_s: period of agreement rounds while the job is paused.
         close_timeout_s: bound on the final heartbeat and drain in `close()`.
     """
@@ -43,6 +46,7 @@ class ThreadletConfig:
     connect_timeout_s: float = 2.0
     reconnect_wait_s: float = 0.25
     agreement_timeout_s: float = 600.0
+    agreement_interval_steps: int = 8
     paused_poll_s: float = 0.02
     close_timeout_s: float = 0.5
 
@@ -58,6 +62,12 @@ class ThreadletConfig:
         _positive("connect_timeout_s", self.connect_timeout_s, upper=300.0)
         _positive("reconnect_wait_s", self.reconnect_wait_s, upper=60.0)
         _positive("agreement_timeout_s", self.agreement_timeout_s)
+        every = self.agreement_interval_steps
+        if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1000:
+            raise ValueError(
+                f"agreement_interval_steps={self.agreement_interval_steps!r} rejected: "
+                "must be an integer in [1, 1000]"
+            )
         _positive("paused_poll_s", self.paused_poll_s, upper=10.0)
         _positive("close_timeout_s", self.close_timeout_s, upper=60.0)
 
@@ -73,7 +83,7 @@ def from_env(
     job: str | None = None,
     run_id: str | None = None,
     heartbeat_interval_s: float | None = None,
-    **overrides: float,
+    **overrides: Any,
 ) -> ThreadletConfig:
     """Resolve a config: explicit argument, then TORCHLOOM_* variable, then default.
 

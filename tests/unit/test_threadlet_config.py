@@ -64,3 +64,9 @@ def test_malformed_env_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
 def test_bad_values_name_the_bound(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ThreadletConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("every", [0, 1001, 2.5, True])
+def test_agreement_interval_steps_bounds(every: object) -> None:
+    with pytest.raises(ValueError, match=r"agreement_interval_steps=.* rejected: .* integer in \[1, 1000\]"):
+        ThreadletConfig(agreement_interval_steps=every)  # type: ignore[arg-type]

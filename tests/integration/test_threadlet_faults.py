@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import time
 import uuid
@@ -16,7 +14,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from tests.integration.test_threadlet_commands import command, read_records, torchrun
+from tests.integration.test_threadlet_commands import command, kill_tree, read_records, torchrun
 from torchloom import bus, subjects, wire
 from torchloom.nats_server import EmbeddedNats
 
@@ -41,7 +39,7 @@ def reap() -> Iterator[list[subprocess.Popen[bytes]]]:
     yield procs
     for proc in procs:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait(timeout=10)
 
 
@@ -134,7 +132,7 @@ def test_finish_exits_zero_every_time(tmp_path: Path, job_env: dict[str, str]) -
             stdout, _ = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 proc.wait(timeout=10)
         assert proc.returncode == 0, f"run {i}: " + stdout.decode(errors="replace")[-4000:]
         assert all(len(read_records(out / f"rank{r}.jsonl")) == 5 for r in (0, 1))

@@ -217,7 +217,11 @@ class Weaver:
         policy = self.config.policy()
         while True:
             await asyncio.sleep(self.config.liveness_interval_s)
-            effects = st.check_health(self.state, time.time(), policy)
+            try:
+                effects = st.check_health(self.state, time.time(), policy)
+            except Exception:  # a bug in a health decision must not take the weaver down
+                log.exception("rank health check failed")
+                continue
             for ev in effects.events:
                 self._announce(ev)
             for plan in effects.plans:

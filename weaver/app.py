@@ -69,11 +69,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dead-after", type=float, default=1.0, help="seconds without heartbeat before a rank is dead"
     )
+    parser.add_argument(
+        "--hung-after", type=float, default=10.0, help="seconds without a step change before a rank is hung"
+    )
+    parser.add_argument(
+        "--straggler-factor", type=float, default=2.0, help="step time over this x the median is a straggler"
+    )
+    parser.add_argument(
+        "--health-policy",
+        choices=("reconfigure", "pause", "alert"),
+        default="alert",
+        help="what rank health problems trigger (default: alert)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     base = WeaverConfig.from_env(nats_url=args.nats, grpc_addr=args.grpc)
     try:
-        config = WeaverConfig(nats_url=base.nats_url, grpc_addr=base.grpc_addr, dead_after_s=args.dead_after)
+        config = WeaverConfig(
+            nats_url=base.nats_url,
+            grpc_addr=base.grpc_addr,
+            dead_after_s=args.dead_after,
+            hung_after_s=args.hung_after,
+            straggler_factor=args.straggler_factor,
+            health_policy=args.health_policy,
+        )
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -58,6 +58,13 @@ function color(key) {
   return `hsl(${(rank * 137.5 + branchShift) % 360}, 65%, ${m && m[2] ? 35 : 45}%)`;
 }
 
+function formatTick(v) {
+  if (v == null) return "";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-2 || a >= 1e6)) return v.toExponential(2);
+  return String(Number(v.toPrecision(4)));
+}
+
 function compareKeys(a, b) {
   const ra = Number(/^r(\d+)/.exec(a)?.[1] ?? 0);
   const rb = Number(/^r(\d+)/.exec(b)?.[1] ?? 0);
@@ -112,7 +119,7 @@ function onMetrics(m) {
   for (const name of state.store.add(m.rank, m.branch, m.step, m.values)) {
     const chart = state.charts.get(name);
     if (chart) chart.dirty = true;
-    else state.charts.set(name, { el: null, plot: null, keys: "", dirty: true, lastDraw: 0 });
+    else state.charts.set(name, { el: null, plot: null, keys: "", nkeys: 0, dirty: true, lastDraw: 0 });
   }
 }
 
@@ -332,7 +339,9 @@ function renderDevices() {
     return;
   }
   const now = nowS();
-  const rows = [...j.ranks.entries()].sort((a, b) => a[0] - b[0]);
+  // Unhealthy devices first, so a fault is visible without scrolling through 64 ranks.
+  const bad = (x) => (x[1].hb.device && !x[1].hb.device.healthy ? 0 : 1);
+  const rows = [...j.ranks.entries()].sort((a, b) => bad(a) - bad(b) || a[0] - b[0]);
   $("#job-info").textContent = `run ${j.run_id || "?"} · world size ${j.world_size} · ${rows.length} ranks reporting`;
   body.innerHTML = rows
     .map(([rank, { hb, seen_s }]) => {
@@ -408,9 +417,11 @@ function drawChart(name, chart) {
   if (!byKey) return;
   ensureChartEl(name, chart);
   const keys = [...byKey.keys()].sort(compareKeys);
+  // Fewer points per series when there are many series: the drawing cost stays roughly constant.
+  const buckets = Math.max(100, Math.min(CHART_BUCKETS, Math.floor(20000 / Math.max(1, keys.length))));
   const { x, ys } = downsample(
     keys.map((k) => byKey.get(k)),
-    CHART_BUCKETS,
+    buckets,
   );
   const data = [x, ...ys];
   const sig = keys.join(",");
@@ -421,6 +432,7 @@ function drawChart(name, chart) {
     chart.plot?.destroy();
     chart.el.innerHTML = "";
     chart.keys = sig;
+    chart.nkeys = keys.length;
     chart.plot = new uPlot(
       {
         title: name,
@@ -429,7 +441,7 @@ function drawChart(name, chart) {
         scales: { x: { time: false } },
         legend: { show: keys.length <= 16 },
         cursor: { drag: { x: true, y: false } },
-        axes: [{ label: "step", size: 36 }, { size: 64 }],
+        axes: [{ label: "step", size: 36 }, { size: 64, values: (_u, splits) => splits.map(formatTick) }],
         series: [
           { label: "step" },
           // Knob values change in steps: draw them stepped so the change sits at its step.
@@ -467,7 +479,8 @@ function frame(t) {
   // bounded however many metrics and ranks there are.
   let pick = null;
   for (const [name, c] of state.charts) {
-    if (!c.dirty || now - c.lastDraw < CHART_MIN_INTERVAL_MS) continue;
+    const minInterval = c.nkeys > 32 ? 2 * CHART_MIN_INTERVAL_MS : CHART_MIN_INTERVAL_MS;
+    if (!c.dirty || now - c.lastDraw < minInterval) continue;
     if (pick === null || c.lastDraw < pick[1].lastDraw) pick = [name, c];
   }
   if (pick) {

@@ -4,6 +4,7 @@ gloo group, applying decided commands, pause/resume, acks, metrics and status fo
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -109,6 +110,10 @@ class Threadlet:
         self._work: Any = None
         self._round_buf: torch.Tensor | None = None
         self._offer = (0, agreement.NONE_REFUSED)
+        self._next_round_step = 0
+        self._due_step = 0
+        self._lag = 1  # agreed in each round; the first round is read at the next boundary
+        self.rounds = 0  # agreement rounds launched (a cost/latency statistic)
         self._step_time_s = 0.0
         self._last_t = time.perf_counter()
         self._next_metrics_t = 0.0
@@ -272,29 +277,48 @@ class Threadlet:
             if ready > self._last_decided:
                 self._carry_out(agreement.decide(self._last_decided, ready, refused, ready, refused))
             return
-        busy = False
-        if self._work is not None:
+        # A round launched at boundary k is read at boundary k + lag (at once while paused), so
+        # gloo has `lag` whole steps to finish it and the wait is almost always free. Launch step,
+        # lag and pause state are agreed, so every rank reads every round at the same step.
+        if self._work is not None and (self._paused or self.step_count >= self._due_step):
             self._work.wait()
             assert self._round_buf is not None
-            agreed_ready, agreed_refused, least_idle = (int(v) for v in self._round_buf.tolist())
+            agreed_ready, agreed_refused, least_idle, neg_spacing, neg_lag = (
+                int(v) for v in self._round_buf.tolist()
+            )
             self._work = None
             ready, refused = self._offer
             if agreed_ready > self._last_decided:
                 self._carry_out(
                     agreement.decide(self._last_decided, ready, refused, agreed_ready, agreed_refused)
                 )
-            busy = least_idle < 0  # some rank had commands filed: keep a round at every boundary
-        # A round costs the training thread its launch (tens of microseconds), so an idle job runs
-        # one every agreement_interval_steps. The schedule depends only on agreed values, the step
-        # count and the (agreed) pause state, so every rank launches the same rounds.
-        if busy or self._paused or self.step_count % self.config.agreement_interval_steps == 0:
-            # It overlaps the coming training step and is read at the next boundary.
+            self._lag = -neg_lag
+            # Some rank had commands filed: the next round at once until all are decided.
+            # Otherwise it waits the agreed spacing (the largest any rank proposed).
+            self._next_round_step = self.step_count + (0 if least_idle < 0 else -neg_spacing)
+        # A round costs the step some CPU and wake-ups (gloo runs it beside the training step),
+        # so an idle job spaces rounds about idle_round_period_s apart.
+        if self._work is None and (self._paused or self.step_count >= self._next_round_step):
             self._offer = self._local_offer()
             idle = -1 if self._inbox else 0
-            self._round_buf = torch.tensor((*self._offer, idle), dtype=torch.int64)
+            spacing, lag = self._proposals()
+            self._round_buf = torch.tensor((*self._offer, idle, -spacing, -lag), dtype=torch.int64)
             self._work = dist.all_reduce(
                 self._round_buf, op=dist.ReduceOp.MIN, group=self.group, async_op=True
             )
+            self._due_step = self.step_count + self._lag
+            self.rounds += 1
+
+    def _proposals(self) -> tuple[int, int]:
+        """This rank's proposals, in steps at its step time: the idle spacing between rounds
+        (idle_round_period_s) and the lag of a round (round_budget_s, at least one step)."""
+        cfg = self.config
+        step_s = self._step_time_s
+        if step_s <= 0:
+            return 1, 1
+        spacing = max(1, min(cfg.max_idle_round_steps, int(cfg.idle_round_period_s / step_s)))
+        lag = max(1, min(cfg.max_round_lag_steps, math.ceil(cfg.round_budget_s / step_s)))
+        return spacing, lag
 
     def _wait_paused(self) -> None:
         while self._paused and not self._closed:
@@ -410,7 +434,7 @@ class Threadlet:
             time_s=time.time(),
             values=values,
         )
-        self._link.publish(subjects.metrics(self.config.job, self.rank), wire.encode(sm))
+        self._link.metrics = sm  # the link publishes the latest on its own clock
 
     def _surface_errors(self, link: Link) -> None:
         drained: list[str] = []

@@ -32,8 +32,14 @@ class ThreadletConfig:
         connect_timeout_s: deadline of one connection attempt (attempts repeat forever).
         reconnect_wait_s: pause between connection and subscription attempts.
         agreement_timeout_s: timeout of the dedicated gloo group used for the step agreement.
-        agreement_interval_steps: while no rank has a command pending, an agreement round starts
-            only every this many steps (a round per step while any has); must be equal on all ranks.
+        idle_round_period_s: while no rank has a command pending, agreement rounds are spaced
+            about this far apart (a round per step while any rank has one, and while paused).
+            The spacing in steps is agreed in each round, so every rank keeps the same schedule.
+        max_idle_round_steps: upper bound of that spacing in steps.
+        round_budget_s: how long a round may take beside training before its result is read;
+            the lag in steps (at least one) is agreed in each round.
+        max_round_lag_steps: upper bound of that lag, so a command waits at most this many steps
+            once every rank has it.
         paused_poll_s: period of agreement rounds while the job is paused.
         close_timeout_s: bound on the final heartbeat and drain in `close()`.
     """
@@ -46,7 +52,10 @@ class ThreadletConfig:
     connect_timeout_s: float = 2.0
     reconnect_wait_s: float = 0.25
     agreement_timeout_s: float = 600.0
-    agreement_interval_steps: int = 8
+    idle_round_period_s: float = 0.25
+    max_idle_round_steps: int = 1000
+    round_budget_s: float = 0.005
+    max_round_lag_steps: int = 8
     paused_poll_s: float = 0.02
     close_timeout_s: float = 0.5
 
@@ -62,11 +71,18 @@ class ThreadletConfig:
         _positive("connect_timeout_s", self.connect_timeout_s, upper=300.0)
         _positive("reconnect_wait_s", self.reconnect_wait_s, upper=60.0)
         _positive("agreement_timeout_s", self.agreement_timeout_s)
-        every = self.agreement_interval_steps
-        if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1000:
+        _positive("idle_round_period_s", self.idle_round_period_s, upper=10.0)
+        every = self.max_idle_round_steps
+        if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 100_000:
             raise ValueError(
-                f"agreement_interval_steps={self.agreement_interval_steps!r} rejected: "
-                "must be an integer in [1, 1000]"
+                f"max_idle_round_steps={self.max_idle_round_steps!r} rejected: "
+                "must be an integer in [1, 100000]"
+            )
+        _positive("round_budget_s", self.round_budget_s, upper=10.0)
+        lag = self.max_round_lag_steps
+        if isinstance(lag, bool) or not isinstance(lag, int) or not 1 <= lag <= 64:
+            raise ValueError(
+                f"max_round_lag_steps={self.max_round_lag_steps!r} rejected: must be an integer in [1, 64]"
             )
         _positive("paused_poll_s", self.paused_poll_s, upper=10.0)
         _positive("close_timeout_s", self.close_timeout_s, upper=60.0)

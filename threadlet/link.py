@@ -23,7 +23,7 @@ from nats.js import api
 from threadlet.config import ThreadletConfig
 from threadlet.device import sample_device
 from torchloom import bus, subjects, wire
-from torchloom.messages import Command, Heartbeat
+from torchloom.messages import Command, Heartbeat, StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class Link:
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         # Written by the training thread (whole-object swaps), read by the heartbeat loop.
         self.status: Heartbeat | None = None
+        # The latest StepMetrics, swapped in by the training thread and published by the metrics
+        # loop, so a step never wakes this thread (a wake-up costs the step a GIL hand-off).
+        self.metrics: StepMetrics | None = None
+        self._metrics_sent: StepMetrics | None = None
         # Appended here, drained by the training thread at a step boundary.
         self.errors: collections.deque[str] = collections.deque(maxlen=64)
         self.subscribed = threading.Event()
@@ -130,6 +134,7 @@ class Link:
         tasks = [
             asyncio.create_task(self._connection(), name="threadlet-connection"),
             asyncio.create_task(self._heartbeats(), name="threadlet-heartbeats"),
+            asyncio.create_task(self._metrics_loop(), name="threadlet-metrics"),
         ]
         try:
             await self._stop.wait()
@@ -148,6 +153,7 @@ class Link:
         try:
             async with asyncio.timeout(self._config.close_timeout_s):
                 if nc.is_connected:
+                    await self._send_metrics(nc)
                     await self._send_heartbeat(nc)
                     if self._pending:
                         await asyncio.gather(*self._pending, return_exceptions=True)
@@ -233,6 +239,23 @@ class Link:
                     await self._send_heartbeat(nc)
                 except Exception as exc:
                     self.errors.append(f"heartbeat failed: {exc!r}")
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.metrics_interval_s)
+            nc = self._nc
+            if nc is not None and nc.is_connected:
+                try:
+                    await self._send_metrics(nc)
+                except Exception as exc:
+                    self.errors.append(f"metrics publish failed: {exc!r}")
+
+    async def _send_metrics(self, nc: Client) -> None:
+        sm = self.metrics
+        if sm is None or sm is self._metrics_sent:
+            return
+        self._metrics_sent = sm
+        await nc.publish(subjects.metrics(sm.job, sm.rank), wire.encode(sm))
 
     async def _send_heartbeat(self, nc: Client) -> None:
         status = self.status

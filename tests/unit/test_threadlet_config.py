@@ -66,7 +66,7 @@ def test_bad_values_name_the_bound(kwargs: dict[str, object], match: str) -> Non
         ThreadletConfig(**kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("every", [0, 1001, 2.5, True])
-def test_agreement_interval_steps_bounds(every: object) -> None:
-    with pytest.raises(ValueError, match=r"agreement_interval_steps=.* rejected: .* integer in \[1, 1000\]"):
-        ThreadletConfig(agreement_interval_steps=every)  # type: ignore[arg-type]
+@pytest.mark.parametrize("every", [0, 100_001, 2.5, True])
+def test_max_idle_round_steps_bounds(every: object) -> None:
+    with pytest.raises(ValueError, match=r"max_idle_round_steps=.* rejected: .* integer in \[1, 100000\]"):
+        ThreadletConfig(max_idle_round_steps=every)  # type: ignore[arg-type]

@@ -1,18 +1,28 @@
-"""The knobs a rank exposes: built-in optimizer knobs (lr, weight_decay, per parameter group) and
-user knobs registered with `Threadlet.knob`; schema for validation and apply on the training thread."""
+"""The knobs a rank exposes: built-in optimizer knobs (lr, weight_decay, momentum, betas, eps, per
+parameter group), training-loop knobs (grad_clip_norm, grad_accum_steps) and user knobs registered with
+`Threadlet.knob`; schema for validation, validation hooks, and apply on the training thread."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from torchloom.knobs import BUILTIN_SPECS, split_key
+import torch
+
+from torchloom.errors import CommandRejected
+from torchloom.knobs import BUILTIN_SPECS, split_key, validate_set
 from torchloom.messages import KnobSpec, KnobType, KnobValue
 
 Getter = Callable[[], KnobValue]
 Applier = Callable[[KnobValue], None]
+# Raises CommandRejected (or ValueError) naming what is wrong; must not change any state.
+Validator = Callable[[KnobValue], None]
+
+# Optimizer hyperparameters exposed as knobs, in report order; each only where every group has it.
+OPTIMIZER_KNOBS: tuple[str, ...] = ("lr", "weight_decay", "momentum", "betas", "eps")
+TRAINING_KNOBS: tuple[str, ...] = ("grad_clip_norm", "grad_accum_steps")
 
 _PY_TYPES: dict[type, KnobType] = {
     float: KnobType.FLOAT,
@@ -46,15 +56,127 @@ def group_names(optimizer: Any) -> tuple[str, ...]:
     return names
 
 
+class TrainingKnobs:
+    """Knobs the training loop reads (grad_clip_norm, grad_accum_steps) and helpers that read them.
+
+    A knob is reported (and settable) once it is enabled: explicitly with `enable`, or on the loop's
+    first use of its helper, so the schema never offers a knob the loop ignores. Called on the
+    training thread only.
+
+    Args:
+        on_schema_change: called after a knob is enabled (the board rebuilds its schema).
+    """
+
+    def __init__(self, on_schema_change: Callable[[], None] | None = None) -> None:
+        self._on_schema_change = on_schema_change
+        self.enabled: tuple[str, ...] = ()
+        self._clip_norm = 0.0
+        self._accum = 1
+
+    def enable(self, *, grad_clip_norm: float | None = None, grad_accum_steps: int | None = None) -> None:
+        """Expose the given knobs with these starting values (None: leave that knob as it is).
+
+        Raises:
+            ValueError: on a value outside the knob's bounds (the message names them).
+        """
+        changed = False
+        if grad_clip_norm is not None:
+            clip = _checked("grad_clip_norm", grad_clip_norm)
+            assert isinstance(clip, float)
+            self._clip_norm = clip
+            changed |= self._enable("grad_clip_norm")
+        if grad_accum_steps is not None:
+            value = _checked("grad_accum_steps", grad_accum_steps)
+            assert isinstance(value, int)
+            self._accum = value
+            changed |= self._enable("grad_accum_steps")
+        if changed and self._on_schema_change is not None:
+            self._on_schema_change()
+
+    def _enable(self, name: str) -> bool:
+        if name in self.enabled:
+            return False
+        self.enabled = tuple(n for n in TRAINING_KNOBS if n in self.enabled or n == name)
+        return True
+
+    @property
+    def grad_clip_norm(self) -> float:
+        """Current max gradient norm (0: clipping disabled)."""
+        return self._clip_norm
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step; reading it enables the knob (default 1)."""
+        if "grad_accum_steps" not in self.enabled:
+            self.enable(grad_accum_steps=self._accum)
+        return self._accum
+
+    def clip_grad_(
+        self, parameters: torch.Tensor | Iterable[torch.Tensor], norm_type: float = 2.0
+    ) -> float | None:
+        """Clip gradients in place to the current `grad_clip_norm` (the first call enables the knob).
+
+        Args:
+            parameters: as for `torch.nn.utils.clip_grad_norm_`.
+            norm_type: the p of the p-norm.
+
+        Returns:
+            The total gradient norm before clipping, or None while clipping is disabled (0).
+        """
+        if "grad_clip_norm" not in self.enabled:
+            self.enable(grad_clip_norm=self._clip_norm)
+        if self._clip_norm <= 0:
+            return None
+        return float(torch.nn.utils.clip_grad_norm_(parameters, self._clip_norm, norm_type=norm_type))
+
+    def value(self, name: str) -> KnobValue:
+        return self._clip_norm if name == "grad_clip_norm" else self._accum
+
+    def apply(self, name: str, value: KnobValue) -> None:
+        if name == "grad_clip_norm":
+            assert isinstance(value, float | int) and not isinstance(value, bool)
+            self._clip_norm = float(value)
+        else:
+            assert isinstance(value, int) and not isinstance(value, bool)
+            self._accum = value
+
+
+def _checked(name: str, value: KnobValue) -> KnobValue:
+    try:
+        return validate_set(BUILTIN_SPECS, {name: value})[name]
+    except CommandRejected as exc:
+        raise ValueError(exc.reason) from None
+
+
+def _schedulers(scheduler: Any) -> list[Any]:
+    """The scheduler and, for SequentialLR/ChainedScheduler, the ones it wraps."""
+    if scheduler is None:
+        return []
+    inner = getattr(scheduler, "_schedulers", None)
+    return [scheduler, *(inner or [])]
+
+
 class KnobBoard:
     """Every knob of one rank.
 
-    `schema` is an immutable snapshot safe to read from the background thread; everything else is
-    called on the training thread only.
+    `schema` is an immutable snapshot safe to read from the background thread, and so is `validate`
+    (it reads only the schema and the validators, which must themselves be thread-safe);
+    everything else is called on the training thread only.
+
+    Built-in optimizer knobs are reported only where every parameter group has the parameter:
+    lr and weight_decay (all torch.optim optimizers), momentum (SGD, RMSprop), betas (Adam,
+    AdamW, ...) and eps.
+
+    Knobs and schedulers: setting `lr` (of all groups or one) sets the group's *base* lr. With a
+    scheduler attached, the scheduler's `base_lrs` and the group's `initial_lr` become the new
+    value and the current lr becomes `new_base * factor`, where `factor = current lr / old base`
+    is where the schedule stands now. The schedule keeps its shape (StepLR, CosineAnnealingLR,
+    LambdaLR, ... continue from the same point, scaled) and its next step never undoes the
+    change. Without a scheduler the lr is set as given.
 
     Args:
         optimizer: a torch optimizer, or None for user knobs only.
-        scheduler: an LR scheduler whose `base_lrs` must follow lr changes, or None.
+        scheduler: an LR scheduler (or a SequentialLR/ChainedScheduler) that follows lr changes.
     """
 
     def __init__(self, optimizer: Any = None, scheduler: Any = None) -> None:
@@ -65,37 +187,84 @@ class KnobBoard:
         if optimizer is not None:
             groups = optimizer.param_groups
             self._builtin = tuple(
-                name for name in ("lr", "weight_decay") if groups and all(name in g for g in groups)
+                name for name in OPTIMIZER_KNOBS if groups and all(_has_knob(g, name) for g in groups)
             )
         self._user: dict[str, tuple[KnobSpec, Getter, Applier]] = {}
+        self._validators: Mapping[str, Validator] = {}
+        self.training = TrainingKnobs(on_schema_change=self._rebuild)
         self.schema: Mapping[str, KnobSpec] = self._build_schema()
 
     def _build_schema(self) -> dict[str, KnobSpec]:
         out = {name: dataclasses.replace(BUILTIN_SPECS[name], groups=self.groups) for name in self._builtin}
+        out.update({name: BUILTIN_SPECS[name] for name in self.training.enabled})
         out.update({name: spec for name, (spec, _, _) in self._user.items()})
         return out
 
-    def register(self, spec: KnobSpec, get: Getter, apply: Applier) -> None:
-        """Add a user knob; its name must be new."""
-        if spec.name in self.schema:
+    def _rebuild(self) -> None:
+        clash = set(self.training.enabled) & set(self._user)
+        if clash:
+            raise ValueError(f"knob {sorted(clash)[0]!r} rejected: a user knob of that name already exists")
+        # Swap in a new mapping so the background thread never sees a dict mid-update.
+        self.schema = self._build_schema()
+
+    def register(
+        self, spec: KnobSpec, get: Getter, apply: Applier, validate: Validator | None = None
+    ) -> None:
+        """Add a user knob; its name must be new.
+
+        Args:
+            spec: its schema (type and bounds are checked by `validate` before `validate` hooks).
+            get: returns the current value.
+            apply: sets a validated value.
+            validate: optional structural check of a typed value; raises CommandRejected (or
+                ValueError) with a user-facing message and changes nothing. It runs at filing
+                time (`validate`, on the bus thread) and again before any apply.
+        """
+        if spec.name in self.schema or spec.name in TRAINING_KNOBS:
             raise ValueError(f"knob {spec.name!r} rejected: a knob of that name already exists")
         split_key(spec.name)
         if "@" in spec.name:
             raise ValueError(f"knob name {spec.name!r} rejected: '@' is reserved for groups (lr@head)")
         self._user[spec.name] = (spec, get, apply)
-        # Swap in a new mapping so the background thread never sees a dict mid-update.
+        if validate is not None:
+            self._validators = {**self._validators, spec.name: validate}
         self.schema = self._build_schema()
 
+    def validate(self, values: Mapping[str, KnobValue]) -> dict[str, KnobValue]:
+        """Validate a whole change: schema types and bounds, then each user knob's validate hook.
+
+        Returns:
+            The typed values (as `torchloom.knobs.validate_set`).
+
+        Raises:
+            CommandRejected: naming the first bad key; nothing is changed.
+        """
+        typed = validate_set(self.schema, values)
+        validators = self._validators
+        for key in sorted(typed):
+            check = validators.get(split_key(key)[0])
+            if check is None:
+                continue
+            try:
+                check(typed[key])
+            except CommandRejected:
+                raise
+            except ValueError as exc:
+                raise CommandRejected(str(exc), key=key) from None
+        return typed
+
     def group_values(self, name: str) -> dict[str, float]:
-        """Current value of a built-in knob per parameter group."""
-        if self._optimizer is None or name not in self._builtin:
+        """Current value of a scalar built-in knob per parameter group ({} for betas or absent)."""
+        if self._optimizer is None or name not in self._builtin or name == "betas":
             return {}
         return {g: float(pg[name]) for g, pg in zip(self.groups, self._optimizer.param_groups, strict=True)}
 
     def value(self, name: str) -> KnobValue | None:
         """Current value of a knob (for a built-in: that of the first parameter group)."""
         if name in self._builtin:
-            return float(self._optimizer.param_groups[0][name])
+            return _read(self._optimizer.param_groups[0], name)
+        if name in self.training.enabled:
+            return self.training.value(name)
         entry = self._user.get(name)
         if entry is None:
             return None
@@ -113,28 +282,83 @@ class KnobBoard:
     def apply(self, values: Mapping[str, KnobValue]) -> None:
         """Apply validated, typed values (keys `name` or `name@group`).
 
-        Setting lr also sets the scheduler's `base_lrs` (and each group's `initial_lr`) so a
-        scheduler does not silently undo the change at its next step.
+        Every user validate hook runs first, so a change is applied whole or not at all (a
+        hook's CommandRejected propagates before any state changes). For lr with a scheduler,
+        see the class docstring.
         """
+        validators = self._validators
+        for key in sorted(values):
+            check = validators.get(split_key(key)[0])
+            if check is not None:
+                check(values[key])
         for key in sorted(values):
             name, group = split_key(key)
             value = values[key]
             if name in self._builtin:
                 self._apply_builtin(name, group, value)
+            elif name in self.training.enabled:
+                self.training.apply(name, value)
             else:
                 self._user[name][2](value)
 
     def _apply_builtin(self, name: str, group: str | None, value: KnobValue) -> None:
-        assert isinstance(value, float | int) and not isinstance(value, bool)
-        number = float(value)
-        assert math.isfinite(number)
+        new: float | tuple[float, ...]
+        if name == "betas":
+            assert isinstance(value, tuple) and len(value) == 2
+            new = tuple(float(v) for v in value)
+        else:
+            assert isinstance(value, float | int) and not isinstance(value, bool)
+            new = float(value)
+            assert math.isfinite(new)
         for i, (gname, pg) in enumerate(zip(self.groups, self._optimizer.param_groups, strict=True)):
             if group is not None and gname != group:
                 continue
-            pg[name] = number
             if name == "lr":
-                if "initial_lr" in pg:
-                    pg["initial_lr"] = number
-                base_lrs = getattr(self._scheduler, "base_lrs", None)
-                if base_lrs is not None and i < len(base_lrs):
-                    base_lrs[i] = number
+                assert isinstance(new, float)
+                self._set_lr(i, pg, new)
+            elif isinstance(pg[name], torch.Tensor):  # capturable/tensor hyperparameters stay tensors
+                pg[name].fill_(new)
+            else:
+                pg[name] = new
+
+    def _set_lr(self, i: int, pg: dict[str, Any], new_base: float) -> None:
+        current = float(pg["lr"])
+        scheds = [s for s in _schedulers(self._scheduler) if getattr(s, "base_lrs", None) is not None]
+        old_base: float | None = None
+        for s in scheds:
+            if i < len(s.base_lrs):
+                old_base = float(s.base_lrs[i])
+                break
+        if old_base is None and "initial_lr" in pg:
+            old_base = float(pg["initial_lr"])
+        factor = current / old_base if scheds and old_base else 1.0
+        for s in scheds:
+            if i < len(s.base_lrs):
+                s.base_lrs[i] = new_base
+        if "initial_lr" in pg:
+            pg["initial_lr"] = new_base
+        lr = new_base * factor
+        if isinstance(pg["lr"], torch.Tensor):
+            pg["lr"].fill_(lr)
+        else:
+            pg["lr"] = lr
+        for s in _schedulers(self._scheduler):
+            last = getattr(s, "_last_lr", None)
+            if isinstance(last, list) and i < len(last):
+                last[i] = lr
+
+
+def _has_knob(group: Mapping[str, Any], name: str) -> bool:
+    if name not in group:
+        return False
+    value = group[name]
+    if name == "betas":
+        return isinstance(value, tuple | list) and len(value) == 2
+    return isinstance(value, float | int | torch.Tensor) and not isinstance(value, bool)
+
+
+def _read(group: Mapping[str, Any], name: str) -> KnobValue:
+    value = group[name]
+    if name == "betas":
+        return tuple(float(v) for v in value)
+    return float(value)

@@ -29,7 +29,61 @@ BUILTIN_SPECS: dict[str, KnobSpec] = {
         max=10.0,
         description="weight decay of every parameter group (or of one: weight_decay@group)",
     ),
+    "momentum": KnobSpec(
+        name="momentum",
+        type=KnobType.FLOAT,
+        min=0.0,
+        max=1.0,
+        description="momentum (SGD, RMSprop) of every parameter group (or of one: momentum@group)",
+    ),
+    "betas": KnobSpec(
+        name="betas",
+        type=KnobType.FLOAT_LIST,
+        min=0.0,
+        max=1.0,
+        max_exclusive=True,
+        description="Adam/AdamW (beta1,beta2), e.g. 0.9,0.999 (or of one group: betas@group)",
+    ),
+    "eps": KnobSpec(
+        name="eps",
+        type=KnobType.FLOAT,
+        min=0.0,
+        min_exclusive=True,
+        max=1.0,
+        description="optimizer epsilon of every parameter group (or of one: eps@group)",
+    ),
+    # Training-loop knobs: reported once the loop reads them through the threadlet's helpers.
+    "grad_clip_norm": KnobSpec(
+        name="grad_clip_norm",
+        type=KnobType.FLOAT,
+        min=0.0,
+        max=1e6,
+        description="max total gradient norm for clip_grad_ (0 disables clipping)",
+    ),
+    "grad_accum_steps": KnobSpec(
+        name="grad_accum_steps",
+        type=KnobType.INT,
+        min=1,
+        max=1024,
+        description="micro-batches accumulated per optimizer step",
+    ),
+    # Data mixture knobs of threadlet.data.MixtureSampler (structure of `mix` checked by the rank).
+    "mix": KnobSpec(
+        name="mix",
+        type=KnobType.STR,
+        description="data mixture NAME:WEIGHT,... (weights >= 0, normalized), e.g. code:0.5,math:0.5",
+    ),
+    "batch_size": KnobSpec(
+        name="batch_size",
+        type=KnobType.INT,
+        min=1,
+        max=65536,
+        description="samples per batch drawn by the mixture sampler",
+    ),
 }
+
+# Float-list knobs whose length is fixed (checked before bounds, so the message names the length).
+LIST_LENGTHS: dict[str, int] = {"betas": 2}
 
 
 def split_key(key: str) -> tuple[str, str | None]:
@@ -138,6 +192,13 @@ def coerce(key: str, spec: KnobSpec, raw: KnobValue) -> KnobValue:
             f"{key}={raw!r} rejected: expected comma-separated floats (e.g. 0.9,0.999)", key=key
         )
     numbers = tuple(_to_float(key, p.strip() if isinstance(p, str) else p) for p in parts)
+    length = LIST_LENGTHS.get(spec.name)
+    if length is not None and len(numbers) != length:
+        example = "0.9,0.999" if spec.name == "betas" else ",".join(["0.5"] * length)
+        raise CommandRejected(
+            f"{key}={raw!r} rejected: expected exactly {length} comma-separated floats (e.g. {example})",
+            key=key,
+        )
     for n in numbers:
         _check_bounds(key, spec, n, str(raw))
     return numbers

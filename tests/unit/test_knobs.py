@@ -23,7 +23,7 @@ from torchloom.messages import KnobSpec, KnobType
         ({"lr": "nan"}, "lr=nan rejected: must be a finite number"),
         ({"lr": "inf"}, "lr=inf rejected: must be a finite number"),
         ({"lr": True}, "expected a float, got a bool"),
-        ({"nosuch": "1"}, "unknown knob 'nosuch': this job's knobs are lr, weight_decay"),
+        ({"nosuch": "1"}, "unknown knob 'nosuch': this job's knobs are batch_size, betas, eps,"),
         ({"lr@head": "0.1"}, "'lr@head' names no parameter group of knob 'lr'"),
         ({"weight_decay": "-0.1"}, "weight_decay=-0.1 rejected: must be in [0, 10]"),
     ],

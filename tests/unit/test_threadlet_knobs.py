@@ -28,11 +28,11 @@ def make_optimizer(**group_extra: object) -> torch.optim.Optimizer:
 
 def test_schema_reports_groups_and_only_present_knobs() -> None:
     board = KnobBoard(make_optimizer())
-    assert set(board.schema) == {"lr", "weight_decay"}
+    assert set(board.schema) == {"lr", "weight_decay", "betas", "eps"}
     assert board.schema["lr"].groups == ("body", "head")
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     sgd.param_groups[0].pop("weight_decay")
-    assert set(KnobBoard(sgd).schema) == {"lr"}
+    assert set(KnobBoard(sgd).schema) == {"lr", "momentum"}
     assert KnobBoard(sgd).schema["lr"].groups == ("0",)
 
 

@@ -1,4 +1,5 @@
-"""The `torchloom` command line: run a job, steer it (set, pause, resume), inspect it (status, watch).
+"""The `torchloom` command line: run or replay a job, steer it (set and actions), inspect it (status,
+watch, knobs, checkpoints, branches, devices, journal) and serve the web UI.
 
 Every command that talks to a weaver finds it by --grpc, then TORCHLOOM_GRPC, then the discovery file.
 Output shapes under --json are a contract (see the README); the pure functions below build them.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -16,7 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from torchloom import discovery, knobs
+from torchloom import cli_actions, cli_format, discovery, knobs
+from torchloom.cli_format import json_value
 from torchloom.errors import (
     CommandRejected,
     CommandTimeout,
@@ -27,12 +30,8 @@ from torchloom.errors import (
 )
 from torchloom.messages import (
     AckStatus,
-    Action,
-    ActionKind,
     Body,
-    Issuer,
     JobEvent,
-    KnobValue,
     Outcome,
     OutcomeStatus,
     SetConfig,
@@ -57,21 +56,16 @@ NO_WEAVER_HELP = (
 # ---- JSON shapes (pure) --------------------------------------------------------------------------
 
 
-def json_value(value: KnobValue | None) -> Any:
-    """Return a knob value in a JSON-safe form (tuples become lists; NaN/inf become strings)."""
-    if isinstance(value, tuple):
-        return [json_value(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
 def outcome_json(outcome: Outcome) -> dict[str, Any]:
-    """Return the `--json` shape of set/pause/resume: command_id, status, reason, applied ranks."""
-    applied = sorted(
-        ({"rank": r.rank, "step": r.step} for r in outcome.results if r.status is AckStatus.APPLIED),
-        key=lambda item: item["rank"],
-    )
+    """Return the `--json` shape of set and actions: command_id, status, reason, applied ranks (with
+    each rank's ack `detail` where it has one)."""
+    applied: list[dict[str, Any]] = []
+    for r in sorted(outcome.results, key=lambda r: r.rank):
+        if r.status is AckStatus.APPLIED:
+            item: dict[str, Any] = {"rank": r.rank, "step": r.step}
+            if r.detail:
+                item["detail"] = dict(r.detail)
+            applied.append(item)
     return {
         "command_id": outcome.command_id,
         "status": str(outcome.status),
@@ -140,6 +134,10 @@ def format_outcome(outcome: Outcome) -> str:
     for r in sorted(outcome.results, key=lambda r: r.rank):
         line = f"  rank {r.rank}: {r.status} at step {r.step}"
         lines.append(f"{line} ({r.reason})" if r.reason else line)
+    details = cli_format.rank_detail_lines(outcome)
+    if details:
+        lines.append("  detail:")
+        lines += [f"  {line}" for line in details]
     if outcome.reason:
         lines.append(f"  reason: {outcome.reason}")
     return "\n".join(lines)
@@ -251,10 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "run",
         help="launch SCRIPT under torchrun with a weaver (started here unless one is reachable)",
-        usage="torchloom run [--job NAME] [--nats URL] [--grpc HOST:PORT] [torchrun options] SCRIPT [ARGS]",
+        usage="torchloom run [--job NAME] [--nats URL] [--grpc HOST:PORT] [--ui] [--ui-port P] "
+        "[--allow-fault-injection] [--hung-after S] [--straggler-factor F] "
+        "[--health-policy reconfigure|pause|alert] [torchrun options] SCRIPT [ARGS]",
         description="torchrun options (e.g. --nproc-per-node 2, --nnodes, --max-restarts, --rdzv-*, "
         "--standalone) go before SCRIPT; everything after SCRIPT belongs to the script. --job defaults "
-        "to the script's stem, --nproc-per-node to 1; without a rendezvous option --standalone is added.",
+        "to the script's stem, --nproc-per-node to 1; without a rendezvous option --standalone is added. "
+        "--ui serves the web UI (URL on stderr); --allow-fault-injection lets `torchloom fault inject` "
+        "reach the ranks; the health options configure a weaver started here.",
+    )
+    sub.add_parser(
+        "replay",
+        help="re-run a job, applying the commands of a saved journal at the same steps",
+        usage=cli_actions.REPLAY_USAGE,
+        description="JOURNAL is the output of `torchloom journal --json` (or `-` for stdin). Its applied "
+        "commands of the latest run are applied again at the same steps; the rest is as `torchloom run`.",
     )
     weaver = sub.add_parser("weaver", help="run a standalone weaver (embedded NATS unless --nats is given)")
     weaver.add_argument(
@@ -262,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     weaver.add_argument(
         "--grpc", type=_address, metavar="HOST:PORT", help="gRPC bind address (default 127.0.0.1:0)"
+    )
+    weaver.add_argument("--hung-after", metavar="S", help="a rank whose step stalls this long is hung (10)")
+    weaver.add_argument(
+        "--straggler-factor", metavar="F", help="step time above F x the median is a straggler (2)"
+    )
+    weaver.add_argument(
+        "--health-policy",
+        metavar="POLICY",
+        help="what rank health problems trigger: reconfigure, pause or alert (default alert)",
     )
 
     set_p = sub.add_parser(
@@ -272,9 +290,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("pause", parents=[command_parent()], help="pause every rank at the same step")
     sub.add_parser("resume", parents=[command_parent()], help="resume a paused job")
-    status = sub.add_parser("status", parents=[client_parent()], help="show jobs, ranks, steps and knobs")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+    ckpt = sub.add_parser("checkpoint", parents=[command_parent()], help="checkpoint every rank at one step")
+    ckpt.add_argument("--tag", metavar="T", help="a name for it, unique in the run ([A-Za-z0-9_.-]{1,64})")
+    rollback = sub.add_parser(
+        "rollback", parents=[command_parent()], help="restore a checkpoint on every rank (starts a branch)"
+    )
+    rollback.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint tag or id (ckpt-N)")
+    sub.add_parser("eval", parents=[command_parent()], help="run the job's eval function; print its metrics")
+    sub.add_parser("stop", parents=[command_parent()], help="checkpoint, then end the job with status 0")
+    data = sub.add_parser("data", help="manage the job's data sources")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    data_add = data_sub.add_parser("add", parents=[command_parent()], help="add a data source NAME at PATH")
+    data_add.add_argument("name", metavar="NAME", help="source name ([A-Za-z0-9_-]{1,64})")
+    data_add.add_argument("path", metavar="PATH", help="its location (made absolute)")
+    fault = sub.add_parser("fault", help="inject device faults (jobs run with --allow-fault-injection)")
+    fault_sub = fault.add_subparsers(dest="fault_command", required=True, metavar="SUBCOMMAND")
+    inject = fault_sub.add_parser("inject", parents=[command_parent()], help="make a rank report an XID")
+    inject.add_argument("--rank", type=int, required=True, metavar="R", help="the rank whose device fails")
+    inject.add_argument("--xid", type=int, required=True, metavar="N", help="the NVIDIA XID code (e.g. 79)")
+
+    def lister(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[client_parent()], help=help_text)
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        return p
+
+    lister("status", "show jobs, ranks, steps and knobs")
+    lister("knobs", "list the job's knobs: type, bounds, groups, current value")
+    lister("checkpoints", "list the job's checkpoints")
+    lister("branches", "show the job's branch tree (the current branch marked *)")
+    lister("devices", "show every rank's device and its health")
+    journal = lister("journal", "print the durable journal: command outcomes and job events")
+    journal.add_argument(
+        "--follow", action="store_true", help="keep printing new entries (JSON: one per line)"
+    )
     sub.add_parser("watch", parents=[client_parent()], help="stream metrics and events until Ctrl-C")
+    ui = sub.add_parser("ui", help="serve the web UI for the running weaver until Ctrl-C")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=0, metavar="P", help="TCP port (default: a free one)")
+    ui.add_argument(
+        "--allow-remote", action="store_true", help="allow a non-loopback --host (the UI has no auth)"
+    )
+    ui.add_argument("--nats-ws", metavar="URL", help="NATS WebSocket URL (default: from the discovery file)")
     return parser
 
 
@@ -293,7 +349,7 @@ async def submit(grpc: str | None, body: Body, *, job: str, timeout_s: float) ->
     addr = _resolve(grpc)
     from torchloom.client import ControlClient
 
-    request = SubmitRequest(body=body, job=job, issuer=Issuer(kind="cli"), timeout_s=timeout_s)
+    request = SubmitRequest(body=body, job=job, issuer=cli_actions.cli_issuer(), timeout_s=timeout_s)
     async with ControlClient(addr) as client:
         # The weaver answers TIMEOUT itself at timeout_s; the margin covers the round trip.
         async with asyncio.timeout(timeout_s + 10.0):
@@ -338,24 +394,66 @@ def _report(outcome: Outcome, as_json: bool) -> int:
     return code
 
 
+# Listing commands: (JSON builder from one job's status, its human form).
+_JOB_LISTINGS = {
+    "knobs": (cli_format.knobs_json, cli_format.format_knobs),
+    "checkpoints": (cli_format.checkpoints_json, cli_format.format_checkpoints),
+    "branches": (cli_format.branches_json, cli_format.format_branches),
+}
+
+
+def _print_data(data: dict[str, Any], as_json: bool, human: Any) -> int:
+    print(json.dumps(data) if as_json else human(data), flush=True)
+    return EXIT_OK
+
+
 def _run_command(args: argparse.Namespace) -> int:
-    if args.command == "weaver":
+    command = args.command
+    if command == "weaver":
         from torchloom import launcher
 
-        return asyncio.run(launcher.serve_weaver(nats_url=args.nats, grpc=args.grpc))
-    if args.command == "status":
+        try:
+            health = launcher.parse_health(args.hung_after, args.straggler_factor, args.health_policy)
+        except launcher.UsageError as exc:
+            print(f"torchloom weaver: {exc}", file=sys.stderr)
+            return 2
+        return asyncio.run(launcher.serve_weaver(nats_url=args.nats, grpc=args.grpc, health=health))
+    if command == "status":
         reply = asyncio.run(fetch_status(args.grpc, args.job))
         print(json.dumps(status_json(reply)) if args.json else format_status(reply), flush=True)
         return EXIT_OK
-    if args.command == "watch":
+    if command == "devices":
+        reply = asyncio.run(fetch_status(args.grpc, args.job))
+        return _print_data(cli_format.devices_json(reply), args.json, cli_format.format_devices)
+    if command in _JOB_LISTINGS:
+        build, human = _JOB_LISTINGS[command]
+        job = asyncio.run(cli_actions.fetch_job(args.grpc, args.job))
+        return _print_data(build(job), args.json, human)
+    if command == "journal":
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a --follow ends
+            asyncio.run(
+                cli_actions.print_journal(
+                    args.grpc, args.job, follow=args.follow, as_json=args.json, out=sys.stdout
+                )
+            )
+        return EXIT_OK
+    if command == "watch":
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
             asyncio.run(watch(args.grpc, args.job, sys.stdout))
         return EXIT_OK
+    if command == "ui":
+        with contextlib.suppress(KeyboardInterrupt):
+            return asyncio.run(
+                cli_actions.serve_ui(
+                    host=args.host, port=args.port, allow_remote=args.allow_remote, nats_ws=args.nats_ws
+                )
+            )
+        return EXIT_OK
     body: Body
-    if args.command == "set":
+    if command == "set":
         body = SetConfig(values=knobs.parse_assignments(args.assignments))
     else:
-        body = Action(kind=ActionKind.PAUSE if args.command == "pause" else ActionKind.RESUME)
+        body = cli_actions.action_body(args)
     outcome = asyncio.run(submit(args.grpc, body, job=args.job, timeout_s=args.timeout))
     return _report(outcome, args.json)
 
@@ -365,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run" and not ({"-h", "--help"} & set(argv[1:2])):
         return _main_run(argv[1:])
+    if argv and argv[0] == "replay" and not ({"-h", "--help"} & set(argv[1:2])):
+        return _main_replay(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _run_command(args)
@@ -383,6 +483,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TorchloomError as exc:
         print(f"torchloom: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # bad input found after parsing (a knob assignment, a UI bind address)
+        print(f"torchloom: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main_replay(argv: Sequence[str]) -> int:
+    from torchloom import launcher
+
+    try:
+        journal, job, rest = cli_actions.split_replay_args(argv)
+        replay = cli_format.replay_from_journal(
+            cli_format.parse_journal_text(cli_actions.read_journal(journal)), job
+        )
+        if job is None:  # the replay runs under the journal's job name unless told otherwise
+            rest = ["--job", replay["job"], *rest]
+        spec = launcher.split_run_args(rest)
+    except ValueError as exc:  # UsageError is a ValueError too
+        print(f"torchloom replay: {exc}", file=sys.stderr)
+        return 2
+    path = cli_actions.write_replay_file(replay, discovery.home() / "replays" / launcher.new_run_id())
+    print(
+        f"torchloom replay: {len(replay['commands'])} applied commands of job {replay['job']} "
+        f"from {journal} (replay file {path})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return _main_run_spec(dataclasses.replace(spec, replay_path=str(path)))
 
 
 def _main_run(argv: Sequence[str]) -> int:
@@ -393,6 +520,12 @@ def _main_run(argv: Sequence[str]) -> int:
     except launcher.UsageError as exc:
         print(f"torchloom run: {exc}", file=sys.stderr)
         return 2
+    return _main_run_spec(spec)
+
+
+def _main_run_spec(spec: Any) -> int:
+    from torchloom import launcher
+
     try:
         return asyncio.run(launcher.run(spec))
     except KeyboardInterrupt:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,13 @@ TORCHRUN_VALUE_OPTIONS = frozenset(
     opt for name in _TORCHRUN_VALUE_NAMES.split() for opt in (f"--{name}", f"--{name.replace('-', '_')}")
 ) | {"-r", "-t"}
 # Our own options; they may appear anywhere before SCRIPT, mixed with torchrun's.
-RUN_OPTIONS = frozenset({"--job", "--nats", "--grpc"})
+RUN_OPTIONS = frozenset(
+    {"--job", "--nats", "--grpc", "--ui-port", "--hung-after", "--straggler-factor", "--health-policy"}
+)
+RUN_FLAGS = frozenset({"--ui", "--allow-fault-injection"})
+HEALTH_POLICIES = ("reconfigure", "pause", "alert")
+# The replay file the threadlet reads (see `torchloom replay`); owned by env.py's reader side.
+REPLAY_ENV = "TORCHLOOM_REPLAY"
 # Options that mean the user chose a rendezvous; without one we add --standalone (a free port).
 _RDZV_CHOICES = frozenset(
     {"--standalone", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend", "--rdzv_backend"}
@@ -52,6 +59,63 @@ READY_TIMEOUT_S = 30.0
 
 class UsageError(ValueError):
     """A `torchloom run` command line that cannot be split into torchrun options and a script."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthOptions:
+    """Rank-health thresholds for a weaver started here; None keeps WeaverConfig's default.
+
+    Attributes:
+        hung_after_s: `--hung-after`: a running rank whose step has not moved this long is hung.
+        straggler_factor: `--straggler-factor`: step time above this multiple of the median.
+        health_policy: `--health-policy`: reconfigure, pause or alert.
+    """
+
+    hung_after_s: float | None = None
+    straggler_factor: float | None = None
+    health_policy: str | None = None
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """The WeaverConfig keyword arguments these options set."""
+        out: dict[str, Any] = {}
+        if self.hung_after_s is not None:
+            out["hung_after_s"] = self.hung_after_s
+        if self.straggler_factor is not None:
+            out["straggler_factor"] = self.straggler_factor
+        if self.health_policy is not None:
+            out["health_policy"] = self.health_policy
+        return out
+
+
+def parse_health(
+    hung_after: str | None, straggler_factor: str | None, health_policy: str | None
+) -> HealthOptions:
+    """Check the health options' text and return them.
+
+    Raises:
+        UsageError: naming the bound or the expected values.
+    """
+
+    def number(name: str, text: str | None, low: float, high: float) -> float | None:
+        if text is None:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low < value <= high):
+            raise UsageError(f"{name} {text!r} rejected: must be a number in ({low:g}, {high:g}]")
+        return value
+
+    if health_policy is not None and health_policy not in HEALTH_POLICIES:
+        raise UsageError(
+            f"--health-policy {health_policy!r} rejected: expected one of {', '.join(HEALTH_POLICIES)}"
+        )
+    return HealthOptions(
+        hung_after_s=number("--hung-after", hung_after, 0.0, 24 * 3600.0),
+        straggler_factor=number("--straggler-factor", straggler_factor, 1.0, 1000.0),
+        health_policy=health_policy,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +137,11 @@ class RunSpec:
     torchrun_args: tuple[str, ...]
     script: str
     script_args: tuple[str, ...]
+    allow_fault_injection: bool = False
+    ui: bool = False
+    ui_port: int = 0
+    health: HealthOptions = field(default_factory=HealthOptions)
+    replay_path: str | None = None
 
 
 def _option_value(argv: Sequence[str], i: int, opt: str) -> tuple[str, int]:
@@ -99,6 +168,7 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         UsageError: on an unknown option before SCRIPT, a missing value, no SCRIPT or a bad job name.
     """
     ours: dict[str, str] = {}
+    flags: set[str] = set()
     torchrun: list[str] = []
     i = 0
     script: str | None = None
@@ -113,7 +183,10 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
             script = word
             break
         opt = word.split("=", 1)[0]
-        if opt in RUN_OPTIONS:
+        if word in RUN_FLAGS:
+            flags.add(word)
+            i += 1
+        elif opt in RUN_OPTIONS:
             ours[opt], i = _option_value(argv, i, opt)
         elif opt in TORCHRUN_FLAGS:
             torchrun.append(word)
@@ -123,8 +196,9 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
             torchrun += [opt, value]
         else:
             raise UsageError(
-                f"unknown option {word!r} before SCRIPT: expected --job, --nats, --grpc or a torchrun "
-                "option (e.g. --nproc-per-node 2); options for the script go after SCRIPT"
+                f"unknown option {word!r} before SCRIPT: expected one of "
+                f"{', '.join(sorted(RUN_OPTIONS | RUN_FLAGS))} or a torchrun option "
+                "(e.g. --nproc-per-node 2); options for the script go after SCRIPT"
             )
     if script is None:
         raise UsageError("no SCRIPT given: expected `torchloom run [options] SCRIPT [ARGS]`")
@@ -145,6 +219,11 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
             discovery.check_address(grpc)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    ui_port = ours.get("--ui-port", "0")
+    if not ui_port.isdigit() or int(ui_port) > 65535:
+        raise UsageError(
+            f"--ui-port {ui_port!r} rejected: must be an integer in [0, 65535] (0 picks a free port)"
+        )
     return RunSpec(
         job=job,
         nats_url=ours.get("--nats"),
@@ -152,6 +231,12 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         torchrun_args=tuple(torchrun),
         script=script,
         script_args=script_args,
+        allow_fault_injection="--allow-fault-injection" in flags,
+        ui="--ui" in flags or "--ui-port" in ours,
+        ui_port=int(ui_port),
+        health=parse_health(
+            ours.get("--hung-after"), ours.get("--straggler-factor"), ours.get("--health-policy")
+        ),
     )
 
 
@@ -180,6 +265,12 @@ def child_env(spec: RunSpec, *, run_id: str, nats_url: str, grpc: str) -> dict[s
     out[env.RUN_ID] = run_id
     out[env.GRPC_ADDR] = grpc
     out.setdefault("PYTHONUNBUFFERED", "1")
+    out.pop(env.ALLOW_FAULT_INJECTION, None)  # only an explicit --allow-fault-injection grants it
+    if spec.allow_fault_injection:
+        out[env.ALLOW_FAULT_INJECTION] = "1"
+    out.pop(REPLAY_ENV, None)
+    if spec.replay_path is not None:
+        out[REPLAY_ENV] = spec.replay_path
     return out
 
 
@@ -227,7 +318,12 @@ async def find_reusable(nats_url: str | None, grpc: str | None) -> WeaverEndpoin
 
 @contextlib.asynccontextmanager
 async def hosted_weaver(
-    *, nats_url: str | None, grpc: str | None, run_id: str, jobs: Sequence[str] = ()
+    *,
+    nats_url: str | None,
+    grpc: str | None,
+    run_id: str,
+    jobs: Sequence[str] = (),
+    health: HealthOptions | None = None,
 ) -> AsyncIterator[WeaverEndpoints]:
     """Run NATS (embedded unless a URL is given) and a weaver task here until the block exits.
 
@@ -255,7 +351,8 @@ async def hosted_weaver(
         if not ready.done():
             ready.set_result(w)
 
-    config = WeaverConfig(nats_url=url, grpc_addr=grpc or "127.0.0.1:0")
+    extra = health.config_kwargs() if health is not None else {}
+    config = WeaverConfig(nats_url=url, grpc_addr=grpc or "127.0.0.1:0", **extra)
     task = asyncio.create_task(serve(config, ready=_ready), name="torchloom-weaver")
     try:
         try:
@@ -335,9 +432,20 @@ async def run(spec: RunSpec) -> int:
         endpoints = await find_reusable(spec.nats_url or env.get(env.NATS_URL), spec.grpc)
         if endpoints is None:
             endpoints = await stack.enter_async_context(
-                hosted_weaver(nats_url=spec.nats_url, grpc=spec.grpc, run_id=run_id, jobs=[spec.job])
+                hosted_weaver(
+                    nats_url=spec.nats_url, grpc=spec.grpc, run_id=run_id, jobs=[spec.job], health=spec.health
+                )
+            )
+        elif spec.health.config_kwargs():
+            print(
+                "torchloom: reusing a running weaver, so --hung-after/--straggler-factor/--health-policy "
+                "do not apply (they configure a weaver started here)",
+                file=sys.stderr,
+                flush=True,
             )
         announce(endpoints, run_id=run_id, job=spec.job)
+        if spec.ui:
+            await start_ui(stack, endpoints.ws_url, port=spec.ui_port)
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
             *torchrun_command(spec),
@@ -356,14 +464,38 @@ async def run(spec: RunSpec) -> int:
     raise AssertionError("unreachable")  # AsyncExitStack does not swallow exceptions
 
 
-async def serve_weaver(*, nats_url: str | None, grpc: str | None) -> int:
+async def start_ui(stack: contextlib.AsyncExitStack, ws_url: str, *, port: int) -> None:
+    """Serve the web UI until `stack` closes and print its URL; without a WebSocket URL or a built UI,
+    say why on stderr and go on (training matters more than the dashboard)."""
+    if not ws_url:
+        print(
+            "torchloom: no UI: this NATS server has no WebSocket listener known here "
+            "(use the embedded server, or `torchloom ui --nats-ws URL`)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    from weaver.ui_server import serve_ui
+
+    try:
+        ui = await serve_ui(nats_ws_url=ws_url, port=port)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        print(f"torchloom: no UI: {exc}", file=sys.stderr, flush=True)
+        return
+    stack.push_async_callback(ui.close)
+    print(f"torchloom UI: {ui.url}", file=sys.stderr, flush=True)
+
+
+async def serve_weaver(*, nats_url: str | None, grpc: str | None, health: HealthOptions | None = None) -> int:
     """Run a standalone weaver until SIGINT or SIGTERM; return 0 on a clean stop."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with hosted_weaver(nats_url=nats_url, grpc=grpc, run_id=f"weaver-{new_run_id()}") as ep:
+        async with hosted_weaver(
+            nats_url=nats_url, grpc=grpc, run_id=f"weaver-{new_run_id()}", health=health
+        ) as ep:
             announce(ep)
             print(f"nats_url={ep.nats_url}\ngrpc={ep.grpc}", flush=True)
             stopping = asyncio.create_task(stop.wait())

@@ -1,0 +1,170 @@
+"""The I/O side of the CLI's interactive-training commands: action bodies, the one-job lookups behind
+knobs/checkpoints/branches, the journal stream, `torchloom ui` and `torchloom replay`.
+
+Output shapes come from torchloom.cli_format (pure); this module only fetches, submits and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from torchloom import cli_format, discovery
+from torchloom.errors import JobNotFound, WeaverUnavailable
+from torchloom.messages import Action, ActionKind, Issuer, JobStatus
+
+STATUS_TIMEOUT_S = 10.0
+REPLAY_USAGE = "torchloom replay JOURNAL [--job NAME] [torchrun options] -- SCRIPT [ARGS]"
+
+# CLI command name -> the action it submits (pause/resume are handled the same way).
+ACTION_COMMANDS: dict[str, ActionKind] = {
+    "pause": ActionKind.PAUSE,
+    "resume": ActionKind.RESUME,
+    "checkpoint": ActionKind.CHECKPOINT,
+    "rollback": ActionKind.ROLLBACK,
+    "eval": ActionKind.EVAL,
+    "stop": ActionKind.STOP,
+}
+
+
+def cli_issuer() -> Issuer:
+    """Return who is submitting: `Issuer(kind="cli", identity="user@host")`."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no USER variable (some containers)
+        user = "unknown"
+    return Issuer(kind="cli", identity=f"{user}@{socket.gethostname()}")
+
+
+def action_body(args: argparse.Namespace) -> Action:
+    """Return the Action a parsed action command submits (checkpoint, rollback, data add, ...)."""
+    command = args.command
+    if command in ACTION_COMMANDS:
+        kind = ACTION_COMMANDS[command]
+        if kind is ActionKind.CHECKPOINT and args.tag:
+            return Action(kind=kind, args={"tag": args.tag})
+        if kind is ActionKind.ROLLBACK:
+            return Action(kind=kind, args={"checkpoint": args.checkpoint})
+        return Action(kind=kind)
+    if command == "data":
+        # Ranks may run in another working directory: send the path as the user meant it, absolute.
+        path = str(Path(args.path).expanduser().absolute())
+        return Action(kind=ActionKind.DATA_ADD, args={"name": args.name, "path": path})
+    if command == "fault":
+        return Action(kind=ActionKind.FAULT_INJECT, args={"rank": str(args.rank), "xid": str(args.xid)})
+    raise ValueError(f"{command!r} is not an action command")
+
+
+def _address(grpc: str | None) -> str:
+    from torchloom.cli import NO_WEAVER_HELP
+
+    addr = discovery.resolve_grpc(grpc)
+    if addr is None:
+        raise WeaverUnavailable(NO_WEAVER_HELP)
+    return addr
+
+
+async def fetch_job(grpc: str | None, job: str) -> JobStatus:
+    """Return one job's status: the named one, or the only one the weaver knows.
+
+    Raises:
+        JobNotFound: no job yet, or several and none named (the message lists them).
+        WeaverUnavailable: no weaver found or it did not answer.
+    """
+    from torchloom.client import ControlClient
+
+    async with ControlClient(_address(grpc)) as client, asyncio.timeout(STATUS_TIMEOUT_S):
+        reply = await client.status(job)
+    jobs = [j for j in reply.jobs if not job or j.job == job]
+    if not jobs:
+        raise JobNotFound(
+            f"job {job!r} not found" if job else "no jobs yet: no rank has reported to the weaver"
+        )
+    if len(jobs) > 1:
+        names = ", ".join(j.job for j in jobs)
+        raise JobNotFound(f"several jobs are running ({names}): pick one with --job NAME")
+    return jobs[0]
+
+
+async def print_journal(grpc: str | None, job: str, *, follow: bool, as_json: bool, out: TextIO) -> None:
+    """Print the journal: `{"entries": [...]}` (or one JSON object per line with `follow`), else lines."""
+    from torchloom.client import ControlClient
+
+    entries: list[dict[str, object]] = []
+    async with ControlClient(_address(grpc)) as client:
+        async for event in client.journal(job, follow=follow):
+            item = cli_format.journal_entry_json(event)
+            if item is None:
+                continue
+            if as_json and not follow:
+                entries.append(item)
+            elif as_json:
+                print(json.dumps(item), file=out, flush=True)
+            else:
+                print(cli_format.format_journal_entry(item), file=out, flush=True)
+    if as_json and not follow:
+        print(json.dumps({"entries": entries}), file=out, flush=True)
+
+
+async def serve_ui(*, host: str, port: int, allow_remote: bool, nats_ws: str | None) -> int:
+    """Serve the web UI until cancelled; the NATS WebSocket URL comes from --nats-ws or discovery."""
+    from weaver.ui_server import UiServer
+
+    ws = nats_ws
+    if not ws:
+        info = discovery.read()
+        ws = info.ws_url if info is not None else ""
+    if not ws:
+        raise WeaverUnavailable(
+            "no NATS WebSocket URL: start a job with `torchloom run` (its embedded server has one) "
+            "or pass --nats-ws ws://HOST:PORT"
+        )
+    async with UiServer(nats_ws_url=ws, host=host, port=port, allow_remote=allow_remote) as ui:
+        print(ui.url, flush=True)
+        await ui.serve_forever()
+    return 0
+
+
+def read_journal(source: str) -> str:
+    """Return the text of a journal file, or of stdin for `-`."""
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read journal {source!r}: {exc.strerror or exc}") from None
+
+
+def split_replay_args(argv: Sequence[str]) -> tuple[str, str | None, list[str]]:
+    """Split `torchloom replay` arguments into (JOURNAL, --job or None, the `torchloom run` arguments).
+
+    Raises:
+        ValueError: when JOURNAL is missing (the message shows the usage).
+    """
+    if not argv or (argv[0].startswith("-") and argv[0] != "-"):
+        raise ValueError(f"expected a JOURNAL file first: {REPLAY_USAGE}")
+    journal, rest = argv[0], list(argv[1:])
+    job: str | None = None
+    for i, word in enumerate(rest):
+        if word == "--" or not word.startswith("-"):
+            break
+        if word == "--job" and i + 1 < len(rest):
+            job = rest[i + 1]
+        elif word.startswith("--job="):
+            job = word.split("=", 1)[1]
+    return journal, job, rest
+
+
+def write_replay_file(replay: dict[str, object], run_dir: Path) -> Path:
+    """Write the replay file under `run_dir` and return its absolute path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "replay.json"
+    path.write_text(json.dumps(replay, indent=1) + "\n", encoding="utf-8")
+    return path.resolve()

@@ -2,9 +2,11 @@
 
     python -m torch.distributed.run --nproc-per-node 2 examples/train_tiny.py --steps 200 --out DIR
 
-Each rank writes DIR/rank{R}.jsonl (one line per step: the lr and weight_decay its optimizer step
-used) and DIR/rank{R}.applied.json (the commands it decided). Without TORCHLOOM_NATS_URL it runs in
-local mode.
+Each rank writes DIR/rank{R}.jsonl (one line per step: branch, the lr and weight_decay its optimizer
+step used, and float64 sums of the parameters before and after it), DIR/rank{R}.applied.json (the
+commands it decided) and DIR/rank{R}.params.pt (the final parameters). The loop iterates
+`tl.range(steps)`, so it follows rollbacks and ends early on `stop`; an eval function (loss on a
+held-out set) serves the `eval` action. Without TORCHLOOM_NATS_URL it runs in local mode.
 """
 
 from __future__ import annotations
@@ -58,16 +60,29 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data shard
     x = torch.randn(256, 8, generator=gen)
     y = (x @ torch.linspace(-1, 1, 8)).unsqueeze(1) + 0.1 * torch.randn(256, 1, generator=gen)
+    x_eval, y_eval = x[:64], y[:64]
+    # Batches come from the global RNG, which checkpoints capture: after a rollback the same
+    # batches come again, so a run (or its replay) is a deterministic function of its commands.
+    torch.manual_seed(args.seed * 1000 + rank)
+
+    def evaluate() -> dict[str, float]:
+        with torch.no_grad():
+            return {"loss": nn.functional.mse_loss(net(x_eval), y_eval).item()}
+
+    def checksum() -> float:
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in net.parameters()))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    tl = threadlet.attach(model=model, optimizer=opt)
+    tl = threadlet.attach(model=model, optimizer=opt, eval_fn=evaluate)
     with open(args.out / f"rank{rank}.jsonl", "w", encoding="utf-8") as records:
-        for step in range(args.steps):
+        for step in tl.range(args.steps):
             # The values this iteration's optimizer step uses: commands decided at the previous
             # boundary (tl.step_count == step) are already in param_groups.
             lrs = {g["name"]: g["lr"] for g in opt.param_groups}
             wds = {g["name"]: g["weight_decay"] for g in opt.param_groups}
-            idx = torch.randint(0, x.shape[0], (32,), generator=gen)
+            before = checksum()
+            idx = torch.randint(0, x.shape[0], (32,))
             loss = nn.functional.mse_loss(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -75,12 +90,17 @@ def main() -> None:
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             value = loss.item()
-            records.write(json.dumps({"step": step, "loss": value, "lr": lrs, "weight_decay": wds}) + "\n")
+            rec = {"step": step, "branch": tl.branch, "loss": value, "lr": lrs, "weight_decay": wds}
+            rec.update(params_before=before, params=checksum())
+            records.write(json.dumps(rec) + "\n")
             records.flush()
             tl.step(loss=value, tokens=32)
             if rank == 0 and (step + 1) % 50 == 0:
                 print(f"step {step + 1}/{args.steps} loss {value:.4f} lr {lrs}", flush=True)
     tl.close()
+    torch.save(
+        {k: v.detach().clone() for k, v in net.state_dict().items()}, args.out / f"rank{rank}.params.pt"
+    )
     (args.out / f"rank{rank}.applied.json").write_text(json.dumps(tl.applied, indent=1))
     threadlet.finish(tl)
 

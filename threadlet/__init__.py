@@ -1,9 +1,11 @@
-"""threadlet: the per-rank torchloom agent. `attach()` it to a model and optimizer, call `step()` at
-every step boundary, and commands from the weaver apply at the same step on every rank."""
+"""threadlet: the per-rank torchloom agent. `attach()` it to a model and optimizer, iterate with
+`tl.range(total_steps)`, call `tl.step()` at every step boundary, and commands and actions from the
+weaver apply at the same step on every rank."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -12,10 +14,10 @@ from typing import Any, NoReturn
 
 import torch.distributed as dist
 
-from threadlet.agent import Threadlet
+from threadlet.agent import EvalFn, Threadlet
 from threadlet.config import ThreadletConfig, from_env
 
-__all__ = ["Threadlet", "ThreadletConfig", "attach", "finish", "from_env"]
+__all__ = ["EvalFn", "Threadlet", "ThreadletConfig", "attach", "finish", "from_env"]
 
 log = logging.getLogger("threadlet")
 
@@ -32,6 +34,9 @@ def attach(
     nats_url: str | None = None,
     run_id: str | None = None,
     config: ThreadletConfig | None = None,
+    checkpoint_dir: str | None = None,
+    sampler: Any = None,
+    eval_fn: EvalFn | None = None,
 ) -> Threadlet:
     """Attach a threadlet to this rank's training. Returns at once, whatever the bus does.
 
@@ -49,6 +54,14 @@ def attach(
             (no bus, `step()` only counts).
         run_id: overrides TORCHLOOM_RUN_ID.
         config: a complete config; the three arguments above must then be None.
+        checkpoint_dir: checkpoint root, overriding TORCHLOOM_CHECKPOINT_DIR (and config's).
+        sampler: the data sampler: checkpointed and restored (anything with state_dict and
+            load_state_dict) and, with `add_source(name, path)`, the target of `data add`.
+        eval_fn: called by the `eval` action on every rank at the same step; returns metric
+            name -> float (also settable later with `tl.on_eval`).
+
+    Training loops should iterate `for step in tl.range(total_steps):` so they follow a rollback
+    (step_count moves back to the checkpoint's step) and end after a `stop` action.
 
     Raises:
         ValueError: on a malformed setting (the message names the expected form).
@@ -58,8 +71,12 @@ def attach(
         config = from_env(nats_url=nats_url, job=job, run_id=run_id)
     elif job is not None or nats_url is not None or run_id is not None:
         raise ValueError("attach(): pass either config= or job/nats_url/run_id, not both")
-    tl = Threadlet(config, model=model, optimizer=optimizer, scheduler=scheduler)
-    if config.local and not _local_logged:
+    if checkpoint_dir is not None:
+        config = dataclasses.replace(config, checkpoint_dir=checkpoint_dir)
+    tl = Threadlet(
+        config, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler, eval_fn=eval_fn
+    )
+    if config.local and config.replay_path is None and not _local_logged:
         _local_logged = True
         log.info("threadlet: no TORCHLOOM_NATS_URL, running in local mode (no live control)")
     _current = tl

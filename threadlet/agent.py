@@ -1,8 +1,10 @@
 """The training-thread side of the threadlet: step boundaries, the step agreement over a dedicated
-gloo group, applying decided commands, pause/resume, acks, metrics and status for heartbeats."""
+gloo group, applying decided commands and actions (checkpoint, rollback, eval, stop, data_add,
+fault_inject, pause/resume), replay mode, acks, metrics and status for heartbeats."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -10,21 +12,23 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import torch
 import torch.distributed as dist
 
-from threadlet import agreement
+from threadlet import agreement, checkpoint, health, nvml_fake, replay
 from threadlet.agreement import Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.link import Link
 from threadlet.optim_knobs import Applier, Getter, KnobBoard, knob_type
 from torchloom import subjects, wire
 from torchloom.errors import CommandRejected
-from torchloom.knobs import validate_set
+from torchloom.knobs import BUILTIN_SPECS, validate_set
 from torchloom.messages import (
     Ack,
     AckStatus,
@@ -42,7 +46,7 @@ from torchloom.messages import (
 
 log = logging.getLogger("threadlet")
 
-_SUPPORTED_ACTIONS = frozenset({ActionKind.PAUSE, ActionKind.RESUME})
+EvalFn = Callable[[], Mapping[str, float]]
 _ERROR_LOG_INTERVAL_S = 10.0
 _STEP_TIME_EMA = 0.1  # weight of the newest step in the step-time mean
 
@@ -77,11 +81,18 @@ def rank_info() -> RankInfo:
 class Threadlet:
     """One rank's agent. Create it with `threadlet.attach`; call `step()` once per training step.
 
+    A rollback moves `step_count` back to the checkpoint's step, so training loops should iterate
+    with `for step in tl.range(total_steps):` (or read `tl.step_count`) instead of their own counter;
+    `range` also ends after a `stop` action.
+
     Attributes:
         applied: one dict per decided command on this rank, in seq order, with keys seq,
-            command_id, kind ("set" or the action), status ("applied"/"rejected"), step, reason
-            and values (typed values of a set; {} for actions).
-        step_count: completed `step()` calls; the step every report names.
+            command_id, kind ("set" or the action), status ("applied"/"rejected"), step and branch
+            (where it was decided), reason, values (typed values of a set; {} for actions) and
+            detail (the ack detail).
+        step_count: completed training steps on the current branch; the step every report names.
+        tick: `step()` calls since start; never rewinds.
+        branch: the current branch ("main", then "b<seq>" after each rollback).
     """
 
     def __init__(
@@ -91,6 +102,8 @@ class Threadlet:
         model: Any = None,
         optimizer: Any = None,
         scheduler: Any = None,
+        sampler: Any = None,
+        eval_fn: EvalFn | None = None,
     ) -> None:
         self.config = config
         info = rank_info()
@@ -100,18 +113,27 @@ class Threadlet:
         self.pid = os.getpid()
         self.applied: list[dict[str, Any]] = []
         self.step_count = 0
+        self.tick = 0
+        self.branch = checkpoint.FIRST_BRANCH
         self._model = model
+        self._optimizer = optimizer
+        self._scheduler = scheduler
+        self._sampler = sampler
+        self._eval_fn = eval_fn
         self._board = KnobBoard(optimizer, scheduler)
         self._lock = threading.Lock()
         self._inbox: dict[int, _Filed] = {}
         self._last_decided = 0
         self._paused = False
+        self._stop = False
         self._closed = False
         self._work: Any = None
         self._round_buf: torch.Tensor | None = None
         self._offer = (0, agreement.NONE_REFUSED)
-        self._next_round_step = 0
-        self._due_step = 0
+        # Round scheduling counts ticks, not steps: a rollback rewinds steps on every rank alike,
+        # but a round in flight must still be read a fixed number of boundaries later.
+        self._next_round_tick = 0
+        self._due_tick = 0
         self._lag = 1  # agreed in each round; the first round is read at the next boundary
         self.rounds = 0  # agreement rounds launched (a cost/latency statistic)
         self._step_time_s = 0.0
@@ -122,14 +144,30 @@ class Threadlet:
         self._errors_seen = 0
         self.group: Any = None
         self._link: Link | None = None
-        if config.local:
+        self._probe: health.DeviceProbe | None = None
+        self._fake_nvml: nvml_fake.FakeNvml | None = None
+        self._replay: replay.Schedule | None = None
+        if config.replay_path is not None:
+            job, entries = replay.load(config.replay_path)
+            if job and job != config.job:
+                log.warning("threadlet: replaying commands of job %r as job %r", job, config.job)
+            self._replay = replay.Schedule(entries)
+        if config.local and self._replay is None:
             return
         if dist.is_available() and dist.is_initialized() and self.world_size > 1:
             from datetime import timedelta
 
             # Every rank calls attach at the same point, so this collective group creation matches.
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=config.agreement_timeout_s))
-        self._link = Link(config, rank=self.rank, on_command=self._file)
+        if config.fake_nvml:
+            self._fake_nvml = nvml_fake.from_spec(config.fake_nvml)
+        elif config.fault_injection_allowed:
+            self._fake_nvml = nvml_fake.FakeNvml()  # empty: fault_inject scripts it
+        if config.local:
+            return
+        self._probe = health.make_probe(self.local_rank, device=_device_of(model), nvml=self._fake_nvml)
+        on_command = None if self._replay is not None else self._file
+        self._link = Link(config, rank=self.rank, on_command=on_command, probe=self._probe)
         self._refresh_status(RankState.RUNNING)
         self._link.start()
 
@@ -138,19 +176,28 @@ class Threadlet:
     def step(self, loss: float | None = None, tokens: float | None = None, **metrics: float) -> None:
         """Mark a step boundary: decide and apply agreed commands, report metrics when due.
 
-        Returns quickly; blocks only while the job is paused. Never raises because of the bus.
+        Returns quickly; blocks only while the job is paused or an action (checkpoint, rollback,
+        eval) runs. Never raises because of the bus.
         """
         now = time.perf_counter()
         dt = now - self._last_t
         self._last_t = now
         self.step_count += 1
+        self.tick += 1
         self._step_time_s = (
-            dt if self.step_count == 1 else self._step_time_s + _STEP_TIME_EMA * (dt - self._step_time_s)
+            dt if self.tick == 1 else self._step_time_s + _STEP_TIME_EMA * (dt - self._step_time_s)
         )
-        link = self._link
-        if link is None or self._closed:
+        if self._fake_nvml is not None:
+            self._fake_nvml.set_step(self.step_count)
+        if self._closed:
             return
-        self._boundary()
+        if self._replay is not None:
+            self._replay_boundary()
+        elif self._link is not None:
+            self._boundary()
+        link = self._link
+        if link is None:
+            return
         if self._paused:
             self._wait_paused()
             self._last_t = time.perf_counter()  # a pause is not step time
@@ -162,6 +209,25 @@ class Threadlet:
             self._refresh_status(RankState.RUNNING)
         if link.errors:
             self._surface_errors(link)
+
+    def range(self, total_steps: int) -> Iterator[int]:
+        """Iterate training steps: yields `step_count` (the step about to run) until it reaches
+        `total_steps` or a `stop` action was decided. Follows rollbacks: after one, the next value
+        is the checkpoint's step. Call `step()` once per iteration."""
+        if total_steps < 0:
+            raise ValueError(f"total_steps={total_steps} rejected: must be >= 0")
+        while not self._stop and self.step_count < total_steps:
+            yield self.step_count
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a `stop` action was decided (after its checkpoint): leave the training loop."""
+        return self._stop
+
+    def on_eval(self, fn: EvalFn) -> None:
+        """Register the function the `eval` action calls on every rank at the same step; it returns
+        metric name -> float, reported as `eval.<name>` in the ack detail."""
+        self._eval_fn = fn
 
     def knob(
         self,
@@ -211,8 +277,9 @@ class Threadlet:
         return self._paused
 
     def close(self) -> None:
-        """Finish the last agreement round, send a FINISHED heartbeat (bounded) and stop the bus
-        thread. Idempotent. Destroys nothing of the user's (`threadlet.finish` does the rest)."""
+        """Finish the last agreement round, send a FINISHED heartbeat (bounded), stop the bus
+        thread and close the device probe. Idempotent. Destroys nothing of the user's
+        (`threadlet.finish` does the rest)."""
         if self._closed:
             return
         self._closed = True
@@ -225,7 +292,13 @@ class Threadlet:
             self._work = None
         if self._link is not None:
             self._link.close(self._status(RankState.FINISHED))
-        self._model = None
+        if self._probe is not None:
+            try:
+                self._probe.close()
+            except Exception as exc:
+                log.debug("device probe close: %r", exc)
+        self._model = self._optimizer = self._scheduler = self._sampler = None
+        self._eval_fn = None
         self._board = KnobBoard()
 
     def __enter__(self) -> Self:
@@ -248,6 +321,12 @@ class Threadlet:
         with self._lock:
             if cmd.seq in self._inbox:
                 return
+        filed = self._prepare(cmd, received_at_s)
+        with self._lock:
+            if cmd.seq > self._last_decided:
+                self._inbox.setdefault(cmd.seq, filed)
+
+    def _prepare(self, cmd: Command, received_at_s: float) -> _Filed:
         refusal: str | None = None
         values: dict[str, KnobValue] = {}
         body = cmd.body
@@ -256,11 +335,48 @@ class Threadlet:
                 values = validate_set(self._board.schema, body.values)
             except CommandRejected as exc:
                 refusal = exc.reason
-        elif body.kind not in _SUPPORTED_ACTIONS:
-            refusal = f"action {body.kind.value} is not supported yet"
-        with self._lock:
-            if cmd.seq > self._last_decided:
-                self._inbox.setdefault(cmd.seq, _Filed(cmd, received_at_s, refusal, values))
+        else:
+            refusal = self._action_refusal(body)
+        return _Filed(cmd, received_at_s, refusal, values)
+
+    def _action_refusal(self, action: Action) -> str | None:
+        """Why this rank cannot carry out `action` (None: it can). Reads no training state."""
+        kind, args = action.kind, action.args
+        if kind is ActionKind.ROLLBACK:
+            try:
+                path = self._rollback_path(args)
+            except ValueError as exc:
+                return str(exc)
+            if not path.is_dir():
+                return f"checkpoint path {path} does not exist on this rank"
+        elif kind is ActionKind.EVAL and self._eval_fn is None:
+            return "no eval function registered: pass eval_fn= to attach()"
+        elif kind is ActionKind.DATA_ADD:
+            if self._sampler is None or not callable(getattr(self._sampler, "add_source", None)):
+                return "no data sampler attached: pass sampler= (with add_source(name, path)) to attach()"
+            if not args.get("name") or not args.get("path"):
+                return "data_add needs arguments name and path"
+        elif kind is ActionKind.FAULT_INJECT:
+            if not self.config.fault_injection_allowed:
+                return "fault injection is disabled: start the job with TORCHLOOM_ALLOW_FAULT_INJECTION=1"
+            try:
+                target, xid = int(args.get("rank", "")), int(args.get("xid", ""))
+            except ValueError:
+                return f"fault_inject args {dict(args)} rejected: expected integer rank and xid"
+            if xid < 1:
+                return f"fault_inject xid={xid} rejected: must be >= 1"
+            if target == self.rank and self._fake_nvml is None:
+                return "no fake NVML on this rank to inject into"
+        return None
+
+    def _rollback_path(self, args: Mapping[str, str]) -> Path:
+        ckpt = args.get("checkpoint_id") or args.get("checkpoint", "")
+        # A replay runs under its own run id: its checkpoints are its own, at the deterministic path.
+        if self._replay is None and args.get("checkpoint_path"):
+            return Path(args["checkpoint_path"])
+        seq = checkpoint.seq_of(ckpt)
+        root = checkpoint.default_root(self.config.checkpoint_dir)
+        return checkpoint.checkpoint_path(root, self.config.job, self.config.run_id, seq)
 
     # ---- training thread: agreement -------------------------------------------------------------
 
@@ -278,9 +394,9 @@ class Threadlet:
                 self._carry_out(agreement.decide(self._last_decided, ready, refused, ready, refused))
             return
         # A round launched at boundary k is read at boundary k + lag (at once while paused), so
-        # gloo has `lag` whole steps to finish it and the wait is almost always free. Launch step,
-        # lag and pause state are agreed, so every rank reads every round at the same step.
-        if self._work is not None and (self._paused or self.step_count >= self._due_step):
+        # gloo has `lag` whole steps to finish it and the wait is almost always free. Launch tick,
+        # lag and pause state are agreed, so every rank reads every round at the same boundary.
+        if self._work is not None and (self._paused or self.tick >= self._due_tick):
             self._work.wait()
             assert self._round_buf is not None
             agreed_ready, agreed_refused, least_idle, neg_spacing, neg_lag = (
@@ -295,10 +411,10 @@ class Threadlet:
             self._lag = -neg_lag
             # Some rank had commands filed: the next round at once until all are decided.
             # Otherwise it waits the agreed spacing (the largest any rank proposed).
-            self._next_round_step = self.step_count + (0 if least_idle < 0 else -neg_spacing)
+            self._next_round_tick = self.tick + (0 if least_idle < 0 else -neg_spacing)
         # A round costs the step some CPU and wake-ups (gloo runs it beside the training step),
         # so an idle job spaces rounds about idle_round_period_s apart.
-        if self._work is None and (self._paused or self.step_count >= self._next_round_step):
+        if self._work is None and (self._paused or self.tick >= self._next_round_tick):
             self._offer = self._local_offer()
             idle = -1 if self._inbox else 0
             spacing, lag = self._proposals()
@@ -306,7 +422,7 @@ class Threadlet:
             self._work = dist.all_reduce(
                 self._round_buf, op=dist.ReduceOp.MIN, group=self.group, async_op=True
             )
-            self._due_step = self.step_count + self._lag
+            self._due_tick = self.tick + self._lag
             self.rounds += 1
 
     def _proposals(self) -> tuple[int, int]:
@@ -330,24 +446,48 @@ class Threadlet:
                 self._surface_errors(self._link)
         self._refresh_status(RankState.RUNNING)
 
+    def _replay_boundary(self) -> None:
+        assert self._replay is not None
+        due = self._replay.due(self.branch, self.step_count)
+        if not due:
+            return
+        now = time.time()
+        batch = [(self._prepare(e.command(self.config.job, self.config.run_id), now), e.seq) for e in due]
+        # Every rank replays the same entries at the same position; a local refusal is this
+        # rank's problem only, so it is reported rather than agreed.
+        self._decide_batch(
+            [(f, Verdict.APPLY if f.refusal is None else Verdict.REJECT_SELF) for f, _ in batch]
+        )
+
     def _carry_out(self, verdicts: list[tuple[int, Verdict]]) -> None:
-        decided_at_s = time.time()
+        batch: list[tuple[_Filed, Verdict]] = []
         for seq, verdict in verdicts:
             with self._lock:
-                filed = self._inbox.pop(seq)
-            self._last_decided = seq
+                batch.append((self._inbox.pop(seq), verdict))
+        self._decide_batch(batch)
+
+    def _decide_batch(self, batch: list[tuple[_Filed, Verdict]]) -> None:
+        # Every command of a batch is decided at the position of the boundary, even after a
+        # rollback in the batch moved it: a replay finds them all at that one position.
+        decided_at_s = time.time()
+        step, branch = self.step_count, self.branch
+        for filed, verdict in batch:
             cmd = filed.command
+            seq = cmd.seq
+            self._last_decided = max(self._last_decided, seq)
             body = cmd.body
             kind = "set" if isinstance(body, SetConfig) else body.kind.value
             status, reason = AckStatus.APPLIED, ""
+            detail: dict[str, str] = {}
             if verdict is Verdict.REJECT_SELF:
                 status, reason = AckStatus.REJECTED, f"rank {self.rank} refused: {filed.refusal}"
             elif verdict is Verdict.REJECT_OTHER:
                 status, reason = AckStatus.REJECTED, "refused by another rank"
             else:
                 try:
-                    self._apply(body, filed.values)
-                except Exception as exc:  # a user apply hook failed: report, keep training
+                    detail = self._apply(seq, body, filed.values)
+                except Exception as exc:  # a user hook or the filesystem failed: report, keep training
+                    log.warning("threadlet rank %d: command %d (%s) failed: %r", self.rank, seq, kind, exc)
                     status, reason = AckStatus.REJECTED, f"rank {self.rank} failed to apply: {exc}"
             self.applied.append(
                 {
@@ -355,11 +495,16 @@ class Threadlet:
                     "command_id": cmd.command_id,
                     "kind": kind,
                     "status": status.value,
-                    "step": self.step_count,
+                    "step": step,
+                    "branch": branch,
                     "reason": reason,
                     "values": dict(filed.values),
+                    "args": dict(body.args) if isinstance(body, Action) else {},
+                    "detail": detail,
                 }
             )
+            if self._link is None or self._replay is not None:
+                continue
             ack = Ack(
                 command_id=cmd.command_id,
                 job=self.config.job,
@@ -369,21 +514,119 @@ class Threadlet:
                 incarnation=self.incarnation,
                 status=status,
                 reason=reason,
-                step=self.step_count,
+                step=step,
                 decided_at_s=decided_at_s,
                 received_at_s=filed.received_at_s,
+                detail=detail,
+                branch=branch,
             )
-            if self._link is not None:
-                self._link.publish(subjects.acks(self.config.job), wire.encode(ack))
+            self._link.publish(subjects.acks(self.config.job), wire.encode(ack))
         self._next_status_t = 0.0
 
-    def _apply(self, body: SetConfig | Action, values: dict[str, KnobValue]) -> None:
+    # ---- training thread: applying --------------------------------------------------------------
+
+    def _apply(self, seq: int, body: SetConfig | Action, values: dict[str, KnobValue]) -> dict[str, str]:
+        """Carry out a decided command; return the ack detail (docs/design.md, "Actions")."""
         if isinstance(body, SetConfig):
             self._board.apply(values)
-        elif body.kind is ActionKind.PAUSE:
-            self._paused = True
-        elif body.kind is ActionKind.RESUME:
+            return {}
+        kind = body.kind
+        if kind is ActionKind.PAUSE:
+            # A replay has no one to resume it; the recorded resume sits at the same position.
+            self._paused = self._replay is None
+        elif kind is ActionKind.RESUME:
             self._paused = False
+        elif kind is ActionKind.CHECKPOINT:
+            return self._checkpoint(seq, body.args.get("tag", ""))
+        elif kind is ActionKind.STOP:
+            detail = self._checkpoint(seq, body.args.get("tag", ""))
+            self._stop = True
+            return detail
+        elif kind is ActionKind.ROLLBACK:
+            return self._rollback(seq, body.args)
+        elif kind is ActionKind.EVAL:
+            return self._evaluate()
+        elif kind is ActionKind.DATA_ADD:
+            name, path = body.args["name"], body.args["path"]
+            self._sampler.add_source(name, path)
+            return {"source": name}
+        elif kind is ActionKind.FAULT_INJECT and int(body.args["rank"]) == self.rank:
+            assert self._fake_nvml is not None  # refused at filing otherwise
+            self._fake_nvml.fail_at(self.step_count, int(body.args["xid"]))
+            self._fake_nvml.set_step(self.step_count)
+        return {}
+
+    def _threadlet_state(self) -> dict[str, Any]:
+        knobs = {spec.name: spec.value for spec in self._board.specs() if spec.value is not None}
+        return {
+            "step": self.step_count,
+            "tick": self.tick,
+            "branch": self.branch,
+            "last_seq": self._last_decided,
+            "knobs": json.dumps(knobs, sort_keys=True),
+        }
+
+    def _checkpoint(self, seq: int, tag: str) -> dict[str, str]:
+        root = checkpoint.default_root(self.config.checkpoint_dir)
+        path = checkpoint.checkpoint_path(root, self.config.job, self.config.run_id, seq)
+        checkpoint.save(
+            path,
+            rank=self.rank,
+            group=self.group,
+            model=self._model,
+            optimizer=self._optimizer,
+            scheduler=self._scheduler,
+            sampler=self._sampler,
+            threadlet_state=self._threadlet_state(),
+        )
+        return {
+            "checkpoint_id": checkpoint.checkpoint_id(seq),
+            "checkpoint_tag": tag,
+            "checkpoint_path": str(path),
+            "checkpoint_step": str(self.step_count),
+            "branch": self.branch,
+        }
+
+    def _rollback(self, seq: int, args: Mapping[str, str]) -> dict[str, str]:
+        path = self._rollback_path(args)
+        saved = checkpoint.load(
+            path,
+            rank=self.rank,
+            group=self.group,
+            model=self._model,
+            optimizer=self._optimizer,
+            scheduler=self._scheduler,
+            sampler=self._sampler,
+            threadlet_keys={"step": 0, "branch": "", "knobs": ""},
+        )
+        self._restore_user_knobs(str(saved["knobs"]))
+        parent = self.branch
+        self.step_count = int(saved["step"])
+        self.branch = checkpoint.branch_id(seq)
+        if self._fake_nvml is not None:
+            self._fake_nvml.set_step(self.step_count)
+        return {
+            "branch": self.branch,
+            "parent_branch": parent,
+            "from_checkpoint": args.get("checkpoint_id") or path.name,
+            "fork_step": str(self.step_count),
+        }
+
+    def _restore_user_knobs(self, saved_json: str) -> None:
+        """Put back user knob values (built-in ones came back with the optimizer's state)."""
+        saved = json.loads(saved_json) if saved_json else {}
+        user = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in saved.items()
+            if k not in BUILTIN_SPECS and k in self._board.schema
+        }
+        if user:
+            self._board.apply(validate_set(self._board.schema, user))
+
+    def _evaluate(self) -> dict[str, str]:
+        assert self._eval_fn is not None  # refused at filing otherwise
+        results = self._eval_fn()
+        return {f"eval.{name}": repr(float(value)) for name, value in results.items()}
 
     # ---- training thread: reports ---------------------------------------------------------------
 
@@ -402,6 +645,9 @@ class Threadlet:
             step_time_s=self._step_time_s,
             last_seq=self._last_decided,
             knobs=self._board.specs(),
+            branch=self.branch,
+            tick=self.tick,
+            fault_injection_allowed=self.config.fault_injection_allowed,
         )
 
     def _refresh_status(self, state: RankState) -> None:
@@ -431,6 +677,7 @@ class Threadlet:
             run_id=self.config.run_id,
             rank=self.rank,
             step=self.step_count,
+            branch=self.branch,
             time_s=time.time(),
             values=values,
         )
@@ -453,3 +700,15 @@ class Threadlet:
                 self._errors_seen,
                 drained[-1],
             )
+
+
+def _device_of(model: Any) -> Any:
+    """The training device of `model` (its first parameter's), or None."""
+    params = getattr(model, "parameters", None)
+    if not callable(params):
+        return None
+    try:
+        first = next(iter(params()))
+    except (StopIteration, TypeError):
+        return None
+    return getattr(first, "device", None)

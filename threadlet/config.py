@@ -42,6 +42,14 @@ class ThreadletConfig:
             once every rank has it.
         paused_poll_s: period of agreement rounds while the job is paused.
         close_timeout_s: bound on the final heartbeat and drain in `close()`.
+        checkpoint_dir: checkpoint root; checkpoints go to `<root>/<job>/<run_id>/ckpt-<seq>/`.
+            None: `$TORCHLOOM_HOME/checkpoints` (default `~/.torchloom/checkpoints`).
+        replay_path: a JSON command list to replay instead of following the bus (see
+            threadlet/replay.py); heartbeats still go to the bus when nats_url is set.
+        fault_injection_allowed: accept `fault_inject` actions (demos and tests only).
+        fake_nvml: a FakeNvml fault spec ("xid:79@50"): device health comes from that fake.
+        test_delivery_delay_s: TEST ONLY: the bus thread sleeps a random 0..this seconds (seeded
+            by rank) before filing each received command, to shake out delivery-order races.
     """
 
     nats_url: str | None = None
@@ -58,6 +66,11 @@ class ThreadletConfig:
     max_round_lag_steps: int = 8
     paused_poll_s: float = 0.02
     close_timeout_s: float = 0.5
+    checkpoint_dir: str | None = None
+    replay_path: str | None = None
+    fault_injection_allowed: bool = False
+    fake_nvml: str | None = None
+    test_delivery_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         subjects.check_token("job", self.job)
@@ -86,10 +99,13 @@ class ThreadletConfig:
             )
         _positive("paused_poll_s", self.paused_poll_s, upper=10.0)
         _positive("close_timeout_s", self.close_timeout_s, upper=60.0)
+        delay = self.test_delivery_delay_s
+        if not math.isfinite(delay) or not 0 <= delay <= 10:
+            raise ValueError(f"test_delivery_delay_s={delay!r} rejected: must be a number in [0, 10]")
 
     @property
     def local(self) -> bool:
-        """True when there is no bus: the threadlet only counts steps."""
+        """True when there is no bus: the threadlet only counts steps (or replays `replay_path`)."""
         return self.nats_url is None
 
 
@@ -108,7 +124,10 @@ def from_env(
         job: overrides TORCHLOOM_JOB.
         run_id: overrides TORCHLOOM_RUN_ID.
         heartbeat_interval_s: overrides TORCHLOOM_HEARTBEAT_INTERVAL_S.
-        **overrides: any other ThreadletConfig field (no variable exists for those).
+        **overrides: any other ThreadletConfig field. checkpoint_dir, replay_path,
+            fault_injection_allowed, fake_nvml and test_delivery_delay_s default to
+            TORCHLOOM_CHECKPOINT_DIR, TORCHLOOM_REPLAY, TORCHLOOM_ALLOW_FAULT_INJECTION (=1),
+            TORCHLOOM_FAKE_NVML and TORCHLOOM_TEST_DELIVERY_DELAY_S.
 
     Raises:
         ValueError: on a malformed variable or an out-of-bounds value.
@@ -118,6 +137,11 @@ def from_env(
         if heartbeat_interval_s is not None
         else env.get_float(env.HEARTBEAT_INTERVAL_S, 0.2)
     )
+    overrides.setdefault("checkpoint_dir", env.get(env.CHECKPOINT_DIR))
+    overrides.setdefault("replay_path", env.get(env.REPLAY))
+    overrides.setdefault("fault_injection_allowed", env.get(env.ALLOW_FAULT_INJECTION) == "1")
+    overrides.setdefault("fake_nvml", env.get(env.FAKE_NVML))
+    overrides.setdefault("test_delivery_delay_s", env.get_float(env.TEST_DELIVERY_DELAY_S, 0.0))
     return ThreadletConfig(
         nats_url=nats_url if nats_url is not None else env.get(env.NATS_URL),
         job=job if job is not None else env.get(env.JOB, DEFAULT_JOB) or DEFAULT_JOB,

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from nats.aio.client import Client
 from nats.js import api
 
 from threadlet.config import ThreadletConfig
-from threadlet.device import sample_device
+from threadlet.health import DeviceProbe
 from torchloom import bus, subjects, wire
 from torchloom.messages import Command, Heartbeat, StepMetrics
 
@@ -42,14 +43,26 @@ class Link:
         config: the threadlet config (nats_url must be set).
         rank: this process's rank, for subjects and the connection name.
         on_command: called on the background thread with each decoded command and the unix time
-            it arrived; it must be thread-safe and must not touch training state.
+            it arrived; it must be thread-safe and must not touch training state. None: commands
+            are not followed (replay mode), only reports are published.
+        probe: sampled on this thread for each heartbeat's device health (None: no device field).
     """
 
-    def __init__(self, config: ThreadletConfig, *, rank: int, on_command: OnCommand) -> None:
+    def __init__(
+        self,
+        config: ThreadletConfig,
+        *,
+        rank: int,
+        on_command: OnCommand | None,
+        probe: DeviceProbe | None = None,
+    ) -> None:
         assert config.nats_url is not None
         self._config = config
         self._rank = rank
         self._on_command = on_command
+        self._probe = probe
+        # Test-only delivery jitter (TORCHLOOM_TEST_DELIVERY_DELAY_S), reproducible per rank.
+        self._delay_rng = random.Random(rank)
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
         self._resubscribe = asyncio.Event()
@@ -181,6 +194,8 @@ class Link:
             except Exception as exc:
                 self.errors.append(str(exc))
                 await asyncio.sleep(cfg.reconnect_wait_s)
+        if self._on_command is None:
+            return  # replay mode: reports only
         while True:
             await self._subscribe(self._nc)
             await self._resubscribe.wait()
@@ -226,7 +241,13 @@ class Link:
         try:
             stream_seq = int(msg.metadata.sequence.stream)
             self._last_stream_seq = max(self._last_stream_seq, stream_seq)
-            self._on_command(wire.decode_command(msg.data), received_at_s)
+            cmd = wire.decode_command(msg.data)
+            max_delay = self._config.test_delivery_delay_s
+            if max_delay > 0:
+                # The consumer calls back one message at a time, so order is kept; only timing moves.
+                await asyncio.sleep(self._delay_rng.uniform(0.0, max_delay))
+            assert self._on_command is not None
+            self._on_command(cmd, received_at_s)
         except Exception as exc:
             self.errors.append(f"bad command message: {exc!r}")
 
@@ -261,5 +282,12 @@ class Link:
         status = self.status
         if status is None:
             return
-        hb = dataclasses.replace(status, sent_at_s=time.time(), device=sample_device())
+        device = None
+        if self._probe is not None:
+            try:
+                # Probes lock internally; the training thread only advances a fake's step.
+                device = self._probe.sample()
+            except Exception as exc:
+                self.errors.append(f"device probe failed: {exc!r}")
+        hb = dataclasses.replace(status, sent_at_s=time.time(), device=device)
         await nc.publish(subjects.heartbeat(hb.job, hb.rank), wire.encode(hb))

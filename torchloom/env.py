@@ -14,6 +14,10 @@ RUN_ID = "TORCHLOOM_RUN_ID"  # unique per `torchloom run` launch
 HOME = "TORCHLOOM_HOME"  # run-state directory; default ~/.torchloom
 HEARTBEAT_INTERVAL_S = "TORCHLOOM_HEARTBEAT_INTERVAL_S"
 ALLOW_FAULT_INJECTION = "TORCHLOOM_ALLOW_FAULT_INJECTION"
+CHECKPOINT_DIR = "TORCHLOOM_CHECKPOINT_DIR"  # checkpoint root; default $TORCHLOOM_HOME/checkpoints
+FAKE_NVML = "TORCHLOOM_FAKE_NVML"  # a FakeNvml fault spec (threadlet/nvml_fake.from_spec), for demos
+REPLAY = "TORCHLOOM_REPLAY"  # JSON command list: the threadlet replays it instead of following the bus
+TEST_DELIVERY_DELAY_S = "TORCHLOOM_TEST_DELIVERY_DELAY_S"  # test-only: random delay before filing
 
 
 def get(name: str, default: str | None = None) -> str | None:
@@ -31,3 +35,9 @@ def get_float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+# Restart and resume: set by the launcher's supervisor on a relaunched attempt, read by the threadlet.
+RESUME_FROM = "TORCHLOOM_RESUME_FROM"  # checkpoint directory the new attempt's ranks load at attach
+KNOB_OVERRIDES = "TORCHLOOM_KNOB_OVERRIDES"  # JSON object of knob values applied after that load
+BASE_RUN_ID = "TORCHLOOM_BASE_RUN_ID"  # the first attempt's run id; attempts are `<base>-a<N>`

@@ -1,0 +1,200 @@
+"""Consistent checkpoints of one rank's training with torch.distributed.checkpoint: deterministic ids
+and paths (docs/design.md, "Actions"), save and in-place load of model, optimizer, scheduler, sampler,
+RNG and threadlet state.
+
+Model and optimizer go through `get_state_dict`/`set_state_dict` (DDP and FSDP aware); everything
+that differs per rank (RNG, sampler, scheduler) is one pickled entry per rank (`rank<R>`), since DCP
+keeps a single copy of identical keys across ranks.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from torchloom import env
+
+_CKPT_ID = re.compile(r"^ckpt-([1-9][0-9]*)$")
+FIRST_BRANCH = "main"
+
+
+def checkpoint_id(seq: int) -> str:
+    """The id every rank (and a replay) gives the checkpoint taken by command `seq`: `ckpt-<seq>`."""
+    if seq < 1:
+        raise ValueError(f"seq={seq} rejected: must be >= 1")
+    return f"ckpt-{seq}"
+
+
+def branch_id(seq: int) -> str:
+    """The id of the branch a rollback decided as command `seq` starts: `b<seq>`."""
+    if seq < 1:
+        raise ValueError(f"seq={seq} rejected: must be >= 1")
+    return f"b{seq}"
+
+
+def seq_of(ckpt_id: str) -> int:
+    """The command seq in a checkpoint id (`"ckpt-12"` -> 12).
+
+    Raises:
+        ValueError: when the id is not of the form ckpt-<seq>.
+    """
+    m = _CKPT_ID.match(ckpt_id)
+    if m is None:
+        raise ValueError(f"checkpoint id {ckpt_id!r} rejected: expected ckpt-<seq> such as ckpt-12")
+    return int(m.group(1))
+
+
+def default_root(checkpoint_dir: str | None = None) -> Path:
+    """The checkpoint root: `checkpoint_dir`, else TORCHLOOM_CHECKPOINT_DIR, else
+    `<TORCHLOOM_HOME or ~/.torchloom>/checkpoints`."""
+    chosen = checkpoint_dir or env.get(env.CHECKPOINT_DIR)
+    if chosen:
+        return Path(chosen).expanduser()
+    home = env.get(env.HOME)
+    return (Path(home).expanduser() if home else Path.home() / ".torchloom") / "checkpoints"
+
+
+def checkpoint_path(root: Path | str, job: str, run_id: str, seq: int) -> Path:
+    """`<root>/<job>/<run_id>/ckpt-<seq>`: where command `seq`'s checkpoint lives."""
+    return Path(root) / job / run_id / checkpoint_id(seq)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states: torch CPU (and CUDA when initialized), python `random`, numpy."""
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Put back RNG states captured by `capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _has_state(obj: Any) -> bool:
+    return obj is not None and hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")
+
+
+def _dist_kwargs(group: Any) -> dict[str, Any]:
+    if dist.is_available() and dist.is_initialized():
+        return {"process_group": group}
+    return {"no_dist": True}
+
+
+def _train_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    if model is not None and optimizer is not None:
+        msd, osd = get_state_dict(model, optimizer)
+        return {"model": msd, "optim": osd}
+    if model is not None:
+        return {"model": get_model_state_dict(model)}
+    return {}
+
+
+def save(
+    path: Path,
+    *,
+    rank: int,
+    group: Any = None,
+    model: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    sampler: Any = None,
+    threadlet_state: Mapping[str, Any],
+) -> None:
+    """Save a checkpoint collectively: every rank of `group` calls this at the same step.
+
+    Args:
+        path: the checkpoint directory (created).
+        rank: this rank, naming its per-rank entry.
+        group: the process group DCP coordinates over (the threadlet's gloo group).
+        model, optimizer: saved through DCP's state-dict helpers.
+        scheduler, sampler: anything with state_dict/load_state_dict (or None).
+        threadlet_state: plain values identical on every rank (step, branch, knobs, ...).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    per_rank: dict[str, Any] = {"rng": capture_rng()}
+    for name, obj in (("scheduler", scheduler), ("sampler", sampler)):
+        if _has_state(obj):
+            per_rank[name] = obj.state_dict()
+    if optimizer is not None and model is None:
+        per_rank["optim"] = optimizer.state_dict()
+    state: dict[str, Any] = _train_state(model, optimizer)
+    state[f"rank{rank}"] = pickle.dumps(per_rank)
+    state["threadlet"] = dict(threadlet_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process" without dist
+        dcp_save(state, checkpoint_id=str(path), **_dist_kwargs(group))
+
+
+def load(
+    path: Path,
+    *,
+    rank: int,
+    group: Any = None,
+    model: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    sampler: Any = None,
+    threadlet_keys: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Load a checkpoint in place, collectively (every rank of `group` at the same step).
+
+    Args:
+        path: the checkpoint directory.
+        rank: this rank; its own per-rank entry is read.
+        group, model, optimizer, scheduler, sampler: as in `save`.
+        threadlet_keys: the threadlet-state keys to read, each with a placeholder of its type.
+
+    Returns:
+        The saved threadlet state.
+
+    Raises:
+        FileNotFoundError: the directory does not exist.
+    """
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist on rank {rank}")
+    state: dict[str, Any] = _train_state(model, optimizer)
+    key = f"rank{rank}"
+    state[key] = b""
+    state["threadlet"] = dict(threadlet_keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp_load(state, checkpoint_id=str(path), **_dist_kwargs(group))
+    if model is not None and optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    elif model is not None:
+        set_model_state_dict(model, state["model"])
+    per_rank: dict[str, Any] = pickle.loads(state[key])  # our own file, written by `save`
+    if "optim" in per_rank and optimizer is not None:
+        optimizer.load_state_dict(per_rank["optim"])
+    for name, obj in (("scheduler", scheduler), ("sampler", sampler)):
+        if name in per_rank and _has_state(obj):
+            obj.load_state_dict(per_rank[name])
+    restore_rng(per_rank["rng"])
+    return dict(state["threadlet"])

@@ -41,9 +41,3 @@ def get_float(name: str, default: float) -> float:
 RESUME_FROM = "TORCHLOOM_RESUME_FROM"  # checkpoint directory the new attempt's ranks load at attach
 KNOB_OVERRIDES = "TORCHLOOM_KNOB_OVERRIDES"  # JSON object of knob values applied after that load
 BASE_RUN_ID = "TORCHLOOM_BASE_RUN_ID"  # the first attempt's run id; attempts are `<base>-a<N>`
-
-
-# Restart and resume: set by the launcher's supervisor on a relaunched attempt, read by the threadlet.
-RESUME_FROM = "TORCHLOOM_RESUME_FROM"  # checkpoint directory the new attempt's ranks load at attach
-KNOB_OVERRIDES = "TORCHLOOM_KNOB_OVERRIDES"  # JSON object of knob values applied after that load
-BASE_RUN_ID = "TORCHLOOM_BASE_RUN_ID"  # the first attempt's run id; attempts are `<base>-a<N>`

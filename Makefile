@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv proto check test demo clean-runs ui-setup
 
 help:
-	@echo "make demo    run a 2-rank job and steer it live (examples/demo.py)"
+	@echo "make demo    run a 2-rank job with the web UI and steer it live (examples/demo.py)"
 	@echo "make test    unit and integration tests (sets up the venv and the UI's test tools first)"
 	@echo "make check   ruff format --check, ruff check, mypy --strict"
 	@echo "make proto   regenerate torchloom/v1 from proto/torchloom/v1/torchloom.proto"

@@ -1,7 +1,8 @@
 """What `make demo` runs: a 2-rank training job steered live from "another terminal", then checked.
 
 It uses the real CLI as a user would: `torchloom run` (which starts NATS and a weaver), then
-`torchloom set` with no flags (found through the discovery file). Afterwards it reads each rank's own
+`torchloom set` with no flags (found through the discovery file). `torchloom run --ui` also serves the
+web dashboard; its URL is printed once the job is up. Afterwards it reads each rank's own
 records and prints, per accepted command, the step every rank applied it at and the loss around it.
 Exit status 0 iff the job exited 0 and every rank applied every command at the same step.
 """
@@ -67,6 +68,15 @@ def submit(words: list[str], env: dict[str, str]) -> dict[str, Any]:
     return outcome
 
 
+def print_ui_url(log_path: Path) -> None:
+    """Show the web UI's address, which `torchloom run --ui` printed to the job log."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith("torchloom UI: "):
+            print(f"demo: open the live dashboard at {line.removeprefix('torchloom UI: ')}")
+            return
+    print("demo: no web UI (see the job log for why)")
+
+
 def load_records(out: Path, rank: int) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / f"rank{rank}.jsonl").read_text().splitlines()]
 
@@ -117,7 +127,7 @@ def main() -> int:
     env["TORCHLOOM_HOME"] = str(run_dir / "home")  # isolated: never touches ~/.torchloom
     env.setdefault("OMP_NUM_THREADS", "1")
     log_path = run_dir / "job.log"
-    cmd = ["--job", "demo", "--nproc-per-node", "2", str(TRAIN), "--steps", str(STEPS)]
+    cmd = ["--ui", "--job", "demo", "--nproc-per-node", "2", str(TRAIN), "--steps", str(STEPS)]
     cmd += ["--step-sleep", "0.02", "--out", str(out)]
     print(f"demo: torchloom run {' '.join(cmd)}\n      (output in {log_path})")
     with open(log_path, "wb") as log:
@@ -126,6 +136,7 @@ def main() -> int:
         )
         try:
             wait_for_step(60, env, job)
+            print_ui_url(log_path)
             print("demo: the job is past step 60; steering it from another process:")
             accepted: list[tuple[str, dict[str, Any]]] = []
             first = submit(["lr=0.003"], env)

@@ -392,7 +392,7 @@ def replay_from_journal(entries: Iterable[Mapping[str, Any]], job: str | None = 
             {
                 "seq": int(e["seq"]),
                 "step": int(first.get("step", 0)),
-                "branch": str(first.get("branch") or ""),
+                "branch": str(first.get("branch") or "main"),  # acks before branches existed
                 "kind": str(e["kind"]),
                 "values": dict(e.get("values") or {}),
                 "args": {str(k): str(v) for k, v in (e.get("args") or {}).items()},

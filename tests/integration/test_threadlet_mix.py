@@ -1,0 +1,121 @@
+"""A live `mix=` change through a real weaver reaches a real 2-rank torchrun job whose batches come from
+a MixtureSampler: from the decided step on, both ranks draw from the new mixture (and batch size); a
+malformed mix is refused by every rank and applied by none."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.test_threadlet_commands import kill_tree, read_records
+from torchloom.client import ControlClient
+from torchloom.errors import JobNotFound
+from torchloom.messages import OutcomeStatus, SetConfig, SubmitRequest
+from torchloom.nats_server import EmbeddedNats
+from weaver.config import WeaverConfig
+from weaver.service import Weaver
+
+SCRIPT = REPO / "tests" / "integration" / "scripts" / "mix_train.py"
+JOB = "mixjob"
+STEPS = 300
+
+
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """torchrun in its own session (so a failed test can kill the whole tree)."""
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=10)
+
+
+async def test_live_mix_changes_the_drawn_sources_from_the_decided_step_on_both_ranks(
+    tmp_path: Path,
+    subprocess_env: dict[str, str],
+    nats_server: EmbeddedNats,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    out = tmp_path / "out"
+    env = dict(subprocess_env)
+    env.update(
+        TORCHLOOM_NATS_URL=nats_server.url,
+        TORCHLOOM_JOB=JOB,
+        TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
+        OMP_NUM_THREADS="1",
+    )
+    async with Weaver(WeaverConfig(nats_url=nats_server.url)) as w, ControlClient(w.grpc_address) as client:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+            str(SCRIPT), "--steps", str(STEPS), "--out", str(out), "--step-sleep", "0.02",
+        ]  # fmt: skip
+        proc = start(cmd, env)
+        procs.append(proc)
+
+        # Wait until the weaver knows both ranks with the sampler's knobs, and both ranks train.
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "job did not show both ranks with a mix knob in 60 s"
+            try:
+                job = (await client.status(JOB)).jobs[0]
+            except JobNotFound:
+                job = None
+            if (
+                job is not None
+                and len([r for r in job.ranks if r.alive]) == 2
+                and {k.name for k in job.knobs} >= {"mix", "batch_size"}
+                and all(len(read_records(out / f"rank{r}.jsonl")) >= 20 for r in (0, 1))
+            ):
+                break
+            await asyncio.sleep(0.05)
+
+        bad = await client.submit(SubmitRequest(job=JOB, body=SetConfig(values={"mix": "a:x"}), timeout_s=30))
+        assert bad.status is OutcomeStatus.REJECTED, bad
+        assert "mix='a:x' rejected: expected NAME:WEIGHT,... with weights >= 0" in bad.reason
+        assert "known sources: a, b" in bad.reason
+        assert {r.rank for r in bad.results} == {0, 1}
+        assert all(r.status.value == "rejected" for r in bad.results)
+
+        good = await client.submit(
+            SubmitRequest(
+                job=JOB, body=SetConfig(values={"mix": "a:0,b:1", "batch_size": "32"}), timeout_s=30
+            )
+        )
+        assert good.status is OutcomeStatus.APPLIED, good
+        steps = {r.step for r in good.results}
+        assert len(steps) == 1, good.results
+        apply_step = steps.pop()
+
+        stdout, _ = await asyncio.to_thread(proc.communicate, timeout=120)
+        assert proc.returncode == 0, stdout.decode(errors="replace")[-4000:]
+
+    assert apply_step < STEPS
+    for r in (0, 1):
+        applied = json.loads((out / f"rank{r}.applied.json").read_text())
+        assert [(a["status"], a["step"]) for a in applied] == [
+            ("rejected", applied[0]["step"]),
+            ("applied", apply_step),
+        ]
+        records = read_records(out / f"rank{r}.jsonl")
+        assert len(records) == STEPS
+        for rec in records:
+            # A command decided at boundary k is in force for the batch drawn at loop step k.
+            want = {"b": 32} if rec["step"] >= apply_step else {"a": 64}  # type: ignore[operator]
+            assert rec["counts"] == want, (r, rec, apply_step)

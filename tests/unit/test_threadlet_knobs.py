@@ -101,7 +101,7 @@ def test_local_threadlet_decides_user_knob_and_rejections_at_next_step() -> None
         now = time.time()
         tl._file(_cmd(1, SetConfig(values={"batch": "16", "lr@head": 0.2})), now)
         tl._file(_cmd(2, SetConfig(values={"batch": 100})), now)
-        tl._file(_cmd(3, Action(kind=ActionKind.CHECKPOINT)), now)
+        tl._file(_cmd(3, Action(kind=ActionKind.EVAL)), now)
         tl._file(_cmd(1, SetConfig(values={"batch": 2})), now)  # duplicate seq: ignored
         tl.step(loss=1.0)
         assert state["batch"] == 16
@@ -113,7 +113,10 @@ def test_local_threadlet_decides_user_knob_and_rejections_at_next_step() -> None
         assert "must be in [1, 64]" in tl.applied[1]["reason"]
         assert tl.applied[1]["reason"].startswith("rank 0 refused: ")
         tl.step()
-        assert tl.applied[2]["reason"] == "rank 0 refused: action checkpoint is not supported yet"
+        assert (
+            tl.applied[2]["reason"]
+            == "rank 0 refused: no eval function registered: pass eval_fn= to attach()"
+        )
         tl._file(_cmd(1, SetConfig(values={"batch": 2})), now)  # already decided: ignored
         tl.step()
         assert len(tl.applied) == 3 and tl.step_count == 4

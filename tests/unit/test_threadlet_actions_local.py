@@ -1,0 +1,104 @@
+"""Actions on a world-size-1 threadlet (decided locally at the next boundary): checkpoint, rollback
+with a new branch and a rewound `tl.range`, eval detail, stop, and the local refusals."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import threadlet
+from torchloom.messages import Action, ActionKind, Command, Issuer, SetConfig
+
+
+def _cmd(seq: int, body: SetConfig | Action) -> Command:
+    return Command(
+        command_id=f"c{seq}", job="j", run_id="r", seq=seq, issuer=Issuer(), issued_at_s=0.0, body=body
+    )
+
+
+def _act(seq: int, kind: ActionKind, **args: str) -> Command:
+    return _cmd(seq, Action(kind=kind, args=args))
+
+
+def test_checkpoint_rollback_eval_stop_on_one_rank(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = threadlet.ThreadletConfig(nats_url="nats://127.0.0.1:1", job="j", run_id="r")
+    tl = threadlet.attach(model=model, optimizer=opt, config=cfg, checkpoint_dir=str(tmp_path))
+    seen: list[tuple[str, int, float]] = []
+    # Commands are filed just before the boundary of the step named here (as the link thread would).
+    plan = {
+        3: [_act(1, ActionKind.CHECKPOINT, tag="t")],
+        5: [_cmd(2, SetConfig(values={"lr": 0.5})), _act(3, ActionKind.EVAL)],
+        6: [_act(4, ActionKind.ROLLBACK, checkpoint="t", checkpoint_id="ckpt-1")],
+        8: [
+            _act(5, ActionKind.DATA_ADD, name="x", path="/nope"),
+            _act(6, ActionKind.FAULT_INJECT, rank="0", xid="79"),
+        ],
+        9: [_act(7, ActionKind.STOP)],
+    }
+    try:
+        for step in tl.range(100):
+            with torch.no_grad():
+                seen.append((tl.branch, step, float(model.weight.sum())))
+            loss = model(torch.randn(4, 3)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            if step == 5:
+                tl.on_eval(lambda: {"loss": 0.25})
+            for cmd in plan.get(step, []) if tl.branch == "main" or step >= 8 else []:
+                tl._file(cmd, time.time())
+            tl.step()
+        assert tl.should_stop
+        got = {a["seq"]: a for a in tl.applied}
+        assert [(a["seq"], a["status"]) for a in tl.applied] == [
+            (1, "applied"), (2, "applied"), (3, "applied"), (4, "applied"),
+            (5, "rejected"), (6, "rejected"), (7, "applied"),
+        ]  # fmt: skip
+        ck = got[1]["detail"]
+        assert ck == {
+            "checkpoint_id": "ckpt-1",
+            "checkpoint_tag": "t",
+            "checkpoint_path": str(tmp_path / "j" / "r" / "ckpt-1"),
+            "checkpoint_step": "4",
+            "branch": "main",
+        }
+        assert got[3]["detail"] == {"eval.loss": "0.25"}
+        assert got[4]["detail"] == {
+            "branch": "b4",
+            "parent_branch": "main",
+            "from_checkpoint": "ckpt-1",
+            "fork_step": "4",
+        }
+        assert (got[4]["branch"], got[4]["step"]) == ("main", 7)  # decided where the run was
+        assert "no data sampler attached" in got[5]["reason"]
+        assert "fault injection is disabled" in got[6]["reason"]
+        assert got[7]["detail"]["checkpoint_id"] == "ckpt-7" and got[7]["branch"] == "b4"
+        # The loop resumed at the checkpoint's step with the checkpoint's weights and lr.
+        main4 = next(w for b, s, w in seen if (b, s) == ("main", 4))
+        assert ("b4", 4, main4) in seen
+        # A refused command holds back the ones after it for a round: the stop lands one step later.
+        assert [s for b, s, _ in seen if b == "b4"] == [4, 5, 6, 7, 8, 9, 10]
+        assert opt.param_groups[0]["lr"] == 0.1
+        assert tl.step_count == 11 and tl.tick == 14 and got[7]["detail"]["checkpoint_step"] == "11"
+    finally:
+        tl.close()
+
+
+def test_rollback_to_a_missing_checkpoint_is_refused_with_the_path(tmp_path: Path) -> None:
+    cfg = threadlet.ThreadletConfig(nats_url="nats://127.0.0.1:1", job="j", run_id="r")
+    with threadlet.attach(model=nn.Linear(1, 1), config=cfg, checkpoint_dir=str(tmp_path)) as tl:
+        tl.step()
+        tl._file(_act(1, ActionKind.ROLLBACK, checkpoint="ckpt-9", checkpoint_id="ckpt-9"), time.time())
+        tl.step()
+        missing = tmp_path / "j" / "r" / "ckpt-9"
+        assert (
+            tl.applied[0]["reason"]
+            == f"rank 0 refused: checkpoint path {missing} does not exist on this rank"
+        )
+        assert tl.branch == "main" and tl.step_count == 2

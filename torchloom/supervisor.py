@@ -1,0 +1,413 @@
+"""Launcher-side restart orchestration: run torchrun as attempts of one run, and on the weaver's
+"restart" request stop the current attempt and relaunch it on the healthy ranks from a checkpoint.
+
+The weaver decides (weaver/health_policy.py); the supervisor only carries the restart out and tells
+everyone on `subjects.events(job)` where it stands ("reconfigure_*" JobEvents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from torchloom import bus, env, subjects, wire
+from torchloom.messages import Heartbeat, JobEvent
+
+log = logging.getLogger(__name__)
+
+# torchrun's elastic restarts of gloo workers fail at init_process_group ("Gloo connectFullMesh
+# failed ... Connection refused") when every attempt reuses the agent's shared rendezvous TCP store.
+DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
+STOP_GRACE_S = 10.0
+_NPROC = frozenset({"--nproc-per-node", "--nproc_per_node"})
+_COMPLETE_MARKER = "torchloom-complete.json"  # threadlet/resume.py's marker (torchloom cannot import it)
+
+
+def with_nproc(torchrun_args: Sequence[str], nproc: int) -> tuple[str, ...]:
+    """torchrun's options with `--nproc-per-node` set to `nproc` (replaced or added).
+
+    Raises:
+        ValueError: nproc < 1.
+    """
+    if nproc < 1:
+        raise ValueError(f"world size {nproc} rejected: a restart needs at least 1 rank")
+    out: list[str] = []
+    i = 0
+    while i < len(torchrun_args):
+        word = torchrun_args[i]
+        name = word.split("=", 1)[0]
+        if name in _NPROC:
+            i += 1 if "=" in word else 2
+            continue
+        out.append(word)
+        i += 1
+    return (*out, "--nproc-per-node", str(nproc))
+
+
+def nproc_of(torchrun_args: Sequence[str]) -> int:
+    """The `--nproc-per-node` torchrun's options give (1 when absent or not a number, e.g. "gpu")."""
+    for i, word in enumerate(torchrun_args):
+        name, _, value = word.partition("=")
+        if name in _NPROC:
+            if not value and i + 1 < len(torchrun_args):
+                value = torchrun_args[i + 1]
+            return int(value) if value.isdigit() else 1
+    return 1
+
+
+def surviving_devices(visible: Sequence[str], exclude_local_ranks: set[int]) -> list[str]:
+    """The device list of the next attempt: `visible` (indexed by local rank) without the excluded
+    local ranks' devices, so the new local ranks 0..n-1 land on healthy devices only."""
+    return [dev for i, dev in enumerate(visible) if i not in exclude_local_ranks]
+
+
+def checkpoint_dir(job: str, run_id: str, checkpoint: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the threadlets wrote `checkpoint` (an id, or already a path): the layout of
+    docs/design.md, `<root>/<job>/<run_id>/<id>`, root from TORCHLOOM_CHECKPOINT_DIR or TORCHLOOM_HOME."""
+    if os.sep in checkpoint:
+        return Path(checkpoint)
+    environ = os.environ if environ is None else environ
+    root = environ.get(env.CHECKPOINT_DIR) or ""
+    if root:
+        base = Path(root).expanduser()
+    else:
+        home = environ.get(env.HOME) or ""
+        base = (Path(home).expanduser() if home else Path.home() / ".torchloom") / "checkpoints"
+    return base / job / run_id / checkpoint
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step the checkpoint at `path` holds, from its completion marker; None when not complete."""
+    try:
+        step = json.loads((path / _COMPLETE_MARKER).read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Restart:
+    """A restart request from the weaver, checked.
+
+    Attributes:
+        run_id: the attempt it is about (a stale request names an older attempt).
+        world_size: ranks of the next attempt.
+        exclude_ranks: ranks whose devices are not used again.
+        grad_accum_steps: the value the next attempt starts with (0: unchanged).
+        checkpoint: the checkpoint id (or path) to resume from; "" when there is none.
+        steps_lost: steps redone, as the weaver computed it ("" when unknown).
+        reason: why.
+    """
+
+    run_id: str
+    world_size: int
+    exclude_ranks: frozenset[int]
+    grad_accum_steps: int
+    checkpoint: str
+    steps_lost: str
+    reason: str
+
+
+def parse_restart(ev: JobEvent) -> Restart:
+    """Check a "restart" JobEvent's attrs.
+
+    Raises:
+        ValueError: another kind, or an attr that is not of the documented form.
+    """
+    if ev.kind != "restart":
+        raise ValueError(f"launcher request kind {ev.kind!r} rejected: expected 'restart'")
+    a = ev.attrs
+    try:
+        world = int(a.get("world_size", ""))
+        excluded = frozenset(int(r) for r in a.get("exclude_ranks", "").split(",") if r.strip())
+        accum = int(a.get("grad_accum_steps") or 0)
+    except ValueError:
+        raise ValueError(
+            f"restart request {dict(a)!r} rejected: expected integer world_size, grad_accum_steps "
+            "and comma-separated exclude_ranks"
+        ) from None
+    if world < 1 or accum < 0:
+        raise ValueError(f"restart request rejected: world_size={world} must be >= 1, grad_accum_steps >= 0")
+    return Restart(
+        run_id=ev.run_id,
+        world_size=world,
+        exclude_ranks=excluded,
+        grad_accum_steps=accum,
+        checkpoint=a.get("checkpoint_path") or a.get("from_checkpoint", ""),
+        steps_lost=a.get("steps_lost", ""),
+        reason=a.get("reason", "") or ev.message,
+    )
+
+
+def attempt_env(
+    base: Mapping[str, str],
+    *,
+    run_id: str,
+    base_run_id: str,
+    resume_from: Path | None = None,
+    grad_accum_steps: int = 0,
+    devices: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """The environment of one attempt: `base` plus its run id, resume point and overrides."""
+    out = dict(base)
+    out[env.RUN_ID] = run_id
+    out[env.BASE_RUN_ID] = base_run_id
+    out[DISABLE_SHARED_STORE] = "1"
+    out.pop(env.RESUME_FROM, None)
+    out.pop(env.KNOB_OVERRIDES, None)
+    if resume_from is not None:
+        out[env.RESUME_FROM] = str(resume_from)
+    if grad_accum_steps > 0:
+        out[env.KNOB_OVERRIDES] = json.dumps({"grad_accum_steps": grad_accum_steps})
+    if devices is not None:
+        out[CUDA_VISIBLE] = ",".join(devices)
+    return out
+
+
+def _on_gpu_machine(environ: Mapping[str, str]) -> bool:
+    return CUDA_VISIBLE in environ or Path("/dev/nvidia0").exists()
+
+
+class Supervisor:
+    """Runs torchrun as successive attempts of one run and restarts it on the weaver's request.
+
+    Args:
+        job: the job name.
+        run_id: the first attempt's run id; attempt N runs as `<run_id>-a<N>`.
+        nats_url: the bus the weaver and the ranks use.
+        command: builds torchrun's argv for a world size (None: as the user gave it).
+        child_env: the first attempt's environment (TORCHLOOM_* set).
+        nproc: the first attempt's ranks per node.
+        on_start: called with each attempt's run id once its process started (to announce it).
+    """
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        run_id: str,
+        nats_url: str,
+        command: Callable[[int | None], Sequence[str]],
+        child_env: Mapping[str, str],
+        nproc: int,
+        on_start: Callable[[str], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.base_run_id = run_id
+        self.run_id = run_id
+        self.attempt = 0
+        self.events: list[JobEvent] = []  # what this supervisor published, in order
+        self._nats_url = nats_url
+        self._command = command
+        self._env = dict(child_env)
+        self._nproc = nproc
+        self._on_start = on_start
+        self._requests: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._heartbeats: dict[str, asyncio.Event] = {}
+        self._local_rank: dict[int, int] = {}  # rank -> local rank, from the current run's heartbeats
+        self._nc: Client | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._watches: set[asyncio.Task[None]] = set()  # strong refs to the "resumed" watches
+
+    async def run(self) -> int:
+        """Run attempts until one exits on its own; return that attempt's exit status (128+N for
+        signal N). Stops the current attempt when cancelled."""
+        self._env[DISABLE_SHARED_STORE] = "1"
+        self._env[env.BASE_RUN_ID] = self.base_run_id
+        try:
+            self._nc = await bus.connect(self._nats_url, name=f"torchloom-supervisor-{self.job}")
+        except Exception as exc:  # restarts need the bus; training does not, so go on without them
+            log.warning("supervisor: no NATS (%s): restart requests will not be carried out", exc)
+        else:
+            await self._nc.subscribe(subjects.launcher(self.job), cb=self._on_request)
+            await self._nc.subscribe(subjects.heartbeats_of(self.job), cb=self._on_heartbeat)
+        installed = self._forward_signals()
+        try:
+            proc = await self._start(self._command(None), self._env)
+            while True:
+                exited = asyncio.ensure_future(proc.wait())
+                asked = asyncio.ensure_future(self._requests.get())
+                try:
+                    await asyncio.wait({exited, asked}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for t in (exited, asked):
+                        if not t.done():
+                            t.cancel()
+                if exited.done():
+                    code = exited.result()
+                    return 128 - code if code < 0 else code
+                proc = await self._restart(proc, asked.result()) or proc
+        finally:
+            loop = asyncio.get_running_loop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            for task in list(self._watches):
+                task.cancel()
+            if self._proc is not None and self._proc.returncode is None:
+                await stop_group(self._proc)
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+
+    def _forward_signals(self) -> list[signal.Signals]:
+        """Pass SIGINT/SIGTERM on to the running attempt (it has its own session, so a Ctrl-C
+        reaches it exactly once: from us)."""
+        loop = asyncio.get_running_loop()
+
+        def forward(sig: signal.Signals) -> None:
+            if self._proc is not None and self._proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.send_signal(sig)
+
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, forward, sig)
+                installed.append(sig)
+        return installed
+
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            ev = wire.decode_event(msg.data)
+        except ValueError as exc:
+            log.warning("supervisor: ignored a malformed launcher request: %s", exc)
+            return
+        await self._requests.put(ev)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb: Heartbeat = wire.decode_heartbeat(msg.data)
+        except ValueError:
+            return
+        if hb.run_id == self.run_id:
+            self._local_rank[hb.rank] = hb.local_rank
+        waiter = self._heartbeats.get(hb.run_id)
+        if waiter is not None:
+            waiter.set()
+
+    def _current(self, run_id: str) -> bool:
+        """Whether a request names the running attempt (or an elastic restart inside it)."""
+        return run_id == self.run_id or run_id.startswith(self.run_id + "-a")
+
+    async def _start(self, argv: Sequence[str], environ: Mapping[str, str]) -> asyncio.subprocess.Process:
+        self._heartbeats[self.run_id] = asyncio.Event()
+        self._proc = await asyncio.create_subprocess_exec(
+            *argv, env=dict(environ), stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+        )
+        if self._on_start is not None:
+            self._on_start(self.run_id)
+        return self._proc
+
+    async def _publish(self, kind: str, message: str, **attrs: str) -> None:
+        ev = JobEvent(
+            job=self.job, run_id=self.run_id, kind=kind, message=message, time_s=time.time(), attrs=attrs
+        )
+        self.events.append(ev)
+        if self._nc is not None:
+            try:
+                await self._nc.publish(subjects.events(self.job), wire.encode(ev))
+            except Exception as exc:  # the event is for watchers; the restart goes on regardless
+                log.warning("supervisor: could not publish %s: %s", kind, exc)
+
+    async def _restart(
+        self, proc: asyncio.subprocess.Process, ev: JobEvent
+    ) -> asyncio.subprocess.Process | None:
+        """Carry out one restart request; None (keep the current attempt) when it is stale or bad."""
+        try:
+            req = parse_restart(ev)
+        except ValueError as exc:
+            log.warning("supervisor: %s", exc)
+            return None
+        if not self._current(req.run_id) or proc.returncode is not None:
+            log.info("supervisor: ignored a restart request for run %s (running %s)", req.run_id, self.run_id)
+            return None
+        t0 = time.monotonic()
+        path = checkpoint_dir(self.job, req.run_id, req.checkpoint, self._env) if req.checkpoint else None
+        step = checkpoint_step(path) if path is not None else None
+        common = {
+            "old_world_size": str(self._nproc),
+            "new_world_size": str(req.world_size),
+            "checkpoint": str(path or ""),
+            "checkpoint_step": "" if step is None else str(step),
+            "steps_lost": req.steps_lost,
+            "exclude_ranks": ",".join(map(str, sorted(req.exclude_ranks))),
+        }
+        if path is not None:
+            await self._publish("reconfigure_checkpointed", f"checkpoint {path} for the restart", **common)
+        await self._publish("reconfigure_stopping", f"stopping run {self.run_id}: {req.reason}", **common)
+        await stop_group(proc)
+        old_run, old_nproc = self.run_id, self._nproc
+        self.attempt += 1
+        self.run_id = f"{self.base_run_id}-a{self.attempt}"
+        self._nproc = req.world_size
+        devices = None
+        if _on_gpu_machine(self._env):
+            visible = (self._env.get(CUDA_VISIBLE) or ",".join(map(str, range(old_nproc)))).split(",")
+            excluded_local = {self._local_rank.get(r, r) for r in req.exclude_ranks}
+            devices = surviving_devices(visible, excluded_local)[: req.world_size]
+        self._env = attempt_env(
+            self._env,
+            run_id=self.run_id,
+            base_run_id=self.base_run_id,
+            resume_from=path,
+            grad_accum_steps=req.grad_accum_steps,
+            devices=devices,
+        )
+        self._local_rank.clear()
+        await self._publish(
+            "reconfigure_restarting",
+            f"relaunching as run {self.run_id} on {req.world_size} rank(s) (was {old_run})",
+            previous_run=old_run,
+            **common,
+        )
+        new = await self._start(self._command(req.world_size), self._env)
+        self._spawn_resumed_watch(common, t0)
+        return new
+
+    def _spawn_resumed_watch(self, attrs: Mapping[str, str], t0: float) -> None:
+        run_id = self.run_id
+        seen = self._heartbeats[run_id]
+
+        async def watch() -> None:
+            await seen.wait()
+            await self._publish(
+                "reconfigure_resumed",
+                f"run {run_id} is training again",
+                restart_s=f"{time.monotonic() - t0:.3f}",
+                **attrs,
+            )
+
+        task = asyncio.get_running_loop().create_task(watch(), name=f"supervisor-resumed-{run_id}")
+        self._watches.add(task)
+        task.add_done_callback(self._watches.discard)
+
+
+async def stop_group(proc: asyncio.subprocess.Process, grace_s: float = STOP_GRACE_S) -> int:
+    """Stop a child started in its own session: SIGTERM to its process group, wait, then SIGKILL.
+
+    Returns:
+        Its return code.
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(grace_s):
+                return await proc.wait()
+        except TimeoutError:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # also reaps workers torchrun left behind
+    return await proc.wait()

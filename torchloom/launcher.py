@@ -16,13 +16,14 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torchloom import discovery, env, subjects
 from torchloom.errors import WeaverUnavailable
 from torchloom.nats_server import EmbeddedNats
+from torchloom.supervisor import Supervisor, nproc_of, with_nproc
 
 log = logging.getLogger(__name__)
 
@@ -396,35 +397,6 @@ def announce(endpoints: WeaverEndpoints, *, run_id: str | None = None, job: str 
     print("; ".join(parts), file=sys.stderr, flush=True)
 
 
-async def _wait_child(proc: asyncio.subprocess.Process) -> int:
-    """Wait for the child, forwarding SIGINT and SIGTERM to it (it has its own session)."""
-    loop = asyncio.get_running_loop()
-
-    def _forward(sig: signal.Signals) -> None:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, _forward, sig)
-            installed.append(sig)
-    try:
-        return await proc.wait()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        if proc.returncode is None:  # we are being cancelled: do not leave the job behind
-            _forward(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10.0):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-
 async def run(spec: RunSpec) -> int:
     """Launch the job under torchrun with a weaver reachable, and return the exit status for it."""
     run_id = new_run_id()
@@ -447,13 +419,20 @@ async def run(spec: RunSpec) -> int:
         if spec.ui:
             await start_ui(stack, endpoints.ws_url, port=spec.ui_port)
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *torchrun_command(spec),
-            env=child_env(spec, run_id=run_id, nats_url=endpoints.nats_url, grpc=endpoints.grpc),
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
+        # The supervisor runs torchrun as attempts of this run and relaunches it on the weaver's
+        # restart request (a device failure under --health-policy reconfigure).
+        sup = Supervisor(
+            job=spec.job,
+            run_id=run_id,
+            nats_url=endpoints.nats_url,
+            command=lambda n: torchrun_command(
+                spec if n is None else replace(spec, torchrun_args=with_nproc(spec.torchrun_args, n))
+            ),
+            child_env=child_env(spec, run_id=run_id, nats_url=endpoints.nats_url, grpc=endpoints.grpc),
+            nproc=nproc_of(spec.torchrun_args),
         )
-        code = exit_status(await _wait_child(proc))
+        code = await sup.run()
+        run_id = sup.run_id
         print(
             f"torchloom: job {spec.job} run {run_id} exited with status {code} "
             f"after {time.monotonic() - started:.1f}s",

@@ -1,0 +1,93 @@
+"""End to end: checkpoint, set lr, rollback on a real 2-rank job; `torchloom journal --json` to a file;
+`torchloom replay` of that file (whose last set, on the new branch, shapes the result) reproduces
+every rank's final parameters bit for bit."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.test_cli_actions import _cli, _poll_json, run_env  # noqa: F401 (fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "examples" / "train_tiny.py"
+STEPS = "260"
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torchloom.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    try:
+        _out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+@pytest.mark.timeout(600)
+def test_replay_of_journal_reproduces_final_params(tmp_path: Path, run_env: dict[str, str]) -> None:  # noqa: F811
+    first, second = tmp_path / "first", tmp_path / "second"
+    script = [str(TRAIN), "--steps", STEPS, "--step-sleep", "0.03", "--out"]
+    proc = _run(["run", "--job", "rp", "--nproc-per-node", "2", *script, str(first)], run_env)
+    try:
+        _poll_json(
+            ["status", "--json"],
+            run_env,
+            proc,
+            lambda d: (
+                bool(d["jobs"])
+                and len(d["jobs"][0]["ranks"]) == 2
+                and min(r["step"] for r in d["jobs"][0]["ranks"]) >= 20
+            ),
+        )
+        for words in (
+            ["checkpoint", "--tag", "a"],
+            ["set", "lr=0.003"],
+            ["rollback", "a"],
+            ["set", "lr=0.0005"],
+        ):
+            res = _cli(*words, "--json", env=run_env)
+            assert res.returncode == 0, (words, res.stdout, res.stderr)
+        res = _cli("journal", "--json", "--job", "rp", env=run_env)
+        assert res.returncode == 0, res.stderr
+        (tmp_path / "j.json").write_text(res.stdout)
+        kinds = [e["kind"] for e in json.loads(res.stdout)["entries"] if e["type"] == "outcome"]
+        assert kinds == ["checkpoint", "set", "rollback", "set"]
+    finally:
+        _finish(proc)
+    deadline = time.monotonic() + 60
+    while (
+        run_env.get("TORCHLOOM_HOME")
+        and Path(run_env["TORCHLOOM_HOME"], "weaver.json").exists()
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    replay = _run(
+        ["replay", str(tmp_path / "j.json"), "--nproc-per-node", "2", "--", *script, str(second)], run_env
+    )
+    err = _finish(replay)
+    assert "4 applied commands of job rp" in err
+    for rank in (0, 1):
+        a = torch.load(first / f"rank{rank}.params.pt")
+        b = torch.load(second / f"rank{rank}.params.pt")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (rank, key)

@@ -229,7 +229,7 @@ class Weaver:
 
     async def _carry_out(self, plan: st.HealthPlan) -> None:
         """Issue the policy's commands in order, then ask the launcher for the restart."""
-        checkpoint = ""
+        checkpoint = checkpoint_path = ""
         for req in plan.submits:
             outcome = await self.submit(req)
             taking = isinstance(req.body, Action) and req.body.kind is ActionKind.CHECKPOINT
@@ -237,6 +237,7 @@ class Weaver:
                 first = min(outcome.results, key=lambda r: r.rank, default=None)
                 detail = first.detail if first is not None else {}
                 checkpoint = detail.get("checkpoint_id") or f"ckpt-{outcome.command.seq}"
+                checkpoint_path = detail.get("checkpoint_path", "")
             elif taking:
                 # Restarting now would lose the state the checkpoint was to save: decide again later.
                 log.warning("health checkpoint of %s did not apply: %s", plan.job, outcome.reason)
@@ -247,6 +248,7 @@ class Weaver:
         attrs = dict(plan.restart.attrs)
         if not attrs.get("from_checkpoint"):
             attrs["from_checkpoint"] = checkpoint
+            attrs["checkpoint_path"] = checkpoint_path
         request = JobEvent(
             job=plan.restart.job,
             run_id=plan.restart.run_id,

@@ -6,6 +6,7 @@ No I/O here: `weaver.service` feeds heartbeats, acks and submits in, and carries
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -150,9 +151,11 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
                 )
             )
         retired = job.retired_runs | {job.run_id}
+        previous = job
         job = None
     else:
         retired = set()
+        previous = None
     if job is None:
         new_run = True
         job = JobState(
@@ -168,6 +171,8 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
                 world_size=str(hb.world_size),
             )
         )
+        if previous is not None and base_run_id(previous.run_id) == base_run_id(hb.run_id):
+            events.append(_resumed_event(job, previous, hb, now))
     job.world_size = hb.world_size
     if hb.knobs:
         job.knobs = hb.knobs
@@ -203,6 +208,35 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
             _event(job, "rank_finished", f"rank {hb.rank} finished at step {hb.step}", now, rank=str(hb.rank))
         )
     return HeartbeatEffects(events=tuple(events), dropped=tuple(dropped), new_run=new_run)
+
+
+_ATTEMPT = re.compile(r"^(?P<base>.+)-a[1-9][0-9]*$")
+
+
+def base_run_id(run_id: str) -> str:
+    """The first attempt's run id (every `-a<N>` restart suffix removed; see threadlet/resume.py)."""
+    while (m := _ATTEMPT.match(run_id)) is not None:
+        run_id = m.group("base")
+    return run_id
+
+
+def _resumed_event(job: JobState, previous: JobState, hb: Heartbeat, now: float) -> JobEvent:
+    """A restarted attempt of the same run: the steps redone are the old run's furthest step minus
+    the step the new attempt starts from (its first heartbeat reports the checkpoint's step)."""
+    died_at = max((e.heartbeat.step for e in previous.ranks.values()), default=hb.step)
+    lost = max(0, died_at - hb.step)
+    return _event(
+        job,
+        "resumed",
+        f"run {hb.run_id} resumed run {previous.run_id} at step {hb.step}: {lost} step(s) lost",
+        now,
+        previous_run=previous.run_id,
+        step_at_death=str(died_at),
+        resume_step=str(hb.step),
+        steps_lost=str(lost),
+        old_world_size=str(previous.world_size),
+        new_world_size=str(hb.world_size),
+    )
 
 
 def is_alive(entry: RankEntry, now: float, dead_after_s: float) -> bool:
@@ -651,6 +685,8 @@ def _plan(
                 world_size=str(a.world_size),
                 grad_accum_steps=str(grad_accum),
                 from_checkpoint=ck.id if ck is not None else "",
+                checkpoint_path=ck.path if ck is not None else "",
+                steps_lost=str(a.steps_lost),
                 reason=a.reason,
             )
     if not submits and restart is None:

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import torch.distributed as dist
 
+from threadlet import resume
 from threadlet.agent import EvalFn, Threadlet
 from threadlet.config import ThreadletConfig, from_env
 
@@ -73,6 +74,9 @@ def attach(
         raise ValueError("attach(): pass either config= or job/nats_url/run_id, not both")
     if checkpoint_dir is not None:
         config = dataclasses.replace(config, checkpoint_dir=checkpoint_dir)
+    # After torchrun's elastic restart N, report as run `<run>-aN` so the previous attempt's
+    # commands are not applied again; the weaver sees a new run of the same job.
+    config = dataclasses.replace(config, run_id=resume.effective_run_id(config.run_id))
     tl = Threadlet(
         config, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler, eval_fn=eval_fn
     )

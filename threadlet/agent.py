@@ -21,7 +21,7 @@ from typing import Any, Self
 import torch
 import torch.distributed as dist
 
-from threadlet import agreement, checkpoint, health, nvml_fake, replay
+from threadlet import agreement, checkpoint, health, nvml_fake, replay, resume
 from threadlet.agreement import Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.link import Link
@@ -163,6 +163,9 @@ class Threadlet:
             self._fake_nvml = nvml_fake.from_spec(config.fake_nvml)
         elif config.fault_injection_allowed:
             self._fake_nvml = nvml_fake.FakeNvml()  # empty: fault_inject scripts it
+        self._pending_overrides: dict[str, Any] = {}
+        self.resumed_from: str = ""  # the checkpoint this process started from ("" for a fresh start)
+        self._resume_at_start()
         if config.local:
             return
         self._probe = health.make_probe(self.local_rank, device=_device_of(model), nvml=self._fake_nvml)
@@ -189,6 +192,8 @@ class Threadlet:
         )
         if self._fake_nvml is not None:
             self._fake_nvml.set_step(self.step_count)
+        if self._pending_overrides:
+            self._apply_overrides()
         if self._closed:
             return
         if self._replay is not None:
@@ -556,6 +561,50 @@ class Threadlet:
             self._fake_nvml.set_step(self.step_count)
         return {}
 
+    def _resume_at_start(self) -> None:
+        """Load the checkpoint a restart names (TORCHLOOM_RESUME_FROM, or the run's latest complete one
+        after an elastic restart), then apply TORCHLOOM_KNOB_OVERRIDES checked like a `set`."""
+        root = checkpoint.default_root(self.config.checkpoint_dir)
+        todo = resume.plan(root=root, job=self.config.job, run_id=self.config.run_id)
+        self._pending_overrides = dict(todo.overrides)
+        if todo.checkpoint is not None:
+            source = resume.per_rank_source(todo.checkpoint, self.rank)
+            saved = checkpoint.load(
+                todo.checkpoint,
+                rank=source,  # names the per-rank entry (RNG, sampler) this rank takes
+                group=self.group,
+                model=self._model,
+                optimizer=self._optimizer,
+                scheduler=self._scheduler,
+                sampler=self._sampler,
+                threadlet_keys={"step": 0, "branch": "", "knobs": ""},
+            )
+            self._restore_user_knobs(str(saved["knobs"]))
+            self.step_count = int(saved["step"])
+            self.branch = str(saved["branch"]) or self.branch
+            self.resumed_from = str(todo.checkpoint)
+            if self._fake_nvml is not None:
+                self._fake_nvml.set_step(self.step_count)
+            log.info(
+                "threadlet: rank %d resumed from %s at step %d (%s restart)",
+                self.rank,
+                todo.checkpoint,
+                self.step_count,
+                todo.source,
+            )
+        self._apply_overrides()
+
+    def _apply_overrides(self) -> None:
+        """Apply the pending knob overrides the training loop has registered by now; the rest wait
+        for the next boundary (loops enable grad_accum_steps etc. after attach)."""
+        if not self._pending_overrides:
+            return
+        known = {k: v for k, v in self._pending_overrides.items() if k.split("@", 1)[0] in self._board.schema}
+        if known:
+            self._board.apply(resume.validate_overrides(self._board.schema, known))
+            for k in known:
+                del self._pending_overrides[k]
+
     def _threadlet_state(self) -> dict[str, Any]:
         knobs = {spec.name: spec.value for spec in self._board.specs() if spec.value is not None}
         return {
@@ -579,6 +628,8 @@ class Threadlet:
             sampler=self._sampler,
             threadlet_state=self._threadlet_state(),
         )
+        if self.rank == 0:  # the collective save has returned: DCP's metadata covers every rank
+            resume.mark_complete(path, step=self.step_count, branch=self.branch, world_size=self.world_size)
         return {
             "checkpoint_id": checkpoint.checkpoint_id(seq),
             "checkpoint_tag": tag,

@@ -25,7 +25,7 @@ from threadlet import agreement, checkpoint, health, nvml_fake, replay, resume
 from threadlet.agreement import Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.link import Link
-from threadlet.optim_knobs import Applier, Getter, KnobBoard, knob_type
+from threadlet.optim_knobs import Applier, Getter, KnobBoard, TrainingKnobs, knob_type
 from torchloom import subjects, wire
 from torchloom.errors import CommandRejected
 from torchloom.knobs import BUILTIN_SPECS, validate_set
@@ -160,7 +160,11 @@ class Threadlet:
             # Every rank calls attach at the same point, so this collective group creation matches.
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=config.agreement_timeout_s))
         if config.fake_nvml:
-            self._fake_nvml = nvml_fake.from_spec(config.fake_nvml)
+            # One fake device per local rank, so "xid:79@30/1" fails local rank 1's device only.
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            self._fake_nvml = nvml_fake.from_spec(
+                config.fake_nvml, device_count=max(local_world, self.local_rank + 1)
+            )
         elif config.fault_injection_allowed:
             self._fake_nvml = nvml_fake.FakeNvml()  # empty: fault_inject scripts it
         self._pending_overrides: dict[str, Any] = {}
@@ -223,6 +227,14 @@ class Threadlet:
             raise ValueError(f"total_steps={total_steps} rejected: must be >= 0")
         while not self._stop and self.step_count < total_steps:
             yield self.step_count
+
+    @property
+    def training(self) -> TrainingKnobs:
+        """Training-loop knobs (grad_clip_norm, grad_accum_steps): `tl.training.enable(...)` makes
+        them steerable; read their current values here every step."""
+        if self._pending_overrides:  # a resume's overrides apply once the loop enabled the knob
+            self._apply_overrides()
+        return self._board.training
 
     @property
     def should_stop(self) -> bool:

@@ -159,14 +159,13 @@ class Threadlet:
 
             # Every rank calls attach at the same point, so this collective group creation matches.
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=config.agreement_timeout_s))
+        # One fake device per local rank, so "xid:79@30/1" fails local rank 1's device only.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        fake_devices = max(local_world, self.local_rank + 1)
         if config.fake_nvml:
-            # One fake device per local rank, so "xid:79@30/1" fails local rank 1's device only.
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-            self._fake_nvml = nvml_fake.from_spec(
-                config.fake_nvml, device_count=max(local_world, self.local_rank + 1)
-            )
+            self._fake_nvml = nvml_fake.from_spec(config.fake_nvml, device_count=fake_devices)
         elif config.fault_injection_allowed:
-            self._fake_nvml = nvml_fake.FakeNvml()  # empty: fault_inject scripts it
+            self._fake_nvml = nvml_fake.FakeNvml(fake_devices)  # empty: fault_inject scripts it
         self._pending_overrides: dict[str, Any] = {}
         self.resumed_from: str = ""  # the checkpoint this process started from ("" for a fresh start)
         self._resume_at_start()
@@ -569,7 +568,8 @@ class Threadlet:
             return {"source": name}
         elif kind is ActionKind.FAULT_INJECT and int(body.args["rank"]) == self.rank:
             assert self._fake_nvml is not None  # refused at filing otherwise
-            self._fake_nvml.fail_at(self.step_count, int(body.args["xid"]))
+            # The probe watches NVML index local_rank (make_probe's default for a fake).
+            self._fake_nvml.fail_at(self.step_count, int(body.args["xid"]), index=self.local_rank)
             self._fake_nvml.set_step(self.step_count)
         return {}
 

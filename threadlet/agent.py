@@ -152,6 +152,7 @@ class Threadlet:
             if job and job != config.job:
                 log.warning("threadlet: replaying commands of job %r as job %r", job, config.job)
             self._replay = replay.Schedule(entries)
+        self._pending_overrides: dict[str, Any] = {}  # set before the local-mode return: step() reads it
         if config.local and self._replay is None:
             return
         if dist.is_available() and dist.is_initialized() and self.world_size > 1:
@@ -166,7 +167,6 @@ class Threadlet:
             self._fake_nvml = nvml_fake.from_spec(config.fake_nvml, device_count=fake_devices)
         elif config.fault_injection_allowed:
             self._fake_nvml = nvml_fake.FakeNvml(fake_devices)  # empty: fault_inject scripts it
-        self._pending_overrides: dict[str, Any] = {}
         self.resumed_from: str = ""  # the checkpoint this process started from ("" for a fresh start)
         self._resume_at_start()
         if config.local:

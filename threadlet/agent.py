@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,10 +25,17 @@ from threadlet import agreement, checkpoint, health, nvml_fake, replay, resume
 from threadlet.agreement import Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.link import Link
-from threadlet.optim_knobs import Applier, Getter, KnobBoard, TrainingKnobs, knob_type
+from threadlet.optim_knobs import (
+    OPTIMIZER_KNOBS,
+    Applier,
+    Getter,
+    KnobBoard,
+    TrainingKnobs,
+    Validator,
+    knob_type,
+)
 from torchloom import subjects, wire
 from torchloom.errors import CommandRejected
-from torchloom.knobs import BUILTIN_SPECS, validate_set
 from torchloom.messages import (
     Ack,
     AckStatus,
@@ -153,6 +160,9 @@ class Threadlet:
                 log.warning("threadlet: replaying commands of job %r as job %r", job, config.job)
             self._replay = replay.Schedule(entries)
         self._pending_overrides: dict[str, Any] = {}  # set before the local-mode return: step() reads it
+        # A sampler's knobs (mix, batch_size) exist before a resume restores or overrides them.
+        if sampler is not None and callable(getattr(sampler, "register_knobs", None)):
+            sampler.register_knobs(self)
         if config.local and self._replay is None:
             return
         if dist.is_available() and dist.is_initialized() and self.world_size > 1:
@@ -236,6 +246,37 @@ class Threadlet:
         return self._board.training
 
     @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step (the `grad_accum_steps` knob, default 1). The first
+        read makes the knob steerable; read it once per optimizer step."""
+        knobs = self._board.training
+        value = knobs.grad_accum_steps  # enables the knob, so a pending override can land now
+        if self._pending_overrides:
+            self._apply_overrides()
+            value = knobs.grad_accum_steps
+        return value
+
+    def clip_grad_(
+        self, parameters: torch.Tensor | Iterable[torch.Tensor], norm_type: float = 2.0
+    ) -> float | None:
+        """Clip gradients in place to the current `grad_clip_norm` knob (0, the default, disables
+        clipping); the first call makes the knob steerable.
+
+        Args:
+            parameters: as for `torch.nn.utils.clip_grad_norm_`.
+            norm_type: the p of the p-norm.
+
+        Returns:
+            The total gradient norm before clipping, or None while clipping is disabled.
+        """
+        knobs = self._board.training
+        if "grad_clip_norm" not in knobs.enabled:
+            knobs.enable(grad_clip_norm=knobs.grad_clip_norm)
+        if self._pending_overrides:
+            self._apply_overrides()
+        return knobs.clip_grad_(parameters, norm_type=norm_type)
+
+    @property
     def should_stop(self) -> bool:
         """True once a `stop` action was decided (after its checkpoint): leave the training loop."""
         return self._stop
@@ -258,6 +299,7 @@ class Threadlet:
         choices: tuple[str, ...] = (),
         get: Getter,
         apply: Applier,
+        validate: Validator | None = None,
     ) -> None:
         """Register a user knob, settable like lr (`torchloom set NAME=VALUE`).
 
@@ -269,6 +311,10 @@ class Threadlet:
             choices: allowed values of a str knob.
             get: returns the current value (called on the training thread).
             apply: sets a validated value (called on the training thread at a step boundary).
+            validate: optional structural check of a typed value (e.g. the `mix` syntax): raises
+                CommandRejected or ValueError naming the expected form and changes nothing. Every
+                rank runs it when a command arrives (on the bus thread, so it must only read
+                immutable state), so a bad value is refused by all ranks and applied by none.
 
         Raises:
             ValueError: on a duplicate or malformed name, an unknown type or inverted bounds.
@@ -285,7 +331,7 @@ class Threadlet:
             description=description,
             choices=choices,
         )
-        self._board.register(spec, get, apply)
+        self._board.register(spec, get, apply, validate)
         self._next_status_t = 0.0
 
     @property
@@ -348,7 +394,9 @@ class Threadlet:
         body = cmd.body
         if isinstance(body, SetConfig):
             try:
-                values = validate_set(self._board.schema, body.values)
+                # Types, bounds and the knobs' validate hooks (e.g. mix structure): a bad value is
+                # refused here by every rank, so none applies it.
+                values = self._board.validate(body.values)
             except CommandRejected as exc:
                 refusal = exc.reason
         else:
@@ -676,15 +724,19 @@ class Threadlet:
         }
 
     def _restore_user_knobs(self, saved_json: str) -> None:
-        """Put back user knob values (built-in ones came back with the optimizer's state)."""
+        """Put back the checkpoint's knob values: user knobs and the training-loop ones
+        (optimizer knobs came back with the optimizer's state, per group)."""
         saved = json.loads(saved_json) if saved_json else {}
         user = {
             k: tuple(v) if isinstance(v, list) else v
             for k, v in saved.items()
-            if k not in BUILTIN_SPECS and k in self._board.schema
+            if k not in OPTIMIZER_KNOBS and k in self._board.schema
         }
+        # Knobs whose state came back with the checkpoint (a sampler's mix and batch_size) already
+        # match; re-applying their rounded text form could perturb exact values.
+        user = {k: v for k, v in user.items() if self._board.value(k) != v}
         if user:
-            self._board.apply(validate_set(self._board.schema, user))
+            self._board.apply(self._board.validate(user))
 
     def _evaluate(self) -> dict[str, str]:
         assert self._eval_fn is not None  # refused at filing otherwise

@@ -1,21 +1,40 @@
-"""A tiny DDP regression job steered live by torchloom: the smallest complete use of the threadlet.
+"""A tiny DDP regression job steered live by torchloom, using every built-in knob of the threadlet.
 
     python -m torch.distributed.run --nproc-per-node 2 examples/train_tiny.py --steps 200 --out DIR
 
-Each rank writes DIR/rank{R}.jsonl (one line per step: branch, the lr and weight_decay its optimizer
-step used, and float64 sums of the parameters before and after it), DIR/rank{R}.applied.json (the
-commands it decided) and DIR/rank{R}.params.pt (the final parameters). The loop iterates
-`tl.range(steps)`, so it follows rollbacks and ends early on `stop`; an eval function (loss on a
-held-out set) serves the `eval` action. Without TORCHLOOM_NATS_URL it runs in local mode.
+What a user can steer while it runs (`torchloom set ...`, `torchloom data add ...`):
+
+- lr, weight_decay, betas, eps: AdamW with two named parameter groups, `body` and `head`
+  (all groups at once, or one with `lr@head=...`);
+- grad_clip_norm: the loop clips with `tl.clip_grad_` (0, the default, disables clipping);
+- grad_accum_steps: each step accumulates that many micro-batches, then takes one optimizer step
+  (one `tl.step()` per optimizer step, loss scaled by 1/accum);
+- batch_size and mix: batches come from a `MixtureSampler` over three synthetic sources, `code`,
+  `math` and `web`, each with its own target function (so their losses differ);
+- `data add NAME PATH`: PATH is a .pt file holding a float tensor of shape (N, 9), rows
+  `[x_0 .. x_7, y]`; the new source starts at weight 0 until a `mix` names it.
+
+Each rank writes DIR/rank{R}.jsonl (one line per optimizer step: branch, loss, the knob values that
+step used, lr/weight_decay/betas/eps per group, samples per source, and float64 sums of the
+parameters before and after it), DIR/rank{R}.applied.json (the commands it decided) and
+DIR/rank{R}.params.pt (the final parameters). Batches depend only on (seed, micro-batch number,
+rank), and the sampler rides along checkpoints, so a rollback retraces the same batches and a replay
+of the decided commands is bit-identical. The loop iterates `tl.range(steps)`, so it follows
+rollbacks and ends early on `stop`; an eval function (loss on held-out rows of each source) serves
+the `eval` action. Without TORCHLOOM_NATS_URL it runs in local mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,11 +42,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import threadlet
+from threadlet.data import MixtureSampler
+
+FEATURES = 8
+SOURCE_ROWS = 512
+EVAL_ROWS = 64
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--out", type=Path, required=True, help="directory for per-rank records")
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step (default 0)")
     p.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
@@ -39,64 +63,135 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def make_sources(seed: int) -> dict[str, torch.Tensor]:
+    """Three sources of (N, 9) rows `[x, y]`, the same on every rank (made from the seed alone)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.linspace(-1, 1, FEATURES)
+    targets: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "code": lambda x: x @ w,  # linear
+        "math": lambda x: torch.sin(2 * x).sum(1),  # smooth, non-linear
+        "web": lambda x: (x**2).mean(1) - 1 + 0.3 * x[:, 0] * x[:, 1],  # quadratic with an interaction
+    }
+    out = {}
+    for name, f in targets.items():
+        x = torch.randn(SOURCE_ROWS, FEATURES, generator=gen)
+        y = f(x) + 0.05 * torch.randn(SOURCE_ROWS, generator=gen)
+        out[name] = torch.cat([x, y.unsqueeze(1)], dim=1)
+    return out
+
+
+def rows_of(sampler: MixtureSampler, batch: list[tuple[str, int]]) -> torch.Tensor:
+    """The (B, 9) rows a batch names (sources added by `data add` included)."""
+    return torch.stack([torch.as_tensor(sampler.dataset(name)[i], dtype=torch.float32) for name, i in batch])
+
+
 def main() -> None:
     args = parse_args()
     if "RANK" in os.environ:
         dist.init_process_group(backend="gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP broadcasts them anyway)
-    body = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+    body = nn.Sequential(nn.Linear(FEATURES, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
     head = nn.Linear(32, 1)
     net = nn.Sequential(body, head)
-    model: nn.Module = DistributedDataParallel(net) if dist.is_initialized() else net
+    ddp = DistributedDataParallel(net) if dist.is_initialized() else None
+    model: nn.Module = ddp if ddp is not None else net
+    # Named groups make every optimizer knob settable per group (`lr@head=...`).
+    groups: list[dict[str, Any]] = [
+        {"params": body.parameters(), "name": "body"},
+        {"params": head.parameters(), "name": "head", "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(
-        [
-            {"params": body.parameters(), "name": "body"},
-            {"params": head.parameters(), "name": "head", "weight_decay": 0.0},
-        ],
+        groups,
         lr=1e-3,
         weight_decay=1e-2,
     )
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data shard
-    x = torch.randn(256, 8, generator=gen)
-    y = (x @ torch.linspace(-1, 1, 8)).unsqueeze(1) + 0.1 * torch.randn(256, 1, generator=gen)
-    x_eval, y_eval = x[:64], y[:64]
-    # Batches come from the global RNG, which checkpoints capture: after a rollback the same
-    # batches come again, so a run (or its replay) is a deterministic function of its commands.
-    torch.manual_seed(args.seed * 1000 + rank)
+    sources = make_sources(args.seed)
+    held_out = {name: rows[:EVAL_ROWS] for name, rows in sources.items()}
+    sampler = MixtureSampler(
+        {name: rows[EVAL_ROWS:] for name, rows in sources.items()},
+        {"code": 1.0, "math": 1.0, "web": 1.0},
+        batch_size=32,
+        seed=args.seed,
+        rank=rank,
+        world_size=world,
+    )
 
     def evaluate() -> dict[str, float]:
         with torch.no_grad():
-            return {"loss": nn.functional.mse_loss(net(x_eval), y_eval).item()}
+            losses = {
+                name: nn.functional.mse_loss(net(rows[:, :FEATURES]), rows[:, FEATURES:]).item()
+                for name, rows in held_out.items()
+            }
+        return {"loss": sum(losses.values()) / len(losses), **{f"loss_{n}": v for n, v in losses.items()}}
 
     def checksum() -> float:
         with torch.no_grad():
             return float(sum(p.double().sum() for p in net.parameters()))
 
+    def per_group(key: str) -> dict[str, object]:
+        return {g["name"]: list(g[key]) if key == "betas" else g[key] for g in opt.param_groups}
+
     args.out.mkdir(parents=True, exist_ok=True)
-    tl = threadlet.attach(model=model, optimizer=opt, eval_fn=evaluate)
+    # sampler=: its mix/batch_size become knobs, `data add` adds sources to it, and checkpoints
+    # (hence rollbacks) restore its position.
+    tl = threadlet.attach(model=model, optimizer=opt, sampler=sampler, eval_fn=evaluate)
     with open(args.out / f"rank{rank}.jsonl", "w", encoding="utf-8") as records:
         for step in tl.range(args.steps):
-            # The values this iteration's optimizer step uses: commands decided at the previous
-            # boundary (tl.step_count == step) are already in param_groups.
-            lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-            wds = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+            # The values this iteration uses: commands decided at the previous boundary
+            # (tl.step_count == step) are already in force.
+            accum = tl.grad_accum_steps
+            rec: dict[str, object] = {
+                "step": step,
+                "branch": tl.branch,
+                "lr": per_group("lr"),
+                "weight_decay": per_group("weight_decay"),
+                "betas": per_group("betas"),
+                "eps": per_group("eps"),
+                "grad_clip_norm": tl.training.grad_clip_norm,
+                "grad_accum_steps": accum,
+                "batch_size": sampler.batch_size,
+                "mix": sampler.get_mix(),
+            }
             before = checksum()
-            idx = torch.randint(0, x.shape[0], (32,))
-            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total, counts = 0.0, Counter[str]()
+            per_source: dict[str, list[float]] = {}
+            for micro in range(accum):
+                batch = sampler.next_batch()
+                rows = rows_of(sampler, batch)
+                pred = model(rows[:, :FEATURES])
+                err = (pred - rows[:, FEATURES:]).pow(2).squeeze(1)
+                loss = err.mean() / accum
+                # DDP all-reduces gradients only on the last micro-batch of the step.
+                last = micro == accum - 1
+                with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+                    loss.backward()
+                total += loss.item()
+                counts.update(name for name, _ in batch)
+                for (name, _), e in zip(batch, err.tolist(), strict=True):
+                    per_source.setdefault(name, []).append(e)
+            grad_norm = tl.clip_grad_(net.parameters())
             opt.step()
             if args.step_sleep:
                 time.sleep(args.step_sleep)
-            value = loss.item()
-            rec = {"step": step, "branch": tl.branch, "loss": value, "lr": lrs, "weight_decay": wds}
-            rec.update(params_before=before, params=checksum())
+            source_loss = {f"loss_{n}": sum(v) / len(v) for n, v in sorted(per_source.items())}
+            rec.update(
+                loss=total,
+                grad_norm=grad_norm,
+                counts=dict(sorted(counts.items())),
+                source_loss=source_loss,
+                params_before=before,
+                params=checksum(),
+            )
             records.write(json.dumps(rec) + "\n")
             records.flush()
-            tl.step(loss=value, tokens=32)
+            tl.step(loss=total, tokens=sum(counts.values()), **source_loss)
             if rank == 0 and (step + 1) % 50 == 0:
-                print(f"step {step + 1}/{args.steps} loss {value:.4f} lr {lrs}", flush=True)
+                print(
+                    f"step {step + 1}/{args.steps} loss {total:.4f} lr {rec['lr']} {source_loss}", flush=True
+                )
     tl.close()
     torch.save(
         {k: v.detach().clone() for k, v in net.state_dict().items()}, args.out / f"rank{rank}.params.pt"

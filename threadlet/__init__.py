@@ -57,12 +57,16 @@ def attach(
         config: a complete config; the three arguments above must then be None.
         checkpoint_dir: checkpoint root, overriding TORCHLOOM_CHECKPOINT_DIR (and config's).
         sampler: the data sampler: checkpointed and restored (anything with state_dict and
-            load_state_dict) and, with `add_source(name, path)`, the target of `data add`.
+            load_state_dict), with `add_source(name, path)` the target of `data add`, and with
+            `register_knobs(tl)` (a `threadlet.data.MixtureSampler`) its knobs, `mix` and
+            `batch_size`, are registered here (do not register them again).
         eval_fn: called by the `eval` action on every rank at the same step; returns metric
             name -> float (also settable later with `tl.on_eval`).
 
     Training loops should iterate `for step in tl.range(total_steps):` so they follow a rollback
-    (step_count moves back to the checkpoint's step) and end after a `stop` action.
+    (step_count moves back to the checkpoint's step) and end after a `stop` action. Clip with
+    `tl.clip_grad_(params)` and accumulate `tl.grad_accum_steps` micro-batches per step to make
+    `grad_clip_norm` and `grad_accum_steps` steerable.
 
     Raises:
         ValueError: on a malformed setting (the message names the expected form).

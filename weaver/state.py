@@ -222,17 +222,27 @@ def base_run_id(run_id: str) -> str:
 
 def _resumed_event(job: JobState, previous: JobState, hb: Heartbeat, now: float) -> JobEvent:
     """A restarted attempt of the same run: the steps redone are the old run's furthest step minus
-    the step the new attempt starts from (its first heartbeat reports the checkpoint's step)."""
+    the step the new attempt starts from.
+
+    That start is the newest checkpoint the old run's registry knows at or before the new attempt's
+    first reported step (both restart paths resume from the latest complete checkpoint); the first
+    heartbeat alone can come several steps after the load, which would undercount the loss. Without
+    a known checkpoint the first reported step is the best bound.
+    """
     died_at = max((e.heartbeat.step for e in previous.ranks.values()), default=hb.step)
-    lost = max(0, died_at - hb.step)
+    ckpt = previous.registry.latest_checkpoint(hb.step)
+    start = ckpt.step if ckpt is not None and ckpt.step >= 0 else hb.step
+    lost = max(0, died_at - start)
     return _event(
         job,
         "resumed",
-        f"run {hb.run_id} resumed run {previous.run_id} at step {hb.step}: {lost} step(s) lost",
+        f"run {hb.run_id} resumed run {previous.run_id} at step {start}: {lost} step(s) lost",
         now,
         previous_run=previous.run_id,
         step_at_death=str(died_at),
-        resume_step=str(hb.step),
+        resume_step=str(start),
+        resume_checkpoint=ckpt.id if ckpt is not None else "",
+        first_step=str(hb.step),
         steps_lost=str(lost),
         old_world_size=str(previous.world_size),
         new_world_size=str(hb.world_size),

@@ -2,7 +2,8 @@
 (step, loss, grad_accum_steps, world size, run id) to OUT/rank<R>.jsonl, across restarts.
 
 --xid-at STEP makes rank 1's (fake) device report XID 79 at that step; --hang-at STEP makes rank 1
-stop advancing there; --die-at STEP makes rank 1 kill itself with SIGKILL there (first attempt only).
+stop advancing there for --hang-s seconds; --die-at STEP makes rank 1 kill itself with SIGKILL there
+(first attempt only). Each record also carries the wall-clock time "t" the step ended (for benchmarks).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--step-sleep", type=float, default=0.02)
     p.add_argument("--xid-at", type=int, default=0)
     p.add_argument("--hang-at", type=int, default=0)
+    p.add_argument("--hang-s", type=float, default=3600.0)
     p.add_argument("--die-at", type=int, default=0)
     args = p.parse_args()
     dist.init_process_group(backend="gloo")
@@ -61,11 +63,12 @@ def main() -> None:
             opt.step()
             if args.step_sleep:
                 time.sleep(args.step_sleep)
-            if rank == 1 and args.hang_at and step >= args.hang_at:
-                time.sleep(3600)
+            if rank == 1 and args.hang_at and step == args.hang_at and not restarted:
+                time.sleep(args.hang_s)
             if rank == 1 and args.die_at and step == args.die_at and not restarted and not tl.resumed_from:
                 os.kill(os.getpid(), signal.SIGKILL)
             rec = {"step": step, "loss": total, "accum": accum, "world": world, "run": tl.config.run_id}
+            rec["t"] = time.time()
             records.write(json.dumps(rec) + "\n")
             records.flush()
             tl.step(loss=total)

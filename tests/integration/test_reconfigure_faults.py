@@ -1,0 +1,343 @@
+"""Crash and hang paths end to end: a real `torchloom run` of a 2-rank torchrun job on CPU (weaver in
+process, NATS external so the journal outlives the run); the test kills a rank with SIGKILL or makes it
+stall, and checks the weaver's events, the devices view and the ranks' own records."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from torchloom import discovery, subjects, wire
+from torchloom.client import ControlClient
+from torchloom.messages import (
+    Action,
+    ActionKind,
+    Issuer,
+    JobEvent,
+    Outcome,
+    OutcomeStatus,
+    SetConfig,
+    StatusReply,
+    SubmitRequest,
+)
+from torchloom.nats_server import EmbeddedNats
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "reconf_train.py"
+JOB = "reconf"
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def _events(url: str) -> list[JobEvent]:
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().subscribe(subjects.events(JOB), ordered_consumer=True)
+        out: list[JobEvent] = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except TimeoutError:
+                return out
+            out.append(wire.decode_event(msg.data))
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def run_env(subprocess_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    env = dict(subprocess_env)
+    for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
+        env.pop(name, None)
+    env["OMP_NUM_THREADS"] = "1"
+    env["TORCHLOOM_CHECKPOINT_DIR"] = str(tmp_path / "ckpt")
+    return env
+
+
+@contextlib.asynccontextmanager
+async def _torchloom_run(args: list[str], env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`torchloom run` as a child; on the way out it gets SIGTERM (forwarded to torchrun), then SIGKILL."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "torchloom.cli", "run", "--job", JOB, *args, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(30):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _until(
+    check: Callable[[], Any], deadline_s: float, what: str, proc: asyncio.subprocess.Process | None = None
+) -> Any:
+    """Poll `check` (sync or async) until it returns something truthy; fail with `what` at the deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return got
+        if proc is not None and proc.returncode is not None:
+            err = (await proc.stderr.read()).decode() if proc.stderr else ""
+            pytest.fail(f"torchloom run exited ({proc.returncode}) while waiting for {what}: {err[-3000:]}")
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline_s:g}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def _client(proc: asyncio.subprocess.Process) -> ControlClient:
+    """A client of the weaver `torchloom run` started (it writes the discovery file in TORCHLOOM_HOME)."""
+    info = await _until(discovery.read, 60, "the weaver's discovery file", proc)
+    return ControlClient(info.grpc)
+
+
+async def _status(client: ControlClient) -> StatusReply | None:
+    try:
+        async with asyncio.timeout(5):
+            return await client.status(JOB)
+    except Exception:  # not up yet, or the job has no heartbeat yet
+        return None
+
+
+async def _at_step(client: ControlClient, run_id: str | None, step: int) -> StatusReply | None:
+    reply = await _status(client)
+    if reply is None or not reply.jobs:
+        return None
+    job = reply.jobs[0]
+    ranks = [r for r in job.ranks if r.alive]
+    ok = len(ranks) == 2 and min(r.step for r in ranks) >= step and run_id in (None, job.run_id)
+    return reply if ok else None
+
+
+@pytest.mark.timeout(120)
+async def test_kill_9_of_a_rank_is_detected_and_torchrun_restarts_from_the_checkpoint(
+    tmp_path: Path, nats_server: EmbeddedNats, run_env: dict[str, str], tl_home: Path
+) -> None:
+    out = tmp_path / "out"
+    steps = 400
+    args = ["--nats", nats_server.url, "--max-restarts", "1", "--nproc-per-node", "2"]
+    script = [str(SCRIPT), "--steps", str(steps), "--step-sleep", "0.02", "--out", str(out)]
+    async with _torchloom_run([*args, *script], run_env) as proc:
+        client = await _client(proc)
+        async with client:
+            reply = await _until(lambda: _at_step(client, None, 10), 60, "both ranks at step 10", proc)
+            base_run = reply.jobs[0].run_id
+            outcome = await client.submit(
+                SubmitRequest(
+                    job=JOB,
+                    issuer=Issuer(kind="test", identity="crash"),
+                    body=Action(kind=ActionKind.CHECKPOINT),
+                )
+            )
+            assert outcome.status is OutcomeStatus.APPLIED, outcome
+            ckpt_step = int(outcome.results[0].detail["checkpoint_step"])
+            # A few steps past the checkpoint, so the restart has something to redo.
+            reply = await _until(
+                lambda: _at_step(client, base_run, ckpt_step + 5), 30, "steps after the checkpoint"
+            )
+            victim = next(r for r in reply.jobs[0].ranks if r.rank == 1)
+            assert victim.pid > 0 and victim.pid != os.getpid()
+            os.kill(victim.pid, signal.SIGKILL)
+            killed_at = time.time()
+            async with asyncio.timeout(90):
+                code = await proc.wait()
+        err = (await proc.stderr.read()).decode() if proc.stderr else ""
+    assert code == 0, err[-4000:]
+
+    events = await _events(nats_server.url)
+    dead = [
+        e for e in events if e.kind == "rank_dead" and e.run_id == base_run and e.attrs.get("rank") == "1"
+    ]
+    assert dead, [(e.kind, e.run_id, dict(e.attrs)) for e in events]
+    assert dead[0].time_s >= killed_at
+    resumed = [e for e in events if e.kind == "resumed"]
+    assert [e.run_id for e in resumed] == [f"{base_run}-a1"], [(e.kind, e.run_id) for e in events]
+    assert int(resumed[0].attrs["resume_step"]) == ckpt_step
+
+    trained = 0
+    for rank in (0, 1):
+        recs = _records(out / f"rank{rank}.jsonl")
+        first = [r["step"] for r in recs if r["run"] == base_run]
+        again = [r["step"] for r in recs if r["run"] == f"{base_run}-a1"]
+        assert first == list(range(len(first))) and len(first) >= ckpt_step + 5
+        trained = max(trained, len(first))
+        # The restarted group starts exactly at the checkpoint and trains to the end.
+        assert again == list(range(ckpt_step, steps)), (rank, again[:5], again[-5:])
+    # The weaver counts from the last heartbeats, which can trail the last recorded step a little.
+    assert 5 <= int(resumed[0].attrs["steps_lost"]) <= trained - ckpt_step
+
+
+@pytest.mark.timeout(90)
+async def test_a_stalled_rank_is_reported_hung_then_recovers(
+    tmp_path: Path, nats_server: EmbeddedNats, run_env: dict[str, str], tl_home: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["--nats", nats_server.url, "--hung-after", "1.5", "--nproc-per-node", "2"]
+    script = [str(SCRIPT), "--steps", "60", "--hang-at", "20", "--hang-s", "10", "--out", str(out)]
+    async with _torchloom_run([*args, *script], run_env) as proc:
+        client = await _client(proc)
+        async with client:
+
+            async def hung_rank_1() -> bool:
+                reply = await _status(client)
+                if reply is None or not reply.jobs:
+                    return False
+                return any(r.rank == 1 and r.health == "hung" for r in reply.jobs[0].ranks)
+
+            await _until(hung_rank_1, 60, "rank 1 reported hung", proc)
+            devices = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "torchloom.cli", "devices", "--json", env=run_env,
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            raw, _ = await devices.communicate()
+            rows = {d["rank"]: d for d in json.loads(raw)["devices"]}
+            assert rows[1]["state"] == "hung", rows
+            assert "unchanged" in rows[1]["reason"], rows
+            async with asyncio.timeout(60):
+                code = await proc.wait()
+        err = (await proc.stderr.read()).decode() if proc.stderr else ""
+    assert code == 0, err[-4000:]
+    events = await _events(nats_server.url)
+    hung = [e for e in events if e.kind == "rank_hung" and e.attrs.get("rank") == "1"]
+    assert hung, [(e.kind, dict(e.attrs)) for e in events]
+    recovered = [e for e in events if e.kind == "rank_recovered" and e.attrs.get("rank") == "1"]
+    assert recovered and recovered[0].time_s > hung[0].time_s
+    assert [r["step"] for r in _records(out / "rank1.jsonl")] == list(range(60))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _start_weaver(url: str, grpc: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """A standalone `torchloom weaver` on the external NATS, once it answers Status."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "torchloom.cli", "weaver", "--nats", url, "--grpc", grpc, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+    async def answers() -> bool:
+        try:
+            async with asyncio.timeout(3), ControlClient(grpc) as c:
+                await c.status()
+        except Exception:  # not bound yet
+            return False
+        return True
+
+    await _until(answers, 60, f"a weaver at {grpc}", proc)
+    return proc
+
+
+async def _journal(client: ControlClient) -> list[Any]:
+    async with asyncio.timeout(20):
+        return [e async for e in client.journal(JOB)]
+
+
+def _device_map(ranks: Any) -> dict[int, tuple[Any, ...]]:
+    """Which device each rank runs on (identity and health, not the ever-changing load figures)."""
+    return {
+        r.rank: (
+            r.local_rank,
+            r.host,
+            r.health,
+            *((r.device.kind, r.device.device, r.device.healthy) if r.device else ()),
+        )
+        for r in ranks
+    }
+
+
+def _last_step(path: Path) -> int:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return -1
+    return json.loads(lines[-1])["step"] if lines else -1
+
+
+@pytest.mark.timeout(120)
+async def test_kill_9_of_the_weaver_mid_run_loses_nothing_and_training_goes_on(
+    tmp_path: Path, nats_server: EmbeddedNats, run_env: dict[str, str], tl_home: Path
+) -> None:
+    out = tmp_path / "out"
+    grpc = f"127.0.0.1:{_free_port()}"
+    weaver = await _start_weaver(nats_server.url, grpc, run_env)
+    try:
+        args = ["--nats", nats_server.url, "--grpc", grpc, "--nproc-per-node", "2"]
+        script = [str(SCRIPT), "--steps", "100000", "--step-sleep", "0.02", "--out", str(out)]
+        async with _torchloom_run([*args, *script], run_env) as proc:
+            async with ControlClient(grpc) as client:
+                before = await _until(lambda: _at_step(client, None, 5), 60, "both ranks at step 5", proc)
+                issuer = Issuer(kind="test", identity="weaver-restart")
+
+                applied = await client.submit(
+                    SubmitRequest(job=JOB, issuer=issuer, body=SetConfig(values={"lr": 0.005}))
+                )
+                assert applied.status is OutcomeStatus.APPLIED, applied
+                before = await _status(client)
+                assert before is not None
+            weaver.kill()  # SIGKILL: no goodbye, no state saved beyond the streams
+            await weaver.wait()
+            stalled_at = _last_step(out / "rank0.jsonl")
+            # Training does not wait for the weaver: the step moves on while it is gone.
+            await _until(
+                lambda: _last_step(out / "rank0.jsonl") >= stalled_at + 20, 30, "steps without a weaver", proc
+            )
+            moved = _last_step(out / "rank0.jsonl")
+            weaver = await _start_weaver(nats_server.url, grpc, run_env)
+            async with ControlClient(grpc) as client:
+                after = await _until(
+                    lambda: _at_step(client, None, moved), 30, "ranks back in the new weaver", proc
+                )
+                old_job, new_job = before.jobs[0], after.jobs[0]
+                assert new_job.run_id == old_job.run_id and new_job.world_size == 2
+                assert {r.rank: r.pid for r in new_job.ranks} == {r.rank: r.pid for r in old_job.ranks}
+                assert _device_map(new_job.ranks) == _device_map(old_job.ranks)
+                assert applied.command is not None
+                assert dict((k.name, k.value) for k in new_job.knobs)["lr"] == 0.005
+                assert new_job.last_seq >= applied.command.seq
+                entries = await _journal(client)
+                sets = [e for e in entries if isinstance(e, Outcome) and e.command_id == applied.command_id]
+                assert [e.status for e in sets] == [OutcomeStatus.APPLIED], entries
+                # The new weaver drives the job: a stop goes through and the job exits 0.
+                stopped = await client.submit(
+                    SubmitRequest(job=JOB, issuer=issuer, body=Action(kind=ActionKind.STOP))
+                )
+                assert stopped.status is OutcomeStatus.APPLIED, stopped
+                assert stopped.command is not None and stopped.command.seq == applied.command.seq + 1
+            async with asyncio.timeout(60):
+                code = await proc.wait()
+            err = (await proc.stderr.read()).decode() if proc.stderr else ""
+        assert code == 0, err[-4000:]
+        assert "reusing weaver" in err, err[-2000:]
+    finally:
+        if weaver.returncode is None:
+            weaver.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(20):
+                    await weaver.wait()
+            except TimeoutError:
+                weaver.kill()
+                await weaver.wait()

@@ -1,20 +1,23 @@
-// The torchloom dashboard: live charts per rank, device health, event timeline and a control panel
-// built from the job's knob schema. Everything arrives over NATS WebSocket; drawing happens on
+// The torchloom dashboard: live charts per rank and branch, device health, checkpoints and the
+// branch tree, an event timeline (with the journal's history) and a control panel built from the
+// job's knob schema. Everything arrives over NATS WebSocket; drawing happens on
 // requestAnimationFrame, a bounded amount per frame, so a busy bus never freezes the page.
 import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
 import "./app.css";
 import { Bus } from "./bus.js";
 import {
+  MAIN_BRANCH,
   MetricStore,
   Timeline,
+  branchRows,
   describeBody,
   describeBounds,
-  deviceState,
   downsample,
   formatBytes,
   formatValue,
   orderMetrics,
+  rankHealth,
   validateKnob,
 } from "./logic.js";
 
@@ -23,6 +26,7 @@ const CHART_MIN_INTERVAL_MS = 250; // redraw a chart at most 4 times a second
 const PANEL_INTERVAL_MS = 400;
 const STALE_S = 3.0;
 const SUBMIT_TIMEOUT_S = 15;
+const STATUS_POLL_MS = 1000; // checkpoints, branches and the weaver's health verdicts
 
 const params = new URLSearchParams(location.search);
 const state = {
@@ -35,7 +39,13 @@ const state = {
   timeline: new Timeline(500),
   charts: new Map(), // metric -> {el, plot, keys, dirty, lastDraw}
   frames: { count: 0, last: 0, deltas: new Float64Array(600), i: 0, max: 0 },
-  received: { heartbeats: 0, metrics: 0, events: 0, outcomes: 0, acks: 0 },
+  received: { heartbeats: 0, metrics: 0, events: 0, outcomes: 0, acks: 0, history: 0 },
+  // The selected job as api.status last reported it: {checkpoints, branches, branch, ranks: Map}.
+  status: null,
+  forks: new Map(), // branch -> {parent, fork_step}, from rollback acks and api.status
+  seeded: new Set(), // "rank/branch" series already started at their fork step
+  eventKeys: new Set(), // events already in the timeline (live and history overlap at page open)
+  historyDone: false,
   panelsDirty: true,
   lastPanelDraw: 0,
 };
@@ -116,6 +126,7 @@ function onMetrics(m) {
   if (v.throughput === undefined && v.tokens !== undefined && v.step_time_s > 0) {
     v.throughput = v.tokens / v.step_time_s;
   }
+  if (m.branch && m.branch !== MAIN_BRANCH) seedBranch(m.rank, m.branch, Object.keys(v));
   for (const name of state.store.add(m.rank, m.branch, m.step, m.values)) {
     const chart = state.charts.get(name);
     if (chart) chart.dirty = true;
@@ -123,8 +134,40 @@ function onMetrics(m) {
   }
 }
 
+function markDirty(names) {
+  for (const name of names) {
+    const chart = state.charts.get(name);
+    if (chart) chart.dirty = true;
+  }
+}
+
+/** A rollback's branch starts at its fork step, from the parent's value there (once per rank). */
+function seedBranch(rank, branch, names) {
+  const key = `${rank}/${branch}`;
+  if (state.seeded.has(key)) return;
+  const fork = state.forks.get(branch);
+  if (!fork) return;
+  state.seeded.add(key);
+  markDirty(state.store.seedBranch(rank, branch, fork.parent || MAIN_BRANCH, fork.fork_step, names));
+}
+
+function noteFork(branch, parent, forkStep) {
+  if (!branch || branch === MAIN_BRANCH || state.forks.has(branch) || !Number.isFinite(forkStep)) return;
+  state.forks.set(branch, { parent: parent || MAIN_BRANCH, fork_step: forkStep });
+}
+
 function onEvent(e) {
   state.received.events += 1;
+  addEvent(e);
+}
+
+function addEvent(e) {
+  // Commands are merged by command id; other events by content (history and live overlap).
+  if (!e.command_id) {
+    const key = `${e.job}|${e.kind}|${e.time_s}|${e.message}`;
+    if (state.eventKeys.has(key)) return;
+    state.eventKeys.add(key);
+  }
   const entry = {
     job: e.job,
     kind: e.kind,
@@ -139,7 +182,11 @@ function onEvent(e) {
 
 function outcomeEntry(o) {
   const ranks = {};
-  for (const r of o.results) ranks[r.rank] = { status: r.status, step: r.step, reason: r.reason };
+  for (const r of o.results) {
+    ranks[r.rank] = { status: r.status, step: r.step, reason: r.reason };
+    if (r.detail?.fork_step !== undefined) noteFork(r.detail.branch, r.detail.parent_branch, Number(r.detail.fork_step));
+  }
+  const detail = detailText(o);
   return {
     job: o.job,
     kind: "command",
@@ -151,6 +198,7 @@ function outcomeEntry(o) {
     issuer: o.command ? `${o.command.issuer.kind}${o.command.issuer.identity ? `:${o.command.issuer.identity}` : ""}` : "",
     body: o.command ? describeBody(o.command.body) : "",
     ranks: Object.keys(ranks).length ? ranks : undefined,
+    detail: detail || undefined,
   };
 }
 
@@ -175,24 +223,64 @@ function onAck(a) {
   }
   entry.ranks = entry.ranks || {};
   entry.ranks[a.rank] = { status: a.status, step: a.step, reason: a.reason };
+  if (a.detail.fork_step !== undefined) noteFork(a.detail.branch, a.detail.parent_branch, Number(a.detail.fork_step));
   state.timeline.version += 1;
+  state.panelsDirty = true;
+}
+
+function onHistory(items, done) {
+  state.received.history += items.length;
+  for (const it of items) {
+    if (it.event) addEvent(it.event);
+    else if (it.outcome) state.timeline.add(outcomeEntry(it.outcome));
+  }
+  if (done) state.historyDone = true;
   state.panelsDirty = true;
 }
 
 async function onConnected() {
   // Knobs may be known before the next heartbeat: ask the weaver (if one is up).
+  await pollStatus();
+}
+
+/** Ask the weaver for the jobs (api.status): checkpoints, branches, per-rank health. */
+async function pollStatus() {
+  if (!bus || !bus.nc) return;
+  let reply;
   try {
-    const reply = await bus.status(state.job);
-    for (const j of reply.jobs) {
-      const e = jobEntry(j.job);
-      e.run_id = e.run_id || j.run_id;
-      e.world_size = e.world_size || j.world_size;
-      if (!state.job) selectJob(j.job);
-      if (j.job === state.job && j.knobs.length > 0 && state.knobs.length === 0) setKnobs(j.knobs);
-    }
+    reply = await bus.status("");
   } catch {
-    // No weaver yet: heartbeats will bring the schema.
+    return; // No weaver (yet): heartbeats still bring the schema and device state.
   }
+  for (const j of reply.jobs) {
+    const e = jobEntry(j.job);
+    e.run_id = e.run_id || j.run_id;
+    e.world_size = e.world_size || j.world_size;
+    if (!state.job) selectJob(j.job);
+    if (j.job !== state.job) continue;
+    if (j.knobs.length > 0 && state.knobs.length === 0) setKnobs(j.knobs);
+    for (const b of j.branches) noteFork(b.id, b.parent, b.fork_step);
+    state.status = {
+      checkpoints: j.checkpoints,
+      branches: j.branches,
+      branch: j.branch,
+      ranks: new Map(j.ranks.map((r) => [r.rank, r])),
+    };
+    state.statusVersion = (state.statusVersion || 0) + 1;
+  }
+}
+
+function startStatusPoll() {
+  let busy = false;
+  setInterval(async () => {
+    if (busy) return;
+    busy = true;
+    try {
+      await pollStatus();
+    } finally {
+      busy = false;
+    }
+  }, STATUS_POLL_MS);
 }
 
 // ---- job selection -----------------------------------------------------------------------------
@@ -206,6 +294,8 @@ function selectJob(job) {
   $("#charts").innerHTML = "";
   state.knobs = [];
   state.knobSig = "";
+  state.status = null;
+  state.seeded.clear();
   renderControls();
   renderJobSelect();
   state.panelsDirty = true;
@@ -231,7 +321,10 @@ function setKnobs(knobs) {
     // Only current values changed: update text in place so typing in an input is never disturbed.
     for (const k of knobs) {
       const cur = document.querySelector(`[data-current="${CSS.escape(k.name)}"]`);
-      if (cur) cur.textContent = formatValue(k.value);
+      if (cur) {
+        cur.textContent = formatValue(k.value);
+        cur.title = cur.textContent;
+      }
     }
   }
 }
@@ -249,17 +342,25 @@ function renderControls() {
             .map((g) => `<option value="${esc(g)}">${esc(g)}</option>`)
             .join("")}</select>`
         : "";
-      const hint = k.type === "float" || k.type === "int" || k.type === "float_list" ? describeBounds(k) : k.choices.join("|");
+      const hint = knobHint(k);
       return `<div class="knob" title="${esc(k.description)}">
         <label for="knob-${esc(k.name)}">${esc(k.name)}</label>
-        <span class="current" data-current="${esc(k.name)}">${esc(formatValue(k.value))}</span>
-        <span class="hint">${esc(k.type)} ${esc(hint)}</span>
+        <span class="current" data-current="${esc(k.name)}" title="${esc(formatValue(k.value))}">${esc(formatValue(k.value))}</span>
+        <span class="hint" title="${esc(k.type)} ${esc(hint)}">${esc(k.type)} ${esc(hint)}</span>
         ${groups}
         <input id="knob-${esc(k.name)}" data-knob="${esc(k.name)}" size="10" autocomplete="off">
         <button data-set="${esc(k.name)}">set</button>
       </div>`;
     })
     .join("");
+}
+
+function knobHint(k) {
+  if (k.type === "float" || k.type === "int") return describeBounds(k);
+  if (k.type === "float_list") return `${k.name === "betas" ? "2 in " : ""}${describeBounds(k)}`;
+  if (k.type === "str" && k.name === "mix") return "NAME:WEIGHT,...";
+  if (k.type === "bool") return "true|false";
+  return k.choices.join("|");
 }
 
 function showControlMsg(text, kind) {
@@ -275,7 +376,29 @@ function outcomeText(what, o) {
     .map((r) => `rank ${r.rank}: ${r.status} at step ${r.step}${r.reason ? ` (${r.reason})` : ""}`)
     .join("; ");
   const reason = o.reason ? `: ${o.reason}` : "";
-  return `${what}: ${o.status}${reason}${ranks ? ` [${ranks}]` : ""}`;
+  const detail = detailText(o);
+  return `${what}: ${o.status}${reason}${ranks ? ` [${ranks}]` : ""}${detail ? ` ${detail}` : ""}`;
+}
+
+/** What an action produced (Ack.detail): the checkpoint id, the new branch, eval metrics per rank. */
+function detailText(o) {
+  const results = (o.results || []).slice().sort((a, b) => a.rank - b.rank);
+  const first = results.find((r) => r.detail && Object.keys(r.detail).length);
+  if (!first) return "";
+  const d = first.detail;
+  const parts = [];
+  if (d.checkpoint_id) parts.push(`checkpoint ${d.checkpoint_id}${d.checkpoint_tag ? ` (${d.checkpoint_tag})` : ""} at step ${d.checkpoint_step}`);
+  if (d.fork_step !== undefined) parts.push(`branch ${d.branch} from ${d.from_checkpoint} at step ${d.fork_step}`);
+  const evals = results
+    .map((r) => {
+      const kv = Object.entries(r.detail || {})
+        .filter(([k]) => k.startsWith("eval."))
+        .map(([k, v]) => `${k}=${formatValue(Number(v))}`);
+      return kv.length ? `rank ${r.rank}: ${kv.join(" ")}` : "";
+    })
+    .filter((x) => x);
+  if (evals.length) parts.push(evals.join("; "));
+  return parts.join("; ");
 }
 
 async function send(what, req) {
@@ -312,8 +435,12 @@ function onSetClicked(name) {
   send(`set ${key}=${formatValue(check.value)}`, { set: { [key]: { value: check.value, type: spec.type } } });
 }
 
-function onActionClicked(kind) {
+function onActionClicked(kind, target) {
   const args = {};
+  if (kind === "rollback" && target) {
+    send(`rollback to ${target}`, { action: { kind, args: { checkpoint: target } } });
+    return;
+  }
   if (kind === "checkpoint") {
     const tag = $("#ckpt-tag").value.trim();
     if (tag) args.tag = tag;
@@ -339,28 +466,65 @@ function renderDevices() {
     return;
   }
   const now = nowS();
+  const statusRanks = state.status ? state.status.ranks : new Map();
+  // Ranks the weaver knows (a dead one may never have sent a heartbeat to this page) and ranks heard.
+  const ranks = [...new Set([...j.ranks.keys(), ...statusRanks.keys()])];
+  const rows = ranks.map((rank) => {
+    const heard = j.ranks.get(rank);
+    const st = statusRanks.get(rank);
+    const device = (heard && heard.hb.device) || (st && st.device) || null;
+    return { rank, heard, st, device, health: rankHealth(st, device) };
+  });
   // Unhealthy devices first, so a fault is visible without scrolling through 64 ranks.
-  const bad = (x) => (x[1].hb.device && !x[1].hb.device.healthy ? 0 : 1);
-  const rows = [...j.ranks.entries()].sort((a, b) => bad(a) - bad(b) || a[0] - b[0]);
-  $("#job-info").textContent = `run ${j.run_id || "?"} · world size ${j.world_size} · ${rows.length} ranks reporting`;
+  const bad = (r) => (["healthy", "unknown"].includes(r.health.state) ? 1 : 0);
+  rows.sort((a, b) => bad(a) - bad(b) || a.rank - b.rank);
+  $("#job-info").textContent = `run ${j.run_id || "?"} · world size ${j.world_size} · ${j.ranks.size} ranks reporting`;
   body.innerHTML = rows
-    .map(([rank, { hb, seen_s }]) => {
-      const d = hb.device;
-      const health = deviceState(d);
-      const stale = now - seen_s > STALE_S;
-      const cls = [health === "unhealthy" ? "unhealthy" : "", stale ? "stale" : ""].join(" ").trim();
+    .map(({ rank, heard, st, device: d, health }) => {
+      const hb = heard ? heard.hb : null;
+      const stale = heard ? now - heard.seen_s > STALE_S : true;
+      const cls = [health.state === "healthy" || health.state === "unknown" ? "" : health.state, stale ? "stale" : ""]
+        .join(" ")
+        .trim();
       const mem = d ? (d.memory_total_bytes ? `${formatBytes(d.memory_used_bytes)} / ${formatBytes(d.memory_total_bytes)}` : formatBytes(d.rss_bytes)) : "";
       const util = d ? `${(d.kind === "cpu" ? d.cpu_load_pct || d.utilization_pct : d.utilization_pct).toFixed(0)}%` : "";
-      const healthText = health === "unhealthy" ? `UNHEALTHY: ${d.unhealthy_reason || "?"}` : health;
-      return `<tr class="${cls}" data-rank="${rank}">
-        <td>${rank}${hb.branch ? `/${esc(hb.branch)}` : ""}</td><td>${esc(hb.state)}${stale ? " (silent)" : ""}</td>
-        <td>${hb.step}</td><td class="health">${esc(healthText)}</td><td>${(hb.step_time_s * 1000).toFixed(1)} ms</td>
+      const healthText = health.state === "healthy" || health.state === "unknown" ? health.state : `${health.state.toUpperCase()}${health.reason ? `: ${health.reason}` : ""}`;
+      const branch = (hb && hb.branch) || (st && st.branch) || "";
+      const stateText = hb ? hb.state : st ? st.state : "";
+      const step = hb ? hb.step : st ? st.step : "";
+      const stepTime = hb ? hb.step_time_s : st ? st.step_time_s : 0;
+      return `<tr class="${cls}" data-rank="${rank}" data-health="${esc(health.state)}">
+        <td>${rank}${branch && branch !== MAIN_BRANCH ? `/${esc(branch)}` : ""}</td><td>${esc(stateText)}${stale ? " (silent)" : ""}</td>
+        <td>${step}</td><td class="health" title="${esc(health.reason)}">${esc(healthText)}</td><td>${(stepTime * 1000).toFixed(1)} ms</td>
         <td>${d ? `${esc(d.kind)}:${d.index}` : ""}</td><td>${util}</td><td>${mem}</td>
         <td>${d && d.temperature_c ? `${d.temperature_c.toFixed(0)} °C` : ""}</td>
         <td>${d && d.power_w ? `${d.power_w.toFixed(0)} W` : ""}</td>
         <td>${d && d.xids.length ? esc(d.xids.join(",")) : ""}</td></tr>`;
     })
     .join("");
+}
+
+function renderCheckpoints() {
+  const st = state.status;
+  const cks = st ? st.checkpoints.slice().sort((a, b) => b.seq - a.seq) : [];
+  $("#checkpoints tbody").innerHTML = cks.length
+    ? cks
+        .map(
+          (c) => `<tr data-checkpoint="${esc(c.id)}"><td>${esc(c.id)}</td><td>${esc(c.tag)}</td><td>${c.step}</td>
+          <td>${esc(c.branch)}</td><td>${clock(c.created_at_s)}</td>
+          <td><button data-rollback="${esc(c.id)}" title="roll every rank back to ${esc(c.id)}">roll back</button></td></tr>`,
+        )
+        .join("")
+    : '<tr><td colspan="6" class="muted">no checkpoint yet</td></tr>';
+  const rows = st ? branchRows(st.branches, st.branch) : [];
+  $("#branches").innerHTML = rows.length
+    ? rows
+        .map(
+          (b) => `<li class="branch${b.current ? " current" : ""}" data-branch="${esc(b.id)}" style="padding-left:${b.depth * 18}px">
+          ${b.depth ? "└ " : ""}<b>${esc(b.id)}</b>${b.parent ? ` <span class="muted">from ${esc(b.from_checkpoint)} at step ${b.fork_step}</span>` : ""}${b.current ? ' <span class="here">● current</span>' : ""}</li>`,
+        )
+        .join("")
+    : '<li class="muted">main (no rollback yet)</li>';
 }
 
 function clock(t) {
@@ -382,14 +546,18 @@ function renderTimeline() {
           : "";
         text = `${e.seq ? `#${e.seq} ` : ""}<b>${esc(e.body || e.message || e.command_id)}</b>
           ${e.issuer ? `by ${esc(e.issuer)}` : ""} → <span class="status ${esc(e.status || "")}">${esc(e.status || "")}</span>
-          ${e.reason ? `: ${esc(e.reason)}` : ""}<div class="ranks">${ranks}</div>`;
+          ${e.reason ? `: ${esc(e.reason)}` : ""}<div class="ranks">${ranks}</div>${e.detail ? `<div class="detail">${esc(e.detail)}</div>` : ""}`;
       } else {
         const attrs = Object.entries(e.attrs || {})
           .map(([k, v]) => `${esc(k)}=${esc(v)}`)
           .join(" ");
         text = `${esc(e.message)} <span class="attrs">${attrs}</span>`;
       }
-      const kindCls = /dead|fail|rollback|unhealthy/.test(e.kind) ? "bad" : "";
+      const kindCls = /dead|fail|hung|unhealthy|straggler/.test(e.kind)
+        ? "bad"
+        : /reconfigure|resumed|rollback|recovered/.test(e.kind)
+          ? "info"
+          : "";
       return `<div class="entry ${esc(e.kind)}" data-command="${esc(e.command_id || "")}">
         <span class="time">${clock(e.time_s)}</span><span class="kind ${kindCls}">${esc(e.kind)}</span>
         <span class="text">${text}</span></div>`;
@@ -491,6 +659,10 @@ function frame(t) {
     state.lastPanelDraw = now;
     // Redraw panels regularly even without news, so silent ranks are marked.
     renderDevices();
+    if (state.statusVersion !== state.statusDrawn) {
+      state.statusDrawn = state.statusVersion;
+      renderCheckpoints();
+    }
     if (state.panelsDirty) renderTimeline();
     state.panelsDirty = false;
   }
@@ -528,6 +700,13 @@ window.__torchloom = {
   knobs() {
     return state.knobs;
   },
+  status() {
+    const st = state.status;
+    return st ? { checkpoints: st.checkpoints, branches: st.branches, branch: st.branch, ranks: [...st.ranks.values()] } : null;
+  },
+  historyDone() {
+    return state.historyDone;
+  },
 };
 
 // ---- start -------------------------------------------------------------------------------------
@@ -561,10 +740,25 @@ async function main() {
     const kind = ev.target?.dataset?.action;
     if (kind) onActionClicked(kind);
   });
+  $("#checkpoints").addEventListener("click", (ev) => {
+    const id = ev.target?.dataset?.rollback;
+    if (id) onActionClicked("rollback", id);
+  });
+  renderCheckpoints();
+  startStatusPoll();
   $("#job").addEventListener("change", (ev) => selectJob(ev.target.value));
   requestAnimationFrame(frame);
   const cfg = await loadConfig();
-  bus = new Bus(cfg.nats_ws_url, { onStatus: setConn, onHeartbeat, onMetrics, onEvent, onOutcome, onAck, onConnected });
+  bus = new Bus(cfg.nats_ws_url, {
+    onStatus: setConn,
+    onHeartbeat,
+    onMetrics,
+    onEvent,
+    onOutcome,
+    onAck,
+    onConnected,
+    onHistory,
+  });
   window.__torchloom.bus = bus;
   await bus.run();
 }

@@ -1,10 +1,13 @@
 // The UI's NATS link: a WebSocket connection to nats-server that retries forever, subscribes to the
-// job's subjects (torchloom/subjects.py) and does api.submit / api.status request-reply.
+// job's subjects (torchloom/subjects.py), does api.submit / api.status request-reply, and reads the
+// history of the TORCHLOOM_JOURNAL stream (read-only JetStream ordered consumer) once per connection.
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { wsconnect } from "@nats-io/nats-core";
 import {
   decodeAck,
   decodeHeartbeat,
   decodeJobEvent,
+  decodeJournalMessage,
   decodeMetrics,
   decodeOutcome,
   decodeStatusReply,
@@ -23,13 +26,18 @@ export const SUBJECTS = {
   status: `${PREFIX}.api.status`,
 };
 
+export const JOURNAL_STREAM = "TORCHLOOM_JOURNAL";
 const RETRY_MS = 1000;
+// How much journal history a page loads when it opens: the newest entries, not 90 days of them.
+const HISTORY_MAX = 2000;
 
 /**
  * Keeps one connection alive and feeds decoded messages to `handlers`.
  *
  * handlers: {onStatus(state, detail), onHeartbeat(hb), onMetrics(m), onEvent(e), onOutcome(o),
- * onAck(a), onConnected()}; state is "connecting" | "connected" | "unreachable".
+ * onAck(a), onConnected(), onHistory(items, done)}; state is "connecting" | "connected" |
+ * "unreachable". onHistory gets journal entries ({event} or {outcome}) written before the page
+ * connected, oldest first, in batches; `done` is true on the last call.
  */
 export class Bus {
   constructor(url, handlers) {
@@ -62,6 +70,7 @@ export class Bus {
       this.h.onStatus("connected", this.url);
       this._subscribe(nc);
       this._watchStatus(nc);
+      this._loadHistory(nc);
       this.h.onConnected?.();
       // closed() resolves only when reconnects gave up or close() was called: then start over.
       await nc.closed();
@@ -106,6 +115,54 @@ export class Bus {
     this._sub(nc, SUBJECTS.acks, decodeAck, (x) => this.h.onAck(x));
   }
 
+  /**
+   * Read the journal stream up to its last message at call time (live entries keep arriving on the
+   * core subscriptions). Retries while the stream does not exist yet (no weaver has created it).
+   */
+  async _loadHistory(nc) {
+    if (!this.h.onHistory) return;
+    while (!nc.isClosed()) {
+      try {
+        const jsm = await jetstreamManager(nc, { checkAPI: false });
+        const info = await jsm.streams.info(JOURNAL_STREAM);
+        const last = num64(info.state.last_seq);
+        const first = num64(info.state.first_seq);
+        if (last === 0 || info.state.messages === 0) {
+          this.h.onHistory([], true);
+          return;
+        }
+        const start = Math.max(first, last - HISTORY_MAX + 1);
+        const js = jetstream(nc, { checkAPI: false });
+        const consumer = await js.consumers.get(JOURNAL_STREAM, {
+          opt_start_seq: start,
+          deliver_policy: "by_start_sequence",
+        });
+        const msgs = await consumer.consume({ max_messages: 256 });
+        let batch = [];
+        for await (const m of msgs) {
+          try {
+            const item = decodeJournalMessage(m.subject, m.data);
+            if (item) batch.push(item);
+          } catch {
+            this.decodeErrors += 1;
+          }
+          const done = m.info.streamSequence >= last || m.info.pending === 0;
+          if (batch.length >= 200 || done) {
+            this.h.onHistory(batch, done);
+            batch = [];
+          }
+          if (done) break;
+        }
+        await msgs.close();
+        return;
+      } catch (err) {
+        if (nc.isClosed()) return;
+        this.historyError = String(err?.message || err);
+        await new Promise((r) => setTimeout(r, RETRY_MS));
+      }
+    }
+  }
+
   /** Submit a command through the weaver (api.submit); resolves to the decoded Outcome. */
   async submit(req, timeoutMs = 30000) {
     const nc = this.nc;
@@ -121,4 +178,8 @@ export class Bus {
     const reply = await nc.request(SUBJECTS.status, encodeStatusRequest(job), { timeout: timeoutMs });
     return decodeStatusReply(reply.data);
   }
+}
+
+function num64(v) {
+  return typeof v === "number" ? v : Number(v || 0);
 }

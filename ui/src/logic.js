@@ -39,6 +39,15 @@ export class Series {
     return this.length === 0 ? null : this.at(this.length - 1);
   }
 
+  /** The value at the latest retained step <= `step`, or null. */
+  valueAtOrBefore(step) {
+    for (let i = this.length - 1; i >= 0; i--) {
+      const [s, v] = this.at(i);
+      if (s <= step) return v;
+    }
+    return null;
+  }
+
   /** Copy out as plain arrays (for the debug hook and tests). */
   toArrays() {
     const steps = new Array(this.length);
@@ -147,13 +156,39 @@ export class MetricStore {
     return touched;
   }
 
+  /**
+   * Start `branch`'s series of `rank` at its fork step with the parent branch's value there, so a
+   * rolled-back line visibly leaves its parent at the fork. Returns the metric names touched.
+   */
+  seedBranch(rank, branch, parent, forkStep, names) {
+    const touched = [];
+    const key = seriesKey(rank, branch);
+    const parentKey = seriesKey(rank, parent);
+    for (const name of names) {
+      const byKey = this.metrics.get(name);
+      if (!byKey || byKey.has(key) || byKey.size >= this.maxSeriesPerMetric) continue;
+      const from = byKey.get(parentKey);
+      const v = from ? from.valueAtOrBefore(forkStep) : null;
+      if (v === null) continue;
+      const series = new Series(this.capacity);
+      series.push(forkStep, v);
+      byKey.set(key, series);
+      touched.push(name);
+    }
+    return touched;
+  }
+
   clear() {
     this.metrics.clear();
   }
 }
 
+/** The first branch of every run; its series are keyed by rank alone ("r0"). */
+export const MAIN_BRANCH = "main";
+
+/** "r0" on the main branch, "r0/b7" on the branch a rollback decided as command 7 started. */
 export function seriesKey(rank, branch) {
-  return branch ? `r${rank}/${branch}` : `r${rank}`;
+  return branch && branch !== MAIN_BRANCH ? `r${rank}/${branch}` : `r${rank}`;
 }
 
 /** Order metric names: the well-known ones first, then the rest alphabetically. */
@@ -166,11 +201,17 @@ export function orderMetrics(names) {
 
 // ---- knobs -------------------------------------------------------------------------------------
 
-function fmtNum(x) {
-  // Same rendering as Python's "%g" for the common cases the bounds use.
-  if (Number.isInteger(x)) return String(x);
-  const s = x.toPrecision(6);
-  return String(Number(s));
+/** Python's "%g": 6 significant digits, exponent form below 1e-4 and from 1e6 ("1e+06"). */
+export function fmtNum(x) {
+  if (x === 0) return "0";
+  if (!Number.isFinite(x)) return Number.isNaN(x) ? "nan" : x > 0 ? "inf" : "-inf";
+  const [mant, ex] = x.toExponential(5).split("e");
+  const exp = Number(ex);
+  if (exp < -4 || exp >= 6) {
+    const m = mant.includes(".") ? mant.replace(/0+$/, "").replace(/\.$/, "") : mant;
+    return `${m}e${exp < 0 ? "-" : "+"}${String(Math.abs(exp)).padStart(2, "0")}`;
+  }
+  return String(Number(x.toPrecision(6)));
 }
 
 /** "(0, 10]" for a knob spec, matching torchloom.knobs._describe_bounds. */
@@ -188,6 +229,54 @@ function checkBounds(key, spec, number, shown) {
   const tooHigh = spec.max != null && (spec.maxExclusive ? number >= spec.max : number > spec.max);
   if (tooLow || tooHigh) return `${key}=${shown} rejected: must be in ${describeBounds(spec)}`;
   return null;
+}
+
+/** Python's repr() of a str, as the weaver's messages show typed text ('abc'). */
+export function pyRepr(text) {
+  const t = String(text);
+  const quote = t.includes("'") && !t.includes('"') ? '"' : "'";
+  const body = t.replace(/\\/g, "\\\\").replace(quote === "'" ? /'/g : /"/g, `\\${quote}`);
+  return `${quote}${body}${quote}`;
+}
+
+// Fixed list lengths, as torchloom.knobs.LIST_LENGTHS.
+export const LIST_LENGTHS = { betas: 2 };
+
+/**
+ * The rank's structural check of a `mix` value (threadlet.data.parse_mix), with its wording, so a
+ * malformed mixture is refused before it is sent. `known` are the sources the current value names.
+ */
+export function checkMix(text, known) {
+  const names = known.join(", ");
+  const example = known.slice(0, 2).map((n) => `${n}:${fmtNum(1 / Math.min(known.length, 2))}`).join(",") || "code:0.5,math:0.5";
+  const form = `expected NAME:WEIGHT,... with weights >= 0, e.g. ${example}; known sources: ${names}`;
+  const bad = (why = "") => `mix=${pyRepr(text)} rejected: ${why}${form}`;
+  const seen = new Set();
+  let total = 0;
+  for (const part of text.split(",")) {
+    const p = part.trim();
+    const i = p.indexOf(":");
+    const name = i < 0 ? "" : p.slice(0, i).trim();
+    if (i < 0 || !name) return bad();
+    const w = parseFloatStrict(p.slice(i + 1));
+    if (w === null) return bad();
+    if (!Number.isFinite(w) || w < 0) return bad(`weight of ${pyRepr(name)} must be a finite number >= 0; `);
+    if (known.length > 0 && !known.includes(name)) return bad(`unknown source ${pyRepr(name)}; `);
+    if (seen.has(name)) return bad(`source ${pyRepr(name)} appears twice; `);
+    seen.add(name);
+    total += w;
+  }
+  if (total <= 0) return bad("at least one weight must be > 0; ");
+  return null;
+}
+
+/** Source names of a mix value as a rank reports it ("code:0.5,math:0.5" -> ["code", "math"]). */
+export function mixSources(value) {
+  if (typeof value !== "string") return [];
+  return value
+    .split(",")
+    .map((p) => p.split(":")[0].trim())
+    .filter((n) => n);
 }
 
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|infinity|nan)$/i;
@@ -221,13 +310,13 @@ export function validateKnob(key, spec, raw) {
   switch (spec.type) {
     case "float": {
       const n = parseFloatStrict(text);
-      if (n === null) return { ok: false, error: `${key}='${text}' rejected: expected a float (e.g. 0.001)` };
+      if (n === null) return { ok: false, error: `${key}=${pyRepr(text)} rejected: expected a float (e.g. 0.001)` };
       const err = checkBounds(key, spec, n, text);
       return err ? { ok: false, error: err } : { ok: true, value: n };
     }
     case "int": {
       if (!/^[+-]?\d+$/.test(text)) {
-        return { ok: false, error: `${key}='${text}' rejected: expected an integer (e.g. 4)` };
+        return { ok: false, error: `${key}=${pyRepr(text)} rejected: expected an integer (e.g. 4)` };
       }
       const n = Number.parseInt(text, 10);
       const err = checkBounds(key, spec, n, text);
@@ -237,27 +326,41 @@ export function validateKnob(key, spec, raw) {
       const low = text.toLowerCase();
       if (["true", "1", "yes", "on"].includes(low)) return { ok: true, value: true };
       if (["false", "0", "no", "off"].includes(low)) return { ok: true, value: false };
-      return { ok: false, error: `${key}='${text}' rejected: expected true or false` };
+      return { ok: false, error: `${key}=${pyRepr(text)} rejected: expected true or false` };
     }
     case "str": {
       const choices = spec.choices || [];
       if (choices.length > 0 && !choices.includes(text)) {
-        return { ok: false, error: `${key}='${text}' rejected: must be one of ${choices.join(", ")}` };
+        return { ok: false, error: `${key}=${pyRepr(text)} rejected: must be one of ${choices.join(", ")}` };
+      }
+      if (spec.name === "mix") {
+        const err = checkMix(text, mixSources(spec.value));
+        if (err) return { ok: false, error: err };
       }
       return { ok: true, value: text };
     }
     case "float_list": {
-      const parts = text.replace(/[()[\]]/g, "").split(",").map((p) => p.trim()).filter((p) => p);
+      const parts = text.replace(/[()]/g, "").split(",").map((p) => p.trim()).filter((p) => p);
       if (parts.length === 0) {
-        return { ok: false, error: `${key}='${text}' rejected: expected comma-separated floats (e.g. 0.9,0.999)` };
+        return { ok: false, error: `${key}=${pyRepr(text)} rejected: expected comma-separated floats (e.g. 0.9,0.999)` };
       }
       const out = [];
       for (const p of parts) {
         const n = parseFloatStrict(p);
-        if (n === null) return { ok: false, error: `${key}='${p}' rejected: expected a float (e.g. 0.001)` };
+        if (n === null) return { ok: false, error: `${key}=${pyRepr(p)} rejected: expected a float (e.g. 0.001)` };
+        out.push(n);
+      }
+      const length = LIST_LENGTHS[spec.name];
+      if (length !== undefined && out.length !== length) {
+        const example = spec.name === "betas" ? "0.9,0.999" : Array(length).fill("0.5").join(",");
+        return {
+          ok: false,
+          error: `${key}=${pyRepr(text)} rejected: expected exactly ${length} comma-separated floats (e.g. ${example})`,
+        };
+      }
+      for (const n of out) {
         const err = checkBounds(key, spec, n, text);
         if (err) return { ok: false, error: err };
-        out.push(n);
       }
       return { ok: true, value: out };
     }
@@ -284,7 +387,8 @@ export function describeBody(body) {
     return `set ${parts.join(" ")}`;
   }
   if (body.action) {
-    const args = Object.entries(body.action.args || {});
+    // The weaver adds the resolved checkpoint path to a rollback: too long for a one-line summary.
+    const args = Object.entries(body.action.args || {}).filter(([k]) => k !== "checkpoint_path");
     const tail = args.length ? ` ${args.map(([k, v]) => `${k}=${v}`).join(" ")}` : "";
     return `${body.action.kind}${tail}`;
   }
@@ -338,6 +442,47 @@ function isFinal(status) {
 export function deviceState(device) {
   if (!device) return "unknown";
   return device.healthy ? "ok" : "unhealthy";
+}
+
+/**
+ * One rank's health for the device panel, from the weaver's verdict (RankStatus.health) when known,
+ * else from the rank's own heartbeat: {state, reason}, state one of healthy, unhealthy, dead, hung,
+ * straggler, unknown. A device a heartbeat reports unhealthy stays so even if the weaver lags.
+ */
+export function rankHealth(status, device) {
+  const dev = deviceState(device);
+  let state = status && status.health ? status.health : dev === "ok" ? "healthy" : dev;
+  let reason = status && status.health_reason ? status.health_reason : "";
+  if (state === "healthy" && dev === "unhealthy") state = "unhealthy";
+  if (!reason && dev === "unhealthy") reason = device.unhealthy_reason || "";
+  if (state === "unhealthy" && device && device.unhealthy_reason && !reason.includes(device.unhealthy_reason)) {
+    reason = reason ? `${reason}; ${device.unhealthy_reason}` : device.unhealthy_reason;
+  }
+  return { state, reason };
+}
+
+/**
+ * The branch tree as rows in display order (depth-first, children by fork step), each
+ * {id, depth, parent, fork_step, from_checkpoint, current}. Branches whose parent is unknown are roots.
+ */
+export function branchRows(branches, current) {
+  const byParent = new Map();
+  const ids = new Set(branches.map((b) => b.id));
+  for (const b of branches) {
+    const parent = b.parent && ids.has(b.parent) ? b.parent : "";
+    if (!byParent.has(parent)) byParent.set(parent, []);
+    byParent.get(parent).push(b);
+  }
+  const rows = [];
+  const walk = (parent, depth) => {
+    const kids = (byParent.get(parent) || []).slice().sort((a, b) => a.fork_step - b.fork_step || a.seq - b.seq);
+    for (const b of kids) {
+      rows.push({ ...b, depth, current: b.id === current });
+      walk(b.id, depth + 1);
+    }
+  };
+  walk("", 0);
+  return rows;
 }
 
 /** "1.2 GiB" */

@@ -117,14 +117,11 @@ export function decodeHeartbeat(bytes) {
     step_time_s: h.step_time_s,
     last_seq: num(h.last_seq),
     // proto3 `optional` bounds: present only when set.
-    knobs: (h.knobs || []).map((k) => {
-      const spec = knobSpec(k);
-      if (!hasField(k, "min")) spec.min = null;
-      if (!hasField(k, "max")) spec.max = null;
-      return spec;
-    }),
+    knobs: knobSpecs(h.knobs),
     device: device(h.device),
     branch: h.branch,
+    tick: num(h.tick),
+    fault_injection_allowed: !!h.fault_injection_allowed,
   };
 }
 
@@ -179,6 +176,8 @@ export function decodeOutcome(bytes) {
       status: ackStatus(r.status),
       step: num(r.step),
       reason: r.reason,
+      detail: { ...(r.detail || {}) },
+      branch: r.branch || "",
     })),
     command: command(o.command),
     submitted_at_s: o.submitted_at_s,
@@ -196,6 +195,36 @@ export function decodeAck(bytes) {
     status: ackStatus(a.status),
     reason: a.reason,
     step: num(a.step),
+    detail: { ...(a.detail || {}) },
+    branch: a.branch || "",
+  };
+}
+
+// proto3 `optional` bounds: present only when set.
+function knobSpecs(list) {
+  return (list || []).map((k) => {
+    const spec = knobSpec(k);
+    if (!hasField(k, "min")) spec.min = null;
+    if (!hasField(k, "max")) spec.max = null;
+    return spec;
+  });
+}
+
+function rankStatus(r) {
+  return {
+    rank: r.rank,
+    step: num(r.step),
+    state: rankState(r.state),
+    last_heartbeat_s: r.last_heartbeat_s,
+    host: r.host,
+    pid: r.pid,
+    alive: !!r.alive,
+    local_rank: r.local_rank,
+    device: device(r.device),
+    step_time_s: r.step_time_s,
+    health: r.health || "",
+    health_reason: r.health_reason || "",
+    branch: r.branch || "",
   };
 }
 
@@ -207,14 +236,35 @@ export function decodeStatusReply(bytes) {
       run_id: j.run_id,
       world_size: j.world_size,
       last_seq: num(j.last_seq),
-      knobs: (j.knobs || []).map((k) => {
-        const spec = knobSpec(k);
-        if (!hasField(k, "min")) spec.min = null;
-        if (!hasField(k, "max")) spec.max = null;
-        return spec;
-      }),
+      knobs: knobSpecs(j.knobs),
+      ranks: (j.ranks || []).map(rankStatus),
+      checkpoints: (j.checkpoints || []).map((c) => ({
+        id: c.id,
+        tag: c.tag,
+        step: num(c.step),
+        branch: c.branch,
+        path: c.path,
+        created_at_s: c.created_at_s,
+        seq: num(c.seq),
+      })),
+      branches: (j.branches || []).map((b) => ({
+        id: b.id,
+        parent: b.parent,
+        from_checkpoint: b.from_checkpoint,
+        fork_step: num(b.fork_step),
+        created_at_s: b.created_at_s,
+        seq: num(b.seq),
+      })),
+      branch: j.branch || "",
     })),
   };
+}
+
+/** Decode one TORCHLOOM_JOURNAL stream message by its subject: a JobEvent or a final Outcome. */
+export function decodeJournalMessage(subject, bytes) {
+  if (subject.includes(".events.")) return { event: decodeJobEvent(bytes) };
+  if (subject.includes(".journal.")) return { outcome: decodeOutcome(bytes) };
+  return null;
 }
 
 function toValue(v, type) {

@@ -5,6 +5,9 @@ import {
   MetricStore,
   Series,
   Timeline,
+  branchRows,
+  rankHealth,
+  seriesKey,
   describeBody,
   describeBounds,
   downsample,
@@ -102,4 +105,35 @@ test("timeline merges a command's event, acks and outcome into one entry, newest
 test("command bodies read plainly", () => {
   assert.equal(describeBody({ set: { lr: 0.01, "lr@head": 0.5 } }), "set lr=0.01 lr@head=0.5");
   assert.equal(describeBody({ action: { kind: "rollback", args: { checkpoint: "ckpt-3" } } }), "rollback checkpoint=ckpt-3");
+});
+
+test("a rolled-back branch's series starts at the fork step with the parent's value there", () => {
+  const store = new MetricStore({ capacity: 100 });
+  for (let step = 0; step < 10; step++) store.add(0, "main", step, { loss: 10 - step });
+  assert.equal(seriesKey(0, "main"), "r0");
+  assert.deepEqual(store.seedBranch(0, "b4", "main", 5, ["loss", "missing"]), ["loss"]);
+  store.add(0, "b4", 6, { loss: 1 });
+  assert.deepEqual(store.metrics.get("loss").get("r0/b4").toArrays(), { steps: [5, 6], values: [5, 1] });
+  assert.deepEqual(store.seedBranch(0, "b4", "main", 5, ["loss"]), []); // once
+});
+
+test("branch rows nest by parent and mark the current branch", () => {
+  const rows = branchRows(
+    [
+      { id: "b9", parent: "main", fork_step: 30, seq: 9, from_checkpoint: "ckpt-2" },
+      { id: "main", parent: "", fork_step: 0, seq: 0 },
+      { id: "b12", parent: "b9", fork_step: 40, seq: 12, from_checkpoint: "ckpt-10" },
+      { id: "b5", parent: "main", fork_step: 10, seq: 5, from_checkpoint: "ckpt-1" },
+    ],
+    "b12",
+  );
+  assert.deepEqual(rows.map((r) => [r.id, r.depth, r.current]), [["main", 0, false], ["b5", 1, false], ["b9", 1, false], ["b12", 2, true]]);
+});
+
+test("rank health prefers the weaver's verdict and keeps a device's own reason", () => {
+  const sick = { healthy: false, unhealthy_reason: "XID 79: GPU fell off the bus" };
+  assert.deepEqual(rankHealth(null, sick), { state: "unhealthy", reason: "XID 79: GPU fell off the bus" });
+  assert.deepEqual(rankHealth({ health: "healthy", health_reason: "" }, sick).state, "unhealthy");
+  assert.deepEqual(rankHealth({ health: "dead", health_reason: "no heartbeat for 5 s" }, { healthy: true }), { state: "dead", reason: "no heartbeat for 5 s" });
+  assert.deepEqual(rankHealth(null, { healthy: true }), { state: "healthy", reason: "" });
 });

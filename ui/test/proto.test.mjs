@@ -49,7 +49,7 @@ test("outcome results decode per rank", () => {
   ).finish();
   const d = decodeOutcome(o);
   assert.equal(d.status, "rejected");
-  assert.deepEqual(d.results[0], { rank: 1, status: "rejected", step: 7, reason: "nope" });
+  assert.deepEqual(d.results[0], { rank: 1, status: "rejected", step: 7, reason: "nope", detail: {}, branch: "" });
   assert.equal(d.command.seq, 3);
   assert.deepEqual(d.command.body, { set: { lr: 1 } });
 });

@@ -1,6 +1,7 @@
 """The web UI against a REAL job: nats-server, an in-process weaver, the UI server, and a 2-rank
 torchrun of examples/train_tiny.py; headless Debian chromium driven by Playwright does what a person
-would (watch the loss, set lr, pause/resume) and the page's debug hook shows what it plotted."""
+would (watch the loss, set lr, checkpoint and roll back from the list, pause/resume, see a device
+fault) and the page's debug hook shows what it plotted."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import REPO
+from torchloom import bus as tl_bus
+from torchloom import subjects, wire
+from torchloom.messages import Action, ActionKind, Issuer, OutcomeStatus, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
 from weaver.config import WeaverConfig
 from weaver.service import Weaver
@@ -63,10 +68,14 @@ def job(
     """Start the 2-rank job on demand; it is stopped (terminate, wait, kill its group) afterwards."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(*, steps: int = 400, step_sleep: float = 0.02) -> None:
+    def start(*, steps: int = 400, step_sleep: float = 0.02, **extra_env: str) -> None:
         env = dict(subprocess_env)
         env.update(
-            TORCHLOOM_NATS_URL=nats_server.url, TORCHLOOM_JOB=JOB, TORCHLOOM_RUN_ID=uuid.uuid4().hex[:12]
+            TORCHLOOM_NATS_URL=nats_server.url,
+            TORCHLOOM_JOB=JOB,
+            TORCHLOOM_RUN_ID=uuid.uuid4().hex[:12],
+            TORCHLOOM_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+            **extra_env,
         )
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -122,8 +131,8 @@ async def wait_knobs(page: Page) -> None:
     await until("the lr knob in the control panel", lambda: page.locator('[data-knob="lr"]').count())
 
 
-async def test_watch_loss_and_set_lr_live(page: Page, job: Callable[..., None]) -> None:
-    job()
+async def test_watch_loss_set_lr_and_roll_back_from_the_list(page: Page, job: Callable[..., None]) -> None:
+    job(steps=5000)  # an upper bound: the fixture stops the job
     await until("connected banner", lambda: page.locator("#conn.connected").count())
     # The loss chart gains points as the job trains.
     await until("loss points from both ranks", lambda: hook(page, "seriesKeys('loss').length >= 2"))
@@ -137,6 +146,27 @@ async def test_watch_loss_and_set_lr_live(page: Page, job: Callable[..., None]) 
     await page.click('[data-set="lr"]')
     assert await page.text_content("#control-msg") == "lr=-1 rejected: must be in (0, 10]"
     assert not [e for e in await hook(page, "timeline()") if e["kind"] == "command"]
+    # betas takes exactly 2 values: refused in the page with the weaver's wording.
+    await page.fill('[data-knob="betas"]', "0.9")
+    await page.click('[data-set="betas"]')
+    assert await control_msg(page) == (
+        "betas='0.9' rejected: expected exactly 2 comma-separated floats (e.g. 0.9,0.999)"
+    )
+
+    # A tagged checkpoint from the page; it shows up in the checkpoint list (api.status polling).
+    await page.fill("#ckpt-tag", "before-lr")
+    await page.click('[data-action="checkpoint"]')
+    await until(
+        "checkpoint applied",
+        lambda: page.locator("#control-msg.ok", has_text="checkpoint: applied").count(),
+        timeout_s=40,
+    )
+    assert "(before-lr) at step" in await control_msg(page)
+    row = page.locator("#checkpoints tbody tr", has_text="before-lr")
+    await until("the checkpoint in the list", row.count)
+    ckpt_id = await row.get_attribute("data-checkpoint")
+    ckpt_step = int(await row.locator("td").nth(2).text_content() or "-1")
+    assert ckpt_id and ckpt_id.startswith("ckpt-") and ckpt_step >= 0
 
     # A valid value: sent through api.submit, acknowledged by both ranks, shown in the timeline.
     old_lr = (await hook(page, "series('lr', 'r0')"))["values"][-1]
@@ -147,6 +177,7 @@ async def test_watch_loss_and_set_lr_live(page: Page, job: Callable[..., None]) 
     msg = await control_msg(page)
     assert "set lr=0.02: applied" in msg, msg
     entry = page.locator("#timeline .entry.command").first
+    await until("the set in the timeline, newest first", lambda: entry.filter(has_text="set lr=0.02").count())
     text = await entry.text_content()
     assert text is not None and "set lr=0.02" in text and "applied" in text and "by ui:" in text
     assert "rank 0: applied" in text and "rank 1: applied" in text
@@ -160,7 +191,7 @@ async def test_watch_loss_and_set_lr_live(page: Page, job: Callable[..., None]) 
     for key in ("r0", "r1"):
         await until(
             f"lr points after step {applied_at} on {key}",
-            lambda key=key: hook(page, f"series('lr', '{key}').steps.some(s => s >= {applied_at})"),
+            partial(hook, page, f"series('lr', '{key}').steps.some(s => s >= {applied_at})"),
         )
         series = await hook(page, f"series('lr', '{key}')")
         for step, lr in zip(series["steps"], series["values"], strict=True):
@@ -168,6 +199,37 @@ async def test_watch_loss_and_set_lr_live(page: Page, job: Callable[..., None]) 
             assert lr == pytest.approx(expected), (key, step, lr, applied_at)
     await until(
         "the knob's current value", lambda: page.locator('[data-current="lr"]', has_text="0.02").count()
+    )
+
+    # Roll back from the checkpoint list: every rank forks a new branch at the checkpoint's step.
+    await page.click(f'[data-rollback="{ckpt_id}"]')
+    await until(
+        "rollback applied",
+        lambda: page.locator("#control-msg.ok", has_text=f"rollback to {ckpt_id}: applied").count(),
+        timeout_s=40,
+    )
+    msg = await control_msg(page)
+    assert f"from {ckpt_id} at step {ckpt_step}" in msg, msg
+    rb = next(e for e in await hook(page, "timeline()") if e["kind"] == "command")
+    branch = f"b{rb['seq']}"
+    # The branch tree shows the new branch under main, marked current.
+    current = page.locator(f'#branches li.current[data-branch="{branch}"]')
+    await until("the new branch marked current in the tree", current.count)
+    assert "current" in (await current.text_content() or "")
+    assert await page.locator('#branches li[data-branch="main"]').count() == 1
+    # The chart has a second line per rank, for the new branch, starting at the fork step.
+    for rank in (0, 1):
+        key = f"r{rank}/{branch}"
+        await until(f"loss points of {key}", partial(hook, page, f"series('loss', '{key}').steps.length > 2"))
+        steps = (await hook(page, f"series('loss', '{key}')"))["steps"]
+        assert steps[0] == ckpt_step, (key, steps[:5], ckpt_step)
+        assert steps == sorted(steps)
+    await until(
+        "the loss chart redrawn with the branch lines",
+        lambda: page.evaluate(
+            f"() => [...document.querySelectorAll('.chart[data-metric=\"loss\"] .u-legend th')]"
+            f".some(th => th.textContent.includes('r0/{branch}'))"
+        ),
     )
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -214,6 +276,101 @@ async def test_pause_and_resume_from_the_page(page: Page, job: Callable[..., Non
     )
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "ui-pause-resume.png"), full_page=True)
+
+
+async def submit_over_nats(nats_url: str, action: Action) -> None:
+    """Submit like any client would: NATS request-reply on api.submit; assert it applied."""
+    nc = await tl_bus.connect(nats_url, name="ui-test")
+    try:
+        req = SubmitRequest(job=JOB, issuer=Issuer(kind="cli", identity="test"), body=action, timeout_s=20)
+        reply = await nc.request(subjects.api_submit(), wire.encode(req), timeout=30)
+    finally:
+        await nc.close()
+    outcome = wire.decode_outcome(reply.data)
+    assert outcome.status is OutcomeStatus.APPLIED, outcome
+
+
+async def test_device_fault_is_marked_in_the_device_panel(
+    nats_server: EmbeddedNats, job: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCHLOOM_ALLOW_FAULT_INJECTION", "1")
+    job(steps=5000, TORCHLOOM_ALLOW_FAULT_INJECTION="1")
+    async with (
+        Weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)),
+        UiServer(nats_ws_url=nats_server.ws_url) as ui,
+        async_playwright() as pw,
+    ):
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.on("pageerror", lambda e: print(f"[page error] {e}"))
+            await page.goto(ui.url)
+            rows = "#devices tbody tr"
+            await until(
+                "both ranks healthy in the device panel",
+                lambda: page.evaluate(
+                    f"() => [...document.querySelectorAll('{rows}')]"
+                    ".filter(tr => tr.dataset.health === 'healthy').length === 2"
+                ),
+            )
+            await submit_over_nats(
+                nats_server.url, Action(kind=ActionKind.FAULT_INJECT, args={"rank": "1", "xid": "79"})
+            )
+            bad = page.locator(f'{rows}[data-rank="1"].unhealthy')
+            await until("rank 1's device marked unhealthy", bad.count, timeout_s=30)
+            text = await bad.locator("td.health").text_content() or ""
+            assert text.startswith("UNHEALTHY") and "XID 79" in text, text
+            # The faulty device is listed first; rank 0 stays healthy.
+            assert await page.locator(f"{rows}").first.get_attribute("data-rank") == "1"
+            assert await page.locator(f'{rows}[data-rank="0"]').get_attribute("data-health") == "healthy"
+            # The weaver's verdict reaches the timeline as a device_unhealthy event.
+            await until(
+                "the device_unhealthy event in the timeline",
+                lambda: page.locator("#timeline .entry.device_unhealthy").count(),
+                timeout_s=30,
+            )
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "ui-fault.png"), full_page=True)
+        finally:
+            await browser.close()
+
+
+async def test_timeline_loads_the_journal_written_before_the_page_opened(
+    nats_server: EmbeddedNats, job: Callable[..., None]
+) -> None:
+    job(steps=5000)
+    async with Weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)):
+        # Wait for the job, then act before any page exists.
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                await submit_over_nats(
+                    nats_server.url, Action(kind=ActionKind.CHECKPOINT, args={"tag": "early"})
+                )
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "the job never accepted a checkpoint"
+                await asyncio.sleep(0.5)
+        async with UiServer(nats_ws_url=nats_server.ws_url) as ui, async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            try:
+                page = await browser.new_page(viewport={"width": 1500, "height": 1000})
+                await page.goto(ui.url)
+                await until("the journal history loaded", lambda: hook(page, "historyDone()"))
+                entries = await hook(page, "timeline()")
+                kinds = {e["kind"] for e in entries}
+                assert "rank_joined" in kinds, kinds
+                ck = [e for e in entries if e["kind"] == "command" and "checkpoint" in (e.get("body") or "")]
+                assert ck and ck[0]["status"] == "applied" and "early" in ck[0]["body"], ck
+                # History and live subscriptions overlap at page open: no event is listed twice.
+                keys = [(e["kind"], e["time_s"], e.get("message")) for e in entries if e["kind"] != "command"]
+                assert len(keys) == len(set(keys))
+                await until(
+                    "the checkpoint in the page's timeline",
+                    lambda: page.locator("#timeline .entry.command", has_text="checkpoint tag=early").count(),
+                )
+            finally:
+                await browser.close()
 
 
 async def test_states_when_the_bus_is_unreachable_and_recovers(tmp_path: Path) -> None:

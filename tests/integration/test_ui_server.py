@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,28 @@ async def test_serve_ui_returns_a_started_server_and_close_is_idempotent() -> No
         await ui.close()
     with pytest.raises(OSError):
         await _get(ui.port, "/")
+
+
+async def test_torchloom_ui_cli_serves_the_page_and_prints_its_url(subprocess_env: dict[str, str]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "torchloom", "ui", "--nats-ws", WS, "--port", "0",
+        env=subprocess_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            line = (await proc.stdout.readline()).decode().strip()
+        match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, f"expected the UI's URL on stdout, got {line!r}"
+        port = int(match.group(1))
+        assert port > 0
+        status, headers, body = await _get(port, "/")
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert b"assets/app.js" in body and b'id="checkpoints"' in body
+        status, _, body = await _get(port, "/config.json")
+        assert status == 200 and json.loads(body) == {"nats_ws_url": WS}
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        async with asyncio.timeout(30):
+            await proc.wait()

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 
 from weaver.config import WeaverConfig
+from weaver.health_policy import DEFAULT_DEAD_AFTER_S
 from weaver.service import Weaver
 
 
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--grpc", default=None, help="HOST:PORT for the gRPC Control service")
     parser.add_argument(
-        "--dead-after", type=float, default=1.0, help="seconds without heartbeat before a rank is dead"
+        "--dead-after",
+        type=float,
+        default=DEFAULT_DEAD_AFTER_S,
+        help=f"seconds without heartbeat before a rank is dead (default {DEFAULT_DEAD_AFTER_S:g})",
     )
     parser.add_argument(
         "--hung-after", type=float, default=10.0, help="seconds without a step change before a rank is hung"

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from torchloom import env
-from weaver.health_policy import HealthPolicy, PolicyMode
+from weaver.health_policy import DEFAULT_DEAD_AFTER_S, HealthPolicy, PolicyMode
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 POLICY_MODES = tuple(m.value for m in PolicyMode)
@@ -40,7 +40,7 @@ class WeaverConfig:
 
     nats_url: str = DEFAULT_NATS_URL
     grpc_addr: str = "127.0.0.1:0"
-    dead_after_s: float = 1.0
+    dead_after_s: float = DEFAULT_DEAD_AFTER_S
     command_timeout_s: float = 30.0
     journal: bool = True
     liveness_interval_s: float = 0.1

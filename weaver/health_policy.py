@@ -16,6 +16,10 @@ from enum import StrEnum
 
 from torchloom.messages import DeviceHealth, Heartbeat, RankState
 
+# Four missed 0.2 s heartbeats: a kill -9 is noticed in 0.6-0.9 s (bench/recovery.py), and on a loaded
+# 2-core machine no live rank went silent that long (the heartbeat thread does not wait for torch).
+DEFAULT_DEAD_AFTER_S = 0.8
+
 
 class HealthKind(StrEnum):
     """A rank's classification; the order below is the precedence when several apply."""
@@ -224,7 +228,7 @@ class HealthPolicy:
     """
 
     mode: PolicyMode = PolicyMode.RECONFIGURE
-    dead_after_s: float = 1.0
+    dead_after_s: float = DEFAULT_DEAD_AFTER_S
     hung_after_s: float = 10.0
     straggler_factor: float = 2.0
     min_samples: int = 1

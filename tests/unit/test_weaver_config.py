@@ -9,7 +9,7 @@ from weaver.config import WeaverConfig
 
 def test_defaults_are_valid() -> None:
     c = WeaverConfig()
-    assert (c.grpc_addr, c.dead_after_s, c.command_timeout_s, c.journal) == ("127.0.0.1:0", 1.0, 30.0, True)
+    assert (c.grpc_addr, c.dead_after_s, c.command_timeout_s, c.journal) == ("127.0.0.1:0", 0.8, 30.0, True)
 
 
 @pytest.mark.parametrize(

@@ -133,4 +133,4 @@ def test_reconfigure_on_unhealthy_device_checkpoints_then_requests_a_restart() -
 
 def test_config_builds_the_policy() -> None:
     p = WeaverConfig(hung_after_s=2.0, straggler_factor=3.0, health_policy="pause").policy()
-    assert (p.mode, p.hung_after_s, p.straggler_factor, p.dead_after_s) == (PolicyMode.PAUSE, 2.0, 3.0, 1.0)
+    assert (p.mode, p.hung_after_s, p.straggler_factor, p.dead_after_s) == (PolicyMode.PAUSE, 2.0, 3.0, 0.8)

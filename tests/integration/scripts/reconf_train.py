@@ -3,25 +3,30 @@
 
 --xid-at STEP makes rank 1's (fake) device report XID 79 at that step; --hang-at STEP makes rank 1
 stop advancing there for --hang-s seconds; --die-at STEP makes rank 1 kill itself with SIGKILL there
-(first attempt only). Each record also carries the wall-clock time "t" the step ended (for benchmarks).
+(first attempt only). Each record also carries the wall-clock time "t" the step ended, and the
+process's start time "start_t" and attach duration "attach_s" (a resume loads its checkpoint there),
+for bench/recovery.py; a hang writes OUT/hang.json with its start time.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import signal
 import time
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+START_T = time.time()  # before the heavy imports: a restart's cost includes them
 
-import threadlet
-from torchloom import env
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+import threadlet  # noqa: E402
+from torchloom import env  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +51,9 @@ def main() -> None:
     x = torch.randn(256, 8, generator=gen)
     y = (x @ torch.linspace(-1, 1, 8)).unsqueeze(1)
     torch.manual_seed(100 + rank)
+    attach_t = time.time()
     tl = threadlet.attach(model=model, optimizer=opt)
+    attach_s = time.time() - attach_t
     tl.training.enable(grad_accum_steps=1)
     args.out.mkdir(parents=True, exist_ok=True)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
@@ -64,11 +71,12 @@ def main() -> None:
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             if rank == 1 and args.hang_at and step == args.hang_at and not restarted:
+                (args.out / "hang.json").write_text(json.dumps({"step": step, "t": time.time()}))
                 time.sleep(args.hang_s)
             if rank == 1 and args.die_at and step == args.die_at and not restarted and not tl.resumed_from:
                 os.kill(os.getpid(), signal.SIGKILL)
             rec = {"step": step, "loss": total, "accum": accum, "world": world, "run": tl.config.run_id}
-            rec["t"] = time.time()
+            rec |= {"t": time.time(), "start_t": START_T, "attach_s": attach_s}
             records.write(json.dumps(rec) + "\n")
             records.flush()
             tl.step(loss=total)

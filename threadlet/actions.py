@@ -122,23 +122,10 @@ class ActionsMixin:
         todo = resume.plan(root=root, job=self.config.job, run_id=self.config.run_id)
         self._pending_overrides = dict(todo.overrides)
         if todo.checkpoint is not None:
-            source = resume.per_rank_source(todo.checkpoint, self.rank)
-            saved = checkpoint.load(
-                todo.checkpoint,
-                rank=source,  # names the per-rank entry (RNG, sampler) this rank takes
-                group=self.group,
-                model=self._model,
-                optimizer=self._optimizer,
-                scheduler=self._scheduler,
-                sampler=self._sampler,
-                threadlet_keys={"step": 0, "branch": "", "knobs": ""},
-            )
-            self._restore_user_knobs(str(saved["knobs"]))
-            self.step_count = int(saved["step"])
+            # The per-rank source names the entry (RNG, sampler) this rank takes.
+            saved = self._load_checkpoint(todo.checkpoint, resume.per_rank_source(todo.checkpoint, self.rank))
             self.branch = str(saved["branch"]) or self.branch
             self.resumed_from = str(todo.checkpoint)
-            if self._fake_nvml is not None:
-                self._fake_nvml.set_step(self.step_count)
             log.info(
                 "threadlet: rank %d resumed from %s at step %d (%s restart)",
                 self.rank,
@@ -194,9 +181,22 @@ class ActionsMixin:
 
     def _rollback(self, seq: int, args: Mapping[str, str]) -> dict[str, str]:
         path = self._rollback_path(args)
+        parent = self.branch
+        self._load_checkpoint(path, self.rank)
+        self.branch = checkpoint.branch_id(seq)
+        return {
+            "branch": self.branch,
+            "parent_branch": parent,
+            "from_checkpoint": args.get("checkpoint_id") or path.name,
+            "fork_step": str(self.step_count),
+        }
+
+    def _load_checkpoint(self, path: Path, source: int) -> dict[str, Any]:
+        """Load `path` in place (collectively), taking per-rank entry `source`; put back its knobs and
+        step. Returns the saved threadlet state; the caller decides the branch."""
         saved = checkpoint.load(
             path,
-            rank=self.rank,
+            rank=source,
             group=self.group,
             model=self._model,
             optimizer=self._optimizer,
@@ -205,17 +205,10 @@ class ActionsMixin:
             threadlet_keys={"step": 0, "branch": "", "knobs": ""},
         )
         self._restore_user_knobs(str(saved["knobs"]))
-        parent = self.branch
         self.step_count = int(saved["step"])
-        self.branch = checkpoint.branch_id(seq)
         if self._fake_nvml is not None:
             self._fake_nvml.set_step(self.step_count)
-        return {
-            "branch": self.branch,
-            "parent_branch": parent,
-            "from_checkpoint": args.get("checkpoint_id") or path.name,
-            "fork_step": str(self.step_count),
-        }
+        return saved
 
     def _restore_user_knobs(self, saved_json: str) -> None:
         """Put back the checkpoint's knob values: user knobs and the training-loop ones

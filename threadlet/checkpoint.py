@@ -13,7 +13,7 @@ import pickle
 import random
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +101,21 @@ def _has_state(obj: Any) -> bool:
     return obj is not None and hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")
 
 
-def _dist_kwargs(group: Any) -> dict[str, Any]:
-    if dist.is_available() and dist.is_initialized():
-        return {"process_group": group}
-    return {"no_dist": True}
+def _dcp(op: Callable[..., Any], state: dict[str, Any], path: Path, group: Any) -> None:
+    """Run DCP's save or load over `group` (or without dist when it is not initialized)."""
+    kwargs: dict[str, Any] = {"process_group": group}
+    if not (dist.is_available() and dist.is_initialized()):
+        kwargs = {"no_dist": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process" without dist
+        op(state, checkpoint_id=str(path), **kwargs)
+
+
+def _per_rank_objects(scheduler: Any, sampler: Any) -> tuple[tuple[str, Any], ...]:
+    """The per-rank entry's optional stateful objects, by name, that have state_dict/load_state_dict."""
+    return tuple(
+        (name, obj) for name, obj in (("scheduler", scheduler), ("sampler", sampler)) if _has_state(obj)
+    )
 
 
 def _train_state(model: Any, optimizer: Any) -> dict[str, Any]:
@@ -139,17 +150,14 @@ def save(
     """
     path.mkdir(parents=True, exist_ok=True)
     per_rank: dict[str, Any] = {"rng": capture_rng()}
-    for name, obj in (("scheduler", scheduler), ("sampler", sampler)):
-        if _has_state(obj):
-            per_rank[name] = obj.state_dict()
+    for name, obj in _per_rank_objects(scheduler, sampler):
+        per_rank[name] = obj.state_dict()
     if optimizer is not None and model is None:
         per_rank["optim"] = optimizer.state_dict()
     state: dict[str, Any] = _train_state(model, optimizer)
     state[f"rank{rank}"] = pickle.dumps(per_rank)
     state["threadlet"] = dict(threadlet_state)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process" without dist
-        dcp_save(state, checkpoint_id=str(path), **_dist_kwargs(group))
+    _dcp(dcp_save, state, path, group)
 
 
 def load(
@@ -183,9 +191,7 @@ def load(
     key = f"rank{rank}"
     state[key] = b""
     state["threadlet"] = dict(threadlet_keys)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp_load(state, checkpoint_id=str(path), **_dist_kwargs(group))
+    _dcp(dcp_load, state, path, group)
     if model is not None and optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     elif model is not None:
@@ -193,8 +199,8 @@ def load(
     per_rank: dict[str, Any] = pickle.loads(state[key])  # our own file, written by `save`
     if "optim" in per_rank and optimizer is not None:
         optimizer.load_state_dict(per_rank["optim"])
-    for name, obj in (("scheduler", scheduler), ("sampler", sampler)):
-        if name in per_rank and _has_state(obj):
+    for name, obj in _per_rank_objects(scheduler, sampler):
+        if name in per_rank:
             obj.load_state_dict(per_rank[name])
     restore_rng(per_rank["rng"])
     return dict(state["threadlet"])

@@ -1,0 +1,109 @@
+"""The journal survives a restart of both the weaver and the nats-server: a real 2-rank torchrun job
+is steered, then the weaver and the server are stopped and started again on the same store; the
+journal still holds the command with its issuer, payload and per-rank steps, and the job, which
+kept training meanwhile, takes a new command with the next seq."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from torchloom.client import ControlClient
+from torchloom.messages import Issuer, JobEvent, Outcome, OutcomeStatus, SetConfig, SubmitRequest
+from torchloom.nats_server import EmbeddedNats
+from weaver.config import WeaverConfig
+from weaver.service import Weaver
+
+JOB = "durable"
+
+
+async def wait_for_ranks(client: ControlClient, world: int, deadline_s: float = 90.0) -> int:
+    """Wait until `world` ranks of JOB are alive; return the highest step they report."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        reply = await client.status()
+        jobs = [j for j in reply.jobs if j.job == JOB]
+        if jobs and sum(r.alive for r in jobs[0].ranks) == world:
+            return max(r.step for r in jobs[0].ranks)
+        await asyncio.sleep(0.1)
+    pytest.fail(f"{world} ranks of {JOB} did not report within {deadline_s}s")
+
+
+async def journal(client: ControlClient) -> list[Outcome | JobEvent]:
+    return [e for e in [ev async for ev in client.journal(JOB)] if isinstance(e, Outcome | JobEvent)]
+
+
+@pytest.mark.timeout(240)
+async def test_journal_survives_weaver_and_nats_server_restart(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    server = EmbeddedNats(tmp_path / "nats").start()
+    env = dict(
+        subprocess_env,
+        TORCHLOOM_NATS_URL=server.url,
+        TORCHLOOM_JOB=JOB,
+        TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
+        OMP_NUM_THREADS="1",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        str(REPO / "examples" / "train_tiny.py"), "--steps", "100000", "--step-sleep", "0.01",
+        "--out", str(tmp_path / "out"),
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    issuer = Issuer(kind="agent", identity="durability-test")
+    try:
+        async with (
+            Weaver(WeaverConfig(nats_url=server.url)) as weaver,
+            ControlClient(weaver.grpc_address) as c,
+        ):
+            await wait_for_ranks(c, 2)
+            first = await c.submit(
+                SubmitRequest(job=JOB, body=SetConfig(values={"lr": "0.004"}), issuer=issuer, timeout_s=60)
+            )
+            assert first.status is OutcomeStatus.APPLIED
+            # Wait until the outcome is in the journal before pulling the plug.
+            end = time.monotonic() + 30
+            while not any(isinstance(e, Outcome) for e in await journal(c)):
+                assert time.monotonic() < end, "outcome never reached the journal"
+                await asyncio.sleep(0.1)
+        server.stop()  # terminate, wait, kill; the store stays on disk
+        server.start()  # same port, same store
+        async with (
+            Weaver(WeaverConfig(nats_url=server.url)) as weaver,
+            ControlClient(weaver.grpc_address) as c,
+        ):
+            step_after = await wait_for_ranks(c, 2)  # the ranks reconnected by themselves
+            outcomes = [e for e in await journal(c) if isinstance(e, Outcome)]
+            assert [o.command_id for o in outcomes] == [first.command_id]
+            kept = outcomes[0]
+            assert kept.status is OutcomeStatus.APPLIED
+            assert kept.command is not None
+            assert kept.command.issuer == issuer
+            assert kept.command.seq == 1
+            assert dict(kept.command.body.values) == {"lr": 0.004}  # type: ignore[union-attr]
+            assert sorted(r.rank for r in kept.results) == [0, 1]
+            assert len({r.step for r in kept.results}) == 1
+            assert step_after > kept.results[0].step  # training went on through the restarts
+            second = await c.submit(
+                SubmitRequest(job=JOB, body=SetConfig(values={"lr": "0.002"}), issuer=issuer, timeout_s=60)
+            )
+            assert second.status is OutcomeStatus.APPLIED
+            assert second.command is not None and second.command.seq == 2
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(30):
+                await proc.wait()
+        except TimeoutError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        server.stop()

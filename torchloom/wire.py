@@ -63,6 +63,36 @@ def _enum_back(table: Mapping[Any, Any], value: int, what: str) -> Any:
         raise WireError(f"unknown {what} enum value {value}") from None
 
 
+def _scalar_fields(cls: Any, *by_hand: str) -> tuple[str, ...]:
+    """A dataclass's field names that copy as-is to and from the same-named protobuf field: all but
+    `by_hand` (enums, maps, repeated and nested messages, converted explicitly)."""
+    return tuple(name for name in cls.__dataclass_fields__ if name not in by_hand)
+
+
+def _copy(src: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """`names` read off `src` (a dataclass or a protobuf message), as constructor keyword arguments."""
+    return {name: getattr(src, name) for name in names}
+
+
+def _set(out: Any, src: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        setattr(out, name, getattr(src, name))
+
+
+_COMMAND_FIELDS = _scalar_fields(m.Command, "issuer", "body")
+_ACK_FIELDS = _scalar_fields(m.Ack, "status", "detail")
+_HEARTBEAT_FIELDS = _scalar_fields(m.Heartbeat, "state", "knobs", "device")
+_METRICS_FIELDS = _scalar_fields(m.StepMetrics, "values")
+_EVENT_FIELDS = _scalar_fields(m.JobEvent, "attrs")
+_RESULT_FIELDS = _scalar_fields(m.RankResult, "status", "detail")
+_OUTCOME_FIELDS = _scalar_fields(m.Outcome, "status", "results", "command")
+_RANK_STATUS_FIELDS = _scalar_fields(m.RankStatus, "state", "knobs", "device")
+_JOB_STATUS_FIELDS = _scalar_fields(m.JobStatus, "ranks", "knobs", "checkpoints", "branches")
+_CHECKPOINT_FIELDS = _scalar_fields(m.CheckpointInfo)
+_BRANCH_FIELDS = _scalar_fields(m.BranchInfo)
+_DEVICE_FIELDS = _scalar_fields(m.DeviceHealth, "xids")
+
+
 # ---- values -------------------------------------------------------------------------------------
 
 
@@ -144,12 +174,8 @@ def _issuer_from_pb(msg: pb.Issuer) -> m.Issuer:
 
 
 def _command_to_pb(cmd: m.Command, out: pb.Command) -> None:
-    out.command_id = cmd.command_id
-    out.job = cmd.job
-    out.run_id = cmd.run_id
-    out.seq = cmd.seq
+    _set(out, cmd, _COMMAND_FIELDS)
     _issuer_to_pb(cmd.issuer, out.issuer)
-    out.issued_at_s = cmd.issued_at_s
     _body_to_pb(cmd.body, out)
 
 
@@ -169,85 +195,46 @@ def _knob_to_pb(spec: m.KnobSpec, out: pb.KnobSpec) -> None:
     out.choices.extend(spec.choices)
 
 
-_DEVICE_FIELDS = tuple(f for f in m.DeviceHealth.__dataclass_fields__ if f != "xids")
-
-
 def _device_to_pb(dev: m.DeviceHealth, out: pb.DeviceHealth) -> None:
-    for name in _DEVICE_FIELDS:
-        setattr(out, name, getattr(dev, name))
+    _set(out, dev, _DEVICE_FIELDS)
     out.xids.extend(dev.xids)
 
 
 def _device_from_pb(msg: pb.DeviceHealth) -> m.DeviceHealth:
-    fields: dict[str, Any] = {name: getattr(msg, name) for name in _DEVICE_FIELDS}
-    return m.DeviceHealth(xids=tuple(msg.xids), **fields)
+    return m.DeviceHealth(xids=tuple(msg.xids), **_copy(msg, _DEVICE_FIELDS))
 
 
 def _rank_result_to_pb(res: m.RankResult, out: pb.RankResult) -> None:
-    out.rank = res.rank
+    _set(out, res, _RESULT_FIELDS)
     out.status = _ACK[res.status]
-    out.step = res.step
-    out.reason = res.reason
-    out.received_at_s = res.received_at_s
-    out.decided_at_s = res.decided_at_s
-    for key, value in res.detail.items():
-        out.detail[key] = value
-    out.branch = res.branch
+    out.detail.update(res.detail)
 
 
 def _outcome_to_pb(o: m.Outcome, out: pb.Outcome) -> None:
-    out.command_id = o.command_id
-    out.job = o.job
+    _set(out, o, _OUTCOME_FIELDS)
     out.status = _OUTCOME[o.status]
-    out.reason = o.reason
     for res in o.results:
         _rank_result_to_pb(res, out.results.add())
     if o.command is not None:
         _command_to_pb(o.command, out.command)
-    out.submitted_at_s = o.submitted_at_s
-    out.published_at_s = o.published_at_s
-    out.completed_at_s = o.completed_at_s
 
 
 def _metrics_to_pb(sm: m.StepMetrics, out: pb.StepMetrics) -> None:
-    out.job = sm.job
-    out.run_id = sm.run_id
-    out.rank = sm.rank
-    out.step = sm.step
-    out.branch = sm.branch
-    out.time_s = sm.time_s
-    for key, value in sm.values.items():
-        out.values[key] = value
+    _set(out, sm, _METRICS_FIELDS)
+    out.values.update(sm.values)
 
 
 def _event_to_pb(ev: m.JobEvent, out: pb.JobEvent) -> None:
-    out.job = ev.job
-    out.run_id = ev.run_id
-    out.kind = ev.kind
-    out.message = ev.message
-    out.time_s = ev.time_s
-    out.command_id = ev.command_id
-    for key, value in ev.attrs.items():
-        out.attrs[key] = value
+    _set(out, ev, _EVENT_FIELDS)
+    out.attrs.update(ev.attrs)
 
 
 def _rank_status_to_pb(rs: m.RankStatus, out: pb.RankStatus) -> None:
-    out.rank = rs.rank
-    out.step = rs.step
+    _set(out, rs, _RANK_STATUS_FIELDS)
     out.state = _STATE[rs.state]
-    out.last_heartbeat_s = rs.last_heartbeat_s
-    out.host = rs.host
-    out.pid = rs.pid
-    out.incarnation = rs.incarnation
     _values_to_pb(rs.knobs, out.knobs)
     if rs.device is not None:
         _device_to_pb(rs.device, out.device)
-    out.step_time_s = rs.step_time_s
-    out.alive = rs.alive
-    out.local_rank = rs.local_rank
-    out.health = rs.health
-    out.health_reason = rs.health_reason
-    out.branch = rs.branch
 
 
 def to_pb(msg: Any) -> Any:
@@ -257,40 +244,9 @@ def to_pb(msg: Any) -> Any:
         _command_to_pb(msg, out_cmd)
         return out_cmd
     if isinstance(msg, m.Ack):
-        return pb.Ack(
-            command_id=msg.command_id,
-            job=msg.job,
-            run_id=msg.run_id,
-            seq=msg.seq,
-            rank=msg.rank,
-            incarnation=msg.incarnation,
-            status=_ACK[msg.status],
-            reason=msg.reason,
-            step=msg.step,
-            decided_at_s=msg.decided_at_s,
-            received_at_s=msg.received_at_s,
-            detail=dict(msg.detail),
-            branch=msg.branch,
-        )
+        return pb.Ack(status=_ACK[msg.status], detail=dict(msg.detail), **_copy(msg, _ACK_FIELDS))
     if isinstance(msg, m.Heartbeat):
-        hb = pb.Heartbeat(
-            job=msg.job,
-            run_id=msg.run_id,
-            rank=msg.rank,
-            world_size=msg.world_size,
-            local_rank=msg.local_rank,
-            incarnation=msg.incarnation,
-            host=msg.host,
-            pid=msg.pid,
-            step=msg.step,
-            state=_STATE[msg.state],
-            sent_at_s=msg.sent_at_s,
-            step_time_s=msg.step_time_s,
-            last_seq=msg.last_seq,
-            branch=msg.branch,
-            tick=msg.tick,
-            fault_injection_allowed=msg.fault_injection_allowed,
-        )
+        hb = pb.Heartbeat(state=_STATE[msg.state], **_copy(msg, _HEARTBEAT_FIELDS))
         for spec in msg.knobs:
             _knob_to_pb(spec, hb.knobs.add())
         if msg.device is not None:
@@ -330,32 +286,11 @@ def to_pb(msg: Any) -> Any:
     if isinstance(msg, m.StatusReply):
         reply = pb.StatusReply()
         for js in msg.jobs:
-            out_js = reply.jobs.add(
-                job=js.job,
-                run_id=js.run_id,
-                world_size=js.world_size,
-                last_seq=js.last_seq,
-                branch=js.branch,
-            )
+            out_js = reply.jobs.add(**_copy(js, _JOB_STATUS_FIELDS))
             for ck in js.checkpoints:
-                out_js.checkpoints.add(
-                    id=ck.id,
-                    tag=ck.tag,
-                    step=ck.step,
-                    branch=ck.branch,
-                    path=ck.path,
-                    created_at_s=ck.created_at_s,
-                    seq=ck.seq,
-                )
+                out_js.checkpoints.add(**_copy(ck, _CHECKPOINT_FIELDS))
             for br in js.branches:
-                out_js.branches.add(
-                    id=br.id,
-                    parent=br.parent,
-                    from_checkpoint=br.from_checkpoint,
-                    fork_step=br.fork_step,
-                    created_at_s=br.created_at_s,
-                    seq=br.seq,
-                )
+                out_js.branches.add(**_copy(br, _BRANCH_FIELDS))
             for rs in js.ranks:
                 _rank_status_to_pb(rs, out_js.ranks.add())
             for spec in js.knobs:
@@ -394,13 +329,7 @@ def _parse(cls: Any, data: bytes) -> Any:
 
 def _command_from_pb(msg: pb.Command) -> m.Command:
     return m.Command(
-        command_id=msg.command_id,
-        job=msg.job,
-        run_id=msg.run_id,
-        seq=msg.seq,
-        issuer=_issuer_from_pb(msg.issuer),
-        issued_at_s=msg.issued_at_s,
-        body=_body_from_pb(msg),
+        issuer=_issuer_from_pb(msg.issuer), body=_body_from_pb(msg), **_copy(msg, _COMMAND_FIELDS)
     )
 
 
@@ -420,52 +349,26 @@ def _knob_from_pb(msg: pb.KnobSpec) -> m.KnobSpec:
 
 
 def _metrics_from_pb(msg: pb.StepMetrics) -> m.StepMetrics:
-    return m.StepMetrics(
-        job=msg.job,
-        run_id=msg.run_id,
-        rank=msg.rank,
-        step=msg.step,
-        branch=msg.branch,
-        time_s=msg.time_s,
-        values=dict(sorted(msg.values.items())),
-    )
+    return m.StepMetrics(values=dict(sorted(msg.values.items())), **_copy(msg, _METRICS_FIELDS))
 
 
 def _event_from_pb(msg: pb.JobEvent) -> m.JobEvent:
-    return m.JobEvent(
-        job=msg.job,
-        run_id=msg.run_id,
-        kind=msg.kind,
-        message=msg.message,
-        time_s=msg.time_s,
-        command_id=msg.command_id,
-        attrs=dict(sorted(msg.attrs.items())),
-    )
+    return m.JobEvent(attrs=dict(sorted(msg.attrs.items())), **_copy(msg, _EVENT_FIELDS))
 
 
 def _outcome_from_pb(msg: pb.Outcome) -> m.Outcome:
     return m.Outcome(
-        command_id=msg.command_id,
-        job=msg.job,
         status=_enum_back(_OUTCOME_BACK, msg.status, "outcome status"),
-        reason=msg.reason,
         results=tuple(
             m.RankResult(
-                rank=r.rank,
                 status=_enum_back(_ACK_BACK, r.status, "ack status"),
-                step=r.step,
-                reason=r.reason,
-                received_at_s=r.received_at_s,
-                decided_at_s=r.decided_at_s,
                 detail=dict(sorted(r.detail.items())),
-                branch=r.branch,
+                **_copy(r, _RESULT_FIELDS),
             )
             for r in msg.results
         ),
         command=_command_from_pb(msg.command) if msg.HasField("command") else None,
-        submitted_at_s=msg.submitted_at_s,
-        published_at_s=msg.published_at_s,
-        completed_at_s=msg.completed_at_s,
+        **_copy(msg, _OUTCOME_FIELDS),
     )
 
 
@@ -476,43 +379,19 @@ def decode_command(data: bytes) -> m.Command:
 def decode_ack(data: bytes) -> m.Ack:
     msg = _parse(pb.Ack, data)
     return m.Ack(
-        command_id=msg.command_id,
-        job=msg.job,
-        run_id=msg.run_id,
-        seq=msg.seq,
-        rank=msg.rank,
-        incarnation=msg.incarnation,
         status=_enum_back(_ACK_BACK, msg.status, "ack status"),
-        reason=msg.reason,
-        step=msg.step,
-        decided_at_s=msg.decided_at_s,
-        received_at_s=msg.received_at_s,
         detail=dict(sorted(msg.detail.items())),
-        branch=msg.branch,
+        **_copy(msg, _ACK_FIELDS),
     )
 
 
 def decode_heartbeat(data: bytes) -> m.Heartbeat:
     msg = _parse(pb.Heartbeat, data)
     return m.Heartbeat(
-        job=msg.job,
-        run_id=msg.run_id,
-        rank=msg.rank,
-        world_size=msg.world_size,
-        local_rank=msg.local_rank,
-        incarnation=msg.incarnation,
-        host=msg.host,
-        pid=msg.pid,
-        step=msg.step,
         state=_enum_back(_STATE_BACK, msg.state, "rank state"),
-        sent_at_s=msg.sent_at_s,
-        step_time_s=msg.step_time_s,
-        last_seq=msg.last_seq,
         knobs=tuple(_knob_from_pb(k) for k in msg.knobs),
         device=_device_from_pb(msg.device) if msg.HasField("device") else None,
-        branch=msg.branch,
-        tick=msg.tick,
-        fault_injection_allowed=msg.fault_injection_allowed,
+        **_copy(msg, _HEARTBEAT_FIELDS),
     )
 
 
@@ -561,56 +440,20 @@ def decode_status_reply(data: bytes) -> m.StatusReply:
     for js in msg.jobs:
         ranks = tuple(
             m.RankStatus(
-                rank=rs.rank,
-                step=rs.step,
                 state=_enum_back(_STATE_BACK, rs.state, "rank state"),
-                last_heartbeat_s=rs.last_heartbeat_s,
-                host=rs.host,
-                pid=rs.pid,
-                incarnation=rs.incarnation,
                 knobs=_values_from_pb(rs.knobs),
                 device=_device_from_pb(rs.device) if rs.HasField("device") else None,
-                step_time_s=rs.step_time_s,
-                alive=rs.alive,
-                local_rank=rs.local_rank,
-                health=rs.health,
-                health_reason=rs.health_reason,
-                branch=rs.branch,
+                **_copy(rs, _RANK_STATUS_FIELDS),
             )
             for rs in js.ranks
         )
         jobs.append(
             m.JobStatus(
-                job=js.job,
-                run_id=js.run_id,
-                world_size=js.world_size,
                 ranks=ranks,
                 knobs=tuple(_knob_from_pb(k) for k in js.knobs),
-                last_seq=js.last_seq,
-                checkpoints=tuple(
-                    m.CheckpointInfo(
-                        id=c.id,
-                        tag=c.tag,
-                        step=c.step,
-                        branch=c.branch,
-                        path=c.path,
-                        created_at_s=c.created_at_s,
-                        seq=c.seq,
-                    )
-                    for c in js.checkpoints
-                ),
-                branches=tuple(
-                    m.BranchInfo(
-                        id=b.id,
-                        parent=b.parent,
-                        from_checkpoint=b.from_checkpoint,
-                        fork_step=b.fork_step,
-                        created_at_s=b.created_at_s,
-                        seq=b.seq,
-                    )
-                    for b in js.branches
-                ),
-                branch=js.branch,
+                checkpoints=tuple(m.CheckpointInfo(**_copy(c, _CHECKPOINT_FIELDS)) for c in js.checkpoints),
+                branches=tuple(m.BranchInfo(**_copy(b, _BRANCH_FIELDS)) for b in js.branches),
+                **_copy(js, _JOB_STATUS_FIELDS),
             )
         )
     return m.StatusReply(jobs=tuple(jobs))

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -44,7 +45,16 @@ TORCHRUN_VALUE_OPTIONS = frozenset(
 ) | {"-r", "-t"}
 # Our own options; they may appear anywhere before SCRIPT, mixed with torchrun's.
 RUN_OPTIONS = frozenset(
-    {"--job", "--nats", "--grpc", "--ui-port", "--hung-after", "--straggler-factor", "--health-policy"}
+    {
+        "--job",
+        "--run-id",
+        "--nats",
+        "--grpc",
+        "--ui-port",
+        "--hung-after",
+        "--straggler-factor",
+        "--health-policy",
+    }
 )
 RUN_FLAGS = frozenset({"--ui", "--allow-fault-injection"})
 HEALTH_POLICIES = ("reconfigure", "pause", "alert")
@@ -56,6 +66,10 @@ _RDZV_CHOICES = frozenset(
     | {"--master-port", "--master_port", "--master-addr", "--master_addr", "--nnodes"}
 )
 READY_TIMEOUT_S = 30.0
+_RDZV_ID = frozenset({"--rdzv-id", "--rdzv_id"})
+_NNODES = frozenset({"--nnodes"})
+# A run id must not look like an attempt (`<run>-a<N>`): attempts of it are named that way.
+_ATTEMPT_LIKE = re.compile(r"-a[1-9][0-9]*$")
 
 
 class UsageError(ValueError):
@@ -130,6 +144,8 @@ class RunSpec:
         torchrun_args: options for torch.distributed.run, in the order given, with defaults added.
         script: the training script (or module with -m).
         script_args: everything after SCRIPT, untouched: it belongs to the script.
+        run_id: `--run-id`, else derived from torchrun's `--rdzv-id` (so every node of a multi-node
+            run reports the same run), else None (a fresh one per launch).
     """
 
     job: str
@@ -143,6 +159,12 @@ class RunSpec:
     ui_port: int = 0
     health: HealthOptions = field(default_factory=HealthOptions)
     replay_path: str | None = None
+    run_id: str | None = None
+
+    @property
+    def multinode(self) -> bool:
+        """Whether torchrun may run this job on more than one node (see `is_multinode`)."""
+        return is_multinode(self.torchrun_args)
 
 
 def _option_value(argv: Sequence[str], i: int, opt: str) -> tuple[str, int]:
@@ -159,11 +181,49 @@ def _has_option(args: Sequence[str], names: frozenset[str]) -> bool:
     return any(a.split("=", 1)[0] in names for a in args)
 
 
+def _value_of(args: Sequence[str], names: frozenset[str]) -> str | None:
+    """The value of the last option in `names` (`--opt VALUE` or `--opt=VALUE`), else None."""
+    found: str | None = None
+    for i, word in enumerate(args):
+        name, eq, value = word.partition("=")
+        if name in names:
+            found = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return found
+
+
+def is_multinode(torchrun_args: Sequence[str]) -> bool:
+    """Whether torchrun's options let the job span nodes: `--nnodes` other than 1 (or `1:1`).
+
+    Then torchrun's elastic agents own the group's membership: a lost node is a re-rendezvous of
+    the others, not something one node's launcher can restart.
+    """
+    if _has_option(torchrun_args, frozenset({"--standalone"})):
+        return False
+    nnodes = _value_of(torchrun_args, _NNODES)
+    return nnodes is not None and nnodes not in ("1", "1:1")
+
+
+def check_run_id(run_id: str) -> str:
+    """Return `run_id` when it can name a run, else raise UsageError naming the expected form."""
+    try:
+        subjects.check_token("--run-id", run_id)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if _ATTEMPT_LIKE.search(run_id):
+        raise UsageError(
+            f"--run-id {run_id!r} rejected: must not end in -a<N> (restarted attempts of a run are "
+            "named <run>-a<N>)"
+        )
+    return run_id
+
+
 def split_run_args(argv: Sequence[str]) -> RunSpec:
     """Split `torchloom run` arguments into ours, torchrun's, SCRIPT and the script's own.
 
     Everything after SCRIPT (or after `--`) belongs to the script. Defaults added: `--nproc-per-node 1`
-    when absent, and `--standalone` (single node, free port) when no rendezvous option is given.
+    when absent, and `--standalone` (single node, free port) when no rendezvous option is given
+    (`--nnodes`, `--rdzv-endpoint`, `--rdzv-backend`, `--master-addr`/`--master-port`). The run id is
+    `--run-id`, else torchrun's `--rdzv-id` when a rendezvous is given, else left to `run` (fresh).
 
     Raises:
         UsageError: on an unknown option before SCRIPT, a missing value, no SCRIPT or a bad job name.
@@ -208,6 +268,13 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         torchrun += ["--nproc-per-node", "1"]
     if not _has_option(torchrun, _RDZV_CHOICES):
         torchrun.insert(0, "--standalone")
+    run_id = ours.get("--run-id")
+    rdzv_id = _value_of(torchrun, _RDZV_ID)
+    if run_id is None and rdzv_id is not None and not _has_option(torchrun, frozenset({"--standalone"})):
+        # Every node runs the same command, so the rendezvous id is the one name they all share.
+        run_id = rdzv_id
+    if run_id is not None:
+        check_run_id(run_id)
     default_job = Path(script).stem if not _has_option(torchrun, frozenset({"-m", "--module"})) else script
     job = ours.get("--job") or env.get(env.JOB) or default_job.rsplit(".", 1)[-1]
     try:
@@ -238,6 +305,7 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         health=parse_health(
             ours.get("--hung-after"), ours.get("--straggler-factor"), ours.get("--health-policy")
         ),
+        run_id=run_id,
     )
 
 
@@ -399,13 +467,18 @@ def announce(endpoints: WeaverEndpoints, *, run_id: str | None = None, job: str 
 
 async def run(spec: RunSpec) -> int:
     """Launch the job under torchrun with a weaver reachable, and return the exit status for it."""
-    run_id = new_run_id()
+    run_id = spec.run_id or new_run_id()
     async with contextlib.AsyncExitStack() as stack:
         endpoints = await find_reusable(spec.nats_url or env.get(env.NATS_URL), spec.grpc)
         if endpoints is None:
             endpoints = await stack.enter_async_context(
                 hosted_weaver(
-                    nats_url=spec.nats_url, grpc=spec.grpc, run_id=run_id, jobs=[spec.job], health=spec.health
+                    nats_url=spec.nats_url,
+                    grpc=spec.grpc,
+                    # A chosen run id can repeat across launches; the embedded store must not.
+                    run_id=run_id if spec.run_id is None else f"{run_id}-{new_run_id()}",
+                    jobs=[spec.job],
+                    health=spec.health,
                 )
             )
         elif spec.health.config_kwargs():
@@ -430,6 +503,7 @@ async def run(spec: RunSpec) -> int:
             ),
             child_env=child_env(spec, run_id=run_id, nats_url=endpoints.nats_url, grpc=endpoints.grpc),
             nproc=nproc_of(spec.torchrun_args),
+            elastic_membership=spec.multinode,
         )
         code = await sup.run()
         run_id = sup.run_id

@@ -191,6 +191,10 @@ class Supervisor:
         child_env: the first attempt's environment (TORCHLOOM_* set).
         nproc: the first attempt's ranks per node.
         on_start: called with each attempt's run id once its process started (to announce it).
+        elastic_membership: torchrun spans nodes (`--nnodes MIN:MAX`): its agents re-rendezvous when a
+            node is lost and restart the survivors themselves, and this launcher runs only one node's
+            agent, so restart requests are declined (a "restart_declined" event says so) rather than
+            stopping this node under the other nodes' feet.
     """
 
     def __init__(
@@ -203,6 +207,7 @@ class Supervisor:
         child_env: Mapping[str, str],
         nproc: int,
         on_start: Callable[[str], None] | None = None,
+        elastic_membership: bool = False,
     ) -> None:
         self.job = job
         self.base_run_id = run_id
@@ -214,6 +219,7 @@ class Supervisor:
         self._env = dict(child_env)
         self._nproc = nproc
         self._on_start = on_start
+        self._elastic_membership = elastic_membership
         self._requests: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._heartbeats: dict[str, asyncio.Event] = {}
         self._local_rank: dict[int, int] = {}  # rank -> local rank, from the current run's heartbeats
@@ -332,6 +338,15 @@ class Supervisor:
             return None
         if not self._current(req.run_id) or proc.returncode is not None:
             log.info("supervisor: ignored a restart request for run %s (running %s)", req.run_id, self.run_id)
+            return None
+        if self._elastic_membership:
+            await self._publish(
+                "restart_declined",
+                f"restart of run {req.run_id} declined: a multi-node run is restarted by torchrun's "
+                "elastic agents (re-rendezvous on a lost node); use --max-restarts",
+                reason=req.reason,
+                world_size=str(req.world_size),
+            )
             return None
         t0 = time.monotonic()
         path = checkpoint_dir(self.job, req.run_id, req.checkpoint, self._env) if req.checkpoint else None

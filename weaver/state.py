@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -86,6 +87,8 @@ class JobState:
         retired_runs: earlier run ids of this job; their late heartbeats and acks are ignored.
         registry: checkpoints, branches and data sources of the run.
         phase, alerted: the health policy's recovery state (see `health_policy.JobSnapshot`).
+        scaled_from: the previous attempt's world, while this attempt of the same run started with
+            another world size and not all its ranks have reported yet (see `scale_event`).
     """
 
     job: str
@@ -102,6 +105,16 @@ class JobState:
     registry: rg.Registry = field(default_factory=rg.Registry)
     phase: hp.Phase = hp.Phase.IDLE
     alerted: frozenset[str] = frozenset()
+    scaled_from: PreviousWorld | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreviousWorld:
+    """The world of the attempt a new attempt replaced: its run id, size and each rank's host."""
+
+    run_id: str
+    world_size: int
+    hosts: tuple[str, ...]  # by rank; "" where a rank never reported
 
 
 @dataclass(slots=True)
@@ -173,6 +186,15 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
         )
         if previous is not None and base_run_id(previous.run_id) == base_run_id(hb.run_id):
             events.append(_resumed_event(job, previous, hb, now))
+            if previous.world_size != hb.world_size:
+                job.scaled_from = PreviousWorld(
+                    run_id=previous.run_id,
+                    world_size=previous.world_size,
+                    hosts=tuple(
+                        e.heartbeat.host if (e := previous.ranks.get(r)) is not None else ""
+                        for r in range(previous.world_size)
+                    ),
+                )
     job.world_size = hb.world_size
     if hb.knobs:
         job.knobs = hb.knobs
@@ -202,6 +224,9 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
             entry.last_step_change_at = now
         entry.heartbeat = hb
         entry.last_seen_s = now
+    if job.scaled_from is not None and len(job.ranks) >= job.world_size:
+        events.append(scale_event(job, job.scaled_from, now))
+        job.scaled_from = None
     if hb.state is RankState.FINISHED and not entry.finished_reported:
         entry.finished_reported = True
         events.append(
@@ -246,6 +271,34 @@ def _resumed_event(job: JobState, previous: JobState, hb: Heartbeat, now: float)
         steps_lost=str(lost),
         old_world_size=str(previous.world_size),
         new_world_size=str(hb.world_size),
+    )
+
+
+def scale_event(job: JobState, previous: PreviousWorld, now: float) -> JobEvent:
+    """A "scale_down" (or "scale_up") event: this attempt of a run has fewer (more) ranks than the
+    attempt it replaced, e.g. torchrun re-rendezvoused without a lost node (or with a new one).
+
+    Ranks are renumbered 0..n-1 on every rendezvous, so `lost_ranks` (`added_ranks`) names the rank
+    numbers that no longer (newly) exist; `lost_hosts` (`added_hosts`) compares the hosts of the two
+    worlds rank by rank as multisets, so a host that ran two ranks and now runs one is listed once.
+    """
+    old, new = previous.world_size, job.world_size
+    hosts = tuple(job.ranks[r].heartbeat.host if r in job.ranks else "" for r in range(new))
+    down = new < old
+    ranks = range(new, old) if down else range(old, new)
+    gone = Counter(previous.hosts) - Counter(hosts) if down else Counter(hosts) - Counter(previous.hosts)
+    which = "lost" if down else "added"
+    return _event(
+        job,
+        "scale_down" if down else "scale_up",
+        f"run {job.run_id} runs on {new} rank(s), run {previous.run_id} ran on {old}",
+        now,
+        previous_run=previous.run_id,
+        old_world_size=str(old),
+        new_world_size=str(new),
+        **{f"{which}_ranks": ",".join(map(str, ranks)), f"{which}_hosts": ",".join(sorted(gone.elements()))},
+        old_hosts=",".join(previous.hosts),
+        new_hosts=",".join(hosts),
     )
 
 

@@ -1,0 +1,207 @@
+"""Multi-node elastic run on one machine: two real `torchloom run` launchers play two nodes of one c10d
+rendezvous (`--nnodes 1:2`); node B's agent and worker are killed with SIGKILL, node A's torchrun
+re-rendezvouses alone and resumes from the checkpoint as `<run>-a1`, and the weaver reports the
+scale-down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from torchloom import discovery, subjects, wire
+from torchloom.client import ControlClient
+from torchloom.messages import Action, ActionKind, Issuer, JobEvent, OutcomeStatus, StatusReply, SubmitRequest
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "reconf_train.py"
+JOB = "mn"
+RUN = "mn"  # derived from --rdzv-id
+STEPS = 160
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    recs: list[dict[str, Any]] = []
+    for path in sorted(out.glob("rank*.jsonl")):
+        recs += [json.loads(line) for line in path.read_text().splitlines()]
+    return recs
+
+
+@contextlib.asynccontextmanager
+async def _event_feed(url: str) -> AsyncIterator[list[JobEvent]]:
+    """The job's events (from the journal's start), appended live: node A's embedded NATS, which holds
+    the journal, ends with node A, so the test reads them while it runs."""
+    nc = await nats.connect(url, allow_reconnect=False)
+    got: list[JobEvent] = []
+
+    async def on_event(msg: Any) -> None:
+        got.append(wire.decode_event(msg.data))
+
+    try:
+        await nc.jetstream().subscribe(subjects.events(JOB), cb=on_event, ordered_consumer=True)
+        yield got
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def _node(args: list[str], env: dict[str, str], log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """One node: `torchloom run` in its own session; on the way out SIGTERM, then SIGKILL to its group."""
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "torchloom.cli", "run", *args, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
+        )  # fmt: skip
+        try:
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    async with asyncio.timeout(30):
+                        await proc.wait()
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+
+
+async def _until(check: Callable[[], Any], deadline_s: float, what: str, logs: tuple[Path, ...] = ()) -> Any:
+    """Poll `check` (sync or async) until it returns something truthy; fail with `what` at the deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return got
+        if time.monotonic() > end:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
+            pytest.fail(f"timed out after {deadline_s:g}s waiting for {what}\n{tails}")
+        await asyncio.sleep(0.1)
+
+
+async def _status(client: ControlClient) -> StatusReply | None:
+    try:
+        async with asyncio.timeout(5):
+            return await client.status(JOB)
+    except Exception:  # not up yet, or the job has no heartbeat yet
+        return None
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _agent_of(worker: int) -> tuple[int, int]:
+    """(torchrun agent, launcher) of a worker: its parent and grandparent (torchrun starts each worker
+    in a session of its own, so the worker is not in the agent's process group)."""
+    agent = _parent(worker)
+    return agent, _parent(agent)
+
+
+@pytest.mark.timeout(150)
+async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resumes(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    env = dict(subprocess_env)
+    for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
+        env.pop(name, None)
+    env["OMP_NUM_THREADS"] = "1"
+    env["TORCHLOOM_CHECKPOINT_DIR"] = str(tmp_path / "ckpt")  # the nodes' shared file system
+    out = tmp_path / "out"
+    rdzv_port = _free_port()
+    # Node A hosts the rendezvous store (it must outlive node B); a dead node is dropped from the
+    # rendezvous after 3 missed 1 s keep-alives; the last call waits for stragglers to join.
+    conf = "join_timeout=60,last_call_timeout=8,keep_alive_interval=1,keep_alive_max_attempt=3"
+    torchrun = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    torchrun += ["--rdzv-endpoint", f"127.0.0.1:{rdzv_port}", "--rdzv-id", RUN, "--max-restarts", "3"]
+    script = [str(SCRIPT), "--steps", str(STEPS), "--step-sleep", "0.05", "--out", str(out)]
+    logs = (tmp_path / "node_a.log", tmp_path / "node_b.log")
+    async with _node(
+        ["--job", JOB, *torchrun, "--rdzv-conf", f"{conf},is_host=1", *script], env, logs[0]
+    ) as a:
+        info = await _until(discovery.read, 60, "node A's weaver (discovery file)", logs)
+        node_b = ["--job", JOB, "--nats", info.nats_url, "--grpc", info.grpc, *torchrun]
+        async with (
+            _node([*node_b, "--rdzv-conf", f"{conf},is_host=0", *script], env, logs[1]) as b,
+            ControlClient(info.grpc) as client,
+            _event_feed(info.nats_url) as events,
+        ):
+
+            async def both_training() -> StatusReply | None:
+                reply = await _status(client)
+                if reply is None or not reply.jobs:
+                    return None
+                job = reply.jobs[0]
+                ranks = [r for r in job.ranks if r.alive and r.step >= 5]
+                return reply if job.run_id == RUN and job.world_size == 2 and len(ranks) == 2 else None
+
+            reply = await _until(both_training, 60, "both nodes' ranks training with world size 2", logs)
+            # Two launchers, one run: each node's rank is a worker of its own node's torchrun agent.
+            agents = {r.rank: _agent_of(r.pid) for r in reply.jobs[0].ranks}
+            assert {launcher for _, launcher in agents.values()} == {a.pid, b.pid}, agents
+            outcome = await client.submit(
+                SubmitRequest(
+                    job=JOB,
+                    issuer=Issuer(kind="test", identity="multinode"),
+                    body=Action(kind=ActionKind.CHECKPOINT),
+                )
+            )
+            assert outcome.status is OutcomeStatus.APPLIED, outcome
+            assert len(outcome.results) == 2
+            ckpt_step = int(outcome.results[0].detail["checkpoint_step"])
+            # Node B goes away whole: its launcher, its torchrun agent and the agent's worker.
+            lost_rank = next(r for r, (_, launcher) in agents.items() if launcher == b.pid)
+            worker_b = next(r.pid for r in reply.jobs[0].ranks if r.rank == lost_rank)
+            os.kill(agents[lost_rank][0], signal.SIGKILL)
+            os.kill(worker_b, signal.SIGKILL)
+            os.killpg(b.pid, signal.SIGKILL)
+            await b.wait()
+
+            def scaled_and_resumed() -> bool:
+                kinds = {e.kind for e in events}
+                return {"scale_down", "resumed"} <= kinds
+
+            await _until(scaled_and_resumed, 60, "scale_down and resumed events", logs)
+            async with asyncio.timeout(60):
+                code = await a.wait()
+    assert code == 0, logs[0].read_text(errors="replace")[-4000:]
+
+    seen = [(e.kind, e.run_id, dict(e.attrs)) for e in events]
+    dead = [e for e in events if e.kind == "rank_dead" and e.run_id == RUN]
+    assert str(lost_rank) in {e.attrs.get("rank") for e in dead}, seen
+    scale = [e for e in events if e.kind == "scale_down"]
+    assert [e.run_id for e in scale] == [f"{RUN}-a1"], seen
+    attrs = scale[0].attrs
+    assert (attrs["old_world_size"], attrs["new_world_size"], attrs["lost_ranks"]) == ("2", "1", "1"), attrs
+    assert attrs["previous_run"] == RUN
+    assert attrs["lost_hosts"] == socket.gethostname(), attrs  # both "nodes" ran on this host
+    resumed = [e for e in events if e.kind == "resumed"]
+    assert [e.run_id for e in resumed] == [f"{RUN}-a1"], seen
+    assert int(resumed[0].attrs["resume_step"]) == ckpt_step
+
+    recs = _records(out)
+    first = [r for r in recs if r["run"] == RUN]
+    again = [r["step"] for r in recs if r["run"] == f"{RUN}-a1"]
+    assert {r["world"] for r in first} == {2} and max(r["step"] for r in first) >= ckpt_step
+    # Node A alone, from the checkpoint to the end.
+    assert again == list(range(ckpt_step, STEPS)), (again[:5], again[-5:])
+    assert {r["world"] for r in recs if r["run"] == f"{RUN}-a1"} == {1}

@@ -7,91 +7,28 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.integration.test_threadlet_commands import kill_tree, read_records
+from tests.integration import helpers
+from tests.integration.helpers import read_records, replay_plan, submit, wait_training
 from torchloom.client import ControlClient
-from torchloom.errors import JobNotFound
-from torchloom.messages import Action, ActionKind, Outcome, OutcomeStatus, SetConfig, SubmitRequest
+from torchloom.messages import Action, ActionKind, OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
 from weaver.config import WeaverConfig
 from weaver.service import Weaver
 
-EXAMPLE = REPO / "examples" / "train_tiny.py"
 STEPS = 3000  # an upper bound: the stop action ends the run
 
 
 def torchrun(out: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        str(EXAMPLE), "--steps", str(STEPS), "--out", str(out), "--step-sleep", "0.01",
-    ]  # fmt: skip
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.wait(timeout=10)
+    return helpers.torchrun(out, env, steps=STEPS, step_sleep=0.01)
 
 
 def job_env(base: dict[str, str], tmp_path: Path, job: str, **extra: str) -> dict[str, str]:
-    env = dict(base)
-    env.update(
-        TORCHLOOM_JOB=job,
-        TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
-        TORCHLOOM_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
-        OMP_NUM_THREADS="1",
-        **extra,
-    )
-    return env
-
-
-async def wait_training(client: ControlClient, job: str, proc: subprocess.Popen[bytes], out: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        assert time.monotonic() < deadline, "job did not show two training ranks within 60 s"
-        try:
-            status = (await client.status(job)).jobs[0]
-        except JobNotFound:
-            status = None
-        if (
-            status is not None
-            and len([r for r in status.ranks if r.alive]) == 2
-            and all(len(read_records(out / f"rank{r}.jsonl")) >= 10 for r in (0, 1))
-        ):
-            return
-        await asyncio.sleep(0.05)
-
-
-async def submit(client: ControlClient, job: str, body: Any) -> Outcome:
-    out = await client.submit(SubmitRequest(job=job, body=body, timeout_s=60))
-    assert out.status is OutcomeStatus.APPLIED, out
-    assert [r.rank for r in sorted(out.results, key=lambda r: r.rank)] == [0, 1]
-    # Every rank decided it at the same step, on the same branch, with the same ids (an eval's
-    # metrics are each rank's own).
-    ids = {
-        (r.step, r.branch, tuple(sorted(r.detail.items())) if "eval.loss" not in r.detail else ())
-        for r in out.results
-    }
-    assert len(ids) == 1, out.results
-    return out
+    return helpers.job_env(base, job, TORCHLOOM_CHECKPOINT_DIR=str(tmp_path / "ckpt"), **extra)
 
 
 async def test_checkpoint_eval_rollback_stop_then_replay_is_bit_identical(
@@ -151,15 +88,7 @@ async def test_checkpoint_eval_rollback_stop_then_replay_is_bit_identical(
         assert max(main) + 1 == rb.step
 
     # Replay the applied commands (rank 0's record is the journal's) in a fresh run without a bus.
-    applied = json.loads((out / "rank0.applied.json").read_text())
-    plan = {
-        "job": job,
-        "commands": [
-            {k: a[k] for k in ("seq", "step", "branch", "kind", "values", "args")}
-            for a in applied
-            if a["status"] == "applied"
-        ],
-    }
+    plan = replay_plan(out, job)
     assert [c["kind"] for c in plan["commands"]] == ["set", "checkpoint", "eval", "rollback", "stop"]
     (tmp_path / "replay.json").write_text(json.dumps(plan))
     replay_out = tmp_path / "replay"

@@ -4,21 +4,16 @@ both ranks decide each command at the same step, lr changes exactly from that st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
 import pytest
 
-from tests.conftest import REPO
+from tests.integration import helpers
+from tests.integration.helpers import read_records, torchrun
 from torchloom import bus, subjects, wire
 from torchloom.messages import (
     Ack,
@@ -33,66 +28,12 @@ from torchloom.messages import (
 )
 from torchloom.nats_server import EmbeddedNats
 
-EXAMPLE = REPO / "examples" / "train_tiny.py"
 JOB = "tinyjob"
-
-
-def torchrun(out: Path, env: dict[str, str], *, steps: int, step_sleep: float) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--standalone", str(EXAMPLE), "--steps", str(steps), "--out", str(out),
-        "--step-sleep", str(step_sleep),
-    ]  # fmt: skip
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
 
 
 @pytest.fixture
 def job_env(subprocess_env: dict[str, str], nats_server: EmbeddedNats) -> dict[str, str]:
-    env = dict(subprocess_env)
-    env.update(
-        TORCHLOOM_NATS_URL=nats_server.url,
-        TORCHLOOM_JOB=JOB,
-        TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
-        OMP_NUM_THREADS="1",
-    )
-    return env
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and its descendants (torchrun starts its workers in new sessions)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        todo.extend(children.get(p, []))
-    for p in seen:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-
-
-@pytest.fixture
-def reap() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.wait(timeout=10)
-
-
-def read_records(path: Path) -> list[dict[str, object]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return helpers.job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url)
 
 
 def command(job: str, run_id: str, seq: int, values: dict[str, object]) -> Command:
@@ -111,7 +52,7 @@ async def test_commands_decided_at_same_step_on_both_ranks(
     tmp_path: Path,
     job_env: dict[str, str],
     nats_server: EmbeddedNats,
-    reap: list[subprocess.Popen[bytes]],
+    procs: list[subprocess.Popen[bytes]],
 ) -> None:
     run_id = job_env["TORCHLOOM_RUN_ID"]
     out = tmp_path / "out"
@@ -136,7 +77,7 @@ async def test_commands_decided_at_same_step_on_both_ranks(
         await nc.subscribe(subjects.heartbeats_of(JOB), cb=on_hb)
 
         proc = torchrun(out, job_env, steps=300, step_sleep=0.01)
-        reap.append(proc)
+        procs.append(proc)
 
         # Publish once both ranks are training (their records grow), so the change lands mid-run.
         deadline = time.monotonic() + 60
@@ -209,7 +150,7 @@ async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_sam
     tmp_path: Path,
     job_env: dict[str, str],
     nats_server: EmbeddedNats,
-    reap: list[subprocess.Popen[bytes]],
+    procs: list[subprocess.Popen[bytes]],
 ) -> None:
     run_id = job_env["TORCHLOOM_RUN_ID"]
     out = tmp_path / "out"
@@ -229,7 +170,7 @@ async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_sam
 
         await nc.subscribe(subjects.heartbeats_of(JOB), cb=on_hb)
         proc = torchrun(out, job_env, steps=200, step_sleep=0.01)
-        reap.append(proc)
+        procs.append(proc)
         deadline = time.monotonic() + 60
         while not all(len(read_records(out / f"rank{r}.jsonl")) >= 20 for r in (0, 1)):
             assert time.monotonic() < deadline, "ranks did not start training within 60 s"

@@ -7,14 +7,14 @@ import asyncio
 import json
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
 import pytest
 
-from tests.integration.test_threadlet_commands import command, kill_tree, read_records, torchrun
+from tests.integration import helpers
+from tests.integration.helpers import kill_tree, read_records, torchrun
+from tests.integration.test_threadlet_commands import command
 from torchloom import bus, subjects, wire
 from torchloom.nats_server import EmbeddedNats
 
@@ -23,24 +23,7 @@ JOB = "faultjob"
 
 @pytest.fixture
 def job_env(subprocess_env: dict[str, str], nats_server: EmbeddedNats) -> dict[str, str]:
-    env = dict(subprocess_env)
-    env.update(
-        TORCHLOOM_NATS_URL=nats_server.url,
-        TORCHLOOM_JOB=JOB,
-        TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
-        OMP_NUM_THREADS="1",
-    )
-    return env
-
-
-@pytest.fixture
-def reap() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.wait(timeout=10)
+    return helpers.job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url)
 
 
 async def wait_training(out: Path, proc: subprocess.Popen[bytes], steps: int, timeout_s: float = 60) -> None:
@@ -70,11 +53,11 @@ async def wait_consumers(url: str, count: int, timeout_s: float = 30) -> None:
 
 
 async def test_killed_nats_server_does_not_stop_training(
-    tmp_path: Path, job_env: dict[str, str], nats_server: EmbeddedNats, reap: list[subprocess.Popen[bytes]]
+    tmp_path: Path, job_env: dict[str, str], nats_server: EmbeddedNats, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     out = tmp_path / "out"
     proc = torchrun(out, job_env, steps=300, step_sleep=0.01)
-    reap.append(proc)
+    procs.append(proc)
     await wait_training(out, proc, 30)
     nats_server.kill()
     stdout, _ = await asyncio.to_thread(proc.communicate, timeout=120)
@@ -85,7 +68,7 @@ async def test_killed_nats_server_does_not_stop_training(
 
 
 async def test_command_after_server_restart_still_arrives(
-    tmp_path: Path, job_env: dict[str, str], nats_server: EmbeddedNats, reap: list[subprocess.Popen[bytes]]
+    tmp_path: Path, job_env: dict[str, str], nats_server: EmbeddedNats, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     run_id = job_env["TORCHLOOM_RUN_ID"]
     nc = await nats.connect(nats_server.url)
@@ -94,7 +77,7 @@ async def test_command_after_server_restart_still_arrives(
     out = tmp_path / "out"
     steps = 1200
     proc = torchrun(out, job_env, steps=steps, step_sleep=0.01)
-    reap.append(proc)
+    procs.append(proc)
     await wait_training(out, proc, 10)
     await wait_consumers(nats_server.url, 2)
 

@@ -12,15 +12,13 @@ from typing import Any
 
 import torch
 
-from tests.integration.test_threadlet_actions import job_env, procs, submit, torchrun, wait_training
-from tests.integration.test_threadlet_commands import read_records
+from tests.integration.helpers import read_records, replay_plan, submit, wait_training
+from tests.integration.test_threadlet_actions import job_env, torchrun
 from torchloom.client import ControlClient
 from torchloom.messages import Action, ActionKind, SetConfig
 from torchloom.nats_server import EmbeddedNats
 from weaver.config import WeaverConfig
 from weaver.service import Weaver
-
-__all__ = ["procs"]  # the fixture, imported for pytest
 
 ALL_KNOBS = {"lr", "weight_decay", "betas", "eps", "grad_clip_norm", "grad_accum_steps", "batch_size", "mix"}
 FIRST = {
@@ -126,15 +124,7 @@ async def test_every_knob_takes_effect_at_the_decided_step_and_replay_is_bit_ide
                 assert set(rec["counts"]) <= {"code", "math"}, (r, rec)
 
     # Replay rank 0's decided commands in a fresh run without a bus: bit-identical parameters.
-    applied = json.loads((out / "rank0.applied.json").read_text())
-    plan = {
-        "job": job,
-        "commands": [
-            {k: a[k] for k in ("seq", "step", "branch", "kind", "values", "args")}
-            for a in applied
-            if a["status"] == "applied"
-        ],
-    }
+    plan = replay_plan(out, job)
     kinds = ["set", "checkpoint", "data_add", "set", "rollback", "stop"]
     assert [c["kind"] for c in plan["commands"]] == kinds
     (tmp_path / "replay.json").write_text(json.dumps(plan))

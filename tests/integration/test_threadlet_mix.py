@@ -7,16 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO
-from tests.integration.test_threadlet_commands import kill_tree, read_records
+from tests.integration.helpers import job_env, read_records, torchrun
 from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound
 from torchloom.messages import OutcomeStatus, SetConfig, SubmitRequest
@@ -29,23 +24,6 @@ JOB = "mixjob"
 STEPS = 300
 
 
-def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """torchrun in its own session (so a failed test can kill the whole tree)."""
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.wait(timeout=10)
-
-
 async def test_live_mix_changes_the_drawn_sources_from_the_decided_step_on_both_ranks(
     tmp_path: Path,
     subprocess_env: dict[str, str],
@@ -53,19 +31,9 @@ async def test_live_mix_changes_the_drawn_sources_from_the_decided_step_on_both_
     procs: list[subprocess.Popen[bytes]],
 ) -> None:
     out = tmp_path / "out"
-    env = dict(subprocess_env)
-    env.update(
-        TORCHLOOM_NATS_URL=nats_server.url,
-        TORCHLOOM_JOB=JOB,
-        TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
-        OMP_NUM_THREADS="1",
-    )
+    env = job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url)
     async with Weaver(WeaverConfig(nats_url=nats_server.url)) as w, ControlClient(w.grpc_address) as client:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-            str(SCRIPT), "--steps", str(STEPS), "--out", str(out), "--step-sleep", "0.02",
-        ]  # fmt: skip
-        proc = start(cmd, env)
+        proc = torchrun(out, env, steps=STEPS, step_sleep=0.02, script=SCRIPT)
         procs.append(proc)
 
         # Wait until the weaver knows both ranks with the sampler's knobs, and both ranks train.

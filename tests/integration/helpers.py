@@ -1,0 +1,206 @@
+"""Shared mechanics of the integration tests: starting torchrun jobs and CLI processes, killing their
+process trees, job environments, reading the ranks' records and the job's events, and polling a
+weaver until a job trains. Assertions stay in the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from tests.conftest import REPO
+from torchloom import subjects, wire
+from torchloom.client import ControlClient
+from torchloom.errors import JobNotFound
+from torchloom.messages import JobEvent, Outcome, OutcomeStatus, SubmitRequest
+from torchloom.nats_server import EmbeddedNats
+from weaver.config import WeaverConfig
+
+EXAMPLE = REPO / "examples" / "train_tiny.py"
+
+# Variables naming a weaver or a job: a test that starts its own (`torchloom run`, `weaver`) drops them
+# so nothing from the outer environment steers the child.
+BINDING_VARS = ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID")
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (torchrun starts its workers in new sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo.extend(children.get(p, []))
+    for p in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def start_session(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start `cmd` in its own session (so a failed test can kill the whole tree), output piped."""
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def torchrun(
+    out: Path, env: dict[str, str], *, steps: int, step_sleep: float, script: Path = EXAMPLE
+) -> subprocess.Popen[bytes]:
+    """A 2-rank standalone torchrun job of `script` writing its records under `out`."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        str(script), "--steps", str(steps), "--out", str(out), "--step-sleep", str(step_sleep),
+    ]  # fmt: skip
+    return start_session(cmd, env)
+
+
+def job_env(base: dict[str, str], job: str, **extra: str) -> dict[str, str]:
+    """`base` plus the job name, a fresh run id, one OMP thread and `extra`."""
+    env = dict(base)
+    env.update(TORCHLOOM_JOB=job, TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8], OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def unbound_env(base: dict[str, str], *drop: str, **extra: str) -> dict[str, str]:
+    """`base` without the weaver/job variables (and `drop`), plus `extra`."""
+    env = dict(base)
+    for name in (*BINDING_VARS, *drop):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run `python -m torchloom.cli ARGS` to completion, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "torchloom.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def read_records(path: Path) -> list[dict[str, object]]:
+    """The complete JSON lines a rank has written so far ([] before the file exists)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def read_all_records(path: Path) -> list[dict[str, Any]]:
+    """Every JSON line of a finished rank's record file (it must exist and be complete)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def replay_plan(out: Path, job: str) -> dict[str, Any]:
+    """A replay file's content: the commands rank 0 applied (its record is the journal's), in order."""
+    applied = json.loads((out / "rank0.applied.json").read_text())
+    return {
+        "job": job,
+        "commands": [
+            {k: a[k] for k in ("seq", "step", "branch", "kind", "values", "args")}
+            for a in applied
+            if a["status"] == "applied"
+        ],
+    }
+
+
+async def job_events(url: str, job: str) -> list[JobEvent]:
+    """Every event of `job` in the events stream (read until 1 s passes without one)."""
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().subscribe(subjects.events(job), ordered_consumer=True)
+        out: list[JobEvent] = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except TimeoutError:
+                return out
+            out.append(wire.decode_event(msg.data))
+    finally:
+        await nc.close()
+
+
+async def wait_training(client: ControlClient, job: str, proc: subprocess.Popen[bytes], out: Path) -> None:
+    """Until the weaver sees two alive ranks and each has written 10 records (deadline 60 s)."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        assert time.monotonic() < deadline, "job did not show two training ranks within 60 s"
+        try:
+            status = (await client.status(job)).jobs[0]
+        except JobNotFound:
+            status = None
+        if (
+            status is not None
+            and len([r for r in status.ranks if r.alive]) == 2
+            and all(len(read_records(out / f"rank{r}.jsonl")) >= 10 for r in (0, 1))
+        ):
+            return
+        await asyncio.sleep(0.05)
+
+
+async def submit(client: ControlClient, job: str, body: Any) -> Outcome:
+    """Submit `body` and check both ranks applied it at the same step, branch and ids."""
+    out = await client.submit(SubmitRequest(job=job, body=body, timeout_s=60))
+    assert out.status is OutcomeStatus.APPLIED, out
+    assert [r.rank for r in sorted(out.results, key=lambda r: r.rank)] == [0, 1]
+    # Every rank decided it at the same step, on the same branch, with the same ids (an eval's
+    # metrics are each rank's own).
+    ids = {
+        (r.step, r.branch, tuple(sorted(r.detail.items())) if "eval.loss" not in r.detail else ())
+        for r in out.results
+    }
+    assert len(ids) == 1, out.results
+    return out
+
+
+async def until(
+    what: str,
+    check: Callable[[], Any],
+    *,
+    timeout_s: float = 60.0,
+    interval_s: float = 0.1,
+    proc: asyncio.subprocess.Process | None = None,
+) -> Any:
+    """Poll `check` (sync or async) until it returns something truthy, and return that; fail naming
+    `what` at the deadline, or at once when `proc` (the process under test) has exited."""
+    end = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return got
+        if proc is not None and proc.returncode is not None:
+            err = (await proc.stderr.read()).decode() if proc.stderr else ""
+            pytest.fail(f"the process exited ({proc.returncode}) while waiting for {what}: {err[-3000:]}")
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout_s:g}s waiting for {what}; last value {got!r}")
+        await asyncio.sleep(interval_s)
+
+
+def weaver_config(server: EmbeddedNats, **kw: Any) -> WeaverConfig:
+    """A weaver on `server` that declares a rank dead after 1 s without a heartbeat."""
+    return WeaverConfig(nats_url=server.url, dead_after_s=1.0, **kw)

@@ -13,19 +13,8 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-TRAIN = REPO / "examples" / "train_tiny.py"
-
-
-def _cli(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchloom.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+from tests.integration.helpers import EXAMPLE, unbound_env
+from tests.integration.helpers import cli as _cli
 
 
 def _poll_json(args: list[str], env: dict[str, str], proc: subprocess.Popen[str], ok: Any) -> dict[str, Any]:
@@ -46,12 +35,7 @@ def _poll_json(args: list[str], env: dict[str, str], proc: subprocess.Popen[str]
 
 @pytest.fixture
 def run_env(subprocess_env: dict[str, str]) -> dict[str, str]:
-    env = dict(subprocess_env)
-    for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
-        env.pop(name, None)
-    env.pop("TORCHLOOM_ALLOW_FAULT_INJECTION", None)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return unbound_env(subprocess_env, "TORCHLOOM_ALLOW_FAULT_INJECTION", OMP_NUM_THREADS="1")
 
 
 @pytest.mark.timeout(300)
@@ -59,7 +43,7 @@ def test_action_commands_against_a_running_job(tmp_path: Path, run_env: dict[str
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "torchloom.cli", "run", "--ui", "--job", "acts", "--nproc-per-node", "2"),
-            *(str(TRAIN), "--steps", "100000", "--step-sleep", "0.03", "--out", str(tmp_path / "out")),
+            *(str(EXAMPLE), "--steps", "100000", "--step-sleep", "0.03", "--out", str(tmp_path / "out")),
         ],
         env=run_env,
         stdout=subprocess.PIPE,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.test_cli_actions import _cli, _poll_json, run_env  # noqa: F401 (fixture)
+from tests.integration.helpers import EXAMPLE
+from tests.integration.helpers import cli as _cli
+from tests.integration.test_cli_actions import _poll_json, run_env  # noqa: F401 (fixture)
 
-REPO = Path(__file__).resolve().parents[2]
-TRAIN = REPO / "examples" / "train_tiny.py"
 STEPS = "260"
 
 
@@ -45,7 +45,7 @@ def _finish(proc: subprocess.Popen[str]) -> str:
 @pytest.mark.timeout(600)
 def test_replay_of_journal_reproduces_final_params(tmp_path: Path, run_env: dict[str, str]) -> None:  # noqa: F811
     first, second = tmp_path / "first", tmp_path / "second"
-    script = [str(TRAIN), "--steps", STEPS, "--step-sleep", "0.03", "--out"]
+    script = [str(EXAMPLE), "--steps", STEPS, "--step-sleep", "0.03", "--out"]
     proc = _run(["run", "--job", "rp", "--nproc-per-node", "2", *script, str(first)], run_env)
     try:
         _poll_json(

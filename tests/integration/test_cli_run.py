@@ -19,21 +19,9 @@ from typing import Any
 
 import pytest
 
+from tests.integration.helpers import EXAMPLE, unbound_env
+from tests.integration.helpers import cli as _cli
 from torchloom import discovery
-
-REPO = Path(__file__).resolve().parents[2]
-TRAIN = REPO / "examples" / "train_tiny.py"
-
-
-def _cli(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchloom.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
 
 
 def _wait_for_ranks(env: dict[str, str], proc: subprocess.Popen[str], *, min_step: int) -> dict[str, Any]:
@@ -64,11 +52,7 @@ def _lr_change_steps(path: Path) -> list[tuple[int, float]]:
 
 @pytest.fixture
 def run_env(subprocess_env: dict[str, str]) -> dict[str, str]:
-    env = dict(subprocess_env)
-    for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
-        env.pop(name, None)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return unbound_env(subprocess_env, OMP_NUM_THREADS="1")
 
 
 @pytest.mark.timeout(300)
@@ -86,7 +70,7 @@ def test_run_then_set_from_another_process_applies_at_one_step(
             "clitest",
             "--nproc-per-node",
             "2",
-            str(TRAIN),
+            str(EXAMPLE),
             "--steps",
             "400",
             "--step-sleep",
@@ -225,7 +209,7 @@ def test_run_reuses_a_running_weaver(tmp_path: Path, tl_home: Path, run_env: dic
             "run",
             "--job",
             "reuse",
-            str(TRAIN),
+            str(EXAMPLE),
             "--steps",
             "20",
             "--out",
@@ -264,7 +248,7 @@ def test_sigint_reaches_the_job_and_everything_stops(
             "sig",
             "--nproc-per-node",
             "2",
-            str(TRAIN),
+            str(EXAMPLE),
             "--steps",
             "100000",
             "--step-sleep",

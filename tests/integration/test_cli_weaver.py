@@ -12,16 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import cli, unbound_env
+
 
 def _cli(*args: str, env: dict[str, str], timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchloom.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    return cli(*args, env=env, timeout_s=timeout_s)
 
 
 def _port_open(url: str) -> bool:
@@ -35,10 +30,7 @@ def _port_open(url: str) -> bool:
 
 @pytest.fixture
 def clean_env(subprocess_env: dict[str, str]) -> dict[str, str]:
-    env = dict(subprocess_env)
-    for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
-        env.pop(name, None)
-    return env
+    return unbound_env(subprocess_env)
 
 
 def test_weaver_serves_status_and_stops_cleanly(tl_home: Path, clean_env: dict[str, str]) -> None:

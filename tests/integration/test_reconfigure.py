@@ -3,64 +3,27 @@ journal outlives the run), real torchrun on CPU; the ranks' own records are the 
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
-import nats
 import pytest
 
-from torchloom import subjects, wire
-from torchloom.messages import JobEvent
+from tests.integration.helpers import cli, job_events, read_all_records, unbound_env
 from torchloom.nats_server import EmbeddedNats
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "reconf_train.py"
 JOB = "reconf"
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-async def _events(url: str) -> list[JobEvent]:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        sub = await js.subscribe(subjects.events(JOB), ordered_consumer=True)
-        out: list[JobEvent] = []
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except TimeoutError:
-                return out
-            out.append(wire.decode_event(msg.data))
-    finally:
-        await nc.close()
-
-
 def _run(
     args: list[str], url: str, env: dict[str, str], timeout_s: float = 120.0
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchloom.cli", "run", "--job", JOB, "--nats", url, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    return cli("run", "--job", JOB, "--nats", url, *args, env=env, timeout_s=timeout_s)
 
 
 @pytest.fixture
 def run_env(subprocess_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    env = dict(subprocess_env)
-    for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
-        env.pop(name, None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["TORCHLOOM_CHECKPOINT_DIR"] = str(tmp_path / "ckpt")
-    return env
+    return unbound_env(subprocess_env, OMP_NUM_THREADS="1", TORCHLOOM_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
 
 
 @pytest.mark.timeout(180)
@@ -75,7 +38,7 @@ async def test_xid_on_rank_1_continues_on_one_rank_with_no_step_lost(
         run_env,
     )
     assert res.returncode == 0, res.stderr[-4000:]
-    events = await _events(nats_server.url)
+    events = await job_events(nats_server.url, JOB)
     kinds = [e.kind for e in events]
     for kind in ("device_unhealthy", "reconfigure_checkpointed", "reconfigure_stopping"):
         assert kind in kinds, kinds
@@ -87,7 +50,7 @@ async def test_xid_on_rank_1_continues_on_one_rank_with_no_step_lost(
     ckpt_step = int(restarting.attrs["checkpoint_step"])
     assert ckpt_step >= 30
 
-    recs = _records(out / "rank0.jsonl")
+    recs = read_all_records(out / "rank0.jsonl")
     first = [r for r in recs if r["world"] == 2]
     after = [r for r in recs if r["world"] == 1]
     # The first attempt trained every step up to the checkpoint; the second starts exactly there.

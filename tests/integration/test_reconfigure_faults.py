@@ -16,16 +16,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 
-from torchloom import discovery, subjects, wire
+from tests.integration.helpers import job_events, read_all_records, unbound_env, until
+from torchloom import discovery
 from torchloom.client import ControlClient
 from torchloom.messages import (
     Action,
     ActionKind,
     Issuer,
-    JobEvent,
     Outcome,
     OutcomeStatus,
     SetConfig,
@@ -38,33 +37,9 @@ SCRIPT = Path(__file__).resolve().parent / "scripts" / "reconf_train.py"
 JOB = "reconf"
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-async def _events(url: str) -> list[JobEvent]:
-    nc = await nats.connect(url)
-    try:
-        sub = await nc.jetstream().subscribe(subjects.events(JOB), ordered_consumer=True)
-        out: list[JobEvent] = []
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except TimeoutError:
-                return out
-            out.append(wire.decode_event(msg.data))
-    finally:
-        await nc.close()
-
-
 @pytest.fixture
 def run_env(subprocess_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    env = dict(subprocess_env)
-    for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
-        env.pop(name, None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["TORCHLOOM_CHECKPOINT_DIR"] = str(tmp_path / "ckpt")
-    return env
+    return unbound_env(subprocess_env, OMP_NUM_THREADS="1", TORCHLOOM_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
 
 
 @contextlib.asynccontextmanager
@@ -91,19 +66,7 @@ async def _until(
     check: Callable[[], Any], deadline_s: float, what: str, proc: asyncio.subprocess.Process | None = None
 ) -> Any:
     """Poll `check` (sync or async) until it returns something truthy; fail with `what` at the deadline."""
-    end = time.monotonic() + deadline_s
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        if proc is not None and proc.returncode is not None:
-            err = (await proc.stderr.read()).decode() if proc.stderr else ""
-            pytest.fail(f"torchloom run exited ({proc.returncode}) while waiting for {what}: {err[-3000:]}")
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline_s:g}s waiting for {what}")
-        await asyncio.sleep(0.1)
+    return await until(what, check, timeout_s=deadline_s, proc=proc)
 
 
 async def _client(proc: asyncio.subprocess.Process) -> ControlClient:
@@ -165,7 +128,7 @@ async def test_kill_9_of_a_rank_is_detected_and_torchrun_restarts_from_the_check
         err = (await proc.stderr.read()).decode() if proc.stderr else ""
     assert code == 0, err[-4000:]
 
-    events = await _events(nats_server.url)
+    events = await job_events(nats_server.url, JOB)
     dead = [
         e for e in events if e.kind == "rank_dead" and e.run_id == base_run and e.attrs.get("rank") == "1"
     ]
@@ -177,7 +140,7 @@ async def test_kill_9_of_a_rank_is_detected_and_torchrun_restarts_from_the_check
 
     trained = 0
     for rank in (0, 1):
-        recs = _records(out / f"rank{rank}.jsonl")
+        recs = read_all_records(out / f"rank{rank}.jsonl")
         first = [r["step"] for r in recs if r["run"] == base_run]
         again = [r["step"] for r in recs if r["run"] == f"{base_run}-a1"]
         assert first == list(range(len(first))) and len(first) >= ckpt_step + 5
@@ -218,12 +181,12 @@ async def test_a_stalled_rank_is_reported_hung_then_recovers(
                 code = await proc.wait()
         err = (await proc.stderr.read()).decode() if proc.stderr else ""
     assert code == 0, err[-4000:]
-    events = await _events(nats_server.url)
+    events = await job_events(nats_server.url, JOB)
     hung = [e for e in events if e.kind == "rank_hung" and e.attrs.get("rank") == "1"]
     assert hung, [(e.kind, dict(e.attrs)) for e in events]
     recovered = [e for e in events if e.kind == "rank_recovered" and e.attrs.get("rank") == "1"]
     assert recovered and recovered[0].time_s > hung[0].time_s
-    assert [r["step"] for r in _records(out / "rank1.jsonl")] == list(range(60))
+    assert [r["step"] for r in read_all_records(out / "rank1.jsonl")] == list(range(60))
 
 
 def _free_port() -> int:

@@ -6,6 +6,7 @@ fault) and the page's debug hook shows what it plotted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
+from tests.integration.helpers import until
 from torchloom import bus as tl_bus
 from torchloom import subjects, wire
 from torchloom.messages import Action, ActionKind, Issuer, OutcomeStatus, SubmitRequest
@@ -43,18 +45,6 @@ try:
     from playwright.async_api import Page, async_playwright
 except ImportError:
     pytest.skip("the playwright pip package is not installed (make browser-setup)", allow_module_level=True)
-
-
-async def until(what: str, check: Callable[[], Awaitable[Any]], timeout_s: float = 60.0) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last value {last!r}")
 
 
 async def control_msg(page: Page) -> str:
@@ -103,9 +93,9 @@ def job(
                 p.wait(timeout=15)
 
 
-@pytest.fixture
-async def page(nats_server: EmbeddedNats) -> AsyncIterator[Page]:
-    """Weaver + UI server + a chromium page open on the UI."""
+@contextlib.asynccontextmanager
+async def open_ui(nats_server: EmbeddedNats, *, console: bool = True) -> AsyncIterator[Page]:
+    """Weaver + UI server + a chromium page open on the UI (its console echoed when `console`)."""
     async with (
         Weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)),
         UiServer(nats_ws_url=nats_server.ws_url) as ui,
@@ -115,12 +105,20 @@ async def page(nats_server: EmbeddedNats) -> AsyncIterator[Page]:
         try:
             pg = await browser.new_page(viewport={"width": 1500, "height": 1000})
             # Page errors go to the test's output, where a failing run shows them.
-            pg.on("console", lambda m: print(f"[page {m.type}] {m.text}"))
+            if console:
+                pg.on("console", lambda m: print(f"[page {m.type}] {m.text}"))
             pg.on("pageerror", lambda e: print(f"[page error] {e}"))
             await pg.goto(ui.url)
             yield pg
         finally:
             await browser.close()
+
+
+@pytest.fixture
+async def page(nats_server: EmbeddedNats) -> AsyncIterator[Page]:
+    """Weaver + UI server + a chromium page open on the UI."""
+    async with open_ui(nats_server) as pg:
+        yield pg
 
 
 async def hook(page: Page, expr: str) -> Any:
@@ -295,44 +293,33 @@ async def test_device_fault_is_marked_in_the_device_panel(
 ) -> None:
     monkeypatch.setenv("TORCHLOOM_ALLOW_FAULT_INJECTION", "1")
     job(steps=5000, TORCHLOOM_ALLOW_FAULT_INJECTION="1")
-    async with (
-        Weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)),
-        UiServer(nats_ws_url=nats_server.ws_url) as ui,
-        async_playwright() as pw,
-    ):
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        try:
-            page = await browser.new_page(viewport={"width": 1500, "height": 1000})
-            page.on("pageerror", lambda e: print(f"[page error] {e}"))
-            await page.goto(ui.url)
-            rows = "#devices tbody tr"
-            await until(
-                "both ranks healthy in the device panel",
-                lambda: page.evaluate(
-                    f"() => [...document.querySelectorAll('{rows}')]"
-                    ".filter(tr => tr.dataset.health === 'healthy').length === 2"
-                ),
-            )
-            await submit_over_nats(
-                nats_server.url, Action(kind=ActionKind.FAULT_INJECT, args={"rank": "1", "xid": "79"})
-            )
-            bad = page.locator(f'{rows}[data-rank="1"].unhealthy')
-            await until("rank 1's device marked unhealthy", bad.count, timeout_s=30)
-            text = await bad.locator("td.health").text_content() or ""
-            assert text.startswith("UNHEALTHY") and "XID 79" in text, text
-            # The faulty device is listed first; rank 0 stays healthy.
-            assert await page.locator(f"{rows}").first.get_attribute("data-rank") == "1"
-            assert await page.locator(f'{rows}[data-rank="0"]').get_attribute("data-health") == "healthy"
-            # The weaver's verdict reaches the timeline as a device_unhealthy event.
-            await until(
-                "the device_unhealthy event in the timeline",
-                lambda: page.locator("#timeline .entry.device_unhealthy").count(),
-                timeout_s=30,
-            )
-            ARTIFACTS.mkdir(exist_ok=True)
-            await page.screenshot(path=str(ARTIFACTS / "ui-fault.png"), full_page=True)
-        finally:
-            await browser.close()
+    async with open_ui(nats_server, console=False) as page:
+        rows = "#devices tbody tr"
+        await until(
+            "both ranks healthy in the device panel",
+            lambda: page.evaluate(
+                f"() => [...document.querySelectorAll('{rows}')]"
+                ".filter(tr => tr.dataset.health === 'healthy').length === 2"
+            ),
+        )
+        await submit_over_nats(
+            nats_server.url, Action(kind=ActionKind.FAULT_INJECT, args={"rank": "1", "xid": "79"})
+        )
+        bad = page.locator(f'{rows}[data-rank="1"].unhealthy')
+        await until("rank 1's device marked unhealthy", bad.count, timeout_s=30)
+        text = await bad.locator("td.health").text_content() or ""
+        assert text.startswith("UNHEALTHY") and "XID 79" in text, text
+        # The faulty device is listed first; rank 0 stays healthy.
+        assert await page.locator(f"{rows}").first.get_attribute("data-rank") == "1"
+        assert await page.locator(f'{rows}[data-rank="0"]').get_attribute("data-health") == "healthy"
+        # The weaver's verdict reaches the timeline as a device_unhealthy event.
+        await until(
+            "the device_unhealthy event in the timeline",
+            lambda: page.locator("#timeline .entry.device_unhealthy").count(),
+            timeout_s=30,
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "ui-fault.png"), full_page=True)
 
 
 async def test_timeline_loads_the_journal_written_before_the_page_opened(

@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
-import pytest
-
+from tests.integration.helpers import weaver_config
 from tests.integration.test_weaver_service import KNOBS, until
 from torchloom import subjects, wire
 from torchloom.client import ControlClient
@@ -35,7 +32,6 @@ from torchloom.messages import (
     WatchEvent,
 )
 from torchloom.nats_server import EmbeddedNats
-from weaver.config import WeaverConfig
 from weaver.service import Weaver
 
 JOB = "jjob"
@@ -137,17 +133,6 @@ class Ranks:
             await asyncio.sleep(0.1)
 
 
-@pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
-    conn = await nats.connect(nats_server.url)
-    yield conn
-    await conn.close()
-
-
-def config(server: EmbeddedNats, **kw: Any) -> WeaverConfig:
-    return WeaverConfig(nats_url=server.url, dead_after_s=1.0, **kw)
-
-
 async def live(client: ControlClient) -> None:
     async def seen() -> bool:
         try:
@@ -176,7 +161,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
     nats_server: EmbeddedNats, nc: Any
 ) -> None:
     async with Ranks(nc) as ranks:
-        async with Weaver(config(nats_server)) as w1, ControlClient(w1.grpc_address) as client:
+        async with Weaver(weaver_config(nats_server)) as w1, ControlClient(w1.grpc_address) as client:
             await live(client)
             ck = await client.submit(
                 SubmitRequest(
@@ -246,7 +231,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
         assert any(isinstance(e, JobEvent) and e.kind == "rank_joined" for e in before)
         assert [c.id for c in status1.checkpoints] == ["ckpt-1"] and status1.branch == "b3"
 
-        async with Weaver(config(nats_server)) as w2, ControlClient(w2.grpc_address) as client:
+        async with Weaver(weaver_config(nats_server)) as w2, ControlClient(w2.grpc_address) as client:
             # Straight from the streams, before any heartbeat reached this weaver.
             status2 = (await client.status(JOB)).jobs[0]
             assert status2.checkpoints == status1.checkpoints
@@ -295,7 +280,7 @@ async def test_frozen_step_is_hung_and_silence_is_dead(nats_server: EmbeddedNats
     await nc.subscribe(subjects.events(JOB), cb=on_event)
     async with (
         Ranks(nc) as ranks,
-        Weaver(config(nats_server, hung_after_s=0.5)) as w,
+        Weaver(weaver_config(nats_server, hung_after_s=0.5)) as w,
         ControlClient(w.grpc_address) as client,
     ):
         await live(client)
@@ -330,8 +315,8 @@ async def test_frozen_step_is_hung_and_silence_is_dead(nats_server: EmbeddedNats
 async def test_two_weavers_never_publish_the_same_seq(nats_server: EmbeddedNats, nc: Any) -> None:
     async with (
         Ranks(nc) as ranks,
-        Weaver(config(nats_server)) as w1,
-        Weaver(config(nats_server)) as w2,
+        Weaver(weaver_config(nats_server)) as w1,
+        Weaver(weaver_config(nats_server)) as w2,
         ControlClient(w1.grpc_address) as c1,
         ControlClient(w2.grpc_address) as c2,
     ):

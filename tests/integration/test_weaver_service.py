@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats
 import pytest
 from nats.js.errors import NotFoundError
 
+from tests.integration import helpers
+from tests.integration.helpers import weaver_config
 from torchloom import subjects, wire
 from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound, WeaverUnavailable
@@ -35,7 +36,6 @@ from torchloom.messages import (
     SubmitRequest,
 )
 from torchloom.nats_server import EmbeddedNats
-from weaver.config import WeaverConfig
 from weaver.service import Weaver
 
 JOB = "tjob"
@@ -45,11 +45,7 @@ KNOBS = (BUILTIN_SPECS["lr"], BUILTIN_SPECS["weight_decay"])
 
 async def until(pred: Callable[[], Awaitable[bool]], what: str, deadline_s: float = 10.0) -> None:
     """Poll `pred` until it holds; fail naming `what` when the deadline passes."""
-    end = time.monotonic() + deadline_s
-    while not await pred():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await helpers.until(what, pred, timeout_s=deadline_s, interval_s=0.05)
 
 
 class FakeRanks:
@@ -105,17 +101,6 @@ class FakeRanks:
         await self.nc.publish(subjects.acks(cmd.job), wire.encode(a))
 
 
-@pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
-    conn = await nats.connect(nats_server.url)
-    yield conn
-    await conn.close()
-
-
-def config(server: EmbeddedNats, **kw: Any) -> WeaverConfig:
-    return WeaverConfig(nats_url=server.url, dead_after_s=1.0, **kw)
-
-
 async def job_visible(client: ControlClient, world: int = 2) -> None:
     async def seen() -> bool:
         try:
@@ -134,7 +119,7 @@ async def stream_messages(nc: Any, stream: str) -> int:
 
 async def test_invalid_submit_is_rejected_and_nothing_published(nats_server: EmbeddedNats, nc: Any) -> None:
     async with (
-        Weaver(config(nats_server)) as w,
+        Weaver(weaver_config(nats_server)) as w,
         FakeRanks(nc),
         ControlClient(w.grpc_address) as client,
     ):
@@ -159,7 +144,7 @@ async def test_submit_applied_journaled_and_watched(nats_server: EmbeddedNats, n
 
     await nc.subscribe(subjects.commands(JOB, RUN), cb=on_cmd)
     async with (
-        Weaver(config(nats_server)) as w,
+        Weaver(weaver_config(nats_server)) as w,
         FakeRanks(nc) as ranks,
         ControlClient(w.grpc_address) as client,
     ):
@@ -230,7 +215,7 @@ async def test_rejecting_rank_and_late_acks_after_timeout(nats_server: EmbeddedN
 
     await nc.subscribe(subjects.events(JOB), cb=on_event)
     async with (
-        Weaver(config(nats_server)) as w,
+        Weaver(weaver_config(nats_server)) as w,
         FakeRanks(nc) as ranks,
         ControlClient(w.grpc_address) as client,
     ):
@@ -255,7 +240,7 @@ async def test_rejecting_rank_and_late_acks_after_timeout(nats_server: EmbeddedN
 
 async def test_status_over_grpc_and_nats(nats_server: EmbeddedNats, nc: Any) -> None:
     async with (
-        Weaver(config(nats_server)) as w,
+        Weaver(weaver_config(nats_server)) as w,
         FakeRanks(nc),
         ControlClient(w.grpc_address) as client,
     ):
@@ -283,12 +268,12 @@ async def test_status_over_grpc_and_nats(nats_server: EmbeddedNats, nc: Any) -> 
 
 async def test_restarted_weaver_continues_seq_from_the_stream(nats_server: EmbeddedNats, nc: Any) -> None:
     async with FakeRanks(nc):
-        async with Weaver(config(nats_server)) as w1, ControlClient(w1.grpc_address) as client:
+        async with Weaver(weaver_config(nats_server)) as w1, ControlClient(w1.grpc_address) as client:
             await job_visible(client)
             for _ in range(2):
                 out = await client.submit(SubmitRequest(body=Action(kind=ActionKind.EVAL), timeout_s=0.2))
                 assert out.status is OutcomeStatus.TIMEOUT
-        async with Weaver(config(nats_server)) as w2, ControlClient(w2.grpc_address) as client:
+        async with Weaver(weaver_config(nats_server)) as w2, ControlClient(w2.grpc_address) as client:
             # Rebuilt from heartbeats alone (the ranks report last_seq 0: they never acked).
             await job_visible(client)
             out = await client.submit(SubmitRequest(body=Action(kind=ActionKind.EVAL), timeout_s=0.2))
@@ -305,7 +290,7 @@ async def test_new_run_restarts_seq_and_dead_ranks_are_announced(nats_server: Em
         events.append(wire.decode_event(msg.data))
 
     await nc.subscribe(subjects.events(JOB), cb=on_event)
-    async with Weaver(config(nats_server)) as w, ControlClient(w.grpc_address) as client:
+    async with Weaver(weaver_config(nats_server)) as w, ControlClient(w.grpc_address) as client:
         async with FakeRanks(nc):
             await job_visible(client)
             out = await client.submit(SubmitRequest(body=Action(kind=ActionKind.EVAL), timeout_s=0.2))
@@ -331,7 +316,7 @@ async def test_unreachable_weaver_is_weaver_unavailable() -> None:
 
 
 async def test_close_is_idempotent(nats_server: EmbeddedNats) -> None:
-    w = Weaver(config(nats_server))
+    w = Weaver(weaver_config(nats_server))
     await w.start()
     await asyncio.gather(w.close(), w.close())
     await w.close()

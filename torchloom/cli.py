@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "run",
         help="launch SCRIPT under torchrun with a weaver (started here unless one is reachable)",
-        usage="torchloom run [--job NAME] [--nats URL] [--grpc HOST:PORT] [--ui] [--ui-port P] "
+        usage="torchloom run [--job NAME] [--run-id ID] [--nats URL] [--grpc HOST:PORT] [--ui] [--ui-port P] "
         "[--allow-fault-injection] [--hung-after S] [--straggler-factor F] "
         "[--health-policy reconfigure|pause|alert] [torchrun options] SCRIPT [ARGS]",
         description="torchrun options (e.g. --nproc-per-node 2, --nnodes, --max-restarts, --rdzv-*, "

@@ -1,4 +1,5 @@
-"""End to end: checkpoint, set lr, rollback on a real 2-rank job; `torchloom journal --json` to a file;
+"""End to end: checkpoint, set lr, change the data mix, rollback, then lr and mix again on the new
+branch, on a real 2-rank job; `torchloom journal --json` to a file;
 `torchloom replay` of that file (whose last set, on the new branch, shapes the result) reproduces
 every rank's final parameters bit for bit."""
 
@@ -61,8 +62,9 @@ def test_replay_of_journal_reproduces_final_params(tmp_path: Path, run_env: dict
         for words in (
             ["checkpoint", "--tag", "a"],
             ["set", "lr=0.003"],
+            ["set", "mix=code:0.2,math:0.8,web:0"],
             ["rollback", "a"],
-            ["set", "lr=0.0005"],
+            ["set", "lr=0.0005", "mix=code:0,math:0.5,web:0.5"],
         ):
             res = _cli(*words, "--json", env=run_env)
             assert res.returncode == 0, (words, res.stdout, res.stderr)
@@ -70,7 +72,7 @@ def test_replay_of_journal_reproduces_final_params(tmp_path: Path, run_env: dict
         assert res.returncode == 0, res.stderr
         (tmp_path / "j.json").write_text(res.stdout)
         kinds = [e["kind"] for e in json.loads(res.stdout)["entries"] if e["type"] == "outcome"]
-        assert kinds == ["checkpoint", "set", "rollback", "set"]
+        assert kinds == ["checkpoint", "set", "set", "rollback", "set"]
     finally:
         _finish(proc)
     deadline = time.monotonic() + 60
@@ -84,7 +86,7 @@ def test_replay_of_journal_reproduces_final_params(tmp_path: Path, run_env: dict
         ["replay", str(tmp_path / "j.json"), "--nproc-per-node", "2", "--", *script, str(second)], run_env
     )
     err = _finish(replay)
-    assert "4 applied commands of job rp" in err
+    assert "5 applied commands of job rp" in err
     for rank in (0, 1):
         a = torch.load(first / f"rank{rank}.params.pt")
         b = torch.load(second / f"rank{rank}.params.pt")

@@ -40,12 +40,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ranks", type=int, default=64, help="simulated ranks (default 64)")
     p.add_argument("--rate-hz", type=float, default=10.0, help="metrics+heartbeats per rank per s (10)")
     p.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples (default 10)")
+    p.add_argument(
+        "--start-step", type=int, default=0, help="first step the ranks report (reach a late run fast; 0)"
+    )
+    p.add_argument(
+        "--profile-at-s",
+        type=float,
+        default=0.0,
+        help="take a 5 s CDP CPU profile at this time and print the hottest functions (0 = none)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ui_load.json")
     a = p.parse_args()
     if a.duration_s <= 0 or a.sample_s <= 0:
         p.error("--duration-s and --sample-s must be > 0")
     if not 1 <= a.ranks <= 1024:
         p.error(f"--ranks={a.ranks} must be in [1, 1024]")
+    if a.start_step < 0:
+        p.error(f"--start-step={a.start_step} must be >= 0")
     if not 0 < a.rate_hz <= 100:
         p.error(f"--rate-hz={a.rate_hz} must be in (0, 100]")
     return a
@@ -66,7 +77,9 @@ def knobs(lr: float) -> tuple[KnobSpec, ...]:
     )
 
 
-async def publish(url: str, ranks: int, rate_hz: float, stop: asyncio.Event, counts: dict[str, int]) -> None:
+async def publish(
+    url: str, ranks: int, rate_hz: float, start_step: int, stop: asyncio.Event, counts: dict[str, int]
+) -> None:
     """Publish one StepMetrics and one Heartbeat per rank per tick, on an absolute schedule."""
     nc = await nats.connect(url)
     try:
@@ -74,7 +87,9 @@ async def publish(url: str, ranks: int, rate_hz: float, stop: asyncio.Event, cou
         t0 = time.monotonic()
         tick = 0
         while not stop.is_set():
-            step = tick * 3  # ~30 steps/s per rank, rate-limited to rate_hz reports, as a threadlet does
+            step = (
+                start_step + tick * 3
+            )  # ~30 steps/s per rank, rate-limited to rate_hz reports, as a threadlet does
             lr = 1e-3 if (tick // 600) % 2 == 0 else 5e-4
             now = time.time()
             for r in range(ranks):
@@ -128,6 +143,29 @@ async def publish(url: str, ranks: int, rate_hz: float, stop: asyncio.Event, cou
         await nc.drain()
 
 
+async def profile(cdp: Any, seconds: float) -> None:
+    """Print the functions with the most self time in a CDP CPU profile of `seconds`."""
+    await cdp.send("Profiler.enable")
+    await cdp.send("Profiler.setSamplingInterval", {"interval": 500})
+    await cdp.send("Profiler.start")
+    await asyncio.sleep(seconds)
+    prof = (await cdp.send("Profiler.stop"))["profile"]
+    await cdp.send("Profiler.disable")
+    hits = {n["id"]: 0 for n in prof["nodes"]}
+    for sid in prof["samples"]:
+        hits[sid] += 1
+    total = max(1, len(prof["samples"]))
+    by_fn: dict[str, int] = {}
+    for n in prof["nodes"]:
+        cf = n["callFrame"]
+        where = f"{cf['url'].rsplit('/', 1)[-1]}:{cf['lineNumber']}:{cf['columnNumber']}"
+        name = f"{cf['functionName'] or '(anon)'} {where}"
+        by_fn[name] = by_fn.get(name, 0) + hits[n["id"]]
+    print(f"CPU profile, {seconds:.0f} s, {total} samples; self time:")
+    for name, h in sorted(by_fn.items(), key=lambda kv: -kv[1])[:20]:
+        print(f"  {100 * h / total:5.1f}%  {name}")
+
+
 async def run(a: argparse.Namespace) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
@@ -145,12 +183,16 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
                 await cdp.send("Performance.enable")
                 await page.goto(f"{ui.url}?job={JOB}")
                 stop = asyncio.Event()
-                pub = asyncio.create_task(publish(server.url, a.ranks, a.rate_hz, stop, counts))
+                pub = asyncio.create_task(publish(server.url, a.ranks, a.rate_hz, a.start_step, stop, counts))
                 t0 = time.monotonic()
                 print(f"{'t_s':>6} {'heap_MiB':>9} {'nodes':>6} {'fps':>5} {'p50_ms':>7} {'p95_ms':>7} "
                       f"{'p99_ms':>7} {'max_ms':>7} {'eval_ms':>8} {'metrics_rx':>11}")  # fmt: skip
+                profiled = a.profile_at_s <= 0
                 try:
                     while (elapsed := time.monotonic() - t0) < a.duration_s:
+                        if not profiled and elapsed >= a.profile_at_s:
+                            profiled = True
+                            await profile(cdp, 5.0)
                         await asyncio.sleep(min(a.sample_s, a.duration_s - elapsed))
                         if pub.done():
                             pub.result()
@@ -205,6 +247,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             "rate_hz": a.rate_hz,
             "duration_s": a.duration_s,
             "sample_s": a.sample_s,
+            "start_step": a.start_step,
             "messages_per_s": 2 * a.ranks * a.rate_hz,
         },
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},

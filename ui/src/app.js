@@ -11,6 +11,7 @@ import {
   MetricStore,
   Timeline,
   branchRows,
+  chartStyle,
   describeBody,
   describeBounds,
   downsample,
@@ -21,8 +22,10 @@ import {
   validateKnob,
 } from "./logic.js";
 
-const CHART_BUCKETS = 400; // points drawn per series, whatever the retained window holds
 const CHART_MIN_INTERVAL_MS = 250; // redraw a chart at most 4 times a second
+// A chart whose redraw made the next frame slow waits this many times that frame before its next
+// redraw, so a slow machine still spends most frames on nothing but the page.
+const CHART_COST_BACKOFF = 10;
 const PANEL_INTERVAL_MS = 400;
 const STALE_S = 3.0;
 const SUBMIT_TIMEOUT_S = 15;
@@ -130,7 +133,7 @@ function onMetrics(m) {
   for (const name of state.store.add(m.rank, m.branch, m.step, m.values)) {
     const chart = state.charts.get(name);
     if (chart) chart.dirty = true;
-    else state.charts.set(name, { el: null, plot: null, keys: "", nkeys: 0, dirty: true, lastDraw: 0 });
+    else state.charts.set(name, { el: null, plot: null, keys: "", nkeys: 0, dirty: true, lastDraw: 0, cost: 0 });
   }
 }
 
@@ -585,8 +588,10 @@ function drawChart(name, chart) {
   if (!byKey) return;
   ensureChartEl(name, chart);
   const keys = [...byKey.keys()].sort(compareKeys);
-  // Fewer points per series when there are many series: the drawing cost stays roughly constant.
-  const buckets = Math.max(100, Math.min(CHART_BUCKETS, Math.floor(20000 / Math.max(1, keys.length))));
+  // Fewer points per series and hairlines when there are many series: the drawing cost stays
+  // roughly constant whatever the rank count and however noisy the lines.
+  const pxRatio = window.devicePixelRatio || 1;
+  const { buckets, width: stroke } = chartStyle(keys.length, pxRatio);
   const { x, ys } = downsample(
     keys.map((k) => byKey.get(k)),
     buckets,
@@ -596,11 +601,12 @@ function drawChart(name, chart) {
   const width = Math.max(280, chart.el.clientWidth - 8);
   const knobNames = state.knobs.map((k) => k.name);
   const stepped = knobNames.includes(name.split("@")[0]);
-  if (!chart.plot || chart.keys !== sig) {
+  if (!chart.plot || chart.keys !== sig || chart.pxRatio !== pxRatio) {
     chart.plot?.destroy();
     chart.el.innerHTML = "";
     chart.keys = sig;
     chart.nkeys = keys.length;
+    chart.pxRatio = pxRatio;
     chart.plot = new uPlot(
       {
         title: name,
@@ -616,7 +622,7 @@ function drawChart(name, chart) {
           ...keys.map((k) => ({
             label: k,
             stroke: color(k),
-            width: 1.25,
+            width: stroke,
             spanGaps: true,
             points: { show: false },
             ...(stepped ? { paths: uPlot.paths.stepped({ align: 1 }) } : {}),
@@ -634,8 +640,9 @@ function drawChart(name, chart) {
 
 function frame(t) {
   const f = state.frames;
+  let d = 0;
   if (f.last) {
-    const d = t - f.last;
+    d = t - f.last;
     f.deltas[f.i % f.deltas.length] = d;
     f.i += 1;
     if (d > f.max) f.max = d;
@@ -643,17 +650,26 @@ function frame(t) {
   f.last = t;
   f.count += 1;
   const now = performance.now();
+  // uPlot draws in a microtask and the canvas is rasterized when the frame is painted, so the chart
+  // drawn last frame is charged with this frame's delta: a smoothed estimate of its real cost.
+  if (state.drawnLast) {
+    const c = state.drawnLast;
+    state.drawnLast = null;
+    if (d > 0) c.cost = c.cost ? 0.7 * c.cost + 0.3 * d : d;
+  }
   // At most one chart redraw per frame, the stalest dirty one first: the cost per frame stays
   // bounded however many metrics and ranks there are.
   let pick = null;
   for (const [name, c] of state.charts) {
-    const minInterval = c.nkeys > 32 ? 2 * CHART_MIN_INTERVAL_MS : CHART_MIN_INTERVAL_MS;
+    const base = c.nkeys > 32 ? 2 * CHART_MIN_INTERVAL_MS : CHART_MIN_INTERVAL_MS;
+    const minInterval = Math.max(base, CHART_COST_BACKOFF * c.cost);
     if (!c.dirty || now - c.lastDraw < minInterval) continue;
     if (pick === null || c.lastDraw < pick[1].lastDraw) pick = [name, c];
   }
   if (pick) {
     pick[1].dirty = false;
     pick[1].lastDraw = now;
+    state.drawnLast = pick[1];
     drawChart(pick[0], pick[1]);
   } else if (now - state.lastPanelDraw > PANEL_INTERVAL_MS) {
     state.lastPanelDraw = now;

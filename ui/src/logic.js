@@ -113,6 +113,33 @@ export function downsample(seriesList, buckets) {
   return { x, ys };
 }
 
+// Points a chart draws in all, over all its series: the canvas cost of a redraw grows with drawn
+// segments times their height, so the budget is shared rather than per series.
+export const CHART_POINT_BUDGET = 8000;
+export const CHART_MAX_BUCKETS = 400;
+export const CHART_MIN_BUCKETS = 50;
+// Above this many series a chart draws hairlines (see chartStyle).
+export const HAIRLINE_ABOVE_SERIES = 16;
+
+/**
+ * How a chart of `nSeries` lines is drawn: {buckets, width}. Buckets per series shrink as series
+ * grow, so a redraw costs about the same for 2 ranks or 64. With many series the stroke is one device
+ * pixel: in software rasterization (no GPU) a wider anti-aliased stroke is tessellated and filled,
+ * 5-15 times the cost of a hairline, and a noisy late-run loss line (zig-zags spanning the whole plot
+ * once the y range narrows) made every redraw take hundreds of ms.
+ *
+ * @param {number} nSeries
+ * @param {number} pxRatio device pixels per CSS pixel (window.devicePixelRatio)
+ * @returns {{buckets: number, width: number}} width in CSS pixels, as uPlot takes it
+ */
+export function chartStyle(nSeries, pxRatio = 1) {
+  const n = Math.max(1, nSeries);
+  const buckets = Math.max(CHART_MIN_BUCKETS, Math.min(CHART_MAX_BUCKETS, Math.floor(CHART_POINT_BUDGET / n)));
+  const ratio = Number.isFinite(pxRatio) && pxRatio > 0 ? pxRatio : 1;
+  const width = n > HAIRLINE_ABOVE_SERIES ? 1 / ratio : 1.25;
+  return { buckets, width };
+}
+
 /** A bounded map of metric name -> series key ("r0" or "r0/branch") -> Series. */
 export class MetricStore {
   /**

@@ -5,7 +5,9 @@ import {
   MetricStore,
   Series,
   Timeline,
+  CHART_POINT_BUDGET,
   branchRows,
+  chartStyle,
   rankHealth,
   seriesKey,
   describeBody,
@@ -44,6 +46,29 @@ test("downsample keeps a step change visible", () => {
   const { ys } = downsample([s], 50);
   assert.ok(Math.abs(ys[0][0] - 0.1) < 1e-12);
   assert.ok(Math.abs(ys[0][49] - 0.05) < 1e-12);
+});
+
+test("a chart's drawn points and stroke stay bounded however many ranks and steps", () => {
+  // 64 ranks, a full 2000-point window each, late in a run (steps far from zero), noisy values.
+  const series = [];
+  for (let r = 0; r < 64; r++) {
+    const s = new Series(2000);
+    for (let i = 0; i < 3000; i++) s.push(500000 + 3 * i, 0.05 * Math.sin(i * 3 / 7 + r));
+    series.push(s);
+  }
+  const { buckets, width } = chartStyle(series.length, 1);
+  const { x, ys } = downsample(series, buckets);
+  const drawn = ys.reduce((n, y) => n + y.filter((v) => v !== null).length, 0);
+  assert.ok(drawn <= CHART_POINT_BUDGET, `${drawn} points drawn for 64 series, budget ${CHART_POINT_BUDGET}`);
+  assert.equal(x.length, buckets);
+  assert.equal(x[0], 500000 + 3 * 1000);
+  assert.equal(x[x.length - 1], 500000 + 3 * 2999);
+  // Many noisy lines: a one-device-pixel stroke (the cheap hairline path of a software canvas).
+  assert.ok(width * 1 <= 1 && chartStyle(64, 2).width * 2 <= 1);
+  // A few lines keep the thicker, easier to read stroke and the full resolution.
+  assert.deepEqual(chartStyle(2, 1), { buckets: 400, width: 1.25 });
+  assert.equal(chartStyle(1000, 1).buckets, 50);
+  assert.equal(chartStyle(64, Number.NaN).width, 1);
 });
 
 test("downsample of nothing is empty", () => {

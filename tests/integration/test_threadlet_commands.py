@@ -36,7 +36,9 @@ def job_env(subprocess_env: dict[str, str], nats_server: EmbeddedNats) -> dict[s
     return helpers.job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url)
 
 
-def command(job: str, run_id: str, seq: int, values: dict[str, object]) -> Command:
+def command(job: str, run_id: str, seq: int, what: dict[str, object] | ActionKind) -> Command:
+    """A command as the weaver would publish it: a config change (a dict) or an action."""
+    body = Action(kind=what) if isinstance(what, ActionKind) else SetConfig(values=what)  # type: ignore[arg-type]
     return Command(
         command_id=f"c{seq}",
         job=job,
@@ -44,7 +46,7 @@ def command(job: str, run_id: str, seq: int, values: dict[str, object]) -> Comma
         seq=seq,
         issuer=Issuer(kind="cli", identity="test"),
         issued_at_s=time.time(),
-        body=SetConfig(values=values),  # type: ignore[arg-type]
+        body=body,
     )
 
 
@@ -134,18 +136,6 @@ async def test_commands_decided_at_same_step_on_both_ranks(
     assert {hb.state.value for hb in heartbeats if hb.rank == 0} >= {"running", "finished"}
 
 
-def action(job: str, run_id: str, seq: int, kind: ActionKind) -> Command:
-    return Command(
-        command_id=f"c{seq}",
-        job=job,
-        run_id=run_id,
-        seq=seq,
-        issuer=Issuer(kind="cli", identity="test"),
-        issued_at_s=time.time(),
-        body=Action(kind=kind),
-    )
-
-
 async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_same_step(
     tmp_path: Path,
     job_env: dict[str, str],
@@ -178,13 +168,13 @@ async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_sam
             await asyncio.sleep(0.05)
 
         subject = subjects.commands(JOB, run_id)
-        await js.publish(subject, wire.encode(action(JOB, run_id, 1, ActionKind.PAUSE)))
+        await js.publish(subject, wire.encode(command(JOB, run_id, 1, ActionKind.PAUSE)))
         async with asyncio.timeout(30):
             await paused.wait()
         # While paused no rank makes progress, whatever the wall clock does.
         held = [len(read_records(out / f"rank{r}.jsonl")) for r in (0, 1)]
         await js.publish(subject, wire.encode(command(JOB, run_id, 2, {"weight_decay": 0.25})))
-        await js.publish(subject, wire.encode(action(JOB, run_id, 3, ActionKind.RESUME)))
+        await js.publish(subject, wire.encode(command(JOB, run_id, 3, ActionKind.RESUME)))
         stdout, _ = await asyncio.to_thread(proc.communicate, timeout=120)
         assert proc.returncode == 0, stdout.decode(errors="replace")[-4000:]
     finally:

@@ -116,7 +116,7 @@ async def _stack(
 
         await _until(answers, 60, "weaver")
         run = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "torchloom.cli", "run", "--job", JOB, "--nats", nats_server.url,
+            sys.executable, "-m", "torchloom.app.cli", "run", "--job", JOB, "--nats", nats_server.url,
             "--grpc", grpc, "--nproc-per-node", "2", *run_args, env=env,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip

@@ -28,7 +28,7 @@ DEADLINE_S = 180.0
 def torchloom(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run one `torchloom` CLI command the way a user in a second terminal would."""
     return subprocess.run(
-        [sys.executable, "-m", "torchloom.cli", *args],
+        [sys.executable, "-m", "torchloom.app.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -132,7 +132,7 @@ def main() -> int:
     print(f"demo: torchloom run {' '.join(cmd)}\n      (output in {log_path})")
     with open(log_path, "wb") as log:
         job = subprocess.Popen(
-            [sys.executable, "-m", "torchloom.cli", "run", *cmd], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "torchloom.app.cli", "run", *cmd], env=env, stdout=log, stderr=log
         )
         try:
             wait_for_step(60, env, job)

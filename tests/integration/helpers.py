@@ -90,9 +90,9 @@ def unbound_env(base: dict[str, str], *drop: str, **extra: str) -> dict[str, str
 
 
 def cli(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run `python -m torchloom.cli ARGS` to completion, output captured as text."""
+    """Run `python -m torchloom.app.cli ARGS` to completion, output captured as text."""
     return subprocess.run(
-        [sys.executable, "-m", "torchloom.cli", *args],
+        [sys.executable, "-m", "torchloom.app.cli", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -42,7 +42,8 @@ def run_env(subprocess_env: dict[str, str]) -> dict[str, str]:
 def test_action_commands_against_a_running_job(tmp_path: Path, run_env: dict[str, str]) -> None:
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "torchloom.cli", "run", "--ui", "--job", "acts", "--nproc-per-node", "2"),
+            *(sys.executable, "-m", "torchloom.app.cli", "run", "--ui"),
+            *("--job", "acts", "--nproc-per-node", "2"),
             *(str(EXAMPLE), "--steps", "100000", "--step-sleep", "0.03", "--out", str(tmp_path / "out")),
         ],
         env=run_env,

@@ -24,7 +24,7 @@ STEPS = "260"
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "torchloom.cli", *args],
+        [sys.executable, "-m", "torchloom.app.cli", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -64,7 +64,7 @@ def test_run_then_set_from_another_process_applies_at_one_step(
         [
             sys.executable,
             "-m",
-            "torchloom.cli",
+            "torchloom.app.cli",
             "run",
             "--job",
             "clitest",
@@ -87,7 +87,7 @@ def test_run_then_set_from_another_process_applies_at_one_step(
     try:
         job = _wait_for_ranks(run_env, proc, min_step=5)
         watcher = subprocess.Popen(
-            [sys.executable, "-m", "torchloom.cli", "watch"],
+            [sys.executable, "-m", "torchloom.app.cli", "watch"],
             env=run_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -193,7 +193,7 @@ def test_run_exits_with_the_jobs_status(tmp_path: Path, run_env: dict[str, str])
 
 def test_run_reuses_a_running_weaver(tmp_path: Path, tl_home: Path, run_env: dict[str, str]) -> None:
     weaver = subprocess.Popen(
-        [sys.executable, "-m", "torchloom.cli", "weaver"],
+        [sys.executable, "-m", "torchloom.app.cli", "weaver"],
         env=run_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -242,7 +242,7 @@ def test_sigint_reaches_the_job_and_everything_stops(
         [
             sys.executable,
             "-m",
-            "torchloom.cli",
+            "torchloom.app.cli",
             "run",
             "--job",
             "sig",

@@ -35,7 +35,7 @@ def clean_env(subprocess_env: dict[str, str]) -> dict[str, str]:
 
 def test_weaver_serves_status_and_stops_cleanly(tl_home: Path, clean_env: dict[str, str]) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torchloom.cli", "weaver"],
+        [sys.executable, "-m", "torchloom.app.cli", "weaver"],
         env=clean_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

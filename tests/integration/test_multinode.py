@@ -66,7 +66,7 @@ async def _node(args: list[str], env: dict[str, str], log: Path) -> AsyncIterato
     """One node: `torchloom run` in its own session; on the way out SIGTERM, then SIGKILL to its group."""
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "torchloom.cli", "run", *args, env=env,
+            sys.executable, "-m", "torchloom.app.cli", "run", *args, env=env,
             stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
         )  # fmt: skip
         try:

@@ -46,7 +46,7 @@ def run_env(subprocess_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 async def _torchloom_run(args: list[str], env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
     """`torchloom run` as a child; on the way out it gets SIGTERM (forwarded to torchrun), then SIGKILL."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "torchloom.cli", "run", "--job", JOB, *args, env=env,
+        sys.executable, "-m", "torchloom.app.cli", "run", "--job", JOB, *args, env=env,
         stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -170,7 +170,7 @@ async def test_a_stalled_rank_is_reported_hung_then_recovers(
 
             await _until(hung_rank_1, 60, "rank 1 reported hung", proc)
             devices = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "torchloom.cli", "devices", "--json", env=run_env,
+                sys.executable, "-m", "torchloom.app.cli", "devices", "--json", env=run_env,
                 stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             raw, _ = await devices.communicate()
@@ -198,7 +198,7 @@ def _free_port() -> int:
 async def _start_weaver(url: str, grpc: str, env: dict[str, str]) -> asyncio.subprocess.Process:
     """A standalone `torchloom weaver` on the external NATS, once it answers Status."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "torchloom.cli", "weaver", "--nats", url, "--grpc", grpc, env=env,
+        sys.executable, "-m", "torchloom.app.cli", "weaver", "--nats", url, "--grpc", grpc, env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
 

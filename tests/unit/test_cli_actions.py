@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from torchloom import cli, cli_actions, env, launcher
+from torchloom import env
+from torchloom.app import actions as cli_actions
+from torchloom.app import cli, launcher
 from torchloom.messages import Action, ActionKind
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from torchloom import cli, launcher
-from torchloom.launcher import UsageError, split_run_args
+from torchloom.app import cli, launcher
+from torchloom.app.launcher import UsageError, split_run_args
 
 
 def test_run_splits_torchrun_options_from_script_args() -> None:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from torchloom import cli, cli_format
+from torchloom.app import cli
+from torchloom.app import format as cli_format
 from torchloom.messages import (
     AckStatus,
     Action,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from torchloom import cli
+from torchloom.app import cli
 from torchloom.messages import (
     AckStatus,
     JobEvent,

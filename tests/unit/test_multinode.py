@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from torchloom import launcher
-from torchloom.launcher import UsageError, is_multinode, split_run_args
+from torchloom.app import launcher
+from torchloom.app.launcher import UsageError, is_multinode, split_run_args
+from torchloom.app.supervisor import Supervisor
 from torchloom.messages import Heartbeat, JobEvent
-from torchloom.supervisor import Supervisor
 from weaver import state as st
 
 C10D = ["--nnodes", "1:2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "exp7"]

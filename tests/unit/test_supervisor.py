@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from torchloom import env
-from torchloom.messages import JobEvent
-from torchloom.supervisor import (
+from torchloom.app.supervisor import (
     DISABLE_SHARED_STORE,
     attempt_env,
     checkpoint_dir,
@@ -19,6 +18,7 @@ from torchloom.supervisor import (
     surviving_devices,
     with_nproc,
 )
+from torchloom.messages import JobEvent
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The I/O side of the CLI's interactive-training commands: action bodies, the one-job lookups behind
 knobs/checkpoints/branches, the journal stream, `torchloom ui` and `torchloom replay`.
 
-Output shapes come from torchloom.cli_format (pure); this module only fetches, submits and prints.
+Output shapes come from torchloom.app.format (pure); this module only fetches, submits and prints.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from torchloom import cli_format, discovery
+from torchloom import discovery
+from torchloom.app import format as cli_format
+from torchloom.app.lookup import weaver_address
+from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound, WeaverUnavailable
 from torchloom.messages import Action, ActionKind, Issuer, JobStatus
+from weaver.ui_server import UiServer
 
 STATUS_TIMEOUT_S = 10.0
 REPLAY_USAGE = "torchloom replay JOURNAL [--job NAME] [torchrun options] -- SCRIPT [ARGS]"
@@ -62,15 +66,6 @@ def action_body(args: argparse.Namespace) -> Action:
     raise ValueError(f"{command!r} is not an action command")
 
 
-def _address(grpc: str | None) -> str:
-    from torchloom.cli import NO_WEAVER_HELP
-
-    addr = discovery.resolve_grpc(grpc)
-    if addr is None:
-        raise WeaverUnavailable(NO_WEAVER_HELP)
-    return addr
-
-
 async def fetch_job(grpc: str | None, job: str) -> JobStatus:
     """Return one job's status: the named one, or the only one the weaver knows.
 
@@ -78,9 +73,7 @@ async def fetch_job(grpc: str | None, job: str) -> JobStatus:
         JobNotFound: no job yet, or several and none named (the message lists them).
         WeaverUnavailable: no weaver found or it did not answer.
     """
-    from torchloom.client import ControlClient
-
-    async with ControlClient(_address(grpc)) as client, asyncio.timeout(STATUS_TIMEOUT_S):
+    async with ControlClient(weaver_address(grpc)) as client, asyncio.timeout(STATUS_TIMEOUT_S):
         reply = await client.status(job)
     jobs = [j for j in reply.jobs if not job or j.job == job]
     if not jobs:
@@ -95,10 +88,8 @@ async def fetch_job(grpc: str | None, job: str) -> JobStatus:
 
 async def print_journal(grpc: str | None, job: str, *, follow: bool, as_json: bool, out: TextIO) -> None:
     """Print the journal: `{"entries": [...]}` (or one JSON object per line with `follow`), else lines."""
-    from torchloom.client import ControlClient
-
     entries: list[dict[str, object]] = []
-    async with ControlClient(_address(grpc)) as client:
+    async with ControlClient(weaver_address(grpc)) as client:
         async for event in client.journal(job, follow=follow):
             item = cli_format.journal_entry_json(event)
             if item is None:
@@ -115,8 +106,6 @@ async def print_journal(grpc: str | None, job: str, *, follow: bool, as_json: bo
 
 async def serve_ui(*, host: str, port: int, allow_remote: bool, nats_ws: str | None) -> int:
     """Serve the web UI until cancelled; the NATS WebSocket URL comes from --nats-ws or discovery."""
-    from weaver.ui_server import UiServer
-
     ws = nats_ws
     if not ws:
         info = discovery.read()

@@ -18,8 +18,14 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from torchloom import cli_actions, cli_format, discovery, knobs
-from torchloom.cli_format import json_value
+from torchloom import discovery, knobs
+from torchloom.app import actions as cli_actions
+from torchloom.app import format as cli_format
+from torchloom.app import launcher
+from torchloom.app.format import json_value
+from torchloom.app.launcher import RunSpec
+from torchloom.app.lookup import weaver_address
+from torchloom.client import ControlClient
 from torchloom.errors import (
     CommandRejected,
     CommandTimeout,
@@ -47,10 +53,6 @@ EXIT_TIMEOUT = 3
 EXIT_NO_WEAVER = 4
 DEFAULT_TIMEOUT_S = 30.0
 WATCH_METRICS_INTERVAL_S = 1.0  # at most one metrics line per rank per interval
-NO_WEAVER_HELP = (
-    "no weaver found: start a job with `torchloom run SCRIPT` (it starts one) or `torchloom weaver`, "
-    "or point at one with --grpc HOST:PORT or TORCHLOOM_GRPC"
-)
 
 
 # ---- JSON shapes (pure) --------------------------------------------------------------------------
@@ -337,18 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- commands ----------------------------------------------------------------------------------------
 
 
-def _resolve(grpc: str | None) -> str:
-    addr = discovery.resolve_grpc(grpc)
-    if addr is None:
-        raise WeaverUnavailable(NO_WEAVER_HELP)
-    return addr
-
-
 async def submit(grpc: str | None, body: Body, *, job: str, timeout_s: float) -> Outcome:
     """Submit a command to the weaver and wait for its outcome (or the weaver's timeout)."""
-    addr = _resolve(grpc)
-    from torchloom.client import ControlClient
-
+    addr = weaver_address(grpc)
     request = SubmitRequest(body=body, job=job, issuer=cli_actions.cli_issuer(), timeout_s=timeout_s)
     async with ControlClient(addr) as client:
         # The weaver answers TIMEOUT itself at timeout_s; the margin covers the round trip.
@@ -358,18 +351,14 @@ async def submit(grpc: str | None, body: Body, *, job: str, timeout_s: float) ->
 
 async def fetch_status(grpc: str | None, job: str) -> StatusReply:
     """Return the weaver's status of one job (or all jobs when `job` is empty)."""
-    addr = _resolve(grpc)
-    from torchloom.client import ControlClient
-
+    addr = weaver_address(grpc)
     async with ControlClient(addr) as client, asyncio.timeout(10.0):
         return await client.status(job)
 
 
 async def watch(grpc: str | None, job: str, out: TextIO) -> None:
     """Print watch events, one line each, metrics rate-limited per rank, until cancelled."""
-    addr = _resolve(grpc)
-    from torchloom.client import ControlClient
-
+    addr = weaver_address(grpc)
     limiter = MetricsLimiter()
     async with ControlClient(addr) as client:
         async for event in client.watch(job):
@@ -410,8 +399,6 @@ def _print_data(data: dict[str, Any], as_json: bool, human: Any) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     command = args.command
     if command == "weaver":
-        from torchloom import launcher
-
         try:
             health = launcher.parse_health(args.hung_after, args.straggler_factor, args.health_policy)
         except launcher.UsageError as exc:
@@ -489,8 +476,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main_replay(argv: Sequence[str]) -> int:
-    from torchloom import launcher
-
     try:
         journal, job, rest = cli_actions.split_replay_args(argv)
         replay = cli_format.replay_from_journal(
@@ -513,8 +498,6 @@ def _main_replay(argv: Sequence[str]) -> int:
 
 
 def _main_run(argv: Sequence[str]) -> int:
-    from torchloom import launcher
-
     try:
         spec = launcher.split_run_args(argv)
     except launcher.UsageError as exc:
@@ -523,9 +506,7 @@ def _main_run(argv: Sequence[str]) -> int:
     return _main_run_spec(spec)
 
 
-def _main_run_spec(spec: Any) -> int:
-    from torchloom import launcher
-
+def _main_run_spec(spec: RunSpec) -> int:
     try:
         return asyncio.run(launcher.run(spec))
     except KeyboardInterrupt:

@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from torchloom import discovery, env, subjects
+from torchloom.app.supervisor import Supervisor, nproc_of, with_nproc
+from torchloom.client import ControlClient
 from torchloom.errors import WeaverUnavailable
 from torchloom.nats_server import EmbeddedNats
-from torchloom.supervisor import Supervisor, nproc_of, with_nproc
+from weaver.app import serve
+from weaver.config import WeaverConfig
+from weaver.service import Weaver
+from weaver.ui_server import serve_ui
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +366,6 @@ class WeaverEndpoints:
 
 async def _probe(grpc: str, timeout_s: float = 2.0) -> bool:
     """Return True when a weaver answers Status at `grpc` within the deadline."""
-    from torchloom.client import ControlClient
-
     try:
         async with asyncio.timeout(timeout_s), ControlClient(grpc) as client:
             await client.status()
@@ -403,10 +406,6 @@ async def hosted_weaver(
         NatsUnavailable: when the embedded server cannot start.
         WeaverUnavailable: when the weaver fails or does not bind before READY_TIMEOUT_S.
     """
-    # Imported here so the rest of the CLI works (and starts fast) without loading the weaver.
-    from weaver.app import serve
-    from weaver.config import WeaverConfig
-
     embedded: EmbeddedNats | None = None
     url = nats_url or env.get(env.NATS_URL)
     ws_url = ""
@@ -414,9 +413,9 @@ async def hosted_weaver(
         embedded = EmbeddedNats(discovery.home() / "runs" / run_id)
         await asyncio.to_thread(embedded.start)
         url, ws_url = embedded.url, embedded.ws_url
-    ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    ready: asyncio.Future[Weaver] = asyncio.get_running_loop().create_future()
 
-    def _ready(w: Any) -> None:
+    def _ready(w: Weaver) -> None:
         if not ready.done():
             ready.set_result(w)
 
@@ -528,8 +527,6 @@ async def start_ui(stack: contextlib.AsyncExitStack, ws_url: str, *, port: int) 
             flush=True,
         )
         return
-    from weaver.ui_server import serve_ui
-
     try:
         ui = await serve_ui(nats_ws_url=ws_url, port=port)
     except (FileNotFoundError, OSError, ValueError) as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import grpc
 
@@ -51,7 +51,7 @@ class ControlClient:
         self.address = address
         self.timeout_s = timeout_s
         self.command_timeout_s = command_timeout_s
-        self._channel: Any = None
+        self._channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> Self:
         self._channel = grpc.aio.insecure_channel(self.address)
@@ -66,9 +66,9 @@ class ControlClient:
         """Close the channel; idempotent."""
         channel, self._channel = self._channel, None
         if channel is not None:
-            await channel.close()
+            await channel.close(grace=None)
 
-    def _chan(self) -> Any:
+    def _chan(self) -> grpc.aio.Channel:
         if self._channel is None:
             raise RuntimeError("ControlClient is not open: use `async with ControlClient(...)`")
         return self._channel
@@ -93,11 +93,11 @@ class ControlClient:
             WeaverUnavailable: the weaver cannot be reached or did not answer in time.
         """
         wait_s = request.timeout_s if request.timeout_s > 0 else self.command_timeout_s
-        call = self._chan().unary_unary(
+        call: grpc.aio.UnaryUnaryMultiCallable[SubmitRequest, Outcome] = self._chan().unary_unary(
             f"{_SERVICE}/Submit", request_serializer=wire.encode, response_deserializer=wire.decode_outcome
         )
         try:
-            outcome: Outcome = await call(request, timeout=wait_s + self.timeout_s)
+            outcome = await call(request, timeout=wait_s + self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "the submit") from None
         return outcome
@@ -109,13 +109,13 @@ class ControlClient:
             JobNotFound: the weaver knows no job of that name.
             WeaverUnavailable: the weaver cannot be reached or did not answer in time.
         """
-        call = self._chan().unary_unary(
+        call: grpc.aio.UnaryUnaryMultiCallable[StatusRequest, StatusReply] = self._chan().unary_unary(
             f"{_SERVICE}/Status",
             request_serializer=wire.encode,
             response_deserializer=wire.decode_status_reply,
         )
         try:
-            reply: StatusReply = await call(StatusRequest(job=job), timeout=self.timeout_s)
+            reply = await call(StatusRequest(job=job), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "the status request") from None
         return reply
@@ -129,7 +129,7 @@ class ControlClient:
         Raises:
             WeaverUnavailable: the weaver cannot be reached or dropped the stream.
         """
-        call = self._chan().unary_stream(
+        call: grpc.aio.UnaryStreamMultiCallable[WatchRequest, WatchEvent] = self._chan().unary_stream(
             f"{_SERVICE}/Watch", request_serializer=wire.encode, response_deserializer=wire.decode_watch_event
         )
         stream = call(WatchRequest(job=job))
@@ -155,7 +155,7 @@ class ControlClient:
             ValueError: `job` is not a valid job name.
             WeaverUnavailable: the weaver cannot be reached or dropped the stream.
         """
-        call = self._chan().unary_stream(
+        call: grpc.aio.UnaryStreamMultiCallable[JournalRequest, WatchEvent] = self._chan().unary_stream(
             f"{_SERVICE}/Journal",
             request_serializer=wire.encode,
             response_deserializer=wire.decode_watch_event,

@@ -7,7 +7,7 @@ generated servicer class is needed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -29,26 +29,32 @@ if TYPE_CHECKING:
 SERVICE = "torchloom.v1.Control"
 
 
-def _handlers(weaver: Weaver) -> Any:
-    async def submit(req: SubmitRequest, context: Any) -> Outcome:
+def _handlers(weaver: Weaver) -> grpc.GenericRpcHandler[object, object]:
+    async def submit(
+        req: SubmitRequest, context: grpc.aio.ServicerContext[SubmitRequest, Outcome]
+    ) -> Outcome:
         try:
             return await weaver.submit(req)
         except NatsUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            raise  # abort raises; this keeps type checkers sure the function never falls through
 
-    async def status(req: StatusRequest, context: Any) -> StatusReply:
+    async def status(
+        req: StatusRequest, context: grpc.aio.ServicerContext[StatusRequest, StatusReply]
+    ) -> StatusReply:
         try:
             return weaver.status(req.job)
         except JobNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            raise
 
-    async def watch(req: WatchRequest, context: Any) -> AsyncIterator[WatchEvent]:
+    async def watch(
+        req: WatchRequest, context: grpc.aio.ServicerContext[WatchRequest, WatchEvent]
+    ) -> AsyncIterator[WatchEvent]:
         async for ev in weaver.iter_watch(req.job):
             yield ev
 
-    async def journal(req: JournalRequest, context: Any) -> AsyncIterator[WatchEvent]:
+    async def journal(
+        req: JournalRequest, context: grpc.aio.ServicerContext[JournalRequest, WatchEvent]
+    ) -> AsyncIterator[WatchEvent]:
         try:
             async for ev in weaver.journal(req.job, follow=req.follow):
                 yield ev
@@ -80,7 +86,7 @@ def _handlers(weaver: Weaver) -> Any:
     )
 
 
-async def start_grpc(weaver: Weaver, address: str) -> tuple[Any, int]:
+async def start_grpc(weaver: Weaver, address: str) -> tuple[grpc.aio.Server, int]:
     """Start the Control service on `address` (`host:port`, port 0 picks one).
 
     Returns:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
+from tests.unit.factories import heartbeat
 from torchloom.app import launcher
 from torchloom.app.launcher import UsageError, is_multinode, split_run_args
 from torchloom.app.supervisor import Supervisor
@@ -99,9 +99,7 @@ async def test_a_multi_node_supervisor_declines_restart_requests() -> None:
 
 
 def hb(rank: int, *, run: str, world: int, host: str, step: int = 10) -> Heartbeat:
-    return Heartbeat(
-        job="j", run_id=run, rank=rank, world_size=world, incarnation=f"{run}-{rank}", step=step, host=host
-    )
+    return heartbeat(rank, run=run, world=world, inc=f"{run}-{rank}", step=step, host=host)
 
 
 def _kinds(effects: st.HeartbeatEffects, kind: str) -> list[JobEvent]:

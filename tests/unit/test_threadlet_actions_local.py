@@ -10,36 +10,27 @@ import torch
 from torch import nn
 
 import threadlet
-from torchloom.messages import Action, ActionKind, Command, Issuer, SetConfig
-
-
-def _cmd(seq: int, body: SetConfig | Action) -> Command:
-    return Command(
-        command_id=f"c{seq}", job="j", run_id="r", seq=seq, issuer=Issuer(), issued_at_s=0.0, body=body
-    )
-
-
-def _act(seq: int, kind: ActionKind, **args: str) -> Command:
-    return _cmd(seq, Action(kind=kind, args=args))
+from tests.unit.factories import JOB, RUN, action, local_config, set_config
+from torchloom.messages import ActionKind
 
 
 def test_checkpoint_rollback_eval_stop_on_one_rank(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = threadlet.ThreadletConfig(nats_url="nats://127.0.0.1:1", job="j", run_id="r")
+    cfg = local_config()
     tl = threadlet.attach(model=model, optimizer=opt, config=cfg, checkpoint_dir=str(tmp_path))
     seen: list[tuple[str, int, float]] = []
     # Commands are filed just before the boundary of the step named here (as the link thread would).
     plan = {
-        3: [_act(1, ActionKind.CHECKPOINT, tag="t")],
-        5: [_cmd(2, SetConfig(values={"lr": 0.5})), _act(3, ActionKind.EVAL)],
-        6: [_act(4, ActionKind.ROLLBACK, checkpoint="t", checkpoint_id="ckpt-1")],
+        3: [action(1, ActionKind.CHECKPOINT, tag="t")],
+        5: [set_config(2, lr=0.5), action(3, ActionKind.EVAL)],
+        6: [action(4, ActionKind.ROLLBACK, checkpoint="t", checkpoint_id="ckpt-1")],
         8: [
-            _act(5, ActionKind.DATA_ADD, name="x", path="/nope"),
-            _act(6, ActionKind.FAULT_INJECT, rank="0", xid="79"),
+            action(5, ActionKind.DATA_ADD, name="x", path="/nope"),
+            action(6, ActionKind.FAULT_INJECT, rank="0", xid="79"),
         ],
-        9: [_act(7, ActionKind.STOP)],
+        9: [action(7, ActionKind.STOP)],
     }
     try:
         for step in tl.range(100):
@@ -64,7 +55,7 @@ def test_checkpoint_rollback_eval_stop_on_one_rank(tmp_path: Path) -> None:
         assert ck == {
             "checkpoint_id": "ckpt-1",
             "checkpoint_tag": "t",
-            "checkpoint_path": str(tmp_path / "j" / "r" / "ckpt-1"),
+            "checkpoint_path": str(tmp_path / JOB / RUN / "ckpt-1"),
             "checkpoint_step": "4",
             "branch": "main",
         }
@@ -91,12 +82,12 @@ def test_checkpoint_rollback_eval_stop_on_one_rank(tmp_path: Path) -> None:
 
 
 def test_rollback_to_a_missing_checkpoint_is_refused_with_the_path(tmp_path: Path) -> None:
-    cfg = threadlet.ThreadletConfig(nats_url="nats://127.0.0.1:1", job="j", run_id="r")
+    cfg = local_config()
     with threadlet.attach(model=nn.Linear(1, 1), config=cfg, checkpoint_dir=str(tmp_path)) as tl:
         tl.step()
-        tl._file(_act(1, ActionKind.ROLLBACK, checkpoint="ckpt-9", checkpoint_id="ckpt-9"), time.time())
+        tl._file(action(1, ActionKind.ROLLBACK, checkpoint="ckpt-9", checkpoint_id="ckpt-9"), time.time())
         tl.step()
-        missing = tmp_path / "j" / "r" / "ckpt-9"
+        missing = tmp_path / JOB / RUN / "ckpt-9"
         assert (
             tl.applied[0]["reason"]
             == f"rank 0 refused: checkpoint path {missing} does not exist on this rank"

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import threadlet
+from tests.unit.factories import action, command, local_config
 from threadlet.optim_knobs import KnobBoard, knob_type
 from torchloom.knobs import validate_set
-from torchloom.messages import Action, ActionKind, Command, Issuer, KnobType, SetConfig
+from torchloom.messages import ActionKind, KnobType, SetConfig
 
 
 def make_optimizer(**group_extra: object) -> torch.optim.Optimizer:
@@ -78,16 +79,10 @@ def test_knob_type_accepts_enum_name_and_python_type() -> None:
         knob_type(dict)
 
 
-def _cmd(seq: int, body: SetConfig | Action) -> Command:
-    return Command(
-        command_id=f"c{seq}", job="j", run_id="r", seq=seq, issuer=Issuer(), issued_at_s=0.0, body=body
-    )
-
-
 def test_local_threadlet_decides_user_knob_and_rejections_at_next_step() -> None:
     """World size 1: commands filed by the bus side are decided locally at the next boundary."""
     opt = make_optimizer()
-    cfg = threadlet.ThreadletConfig(nats_url="nats://127.0.0.1:1", job="j", run_id="r")
+    cfg = local_config()
     tl = threadlet.attach(optimizer=opt, config=cfg)
     try:
         state = {"batch": 8}
@@ -99,10 +94,10 @@ def test_local_threadlet_decides_user_knob_and_rejections_at_next_step() -> None
         tl.step(loss=1.0)
         # The link thread would call this on receipt; doing it here keeps the test free of a bus.
         now = time.time()
-        tl._file(_cmd(1, SetConfig(values={"batch": "16", "lr@head": 0.2})), now)
-        tl._file(_cmd(2, SetConfig(values={"batch": 100})), now)
-        tl._file(_cmd(3, Action(kind=ActionKind.EVAL)), now)
-        tl._file(_cmd(1, SetConfig(values={"batch": 2})), now)  # duplicate seq: ignored
+        tl._file(command(1, SetConfig(values={"batch": "16", "lr@head": 0.2})), now)
+        tl._file(command(2, SetConfig(values={"batch": 100})), now)
+        tl._file(action(3, ActionKind.EVAL), now)
+        tl._file(command(1, SetConfig(values={"batch": 2})), now)  # duplicate seq: ignored
         tl.step(loss=1.0)
         assert state["batch"] == 16
         assert opt.param_groups[1]["lr"] == 0.2
@@ -117,7 +112,7 @@ def test_local_threadlet_decides_user_knob_and_rejections_at_next_step() -> None
             tl.applied[2]["reason"]
             == "rank 0 refused: no eval function registered: pass eval_fn= to attach()"
         )
-        tl._file(_cmd(1, SetConfig(values={"batch": 2})), now)  # already decided: ignored
+        tl._file(command(1, SetConfig(values={"batch": 2})), now)  # already decided: ignored
         tl.step()
         assert len(tl.applied) == 3 and tl.step_count == 4
     finally:

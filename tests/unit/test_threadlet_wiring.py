@@ -9,26 +9,10 @@ import pytest
 import torch
 
 import threadlet
+from tests.unit.factories import local_config, set_config
 from threadlet.data import MixtureSampler
 from torchloom.errors import CommandRejected
-from torchloom.messages import Command, Issuer, KnobValue, SetConfig
-
-
-def _set(seq: int, **values: KnobValue) -> Command:
-    return Command(
-        command_id=f"c{seq}",
-        job="j",
-        run_id="r",
-        seq=seq,
-        issuer=Issuer(),
-        issued_at_s=0.0,
-        body=SetConfig(values=values),
-    )
-
-
-def _local_cfg() -> threadlet.ThreadletConfig:
-    # A URL nobody serves: the link never connects, world size 1 decides locally.
-    return threadlet.ThreadletConfig(nats_url="nats://127.0.0.1:1", job="j", run_id="r")
+from torchloom.messages import KnobValue
 
 
 def _sampler() -> MixtureSampler:
@@ -45,12 +29,12 @@ def test_attach_with_sampler_registers_mix_and_batch_size() -> None:
 
 def test_bad_mix_is_refused_at_filing_and_a_good_one_applies_at_the_next_boundary() -> None:
     s = _sampler()
-    tl = threadlet.attach(config=_local_cfg(), sampler=s)
+    tl = threadlet.attach(config=local_config(), sampler=s)
     try:
         tl.step()
         now = time.time()
-        tl._file(_set(1, mix="code:x"), now)
-        tl._file(_set(2, mix="math:1", batch_size="4"), now)
+        tl._file(set_config(1, mix="code:x"), now)
+        tl._file(set_config(2, mix="math:1", batch_size="4"), now)
         # Refused on receipt (bus thread), before any boundary.
         assert tl._inbox[1].refusal is not None and tl._inbox[2].refusal is None
         tl.step()
@@ -71,13 +55,13 @@ def test_user_knob_validate_hook_runs_before_apply() -> None:
         if not isinstance(value, str) or not value.startswith("x"):
             raise ValueError(f"tag={value!r} rejected: expected a string starting with 'x'")
 
-    tl = threadlet.attach(config=_local_cfg())
+    tl = threadlet.attach(config=local_config())
     try:
         tl.knob("tag", str, get=lambda: "x0", apply=seen.append, validate=check)
         with pytest.raises(CommandRejected, match="expected a string starting with 'x'"):
             tl._board.validate({"tag": "y"})
-        tl._file(_set(1, tag="y"), time.time())
-        tl._file(_set(2, tag="x1"), time.time())
+        tl._file(set_config(1, tag="y"), time.time())
+        tl._file(set_config(2, tag="x1"), time.time())
         tl.step()
         tl.step()
         assert [a["status"] for a in tl.applied] == ["rejected", "applied"]
@@ -90,14 +74,14 @@ def test_clip_grad_and_grad_accum_steps_follow_their_knobs() -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tl = threadlet.attach(model=model, optimizer=opt, config=_local_cfg())
+    tl = threadlet.attach(model=model, optimizer=opt, config=local_config())
     try:
         assert "grad_clip_norm" not in tl._board.schema and "grad_accum_steps" not in tl._board.schema
         model(torch.full((2, 4), 100.0)).sum().backward()  # type: ignore[no-untyped-call]
         assert tl.clip_grad_(model.parameters()) is None  # 0 disables clipping
         assert tl.grad_accum_steps == 1
         assert {"grad_clip_norm", "grad_accum_steps"} <= set(tl._board.schema)
-        tl._file(_set(1, grad_clip_norm="0.5", grad_accum_steps="3"), time.time())
+        tl._file(set_config(1, grad_clip_norm="0.5", grad_accum_steps="3"), time.time())
         tl.step()
         assert tl.applied[0]["status"] == "applied", tl.applied
         assert tl.grad_accum_steps == 3 and tl.training.grad_clip_norm == 0.5
@@ -105,7 +89,7 @@ def test_clip_grad_and_grad_accum_steps_follow_their_knobs() -> None:
         assert before is not None and before > 0.5
         after = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
         assert float(after) == pytest.approx(0.5, rel=1e-4)
-        tl._file(_set(2, grad_accum_steps="0"), time.time())
+        tl._file(set_config(2, grad_accum_steps="0"), time.time())
         tl.step()
         assert tl.applied[1]["status"] == "rejected" and "grad_accum_steps" in tl.applied[1]["reason"]
         assert tl.grad_accum_steps == 3

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from tests.unit.factories import heartbeat
 from torchloom.messages import ActionKind, DeviceHealth, Heartbeat, RankState
 from weaver import state as st
 from weaver.config import WeaverConfig
 from weaver.health_policy import HealthPolicy, Phase, PolicyMode
 
 
-def hb(
-    rank: int,
-    step: int,
-    *,
-    tick: int | None = None,
-    step_time_s: float = 0.1,
-    device: DeviceHealth | None = None,
-    state: RankState = RankState.RUNNING,
-) -> Heartbeat:
-    return Heartbeat(
-        job="j",
-        run_id="r1",
-        rank=rank,
-        world_size=2,
-        incarnation=f"inc{rank}",
-        step=step,
-        tick=step if tick is None else tick,
-        step_time_s=step_time_s,
-        device=device,
-        state=state,
-    )
+def hb(rank: int, step: int, *, tick: int | None = None, **kw: Any) -> Heartbeat:
+    """A heartbeat at `step` whose tick follows the step unless given."""
+    return heartbeat(rank, step=step, tick=step if tick is None else tick, **{"step_time_s": 0.1, **kw})
 
 
 def policy(mode: PolicyMode = PolicyMode.ALERT) -> HealthPolicy:

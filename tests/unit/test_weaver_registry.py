@@ -6,14 +6,14 @@ from collections.abc import Mapping
 
 import pytest
 
+from tests.unit import factories
+from tests.unit.factories import ack, command, heartbeat
 from torchloom.errors import CommandRejected
 from torchloom.messages import (
-    Ack,
     AckStatus,
     Action,
     ActionKind,
     Command,
-    Heartbeat,
     Issuer,
     JobEvent,
     Outcome,
@@ -25,26 +25,11 @@ from weaver import registry as rg
 from weaver import state as st
 
 DEAD = 1.0
-
-
-def hb(rank: int, *, allow: bool = False, branch: str = "main") -> Heartbeat:
-    return Heartbeat(
-        job="j",
-        run_id="r1",
-        rank=rank,
-        world_size=2,
-        incarnation=f"inc{rank}",
-        fault_injection_allowed=allow,
-        branch=branch,
-    )
+CLI = Issuer(kind="cli", identity="me@host")
 
 
 def running(*, allow: bool = False) -> st.WeaverState:
-    s = st.WeaverState()
-    for r in range(2):
-        st.observe_heartbeat(s, hb(r, allow=allow), 100.0)
-    st.set_seq_floor(s, "j", "r1", 0)
-    return s
+    return factories.running(fault_injection_allowed=allow, branch="main")
 
 
 def submit(s: st.WeaverState, kind: ActionKind, **args: str) -> Command:
@@ -54,22 +39,15 @@ def submit(s: st.WeaverState, kind: ActionKind, **args: str) -> Command:
 def ack_all(s: st.WeaverState, cmd: Command, detail: Mapping[str, str], *, step: int = 10) -> Outcome:
     out = None
     for rank in range(2):
-        out = st.record_ack(
-            s,
-            Ack(
-                command_id=cmd.command_id,
-                job="j",
-                run_id="r1",
-                seq=cmd.seq,
-                rank=rank,
-                incarnation=f"inc{rank}",
-                status=AckStatus.APPLIED,
-                step=step,
-                detail=detail,
-                branch=detail.get("branch", "main"),
-            ),
-            101.0,
+        a = ack(
+            cmd.seq,
+            rank,
+            command_id=cmd.command_id,
+            step=step,
+            detail=detail,
+            branch=detail.get("branch", "main"),
         )
+        out = st.record_ack(s, a, 101.0)
     assert out is not None
     return out
 
@@ -106,7 +84,7 @@ def test_applied_checkpoint_and_rollback_build_the_registry_and_status() -> None
         ("b2", "main", "ckpt-1", 10, 2),
     ]
     assert status.branch == "b2"
-    st.observe_heartbeat(s, hb(0, branch="b2"), 101.5)
+    st.observe_heartbeat(s, heartbeat(0, branch="b2"), 101.5)
     assert [r.branch for r in st.status(s, "j", 101.5, DEAD).jobs[0].ranks] == ["b2", "main"]
 
 
@@ -114,20 +92,8 @@ def test_rejected_or_detail_less_outcomes() -> None:
     s = running()
     cmd = submit(s, ActionKind.CHECKPOINT, tag="t")
     for rank, status in ((0, AckStatus.APPLIED), (1, AckStatus.REJECTED)):
-        st.record_ack(
-            s,
-            Ack(
-                command_id=cmd.command_id,
-                job="j",
-                run_id="r1",
-                seq=cmd.seq,
-                rank=rank,
-                incarnation=f"inc{rank}",
-                status=status,
-                reason="disk full" if status is AckStatus.REJECTED else "",
-            ),
-            101.0,
-        )
+        reason = "disk full" if status is AckStatus.REJECTED else ""
+        st.record_ack(s, ack(cmd.seq, rank, status, reason, command_id=cmd.command_id, step=0), 101.0)
     assert s.jobs["j"].registry.checkpoints == {}
     # An applied stop without detail still registers the deterministic id.
     stop = submit(s, ActionKind.STOP)
@@ -229,7 +195,7 @@ def test_valid_fault_inject_is_normalized() -> None:
 
 def test_fault_inject_needs_every_rank_to_allow_it() -> None:
     s = running(allow=True)
-    st.observe_heartbeat(s, hb(1, allow=False), 100.1)
+    st.observe_heartbeat(s, heartbeat(1, fault_injection_allowed=False, branch="main"), 100.1)
     with pytest.raises(CommandRejected, match="fault injection is disabled"):
         submit(s, ActionKind.FAULT_INJECT, rank="0", xid="79")
 
@@ -256,15 +222,7 @@ def _outcome(cmd: Command, status: OutcomeStatus, detail: Mapping[str, str]) -> 
 
 
 def _cmd(seq: int, kind: ActionKind, run: str = "r1", **args: str) -> Command:
-    return Command(
-        command_id=f"c{seq}{run}",
-        job="j",
-        run_id=run,
-        seq=seq,
-        issuer=Issuer(kind="cli", identity="me@host"),
-        issued_at_s=40.0,
-        body=Action(kind=kind, args=args),
-    )
+    return command(seq, Action(kind=kind, args=args), run=run, issuer=CLI, issued_at_s=40.0)
 
 
 def test_replay_rebuilds_runs_registries_seq_and_in_flight_commands() -> None:
@@ -296,22 +254,9 @@ def test_replay_rebuilds_runs_registries_seq_and_in_flight_commands() -> None:
     # The ranks answer the in-flight command after the restart: its outcome is complete.
     out = None
     for rank in range(2):
-        out = st.record_ack(
-            s,
-            Ack(
-                command_id=c3.command_id,
-                job="j",
-                run_id="r1",
-                seq=3,
-                rank=rank,
-                incarnation="i",
-                status=AckStatus.APPLIED,
-                step=7,
-            ),
-            60.0,
-        )
+        out = st.record_ack(s, ack(3, rank, command_id=c3.command_id, inc="i", step=7), 60.0)
     assert out is not None and out.status is OutcomeStatus.APPLIED and out.command == c3
     assert [r.step for r in out.results] == [7, 7]
     # Heartbeats of the same run keep the recovered state; the next seq continues.
-    st.observe_heartbeat(s, hb(0), 100.0)
+    st.observe_heartbeat(s, heartbeat(0, branch="main"), 100.0)
     assert s.jobs["j"] is job and submit(s, ActionKind.EVAL).seq == 4

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from tests.unit.factories import heartbeat
 from torchloom.messages import CheckpointInfo, Heartbeat
 from weaver import state as st
 
 
-def hb(rank: int, *, run: str, step: int, world: int = 2) -> Heartbeat:
-    return Heartbeat(job="j", run_id=run, rank=rank, world_size=world, incarnation=f"{run}-{rank}", step=step)
+def hb(rank: int, *, run: str, step: int) -> Heartbeat:
+    return heartbeat(rank, run=run, step=step, inc=f"{run}-{rank}")  # each attempt is a new process
 
 
 def _died_at(step: int, *, checkpoints: tuple[int, ...] = ()) -> st.WeaverState:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
+import pytest
+from tests.unit import factories
+from tests.unit.factories import ack, heartbeat
 from torchloom.errors import CommandRejected, JobNotFound
 from torchloom.knobs import BUILTIN_SPECS
 from torchloom.messages import (
@@ -31,57 +34,13 @@ KNOBS = (
 )
 
 
-def hb(
-    rank: int = 0,
-    *,
-    job: str = "j",
-    run: str = "r1",
-    world: int = 2,
-    inc: str | None = None,
-    state: RankState = RankState.RUNNING,
-    last_seq: int = 0,
-) -> Heartbeat:
-    return Heartbeat(
-        job=job,
-        run_id=run,
-        rank=rank,
-        world_size=world,
-        incarnation=inc or f"inc{rank}",
-        state=state,
-        step=7,
-        knobs=KNOBS,
-        last_seq=last_seq,
-    )
+def hb(rank: int = 0, **kw: Any) -> Heartbeat:
+    """A heartbeat carrying this file's knobs at step 7."""
+    return heartbeat(rank, **{"step": 7, "knobs": KNOBS, **kw})
 
 
-def ack(
-    seq: int,
-    rank: int,
-    status: AckStatus = AckStatus.APPLIED,
-    reason: str = "",
-    *,
-    run: str = "r1",
-    command_id: str = "",
-) -> Ack:
-    return Ack(
-        command_id=command_id,
-        job="j",
-        run_id=run,
-        seq=seq,
-        rank=rank,
-        incarnation=f"inc{rank}",
-        status=status,
-        reason=reason,
-        step=10,
-    )
-
-
-def running(world: int = 2, *, job: str = "j", run: str = "r1", now: float = 100.0) -> st.WeaverState:
-    s = st.WeaverState()
-    for r in range(world):
-        st.observe_heartbeat(s, hb(r, job=job, run=run, world=world), now)
-    st.set_seq_floor(s, job, run, 0)
-    return s
+def running(world: int = 2, **kw: Any) -> st.WeaverState:
+    return factories.running(world, step=7, knobs=KNOBS, **kw)
 
 
 def set_lr(value: object = "0.5", job: str = "") -> SubmitRequest:

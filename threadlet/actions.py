@@ -13,6 +13,7 @@ from typing import Any
 from threadlet import checkpoint, nvml_fake, replay, resume
 from threadlet.config import ThreadletConfig
 from threadlet.optim_knobs import OPTIMIZER_KNOBS, KnobBoard
+from torchloom import layout, naming
 from torchloom.messages import Action, ActionKind, KnobValue, SetConfig
 
 log = logging.getLogger("threadlet")
@@ -79,9 +80,9 @@ class ActionsMixin:
         # A replay runs under its own run id: its checkpoints are its own, at the deterministic path.
         if self._replay is None and args.get("checkpoint_path"):
             return Path(args["checkpoint_path"])
-        seq = checkpoint.seq_of(ckpt)
-        root = checkpoint.default_root(self.config.checkpoint_dir)
-        return checkpoint.checkpoint_path(root, self.config.job, self.config.run_id, seq)
+        seq = naming.seq_of(ckpt)
+        root = layout.default_root(self.config.checkpoint_dir)
+        return layout.checkpoint_path(root, self.config.job, self.config.run_id, seq)
 
     def _apply(self, seq: int, body: SetConfig | Action, values: dict[str, KnobValue]) -> dict[str, str]:
         """Carry out a decided command; return the ack detail (docs/design.md, "Actions")."""
@@ -118,7 +119,7 @@ class ActionsMixin:
     def _resume_at_start(self) -> None:
         """Load the checkpoint a restart names (TORCHLOOM_RESUME_FROM, or the run's latest complete one
         after an elastic restart), then apply TORCHLOOM_KNOB_OVERRIDES checked like a `set`."""
-        root = checkpoint.default_root(self.config.checkpoint_dir)
+        root = layout.default_root(self.config.checkpoint_dir)
         todo = resume.plan(root=root, job=self.config.job, run_id=self.config.run_id)
         self._pending_overrides = dict(todo.overrides)
         if todo.checkpoint is not None:
@@ -157,8 +158,8 @@ class ActionsMixin:
         }
 
     def _checkpoint(self, seq: int, tag: str) -> dict[str, str]:
-        root = checkpoint.default_root(self.config.checkpoint_dir)
-        path = checkpoint.checkpoint_path(root, self.config.job, self.config.run_id, seq)
+        root = layout.default_root(self.config.checkpoint_dir)
+        path = layout.checkpoint_path(root, self.config.job, self.config.run_id, seq)
         checkpoint.save(
             path,
             rank=self.rank,
@@ -170,9 +171,9 @@ class ActionsMixin:
             threadlet_state=self._threadlet_state(),
         )
         if self.rank == 0:  # the collective save has returned: DCP's metadata covers every rank
-            resume.mark_complete(path, step=self.step_count, branch=self.branch, world_size=self.world_size)
+            layout.mark_complete(path, step=self.step_count, branch=self.branch, world_size=self.world_size)
         return {
-            "checkpoint_id": checkpoint.checkpoint_id(seq),
+            "checkpoint_id": naming.checkpoint_id(seq),
             "checkpoint_tag": tag,
             "checkpoint_path": str(path),
             "checkpoint_step": str(self.step_count),
@@ -183,7 +184,7 @@ class ActionsMixin:
         path = self._rollback_path(args)
         parent = self.branch
         self._load_checkpoint(path, self.rank)
-        self.branch = checkpoint.branch_id(seq)
+        self.branch = naming.branch_id(seq)
         return {
             "branch": self.branch,
             "parent_branch": parent,

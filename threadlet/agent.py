@@ -19,14 +19,14 @@ from typing import Any, Self
 import torch
 import torch.distributed as dist
 
-from threadlet import agreement, checkpoint, health, nvml_fake, replay
+from threadlet import agreement, health, nvml_fake, replay
 from threadlet.actions import ActionsMixin
 from threadlet.agreement import Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.link import Link
 from threadlet.optim_knobs import Applier, Getter, KnobBoard, TrainingKnobs, Validator, knob_type
 from threadlet.reports import ReportsMixin
-from torchloom import subjects, wire
+from torchloom import naming, replay_file, subjects, wire
 from torchloom.errors import CommandRejected
 from torchloom.messages import (
     Ack,
@@ -109,7 +109,7 @@ class Threadlet(ActionsMixin, ReportsMixin):
         self.applied: list[dict[str, Any]] = []
         self.step_count = 0
         self.tick = 0
-        self.branch = checkpoint.FIRST_BRANCH
+        self.branch = naming.MAIN_BRANCH
         self._model = model
         self._optimizer = optimizer
         self._scheduler = scheduler
@@ -143,7 +143,7 @@ class Threadlet(ActionsMixin, ReportsMixin):
         self._fake_nvml: nvml_fake.FakeNvml | None = None
         self._replay: replay.Schedule | None = None
         if config.replay_path is not None:
-            job, entries = replay.load(config.replay_path)
+            job, entries = replay_file.load(config.replay_path)
             if job and job != config.job:
                 log.warning("threadlet: replaying commands of job %r as job %r", job, config.job)
             self._replay = replay.Schedule(entries)
@@ -532,6 +532,7 @@ class Threadlet(ActionsMixin, ReportsMixin):
                 received_at_s=filed.received_at_s,
                 detail=detail,
                 branch=branch,
+                refused_by_peer=verdict is Verdict.REJECT_OTHER,
             )
             self._link.publish(subjects.acks(self.config.job), wire.encode(ack))
         self._next_status_t = 0.0

@@ -1,6 +1,6 @@
-"""Consistent checkpoints of one rank's training with torch.distributed.checkpoint: deterministic ids
-and paths (docs/design.md, "Actions"), save and in-place load of model, optimizer, scheduler, sampler,
-RNG and threadlet state.
+"""Consistent checkpoints of one rank's training with torch.distributed.checkpoint: save and in-place
+load of model, optimizer, scheduler, sampler, RNG and threadlet state. Ids come from torchloom.naming
+and paths from torchloom.layout (docs/design.md, "Actions").
 
 Model and optimizer go through `get_state_dict`/`set_state_dict` (DDP and FSDP aware); everything
 that differs per rank (RNG, sampler, scheduler) is one pickled entry per rank (`rank<R>`), since DCP
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,52 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-
-from torchloom import env
-
-_CKPT_ID = re.compile(r"^ckpt-([1-9][0-9]*)$")
-FIRST_BRANCH = "main"
-
-
-def checkpoint_id(seq: int) -> str:
-    """The id every rank (and a replay) gives the checkpoint taken by command `seq`: `ckpt-<seq>`."""
-    if seq < 1:
-        raise ValueError(f"seq={seq} rejected: must be >= 1")
-    return f"ckpt-{seq}"
-
-
-def branch_id(seq: int) -> str:
-    """The id of the branch a rollback decided as command `seq` starts: `b<seq>`."""
-    if seq < 1:
-        raise ValueError(f"seq={seq} rejected: must be >= 1")
-    return f"b{seq}"
-
-
-def seq_of(ckpt_id: str) -> int:
-    """The command seq in a checkpoint id (`"ckpt-12"` -> 12).
-
-    Raises:
-        ValueError: when the id is not of the form ckpt-<seq>.
-    """
-    m = _CKPT_ID.match(ckpt_id)
-    if m is None:
-        raise ValueError(f"checkpoint id {ckpt_id!r} rejected: expected ckpt-<seq> such as ckpt-12")
-    return int(m.group(1))
-
-
-def default_root(checkpoint_dir: str | None = None) -> Path:
-    """The checkpoint root: `checkpoint_dir`, else TORCHLOOM_CHECKPOINT_DIR, else
-    `<TORCHLOOM_HOME or ~/.torchloom>/checkpoints`."""
-    chosen = checkpoint_dir or env.get(env.CHECKPOINT_DIR)
-    if chosen:
-        return Path(chosen).expanduser()
-    home = env.get(env.HOME)
-    return (Path(home).expanduser() if home else Path.home() / ".torchloom") / "checkpoints"
-
-
-def checkpoint_path(root: Path | str, job: str, run_id: str, seq: int) -> Path:
-    """`<root>/<job>/<run_id>/ckpt-<seq>`: where command `seq`'s checkpoint lives."""
-    return Path(root) / job / run_id / checkpoint_id(seq)
 
 
 def capture_rng() -> dict[str, Any]:

@@ -11,23 +11,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torchloom import env
+from torchloom import env, naming
 from torchloom.errors import CommandRejected
 from torchloom.knobs import validate_set
+from torchloom.layout import COMPLETE_MARKER, DCP_METADATA, find_latest, read_marker
 from torchloom.messages import KnobSpec, KnobValue
 
 RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun's elastic agent on every worker
-# Written by rank 0 once the collective save has returned, i.e. after DCP's coordinator wrote
-# `.metadata` for every rank's data: a directory without it is a save that a failure cut short.
-COMPLETE_MARKER = "torchloom-complete.json"
-DCP_METADATA = ".metadata"
-_ATTEMPT = re.compile(r"^(?P<base>.+)-a(?P<n>[1-9][0-9]*)$")
-_CKPT_DIR = re.compile(r"^ckpt-(?P<seq>[1-9][0-9]*)$")
 
 
 def restart_count(environ: Mapping[str, str] | None = None) -> int:
@@ -42,99 +36,9 @@ def restart_count(environ: Mapping[str, str] | None = None) -> int:
     return int(raw)
 
 
-def base_run_id(run_id: str) -> str:
-    """The first attempt's run id: every `-a<N>` suffix removed (`"3f2a-a1-a2"` -> `"3f2a"`)."""
-    while (m := _ATTEMPT.match(run_id)) is not None:
-        run_id = m.group("base")
-    return run_id
-
-
-def attempt_run_id(run_id: str, attempt: int) -> str:
-    """The run id of attempt `attempt` (0: `run_id` itself) restarted from run `run_id`: `<run_id>-a<N>`.
-
-    Each attempt gets its own id so commands published to the previous attempt's subject are never
-    applied again, while the weaver still sees the same job (a new run of it). A supervisor attempt
-    `R-a1` restarted by torchrun becomes `R-a1-a1`, so the two kinds of restart never share an id.
-
-    Raises:
-        ValueError: attempt < 0.
-    """
-    if attempt < 0:
-        raise ValueError(f"attempt={attempt} rejected: must be >= 0")
-    return run_id if attempt == 0 else f"{run_id}-a{attempt}"
-
-
 def effective_run_id(run_id: str, environ: Mapping[str, str] | None = None) -> str:
     """The run id this process reports: after elastic restart N > 0 of run R, `R-aN`."""
-    return attempt_run_id(run_id, restart_count(environ))
-
-
-def mark_complete(path: Path, *, step: int, branch: str = "", world_size: int = 1) -> None:
-    """Record that the checkpoint at `path` is whole; rank 0 calls this after the collective save.
-
-    Written to a temporary name and renamed, so a reader never sees half a marker.
-    """
-    tmp = path / (COMPLETE_MARKER + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "branch": branch, "world_size": world_size}), encoding="utf-8")
-    os.replace(tmp, path / COMPLETE_MARKER)
-
-
-def read_marker(path: Path) -> dict[str, object] | None:
-    """The completion marker of the checkpoint at `path`, or None when it is not complete."""
-    if not (path / DCP_METADATA).is_file():
-        return None
-    try:
-        data = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("step"), int) else None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Found:
-    """A complete checkpoint on disk.
-
-    Attributes:
-        path: its directory, `<root>/<job>/<run_id>/ckpt-<seq>`.
-        run_id: the attempt that wrote it.
-        seq: the command seq that took it.
-        step: the training step it holds (from its completion marker).
-    """
-
-    path: Path
-    run_id: str
-    seq: int
-    step: int
-
-
-def find_latest(root: Path | str, job: str, run_id: str) -> Found | None:
-    """The complete checkpoint with the highest step among every attempt of `run_id`'s run.
-
-    Looks at `<root>/<job>/<base>/ckpt-*` and every attempt's `<root>/<job>/<base>-a<N>.../ckpt-*`;
-    ties on step go to the later-written marker. Incomplete directories (no marker or no DCP metadata) are
-    skipped: they are saves a failure interrupted.
-    """
-    base = base_run_id(run_id)
-    job_dir = Path(root) / job
-    if not job_dir.is_dir():
-        return None
-    best: tuple[int, int, int] | None = None  # (step, marker mtime ns, seq)
-    found: Found | None = None
-    for run_dir in job_dir.iterdir():
-        if base_run_id(run_dir.name) != base or not run_dir.is_dir():
-            continue
-        for ckpt in run_dir.iterdir():
-            cm = _CKPT_DIR.match(ckpt.name)
-            marker = read_marker(ckpt) if cm is not None else None
-            if cm is None or marker is None:
-                continue
-            step = marker["step"]
-            assert isinstance(step, int)  # read_marker checked it
-            key = (step, (ckpt / COMPLETE_MARKER).stat().st_mtime_ns, int(cm.group("seq")))
-            if best is None or key > best:
-                best = key
-                found = Found(path=ckpt, run_id=run_dir.name, seq=key[2], step=step)
-    return found
+    return naming.attempt_run_id(run_id, restart_count(environ))
 
 
 def parse_overrides(text: str | None) -> dict[str, KnobValue]:

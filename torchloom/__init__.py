@@ -1,7 +1,10 @@
 """torchloom: steer a running PyTorch distributed job live over NATS.
 
-The shared core: protocol codec, subject names, knob validation, configuration, the NATS connection
-helper, the embedded nats-server and the CLI. `weaver` and `threadlet` build on it.
+The shared core: protocol codec, subject names, the shared vocabulary (ids, checkpoint layout, replay
+file, policy names, defaults), configuration, the NATS connection helper and the embedded nats-server.
+`weaver` and `threadlet` build on it; `torchloom.app` (the CLI and launcher) sits on top of all three.
 """
 
-__version__ = "0.1.0"
+from torchloom.defaults import version as _version
+
+__version__ = _version()

@@ -12,7 +12,7 @@ from typing import Self
 
 import grpc
 
-from torchloom import wire
+from torchloom import defaults, wire
 from torchloom.errors import JobNotFound, TorchloomError, WeaverUnavailable
 from torchloom.messages import (
     JournalRequest,
@@ -24,9 +24,7 @@ from torchloom.messages import (
     WatchRequest,
 )
 
-_SERVICE = "/torchloom.v1.Control"
-# The weaver's default command timeout; a submit naming none may wait this long for every rank.
-DEFAULT_COMMAND_TIMEOUT_S = 30.0
+_SERVICE = f"/{defaults.GRPC_SERVICE}"
 
 
 class ControlClient:
@@ -39,7 +37,7 @@ class ControlClient:
     """
 
     def __init__(
-        self, address: str, *, timeout_s: float = 5.0, command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S
+        self, address: str, *, timeout_s: float = 5.0, command_timeout_s: float = defaults.COMMAND_TIMEOUT_S
     ) -> None:
         if not address or ":" not in address:
             raise ValueError(

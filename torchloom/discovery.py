@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from torchloom import env
 FILE_NAME = "weaver.json"
 
 
-def home() -> Path:
-    """Return the run-state directory: `TORCHLOOM_HOME`, else `~/.torchloom`."""
-    raw = env.get(env.HOME)
+def home(environ: Mapping[str, str] | None = None) -> Path:
+    """Return the run-state directory: `TORCHLOOM_HOME` (of `environ`, default this process's), else
+    `~/.torchloom`."""
+    raw = env.get(env.HOME) if environ is None else environ.get(env.HOME)
     return Path(raw).expanduser() if raw else Path.home() / ".torchloom"
 
 

@@ -97,6 +97,9 @@ class Ack:
     received_at_s: float = 0.0
     detail: Mapping[str, str] = field(default_factory=dict)
     branch: str = ""
+    # This rank would have applied it; another rank refused, so the group did not (`reason` says so
+    # in words; code reads this flag).
+    refused_by_peer: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,6 +184,34 @@ class JobEvent:
     time_s: float = 0.0
     command_id: str = ""
     attrs: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestartRequest:
+    """The weaver's health policy asking the job's launcher to restart a run on the healthy ranks.
+
+    Attributes:
+        run_id: the attempt it is about (a stale request names an older attempt).
+        world_size: ranks of the next attempt.
+        exclude_ranks: ranks whose devices are not used again.
+        grad_accum_steps: the value the next attempt starts with (0: unchanged).
+        checkpoint_id: the checkpoint to resume from (`ckpt-<seq>`); "" when there is none.
+        checkpoint_path: where the ranks wrote it, when they said; "" otherwise.
+        steps_lost: steps redone, as the weaver computed them.
+        reason: why, for humans.
+        time_s: when the weaver sent it (unix seconds).
+    """
+
+    job: str
+    run_id: str
+    world_size: int
+    exclude_ranks: tuple[int, ...] = ()
+    grad_accum_steps: int = 0
+    checkpoint_id: str = ""
+    checkpoint_path: str = ""
+    steps_lost: int = 0
+    reason: str = ""
+    time_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

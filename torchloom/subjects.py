@@ -86,7 +86,7 @@ def journal_all() -> str:
 
 
 def launcher(job: str) -> str:
-    """Requests to the job's launcher (a JobEvent of kind "restart" from the weaver's health policy)."""
+    """Requests to the job's launcher (a RestartRequest from the weaver's health policy)."""
     return f"{PREFIX}.launcher.{check_token('job', job)}"
 
 

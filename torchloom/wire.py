@@ -84,6 +84,7 @@ _ACK_FIELDS = _scalar_fields(m.Ack, "status", "detail")
 _HEARTBEAT_FIELDS = _scalar_fields(m.Heartbeat, "state", "knobs", "device")
 _METRICS_FIELDS = _scalar_fields(m.StepMetrics, "values")
 _EVENT_FIELDS = _scalar_fields(m.JobEvent, "attrs")
+_RESTART_FIELDS = _scalar_fields(m.RestartRequest, "exclude_ranks")
 _RESULT_FIELDS = _scalar_fields(m.RankResult, "status", "detail")
 _OUTCOME_FIELDS = _scalar_fields(m.Outcome, "status", "results", "command")
 _RANK_STATUS_FIELDS = _scalar_fields(m.RankStatus, "state", "knobs", "device")
@@ -260,6 +261,8 @@ def to_pb(msg: Any) -> Any:
         out_ev = pb.JobEvent()
         _event_to_pb(msg, out_ev)
         return out_ev
+    if isinstance(msg, m.RestartRequest):
+        return pb.RestartRequest(exclude_ranks=msg.exclude_ranks, **_copy(msg, _RESTART_FIELDS))
     if isinstance(msg, m.Outcome):
         out_o = pb.Outcome()
         _outcome_to_pb(msg, out_o)
@@ -401,6 +404,11 @@ def decode_metrics(data: bytes) -> m.StepMetrics:
 
 def decode_event(data: bytes) -> m.JobEvent:
     return _event_from_pb(_parse(pb.JobEvent, data))
+
+
+def decode_restart_request(data: bytes) -> m.RestartRequest:
+    msg = _parse(pb.RestartRequest, data)
+    return m.RestartRequest(exclude_ranks=tuple(msg.exclude_ranks), **_copy(msg, _RESTART_FIELDS))
 
 
 def decode_outcome(data: bytes) -> m.Outcome:

@@ -10,6 +10,8 @@ import signal
 import threading
 from collections.abc import Callable
 
+from torchloom import defaults
+from torchloom.policy import PolicyMode
 from weaver.config import WeaverConfig
 from weaver.health_policy import DEFAULT_DEAD_AFTER_S
 from weaver.service import Weaver
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m weaver --nats URL [--grpc HOST:PORT]`: run a weaver against an existing NATS."""
     parser = argparse.ArgumentParser(prog="python -m weaver", description=__doc__)
     parser.add_argument(
-        "--nats", default=None, help="NATS URL (default: TORCHLOOM_NATS_URL or nats://127.0.0.1:4222)"
+        "--nats", default=None, help=f"NATS URL (default: TORCHLOOM_NATS_URL or {defaults.NATS_URL})"
     )
     parser.add_argument("--grpc", default=None, help="HOST:PORT for the gRPC Control service")
     parser.add_argument(
@@ -81,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--health-policy",
-        choices=("reconfigure", "pause", "alert"),
-        default="alert",
-        help="what rank health problems trigger (default: alert)",
+        choices=[m.value for m in PolicyMode],
+        default=defaults.HEALTH_POLICY.value,
+        help=f"what rank health problems trigger (default: {defaults.HEALTH_POLICY})",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             dead_after_s=args.dead_after,
             hung_after_s=args.hung_after,
             straggler_factor=args.straggler_factor,
-            health_policy=args.health_policy,
+            health_policy=PolicyMode(args.health_policy),
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from torchloom import env
-from weaver.health_policy import DEFAULT_DEAD_AFTER_S, HealthPolicy, PolicyMode
-
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-POLICY_MODES = tuple(m.value for m in PolicyMode)
+from torchloom import defaults, env
+from torchloom.policy import PolicyMode, parse_mode
+from weaver.health_policy import DEFAULT_DEAD_AFTER_S, HealthPolicy
 
 
 def _positive(name: str, value: float, *, upper: float) -> None:
@@ -38,10 +36,10 @@ class WeaverConfig:
             rescale), "pause" (pause the job and alert) or "alert" (events only).
     """
 
-    nats_url: str = DEFAULT_NATS_URL
-    grpc_addr: str = "127.0.0.1:0"
+    nats_url: str = defaults.NATS_URL
+    grpc_addr: str = defaults.GRPC_BIND_ADDR
     dead_after_s: float = DEFAULT_DEAD_AFTER_S
-    command_timeout_s: float = 30.0
+    command_timeout_s: float = defaults.COMMAND_TIMEOUT_S
     journal: bool = True
     liveness_interval_s: float = 0.1
     watch_queue_size: int = 1024
@@ -49,7 +47,7 @@ class WeaverConfig:
     replicas: int = 1
     hung_after_s: float = 10.0
     straggler_factor: float = 2.0
-    health_policy: str = "alert"
+    health_policy: PolicyMode = defaults.HEALTH_POLICY
 
     def __post_init__(self) -> None:
         if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
@@ -72,15 +70,13 @@ class WeaverConfig:
         _positive("hung_after_s", self.hung_after_s, upper=24 * 3600.0)
         if not (math.isfinite(self.straggler_factor) and 1.0 < self.straggler_factor <= 1000.0):
             raise ValueError(f"straggler_factor={self.straggler_factor!r} rejected: must be in (1, 1000]")
-        if self.health_policy not in POLICY_MODES:
-            raise ValueError(
-                f"health_policy={self.health_policy!r} rejected: expected one of {', '.join(POLICY_MODES)}"
-            )
+        # A name given as text ("pause") becomes the enum; anything else is refused naming the choices.
+        object.__setattr__(self, "health_policy", parse_mode(self.health_policy, name="health_policy"))
 
     def policy(self) -> HealthPolicy:
         """The health policy these thresholds describe."""
         return HealthPolicy(
-            mode=PolicyMode(self.health_policy),
+            mode=self.health_policy,
             dead_after_s=self.dead_after_s,
             hung_after_s=self.hung_after_s,
             straggler_factor=self.straggler_factor,
@@ -92,6 +88,6 @@ class WeaverConfig:
     def from_env(cls, *, nats_url: str | None = None, grpc_addr: str | None = None) -> WeaverConfig:
         """Build a config: explicit arguments, then TORCHLOOM_NATS_URL / TORCHLOOM_GRPC, then defaults."""
         return cls(
-            nats_url=nats_url or env.get(env.NATS_URL) or DEFAULT_NATS_URL,
-            grpc_addr=grpc_addr or env.get(env.GRPC_ADDR) or "127.0.0.1:0",
+            nats_url=nats_url or env.get(env.NATS_URL) or defaults.NATS_URL,
+            grpc_addr=grpc_addr or env.get(env.GRPC_ADDR) or defaults.GRPC_BIND_ADDR,
         )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from torchloom import wire
+from torchloom import defaults, wire
 from torchloom.errors import JobNotFound, NatsUnavailable
 from torchloom.messages import (
     JournalRequest,
@@ -26,7 +26,7 @@ from torchloom.messages import (
 if TYPE_CHECKING:
     from weaver.service import Weaver
 
-SERVICE = "torchloom.v1.Control"
+SERVICE = defaults.GRPC_SERVICE
 
 
 def _handlers(weaver: Weaver) -> grpc.GenericRpcHandler[object, object]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from torchloom.messages import DeviceHealth, Heartbeat, RankState
+from torchloom.policy import PolicyMode, parse_mode
 
 # Four missed 0.2 s heartbeats: a kill -9 is noticed in 0.6-0.9 s (bench/recovery.py), and on a loaded
 # 2-core machine no live rank went silent that long (the heartbeat thread does not wait for torch).
@@ -29,12 +30,6 @@ class HealthKind(StrEnum):
     HUNG = "hung"  # heartbeats, but the step has not moved for hung_after_s while running
     STRAGGLER = "straggler"  # step time above straggler_factor x the job's median
     HEALTHY = "healthy"
-
-
-class PolicyMode(StrEnum):
-    RECONFIGURE = "reconfigure"
-    PAUSE = "pause"
-    ALERT = "alert"
 
 
 class Phase(StrEnum):
@@ -235,11 +230,7 @@ class HealthPolicy:
     hung_restart_after_s: float = 60.0
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "mode", PolicyMode(self.mode))
-        except ValueError:
-            choices = ", ".join(m.value for m in PolicyMode)
-            raise ValueError(f"mode={self.mode!r} rejected: expected one of {choices}") from None
+        object.__setattr__(self, "mode", parse_mode(self.mode, name="mode"))
         _check_thresholds(self.dead_after_s, self.hung_after_s, self.straggler_factor, self.min_samples)
         _check_positive("hung_restart_after_s", self.hung_restart_after_s)
         if self.hung_restart_after_s < self.hung_after_s:
@@ -465,7 +456,7 @@ def decide(
     Returns:
         Actions in the order to carry them out: condition alerts first, then the recovery.
     """
-    pol = policy if isinstance(policy, HealthPolicy) else HealthPolicy(mode=_mode(policy))
+    pol = policy if isinstance(policy, HealthPolicy) else HealthPolicy(mode=parse_mode(policy, name="policy"))
     actions = _decide(job_snapshot, health, pol)
     return [a for a in actions if not (isinstance(a, Alert) and a.key in job_snapshot.alerted)]
 
@@ -516,11 +507,3 @@ def _decide(snap: JobSnapshot, health: Mapping[int, RankHealth], pol: HealthPoli
             actions.insert(0, CheckpointAt(step=nxt, reason=f"save state before leaving: {why}"))
         return [*alerts, *actions]
     return alerts  # hung within its grace period
-
-
-def _mode(name: str) -> PolicyMode:
-    try:
-        return PolicyMode(name)
-    except ValueError:
-        choices = ", ".join(m.value for m in PolicyMode)
-        raise ValueError(f"policy={name!r} rejected: expected one of {choices}") from None

@@ -21,8 +21,8 @@ from torchloom.messages import (
     Outcome,
     OutcomeStatus,
 )
+from torchloom.naming import MAIN_BRANCH, branch_id, checkpoint_id
 
-MAIN_BRANCH = "main"
 _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SOURCE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The highest XID NVML documents is below this; anything above is a typo.
@@ -34,16 +34,6 @@ REQUIRED_ACTION_ARGS: Mapping[ActionKind, tuple[str, ...]] = {
     ActionKind.DATA_ADD: ("name", "path"),
     ActionKind.FAULT_INJECT: ("rank", "xid"),
 }
-
-
-def checkpoint_id(seq: int) -> str:
-    """The deterministic id of the checkpoint taken by command `seq`."""
-    return f"ckpt-{seq}"
-
-
-def branch_id(seq: int) -> str:
-    """The deterministic id of the branch a rollback decided as command `seq` starts."""
-    return f"b{seq}"
 
 
 @dataclass(slots=True, kw_only=True)

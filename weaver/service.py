@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -21,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from torchloom import bus, subjects, wire
+from torchloom import bus, naming, subjects, wire
 from torchloom.errors import CommandRejected, JobNotFound, NatsUnavailable
 from torchloom.messages import (
     Action,
@@ -236,7 +237,7 @@ class Weaver:
             if taking and outcome.status is OutcomeStatus.APPLIED and outcome.command is not None:
                 first = min(outcome.results, key=lambda r: r.rank, default=None)
                 detail = first.detail if first is not None else {}
-                checkpoint = detail.get("checkpoint_id") or f"ckpt-{outcome.command.seq}"
+                checkpoint = detail.get("checkpoint_id") or naming.checkpoint_id(outcome.command.seq)
                 checkpoint_path = detail.get("checkpoint_path", "")
             elif taking:
                 # Restarting now would lose the state the checkpoint was to save: decide again later.
@@ -245,18 +246,10 @@ class Weaver:
                 return
         if plan.restart is None:
             return
-        attrs = dict(plan.restart.attrs)
-        if not attrs.get("from_checkpoint"):
-            attrs["from_checkpoint"] = checkpoint
-            attrs["checkpoint_path"] = checkpoint_path
-        request = JobEvent(
-            job=plan.restart.job,
-            run_id=plan.restart.run_id,
-            kind=plan.restart.kind,
-            message=plan.restart.message,
-            time_s=time.time(),
-            attrs=attrs,
-        )
+        request = dataclasses.replace(plan.restart, time_s=time.time())
+        if not request.checkpoint_id:
+            request = dataclasses.replace(request, checkpoint_id=checkpoint, checkpoint_path=checkpoint_path)
+        self._announce(st.restart_event(request))
         await self.nats.publish(subjects.launcher(plan.job), wire.encode(request))
         st.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
 

@@ -6,7 +6,6 @@ No I/O here: `weaver.service` feeds heartbeats, acks and submits in, and carries
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -32,16 +31,14 @@ from torchloom.messages import (
     RankResult,
     RankState,
     RankStatus,
+    RestartRequest,
     SetConfig,
     StatusReply,
     SubmitRequest,
 )
+from torchloom.naming import base_run_id
 from weaver import health_policy as hp
 from weaver import registry as rg
-
-# The reason a threadlet gives on ranks that rejected a command only because another rank refused it;
-# the outcome lists the ranks that refused on their own first.
-SECONDARY_REFUSAL = "refused by another rank"
 
 REQUIRED_ACTION_ARGS = rg.REQUIRED_ACTION_ARGS
 # Who the health policy's own commands are journaled as.
@@ -233,16 +230,6 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
             _event(job, "rank_finished", f"rank {hb.rank} finished at step {hb.step}", now, rank=str(hb.rank))
         )
     return HeartbeatEffects(events=tuple(events), dropped=tuple(dropped), new_run=new_run)
-
-
-_ATTEMPT = re.compile(r"^(?P<base>.+)-a[1-9][0-9]*$")
-
-
-def base_run_id(run_id: str) -> str:
-    """The first attempt's run id (every `-a<N>` restart suffix removed; see threadlet/resume.py)."""
-    while (m := _ATTEMPT.match(run_id)) is not None:
-        run_id = m.group("base")
-    return run_id
 
 
 def _resumed_event(job: JobState, previous: JobState, hb: Heartbeat, now: float) -> JobEvent:
@@ -488,9 +475,10 @@ def _final_outcome(pending: Pending, status: OutcomeStatus, reason: str, now: fl
 
 
 def rejection_reason(acks: Mapping[int, Ack]) -> str:
-    """`"rank 1: ...; rank 0: ..."`: ranks that refused on their own first, then the others."""
+    """`"rank 1: ...; rank 0: ..."`: ranks that refused on their own first, then those that only
+    followed a peer's refusal (`Ack.refused_by_peer`)."""
     rejected = [a for a in acks.values() if a.status is AckStatus.REJECTED]
-    rejected.sort(key=lambda a: (SECONDARY_REFUSAL in a.reason, a.rank))
+    rejected.sort(key=lambda a: (a.refused_by_peer, a.rank))
     return "; ".join(f"rank {a.rank}: {a.reason or 'rejected'}" for a in rejected)
 
 
@@ -664,14 +652,14 @@ class HealthPlan:
 
     Attributes:
         submits: commands (checkpoint, pause) issued as `HEALTH_ISSUER` through the normal submit path.
-        restart: a `restart` request for the launcher; an empty `from_checkpoint` attr is filled with
-            the checkpoint an earlier submit of this plan took.
+        restart: the request for the launcher; an empty `checkpoint_id` is filled with the checkpoint
+            an earlier submit of this plan took.
     """
 
     job: str
     run_id: str
     submits: tuple[SubmitRequest, ...] = ()
-    restart: JobEvent | None = None
+    restart: RestartRequest | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -716,7 +704,7 @@ def _plan(
     job: JobState, actions: list[hp.Action], health: Mapping[int, hp.RankHealth], now: float
 ) -> HealthPlan | None:
     submits: list[SubmitRequest] = []
-    restart: JobEvent | None = None
+    restart: RestartRequest | None = None
     checkpointing = False
     grad_accum = _grad_accum(job)
     for a in actions:
@@ -739,22 +727,40 @@ def _plan(
                 if h.kind is not hp.HealthKind.HEALTHY and h.device in a.exclude_devices
             )
             ck = None if a.from_step is None or checkpointing else job.registry.latest_checkpoint(a.from_step)
-            restart = _event(
-                job,
-                "restart",
-                a.reason,
-                now,
-                exclude_ranks=",".join(map(str, excluded)),
-                world_size=str(a.world_size),
-                grad_accum_steps=str(grad_accum),
-                from_checkpoint=ck.id if ck is not None else "",
+            restart = RestartRequest(
+                job=job.job,
+                run_id=job.run_id,
+                world_size=a.world_size,
+                exclude_ranks=tuple(excluded),
+                grad_accum_steps=grad_accum,
+                checkpoint_id=ck.id if ck is not None else "",
                 checkpoint_path=ck.path if ck is not None else "",
-                steps_lost=str(a.steps_lost),
+                steps_lost=a.steps_lost,
                 reason=a.reason,
+                time_s=now,
             )
     if not submits and restart is None:
         return None
     return HealthPlan(job=job.job, run_id=job.run_id, submits=tuple(submits), restart=restart)
+
+
+def restart_event(req: RestartRequest) -> JobEvent:
+    """The "restart" JobEvent the weaver announces (and journals) when it sends `req` to the launcher."""
+    return JobEvent(
+        job=req.job,
+        run_id=req.run_id,
+        kind="restart",
+        message=req.reason,
+        time_s=req.time_s,
+        attrs={
+            "world_size": str(req.world_size),
+            "exclude_ranks": ",".join(map(str, req.exclude_ranks)),
+            "grad_accum_steps": str(req.grad_accum_steps),
+            "checkpoint_id": req.checkpoint_id,
+            "checkpoint_path": req.checkpoint_path,
+            "steps_lost": str(req.steps_lost),
+        },
+    )
 
 
 def check_health(state: WeaverState, now: float, policy: hp.HealthPolicy) -> HealthEffects:

@@ -85,7 +85,13 @@ class FakeRanks:
             await self._task
 
     async def ack(
-        self, cmd: Command, rank: int, status: AckStatus = AckStatus.APPLIED, reason: str = ""
+        self,
+        cmd: Command,
+        rank: int,
+        status: AckStatus = AckStatus.APPLIED,
+        reason: str = "",
+        *,
+        refused_by_peer: bool = False,
     ) -> None:
         a = Ack(
             command_id=cmd.command_id,
@@ -97,6 +103,7 @@ class FakeRanks:
             status=status,
             reason=reason,
             step=4,
+            refused_by_peer=refused_by_peer,
         )
         await self.nc.publish(subjects.acks(cmd.job), wire.encode(a))
 
@@ -226,7 +233,7 @@ async def test_rejecting_rank_and_late_acks_after_timeout(nats_server: EmbeddedN
         assert "rank(s) 0, 1 did not answer" in out.reason
         cmd = await commands.get()
         # The acks arrive late: the final outcome still reaches the events and the journal.
-        await ranks.ack(cmd, 0, AckStatus.REJECTED, "refused by another rank")
+        await ranks.ack(cmd, 0, AckStatus.REJECTED, "refused by another rank", refused_by_peer=True)
         await ranks.ack(cmd, 1, AckStatus.REJECTED, "rank 1 refused: busy")
 
         async def announced() -> bool:

@@ -94,11 +94,11 @@ def test_child_env_grants_fault_injection_and_replay_only_when_asked(monkeypatch
     monkeypatch.setenv(env.ALLOW_FAULT_INJECTION, "1")  # inherited from the shell: must not leak
     spec = launcher.split_run_args(["t.py"])
     out = launcher.child_env(spec, run_id="r", nats_url="nats://x:1", grpc="h:1")
-    assert env.ALLOW_FAULT_INJECTION not in out and launcher.REPLAY_ENV not in out
+    assert env.ALLOW_FAULT_INJECTION not in out and env.REPLAY not in out
     spec = launcher.split_run_args(["--allow-fault-injection", "t.py"])
     spec = dataclasses.replace(spec, replay_path="/r/replay.json")
     out = launcher.child_env(spec, run_id="r", nats_url="nats://x:1", grpc="h:1")
-    assert out[env.ALLOW_FAULT_INJECTION] == "1" and out[launcher.REPLAY_ENV] == "/r/replay.json"
+    assert out[env.ALLOW_FAULT_INJECTION] == "1" and out[env.REPLAY] == "/r/replay.json"
 
 
 def test_split_replay_args() -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from tests.unit.factories import heartbeat
 from torchloom.app import launcher
 from torchloom.app.launcher import UsageError, is_multinode, split_run_args
 from torchloom.app.supervisor import Supervisor
-from torchloom.messages import Heartbeat, JobEvent
+from torchloom.messages import Heartbeat, JobEvent, RestartRequest
 from weaver import state as st
 
 C10D = ["--nnodes", "1:2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "exp7"]
@@ -91,9 +92,9 @@ async def test_a_multi_node_supervisor_declines_restart_requests() -> None:
         nproc=1,
         elastic_membership=True,
     )
-    ev = JobEvent(job="j", run_id="r", kind="restart", message="", time_s=0.0, attrs={"world_size": "1"})
+    req = RestartRequest(job="j", run_id="r", world_size=1)
     proc: Any = _Running()
-    assert await sup._restart(proc, ev) is None
+    assert await sup._restart(proc, req) is None
     assert [e.kind for e in sup.events] == ["restart_declined"]
     assert sup.run_id == "r" and sup.attempt == 0
 

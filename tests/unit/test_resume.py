@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from threadlet import resume
-from torchloom import env
+from torchloom import env, layout, naming
 from torchloom.errors import CommandRejected
 from torchloom.messages import KnobSpec, KnobType
 
@@ -19,9 +19,9 @@ def _ckpt(root: Path, run: str, seq: int, *, step: int | None, metadata: bool = 
     path = root / "job" / run / f"ckpt-{seq}"
     path.mkdir(parents=True)
     if metadata:
-        (path / resume.DCP_METADATA).write_bytes(b"x")
+        (path / layout.DCP_METADATA).write_bytes(b"x")
     if step is not None:
-        resume.mark_complete(path, step=step, branch="main", world_size=2)
+        layout.mark_complete(path, step=step, branch="main", world_size=2)
     return path
 
 
@@ -37,7 +37,7 @@ def test_effective_run_id(run_id: str, count: int, expected: str) -> None:
     ("run_id", "base"), [("r1", "r1"), ("r1-a2", "r1"), ("r1-a1-a3", "r1"), ("a-b", "a-b")]
 )
 def test_base_run_id(run_id: str, base: str) -> None:
-    assert resume.base_run_id(run_id) == base
+    assert naming.base_run_id(run_id) == base
 
 
 def test_bad_restart_count_names_form() -> None:
@@ -51,15 +51,15 @@ def test_find_latest_picks_highest_complete_step_across_attempts(tmp_path: Path)
     _ckpt(tmp_path, "r1-a1", 2, step=40, metadata=False)  # cut short: no DCP metadata
     _ckpt(tmp_path, "r1-a1", 3, step=None)  # cut short: no marker
     _ckpt(tmp_path, "r10", 1, step=99)  # another run whose id merely starts alike
-    found = resume.find_latest(tmp_path, "job", "r1-a1-a1")
+    found = layout.find_latest(tmp_path, "job", "r1-a1-a1")
     assert found is not None
     assert (found.run_id, found.seq, found.step) == ("r1-a1", 1, 25)
 
 
 def test_find_latest_none_without_complete_checkpoint(tmp_path: Path) -> None:
-    assert resume.find_latest(tmp_path, "job", "r1") is None
+    assert layout.find_latest(tmp_path, "job", "r1") is None
     _ckpt(tmp_path, "r1", 1, step=None)
-    assert resume.find_latest(tmp_path, "job", "r1") is None
+    assert layout.find_latest(tmp_path, "job", "r1") is None
 
 
 def test_parse_overrides() -> None:
@@ -109,7 +109,7 @@ def test_plan_fresh_supervisor_and_elastic(tmp_path: Path) -> None:
 
 def test_plan_rejects_incomplete_resume_from(tmp_path: Path) -> None:
     cut = _ckpt(tmp_path, "r1", 1, step=None)
-    with pytest.raises(FileNotFoundError, match=resume.COMPLETE_MARKER):
+    with pytest.raises(FileNotFoundError, match=layout.COMPLETE_MARKER):
         resume.plan(root=tmp_path, job="job", run_id="r1-a1", environ={env.RESUME_FROM: str(cut)})
 
 
@@ -120,5 +120,5 @@ def test_per_rank_source_falls_back_to_rank_0(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=str(tmp_path), no_dist=True)  # type: ignore[attr-defined]
-    assert os.path.exists(tmp_path / resume.DCP_METADATA)
+    assert os.path.exists(tmp_path / layout.DCP_METADATA)
     assert [resume.per_rank_source(tmp_path, r) for r in (0, 1, 2)] == [0, 1, 0]

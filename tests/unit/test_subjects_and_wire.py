@@ -69,6 +69,7 @@ def test_roundtrip_of_every_message() -> None:
         received_at_s=1.5,
         detail={"checkpoint": "ckpt-1"},
         branch="b1",
+        refused_by_peer=True,
     )
     outcome = m.Outcome(
         command_id="c1",

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from torchloom import env
+from torchloom import env, wire
 from torchloom.app.supervisor import (
     DISABLE_SHARED_STORE,
     attempt_env,
     checkpoint_dir,
-    checkpoint_step,
     nproc_of,
     parse_restart,
     surviving_devices,
     with_nproc,
 )
-from torchloom.messages import JobEvent
+from torchloom.messages import RestartRequest
 
 
 @pytest.mark.parametrize(
@@ -50,34 +50,33 @@ def test_surviving_devices_skip_the_failed_local_rank() -> None:
     assert surviving_devices(["3", "5"], {0}) == ["5"]
 
 
-def _restart(**attrs: str) -> JobEvent:
-    return JobEvent(job="j", run_id="r1", kind="restart", message="device 1 failed", attrs=attrs)
-
-
-def test_parse_restart() -> None:
-    req = parse_restart(
-        _restart(
-            world_size="1", exclude_ranks="1", grad_accum_steps="2", from_checkpoint="ckpt-3", steps_lost="0"
-        )
+def test_parse_restart_decodes_the_typed_request() -> None:
+    sent = RestartRequest(
+        job="j",
+        run_id="r1",
+        world_size=1,
+        exclude_ranks=(1,),
+        grad_accum_steps=2,
+        checkpoint_id="ckpt-3",
+        checkpoint_path="/x/ckpt-3",
+        steps_lost=4,
+        reason="device 1 failed",
     )
-    assert (req.world_size, req.exclude_ranks, req.grad_accum_steps) == (1, frozenset({1}), 2)
-    assert (req.checkpoint, req.steps_lost, req.reason) == ("ckpt-3", "0", "device 1 failed")
-    assert parse_restart(
-        _restart(world_size="2", checkpoint_path="/x/ckpt-3", from_checkpoint="ckpt-3")
-    ).checkpoint == ("/x/ckpt-3")
+    assert parse_restart(wire.encode(sent)) == sent
 
 
 @pytest.mark.parametrize(
-    "attrs", [{"world_size": "0"}, {"world_size": "two"}, {"world_size": "1", "exclude_ranks": "a"}, {}]
+    "fields",
+    [{"world_size": 0}, {"world_size": 1, "grad_accum_steps": -1}, {"world_size": 1, "exclude_ranks": (-1,)}],
 )
-def test_parse_restart_rejects_bad_attrs(attrs: dict[str, str]) -> None:
+def test_parse_restart_rejects_bad_fields(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="world_size"):
-        parse_restart(_restart(**attrs))
+        parse_restart(wire.encode(RestartRequest(job="j", run_id="r1", **fields)))
 
 
-def test_parse_restart_rejects_other_kinds() -> None:
-    with pytest.raises(ValueError, match="expected 'restart'"):
-        parse_restart(JobEvent(job="j", kind="rank_dead"))
+def test_parse_restart_rejects_other_messages() -> None:
+    with pytest.raises(ValueError, match="malformed RestartRequest"):
+        parse_restart(b"\xff\xff")
 
 
 def test_checkpoint_dir_layout(tmp_path: Path) -> None:
@@ -88,12 +87,6 @@ def test_checkpoint_dir_layout(tmp_path: Path) -> None:
         checkpoint_dir("j", "r1", "ckpt-3", {env.HOME: str(tmp_path)}) == tmp_path / "checkpoints/j/r1/ckpt-3"
     )
     assert checkpoint_dir("j", "r1", "/abs/ckpt-3", {}) == Path("/abs/ckpt-3")
-
-
-def test_checkpoint_step_reads_the_completion_marker(tmp_path: Path) -> None:
-    assert checkpoint_step(tmp_path) is None
-    (tmp_path / "torchloom-complete.json").write_text(json.dumps({"step": 31}))
-    assert checkpoint_step(tmp_path) == 31
 
 
 def test_attempt_env() -> None:

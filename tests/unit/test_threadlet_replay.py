@@ -1,4 +1,4 @@
-"""Replay files and schedule, checkpoint ids and paths: the pure parts of threadlet actions."""
+"""Replay files and the threadlet's replay schedule: the pure parts of replay mode."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from threadlet import checkpoint, replay
-from threadlet.replay import ReplayEntry, Schedule
+from threadlet.replay import Schedule
+from torchloom import replay_file
 from torchloom.messages import Action, ActionKind, SetConfig
+from torchloom.replay_file import ReplayEntry
 
 
 def entry(seq: int, step: int, branch: str = "main", kind: str = "set") -> ReplayEntry:
@@ -54,7 +55,7 @@ def test_parse_types_values_and_builds_commands(tmp_path: Path) -> None:
     }
     path = tmp_path / "r.json"
     path.write_text(json.dumps(doc))
-    job, entries = replay.load(path)
+    job, entries = replay_file.load(path)
     assert job == "j" and [e.seq for e in entries] == [1, 2]
     assert entries[0].values == {"lr": 0.5, "betas": (0.9, 0.95)}
     cmd = entries[0].command("j", "run9")
@@ -94,31 +95,14 @@ def test_parse_types_values_and_builds_commands(tmp_path: Path) -> None:
 )
 def test_malformed_documents_name_the_problem(doc: object, message: str) -> None:
     with pytest.raises(ValueError, match="expected") as info:
-        replay.parse(doc)
+        replay_file.parse(doc)
     assert message in str(info.value)
 
 
 def test_unreadable_file_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"TORCHLOOM_REPLAY=.*cannot be read"):
-        replay.load(tmp_path / "missing.json")
+        replay_file.load(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     with pytest.raises(ValueError, match="is not JSON"):
-        replay.load(bad)
-
-
-def test_checkpoint_ids_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert checkpoint.checkpoint_id(12) == "ckpt-12" and checkpoint.branch_id(5) == "b5"
-    assert checkpoint.seq_of("ckpt-12") == 12
-    for bad in ("ckpt-0", "ckpt-x", "b5", "before-spike"):
-        with pytest.raises(ValueError, match="expected ckpt-<seq>"):
-            checkpoint.seq_of(bad)
-    with pytest.raises(ValueError, match="must be >= 1"):
-        checkpoint.checkpoint_id(0)
-    assert checkpoint.checkpoint_path(tmp_path, "job", "run", 3) == tmp_path / "job" / "run" / "ckpt-3"
-    monkeypatch.delenv("TORCHLOOM_CHECKPOINT_DIR", raising=False)
-    monkeypatch.setenv("TORCHLOOM_HOME", str(tmp_path / "home"))
-    assert checkpoint.default_root() == tmp_path / "home" / "checkpoints"
-    monkeypatch.setenv("TORCHLOOM_CHECKPOINT_DIR", str(tmp_path / "ck"))
-    assert checkpoint.default_root() == tmp_path / "ck"
-    assert checkpoint.default_root(str(tmp_path / "explicit")) == tmp_path / "explicit"
+        replay_file.load(bad)

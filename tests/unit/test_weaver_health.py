@@ -103,10 +103,12 @@ def test_reconfigure_on_unhealthy_device_checkpoints_then_requests_a_restart() -
     effects = st.check_health(s, 0.5, policy(PolicyMode.RECONFIGURE))
     (plan,) = effects.plans
     assert [r.body.kind for r in plan.submits] == [ActionKind.CHECKPOINT]  # type: ignore[union-attr]
-    assert plan.restart is not None and plan.restart.kind == "restart"
-    attrs = dict(plan.restart.attrs)
-    assert attrs["exclude_ranks"] == "1" and attrs["world_size"] == "1" and attrs["grad_accum_steps"] == "2"
-    assert attrs["from_checkpoint"] == ""  # filled in by the service from the checkpoint it takes
+    req = plan.restart
+    assert req is not None and (req.job, req.run_id) == ("j", s.jobs["j"].run_id)
+    assert req.exclude_ranks == (1,) and req.world_size == 1 and req.grad_accum_steps == 2
+    assert req.checkpoint_id == ""  # filled in by the service from the checkpoint it takes
+    human = st.restart_event(req)
+    assert human.kind == "restart" and human.attrs["exclude_ranks"] == "1"
     assert {e.attrs.get("action") for e in effects.events if e.kind == "health_action"} >= {
         "CheckpointAt",
         "Restart",

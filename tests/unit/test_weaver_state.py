@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
+
 from tests.unit import factories
 from tests.unit.factories import ack, heartbeat
 from torchloom.errors import CommandRejected, JobNotFound
@@ -309,7 +311,10 @@ def test_rejections_list_refusing_ranks_first(acks: list[tuple[int, str | None]]
     out = None
     for rank, why in acks:
         status = AckStatus.APPLIED if why is None else AckStatus.REJECTED
-        out = st.record_ack(s, ack(1, rank, status, why or ""), 101.0)
+        a = ack(1, rank, status, why or "")
+        if why == "refused by another rank":  # the threadlet flags a peer's refusal; the text is for humans
+            a = dataclasses.replace(a, refused_by_peer=True)
+        out = st.record_ack(s, a, 101.0)
     assert out is not None
     assert out.status is OutcomeStatus.REJECTED
     assert out.reason == reason

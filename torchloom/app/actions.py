@@ -149,11 +149,3 @@ def split_replay_args(argv: Sequence[str]) -> tuple[str, str | None, list[str]]:
         elif word.startswith("--job="):
             job = word.split("=", 1)[1]
     return journal, job, rest
-
-
-def write_replay_file(replay: dict[str, object], run_dir: Path) -> Path:
-    """Write the replay file under `run_dir` and return its absolute path."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "replay.json"
-    path.write_text(json.dumps(replay, indent=1) + "\n", encoding="utf-8")
-    return path.resolve()

@@ -18,7 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from torchloom import discovery, knobs
+import torchloom
+from torchloom import defaults, discovery, knobs, replay_file
 from torchloom.app import actions as cli_actions
 from torchloom.app import format as cli_format
 from torchloom.app import launcher
@@ -46,12 +47,12 @@ from torchloom.messages import (
     SubmitRequest,
     WatchEvent,
 )
+from torchloom.policy import PolicyMode
 
 EXIT_OK = 0
 EXIT_REJECTED = 2
 EXIT_TIMEOUT = 3
 EXIT_NO_WEAVER = 4
-DEFAULT_TIMEOUT_S = 30.0
 WATCH_METRICS_INTERVAL_S = 1.0  # at most one metrics line per rank per interval
 
 
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Steer a running PyTorch distributed job live: change knobs and run actions on every "
         "rank at the same step.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {torchloom.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client_parent() -> argparse.ArgumentParser:
@@ -241,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--timeout",
             type=_positive_float,
-            default=DEFAULT_TIMEOUT_S,
+            default=defaults.COMMAND_TIMEOUT_S,
             metavar="S",
-            help=f"seconds to wait for every rank's ack (default {DEFAULT_TIMEOUT_S:g})",
+            help=f"seconds to wait for every rank's ack (default {defaults.COMMAND_TIMEOUT_S:g})",
         )
         p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
         return p
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch SCRIPT under torchrun with a weaver (started here unless one is reachable)",
         usage="torchloom run [--job NAME] [--run-id ID] [--nats URL] [--grpc HOST:PORT] [--ui] [--ui-port P] "
         "[--allow-fault-injection] [--hung-after S] [--straggler-factor F] "
-        "[--health-policy reconfigure|pause|alert] [torchrun options] SCRIPT [ARGS]",
+        f"[--health-policy {'|'.join(PolicyMode)}] [torchrun options] SCRIPT [ARGS]",
         description="torchrun options (e.g. --nproc-per-node 2, --nnodes, --max-restarts, --rdzv-*, "
         "--standalone) go before SCRIPT; everything after SCRIPT belongs to the script. --job defaults "
         "to the script's stem, --nproc-per-node to 1; without a rendezvous option --standalone is added. "
@@ -281,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     weaver.add_argument(
         "--health-policy",
         metavar="POLICY",
-        help="what rank health problems trigger: reconfigure, pause or alert (default alert)",
+        help=f"what rank health problems trigger: {', '.join(PolicyMode)} (default {defaults.HEALTH_POLICY})",
     )
 
     set_p = sub.add_parser(
@@ -487,7 +489,7 @@ def _main_replay(argv: Sequence[str]) -> int:
     except ValueError as exc:  # UsageError is a ValueError too
         print(f"torchloom replay: {exc}", file=sys.stderr)
         return 2
-    path = cli_actions.write_replay_file(replay, discovery.home() / "replays" / launcher.new_run_id())
+    path = replay_file.write(discovery.home() / "replays" / launcher.new_run_id(), replay)
     print(
         f"torchloom replay: {len(replay['commands'])} applied commands of job {replay['job']} "
         f"from {journal} (replay file {path})",

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from torchloom import replay_file
 from torchloom.messages import (
     AckStatus,
     Action,
@@ -25,6 +26,8 @@ from torchloom.messages import (
     StatusReply,
     WatchEvent,
 )
+from torchloom.naming import MAIN_BRANCH
+from torchloom.replay_file import ReplayEntry
 
 UNHEALTHY_MARK = "!"
 
@@ -145,7 +148,7 @@ def branches_json(job: JobStatus) -> dict[str, Any]:
             }
             for b in sorted(job.branches, key=lambda b: (b.seq, b.id))
         ],
-        "current": job.branch or "main",
+        "current": job.branch or MAIN_BRANCH,
     }
 
 
@@ -357,7 +360,7 @@ def _rank0(results: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 
 
 def replay_from_journal(entries: Iterable[Mapping[str, Any]], job: str | None = None) -> dict[str, Any]:
-    """Convert journal entries to the replay file the threadlet reads (TORCHLOOM_REPLAY).
+    """Convert journal entries to the replay file's document (torchloom.replay_file).
 
     Keeps only APPLIED outcomes of `job` (default: the only job in the journal) from its latest run
     (the run of the last such outcome), in seq order, each at the step and branch of rank 0's result.
@@ -381,22 +384,20 @@ def replay_from_journal(entries: Iterable[Mapping[str, Any]], job: str | None = 
     if not mine:
         raise ValueError(f"journal holds no command of job {job!r} (jobs in it: {', '.join(jobs) or 'none'})")
     run_id = mine[-1].get("run_id", "")
-    commands: list[dict[str, Any]] = []
+    commands: list[ReplayEntry] = []
     for e in mine:
         if e.get("run_id", "") != run_id or e.get("status") != str(OutcomeStatus.APPLIED):
             continue
         first = _rank0(e.get("results") or [])
         if first is None:
             continue
-        commands.append(
-            {
-                "seq": int(e["seq"]),
-                "step": int(first.get("step", 0)),
-                "branch": str(first.get("branch") or "main"),  # acks before branches existed
-                "kind": str(e["kind"]),
-                "values": dict(e.get("values") or {}),
-                "args": {str(k): str(v) for k, v in (e.get("args") or {}).items()},
-            }
-        )
-    commands.sort(key=lambda c: c["seq"])
-    return {"job": job, "commands": commands}
+        raw = {
+            "seq": int(e["seq"]),
+            "step": int(first.get("step", 0)),
+            "branch": str(first.get("branch") or MAIN_BRANCH),  # acks before branches existed
+            "kind": str(e["kind"]),
+            "values": dict(e.get("values") or {}),
+            "args": dict(e.get("args") or {}),
+        }
+        commands.append(replay_file.parse_entry(raw, len(commands)))
+    return replay_file.document(job, commands)

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -21,11 +20,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from torchloom import discovery, env, subjects
+from torchloom import defaults, discovery, env, naming, subjects
 from torchloom.app.supervisor import Supervisor, nproc_of, with_nproc
 from torchloom.client import ControlClient
 from torchloom.errors import WeaverUnavailable
 from torchloom.nats_server import EmbeddedNats
+from torchloom.policy import PolicyMode, parse_mode
 from weaver.app import serve
 from weaver.config import WeaverConfig
 from weaver.service import Weaver
@@ -62,9 +62,6 @@ RUN_OPTIONS = frozenset(
     }
 )
 RUN_FLAGS = frozenset({"--ui", "--allow-fault-injection"})
-HEALTH_POLICIES = ("reconfigure", "pause", "alert")
-# The replay file the threadlet reads (see `torchloom replay`); owned by env.py's reader side.
-REPLAY_ENV = "TORCHLOOM_REPLAY"
 # Options that mean the user chose a rendezvous; without one we add --standalone (a free port).
 _RDZV_CHOICES = frozenset(
     {"--standalone", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend", "--rdzv_backend"}
@@ -73,8 +70,6 @@ _RDZV_CHOICES = frozenset(
 READY_TIMEOUT_S = 30.0
 _RDZV_ID = frozenset({"--rdzv-id", "--rdzv_id"})
 _NNODES = frozenset({"--nnodes"})
-# A run id must not look like an attempt (`<run>-a<N>`): attempts of it are named that way.
-_ATTEMPT_LIKE = re.compile(r"-a[1-9][0-9]*$")
 
 
 class UsageError(ValueError):
@@ -93,7 +88,7 @@ class HealthOptions:
 
     hung_after_s: float | None = None
     straggler_factor: float | None = None
-    health_policy: str | None = None
+    health_policy: PolicyMode | None = None
 
     def config_kwargs(self) -> dict[str, Any]:
         """The WeaverConfig keyword arguments these options set."""
@@ -127,14 +122,14 @@ def parse_health(
             raise UsageError(f"{name} {text!r} rejected: must be a number in ({low:g}, {high:g}]")
         return value
 
-    if health_policy is not None and health_policy not in HEALTH_POLICIES:
-        raise UsageError(
-            f"--health-policy {health_policy!r} rejected: expected one of {', '.join(HEALTH_POLICIES)}"
-        )
+    try:
+        policy = None if health_policy is None else parse_mode(health_policy, name="--health-policy")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return HealthOptions(
         hung_after_s=number("--hung-after", hung_after, 0.0, 24 * 3600.0),
         straggler_factor=number("--straggler-factor", straggler_factor, 1.0, 1000.0),
-        health_policy=health_policy,
+        health_policy=policy,
     )
 
 
@@ -214,7 +209,8 @@ def check_run_id(run_id: str) -> str:
         subjects.check_token("--run-id", run_id)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if _ATTEMPT_LIKE.search(run_id):
+    # A run id must not look like an attempt (`<run>-a<N>`): attempts of it are named that way.
+    if naming.is_attempt_id(run_id):
         raise UsageError(
             f"--run-id {run_id!r} rejected: must not end in -a<N> (restarted attempts of a run are "
             "named <run>-a<N>)"
@@ -342,9 +338,9 @@ def child_env(spec: RunSpec, *, run_id: str, nats_url: str, grpc: str) -> dict[s
     out.pop(env.ALLOW_FAULT_INJECTION, None)  # only an explicit --allow-fault-injection grants it
     if spec.allow_fault_injection:
         out[env.ALLOW_FAULT_INJECTION] = "1"
-    out.pop(REPLAY_ENV, None)
+    out.pop(env.REPLAY, None)
     if spec.replay_path is not None:
-        out[REPLAY_ENV] = spec.replay_path
+        out[env.REPLAY] = spec.replay_path
     return out
 
 
@@ -420,12 +416,13 @@ async def hosted_weaver(
             ready.set_result(w)
 
     extra = health.config_kwargs() if health is not None else {}
-    config = WeaverConfig(nats_url=url, grpc_addr=grpc or "127.0.0.1:0", **extra)
+    config = WeaverConfig(nats_url=url, grpc_addr=grpc or defaults.GRPC_BIND_ADDR, **extra)
     task = asyncio.create_task(serve(config, ready=_ready), name="torchloom-weaver")
     try:
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
-                await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+                waits: set[asyncio.Future[Any]] = {task, ready}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
             raise WeaverUnavailable(
                 f"weaver did not bind its gRPC port within {READY_TIMEOUT_S:g}s"
@@ -434,7 +431,7 @@ async def hosted_weaver(
             exc = task.exception() if not task.cancelled() else None
             raise WeaverUnavailable(f"weaver stopped before it was ready: {exc!r}") from exc
         endpoints = WeaverEndpoints(
-            nats_url=url, grpc=str(ready.result().grpc_address), ws_url=ws_url, owned=True, task=task
+            nats_url=url, grpc=ready.result().grpc_address, ws_url=ws_url, owned=True, task=task
         )
         discovery.write(
             discovery.WeaverInfo(

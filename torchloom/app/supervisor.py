@@ -1,5 +1,5 @@
 """Launcher-side restart orchestration: run torchrun as attempts of one run, and on the weaver's
-"restart" request stop the current attempt and relaunch it on the healthy ranks from a checkpoint.
+RestartRequest stop the current attempt and relaunch it on the healthy ranks from a checkpoint.
 
 The weaver decides (weaver/health_policy.py); the supervisor only carries the restart out and tells
 everyone on `subjects.events(job)` where it stands ("reconfigure_*" JobEvents).
@@ -15,14 +15,13 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from torchloom import bus, env, subjects, wire
-from torchloom.messages import Heartbeat, JobEvent
+from torchloom import bus, env, layout, naming, subjects, wire
+from torchloom.messages import Heartbeat, JobEvent, RestartRequest
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,6 @@ DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 STOP_GRACE_S = 10.0
 _NPROC = frozenset({"--nproc-per-node", "--nproc_per_node"})
-_COMPLETE_MARKER = "torchloom-complete.json"  # threadlet/resume.py's marker (torchloom cannot import it)
 
 
 def with_nproc(torchrun_args: Sequence[str], nproc: int) -> tuple[str, ...]:
@@ -74,81 +72,27 @@ def surviving_devices(visible: Sequence[str], exclude_local_ranks: set[int]) -> 
 
 
 def checkpoint_dir(job: str, run_id: str, checkpoint: str, environ: Mapping[str, str] | None = None) -> Path:
-    """Where the threadlets wrote `checkpoint` (an id, or already a path): the layout of
-    docs/design.md, `<root>/<job>/<run_id>/<id>`, root from TORCHLOOM_CHECKPOINT_DIR or TORCHLOOM_HOME."""
+    """Where the threadlets wrote `checkpoint` (an id, or already a path): torchloom.layout's
+    `<root>/<job>/<run_id>/<id>`, root from TORCHLOOM_CHECKPOINT_DIR or TORCHLOOM_HOME of `environ`."""
     if os.sep in checkpoint:
         return Path(checkpoint)
-    environ = os.environ if environ is None else environ
-    root = environ.get(env.CHECKPOINT_DIR) or ""
-    if root:
-        base = Path(root).expanduser()
-    else:
-        home = environ.get(env.HOME) or ""
-        base = (Path(home).expanduser() if home else Path.home() / ".torchloom") / "checkpoints"
-    return base / job / run_id / checkpoint
+    return layout.run_dir(layout.default_root(environ=environ), job, run_id) / checkpoint
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step the checkpoint at `path` holds, from its completion marker; None when not complete."""
-    try:
-        step = json.loads((path / _COMPLETE_MARKER).read_text(encoding="utf-8")).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) else None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Restart:
-    """A restart request from the weaver, checked.
-
-    Attributes:
-        run_id: the attempt it is about (a stale request names an older attempt).
-        world_size: ranks of the next attempt.
-        exclude_ranks: ranks whose devices are not used again.
-        grad_accum_steps: the value the next attempt starts with (0: unchanged).
-        checkpoint: the checkpoint id (or path) to resume from; "" when there is none.
-        steps_lost: steps redone, as the weaver computed it ("" when unknown).
-        reason: why.
-    """
-
-    run_id: str
-    world_size: int
-    exclude_ranks: frozenset[int]
-    grad_accum_steps: int
-    checkpoint: str
-    steps_lost: str
-    reason: str
-
-
-def parse_restart(ev: JobEvent) -> Restart:
-    """Check a "restart" JobEvent's attrs.
+def parse_restart(data: bytes) -> RestartRequest:
+    """Decode and check a restart request from the weaver (untrusted until checked).
 
     Raises:
-        ValueError: another kind, or an attr that is not of the documented form.
+        ValueError: bytes that are not a RestartRequest, world_size < 1, grad_accum_steps < 0 or a
+            negative excluded rank.
     """
-    if ev.kind != "restart":
-        raise ValueError(f"launcher request kind {ev.kind!r} rejected: expected 'restart'")
-    a = ev.attrs
-    try:
-        world = int(a.get("world_size", ""))
-        excluded = frozenset(int(r) for r in a.get("exclude_ranks", "").split(",") if r.strip())
-        accum = int(a.get("grad_accum_steps") or 0)
-    except ValueError:
+    req = wire.decode_restart_request(data)
+    if req.world_size < 1 or req.grad_accum_steps < 0 or any(r < 0 for r in req.exclude_ranks):
         raise ValueError(
-            f"restart request {dict(a)!r} rejected: expected integer world_size, grad_accum_steps "
-            "and comma-separated exclude_ranks"
-        ) from None
-    if world < 1 or accum < 0:
-        raise ValueError(f"restart request rejected: world_size={world} must be >= 1, grad_accum_steps >= 0")
-    return Restart(
-        run_id=ev.run_id,
-        world_size=world,
-        exclude_ranks=excluded,
-        grad_accum_steps=accum,
-        checkpoint=a.get("checkpoint_path") or a.get("from_checkpoint", ""),
-        steps_lost=a.get("steps_lost", ""),
-        reason=a.get("reason", "") or ev.message,
-    )
+            f"restart request rejected: world_size={req.world_size} must be >= 1, "
+            f"grad_accum_steps={req.grad_accum_steps} >= 0 and exclude_ranks={list(req.exclude_ranks)} >= 0"
+        )
+    return req
 
 
 def attempt_env(
@@ -220,7 +164,7 @@ class Supervisor:
         self._nproc = nproc
         self._on_start = on_start
         self._elastic_membership = elastic_membership
-        self._requests: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._requests: asyncio.Queue[RestartRequest] = asyncio.Queue()
         self._heartbeats: dict[str, asyncio.Event] = {}
         self._local_rank: dict[int, int] = {}  # rank -> local rank, from the current run's heartbeats
         self._nc: Client | None = None
@@ -286,11 +230,11 @@ class Supervisor:
 
     async def _on_request(self, msg: Msg) -> None:
         try:
-            ev = wire.decode_event(msg.data)
+            req = parse_restart(msg.data)
         except ValueError as exc:
-            log.warning("supervisor: ignored a malformed launcher request: %s", exc)
+            log.warning("supervisor: ignored a launcher request: %s", exc)
             return
-        await self._requests.put(ev)
+        await self._requests.put(req)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
@@ -305,7 +249,7 @@ class Supervisor:
 
     def _current(self, run_id: str) -> bool:
         """Whether a request names the running attempt (or an elastic restart inside it)."""
-        return run_id == self.run_id or run_id.startswith(self.run_id + "-a")
+        return naming.is_attempt_of(run_id, self.run_id)
 
     async def _start(self, argv: Sequence[str], environ: Mapping[str, str]) -> asyncio.subprocess.Process:
         self._heartbeats[self.run_id] = asyncio.Event()
@@ -328,14 +272,9 @@ class Supervisor:
                 log.warning("supervisor: could not publish %s: %s", kind, exc)
 
     async def _restart(
-        self, proc: asyncio.subprocess.Process, ev: JobEvent
+        self, proc: asyncio.subprocess.Process, req: RestartRequest
     ) -> asyncio.subprocess.Process | None:
-        """Carry out one restart request; None (keep the current attempt) when it is stale or bad."""
-        try:
-            req = parse_restart(ev)
-        except ValueError as exc:
-            log.warning("supervisor: %s", exc)
-            return None
+        """Carry out one restart request; None (keep the current attempt) when it is stale."""
         if not self._current(req.run_id) or proc.returncode is not None:
             log.info("supervisor: ignored a restart request for run %s (running %s)", req.run_id, self.run_id)
             return None
@@ -349,14 +288,15 @@ class Supervisor:
             )
             return None
         t0 = time.monotonic()
-        path = checkpoint_dir(self.job, req.run_id, req.checkpoint, self._env) if req.checkpoint else None
-        step = checkpoint_step(path) if path is not None else None
+        checkpoint = req.checkpoint_path or req.checkpoint_id
+        path = checkpoint_dir(self.job, req.run_id, checkpoint, self._env) if checkpoint else None
+        step = layout.checkpoint_step(path) if path is not None else None
         common = {
             "old_world_size": str(self._nproc),
             "new_world_size": str(req.world_size),
             "checkpoint": str(path or ""),
             "checkpoint_step": "" if step is None else str(step),
-            "steps_lost": req.steps_lost,
+            "steps_lost": str(req.steps_lost),
             "exclude_ranks": ",".join(map(str, sorted(req.exclude_ranks))),
         }
         if path is not None:
@@ -365,7 +305,7 @@ class Supervisor:
         await stop_group(proc)
         old_run, old_nproc = self.run_id, self._nproc
         self.attempt += 1
-        self.run_id = f"{self.base_run_id}-a{self.attempt}"
+        self.run_id = naming.attempt_run_id(self.base_run_id, self.attempt)
         self._nproc = req.world_size
         devices = None
         if _on_gpu_machine(self._env):

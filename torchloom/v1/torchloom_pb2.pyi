@@ -395,6 +395,7 @@ class Ack(_message.Message):
     RECEIVED_AT_S_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     BRANCH_FIELD_NUMBER: _builtins.int
+    REFUSED_BY_PEER_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     job: _builtins.str
     run_id: _builtins.str
@@ -411,6 +412,10 @@ class Ack(_message.Message):
     """when this rank first saw the command (for latency accounting)"""
     branch: _builtins.str
     """the branch this rank trains on after the decision"""
+    refused_by_peer: _builtins.bool
+    """This rank would have applied the command; another rank refused it, so the group did not.
+    `reason` still says so in words; the weaver orders rejections by this flag, never by the text.
+    """
     @_builtins.property
     def detail(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """action results: checkpoint id and path, eval metrics, ..."""
@@ -431,10 +436,11 @@ class Ack(_message.Message):
         received_at_s: _builtins.float = ...,
         detail: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         branch: _builtins.str = ...,
+        refused_by_peer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "command_id", b"command_id", "decided_at_s", b"decided_at_s", "detail", b"detail", "incarnation", b"incarnation", "job", b"job", "rank", b"rank", "reason", b"reason", "received_at_s", b"received_at_s", "run_id", b"run_id", "seq", b"seq", "status", b"status", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "command_id", b"command_id", "decided_at_s", b"decided_at_s", "detail", b"detail", "incarnation", b"incarnation", "job", b"job", "rank", b"rank", "reason", b"reason", "received_at_s", b"received_at_s", "refused_by_peer", b"refused_by_peer", "run_id", b"run_id", "seq", b"seq", "status", b"status", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -786,6 +792,68 @@ class JobEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class RestartRequest(_message.Message):
+    """The weaver's health policy asks the job's launcher to restart a run on the healthy ranks, on
+    subjects.launcher(job). The weaver also announces a "restart" JobEvent for humans; the launcher acts
+    on this message only.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    EXCLUDE_RANKS_FIELD_NUMBER: _builtins.int
+    GRAD_ACCUM_STEPS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_PATH_FIELD_NUMBER: _builtins.int
+    STEPS_LOST_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_S_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    run_id: _builtins.str
+    """the attempt it is about (a stale request names an older one)"""
+    world_size: _builtins.int
+    """ranks of the next attempt, >= 1"""
+    grad_accum_steps: _builtins.int
+    """what the next attempt starts with; 0 keeps the current value"""
+    checkpoint_id: _builtins.str
+    """the checkpoint to resume from ("ckpt-<seq>"); "" when none"""
+    checkpoint_path: _builtins.str
+    """where the ranks wrote it, when they said; "" otherwise"""
+    steps_lost: _builtins.int
+    """steps redone, as the weaver computed them"""
+    reason: _builtins.str
+    """why, for humans"""
+    time_s: _builtins.float
+    """when the weaver sent it (unix time)"""
+    @_builtins.property
+    def exclude_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """ranks whose devices are not used again"""
+
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        world_size: _builtins.int = ...,
+        exclude_ranks: _abc.Iterable[_builtins.int] | None = ...,
+        grad_accum_steps: _builtins.int = ...,
+        checkpoint_id: _builtins.str = ...,
+        checkpoint_path: _builtins.str = ...,
+        steps_lost: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        time_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "checkpoint_path", b"checkpoint_path", "exclude_ranks", b"exclude_ranks", "grad_accum_steps", b"grad_accum_steps", "job", b"job", "reason", b"reason", "run_id", b"run_id", "steps_lost", b"steps_lost", "time_s", b"time_s", "world_size", b"world_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartRequest: _TypeAlias = RestartRequest  # noqa: Y015
 
 @_typing.final
 class RankResult(_message.Message):

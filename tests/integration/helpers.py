@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,21 +144,17 @@ async def job_events(url: str, job: str) -> list[JobEvent]:
 
 async def wait_training(client: ControlClient, job: str, proc: subprocess.Popen[bytes], out: Path) -> None:
     """Until the weaver sees two alive ranks and each has written 10 records (deadline 60 s)."""
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        assert time.monotonic() < deadline, "job did not show two training ranks within 60 s"
+
+    async def training() -> bool:
         try:
             status = (await client.status(job)).jobs[0]
         except JobNotFound:
-            status = None
-        if (
-            status is not None
-            and len([r for r in status.ranks if r.alive]) == 2
-            and all(len(read_records(out / f"rank{r}.jsonl")) >= 10 for r in (0, 1))
-        ):
-            return
-        await asyncio.sleep(0.05)
+            return False
+        return len([r for r in status.ranks if r.alive]) == 2 and all(
+            len(read_records(out / f"rank{r}.jsonl")) >= 10 for r in (0, 1)
+        )
+
+    await until("two training ranks", training, interval_s=0.05, proc=proc)
 
 
 async def submit(client: ControlClient, job: str, body: Any) -> Outcome:
@@ -182,10 +178,12 @@ async def until(
     *,
     timeout_s: float = 60.0,
     interval_s: float = 0.1,
-    proc: asyncio.subprocess.Process | None = None,
+    proc: asyncio.subprocess.Process | subprocess.Popen[bytes] | None = None,
+    logs: Sequence[Path] = (),
 ) -> Any:
     """Poll `check` (sync or async) until it returns something truthy, and return that; fail naming
-    `what` at the deadline, or at once when `proc` (the process under test) has exited."""
+    `what` at the deadline, or at once when `proc` (the process under test) has exited. The failure
+    shows the process's output and the tails of `logs`."""
     end = time.monotonic() + timeout_s
     while True:
         got = check()
@@ -193,12 +191,28 @@ async def until(
             got = await got
         if got:
             return got
-        if proc is not None and proc.returncode is not None:
-            err = (await proc.stderr.read()).decode() if proc.stderr else ""
-            pytest.fail(f"the process exited ({proc.returncode}) while waiting for {what}: {err[-3000:]}")
+        code = proc.poll() if isinstance(proc, subprocess.Popen) else proc.returncode if proc else None
+        if proc is not None and code is not None:
+            out = await _output(proc)
+            pytest.fail(f"the process exited ({code}) while waiting for {what}: {out[-3000:]}{_tails(logs)}")
         if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout_s:g}s waiting for {what}; last value {got!r}")
+            pytest.fail(
+                f"timed out after {timeout_s:g}s waiting for {what}; last value {got!r}{_tails(logs)}"
+            )
         await asyncio.sleep(interval_s)
+
+
+async def _output(proc: asyncio.subprocess.Process | subprocess.Popen[bytes]) -> str:
+    """What an exited process wrote to its captured stderr (or stdout, where stderr goes there)."""
+    if isinstance(proc, subprocess.Popen):
+        stream = proc.stderr or proc.stdout
+        return stream.read().decode(errors="replace") if stream else ""
+    stream_a = proc.stderr or proc.stdout
+    return (await stream_a.read()).decode(errors="replace") if stream_a else ""
+
+
+def _tails(logs: Sequence[Path]) -> str:
+    return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
 
 
 def weaver_config(server: EmbeddedNats, **kw: Any) -> WeaverConfig:

@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import nats
 import pytest
 
 from tests.conftest import REPO
+from tests.integration.helpers import until
 from torchloom import subjects, wire
 from torchloom.client import ControlClient
 from torchloom.messages import Ack, Action, ActionKind, Issuer, OutcomeStatus, SetConfig, SubmitRequest
@@ -46,14 +46,11 @@ def random_body(rng: random.Random, paused: bool) -> SetConfig | Action:
 
 
 async def wait_ranks(client: ControlClient, job: str, world: int, deadline_s: float) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        reply = await client.status()
-        jobs = [j for j in reply.jobs if j.job == job]
-        if jobs and sum(r.alive for r in jobs[0].ranks) == world and jobs[0].knobs:
-            return
-        await asyncio.sleep(0.1)
-    pytest.fail(f"{world} ranks of {job} did not report within {deadline_s}s")
+    async def reported() -> bool:
+        jobs = [j for j in (await client.status()).jobs if j.job == job]
+        return bool(jobs and sum(r.alive for r in jobs[0].ranks) == world and jobs[0].knobs)
+
+    await until(f"{world} ranks of {job} with their knobs", reported, timeout_s=deadline_s)
 
 
 @pytest.mark.timeout(420)

@@ -9,13 +9,13 @@ import asyncio
 import os
 import signal
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.integration.helpers import until
 from torchloom.client import ControlClient
 from torchloom.messages import Issuer, JobEvent, Outcome, OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
@@ -27,14 +27,15 @@ JOB = "durable"
 
 async def wait_for_ranks(client: ControlClient, world: int, deadline_s: float = 90.0) -> int:
     """Wait until `world` ranks of JOB are alive; return the highest step they report."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        reply = await client.status()
-        jobs = [j for j in reply.jobs if j.job == JOB]
+
+    async def top_step() -> tuple[int] | None:
+        jobs = [j for j in (await client.status()).jobs if j.job == JOB]
         if jobs and sum(r.alive for r in jobs[0].ranks) == world:
-            return max(r.step for r in jobs[0].ranks)
-        await asyncio.sleep(0.1)
-    pytest.fail(f"{world} ranks of {JOB} did not report within {deadline_s}s")
+            return (max(r.step for r in jobs[0].ranks),)  # a tuple: step 0 is found too
+        return None
+
+    (step,) = await until(f"{world} live ranks of {JOB}", top_step, timeout_s=deadline_s)
+    return int(step)
 
 
 async def journal(client: ControlClient) -> list[Outcome | JobEvent]:
@@ -70,11 +71,12 @@ async def test_journal_survives_weaver_and_nats_server_restart(
                 SubmitRequest(job=JOB, body=SetConfig(values={"lr": "0.004"}), issuer=issuer, timeout_s=60)
             )
             assert first.status is OutcomeStatus.APPLIED
+
             # Wait until the outcome is in the journal before pulling the plug.
-            end = time.monotonic() + 30
-            while not any(isinstance(e, Outcome) for e in await journal(c)):
-                assert time.monotonic() < end, "outcome never reached the journal"
-                await asyncio.sleep(0.1)
+            async def journaled() -> bool:
+                return any(isinstance(e, Outcome) for e in await journal(c))
+
+            await until("the outcome in the journal", journaled, timeout_s=30)
         server.stop()  # terminate, wait, kill; the store stays on disk
         server.start()  # same port, same store
         async with (

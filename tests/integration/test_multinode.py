@@ -12,14 +12,14 @@ import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 
+from tests.integration.helpers import until
 from torchloom import discovery, subjects, wire
 from torchloom.client import ControlClient
 from torchloom.messages import Action, ActionKind, Issuer, JobEvent, OutcomeStatus, StatusReply, SubmitRequest
@@ -83,21 +83,6 @@ async def _node(args: list[str], env: dict[str, str], log: Path) -> AsyncIterato
                     await proc.wait()
 
 
-async def _until(check: Callable[[], Any], deadline_s: float, what: str, logs: tuple[Path, ...] = ()) -> Any:
-    """Poll `check` (sync or async) until it returns something truthy; fail with `what` at the deadline."""
-    end = time.monotonic() + deadline_s
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > end:
-            tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
-            pytest.fail(f"timed out after {deadline_s:g}s waiting for {what}\n{tails}")
-        await asyncio.sleep(0.1)
-
-
 async def _status(client: ControlClient) -> StatusReply | None:
     try:
         async with asyncio.timeout(5):
@@ -138,7 +123,7 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
     async with _node(
         ["--job", JOB, *torchrun, "--rdzv-conf", f"{conf},is_host=1", *script], env, logs[0]
     ) as a:
-        info = await _until(discovery.read, 60, "node A's weaver (discovery file)", logs)
+        info = await until("node A's weaver (discovery file)", discovery.read, timeout_s=60, logs=logs)
         node_b = ["--job", JOB, "--nats", info.nats_url, "--grpc", info.grpc, *torchrun]
         async with (
             _node([*node_b, "--rdzv-conf", f"{conf},is_host=0", *script], env, logs[1]) as b,
@@ -154,7 +139,9 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
                 ranks = [r for r in job.ranks if r.alive and r.step >= 5]
                 return reply if job.run_id == RUN and job.world_size == 2 and len(ranks) == 2 else None
 
-            reply = await _until(both_training, 60, "both nodes' ranks training with world size 2", logs)
+            reply = await until(
+                "both nodes' ranks training with world size 2", both_training, timeout_s=60, logs=logs
+            )
             # Two launchers, one run: each node's rank is a worker of its own node's torchrun agent.
             agents = {r.rank: _agent_of(r.pid) for r in reply.jobs[0].ranks}
             assert {launcher for _, launcher in agents.values()} == {a.pid, b.pid}, agents
@@ -180,7 +167,7 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
                 kinds = {e.kind for e in events}
                 return {"scale_down", "resumed"} <= kinds
 
-            await _until(scaled_and_resumed, 60, "scale_down and resumed events", logs)
+            await until("scale_down and resumed events", scaled_and_resumed, timeout_s=60, logs=logs)
             async with asyncio.timeout(60):
                 code = await a.wait()
     assert code == 0, logs[0].read_text(errors="replace")[-4000:]

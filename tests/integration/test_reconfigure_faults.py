@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +62,9 @@ async def _torchloom_run(args: list[str], env: dict[str, str]) -> AsyncIterator[
                 await proc.wait()
 
 
-async def _until(
-    check: Callable[[], Any], deadline_s: float, what: str, proc: asyncio.subprocess.Process | None = None
-) -> Any:
-    """Poll `check` (sync or async) until it returns something truthy; fail with `what` at the deadline."""
-    return await until(what, check, timeout_s=deadline_s, proc=proc)
-
-
 async def _client(proc: asyncio.subprocess.Process) -> ControlClient:
     """A client of the weaver `torchloom run` started (it writes the discovery file in TORCHLOOM_HOME)."""
-    info = await _until(discovery.read, 60, "the weaver's discovery file", proc)
+    info = await until("the weaver's discovery file", discovery.read, timeout_s=60, proc=proc)
     return ControlClient(info.grpc)
 
 
@@ -104,7 +97,9 @@ async def test_kill_9_of_a_rank_is_detected_and_torchrun_restarts_from_the_check
     async with _torchloom_run([*args, *script], run_env) as proc:
         client = await _client(proc)
         async with client:
-            reply = await _until(lambda: _at_step(client, None, 10), 60, "both ranks at step 10", proc)
+            reply = await until(
+                "both ranks at step 10", lambda: _at_step(client, None, 10), timeout_s=60, proc=proc
+            )
             base_run = reply.jobs[0].run_id
             outcome = await client.submit(
                 SubmitRequest(
@@ -116,8 +111,8 @@ async def test_kill_9_of_a_rank_is_detected_and_torchrun_restarts_from_the_check
             assert outcome.status is OutcomeStatus.APPLIED, outcome
             ckpt_step = int(outcome.results[0].detail["checkpoint_step"])
             # A few steps past the checkpoint, so the restart has something to redo.
-            reply = await _until(
-                lambda: _at_step(client, base_run, ckpt_step + 5), 30, "steps after the checkpoint"
+            reply = await until(
+                "steps after the checkpoint", lambda: _at_step(client, base_run, ckpt_step + 5), timeout_s=30
             )
             victim = next(r for r in reply.jobs[0].ranks if r.rank == 1)
             assert victim.pid > 0 and victim.pid != os.getpid()
@@ -168,7 +163,7 @@ async def test_a_stalled_rank_is_reported_hung_then_recovers(
                     return False
                 return any(r.rank == 1 and r.health == "hung" for r in reply.jobs[0].ranks)
 
-            await _until(hung_rank_1, 60, "rank 1 reported hung", proc)
+            await until("rank 1 reported hung", hung_rank_1, timeout_s=60, proc=proc)
             devices = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "torchloom.app.cli", "devices", "--json", env=run_env,
                 stdout=asyncio.subprocess.PIPE,
@@ -210,7 +205,7 @@ async def _start_weaver(url: str, grpc: str, env: dict[str, str]) -> asyncio.sub
             return False
         return True
 
-    await _until(answers, 60, f"a weaver at {grpc}", proc)
+    await until(f"a weaver at {grpc}", answers, timeout_s=60, proc=proc)
     return proc
 
 
@@ -252,7 +247,9 @@ async def test_kill_9_of_the_weaver_mid_run_loses_nothing_and_training_goes_on(
         script = [str(SCRIPT), "--steps", "100000", "--step-sleep", "0.02", "--out", str(out)]
         async with _torchloom_run([*args, *script], run_env) as proc:
             async with ControlClient(grpc) as client:
-                before = await _until(lambda: _at_step(client, None, 5), 60, "both ranks at step 5", proc)
+                before = await until(
+                    "both ranks at step 5", lambda: _at_step(client, None, 5), timeout_s=60, proc=proc
+                )
                 issuer = Issuer(kind="test", identity="weaver-restart")
 
                 applied = await client.submit(
@@ -265,14 +262,20 @@ async def test_kill_9_of_the_weaver_mid_run_loses_nothing_and_training_goes_on(
             await weaver.wait()
             stalled_at = _last_step(out / "rank0.jsonl")
             # Training does not wait for the weaver: the step moves on while it is gone.
-            await _until(
-                lambda: _last_step(out / "rank0.jsonl") >= stalled_at + 20, 30, "steps without a weaver", proc
+            await until(
+                "steps without a weaver",
+                lambda: _last_step(out / "rank0.jsonl") >= stalled_at + 20,
+                timeout_s=30,
+                proc=proc,
             )
             moved = _last_step(out / "rank0.jsonl")
             weaver = await _start_weaver(nats_server.url, grpc, run_env)
             async with ControlClient(grpc) as client:
-                after = await _until(
-                    lambda: _at_step(client, None, moved), 30, "ranks back in the new weaver", proc
+                after = await until(
+                    "ranks back in the new weaver",
+                    lambda: _at_step(client, None, moved),
+                    timeout_s=30,
+                    proc=proc,
                 )
                 old_job, new_job = before.jobs[0], after.jobs[0]
                 assert new_job.run_id == old_job.run_id and new_job.world_size == 2

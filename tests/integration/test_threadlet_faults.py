@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import nats
 import pytest
 
 from tests.integration import helpers
-from tests.integration.helpers import kill_tree, read_records, torchrun
+from tests.integration.helpers import kill_tree, read_records, torchrun, until
 from tests.integration.test_threadlet_commands import command
 from torchloom import bus, subjects, wire
 from torchloom.nats_server import EmbeddedNats
@@ -27,13 +26,10 @@ def job_env(subprocess_env: dict[str, str], nats_server: EmbeddedNats) -> dict[s
 
 
 async def wait_training(out: Path, proc: subprocess.Popen[bytes], steps: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(len(read_records(out / f"rank{r}.jsonl")) >= steps for r in (0, 1)):
-            return
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        await asyncio.sleep(0.05)
-    pytest.fail(f"ranks did not reach {steps} steps within {timeout_s} s")
+    def trained() -> bool:
+        return all(len(read_records(out / f"rank{r}.jsonl")) >= steps for r in (0, 1))
+
+    await until(f"both ranks at {steps} steps", trained, timeout_s=timeout_s, interval_s=0.05, proc=proc)
 
 
 async def wait_consumers(url: str, count: int, timeout_s: float = 30) -> None:
@@ -41,13 +37,13 @@ async def wait_consumers(url: str, count: int, timeout_s: float = 30) -> None:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            info = await js.stream_info(subjects.STREAM_COMMANDS)
-            if info.state.consumer_count >= count:
-                return
-            await asyncio.sleep(0.05)
-        pytest.fail(f"fewer than {count} consumers on the command stream after {timeout_s} s")
+
+        async def following() -> bool:
+            return (await js.stream_info(subjects.STREAM_COMMANDS)).state.consumer_count >= count
+
+        await until(
+            f"{count} consumers on the command stream", following, timeout_s=timeout_s, interval_s=0.05
+        )
     finally:
         await nc.close()
 

@@ -11,8 +11,8 @@ import contextlib
 import time
 from typing import Any
 
-from tests.integration.helpers import weaver_config
-from tests.integration.test_weaver_service import KNOBS, until
+from tests.integration.helpers import until, weaver_config
+from tests.integration.test_weaver_service import KNOBS
 from torchloom import subjects, wire
 from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound
@@ -141,7 +141,7 @@ async def live(client: ControlClient) -> None:
             return False
         return sum(r.alive for r in reply.jobs[0].ranks) == 2
 
-    await until(seen, f"2 live ranks of {JOB}")
+    await until(f"2 live ranks of {JOB}", seen)
 
 
 async def commands_stored(nc: Any) -> int:
@@ -212,7 +212,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
             async def journaled(n: int) -> bool:
                 return len(outcomes(await read_journal(client))) == n
 
-            await until(lambda: journaled(3), "three outcomes in the journal")
+            await until("three outcomes in the journal", lambda: journaled(3))
             before = await read_journal(client)
             status1 = (await client.status(JOB)).jobs[0]
 
@@ -245,7 +245,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
             async def held_journaled() -> bool:
                 return any(o.command_id == held.command_id for o in outcomes(await read_journal(client)))
 
-            await until(held_journaled, "the pre-restart command's outcome in the journal")
+            await until("the pre-restart command's outcome in the journal", held_journaled)
             last = outcomes(await read_journal(client))[-1]
             assert last.status is OutcomeStatus.APPLIED and last.command is not None and last.command.seq == 4
 
@@ -290,25 +290,25 @@ async def test_frozen_step_is_hung_and_silence_is_dead(nats_server: EmbeddedNats
             ranks_status = (await client.status(JOB)).jobs[0].ranks
             return [r.health for r in ranks_status] == ["healthy", "hung"]
 
-        await until(hung, "rank 1 reported hung")
+        await until("rank 1 reported hung", hung)
         assert "unchanged for" in (await client.status(JOB)).jobs[0].ranks[1].health_reason
 
         async def hung_event() -> bool:
             return any(e.kind == "rank_hung" and e.attrs["rank"] == "1" for e in events)
 
-        await until(hung_event, "a rank_hung event")
+        await until("a rank_hung event", hung_event)
         ranks.silent.add(1)
 
         async def dead() -> bool:
             rs = (await client.status(JOB)).jobs[0].ranks[1]
             return rs.health == "dead" and not rs.alive
 
-        await until(dead, "rank 1 reported dead")
+        await until("rank 1 reported dead", dead)
 
         async def dead_event() -> bool:
             return any(e.kind == "rank_dead" and e.attrs["rank"] == "1" for e in events)
 
-        await until(dead_event, "a rank_dead event")
+        await until("a rank_dead event", dead_event)
         assert (await client.status(JOB)).jobs[0].ranks[0].health == "healthy"
 
 
@@ -326,7 +326,7 @@ async def test_two_weavers_never_publish_the_same_seq(nats_server: EmbeddedNats,
         async def floor_loaded() -> bool:
             return all(JOB in w.state.jobs and w.state.jobs[JOB].seq_known for w in (w1, w2))
 
-        await until(floor_loaded, "both weavers loaded the seq floor")
+        await until("both weavers loaded the seq floor", floor_loaded)
         first = await c1.submit(SubmitRequest(job=JOB, body=Action(kind=ActionKind.EVAL)))
         # w2 still believes seq 1 is free: JetStream refuses its publish, it reloads and takes seq 2.
         second = await c2.submit(SubmitRequest(job=JOB, body=Action(kind=ActionKind.EVAL)))

@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from nats.js.errors import NotFoundError
 
-from tests.integration import helpers
-from tests.integration.helpers import weaver_config
+from tests.integration.helpers import until, weaver_config
 from torchloom import subjects, wire
 from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound, WeaverUnavailable
@@ -41,11 +39,6 @@ from weaver.service import Weaver
 JOB = "tjob"
 RUN = "run1"
 KNOBS = (BUILTIN_SPECS["lr"], BUILTIN_SPECS["weight_decay"])
-
-
-async def until(pred: Callable[[], Awaitable[bool]], what: str, deadline_s: float = 10.0) -> None:
-    """Poll `pred` until it holds; fail naming `what` when the deadline passes."""
-    await helpers.until(what, pred, timeout_s=deadline_s, interval_s=0.05)
 
 
 class FakeRanks:
@@ -116,7 +109,7 @@ async def job_visible(client: ControlClient, world: int = 2) -> None:
             return False
         return len([r for r in reply.jobs[0].ranks if r.alive]) == world
 
-    await until(seen, f"{world} live ranks of {JOB} in status")
+    await until(f"{world} live ranks of {JOB} in status", seen)
 
 
 async def stream_messages(nc: Any, stream: str) -> int:
@@ -205,7 +198,7 @@ async def test_submit_applied_journaled_and_watched(nats_server: EmbeddedNats, n
                 return False
             return wire.decode_outcome(raw.data).command_id == cmd.command_id
 
-        await until(journaled, "the outcome in the journal")
+        await until("the outcome in the journal", journaled)
 
 
 async def test_rejecting_rank_and_late_acks_after_timeout(nats_server: EmbeddedNats, nc: Any) -> None:
@@ -239,7 +232,7 @@ async def test_rejecting_rank_and_late_acks_after_timeout(nats_server: EmbeddedN
         async def announced() -> bool:
             return any(e.kind == "command" and e.command_id == cmd.command_id for e in events)
 
-        await until(announced, "the late command event")
+        await until("the late command event", announced)
         final = next(e for e in events if e.command_id == cmd.command_id)
         assert final.attrs["status"] == "rejected"
         assert "rank 1: rank 1 refused: busy; rank 0: refused by another rank" in final.message
@@ -306,7 +299,7 @@ async def test_new_run_restarts_seq_and_dead_ranks_are_announced(nats_server: Em
         async def dead() -> bool:
             return sum(e.kind == "rank_dead" for e in events) == 2
 
-        await until(dead, "two rank_dead events")
+        await until("two rank_dead events", dead)
         async with FakeRanks(nc, world=1, run_id="run2"):
             await job_visible(client, world=1)
             out = await client.submit(SubmitRequest(body=Action(kind=ActionKind.EVAL), timeout_s=0.2))

@@ -237,14 +237,21 @@ class Outcome:
     submitted_at_s: float = 0.0
     published_at_s: float = 0.0
     completed_at_s: float = 0.0
+    # Who asked; for a refused attempt (command is None) the only record of the submitter.
+    issuer: Issuer | None = None
+    run_id: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitRequest:
+    """A command to submit. `command_id` names it across retries (the CLI sends a uuid4 hex); the
+    weaver decides an id once and answers a repeat with that decision. Empty: the weaver makes one."""
+
     body: Body
     job: str = ""
     issuer: Issuer = field(default_factory=Issuer)
     timeout_s: float = 0.0
+    command_id: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -317,8 +324,12 @@ class WatchRequest:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JournalRequest:
+    """Which journal entries to stream: of one job/run (or all for ""), or one command's only."""
+
     job: str = ""
     follow: bool = False
+    run_id: str = ""
+    command_id: str = ""
 
 
 WatchEvent = StepMetrics | JobEvent | Outcome

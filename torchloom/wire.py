@@ -86,7 +86,7 @@ _METRICS_FIELDS = _scalar_fields(m.StepMetrics, "values")
 _EVENT_FIELDS = _scalar_fields(m.JobEvent, "attrs")
 _RESTART_FIELDS = _scalar_fields(m.RestartRequest, "exclude_ranks")
 _RESULT_FIELDS = _scalar_fields(m.RankResult, "status", "detail")
-_OUTCOME_FIELDS = _scalar_fields(m.Outcome, "status", "results", "command")
+_OUTCOME_FIELDS = _scalar_fields(m.Outcome, "status", "results", "command", "issuer")
 _RANK_STATUS_FIELDS = _scalar_fields(m.RankStatus, "state", "knobs", "device")
 _JOB_STATUS_FIELDS = _scalar_fields(m.JobStatus, "ranks", "knobs", "checkpoints", "branches")
 _CHECKPOINT_FIELDS = _scalar_fields(m.CheckpointInfo)
@@ -218,6 +218,8 @@ def _outcome_to_pb(o: m.Outcome, out: pb.Outcome) -> None:
         _rank_result_to_pb(res, out.results.add())
     if o.command is not None:
         _command_to_pb(o.command, out.command)
+    if o.issuer is not None:
+        _issuer_to_pb(o.issuer, out.issuer)
 
 
 def _metrics_to_pb(sm: m.StepMetrics, out: pb.StepMetrics) -> None:
@@ -268,7 +270,7 @@ def to_pb(msg: Any) -> Any:
         _outcome_to_pb(msg, out_o)
         return out_o
     if isinstance(msg, m.SubmitRequest):
-        req = pb.SubmitRequest(job=msg.job, timeout_s=msg.timeout_s)
+        req = pb.SubmitRequest(job=msg.job, timeout_s=msg.timeout_s, command_id=msg.command_id)
         _issuer_to_pb(msg.issuer, req.issuer)
         _body_to_pb(msg.body, req)
         return req
@@ -277,7 +279,9 @@ def to_pb(msg: Any) -> Any:
     if isinstance(msg, m.WatchRequest):
         return pb.WatchRequest(job=msg.job)
     if isinstance(msg, m.JournalRequest):
-        return pb.JournalRequest(job=msg.job, follow=msg.follow)
+        return pb.JournalRequest(
+            job=msg.job, follow=msg.follow, run_id=msg.run_id, command_id=msg.command_id
+        )
     if isinstance(msg, m.KnobSpec):
         out_k = pb.KnobSpec()
         _knob_to_pb(msg, out_k)
@@ -371,6 +375,7 @@ def _outcome_from_pb(msg: pb.Outcome) -> m.Outcome:
             for r in msg.results
         ),
         command=_command_from_pb(msg.command) if msg.HasField("command") else None,
+        issuer=_issuer_from_pb(msg.issuer) if msg.HasField("issuer") else None,
         **_copy(msg, _OUTCOME_FIELDS),
     )
 
@@ -422,6 +427,7 @@ def decode_submit_request(data: bytes) -> m.SubmitRequest:
         issuer=_issuer_from_pb(msg.issuer),
         timeout_s=msg.timeout_s,
         body=_body_from_pb(msg),
+        command_id=msg.command_id,
     )
 
 
@@ -435,7 +441,7 @@ def decode_watch_request(data: bytes) -> m.WatchRequest:
 
 def decode_journal_request(data: bytes) -> m.JournalRequest:
     msg = _parse(pb.JournalRequest, data)
-    return m.JournalRequest(job=msg.job, follow=msg.follow)
+    return m.JournalRequest(job=msg.job, follow=msg.follow, run_id=msg.run_id, command_id=msg.command_id)
 
 
 def decode_knob_spec(data: bytes) -> m.KnobSpec:

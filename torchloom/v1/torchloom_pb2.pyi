@@ -931,6 +931,8 @@ class Outcome(_message.Message):
     SUBMITTED_AT_S_FIELD_NUMBER: _builtins.int
     PUBLISHED_AT_S_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_S_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     job: _builtins.str
     status: Global___OutcomeStatus.ValueType
@@ -938,10 +940,18 @@ class Outcome(_message.Message):
     submitted_at_s: _builtins.float
     published_at_s: _builtins.float
     completed_at_s: _builtins.float
+    run_id: _builtins.str
+    """the run the command belongs (or was refused) in; "" when no job matched"""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankResult]: ...
     @_builtins.property
     def command(self) -> Global___Command: ...
+    @_builtins.property
+    def issuer(self) -> Global___Issuer:
+        """Who asked. Set on every journaled outcome; for a refused attempt (no command was published,
+        so `command` is absent) it is the only record of the submitter.
+        """
+
     def __init__(
         self,
         *,
@@ -954,10 +964,12 @@ class Outcome(_message.Message):
         submitted_at_s: _builtins.float = ...,
         published_at_s: _builtins.float = ...,
         completed_at_s: _builtins.float = ...,
+        issuer: Global___Issuer | None = ...,
+        run_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "issuer", b"issuer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "command_id", b"command_id", "completed_at_s", b"completed_at_s", "job", b"job", "published_at_s", b"published_at_s", "reason", b"reason", "results", b"results", "status", b"status", "submitted_at_s", b"submitted_at_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "command_id", b"command_id", "completed_at_s", b"completed_at_s", "issuer", b"issuer", "job", b"job", "published_at_s", b"published_at_s", "reason", b"reason", "results", b"results", "run_id", b"run_id", "status", b"status", "submitted_at_s", b"submitted_at_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -970,12 +982,17 @@ class SubmitRequest(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     ISSUER_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
     SET_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     """empty: the only running job"""
     timeout_s: _builtins.float
     """how long to wait for every rank; 0: the weaver's default"""
+    command_id: _builtins.str
+    """Client-chosen id (a uuid4 hex) naming this command across retries: the weaver decides a command
+    id once; a repeat returns that decision, never a second command. Empty: the weaver makes one.
+    """
     @_builtins.property
     def issuer(self) -> Global___Issuer: ...
     @_builtins.property
@@ -988,12 +1005,13 @@ class SubmitRequest(_message.Message):
         job: _builtins.str = ...,
         issuer: Global___Issuer | None = ...,
         timeout_s: _builtins.float = ...,
+        command_id: _builtins.str = ...,
         set: Global___SetConfig | None = ...,
         action: Global___Action | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "issuer", b"issuer", "set", b"set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "issuer", b"issuer", "job", b"job", "set", b"set", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "command_id", b"command_id", "issuer", b"issuer", "job", b"job", "set", b"set", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["set", "action"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -1277,19 +1295,27 @@ class JournalRequest(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     """empty: every job"""
     follow: _builtins.bool
     """keep streaming new entries"""
+    run_id: _builtins.str
+    """empty: every run"""
+    command_id: _builtins.str
+    """empty: every entry; else only that command's outcome (and its event)"""
     def __init__(
         self,
         *,
         job: _builtins.str = ...,
         follow: _builtins.bool = ...,
+        run_id: _builtins.str = ...,
+        command_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "job", b"job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "follow", b"follow", "job", b"job", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -41,3 +41,12 @@ def get_float(name: str, default: float) -> float:
 RESUME_FROM = "TORCHLOOM_RESUME_FROM"  # checkpoint directory the new attempt's ranks load at attach
 KNOB_OVERRIDES = "TORCHLOOM_KNOB_OVERRIDES"  # JSON object of knob values applied after that load
 BASE_RUN_ID = "TORCHLOOM_BASE_RUN_ID"  # the first attempt's run id; attempts are `<base>-a<N>`
+
+# Signed commands (docs/security.md): the weaver's signing key file, and the public key ranks verify with.
+SIGNING_KEY_FILE = "TORCHLOOM_SIGNING_KEY_FILE"  # weaver: path of its Ed25519 seed (0600); default in HOME
+WEAVER_PUBKEY = "TORCHLOOM_WEAVER_PUBKEY"  # ranks: the weaver's public key, 64 hex characters (not secret)
+# Ranks: "0" turns signature checks off (only for a bus the user fully trusts); unset with no
+# WEAVER_PUBKEY, every command is refused.
+VERIFY_COMMANDS = "TORCHLOOM_VERIFY_COMMANDS"
+# Ranks: the directories `data add` may read from, os.pathsep-separated; default the working directory.
+DATA_ROOTS = "TORCHLOOM_DATA_ROOTS"

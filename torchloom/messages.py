@@ -80,6 +80,8 @@ class Command:
     issuer: Issuer
     issued_at_s: float
     body: Body
+    # Ed25519 by the weaver's key over the command with this field empty (torchloom.signing).
+    signature: bytes = b""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +102,9 @@ class Ack:
     # This rank would have applied it; another rank refused, so the group did not (`reason` says so
     # in words; code reads this flag).
     refused_by_peer: bool = False
+    # This rank refused a message on its command subject whose signature did not verify: nothing
+    # was filed or applied (the weaver journals it; it never counts toward an outcome).
+    unverified: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

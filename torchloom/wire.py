@@ -279,9 +279,7 @@ def to_pb(msg: Any) -> Any:
     if isinstance(msg, m.WatchRequest):
         return pb.WatchRequest(job=msg.job)
     if isinstance(msg, m.JournalRequest):
-        return pb.JournalRequest(
-            job=msg.job, follow=msg.follow, run_id=msg.run_id, command_id=msg.command_id
-        )
+        return pb.JournalRequest(job=msg.job, follow=msg.follow, run_id=msg.run_id, command_id=msg.command_id)
     if isinstance(msg, m.KnobSpec):
         out_k = pb.KnobSpec()
         _knob_to_pb(msg, out_k)
@@ -378,6 +376,15 @@ def _outcome_from_pb(msg: pb.Outcome) -> m.Outcome:
         issuer=_issuer_from_pb(msg.issuer) if msg.HasField("issuer") else None,
         **_copy(msg, _OUTCOME_FIELDS),
     )
+
+
+def signing_bytes(cmd: m.Command) -> bytes:
+    """The bytes a command's signature covers: the Command with `signature` empty, serialized
+    deterministically (map entries in key order), so the weaver and every rank compute the same."""
+    out = pb.Command()
+    _command_to_pb(cmd, out)
+    out.ClearField("signature")
+    return bytes(out.SerializeToString(deterministic=True))
 
 
 def decode_command(data: bytes) -> m.Command:

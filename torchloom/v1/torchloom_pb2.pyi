@@ -319,6 +319,7 @@ class Command(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     ISSUER_FIELD_NUMBER: _builtins.int
     ISSUED_AT_S_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     SET_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
@@ -328,6 +329,10 @@ class Command(_message.Message):
     """1, 2, 3, ... per (job, run_id), no gaps"""
     issued_at_s: _builtins.float
     """unix time"""
+    signature: _builtins.bytes
+    """Ed25519 signature by the weaver's signing key over this Command serialized deterministically
+    with `signature` empty (torchloom.signing). Every rank verifies it before filing the command.
+    """
     @_builtins.property
     def issuer(self) -> Global___Issuer: ...
     @_builtins.property
@@ -343,12 +348,13 @@ class Command(_message.Message):
         seq: _builtins.int = ...,
         issuer: Global___Issuer | None = ...,
         issued_at_s: _builtins.float = ...,
+        signature: _builtins.bytes = ...,
         set: Global___SetConfig | None = ...,
         action: Global___Action | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "issuer", b"issuer", "set", b"set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "command_id", b"command_id", "issued_at_s", b"issued_at_s", "issuer", b"issuer", "job", b"job", "run_id", b"run_id", "seq", b"seq", "set", b"set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "command_id", b"command_id", "issued_at_s", b"issued_at_s", "issuer", b"issuer", "job", b"job", "run_id", b"run_id", "seq", b"seq", "set", b"set", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["set", "action"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -396,6 +402,7 @@ class Ack(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     BRANCH_FIELD_NUMBER: _builtins.int
     REFUSED_BY_PEER_FIELD_NUMBER: _builtins.int
+    UNVERIFIED_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     job: _builtins.str
     run_id: _builtins.str
@@ -415,6 +422,10 @@ class Ack(_message.Message):
     refused_by_peer: _builtins.bool
     """This rank would have applied the command; another rank refused it, so the group did not.
     `reason` still says so in words; the weaver orders rejections by this flag, never by the text.
+    """
+    unverified: _builtins.bool
+    """This rank refused a message on its command subject whose signature did not verify against the
+    weaver's public key: nothing was filed or applied, and `seq` says nothing about the real stream.
     """
     @_builtins.property
     def detail(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -437,10 +448,11 @@ class Ack(_message.Message):
         detail: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         branch: _builtins.str = ...,
         refused_by_peer: _builtins.bool = ...,
+        unverified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "command_id", b"command_id", "decided_at_s", b"decided_at_s", "detail", b"detail", "incarnation", b"incarnation", "job", b"job", "rank", b"rank", "reason", b"reason", "received_at_s", b"received_at_s", "refused_by_peer", b"refused_by_peer", "run_id", b"run_id", "seq", b"seq", "status", b"status", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "command_id", b"command_id", "decided_at_s", b"decided_at_s", "detail", b"detail", "incarnation", b"incarnation", "job", b"job", "rank", b"rank", "reason", b"reason", "received_at_s", b"received_at_s", "refused_by_peer", b"refused_by_peer", "run_id", b"run_id", "seq", b"seq", "status", b"status", "step", b"step", "unverified", b"unverified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,168 @@
+"""Signed commands: the weaver signs every Command with an Ed25519 key (PyNaCl), every rank verifies it
+against the weaver's public key it received at launch (TORCHLOOM_WEAVER_PUBKEY), so a message that
+reached a command subject without passing the weaver is never filed (docs/security.md, "Signed
+commands").
+
+The signature covers `wire.signing_bytes(command)` (the Command with `signature` empty, serialized
+deterministically) behind a domain tag, so it cannot be replayed as a signature of anything else.
+The private key is a 32-byte seed stored hex-encoded in a 0600 file inside a 0700 directory; the
+public key is not secret and travels as 64 hex characters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from torchloom import discovery, wire
+from torchloom.errors import TorchloomError
+from torchloom.messages import Command
+
+# Prepended to the signed bytes: a signature over a command is valid for nothing else.
+_DOMAIN = b"torchloom.v1.Command\x00"
+KEY_FILE_NAME = "signing.key"
+_SEED_BYTES = 32
+_HEX_PUBLIC_LEN = 64
+
+
+class SignatureError(TorchloomError, ValueError):
+    """A key that cannot be used (malformed, unreadable, readable by others)."""
+
+
+def default_key_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Where a weaver keeps its signing key unless told otherwise:
+    `$TORCHLOOM_HOME/controlplane/secrets/signing.key` (of `environ`, default this process's)."""
+    return discovery.home(environ) / "controlplane" / "secrets" / KEY_FILE_NAME
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` (and parents) and make it 0700: the key file's directory is nobody else's."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Signer:
+    """The weaver's side: signs commands. Build it with `Signer.generate()` or `load_or_create`."""
+
+    _key: SigningKey
+
+    @classmethod
+    def generate(cls) -> Signer:
+        return cls(SigningKey.generate())
+
+    @property
+    def public_key(self) -> str:
+        """The public key as 64 hex characters (what TORCHLOOM_WEAVER_PUBKEY carries)."""
+        return bytes(self._key.verify_key).hex()
+
+    def verifier(self) -> Verifier:
+        return Verifier(self.public_key)
+
+    def sign(self, cmd: Command) -> Command:
+        """`cmd` with its signature set (any signature it had is replaced)."""
+        signed = self._key.sign(_DOMAIN + wire.signing_bytes(cmd)).signature
+        return dataclasses.replace(cmd, signature=bytes(signed))
+
+    def save(self, path: Path) -> None:
+        """Write the seed to `path` (mode 0600, directory 0700), atomically; an existing file is kept
+        only if it holds this same key.
+
+        Raises:
+            SignatureError: `path` exists and holds another key.
+        """
+        _private_dir(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(bytes(self._key).hex() + "\n")
+            try:
+                os.link(tmp, path)  # fails if another process created the key first
+            except FileExistsError:
+                if load(path).public_key != self.public_key:
+                    raise SignatureError(f"signing key {path} already exists and holds another key") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def load(path: Path) -> Signer:
+    """Read a signing key written by `Signer.save`.
+
+    Raises:
+        SignatureError: the file is readable or writable by group or others, or does not hold 64 hex
+            characters (a 32-byte Ed25519 seed).
+        FileNotFoundError: there is no such file.
+    """
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise SignatureError(
+            f"signing key {path} is accessible to other users (mode {mode:04o}): run `chmod 600 {path}`"
+        )
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        seed = b""
+    if len(seed) != _SEED_BYTES:
+        raise SignatureError(
+            f"signing key {path} is malformed: expected {2 * _SEED_BYTES} hex characters (an Ed25519 seed)"
+        )
+    return Signer(SigningKey(seed))
+
+
+def load_or_create(path: Path | None = None) -> Signer:
+    """The key at `path` (default `default_key_path()`), generated and saved there when absent.
+
+    Raises:
+        SignatureError: see `load`.
+    """
+    path = path if path is not None else default_key_path()
+    try:
+        return load(path)
+    except FileNotFoundError:
+        signer = Signer.generate()
+        signer.save(path)
+        return load(path)  # another process may have won the race: use what is on disk
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verifier:
+    """A rank's side: checks commands against the weaver's public key (64 hex characters).
+
+    Raises:
+        SignatureError: on construction, when the key is not 64 hex characters.
+    """
+
+    public_key: str
+    _key: VerifyKey = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            raw = bytes.fromhex(self.public_key)
+        except ValueError:
+            raw = b""
+        if len(raw) != _HEX_PUBLIC_LEN // 2:
+            raise SignatureError(
+                f"weaver public key {self.public_key[:80]!r} rejected: expected {_HEX_PUBLIC_LEN} hex "
+                "characters (an Ed25519 public key)"
+            )
+        object.__setattr__(self, "_key", VerifyKey(raw))
+
+    def verify(self, cmd: Command) -> bool:
+        """Whether `cmd.signature` is the weaver's signature over `cmd`."""
+        if not cmd.signature:
+            return False
+        try:
+            self._key.verify(_DOMAIN + wire.signing_bytes(cmd), cmd.signature)
+        except (BadSignatureError, ValueError, TypeError):
+            return False
+        return True

@@ -1,12 +1,19 @@
 """The async gRPC client of the weaver's Control service, used by the CLI, scripts and agents.
 
 Every call has a deadline; an unreachable weaver is a `WeaverUnavailable`, never a raw gRPC error.
+`submit_until` is the safe way to steer: it names the command once and retries it through weaver and
+NATS restarts, so a command is decided once however often it is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -25,6 +32,23 @@ from torchloom.messages import (
 )
 
 _SERVICE = f"/{defaults.GRPC_SERVICE}"
+# Errors after which the same request is sent again: the weaver (or its NATS) is restarting or the
+# answer was lost. The command id makes the repeat safe.
+_RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+# How long a submit keeps trying to reach a weaver it has not reached once: a restarting control
+# plane is back within seconds; a wrong address should not hold the caller for the whole deadline.
+UNREACHED_GIVE_UP_S = 10.0
+RETRY_WAIT_S = 0.25
+_CONNECT_TIMEOUT_S = 2.0
+# What an attempt leaves for the round trip after the weaver's own wait for the ranks.
+_ANSWER_MARGIN_S = 1.0
+
+
+def new_command_id() -> str:
+    """A fresh client-chosen command id (uuid4 hex), as the CLI sends with every submit."""
+    return uuid.uuid4().hex
 
 
 class ControlClient:
@@ -87,18 +111,31 @@ class ControlClient:
     async def submit(self, request: SubmitRequest) -> Outcome:
         """Submit a command and wait for its outcome (APPLIED, REJECTED or TIMEOUT).
 
+        One attempt; `submit_until` retries. Give the request a `command_id` to make a repeat safe.
+
         Raises:
             WeaverUnavailable: the weaver cannot be reached or did not answer in time.
         """
         wait_s = request.timeout_s if request.timeout_s > 0 else self.command_timeout_s
+        try:
+            return await self._submit_call(request, wait_s + self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "the submit") from None
+
+    async def _submit_call(self, request: SubmitRequest, timeout_s: float) -> Outcome:
         call: grpc.aio.UnaryUnaryMultiCallable[SubmitRequest, Outcome] = self._chan().unary_unary(
             f"{_SERVICE}/Submit", request_serializer=wire.encode, response_deserializer=wire.decode_outcome
         )
+        return await call(request, timeout=timeout_s)
+
+    async def ready(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a connection to the weaver; False when none was made."""
         try:
-            outcome = await call(request, timeout=wait_s + self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, "the submit") from None
-        return outcome
+            async with asyncio.timeout(timeout_s):
+                await self._chan().channel_ready()
+        except TimeoutError:
+            return False
+        return True
 
     async def status(self, job: str = "") -> StatusReply:
         """The weaver's view of one job, or of all jobs for an empty name.
@@ -140,14 +177,19 @@ class ControlClient:
         finally:
             stream.cancel()
 
-    async def journal(self, job: str = "", follow: bool = False) -> AsyncIterator[WatchEvent]:
+    async def journal(
+        self, job: str = "", follow: bool = False, *, run_id: str = "", command_id: str = ""
+    ) -> AsyncIterator[WatchEvent]:
         """Stream the durable journal, oldest first: final command outcomes (`Outcome`, with the
-        command, its issuer and every rank's result) and job events (`JobEvent`).
+        command, its issuer and every rank's result), refused attempts (REJECTED outcomes with no
+        command) and job events (`JobEvent`).
 
         Args:
             job: one job's entries, or every job's for "".
             follow: keep streaming new entries; otherwise the stream ends at the entry that was
                 last when the call was made.
+            run_id: one run's entries only ("" for every run).
+            command_id: only that command's final outcome; with `follow`, wait for it and end there.
 
         Raises:
             ValueError: `job` is not a valid job name.
@@ -158,7 +200,7 @@ class ControlClient:
             request_serializer=wire.encode,
             response_deserializer=wire.decode_watch_event,
         )
-        stream = call(JournalRequest(job=job, follow=follow))
+        stream = call(JournalRequest(job=job, follow=follow, run_id=run_id, command_id=command_id))
         try:
             async for ev in stream:
                 yield ev
@@ -169,3 +211,100 @@ class ControlClient:
                 raise self._error(exc, "the journal") from None
         finally:
             stream.cancel()
+
+
+AddressSource = Callable[[], str | None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitResult:
+    """What a retried submit knows when it ends.
+
+    Attributes:
+        command_id: the id every attempt carried; `torchloom journal --command ID` follows it.
+        outcome: the weaver's last answer: final (APPLIED or REJECTED) or TIMEOUT (still in flight);
+            None when no attempt got an answer.
+        reached: some attempt reached a weaver, so the command may have been submitted. False means
+            nothing was submitted anywhere.
+        attempts: submit calls made.
+        error: why the last attempt failed, when there is no outcome.
+    """
+
+    command_id: str
+    outcome: Outcome | None
+    reached: bool
+    attempts: int
+    error: str = ""
+
+
+async def submit_until(
+    request: SubmitRequest,
+    resolve: AddressSource,
+    *,
+    deadline_s: float,
+    unreached_give_up_s: float = UNREACHED_GIVE_UP_S,
+    retry_wait_s: float = RETRY_WAIT_S,
+) -> SubmitResult:
+    """Submit `request` and retry it with the same command id until an answer or the deadline.
+
+    Each attempt asks `resolve` for the weaver's address again (a restarted control plane may listen
+    elsewhere) and first waits for a connection, so an attempt that never connected is known to have
+    submitted nothing. UNAVAILABLE, DEADLINE_EXCEEDED and lost connections are retried: the weaver
+    decides a command id once, so a repeat returns that decision, never a second command. Each
+    attempt asks the weaver to wait only for the time left.
+
+    Args:
+        request: the command; an empty `command_id` gets a fresh one (kept across attempts).
+        resolve: returns the weaver's `host:port`, or None when none is known right now.
+        deadline_s: total time for every attempt, including the ranks' answers.
+        unreached_give_up_s: stop earlier when no weaver was reached in this long.
+        retry_wait_s: pause between attempts.
+
+    Raises:
+        JobNotFound: the weaver answered NOT_FOUND.
+        WeaverUnavailable: the weaver answered with an error that a retry cannot fix.
+        ValueError: `resolve` found a malformed address, or a bound is not positive.
+    """
+    for name, value in (("deadline_s", deadline_s), ("unreached_give_up_s", unreached_give_up_s)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value!r} rejected: must be a positive number of seconds")
+    if not request.command_id:
+        request = dataclasses.replace(request, command_id=new_command_id())
+    start = time.monotonic()
+    end = start + deadline_s
+    reached, attempts, error = False, 0, ""
+    while True:
+        now = time.monotonic()
+        if now >= end or (not reached and now - start >= unreached_give_up_s):
+            return SubmitResult(
+                command_id=request.command_id, outcome=None, reached=reached, attempts=attempts, error=error
+            )
+        address = resolve()
+        if address is None:
+            error = "no weaver found"
+            if attempts == 0 and not reached:  # nothing was ever there: no restart to wait out
+                return SubmitResult(
+                    command_id=request.command_id, outcome=None, reached=False, attempts=0, error=error
+                )
+            await asyncio.sleep(retry_wait_s)
+            continue
+        async with ControlClient(address) as client:
+            if not await client.ready(min(_CONNECT_TIMEOUT_S, end - now)):
+                error = f"no connection to the weaver at {address}"
+                await asyncio.sleep(retry_wait_s)
+                continue
+            reached = True
+            attempts += 1
+            left = end - time.monotonic()
+            wait_s = max(0.1, left - _ANSWER_MARGIN_S)
+            try:
+                outcome = await client._submit_call(
+                    dataclasses.replace(request, timeout_s=wait_s), max(0.1, left)
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _RETRYABLE:
+                    error = f"{exc.code().name}: {exc.details()}"
+                    await asyncio.sleep(retry_wait_s)
+                    continue
+                raise client._error(exc, "the submit") from None
+        return SubmitResult(command_id=request.command_id, outcome=outcome, reached=True, attempts=attempts)

@@ -21,7 +21,7 @@ from torchloom.app import format as cli_format
 from torchloom.app.lookup import weaver_address
 from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound, WeaverUnavailable
-from torchloom.messages import Action, ActionKind, Issuer, JobStatus
+from torchloom.messages import Action, ActionKind, Issuer, JobStatus, Outcome
 from weaver.ui_server import UiServer
 
 STATUS_TIMEOUT_S = 10.0
@@ -102,6 +102,18 @@ async def print_journal(grpc: str | None, job: str, *, follow: bool, as_json: bo
                 print(cli_format.format_journal_entry(item), file=out, flush=True)
     if as_json and not follow:
         print(json.dumps({"entries": entries}), file=out, flush=True)
+
+
+async def command_outcome(grpc: str | None, job: str, command_id: str, *, follow: bool) -> Outcome | None:
+    """Return the journaled final outcome of one command (with `follow`, wait for it); None when the
+    journal holds none yet: the command is in flight, or was never submitted."""
+    found: Outcome | None = None
+    async with ControlClient(weaver_address(grpc)) as client:
+        async for event in client.journal(job, follow=follow, command_id=command_id):
+            if isinstance(event, Outcome) and event.command_id == command_id:
+                found = event
+                break
+    return found
 
 
 async def serve_ui(*, host: str, port: int, allow_remote: bool, nats_ws: str | None) -> int:

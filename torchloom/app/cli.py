@@ -25,8 +25,8 @@ from torchloom.app import format as cli_format
 from torchloom.app import launcher
 from torchloom.app.format import json_value
 from torchloom.app.launcher import RunSpec
-from torchloom.app.lookup import weaver_address
-from torchloom.client import ControlClient
+from torchloom.app.lookup import NO_WEAVER_HELP, weaver_address
+from torchloom.client import ControlClient, SubmitResult, submit_until
 from torchloom.errors import (
     CommandRejected,
     CommandTimeout,
@@ -51,8 +51,8 @@ from torchloom.policy import PolicyMode
 
 EXIT_OK = 0
 EXIT_REJECTED = 2
-EXIT_TIMEOUT = 3
-EXIT_NO_WEAVER = 4
+EXIT_TIMEOUT = 3  # not known yet: still in flight, or no answer came; the command id is printed
+EXIT_NO_WEAVER = 4  # no weaver reachable and nothing was submitted
 WATCH_METRICS_INTERVAL_S = 1.0  # at most one metrics line per rank per interval
 
 
@@ -107,12 +107,21 @@ def status_json(reply: StatusReply) -> dict[str, Any]:
 
 
 def exit_code(outcome: Outcome) -> int:
-    """Return the exit status for a command's outcome: 0 applied everywhere, 2 rejected, 3 timeout."""
+    """Return the exit status for a command's outcome: 0 applied everywhere, 2 rejected (nothing
+    applied anywhere), 3 not known yet (timeout: the command stays in flight)."""
     if outcome.status is OutcomeStatus.APPLIED:
         return EXIT_OK
     if outcome.status is OutcomeStatus.REJECTED:
         return EXIT_REJECTED
     return EXIT_TIMEOUT
+
+
+def submit_exit_code(result: SubmitResult) -> int:
+    """Return the exit status of a retried submit: the outcome's, else 3 when some attempt reached a
+    weaver (the command may be in flight) and 4 when none did (nothing was submitted)."""
+    if result.outcome is not None:
+        return exit_code(result.outcome)
+    return EXIT_TIMEOUT if result.reached else EXIT_NO_WEAVER
 
 
 def _format_value(value: Any) -> str:
@@ -327,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     journal.add_argument(
         "--follow", action="store_true", help="keep printing new entries (JSON: one per line)"
     )
+    journal.add_argument(
+        "--command",
+        dest="command_id",
+        default="",
+        metavar="ID",
+        help="only that command's outcome (with --follow: wait for it); exits like `set` (0, 2, 3)",
+    )
     sub.add_parser("watch", parents=[client_parent()], help="stream metrics and events until Ctrl-C")
     ui = sub.add_parser("ui", help="serve the web UI for the running weaver until Ctrl-C")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -341,14 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- commands ----------------------------------------------------------------------------------------
 
 
-async def submit(grpc: str | None, body: Body, *, job: str, timeout_s: float) -> Outcome:
-    """Submit a command to the weaver and wait for its outcome (or the weaver's timeout)."""
-    addr = weaver_address(grpc)
+async def submit(grpc: str | None, body: Body, *, job: str, timeout_s: float) -> SubmitResult:
+    """Submit a command under a fresh command id and retry it through weaver and NATS restarts
+    until an answer or `timeout_s` (the weaver decides the id once, so a retry never doubles it).
+
+    Raises:
+        WeaverUnavailable: no weaver is known at all (nothing was submitted).
+    """
+    weaver_address(grpc)  # fail at once, with the help text, when no weaver was ever started
     request = SubmitRequest(body=body, job=job, issuer=cli_actions.cli_issuer(), timeout_s=timeout_s)
-    async with ControlClient(addr) as client:
-        # The weaver answers TIMEOUT itself at timeout_s; the margin covers the round trip.
-        async with asyncio.timeout(timeout_s + 10.0):
-            return await client.submit(request)
+    # Re-read the discovery file on every attempt: a restarted control plane may use other ports.
+    return await submit_until(request, lambda: discovery.resolve_grpc(grpc), deadline_s=timeout_s)
 
 
 async def fetch_status(grpc: str | None, job: str) -> StatusReply:
@@ -368,21 +387,57 @@ async def watch(grpc: str | None, job: str, out: TextIO) -> None:
                 print(format_watch_event(event), file=out, flush=True)
 
 
-def _report(outcome: Outcome, as_json: bool) -> int:
-    if as_json:
+def _report(result: SubmitResult, as_json: bool) -> int:
+    outcome = result.outcome
+    code = submit_exit_code(result)
+    if outcome is None:
+        if as_json:
+            status = "unknown" if result.reached else "not_submitted"
+            print(json.dumps({"command_id": result.command_id, "status": status, "reason": result.error}))
+        if code == EXIT_NO_WEAVER:
+            print(f"torchloom: {NO_WEAVER_HELP} (last error: {result.error})", file=sys.stderr)
+            return code
+    elif as_json:
         print(json.dumps(outcome_json(outcome)), flush=True)
     else:
         print(format_outcome(outcome), flush=True)
-    code = exit_code(outcome)
-    if code == EXIT_REJECTED:
+    follow = f"`torchloom journal --command {result.command_id} --follow`"
+    if code == EXIT_REJECTED and outcome is not None:
         print(f"torchloom: rejected: {outcome.reason}", file=sys.stderr)
+    elif code == EXIT_TIMEOUT and outcome is not None:
+        print(
+            f"torchloom: timed out waiting for every rank's ack; command {result.command_id} stays in "
+            f"flight: {follow} shows its outcome",
+            file=sys.stderr,
+        )
     elif code == EXIT_TIMEOUT:
         print(
-            "torchloom: timed out waiting for every rank's ack; the command stays in flight "
-            "(see `torchloom watch`)",
+            f"torchloom: no answer from the weaver before the deadline ({result.error}); command "
+            f"{result.command_id} may have been submitted: {follow} shows its outcome",
             file=sys.stderr,
         )
     return code
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    """`torchloom journal --command ID [--follow]`: the command's outcome and the exit code of `set`."""
+    try:
+        outcome = asyncio.run(
+            cli_actions.command_outcome(args.grpc, args.job, args.command_id, follow=args.follow)
+        )
+    except KeyboardInterrupt:
+        outcome = None
+    if outcome is None:
+        if args.json:
+            print(json.dumps({"command_id": args.command_id, "status": "unknown", "reason": None}))
+        print(
+            f"torchloom: no outcome of command {args.command_id} in the journal yet: it is in flight or "
+            "was never submitted (`--follow` waits for it)",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
+    print(json.dumps(outcome_json(outcome)) if args.json else format_outcome(outcome), flush=True)
+    return exit_code(outcome)
 
 
 # Listing commands: (JSON builder from one job's status, its human form).
@@ -418,6 +473,8 @@ def _run_command(args: argparse.Namespace) -> int:
         build, human = _JOB_LISTINGS[command]
         job = asyncio.run(cli_actions.fetch_job(args.grpc, args.job))
         return _print_data(build(job), args.json, human)
+    if command == "journal" and args.command_id:
+        return _report_command(args)
     if command == "journal":
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a --follow ends
             asyncio.run(
@@ -443,8 +500,8 @@ def _run_command(args: argparse.Namespace) -> int:
         body = SetConfig(values=knobs.parse_assignments(args.assignments))
     else:
         body = cli_actions.action_body(args)
-    outcome = asyncio.run(submit(args.grpc, body, job=args.job, timeout_s=args.timeout))
-    return _report(outcome, args.json)
+    result = asyncio.run(submit(args.grpc, body, job=args.job, timeout_s=args.timeout))
+    return _report(result, args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

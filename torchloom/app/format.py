@@ -280,6 +280,7 @@ def journal_entry_json(entry: WatchEvent) -> dict[str, Any] | None:
     if not isinstance(entry, Outcome):
         return None
     cmd = entry.command
+    issuer = cmd.issuer if cmd is not None else entry.issuer
     body = cmd.body if cmd is not None else None
     kind = "set" if isinstance(body, SetConfig) else body.kind.value if isinstance(body, Action) else None
     return {
@@ -287,8 +288,9 @@ def journal_entry_json(entry: WatchEvent) -> dict[str, Any] | None:
         "seq": cmd.seq if cmd is not None else 0,
         "command_id": entry.command_id,
         "job": entry.job,
-        "run_id": cmd.run_id if cmd is not None else "",
-        "issuer": {"kind": cmd.issuer.kind, "identity": cmd.issuer.identity} if cmd is not None else None,
+        "run_id": cmd.run_id if cmd is not None else entry.run_id,
+        # A refused attempt has no command; its outcome still names who asked.
+        "issuer": {"kind": issuer.kind, "identity": issuer.identity} if issuer is not None else None,
         "issued_at_s": cmd.issued_at_s if cmd is not None else None,
         "kind": kind,
         "values": {k: json_value(v) for k, v in sorted(body.values.items())}
@@ -371,7 +373,8 @@ def replay_from_journal(entries: Iterable[Mapping[str, Any]], job: str | None = 
     Raises:
         ValueError: when the journal holds no outcome of the job, or several jobs and none was chosen.
     """
-    outcomes = [e for e in entries if e.get("type") == "outcome"]
+    # Refused attempts (seq 0: nothing was published) never ran, so a replay leaves them out.
+    outcomes = [e for e in entries if e.get("type") == "outcome" and e.get("seq")]
     jobs = sorted({str(e.get("job", "")) for e in outcomes})
     if job is None:
         if len(jobs) != 1:

@@ -1,8 +1,8 @@
 """A run's checkpoints, branches and data sources, built from APPLIED outcomes, and the pure checks
 of action arguments that depend on them (docs/design.md, "Actions (interactive training)").
 
-No I/O: `weaver.state` folds outcomes in with `apply_outcome` and calls `validate_action` before a
-command gets a seq, so a refused action publishes nothing.
+No I/O: `weaver.outcomes` folds outcomes in with `apply_outcome`, and `weaver.submits` calls
+`validate_action` before a command gets a seq, so a refused action publishes nothing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The weaver's I/O shell: NATS subscriptions, JetStream publishing, the gRPC server and watchers.
 
-Every decision is delegated to `weaver.state`; this module only feeds it messages and carries out
-what it returns. Callbacks never block: slow work (JetStream publishes, request handling) runs in
-tasks owned by the weaver's TaskGroup.
+Every decision is delegated to the pure functions and mutators of `weaver.liveness`, `weaver.submits`,
+`weaver.outcomes`, `weaver.health_plan` and `weaver.recovery`; this module only feeds them messages
+and carries out what they return. Callbacks never block: slow work (JetStream publishes, request
+handling) runs in tasks owned by the weaver's TaskGroup.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from torchloom.messages import (
     SubmitRequest,
     WatchEvent,
 )
+from weaver import health_plan, liveness, outcomes, recovery, submits
 from weaver import health_policy as hp
-from weaver import state as st
 from weaver.config import WeaverConfig
+from weaver.model import WeaverState
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ class Weaver:
 
     def __init__(self, config: WeaverConfig) -> None:
         self.config = config
-        self.state = st.WeaverState()
+        self.state = WeaverState()
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._grpc: Any = None
@@ -219,7 +221,7 @@ class Weaver:
         while True:
             await asyncio.sleep(self.config.liveness_interval_s)
             try:
-                effects = st.check_health(self.state, time.time(), policy)
+                effects = health_plan.check_health(self.state, time.time(), policy)
             except Exception:  # a bug in a health decision must not take the weaver down
                 log.exception("rank health check failed")
                 continue
@@ -228,7 +230,7 @@ class Weaver:
             for plan in effects.plans:
                 self._spawn(self._carry_out(plan), name=f"weaver-health-{plan.job}")
 
-    async def _carry_out(self, plan: st.HealthPlan) -> None:
+    async def _carry_out(self, plan: health_plan.HealthPlan) -> None:
         """Issue the policy's commands in order, then ask the launcher for the restart."""
         checkpoint = checkpoint_path = ""
         for req in plan.submits:
@@ -242,16 +244,16 @@ class Weaver:
             elif taking:
                 # Restarting now would lose the state the checkpoint was to save: decide again later.
                 log.warning("health checkpoint of %s did not apply: %s", plan.job, outcome.reason)
-                st.set_phase(self.state, plan.job, plan.run_id, hp.Phase.IDLE)
+                health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.IDLE)
                 return
         if plan.restart is None:
             return
         request = dataclasses.replace(plan.restart, time_s=time.time())
         if not request.checkpoint_id:
             request = dataclasses.replace(request, checkpoint_id=checkpoint, checkpoint_path=checkpoint_path)
-        self._announce(st.restart_event(request))
+        self._announce(health_plan.restart_event(request))
         await self.nats.publish(subjects.launcher(plan.job), wire.encode(request))
-        st.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
+        health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
 
     async def _publish_loop(self) -> None:
         while True:
@@ -301,7 +303,7 @@ class Weaver:
         self._fan_out(outcome)
         if self.config.journal:
             self._enqueue(subjects.journal(outcome.job), wire.encode(outcome))
-        self._announce(st.outcome_event(outcome, time.time()))
+        self._announce(outcomes.outcome_event(outcome, time.time()))
 
     # ---- NATS callbacks -------------------------------------------------------------------------
 
@@ -314,7 +316,7 @@ class Weaver:
         except ValueError as exc:
             log.warning("ignored a malformed heartbeat on %s: %s", msg.subject, exc)
             return
-        effects = st.observe_heartbeat(self.state, hb, time.time())
+        effects = liveness.observe_heartbeat(self.state, hb, time.time())
         for outcome in effects.dropped:
             self._finish(outcome)
         for ev in effects.events:
@@ -328,7 +330,7 @@ class Weaver:
         except ValueError as exc:
             log.warning("ignored a malformed ack on %s: %s", msg.subject, exc)
             return
-        outcome = st.record_ack(self.state, ack, time.time())
+        outcome = outcomes.record_ack(self.state, ack, time.time())
         if outcome is not None:
             self._finish(outcome)
 
@@ -353,7 +355,7 @@ class Weaver:
             try:
                 outcome = await self.submit(req)
             except NatsUnavailable as exc:
-                outcome = st.rejected_outcome(req, str(exc), time.time())
+                outcome = submits.rejected_outcome(req, str(exc), time.time())
         with contextlib.suppress(Exception):  # the requester may be gone
             await msg.respond(wire.encode(outcome))
 
@@ -389,7 +391,7 @@ class Weaver:
             raise NatsUnavailable(f"cannot read the last command of {job}/{run_id}: {exc}") from exc
         else:
             last, stream_seq = wire.decode_command(raw.data or b"").seq, raw.seq or 0
-        st.set_seq_floor(self.state, job, run_id, last, stream_seq)
+        submits.set_seq_floor(self.state, job, run_id, last, stream_seq)
 
     async def submit(self, req: SubmitRequest) -> Outcome:
         """Validate, sequence and publish a command, then wait for every rank's ack.
@@ -407,11 +409,11 @@ class Weaver:
         dead_after = self.config.dead_after_s
         try:
             async with self._submit_lock:
-                job = st.resolve_job(self.state, req.job, submitted, dead_after)
+                job = liveness.resolve_job(self.state, req.job, submitted, dead_after)
                 for attempt in (1, 2):
                     if not job.seq_known:
                         await self._load_seq_floor_locked(job.job, job.run_id)
-                    cmd = st.plan_submit(self.state, req, submitted, dead_after)
+                    cmd = submits.plan_submit(self.state, req, submitted, dead_after)
                     fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
                     self._waiters[cmd.command_id] = fut
                     try:
@@ -425,12 +427,12 @@ class Weaver:
                             ) from exc
                         log.warning("seq %d of %s was taken by another writer: reloading", cmd.seq, job.job)
         except (CommandRejected, JobNotFound) as exc:
-            return st.rejected_outcome(req, str(exc), time.time())
+            return submits.rejected_outcome(req, str(exc), time.time())
         try:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(fut)
         except TimeoutError:
-            return st.timeout_outcome(self.state, cmd, timeout_s, time.time())
+            return outcomes.timeout_outcome(self.state, cmd, timeout_s, time.time())
         finally:
             # Tracking goes on without a waiter; the final outcome still reaches the journal.
             self._waiters.pop(cmd.command_id, None)
@@ -443,7 +445,7 @@ class Weaver:
             NatsUnavailable: the command could not be stored.
         """
         assert self._js is not None
-        st.mark_published(self.state, cmd, time.time())
+        submits.mark_published(self.state, cmd, time.time())
         try:
             async with asyncio.timeout(self.config.nats_timeout_s):
                 ack = await self._js.publish(
@@ -457,16 +459,16 @@ class Weaver:
                     },
                 )
         except APIError as exc:
-            st.abandon(self.state, cmd)
+            submits.abandon(self.state, cmd)
             self._waiters.pop(cmd.command_id, None)
             if exc.err_code == _WRONG_LAST_SEQUENCE:
                 raise _SeqConflict(str(exc.description)) from exc
             raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
         except Exception as exc:
-            st.abandon(self.state, cmd)
+            submits.abandon(self.state, cmd)
             self._waiters.pop(cmd.command_id, None)
             raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
-        st.mark_stored(self.state, cmd, ack.seq)
+        submits.mark_stored(self.state, cmd, ack.seq)
 
     def status(self, job: str = "") -> StatusReply:
         """A snapshot of one job, or of every job for an empty name.
@@ -474,7 +476,7 @@ class Weaver:
         Raises:
             JobNotFound: the weaver has not heard of that job.
         """
-        return st.status(self.state, job, time.time(), self.config.dead_after_s)
+        return liveness.status(self.state, job, time.time(), self.config.dead_after_s)
 
     def status_request(self, req: StatusRequest) -> StatusReply:
         return self.status(req.job)
@@ -563,7 +565,7 @@ class Weaver:
         """Rebuild jobs, registries, seq floors and in-flight commands from the streams."""
         if not self.config.journal:
             return
-        st.replay_journal(self.state, [e async for e in self.journal()])
+        recovery.replay_journal(self.state, [e async for e in self.journal()])
         for job in list(self.state.jobs.values()):
             commands: list[tuple[Command, int]] = []
             subject = subjects.commands(job.job, job.run_id)
@@ -573,7 +575,7 @@ class Weaver:
                         commands.append((wire.decode_command(msg.data), msg.metadata.sequence.stream))
             except TimeoutError as exc:
                 raise NatsUnavailable(f"the commands stream did not answer for {job.job}: {exc}") from exc
-            st.replay_commands(self.state, job.job, job.run_id, commands)
+            recovery.replay_commands(self.state, job.job, job.run_id, commands)
             log.info(
                 "recovered job %s run %s: seq %d, %d checkpoint(s), %d in flight",
                 job.job,

@@ -22,7 +22,8 @@ from torchloom.messages import (
     KnobValue,
     SetConfig,
 )
-from weaver import state as st
+from weaver import liveness, submits
+from weaver.model import WeaverState
 
 JOB = "j"
 RUN = "r1"
@@ -117,11 +118,11 @@ def local_config() -> threadlet.ThreadletConfig:
 
 def running(
     world: int = WORLD, *, job: str = JOB, run: str = RUN, now: float = 100.0, **fields: Any
-) -> st.WeaverState:
+) -> WeaverState:
     """A weaver state with one job whose `world` ranks have heartbeated at `now` and whose seq floor is
     known (0), so submits are accepted; `fields` go into every rank's heartbeat."""
-    s = st.WeaverState()
+    s = WeaverState()
     for r in range(world):
-        st.observe_heartbeat(s, heartbeat(r, job=job, run=run, world=world, **fields), now)
-    st.set_seq_floor(s, job, run, 0)
+        liveness.observe_heartbeat(s, heartbeat(r, job=job, run=run, world=world, **fields), now)
+    submits.set_seq_floor(s, job, run, 0)
     return s

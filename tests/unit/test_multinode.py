@@ -12,7 +12,8 @@ from torchloom.app import launcher
 from torchloom.app.launcher import UsageError, is_multinode, split_run_args
 from torchloom.app.supervisor import Supervisor
 from torchloom.messages import Heartbeat, JobEvent, RestartRequest
-from weaver import state as st
+from weaver import liveness
+from weaver.model import WeaverState
 
 C10D = ["--nnodes", "1:2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "exp7"]
 
@@ -103,15 +104,15 @@ def hb(rank: int, *, run: str, world: int, host: str, step: int = 10) -> Heartbe
     return heartbeat(rank, run=run, world=world, inc=f"{run}-{rank}", step=step, host=host)
 
 
-def _kinds(effects: st.HeartbeatEffects, kind: str) -> list[JobEvent]:
+def _kinds(effects: liveness.HeartbeatEffects, kind: str) -> list[JobEvent]:
     return [e for e in effects.events if e.kind == kind]
 
 
 def test_a_smaller_next_attempt_is_a_scale_down_naming_the_lost_rank_and_host() -> None:
-    state = st.WeaverState()
-    st.observe_heartbeat(state, hb(0, run="r", world=2, host="node-a"), 1.0)
-    st.observe_heartbeat(state, hb(1, run="r", world=2, host="node-b"), 1.0)
-    effects = st.observe_heartbeat(state, hb(0, run="r-a1", world=1, host="node-a", step=3), 5.0)
+    state = WeaverState()
+    liveness.observe_heartbeat(state, hb(0, run="r", world=2, host="node-a"), 1.0)
+    liveness.observe_heartbeat(state, hb(1, run="r", world=2, host="node-b"), 1.0)
+    effects = liveness.observe_heartbeat(state, hb(0, run="r-a1", world=1, host="node-a", step=3), 5.0)
     [ev] = _kinds(effects, "scale_down")
     assert ev.run_id == "r-a1" and ev.time_s == 5.0
     assert ev.attrs["old_world_size"] == "2" and ev.attrs["new_world_size"] == "1"
@@ -120,35 +121,37 @@ def test_a_smaller_next_attempt_is_a_scale_down_naming_the_lost_rank_and_host() 
     assert ev.attrs["old_hosts"] == "node-a,node-b" and ev.attrs["new_hosts"] == "node-a"
     assert _kinds(effects, "resumed")  # the restart is reported as before, too
     # Once: later heartbeats of the attempt add nothing.
-    again = st.observe_heartbeat(state, hb(0, run="r-a1", world=1, host="node-a", step=4), 5.2)
+    again = liveness.observe_heartbeat(state, hb(0, run="r-a1", world=1, host="node-a", step=4), 5.2)
     assert not _kinds(again, "scale_down")
 
 
 def test_a_scale_up_is_reported_once_every_rank_of_the_bigger_world_has_reported() -> None:
-    state = st.WeaverState()
-    st.observe_heartbeat(state, hb(0, run="r", world=1, host="node-a"), 1.0)
-    first = st.observe_heartbeat(state, hb(1, run="r-a1", world=2, host="node-b"), 2.0)
+    state = WeaverState()
+    liveness.observe_heartbeat(state, hb(0, run="r", world=1, host="node-a"), 1.0)
+    first = liveness.observe_heartbeat(state, hb(1, run="r-a1", world=2, host="node-b"), 2.0)
     assert not _kinds(first, "scale_up")  # rank 0 of the new world has not reported yet
-    second = st.observe_heartbeat(state, hb(0, run="r-a1", world=2, host="node-a"), 2.1)
+    second = liveness.observe_heartbeat(state, hb(0, run="r-a1", world=2, host="node-a"), 2.1)
     [ev] = _kinds(second, "scale_up")
     assert (ev.attrs["old_world_size"], ev.attrs["new_world_size"]) == ("1", "2")
     assert ev.attrs["added_ranks"] == "1" and ev.attrs["added_hosts"] == "node-b"
 
 
 def test_same_size_attempts_and_other_runs_give_no_scale_event() -> None:
-    state = st.WeaverState()
+    state = WeaverState()
     for rank in (0, 1):
-        st.observe_heartbeat(state, hb(rank, run="r", world=2, host="h"), 1.0)
-    same = [st.observe_heartbeat(state, hb(rank, run="r-a1", world=2, host="h"), 2.0) for rank in (0, 1)]
+        liveness.observe_heartbeat(state, hb(rank, run="r", world=2, host="h"), 1.0)
+    same = [
+        liveness.observe_heartbeat(state, hb(rank, run="r-a1", world=2, host="h"), 2.0) for rank in (0, 1)
+    ]
     assert not [e for fx in same for e in fx.events if e.kind.startswith("scale_")]
-    other = st.observe_heartbeat(state, hb(0, run="q", world=1, host="h"), 3.0)
+    other = liveness.observe_heartbeat(state, hb(0, run="q", world=1, host="h"), 3.0)
     assert not [e for e in other.events if e.kind.startswith("scale_")]
 
 
 def test_a_world_that_loses_two_of_three_ranks_on_one_host_lists_the_host_twice() -> None:
-    state = st.WeaverState()
+    state = WeaverState()
     for rank, host in enumerate(("a", "b", "b")):
-        st.observe_heartbeat(state, hb(rank, run="r", world=3, host=host), 1.0)
-    effects = st.observe_heartbeat(state, hb(0, run="r-a1", world=1, host="a"), 2.0)
+        liveness.observe_heartbeat(state, hb(rank, run="r", world=3, host=host), 1.0)
+    effects = liveness.observe_heartbeat(state, hb(0, run="r-a1", world=1, host="a"), 2.0)
     [ev] = _kinds(effects, "scale_down")
     assert ev.attrs["lost_ranks"] == "1,2" and ev.attrs["lost_hosts"] == "b,b"

@@ -21,22 +21,23 @@ from torchloom.messages import (
     RankResult,
     SubmitRequest,
 )
+from weaver import liveness, outcomes, recovery, submits
 from weaver import registry as rg
-from weaver import state as st
+from weaver.model import WeaverState
 
 DEAD = 1.0
 CLI = Issuer(kind="cli", identity="me@host")
 
 
-def running(*, allow: bool = False) -> st.WeaverState:
+def running(*, allow: bool = False) -> WeaverState:
     return factories.running(fault_injection_allowed=allow, branch="main")
 
 
-def submit(s: st.WeaverState, kind: ActionKind, **args: str) -> Command:
-    return st.plan_submit(s, SubmitRequest(body=Action(kind=kind, args=args)), 100.0, DEAD)
+def submit(s: WeaverState, kind: ActionKind, **args: str) -> Command:
+    return submits.plan_submit(s, SubmitRequest(body=Action(kind=kind, args=args)), 100.0, DEAD)
 
 
-def ack_all(s: st.WeaverState, cmd: Command, detail: Mapping[str, str], *, step: int = 10) -> Outcome:
+def ack_all(s: WeaverState, cmd: Command, detail: Mapping[str, str], *, step: int = 10) -> Outcome:
     out = None
     for rank in range(2):
         a = ack(
@@ -47,12 +48,12 @@ def ack_all(s: st.WeaverState, cmd: Command, detail: Mapping[str, str], *, step:
             detail=detail,
             branch=detail.get("branch", "main"),
         )
-        out = st.record_ack(s, a, 101.0)
+        out = outcomes.record_ack(s, a, 101.0)
     assert out is not None
     return out
 
 
-def checkpoint(s: st.WeaverState, tag: str = "", step: int = 10) -> Outcome:
+def checkpoint(s: WeaverState, tag: str = "", step: int = 10) -> Outcome:
     cmd = submit(s, ActionKind.CHECKPOINT, **({"tag": tag} if tag else {}))
     cid = rg.checkpoint_id(cmd.seq)
     detail = {
@@ -75,7 +76,7 @@ def test_applied_checkpoint_and_rollback_build_the_registry_and_status() -> None
         args={"checkpoint": "before-spike", "checkpoint_id": "ckpt-1", "checkpoint_path": "/ck/j/r1/ckpt-1"},
     )
     ack_all(s, cmd, {"branch": "b2", "parent_branch": "main", "from_checkpoint": "ckpt-1", "fork_step": "10"})
-    status = st.status(s, "j", 101.0, DEAD).jobs[0]
+    status = liveness.status(s, "j", 101.0, DEAD).jobs[0]
     assert [(c.id, c.tag, c.step, c.branch, c.seq) for c in status.checkpoints] == [
         ("ckpt-1", "before-spike", 10, "main", 1)
     ]
@@ -84,8 +85,8 @@ def test_applied_checkpoint_and_rollback_build_the_registry_and_status() -> None
         ("b2", "main", "ckpt-1", 10, 2),
     ]
     assert status.branch == "b2"
-    st.observe_heartbeat(s, heartbeat(0, branch="b2"), 101.5)
-    assert [r.branch for r in st.status(s, "j", 101.5, DEAD).jobs[0].ranks] == ["b2", "main"]
+    liveness.observe_heartbeat(s, heartbeat(0, branch="b2"), 101.5)
+    assert [r.branch for r in liveness.status(s, "j", 101.5, DEAD).jobs[0].ranks] == ["b2", "main"]
 
 
 def test_rejected_or_detail_less_outcomes() -> None:
@@ -93,7 +94,7 @@ def test_rejected_or_detail_less_outcomes() -> None:
     cmd = submit(s, ActionKind.CHECKPOINT, tag="t")
     for rank, status in ((0, AckStatus.APPLIED), (1, AckStatus.REJECTED)):
         reason = "disk full" if status is AckStatus.REJECTED else ""
-        st.record_ack(s, ack(cmd.seq, rank, status, reason, command_id=cmd.command_id, step=0), 101.0)
+        outcomes.record_ack(s, ack(cmd.seq, rank, status, reason, command_id=cmd.command_id, step=0), 101.0)
     assert s.jobs["j"].registry.checkpoints == {}
     # An applied stop without detail still registers the deterministic id.
     stop = submit(s, ActionKind.STOP)
@@ -182,7 +183,7 @@ def test_invalid_actions_publish_nothing_and_consume_no_seq(setup: str, action: 
     job = s.jobs["j"]
     before = (job.last_seq, dict(job.pending))
     with pytest.raises(CommandRejected) as info:
-        st.plan_submit(s, SubmitRequest(body=action), 100.0, DEAD)
+        submits.plan_submit(s, SubmitRequest(body=action), 100.0, DEAD)
     assert message in str(info.value)
     assert (job.last_seq, dict(job.pending)) == before
 
@@ -195,7 +196,7 @@ def test_valid_fault_inject_is_normalized() -> None:
 
 def test_fault_inject_needs_every_rank_to_allow_it() -> None:
     s = running(allow=True)
-    st.observe_heartbeat(s, heartbeat(1, fault_injection_allowed=False, branch="main"), 100.1)
+    liveness.observe_heartbeat(s, heartbeat(1, fault_injection_allowed=False, branch="main"), 100.1)
     with pytest.raises(CommandRejected, match="fault injection is disabled"):
         submit(s, ActionKind.FAULT_INJECT, rank="0", xid="79")
 
@@ -226,7 +227,7 @@ def _cmd(seq: int, kind: ActionKind, run: str = "r1", **args: str) -> Command:
 
 
 def test_replay_rebuilds_runs_registries_seq_and_in_flight_commands() -> None:
-    s = st.WeaverState()
+    s = WeaverState()
     old = _cmd(1, ActionKind.CHECKPOINT, run="r0")
     c1 = _cmd(1, ActionKind.CHECKPOINT, tag="a")
     c2 = _cmd(2, ActionKind.EVAL)
@@ -244,19 +245,19 @@ def test_replay_rebuilds_runs_registries_seq_and_in_flight_commands() -> None:
         # A late outcome of the retired run changes nothing.
         _outcome(_cmd(2, ActionKind.CHECKPOINT, run="r0"), OutcomeStatus.APPLIED, {}),
     ]
-    st.replay_journal(s, entries)
+    recovery.replay_journal(s, entries)
     job = s.jobs["j"]
     assert (job.run_id, job.world_size, job.retired_runs, job.last_seq) == ("r1", 2, {"r0"}, 2)
     assert [(c.id, c.tag, c.step) for c in job.registry.checkpoints.values()] == [("ckpt-1", "a", 5)]
     assert not job.seq_known
-    st.replay_commands(s, "j", "r1", [(c1, 11), (c2, 12), (c3, 14)])
+    recovery.replay_commands(s, "j", "r1", [(c1, 11), (c2, 12), (c3, 14)])
     assert (job.last_seq, job.last_stream_seq, job.seq_known, sorted(job.pending)) == (3, 14, True, [3])
     # The ranks answer the in-flight command after the restart: its outcome is complete.
     out = None
     for rank in range(2):
-        out = st.record_ack(s, ack(3, rank, command_id=c3.command_id, inc="i", step=7), 60.0)
+        out = outcomes.record_ack(s, ack(3, rank, command_id=c3.command_id, inc="i", step=7), 60.0)
     assert out is not None and out.status is OutcomeStatus.APPLIED and out.command == c3
     assert [r.step for r in out.results] == [7, 7]
     # Heartbeats of the same run keep the recovered state; the next seq continues.
-    st.observe_heartbeat(s, heartbeat(0, branch="main"), 100.0)
+    liveness.observe_heartbeat(s, heartbeat(0, branch="main"), 100.0)
     assert s.jobs["j"] is job and submit(s, ActionKind.EVAL).seq == 4

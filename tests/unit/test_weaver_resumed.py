@@ -4,25 +4,26 @@ from __future__ import annotations
 
 from tests.unit.factories import heartbeat
 from torchloom.messages import CheckpointInfo, Heartbeat
-from weaver import state as st
+from weaver import liveness
+from weaver.model import WeaverState
 
 
 def hb(rank: int, *, run: str, step: int) -> Heartbeat:
     return heartbeat(rank, run=run, step=step, inc=f"{run}-{rank}")  # each attempt is a new process
 
 
-def _died_at(step: int, *, checkpoints: tuple[int, ...] = ()) -> st.WeaverState:
-    state = st.WeaverState()
+def _died_at(step: int, *, checkpoints: tuple[int, ...] = ()) -> WeaverState:
+    state = WeaverState()
     for rank in (0, 1):
-        st.observe_heartbeat(state, hb(rank, run="r1", step=step), 100.0)
+        liveness.observe_heartbeat(state, hb(rank, run="r1", step=step), 100.0)
     reg = state.jobs["j"].registry
     for seq, ck_step in enumerate(checkpoints, start=1):
         reg.checkpoints[f"ckpt-{seq}"] = CheckpointInfo(id=f"ckpt-{seq}", step=ck_step, seq=seq)
     return state
 
 
-def _resumed(state: st.WeaverState, run: str, first_step: int) -> list[dict[str, str]]:
-    effects = st.observe_heartbeat(state, hb(0, run=run, step=first_step), 110.0)
+def _resumed(state: WeaverState, run: str, first_step: int) -> list[dict[str, str]]:
+    effects = liveness.observe_heartbeat(state, hb(0, run=run, step=first_step), 110.0)
     return [dict(e.attrs) for e in effects.events if e.kind == "resumed"]
 
 

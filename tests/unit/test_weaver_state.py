@@ -24,8 +24,9 @@ from torchloom.messages import (
     SetConfig,
     SubmitRequest,
 )
-from weaver import state as st
+from weaver import health_plan, liveness, outcomes, submits
 from weaver.health_policy import HealthPolicy, PolicyMode
+from weaver.model import RankEntry, WeaverState
 
 DEAD = 1.0
 KNOBS = (
@@ -41,7 +42,7 @@ def hb(rank: int = 0, **kw: Any) -> Heartbeat:
     return heartbeat(rank, **{"step": 7, "knobs": KNOBS, **kw})
 
 
-def running(world: int = 2, **kw: Any) -> st.WeaverState:
+def running(world: int = 2, **kw: Any) -> WeaverState:
     return factories.running(world, step=7, knobs=KNOBS, **kw)
 
 
@@ -53,13 +54,13 @@ def set_lr(value: object = "0.5", job: str = "") -> SubmitRequest:
 
 
 def test_first_heartbeats_start_a_run_and_join_ranks() -> None:
-    s = st.WeaverState()
-    first = st.observe_heartbeat(s, hb(0), 1.0)
+    s = WeaverState()
+    first = liveness.observe_heartbeat(s, hb(0), 1.0)
     assert [e.kind for e in first.events] == ["run_started", "rank_joined"]
     assert first.new_run
-    second = st.observe_heartbeat(s, hb(1), 1.1)
+    second = liveness.observe_heartbeat(s, hb(1), 1.1)
     assert [e.kind for e in second.events] == ["rank_joined"]
-    again = st.observe_heartbeat(s, hb(1), 1.2)
+    again = liveness.observe_heartbeat(s, hb(1), 1.2)
     assert again.events == ()
     job = s.jobs["j"]
     assert sorted(job.ranks) == [0, 1] and job.world_size == 2 and job.knobs == KNOBS
@@ -67,16 +68,16 @@ def test_first_heartbeats_start_a_run_and_join_ranks() -> None:
 
 def test_new_incarnation_is_a_new_join() -> None:
     s = running()
-    effects = st.observe_heartbeat(s, hb(1, inc="reborn"), 2.0)
+    effects = liveness.observe_heartbeat(s, hb(1, inc="reborn"), 2.0)
     assert [e.kind for e in effects.events] == ["rank_joined"]
     assert effects.events[0].attrs["incarnation"] == "reborn"
 
 
 def test_new_run_resets_ranks_pending_and_seq() -> None:
     s = running()
-    cmd = st.plan_submit(s, set_lr(), 100.0, DEAD)
+    cmd = submits.plan_submit(s, set_lr(), 100.0, DEAD)
     assert cmd.seq == 1
-    effects = st.observe_heartbeat(s, hb(0, run="r2", world=1), 101.0)
+    effects = liveness.observe_heartbeat(s, hb(0, run="r2", world=1), 101.0)
     assert effects.new_run
     assert [e.kind for e in effects.events] == ["run_started", "rank_joined"]
     assert [o.command_id for o in effects.dropped] == [cmd.command_id]
@@ -90,16 +91,16 @@ def test_new_run_resets_ranks_pending_and_seq() -> None:
         False,
     )
     # A late heartbeat of the old run does not flip the job back.
-    assert st.observe_heartbeat(s, hb(1, run="r1"), 101.5) == st.HeartbeatEffects()
+    assert liveness.observe_heartbeat(s, hb(1, run="r1"), 101.5) == liveness.HeartbeatEffects()
     assert s.jobs["j"].run_id == "r2"
-    st.set_seq_floor(s, "j", "r2", 0)
-    assert st.plan_submit(s, set_lr(), 102.0, DEAD).seq == 1
+    submits.set_seq_floor(s, "j", "r2", 0)
+    assert submits.plan_submit(s, set_lr(), 102.0, DEAD).seq == 1
 
 
 def test_heartbeat_last_seq_raises_the_seq_floor() -> None:
     s = running()
-    st.observe_heartbeat(s, hb(0, last_seq=4), 100.0)
-    assert st.plan_submit(s, set_lr(), 100.0, DEAD).seq == 5
+    liveness.observe_heartbeat(s, hb(0, last_seq=4), 100.0)
+    assert submits.plan_submit(s, set_lr(), 100.0, DEAD).seq == 5
 
 
 @pytest.mark.parametrize(
@@ -113,8 +114,8 @@ def test_heartbeat_last_seq_raises_the_seq_floor() -> None:
     ],
 )
 def test_liveness(age_s: float, state: RankState, alive: bool) -> None:
-    entry = st.RankEntry(heartbeat=hb(0, state=state), last_seen_s=10.0)
-    assert st.is_alive(entry, 10.0 + age_s, DEAD) is alive
+    entry = RankEntry(heartbeat=hb(0, state=state), last_seen_s=10.0)
+    assert liveness.is_alive(entry, 10.0 + age_s, DEAD) is alive
 
 
 POLICY = HealthPolicy(mode=PolicyMode.ALERT, dead_after_s=DEAD, hung_after_s=5.0)
@@ -122,34 +123,34 @@ POLICY = HealthPolicy(mode=PolicyMode.ALERT, dead_after_s=DEAD, hung_after_s=5.0
 
 def test_dead_rank_is_reported_once_and_recovers() -> None:
     s = running(now=10.0)
-    assert st.check_health(s, 10.5, POLICY).events == ()
-    st.observe_heartbeat(s, hb(0), 11.0)
-    events = [e for e in st.check_health(s, 11.5, POLICY).events if e.kind != "health_action"]
+    assert health_plan.check_health(s, 10.5, POLICY).events == ()
+    liveness.observe_heartbeat(s, hb(0), 11.0)
+    events = [e for e in health_plan.check_health(s, 11.5, POLICY).events if e.kind != "health_action"]
     assert [(e.kind, e.attrs["rank"]) for e in events] == [("rank_dead", "1")]
     assert "no heartbeat for 1.5 s" in events[0].attrs["reason"]
-    st.observe_heartbeat(s, hb(0), 11.6)
-    assert [e.kind for e in st.check_health(s, 11.6, POLICY).events] == []
-    assert st.observe_heartbeat(s, hb(1), 12.0).events == ()
-    recovered = st.check_health(s, 12.0, POLICY).events
+    liveness.observe_heartbeat(s, hb(0), 11.6)
+    assert [e.kind for e in health_plan.check_health(s, 11.6, POLICY).events] == []
+    assert liveness.observe_heartbeat(s, hb(1), 12.0).events == ()
+    recovered = health_plan.check_health(s, 12.0, POLICY).events
     assert [(e.kind, e.attrs["rank"]) for e in recovered] == [("rank_recovered", "1")]
 
 
 def test_finished_rank_is_reported_and_never_dead() -> None:
     s = running(now=10.0)
-    effects = st.observe_heartbeat(s, hb(1, state=RankState.FINISHED), 10.1)
+    effects = liveness.observe_heartbeat(s, hb(1, state=RankState.FINISHED), 10.1)
     assert [e.kind for e in effects.events] == ["rank_finished"]
-    assert st.observe_heartbeat(s, hb(1, state=RankState.FINISHED), 10.2).events == ()
-    dead = [e for e in st.check_health(s, 50.0, POLICY).events if e.kind == "rank_dead"]
+    assert liveness.observe_heartbeat(s, hb(1, state=RankState.FINISHED), 10.2).events == ()
+    dead = [e for e in health_plan.check_health(s, 50.0, POLICY).events if e.kind == "rank_dead"]
     assert [e.attrs["rank"] for e in dead] == ["0"]
 
 
 # ---- job resolution -----------------------------------------------------------------------------
 
 
-def two_jobs(now: float = 100.0) -> st.WeaverState:
+def two_jobs(now: float = 100.0) -> WeaverState:
     s = running(job="a", now=now)
     for r in range(2):
-        st.observe_heartbeat(s, hb(r, job="b"), now)
+        liveness.observe_heartbeat(s, hb(r, job="b"), now)
     return s
 
 
@@ -164,7 +165,7 @@ def two_jobs(now: float = 100.0) -> st.WeaverState:
 )
 def test_resolve_job_finds(setup: str, name: str, now: float, expected: str) -> None:
     s = running() if setup == "one" else two_jobs()
-    assert st.resolve_job(s, name, now, DEAD).job == expected
+    assert liveness.resolve_job(s, name, now, DEAD).job == expected
 
 
 @pytest.mark.parametrize(
@@ -177,9 +178,9 @@ def test_resolve_job_finds(setup: str, name: str, now: float, expected: str) -> 
     ],
 )
 def test_resolve_job_errors(setup: str, name: str, now: float, message: str) -> None:
-    s = {"none": st.WeaverState, "one": running, "two": two_jobs}[setup]()
+    s = {"none": WeaverState, "one": running, "two": two_jobs}[setup]()
     with pytest.raises(JobNotFound) as info:
-        st.resolve_job(s, name, now, DEAD)
+        liveness.resolve_job(s, name, now, DEAD)
     assert message in str(info.value)
     assert "--job" in str(info.value)
 
@@ -187,8 +188,8 @@ def test_resolve_job_errors(setup: str, name: str, now: float, message: str) -> 
 def test_empty_name_picks_the_only_live_job() -> None:
     s = two_jobs(now=100.0)
     for r in range(2):
-        st.observe_heartbeat(s, hb(r, job="b"), 105.0)
-    assert st.resolve_job(s, "", 105.5, DEAD).job == "b"
+        liveness.observe_heartbeat(s, hb(r, job="b"), 105.0)
+    assert liveness.resolve_job(s, "", 105.5, DEAD).job == "b"
 
 
 # ---- submits ------------------------------------------------------------------------------------
@@ -210,10 +211,10 @@ def test_empty_name_picks_the_only_live_job() -> None:
 def test_invalid_submits_are_rejected_without_consuming_a_seq(body: object, message: str) -> None:
     s = running()
     with pytest.raises(CommandRejected) as info:
-        st.plan_submit(s, SubmitRequest(body=body), 100.0, DEAD)  # type: ignore[arg-type]
+        submits.plan_submit(s, SubmitRequest(body=body), 100.0, DEAD)  # type: ignore[arg-type]
     assert message in str(info.value)
     assert s.jobs["j"].last_seq == 0 and s.jobs["j"].pending == {}
-    assert st.plan_submit(s, set_lr(), 100.0, DEAD).seq == 1
+    assert submits.plan_submit(s, set_lr(), 100.0, DEAD).seq == 1
 
 
 @pytest.mark.parametrize(
@@ -230,7 +231,7 @@ def test_invalid_submits_are_rejected_without_consuming_a_seq(body: object, mess
 )
 def test_valid_submits_become_typed_commands(body: object, typed: object) -> None:
     s = running()
-    cmd = st.plan_submit(s, SubmitRequest(body=body), 100.0, DEAD)  # type: ignore[arg-type]
+    cmd = submits.plan_submit(s, SubmitRequest(body=body), 100.0, DEAD)  # type: ignore[arg-type]
     assert (cmd.job, cmd.run_id, cmd.seq, cmd.body, cmd.issued_at_s) == ("j", "r1", 1, typed, 100.0)
     assert len(cmd.command_id) == 32
     assert s.jobs["j"].pending[1].world_size == 2
@@ -238,15 +239,15 @@ def test_valid_submits_become_typed_commands(body: object, typed: object) -> Non
 
 def test_seqs_are_contiguous_and_floor_is_respected() -> None:
     s = running()
-    st.set_seq_floor(s, "j", "r1", 7)
-    st.set_seq_floor(s, "j", "other-run", 99)  # another run's floor changes nothing
-    assert [st.plan_submit(s, set_lr(), 100.0, DEAD).seq for _ in range(3)] == [8, 9, 10]
+    submits.set_seq_floor(s, "j", "r1", 7)
+    submits.set_seq_floor(s, "j", "other-run", 99)  # another run's floor changes nothing
+    assert [submits.plan_submit(s, set_lr(), 100.0, DEAD).seq for _ in range(3)] == [8, 9, 10]
 
 
 def test_abandon_releases_the_seq_and_forces_a_reload() -> None:
     s = running()
-    cmd = st.plan_submit(s, set_lr(), 100.0, DEAD)
-    st.abandon(s, cmd)
+    cmd = submits.plan_submit(s, set_lr(), 100.0, DEAD)
+    submits.abandon(s, cmd)
     job = s.jobs["j"]
     assert (job.last_seq, job.pending, job.seq_known) == (0, {}, False)
 
@@ -256,10 +257,10 @@ def test_abandon_releases_the_seq_and_forces_a_reload() -> None:
 
 def test_all_applied_is_applied_with_results_and_timestamps() -> None:
     s = running()
-    cmd = st.plan_submit(s, set_lr(), 100.0, DEAD)
-    st.mark_published(s, cmd, 100.25)
-    assert st.record_ack(s, ack(1, 1), 101.0) is None
-    out = st.record_ack(s, ack(1, 0), 102.0)
+    cmd = submits.plan_submit(s, set_lr(), 100.0, DEAD)
+    submits.mark_published(s, cmd, 100.25)
+    assert outcomes.record_ack(s, ack(1, 1), 101.0) is None
+    out = outcomes.record_ack(s, ack(1, 0), 102.0)
     assert out is not None
     assert out.status is OutcomeStatus.APPLIED and out.reason == ""
     assert [r.rank for r in out.results] == [0, 1]
@@ -270,12 +271,12 @@ def test_all_applied_is_applied_with_results_and_timestamps() -> None:
 
 def test_acks_are_deduped_by_seq_and_rank() -> None:
     s = running(world=3)
-    st.plan_submit(s, set_lr(), 100.0, DEAD)
-    assert st.record_ack(s, ack(1, 0), 101.0) is None
-    assert st.record_ack(s, ack(1, 0), 101.0) is None
-    assert st.record_ack(s, ack(1, 1), 101.0) is None
-    assert st.record_ack(s, ack(1, 2), 101.0) is not None
-    assert st.record_ack(s, ack(1, 2), 101.0) is None  # after the outcome: ignored
+    submits.plan_submit(s, set_lr(), 100.0, DEAD)
+    assert outcomes.record_ack(s, ack(1, 0), 101.0) is None
+    assert outcomes.record_ack(s, ack(1, 0), 101.0) is None
+    assert outcomes.record_ack(s, ack(1, 1), 101.0) is None
+    assert outcomes.record_ack(s, ack(1, 2), 101.0) is not None
+    assert outcomes.record_ack(s, ack(1, 2), 101.0) is None  # after the outcome: ignored
 
 
 @pytest.mark.parametrize(
@@ -289,8 +290,8 @@ def test_acks_are_deduped_by_seq_and_rank() -> None:
 )
 def test_stray_acks_are_ignored(stray: Ack) -> None:
     s = running(world=1)
-    st.plan_submit(s, set_lr(), 100.0, DEAD)
-    assert st.record_ack(s, stray, 101.0) is None
+    submits.plan_submit(s, set_lr(), 100.0, DEAD)
+    assert outcomes.record_ack(s, stray, 101.0) is None
     assert s.jobs["j"].pending[1].acks == {}
 
 
@@ -307,14 +308,14 @@ def test_stray_acks_are_ignored(stray: Ack) -> None:
 )
 def test_rejections_list_refusing_ranks_first(acks: list[tuple[int, str | None]], reason: str) -> None:
     s = running()
-    st.plan_submit(s, set_lr(), 100.0, DEAD)
+    submits.plan_submit(s, set_lr(), 100.0, DEAD)
     out = None
     for rank, why in acks:
         status = AckStatus.APPLIED if why is None else AckStatus.REJECTED
         a = ack(1, rank, status, why or "")
         if why == "refused by another rank":  # the threadlet flags a peer's refusal; the text is for humans
             a = dataclasses.replace(a, refused_by_peer=True)
-        out = st.record_ack(s, a, 101.0)
+        out = outcomes.record_ack(s, a, 101.0)
     assert out is not None
     assert out.status is OutcomeStatus.REJECTED
     assert out.reason == reason
@@ -322,24 +323,24 @@ def test_rejections_list_refusing_ranks_first(acks: list[tuple[int, str | None]]
 
 def test_timeout_names_missing_ranks_and_keeps_tracking() -> None:
     s = running(world=3)
-    cmd = st.plan_submit(s, set_lr(), 100.0, DEAD)
-    st.record_ack(s, ack(1, 1), 101.0)
-    out = st.timeout_outcome(s, cmd, 5.0, 105.0)
+    cmd = submits.plan_submit(s, set_lr(), 100.0, DEAD)
+    outcomes.record_ack(s, ack(1, 1), 101.0)
+    out = outcomes.timeout_outcome(s, cmd, 5.0, 105.0)
     assert out.status is OutcomeStatus.TIMEOUT
     assert "rank(s) 0, 2 did not answer within 5s (answered: 1)" in out.reason
     assert [r.rank for r in out.results] == [1]
     assert 1 in s.jobs["j"].pending
-    st.record_ack(s, ack(1, 0), 106.0)
-    final = st.record_ack(s, ack(1, 2), 107.0)
+    outcomes.record_ack(s, ack(1, 0), 106.0)
+    final = outcomes.record_ack(s, ack(1, 2), 107.0)
     assert final is not None and final.status is OutcomeStatus.APPLIED
 
 
 def test_outcome_event_describes_the_command() -> None:
     s = running(world=1)
-    st.plan_submit(s, set_lr("0.5"), 100.0, DEAD)
-    out = st.record_ack(s, ack(1, 0), 101.0)
+    submits.plan_submit(s, set_lr("0.5"), 100.0, DEAD)
+    out = outcomes.record_ack(s, ack(1, 0), 101.0)
     assert out is not None
-    ev = st.outcome_event(out, 101.0)
+    ev = outcomes.outcome_event(out, 101.0)
     assert (ev.kind, ev.command_id, ev.run_id) == ("command", out.command_id, "r1")
     assert ev.message == "#1 set lr=0.5: applied"
     assert ev.attrs == {"status": "applied", "seq": "1"}
@@ -350,8 +351,8 @@ def test_outcome_event_describes_the_command() -> None:
 
 def test_status_snapshot() -> None:
     s = running(now=100.0)
-    st.observe_heartbeat(s, hb(0), 100.5)
-    reply = st.status(s, "", 101.25, DEAD)
+    liveness.observe_heartbeat(s, hb(0), 100.5)
+    reply = liveness.status(s, "", 101.25, DEAD)
     (job,) = reply.jobs
     assert (job.job, job.run_id, job.world_size, job.last_seq) == ("j", "r1", 2, 0)
     assert [(r.rank, r.alive, r.last_heartbeat_s, r.step) for r in job.ranks] == [
@@ -364,7 +365,7 @@ def test_status_snapshot() -> None:
 
 def test_status_all_jobs_and_unknown_job() -> None:
     s = two_jobs()
-    assert [j.job for j in st.status(s, "", 100.0, DEAD).jobs] == ["a", "b"]
-    assert [j.job for j in st.status(s, "b", 100.0, DEAD).jobs] == ["b"]
+    assert [j.job for j in liveness.status(s, "", 100.0, DEAD).jobs] == ["a", "b"]
+    assert [j.job for j in liveness.status(s, "b", 100.0, DEAD).jobs] == ["b"]
     with pytest.raises(JobNotFound, match="no job named 'zzz'"):
-        st.status(s, "zzz", 100.0, DEAD)
+        liveness.status(s, "zzz", 100.0, DEAD)

@@ -1,0 +1,273 @@
+"""Health planning: classify every rank, announce its transitions, and turn the policy's decided
+actions into typed plans (commands to submit, a restart request for the launcher).
+
+Pure: `decide_health(state, now, policy)` returns a `HealthDecision` (the effects for the service to
+carry out and the per-run updates to apply), and `restart_event(req)`.
+
+Mutators: `apply_health(state, decision)` records each rank's condition and each job's recovery
+phase and alerted conditions in `state`; `check_health(state, now, policy)` is decide then apply,
+returning the effects; `set_phase(state, job, run_id, phase)` moves a job's recovery along once the
+service has carried out (or failed) a plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torchloom.messages import Action, ActionKind, Issuer, JobEvent, RestartRequest, SubmitRequest
+from weaver import health_policy as hp
+from weaver.model import JobState, WeaverState, job_event
+
+# Who the health policy's own commands are journaled as.
+HEALTH_ISSUER = Issuer(kind="rule", identity="health-policy")
+
+
+# The event announcing a transition into each condition.
+_HEALTH_EVENT = {
+    hp.HealthKind.DEAD: "rank_dead",
+    hp.HealthKind.HUNG: "rank_hung",
+    hp.HealthKind.STRAGGLER: "rank_straggler",
+    hp.HealthKind.UNHEALTHY: "device_unhealthy",
+    hp.HealthKind.HEALTHY: "rank_recovered",
+}
+
+
+GRAD_ACCUM_KNOB = "grad_accum_steps"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthPlan:
+    """What the health policy ordered for one job, for the service to carry out in order.
+
+    Attributes:
+        submits: commands (checkpoint, pause) issued as `HEALTH_ISSUER` through the normal submit path.
+        restart: the request for the launcher; an empty `checkpoint_id` is filled with the checkpoint
+            an earlier submit of this plan took.
+    """
+
+    job: str
+    run_id: str
+    submits: tuple[SubmitRequest, ...] = ()
+    restart: RestartRequest | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthEffects:
+    """What the service carries out after a health check: events to announce, plans to run in order."""
+
+    events: tuple[JobEvent, ...] = ()
+    plans: tuple[HealthPlan, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunHealth:
+    """What one health check decided for one job's run: each rank's condition (by rank, with the
+    incarnation it was decided for) and the recovery phase and alerted conditions after the actions."""
+
+    job: str
+    run_id: str
+    ranks: tuple[tuple[int, str, hp.RankHealth], ...]
+    phase: hp.Phase
+    alerted: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthDecision:
+    """A health check's result: the effects for the service, and the state updates `apply_health` makes."""
+
+    effects: HealthEffects
+    runs: tuple[RunHealth, ...] = ()
+
+
+def _grad_accum(job: JobState) -> int:
+    for spec in job.knobs:
+        if spec.name == GRAD_ACCUM_KNOB and isinstance(spec.value, int) and not isinstance(spec.value, bool):
+            return max(1, spec.value)
+    return 1
+
+
+def _action_event(job: JobState, action: hp.Action, now: float) -> JobEvent:
+    attrs: dict[str, str] = {"action": type(action).__name__}
+    if isinstance(action, hp.Alert):
+        attrs |= {"key": action.key, "severity": action.severity, "ranks": ",".join(map(str, action.ranks))}
+        message = action.message
+    elif isinstance(action, hp.Restart):
+        attrs |= {
+            "world_size": str(action.world_size),
+            "from_step": "" if action.from_step is None else str(action.from_step),
+            "exclude_devices": ",".join(action.exclude_devices),
+            "spares": ",".join(action.spares),
+            "steps_lost": str(action.steps_lost),
+        }
+        message = action.reason
+    elif isinstance(action, hp.SetGradAccum):
+        attrs |= {"old": str(action.old), "new": str(action.new)}
+        message = action.reason
+    elif isinstance(action, hp.CheckpointAt):
+        attrs["step"] = str(action.step)
+        message = action.reason
+    else:
+        message = action.reason
+    return job_event(job, "health_action", message, now, **attrs)
+
+
+def _plan(
+    job: JobState, actions: list[hp.Action], health: Mapping[int, hp.RankHealth], now: float
+) -> HealthPlan | None:
+    submits: list[SubmitRequest] = []
+    restart: RestartRequest | None = None
+    checkpointing = False
+    grad_accum = _grad_accum(job)
+    for a in actions:
+        if isinstance(a, hp.SetGradAccum):
+            grad_accum = a.new
+    for a in actions:
+        if isinstance(a, hp.CheckpointAt):
+            checkpointing = True
+            submits.append(
+                SubmitRequest(job=job.job, issuer=HEALTH_ISSUER, body=Action(kind=ActionKind.CHECKPOINT))
+            )
+        elif isinstance(a, hp.PauseJob):
+            submits.append(
+                SubmitRequest(job=job.job, issuer=HEALTH_ISSUER, body=Action(kind=ActionKind.PAUSE))
+            )
+        elif isinstance(a, hp.Restart):
+            excluded = sorted(
+                r
+                for r, h in health.items()
+                if h.kind is not hp.HealthKind.HEALTHY and h.device in a.exclude_devices
+            )
+            ck = None if a.from_step is None or checkpointing else job.registry.latest_checkpoint(a.from_step)
+            restart = RestartRequest(
+                job=job.job,
+                run_id=job.run_id,
+                world_size=a.world_size,
+                exclude_ranks=tuple(excluded),
+                grad_accum_steps=grad_accum,
+                checkpoint_id=ck.id if ck is not None else "",
+                checkpoint_path=ck.path if ck is not None else "",
+                steps_lost=a.steps_lost,
+                reason=a.reason,
+                time_s=now,
+            )
+    if not submits and restart is None:
+        return None
+    return HealthPlan(job=job.job, run_id=job.run_id, submits=tuple(submits), restart=restart)
+
+
+def restart_event(req: RestartRequest) -> JobEvent:
+    """The "restart" JobEvent the weaver announces (and journals) when it sends `req` to the launcher."""
+    return JobEvent(
+        job=req.job,
+        run_id=req.run_id,
+        kind="restart",
+        message=req.reason,
+        time_s=req.time_s,
+        attrs={
+            "world_size": str(req.world_size),
+            "exclude_ranks": ",".join(map(str, req.exclude_ranks)),
+            "grad_accum_steps": str(req.grad_accum_steps),
+            "checkpoint_id": req.checkpoint_id,
+            "checkpoint_path": req.checkpoint_path,
+            "steps_lost": str(req.steps_lost),
+        },
+    )
+
+
+def decide_health(state: WeaverState, now: float, policy: hp.HealthPolicy) -> HealthDecision:
+    """Classify every rank, announce transitions, and decide what the policy orders. Changes nothing.
+
+    Each transition gives one event (`rank_dead`, `rank_hung`, `rank_straggler`, `device_unhealthy`,
+    or `rank_recovered` back to healthy); each decided action gives a `health_action` event; checkpoint,
+    pause and restart come back as plans. The decision carries each job's new phase and alerted
+    conditions so that, once applied, the same decision is not made twice.
+    """
+    events: list[JobEvent] = []
+    plans: list[HealthPlan] = []
+    runs: list[RunHealth] = []
+    for _, job in sorted(state.jobs.items()):
+        if not job.ranks:
+            continue
+        views = [
+            hp.RankView.from_heartbeat(
+                e.heartbeat, received_at=e.last_seen_s, last_step_change_at=e.last_step_change_at
+            )
+            for e in job.ranks.values()
+        ]
+        health = policy.classify(views, now)
+        for rank, h in sorted(health.items()):
+            entry = job.ranks[rank]
+            if h.kind is not entry.health and not (
+                h.kind is hp.HealthKind.HEALTHY and h.reason == "finished"
+            ):
+                events.append(
+                    job_event(
+                        job,
+                        _HEALTH_EVENT[h.kind],
+                        f"rank {rank} {h.kind.value}" + (f": {h.reason}" if h.reason else ""),
+                        now,
+                        rank=str(rank),
+                        reason=h.reason,
+                        device=h.device,
+                        incarnation=entry.incarnation,
+                    )
+                )
+        step = max(e.heartbeat.step for e in job.ranks.values())
+        latest = job.registry.latest_checkpoint(step) if step >= 0 else None
+        snap = hp.JobSnapshot(
+            job=job.job,
+            world_size=max(1, job.world_size),
+            step=max(0, step),
+            latest_checkpoint_step=latest.step if latest is not None and latest.step >= 0 else None,
+            grad_accum_steps=_grad_accum(job),
+            phase=job.phase,
+            alerted=job.alerted,
+        )
+        actions = hp.decide(snap, health, policy)
+        after = snap.after(actions, health)
+        runs.append(
+            RunHealth(
+                job=job.job,
+                run_id=job.run_id,
+                ranks=tuple((rank, job.ranks[rank].incarnation, h) for rank, h in sorted(health.items())),
+                phase=after.phase,
+                alerted=after.alerted,
+            )
+        )
+        events.extend(_action_event(job, a, now) for a in actions)
+        plan = _plan(job, actions, health, now)
+        if plan is not None:
+            plans.append(plan)
+    return HealthDecision(effects=HealthEffects(events=tuple(events), plans=tuple(plans)), runs=tuple(runs))
+
+
+def apply_health(state: WeaverState, decision: HealthDecision) -> None:
+    """Record a decision in `state`: each rank's condition, each job's phase and alerted conditions.
+
+    A run or rank incarnation that changed since the decision is left alone (the service applies a
+    decision at once, on the same loop, so this does not happen there).
+    """
+    for run in decision.runs:
+        job = state.jobs.get(run.job)
+        if job is None or job.run_id != run.run_id:
+            continue
+        for rank, incarnation, h in run.ranks:
+            entry = job.ranks.get(rank)
+            if entry is not None and entry.incarnation == incarnation:
+                entry.health, entry.health_reason = h.kind, h.reason
+        job.phase, job.alerted = run.phase, run.alerted
+
+
+def check_health(state: WeaverState, now: float, policy: hp.HealthPolicy) -> HealthEffects:
+    """`decide_health`, then `apply_health`: the health check the service runs on every liveness tick."""
+    decision = decide_health(state, now, policy)
+    apply_health(state, decision)
+    return decision.effects
+
+
+def set_phase(state: WeaverState, job_name: str, run_id: str, phase: hp.Phase) -> None:
+    """Move a job's recovery along once the service has carried out (or failed) a plan."""
+    job = state.jobs.get(job_name)
+    if job is not None and job.run_id == run_id:
+        job.phase = phase

@@ -1,0 +1,283 @@
+"""Heartbeats in; liveness, job resolution, run changes (resumed, scale_down/scale_up) and status out.
+
+Mutator: `observe_heartbeat(state, hb, now)` folds a heartbeat into `state` in place (a new run
+replaces the job's state, a new incarnation replaces the rank's entry) and returns the effects for
+the service to carry out (events to announce, outcomes of commands the new run dropped).
+
+Pure (they read the state, never change it): `scale_event`, `is_alive`, `resolve_job` (returns the
+job's live `JobState`, for the caller to read or hand to a mutator), `job_status` and `status`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from torchloom.errors import JobNotFound
+from torchloom.messages import (
+    Heartbeat,
+    JobEvent,
+    JobStatus,
+    KnobSpec,
+    KnobValue,
+    Outcome,
+    OutcomeStatus,
+    RankState,
+    RankStatus,
+    StatusReply,
+)
+from torchloom.naming import base_run_id
+from weaver.model import JobState, PreviousWorld, RankEntry, WeaverState, job_event
+from weaver.outcomes import final_outcome
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartbeatEffects:
+    """What a heartbeat changed: events to announce, and outcomes of commands a new run dropped."""
+
+    events: tuple[JobEvent, ...] = ()
+    dropped: tuple[Outcome, ...] = ()
+    new_run: bool = False
+
+
+def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> HeartbeatEffects:
+    """Fold one heartbeat into `state`, in place, and return what the service must carry out.
+
+    A heartbeat with a run id the job has not had before starts a new run: ranks and in-flight
+    commands of the old run are dropped (their outcomes come back as TIMEOUT) and seq restarts at 1.
+    Heartbeats of a retired run are ignored.
+    """
+    events: list[JobEvent] = []
+    dropped: list[Outcome] = []
+    job = state.jobs.get(hb.job)
+    new_run = False
+    if job is not None and hb.run_id != job.run_id:
+        if hb.run_id in job.retired_runs:
+            return HeartbeatEffects()
+        for pending in job.pending.values():
+            dropped.append(
+                final_outcome(
+                    pending,
+                    OutcomeStatus.TIMEOUT,
+                    f"run {job.run_id} was replaced by run {hb.run_id} before every rank answered",
+                    now,
+                )
+            )
+        retired = job.retired_runs | {job.run_id}
+        previous = job
+        job = None
+    else:
+        retired = set()
+        previous = None
+    if job is None:
+        new_run = True
+        job = JobState(
+            job=hb.job, run_id=hb.run_id, world_size=hb.world_size, started_at_s=now, retired_runs=retired
+        )
+        state.jobs[hb.job] = job
+        events.append(
+            job_event(
+                job,
+                "run_started",
+                f"run {hb.run_id} of job {hb.job} started",
+                now,
+                world_size=str(hb.world_size),
+            )
+        )
+        if previous is not None and base_run_id(previous.run_id) == base_run_id(hb.run_id):
+            events.append(_resumed_event(job, previous, hb, now))
+            if previous.world_size != hb.world_size:
+                job.scaled_from = PreviousWorld(
+                    run_id=previous.run_id,
+                    world_size=previous.world_size,
+                    hosts=tuple(
+                        e.heartbeat.host if (e := previous.ranks.get(r)) is not None else ""
+                        for r in range(previous.world_size)
+                    ),
+                )
+    job.world_size = hb.world_size
+    if hb.knobs:
+        job.knobs = hb.knobs
+    # A rank reports the last seq it decided; never hand out a seq at or below it.
+    job.last_seq = max(job.last_seq, hb.last_seq)
+
+    entry = job.ranks.get(hb.rank)
+    if entry is None or entry.incarnation != hb.incarnation:
+        entry = RankEntry(heartbeat=hb, last_seen_s=now, last_step_change_at=now)
+        job.ranks[hb.rank] = entry
+        events.append(
+            job_event(
+                job,
+                "rank_joined",
+                f"rank {hb.rank} joined (incarnation {hb.incarnation}, {hb.host or '?'} pid {hb.pid})",
+                now,
+                rank=str(hb.rank),
+                incarnation=hb.incarnation,
+                host=hb.host,
+                pid=str(hb.pid),
+            )
+        )
+    else:
+        # Progress is a step change or, across a rollback that rewinds the step, a tick change.
+        old = entry.heartbeat
+        if (hb.step, hb.tick) != (old.step, old.tick) or hb.state is not old.state:
+            entry.last_step_change_at = now
+        entry.heartbeat = hb
+        entry.last_seen_s = now
+    if job.scaled_from is not None and len(job.ranks) >= job.world_size:
+        events.append(scale_event(job, job.scaled_from, now))
+        job.scaled_from = None
+    if hb.state is RankState.FINISHED and not entry.finished_reported:
+        entry.finished_reported = True
+        events.append(
+            job_event(
+                job, "rank_finished", f"rank {hb.rank} finished at step {hb.step}", now, rank=str(hb.rank)
+            )
+        )
+    return HeartbeatEffects(events=tuple(events), dropped=tuple(dropped), new_run=new_run)
+
+
+def _resumed_event(job: JobState, previous: JobState, hb: Heartbeat, now: float) -> JobEvent:
+    """A restarted attempt of the same run: the steps redone are the old run's furthest step minus
+    the step the new attempt starts from.
+
+    That start is the newest checkpoint the old run's registry knows at or before the new attempt's
+    first reported step (both restart paths resume from the latest complete checkpoint); the first
+    heartbeat alone can come several steps after the load, which would undercount the loss. Without
+    a known checkpoint the first reported step is the best bound.
+    """
+    died_at = max((e.heartbeat.step for e in previous.ranks.values()), default=hb.step)
+    ckpt = previous.registry.latest_checkpoint(hb.step)
+    start = ckpt.step if ckpt is not None and ckpt.step >= 0 else hb.step
+    lost = max(0, died_at - start)
+    return job_event(
+        job,
+        "resumed",
+        f"run {hb.run_id} resumed run {previous.run_id} at step {start}: {lost} step(s) lost",
+        now,
+        previous_run=previous.run_id,
+        step_at_death=str(died_at),
+        resume_step=str(start),
+        resume_checkpoint=ckpt.id if ckpt is not None else "",
+        first_step=str(hb.step),
+        steps_lost=str(lost),
+        old_world_size=str(previous.world_size),
+        new_world_size=str(hb.world_size),
+    )
+
+
+def scale_event(job: JobState, previous: PreviousWorld, now: float) -> JobEvent:
+    """A "scale_down" (or "scale_up") event: this attempt of a run has fewer (more) ranks than the
+    attempt it replaced, e.g. torchrun re-rendezvoused without a lost node (or with a new one).
+
+    Ranks are renumbered 0..n-1 on every rendezvous, so `lost_ranks` (`added_ranks`) names the rank
+    numbers that no longer (newly) exist; `lost_hosts` (`added_hosts`) compares the hosts of the two
+    worlds rank by rank as multisets, so a host that ran two ranks and now runs one is listed once.
+    """
+    old, new = previous.world_size, job.world_size
+    hosts = tuple(job.ranks[r].heartbeat.host if r in job.ranks else "" for r in range(new))
+    down = new < old
+    ranks = range(new, old) if down else range(old, new)
+    gone = Counter(previous.hosts) - Counter(hosts) if down else Counter(hosts) - Counter(previous.hosts)
+    which = "lost" if down else "added"
+    return job_event(
+        job,
+        "scale_down" if down else "scale_up",
+        f"run {job.run_id} runs on {new} rank(s), run {previous.run_id} ran on {old}",
+        now,
+        previous_run=previous.run_id,
+        old_world_size=str(old),
+        new_world_size=str(new),
+        **{f"{which}_ranks": ",".join(map(str, ranks)), f"{which}_hosts": ",".join(sorted(gone.elements()))},
+        old_hosts=",".join(previous.hosts),
+        new_hosts=",".join(hosts),
+    )
+
+
+def is_alive(entry: RankEntry, now: float, dead_after_s: float) -> bool:
+    """A rank is alive while its last heartbeat is within `dead_after_s` and it has not finished."""
+    return entry.heartbeat.state is not RankState.FINISHED and now - entry.last_seen_s <= dead_after_s
+
+
+def _has_live_ranks(job: JobState, now: float, dead_after_s: float) -> bool:
+    return any(is_alive(e, now, dead_after_s) for e in job.ranks.values())
+
+
+def resolve_job(state: WeaverState, name: str, now: float, dead_after_s: float) -> JobState:
+    """Find a job by name; an empty name means the only job with live ranks.
+
+    Raises:
+        JobNotFound: no such job, or (for an empty name) none or several jobs run. The message lists
+            the known jobs and says to pass --job.
+    """
+    known = ", ".join(sorted(state.jobs)) or "none"
+    if name:
+        job = state.jobs.get(name)
+        if job is None:
+            raise JobNotFound(f"no job named {name!r}: known jobs are {known}; pass --job with one of them")
+        return job
+    live = [j for j in state.jobs.values() if _has_live_ranks(j, now, dead_after_s)]
+    if len(live) == 1:
+        return live[0]
+    if not live:
+        raise JobNotFound(
+            f"no job has live ranks (known jobs: {known}); start one with `torchloom run`, "
+            "or pass --job NAME to address a known job"
+        )
+    names = ", ".join(sorted(j.job for j in live))
+    raise JobNotFound(f"several jobs are running ({names}): pass --job NAME to pick one")
+
+
+# ---- status ----------------------------------------------------------------------------------------
+
+
+def _knob_values(specs: tuple[KnobSpec, ...]) -> dict[str, KnobValue]:
+    return {s.name: s.value for s in specs if s.value is not None}
+
+
+def job_status(job: JobState, now: float, dead_after_s: float) -> JobStatus:
+    """A snapshot of one job: its run, ranks (with liveness and health), knobs and registry."""
+    ranks = tuple(
+        RankStatus(
+            rank=rank,
+            step=e.heartbeat.step,
+            state=e.heartbeat.state,
+            last_heartbeat_s=max(0.0, now - e.last_seen_s),
+            host=e.heartbeat.host,
+            pid=e.heartbeat.pid,
+            incarnation=e.incarnation,
+            knobs=_knob_values(e.heartbeat.knobs),
+            device=e.heartbeat.device,
+            step_time_s=e.heartbeat.step_time_s,
+            alive=is_alive(e, now, dead_after_s),
+            local_rank=e.heartbeat.local_rank,
+            health=e.health.value,
+            health_reason=e.health_reason,
+            branch=e.heartbeat.branch,
+        )
+        for rank, e in sorted(job.ranks.items())
+    )
+    return JobStatus(
+        job=job.job,
+        run_id=job.run_id,
+        world_size=job.world_size,
+        ranks=ranks,
+        knobs=job.knobs,
+        last_seq=job.last_seq,
+        checkpoints=tuple(job.registry.checkpoints.values()),
+        branches=tuple(job.registry.branches.values()),
+        branch=job.registry.branch,
+    )
+
+
+def status(state: WeaverState, job_name: str, now: float, dead_after_s: float) -> StatusReply:
+    """A snapshot of one job (by name) or, for an empty name, of every known job.
+
+    Raises:
+        JobNotFound: a named job the weaver has not heard of.
+    """
+    if job_name:
+        return StatusReply(
+            jobs=(job_status(resolve_job(state, job_name, now, dead_after_s), now, dead_after_s),)
+        )
+    return StatusReply(jobs=tuple(job_status(j, now, dead_after_s) for _, j in sorted(state.jobs.items())))

@@ -1,0 +1,165 @@
+"""How a command ends: acks folded in, final outcomes computed and settled, deadlines that pass first.
+
+Pure: `final_outcome`, `rejection_reason`, `compute_outcome(pending, now)`, `timeout_outcome` (the
+command stays pending) and `outcome_event`.
+
+Mutators: `record_ack(state, ack, now)` stores the ack in the command's `Pending` and, when it was
+the last one missing, removes the pending command and settles its outcome (which it returns);
+`settle(job, outcome)` folds a final outcome into the job's registry and recovery phase.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torchloom.messages import (
+    Ack,
+    AckStatus,
+    Action,
+    ActionKind,
+    Command,
+    JobEvent,
+    Outcome,
+    OutcomeStatus,
+    RankResult,
+    SetConfig,
+)
+from weaver import health_policy as hp
+from weaver import registry as rg
+from weaver.model import JobState, Pending, WeaverState
+
+
+def _results(pending: Pending) -> tuple[RankResult, ...]:
+    return tuple(
+        RankResult(
+            rank=a.rank,
+            status=a.status,
+            step=a.step,
+            reason=a.reason,
+            received_at_s=a.received_at_s,
+            decided_at_s=a.decided_at_s,
+            detail=dict(a.detail),
+            branch=a.branch,
+        )
+        for _, a in sorted(pending.acks.items())
+    )
+
+
+def final_outcome(pending: Pending, status: OutcomeStatus, reason: str, now: float) -> Outcome:
+    """The final `status` of a pending command, with every ack it has so far."""
+    return Outcome(
+        command_id=pending.command.command_id,
+        job=pending.command.job,
+        status=status,
+        reason=reason,
+        results=_results(pending),
+        command=pending.command,
+        submitted_at_s=pending.submitted_at_s,
+        published_at_s=pending.published_at_s,
+        completed_at_s=now,
+    )
+
+
+def rejection_reason(acks: Mapping[int, Ack]) -> str:
+    """`"rank 1: ...; rank 0: ..."`: ranks that refused on their own first, then those that only
+    followed a peer's refusal (`Ack.refused_by_peer`)."""
+    rejected = [a for a in acks.values() if a.status is AckStatus.REJECTED]
+    rejected.sort(key=lambda a: (a.refused_by_peer, a.rank))
+    return "; ".join(f"rank {a.rank}: {a.reason or 'rejected'}" for a in rejected)
+
+
+def compute_outcome(pending: Pending, now: float) -> Outcome | None:
+    """The final outcome once every rank answered, else None."""
+    if len(pending.acks) < pending.world_size:
+        return None
+    if all(a.status is AckStatus.APPLIED for a in pending.acks.values()):
+        return final_outcome(pending, OutcomeStatus.APPLIED, "", now)
+    return final_outcome(pending, OutcomeStatus.REJECTED, rejection_reason(pending.acks), now)
+
+
+def record_ack(state: WeaverState, ack: Ack, now: float) -> Outcome | None:
+    """Fold one rank's ack into `state`, in place; return the final outcome when it was the last one missing.
+
+    Acks of other runs, of unknown or finished commands, from ranks outside the world and
+    duplicates of an (seq, rank) already counted are ignored.
+    """
+    job = state.jobs.get(ack.job)
+    if job is None or job.run_id != ack.run_id:
+        return None
+    pending = job.pending.get(ack.seq)
+    if pending is None or (ack.command_id and ack.command_id != pending.command.command_id):
+        return None
+    if pending.world_size < 1:  # recovered before any heartbeat told the world size
+        pending.world_size = job.world_size
+    if not 0 <= ack.rank < pending.world_size or ack.rank in pending.acks:
+        return None
+    pending.acks[ack.rank] = ack
+    outcome = compute_outcome(pending, now)
+    if outcome is not None:
+        del job.pending[ack.seq]
+        settle(job, outcome)
+    return outcome
+
+
+def settle(job: JobState, outcome: Outcome) -> None:
+    """Fold a final outcome of the job's run into its registry and recovery phase, in place."""
+    rg.apply_outcome(job.registry, outcome)
+    cmd = outcome.command
+    if (
+        cmd is not None
+        and job.phase is hp.Phase.PAUSED
+        and outcome.status is OutcomeStatus.APPLIED
+        and isinstance(cmd.body, Action)
+        and cmd.body.kind is ActionKind.RESUME
+    ):
+        job.phase = hp.Phase.IDLE
+
+
+def timeout_outcome(state: WeaverState, cmd: Command, timeout_s: float, now: float) -> Outcome:
+    """What a submitter gets when its deadline passes first; the command stays in flight."""
+    job = state.jobs.get(cmd.job)
+    pending = job.pending.get(cmd.seq) if job is not None and job.run_id == cmd.run_id else None
+    if pending is None:
+        return Outcome(
+            command_id=cmd.command_id,
+            job=cmd.job,
+            status=OutcomeStatus.TIMEOUT,
+            reason=f"no final answer within {timeout_s:g}s",
+            command=cmd,
+            completed_at_s=now,
+        )
+    answered = sorted(pending.acks)
+    missing = [r for r in range(pending.world_size) if r not in pending.acks]
+    reason = (
+        f"rank(s) {', '.join(map(str, missing))} did not answer within {timeout_s:g}s "
+        f"(answered: {', '.join(map(str, answered)) or 'none'}); the command stays in flight"
+    )
+    outcome = final_outcome(pending, OutcomeStatus.TIMEOUT, reason, now)
+    return outcome
+
+
+def outcome_event(outcome: Outcome, now: float) -> JobEvent:
+    """The `command` job event announcing a final outcome."""
+    cmd = outcome.command
+    what = "command"
+    run_id = ""
+    if cmd is not None:
+        run_id = cmd.run_id
+        if isinstance(cmd.body, SetConfig):
+            what = "set " + " ".join(f"{k}={v}" for k, v in sorted(cmd.body.values.items()))
+        else:
+            what = cmd.body.kind.value
+        what = f"#{cmd.seq} {what}"
+    message = f"{what}: {outcome.status.value}" + (f" ({outcome.reason})" if outcome.reason else "")
+    attrs = {"status": outcome.status.value}
+    if cmd is not None:
+        attrs["seq"] = str(cmd.seq)
+    return JobEvent(
+        job=outcome.job,
+        run_id=run_id,
+        kind="command",
+        message=message,
+        time_s=now,
+        command_id=outcome.command_id,
+        attrs=attrs,
+    )

@@ -1,0 +1,76 @@
+"""Rebuilding the state after a weaver restart, from the journal and the commands stream.
+
+Mutators only: `replay_journal(state, entries)` recreates jobs, runs and registries from stored
+outcomes and events; `replay_commands(state, job, run_id, commands)` makes commands without a final
+outcome pending again and marks the run's seq floor known. Both update `state` in place; the service
+reads the streams and feeds them in oldest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torchloom.messages import Command, JobEvent, Outcome
+from weaver.model import JobState, Pending, WeaverState
+from weaver.outcomes import settle
+
+
+def _recovered_job(
+    state: WeaverState, job_name: str, run_id: str, world_size: int, now: float
+) -> JobState | None:
+    """The job's state for `run_id` as the journal tells it: a later run retires the current one."""
+    job = state.jobs.get(job_name)
+    if job is not None and (job.run_id == run_id or run_id in job.retired_runs):
+        return job if job.run_id == run_id else None
+    retired = (job.retired_runs | {job.run_id}) if job is not None else set()
+    job = JobState(job=job_name, run_id=run_id, world_size=world_size, started_at_s=now, retired_runs=retired)
+    state.jobs[job_name] = job
+    return job
+
+
+def replay_journal(state: WeaverState, entries: Iterable[Outcome | JobEvent]) -> None:
+    """Rebuild jobs, runs and registries from the journal (oldest first) after a weaver restart.
+
+    Ranks are not restored: they come back with their next heartbeat, under the same run.
+    """
+    for entry in entries:
+        if isinstance(entry, JobEvent):
+            if entry.kind == "run_started" and entry.run_id:
+                world = int(entry.attrs.get("world_size", "0") or 0)
+                _recovered_job(state, entry.job, entry.run_id, world, entry.time_s)
+            continue
+        cmd = entry.command
+        if cmd is None or not cmd.run_id:
+            continue
+        job = _recovered_job(state, cmd.job, cmd.run_id, len(entry.results), entry.completed_at_s)
+        if job is None:
+            continue
+        job.world_size = max(job.world_size, len(entry.results))
+        job.last_seq = max(job.last_seq, cmd.seq)
+        job.pending.pop(cmd.seq, None)
+        settle(job, entry)
+
+
+def replay_commands(
+    state: WeaverState, job_name: str, run_id: str, commands: Iterable[tuple[Command, int]]
+) -> None:
+    """Fold the run's commands stream in: `(command, stream sequence)` pairs, oldest first.
+
+    A command with no final outcome in the journal becomes pending again, so acks that arrive after
+    the restart complete it and its outcome is journaled instead of dropped. Afterwards the seq floor
+    is known.
+    """
+    job = state.jobs.get(job_name)
+    if job is None or job.run_id != run_id:
+        return
+    for cmd, stream_seq in commands:
+        job.last_seq = max(job.last_seq, cmd.seq)
+        job.last_stream_seq = max(job.last_stream_seq, stream_seq)
+        if cmd.seq not in job.registry.finished_seqs and cmd.seq not in job.pending:
+            job.pending[cmd.seq] = Pending(
+                command=cmd,
+                world_size=job.world_size,
+                submitted_at_s=cmd.issued_at_s,
+                published_at_s=cmd.issued_at_s,
+            )
+    job.seq_known = True

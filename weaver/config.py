@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 from torchloom import defaults, env
 from torchloom.policy import PolicyMode, parse_mode
+from weaver.admission import Limits
 from weaver.health_policy import DEFAULT_DEAD_AFTER_S, HealthPolicy
+
+_LIMITS = Limits()  # the defaults
 
 
 def _positive(name: str, value: float, *, upper: float) -> None:
@@ -34,6 +37,10 @@ class WeaverConfig:
             is a straggler.
         health_policy: what rank health problems trigger: "reconfigure" (checkpoint, restart,
             rescale), "pause" (pause the job and alert) or "alert" (events only).
+        signing_key_file: the Ed25519 key every command is signed with (created 0600 when absent);
+            None: `$TORCHLOOM_HOME/controlplane/secrets/signing.key` (torchloom.signing).
+        max_jobs, max_ranks_per_job, max_ranks_total, job_evict_after_s: bounds on what the weaver
+            holds (see `weaver.admission.Limits`).
     """
 
     nats_url: str = defaults.NATS_URL
@@ -48,6 +55,11 @@ class WeaverConfig:
     hung_after_s: float = 10.0
     straggler_factor: float = 2.0
     health_policy: PolicyMode = defaults.HEALTH_POLICY
+    signing_key_file: str | None = None
+    max_jobs: int = _LIMITS.max_jobs
+    max_ranks_per_job: int = _LIMITS.max_ranks_per_job
+    max_ranks_total: int = _LIMITS.max_ranks_total
+    job_evict_after_s: float = _LIMITS.job_evict_after_s
 
     def __post_init__(self) -> None:
         if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
@@ -70,6 +82,15 @@ class WeaverConfig:
         _positive("hung_after_s", self.hung_after_s, upper=24 * 3600.0)
         if not (math.isfinite(self.straggler_factor) and 1.0 < self.straggler_factor <= 1000.0):
             raise ValueError(f"straggler_factor={self.straggler_factor!r} rejected: must be in (1, 1000]")
+        for name, low, high in (
+            ("max_jobs", 1, 100_000),
+            ("max_ranks_per_job", 1, 1_000_000),
+            ("max_ranks_total", 1, 10_000_000),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name}={value!r} rejected: must be an integer in [{low}, {high}]")
+        _positive("job_evict_after_s", self.job_evict_after_s, upper=30 * 24 * 3600.0)
         # A name given as text ("pause") becomes the enum; anything else is refused naming the choices.
         object.__setattr__(self, "health_policy", parse_mode(self.health_policy, name="health_policy"))
 
@@ -84,10 +105,20 @@ class WeaverConfig:
             hung_restart_after_s=max(60.0, self.hung_after_s),
         )
 
+    def limits(self) -> Limits:
+        """The bounds on jobs and ranks these settings describe."""
+        return Limits(
+            max_jobs=self.max_jobs,
+            max_ranks_per_job=self.max_ranks_per_job,
+            max_ranks_total=self.max_ranks_total,
+            job_evict_after_s=self.job_evict_after_s,
+        )
+
     @classmethod
     def from_env(cls, *, nats_url: str | None = None, grpc_addr: str | None = None) -> WeaverConfig:
         """Build a config: explicit arguments, then TORCHLOOM_NATS_URL / TORCHLOOM_GRPC, then defaults."""
         return cls(
             nats_url=nats_url or env.get(env.NATS_URL) or defaults.NATS_URL,
             grpc_addr=grpc_addr or env.get(env.GRPC_ADDR) or defaults.GRPC_BIND_ADDR,
+            signing_key_file=env.get(env.SIGNING_KEY_FILE),
         )

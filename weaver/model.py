@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torchloom.messages import Ack, Command, Heartbeat, JobEvent, KnobSpec
+from torchloom.messages import Ack, Command, Heartbeat, JobEvent, KnobSpec, Outcome
 from weaver import health_policy as hp
 from weaver import registry as rg
 
@@ -89,9 +89,15 @@ class PreviousWorld:
 
 @dataclass(slots=True)
 class WeaverState:
-    """Every job the weaver has heard of, by name."""
+    """Every job the weaver has heard of, by name, and the recent decisions by command id.
+
+    Attributes:
+        decided: final outcomes (and refusals) by command id, oldest first, so a repeated submit is
+            answered with its decision instead of being sequenced again (see `weaver.dedupe`).
+    """
 
     jobs: dict[str, JobState] = field(default_factory=dict)
+    decided: dict[str, Outcome] = field(default_factory=dict)
 
 
 def job_event(job: JobState, kind: str, message: str, now: float, **attrs: str) -> JobEvent:

@@ -1,9 +1,10 @@
 """Rebuilding the state after a weaver restart, from the journal and the commands stream.
 
-Mutators only: `replay_journal(state, entries)` recreates jobs, runs and registries from stored
-outcomes and events; `replay_commands(state, job, run_id, commands)` makes commands without a final
-outcome pending again and marks the run's seq floor known. Both update `state` in place; the service
-reads the streams and feeds them in oldest first.
+Mutators only: `replay_journal(state, entries)` recreates jobs, runs, registries and the decided
+command ids from stored outcomes and events; `replay_commands(state, job, run_id, commands)` makes
+commands without a final outcome pending again and marks the run's seq floor known (the service
+also feeds it the tail of a run's commands it had not seen, e.g. its own publish whose answer was
+lost). Both update `state` in place; the service reads the streams and feeds them in oldest first.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torchloom.messages import Command, JobEvent, Outcome
+from weaver import dedupe
 from weaver.model import JobState, Pending, WeaverState
 from weaver.outcomes import settle
 
@@ -39,6 +41,8 @@ def replay_journal(state: WeaverState, entries: Iterable[Outcome | JobEvent]) ->
                 world = int(entry.attrs.get("world_size", "0") or 0)
                 _recovered_job(state, entry.job, entry.run_id, world, entry.time_s)
             continue
+        # Repeats of a decided command id (a refusal too) are answered with the stored decision.
+        dedupe.remember(state, entry)
         cmd = entry.command
         if cmd is None or not cmd.run_id:
             continue

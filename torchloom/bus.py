@@ -25,6 +25,13 @@ Callback = Callable[[], Awaitable[None]]
 # Retention of the durable streams: the journal is an audit trail, so keep it long.
 COMMANDS_MAX_AGE_S = 30 * 24 * 3600.0
 JOURNAL_MAX_AGE_S = 90 * 24 * 3600.0
+# Acks matter until their command's outcome is journaled (seconds to minutes); a day covers a weaver
+# that stays down a long time, the byte cap a flood.
+ACKS_MAX_AGE_S = 24 * 3600.0
+ACKS_MAX_BYTES = 1024 * 1024 * 1024
+# JetStream stores a message once per Nats-Msg-Id within this window: a retried publish of a command,
+# an ack or a journal entry (or a restarted weaver completing the same outcome) is not stored twice.
+DUPLICATE_WINDOW_S = 120.0
 
 
 async def connect(
@@ -51,7 +58,8 @@ async def connect(
     try:
         async with asyncio.timeout(connect_timeout_s + 1.0):
             return await nats.connect(
-                url,
+                # A cluster is a comma-separated list (nats://a:4222,nats://b:4222): connect to any.
+                [u.strip() for u in url.split(",") if u.strip()],
                 name=name,
                 connect_timeout=connect_timeout_s,
                 allow_reconnect=True,
@@ -77,6 +85,7 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
             max_age=COMMANDS_MAX_AGE_S,
+            duplicate_window=DUPLICATE_WINDOW_S,
             num_replicas=replicas,
             description="torchloom: every validated command, per job and run",
         ),
@@ -87,8 +96,21 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
             max_age=JOURNAL_MAX_AGE_S,
+            duplicate_window=DUPLICATE_WINDOW_S,
             num_replicas=replicas,
             description="torchloom: command outcomes and job events (the audit trail)",
+        ),
+        StreamConfig(
+            name=subjects.STREAM_ACKS,
+            subjects=[subjects.acks_all()],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=ACKS_MAX_AGE_S,
+            max_bytes=ACKS_MAX_BYTES,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=replicas,
+            description="torchloom: every rank's acks, until the weaver has journaled their outcomes",
         ),
     ]
     for config in configs:

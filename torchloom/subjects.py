@@ -12,6 +12,10 @@ PREFIX = "torchloom.v1"
 # JetStream streams.
 STREAM_COMMANDS = "TORCHLOOM_COMMANDS"  # every validated command, per (job, run)
 STREAM_JOURNAL = "TORCHLOOM_JOURNAL"  # outcomes and job events: the durable audit trail
+# Every rank's acks, read by the weaver through a durable consumer (acked once the outcome they
+# complete is journaled), so a weaver that was down when they came still completes every outcome.
+STREAM_ACKS = "TORCHLOOM_ACKS"
+ACKS_CONSUMER = "torchloom-weaver-acks"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

@@ -15,11 +15,12 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from nats.aio.client import Client
 from nats.js import api
+from nats.js.errors import NoStreamResponseError
 
 from threadlet.config import ThreadletConfig
 from threadlet.health import DeviceProbe
@@ -29,6 +30,10 @@ from torchloom.messages import Command, Heartbeat, StepMetrics
 log = logging.getLogger(__name__)
 
 THREAD_NAME = "torchloom-threadlet"
+# How long an ack is retried until its stream stores it: JetStream's duplicate window, so a retry
+# after a lost answer is still recognised as the same message.
+DURABLE_RETRY_S = 120.0
+_DURABLE_WAIT_S = (0.05, 1.0)  # first and longest pause between durable publish attempts
 # Idle heartbeats of the ordered consumer: two missed ones make nats-py recreate the consumer, so
 # a consumer lost with a restarted server comes back within about a second.
 _CONSUMER_IDLE_HEARTBEAT_S = 0.5
@@ -101,6 +106,17 @@ class Link:
         except RuntimeError as exc:  # loop already closed
             self.errors.append(f"publish on {subject} dropped: {exc}")
 
+    def publish_durable(self, subject: str, data: bytes, msg_id: str) -> None:
+        """Like `publish`, but retried until the JetStream stream capturing `subject` stores it
+        (an ack must reach the weaver even across a server restart); `msg_id` makes repeats one
+        message. Never blocks, never raises."""
+        if self._closing:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._track, self._publish_durable(subject, data, msg_id))
+        except RuntimeError as exc:  # loop already closed
+            self.errors.append(f"publish on {subject} dropped: {exc}")
+
     def close(self, final_status: Heartbeat | None) -> None:
         """Send `final_status` (best effort, bounded), close NATS and stop the thread; idempotent."""
         if self._closing:
@@ -128,9 +144,36 @@ class Link:
             self._loop.close()
 
     def _publish_soon(self, subject: str, data: bytes) -> None:
-        task = self._loop.create_task(self._publish(subject, data))
+        self._track(self._publish(subject, data))
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    async def _publish_durable(self, subject: str, data: bytes, msg_id: str) -> None:
+        cfg = self._config
+        end = time.monotonic() + DURABLE_RETRY_S
+        wait, longest = _DURABLE_WAIT_S
+        while True:
+            nc = self._nc
+            try:
+                if nc is None or nc.is_closed:
+                    raise ConnectionError("not connected to NATS")
+                js = nc.jetstream(timeout=cfg.connect_timeout_s)
+                await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+                return
+            except NoStreamResponseError:
+                # No stream captures the subject (a weaver that keeps none): a plain publish is all
+                # there is to do.
+                await self._publish(subject, data)
+                return
+            except Exception as exc:  # a restarting server or stream leader: try again
+                if self._closing or time.monotonic() > end:
+                    self.errors.append(f"publish on {subject} not stored: {exc!r}")
+                    return
+            await asyncio.sleep(wait)
+            wait = min(longest, wait * 2)
 
     async def _publish(self, subject: str, data: bytes) -> None:
         nc = self._nc

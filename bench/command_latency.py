@@ -25,8 +25,8 @@ from pathlib import Path
 from torchloom import messages as m
 from torchloom.client import ControlClient
 from torchloom.nats_server import EmbeddedNats
+from weaver.app import open_weaver
 from weaver.config import WeaverConfig
-from weaver.service import Weaver
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     job, run_id = "bench", uuid.uuid4().hex[:12]
     with EmbeddedNats(tmp / "nats") as server:
-        async with Weaver(WeaverConfig(nats_url=server.url)) as weaver:
+        async with open_weaver(WeaverConfig(nats_url=server.url)) as weaver:
             env = dict(os.environ, TORCHLOOM_NATS_URL=server.url, TORCHLOOM_JOB=job, TORCHLOOM_RUN_ID=run_id)
             env.setdefault("OMP_NUM_THREADS", "1")
             proc = await asyncio.create_subprocess_exec(

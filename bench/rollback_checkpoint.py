@@ -31,8 +31,8 @@ from pathlib import Path
 from torchloom import messages as m
 from torchloom.client import ControlClient
 from torchloom.nats_server import EmbeddedNats
+from weaver.app import open_weaver
 from weaver.config import WeaverConfig
-from weaver.service import Weaver
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "scripts" / "sized_train.py"
@@ -91,7 +91,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             TORCHLOOM_CHECKPOINT_DIR=str(tmp / "ckpt"),
             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
         )  # fmt: skip
-        async with Weaver(WeaverConfig(nats_url=server.url, command_timeout_s=600)) as weaver:
+        async with open_weaver(WeaverConfig(nats_url=server.url, command_timeout_s=600)) as weaver:
             proc = await launch(dict(base_env, TORCHLOOM_RUN_ID=run_id), args, out)
             try:
                 async with ControlClient(weaver.grpc_address, command_timeout_s=600) as client:

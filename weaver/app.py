@@ -1,4 +1,7 @@
-"""The weaver's entry points: `serve()` for embedding (CLI, launcher) and `main()` for `python -m weaver`."""
+"""The weaver's composition and entry points: `open_weaver()` starts a `Weaver` and then the gRPC
+Control service over it; `serve()` runs that for embedding (CLI, launcher) and `main()` for
+`python -m weaver`.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +11,57 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from torchloom import defaults
 from torchloom.policy import PolicyMode
 from weaver.config import WeaverConfig
+from weaver.grpc_api import ControlServer
 from weaver.health_policy import DEFAULT_DEAD_AFTER_S
 from weaver.service import Weaver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunningWeaver:
+    """A started `Weaver` and the gRPC Control service serving it."""
+
+    weaver: Weaver
+    control: ControlServer
+
+    @property
+    def grpc_address(self) -> str:
+        """`host:port` the Control service listens on (the bound port when 0 was asked)."""
+        return self.control.address
+
+
+@contextlib.asynccontextmanager
+async def open_weaver(config: WeaverConfig) -> AsyncIterator[RunningWeaver]:
+    """Start a weaver, then its gRPC Control service on `config.grpc_addr`; stop them in reverse order.
+
+    Raises:
+        OSError: the gRPC address cannot be bound (the weaver is closed again).
+        NatsUnavailable: NATS cannot be reached.
+    """
+    async with Weaver(config) as weaver, ControlServer(weaver, config.grpc_addr) as control:
+        log.info("weaver serving gRPC on %s", control.address)
+        yield RunningWeaver(weaver, control)
 
 
 async def serve(
     config: WeaverConfig,
     *,
-    ready: Callable[[Weaver], None] | None = None,
+    ready: Callable[[RunningWeaver], None] | None = None,
     handle_sigterm: bool = False,
 ) -> None:
-    """Run a weaver until cancelled, closed or (with `handle_sigterm`) SIGTERM.
+    """Run a weaver and its gRPC Control service until cancelled, closed or (with `handle_sigterm`)
+    SIGTERM.
 
     Args:
         config: the weaver's configuration.
-        ready: called once with the weaver after its gRPC address is bound.
+        ready: called once with the running weaver after its gRPC address is bound.
         handle_sigterm: stop cleanly on SIGTERM. Off by default because an embedding entry point
             (the CLI, the launcher forwarding signals to torchrun) owns its signals. When on, the
             handler is installed only if the main thread runs this loop and nobody else handles
@@ -45,10 +79,10 @@ async def serve(
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         installed = True
     try:
-        async with Weaver(config) as weaver:
+        async with open_weaver(config) as running:
             if ready is not None:
-                ready(weaver)
-            closed = asyncio.ensure_future(weaver.wait_closed())
+                ready(running)
+            closed = asyncio.ensure_future(running.weaver.wait_closed())
             stopped = asyncio.ensure_future(stop.wait())
             try:
                 await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -102,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    def _ready(w: Weaver) -> None:
+    def _ready(w: RunningWeaver) -> None:
         print(f"weaver ready: grpc {w.grpc_address}, nats {config.nats_url}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -1,19 +1,23 @@
-"""The gRPC Control service (Submit, Status, Watch, Journal) over a running `Weaver`.
+"""The gRPC Control service (Submit, Status, Watch, Journal) over a running weaver.
 
-Messages cross the wire through `torchloom.wire` only; handlers are registered generically, so no
-generated servicer class is needed.
+It depends on the `ControlBackend` protocol only (which `weaver.service.Weaver` satisfies), so the
+service never imports this module and this module never imports the service; the composition
+(`weaver.app`) starts a `Weaver` and then a `ControlServer` over it. Messages cross the wire through
+`torchloom.wire` only; handlers are registered generically, so no generated servicer class is needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import Protocol, Self
 
 import grpc
 
 from torchloom import defaults, wire
 from torchloom.errors import JobNotFound, NatsUnavailable
 from torchloom.messages import (
+    JobEvent,
     JournalRequest,
     Outcome,
     StatusReply,
@@ -23,13 +27,32 @@ from torchloom.messages import (
     WatchRequest,
 )
 
-if TYPE_CHECKING:
-    from weaver.service import Weaver
-
 SERVICE = defaults.GRPC_SERVICE
+# How long a stop lets in-flight calls (open Watch streams among them) finish before cancelling them.
+STOP_GRACE_S = 0.2
 
 
-def _handlers(weaver: Weaver) -> grpc.GenericRpcHandler[object, object]:
+class ControlBackend(Protocol):
+    """What the Control service needs of a weaver: the four calls it exposes."""
+
+    async def submit(self, req: SubmitRequest) -> Outcome:
+        """Validate, publish and wait for a command's outcome (raises `NatsUnavailable`)."""
+        ...
+
+    def status(self, job: str = "") -> StatusReply:
+        """A snapshot of one job, or of every job for "" (raises `JobNotFound`)."""
+        ...
+
+    def iter_watch(self, job: str = "") -> AsyncIterator[WatchEvent]:
+        """The live feed of one job, or of every job for ""."""
+        ...
+
+    def journal(self, job: str = "", *, follow: bool = False) -> AsyncIterator[Outcome | JobEvent]:
+        """The durable journal, oldest first (raises `ValueError`, `NatsUnavailable`)."""
+        ...
+
+
+def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
     async def submit(
         req: SubmitRequest, context: grpc.aio.ServicerContext[SubmitRequest, Outcome]
     ) -> Outcome:
@@ -86,22 +109,55 @@ def _handlers(weaver: Weaver) -> grpc.GenericRpcHandler[object, object]:
     )
 
 
-async def start_grpc(weaver: Weaver, address: str) -> tuple[grpc.aio.Server, int]:
-    """Start the Control service on `address` (`host:port`, port 0 picks one).
+class ControlServer:
+    """The gRPC Control service over `backend`, bound to `address` (`host:port`; port 0 picks one).
 
-    Returns:
-        The running `grpc.aio.Server` and the port it bound.
-
-    Raises:
-        OSError: the address cannot be bound.
+    Use as `async with ControlServer(weaver, config.grpc_addr) as server:` over a started weaver;
+    `close()` is idempotent.
     """
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((_handlers(weaver),))
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:  # grpc raises this (older versions returned 0) when binding fails
-        port = 0
-    if port == 0:
-        raise OSError(f"cannot bind the gRPC Control service to {address}: is the port in use?")
-    await server.start()
-    return server, port
+
+    def __init__(self, backend: ControlBackend, address: str) -> None:
+        self.backend = backend
+        self.requested_address = address
+        self._server: grpc.aio.Server | None = None
+        self._port = 0
+
+    @property
+    def address(self) -> str:
+        """`host:port` the service listens on (the bound port when 0 was asked)."""
+        host = self.requested_address.rpartition(":")[0]
+        return f"{host}:{self._port}"
+
+    async def start(self) -> None:
+        """Bind and start serving.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((_handlers(self.backend),))
+        try:
+            port = server.add_insecure_port(self.requested_address)
+        except RuntimeError:  # grpc raises this (older versions returned 0) when binding fails
+            port = 0
+        if port == 0:
+            raise OSError(
+                f"cannot bind the gRPC Control service to {self.requested_address}: is the port in use?"
+            )
+        await server.start()
+        self._server, self._port = server, port
+
+    async def close(self) -> None:
+        """Stop serving: calls in flight get `STOP_GRACE_S` to finish, then are cancelled."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace=STOP_GRACE_S)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,9 +1,11 @@
-"""The weaver's I/O shell: NATS subscriptions, JetStream publishing, the gRPC server and watchers.
+"""The weaver's I/O shell: NATS subscriptions, the request-reply API, command publishing and watchers.
 
 Every decision is delegated to the pure functions and mutators of `weaver.liveness`, `weaver.submits`,
 `weaver.outcomes`, `weaver.health_plan` and `weaver.recovery`; this module only feeds them messages
-and carries out what they return. Callbacks never block: slow work (JetStream publishes, request
-handling) runs in tasks owned by the weaver's TaskGroup.
+and carries out what they return. JetStream reads and writes go through `weaver.streams`. Callbacks
+never block: slow work (JetStream publishes, request handling) runs in tasks owned by the weaver's
+TaskGroup. The gRPC Control service is not started here: the composition (`weaver.app`) serves it
+over a started `Weaver`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from typing import Any, Self
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.errors import APIError, NotFoundError
 
 from torchloom import bus, naming, subjects, wire
 from torchloom.errors import CommandRejected, JobNotFound, NatsUnavailable
@@ -41,20 +41,13 @@ from weaver import health_plan, liveness, outcomes, recovery, submits
 from weaver import health_policy as hp
 from weaver.config import WeaverConfig
 from weaver.model import WeaverState
+from weaver.streams import Outbox, SeqConflict, Streams
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "torchloom-weaver"
-# JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
-_WRONG_LAST_SEQUENCE = 10071
-# Outbound journal/event publishes waiting for JetStream; past this we drop rather than grow.
-_OUTBOX_SIZE = 10_000
 
 __all__ = ["QUEUE_GROUP", "Watcher", "Weaver"]
-
-
-class _SeqConflict(Exception):
-    """Another writer stored a command on the run's subject since this weaver last looked."""
 
 
 class Watcher:
@@ -97,17 +90,20 @@ class Watcher:
 class Weaver:
     """The central service. Use as `async with Weaver(config) as w:`.
 
-    Entering connects to NATS, ensures the JetStream streams, subscribes to heartbeats, acks,
-    metrics and the request-reply API, and starts the gRPC Control service on `grpc_address`.
+    Entering connects to NATS, ensures the JetStream streams, recovers its state from them and
+    subscribes to heartbeats, acks, metrics and the request-reply API. Its components: `state` (the
+    `WeaverState` the decision modules read and update), the JetStream `Streams` (once started) and
+    the `Outbox` of journal entries and events. The gRPC Control service is served over it by the
+    composition (`weaver.app.open_weaver`), through the methods `submit`, `status`, `iter_watch` and
+    `journal`.
     """
 
     def __init__(self, config: WeaverConfig) -> None:
         self.config = config
         self.state = WeaverState()
         self._nc: Client | None = None
-        self._js: JetStreamContext | None = None
-        self._grpc: Any = None
-        self._grpc_port = 0
+        self._streams: Streams | None = None
+        self._outbox = Outbox()
         self._runner: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._started = asyncio.Event()
@@ -116,7 +112,6 @@ class Weaver:
         self._submit_lock = asyncio.Lock()
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._watchers: set[Watcher] = set()
-        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(_OUTBOX_SIZE)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -130,27 +125,25 @@ class Weaver:
         await self.close()
 
     @property
-    def grpc_address(self) -> str:
-        """`host:port` the gRPC Control service listens on (the actual port when 0 was asked)."""
-        host = self.config.grpc_addr.rpartition(":")[0]
-        return f"{host}:{self._grpc_port}"
-
-    @property
     def nats(self) -> Client:
         assert self._nc is not None, "the weaver is not started"
         return self._nc
 
-    async def start(self) -> None:
-        """Connect, subscribe and serve; undone by `close()` even when it fails halfway."""
-        from weaver.grpc_api import start_grpc  # import here: grpc_api imports this module
+    @property
+    def streams(self) -> Streams:
+        assert self._streams is not None, "the weaver is not started"
+        return self._streams
 
+    async def start(self) -> None:
+        """Connect, recover and subscribe; undone by `close()` even when it fails halfway."""
         try:
             self._nc = await bus.connect(
                 self.config.nats_url, name="torchloom-weaver", connect_timeout_s=self.config.nats_timeout_s
             )
-            self._js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
+            js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
+            self._streams = Streams(js, self.config.nats_timeout_s)
             async with asyncio.timeout(self.config.nats_timeout_s):
-                await bus.ensure_streams(self._js, replicas=self.config.replicas)
+                await bus.ensure_streams(js, replicas=self.config.replicas)
             # Before the subscriptions: acks of commands from before a restart must find them pending.
             await self._recover()
             nc = self._nc
@@ -163,18 +156,17 @@ class Weaver:
                 await nc.flush()
             self._runner = asyncio.create_task(self._run(), name="torchloom-weaver")
             await self._started.wait()
-            self._grpc, self._grpc_port = await start_grpc(self, self.config.grpc_addr)
         except BaseException:
             await self.close()
             raise
-        log.info("weaver up: nats %s, grpc %s", self.config.nats_url, self.grpc_address)
+        log.info("weaver up: nats %s", self.config.nats_url)
 
     async def _run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tg.create_task(self._liveness_loop(), name="weaver-liveness")
-                tg.create_task(self._publish_loop(), name="weaver-publisher")
+                tg.create_task(self._outbox.run(self._publish), name="weaver-publisher")
                 self._started.set()
         finally:
             self._tg = None
@@ -194,8 +186,6 @@ class Weaver:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        if self._grpc is not None:
-            await self._grpc.stop(grace=0.2)
         for watcher in list(self._watchers):
             watcher.close()
         if self._runner is not None:
@@ -255,17 +245,13 @@ class Weaver:
         await self.nats.publish(subjects.launcher(plan.job), wire.encode(request))
         health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
 
-    async def _publish_loop(self) -> None:
-        while True:
-            subject, payload = await self._outbox.get()
-            try:
-                if self.config.journal and self._js is not None:
-                    async with asyncio.timeout(self.config.nats_timeout_s):
-                        await self._js.publish(subject, payload)
-                else:
-                    await self.nats.publish(subject, payload)
-            except Exception as exc:  # the journal is best effort; the weaver must keep going
-                log.warning("could not publish to %s: %s", subject, exc)
+    async def _publish(self, subject: str, payload: bytes) -> None:
+        """Publish one outbox message: to JetStream when journaling, else to core NATS."""
+        if self.config.journal and self._streams is not None:
+            async with asyncio.timeout(self.config.nats_timeout_s):
+                await self._streams.js.publish(subject, payload)
+        else:
+            await self.nats.publish(subject, payload)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run `coro` in the TaskGroup; its failure is logged, never allowed to stop the weaver."""
@@ -281,19 +267,13 @@ class Weaver:
 
         self._tg.create_task(guarded(), name=name)
 
-    def _enqueue(self, subject: str, payload: bytes) -> None:
-        try:
-            self._outbox.put_nowait((subject, payload))
-        except asyncio.QueueFull:
-            log.warning("outbox full: dropped a message for %s", subject)
-
     def _fan_out(self, ev: WatchEvent) -> None:
         for watcher in self._watchers:
             watcher.push(ev)
 
     def _announce(self, ev: JobEvent) -> None:
         self._fan_out(ev)
-        self._enqueue(subjects.events(ev.job), wire.encode(ev))
+        self._outbox.put(subjects.events(ev.job), wire.encode(ev))
 
     def _finish(self, outcome: Outcome) -> None:
         """Deliver a final outcome: to its waiting submitter, watchers, the journal and the events."""
@@ -302,7 +282,7 @@ class Weaver:
             fut.set_result(outcome)
         self._fan_out(outcome)
         if self.config.journal:
-            self._enqueue(subjects.journal(outcome.job), wire.encode(outcome))
+            self._outbox.put(subjects.journal(outcome.job), wire.encode(outcome))
         self._announce(outcomes.outcome_event(outcome, time.time()))
 
     # ---- NATS callbacks -------------------------------------------------------------------------
@@ -381,16 +361,7 @@ class Weaver:
             await self._load_seq_floor_locked(job, run_id)
 
     async def _load_seq_floor_locked(self, job: str, run_id: str) -> None:
-        assert self._js is not None
-        try:
-            async with asyncio.timeout(self.config.nats_timeout_s):
-                raw = await self._js.get_last_msg(subjects.STREAM_COMMANDS, subjects.commands(job, run_id))
-        except NotFoundError:
-            last, stream_seq = 0, 0
-        except Exception as exc:
-            raise NatsUnavailable(f"cannot read the last command of {job}/{run_id}: {exc}") from exc
-        else:
-            last, stream_seq = wire.decode_command(raw.data or b"").seq, raw.seq or 0
+        last, stream_seq = await self.streams.last_command(job, run_id)
         submits.set_seq_floor(self.state, job, run_id, last, stream_seq)
 
     async def submit(self, req: SubmitRequest) -> Outcome:
@@ -419,7 +390,7 @@ class Weaver:
                     try:
                         await self._publish_command(cmd, job.last_stream_seq)
                         break
-                    except _SeqConflict as exc:
+                    except SeqConflict as exc:
                         if attempt == 2:
                             raise NatsUnavailable(
                                 f"command for {job.job} was not stored: another weaver keeps publishing "
@@ -441,34 +412,17 @@ class Weaver:
         """Store `cmd` in JetStream, only if the run's subject still ends at `expected_stream_seq`.
 
         Raises:
-            _SeqConflict: another writer stored a command there first (the seq may be taken).
+            SeqConflict: another writer stored a command there first (the seq may be taken).
             NatsUnavailable: the command could not be stored.
         """
-        assert self._js is not None
         submits.mark_published(self.state, cmd, time.time())
         try:
-            async with asyncio.timeout(self.config.nats_timeout_s):
-                ack = await self._js.publish(
-                    subjects.commands(cmd.job, cmd.run_id),
-                    wire.encode(cmd),
-                    headers={
-                        # The msg id lets JetStream drop a duplicate if this publish is ever retried.
-                        "Nats-Msg-Id": cmd.command_id,
-                        # Two weavers must never hand out the same seq: JetStream refuses the second.
-                        "Nats-Expected-Last-Subject-Sequence": str(expected_stream_seq),
-                    },
-                )
-        except APIError as exc:
+            stream_seq = await self.streams.store_command(cmd, expected_stream_seq)
+        except (SeqConflict, NatsUnavailable):
             submits.abandon(self.state, cmd)
             self._waiters.pop(cmd.command_id, None)
-            if exc.err_code == _WRONG_LAST_SEQUENCE:
-                raise _SeqConflict(str(exc.description)) from exc
-            raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
-        except Exception as exc:
-            submits.abandon(self.state, cmd)
-            self._waiters.pop(cmd.command_id, None)
-            raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
-        submits.mark_stored(self.state, cmd, ack.seq)
+            raise
+        submits.mark_stored(self.state, cmd, stream_seq)
 
     def status(self, job: str = "") -> StatusReply:
         """A snapshot of one job, or of every job for an empty name.
@@ -505,76 +459,17 @@ class Weaver:
 
     # ---- the journal ----------------------------------------------------------------------------
 
-    async def _read_stream(self, stream: str, subject: str, *, follow: bool) -> AsyncIterator[Msg]:
-        """Messages of `stream` matching `subject`, oldest first, through an ordered consumer.
-
-        Without `follow` it ends at the last matching message stored when it was called.
-        """
-        assert self._js is not None
-        js, deadline = self._js, self.config.nats_timeout_s
-        try:
-            async with asyncio.timeout(deadline):
-                last = (await js.get_last_msg(stream, subject)).seq or 0
-        except NotFoundError:
-            last = 0
-        if last == 0 and not follow:
-            return
-        async with asyncio.timeout(deadline):
-            sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-        try:
-            while True:
-                # Following waits for new entries as long as the reader wants them.
-                msg = await sub.next_msg(timeout=None if follow else deadline)
-                yield msg
-                if not follow and msg.metadata.sequence.stream >= last:
-                    return
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    async def journal(self, job: str = "", *, follow: bool = False) -> AsyncIterator[Outcome | JobEvent]:
-        """The durable journal: final command outcomes and job events, oldest first.
-
-        Args:
-            job: one job's entries, or every job's for "".
-            follow: keep streaming new entries; otherwise end at the last entry stored now.
-
-        Raises:
-            ValueError: `job` is not a valid job name.
-            NatsUnavailable: JetStream did not answer in time.
-        """
-        token = subjects.check_token("job", job) if job else "*"
-        # Both journal.<job> and events.<job> and nothing else of the stream match this filter.
-        subject = f"{subjects.PREFIX}.*.{token}"
-        journal_prefix = subjects.journal_all()[:-1]
-        try:
-            async for msg in self._read_stream(subjects.STREAM_JOURNAL, subject, follow=follow):
-                try:
-                    if msg.subject.startswith(journal_prefix):
-                        yield wire.decode_outcome(msg.data)
-                    else:
-                        yield wire.decode_event(msg.data)
-                except ValueError as exc:
-                    log.warning("skipped a malformed journal entry on %s: %s", msg.subject, exc)
-        except TimeoutError as exc:
-            raise NatsUnavailable(
-                f"the journal stream did not answer within {self.config.nats_timeout_s:g}s"
-            ) from exc
+    def journal(self, job: str = "", *, follow: bool = False) -> AsyncIterator[Outcome | JobEvent]:
+        """The durable journal of one job (or of all for ""), oldest first; see `Streams.journal`."""
+        return self.streams.journal(job, follow=follow)
 
     async def _recover(self) -> None:
         """Rebuild jobs, registries, seq floors and in-flight commands from the streams."""
         if not self.config.journal:
             return
-        recovery.replay_journal(self.state, [e async for e in self.journal()])
+        recovery.replay_journal(self.state, [e async for e in self.streams.journal()])
         for job in list(self.state.jobs.values()):
-            commands: list[tuple[Command, int]] = []
-            subject = subjects.commands(job.job, job.run_id)
-            try:
-                async for msg in self._read_stream(subjects.STREAM_COMMANDS, subject, follow=False):
-                    with contextlib.suppress(ValueError):
-                        commands.append((wire.decode_command(msg.data), msg.metadata.sequence.stream))
-            except TimeoutError as exc:
-                raise NatsUnavailable(f"the commands stream did not answer for {job.job}: {exc}") from exc
+            commands = await self.streams.commands(job.job, job.run_id)
             recovery.replay_commands(self.state, job.job, job.run_id, commands)
             log.info(
                 "recovered job %s run %s: seq %d, %d checkpoint(s), %d in flight",

@@ -24,8 +24,8 @@ from torchloom import subjects, wire
 from torchloom.client import ControlClient
 from torchloom.messages import Ack, Action, ActionKind, Issuer, OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
+from weaver.app import open_weaver
 from weaver.config import WeaverConfig
-from weaver.service import Weaver
 
 WORLD = 4
 COMMANDS = 200
@@ -74,7 +74,7 @@ async def test_random_commands_with_random_delivery_delays_apply_identically_on_
         acks.append(wire.decode_ack(msg.data))
 
     await tap.subscribe(subjects.acks(job), cb=on_ack)
-    async with Weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)) as weaver:
+    async with open_weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)) as weaver:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--standalone",
             str(REPO / "examples" / "train_tiny.py"), "--steps", "100000", "--step-sleep", "0.002",

@@ -19,8 +19,8 @@ from tests.integration.helpers import until
 from torchloom.client import ControlClient
 from torchloom.messages import Issuer, JobEvent, Outcome, OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
+from weaver.app import open_weaver
 from weaver.config import WeaverConfig
-from weaver.service import Weaver
 
 JOB = "durable"
 
@@ -63,7 +63,7 @@ async def test_journal_survives_weaver_and_nats_server_restart(
     issuer = Issuer(kind="agent", identity="durability-test")
     try:
         async with (
-            Weaver(WeaverConfig(nats_url=server.url)) as weaver,
+            open_weaver(WeaverConfig(nats_url=server.url)) as weaver,
             ControlClient(weaver.grpc_address) as c,
         ):
             await wait_for_ranks(c, 2)
@@ -80,7 +80,7 @@ async def test_journal_survives_weaver_and_nats_server_restart(
         server.stop()  # terminate, wait, kill; the store stays on disk
         server.start()  # same port, same store
         async with (
-            Weaver(WeaverConfig(nats_url=server.url)) as weaver,
+            open_weaver(WeaverConfig(nats_url=server.url)) as weaver,
             ControlClient(weaver.grpc_address) as c,
         ):
             step_after = await wait_for_ranks(c, 2)  # the ranks reconnected by themselves

@@ -17,8 +17,8 @@ from tests.integration.helpers import read_records, replay_plan, submit, wait_tr
 from torchloom.client import ControlClient
 from torchloom.messages import Action, ActionKind, OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
+from weaver.app import open_weaver
 from weaver.config import WeaverConfig
-from weaver.service import Weaver
 
 STEPS = 3000  # an upper bound: the stop action ends the run
 
@@ -40,7 +40,10 @@ async def test_checkpoint_eval_rollback_stop_then_replay_is_bit_identical(
     job = "actjob"
     out = tmp_path / "live"
     env = job_env(subprocess_env, tmp_path, job, TORCHLOOM_NATS_URL=nats_server.url)
-    async with Weaver(WeaverConfig(nats_url=nats_server.url)) as w, ControlClient(w.grpc_address) as client:
+    async with (
+        open_weaver(WeaverConfig(nats_url=nats_server.url)) as w,
+        ControlClient(w.grpc_address) as client,
+    ):
         proc = torchrun(out, env)
         procs.append(proc)
         await wait_training(client, job, proc, out)
@@ -119,7 +122,10 @@ async def test_fault_inject_turns_the_target_ranks_device_unhealthy(
     env = job_env(
         subprocess_env, tmp_path, job, TORCHLOOM_NATS_URL=nats_server.url, TORCHLOOM_ALLOW_FAULT_INJECTION="1"
     )
-    async with Weaver(WeaverConfig(nats_url=nats_server.url)) as w, ControlClient(w.grpc_address) as client:
+    async with (
+        open_weaver(WeaverConfig(nats_url=nats_server.url)) as w,
+        ControlClient(w.grpc_address) as client,
+    ):
         proc = torchrun(out, env)
         procs.append(proc)
         await wait_training(client, job, proc, out)

@@ -17,8 +17,8 @@ from tests.integration.test_threadlet_actions import job_env, torchrun
 from torchloom.client import ControlClient
 from torchloom.messages import Action, ActionKind, SetConfig
 from torchloom.nats_server import EmbeddedNats
+from weaver.app import open_weaver
 from weaver.config import WeaverConfig
-from weaver.service import Weaver
 
 ALL_KNOBS = {"lr", "weight_decay", "betas", "eps", "grad_clip_norm", "grad_accum_steps", "batch_size", "mix"}
 FIRST = {
@@ -76,7 +76,10 @@ async def test_every_knob_takes_effect_at_the_decided_step_and_replay_is_bit_ide
     gen = torch.Generator().manual_seed(5)
     torch.save(torch.randn(100, 9, generator=gen), extra)
     env = job_env(subprocess_env, tmp_path, job, TORCHLOOM_NATS_URL=nats_server.url)
-    async with Weaver(WeaverConfig(nats_url=nats_server.url)) as w, ControlClient(w.grpc_address) as client:
+    async with (
+        open_weaver(WeaverConfig(nats_url=nats_server.url)) as w,
+        ControlClient(w.grpc_address) as client,
+    ):
         proc = torchrun(out, env)
         procs.append(proc)
         await wait_training(client, job, proc, out)

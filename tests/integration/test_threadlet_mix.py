@@ -16,8 +16,8 @@ from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound
 from torchloom.messages import OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
+from weaver.app import open_weaver
 from weaver.config import WeaverConfig
-from weaver.service import Weaver
 
 SCRIPT = REPO / "tests" / "integration" / "scripts" / "mix_train.py"
 JOB = "mixjob"
@@ -32,7 +32,10 @@ async def test_live_mix_changes_the_drawn_sources_from_the_decided_step_on_both_
 ) -> None:
     out = tmp_path / "out"
     env = job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url)
-    async with Weaver(WeaverConfig(nats_url=nats_server.url)) as w, ControlClient(w.grpc_address) as client:
+    async with (
+        open_weaver(WeaverConfig(nats_url=nats_server.url)) as w,
+        ControlClient(w.grpc_address) as client,
+    ):
         proc = torchrun(out, env, steps=STEPS, step_sleep=0.02, script=SCRIPT)
         procs.append(proc)
 

@@ -14,24 +14,23 @@ import pytest
 
 from torchloom.client import ControlClient
 from torchloom.nats_server import EmbeddedNats
-from weaver.app import serve
+from weaver.app import RunningWeaver, serve
 from weaver.config import WeaverConfig
-from weaver.service import Weaver
 
 
 async def test_serve_reports_ready_and_stops_on_cancel(nats_server: EmbeddedNats) -> None:
-    ready: asyncio.Future[Weaver] = asyncio.get_running_loop().create_future()
+    ready: asyncio.Future[RunningWeaver] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(WeaverConfig(nats_url=nats_server.url), ready=ready.set_result))
-    weaver = await asyncio.wait_for(ready, 10)
-    assert re.fullmatch(r"127\.0\.0\.1:\d+", weaver.grpc_address)
-    assert not weaver.grpc_address.endswith(":0")
-    async with ControlClient(weaver.grpc_address) as client:
+    running = await asyncio.wait_for(ready, 10)
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", running.grpc_address)
+    assert not running.grpc_address.endswith(":0")
+    async with ControlClient(running.grpc_address) as client:
         assert (await client.status()).jobs == ()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(task, 10)
-    await asyncio.wait_for(weaver.wait_closed(), 5)
-    assert weaver.nats.is_closed
+    await asyncio.wait_for(running.weaver.wait_closed(), 5)
+    assert running.weaver.nats.is_closed
 
 
 def test_python_m_weaver_exits_cleanly_on_sigterm(

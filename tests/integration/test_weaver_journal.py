@@ -32,7 +32,7 @@ from torchloom.messages import (
     WatchEvent,
 )
 from torchloom.nats_server import EmbeddedNats
-from weaver.service import Weaver
+from weaver.app import open_weaver
 
 JOB = "jjob"
 RUN = "run1"
@@ -161,7 +161,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
     nats_server: EmbeddedNats, nc: Any
 ) -> None:
     async with Ranks(nc) as ranks:
-        async with Weaver(weaver_config(nats_server)) as w1, ControlClient(w1.grpc_address) as client:
+        async with open_weaver(weaver_config(nats_server)) as w1, ControlClient(w1.grpc_address) as client:
             await live(client)
             ck = await client.submit(
                 SubmitRequest(
@@ -185,7 +185,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
             )
             assert bad.status is OutcomeStatus.REJECTED
             assert "checkpoint 'nope' does not exist: known checkpoints are ckpt-1 (tag good)" in bad.reason
-            assert await commands_stored(nc) == stored and w1.state.jobs[JOB].last_seq == 2
+            assert await commands_stored(nc) == stored and w1.weaver.state.jobs[JOB].last_seq == 2
 
             rb = await client.submit(
                 SubmitRequest(
@@ -231,7 +231,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
         assert any(isinstance(e, JobEvent) and e.kind == "rank_joined" for e in before)
         assert [c.id for c in status1.checkpoints] == ["ckpt-1"] and status1.branch == "b3"
 
-        async with Weaver(weaver_config(nats_server)) as w2, ControlClient(w2.grpc_address) as client:
+        async with open_weaver(weaver_config(nats_server)) as w2, ControlClient(w2.grpc_address) as client:
             # Straight from the streams, before any heartbeat reached this weaver.
             status2 = (await client.status(JOB)).jobs[0]
             assert status2.checkpoints == status1.checkpoints
@@ -280,7 +280,7 @@ async def test_frozen_step_is_hung_and_silence_is_dead(nats_server: EmbeddedNats
     await nc.subscribe(subjects.events(JOB), cb=on_event)
     async with (
         Ranks(nc) as ranks,
-        Weaver(weaver_config(nats_server, hung_after_s=0.5)) as w,
+        open_weaver(weaver_config(nats_server, hung_after_s=0.5)) as w,
         ControlClient(w.grpc_address) as client,
     ):
         await live(client)
@@ -315,8 +315,8 @@ async def test_frozen_step_is_hung_and_silence_is_dead(nats_server: EmbeddedNats
 async def test_two_weavers_never_publish_the_same_seq(nats_server: EmbeddedNats, nc: Any) -> None:
     async with (
         Ranks(nc) as ranks,
-        Weaver(weaver_config(nats_server)) as w1,
-        Weaver(weaver_config(nats_server)) as w2,
+        open_weaver(weaver_config(nats_server)) as w1,
+        open_weaver(weaver_config(nats_server)) as w2,
         ControlClient(w1.grpc_address) as c1,
         ControlClient(w2.grpc_address) as c2,
     ):
@@ -324,7 +324,7 @@ async def test_two_weavers_never_publish_the_same_seq(nats_server: EmbeddedNats,
         await live(c2)
 
         async def floor_loaded() -> bool:
-            return all(JOB in w.state.jobs and w.state.jobs[JOB].seq_known for w in (w1, w2))
+            return all(JOB in w.weaver.state.jobs and w.weaver.state.jobs[JOB].seq_known for w in (w1, w2))
 
         await until("both weavers loaded the seq floor", floor_loaded)
         first = await c1.submit(SubmitRequest(job=JOB, body=Action(kind=ActionKind.EVAL)))

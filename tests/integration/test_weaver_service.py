@@ -34,6 +34,7 @@ from torchloom.messages import (
     SubmitRequest,
 )
 from torchloom.nats_server import EmbeddedNats
+from weaver.app import open_weaver
 from weaver.service import Weaver
 
 JOB = "tjob"
@@ -119,7 +120,7 @@ async def stream_messages(nc: Any, stream: str) -> int:
 
 async def test_invalid_submit_is_rejected_and_nothing_published(nats_server: EmbeddedNats, nc: Any) -> None:
     async with (
-        Weaver(weaver_config(nats_server)) as w,
+        open_weaver(weaver_config(nats_server)) as w,
         FakeRanks(nc),
         ControlClient(w.grpc_address) as client,
     ):
@@ -133,7 +134,7 @@ async def test_invalid_submit_is_rejected_and_nothing_published(nats_server: Emb
         no_job = await client.submit(SubmitRequest(job="nope", body=SetConfig(values={"lr": "0.1"})))
         assert no_job.status is OutcomeStatus.REJECTED and "no job named 'nope'" in no_job.reason
         assert await stream_messages(nc, subjects.STREAM_COMMANDS) == 0
-        assert w.state.jobs[JOB].last_seq == 0
+        assert w.weaver.state.jobs[JOB].last_seq == 0
 
 
 async def test_submit_applied_journaled_and_watched(nats_server: EmbeddedNats, nc: Any) -> None:
@@ -144,7 +145,7 @@ async def test_submit_applied_journaled_and_watched(nats_server: EmbeddedNats, n
 
     await nc.subscribe(subjects.commands(JOB, RUN), cb=on_cmd)
     async with (
-        Weaver(weaver_config(nats_server)) as w,
+        open_weaver(weaver_config(nats_server)) as w,
         FakeRanks(nc) as ranks,
         ControlClient(w.grpc_address) as client,
     ):
@@ -215,7 +216,7 @@ async def test_rejecting_rank_and_late_acks_after_timeout(nats_server: EmbeddedN
 
     await nc.subscribe(subjects.events(JOB), cb=on_event)
     async with (
-        Weaver(weaver_config(nats_server)) as w,
+        open_weaver(weaver_config(nats_server)) as w,
         FakeRanks(nc) as ranks,
         ControlClient(w.grpc_address) as client,
     ):
@@ -240,7 +241,7 @@ async def test_rejecting_rank_and_late_acks_after_timeout(nats_server: EmbeddedN
 
 async def test_status_over_grpc_and_nats(nats_server: EmbeddedNats, nc: Any) -> None:
     async with (
-        Weaver(weaver_config(nats_server)) as w,
+        open_weaver(weaver_config(nats_server)) as w,
         FakeRanks(nc),
         ControlClient(w.grpc_address) as client,
     ):
@@ -268,12 +269,12 @@ async def test_status_over_grpc_and_nats(nats_server: EmbeddedNats, nc: Any) -> 
 
 async def test_restarted_weaver_continues_seq_from_the_stream(nats_server: EmbeddedNats, nc: Any) -> None:
     async with FakeRanks(nc):
-        async with Weaver(weaver_config(nats_server)) as w1, ControlClient(w1.grpc_address) as client:
+        async with open_weaver(weaver_config(nats_server)) as w1, ControlClient(w1.grpc_address) as client:
             await job_visible(client)
             for _ in range(2):
                 out = await client.submit(SubmitRequest(body=Action(kind=ActionKind.EVAL), timeout_s=0.2))
                 assert out.status is OutcomeStatus.TIMEOUT
-        async with Weaver(weaver_config(nats_server)) as w2, ControlClient(w2.grpc_address) as client:
+        async with open_weaver(weaver_config(nats_server)) as w2, ControlClient(w2.grpc_address) as client:
             # Rebuilt from heartbeats alone (the ranks report last_seq 0: they never acked).
             await job_visible(client)
             out = await client.submit(SubmitRequest(body=Action(kind=ActionKind.EVAL), timeout_s=0.2))
@@ -290,7 +291,7 @@ async def test_new_run_restarts_seq_and_dead_ranks_are_announced(nats_server: Em
         events.append(wire.decode_event(msg.data))
 
     await nc.subscribe(subjects.events(JOB), cb=on_event)
-    async with Weaver(weaver_config(nats_server)) as w, ControlClient(w.grpc_address) as client:
+    async with open_weaver(weaver_config(nats_server)) as w, ControlClient(w.grpc_address) as client:
         async with FakeRanks(nc):
             await job_visible(client)
             out = await client.submit(SubmitRequest(body=Action(kind=ActionKind.EVAL), timeout_s=0.2))

@@ -26,9 +26,8 @@ from torchloom.client import ControlClient
 from torchloom.errors import WeaverUnavailable
 from torchloom.nats_server import EmbeddedNats
 from torchloom.policy import PolicyMode, parse_mode
-from weaver.app import serve
+from weaver.app import RunningWeaver, serve
 from weaver.config import WeaverConfig
-from weaver.service import Weaver
 from weaver.ui_server import serve_ui
 
 log = logging.getLogger(__name__)
@@ -409,9 +408,9 @@ async def hosted_weaver(
         embedded = EmbeddedNats(discovery.home() / "runs" / run_id)
         await asyncio.to_thread(embedded.start)
         url, ws_url = embedded.url, embedded.ws_url
-    ready: asyncio.Future[Weaver] = asyncio.get_running_loop().create_future()
+    ready: asyncio.Future[RunningWeaver] = asyncio.get_running_loop().create_future()
 
-    def _ready(w: Weaver) -> None:
+    def _ready(w: RunningWeaver) -> None:
         if not ready.done():
             ready.set_result(w)
 

@@ -96,6 +96,11 @@ def check_heartbeat(
         return None
     if hb.world_size != job.world_size and _live(job, now, dead_after_s):
         return f"world_size={hb.world_size} differs from run {job.run_id}'s {job.world_size}"
+    entry = job.ranks.get(hb.rank)
+    if entry is not None and entry.incarnation != hb.incarnation and is_alive(entry, now, dead_after_s):
+        # A restarted process comes back after its predecessor stopped heartbeating (and usually
+        # as an attempt of the run); two live processes claiming one rank cannot both be it.
+        return f"rank {hb.rank} is alive as incarnation {entry.incarnation}, not {hb.incarnation[:64]!r}"
     if hb.rank not in job.ranks and sum(len(j.ranks) for j in state.jobs.values()) >= limits.max_ranks_total:
         return f"the weaver tracks {limits.max_ranks_total} ranks, its limit (max_ranks_total)"
     return None
@@ -178,30 +183,25 @@ class Refusals:
     _last_at: dict[str, float] = field(default_factory=dict)
 
     def note(
-        self, kind: str, job: str, run_id: str, reason: str, now: float, **attrs: str
+        self, kind: str, job: str, run_id: str, message: str, now: float, *, key: str = "", **attrs: str
     ) -> JobEvent | None:
-        """Count a refusal of a `kind` message (heartbeat, ack, metrics, command, ...); return the event
-        to announce, or None while the kind is rate-limited."""
+        """Count a refusal of a `kind` message (heartbeat, ack, metrics, command, ...) and return the
+        "refused" event to announce, or None while `key` (default: the kind) is rate-limited."""
+        key = key or kind
         self.total[kind] = self.total.get(kind, 0) + 1
-        self._since[kind] = self._since.get(kind, 0) + 1
-        if now - self._last_at.get(kind, -1e18) < self.interval_s:
+        self._since[key] = self._since.get(key, 0) + 1
+        if now - self._last_at.get(key, -1e18) < self.interval_s:
             return None
-        count, self._since[kind] = self._since[kind], 0
-        self._last_at[kind] = now
-        suffix = f" ({count - 1} more {kind} refusal(s) since the last report)" if count > 1 else ""
+        count, self._since[key] = self._since[key], 0
+        self._last_at[key] = now
+        suffix = f" ({count - 1} more like it since the last report)" if count > 1 else ""
         return JobEvent(
             job=job if _token_ok(job) else WEAVER_JOB,
             run_id=run_id if _token_ok(run_id) else "",
             kind="refused",
-            message=f"{kind} refused: {reason}{suffix}",
+            message=message + suffix,
             time_s=now,
-            attrs={
-                "what": kind,
-                "reason": reason,
-                "count": str(count),
-                "total": str(self.total[kind]),
-                **attrs,
-            },
+            attrs={"what": kind, "count": str(count), "total": str(self.total[kind]), **attrs},
         )
 
 

@@ -98,8 +98,8 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
     job.world_size = hb.world_size
     if hb.knobs:
         job.knobs = hb.knobs
-    # A rank reports the last seq it decided; never hand out a seq at or below it.
-    job.last_seq = max(job.last_seq, hb.last_seq)
+    # The seq floor comes from the commands stream only (`submits.set_seq_floor`): a heartbeat's
+    # last_seq is a claim, and a forged one must not push every later seq out of the ranks' reach.
 
     entry = job.ranks.get(hb.rank)
     if entry is None or entry.incarnation != hb.incarnation:

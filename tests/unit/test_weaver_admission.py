@@ -131,10 +131,20 @@ def test_dead_jobs_are_evicted_after_the_grace_period() -> None:
 
 def test_refusals_are_announced_once_per_interval_with_a_count() -> None:
     log = ad.Refusals(interval_s=1.0)
-    first = log.note("heartbeat", "j", "r", "bad", NOW)
+    first = log.note("heartbeat", "j", "r", "heartbeat refused: bad", NOW)
     assert first is not None and first.kind == "refused" and first.job == "j"
+    assert first.message == "heartbeat refused: bad"
     assert all(log.note("heartbeat", f"x{i}", "r", "bad", NOW + 0.1) is None for i in range(1000))
     later = log.note("heartbeat", "nope.job", "", "bad", NOW + 1.5)
     assert later is not None and later.attrs["count"] == "1001" and later.job == ad.WEAVER_JOB
+    assert "1000 more like it" in later.message
     assert log.total["heartbeat"] == 1002
     assert log.note("ack", "j", "r", "bad", NOW + 1.6) is not None  # kinds are limited apart
+    assert log.note("ack", "j", "r", "bad", NOW + 1.7, key="ack rank 1") is not None  # and keys
+
+
+def test_a_second_live_incarnation_of_a_rank_is_refused() -> None:
+    state = running()
+    assert "is alive as incarnation inc1" in (_hb_check(state, heartbeat(1, inc="forged")) or "")
+    state.jobs[JOB].ranks[1].last_seen_s = NOW - 10 * DEAD
+    assert _hb_check(state, heartbeat(1, inc="restarted")) is None

@@ -97,10 +97,12 @@ def test_new_run_resets_ranks_pending_and_seq() -> None:
     assert submits.plan_submit(s, set_lr(), 102.0, DEAD).seq == 1
 
 
-def test_heartbeat_last_seq_raises_the_seq_floor() -> None:
+def test_heartbeat_last_seq_never_moves_the_seq_floor() -> None:
+    # The commands stream is the truth: a (forged) last_seq=1000000 must not make the next seq
+    # unreachable for the ranks.
     s = running()
-    liveness.observe_heartbeat(s, hb(0, last_seq=4), 100.0)
-    assert submits.plan_submit(s, set_lr(), 100.0, DEAD).seq == 5
+    liveness.observe_heartbeat(s, hb(0, last_seq=1_000_000), 100.0)
+    assert submits.plan_submit(s, set_lr(), 100.0, DEAD).seq == 1
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ from weaver.model import JobState, WeaverState
 # Refusal events about a job the weaver does not know go to this job's event subject.
 WEAVER_JOB = "_weaver"
 MAX_KNOBS = 256
+# A real heartbeat is a few KiB (knob schema, device health); anything far larger is refused unread.
+MAX_MESSAGE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

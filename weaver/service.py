@@ -17,13 +17,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from torchloom import bus, naming, subjects, wire
+from torchloom import bus, naming, signing, subjects, wire
 from torchloom.errors import CommandRejected, JobNotFound, NatsUnavailable
 from torchloom.messages import (
     Action,
@@ -37,7 +38,7 @@ from torchloom.messages import (
     SubmitRequest,
     WatchEvent,
 )
-from weaver import health_plan, liveness, outcomes, recovery, submits
+from weaver import admission, health_plan, liveness, outcomes, recovery, submits
 from weaver import health_policy as hp
 from weaver.config import WeaverConfig
 from weaver.model import WeaverState
@@ -112,6 +113,11 @@ class Weaver:
         self._submit_lock = asyncio.Lock()
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._watchers: set[Watcher] = set()
+        self._signer: signing.Signer | None = None
+        self._verifier: signing.Verifier | None = None
+        self._limits = config.limits()
+        self.refusals = admission.Refusals()
+        self._next_eviction_s = 0.0
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -134,9 +140,25 @@ class Weaver:
         assert self._streams is not None, "the weaver is not started"
         return self._streams
 
+    @property
+    def public_key(self) -> str:
+        """The public key of the key this weaver signs commands with (64 hex characters)."""
+        assert self._signer is not None, "the weaver is not started"
+        return self._signer.public_key
+
     async def start(self) -> None:
-        """Connect, recover and subscribe; undone by `close()` even when it fails halfway."""
+        """Load (or create) the signing key, connect, recover and subscribe; undone by `close()` even
+        when it fails halfway.
+
+        Raises:
+            signing.SignatureError: the signing key file is malformed or readable by others.
+        """
         try:
+            key_file = self.config.signing_key_file
+            self._signer = await asyncio.to_thread(
+                signing.load_or_create, Path(key_file) if key_file else None
+            )
+            self._verifier = self._signer.verifier()
             self._nc = await bus.connect(
                 self.config.nats_url, name="torchloom-weaver", connect_timeout_s=self.config.nats_timeout_s
             )
@@ -217,8 +239,18 @@ class Weaver:
                 continue
             for ev in effects.events:
                 self._announce(ev)
+            self._evict(time.time())
             for plan in effects.plans:
                 self._spawn(self._carry_out(plan), name=f"weaver-health-{plan.job}")
+
+    def _evict(self, now: float) -> None:
+        """Forget dead jobs now and then (`admission.evict_dead_jobs`), so their slots free up."""
+        if now < self._next_eviction_s:
+            return
+        self._next_eviction_s = now + min(60.0, self._limits.job_evict_after_s / 4)
+        gone = admission.evict_dead_jobs(self.state, now, self.config.dead_after_s, self._limits)
+        if gone:
+            log.info("forgot %d dead job(s): %s", len(gone), ", ".join(gone[:10]))
 
     async def _carry_out(self, plan: health_plan.HealthPlan) -> None:
         """Issue the policy's commands in order, then ask the launcher for the restart."""
@@ -275,6 +307,27 @@ class Weaver:
         self._fan_out(ev)
         self._outbox.put(subjects.events(ev.job), wire.encode(ev))
 
+    def _refuse(
+        self, kind: str, job: str, run_id: str, message: str, now: float, *, key: str = "", **attrs: str
+    ) -> None:
+        """Count a refused message and announce it, rate-limited (`admission.Refusals`)."""
+        known = job in self.state.jobs
+        ev = self.refusals.note(
+            kind,
+            job if known else admission.WEAVER_JOB,
+            run_id if known else "",
+            message,
+            now,
+            key=key,
+            **attrs,
+        )
+        if ev is not None:
+            log.warning("%s", ev.message)
+            self._announce(ev)
+
+    def _signed(self, cmd: Command) -> bool:
+        return self._verifier is not None and self._verifier.verify(cmd)
+
     def _finish(self, outcome: Outcome) -> None:
         """Deliver a final outcome: to its waiting submitter, watchers, the journal and the events."""
         fut = self._waiters.pop(outcome.command_id, None)
@@ -288,15 +341,29 @@ class Weaver:
     # ---- NATS callbacks -------------------------------------------------------------------------
 
     async def _on_heartbeat(self, msg: Msg) -> None:
+        now = time.time()
+        if len(msg.data) > admission.MAX_MESSAGE_BYTES:
+            self._refuse(
+                "heartbeat", "", "", f"heartbeat of {len(msg.data)} bytes on {msg.subject} refused", now
+            )
+            return
         try:
             hb = wire.decode_heartbeat(msg.data)
-            # Job and run become subject tokens of commands and events: refuse bad ones up front.
-            subjects.check_token("job", hb.job)
-            subjects.check_token("run id", hb.run_id)
         except ValueError as exc:
-            log.warning("ignored a malformed heartbeat on %s: %s", msg.subject, exc)
+            self._refuse("heartbeat", "", "", f"malformed heartbeat on {msg.subject} refused: {exc}", now)
             return
-        effects = liveness.observe_heartbeat(self.state, hb, time.time())
+        # Job and run become subject tokens of commands and events, ranks index the run's world:
+        # whatever does not fit the subject and what the weaver knows changes nothing.
+        reason = admission.check_heartbeat(
+            self.state, hb, msg.subject, now, self.config.dead_after_s, self._limits
+        )
+        if reason is not None:
+            self._refuse("heartbeat", hb.job, hb.run_id, f"heartbeat on {msg.subject} refused: {reason}", now)
+            return
+        hb, clamped = admission.clamp_last_seq(self.state, hb)
+        if clamped is not None:
+            self._refuse("heartbeat", hb.job, hb.run_id, f"heartbeat last_seq cut: {clamped}", now)
+        effects = liveness.observe_heartbeat(self.state, hb, now)
         for outcome in effects.dropped:
             self._finish(outcome)
         for ev in effects.events:
@@ -305,22 +372,48 @@ class Weaver:
             self._spawn(self._load_seq_floor(hb.job, hb.run_id), name=f"weaver-seq-{hb.job}")
 
     async def _on_ack(self, msg: Msg) -> None:
+        now = time.time()
         try:
             ack = wire.decode_ack(msg.data)
         except ValueError as exc:
-            log.warning("ignored a malformed ack on %s: %s", msg.subject, exc)
+            self._refuse("ack", "", "", f"malformed ack on {msg.subject} refused: {exc}", now)
             return
-        outcome = outcomes.record_ack(self.state, ack, time.time())
+        reason = admission.check_ack(self.state, ack, msg.subject)
+        if reason is not None:
+            self._refuse("ack", ack.job, ack.run_id, f"ack on {msg.subject} refused: {reason}", now)
+            return
+        if ack.unverified:
+            # A rank refused a message on its command subject that the weaver did not sign.
+            self._refuse(
+                "command",
+                ack.job,
+                ack.run_id,
+                f"unsigned command refused on rank {ack.rank}: {ack.reason}",
+                now,
+                key=f"unsigned {ack.job} {ack.rank}",
+                rank=str(ack.rank),
+                seq=str(ack.seq),
+                command_id=ack.command_id[:64],
+            )
+            return
+        outcome = outcomes.record_ack(self.state, ack, now)
         if outcome is not None:
             self._finish(outcome)
 
     async def _on_metrics(self, msg: Msg) -> None:
         if not self._watchers:
             return
+        now = time.time()
         try:
-            self._fan_out(wire.decode_metrics(msg.data))
+            sm = wire.decode_metrics(msg.data)
         except ValueError as exc:
-            log.debug("ignored malformed metrics on %s: %s", msg.subject, exc)
+            self._refuse("metrics", "", "", f"malformed metrics on {msg.subject} refused: {exc}", now)
+            return
+        reason = admission.check_metrics(self.state, sm, msg.subject)
+        if reason is not None:
+            self._refuse("metrics", sm.job, sm.run_id, f"metrics on {msg.subject} refused: {reason}", now)
+            return
+        self._fan_out(sm)
 
     async def _on_api_submit(self, msg: Msg) -> None:
         # A submit waits for every rank; run it apart so other requests are not queued behind it.
@@ -362,6 +455,14 @@ class Weaver:
 
     async def _load_seq_floor_locked(self, job: str, run_id: str) -> None:
         last, stream_seq = await self.streams.last_command(job, run_id)
+        current = self.state.jobs.get(job)
+        known = current.last_seq if current is not None and current.run_id == run_id else 0
+        if last > known:
+            # A seq this weaver did not hand out: count it only if our key signed it (a standby
+            # weaver's), never a message someone published straight onto the subject, which every
+            # rank refused.
+            signed = [c.seq for c, _ in await self.streams.commands(job, run_id) if self._signed(c)]
+            last = max(signed, default=0)
         submits.set_seq_floor(self.state, job, run_id, last, stream_seq)
 
     async def submit(self, req: SubmitRequest) -> Outcome:
@@ -417,7 +518,8 @@ class Weaver:
         """
         submits.mark_published(self.state, cmd, time.time())
         try:
-            stream_seq = await self.streams.store_command(cmd, expected_stream_seq)
+            assert self._signer is not None, "the weaver is not started"
+            stream_seq = await self.streams.store_command(self._signer.sign(cmd), expected_stream_seq)
         except (SeqConflict, NatsUnavailable):
             submits.abandon(self.state, cmd)
             self._waiters.pop(cmd.command_id, None)
@@ -469,7 +571,10 @@ class Weaver:
             return
         recovery.replay_journal(self.state, [e async for e in self.streams.journal()])
         for job in list(self.state.jobs.values()):
-            commands = await self.streams.commands(job.job, job.run_id)
+            # Only what this weaver's key signed: every rank refused the rest.
+            commands = [
+                (c, s) for c, s in await self.streams.commands(job.job, job.run_id) if self._signed(c)
+            ]
             recovery.replay_commands(self.state, job.job, job.run_id, commands)
             log.info(
                 "recovered job %s run %s: seq %d, %d checkpoint(s), %d in flight",

@@ -4,10 +4,12 @@ and defaults, in that order of precedence."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from torchloom import env, subjects
+from threadlet import roots
+from torchloom import env, signing, subjects
 
 DEFAULT_JOB = "default"
 DEFAULT_RUN_ID = "default"
@@ -50,6 +52,11 @@ class ThreadletConfig:
         fake_nvml: a FakeNvml fault spec ("xid:79@50"): device health comes from that fake.
         test_delivery_delay_s: TEST ONLY: the bus thread sleeps a random 0..this seconds (seeded
             by rank) before filing each received command, to shake out delivery-order races.
+        weaver_pubkey: the weaver's Ed25519 public key (64 hex characters, from `torchloom run`):
+            a command whose signature does not verify against it is refused and reported.
+        verify_commands: False accepts unsigned commands (only on a bus the user alone can reach);
+            True with no `weaver_pubkey` refuses every command.
+        data_roots: directories `data add` may read from (resolved; default: the working directory).
     """
 
     nats_url: str | None = None
@@ -71,6 +78,9 @@ class ThreadletConfig:
     fault_injection_allowed: bool = False
     fake_nvml: str | None = None
     test_delivery_delay_s: float = 0.0
+    weaver_pubkey: str | None = None
+    verify_commands: bool = True
+    data_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         subjects.check_token("job", self.job)
@@ -102,6 +112,9 @@ class ThreadletConfig:
         delay = self.test_delivery_delay_s
         if not math.isfinite(delay) or not 0 <= delay <= 10:
             raise ValueError(f"test_delivery_delay_s={delay!r} rejected: must be a number in [0, 10]")
+        if self.weaver_pubkey is not None:
+            signing.Verifier(self.weaver_pubkey)  # a malformed key is a clear ValueError now, not later
+        object.__setattr__(self, "data_roots", roots.parse_roots(os.pathsep.join(self.data_roots)))
 
     @property
     def local(self) -> bool:
@@ -125,9 +138,11 @@ def from_env(
         run_id: overrides TORCHLOOM_RUN_ID.
         heartbeat_interval_s: overrides TORCHLOOM_HEARTBEAT_INTERVAL_S.
         **overrides: any other ThreadletConfig field. checkpoint_dir, replay_path,
-            fault_injection_allowed, fake_nvml and test_delivery_delay_s default to
-            TORCHLOOM_CHECKPOINT_DIR, TORCHLOOM_REPLAY, TORCHLOOM_ALLOW_FAULT_INJECTION (=1),
-            TORCHLOOM_FAKE_NVML and TORCHLOOM_TEST_DELIVERY_DELAY_S.
+            fault_injection_allowed, fake_nvml, test_delivery_delay_s, weaver_pubkey,
+            verify_commands and data_roots default to TORCHLOOM_CHECKPOINT_DIR, TORCHLOOM_REPLAY,
+            TORCHLOOM_ALLOW_FAULT_INJECTION (=1), TORCHLOOM_FAKE_NVML, TORCHLOOM_TEST_DELIVERY_DELAY_S,
+            TORCHLOOM_WEAVER_PUBKEY, TORCHLOOM_VERIFY_COMMANDS (=0 turns it off) and
+            TORCHLOOM_DATA_ROOTS (os.pathsep-separated).
 
     Raises:
         ValueError: on a malformed variable or an out-of-bounds value.
@@ -142,6 +157,9 @@ def from_env(
     overrides.setdefault("fault_injection_allowed", env.get(env.ALLOW_FAULT_INJECTION) == "1")
     overrides.setdefault("fake_nvml", env.get(env.FAKE_NVML))
     overrides.setdefault("test_delivery_delay_s", env.get_float(env.TEST_DELIVERY_DELAY_S, 0.0))
+    overrides.setdefault("weaver_pubkey", env.get(env.WEAVER_PUBKEY))
+    overrides.setdefault("verify_commands", env.get(env.VERIFY_COMMANDS) != "0")
+    overrides.setdefault("data_roots", roots.parse_roots(env.get(env.DATA_ROOTS)))
     return ThreadletConfig(
         nats_url=nats_url if nats_url is not None else env.get(env.NATS_URL),
         job=job if job is not None else env.get(env.JOB, DEFAULT_JOB) or DEFAULT_JOB,

@@ -201,6 +201,11 @@ class Link:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await self._shutdown()
+            # Publishes still retrying (NATS unreachable to the end) stop with the thread.
+            leftover = list(self._pending)
+            for task in leftover:
+                task.cancel()
+            await asyncio.gather(*leftover, return_exceptions=True)
 
     async def _shutdown(self) -> None:
         nc = self._nc

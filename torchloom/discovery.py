@@ -1,8 +1,9 @@
 """Where a running weaver can be found: the `$TORCHLOOM_HOME/weaver.json` file and the lookup order.
 
-`torchloom run` and `torchloom weaver` write the file; every other CLI command reads it, so a second
-terminal needs no flags. Lookup order: an explicit `--grpc`, then `TORCHLOOM_GRPC`, then the file
-(only while the process that wrote it is alive).
+The control plane (`torchloom weaver`, or the one `torchloom run` starts) writes the file; every other
+CLI command reads it, so a second terminal needs no flags. Lookup order: an explicit `--grpc`, then
+`TORCHLOOM_GRPC`, then the file (only while the process that wrote it is alive). The file is 0600 in a
+0700 `$TORCHLOOM_HOME`, written atomically; `write_private_json` is how every state file there is written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 from torchloom import env
 
 FILE_NAME = "weaver.json"
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 
 
 def home(environ: Mapping[str, str] | None = None) -> Path:
@@ -26,6 +29,31 @@ def home(environ: Mapping[str, str] | None = None) -> Path:
     `~/.torchloom`."""
     raw = env.get(env.HOME) if environ is None else environ.get(env.HOME)
     return Path(raw).expanduser() if raw else Path.home() / ".torchloom"
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and missing parents) and make it 0700; return it.
+
+    Only a directory this user owns is tightened; another user's directory is left as it is (then
+    the files in it are still 0600).
+    """
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    with contextlib.suppress(PermissionError):
+        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o777 != PRIVATE_DIR_MODE:
+            path.chmod(PRIVATE_DIR_MODE)
+    return path
+
+
+def write_private_json(target: Path, data: Any) -> Path:
+    """Write `data` as JSON to `target` atomically (temp file, then rename), mode 0600 in a 0700
+    directory; return `target`."""
+    private_dir(target.parent)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, target)
+    return target
 
 
 def discovery_path() -> Path:
@@ -43,7 +71,17 @@ def check_address(addr: str) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WeaverInfo:
-    """The content of the discovery file (docs/design.md, Discovery)."""
+    """The content of the discovery file (docs/design.md, Discovery).
+
+    Attributes:
+        pid: the control-plane process.
+        nats_url: the NATS server (never with credentials inside).
+        grpc: the weaver's gRPC address.
+        ws_url: the NATS WebSocket URL for the web UI ("" when unknown).
+        jobs: jobs holding a lease when the file was written (informational).
+        store_dir: the embedded server's JetStream directory ("" with an external server).
+        secrets_dir: where the control plane keeps its secrets ("" when it keeps none).
+    """
 
     pid: int
     nats_url: str
@@ -51,6 +89,8 @@ class WeaverInfo:
     ws_url: str = ""
     jobs: tuple[str, ...] = ()
     started_at_s: float = field(default_factory=time.time)
+    store_dir: str = ""
+    secrets_dir: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +100,8 @@ class WeaverInfo:
             "grpc": self.grpc,
             "jobs": list(self.jobs),
             "started_at_s": self.started_at_s,
+            "store_dir": self.store_dir,
+            "secrets_dir": self.secrets_dir,
         }
 
     @classmethod
@@ -83,11 +125,14 @@ class WeaverInfo:
             ws_url=str(data.get("ws_url") or ""),
             jobs=tuple(str(j) for j in jobs) if isinstance(jobs, list) else (),
             started_at_s=float(data.get("started_at_s") or 0.0),
+            store_dir=str(data.get("store_dir") or ""),
+            secrets_dir=str(data.get("secrets_dir") or ""),
         )
 
 
 def pid_alive(pid: int) -> bool:
-    """Return True when a process with this pid exists (signal 0 probes without sending)."""
+    """Return True when a process with this pid exists and has not exited (signal 0 probes without
+    sending; a zombie, exited but not yet reaped by its parent, counts as gone)."""
     if pid <= 0:
         return False
     try:
@@ -96,17 +141,16 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # it exists, it is just not ours
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): signal 0 is all we know
+    return state not in ("Z", "X")
 
 
 def write(info: WeaverInfo, path: Path | None = None) -> Path:
-    """Write the discovery file atomically (temp file, then rename) and return its path."""
-    target = path or discovery_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info.to_json(), indent=2) + "\n")
-    os.replace(tmp, target)
-    return target
+    """Write the discovery file atomically (0600 in a 0700 directory) and return its path."""
+    return write_private_json(path or discovery_path(), info.to_json())
 
 
 def read(path: Path | None = None) -> WeaverInfo | None:

@@ -9,6 +9,7 @@ import os
 
 NATS_URL = "TORCHLOOM_NATS_URL"  # nats://127.0.0.1:4222; unset: embedded server
 GRPC_ADDR = "TORCHLOOM_GRPC"  # host:port of the weaver's gRPC Control service
+TOKEN = "TORCHLOOM_TOKEN"  # bearer token for the weaver's gRPC service (torchloom/tokens.py)
 JOB = "TORCHLOOM_JOB"  # job name the threadlets of a run report under
 RUN_ID = "TORCHLOOM_RUN_ID"  # unique per `torchloom run` launch
 HOME = "TORCHLOOM_HOME"  # run-state directory; default ~/.torchloom
@@ -50,3 +51,6 @@ WEAVER_PUBKEY = "TORCHLOOM_WEAVER_PUBKEY"  # ranks: the weaver's public key, 64 
 VERIFY_COMMANDS = "TORCHLOOM_VERIFY_COMMANDS"
 # Ranks: the directories `data add` may read from, os.pathsep-separated; default the working directory.
 DATA_ROOTS = "TORCHLOOM_DATA_ROOTS"
+
+# The control plane `torchloom run` starts exits this many seconds after its last job ended (default 10).
+CONTROLPLANE_IDLE_S = "TORCHLOOM_CONTROLPLANE_IDLE_S"

@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,6 +100,16 @@ def cli(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> subprocess.
         timeout=timeout_s,
         check=False,
     )
+
+
+def port_open(url: str) -> bool:
+    """Whether a server accepts TCP connections at `url` (nats://HOST:PORT)."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def read_records(path: Path) -> list[dict[str, object]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,20 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import cli, unbound_env
+from tests.integration.helpers import cli, port_open, unbound_env
 
 
 def _cli(*args: str, env: dict[str, str], timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
     return cli(*args, env=env, timeout_s=timeout_s)
-
-
-def _port_open(url: str) -> bool:
-    host, port = url.removeprefix("nats://").rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -51,7 +41,7 @@ def test_weaver_serves_status_and_stops_cleanly(tl_home: Path, clean_env: dict[s
         assert info["pid"] == proc.pid
         assert info["nats_url"].startswith("nats://127.0.0.1:")
         assert info["ws_url"].startswith("ws://127.0.0.1:")
-        assert _port_open(info["nats_url"])
+        assert port_open(info["nats_url"])
         # The embedded server keeps its JetStream store under $TORCHLOOM_HOME/runs/<id>/.
         assert any((tl_home / "runs").iterdir())
 
@@ -72,7 +62,7 @@ def test_weaver_serves_status_and_stops_cleanly(tl_home: Path, clean_env: dict[s
         assert f"grpc={info['grpc']}" in out
         assert info["grpc"] in err  # printed for users on stderr too
         assert not path.exists(), "discovery file left behind"
-        assert not _port_open(info["nats_url"]), "embedded nats-server left running"
+        assert not port_open(info["nats_url"]), "embedded nats-server left running"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -50,7 +50,8 @@ def test_file_round_trip_has_the_documented_keys(tl_home: Path) -> None:
     )
     path = discovery.write(info)
     assert path == tl_home / "weaver.json"
-    assert set(json.loads(path.read_text())) == {"pid", "nats_url", "ws_url", "grpc", "jobs", "started_at_s"}
+    keys = set(json.loads(path.read_text()))
+    assert {"pid", "nats_url", "ws_url", "grpc", "jobs", "started_at_s", "store_dir", "secrets_dir"} <= keys
     assert discovery.read() == info
 
 

@@ -25,7 +25,7 @@ from torchloom.messages import Action, ActionKind, Issuer, JobStatus, Outcome
 from weaver.ui_server import UiServer
 
 STATUS_TIMEOUT_S = 10.0
-REPLAY_USAGE = "torchloom replay JOURNAL [--job NAME] [torchrun options] -- SCRIPT [ARGS]"
+REPLAY_USAGE = "torchloom replay (JOURNAL | --run ID) [--job NAME] [torchrun options] -- SCRIPT [ARGS]"
 
 # CLI command name -> the action it submits (pause/resume are handled the same way).
 ACTION_COMMANDS: dict[str, ActionKind] = {

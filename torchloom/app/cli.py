@@ -21,8 +21,8 @@ from typing import Any, TextIO
 import torchloom
 from torchloom import defaults, discovery, knobs, replay_file
 from torchloom.app import actions as cli_actions
+from torchloom.app import controlplane, history, launcher, runs
 from torchloom.app import format as cli_format
-from torchloom.app import launcher
 from torchloom.app.format import json_value
 from torchloom.app.launcher import RunSpec
 from torchloom.app.lookup import NO_WEAVER_HELP, weaver_address
@@ -269,16 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--standalone) go before SCRIPT; everything after SCRIPT belongs to the script. --job defaults "
         "to the script's stem, --nproc-per-node to 1; without a rendezvous option --standalone is added. "
         "--ui serves the web UI (URL on stderr); --allow-fault-injection lets `torchloom fault inject` "
-        "reach the ranks; the health options configure a weaver started here.",
+        "reach the ranks; the health options configure a weaver started here. The weaver runs in a "
+        "control plane shared by every job of $TORCHLOOM_HOME: started (detached) when none runs, it "
+        "exits 10 s (TORCHLOOM_CONTROLPLANE_IDLE_S) after its last job ended. Exit status: the job's; "
+        "130 after Ctrl-C, 143 after SIGTERM (the job is stopped, never relaunched).",
     )
     sub.add_parser(
         "replay",
         help="re-run a job, applying the commands of a saved journal at the same steps",
         usage=cli_actions.REPLAY_USAGE,
-        description="JOURNAL is the output of `torchloom journal --json` (or `-` for stdin). Its applied "
-        "commands of the latest run are applied again at the same steps; the rest is as `torchloom run`.",
+        description="JOURNAL is the output of `torchloom journal --json` (or `-` for stdin); `--run ID` "
+        "reads run ID's stored journal instead. Its applied commands of the latest run are applied again "
+        "at the same steps; the rest is as `torchloom run`.",
     )
-    weaver = sub.add_parser("weaver", help="run a standalone weaver (embedded NATS unless --nats is given)")
+    weaver = sub.add_parser(
+        "weaver",
+        help="run the control plane in the foreground: the weaver and, unless --nats is given, a supervised "
+        "embedded NATS; it does not exit when jobs end",
+    )
     weaver.add_argument(
         "--nats", metavar="URL", help="NATS server URL (default: TORCHLOOM_NATS_URL, else embedded)"
     )
@@ -329,10 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     lister("status", "show jobs, ranks, steps and knobs")
     lister("knobs", "list the job's knobs: type, bounds, groups, current value")
-    lister("checkpoints", "list the job's checkpoints")
-    lister("branches", "show the job's branch tree (the current branch marked *)")
+    run_help = (
+        "read run ID's stored journal (works after the run ended, with nothing running); without a "
+        "weaver the latest run is read"
+    )
+    for name, text in (
+        ("checkpoints", "list the job's checkpoints"),
+        ("branches", "show the job's branch tree (the current branch marked *)"),
+    ):
+        lister(name, text).add_argument("--run", metavar="ID", help=run_help)
     lister("devices", "show every rank's device and its health")
     journal = lister("journal", "print the durable journal: command outcomes and job events")
+    journal.add_argument("--run", metavar="ID", help=run_help)
     journal.add_argument(
         "--follow", action="store_true", help="keep printing new entries (JSON: one per line)"
     )
@@ -453,6 +469,35 @@ def _print_data(data: dict[str, Any], as_json: bool, human: Any) -> int:
     return EXIT_OK
 
 
+def _wants_history(args: argparse.Namespace) -> bool:
+    """History is read for `--run ID`, and when no weaver is known at all (then: the latest run)."""
+    if getattr(args, "run", None):
+        return True
+    if getattr(args, "follow", False) or getattr(args, "command_id", ""):
+        return False
+    return discovery.resolve_grpc(args.grpc) is None and bool(runs.read_runs())
+
+
+def _history_command(args: argparse.Namespace) -> int:
+    """journal/checkpoints/branches of a run from its stored journal (`--run ID`, default the latest)."""
+    if getattr(args, "follow", False):
+        raise ValueError("--follow needs a running weaver; --run reads a stored journal once")
+    record = runs.find_run(args.run, job=args.job)
+    entries = asyncio.run(history.read_entries(record))
+    state = "running" if record.ended_at_s is None else f"exit status {record.exit_code}"
+    print(f"torchloom: job {record.job} run {record.run_id} ({state}), stored journal", file=sys.stderr)
+    if args.command == "journal":
+        items = [i for i in map(cli_format.journal_entry_json, entries) if i is not None]
+        if args.json:
+            print(json.dumps({"entries": items}), flush=True)
+        else:
+            for item in items:
+                print(cli_format.format_journal_entry(item), flush=True)
+        return EXIT_OK
+    build, human = _JOB_LISTINGS[args.command]
+    return _print_data(build(history.run_status(entries, record)), args.json, human)
+
+
 def _run_command(args: argparse.Namespace) -> int:
     command = args.command
     if command == "weaver":
@@ -461,7 +506,9 @@ def _run_command(args: argparse.Namespace) -> int:
         except launcher.UsageError as exc:
             print(f"torchloom weaver: {exc}", file=sys.stderr)
             return 2
-        return asyncio.run(launcher.serve_weaver(nats_url=args.nats, grpc=args.grpc, health=health))
+        return controlplane.serve_weaver(nats_url=args.nats, grpc=args.grpc, health=health)
+    if command in ("journal", "checkpoints", "branches") and _wants_history(args):
+        return _history_command(args)
     if command == "status":
         reply = asyncio.run(fetch_status(args.grpc, args.job))
         print(json.dumps(status_json(reply)) if args.json else format_status(reply), flush=True)
@@ -534,18 +581,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _stored_journal(run_id: str) -> list[dict[str, Any]]:
+    """The `--json` journal entries of a stored run (for `torchloom replay --run ID`)."""
+    record = runs.find_run(run_id)
+    entries = asyncio.run(history.read_entries(record))
+    return [i for i in map(cli_format.journal_entry_json, entries) if i is not None]
+
+
+def _split_run_option(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`--run ID` / `--run=ID` at the front of `torchloom replay`'s arguments: (ID, the rest), else
+    (None, argv).
+
+    Raises:
+        ValueError: `--run` without an id.
+    """
+    if not argv or argv[0].split("=", 1)[0] != "--run":
+        return None, list(argv)
+    if "=" in argv[0]:
+        run_id, rest = argv[0].split("=", 1)[1], list(argv[1:])
+    else:
+        run_id, rest = (argv[1] if len(argv) > 1 else ""), list(argv[2:])
+    if not run_id or run_id.startswith("-"):
+        raise ValueError(f"--run expects a run id: {cli_actions.REPLAY_USAGE}")
+    return run_id, rest
+
+
 def _main_replay(argv: Sequence[str]) -> int:
     try:
-        journal, job, rest = cli_actions.split_replay_args(argv)
-        replay = cli_format.replay_from_journal(
-            cli_format.parse_journal_text(cli_actions.read_journal(journal)), job
-        )
+        run_id, argv = _split_run_option(argv)
+        if run_id is not None:
+            journal, job, rest = cli_actions.split_replay_args([f"run {run_id}", *argv])
+            items = _stored_journal(run_id)
+        else:
+            journal, job, rest = cli_actions.split_replay_args(argv)
+            items = cli_format.parse_journal_text(cli_actions.read_journal(journal))
+        replay = cli_format.replay_from_journal(items, job)
         if job is None:  # the replay runs under the journal's job name unless told otherwise
             rest = ["--job", replay["job"], *rest]
         spec = launcher.split_run_args(rest)
     except ValueError as exc:  # UsageError is a ValueError too
         print(f"torchloom replay: {exc}", file=sys.stderr)
         return 2
+    except TorchloomError as exc:  # the run is not indexed, or its store cannot be read
+        print(f"torchloom replay: {exc}", file=sys.stderr)
+        return 1
     path = replay_file.write(discovery.home() / "replays" / launcher.new_run_id(), replay)
     print(
         f"torchloom replay: {len(replay['commands'])} applied commands of job {replay['job']} "

@@ -1,7 +1,9 @@
-"""`torchloom run` and `torchloom weaver`: bring up NATS and a weaver when none is reachable, launch torchrun.
+"""`torchloom run`: find the control plane (or start one, detached), hold a lease for the job while it
+runs, launch torchrun under the supervisor, and record the run in the run index.
 
-The weaver runs as an asyncio task in this process; the embedded nats-server is a child process.
-torchrun is a child in its own session, so a Ctrl-C reaches it exactly once: from us, forwarded.
+The control plane (torchloom.app.controlplane) owns NATS and the weaver and outlives any one job; this
+launcher restarts it if it is killed while the job runs. torchrun is a child in its own session, so a
+Ctrl-C reaches it exactly once: from us, forwarded.
 """
 
 from __future__ import annotations
@@ -11,23 +13,22 @@ import contextlib
 import logging
 import math
 import os
-import signal
+import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from torchloom import defaults, discovery, env, naming, subjects
+from torchloom import defaults, discovery, env, naming, signing, subjects
+from torchloom.app import runs
 from torchloom.app.supervisor import Supervisor, nproc_of, with_nproc
 from torchloom.client import ControlClient
-from torchloom.errors import WeaverUnavailable
-from torchloom.nats_server import EmbeddedNats
+from torchloom.errors import TorchloomError, WeaverUnavailable
 from torchloom.policy import PolicyMode, parse_mode
-from weaver.app import RunningWeaver, serve
-from weaver.config import WeaverConfig
 from weaver.ui_server import serve_ui
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ RUN_OPTIONS = frozenset(
         "--hung-after",
         "--straggler-factor",
         "--health-policy",
+        "--data-root",  # repeatable: every one given is a root
     }
 )
 RUN_FLAGS = frozenset({"--ui", "--allow-fault-injection"})
@@ -67,6 +69,7 @@ _RDZV_CHOICES = frozenset(
     | {"--master-port", "--master_port", "--master-addr", "--master_addr", "--nnodes"}
 )
 READY_TIMEOUT_S = 30.0
+KEEPER_INTERVAL_S = 1.0  # how often a running job checks that its control plane is alive
 _RDZV_ID = frozenset({"--rdzv-id", "--rdzv_id"})
 _NNODES = frozenset({"--nnodes"})
 
@@ -98,6 +101,17 @@ class HealthOptions:
             out["straggler_factor"] = self.straggler_factor
         if self.health_policy is not None:
             out["health_policy"] = self.health_policy
+        return out
+
+    def argv(self) -> list[str]:
+        """These options as command-line words (for the control plane `torchloom run` starts)."""
+        out: list[str] = []
+        if self.hung_after_s is not None:
+            out += ["--hung-after", repr(self.hung_after_s)]
+        if self.straggler_factor is not None:
+            out += ["--straggler-factor", repr(self.straggler_factor)]
+        if self.health_policy is not None:
+            out += ["--health-policy", str(self.health_policy)]
         return out
 
 
@@ -159,6 +173,7 @@ class RunSpec:
     health: HealthOptions = field(default_factory=HealthOptions)
     replay_path: str | None = None
     run_id: str | None = None
+    data_roots: tuple[str, ...] = ()  # `--data-root`, absolute; () lets ranks use their working directory
 
     @property
     def multinode(self) -> bool:
@@ -229,6 +244,7 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         UsageError: on an unknown option before SCRIPT, a missing value, no SCRIPT or a bad job name.
     """
     ours: dict[str, str] = {}
+    data_roots: list[str] = []
     flags: set[str] = set()
     torchrun: list[str] = []
     i = 0
@@ -247,6 +263,9 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         if word in RUN_FLAGS:
             flags.add(word)
             i += 1
+        elif opt == "--data-root":
+            root, i = _option_value(argv, i, opt)
+            data_roots.append(str(Path(root).expanduser().resolve()))
         elif opt in RUN_OPTIONS:
             ours[opt], i = _option_value(argv, i, opt)
         elif opt in TORCHRUN_FLAGS:
@@ -306,6 +325,7 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
             ours.get("--hung-after"), ours.get("--straggler-factor"), ours.get("--health-policy")
         ),
         run_id=run_id,
+        data_roots=tuple(data_roots),
     )
 
 
@@ -340,6 +360,12 @@ def child_env(spec: RunSpec, *, run_id: str, nats_url: str, grpc: str) -> dict[s
     out.pop(env.REPLAY, None)
     if spec.replay_path is not None:
         out[env.REPLAY] = spec.replay_path
+    # The ranks verify every command against the weaver's key; the public half is not secret.
+    out[env.WEAVER_PUBKEY] = signing.load_or_create(signing.default_key_path(out)).public_key
+    out.pop(env.VERIFY_COMMANDS, None)
+    out.pop(env.DATA_ROOTS, None)
+    if spec.data_roots:
+        out[env.DATA_ROOTS] = os.pathsep.join(spec.data_roots)
     return out
 
 
@@ -355,8 +381,9 @@ class WeaverEndpoints:
     nats_url: str
     grpc: str
     ws_url: str
-    owned: bool  # True when this process started the weaver (and so writes the discovery file)
-    task: asyncio.Task[None] | None = None  # the in-process weaver, when owned
+    owned: bool  # True when this launcher started the control plane
+    store_dir: str = ""  # the embedded server's directory (its JetStream store), "" when external
+    pid: int = 0  # the control plane's pid (0: a weaver we do not manage, found by --grpc)
 
 
 async def _probe(grpc: str, timeout_s: float = 2.0) -> bool:
@@ -364,89 +391,150 @@ async def _probe(grpc: str, timeout_s: float = 2.0) -> bool:
     try:
         async with asyncio.timeout(timeout_s), ControlClient(grpc) as client:
             await client.status()
-    except Exception as exc:  # any failure means "not usable": we start our own
+    except Exception as exc:  # any failure means "not usable"
         log.debug("weaver at %s not usable: %s", grpc, exc)
         return False
     return True
 
 
+def _endpoints(info: discovery.WeaverInfo, *, owned: bool) -> WeaverEndpoints:
+    return WeaverEndpoints(
+        nats_url=info.nats_url,
+        grpc=info.grpc,
+        ws_url=info.ws_url,
+        owned=owned,
+        store_dir=info.store_dir,
+        pid=info.pid,
+    )
+
+
 async def find_reusable(nats_url: str | None, grpc: str | None) -> WeaverEndpoints | None:
-    """Return a running weaver to reuse: one that answers and shares the requested NATS URL."""
+    """Return a running control plane to reuse: the live one of $TORCHLOOM_HOME when it answers and
+    has the requested NATS URL and gRPC address, or an explicit `--grpc` + `--nats` pair that answers.
+
+    Raises:
+        WeaverUnavailable: a live control plane of this home has another NATS URL or gRPC address, or
+            does not answer within READY_TIMEOUT_S (the message says which and what to do).
+    """
     info = discovery.read()
-    if info is not None and (grpc is None or info.grpc == grpc) and nats_url in (None, info.nats_url):
-        if await _probe(info.grpc):
-            return WeaverEndpoints(nats_url=info.nats_url, grpc=info.grpc, ws_url=info.ws_url, owned=False)
-        return None
+    if info is not None:
+        if grpc not in (None, info.grpc) or nats_url not in (None, info.nats_url):
+            raise WeaverUnavailable(
+                f"a control plane (pid {info.pid}) already runs for {discovery.home()} with NATS "
+                f"{info.nats_url} and gRPC {info.grpc}; pass those (or no) --nats/--grpc, or use another "
+                "TORCHLOOM_HOME"
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not await _probe(info.grpc):  # it may be restarting its weaver
+            if time.monotonic() >= deadline or not discovery.pid_alive(info.pid):
+                raise WeaverUnavailable(
+                    f"the control plane (pid {info.pid}) at gRPC {info.grpc} did not answer within "
+                    f"{READY_TIMEOUT_S:g}s; see {controlplane_log()}"
+                )
+            await asyncio.sleep(0.2)
+        return _endpoints(info, owned=False)
     # An explicit weaver plus an explicit NATS URL: the user says they belong together.
     if grpc is not None and nats_url is not None and await _probe(grpc):
         return WeaverEndpoints(nats_url=nats_url, grpc=grpc, ws_url="", owned=False)
     return None
 
 
-@contextlib.asynccontextmanager
-async def hosted_weaver(
-    *,
-    nats_url: str | None,
-    grpc: str | None,
-    run_id: str,
-    jobs: Sequence[str] = (),
-    health: HealthOptions | None = None,
-) -> AsyncIterator[WeaverEndpoints]:
-    """Run NATS (embedded unless a URL is given) and a weaver task here until the block exits.
+def controlplane_log() -> Path:
+    return runs.controlplane_dir() / "controlplane.log"
 
-    Writes the discovery file while running and removes it afterwards. NATS is stopped with
-    terminate, wait, then kill.
+
+def start_control_plane(
+    *, nats_url: str | None, grpc: str | None, health: HealthOptions
+) -> subprocess.Popen[bytes]:
+    """Start `python -m torchloom.app.controlplane` detached: its own session, output appended to
+    `$TORCHLOOM_HOME/controlplane/controlplane.log`, the NATS URL in its environment (never argv)."""
+    environ = dict(os.environ)
+    for name in (env.NATS_URL, env.GRPC_ADDR, env.JOB, env.RUN_ID):
+        environ.pop(name, None)
+    if nats_url is not None:
+        environ[env.NATS_URL] = nats_url
+    environ[env.HOME] = str(discovery.home())
+    argv = [sys.executable, "-m", "torchloom.app.controlplane", "--grpc", grpc or defaults.GRPC_BIND_ADDR]
+    argv += health.argv()
+    cp_dir = discovery.private_dir(runs.controlplane_dir())
+    fd = os.open(controlplane_log(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, discovery.PRIVATE_FILE_MODE)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            env=environ,
+            cwd=cp_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+        )
+    finally:
+        os.close(fd)
+    # Reap it if it ends while we live, so its pid never lingers as a zombie that looks alive.
+    threading.Thread(target=proc.wait, name="torchloom-controlplane-reaper", daemon=True).start()
+    return proc
+
+
+async def wait_ready(
+    proc: subprocess.Popen[bytes], timeout_s: float = READY_TIMEOUT_S
+) -> discovery.WeaverInfo:
+    """Wait until the control plane `proc` wrote the discovery file and its weaver answers.
 
     Raises:
-        NatsUnavailable: when the embedded server cannot start.
-        WeaverUnavailable: when the weaver fails or does not bind before READY_TIMEOUT_S.
+        WeaverUnavailable: it exited first, or the deadline passed (naming its log).
     """
-    embedded: EmbeddedNats | None = None
-    url = nats_url or env.get(env.NATS_URL)
-    ws_url = ""
-    if url is None:
-        embedded = EmbeddedNats(discovery.home() / "runs" / run_id)
-        await asyncio.to_thread(embedded.start)
-        url, ws_url = embedded.url, embedded.ws_url
-    ready: asyncio.Future[RunningWeaver] = asyncio.get_running_loop().create_future()
-
-    def _ready(w: RunningWeaver) -> None:
-        if not ready.done():
-            ready.set_result(w)
-
-    extra = health.config_kwargs() if health is not None else {}
-    config = WeaverConfig(nats_url=url, grpc_addr=grpc or defaults.GRPC_BIND_ADDR, **extra)
-    task = asyncio.create_task(serve(config, ready=_ready), name="torchloom-weaver")
-    try:
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                waits: set[asyncio.Future[Any]] = {task, ready}
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        except TimeoutError:
-            raise WeaverUnavailable(
-                f"weaver did not bind its gRPC port within {READY_TIMEOUT_S:g}s"
-            ) from None
-        if not ready.done():
-            exc = task.exception() if not task.cancelled() else None
-            raise WeaverUnavailable(f"weaver stopped before it was ready: {exc!r}") from exc
-        endpoints = WeaverEndpoints(
-            nats_url=url, grpc=ready.result().grpc_address, ws_url=ws_url, owned=True, task=task
-        )
-        discovery.write(
-            discovery.WeaverInfo(
-                pid=os.getpid(), nats_url=url, grpc=endpoints.grpc, ws_url=ws_url, jobs=tuple(jobs)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (
+                controlplane_log().read_text(errors="replace")[-1500:] if controlplane_log().exists() else ""
             )
-        )
-        try:
-            yield endpoints
-        finally:
-            discovery.remove()
+            raise WeaverUnavailable(
+                f"the control plane exited with status {proc.returncode} before it was ready; "
+                f"its log {controlplane_log()} ends:\n{tail}"
+            )
+        info = discovery.read()
+        if info is not None and info.pid == proc.pid and await _probe(info.grpc):
+            return info
+        await asyncio.sleep(0.05)
+    raise WeaverUnavailable(
+        f"the control plane (pid {proc.pid}) was not ready within {timeout_s:g}s; see {controlplane_log()}"
+    )
+
+
+async def attach(spec: RunSpec, lease: runs.Lease) -> WeaverEndpoints:
+    """Find the control plane (or start one) and register the job's lease, under the lock that the
+    control plane's idle exit also takes, so a control plane never exits under a new job."""
+    lock = runs.ControlPlaneLock()
+    deadline = time.monotonic() + 2 * READY_TIMEOUT_S
+    while not lock.try_acquire():
+        if time.monotonic() >= deadline:
+            raise lock.timeout(2 * READY_TIMEOUT_S)
+        await asyncio.sleep(0.05)
+    try:
+        nats_url = spec.nats_url or env.get(env.NATS_URL)
+        endpoints = await find_reusable(nats_url, spec.grpc)
+        if endpoints is None:
+            proc = start_control_plane(nats_url=nats_url, grpc=spec.grpc, health=spec.health)
+            endpoints = _endpoints(await wait_ready(proc), owned=True)
+        runs.write_lease(lease)
+        return endpoints
     finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+        lock.release()
+
+
+async def keep_control_plane(spec: RunSpec, lease: runs.Lease, interval_s: float = KEEPER_INTERVAL_S) -> None:
+    """While the job runs: when its control plane is gone (killed), start a new one. It continues the
+    same NATS address and store, since this job still holds a lease."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if discovery.read() is not None:
+            continue
+        print("torchloom: the control plane is gone: starting a new one", file=sys.stderr, flush=True)
+        try:
+            announce(await attach(spec, lease))
+        except TorchloomError as exc:
+            print(f"torchloom: could not restart the control plane: {exc}", file=sys.stderr, flush=True)
 
 
 def announce(endpoints: WeaverEndpoints, *, run_id: str | None = None, job: str | None = None) -> None:
@@ -461,29 +549,28 @@ def announce(endpoints: WeaverEndpoints, *, run_id: str | None = None, job: str 
 
 
 async def run(spec: RunSpec) -> int:
-    """Launch the job under torchrun with a weaver reachable, and return the exit status for it."""
+    """Launch the job under torchrun with a control plane reachable; return the exit status for it
+    (128+N when signal N stopped it: 130 for Ctrl-C, 143 for SIGTERM)."""
     run_id = spec.run_id or new_run_id()
+    lease = runs.Lease(job=spec.job, run_id=run_id, pid=os.getpid())
     async with contextlib.AsyncExitStack() as stack:
-        endpoints = await find_reusable(spec.nats_url or env.get(env.NATS_URL), spec.grpc)
-        if endpoints is None:
-            endpoints = await stack.enter_async_context(
-                hosted_weaver(
-                    nats_url=spec.nats_url,
-                    grpc=spec.grpc,
-                    # A chosen run id can repeat across launches; the embedded store must not.
-                    run_id=run_id if spec.run_id is None else f"{run_id}-{new_run_id()}",
-                    jobs=[spec.job],
-                    health=spec.health,
-                )
-            )
-        elif spec.health.config_kwargs():
+        stack.callback(runs.remove_lease, lease)
+        endpoints = await attach(spec, lease)
+        if not endpoints.owned and spec.health.config_kwargs():
             print(
                 "torchloom: reusing a running weaver, so --hung-after/--straggler-factor/--health-policy "
-                "do not apply (they configure a weaver started here)",
+                "do not apply (they configure a control plane started here)",
                 file=sys.stderr,
                 flush=True,
             )
         announce(endpoints, run_id=run_id, job=spec.job)
+        record = runs.RunRecord(
+            run_id=run_id, job=spec.job, store_dir=endpoints.store_dir, nats_url=endpoints.nats_url
+        )
+        runs.record_run(record)
+        if endpoints.pid:
+            keeper = asyncio.create_task(keep_control_plane(spec, lease), name="torchloom-keeper")
+            stack.push_async_callback(_cancel, keeper)
         if spec.ui:
             await start_ui(stack, endpoints.ws_url, port=spec.ui_port)
         started = time.monotonic()
@@ -501,15 +588,21 @@ async def run(spec: RunSpec) -> int:
             elastic_membership=spec.multinode,
         )
         code = await sup.run()
-        run_id = sup.run_id
+        runs.record_run(replace(record, ended_at_s=time.time(), exit_code=code, last_run_id=sup.run_id))
         print(
-            f"torchloom: job {spec.job} run {run_id} exited with status {code} "
+            f"torchloom: job {spec.job} run {sup.run_id} exited with status {code} "
             f"after {time.monotonic() - started:.1f}s",
             file=sys.stderr,
             flush=True,
         )
         return code
     raise AssertionError("unreachable")  # AsyncExitStack does not swallow exceptions
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def start_ui(stack: contextlib.AsyncExitStack, ws_url: str, *, port: int) -> None:
@@ -530,29 +623,3 @@ async def start_ui(stack: contextlib.AsyncExitStack, ws_url: str, *, port: int) 
         return
     stack.push_async_callback(ui.close)
     print(f"torchloom UI: {ui.url}", file=sys.stderr, flush=True)
-
-
-async def serve_weaver(*, nats_url: str | None, grpc: str | None, health: HealthOptions | None = None) -> int:
-    """Run a standalone weaver until SIGINT or SIGTERM; return 0 on a clean stop."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with hosted_weaver(
-            nats_url=nats_url, grpc=grpc, run_id=f"weaver-{new_run_id()}", health=health
-        ) as ep:
-            announce(ep)
-            print(f"nats_url={ep.nats_url}\ngrpc={ep.grpc}", flush=True)
-            stopping = asyncio.create_task(stop.wait())
-            assert ep.task is not None
-            await asyncio.wait({stopping, ep.task}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if ep.task.done() and not ep.task.cancelled() and ep.task.exception() is not None:
-                print(f"torchloom: weaver failed: {ep.task.exception()!r}", file=sys.stderr, flush=True)
-                return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    print("torchloom: weaver stopped", file=sys.stderr, flush=True)
-    return 0

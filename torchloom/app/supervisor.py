@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 STOP_GRACE_S = 10.0
+RUN_STOPPING = "run_stopping"  # the JobEvent kind a stop signal on the launcher announces
+STOPPING_FLUSH_S = 1  # seconds (nats-py takes an int) how long the announcement may hold up forwarding the signal
 _NPROC = frozenset({"--nproc-per-node", "--nproc_per_node"})
 
 
@@ -170,10 +172,15 @@ class Supervisor:
         self._nc: Client | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._watches: set[asyncio.Task[None]] = set()  # strong refs to the "resumed" watches
+        self.stopping: signal.Signals | None = None  # the signal that is ending the run, once one came
 
     async def run(self) -> int:
-        """Run attempts until one exits on its own; return that attempt's exit status (128+N for
-        signal N). Stops the current attempt when cancelled."""
+        """Run attempts until one exits; return that attempt's exit status (128+N for signal N).
+
+        A SIGINT or SIGTERM ends the run under every health policy: it is forwarded to the attempt,
+        announced as a "run_stopping" event (so the weaver orders no restart), every restart request
+        after it is declined, and the status is 128+N for that signal (130, 143) whatever torchrun
+        returns. Stops the current attempt when cancelled."""
         self._env[DISABLE_SHARED_STORE] = "1"
         self._env[env.BASE_RUN_ID] = self.base_run_id
         try:
@@ -197,6 +204,8 @@ class Supervisor:
                             t.cancel()
                 if exited.done():
                     code = exited.result()
+                    if self.stopping is not None:
+                        return 128 + int(self.stopping)
                     return 128 - code if code < 0 else code
                 proc = await self._restart(proc, asked.result()) or proc
         finally:
@@ -213,13 +222,18 @@ class Supervisor:
 
     def _forward_signals(self) -> list[signal.Signals]:
         """Pass SIGINT/SIGTERM on to the running attempt (it has its own session, so a Ctrl-C
-        reaches it exactly once: from us)."""
+        reaches it exactly once: from us), after marking the run as stopping."""
         loop = asyncio.get_running_loop()
 
         def forward(sig: signal.Signals) -> None:
-            if self._proc is not None and self._proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self._proc.send_signal(sig)
+            if self.stopping is None:
+                self.stopping = sig
+                # Announce first, so the weaver hears "stopping" before it sees the ranks go.
+                task = loop.create_task(self._stop_attempt(sig), name=f"supervisor-stop-{self.job}")
+                self._watches.add(task)
+                task.add_done_callback(self._watches.discard)
+            else:
+                self._signal_attempt(sig)  # a second Ctrl-C goes straight through
 
         installed: list[signal.Signals] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -227,6 +241,24 @@ class Supervisor:
                 loop.add_signal_handler(sig, forward, sig)
                 installed.append(sig)
         return installed
+
+    def _signal_attempt(self, sig: signal.Signals) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    async def _stop_attempt(self, sig: signal.Signals) -> None:
+        try:
+            await self._publish(
+                RUN_STOPPING,
+                f"{sig.name} on the launcher: run {self.run_id} is ending; no restart",
+                signal=sig.name,
+            )
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.flush(timeout=STOPPING_FLUSH_S)
+        finally:
+            self._signal_attempt(sig)
 
     async def _on_request(self, msg: Msg) -> None:
         try:
@@ -278,6 +310,9 @@ class Supervisor:
         if not self._current(req.run_id) or proc.returncode is not None:
             log.info("supervisor: ignored a restart request for run %s (running %s)", req.run_id, self.run_id)
             return None
+        if self.stopping is not None:
+            await self._decline_stopping(req)
+            return None
         if self._elastic_membership:
             await self._publish(
                 "restart_declined",
@@ -303,6 +338,9 @@ class Supervisor:
             await self._publish("reconfigure_checkpointed", f"checkpoint {path} for the restart", **common)
         await self._publish("reconfigure_stopping", f"stopping run {self.run_id}: {req.reason}", **common)
         await stop_group(proc)
+        if self.stopping is not None:  # the signal came while the old attempt was stopping
+            await self._decline_stopping(req)
+            return None
         old_run, old_nproc = self.run_id, self._nproc
         self.attempt += 1
         self.run_id = naming.attempt_run_id(self.base_run_id, self.attempt)
@@ -330,6 +368,15 @@ class Supervisor:
         new = await self._start(self._command(req.world_size), self._env)
         self._spawn_resumed_watch(common, t0)
         return new
+
+    async def _decline_stopping(self, req: RestartRequest) -> None:
+        assert self.stopping is not None
+        await self._publish(
+            "restart_declined",
+            f"restart of run {req.run_id} declined: the run is stopping ({self.stopping.name})",
+            reason=req.reason,
+            world_size=str(req.world_size),
+        )
 
     def _spawn_resumed_watch(self, attrs: Mapping[str, str], t0: float) -> None:
         run_id = self.run_id

@@ -1,0 +1,601 @@
+"""The control-plane process: the embedded nats-server (supervised), the weaver and its gRPC service,
+the discovery file, and the job leases that decide how long it lives.
+
+`torchloom run` starts it detached (`python -m torchloom.app.controlplane`, own session, output to
+`$TORCHLOOM_HOME/controlplane/controlplane.log`) when none is reachable; it exits once no lease has been
+held for `idle_exit_s`. `torchloom weaver` is the same process in the foreground without the idle exit.
+A dead nats-server comes back on the same port and JetStream store within about a second; a control
+plane started while jobs still hold leases (the previous one was killed) continues its store and ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from nats.aio.client import Client
+
+from torchloom import bus, defaults, discovery, env, subjects, wire
+from torchloom.app import runs
+from torchloom.app.launcher import HealthOptions, UsageError, parse_health
+from torchloom.errors import NatsUnavailable, TorchloomError
+from torchloom.messages import JobEvent
+from torchloom.nats_server import EmbeddedNats
+from torchloom.policy import PolicyMode
+from weaver import app as weaver_app
+from weaver.app import RunningWeaver
+from weaver.config import WeaverConfig
+
+log = logging.getLogger("torchloom.app.controlplane")  # also when run as __main__
+
+IDLE_EXIT_S = 10.0  # default grace after the last lease ended
+IDLE_EXIT_ENV = env.CONTROLPLANE_IDLE_S
+STATE_FILE = "state.json"
+LOG_FILE = "controlplane.log"
+SECRETS_DIR = "secrets"
+WEAVER_READY_TIMEOUT_S = 30.0
+WEAVER_RETRY_S = 0.5
+_CREDENTIALS_IN_URL = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the `user:pass@` part of every URL in it replaced by `***@`."""
+    return _CREDENTIALS_IN_URL.sub(r"\1***@", text)
+
+
+class _RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True
+
+
+class Credentials(Protocol):
+    """What the control plane asks of NATS authentication (phase-2 blueprint, section 2).
+
+    The control plane calls `prepare` before every start of the embedded server (the first and each
+    supervised restart), `job_added` when a job's first lease appears (create and apply its threadlet
+    credentials) and `job_removed` when its last lease ends.
+    """
+
+    @property
+    def secrets_dir(self) -> Path | None: ...
+
+    def prepare(self, server: EmbeddedNats) -> None: ...
+
+    def job_added(self, job: str) -> None: ...
+
+    def job_removed(self, job: str) -> None: ...
+
+
+class OpenAccess:
+    """No NATS authentication: the embedded server on loopback accepts any local client."""
+
+    @property
+    def secrets_dir(self) -> Path | None:
+        return None
+
+    def prepare(self, server: EmbeddedNats) -> None:
+        return None
+
+    def job_added(self, job: str) -> None:
+        return None
+
+    def job_removed(self, job: str) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlPlaneConfig:
+    """How a control plane runs.
+
+    Attributes:
+        home: the `$TORCHLOOM_HOME` it serves (discovery file, leases, stores).
+        nats_url: an external server; None runs the embedded one and supervises it.
+        grpc_addr: the weaver's gRPC bind address (port 0: a free one).
+        idle_exit_s: exit once no lease has been held this long; None: never (`torchloom weaver`).
+        weaver_options: extra WeaverConfig keyword arguments (the health options).
+        nats_check_interval_s: how often the embedded server's process is checked.
+        lease_interval_s: how often the leases are swept.
+    """
+
+    home: Path
+    nats_url: str | None = None
+    grpc_addr: str = defaults.GRPC_BIND_ADDR
+    idle_exit_s: float | None = IDLE_EXIT_S
+    weaver_options: Mapping[str, Any] = field(default_factory=dict)
+    nats_check_interval_s: float = 0.1
+    lease_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.idle_exit_s is not None and not 0.0 <= self.idle_exit_s <= 24 * 3600.0:
+            raise ValueError(f"idle_exit_s={self.idle_exit_s!r} rejected: must be in [0, 86400] or None")
+        for name in ("nats_check_interval_s", "lease_interval_s"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 60.0:
+                raise ValueError(f"{name}={value!r} rejected: must be in (0, 60]")
+        host, sep, port = self.grpc_addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(
+                f"grpc_addr={self.grpc_addr!r} rejected: expected HOST:PORT with PORT in [0, 65535]"
+            )
+
+
+def state_path(home: Path | None = None) -> Path:
+    return runs.controlplane_dir(home) / STATE_FILE
+
+
+def log_path(home: Path | None = None) -> Path:
+    return runs.controlplane_dir(home) / LOG_FILE
+
+
+def _is_nats_server(pid: int) -> bool:
+    try:
+        return b"nats-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _end_orphan(pid: int, timeout_s: float = 3.0) -> None:
+    """Stop a nats-server a killed control plane left behind (it runs in its own session)."""
+    if pid <= 0 or not discovery.pid_alive(pid) or not _is_nats_server(pid):
+        return
+    log.warning("stopping nats-server pid %d left by a previous control plane", pid)
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, timeout_s)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while discovery.pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not discovery.pid_alive(pid):
+            return
+
+
+class ControlPlane:
+    """NATS (embedded and supervised, or external), a weaver restarted if it fails, the discovery
+    file, and the lease sweep. Run it with `await run()`; `stop()` ends it.
+
+    Args:
+        config: how it runs.
+        credentials: NATS authentication (default: none, the loopback server accepts local clients).
+    """
+
+    def __init__(self, config: ControlPlaneConfig, *, credentials: Credentials | None = None) -> None:
+        self.config = config
+        self.credentials: Credentials = credentials or OpenAccess()
+        self.server: EmbeddedNats | None = None
+        self.nats_url = config.nats_url or ""
+        self.ws_url = ""
+        self.grpc = ""
+        self.nats_restarts = 0
+        self.events: list[JobEvent] = []  # what it published, in order
+        self.ready = asyncio.Event()  # set once the weaver serves gRPC and the discovery file exists
+        self._grpc_bind = config.grpc_addr
+        self._stop = asyncio.Event()
+        self._exiting = False
+        self._jobs: dict[str, list[runs.Lease]] = {}
+        self._nc: Client | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def jobs(self) -> tuple[str, ...]:
+        return tuple(sorted(self._jobs))
+
+    async def run(self) -> None:
+        """Serve until `stop()` or the idle exit. Everything started is stopped on the way out.
+
+        Raises:
+            NatsUnavailable: the embedded server cannot start.
+            WeaverUnavailable-like TorchloomError: the weaver never became ready.
+        """
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self._start_nats()
+            with contextlib.suppress(NatsUnavailable):  # events are for watchers; no events is no crash
+                self._nc = await bus.connect(self.nats_url, name="torchloom-controlplane")
+            first = asyncio.get_running_loop().create_future()
+            tasks.append(asyncio.create_task(self._weaver_loop(first), name="controlplane-weaver"))
+            await first  # the first weaver start must succeed: a bad --grpc is an error, not a retry
+            if self.server is not None:
+                tasks.append(asyncio.create_task(self._supervise_nats(), name="controlplane-nats"))
+            tasks.append(asyncio.create_task(self._lease_loop(), name="controlplane-leases"))
+            stopping = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait({stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            for task in done - {stopping}:
+                task.result()  # a loop ended: that is a bug; surface it
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            discovery.remove(self.config.home / discovery.FILE_NAME)
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+            if self.server is not None:
+                await asyncio.to_thread(self.server.stop)
+            self._remove_state()
+
+    # ---- NATS -------------------------------------------------------------------------------------------
+
+    def _previous(self) -> dict[str, Any] | None:
+        """The state of a control plane that died while jobs still hold leases (else None)."""
+        try:
+            data = json.loads(state_path(self.config.home).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or discovery.pid_alive(int(data.get("pid") or 0)):
+            return None
+        _end_orphan(int(data.get("nats_pid") or 0))
+        live, _ = runs.sweep_leases(self.config.home)
+        return data if live and data.get("store_dir") else None
+
+    async def _start_nats(self) -> None:
+        previous = await asyncio.to_thread(self._previous)
+        if previous is not None and previous.get("grpc") and self.config.grpc_addr.endswith(":0"):
+            self._grpc_bind = str(previous["grpc"])  # clients that remember it keep working
+        if self.config.nats_url is not None:
+            self._write_state()
+            return
+        if previous is not None:
+            log.info(
+                "continuing the store %s of a control plane that stopped with jobs running",
+                previous["store_dir"],
+            )
+            self.server = EmbeddedNats(
+                previous["store_dir"], port=previous.get("nats_port"), ws_port=previous.get("ws_port")
+            )
+        else:
+            self.server = EmbeddedNats(runs.runs_dir(self.config.home) / f"cp-{uuid.uuid4().hex[:12]}")
+        self.credentials.prepare(self.server)
+        try:
+            await asyncio.to_thread(self.server.start)
+        except NatsUnavailable:
+            if previous is None:
+                raise
+            # Its port was taken meanwhile: a new address is worse than the old one, but not fatal.
+            log.warning(
+                "nats-server could not come back on port %s: starting on a free port", self.server.port
+            )
+            self.server = EmbeddedNats(previous["store_dir"])
+            self.credentials.prepare(self.server)
+            await asyncio.to_thread(self.server.start)
+        self.nats_url, self.ws_url = self.server.url, self.server.ws_url
+        self._write_state()
+
+    async def _supervise_nats(self) -> None:
+        """Restart a dead embedded server on the same port and store, and tell every leased job."""
+        server = self.server
+        assert server is not None
+        while True:
+            await asyncio.sleep(self.config.nats_check_interval_s)
+            if server.running():
+                continue
+            t0 = time.monotonic()
+            log.warning(
+                "embedded nats-server (port %s) died: restarting it on the same port and store", server.port
+            )
+            server.stop()  # reap the dead process and close its pipe
+            while True:
+                try:
+                    self.credentials.prepare(server)
+                    await asyncio.to_thread(server.start)
+                    break
+                except NatsUnavailable as exc:
+                    log.warning("nats-server restart failed, retrying: %s", exc)
+                    await asyncio.sleep(0.2)
+            took = time.monotonic() - t0
+            self.nats_restarts += 1
+            self._write_state()
+            log.info(
+                "nats-server is back on %s after %.3fs (restart %d)", server.url, took, self.nats_restarts
+            )
+            await self._announce(
+                "nats_restarted",
+                f"the embedded nats-server died and was restarted on {server.url} with the same store "
+                f"in {took:.2f}s",
+                restart_s=f"{took:.3f}",
+                restarts=str(self.nats_restarts),
+            )
+
+    async def _announce(self, kind: str, message: str, **attrs: str) -> None:
+        """Publish a JobEvent to every leased job's events subject (so the journal keeps it)."""
+        for job, leases in sorted(self._jobs.items()):
+            ev = JobEvent(
+                job=job, run_id=leases[-1].run_id, kind=kind, message=message, time_s=time.time(), attrs=attrs
+            )
+            self.events.append(ev)
+            if self._nc is None:
+                continue
+            try:
+                await self._nc.publish(subjects.events(job), wire.encode(ev))
+            except Exception as exc:  # the event is for watchers; the control plane goes on
+                log.warning("could not publish %s for %s: %s", kind, job, exc)
+
+    # ---- the weaver -------------------------------------------------------------------------------------
+
+    async def _weaver_loop(self, first: asyncio.Future[None]) -> None:
+        """Run the weaver; restart it (on the same gRPC address) whenever it stops."""
+        while True:
+            ready: asyncio.Future[RunningWeaver] = asyncio.get_running_loop().create_future()
+
+            def _ready(w: RunningWeaver, fut: asyncio.Future[RunningWeaver] = ready) -> None:
+                if not fut.done():
+                    fut.set_result(w)
+
+            config = WeaverConfig(
+                nats_url=self.nats_url, grpc_addr=self._grpc_bind, **self.config.weaver_options
+            )
+            task = asyncio.create_task(weaver_app.serve(config, ready=_ready), name="torchloom-weaver")
+            try:
+                waits: set[asyncio.Future[Any]] = {task, ready}
+                async with asyncio.timeout(WEAVER_READY_TIMEOUT_S):
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError:
+                pass
+            if ready.done():
+                self.grpc = ready.result().grpc_address
+                self._grpc_bind = self.grpc  # a restarted weaver answers at the same address
+                self._write_discovery()
+                self._write_state()
+                self.ready.set()
+                if not first.done():
+                    first.set_result(None)
+                with contextlib.suppress(Exception):
+                    await task
+                log.warning("the weaver stopped: restarting it")
+            else:
+                task.cancel()
+                exc = None
+                with contextlib.suppress(asyncio.CancelledError):
+                    try:
+                        await task
+                    except Exception as err:
+                        exc = err
+                if self._grpc_bind != self.config.grpc_addr and not self.ready.is_set():
+                    # The address a killed predecessor had may be taken now: any address beats none.
+                    log.warning(
+                        "weaver could not start on %s (%r): trying %s",
+                        self._grpc_bind,
+                        exc,
+                        self.config.grpc_addr,
+                    )
+                    self._grpc_bind = self.config.grpc_addr
+                    continue
+                if not first.done():
+                    first.set_exception(
+                        WeaverFailed(
+                            f"weaver did not become ready within {WEAVER_READY_TIMEOUT_S:g}s: {exc!r}"
+                        )
+                    )
+                    return
+                log.warning("weaver start failed, retrying: %r", exc)
+            await asyncio.sleep(WEAVER_RETRY_S)
+
+    # ---- leases, discovery, state ---------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        idle_since: float | None = time.monotonic()
+        while True:
+            live, _ended = runs.sweep_leases(self.config.home)
+            self._update_jobs(live)
+            now = time.monotonic()
+            if live:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            limit = self.config.idle_exit_s
+            if (
+                limit is not None
+                and idle_since is not None
+                and now - idle_since >= limit
+                and self._try_exit()
+            ):
+                log.info("no job has held a lease for %.1fs: exiting", now - idle_since)
+                self.stop()
+                return
+            await asyncio.sleep(self.config.lease_interval_s)
+
+    def _update_jobs(self, live: list[runs.Lease]) -> None:
+        jobs: dict[str, list[runs.Lease]] = {}
+        for lease in live:
+            jobs.setdefault(lease.job, []).append(lease)
+        added, removed = jobs.keys() - self._jobs.keys(), self._jobs.keys() - jobs.keys()
+        self._jobs = jobs
+        for job in sorted(added):
+            log.info(
+                "job %s holds a lease (run %s, launcher pid %d)", job, jobs[job][-1].run_id, jobs[job][-1].pid
+            )
+            self.credentials.job_added(job)
+        for job in sorted(removed):
+            log.info("job %s holds no lease any more", job)
+            self.credentials.job_removed(job)
+        if (added or removed) and self.ready.is_set():
+            self._write_discovery()
+
+    def _try_exit(self) -> bool:
+        """Under the lock: with still no live lease, withdraw the discovery file and say yes.
+
+        A launcher registers its lease under the same lock, so it either sees this file gone (and
+        starts a new control plane) or its lease is seen here (and this one stays).
+        """
+        with runs.locked(self.config.home, timeout_s=None) as got:
+            if not got:
+                return False
+            live, _ = runs.sweep_leases(self.config.home)
+            if live:
+                return False
+            self._exiting = True
+            discovery.remove(self.config.home / discovery.FILE_NAME)
+            return True
+
+    def _write_discovery(self) -> None:
+        if self._exiting:
+            return
+        secrets = self.credentials.secrets_dir
+        discovery.write(
+            discovery.WeaverInfo(
+                pid=os.getpid(),
+                nats_url=redact(self.nats_url),
+                grpc=self.grpc,
+                ws_url=self.ws_url,
+                jobs=self.jobs,
+                store_dir=str(self.server.run_dir) if self.server is not None else "",
+                secrets_dir=str(secrets) if secrets is not None else "",
+            ),
+            self.config.home / discovery.FILE_NAME,
+        )
+
+    def _write_state(self) -> None:
+        server = self.server
+        discovery.write_private_json(
+            state_path(self.config.home),
+            {
+                "pid": os.getpid(),
+                "store_dir": str(server.run_dir) if server is not None else "",
+                "nats_port": server.port if server is not None else None,
+                "ws_port": server.ws_port if server is not None else None,
+                "nats_pid": (server.pid or 0) if server is not None else 0,
+                "grpc": self.grpc,
+            },
+        )
+
+    def _remove_state(self) -> None:
+        path = state_path(self.config.home)
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+
+
+class WeaverFailed(TorchloomError, ConnectionError):
+    """The control plane's weaver did not come up."""
+
+
+# ---- entry points ------------------------------------------------------------------------------------
+
+
+def idle_exit_default() -> float:
+    """TORCHLOOM_CONTROLPLANE_IDLE_S, else IDLE_EXIT_S."""
+    return env.get_float(IDLE_EXIT_ENV, IDLE_EXIT_S)
+
+
+def print_ready(cp: ControlPlane, *, to_stdout: bool) -> None:
+    """Say where the control plane is: one line on stderr, and `nats_url=`/`grpc=` lines on stdout."""
+    parts = [
+        f"torchloom: control plane pid {os.getpid()}: weaver at gRPC {cp.grpc}",
+        f"NATS {redact(cp.nats_url)}",
+    ]
+    if cp.ws_url:
+        parts.append(f"WebSocket {cp.ws_url}")
+    print("; ".join(parts), file=sys.stderr, flush=True)
+    if to_stdout:
+        print(f"nats_url={redact(cp.nats_url)}\ngrpc={cp.grpc}", flush=True)
+
+
+async def serve_control_plane(cp: ControlPlane, *, to_stdout: bool = False) -> int:
+    """Run `cp` until SIGINT/SIGTERM or its idle exit; return 0 on a clean stop, 1 on a failure."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, cp.stop)
+            installed.append(sig)
+    task = asyncio.create_task(cp.run(), name="controlplane")
+    try:
+        ready = asyncio.create_task(cp.ready.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if cp.ready.is_set():
+            print_ready(cp, to_stdout=to_stdout)
+        await task
+    except (TorchloomError, OSError) as exc:
+        print(f"torchloom: control plane failed: {redact(str(exc))}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    print("torchloom: control plane stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def already_running(home: Path) -> discovery.WeaverInfo | None:
+    """The live control plane of `home`, if one wrote the discovery file."""
+    return discovery.read(home / discovery.FILE_NAME)
+
+
+def serve_weaver(*, nats_url: str | None, grpc: str | None, health: HealthOptions | None = None) -> int:
+    """`torchloom weaver`: the control plane in the foreground, without the idle exit."""
+    home = discovery.home()
+    running = already_running(home)
+    if running is not None:
+        print(
+            f"torchloom weaver: a control plane already runs for {home} (pid {running.pid}, gRPC "
+            f"{running.grpc}); stop it first or use another TORCHLOOM_HOME",
+            file=sys.stderr,
+        )
+        return 1
+    config = ControlPlaneConfig(
+        home=home,
+        nats_url=nats_url or env.get(env.NATS_URL),
+        grpc_addr=grpc or defaults.GRPC_BIND_ADDR,
+        idle_exit_s=None,
+        weaver_options=(health or HealthOptions()).config_kwargs(),
+    )
+    return asyncio.run(serve_control_plane(ControlPlane(config), to_stdout=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m torchloom.app.controlplane`: the detached control plane `torchloom run` starts.
+
+    The NATS URL (an external server) comes from TORCHLOOM_NATS_URL, never from argv.
+    """
+    parser = argparse.ArgumentParser(prog="python -m torchloom.app.controlplane", description=__doc__)
+    parser.add_argument("--grpc", default=defaults.GRPC_BIND_ADDR, help="gRPC bind address")
+    parser.add_argument(
+        "--idle-exit-s", type=float, default=None, help=f"grace after the last lease ({IDLE_EXIT_S:g})"
+    )
+    parser.add_argument("--no-idle-exit", action="store_true", help="never exit on idle")
+    parser.add_argument("--hung-after")
+    parser.add_argument("--straggler-factor")
+    parser.add_argument("--health-policy", choices=[m.value for m in PolicyMode])
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.addFilter(_RedactingFilter())
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+        handlers=[handler],
+    )
+    try:
+        health = parse_health(args.hung_after, args.straggler_factor, args.health_policy)
+        config = ControlPlaneConfig(
+            home=discovery.home(),
+            nats_url=env.get(env.NATS_URL),
+            grpc_addr=args.grpc,
+            idle_exit_s=None
+            if args.no_idle_exit
+            else (args.idle_exit_s if args.idle_exit_s is not None else idle_exit_default()),
+            weaver_options=health.config_kwargs(),
+        )
+    except (UsageError, ValueError) as exc:
+        parser.error(str(exc))
+    return asyncio.run(serve_control_plane(ControlPlane(config)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""History after the run: a run's journal read from where it is stored, with no job running.
+
+The run index (torchloom.app.runs) names the run's store. When the live control plane serves that
+store, its weaver's journal is read over gRPC; when the run used an external server, from that server;
+otherwise a private nats-server (loopback, free port) is started on the stored JetStream directory,
+the journal stream is read, and the server is stopped. Checkpoints and branches are rebuilt from the
+entries by the weaver's own recovery (the same fold a restarted weaver does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from torchloom import bus, discovery, naming
+from torchloom.app.runs import RunRecord
+from torchloom.client import ControlClient
+from torchloom.errors import JobNotFound, NatsUnavailable
+from torchloom.messages import JobEvent, JobStatus, Outcome
+from torchloom.nats_server import EmbeddedNats
+from weaver import liveness, recovery
+from weaver.health_policy import DEFAULT_DEAD_AFTER_S
+from weaver.model import WeaverState
+from weaver.streams import Streams
+
+READ_TIMEOUT_S = 10.0
+_STORE = "jetstream"  # the directory nats-server keeps its JetStream data in, under its store_dir
+
+Entry = Outcome | JobEvent
+
+
+def run_of(entry: Entry) -> str:
+    """The run id an entry belongs to ("" when it names none)."""
+    if isinstance(entry, JobEvent):
+        return entry.run_id
+    return entry.command.run_id if entry.command is not None else entry.run_id
+
+
+def of_run(entries: Iterable[Entry], record: RunRecord) -> list[Entry]:
+    """The entries of the record's job and run (the run itself and its restarted attempts)."""
+    return [
+        e
+        for e in entries
+        if e.job == record.job and run_of(e) and naming.is_attempt_of(run_of(e), record.run_id)
+    ]
+
+
+def run_status(entries: Iterable[Entry], record: RunRecord) -> JobStatus:
+    """The job's status as the run's journal leaves it: its checkpoints, branches and last seq.
+
+    Raises:
+        JobNotFound: the journal holds nothing of that run.
+    """
+    state = WeaverState()
+    recovery.replay_journal(state, of_run(entries, record))
+    job = state.jobs.get(record.job)
+    if job is None:
+        raise JobNotFound(f"the journal holds no entry of run {record.run_id} of job {record.job!r}")
+    return liveness.job_status(job, time.time(), DEFAULT_DEAD_AFTER_S)
+
+
+async def read_entries(record: RunRecord) -> list[Entry]:
+    """Every journal entry of the record's run, oldest first, from wherever it is stored now.
+
+    Raises:
+        NatsUnavailable: the store cannot be opened or read.
+        WeaverUnavailable: the live weaver serving the store did not answer.
+    """
+    live = discovery.read()
+    if live is not None and (
+        (record.store_dir and live.store_dir == record.store_dir)
+        or (not record.store_dir and live.nats_url == record.nats_url)
+    ):
+        async with ControlClient(live.grpc) as client, asyncio.timeout(READ_TIMEOUT_S):
+            found = [e async for e in client.journal(record.job) if isinstance(e, Outcome | JobEvent)]
+        return of_run(found, record)
+    if record.store_dir:
+        return of_run(await _read_store(Path(record.store_dir), record.job), record)
+    return of_run(await _read_url(record.nats_url, record.job), record)
+
+
+async def _read_url(url: str, job: str) -> list[Entry]:
+    nc = await bus.connect(url, name="torchloom-history")
+    try:
+        return [e async for e in Streams(nc.jetstream(timeout=READ_TIMEOUT_S), READ_TIMEOUT_S).journal(job)]
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def _read_store(store_dir: Path, job: str) -> list[Entry]:
+    """Start a private nats-server on the stored JetStream data, read the journal, stop it.
+
+    The server runs in a temporary directory whose `jetstream` entry links to the store, so its own
+    config and log never touch the run's directory.
+    """
+    data = store_dir / _STORE
+    if not data.is_dir():
+        raise NatsUnavailable(f"no JetStream store at {data}: the run's journal was removed or never written")
+    with tempfile.TemporaryDirectory(prefix="torchloom-history-") as tmp:
+        (Path(tmp) / _STORE).symlink_to(data.resolve(), target_is_directory=True)
+        server = EmbeddedNats(tmp)
+        await asyncio.to_thread(server.start)
+        try:
+            return await _read_url(server.url, job)
+        finally:
+            await asyncio.to_thread(server.stop)

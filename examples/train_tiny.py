@@ -196,7 +196,9 @@ def main() -> None:
     torch.save(
         {k: v.detach().clone() for k, v in net.state_dict().items()}, args.out / f"rank{rank}.params.pt"
     )
-    (args.out / f"rank{rank}.applied.json").write_text(json.dumps(tl.applied, indent=1))
+    (args.out / f"rank{rank}.applied.json").write_text(
+        json.dumps([d.to_json() for d in tl.applied], indent=1)
+    )
     threadlet.finish(tl)
 
 

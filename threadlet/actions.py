@@ -1,6 +1,6 @@
-"""Carrying out actions on the training thread (checkpoint, rollback, eval, stop, data_add,
-fault_inject, pause/resume), their local refusal at filing, and the resume at process start; mixed
-into `threadlet.agent.Threadlet`, which owns every attribute declared here."""
+"""The `ActionRunner`: carries out decided commands on the training thread (knob changes, checkpoint,
+rollback, eval, stop, data_add, fault_inject, pause/resume), checks received commands locally at
+filing, and resumes a (re)started rank from its checkpoint and knob overrides."""
 
 from __future__ import annotations
 
@@ -10,42 +10,89 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from threadlet import checkpoint, nvml_fake, replay, resume
+from threadlet import checkpoint, nvml_fake, resume
+from threadlet.agreement import Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.optim_knobs import OPTIMIZER_KNOBS, KnobBoard
+from threadlet.state import Decided, Filed, RankContext, TrainingState
 from torchloom import layout, naming
-from torchloom.messages import Action, ActionKind, KnobValue, SetConfig
+from torchloom.errors import CommandRejected
+from torchloom.messages import AckStatus, Action, ActionKind, Command, KnobValue, SetConfig
 
 log = logging.getLogger("threadlet")
 
+EvalFn = Callable[[], Mapping[str, float]]
 
-class ActionsMixin:
-    """Action and resume methods of a Threadlet. Training thread only, except `_action_refusal`
-    and `_rollback_path`, which read no training state and run on the bus thread at filing."""
 
-    config: ThreadletConfig
-    rank: int
-    world_size: int
-    local_rank: int
-    step_count: int
-    tick: int
-    branch: str
-    group: Any
-    resumed_from: str
-    _model: Any
-    _optimizer: Any
-    _scheduler: Any
-    _sampler: Any
-    _eval_fn: Callable[[], Mapping[str, float]] | None
-    _board: KnobBoard
-    _fake_nvml: nvml_fake.FakeNvml | None
-    _replay: replay.Schedule | None
-    _pending_overrides: dict[str, Any]
-    _paused: bool
-    _stop: bool
-    _last_decided: int
+class ActionRunner:
+    """Carries out what the rank decided. Training thread only, except `prepare` (and the
+    `refusal` and `_rollback_path` it uses), which read no training state and run on the bus thread.
 
-    def _action_refusal(self, action: Action) -> str | None:
+    Args:
+        config: job, run id, checkpoint root, fault injection permission.
+        ctx: this rank's identity.
+        state: the training state; the runner moves its step, branch, paused and stop flags.
+        board: the rank's knobs.
+        model, optimizer, scheduler, sampler: the user's training objects (checkpointed, rolled
+            back; the sampler also takes `data add`).
+        eval_fn: the `eval` action's function (settable later as `eval_fn`).
+        group: the process group of collective checkpoint saves and loads (None: this rank alone).
+        fake_nvml: the fake device `fault_inject` scripts (None: none on this rank).
+        replaying: the commands come from a replay file: checkpoints live at their deterministic
+            path, and a pause is not held (no one could resume it).
+    """
+
+    def __init__(
+        self,
+        config: ThreadletConfig,
+        ctx: RankContext,
+        state: TrainingState,
+        board: KnobBoard,
+        *,
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        sampler: Any = None,
+        eval_fn: EvalFn | None = None,
+        group: Any = None,
+        fake_nvml: nvml_fake.FakeNvml | None = None,
+        replaying: bool = False,
+    ) -> None:
+        self._config = config
+        self._ctx = ctx
+        self._state = state
+        self._board = board
+        self._model = model
+        self._optimizer = optimizer
+        self._scheduler = scheduler
+        self._sampler = sampler
+        self.eval_fn = eval_fn
+        self._group = group
+        self._fake_nvml = fake_nvml
+        self._replaying = replaying
+        # Knob overrides of a resume that wait until the loop registered their knob (loops enable
+        # grad_accum_steps etc. after attach); the front checks it at every step.
+        self.pending_overrides: dict[str, KnobValue] = {}
+
+    # ---- bus thread: local checks at filing ------------------------------------------------------
+
+    def prepare(self, cmd: Command, received_at_s: float) -> Filed:
+        """This rank's verdict on a received command: its typed values, or why it cannot apply it."""
+        refusal: str | None = None
+        values: dict[str, KnobValue] = {}
+        body = cmd.body
+        if isinstance(body, SetConfig):
+            try:
+                # Types, bounds and the knobs' validate hooks (e.g. mix structure): a bad value is
+                # refused here by every rank, so none applies it.
+                values = self._board.validate(body.values)
+            except CommandRejected as exc:
+                refusal = exc.reason
+        else:
+            refusal = self.refusal(body)
+        return Filed(cmd, received_at_s, refusal, values)
+
+    def refusal(self, action: Action) -> str | None:
         """Why this rank cannot carry out `action` (None: it can). Reads no training state."""
         kind, args = action.kind, action.args
         if kind is ActionKind.ROLLBACK:
@@ -55,7 +102,7 @@ class ActionsMixin:
                 return str(exc)
             if not path.is_dir():
                 return f"checkpoint path {path} does not exist on this rank"
-        elif kind is ActionKind.EVAL and self._eval_fn is None:
+        elif kind is ActionKind.EVAL and self.eval_fn is None:
             return "no eval function registered: pass eval_fn= to attach()"
         elif kind is ActionKind.DATA_ADD:
             if self._sampler is None or not callable(getattr(self._sampler, "add_source", None)):
@@ -63,7 +110,7 @@ class ActionsMixin:
             if not args.get("name") or not args.get("path"):
                 return "data_add needs arguments name and path"
         elif kind is ActionKind.FAULT_INJECT:
-            if not self.config.fault_injection_allowed:
+            if not self._config.fault_injection_allowed:
                 return "fault injection is disabled: start the job with TORCHLOOM_ALLOW_FAULT_INJECTION=1"
             try:
                 target, xid = int(args.get("rank", "")), int(args.get("xid", ""))
@@ -71,35 +118,69 @@ class ActionsMixin:
                 return f"fault_inject args {dict(args)} rejected: expected integer rank and xid"
             if xid < 1:
                 return f"fault_inject xid={xid} rejected: must be >= 1"
-            if target == self.rank and self._fake_nvml is None:
+            if target == self._ctx.rank and self._fake_nvml is None:
                 return "no fake NVML on this rank to inject into"
         return None
 
     def _rollback_path(self, args: Mapping[str, str]) -> Path:
         ckpt = args.get("checkpoint_id") or args.get("checkpoint", "")
         # A replay runs under its own run id: its checkpoints are its own, at the deterministic path.
-        if self._replay is None and args.get("checkpoint_path"):
+        if not self._replaying and args.get("checkpoint_path"):
             return Path(args["checkpoint_path"])
         seq = naming.seq_of(ckpt)
-        root = layout.default_root(self.config.checkpoint_dir)
-        return layout.checkpoint_path(root, self.config.job, self.config.run_id, seq)
+        root = layout.default_root(self._config.checkpoint_dir)
+        return layout.checkpoint_path(root, self._config.job, self._config.run_id, seq)
 
-    def _apply(self, seq: int, body: SetConfig | Action, values: dict[str, KnobValue]) -> dict[str, str]:
+    # ---- training thread ------------------------------------------------------------------------
+
+    def carry_out(self, filed: Filed, verdict: Verdict, *, step: int, branch: str) -> Decided:
+        """Decide one command at the boundary at (`branch`, `step`): carry it out when every rank
+        accepted it. A failure (a user hook, the file system) rejects it; training goes on."""
+        cmd = filed.command
+        seq, body = cmd.seq, cmd.body
+        self._state.last_decided = max(self._state.last_decided, seq)
+        kind = "set" if isinstance(body, SetConfig) else body.kind.value
+        status, reason = AckStatus.APPLIED, ""
+        detail: dict[str, str] = {}
+        if verdict is Verdict.REJECT_SELF:
+            status, reason = AckStatus.REJECTED, f"rank {self._ctx.rank} refused: {filed.refusal}"
+        elif verdict is Verdict.REJECT_OTHER:
+            status, reason = AckStatus.REJECTED, "refused by another rank"
+        else:
+            try:
+                detail = self._apply(seq, body, filed.values)
+            except Exception as exc:
+                log.warning("threadlet rank %d: command %d (%s) failed: %r", self._ctx.rank, seq, kind, exc)
+                status, reason = AckStatus.REJECTED, f"rank {self._ctx.rank} failed to apply: {exc}"
+        return Decided(
+            seq=seq,
+            command_id=cmd.command_id,
+            kind=kind,
+            status=status,
+            step=step,
+            branch=branch,
+            reason=reason,
+            values=filed.values,
+            args=body.args if isinstance(body, Action) else {},
+            detail=detail,
+        )
+
+    def _apply(self, seq: int, body: SetConfig | Action, values: Mapping[str, KnobValue]) -> dict[str, str]:
         """Carry out a decided command; return the ack detail (docs/design.md, "Actions")."""
         if isinstance(body, SetConfig):
             self._board.apply(values)
             return {}
-        kind = body.kind
+        kind, st = body.kind, self._state
         if kind is ActionKind.PAUSE:
             # A replay has no one to resume it; the recorded resume sits at the same position.
-            self._paused = self._replay is None
+            st.paused = not self._replaying
         elif kind is ActionKind.RESUME:
-            self._paused = False
+            st.paused = False
         elif kind is ActionKind.CHECKPOINT:
             return self._checkpoint(seq, body.args.get("tag", ""))
         elif kind is ActionKind.STOP:
             detail = self._checkpoint(seq, body.args.get("tag", ""))
-            self._stop = True
+            st.stop = True
             return detail
         elif kind is ActionKind.ROLLBACK:
             return self._rollback(seq, body.args)
@@ -109,87 +190,103 @@ class ActionsMixin:
             name, path = body.args["name"], body.args["path"]
             self._sampler.add_source(name, path)
             return {"source": name}
-        elif kind is ActionKind.FAULT_INJECT and int(body.args["rank"]) == self.rank:
+        elif kind is ActionKind.FAULT_INJECT and int(body.args["rank"]) == self._ctx.rank:
             assert self._fake_nvml is not None  # refused at filing otherwise
             # The probe watches NVML index local_rank (make_probe's default for a fake).
-            self._fake_nvml.fail_at(self.step_count, int(body.args["xid"]), index=self.local_rank)
-            self._fake_nvml.set_step(self.step_count)
+            self._fake_nvml.fail_at(st.step_count, int(body.args["xid"]), index=self._ctx.local_rank)
+            self._fake_nvml.set_step(st.step_count)
         return {}
 
-    def _resume_at_start(self) -> None:
+    def resume_at_start(self) -> str:
         """Load the checkpoint a restart names (TORCHLOOM_RESUME_FROM, or the run's latest complete one
-        after an elastic restart), then apply TORCHLOOM_KNOB_OVERRIDES checked like a `set`."""
-        root = layout.default_root(self.config.checkpoint_dir)
-        todo = resume.plan(root=root, job=self.config.job, run_id=self.config.run_id)
-        self._pending_overrides = dict(todo.overrides)
+        after an elastic restart), then apply TORCHLOOM_KNOB_OVERRIDES checked like a `set`.
+
+        Returns:
+            The checkpoint loaded ("" for a fresh start).
+        """
+        root = layout.default_root(self._config.checkpoint_dir)
+        todo = resume.plan(root=root, job=self._config.job, run_id=self._config.run_id)
+        self.pending_overrides = dict(todo.overrides)
+        resumed_from = ""
         if todo.checkpoint is not None:
             # The per-rank source names the entry (RNG, sampler) this rank takes.
-            saved = self._load_checkpoint(todo.checkpoint, resume.per_rank_source(todo.checkpoint, self.rank))
-            self.branch = str(saved["branch"]) or self.branch
-            self.resumed_from = str(todo.checkpoint)
+            source = resume.per_rank_source(todo.checkpoint, self._ctx.rank)
+            saved = self._load_checkpoint(todo.checkpoint, source)
+            self._state.branch = str(saved["branch"]) or self._state.branch
+            resumed_from = str(todo.checkpoint)
             log.info(
                 "threadlet: rank %d resumed from %s at step %d (%s restart)",
-                self.rank,
+                self._ctx.rank,
                 todo.checkpoint,
-                self.step_count,
+                self._state.step_count,
                 todo.source,
             )
-        self._apply_overrides()
+        self.apply_overrides()
+        return resumed_from
 
-    def _apply_overrides(self) -> None:
+    def apply_overrides(self) -> None:
         """Apply the pending knob overrides the training loop has registered by now; the rest wait
-        for the next boundary (loops enable grad_accum_steps etc. after attach)."""
-        if not self._pending_overrides:
+        for the next boundary."""
+        if not self.pending_overrides:
             return
-        known = {k: v for k, v in self._pending_overrides.items() if k.split("@", 1)[0] in self._board.schema}
+        schema = self._board.schema
+        known = {k: v for k, v in self.pending_overrides.items() if k.split("@", 1)[0] in schema}
         if known:
-            self._board.apply(resume.validate_overrides(self._board.schema, known))
+            self._board.apply(resume.validate_overrides(schema, known))
             for k in known:
-                del self._pending_overrides[k]
+                del self.pending_overrides[k]
+
+    def release(self) -> None:
+        """Drop the user's training objects (at close), so the runner keeps none of them alive."""
+        self._model = self._optimizer = self._scheduler = self._sampler = None
+        self.eval_fn = None
 
     def _threadlet_state(self) -> dict[str, Any]:
+        st = self._state
         knobs = {spec.name: spec.value for spec in self._board.specs() if spec.value is not None}
         return {
-            "step": self.step_count,
-            "tick": self.tick,
-            "branch": self.branch,
-            "last_seq": self._last_decided,
+            "step": st.step_count,
+            "tick": st.tick,
+            "branch": st.branch,
+            "last_seq": st.last_decided,
             "knobs": json.dumps(knobs, sort_keys=True),
         }
 
     def _checkpoint(self, seq: int, tag: str) -> dict[str, str]:
-        root = layout.default_root(self.config.checkpoint_dir)
-        path = layout.checkpoint_path(root, self.config.job, self.config.run_id, seq)
+        cfg, st = self._config, self._state
+        root = layout.default_root(cfg.checkpoint_dir)
+        path = layout.checkpoint_path(root, cfg.job, cfg.run_id, seq)
         checkpoint.save(
             path,
-            rank=self.rank,
-            group=self.group,
+            rank=self._ctx.rank,
+            group=self._group,
             model=self._model,
             optimizer=self._optimizer,
             scheduler=self._scheduler,
             sampler=self._sampler,
             threadlet_state=self._threadlet_state(),
         )
-        if self.rank == 0:  # the collective save has returned: DCP's metadata covers every rank
-            layout.mark_complete(path, step=self.step_count, branch=self.branch, world_size=self.world_size)
+        if self._ctx.rank == 0:  # the collective save has returned: DCP's metadata covers every rank
+            layout.mark_complete(path, step=st.step_count, branch=st.branch, world_size=self._ctx.world_size)
         return {
             "checkpoint_id": naming.checkpoint_id(seq),
             "checkpoint_tag": tag,
             "checkpoint_path": str(path),
-            "checkpoint_step": str(self.step_count),
-            "branch": self.branch,
+            "checkpoint_step": str(st.step_count),
+            "branch": st.branch,
         }
 
     def _rollback(self, seq: int, args: Mapping[str, str]) -> dict[str, str]:
+        st = self._state
         path = self._rollback_path(args)
-        parent = self.branch
-        self._load_checkpoint(path, self.rank)
-        self.branch = naming.branch_id(seq)
+        parent = st.branch
+        self._load_checkpoint(path, self._ctx.rank)
+        st.branch = naming.branch_id(seq)
         return {
-            "branch": self.branch,
+            "branch": st.branch,
             "parent_branch": parent,
             "from_checkpoint": args.get("checkpoint_id") or path.name,
-            "fork_step": str(self.step_count),
+            "fork_step": str(st.step_count),
         }
 
     def _load_checkpoint(self, path: Path, source: int) -> dict[str, Any]:
@@ -198,7 +295,7 @@ class ActionsMixin:
         saved = checkpoint.load(
             path,
             rank=source,
-            group=self.group,
+            group=self._group,
             model=self._model,
             optimizer=self._optimizer,
             scheduler=self._scheduler,
@@ -206,9 +303,9 @@ class ActionsMixin:
             threadlet_keys={"step": 0, "branch": "", "knobs": ""},
         )
         self._restore_user_knobs(str(saved["knobs"]))
-        self.step_count = int(saved["step"])
+        self._state.step_count = int(saved["step"])
         if self._fake_nvml is not None:
-            self._fake_nvml.set_step(self.step_count)
+            self._fake_nvml.set_step(self._state.step_count)
         return saved
 
     def _restore_user_knobs(self, saved_json: str) -> None:
@@ -227,6 +324,6 @@ class ActionsMixin:
             self._board.apply(self._board.validate(user))
 
     def _evaluate(self) -> dict[str, str]:
-        assert self._eval_fn is not None  # refused at filing otherwise
-        results = self._eval_fn()
+        assert self.eval_fn is not None  # refused at filing otherwise
+        results = self.eval_fn()
         return {f"eval.{name}": repr(float(value)) for name, value in results.items()}

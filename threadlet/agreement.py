@@ -1,13 +1,30 @@
-"""The step agreement: which commands every rank decides at a step boundary, as a pure function.
+"""The step agreement: which filed commands every rank decides at a step boundary.
 
-Each rank contributes `(ready, refused_first)`; an all-reduce with MIN gives the agreed pair, and
-`decide` turns it into the same ordered verdicts on every rank (docs/design.md, "Commands").
+A round is offer -> collective -> verdict. Each rank offers `(ready, refused_first)` plus its round
+proposals (`Offer`); an `AgreementTransport` combines the offers of all ranks by an element-wise
+MIN (today `GlooTransport`, an async all-reduce over a dedicated gloo group); the pure `decide` turns
+the agreed round into the same ordered verdicts on every rank (docs/design.md, "Commands"). The
+`Agreement` component keeps the inbox of filed commands and schedules rounds in ticks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from threadlet.config import ThreadletConfig
+from threadlet.state import Filed, TrainingState
+from torchloom.messages import Command
+
+log = logging.getLogger("threadlet")
 
 # "This rank refuses nothing": the identity of MIN for an int64 all-reduce.
 NONE_REFUSED = 2**63 - 1
@@ -17,6 +34,10 @@ class Verdict(StrEnum):
     APPLY = "apply"
     REJECT_SELF = "reject_self"  # this rank refused it
     REJECT_OTHER = "reject_other"  # another rank refused it
+
+
+Batch = Sequence[tuple[Filed, Verdict]]
+_NOTHING: Batch = ()
 
 
 def local_offer(last_decided: int, refusals: Mapping[int, bool]) -> tuple[int, int]:
@@ -79,3 +100,215 @@ def decide(
         out.append((seq, Verdict.REJECT_SELF if seq == refused_first else Verdict.REJECT_OTHER))
         break
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One rank's part of a round, and (combined over ranks) the agreed round.
+
+    Combining takes the MIN of `ready` and `refused_first`, whether any rank is `busy`, and the MAX
+    of `spacing` and `lag`; `encode` maps it to int64s whose element-wise MIN is exactly that.
+
+    Attributes:
+        ready, refused_first: as `local_offer` returns them.
+        busy: this rank has commands filed and not decided (the next round follows at once).
+        spacing: ticks between an idle job's rounds this rank proposes.
+        lag: ticks a round may run beside training before it is read.
+    """
+
+    ready: int
+    refused_first: int
+    busy: bool
+    spacing: int
+    lag: int
+
+
+OFFER_WIDTH = 5  # int64s per encoded offer
+
+
+def encode(offer: Offer) -> tuple[int, int, int, int, int]:
+    """The offer as int64s to combine by element-wise MIN (MAX fields negated)."""
+    return (offer.ready, offer.refused_first, -1 if offer.busy else 0, -offer.spacing, -offer.lag)
+
+
+def decode(values: Sequence[int]) -> Offer:
+    """The agreed round from the element-wise MIN of every rank's `encode`.
+
+    Raises:
+        ValueError: not OFFER_WIDTH values.
+    """
+    if len(values) != OFFER_WIDTH:
+        raise ValueError(f"agreement round of {len(values)} values rejected: expected {OFFER_WIDTH}")
+    ready, refused, busy, neg_spacing, neg_lag = (int(v) for v in values)
+    return Offer(ready, refused, busy < 0, -neg_spacing, -neg_lag)
+
+
+class AgreementTransport(Protocol):
+    """The collective of a round: `start` hands over this rank's offer (every rank starts the same
+    rounds in the same order) and returns at once; `finish` blocks until the round is complete and
+    returns the agreed offer. A round started is always finished before the next starts."""
+
+    def start(self, offer: Offer) -> None: ...
+
+    def finish(self) -> Offer: ...
+
+
+class GlooTransport:
+    """Rounds as an asynchronous MIN all-reduce of the encoded offer over a dedicated gloo group,
+    running beside the training step until the round is read.
+
+    Args:
+        group: the process group every rank created for the agreement.
+    """
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+        self._buf: torch.Tensor | None = None
+        self._work: Any = None
+
+    def start(self, offer: Offer) -> None:
+        assert self._work is None, "a round is already in flight"
+        self._buf = torch.tensor(encode(offer), dtype=torch.int64)
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MIN, group=self._group, async_op=True)
+
+    def finish(self) -> Offer:
+        work, buf = self._work, self._buf
+        assert work is not None and buf is not None, "finish() without a round in flight"
+        self._work = None
+        work.wait()
+        return decode(buf.tolist())
+
+
+Prepare = Callable[[Command, float], Filed]
+
+
+class Agreement:
+    """The inbox of filed commands and the rounds that decide them, in step with every other rank.
+
+    `file` runs on the bus thread; everything else on the training thread. At each boundary the
+    front calls `read_round` (verdicts of the round due now, to carry out) and then `start_round`
+    (the next round, when due), so the offer reflects what was just carried out.
+
+    Args:
+        config: round scheduling (idle_round_period_s, round_budget_s and their bounds).
+        state: the rank's training state (tick, paused, last_decided, step_time_s); read only.
+        prepare: this rank's local check of a received command (thread-safe; no training state).
+        transport: the collective of a round; None when this rank is alone: it agrees with itself
+            and decides at the boundary after filing, without rounds.
+    """
+
+    def __init__(
+        self,
+        config: ThreadletConfig,
+        state: TrainingState,
+        *,
+        prepare: Prepare,
+        transport: AgreementTransport | None,
+    ) -> None:
+        self._config = config
+        self._state = state
+        self._prepare = prepare
+        self._transport = transport
+        self._lock = threading.Lock()
+        self.inbox: dict[int, Filed] = {}  # seq -> filed, not yet decided; guarded by _lock
+        self._offered: Offer | None = None  # this rank's offer of the round in flight
+        # Round scheduling counts ticks, not steps: a rollback rewinds steps on every rank alike,
+        # but a round in flight must still be read a fixed number of boundaries later.
+        self._next_round_tick = 0
+        self._due_tick = 0
+        self._lag = 1  # agreed in each round; the first round is read at the next boundary
+        self.rounds = 0  # rounds started (a cost/latency statistic)
+
+    # ---- bus thread -----------------------------------------------------------------------------
+
+    def file(self, cmd: Command, received_at_s: float) -> None:
+        """Check a received command locally and file it; duplicates and decided seqs are dropped."""
+        if cmd.seq <= self._state.last_decided:
+            return
+        with self._lock:
+            if cmd.seq in self.inbox:
+                return
+        filed = self._prepare(cmd, received_at_s)
+        with self._lock:
+            if cmd.seq > self._state.last_decided:
+                self.inbox.setdefault(cmd.seq, filed)
+
+    # ---- training thread ------------------------------------------------------------------------
+
+    def read_round(self) -> Batch:
+        """The commands decided at this boundary with their verdicts, in seq order, taken out of
+        the inbox. Waits for the round in flight only when it is due (almost always complete)."""
+        st = self._state
+        if self._transport is None:
+            if not self.inbox:  # the common case costs no lock
+                return _NOTHING
+            ready, refused = self._local_offer()
+            if ready <= st.last_decided:
+                return _NOTHING
+            return self._take(decide(st.last_decided, ready, refused, ready, refused))
+        # A round started at boundary k is read at boundary k + lag (at once while paused), so the
+        # collective has `lag` whole steps to finish and the wait is almost always free. Start tick,
+        # lag and pause state are agreed, so every rank reads every round at the same boundary.
+        offered = self._offered
+        if offered is None or not (st.paused or st.tick >= self._due_tick):
+            return _NOTHING
+        self._offered = None
+        agreed = self._transport.finish()
+        self._lag = agreed.lag
+        # Some rank had commands filed: the next round at once until all are decided. Otherwise
+        # it waits the agreed spacing (the largest any rank proposed).
+        self._next_round_tick = st.tick + (agreed.spacing if not agreed.busy else 0)
+        if agreed.ready <= st.last_decided:
+            return _NOTHING
+        return self._take(
+            decide(st.last_decided, offered.ready, offered.refused_first, agreed.ready, agreed.refused_first)
+        )
+
+    def start_round(self) -> None:
+        """Offer this rank's filed commands in a new round when one is due."""
+        st = self._state
+        if self._transport is None or self._offered is not None:
+            return
+        # A round costs the step some CPU and wake-ups (it runs beside the training step), so an
+        # idle job spaces rounds about idle_round_period_s apart.
+        if not (st.paused or st.tick >= self._next_round_tick):
+            return
+        ready, refused = self._local_offer()
+        spacing, lag = self._proposals()
+        offer = Offer(ready, refused, bool(self.inbox), spacing, lag)
+        self._transport.start(offer)
+        self._offered = offer
+        self._due_tick = st.tick + self._lag
+        self.rounds += 1
+
+    def close(self) -> None:
+        """Finish the round in flight (every rank started the same rounds: the group ends quiescent)."""
+        if self._offered is None or self._transport is None:
+            return
+        self._offered = None
+        try:
+            self._transport.finish()
+        except Exception as exc:
+            log.warning("threadlet: last agreement round failed: %s", exc)
+
+    def _local_offer(self) -> tuple[int, int]:
+        if not self.inbox:
+            return self._state.last_decided, NONE_REFUSED
+        with self._lock:
+            refusals = {seq: f.refusal is not None for seq, f in self.inbox.items()}
+        return local_offer(self._state.last_decided, refusals)
+
+    def _take(self, verdicts: list[tuple[int, Verdict]]) -> Batch:
+        with self._lock:
+            return [(self.inbox.pop(seq), verdict) for seq, verdict in verdicts]
+
+    def _proposals(self) -> tuple[int, int]:
+        """This rank's proposals, in steps at its step time: the idle spacing between rounds
+        (idle_round_period_s) and the lag of a round (round_budget_s, at least one step)."""
+        cfg = self._config
+        step_s = self._state.step_time_s
+        if step_s <= 0:
+            return 1, 1
+        spacing = max(1, min(cfg.max_idle_round_steps, int(cfg.idle_round_period_s / step_s)))
+        lag = max(1, min(cfg.max_round_lag_steps, math.ceil(cfg.round_budget_s / step_s)))
+        return spacing, lag

@@ -194,6 +194,16 @@ class KnobBoard:
         self.training = TrainingKnobs(on_schema_change=self._rebuild)
         self.schema: Mapping[str, KnobSpec] = self._build_schema()
 
+    def release(self) -> None:
+        """Forget the optimizer, scheduler and every knob (at close), so the board, which every
+        component of a threadlet shares, keeps none of the user's objects alive."""
+        self._optimizer = self._scheduler = None
+        self.groups = self._builtin = ()
+        self._user = {}
+        self._validators = {}
+        self.training = TrainingKnobs(on_schema_change=self._rebuild)
+        self.schema = self._build_schema()
+
     def _build_schema(self) -> dict[str, KnobSpec]:
         out = {name: dataclasses.replace(BUILTIN_SPECS[name], groups=self.groups) for name in self._builtin}
         out.update({name: BUILTIN_SPECS[name] for name in self.training.enabled})

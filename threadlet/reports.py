@@ -1,5 +1,6 @@
-"""Reports of one rank on the training thread: the status a heartbeat carries, the latest step
-metrics, and bus problems surfaced at step boundaries; mixed into `threadlet.agent.Threadlet`."""
+"""The `Reporter`: what one rank tells the bus from the training thread: the status its heartbeats
+carry, the latest step metrics, the ack of each decided command, and bus problems surfaced (logged)
+at step boundaries. The `Link` thread publishes; nothing here blocks the step."""
 
 from __future__ import annotations
 
@@ -9,62 +10,88 @@ import time
 from threadlet.config import ThreadletConfig
 from threadlet.link import Link
 from threadlet.optim_knobs import KnobBoard
-from torchloom.messages import Heartbeat, RankState, StepMetrics
+from threadlet.state import Decided, RankContext, TrainingState
+from torchloom import subjects, wire
+from torchloom.messages import Ack, Heartbeat, RankState, StepMetrics
 
 log = logging.getLogger("threadlet")
 
 _ERROR_LOG_INTERVAL_S = 10.0
 
 
-class ReportsMixin:
-    """Status, metrics and error reports of a Threadlet (training thread only)."""
+class Reporter:
+    """Status, metrics, acks and error reports of one rank (training thread only).
 
-    config: ThreadletConfig
-    rank: int
-    world_size: int
-    local_rank: int
-    incarnation: str
-    host: str
-    pid: int
-    step_count: int
-    tick: int
-    branch: str
-    _board: KnobBoard
-    _link: Link | None
-    _last_decided: int
-    _step_time_s: float
-    _next_status_t: float
-    _next_error_log_t: float
-    _errors_seen: int
+    The front reads `next_metrics_t` and `next_status_t` at every step and calls `send_metrics` and
+    `refresh_status` when they are due, so an idle step costs two comparisons.
 
-    def _status(self, state: RankState) -> Heartbeat:
+    Args:
+        config: job, run id and the report intervals.
+        ctx: this rank's identity.
+        state: the training state the reports describe (read only).
+        board: the knobs a heartbeat lists with their values.
+        link: the bus thread that publishes (None: no bus; every report is dropped).
+    """
+
+    def __init__(
+        self,
+        config: ThreadletConfig,
+        ctx: RankContext,
+        state: TrainingState,
+        board: KnobBoard,
+        link: Link | None,
+    ) -> None:
+        self._config = config
+        self._ctx = ctx
+        self._state = state
+        self._board = board
+        self._link = link
+        self.next_metrics_t = 0.0
+        self.next_status_t = 0.0
+        self._next_error_log_t = 0.0
+        self._errors_seen = 0
+
+    def status(self, rank_state: RankState) -> Heartbeat:
+        ctx, st = self._ctx, self._state
         return Heartbeat(
-            job=self.config.job,
-            run_id=self.config.run_id,
-            rank=self.rank,
-            world_size=self.world_size,
-            local_rank=self.local_rank,
-            incarnation=self.incarnation,
-            host=self.host,
-            pid=self.pid,
-            step=self.step_count,
-            state=state,
-            step_time_s=self._step_time_s,
-            last_seq=self._last_decided,
+            job=self._config.job,
+            run_id=self._config.run_id,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            local_rank=ctx.local_rank,
+            incarnation=ctx.incarnation,
+            host=ctx.host,
+            pid=ctx.pid,
+            step=st.step_count,
+            state=rank_state,
+            step_time_s=st.step_time_s,
+            last_seq=st.last_decided,
             knobs=self._board.specs(),
-            branch=self.branch,
-            tick=self.tick,
-            fault_injection_allowed=self.config.fault_injection_allowed,
+            branch=st.branch,
+            tick=st.tick,
+            fault_injection_allowed=self._config.fault_injection_allowed,
         )
 
-    def _refresh_status(self, state: RankState) -> None:
-        self._next_status_t = time.perf_counter() + self.config.heartbeat_interval_s / 2
+    def refresh_status(self, rank_state: RankState) -> None:
+        """Hand the link a fresh status for its heartbeats."""
+        self.next_status_t = time.perf_counter() + self._config.heartbeat_interval_s / 2
         if self._link is not None:
-            self._link.status = self._status(state)
+            self._link.status = self.status(rank_state)
 
-    def _send_metrics(self, loss: float | None, tokens: float | None, extra: dict[str, float]) -> None:
-        assert self._link is not None
-        values: dict[str, float] = {"step_time_s": self._step_time_s}
+    def status_due(self) -> None:
+        """Refresh the status at the next step (knobs or the last decided seq changed)."""
+        self.next_status_t = 0.0
+
+    def send_metrics(
+        self, now: float, loss: float | None, tokens: float | None, extra: dict[str, float]
+    ) -> None:
+        """Swap in this step's metrics; the link publishes the latest on its own clock."""
+        self.next_metrics_t = now + self._config.metrics_interval_s
+        link = self._link
+        if link is None:
+            return
+        st = self._state
+        values: dict[str, float] = {"step_time_s": st.step_time_s}
         if loss is not None:
             values["loss"] = float(loss)
         if tokens is not None:
@@ -78,19 +105,46 @@ class ReportsMixin:
             try:
                 values[key] = float(value)
             except (TypeError, ValueError):
-                self._link.errors.append(f"metric {key}={value!r} dropped: expected a number")
-        sm = StepMetrics(
-            job=self.config.job,
-            run_id=self.config.run_id,
-            rank=self.rank,
-            step=self.step_count,
-            branch=self.branch,
+                link.errors.append(f"metric {key}={value!r} dropped: expected a number")
+        link.metrics = StepMetrics(
+            job=self._config.job,
+            run_id=self._config.run_id,
+            rank=self._ctx.rank,
+            step=st.step_count,
+            branch=st.branch,
             time_s=time.time(),
             values=values,
         )
-        self._link.metrics = sm  # the link publishes the latest on its own clock
 
-    def _surface_errors(self, link: Link) -> None:
+    def ack(
+        self, decided: Decided, *, received_at_s: float, decided_at_s: float, refused_by_peer: bool
+    ) -> None:
+        """Publish this rank's ack of a decided command."""
+        if self._link is None:
+            return
+        ack = Ack(
+            command_id=decided.command_id,
+            job=self._config.job,
+            run_id=self._config.run_id,
+            seq=decided.seq,
+            rank=self._ctx.rank,
+            incarnation=self._ctx.incarnation,
+            status=decided.status,
+            reason=decided.reason,
+            step=decided.step,
+            decided_at_s=decided_at_s,
+            received_at_s=received_at_s,
+            detail=dict(decided.detail),
+            branch=decided.branch,
+            refused_by_peer=refused_by_peer,
+        )
+        self._link.publish(subjects.acks(self._config.job), wire.encode(ack))
+
+    def surface_errors(self) -> None:
+        """Drain the link's problems and log them, at most one line per interval."""
+        link = self._link
+        if link is None:
+            return
         drained: list[str] = []
         while link.errors:
             try:
@@ -103,7 +157,7 @@ class ReportsMixin:
             self._next_error_log_t = now + _ERROR_LOG_INTERVAL_S
             log.warning(
                 "threadlet rank %d: %d bus problem(s) so far, training continues; latest: %s",
-                self.rank,
+                self._ctx.rank,
                 self._errors_seen,
                 drained[-1],
             )

@@ -43,15 +43,15 @@ def test_checkpoint_rollback_eval_stop_on_one_rank(tmp_path: Path) -> None:
             if step == 5:
                 tl.on_eval(lambda: {"loss": 0.25})
             for cmd in plan.get(step, []) if tl.branch == "main" or step >= 8 else []:
-                tl._file(cmd, time.time())
+                tl._agreement.file(cmd, time.time())
             tl.step()
         assert tl.should_stop
-        got = {a["seq"]: a for a in tl.applied}
-        assert [(a["seq"], a["status"]) for a in tl.applied] == [
+        got = {a.seq: a for a in tl.applied}
+        assert [(a.seq, a.status) for a in tl.applied] == [
             (1, "applied"), (2, "applied"), (3, "applied"), (4, "applied"),
             (5, "rejected"), (6, "rejected"), (7, "applied"),
         ]  # fmt: skip
-        ck = got[1]["detail"]
+        ck = got[1].detail
         assert ck == {
             "checkpoint_id": "ckpt-1",
             "checkpoint_tag": "t",
@@ -59,24 +59,24 @@ def test_checkpoint_rollback_eval_stop_on_one_rank(tmp_path: Path) -> None:
             "checkpoint_step": "4",
             "branch": "main",
         }
-        assert got[3]["detail"] == {"eval.loss": "0.25"}
-        assert got[4]["detail"] == {
+        assert got[3].detail == {"eval.loss": "0.25"}
+        assert got[4].detail == {
             "branch": "b4",
             "parent_branch": "main",
             "from_checkpoint": "ckpt-1",
             "fork_step": "4",
         }
-        assert (got[4]["branch"], got[4]["step"]) == ("main", 7)  # decided where the run was
-        assert "no data sampler attached" in got[5]["reason"]
-        assert "fault injection is disabled" in got[6]["reason"]
-        assert got[7]["detail"]["checkpoint_id"] == "ckpt-7" and got[7]["branch"] == "b4"
+        assert (got[4].branch, got[4].step) == ("main", 7)  # decided where the run was
+        assert "no data sampler attached" in got[5].reason
+        assert "fault injection is disabled" in got[6].reason
+        assert got[7].detail["checkpoint_id"] == "ckpt-7" and got[7].branch == "b4"
         # The loop resumed at the checkpoint's step with the checkpoint's weights and lr.
         main4 = next(w for b, s, w in seen if (b, s) == ("main", 4))
         assert ("b4", 4, main4) in seen
         # A refused command holds back the ones after it for a round: the stop lands one step later.
         assert [s for b, s, _ in seen if b == "b4"] == [4, 5, 6, 7, 8, 9, 10]
         assert opt.param_groups[0]["lr"] == 0.1
-        assert tl.step_count == 11 and tl.tick == 14 and got[7]["detail"]["checkpoint_step"] == "11"
+        assert tl.step_count == 11 and tl.tick == 14 and got[7].detail["checkpoint_step"] == "11"
     finally:
         tl.close()
 
@@ -85,11 +85,12 @@ def test_rollback_to_a_missing_checkpoint_is_refused_with_the_path(tmp_path: Pat
     cfg = local_config()
     with threadlet.attach(model=nn.Linear(1, 1), config=cfg, checkpoint_dir=str(tmp_path)) as tl:
         tl.step()
-        tl._file(action(1, ActionKind.ROLLBACK, checkpoint="ckpt-9", checkpoint_id="ckpt-9"), time.time())
+        tl._agreement.file(
+            action(1, ActionKind.ROLLBACK, checkpoint="ckpt-9", checkpoint_id="ckpt-9"), time.time()
+        )
         tl.step()
         missing = tmp_path / JOB / RUN / "ckpt-9"
         assert (
-            tl.applied[0]["reason"]
-            == f"rank 0 refused: checkpoint path {missing} does not exist on this rank"
+            tl.applied[0].reason == f"rank 0 refused: checkpoint path {missing} does not exist on this rank"
         )
         assert tl.branch == "main" and tl.step_count == 2

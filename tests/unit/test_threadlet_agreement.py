@@ -1,12 +1,28 @@
-"""The pure step agreement: a table of rounds and a property test over simulated ranks."""
+"""The step agreement: the pure decision (a table of rounds, a property test over simulated ranks), the
+MIN encoding of an offer, and the `Agreement` component of several ranks over an in-process collective."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from threadlet.agreement import NONE_REFUSED, Verdict, decide, local_offer
+from tests.unit.factories import set_config
+from threadlet.agreement import (
+    NONE_REFUSED,
+    Agreement,
+    Offer,
+    Verdict,
+    decide,
+    decode,
+    encode,
+    local_offer,
+)
+from threadlet.config import ThreadletConfig
+from threadlet.state import Filed, TrainingState
+from torchloom.messages import Command
 
 A, S, X = Verdict.APPLY, Verdict.REJECT_SELF, Verdict.REJECT_OTHER
 N = NONE_REFUSED
@@ -106,3 +122,121 @@ def test_every_rank_decides_the_same_commands_in_order(
                 assert verdicts[r][seq] is Verdict.REJECT_SELF
             else:
                 assert verdicts[r][seq] is Verdict.REJECT_OTHER
+
+
+offers = st.builds(
+    Offer,
+    ready=st.integers(0, 2**40),
+    refused_first=st.integers(1, NONE_REFUSED),
+    busy=st.booleans(),
+    spacing=st.integers(1, 1000),
+    lag=st.integers(1, 8),
+)
+
+
+@given(st.lists(offers, min_size=1, max_size=5))
+def test_min_of_encoded_offers_is_the_agreed_round(ranks: list[Offer]) -> None:
+    agreed = decode([min(column) for column in zip(*(encode(o) for o in ranks), strict=True)])
+    assert agreed == Offer(
+        ready=min(o.ready for o in ranks),
+        refused_first=min(o.refused_first for o in ranks),
+        busy=any(o.busy for o in ranks),
+        spacing=max(o.spacing for o in ranks),
+        lag=max(o.lag for o in ranks),
+    )
+
+
+def test_decode_names_the_expected_width() -> None:
+    with pytest.raises(ValueError, match="expected 5"):
+        decode([1, 2, 3])
+
+
+class _Collective:
+    """An in-process stand-in for the all-reduce: round k's offers of every rank, combined by MIN."""
+
+    def __init__(self, ranks: int) -> None:
+        self.ranks = ranks
+        self.rounds: list[list[Offer]] = []
+
+    def transport(self) -> _Member:
+        return _Member(self)
+
+
+class _Member:
+    """One rank's AgreementTransport over a `_Collective`."""
+
+    def __init__(self, collective: _Collective) -> None:
+        self._c = collective
+        self._started = 0
+        self._finished = 0
+
+    def start(self, offer: Offer) -> None:
+        if len(self._c.rounds) == self._started:
+            self._c.rounds.append([])
+        self._c.rounds[self._started].append(offer)
+        self._started += 1
+
+    def finish(self) -> Offer:
+        offers = self._c.rounds[self._finished]
+        assert len(offers) == self._c.ranks, "a rank read a round not every rank started"
+        self._finished += 1
+        return decode([min(column) for column in zip(*(encode(o) for o in offers), strict=True)])
+
+
+def _refusing(refused: set[int]) -> Callable[[Command, float], Filed]:
+    def prepare(cmd: Command, received_at_s: float) -> Filed:
+        return Filed(cmd, received_at_s, "refused here" if cmd.seq in refused else None)
+
+    return prepare
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenarios(), st.sampled_from([0.001, 0.01, 0.3]))
+def test_agreement_components_decide_alike_over_a_collective(
+    scenario: tuple[int, int, list[list[int]], list[set[int]]], step_time_s: float
+) -> None:
+    """Ranks file commands at different ticks; every rank decides each one at the same tick with the
+    same outcome, whatever the step time makes of the agreed round spacing and lag."""
+    ranks, commands, arrival, refuses = scenario
+    cfg = ThreadletConfig(max_idle_round_steps=8)
+    collective = _Collective(ranks)
+    states = [TrainingState(step_time_s=step_time_s) for _ in range(ranks)]
+    members = [
+        Agreement(cfg, states[r], prepare=_refusing(refuses[r]), transport=collective.transport())
+        for r in range(ranks)
+    ]
+    decided: list[list[tuple[int, int, Verdict]]] = [[] for _ in range(ranks)]
+    for tick in range(1, 80):
+        for r in range(ranks):
+            st_r = states[r]
+            st_r.tick = tick
+            for seq in range(1, commands + 1):
+                if arrival[r][seq - 1] == tick // 4:
+                    members[r].file(set_config(seq, lr=0.1), 0.0)
+            for filed, verdict in members[r].read_round():
+                st_r.last_decided = filed.command.seq
+                decided[r].append((tick, filed.command.seq, verdict))
+            members[r].start_round()
+    for r in range(ranks):
+        assert [seq for _, seq, _ in decided[r]] == list(range(1, commands + 1))
+        assert [(t, seq, v is Verdict.APPLY) for t, seq, v in decided[r]] == [
+            (t, seq, v is Verdict.APPLY) for t, seq, v in decided[0]
+        ]
+        assert not members[r].inbox
+        members[r].close()
+    assert len(collective.rounds) == members[0].rounds
+
+
+def test_a_lone_rank_decides_at_the_boundary_after_filing() -> None:
+    state = TrainingState()
+    alone = Agreement(ThreadletConfig(), state, prepare=_refusing({2}), transport=None)
+    assert alone.read_round() == ()
+    for seq in (1, 2, 3):
+        alone.file(set_config(seq, lr=0.1), 0.0)
+    alone.file(set_config(1, lr=0.2), 0.0)  # a duplicate seq is dropped
+    first = [(f.command.seq, v) for f, v in alone.read_round()]
+    assert first == [(1, Verdict.APPLY), (2, Verdict.REJECT_SELF)]  # 3 waits for the next round
+    state.last_decided = 2
+    alone.start_round()  # no rounds without a transport
+    assert [(f.command.seq, v) for f, v in alone.read_round()] == [(3, Verdict.APPLY)]
+    assert alone.rounds == 0

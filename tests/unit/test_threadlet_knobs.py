@@ -94,25 +94,24 @@ def test_local_threadlet_decides_user_knob_and_rejections_at_next_step() -> None
         tl.step(loss=1.0)
         # The link thread would call this on receipt; doing it here keeps the test free of a bus.
         now = time.time()
-        tl._file(command(1, SetConfig(values={"batch": "16", "lr@head": 0.2})), now)
-        tl._file(command(2, SetConfig(values={"batch": 100})), now)
-        tl._file(action(3, ActionKind.EVAL), now)
-        tl._file(command(1, SetConfig(values={"batch": 2})), now)  # duplicate seq: ignored
+        tl._agreement.file(command(1, SetConfig(values={"batch": "16", "lr@head": 0.2})), now)
+        tl._agreement.file(command(2, SetConfig(values={"batch": 100})), now)
+        tl._agreement.file(action(3, ActionKind.EVAL), now)
+        tl._agreement.file(command(1, SetConfig(values={"batch": 2})), now)  # duplicate seq: ignored
         tl.step(loss=1.0)
         assert state["batch"] == 16
         assert opt.param_groups[1]["lr"] == 0.2
-        assert [(a["seq"], a["status"], a["step"]) for a in tl.applied] == [
+        assert [(a.seq, a.status, a.step) for a in tl.applied] == [
             (1, "applied", 2),
             (2, "rejected", 2),
         ]
-        assert "must be in [1, 64]" in tl.applied[1]["reason"]
-        assert tl.applied[1]["reason"].startswith("rank 0 refused: ")
+        assert "must be in [1, 64]" in tl.applied[1].reason
+        assert tl.applied[1].reason.startswith("rank 0 refused: ")
         tl.step()
         assert (
-            tl.applied[2]["reason"]
-            == "rank 0 refused: no eval function registered: pass eval_fn= to attach()"
+            tl.applied[2].reason == "rank 0 refused: no eval function registered: pass eval_fn= to attach()"
         )
-        tl._file(command(1, SetConfig(values={"batch": 2})), now)  # already decided: ignored
+        tl._agreement.file(command(1, SetConfig(values={"batch": 2})), now)  # already decided: ignored
         tl.step()
         assert len(tl.applied) == 3 and tl.step_count == 4
     finally:

@@ -33,14 +33,14 @@ def test_bad_mix_is_refused_at_filing_and_a_good_one_applies_at_the_next_boundar
     try:
         tl.step()
         now = time.time()
-        tl._file(set_config(1, mix="code:x"), now)
-        tl._file(set_config(2, mix="math:1", batch_size="4"), now)
+        tl._agreement.file(set_config(1, mix="code:x"), now)
+        tl._agreement.file(set_config(2, mix="math:1", batch_size="4"), now)
         # Refused on receipt (bus thread), before any boundary.
-        assert tl._inbox[1].refusal is not None and tl._inbox[2].refusal is None
+        assert tl._agreement.inbox[1].refusal is not None and tl._agreement.inbox[2].refusal is None
         tl.step()
         tl.step()  # a round ends at a refused command; the next one is decided a boundary later
-        assert [(a["seq"], a["status"]) for a in tl.applied] == [(1, "rejected"), (2, "applied")]
-        reason = tl.applied[0]["reason"]
+        assert [(a.seq, a.status) for a in tl.applied] == [(1, "rejected"), (2, "applied")]
+        reason = tl.applied[0].reason
         assert reason.startswith("rank 0 refused: mix='code:x' rejected: expected NAME:WEIGHT,...")
         assert "known sources: code, math" in reason
         assert s.batch_size == 4 and {name for name, _ in s.next_batch()} == {"math"}
@@ -60,11 +60,11 @@ def test_user_knob_validate_hook_runs_before_apply() -> None:
         tl.knob("tag", str, get=lambda: "x0", apply=seen.append, validate=check)
         with pytest.raises(CommandRejected, match="expected a string starting with 'x'"):
             tl._board.validate({"tag": "y"})
-        tl._file(set_config(1, tag="y"), time.time())
-        tl._file(set_config(2, tag="x1"), time.time())
+        tl._agreement.file(set_config(1, tag="y"), time.time())
+        tl._agreement.file(set_config(2, tag="x1"), time.time())
         tl.step()
         tl.step()
-        assert [a["status"] for a in tl.applied] == ["rejected", "applied"]
+        assert [a.status for a in tl.applied] == ["rejected", "applied"]
         assert seen == ["x1"]
     finally:
         tl.close()
@@ -81,17 +81,17 @@ def test_clip_grad_and_grad_accum_steps_follow_their_knobs() -> None:
         assert tl.clip_grad_(model.parameters()) is None  # 0 disables clipping
         assert tl.grad_accum_steps == 1
         assert {"grad_clip_norm", "grad_accum_steps"} <= set(tl._board.schema)
-        tl._file(set_config(1, grad_clip_norm="0.5", grad_accum_steps="3"), time.time())
+        tl._agreement.file(set_config(1, grad_clip_norm="0.5", grad_accum_steps="3"), time.time())
         tl.step()
-        assert tl.applied[0]["status"] == "applied", tl.applied
+        assert tl.applied[0].status == "applied", tl.applied
         assert tl.grad_accum_steps == 3 and tl.training.grad_clip_norm == 0.5
         before = tl.clip_grad_(model.parameters())
         assert before is not None and before > 0.5
         after = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
         assert float(after) == pytest.approx(0.5, rel=1e-4)
-        tl._file(set_config(2, grad_accum_steps="0"), time.time())
+        tl._agreement.file(set_config(2, grad_accum_steps="0"), time.time())
         tl.step()
-        assert tl.applied[1]["status"] == "rejected" and "grad_accum_steps" in tl.applied[1]["reason"]
+        assert tl.applied[1].status == "rejected" and "grad_accum_steps" in tl.applied[1].reason
         assert tl.grad_accum_steps == 3
     finally:
         tl.close()

@@ -48,7 +48,9 @@ def main() -> None:
                 time.sleep(args.step_sleep)
             tl.step(tokens=len(batch))
     tl.close()
-    (args.out / f"rank{rank}.applied.json").write_text(json.dumps(tl.applied, indent=1))
+    (args.out / f"rank{rank}.applied.json").write_text(
+        json.dumps([d.to_json() for d in tl.applied], indent=1)
+    )
     threadlet.finish(tl)
 
 

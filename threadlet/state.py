@@ -1,0 +1,145 @@
+"""The records a threadlet's components share: who this rank is (`RankContext`), where its training
+stands (`TrainingState`, the one mutable record, owned by the `Threadlet` front), a command filed on
+receipt (`Filed`) and a command decided at a step boundary (`Decided`, the entries of `tl.applied`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Self
+
+import torch.distributed as dist
+
+from torchloom import naming
+from torchloom.messages import AckStatus, Command, KnobValue
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankContext:
+    """This process's identity; fixed for its lifetime.
+
+    Attributes:
+        rank, world_size, local_rank: as torch.distributed (or torchrun's environment) says.
+        incarnation: a fresh uuid4 hex per process start, so a restarted rank is never confused
+            with its dead predecessor.
+        host, pid: where the process runs.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    incarnation: str
+    host: str
+    pid: int
+
+    @classmethod
+    def detect(cls) -> Self:
+        """Rank, world size and local rank from torch.distributed, else RANK/WORLD_SIZE/LOCAL_RANK;
+        a new incarnation."""
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            rank = int(os.environ.get("RANK", "0") or 0)
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return cls(
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            incarnation=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+
+
+@dataclass(slots=True)
+class TrainingState:
+    """Where this rank's training stands. Written on the training thread only; the bus thread reads
+    `last_decided` alone (an int swap, safe without a lock).
+
+    Attributes:
+        step_count: completed training steps on the current branch (a rollback moves it back).
+        tick: `step()` calls since start; never rewinds (agreement rounds are scheduled in ticks).
+        branch: "main", then "b<seq>" after each rollback.
+        last_decided: the highest seq decided on this rank (the same on every rank).
+        paused: a `pause` action holds the loop at its step boundary.
+        stop: a `stop` action was decided: the loop should end.
+        step_time_s: moving mean of the time between two `step()` calls.
+    """
+
+    step_count: int = 0
+    tick: int = 0
+    branch: str = naming.MAIN_BRANCH
+    last_decided: int = 0
+    paused: bool = False
+    stop: bool = False
+    step_time_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Filed:
+    """A received command with this rank's local verdict (refusal None: acceptable here) and, for a
+    `set`, its typed values."""
+
+    command: Command
+    received_at_s: float
+    refusal: str | None
+    values: Mapping[str, KnobValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decided:
+    """One command as this rank decided it at a step boundary.
+
+    Attributes:
+        seq: the command's position in the job's command stream.
+        command_id: the id the submitter gave it.
+        kind: "set", or the action's name ("checkpoint", "rollback", ...).
+        status: applied or rejected.
+        step, branch: the run's position where it was decided (before a rollback in the same batch
+            moved it), so a replay finds it at the same place.
+        reason: why it was rejected ("" when applied).
+        values: the typed values of a `set` (empty for actions).
+        args: the arguments of an action (empty for a `set`).
+        detail: the ack detail (checkpoint path, new branch, eval results, ...).
+    """
+
+    seq: int
+    command_id: str
+    kind: str
+    status: AckStatus
+    step: int
+    branch: str
+    reason: str = ""
+    values: Mapping[str, KnobValue] = field(default_factory=dict)
+    args: Mapping[str, str] = field(default_factory=dict)
+    detail: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Read-only views of private copies: the record cannot change after the decision.
+        for name in ("values", "args", "detail"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    @property
+    def applied(self) -> bool:
+        return self.status is AckStatus.APPLIED
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the `rank<R>.applied.json` entries scripts write and replays read):
+        every field, status as its string, float-list values as lists."""
+        return {
+            "seq": self.seq,
+            "command_id": self.command_id,
+            "kind": self.kind,
+            "status": self.status.value,
+            "step": self.step,
+            "branch": self.branch,
+            "reason": self.reason,
+            "values": {k: list(v) if isinstance(v, tuple) else v for k, v in self.values.items()},
+            "args": dict(self.args),
+            "detail": dict(self.detail),
+        }

@@ -16,11 +16,13 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.errors import BadRequestError
 
 from torchloom import subjects
+from torchloom.credentials import ClientAuth, redact_url
 from torchloom.errors import NatsUnavailable
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], Awaitable[None]]
+ErrorCallback = Callable[[Exception], Awaitable[None]]
 
 # Retention of the durable streams: the journal is an audit trail, so keep it long.
 COMMANDS_MAX_AGE_S = 30 * 24 * 3600.0
@@ -32,6 +34,9 @@ ACKS_MAX_BYTES = 1024 * 1024 * 1024
 # JetStream stores a message once per Nats-Msg-Id within this window: a retried publish of a command,
 # an ack or a journal entry (or a restarted weaver completing the same outcome) is not stored twice.
 DUPLICATE_WINDOW_S = 120.0
+# A job's command stream is bounded so one job's flood cannot fill the store (oldest dropped first).
+JOB_COMMANDS_MAX_MSGS = 100_000
+JOB_COMMANDS_MAX_BYTES = 256 * 1024 * 1024
 
 
 async def connect(
@@ -42,15 +47,28 @@ async def connect(
     reconnect_wait_s: float = 0.25,
     on_disconnected: Callback | None = None,
     on_reconnected: Callback | None = None,
+    credentials: ClientAuth | None = None,
+    on_error: ErrorCallback | None = None,
 ) -> Client:
     """Open a NATS connection that reconnects forever.
+
+    Args:
+        credentials: how to authenticate (the role's nkey seed file and inbox prefix); None connects
+            as the URL says (anonymous, or `user:pass@` inside the URL for a user's own server).
+        on_error: called with each asynchronous error, e.g. a permissions violation the server
+            reports for a publish or subscribe this role may not make.
 
     Raises:
         NatsUnavailable: when the first connection cannot be made before `connect_timeout_s`.
     """
 
+    last_error: list[Exception] = []
+
     async def _error(exc: Exception) -> None:
-        log.debug("nats %s: %s", name, exc)
+        log.debug("nats %s: %s", name, redact_url(str(exc)))
+        last_error[:] = [exc]
+        if on_error is not None:
+            await on_error(exc)
 
     async def _noop() -> None:
         return None
@@ -70,51 +88,105 @@ async def connect(
                 error_cb=_error,
                 disconnected_cb=on_disconnected or _noop,
                 reconnected_cb=on_reconnected or _noop,
+                **(credentials.nats_options() if credentials is not None else {}),
             )
     except Exception as exc:  # nats raises several unrelated types for "cannot connect"
-        raise NatsUnavailable(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from exc
+        why = redact_url(str(exc)) or type(exc).__name__
+        if last_error:  # e.g. "Authorization Violation" when the credentials are missing or wrong
+            why += f" (last error: {redact_url(str(last_error[0])) or type(last_error[0]).__name__})"
+        raise NatsUnavailable(f"cannot reach NATS at {redact_url(url)}: {why}") from exc
 
 
-async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
-    """Create (or update) the command and journal streams; idempotent."""
+def _stream(
+    name: str,
+    captures: list[str],
+    *,
+    max_age_s: float,
+    replicas: int,
+    description: str,
+    max_msgs: int | None = None,
+    max_bytes: int | None = None,
+) -> StreamConfig:
+    """A file-backed stream that drops its oldest messages at its limits and deduplicates retries."""
+    return StreamConfig(
+        name=name,
+        subjects=captures,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=max_age_s,
+        max_msgs=max_msgs,
+        max_bytes=max_bytes,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
+        description=description,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, *, replicas: int = 1, shared_commands: bool = True) -> None:
+    """Create (or update) the command, journal and acks streams; idempotent.
+
+    Args:
+        shared_commands: also the one TORCHLOOM_COMMANDS stream for every job. False leaves the
+            commands to per-job streams (`ensure_job_commands`), which role permissions can name.
+    """
     configs = [
-        StreamConfig(
-            name=subjects.STREAM_COMMANDS,
-            subjects=[subjects.commands_all()],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD,
-            max_age=COMMANDS_MAX_AGE_S,
-            duplicate_window=DUPLICATE_WINDOW_S,
-            num_replicas=replicas,
-            description="torchloom: every validated command, per job and run",
-        ),
-        StreamConfig(
-            name=subjects.STREAM_JOURNAL,
-            subjects=[subjects.journal_all(), subjects.events_all()],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD,
-            max_age=JOURNAL_MAX_AGE_S,
-            duplicate_window=DUPLICATE_WINDOW_S,
-            num_replicas=replicas,
+        _stream(
+            subjects.STREAM_JOURNAL,
+            [subjects.journal_all(), subjects.events_all()],
+            max_age_s=JOURNAL_MAX_AGE_S,
+            replicas=replicas,
             description="torchloom: command outcomes and job events (the audit trail)",
         ),
-        StreamConfig(
-            name=subjects.STREAM_ACKS,
-            subjects=[subjects.acks_all()],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD,
-            max_age=ACKS_MAX_AGE_S,
+        _stream(
+            subjects.STREAM_ACKS,
+            [subjects.acks_all()],
+            max_age_s=ACKS_MAX_AGE_S,
             max_bytes=ACKS_MAX_BYTES,
-            duplicate_window=DUPLICATE_WINDOW_S,
-            num_replicas=replicas,
+            replicas=replicas,
             description="torchloom: every rank's acks, until the weaver has journaled their outcomes",
         ),
     ]
+    if shared_commands:
+        shared = _stream(
+            subjects.STREAM_COMMANDS,
+            [subjects.commands_all()],
+            max_age_s=COMMANDS_MAX_AGE_S,
+            replicas=replicas,
+            description="torchloom: every validated command, per job and run",
+        )
+        configs.insert(0, shared)
     for config in configs:
-        try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+        await _add_or_update(js, config)
+
+
+def job_commands_stream(job: str, *, replicas: int = 1) -> StreamConfig:
+    """The config of one job's command stream: `subjects.commands_of(job)`, bounded, deduplicating.
+
+    It cannot coexist with the shared TORCHLOOM_COMMANDS stream (both capture the job's subjects):
+    a weaver uses either that one (`ensure_streams`) or one per job (`ensure_job_commands`).
+    """
+    return _stream(
+        subjects.stream_commands_of(job),
+        [subjects.commands_of(job)],
+        max_age_s=COMMANDS_MAX_AGE_S,
+        max_msgs=JOB_COMMANDS_MAX_MSGS,
+        max_bytes=JOB_COMMANDS_MAX_BYTES,
+        replicas=replicas,
+        description=f"torchloom: the validated commands of job {job}, every run",
+    )
+
+
+async def ensure_job_commands(js: JetStreamContext, job: str, *, replicas: int = 1) -> str:
+    """Create (or update) the command stream of `job`; idempotent. Returns the stream name."""
+    config = job_commands_stream(job, replicas=replicas)
+    await _add_or_update(js, config)
+    assert config.name is not None  # job_commands_stream always names it
+    return config.name
+
+
+async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)

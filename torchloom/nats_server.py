@@ -2,6 +2,8 @@
 
 JetStream stores under the run directory; a WebSocket listener on loopback serves the web UI. The
 server picks free ports itself (`-1`) and we read them from its log, as nats.py's test helper does.
+Given a CredentialStore, the config (0600) carries the role table of torchloom/credentials.py, so an
+anonymous client is refused; WebSocket then listens only for the origins it is given.
 """
 
 from __future__ import annotations
@@ -14,15 +16,39 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import urlsplit
 
+from torchloom.credentials import CredentialStore, NkeyUser, private_dir, write_private
 from torchloom.errors import NatsUnavailable
 
 _CLIENT_RE = re.compile(r"Listening for client connections on ([0-9.]+):(\d+)")
 _WS_RE = re.compile(r"Listening for websocket clients on (ws://[0-9.]+:\d+)")
 _READY = "Server is ready"
+_RELOADED = "Reloaded server configuration"
+_RELOAD_FAILED = "Failed to reload server configuration"
+CONFIG_NAME = "nats-server.conf"
+
+
+def loopback_origins(port: int) -> tuple[str, ...]:
+    """The origins a page served by the UI on loopback `port` sends (for `allowed_origins`)."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port={port} rejected: the UI's port must be in [1, 65535] to name its origin")
+    return (f"http://127.0.0.1:{port}", f"http://localhost:{port}")
+
+
+def check_origin(origin: str) -> str:
+    """Return `origin` when it is SCHEME://HOST[:PORT] with scheme http or https, else ValueError."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise ValueError(
+            f"origin {origin!r} is not valid: expected http(s)://HOST[:PORT] with no path, "
+            "e.g. http://127.0.0.1:8765"
+        )
+    return origin
 
 
 def find_binary() -> str:
@@ -51,6 +77,13 @@ class EmbeddedNats:
             a stopped server at the same URL.
         ws_port: WebSocket port for the UI; None picks a free one.
         start_timeout_s: how long to wait for "Server is ready".
+        credentials: the role credentials to enforce (every client must authenticate, each role
+            gets only its permissions). None runs an open server, as for a user's own trusted bus
+            and tests; the control plane always passes its store.
+        allowed_origins: the page origins the WebSocket listener accepts (the UI's own, see
+            `loopback_origins`). nats-server cannot change them on reload, so they are fixed at
+            start. With credentials and no origins there is no WebSocket listener at all; without
+            credentials, None keeps the old open listener.
     """
 
     def __init__(
@@ -60,6 +93,8 @@ class EmbeddedNats:
         port: int | None = None,
         ws_port: int | None = None,
         start_timeout_s: float = 10.0,
+        credentials: CredentialStore | None = None,
+        allowed_origins: Sequence[str] | None = None,
     ) -> None:
         if start_timeout_s <= 0:
             raise ValueError(f"start_timeout_s={start_timeout_s} must be > 0")
@@ -67,7 +102,14 @@ class EmbeddedNats:
         self.port = port
         self.ws_port = ws_port
         self.start_timeout_s = start_timeout_s
+        self.credentials = credentials
+        self.allowed_origins = tuple(check_origin(o) for o in allowed_origins or ())
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def websocket(self) -> bool:
+        """Whether this server listens for WebSocket clients (the web UI)."""
+        return self.credentials is None or bool(self.allowed_origins)
 
     @property
     def url(self) -> str:
@@ -77,6 +119,10 @@ class EmbeddedNats:
 
     @property
     def ws_url(self) -> str:
+        if not self.websocket:
+            raise NatsUnavailable(
+                "the embedded nats-server has no WebSocket listener: pass allowed_origins (the UI's origins)"
+            )
         if self.ws_port is None:
             raise NatsUnavailable("embedded nats-server is not started")
         return f"ws://127.0.0.1:{self.ws_port}"
@@ -96,20 +142,79 @@ class EmbeddedNats:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def _write_config(self) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.run_dir / "nats-server.conf"
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / CONFIG_NAME
+
+    def _render_config(self) -> str:
         port = -1 if self.port is None else self.port
-        ws_port = -1 if self.ws_port is None else self.ws_port
-        conf.write_text(
-            "# Written by torchloom: the embedded server, loopback only.\n"
-            f'listen: "127.0.0.1:{port}"\n'
-            'server_name: "torchloom-embedded"\n'
-            f'jetstream {{ store_dir: "{self.run_dir.resolve()}" }}\n'
-            f'websocket {{ listen: "127.0.0.1:{ws_port}", no_tls: true }}\n'
-            "max_payload: 8MB\n"
-        )
-        return conf
+        lines = [
+            "# Written by torchloom: the embedded server, loopback only.",
+            f'listen: "127.0.0.1:{port}"',
+            'server_name: "torchloom-embedded"',
+            f'jetstream {{ store_dir: "{self.run_dir.resolve()}" }}',
+            "max_payload: 8MB",
+        ]
+        if self.websocket:
+            ws_port = -1 if self.ws_port is None else self.ws_port
+            origins = ", ".join(f'"{o}"' for o in self.allowed_origins)
+            allowed = f", same_origin: false, allowed_origins: [{origins}]" if origins else ""
+            lines.append(f'websocket {{ listen: "127.0.0.1:{ws_port}", no_tls: true{allowed} }}')
+        text = "\n".join(lines) + "\n"
+        if self.credentials is not None:
+            text += self.credentials.authorization_block()
+        return text
+
+    def _write_config(self) -> Path:
+        private_dir(self.run_dir)
+        # 0600 from creation: it lists who may connect (public keys, password hashes).
+        return write_private(self.config_path, self._render_config())
+
+    def _log_since(self, offset: int) -> str:
+        log = self.log_path
+        return log.read_text(errors="replace")[offset:] if log.exists() else ""
+
+    def reload(self, timeout_s: float = 5.0) -> None:
+        """Rewrite the config from the credential store and make the running server apply it.
+
+        Raises:
+            NatsUnavailable: when the server is not running or refuses the new config.
+        """
+        if self._proc is None or self._proc.poll() is not None:
+            raise NatsUnavailable("embedded nats-server is not running: start it before reload()")
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._write_config()
+        os.kill(self._proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self._log_since(offset)
+            if _RELOAD_FAILED in text:
+                raise NatsUnavailable(f"nats-server refused the new config: {text[-2000:]}")
+            if _RELOADED in text:
+                return
+            time.sleep(0.02)
+        raise NatsUnavailable(f"nats-server did not confirm the reload within {timeout_s}s")
+
+    def grant_job(self, job: str) -> NkeyUser:
+        """Mint the threadlet credential of `job` and apply it to the running server.
+
+        Raises:
+            ValueError: when there is no credential store (an open server needs none).
+        """
+        if self.credentials is None:
+            raise ValueError("grant_job needs a server started with credentials=CredentialStore(...)")
+        user = self.credentials.grant_job(job)
+        if self.running():
+            self.reload()
+        return user
+
+    def revoke_job(self, job: str) -> None:
+        """Remove the threadlet credential of `job` from the store and the running server."""
+        if self.credentials is None:
+            raise ValueError("revoke_job needs a server started with credentials=CredentialStore(...)")
+        self.credentials.revoke_job(job)
+        if self.running():
+            self.reload()
 
     def start(self) -> Self:
         """Start the server and wait until it accepts clients; idempotent while running."""
@@ -127,14 +232,15 @@ class EmbeddedNats:
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
-            text = log.read_text(errors="replace")[offset:] if log.exists() else ""
+            text = self._log_since(offset)
             if _READY in text:
                 client = _CLIENT_RE.search(text)
                 ws = _WS_RE.search(text)
-                if client is None or ws is None:
+                if client is None or (self.websocket and ws is None):
                     break
                 self.port = int(client.group(2))
-                self.ws_port = int(ws.group(1).rsplit(":", 1)[1])
+                if ws is not None:
+                    self.ws_port = int(ws.group(1).rsplit(":", 1)[1])
                 return self
             if self._proc.poll() is not None:
                 break
@@ -143,7 +249,7 @@ class EmbeddedNats:
         if self._proc.poll() is not None and self._proc.stderr is not None:
             err = self._proc.stderr.read()
         self.stop()
-        tail = (log.read_text(errors="replace")[offset:] if log.exists() else "")[-2000:]
+        tail = self._log_since(offset)[-2000:]
         raise NatsUnavailable(
             f"nats-server did not become ready within {self.start_timeout_s}s: "
             f"{err.decode(errors='replace')}{tail}"

@@ -16,6 +16,13 @@ STREAM_JOURNAL = "TORCHLOOM_JOURNAL"  # outcomes and job events: the durable aud
 # complete is journaled), so a weaver that was down when they came still completes every outcome.
 STREAM_ACKS = "TORCHLOOM_ACKS"
 ACKS_CONSUMER = "torchloom-weaver-acks"
+# Per-job command streams (stream_commands_of): a threadlet's credential can name its job's stream
+# in JetStream API permissions, so it reads that job's commands and nothing else.
+STREAM_COMMANDS_JOB_PREFIX = "TORCHLOOM_CMD_"
+
+# nats-server's own subjects that the permission table (torchloom/credentials.py) names.
+JS_API = "$JS.API"
+INBOX = "_INBOX"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -36,6 +43,16 @@ def commands(job: str, run_id: str) -> str:
 
 def commands_all() -> str:
     return f"{PREFIX}.cmd.>"
+
+
+def commands_of(job: str) -> str:
+    """Every run's commands of one job: the subjects of its stream `stream_commands_of(job)`."""
+    return f"{PREFIX}.cmd.{check_token('job', job)}.>"
+
+
+def stream_commands_of(job: str) -> str:
+    """The JetStream stream that holds one job's commands (all its runs)."""
+    return f"{STREAM_COMMANDS_JOB_PREFIX}{check_token('job', job)}"
 
 
 def acks(job: str) -> str:
@@ -92,6 +109,17 @@ def journal_all() -> str:
 def launcher(job: str) -> str:
     """Requests to the job's launcher (a RestartRequest from the weaver's health policy)."""
     return f"{PREFIX}.launcher.{check_token('job', job)}"
+
+
+def launcher_all() -> str:
+    return f"{PREFIX}.launcher.*"
+
+
+def inbox_prefix(*owner: str) -> str:
+    """A client's private inbox prefix, e.g. `_INBOX.threadlet.J`: replies to it match `<prefix>.>`."""
+    if not owner:
+        raise ValueError("inbox_prefix needs an owner, e.g. inbox_prefix('weaver')")
+    return ".".join((INBOX, *(check_token("inbox owner", o) for o in owner)))
 
 
 def api_submit() -> str:

@@ -1,10 +1,15 @@
-"""The embedded nats-server: starts on a free loopback port with JetStream, restarts on its port."""
+"""The embedded nats-server: starts on a free loopback port with JetStream, restarts on its port, and
+with credentials refuses anyone without one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from torchloom import bus, subjects
+from torchloom.credentials import CredentialStore, Role
+from torchloom.errors import NatsUnavailable
 from torchloom.nats_server import EmbeddedNats
 
 
@@ -30,5 +35,32 @@ async def test_embedded_server_serves_jetstream_and_restarts_on_the_same_port(tm
         assert msg.data == b"x"
         await nc.close()
         assert (tmp_path / "run" / "jetstream").is_dir()
+    finally:
+        server.stop()
+
+
+async def test_a_secured_server_restarts_with_the_same_credentials_and_refuses_strangers(
+    tmp_path: Path,
+) -> None:
+    store = CredentialStore.open(tmp_path / "secrets")
+    server = EmbeddedNats(tmp_path / "run", credentials=store).start()
+    try:
+        assert not server.websocket  # no UI origin given: no WebSocket listener
+        weaver = store.client_auth(Role.WEAVER)
+        nc = await bus.connect(server.url, name="weaver", credentials=weaver)
+        await bus.ensure_streams(nc.jetstream(), shared_commands=False)
+        stream = await bus.ensure_job_commands(nc.jetstream(), "j")
+        await nc.jetstream().publish(subjects.commands("j", "r"), b"x")
+        await nc.close()
+        url = server.url
+        server.kill()  # as a crash would; the supervisor restarts it on the same port
+        server.start()
+        assert server.url == url
+        nc = await bus.connect(server.url, name="weaver", credentials=weaver)
+        msg = await nc.jetstream().get_last_msg(stream, subjects.commands("j", "r"))
+        assert msg.data == b"x"
+        await nc.close()
+        with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+            await bus.connect(server.url, name="stranger", connect_timeout_s=1.0)
     finally:
         server.stop()

@@ -1,0 +1,449 @@
+"""The NATS permission matrix of docs/security.md, cell by cell, against a real nats-server that runs
+the config torchloom generates: each role connects with its own credential (nkeys over NATS, passwords
+over WebSocket) and tries every operation; the server's answer must be the documented one."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, KeyValueConfig
+
+from torchloom import bus, subjects
+from torchloom.credentials import ClientAuth, CredentialStore, Role, inbox_prefix
+from torchloom.errors import NatsUnavailable
+from torchloom.nats_server import EmbeddedNats, loopback_origins
+
+REPO = Path(__file__).resolve().parents[2]
+UI_PORT = 8765  # only named in allowed_origins; nothing needs to listen there
+DECIDE_S = 10.0  # the longest an operation may take to show its effect (2 busy cores)
+KV_BUCKET = "TORCHLOOM_PROBE"
+PULL_CONSUMER = "probe-pull"
+ROLE_COLUMNS = {
+    "weaver": (Role.WEAVER, None),
+    "launcher": (Role.LAUNCHER, None),
+    "threadlet A": (Role.THREADLET, "A"),
+    "ui-viewer": (Role.UI_VIEWER, None),
+    "ui-operator": (Role.UI_OPERATOR, None),
+}
+
+
+def documented_matrix() -> dict[str, dict[str, bool]]:
+    """The permission matrix table of docs/security.md: {operation: {role column: allowed}}."""
+    text = (REPO / "docs" / "security.md").read_text()
+    section = text.split("### Permission matrix", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header[1:] == list(ROLE_COLUMNS), f"matrix columns {header[1:]} != {list(ROLE_COLUMNS)}"
+    matrix: dict[str, dict[str, bool]] = {}
+    for row in rows[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(c in ("yes", "no") for c in cells[1:]), f"cells must be yes/no: {row}"
+        matrix[cells[0]] = {col: cell == "yes" for col, cell in zip(header[1:], cells[1:], strict=True)}
+    return matrix
+
+
+@dataclass
+class Probe:
+    """One role's connection, the permission errors the server sent it, and a weaver to observe."""
+
+    nc: Client
+    observer: Client
+    errors: list[str] = field(default_factory=list)
+    news: asyncio.Event = field(default_factory=asyncio.Event)  # set on every error or delivery
+
+    async def on_error(self, exc: Exception) -> None:
+        self.errors.append(str(exc).lower())
+        self.news.set()
+
+    async def settle(self, nc: Client | None = None) -> None:
+        """Return once the server has processed everything sent so far: its refusal comes before
+        its answer to a later PING. nats-py's flush() writes the PING straight to the socket, ahead
+        of SUB/PUB commands still queued for its flusher task, so push the queue out first."""
+        conn = nc or self.nc
+        await conn._flush_pending(force_flush=True)
+        await conn.flush()
+
+    async def until(self, done: Callable[[], bool], timeout_s: float = DECIDE_S) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not done():
+                self.news.clear()
+                if not done():
+                    await self.news.wait()
+
+    def refused(self, kind: str, subject: str, since: int) -> bool:
+        needle = f'permissions violation for {kind} to "{subject.lower()}"'
+        return any(needle in e for e in self.errors[since:])
+
+    async def publish(self, subject: str) -> bool:
+        """Allowed when the observer receives it, refused when the server says so; never both."""
+        got = asyncio.Event()
+
+        async def _cb(msg: Any) -> None:
+            got.set()
+            self.news.set()
+
+        watch = await self.observer.subscribe(subject, cb=_cb)
+        await self.settle(self.observer)
+        since = len(self.errors)
+        try:
+            await self.nc.publish(subject, b"probe")
+            await self.settle()
+            await self.until(lambda: got.is_set() or self.refused("publish", subject, since))
+            return got.is_set()
+        finally:
+            await watch.unsubscribe()
+
+    async def subscribe(self, subject: str) -> bool:
+        """Allowed when a message the observer publishes arrives, refused when the server says so."""
+        got = asyncio.Event()
+
+        async def _cb(msg: Any) -> None:
+            got.set()
+            self.news.set()
+
+        since = len(self.errors)
+        sub = await self.nc.subscribe(subject, cb=_cb)
+        try:
+            await self.settle()
+            if self.refused("subscription", subject, since):
+                return False
+            concrete = subject.replace(".>", ".x").replace("*", "x")
+            if concrete.startswith(subjects.PREFIX):
+                await self.observer.publish(concrete, b"probe")
+                await self.until(lambda: got.is_set() or self.refused("subscription", subject, since))
+                return got.is_set()
+            # Inboxes: the observer may not publish there; the server checks a SUB when it
+            # arrives and answered our PINGs after that check, so no error means allowed.
+            return True
+        finally:
+            await sub.unsubscribe()
+
+    async def request(self, subject: str, payload: dict[str, Any] | None = None) -> bool:
+        """A JetStream API request: allowed when any answer comes (a JetStream error answer, a status,
+        or a delivered message, which keeps its own subject), refused when the server says so."""
+        answered = asyncio.Event()
+
+        async def _cb(msg: Any) -> None:
+            answered.set()
+            self.news.set()
+
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=_cb)
+        since = len(self.errors)
+        try:
+            data = json.dumps(payload).encode() if payload is not None else b""
+            await self.nc.publish(subject, data, reply=inbox)
+            await self.settle()
+            await self.until(lambda: answered.is_set() or self.refused("publish", subject, since))
+            return answered.is_set()
+        finally:
+            await sub.unsubscribe()
+
+
+def _consumer(stream: str, **config: Any) -> dict[str, Any]:
+    return {"stream_name": stream, "config": {"ack_policy": "none", "deliver_policy": "all", **config}}
+
+
+def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
+    api = subjects.JS_API
+    cmd_a, cmd_b, journal = (
+        subjects.stream_commands_of("A"),
+        subjects.stream_commands_of("B"),
+        "TORCHLOOM_JOURNAL",
+    )
+    ops: dict[str, Callable[[Probe], Awaitable[bool]]] = {}
+
+    def pub(subject: str) -> None:
+        ops[f"publish `{subject}`"] = lambda p: p.publish(subject)
+
+    def sub(subject: str, label: str = "") -> None:
+        ops[f"subscribe `{subject}`{label}"] = lambda p: p.subscribe(subject)
+
+    def req(name: str, subject: str, payload: dict[str, Any] | None = None) -> None:
+        ops[f"JetStream {name}"] = lambda p: p.request(subject, payload)
+
+    for family in (
+        "cmd.A.r1",
+        "cmd.B.r1",
+        "hb.A.0",
+        "hb.B.0",
+        "metrics.A.0",
+        "metrics.B.0",
+        "ack.A",
+        "ack.B",
+    ):
+        pub(f"{subjects.PREFIX}.{family}")
+    for family in ("events.A", "journal.A", "launcher.A", "api.submit", "api.status"):
+        pub(f"{subjects.PREFIX}.{family}")
+    for family in (
+        "cmd.A.r1",
+        "hb.A.0",
+        "hb.B.0",
+        "metrics.A.0",
+        "ack.A",
+        "events.A",
+        "journal.A",
+        "launcher.A",
+    ):
+        sub(f"{subjects.PREFIX}.{family}")
+    sub(subjects.api_submit())
+    sub("_INBOX.>", " (every inbox)")
+    sub("_INBOX.weaver.x", " (the weaver's inbox)")
+    sub("_INBOX.threadlet.B.x", " (job B's inbox)")
+    req("account info", f"{api}.INFO")
+    req("stream names", f"{api}.STREAM.NAMES")
+    req(f"stream info `{journal}`", f"{api}.STREAM.INFO.{journal}")
+    req(f"stream info `{cmd_a}`", f"{api}.STREAM.INFO.{cmd_a}")
+    req("stream create", f"{api}.STREAM.CREATE.PROBE_NEW", {"name": "PROBE_NEW", "subjects": ["probe.new"]})
+    req(f"stream purge `{cmd_a}`", f"{api}.STREAM.PURGE.{cmd_a}")
+    req(f"consumer create on `{cmd_a}`", f"{api}.CONSUMER.CREATE.{cmd_a}", _consumer(cmd_a))
+    filtered = subjects.commands("A", "r1")
+    req(
+        f"consumer create, named and filtered, on `{cmd_a}`",
+        f"{api}.CONSUMER.CREATE.{cmd_a}.probe-named.{filtered}",
+        _consumer(cmd_a, name="probe-named", filter_subject=filtered),
+    )
+    req(f"consumer create on `{cmd_b}`", f"{api}.CONSUMER.CREATE.{cmd_b}", _consumer(cmd_b))
+    req(f"consumer create on `{journal}`", f"{api}.CONSUMER.CREATE.{journal}", _consumer(journal))
+    req(
+        f"consumer create, named, on `{journal}`",
+        f"{api}.CONSUMER.CREATE.{journal}.probe-journal",
+        _consumer(journal, name="probe-journal"),
+    )
+    req(
+        f"consumer next on `{journal}`",
+        f"{api}.CONSUMER.MSG.NEXT.{journal}.{PULL_CONSUMER}",
+        {"batch": 1, "no_wait": True},
+    )
+    req(f"consumer info on `{journal}`", f"{api}.CONSUMER.INFO.{journal}.{PULL_CONSUMER}")
+    req(f"consumer list on `{cmd_a}`", f"{api}.CONSUMER.LIST.{cmd_a}")
+    req(f"consumer delete on `{cmd_a}`", f"{api}.CONSUMER.DELETE.{cmd_a}.no-such-consumer")
+    req(f"consumer delete on `{journal}`", f"{api}.CONSUMER.DELETE.{journal}.{PULL_CONSUMER}")
+    req(f"message get `{cmd_a}`", f"{api}.STREAM.MSG.GET.{cmd_a}", {"seq": 1})
+    req(f"message get `{cmd_b}`", f"{api}.STREAM.MSG.GET.{cmd_b}", {"seq": 1})
+    req(f"message delete `{journal}`", f"{api}.STREAM.MSG.DELETE.{journal}", {"seq": 1})
+    req(
+        "KV bucket create",
+        f"{api}.STREAM.CREATE.KV_PROBE_NEW",
+        {"name": "KV_PROBE_NEW", "subjects": ["$KV.PROBE_NEW.>"]},
+    )
+    ops["JetStream KV put"] = lambda p: p.request(f"$KV.{KV_BUCKET}.k")
+    req("KV get", f"{api}.DIRECT.GET.KV_{KV_BUCKET}.$KV.{KV_BUCKET}.k")
+    req(f"stream delete `{cmd_b}`", f"{api}.STREAM.DELETE.{cmd_b}")
+    return ops
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedNats, CredentialStore]]:
+    root = tmp_path_factory.mktemp("nats-auth")
+    store = CredentialStore.open(root / "secrets")
+    for job in ("A", "B"):
+        store.grant_job(job)
+    server = EmbeddedNats(root / "run", credentials=store, allowed_origins=loopback_origins(UI_PORT)).start()
+    try:
+        yield server, store
+    finally:
+        server.stop()
+
+
+async def connect_as(
+    server: EmbeddedNats, store: CredentialStore, role: Role, job: str | None = None, **kw: Any
+) -> Client:
+    """Connect the way each role does: nkey seed file over NATS, password over WebSocket."""
+    if role in (Role.UI_VIEWER, Role.UI_OPERATOR):
+        user = store.password_user(role)
+        url = server.ws_url.replace("ws://", f"ws://{user.user}:{user.password}@")
+        return await bus.connect(
+            url, name=role.value, credentials=ClientAuth(inbox_prefix=inbox_prefix(role)), **kw
+        )
+    return await bus.connect(server.url, name=role.value, credentials=store.client_auth(role, job), **kw)
+
+
+@pytest.fixture
+async def weaver(secured: tuple[EmbeddedNats, CredentialStore]) -> AsyncIterator[Client]:
+    """A weaver connection that (re)creates what the matrix needs: streams, a command per job, a pull
+    consumer on the journal and a KV bucket (a weaver row may have deleted some of it)."""
+    server, store = secured
+    nc = await connect_as(server, store, Role.WEAVER)
+    js = nc.jetstream()
+    await bus.ensure_streams(js, shared_commands=False)
+    for job in ("A", "B"):
+        await bus.ensure_job_commands(js, job)
+        await js.publish(subjects.commands(job, "r1"), f"cmd-{job}".encode())
+    await js.publish(subjects.events("A"), b"event")
+    await js.add_consumer(
+        subjects.STREAM_JOURNAL, ConsumerConfig(durable_name=PULL_CONSUMER, ack_policy="explicit")
+    )
+    kv = await js.create_key_value(KeyValueConfig(bucket=KV_BUCKET))
+    await kv.put("k", b"v")
+    yield nc
+    await nc.close()
+
+
+@pytest.mark.parametrize("column", list(ROLE_COLUMNS))
+async def test_each_role_can_do_exactly_what_docs_security_md_says(
+    column: str, secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
+) -> None:
+    server, store = secured
+    documented = documented_matrix()
+    ops = _operations()
+    assert set(ops) == set(documented), (
+        f"untested rows: {sorted(set(documented) - set(ops))}; undocumented operations: "
+        f"{sorted(set(ops) - set(documented))}"
+    )
+    role, job = ROLE_COLUMNS[column]
+    probe = Probe(nc=None, observer=weaver)  # type: ignore[arg-type]
+    probe.nc = await connect_as(server, store, role, job, on_error=probe.on_error)
+    actual: dict[str, bool | str] = {}
+    try:
+        for name, op in ops.items():
+            try:
+                actual[name] = await op(probe)
+            except Exception as exc:  # report every cell, not just the first surprise
+                actual[name] = f"undecided: {exc!r}"
+    finally:
+        await probe.nc.close()
+    expected = {name: documented[name][column] for name in ops}
+    wrong = {
+        n: actual[n] if isinstance(actual[n], str) else f"server {'allows' if actual[n] else 'refuses'}"
+        for n in ops
+        if actual[n] != expected[n]
+    }
+    assert not wrong, f"{column}: the server disagrees with docs/security.md on {json.dumps(wrong, indent=1)}"
+
+
+async def test_clients_without_credentials_are_refused(secured: tuple[EmbeddedNats, CredentialStore]) -> None:
+    server, _ = secured
+    for url in (server.url, server.ws_url):
+        with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+            await bus.connect(url, name="anonymous", connect_timeout_s=1.0)
+
+
+async def test_each_role_connects_only_over_its_transport(
+    secured: tuple[EmbeddedNats, CredentialStore],
+) -> None:
+    server, store = secured
+    with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+        await bus.connect(
+            server.ws_url, name="weaver-ws", credentials=store.client_auth(Role.WEAVER), connect_timeout_s=1.0
+        )
+    viewer = store.password_user(Role.UI_VIEWER)
+    with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+        url = server.url.replace("nats://", f"nats://{viewer.user}:{viewer.password}@")
+        await bus.connect(url, name="viewer-plain", connect_timeout_s=1.0)
+
+
+def _ws_handshake(port: int, origin: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key}
+        conn.request("GET", "/", headers={**headers, "Sec-WebSocket-Version": "13", "Origin": origin})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_websocket_accepts_only_the_ui_origin(secured: tuple[EmbeddedNats, CredentialStore]) -> None:
+    server, _ = secured
+    assert server.ws_port is not None
+    assert _ws_handshake(server.ws_port, "http://evil.example") == 403
+    assert _ws_handshake(server.ws_port, f"http://127.0.0.1:{UI_PORT + 1}") == 403
+    for origin in loopback_origins(UI_PORT):
+        assert _ws_handshake(server.ws_port, origin) == 101  # then NATS CONNECT must still authenticate
+
+
+async def test_a_threadlet_reads_its_own_jobs_commands_through_an_ordered_consumer(
+    secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
+) -> None:
+    server, store = secured
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await connect_as(server, store, Role.THREADLET, "A", on_error=on_error)
+    try:
+        js = nc.jetstream(timeout=2.0)
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def _cb(msg: Any) -> None:
+            await got.put(msg.data)
+
+        stream = subjects.stream_commands_of("A")
+        await js.subscribe(subjects.commands("A", "r1"), stream=stream, cb=_cb, ordered_consumer=True)
+        async with asyncio.timeout(DECIDE_S):
+            assert await got.get() == b"cmd-A"
+        with pytest.raises(Exception, match="timeout"):
+            await js.subscribe(
+                subjects.commands("B", "r1"), stream=subjects.stream_commands_of("B"), ordered_consumer=True
+            )
+        assert any(
+            re.search(r"permissions violation for publish to .*torchloom_cmd_b", e.lower()) for e in errors
+        )
+    finally:
+        await nc.close()
+
+
+async def test_a_redirected_delivery_never_reaches_another_jobs_ranks(
+    secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
+) -> None:
+    # The residual risk of docs/security.md: a threadlet of A may aim its consumer at job B's subject.
+    server, store = secured
+    attacker = await connect_as(server, store, Role.THREADLET, "A")
+    victim = await connect_as(server, store, Role.THREADLET, "B")
+    try:
+        stream_a, stream_b = subjects.stream_commands_of("A"), subjects.stream_commands_of("B")
+        before = (await weaver.jetstream().stream_info(stream_b)).state.last_seq
+        reply = await attacker.request(
+            f"{subjects.JS_API}.CONSUMER.CREATE.{stream_a}",
+            json.dumps(_consumer(stream_a, deliver_subject=subjects.commands("B", "r1"))).encode(),
+            timeout=DECIDE_S,
+        )
+        assert b"consumer_create_response" in reply.data
+        got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+        async def _cb(msg: Any) -> None:
+            await got.put((msg.subject, msg.data))
+
+        config = ConsumerConfig(opt_start_seq=before + 1 if before else None)
+        config.deliver_policy = "by_start_sequence" if before else "all"
+        await victim.jetstream().subscribe(
+            subjects.commands("B", "r1"), stream=stream_b, cb=_cb, ordered_consumer=True, config=config
+        )
+        await weaver.jetstream().publish(subjects.commands("B", "r1"), b"real-B")
+        async with asyncio.timeout(DECIDE_S):
+            assert await got.get() == (subjects.commands("B", "r1"), b"real-B")
+        await asyncio.sleep(0.3)  # a stray delivery would be here by now
+        assert got.empty(), f"job B's rank read a foreign command: {got.get_nowait()}"
+    finally:
+        await attacker.close()
+        await victim.close()
+
+
+async def test_a_revoked_job_can_no_longer_connect_and_a_granted_one_can(
+    secured: tuple[EmbeddedNats, CredentialStore], tmp_path: Path
+) -> None:
+    server, store = secured
+    server.grant_job("C")  # on the running server: a config reload, no restart
+    nc = await connect_as(server, store, Role.THREADLET, "C")
+    await nc.close()
+    kept = tmp_path / "kept.nk"  # a rank that kept a copy of the seed
+    kept.write_text(store.nkey_user(Role.THREADLET, "C").seed_file.read_text())
+    kept.chmod(0o600)
+    server.revoke_job("C")
+    with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+        await bus.connect(
+            server.url, name="revoked", credentials=ClientAuth.from_file(kept), connect_timeout_s=1.0
+        )

@@ -43,6 +43,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         async with open_weaver(WeaverConfig(nats_url=server.url)) as weaver:
             env = dict(os.environ, TORCHLOOM_NATS_URL=server.url, TORCHLOOM_JOB=job, TORCHLOOM_RUN_ID=run_id)
             env.setdefault("OMP_NUM_THREADS", "1")
+            env.setdefault("TORCHLOOM_WEAVER_PUBKEY", weaver.weaver.public_key)  # ranks verify commands
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",

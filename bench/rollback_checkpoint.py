@@ -92,7 +92,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
         )  # fmt: skip
         async with open_weaver(WeaverConfig(nats_url=server.url, command_timeout_s=600)) as weaver:
-            proc = await launch(dict(base_env, TORCHLOOM_RUN_ID=run_id), args, out)
+            signed = {"TORCHLOOM_WEAVER_PUBKEY": weaver.weaver.public_key}  # ranks verify commands
+            proc = await launch(dict(base_env, TORCHLOOM_RUN_ID=run_id, **signed), args, out)
             try:
                 async with ControlClient(weaver.grpc_address, command_timeout_s=600) as client:
                     await until(lambda: len(records(out)) >= args.warmup, "warm-up steps", 600)

@@ -24,8 +24,8 @@ from nats.js.errors import NoStreamResponseError
 
 from threadlet.config import ThreadletConfig
 from threadlet.health import DeviceProbe
-from torchloom import bus, subjects, wire
-from torchloom.messages import Command, Heartbeat, StepMetrics
+from torchloom import bus, signing, subjects, wire
+from torchloom.messages import Ack, AckStatus, Command, Heartbeat, StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ _DURABLE_WAIT_S = (0.05, 1.0)  # first and longest pause between durable publish
 # Idle heartbeats of the ordered consumer: two missed ones make nats-py recreate the consumer, so
 # a consumer lost with a restarted server comes back within about a second.
 _CONSUMER_IDLE_HEARTBEAT_S = 0.5
+# A refused unsigned command is reported at most this often, so a flood of forged commands costs the
+# bus (and this thread) next to nothing; `Link.refused_unsigned` counts them all.
+_UNVERIFIED_REPORT_INTERVAL_S = 0.2
 
 OnCommand = Callable[[Command, float], None]
 
@@ -86,6 +89,16 @@ class Link:
         # Appended here, drained by the training thread at a step boundary.
         self.errors: collections.deque[str] = collections.deque(maxlen=64)
         self.subscribed = threading.Event()
+        # Commands are checked on this thread, before filing: never on the training thread.
+        self._verifier = (
+            signing.Verifier(config.weaver_pubkey)
+            if config.verify_commands and config.weaver_pubkey
+            else None
+        )
+        self._last_report_s = 0.0
+        self.refused_unsigned = 0
+        if not config.verify_commands and on_command is not None:
+            log.warning("threadlet: command signatures are NOT checked (TORCHLOOM_VERIFY_COMMANDS=0)")
 
     # ---- training-thread side -------------------------------------------------------------------
 
@@ -290,6 +303,10 @@ class Link:
             stream_seq = int(msg.metadata.sequence.stream)
             self._last_stream_seq = max(self._last_stream_seq, stream_seq)
             cmd = wire.decode_command(msg.data)
+            refusal = self._refusal(cmd)
+            if refusal is not None:
+                await self._report_unverified(cmd, refusal, received_at_s)
+                return
             max_delay = self._config.test_delivery_delay_s
             if max_delay > 0:
                 # The consumer calls back one message at a time, so order is kept; only timing moves.
@@ -298,6 +315,49 @@ class Link:
             self._on_command(cmd, received_at_s)
         except Exception as exc:
             self.errors.append(f"bad command message: {exc!r}")
+
+    def _refusal(self, cmd: Command) -> str | None:
+        """Why `cmd` must not be filed (None: the weaver signed it, for this job and run)."""
+        cfg = self._config
+        if not cfg.verify_commands:
+            return None
+        if self._verifier is None:
+            return "this rank has no weaver public key (TORCHLOOM_WEAVER_PUBKEY), so it files no command"
+        if not cmd.signature:
+            return "the command is not signed"
+        if not self._verifier.verify(cmd):
+            return "its signature does not match the weaver's key"
+        if (cmd.job, cmd.run_id) != (cfg.job, cfg.run_id):
+            # Signed, but for another job or run: a copy moved onto this run's subject.
+            return (
+                f"it is signed for job {cmd.job} run {cmd.run_id}, not this rank's {cfg.job} run {cfg.run_id}"
+            )
+        return None
+
+    async def _report_unverified(self, cmd: Command, reason: str, received_at_s: float) -> None:
+        """Count a refused command; tell the weaver (an `unverified` ack it journals), rate-limited."""
+        self.refused_unsigned += 1
+        now = time.monotonic()
+        if now - self._last_report_s < _UNVERIFIED_REPORT_INTERVAL_S:
+            return
+        self._last_report_s = now
+        cfg, status = self._config, self.status
+        self.errors.append(
+            f"refused a command on {subjects.commands(cfg.job, cfg.run_id)} (seq {cmd.seq}): {reason}"
+        )
+        ack = Ack(
+            command_id=cmd.command_id[:64],
+            job=cfg.job,
+            run_id=cfg.run_id,
+            seq=cmd.seq,
+            rank=self._rank,
+            incarnation=status.incarnation if status is not None else "",
+            status=AckStatus.REJECTED,
+            reason=reason,
+            received_at_s=received_at_s,
+            unverified=True,
+        )
+        await self._publish(subjects.acks(cfg.job), wire.encode(ack))
 
     async def _heartbeats(self) -> None:
         while True:

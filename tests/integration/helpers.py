@@ -23,10 +23,10 @@ import nats
 import pytest
 
 from tests.conftest import REPO
-from torchloom import subjects, wire
+from torchloom import signing, subjects, wire
 from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound
-from torchloom.messages import JobEvent, Outcome, OutcomeStatus, SubmitRequest
+from torchloom.messages import Command, JobEvent, Outcome, OutcomeStatus, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
 from weaver.config import WeaverConfig
 
@@ -74,10 +74,27 @@ def torchrun(
     return start_session(cmd, env)
 
 
+def weaver_pubkey() -> str:
+    """The public key a weaver started here signs with (its default key, under this process's
+    TORCHLOOM_HOME): what ranks launched without `torchloom run` need to accept its commands."""
+    return signing.load_or_create(signing.default_key_path()).public_key
+
+
+def signed(cmd: Command) -> Command:
+    """`cmd` signed with the key a weaver started here uses, as the weaver would publish it."""
+    return signing.load_or_create(signing.default_key_path()).sign(cmd)
+
+
 def job_env(base: dict[str, str], job: str, **extra: str) -> dict[str, str]:
-    """`base` plus the job name, a fresh run id, one OMP thread and `extra`."""
+    """`base` plus the job name, a fresh run id, one OMP thread, the weaver's public key and `extra`."""
     env = dict(base)
-    env.update(TORCHLOOM_JOB=job, TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8], OMP_NUM_THREADS="1", **extra)
+    env.update(
+        TORCHLOOM_JOB=job,
+        TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
+        OMP_NUM_THREADS="1",
+        TORCHLOOM_WEAVER_PUBKEY=weaver_pubkey(),
+        **extra,
+    )
     return env
 
 

@@ -19,7 +19,7 @@ import nats
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.helpers import until
+from tests.integration.helpers import until, weaver_pubkey
 from torchloom import subjects, wire
 from torchloom.client import ControlClient
 from torchloom.messages import Ack, Action, ActionKind, Issuer, OutcomeStatus, SetConfig, SubmitRequest
@@ -65,6 +65,7 @@ async def test_random_commands_with_random_delivery_delays_apply_identically_on_
         TORCHLOOM_JOB=job,
         TORCHLOOM_RUN_ID=run_id,
         TORCHLOOM_TEST_DELIVERY_DELAY_S="0.05",
+        TORCHLOOM_WEAVER_PUBKEY=weaver_pubkey(),
         OMP_NUM_THREADS="1",
     )
     acks: list[Ack] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.helpers import until
+from tests.integration.helpers import until, weaver_pubkey
 from torchloom.client import ControlClient
 from torchloom.messages import Issuer, JobEvent, Outcome, OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
@@ -52,6 +52,7 @@ async def test_journal_survives_weaver_and_nats_server_restart(
         TORCHLOOM_NATS_URL=server.url,
         TORCHLOOM_JOB=JOB,
         TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
+        TORCHLOOM_WEAVER_PUBKEY=weaver_pubkey(),
         OMP_NUM_THREADS="1",
     )
     proc = await asyncio.create_subprocess_exec(

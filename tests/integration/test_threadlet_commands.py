@@ -37,16 +37,18 @@ def job_env(subprocess_env: dict[str, str], nats_server: EmbeddedNats) -> dict[s
 
 
 def command(job: str, run_id: str, seq: int, what: dict[str, object] | ActionKind) -> Command:
-    """A command as the weaver would publish it: a config change (a dict) or an action."""
+    """A command as the weaver would publish it (signed): a config change (a dict) or an action."""
     body = Action(kind=what) if isinstance(what, ActionKind) else SetConfig(values=what)  # type: ignore[arg-type]
-    return Command(
-        command_id=f"c{seq}",
-        job=job,
-        run_id=run_id,
-        seq=seq,
-        issuer=Issuer(kind="cli", identity="test"),
-        issued_at_s=time.time(),
-        body=body,
+    return helpers.signed(
+        Command(
+            command_id=f"c{seq}",
+            job=job,
+            run_id=run_id,
+            seq=seq,
+            issuer=Issuer(kind="cli", identity="test"),
+            issued_at_s=time.time(),
+            body=body,
+        )
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.helpers import until
+from tests.integration.helpers import until, weaver_pubkey
 from torchloom import bus as tl_bus
 from torchloom import subjects, wire
 from torchloom.messages import Action, ActionKind, Issuer, OutcomeStatus, SubmitRequest
@@ -65,6 +65,7 @@ def job(
             TORCHLOOM_JOB=JOB,
             TORCHLOOM_RUN_ID=uuid.uuid4().hex[:12],
             TORCHLOOM_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+            TORCHLOOM_WEAVER_PUBKEY=weaver_pubkey(),
             **extra_env,
         )
         cmd = [

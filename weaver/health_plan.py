@@ -13,10 +13,11 @@ service has carried out (or failed) a plan.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torchloom.messages import Action, ActionKind, Issuer, JobEvent, RestartRequest, SubmitRequest
 from weaver import health_policy as hp
+from weaver.liveness import rank_health
 from weaver.model import JobState, WeaverState, job_event
 
 # Who the health policy's own commands are journaled as.
@@ -31,6 +32,11 @@ _HEALTH_EVENT = {
     hp.HealthKind.UNHEALTHY: "device_unhealthy",
     hp.HealthKind.HEALTHY: "rank_recovered",
 }
+# Ranks that start waiting on a stalled peer after the peer's own event (which lists the waiters it
+# has then), and ranks that stop waiting with no recovery event of a stalled peer to say so: one
+# event per job and health check for all of them, never one per peer.
+RANKS_WAITING = "ranks_waiting"
+RANKS_RESUMED = "ranks_resumed"
 
 
 GRAD_ACCUM_KNOB = "grad_accum_steps"
@@ -78,6 +84,7 @@ class HealthDecision:
 
     effects: HealthEffects
     runs: tuple[RunHealth, ...] = ()
+    now: float = 0.0
 
 
 def _grad_accum(job: JobState) -> int:
@@ -175,13 +182,84 @@ def restart_event(req: RestartRequest) -> JobEvent:
     )
 
 
+def _ranks(ranks: list[int]) -> str:
+    return ",".join(map(str, sorted(ranks)))
+
+
+def _transition_events(job: JobState, health: dict[int, hp.RankHealth], now: float) -> list[JobEvent]:
+    """The events of one job's health transitions since the last check (`RankEntry.health`).
+
+    A rank entering a condition gets one event naming the peers waiting on it (attr `waiting`);
+    ranks that start waiting later share one `ranks_waiting` event per set of stalled peers; ranks
+    that stop waiting are named by a stalled peer's recovery event in the same check, else share
+    one `ranks_resumed` event. A finished rank announces nothing here (`rank_finished` did).
+    """
+    events: list[JobEvent] = []
+    announced: set[int] = set()
+    late: dict[tuple[int, ...], list[int]] = {}
+    resumed: list[int] = []
+    peer_recovered: int | None = None  # index of the event of a stalled rank that recovered
+    for rank, h in sorted(health.items()):
+        entry = job.ranks[rank]
+        if h.kind is entry.health or h.finished:
+            continue
+        if h.kind is hp.HealthKind.WAITING:
+            late.setdefault(h.waiting_on, []).append(rank)
+            continue
+        if entry.health is hp.HealthKind.WAITING and h.kind is hp.HealthKind.HEALTHY:
+            resumed.append(rank)
+            continue
+        attrs = {"rank": str(rank), "reason": h.reason, "device": h.device, "incarnation": entry.incarnation}
+        if h.waiters:
+            attrs["waiting"] = _ranks(list(h.waiters))
+            announced.update(h.waiters)
+        if h.kind is hp.HealthKind.HEALTHY and entry.health in hp.STALLING and peer_recovered is None:
+            peer_recovered = len(events)
+        events.append(
+            job_event(
+                job,
+                _HEALTH_EVENT[h.kind],
+                f"rank {rank} {h.kind.value}" + (f": {h.reason}" if h.reason else ""),
+                now,
+                **attrs,
+            )
+        )
+    for on, ranks in sorted(late.items()):
+        fresh = [r for r in ranks if r not in announced]
+        if fresh:
+            kinds = "/".join(sorted({health[c].kind.value for c in on if c in health}))
+            events.append(
+                job_event(
+                    job,
+                    RANKS_WAITING,
+                    f"ranks {_ranks(fresh)} waiting on rank(s) {_ranks(list(on))} ({kinds})",
+                    now,
+                    ranks=_ranks(fresh),
+                    waiting_on=_ranks(list(on)),
+                )
+            )
+    if resumed and peer_recovered is not None:
+        ev = events[peer_recovered]
+        events[peer_recovered] = replace(
+            ev,
+            message=f"{ev.message}; ranks {_ranks(resumed)} no longer waiting",
+            attrs={**ev.attrs, "resumed": _ranks(resumed)},
+        )
+    elif resumed:
+        text = f"ranks {_ranks(resumed)} no longer waiting"
+        events.append(job_event(job, RANKS_RESUMED, text, now, ranks=_ranks(resumed)))
+    return events
+
+
 def decide_health(state: WeaverState, now: float, policy: hp.HealthPolicy) -> HealthDecision:
     """Classify every rank, announce transitions, and decide what the policy orders. Changes nothing.
 
     Each transition gives one event (`rank_dead`, `rank_hung`, `rank_straggler`, `device_unhealthy`,
-    or `rank_recovered` back to healthy); each decided action gives a `health_action` event; checkpoint,
-    pause and restart come back as plans. The decision carries each job's new phase and alerted
-    conditions so that, once applied, the same decision is not made twice.
+    or `rank_recovered` back to healthy), and peers waiting on a stalled rank are named in its event
+    rather than getting their own (see `_transition_events`); each decided action gives a
+    `health_action` event; checkpoint, pause and restart come back as plans. The decision carries
+    each job's new phase and alerted conditions so that, once applied, the same decision is not
+    made twice.
     """
     events: list[JobEvent] = []
     plans: list[HealthPlan] = []
@@ -189,30 +267,8 @@ def decide_health(state: WeaverState, now: float, policy: hp.HealthPolicy) -> He
     for _, job in sorted(state.jobs.items()):
         if not job.ranks:
             continue
-        views = [
-            hp.RankView.from_heartbeat(
-                e.heartbeat, received_at=e.last_seen_s, last_step_change_at=e.last_step_change_at
-            )
-            for e in job.ranks.values()
-        ]
-        health = policy.classify(views, now)
-        for rank, h in sorted(health.items()):
-            entry = job.ranks[rank]
-            if h.kind is not entry.health and not (
-                h.kind is hp.HealthKind.HEALTHY and h.reason == "finished"
-            ):
-                events.append(
-                    job_event(
-                        job,
-                        _HEALTH_EVENT[h.kind],
-                        f"rank {rank} {h.kind.value}" + (f": {h.reason}" if h.reason else ""),
-                        now,
-                        rank=str(rank),
-                        reason=h.reason,
-                        device=h.device,
-                        incarnation=entry.incarnation,
-                    )
-                )
+        health = rank_health(job, now, policy)
+        events.extend(_transition_events(job, health, now))
         step = max(e.heartbeat.step for e in job.ranks.values())
         latest = job.registry.latest_checkpoint(step) if step >= 0 else None
         snap = hp.JobSnapshot(
@@ -239,7 +295,9 @@ def decide_health(state: WeaverState, now: float, policy: hp.HealthPolicy) -> He
         plan = _plan(job, actions, health, now)
         if plan is not None:
             plans.append(plan)
-    return HealthDecision(effects=HealthEffects(events=tuple(events), plans=tuple(plans)), runs=tuple(runs))
+    return HealthDecision(
+        effects=HealthEffects(events=tuple(events), plans=tuple(plans)), runs=tuple(runs), now=now
+    )
 
 
 def apply_health(state: WeaverState, decision: HealthDecision) -> None:
@@ -256,6 +314,8 @@ def apply_health(state: WeaverState, decision: HealthDecision) -> None:
             entry = job.ranks.get(rank)
             if entry is not None and entry.incarnation == incarnation:
                 entry.health, entry.health_reason = h.kind, h.reason
+                if h.stalled:
+                    entry.stalled_at_s = decision.now
         job.phase, job.alerted = run.phase, run.alerted
 
 

@@ -3,7 +3,13 @@ classification into reconfiguration actions, like torchft's `quorum_compute(now,
 
 Nothing here does I/O. The service feeds `classify` with `RankView`s built from heartbeats, gives the
 result to `decide`, carries out the returned actions and stores `snapshot.after(actions, health)` so
-the same decision is not issued twice.
+the same decision is not issued twice. `classify` is the one computation of a rank's health: status,
+`torchloom devices` and the web UI read its result, and health events announce its transitions.
+
+Blame: ranks in a collective stall together. When one rank goes silent (dead, or frozen by SIGSTOP)
+or its step stops while its heartbeats go on, its peers block at the same step in their next
+collective. `classify` names the stalled rank the cause (dead, hung) with its `waiters`, and the
+peers WAITING on it, never hung nor stragglers themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from enum import StrEnum
 from torchloom.messages import DeviceHealth, Heartbeat, RankState
 from torchloom.policy import PolicyMode, parse_mode
 
+# A live rank whose current step has lasted this many times its usual step time is stalled; next to a
+# stalled peer's step it is waiting on that peer.
+WAIT_FACTOR = 1.5
+
 # Four missed 0.2 s heartbeats: a kill -9 is noticed in 0.6-0.9 s (bench/recovery.py), and on a loaded
 # 2-core machine no live rank went silent that long (the heartbeat thread does not wait for torch).
 DEFAULT_DEAD_AFTER_S = 0.8
@@ -28,6 +38,7 @@ class HealthKind(StrEnum):
     DEAD = "dead"  # no heartbeat within dead_after_s
     UNHEALTHY = "unhealthy"  # its device reports unhealthy
     HUNG = "hung"  # heartbeats, but the step has not moved for hung_after_s while running
+    WAITING = "waiting"  # stalled at the step of a dead or hung peer: blocked on it, not at fault
     STRAGGLER = "straggler"  # step time above straggler_factor x the job's median
     HEALTHY = "healthy"
 
@@ -53,6 +64,8 @@ class RankView:
         step_time_s: its last reported step time (0: unknown).
         state: running, paused or finished.
         device: its last device health, if reported.
+        stalled_at: weaver clock (s) when it was last found stalled (a cause or waiting; 0: never).
+            Its step time includes the stall for a while after, so it is no straggler until then.
     """
 
     rank: int
@@ -62,10 +75,13 @@ class RankView:
     step_time_s: float = 0.0
     state: RankState = RankState.RUNNING
     device: DeviceHealth | None = None
+    stalled_at: float = 0.0
 
     @classmethod
-    def from_heartbeat(cls, hb: Heartbeat, *, received_at: float, last_step_change_at: float) -> RankView:
-        """Build the view of `hb`'s rank; the two clocks are the weaver's, not the rank's."""
+    def from_heartbeat(
+        cls, hb: Heartbeat, *, received_at: float, last_step_change_at: float, stalled_at: float = 0.0
+    ) -> RankView:
+        """Build the view of `hb`'s rank; the clocks are the weaver's, not the rank's."""
         return cls(
             rank=hb.rank,
             last_heartbeat_at=received_at,
@@ -74,6 +90,7 @@ class RankView:
             step_time_s=hb.step_time_s,
             state=hb.state,
             device=hb.device,
+            stalled_at=stalled_at,
         )
 
 
@@ -82,11 +99,14 @@ class RankHealth:
     """The classification of one rank.
 
     Attributes:
-        for_s: how long the condition has lasted (dead: since the last heartbeat; hung: since the
-            last step change; straggler: the step time); 0 when healthy or unhealthy.
+        for_s: how long the condition has lasted (dead: since the last heartbeat; hung, waiting:
+            since the last step change; straggler: the step time); 0 when healthy or unhealthy.
         device: the rank's device id (for excluding it from a restart).
         device_healthy: its last device report was healthy (False also for a dead rank whose
             device failed before it went silent, as after XID 79).
+        waiting_on: for WAITING, the stalled ranks it waits on.
+        waiters: for a stalled rank (dead, hung, or unhealthy and stuck), the peers waiting on it.
+        finished: the rank stopped on purpose (HEALTHY, and no longer alive).
     """
 
     rank: int
@@ -95,11 +115,24 @@ class RankHealth:
     for_s: float = 0.0
     device: str = ""
     device_healthy: bool = True
+    waiting_on: tuple[int, ...] = ()
+    waiters: tuple[int, ...] = ()
+    finished: bool = False
 
     @property
     def key(self) -> str:
         """Identity of the condition, for alert dedup: `"hung:3"`."""
         return f"{self.kind}:{self.rank}"
+
+    @property
+    def alive(self) -> bool:
+        """Heartbeats still come and the rank has not finished (what status calls alive)."""
+        return self.kind is not HealthKind.DEAD and not self.finished
+
+    @property
+    def stalled(self) -> bool:
+        """A cause (others wait on it) or waiting: its step time now includes a stall."""
+        return bool(self.waiters or self.waiting_on)
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -118,6 +151,63 @@ def _check_thresholds(
         raise ValueError(f"min_samples={min_samples!r} rejected: must be >= 1")
 
 
+# The conditions that stall peers: a rank in one of them is blamed for the peers waiting on it.
+STALLING = frozenset({HealthKind.DEAD, HealthKind.UNHEALTHY, HealthKind.HUNG})
+
+
+def _near(a: RankView, b: RankView) -> bool:
+    # Ranks in lockstep stall at the same step, or one apart: a rank may have counted the step the
+    # stalled peer never reported, or the peer froze before its heartbeat carried its last step.
+    return abs(a.step - b.step) <= 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Blame:
+    """Who stalls whom: the causes (by rank, with their own kind) and the causes of each waiting rank."""
+
+    causes: dict[int, HealthKind]
+    waiting_on: dict[int, tuple[int, ...]]
+
+    def waiters(self, rank: int) -> tuple[int, ...]:
+        return tuple(sorted(r for r, on in self.waiting_on.items() if rank in on))
+
+
+def _blame(ranks: Sequence[RankView], now: float, dead_after_s: float, hung_after_s: float) -> _Blame:
+    """Find the ranks that stall others, and the live ranks stalled next to them.
+
+    A cause is a silent rank (dead or frozen), or a live rank stuck past `hung_after_s` that is not
+    itself next to a silent one and that a stalled peer got one step past (the peer finished the
+    step and blocks in the next collective; the cause never finished it). Live ranks stuck at one
+    step, all alike, give no cause: nothing tells the rank that hangs from the ranks that wait.
+    A running live rank is stalled when its current step has lasted over `WAIT_FACTOR` times its
+    usual step time; stalled next to a cause (`_near`), it waits on it.
+    """
+    silent = [
+        v for v in ranks if v.state is not RankState.FINISHED and now - v.last_heartbeat_at > dead_after_s
+    ]
+    live = [v for v in ranks if v.state is RankState.RUNNING and now - v.last_heartbeat_at <= dead_after_s]
+    stalled = [v for v in live if now - v.last_step_change_at > WAIT_FACTOR * v.step_time_s]
+    causes = {v.rank: HealthKind.DEAD for v in silent}
+    for v in stalled:
+        if now - v.last_step_change_at <= hung_after_s or any(_near(v, d) for d in silent):
+            continue
+        if any(w.step == v.step + 1 for w in stalled):
+            sick = v.device is not None and not v.device.healthy
+            causes[v.rank] = HealthKind.UNHEALTHY if sick else HealthKind.HUNG
+    by_rank = {v.rank: v for v in ranks}
+    waiting_on: dict[int, tuple[int, ...]] = {}
+    for w in stalled:
+        if w.rank not in causes:
+            on = tuple(sorted(c for c in causes if _near(w, by_rank[c])))
+            if on:
+                waiting_on[w.rank] = on
+    return _Blame(causes=causes, waiting_on=waiting_on)
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}"
+
+
 def classify(
     ranks: Sequence[RankView],
     now: float,
@@ -127,11 +217,16 @@ def classify(
     straggler_factor: float = 2.0,
     min_samples: int = 1,
 ) -> dict[int, RankHealth]:
-    """Classify every rank: dead, unhealthy, hung, straggler or healthy (in that precedence).
+    """Classify every rank: dead, unhealthy, hung, waiting, straggler or healthy (in that precedence).
 
-    A finished rank is healthy whatever its heartbeats: it stopped on purpose. A paused rank is never
-    hung nor a straggler. A straggler's step time is compared with the median of the *other* running
-    ranks' step times: with itself included, one slow rank of two could never exceed twice the median.
+    The one computation of rank health: status (`alive`, `health`), `torchloom devices`, the UI and
+    the health events all read it. A finished rank is healthy whatever its heartbeats: it stopped
+    on purpose. A paused rank is never hung, waiting nor a straggler. A rank stalled next to a
+    stalled peer waits on it (see `_blame`): the peer carries the blame and lists it in `waiters`.
+    A straggler's step time is compared with the median of the *other* running, live ranks' step
+    times (with itself included, one slow rank of two could never exceed twice the median); a
+    rank stalled within the last `hung_after_s` (`RankView.stalled_at`) is neither a straggler nor
+    a sample, since its step time still includes the stall.
 
     Args:
         ranks: one view per rank.
@@ -151,60 +246,78 @@ def classify(
     seen = [v.rank for v in ranks]
     if len(set(seen)) != len(seen):
         raise ValueError(f"ranks {sorted(seen)} rejected: each rank must appear once")
-    timed = {v.rank: v.step_time_s for v in ranks if v.state is RankState.RUNNING and v.step_time_s > 0}
-    out: dict[int, RankHealth] = {}
-    for v in ranks:
-        device = v.device.device if v.device is not None else ""
-        device_ok = v.device is None or v.device.healthy
+    blame = _blame(ranks, now, dead_after_s, hung_after_s)
+    settling = {v.rank for v in ranks if v.rank in blame.causes or v.rank in blame.waiting_on}
+    settling |= {v.rank for v in ranks if v.stalled_at > 0 and now - v.stalled_at <= hung_after_s}
+    timed = {
+        v.rank: v.step_time_s
+        for v in ranks
+        if v.state is RankState.RUNNING
+        and v.step_time_s > 0
+        and now - v.last_heartbeat_at <= dead_after_s
+        and v.rank not in settling
+    }
+
+    def condition(v: RankView) -> tuple[HealthKind, str, float]:
         silent_s = now - v.last_heartbeat_at
         stuck_s = now - v.last_step_change_at
         if v.state is RankState.FINISHED:
-            out[v.rank] = RankHealth(rank=v.rank, kind=HealthKind.HEALTHY, reason="finished", device=device)
-        elif silent_s > dead_after_s:
+            return HealthKind.HEALTHY, "finished", 0.0
+        if silent_s > dead_after_s:
             last = ""
             if v.device is not None and not v.device.healthy:
                 last = f"; its device last reported: {v.device.unhealthy_reason or 'unhealthy'}"
-            out[v.rank] = RankHealth(
-                rank=v.rank,
-                kind=HealthKind.DEAD,
-                reason=f"no heartbeat for {silent_s:.1f} s (limit {dead_after_s:g} s){last}",
-                for_s=silent_s,
-                device=device,
-                device_healthy=device_ok,
+            return (
+                HealthKind.DEAD,
+                f"no heartbeat for {silent_s:.1f} s (limit {dead_after_s:g} s){last}",
+                silent_s,
             )
-        elif v.device is not None and not v.device.healthy:
+        if v.device is not None and not v.device.healthy:
             what = v.device.unhealthy_reason or "device reports unhealthy"
-            out[v.rank] = RankHealth(
-                rank=v.rank,
-                kind=HealthKind.UNHEALTHY,
-                reason=f"{device or 'device'}: {what}",
-                device=device,
-                device_healthy=False,
+            return HealthKind.UNHEALTHY, f"{v.device.device or 'device'}: {what}", 0.0
+        if v.rank in blame.waiting_on:
+            on = blame.waiting_on[v.rank]
+            kinds = "/".join(sorted({blame.causes[c].value for c in on}))
+            return (
+                HealthKind.WAITING,
+                f"step {v.step} waiting {stuck_s:.1f} s on {_ranks_text(on)} ({kinds})",
+                stuck_s,
             )
-        elif v.state is RankState.RUNNING and stuck_s > hung_after_s:
-            out[v.rank] = RankHealth(
-                rank=v.rank,
-                kind=HealthKind.HUNG,
-                reason=f"step {v.step} unchanged for {stuck_s:.1f} s (limit {hung_after_s:g} s)",
-                for_s=stuck_s,
-                device=device,
+        if v.state is RankState.RUNNING and stuck_s > hung_after_s:
+            return (
+                HealthKind.HUNG,
+                f"step {v.step} unchanged for {stuck_s:.1f} s (limit {hung_after_s:g} s)",
+                stuck_s,
             )
-        else:
-            peers = [t for r, t in timed.items() if r != v.rank]
-            median = statistics.median(peers) if len(peers) >= min_samples else 0.0
-            if v.rank in timed and median > 0 and timed[v.rank] > straggler_factor * median:
-                out[v.rank] = RankHealth(
-                    rank=v.rank,
-                    kind=HealthKind.STRAGGLER,
-                    reason=(
-                        f"step time {timed[v.rank]:.3g} s is {timed[v.rank] / median:.1f}x the median "
-                        f"{median:.3g} s of the other ranks (limit {straggler_factor:g}x)"
-                    ),
-                    for_s=timed[v.rank],
-                    device=device,
-                )
-            else:
-                out[v.rank] = RankHealth(rank=v.rank, kind=HealthKind.HEALTHY, device=device)
+        peers = [t for r, t in timed.items() if r != v.rank]
+        median = statistics.median(peers) if len(peers) >= min_samples else 0.0
+        if v.rank in timed and median > 0 and timed[v.rank] > straggler_factor * median:
+            mine = timed[v.rank]
+            return (
+                HealthKind.STRAGGLER,
+                f"step time {mine:.3g} s is {mine / median:.1f}x the median {median:.3g} s of the other "
+                f"ranks (limit {straggler_factor:g}x)",
+                mine,
+            )
+        return HealthKind.HEALTHY, "", 0.0
+
+    out: dict[int, RankHealth] = {}
+    for v in ranks:
+        kind, reason, for_s = condition(v)
+        waiters = blame.waiters(v.rank) if kind in STALLING else ()
+        if waiters:
+            reason += f"; {_ranks_text(waiters)} waiting on it"
+        out[v.rank] = RankHealth(
+            rank=v.rank,
+            kind=kind,
+            reason=reason,
+            for_s=for_s,
+            device=v.device.device if v.device is not None else "",
+            device_healthy=v.device is None or v.device.healthy,
+            waiting_on=blame.waiting_on[v.rank] if kind is HealthKind.WAITING else (),
+            waiters=waiters,
+            finished=v.state is RankState.FINISHED,
+        )
     return out
 
 

@@ -5,7 +5,9 @@ replaces the job's state, a new incarnation replaces the rank's entry) and retur
 the service to carry out (events to announce, outcomes of commands the new run dropped).
 
 Pure (they read the state, never change it): `scale_event`, `is_alive`, `resolve_job` (returns the
-job's live `JobState`, for the caller to read or hand to a mutator), `job_status` and `status`.
+job's live `JobState`, for the caller to read or hand to a mutator), `rank_health`, `job_status` and
+`status`. `rank_health` is the one place a rank's health is computed: status's `alive` and `health`,
+`torchloom devices` and the UI's device panel (both read status) and the health events all use it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torchloom.messages import (
     StatusReply,
 )
 from torchloom.naming import base_run_id
+from weaver import health_policy as hp
 from weaver.model import JobState, PreviousWorld, RankEntry, WeaverState, job_event
 from weaver.outcomes import final_outcome
 
@@ -235,8 +238,27 @@ def _knob_values(specs: tuple[KnobSpec, ...]) -> dict[str, KnobValue]:
     return {s.name: s.value for s in specs if s.value is not None}
 
 
-def job_status(job: JobState, now: float, dead_after_s: float) -> JobStatus:
-    """A snapshot of one job: its run, ranks (with liveness and health), knobs and registry."""
+def rank_health(job: JobState, now: float, policy: hp.HealthPolicy) -> dict[int, hp.RankHealth]:
+    """Every rank's health at `now` under `policy`'s thresholds, by rank (`HealthPolicy.classify`)."""
+    views = [
+        hp.RankView.from_heartbeat(
+            e.heartbeat,
+            received_at=e.last_seen_s,
+            last_step_change_at=e.last_step_change_at,
+            stalled_at=e.stalled_at_s,
+        )
+        for e in job.ranks.values()
+    ]
+    return policy.classify(views, now)
+
+
+def job_status(job: JobState, now: float, policy: hp.HealthPolicy) -> JobStatus:
+    """A snapshot of one job: its run, ranks (with liveness and health), knobs and registry.
+
+    Each rank's `alive`, `health` and `health_reason` come from one `rank_health` result, so they
+    never disagree with each other nor with `torchloom devices`.
+    """
+    health = rank_health(job, now, policy)
     ranks = tuple(
         RankStatus(
             rank=rank,
@@ -249,10 +271,10 @@ def job_status(job: JobState, now: float, dead_after_s: float) -> JobStatus:
             knobs=_knob_values(e.heartbeat.knobs),
             device=e.heartbeat.device,
             step_time_s=e.heartbeat.step_time_s,
-            alive=is_alive(e, now, dead_after_s),
+            alive=health[rank].alive,
             local_rank=e.heartbeat.local_rank,
-            health=e.health.value,
-            health_reason=e.health_reason,
+            health=health[rank].kind.value,
+            health_reason=health[rank].reason,
             branch=e.heartbeat.branch,
         )
         for rank, e in sorted(job.ranks.items())
@@ -270,14 +292,14 @@ def job_status(job: JobState, now: float, dead_after_s: float) -> JobStatus:
     )
 
 
-def status(state: WeaverState, job_name: str, now: float, dead_after_s: float) -> StatusReply:
-    """A snapshot of one job (by name) or, for an empty name, of every known job.
+def status(state: WeaverState, job_name: str, now: float, policy: hp.HealthPolicy) -> StatusReply:
+    """A snapshot of one job (by name) or, for an empty name, of every known job, with each rank's
+    health under `policy`.
 
     Raises:
         JobNotFound: a named job the weaver has not heard of.
     """
     if job_name:
-        return StatusReply(
-            jobs=(job_status(resolve_job(state, job_name, now, dead_after_s), now, dead_after_s),)
-        )
-    return StatusReply(jobs=tuple(job_status(j, now, dead_after_s) for _, j in sorted(state.jobs.items())))
+        job = resolve_job(state, job_name, now, policy.dead_after_s)
+        return StatusReply(jobs=(job_status(job, now, policy),))
+    return StatusReply(jobs=tuple(job_status(j, now, policy) for _, j in sorted(state.jobs.items())))

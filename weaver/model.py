@@ -28,6 +28,7 @@ class RankEntry:
     finished_reported: bool = False
     health: hp.HealthKind = hp.HealthKind.HEALTHY
     health_reason: str = ""
+    stalled_at_s: float = 0.0  # last health check that found it stalled (see `RankView.stalled_at`)
 
     @property
     def incarnation(self) -> str:

@@ -532,7 +532,7 @@ class Weaver:
         Raises:
             JobNotFound: the weaver has not heard of that job.
         """
-        return liveness.status(self.state, job, time.time(), self.config.dead_after_s)
+        return liveness.status(self.state, job, time.time(), self.config.policy())
 
     def status_request(self, req: StatusRequest) -> StatusReply:
         return self.status(req.job)

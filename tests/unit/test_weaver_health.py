@@ -39,7 +39,7 @@ def test_frozen_step_is_hung_then_recovers() -> None:
     effects = health_plan.check_health(s, 6.0, policy())
     assert kinds(effects) == [("rank_hung", "1"), ("health_action", "Alert")]
     assert "step 1 unchanged for 6.0 s (limit 5 s)" in effects.events[0].attrs["reason"]
-    status = liveness.job_status(s.jobs["j"], 6.0, 1.0)
+    status = liveness.job_status(s.jobs["j"], 6.0, policy())
     assert [(r.health, r.alive) for r in status.ranks] == [("healthy", True), ("hung", True)]
     assert "unchanged" in status.ranks[1].health_reason
     assert health_plan.check_health(s, 6.1, policy()).events == ()  # reported once, alerted once

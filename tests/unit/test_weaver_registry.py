@@ -23,9 +23,11 @@ from torchloom.messages import (
 )
 from weaver import liveness, outcomes, recovery, submits
 from weaver import registry as rg
+from weaver.health_policy import HealthPolicy
 from weaver.model import WeaverState
 
 DEAD = 1.0
+POLICY = HealthPolicy(dead_after_s=DEAD)
 CLI = Issuer(kind="cli", identity="me@host")
 
 
@@ -76,7 +78,7 @@ def test_applied_checkpoint_and_rollback_build_the_registry_and_status() -> None
         args={"checkpoint": "before-spike", "checkpoint_id": "ckpt-1", "checkpoint_path": "/ck/j/r1/ckpt-1"},
     )
     ack_all(s, cmd, {"branch": "b2", "parent_branch": "main", "from_checkpoint": "ckpt-1", "fork_step": "10"})
-    status = liveness.status(s, "j", 101.0, DEAD).jobs[0]
+    status = liveness.status(s, "j", 101.0, POLICY).jobs[0]
     assert [(c.id, c.tag, c.step, c.branch, c.seq) for c in status.checkpoints] == [
         ("ckpt-1", "before-spike", 10, "main", 1)
     ]
@@ -86,7 +88,7 @@ def test_applied_checkpoint_and_rollback_build_the_registry_and_status() -> None
     ]
     assert status.branch == "b2"
     liveness.observe_heartbeat(s, heartbeat(0, branch="b2"), 101.5)
-    assert [r.branch for r in liveness.status(s, "j", 101.5, DEAD).jobs[0].ranks] == ["b2", "main"]
+    assert [r.branch for r in liveness.status(s, "j", 101.5, POLICY).jobs[0].ranks] == ["b2", "main"]
 
 
 def test_rejected_or_detail_less_outcomes() -> None:

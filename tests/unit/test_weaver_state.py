@@ -354,7 +354,7 @@ def test_outcome_event_describes_the_command() -> None:
 def test_status_snapshot() -> None:
     s = running(now=100.0)
     liveness.observe_heartbeat(s, hb(0), 100.5)
-    reply = liveness.status(s, "", 101.25, DEAD)
+    reply = liveness.status(s, "", 101.25, POLICY)
     (job,) = reply.jobs
     assert (job.job, job.run_id, job.world_size, job.last_seq) == ("j", "r1", 2, 0)
     assert [(r.rank, r.alive, r.last_heartbeat_s, r.step) for r in job.ranks] == [
@@ -367,7 +367,7 @@ def test_status_snapshot() -> None:
 
 def test_status_all_jobs_and_unknown_job() -> None:
     s = two_jobs()
-    assert [j.job for j in liveness.status(s, "", 100.0, DEAD).jobs] == ["a", "b"]
-    assert [j.job for j in liveness.status(s, "b", 100.0, DEAD).jobs] == ["b"]
+    assert [j.job for j in liveness.status(s, "", 100.0, POLICY).jobs] == ["a", "b"]
+    assert [j.job for j in liveness.status(s, "b", 100.0, POLICY).jobs] == ["b"]
     with pytest.raises(JobNotFound, match="no job named 'zzz'"):
-        liveness.status(s, "zzz", 100.0, DEAD)
+        liveness.status(s, "zzz", 100.0, POLICY)

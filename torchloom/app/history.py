@@ -23,7 +23,7 @@ from torchloom.errors import JobNotFound, NatsUnavailable
 from torchloom.messages import JobEvent, JobStatus, Outcome
 from torchloom.nats_server import EmbeddedNats
 from weaver import liveness, recovery
-from weaver.health_policy import DEFAULT_DEAD_AFTER_S
+from weaver.health_policy import HealthPolicy
 from weaver.model import WeaverState
 from weaver.streams import Streams
 
@@ -60,7 +60,7 @@ def run_status(entries: Iterable[Entry], record: RunRecord) -> JobStatus:
     job = state.jobs.get(record.job)
     if job is None:
         raise JobNotFound(f"the journal holds no entry of run {record.run_id} of job {record.job!r}")
-    return liveness.job_status(job, time.time(), DEFAULT_DEAD_AFTER_S)
+    return liveness.job_status(job, time.time(), HealthPolicy())
 
 
 async def read_entries(record: RunRecord) -> list[Entry]:

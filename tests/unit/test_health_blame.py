@@ -1,0 +1,255 @@
+"""Blame the cause: a stalled rank is dead or hung, the peers stalled with it are waiting on it.
+
+Scripted heartbeats of lockstep jobs go through the weaver's liveness and health planning; status
+and `torchloom devices` read one classification, so they agree on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.unit.factories import heartbeat
+from torchloom.app import format as cli_format
+from torchloom.messages import DeviceHealth, JobEvent, RankState
+from torchloom.policy import PolicyMode
+from weaver import health_plan, liveness
+from weaver.health_policy import HealthKind, HealthPolicy, RankHealth, RankView, classify
+from weaver.model import WeaverState
+
+NOW = 1000.0
+STEP_S = 0.05
+POLICY = HealthPolicy(mode=PolicyMode.ALERT, dead_after_s=0.8, hung_after_s=3.0, hung_restart_after_s=60.0)
+WAITING, DEAD, HUNG = HealthKind.WAITING, HealthKind.DEAD, HealthKind.HUNG
+
+
+def view(
+    rank: int, *, step: int = 20, silent_s: float = 0.1, stuck_s: float = 0.02, **kw: object
+) -> RankView:
+    return RankView(
+        rank=rank,
+        last_heartbeat_at=NOW - silent_s,
+        step=step,
+        last_step_change_at=NOW - stuck_s,
+        step_time_s=kw.pop("step_time_s", STEP_S),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def kinds(health: Mapping[int, RankHealth]) -> list[HealthKind]:
+    return [h.kind for _, h in sorted(health.items())]
+
+
+# ---- classify ---------------------------------------------------------------------------------------
+
+
+def test_a_frozen_rank_is_the_cause_and_its_peers_wait_on_it() -> None:
+    # Rank 1 was SIGSTOPped 2 s ago: no heartbeat since; ranks 0, 2, 3 block in the next collective.
+    ranks = [
+        view(0, stuck_s=1.9),
+        view(1, silent_s=2.0, stuck_s=2.0),
+        view(2, step=21, stuck_s=1.9),
+        view(3, stuck_s=1.8),
+    ]
+    health = classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0)
+    assert kinds(health) == [WAITING, DEAD, WAITING, WAITING]
+    assert health[1].waiters == (0, 2, 3) and not health[1].alive
+    assert health[1].reason == "no heartbeat for 2.0 s (limit 0.8 s); ranks 0,2,3 waiting on it"
+    assert health[0].waiting_on == (1,) and health[0].alive
+    assert health[0].reason == "step 20 waiting 1.9 s on rank 1 (dead)"
+
+
+def test_waiting_is_never_hung_however_long_it_lasts() -> None:
+    ranks = [view(0, stuck_s=60.0), view(1, silent_s=60.0, stuck_s=60.0)]
+    assert kinds(classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0)) == [WAITING, DEAD]
+
+
+def test_a_rank_whose_step_stops_under_live_heartbeats_is_hung_and_its_peers_wait() -> None:
+    # Rank 1 stopped before counting step 21; ranks 0 and 2 counted it and block in step 22's collective.
+    ranks = [view(0, step=21, stuck_s=3.4), view(1, step=20, stuck_s=3.5), view(2, step=21, stuck_s=3.4)]
+    health = classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0)
+    assert kinds(health) == [WAITING, HUNG, WAITING]
+    assert health[1].waiters == (0, 2)
+    assert health[1].reason == "step 20 unchanged for 3.5 s (limit 3 s); ranks 0,2 waiting on it"
+    assert health[2].reason == "step 21 waiting 3.4 s on rank 1 (hung)"
+
+
+def test_peers_wait_before_they_would_be_hung() -> None:
+    # The cause just passed hung_after_s; its peers, stalled a step later, have not yet.
+    ranks = [view(0, step=21, stuck_s=2.97), view(1, step=20, stuck_s=3.02)]
+    assert kinds(classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0)) == [WAITING, HUNG]
+
+
+def test_ranks_stuck_alike_at_one_step_are_all_hung_the_cause_unknown() -> None:
+    ranks = [view(0, stuck_s=3.5), view(1, stuck_s=3.5)]
+    health = classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0)
+    assert kinds(health) == [HUNG, HUNG]
+    assert health[0].waiters == () and health[1].waiting_on == ()
+
+
+def test_an_unhealthy_stuck_rank_is_blamed_and_stays_unhealthy() -> None:
+    sick = DeviceHealth(kind="cuda", device="GPU-1", healthy=False, unhealthy_reason="XID 79")
+    ranks = [view(0, step=21, stuck_s=3.4), view(1, step=20, stuck_s=3.5, device=sick)]
+    health = classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0)
+    assert kinds(health) == [WAITING, HealthKind.UNHEALTHY]
+    assert health[1].reason == "GPU-1: XID 79; rank 0 waiting on it"
+
+
+def test_peers_that_keep_stepping_are_not_waiting() -> None:
+    ranks = [
+        view(0, step=200, stuck_s=0.01),  # far ahead: it never needed rank 1
+        view(1, silent_s=2.0, stuck_s=2.0),
+        view(2, step=21, stuck_s=0.05),  # at the next step, but not for longer than its step time
+        view(3, stuck_s=5.0, state=RankState.PAUSED),  # paused on purpose
+    ]
+    health = classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0)
+    assert kinds(health) == [HealthKind.HEALTHY, DEAD, HealthKind.HEALTHY, HealthKind.HEALTHY]
+    assert health[1].waiters == ()
+
+
+def test_waiting_and_recently_stalled_ranks_are_no_stragglers() -> None:
+    # While rank 1 is frozen, rank 0's step time (0.4 s) is 8x rank 1's last one: it waited, it is not slow.
+    stalled = [view(0, step_time_s=0.4, stuck_s=1.0), view(1, silent_s=2.0, stuck_s=2.0)]
+    assert kinds(classify(stalled, NOW, dead_after_s=0.8, hung_after_s=3.0)) == [WAITING, DEAD]
+    # Right after the stall, rank 0's step-time mean includes the wait and rank 1's heartbeat lags.
+    after = [view(0, step_time_s=1.32, stalled_at=NOW - 0.3), view(1, stalled_at=NOW - 0.3)]
+    assert kinds(classify(after, NOW, dead_after_s=0.8, hung_after_s=3.0)) == [HealthKind.HEALTHY] * 2
+    # Once the stall is hung_after_s behind, step times are evidence again.
+    later = [view(0, step_time_s=1.32, stalled_at=NOW - 3.5), view(1, stalled_at=NOW - 3.5)]
+    assert kinds(classify(later, NOW, dead_after_s=0.8, hung_after_s=3.0))[0] is HealthKind.STRAGGLER
+
+
+def test_a_dead_ranks_stale_step_time_is_no_sample() -> None:
+    ranks = [view(0, step=900, step_time_s=0.3), view(1, silent_s=30.0, step_time_s=0.01), view(2, step=901)]
+    health = classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0, straggler_factor=10.0)
+    assert kinds(health) == [HealthKind.HEALTHY, DEAD, HealthKind.HEALTHY]
+
+
+# ---- events over scripted heartbeats ---------------------------------------------------------------
+
+
+class Lockstep:
+    """A job whose ranks step together every `STEP_S`; a frozen rank stops everything, heartbeats
+    included, and its peers finish the step in hand and block in the next collective."""
+
+    def __init__(self, world: int) -> None:
+        self.state = WeaverState()
+        self.world = world
+        self.step = {r: 0 for r in range(world)}
+        self.step_time = {r: STEP_S for r in range(world)}
+        self.frozen: set[int] = set()
+        self.t = 0.0
+        self.events: list[JobEvent] = []
+
+    def run(self, until_s: float, *, tick_s: float = 0.1) -> None:
+        """Advance time, heartbeating every tick and running the weaver's health check."""
+        while self.t < until_s:
+            self.t = round(self.t + tick_s, 6)
+            blocked = bool(self.frozen)
+            for r in range(self.world):
+                if r in self.frozen:
+                    continue
+                if not blocked:
+                    self.step[r] += 2  # two steps per tick
+                hb = heartbeat(
+                    r, world=self.world, step=self.step[r], tick=self.step[r], step_time_s=self.step_time[r]
+                )
+                liveness.observe_heartbeat(self.state, hb, self.t)
+            self.events += health_plan.check_health(self.state, self.t, POLICY).events
+
+    def health_events(self) -> list[JobEvent]:
+        return [e for e in self.events if e.kind != "health_action"]
+
+
+def test_sigstop_gives_one_event_naming_the_cause_and_its_waiting_peers() -> None:
+    job = Lockstep(4)
+    job.run(1.0)
+    job.frozen.add(2)
+    job.run(3.0)
+    events = job.health_events()
+    assert [(e.kind, e.attrs.get("rank"), e.attrs.get("waiting")) for e in events] == [
+        ("rank_dead", "2", "0,1,3")
+    ]
+    assert events[0].message.startswith("rank 2 dead: no heartbeat for ")
+    assert events[0].message.endswith("; ranks 0,1,3 waiting on it")
+    status = liveness.job_status(job.state.jobs["j"], job.t, POLICY)
+    assert [(r.health, r.alive) for r in status.ranks] == [
+        ("waiting", True),
+        ("waiting", True),
+        ("dead", False),
+        ("waiting", True),
+    ]
+    rows = cli_format.devices_json(liveness.status(job.state, "", job.t, POLICY))["devices"]
+    assert [d["state"] for d in rows] == [r.health for r in status.ranks]
+    assert rows[0]["reason"] == status.ranks[0].health_reason and "waiting" in rows[0]["reason"]
+
+    # SIGCONT: heartbeats and steps resume; the waits had inflated the peers' step-time means.
+    job.frozen.clear()
+    job.step_time[0] = 1.32  # 26x the others': a straggler, were it not the wait
+    job.run(4.0)
+    resumed = job.health_events()[1:]
+    assert [(e.kind, e.attrs.get("rank"), e.attrs.get("resumed")) for e in resumed] == [
+        ("rank_recovered", "2", "0,1,3")
+    ]
+    assert resumed[0].message == "rank 2 healthy; ranks 0,1,3 no longer waiting"
+    assert not any(e.kind in ("rank_hung", "rank_straggler") for e in job.events)
+
+
+def test_peers_that_start_waiting_later_share_one_event() -> None:
+    job = Lockstep(3)
+    job.run(0.5)
+    for r in (0, 2):
+        job.step_time[r] = 0.6  # slow steps: stalled only after 0.9 s, later than rank 1's death
+    job.frozen.add(1)
+    job.run(2.0)
+    events = job.health_events()
+    assert [(e.kind, e.attrs.get("rank"), e.attrs.get("waiting")) for e in events[:1]] == [
+        ("rank_dead", "1", None)
+    ]
+    assert [(e.kind, e.attrs["ranks"], e.attrs["waiting_on"]) for e in events[1:]] == [
+        ("ranks_waiting", "0,2", "1")
+    ]
+
+
+def test_health_alert_of_the_cause_names_the_waiters_once() -> None:
+    job = Lockstep(2)
+    job.run(1.0)
+    job.frozen.add(1)
+    job.run(3.0)
+    alerts = [e for e in job.events if e.kind == "health_action"]
+    assert [(e.attrs["key"], e.attrs["ranks"]) for e in alerts] == [("dead:1", "1")]
+    assert alerts[0].message.endswith("; rank 0 waiting on it")
+
+
+# ---- one verdict for status and devices ---------------------------------------------------------------
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 5),  # silence
+            st.floats(0, 8),  # time since step change
+            st.integers(18, 22),  # step
+            st.sampled_from(list(RankState)),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_status_and_devices_agree_on_every_rank(rows: list[tuple[float, float, int, RankState]]) -> None:
+    s = WeaverState()
+    for rank, (silence, stuck, step, state) in enumerate(rows):
+        hb = heartbeat(rank, world=len(rows), step=step, tick=step, state=state, step_time_s=STEP_S)
+        liveness.observe_heartbeat(s, hb, NOW - stuck)
+        s.jobs["j"].ranks[rank].last_seen_s = NOW - silence
+    reply = liveness.status(s, "", NOW, POLICY)
+    devices = cli_format.devices_json(reply)["devices"]
+    health = liveness.rank_health(s.jobs["j"], NOW, POLICY)
+    for r, d in zip(reply.jobs[0].ranks, devices, strict=True):
+        assert (d["rank"], d["state"]) == (r.rank, r.health) == (r.rank, health[r.rank].kind.value)
+        assert r.alive == (r.health != "dead" and r.state is not RankState.FINISHED)
+        assert r.alive == liveness.is_alive(s.jobs["j"].ranks[r.rank], NOW, POLICY.dead_after_s)
+        if r.health == "waiting":
+            assert health[r.rank].waiting_on and all(health[c].waiters for c in health[r.rank].waiting_on)

@@ -181,7 +181,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
                 page = await browser.new_page(viewport={"width": 1500, "height": 1000})
                 cdp = await page.context.new_cdp_session(page)
                 await cdp.send("Performance.enable")
-                await page.goto(f"{ui.url}?job={JOB}")
+                await page.goto(f"{ui.viewer_url}&job={JOB}")
                 stop = asyncio.Event()
                 pub = asyncio.create_task(publish(server.url, a.ranks, a.rate_hz, a.start_step, stop, counts))
                 t0 = time.monotonic()

@@ -1,6 +1,8 @@
 """The async gRPC client of the weaver's Control service, used by the CLI, scripts and agents.
 
-Every call has a deadline; an unreachable weaver is a `WeaverUnavailable`, never a raw gRPC error.
+Every call has a deadline and carries the caller's bearer token (`torchloom.tokens.resolve_token`:
+explicit, TORCHLOOM_TOKEN, the discovery file); an unreachable weaver is a `WeaverUnavailable`, a
+refused token an `Unauthenticated`, never a raw gRPC error.
 `submit_until` is the safe way to steer: it names the command once and retries it through weaver and
 NATS restarts, so a command is decided once however often it is sent.
 """
@@ -19,8 +21,8 @@ from typing import Self
 
 import grpc
 
-from torchloom import defaults, wire
-from torchloom.errors import JobNotFound, TorchloomError, WeaverUnavailable
+from torchloom import defaults, tokens, wire
+from torchloom.errors import JobNotFound, TorchloomError, Unauthenticated, WeaverUnavailable
 from torchloom.messages import (
     JournalRequest,
     Outcome,
@@ -58,10 +60,20 @@ class ControlClient:
         address: the weaver's `host:port`.
         timeout_s: deadline of a status call, and the slack added to a submit's own timeout.
         command_timeout_s: how long a submit without `timeout_s` may wait (the weaver's default).
+        token: the bearer token every call carries; None: `tokens.resolve_token()` (TORCHLOOM_TOKEN,
+            then the discovery file).
+        root_certificates: PEM CA certificates of a weaver serving TLS; None: a plaintext channel
+            (loopback), unless TORCHLOOM_GRPC_CA_FILE names a CA file.
     """
 
     def __init__(
-        self, address: str, *, timeout_s: float = 5.0, command_timeout_s: float = defaults.COMMAND_TIMEOUT_S
+        self,
+        address: str,
+        *,
+        timeout_s: float = 5.0,
+        command_timeout_s: float = defaults.COMMAND_TIMEOUT_S,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
     ) -> None:
         if not address or ":" not in address:
             raise ValueError(
@@ -73,10 +85,19 @@ class ControlClient:
         self.address = address
         self.timeout_s = timeout_s
         self.command_timeout_s = command_timeout_s
+        token = token if token is not None else tokens.resolve_token()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            ((tokens.METADATA_KEY, f"{tokens.SCHEME} {token}"),) if token else ()
+        )
+        self._root_certificates = root_certificates or tokens.grpc_ca_certificates()
         self._channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> Self:
-        self._channel = grpc.aio.insecure_channel(self.address)
+        if self._root_certificates is None:
+            self._channel = grpc.aio.insecure_channel(self.address)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
+            self._channel = grpc.aio.secure_channel(self.address, credentials)
         return self
 
     async def __aexit__(
@@ -99,6 +120,8 @@ class ControlClient:
         code = exc.code()
         if code == grpc.StatusCode.NOT_FOUND:
             return JobNotFound(exc.details() or "job not found")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return Unauthenticated(f"weaver at {self.address} refused {what}: {exc.details()}")
         if code == grpc.StatusCode.UNAVAILABLE:
             return WeaverUnavailable(
                 f"weaver at {self.address} is unavailable ({exc.details()}): start one with "
@@ -126,7 +149,7 @@ class ControlClient:
         call: grpc.aio.UnaryUnaryMultiCallable[SubmitRequest, Outcome] = self._chan().unary_unary(
             f"{_SERVICE}/Submit", request_serializer=wire.encode, response_deserializer=wire.decode_outcome
         )
-        return await call(request, timeout=timeout_s)
+        return await call(request, timeout=timeout_s, metadata=self._metadata)
 
     async def ready(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for a connection to the weaver; False when none was made."""
@@ -150,7 +173,7 @@ class ControlClient:
             response_deserializer=wire.decode_status_reply,
         )
         try:
-            reply = await call(StatusRequest(job=job), timeout=self.timeout_s)
+            reply = await call(StatusRequest(job=job), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "the status request") from None
         return reply
@@ -167,7 +190,7 @@ class ControlClient:
         call: grpc.aio.UnaryStreamMultiCallable[WatchRequest, WatchEvent] = self._chan().unary_stream(
             f"{_SERVICE}/Watch", request_serializer=wire.encode, response_deserializer=wire.decode_watch_event
         )
-        stream = call(WatchRequest(job=job))
+        stream = call(WatchRequest(job=job), metadata=self._metadata)
         try:
             async for ev in stream:
                 yield ev
@@ -200,7 +223,10 @@ class ControlClient:
             request_serializer=wire.encode,
             response_deserializer=wire.decode_watch_event,
         )
-        stream = call(JournalRequest(job=job, follow=follow, run_id=run_id, command_id=command_id))
+        stream = call(
+            JournalRequest(job=job, follow=follow, run_id=run_id, command_id=command_id),
+            metadata=self._metadata,
+        )
         try:
             async for ev in stream:
                 yield ev

@@ -81,6 +81,10 @@ class WeaverInfo:
         jobs: jobs holding a lease when the file was written (informational).
         store_dir: the embedded server's JetStream directory ("" with an external server).
         secrets_dir: where the control plane keeps its secrets ("" when it keeps none).
+        token: the local operator's gRPC bearer token (torchloom/tokens.py): the file is 0600, so
+            only its owner's CLI reads it and needs no flags ("" when not written here).
+        ui_port: the port the web UI serves on; nats-server's WebSocket accepts only that page's
+            origin, so `torchloom ui` uses it (0: none reserved).
     """
 
     pid: int
@@ -91,6 +95,8 @@ class WeaverInfo:
     started_at_s: float = field(default_factory=time.time)
     store_dir: str = ""
     secrets_dir: str = ""
+    token: str = field(default="", repr=False)
+    ui_port: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +108,8 @@ class WeaverInfo:
             "started_at_s": self.started_at_s,
             "store_dir": self.store_dir,
             "secrets_dir": self.secrets_dir,
+            "token": self.token,
+            "ui_port": self.ui_port,
         }
 
     @classmethod
@@ -127,6 +135,8 @@ class WeaverInfo:
             started_at_s=float(data.get("started_at_s") or 0.0),
             store_dir=str(data.get("store_dir") or ""),
             secrets_dir=str(data.get("secrets_dir") or ""),
+            token=str(data.get("token") or ""),
+            ui_port=ui_port if isinstance(ui_port := data.get("ui_port"), int) and 0 < ui_port < 65536 else 0,
         )
 
 

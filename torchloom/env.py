@@ -10,6 +10,7 @@ import os
 NATS_URL = "TORCHLOOM_NATS_URL"  # nats://127.0.0.1:4222; unset: embedded server
 GRPC_ADDR = "TORCHLOOM_GRPC"  # host:port of the weaver's gRPC Control service
 TOKEN = "TORCHLOOM_TOKEN"  # bearer token for the weaver's gRPC service (torchloom/tokens.py)
+GRPC_CA_FILE = "TORCHLOOM_GRPC_CA_FILE"  # PEM CA of a weaver serving gRPC over TLS (off loopback)
 JOB = "TORCHLOOM_JOB"  # job name the threadlets of a run report under
 RUN_ID = "TORCHLOOM_RUN_ID"  # unique per `torchloom run` launch
 HOME = "TORCHLOOM_HOME"  # run-state directory; default ~/.torchloom

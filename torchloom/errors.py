@@ -35,3 +35,7 @@ class NatsUnavailable(TorchloomError, ConnectionError):
 
 class CommandTimeout(TorchloomError, TimeoutError):
     """Not every rank answered a command before the deadline."""
+
+
+class Unauthenticated(TorchloomError, PermissionError):
+    """The weaver refused a call: no bearer token, or one it does not know."""

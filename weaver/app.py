@@ -13,8 +13,9 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from torchloom import defaults
+from torchloom import defaults, tokens
 from torchloom.policy import PolicyMode
 from weaver.config import WeaverConfig
 from weaver.grpc_api import ControlServer
@@ -36,16 +37,29 @@ class RunningWeaver:
         """`host:port` the Control service listens on (the bound port when 0 was asked)."""
         return self.control.address
 
+    @property
+    def operator_token(self) -> str:
+        """The local operator's bearer token (for the 0600 discovery file)."""
+        return self.control.tokens.token(tokens.TokenRole.OPERATOR)
+
 
 @contextlib.asynccontextmanager
 async def open_weaver(config: WeaverConfig) -> AsyncIterator[RunningWeaver]:
     """Start a weaver, then its gRPC Control service on `config.grpc_addr`; stop them in reverse order.
 
+    The service accepts the bearer tokens of `config.grpc_tokens_file` (created when absent).
+
     Raises:
         OSError: the gRPC address cannot be bound (the weaver is closed again).
         NatsUnavailable: NATS cannot be reached.
+        TokenError: the token file is malformed or readable by others.
     """
-    async with Weaver(config) as weaver, ControlServer(weaver, config.grpc_addr) as control:
+    tokens_file = Path(config.grpc_tokens_file) if config.grpc_tokens_file else None
+    table = await asyncio.to_thread(tokens.TokenTable.load_or_create, tokens_file)
+    async with (
+        Weaver(config) as weaver,
+        ControlServer(weaver, config.grpc_addr, tokens=table, tls=config.tls()) as control,
+    ):
         log.info("weaver serving gRPC on %s", control.address)
         yield RunningWeaver(weaver, control)
 

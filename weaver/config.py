@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from torchloom import defaults, env
 from torchloom.policy import PolicyMode, parse_mode
 from weaver.admission import Limits
+from weaver.grpc_api import TlsFiles, is_loopback
 from weaver.health_policy import DEFAULT_DEAD_AFTER_S, HealthPolicy
 
 _LIMITS = Limits()  # the defaults
@@ -41,6 +43,15 @@ class WeaverConfig:
             None: `$TORCHLOOM_HOME/controlplane/secrets/signing.key` (torchloom.signing).
         max_jobs, max_ranks_per_job, max_ranks_total, job_evict_after_s: bounds on what the weaver
             holds (see `weaver.admission.Limits`).
+        grpc_tokens_file: the bearer tokens the gRPC service accepts (torchloom/tokens.py; created
+            0600 with fresh tokens when absent); None: `$TORCHLOOM_HOME/controlplane/secrets/
+            grpc-tokens.json`.
+        grpc_tls_cert_file, grpc_tls_key_file: PEM certificate chain and key of the gRPC service;
+            both or neither, and required when `grpc_addr` is not a loopback address.
+        api_submit_identity: the issuer identity of every submit that arrives over NATS
+            (api.submit). Set it ("ui-operator") only when the NATS server enforces torchloom's role
+            table, where no other client may publish there; None keeps the identity the request
+            claims (a bus torchloom does not secure cannot say who sent it).
     """
 
     nats_url: str = defaults.NATS_URL
@@ -60,6 +71,10 @@ class WeaverConfig:
     max_ranks_per_job: int = _LIMITS.max_ranks_per_job
     max_ranks_total: int = _LIMITS.max_ranks_total
     job_evict_after_s: float = _LIMITS.job_evict_after_s
+    grpc_tokens_file: str | None = None
+    grpc_tls_cert_file: str | None = None
+    grpc_tls_key_file: str | None = None
+    api_submit_identity: str | None = None
 
     def __post_init__(self) -> None:
         if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
@@ -70,6 +85,15 @@ class WeaverConfig:
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(
                 f"grpc_addr={self.grpc_addr!r} rejected: expected HOST:PORT with PORT in [0, 65535]"
+            )
+        if (self.grpc_tls_cert_file is None) != (self.grpc_tls_key_file is None):
+            raise ValueError(
+                "grpc_tls_cert_file and grpc_tls_key_file rejected: give both (certificate, key) or neither"
+            )
+        if self.grpc_tls_cert_file is None and not is_loopback(host):
+            raise ValueError(
+                f"grpc_addr={self.grpc_addr!r} rejected: off loopback the gRPC service needs TLS "
+                "(grpc_tls_cert_file and grpc_tls_key_file); bind 127.0.0.1:PORT for local use"
             )
         _positive("dead_after_s", self.dead_after_s, upper=3600.0)
         _positive("command_timeout_s", self.command_timeout_s, upper=24 * 3600.0)
@@ -122,3 +146,9 @@ class WeaverConfig:
             grpc_addr=grpc_addr or env.get(env.GRPC_ADDR) or defaults.GRPC_BIND_ADDR,
             signing_key_file=env.get(env.SIGNING_KEY_FILE),
         )
+
+    def tls(self) -> TlsFiles | None:
+        """The gRPC service's certificate and key, when configured."""
+        if self.grpc_tls_cert_file is None or self.grpc_tls_key_file is None:
+            return None
+        return TlsFiles(cert_file=Path(self.grpc_tls_cert_file), key_file=Path(self.grpc_tls_key_file))

@@ -1,5 +1,10 @@
 """The gRPC Control service (Submit, Status, Watch, Journal) over a running weaver.
 
+Every call must carry `authorization: Bearer <token>`; an interceptor maps the token to an identity
+through the `TokenTable` the composition gives it, refuses any other call with UNAUTHENTICATED (and
+has the weaver journal the refusal: who, why), and a Submit is issued by that identity, whatever the
+client claims. Off loopback the service binds only with TLS.
+
 It depends on the `ControlBackend` protocol only (which `weaver.service.Weaver` satisfies), so the
 service never imports this module and this module never imports the service; the composition
 (`weaver.app`) starts a `Weaver` and then a `ControlServer` over it. Messages cross the wire through
@@ -8,15 +13,22 @@ service never imports this module and this module never imports the service; the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextvars
+import dataclasses
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
 import grpc
 
-from torchloom import defaults, wire
+from torchloom import defaults, tokens, wire
 from torchloom.errors import JobNotFound, NatsUnavailable
 from torchloom.messages import (
+    Issuer,
     JobEvent,
     JournalRequest,
     Outcome,
@@ -26,6 +38,8 @@ from torchloom.messages import (
     WatchEvent,
     WatchRequest,
 )
+
+log = logging.getLogger(__name__)
 
 SERVICE = defaults.GRPC_SERVICE
 # How long a stop lets in-flight calls (open Watch streams among them) finish before cancelling them.
@@ -51,13 +65,122 @@ class ControlBackend(Protocol):
         """The durable journal, oldest first (raises `ValueError`, `NatsUnavailable`)."""
         ...
 
+    def refuse_call(self, message: str, *, job: str = "", key: str = "", **attrs: str) -> None:
+        """Journal a call the service refused before it reached the weaver (rate-limited like every
+        refusal; `key` groups the ones counted together)."""
+        ...
+
+
+# The identity the interceptor authenticated, for the handler of the same call (grpc.aio runs the
+# interceptors and the handler of one call in one contextvars.Context).
+_IDENTITY: contextvars.ContextVar[str] = contextvars.ContextVar("torchloom_grpc_identity")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 (bracketed or not) and "localhost"."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsFiles:
+    """The PEM certificate chain and private key the service presents off loopback."""
+
+    cert_file: Path
+    key_file: Path
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Read both files into `grpc.ssl_server_credentials`.
+
+        Raises:
+            OSError: a file cannot be read.
+        """
+        return grpc.ssl_server_credentials([(self.key_file.read_bytes(), self.cert_file.read_bytes())])
+
+
+_Behavior = Callable[[bytes, grpc.aio.ServicerContext[bytes, object]], Awaitable[None]]
+
+
+class Authenticator(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
+    """Lets a call through only with a bearer token of `table`; refuses the rest with UNAUTHENTICATED
+    and reports each refusal to `backend.refuse_call`."""
+
+    def __init__(self, table: tokens.TokenTable, backend: ControlBackend) -> None:
+        self.table = table
+        self.backend = backend
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[object, object]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[object, object]:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
+            return handler
+        values = [v for k, v in handler_call_details.invocation_metadata or () if k == tokens.METADATA_KEY]
+        token = tokens.parse_authorization(str(values[0])) if len(values) == 1 else None
+        identity = self.table.identify(token) if token else None
+        if identity is not None:
+            _IDENTITY.set(identity)
+            return handler
+        if not values:
+            why = f"no credential: send `{tokens.METADATA_KEY}: {tokens.SCHEME} <token>` metadata"
+        elif token is None:
+            why = f"malformed {tokens.METADATA_KEY} metadata: expected exactly one `{tokens.SCHEME} <token>`"
+        else:
+            why = "unknown token"
+        refuse = self._refusal(handler_call_details.method, why)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+    def _refusal(self, method: str, why: str) -> _Behavior:
+        async def refuse(request: bytes, context: grpc.aio.ServicerContext[bytes, object]) -> None:
+            who = f"unauthenticated {context.peer()}"
+            name = method.rsplit("/", 1)[-1]
+            attrs = {"who": who, "method": name, "why": why}
+            job = ""
+            if name == "Submit":
+                # What the refused client asked for, as far as it parses (it changes nothing).
+                try:
+                    req = wire.decode_submit_request(request)
+                except ValueError:
+                    pass
+                else:
+                    job = req.job
+                    attrs.update(command_id=req.command_id[:64], claimed=req.issuer.identity[:128])
+            self.backend.refuse_call(
+                f"gRPC {name} from {who} refused: {why}", job=job, key=f"grpc-auth {name}", **attrs
+            )
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{why}. The operator's token is in the control plane's discovery file "
+                "($TORCHLOOM_HOME/weaver.json, mode 0600); pass another with TORCHLOOM_TOKEN or --token-file",
+            )
+
+        return refuse
+
+
+def _authenticated(req: SubmitRequest) -> SubmitRequest:
+    """`req` issued by the caller's authenticated identity; the claimed identity is only logged."""
+    identity = _IDENTITY.get()
+    claimed = req.issuer.identity
+    if claimed and claimed != identity:
+        log.info("submit %s: claimed issuer %r, authenticated as %r", req.command_id, claimed, identity)
+    return dataclasses.replace(req, issuer=Issuer(kind=req.issuer.kind, identity=identity))
+
 
 def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
     async def submit(
         req: SubmitRequest, context: grpc.aio.ServicerContext[SubmitRequest, Outcome]
     ) -> Outcome:
         try:
-            return await weaver.submit(req)
+            return await weaver.submit(_authenticated(req))
         except NatsUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
@@ -112,13 +235,37 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
 class ControlServer:
     """The gRPC Control service over `backend`, bound to `address` (`host:port`; port 0 picks one).
 
-    Use as `async with ControlServer(weaver, config.grpc_addr) as server:` over a started weaver;
-    `close()` is idempotent.
+    Use as `async with ControlServer(weaver, config.grpc_addr, tokens=table) as server:` over a
+    started weaver; `close()` is idempotent.
+
+    Args:
+        backend: the weaver.
+        address: `host:port` to bind.
+        tokens: the bearer tokens it accepts and the identity of each.
+        tls: certificate and key; required off loopback (plaintext is refused there).
+
+    Raises:
+        ValueError: a non-loopback `address` without `tls`.
     """
 
-    def __init__(self, backend: ControlBackend, address: str) -> None:
+    def __init__(
+        self,
+        backend: ControlBackend,
+        address: str,
+        *,
+        tokens: tokens.TokenTable,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        host = address.rpartition(":")[0]
+        if tls is None and not is_loopback(host):
+            raise ValueError(
+                f"gRPC address {address!r} rejected: off loopback the Control service needs TLS "
+                "(--grpc-tls-cert FILE --grpc-tls-key FILE); bind 127.0.0.1:PORT for local use"
+            )
         self.backend = backend
         self.requested_address = address
+        self.tokens = tokens
+        self.tls = tls
         self._server: grpc.aio.Server | None = None
         self._port = 0
 
@@ -134,10 +281,13 @@ class ControlServer:
         Raises:
             OSError: the address cannot be bound.
         """
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=(Authenticator(self.tokens, self.backend),))
         server.add_generic_rpc_handlers((_handlers(self.backend),))
         try:
-            port = server.add_insecure_port(self.requested_address)
+            if self.tls is None:
+                port = server.add_insecure_port(self.requested_address)
+            else:
+                port = server.add_secure_port(self.requested_address, self.tls.server_credentials())
         except RuntimeError:  # grpc raises this (older versions returned 0) when binding fails
             port = 0
         if port == 0:

@@ -325,6 +325,12 @@ class Weaver:
             log.warning("%s", ev.message)
             self._announce(ev)
 
+    def refuse_call(self, message: str, *, job: str = "", key: str = "", **attrs: str) -> None:
+        """Journal a request refused before it reached the weaver (the gRPC service's authentication),
+        as a "refused" event, rate-limited like every refusal (`admission.Refusals`)."""
+        known = self.state.jobs.get(job)
+        self._refuse("call", job, known.run_id if known else "", message, time.time(), key=key, **attrs)
+
     def _signed(self, cmd: Command) -> bool:
         return self._verifier is not None and self._verifier.verify(cmd)
 
@@ -425,6 +431,10 @@ class Weaver:
         except ValueError as exc:
             outcome = Outcome(command_id="", job="", status=OutcomeStatus.REJECTED, reason=str(exc))
         else:
+            identity = self.config.api_submit_identity
+            if identity is not None:
+                # Only that role may publish on api.submit (the server's role table): it is the issuer.
+                req = dataclasses.replace(req, issuer=dataclasses.replace(req.issuer, identity=identity))
             try:
                 outcome = await self.submit(req)
             except NatsUnavailable as exc:

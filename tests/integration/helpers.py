@@ -5,7 +5,9 @@ weaver until a job trains. Assertions stay in the tests."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import http.client
 import inspect
 import json
 import os
@@ -246,3 +248,16 @@ def _tails(logs: Sequence[Path]) -> str:
 def weaver_config(server: EmbeddedNats, **kw: Any) -> WeaverConfig:
     """A weaver on `server` that declares a rank dead after 1 s without a heartbeat."""
     return WeaverConfig(nats_url=server.url, dead_after_s=1.0, **kw)
+
+
+def ws_handshake(port: int, origin: str) -> int:
+    """A raw WebSocket upgrade to 127.0.0.1:`port` as a browser page on `origin` sends it; the HTTP
+    status (101 accepted, 403 refused)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key}
+        conn.request("GET", "/", headers={**headers, "Sec-WebSocket-Version": "13", "Origin": origin})
+        return conn.getresponse().status
+    finally:
+        conn.close()

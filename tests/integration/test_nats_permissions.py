@@ -5,10 +5,7 @@ over WebSocket) and tries every operation; the server's answer must be the docum
 from __future__ import annotations
 
 import asyncio
-import base64
-import http.client
 import json
-import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +16,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, KeyValueConfig
 
+from tests.integration.helpers import ws_handshake
 from torchloom import bus, subjects
 from torchloom.credentials import ClientAuth, CredentialStore, Role, inbox_prefix
 from torchloom.errors import NatsUnavailable
@@ -344,24 +342,13 @@ async def test_each_role_connects_only_over_its_transport(
         await bus.connect(url, name="viewer-plain", connect_timeout_s=1.0)
 
 
-def _ws_handshake(port: int, origin: str) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        key = base64.b64encode(os.urandom(16)).decode()
-        headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key}
-        conn.request("GET", "/", headers={**headers, "Sec-WebSocket-Version": "13", "Origin": origin})
-        return conn.getresponse().status
-    finally:
-        conn.close()
-
-
 def test_websocket_accepts_only_the_ui_origin(secured: tuple[EmbeddedNats, CredentialStore]) -> None:
     server, _ = secured
     assert server.ws_port is not None
-    assert _ws_handshake(server.ws_port, "http://evil.example") == 403
-    assert _ws_handshake(server.ws_port, f"http://127.0.0.1:{UI_PORT + 1}") == 403
+    assert ws_handshake(server.ws_port, "http://evil.example") == 403
+    assert ws_handshake(server.ws_port, f"http://127.0.0.1:{UI_PORT + 1}") == 403
     for origin in loopback_origins(UI_PORT):
-        assert _ws_handshake(server.ws_port, origin) == 101  # then NATS CONNECT must still authenticate
+        assert ws_handshake(server.ws_port, origin) == 101  # then NATS CONNECT must still authenticate
 
 
 async def test_a_threadlet_reads_its_own_jobs_commands_through_an_ordered_consumer(

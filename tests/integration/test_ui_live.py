@@ -95,8 +95,11 @@ def job(
 
 
 @contextlib.asynccontextmanager
-async def open_ui(nats_server: EmbeddedNats, *, console: bool = True) -> AsyncIterator[Page]:
-    """Weaver + UI server + a chromium page open on the UI (its console echoed when `console`)."""
+async def open_ui(
+    nats_server: EmbeddedNats, *, console: bool = True, operator: bool = True
+) -> AsyncIterator[Page]:
+    """Weaver + UI server + a chromium page open on the UI with the operator token (the viewer
+    token unless `operator`), its console echoed when `console`."""
     async with (
         Weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)),
         UiServer(nats_ws_url=nats_server.ws_url) as ui,
@@ -109,7 +112,7 @@ async def open_ui(nats_server: EmbeddedNats, *, console: bool = True) -> AsyncIt
             if console:
                 pg.on("console", lambda m: print(f"[page {m.type}] {m.text}"))
             pg.on("pageerror", lambda e: print(f"[page error] {e}"))
-            await pg.goto(ui.url)
+            await pg.goto(ui.operator_url if operator else ui.viewer_url)
             yield pg
         finally:
             await browser.close()
@@ -277,6 +280,43 @@ async def test_pause_and_resume_from_the_page(page: Page, job: Callable[..., Non
     await page.screenshot(path=str(ARTIFACTS / "ui-pause-resume.png"), full_page=True)
 
 
+async def test_a_viewer_page_watches_but_cannot_steer(
+    nats_server: EmbeddedNats, job: Callable[..., None]
+) -> None:
+    job(steps=5000)
+    async with open_ui(nats_server, operator=False) as page:
+        await until("connected banner", lambda: page.locator("#conn.connected").count())
+        await wait_knobs(page)
+        # The token left the address bar once the session cookie was set.
+        assert "token=" not in page.url
+        note = page.locator("#control-note")
+        assert await note.is_visible()
+        assert "Read-only" in (await note.text_content() or "")
+        assert await page.locator('[data-set="lr"]').is_disabled()
+        assert await page.locator('[data-knob="lr"]').is_disabled()
+        for action in ("pause", "resume", "checkpoint", "rollback", "stop"):
+            assert await page.locator(f'[data-action="{action}"]').is_disabled(), action
+        # Nor can a script on the page steer through its bus.
+        err = await page.evaluate(
+            "() => window.__torchloom.bus.submit({job: 'uijob', action: {kind: 'pause', args: {}}})"
+            ".then(() => 'sent', (e) => String(e.message))"
+        )
+        assert err == "read-only page: it cannot steer the job"
+        assert not [e for e in await hook(page, "timeline()") if e["kind"] == "command"]
+
+
+async def test_a_page_without_the_token_is_refused(nats_server: EmbeddedNats) -> None:
+    async with UiServer(nats_ws_url=nats_server.ws_url) as ui, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            pg = await browser.new_page()
+            response = await pg.goto(ui.url)
+            assert response is not None and response.status == 403
+            assert "token" in (await pg.text_content("body") or "")
+        finally:
+            await browser.close()
+
+
 async def submit_over_nats(nats_url: str, action: Action) -> None:
     """Submit like any client would: NATS request-reply on api.submit; assert it applied."""
     nc = await tl_bus.connect(nats_url, name="ui-test")
@@ -343,7 +383,7 @@ async def test_timeline_loads_the_journal_written_before_the_page_opened(
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
             try:
                 page = await browser.new_page(viewport={"width": 1500, "height": 1000})
-                await page.goto(ui.url)
+                await page.goto(ui.viewer_url)  # reading needs no more than the viewer token
                 await until("the journal history loaded", lambda: hook(page, "historyDone()"))
                 entries = await hook(page, "timeline()")
                 kinds = {e["kind"] for e in entries}
@@ -370,7 +410,7 @@ async def test_states_when_the_bus_is_unreachable_and_recovers(tmp_path: Path) -
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
             try:
                 pg = await browser.new_page()
-                await pg.goto(ui.url)
+                await pg.goto(ui.viewer_url)
                 await until("the unreachable banner", lambda: pg.locator("#conn.unreachable").count())
                 assert await pg.text_content("#conn") == "NATS unreachable: retrying..."
                 server = EmbeddedNats(tmp_path / "nats", port=port, ws_port=ws_port).start()

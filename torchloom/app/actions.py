@@ -20,6 +20,7 @@ from torchloom import discovery
 from torchloom.app import format as cli_format
 from torchloom.app.lookup import weaver_address
 from torchloom.client import ControlClient
+from torchloom.credentials import PASSWORD_SUFFIX, CredentialStore, Role
 from torchloom.errors import JobNotFound, WeaverUnavailable
 from torchloom.messages import Action, ActionKind, Issuer, JobStatus, Outcome
 from weaver.ui_server import UiServer
@@ -116,19 +117,47 @@ async def command_outcome(grpc: str | None, job: str, command_id: str, *, follow
     return found
 
 
-async def serve_ui(*, host: str, port: int, allow_remote: bool, nats_ws: str | None) -> int:
-    """Serve the web UI until cancelled; the NATS WebSocket URL comes from --nats-ws or discovery."""
-    ws = nats_ws
-    if not ws:
-        info = discovery.read()
-        ws = info.ws_url if info is not None else ""
+def ui_credentials(info: discovery.WeaverInfo | None) -> CredentialStore | None:
+    """The control plane's NATS credentials when it keeps browser passwords (else the NATS server
+    takes anonymous pages). Never creates one: the running nats-server would not know it."""
+    if info is None or not info.secrets_dir:
+        return None
+    directory = Path(info.secrets_dir)
+    if not (directory / f"{Role.UI_VIEWER.value}{PASSWORD_SUFFIX}").exists():
+        return None
+    return CredentialStore(directory)
+
+
+def print_ui_urls(ui: UiServer, *, prefix: str, out: TextIO) -> None:
+    """The page URLs with their tokens: the operator's (can steer) first, then the viewer's."""
+    if ui.operator_url is not None:
+        print(f"{prefix}: {ui.operator_url}", file=out, flush=True)
+    print(f"{prefix} (read-only): {ui.viewer_url}", file=out, flush=True)
+
+
+async def serve_ui(
+    *, host: str, port: int | None, allow_remote: bool, nats_ws: str | None, read_only: bool = False
+) -> int:
+    """Serve the web UI until cancelled; the NATS WebSocket URL, the page credentials and the port
+    (which nats-server's allowed origins name) come from the discovery file unless given."""
+    info = discovery.read()
+    ws = nats_ws or (info.ws_url if info is not None else "")
     if not ws:
         raise WeaverUnavailable(
             "no NATS WebSocket URL: start a job with `torchloom run` (its embedded server has one) "
             "or pass --nats-ws ws://HOST:PORT"
         )
-    async with UiServer(nats_ws_url=ws, host=host, port=port, allow_remote=allow_remote) as ui:
-        print(ui.url, flush=True)
+    if port is None:
+        port = info.ui_port if info is not None else 0
+    async with UiServer(
+        nats_ws_url=ws,
+        host=host,
+        port=port,
+        allow_remote=allow_remote,
+        credentials=ui_credentials(info),
+        read_only=read_only,
+    ) as ui:
+        print_ui_urls(ui, prefix="torchloom UI", out=sys.stdout)
         await ui.serve_forever()
     return 0
 

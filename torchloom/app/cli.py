@@ -13,13 +13,14 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 import torchloom
-from torchloom import defaults, discovery, knobs, replay_file
+from torchloom import defaults, discovery, env, knobs, replay_file, tokens
 from torchloom.app import actions as cli_actions
 from torchloom.app import controlplane, history, launcher, runs
 from torchloom.app import format as cli_format
@@ -245,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="weaver address (default: TORCHLOOM_GRPC, then $TORCHLOOM_HOME/weaver.json)",
         )
         p.add_argument("--job", default="", metavar="NAME", help="job name (default: the only running job)")
+        p.add_argument(
+            "--token-file",
+            metavar="FILE",
+            help="file (mode 0600) holding the weaver's bearer token (default: TORCHLOOM_TOKEN, then "
+            "$TORCHLOOM_HOME/weaver.json); a token is never taken on the command line, where `ps` shows it",
+        )
         return p
 
     def command_parent() -> argparse.ArgumentParser:
@@ -362,9 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("watch", parents=[client_parent()], help="stream metrics and events until Ctrl-C")
     ui = sub.add_parser("ui", help="serve the web UI for the running weaver until Ctrl-C")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    ui.add_argument("--port", type=int, default=0, metavar="P", help="TCP port (default: a free one)")
     ui.add_argument(
-        "--allow-remote", action="store_true", help="allow a non-loopback --host (the UI has no auth)"
+        "--port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="TCP port (default: the one the control plane reserved for the UI, else a free one)",
+    )
+    ui.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback --host (pages still need the printed token; the traffic is plain HTTP)",
+    )
+    ui.add_argument(
+        "--read-only", action="store_true", help="make no operator token: every page can only watch"
     )
     ui.add_argument("--nats-ws", metavar="URL", help="NATS WebSocket URL (default: from the discovery file)")
     return parser
@@ -500,6 +518,9 @@ def _history_command(args: argparse.Namespace) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     command = args.command
+    if getattr(args, "token_file", None):
+        # Every client this command makes resolves its token through TORCHLOOM_TOKEN first.
+        os.environ[env.TOKEN] = tokens.read_token_file(args.token_file)
     if command == "weaver":
         try:
             health = launcher.parse_health(args.hung_after, args.straggler_factor, args.health_policy)
@@ -538,7 +559,11 @@ def _run_command(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             return asyncio.run(
                 cli_actions.serve_ui(
-                    host=args.host, port=args.port, allow_remote=args.allow_remote, nats_ws=args.nats_ws
+                    host=args.host,
+                    port=args.port,
+                    allow_remote=args.allow_remote,
+                    nats_ws=args.nats_ws,
+                    read_only=args.read_only,
                 )
             )
         return EXIT_OK

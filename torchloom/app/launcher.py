@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from torchloom import defaults, discovery, env, naming, signing, subjects
+from torchloom.app import actions as cli_actions
 from torchloom.app import runs
 from torchloom.app.supervisor import Supervisor, nproc_of, with_nproc
 from torchloom.client import ControlClient
@@ -616,10 +617,15 @@ async def start_ui(stack: contextlib.AsyncExitStack, ws_url: str, *, port: int) 
             flush=True,
         )
         return
+    info = discovery.read()
     try:
-        ui = await serve_ui(nats_ws_url=ws_url, port=port)
+        ui = await serve_ui(
+            nats_ws_url=ws_url,
+            port=port or (info.ui_port if info is not None else 0),
+            credentials=cli_actions.ui_credentials(info),
+        )
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"torchloom: no UI: {exc}", file=sys.stderr, flush=True)
         return
     stack.push_async_callback(ui.close)
-    print(f"torchloom UI: {ui.url}", file=sys.stderr, flush=True)
+    cli_actions.print_ui_urls(ui, prefix="torchloom UI", out=sys.stderr)

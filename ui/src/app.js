@@ -49,12 +49,15 @@ const state = {
   seeded: new Set(), // "rank/branch" series already started at their fork step
   eventKeys: new Set(), // events already in the timeline (live and history overlap at page open)
   historyDone: false,
+  // Until /config.json says "operator", the page cannot steer (a viewer page never can).
+  readOnly: true,
   panelsDirty: true,
   lastPanelDraw: 0,
 };
 let bus = null;
 
 const $ = (sel) => document.querySelector(sel);
+const disabledAttr = () => (state.readOnly ? " disabled" : "");
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -351,8 +354,8 @@ function renderControls() {
         <span class="current" data-current="${esc(k.name)}" title="${esc(formatValue(k.value))}">${esc(formatValue(k.value))}</span>
         <span class="hint" title="${esc(k.type)} ${esc(hint)}">${esc(k.type)} ${esc(hint)}</span>
         ${groups}
-        <input id="knob-${esc(k.name)}" data-knob="${esc(k.name)}" size="10" autocomplete="off">
-        <button data-set="${esc(k.name)}">set</button>
+        <input id="knob-${esc(k.name)}" data-knob="${esc(k.name)}" size="10" autocomplete="off"${disabledAttr()}>
+        <button data-set="${esc(k.name)}"${disabledAttr()}>set</button>
       </div>`;
     })
     .join("");
@@ -406,6 +409,10 @@ function detailText(o) {
 
 async function send(what, req) {
   if (!bus) return;
+  if (state.readOnly) {
+    showControlMsg(`${what}: not sent: this page is read-only (opened with the viewer token)`, "error");
+    return;
+  }
   showControlMsg(`${what}: sent, waiting for every rank...`, "pending");
   try {
     const o = await bus.submit(
@@ -515,7 +522,7 @@ function renderCheckpoints() {
         .map(
           (c) => `<tr data-checkpoint="${esc(c.id)}"><td>${esc(c.id)}</td><td>${esc(c.tag)}</td><td>${c.step}</td>
           <td>${esc(c.branch)}</td><td>${clock(c.created_at_s)}</td>
-          <td><button data-rollback="${esc(c.id)}" title="roll every rank back to ${esc(c.id)}">roll back</button></td></tr>`,
+          <td><button data-rollback="${esc(c.id)}" title="roll every rank back to ${esc(c.id)}"${disabledAttr()}>roll back</button></td></tr>`,
         )
         .join("")
     : '<tr><td colspan="6" class="muted">no checkpoint yet</td></tr>';
@@ -728,20 +735,44 @@ window.__torchloom = {
 // ---- start -------------------------------------------------------------------------------------
 
 async function loadConfig() {
-  if (params.get("nats")) return { nats_ws_url: params.get("nats") };
+  // A page opened with ?nats=URL (development) connects anonymously and never steers.
+  if (params.get("nats")) return { nats_ws_url: params.get("nats"), role: "viewer" };
   for (;;) {
+    let why = "config.json not served";
     try {
-      const r = await fetch("config.json", { cache: "no-store" });
+      const r = await fetch("config.json", { cache: "no-store", credentials: "same-origin" });
       if (r.ok) return await r.json();
+      if (r.status === 403) why = "not authorized: open the URL with the token that `torchloom ui` printed";
     } catch {
       // fall through to retry
     }
-    setConn("unreachable", "config.json not served");
+    setConn("unreachable", why);
     await new Promise((res) => setTimeout(res, 1000));
   }
 }
 
+/** Enable the controls only for an operator page; a viewer page says why they are disabled. */
+function applyRole(role) {
+  state.readOnly = role !== "operator";
+  $("#control").classList.toggle("read-only", state.readOnly);
+  for (const el of document.querySelectorAll("#actions button, #actions input")) el.disabled = state.readOnly;
+  const note = $("#control-note");
+  note.hidden = !state.readOnly;
+  note.textContent = state.readOnly
+    ? "Read-only: this page was opened with the viewer token. Open the operator URL that `torchloom ui` printed to steer the job."
+    : "";
+  renderControls();
+  renderCheckpoints();
+}
+
 async function main() {
+  // The token has done its work (the session cookie came with this page): keep it out of history.
+  if (params.has("token")) {
+    params.delete("token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : "") + location.hash);
+  }
+  applyRole("viewer");
   renderControls();
   renderJobSelect();
   $("#knobs").addEventListener("click", (ev) => {
@@ -765,6 +796,13 @@ async function main() {
   $("#job").addEventListener("change", (ev) => selectJob(ev.target.value));
   requestAnimationFrame(frame);
   const cfg = await loadConfig();
+  applyRole(cfg.role);
+  const auth = {
+    user: cfg.nats_user,
+    pass: cfg.nats_password,
+    inboxPrefix: cfg.inbox_prefix,
+    readOnly: state.readOnly,
+  };
   bus = new Bus(cfg.nats_ws_url, {
     onStatus: setConn,
     onHeartbeat,
@@ -774,7 +812,7 @@ async function main() {
     onAck,
     onConnected,
     onHistory,
-  });
+  }, auth);
   window.__torchloom.bus = bus;
   await bus.run();
 }

@@ -40,9 +40,14 @@ const HISTORY_MAX = 2000;
  * connected, oldest first, in batches; `done` is true on the last call.
  */
 export class Bus {
-  constructor(url, handlers) {
+  /**
+   * auth: {user, pass, inboxPrefix, readOnly} from the UI server's config.json: the NATS credential
+   * of the page's role (ui-viewer or ui-operator) and its inbox prefix; a readOnly bus never submits.
+   */
+  constructor(url, handlers, auth = {}) {
     this.url = url;
     this.h = handlers;
+    this.auth = auth;
     this.nc = null;
     this.stopped = false;
     this.decodeErrors = 0;
@@ -53,9 +58,13 @@ export class Bus {
     while (!this.stopped) {
       let nc;
       try {
+        const creds = this.auth.user ? { user: this.auth.user, pass: this.auth.pass } : {};
+        const inbox = this.auth.inboxPrefix ? { inboxPrefix: this.auth.inboxPrefix } : {};
         nc = await wsconnect({
           servers: this.url,
           name: "torchloom-ui",
+          ...creds,
+          ...inbox,
           maxReconnectAttempts: -1,
           reconnectTimeWait: RETRY_MS,
           pingInterval: 5000,
@@ -165,6 +174,7 @@ export class Bus {
 
   /** Submit a command through the weaver (api.submit); resolves to the decoded Outcome. */
   async submit(req, timeoutMs = 30000) {
+    if (this.auth.readOnly) throw new Error("read-only page: it cannot steer the job");
     const nc = this.nc;
     if (!nc || nc.isClosed()) throw new Error("NATS unreachable: cannot send the command now");
     const reply = await nc.request(SUBJECTS.submit, encodeSubmit(req), { timeout: timeoutMs });

@@ -1,15 +1,24 @@
 """A deterministic data-mixture sampler whose mixture (`mix`) and `batch_size` are live knobs, and
-whose sources can grow at run time (`add_source`); its state rides along checkpoints and rollbacks."""
+whose sources can grow at run time (`add_source`); its state rides along checkpoints and rollbacks.
+
+The sample order is global and independent of the world size: global sample `n` is drawn from
+(seed, n) under the weights in effect at position `n`, and at each draw rank r of W takes its slice
+of the global batch. The state records the global position, so a job restarted on a different number
+of ranks continues the same global order where it stopped (docs/design.md, "Data order and
+resharding")."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from torchloom.errors import CommandRejected
@@ -19,13 +28,28 @@ from torchloom.messages import KnobValue
 Batch = list[tuple[str, int]]
 Loader = Callable[[str], Any]
 
+log = logging.getLogger("threadlet")
+
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# How many mix / batch-size / world-size changes the state keeps (the current one is all a restore
+# needs; older ones let `samples()` reproduce earlier stretches of the global order).
+HISTORY_LIMIT = 256
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
 
 
-def _seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit generator seed from (seed, step, rank): independent streams, reproducible anywhere."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def _stream_key(seed: int) -> int:
+    """The 64-bit key of the run's global sample stream, from its data seed."""
+    digest = hashlib.blake2b(f"torchloom.mixture:{seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _splitmix64(key: int, counters: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """splitmix64 output number `counter` of the stream `key`: a counter-based generator, so any
+    sample is drawn without drawing the ones before it, the same on every machine."""
+    z = (counters + np.uint64(1)) * np.uint64(_GAMMA) + np.uint64(key)  # uint64 arrays wrap around
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def _length(name: str, source: Sized | int) -> int:
@@ -89,19 +113,24 @@ def parse_mix(text: str, known: tuple[str, ...]) -> dict[str, float]:
 class MixtureSampler:
     """Yields batches of `(source_name, index)` drawn from several sources by weight.
 
-    Batch `k` depends only on (seed, k, rank), the weights, the batch size and the source lengths:
-    each batch uses its own generator seeded from (seed, k, rank), so restoring `state_dict()`
-    (after a rollback, say) reproduces the same batches, and ranks draw independent samples.
+    The order is one global stream of samples, independent of the world size: global sample `n`
+    depends only on (seed, n), the weights in effect at position `n` and the source lengths. Every
+    rank calls `next_batch()` in lockstep (once per micro-batch, with the same batch size B); at each
+    call rank r of W takes samples [p + r*B, p + (r+1)*B) of the stream, and the global position p
+    moves on by W*B. So ranks draw disjoint samples, restoring `state_dict()` (after a rollback, say)
+    reproduces the same batches, and a restore on a different world size (a reconfiguration from
+    N to M ranks) continues the global order where it stopped: no sample skipped or repeated. A mix
+    change applies from the global position where it happens, for every rank.
     Use it on the training thread; the `mix` validator may run on the threadlet's bus thread and
     reads only an immutable snapshot of the source names.
 
     Args:
         sources: name to a Sized dataset (kept for `dataset(name)`) or a length.
         weights: name to weight >= 0 (at least one > 0); normalized; unnamed sources get 0.
-        batch_size: samples per batch, in [1, 65536].
+        batch_size: samples per batch and rank, in [1, 65536].
         seed: the run's data seed (the same on every rank).
-        rank: this rank (sharding comes from the per-rank stream).
-        world_size: number of ranks (recorded in the state; a restore checks it).
+        rank: this rank: which slice of each global batch it takes.
+        world_size: number of ranks: the global batch is world_size x batch_size samples.
 
     Raises:
         ValueError: on an empty or malformed source, bad weights or an out-of-range batch size.
@@ -136,9 +165,15 @@ class MixtureSampler:
             raise ValueError(exc.reason) from None
         self.batch_size = self._checked_batch_size(batch_size)
         self.seed = seed
+        self._key = _stream_key(seed)
         self.rank = rank
         self.world_size = world_size
-        self.step = 0  # batches drawn so far; the next batch is number `step`
+        self.position = 0  # global samples consumed by all ranks together; the same on every rank
+        self.batches = 0  # batches this rank has drawn (information only)
+        # (start position, weights) of every stretch of the global order, oldest first.
+        self._segments: list[tuple[int, dict[str, float]]] = [(0, dict(self._weights))]
+        self._history: list[dict[str, Any]] = []
+        self._note("start")
 
     @staticmethod
     def _checked_batch_size(value: KnobValue) -> int:
@@ -150,12 +185,31 @@ class MixtureSampler:
         assert isinstance(size, int)
         return size
 
+    def _note(self, why: str) -> None:
+        """Record a change of what shapes the order from the current position on (bounded)."""
+        self._history.append(
+            {
+                "position": self.position,
+                "why": why,
+                "weights": dict(self._weights),
+                "batch_size": self.batch_size,
+                "world_size": self.world_size,
+            }
+        )
+        del self._history[:-HISTORY_LIMIT]
+
     # ---- sampling -----------------------------------------------------------------------------
 
     @property
     def weights(self) -> dict[str, float]:
         """Normalized weight per source (a copy)."""
         return dict(self._weights)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The recorded changes (start, mix, batch size, world size), each with the global position
+        from which it applies (a copy; the last HISTORY_LIMIT)."""
+        return [dict(h) for h in self._history]
 
     def lengths(self) -> dict[str, int]:
         """Length per source (a copy)."""
@@ -165,21 +219,45 @@ class MixtureSampler:
         """The dataset object of a source (None when it was given as a length)."""
         return self._datasets.get(name)
 
-    def batch_at(self, step: int) -> Batch:
-        """The batch number `step` under the current weights and batch size (no state change)."""
-        g = torch.Generator().manual_seed(_seed(self.seed, step, self.rank))
+    def samples(self, start: int, stop: int) -> Batch:
+        """Global samples [start, stop) of the stream (no state change), each under the weights in
+        effect at its position as far as this sampler knows them (mix changes up to now)."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"samples({start}, {stop}) rejected: expected 0 <= start <= stop")
+        if start < self._segments[0][0]:
+            raise ValueError(
+                f"samples({start}, {stop}) rejected: the order before position {self._segments[0][0]} "
+                f"is no longer known (only the last {HISTORY_LIMIT} mix changes are kept)"
+            )
+        out: Batch = []
+        bounds = [s for s, _ in self._segments[1:]] + [max(stop, self._segments[-1][0])]
+        for (seg_start, weights), seg_stop in zip(self._segments, bounds, strict=True):
+            lo, hi = max(start, seg_start), min(stop, seg_stop)
+            if lo < hi:
+                out.extend(self._draw(lo, hi, weights))
+        return out
+
+    def _draw(self, start: int, stop: int, weights: Mapping[str, float]) -> Batch:
         names = self.known
-        probs = torch.tensor([self._weights[n] for n in names], dtype=torch.float64)
-        which = torch.multinomial(probs, self.batch_size, replacement=True, generator=g)
-        lengths = torch.tensor([self._lengths[n] for n in names], dtype=torch.float64)
-        u = torch.rand(self.batch_size, generator=g, dtype=torch.float64)
-        idx = (u * lengths[which]).floor().to(torch.int64)
+        n = np.arange(start, stop, dtype=np.uint64)
+        pick = _splitmix64(self._key, n * np.uint64(2))
+        index = _splitmix64(self._key, n * np.uint64(2) + np.uint64(1))
+        w = np.array([weights.get(name, 0.0) for name in names], dtype=np.float64)
+        cum = np.cumsum(w)
+        cum /= cum[-1]  # ends at exactly 1.0; zero-weight sources are empty intervals
+        u = (pick >> np.uint64(11)).astype(np.float64) * 2.0**-53  # uniform in [0, 1)
+        which = np.searchsorted(cum, u, side="right")
+        lengths = np.array([self._lengths[name] for name in names], dtype=np.uint64)
+        idx = index % lengths[which]
         return [(names[s], i) for s, i in zip(which.tolist(), idx.tolist(), strict=True)]
 
     def next_batch(self) -> Batch:
-        """Draw the next batch and advance."""
-        batch = self.batch_at(self.step)
-        self.step += 1
+        """Draw this rank's slice of the next global batch and advance (every rank calls it in
+        lockstep, with the same batch size)."""
+        first = self.position + self.rank * self.batch_size
+        batch = self.samples(first, first + self.batch_size)
+        self.position += self.world_size * self.batch_size
+        self.batches += 1
         return batch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -202,13 +280,24 @@ class MixtureSampler:
         """Apply a `mix` value (validated again first, so a bad value changes nothing)."""
         self.validate_mix(value)
         assert isinstance(value, str)
-        self._weights = parse_mix(value, self.known)
+        self._set_weights(parse_mix(value, self.known))
+        self._note("mix")
+
+    def _set_weights(self, weights: dict[str, float]) -> None:
+        """The global order uses `weights` from the current position on."""
+        self._weights = weights
+        if self._segments[-1][0] == self.position:
+            self._segments[-1] = (self.position, dict(weights))
+        else:
+            self._segments.append((self.position, dict(weights)))
+            del self._segments[:-HISTORY_LIMIT]
 
     def get_mix(self) -> str:
         return format_mix(self._weights)
 
     def set_batch_size(self, value: KnobValue) -> None:
         self.batch_size = self._checked_batch_size(value)
+        self._note("batch_size")
 
     def knob_definitions(self) -> list[dict[str, Any]]:
         """Keyword arguments for `Threadlet.knob`, one dict per knob (`mix`, `batch_size`).
@@ -293,9 +382,14 @@ class MixtureSampler:
     # ---- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to reproduce the next batches: step, weights, batch size, sources."""
+        """Everything needed to continue the global order: the global position, the mix stretches
+        and history, batch size, seed and sources. `world_size` and `batches` are information: a
+        restore on another world size continues from `position`."""
         return {
-            "step": self.step,
+            "position": self.position,
+            "batches": self.batches,
+            "segments": [[start, dict(w)] for start, w in self._segments],
+            "history": self.history,
             "weights": dict(self._weights),
             "batch_size": self.batch_size,
             "seed": self.seed,
@@ -308,14 +402,20 @@ class MixtureSampler:
         """Restore a `state_dict()`; sources added later than this sampler's are re-added from
         their recorded paths (with `loader` when given).
 
+        A state saved on another world size is resharded: this rank continues the global order
+        from the saved position, taking its slice of each global batch of this world size.
+
         Raises:
-            ValueError: when the seed, world size or a source length differs from the state's.
+            ValueError: when the seed or a source length differs from the state's, or the state
+                lacks the global position (saved by a sampler older than the global order).
         """
-        for key in ("seed", "world_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"sampler state rejected: {key}={state[key]} but this sampler has {getattr(self, key)}"
-                )
+        if state["seed"] != self.seed:
+            raise ValueError(f"sampler state rejected: seed={state['seed']} but this sampler has {self.seed}")
+        if "position" not in state:
+            raise ValueError(
+                "sampler state rejected: it has no global 'position' (saved before the sample order "
+                "became global); start the run afresh"
+            )
         for name, path in state["paths"].items():
             if name not in self._lengths:
                 self.add_source(name, path, loader)
@@ -326,5 +426,22 @@ class MixtureSampler:
                     f"the state expects {length}"
                 )
         self._weights = {name: float(state["weights"].get(name, 0.0)) for name in self.known}
+        self._segments = [
+            (int(start), {name: float(w) for name, w in weights.items()})
+            for start, weights in state["segments"]
+        ]
         self.batch_size = self._checked_batch_size(state["batch_size"])
-        self.step = int(state["step"])
+        self.position = int(state["position"])
+        self.batches = int(state["batches"])
+        self._history = [dict(h) for h in state["history"]]
+        saved_world = int(state["world_size"])
+        if saved_world != self.world_size:
+            self._note("reshard")
+            log.info(
+                "threadlet: data order resharded from %d to %d ranks at global sample %d: rank %d "
+                "continues the same global order (nothing skipped or repeated)",
+                saved_world,
+                self.world_size,
+                self.position,
+                self.rank,
+            )

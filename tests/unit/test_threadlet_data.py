@@ -1,4 +1,5 @@
-"""MixtureSampler: determinism per (seed, step, rank), state round trip, mix parsing, knobs, add_source."""
+"""MixtureSampler: a global sample order (independent of the world size), state round trip, resharding
+to another world size, mix parsing, knobs, add_source."""
 
 from __future__ import annotations
 
@@ -36,6 +37,96 @@ def test_same_seed_step_rank_same_batches_and_ranks_differ() -> None:
     assert other_rank.next_batch() != sampler(rank=0, world_size=2).next_batch()
     lengths = a.lengths()
     assert all(0 <= i < lengths[name] for batch in first for name, i in batch)
+
+
+def test_ranks_take_disjoint_slices_of_one_global_order() -> None:
+    world = [sampler(rank=r, world_size=3, batch_size=4) for r in range(3)]
+    drawn = [[s.next_batch() for s in world] for _ in range(5)]
+    flat = [x for step in drawn for batch in step for x in batch]
+    assert flat == sampler().samples(0, 60)
+    assert {s.position for s in world} == {60}
+    # The order does not depend on the world size: one rank drawing 12 at a time sees the same.
+    alone = sampler(batch_size=12)
+    assert [x for _ in range(5) for x in alone.next_batch()] == flat
+
+
+def _global_run(
+    worlds: list[tuple[int, int]], mix_at: int | None = None, batch_size: int = 4
+) -> tuple[list[tuple[str, int]], list[int]]:
+    """Run the ranks of each (world size, draws) phase in lockstep; between phases every rank
+    restores from a checkpoint: its own per-rank entry when it has one, else rank 0's (as
+    threadlet.resume does). Returns the samples in global order and the positions of the phases."""
+    seen: list[tuple[str, int]] = []
+    saved: list[dict[str, Any]] = []
+    positions = []
+    draws_done = 0
+    for world, draws in worlds:
+        ranks = [sampler(rank=r, world_size=world, batch_size=batch_size) for r in range(world)]
+        for r, s in enumerate(ranks):
+            if saved:
+                s.load_state_dict(saved[r] if r < len(saved) else saved[0])
+        positions.append(ranks[0].position)
+        for _ in range(draws):
+            if draws_done == mix_at:
+                for s in ranks:
+                    s.set_mix("code:1,math:0,web:0")
+            draws_done += 1
+            for s in ranks:  # rank order is global order within a step
+                seen.extend(s.next_batch())
+        saved = [s.state_dict() for s in ranks]
+    return seen, positions
+
+
+@pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 2), (4, 3), (3, 4)])
+@pytest.mark.parametrize("mix_at", [None, 3, 9])
+def test_reshard_continues_the_global_order_with_nothing_skipped_or_repeated(
+    old: int, new: int, mix_at: int | None
+) -> None:
+    # `old` ranks draw 6 batches each, then the job restarts on `new` ranks, which draw 5 more; a
+    # mix change at draw `mix_at` (before or after the restart) applies to every rank.
+    faulted, positions = _global_run([(old, 6), (new, 5)], mix_at=mix_at)
+    total = old * 6 * 4 + new * 5 * 4
+    assert positions == [0, old * 24] and len(faulted) == total
+    unfaulted = sampler()  # one rank drawing the whole global order: what any world size sees
+    if mix_at is not None:
+        at = mix_at * old * 4 if mix_at <= 6 else 6 * old * 4 + (mix_at - 6) * new * 4
+        unfaulted.position = at
+        unfaulted.set_mix("code:1,math:0,web:0")
+    # The same samples in the same order: nothing skipped or repeated across the restart.
+    assert faulted == unfaulted.samples(0, total)
+    if mix_at is None:
+        same_world, _ = _global_run([(old, total // (old * 4))])
+        assert faulted[: len(same_world)] == same_world
+    elif mix_at == 3:
+        assert {name for name, _ in faulted[3 * old * 4 :]} == {"code"}
+
+
+def test_reshard_of_a_rollback_state_and_history() -> None:
+    s = sampler(rank=1, world_size=2)
+    s.next_batch()
+    s.set_mix("web:1")
+    s.set_batch_size(8)
+    saved = s.state_dict()
+    assert saved["world_size"] == 2 and saved["position"] == 32 and saved["batches"] == 1
+    assert [h["why"] for h in saved["history"]] == ["start", "mix", "batch_size"]
+    assert saved["segments"] == [
+        [0, {"code": 0.25, "math": 0.25, "web": 0.5}],
+        [32, {"code": 0.0, "math": 0.0, "web": 1.0}],
+    ]
+    one = sampler()
+    one.load_state_dict(saved)
+    assert one.world_size == 1 and one.rank == 0 and one.batch_size == 8
+    assert one.next_batch() == s.samples(32, 40)
+    assert one.history[-1] | {"weights": None} == {
+        "position": 32,
+        "why": "reshard",
+        "weights": None,
+        "batch_size": 8,
+        "world_size": 1,
+    }
+    assert one.samples(0, 32) == sampler().samples(0, 32)
+    with pytest.raises(ValueError, match="no global 'position'"):
+        one.load_state_dict({k: v for k, v in saved.items() if k != "position"})
 
 
 def test_fractions_follow_weights() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from threadlet import checkpoint, nvml_fake, resume
+from threadlet import checkpoint, nvml_fake, resume, roots
 from threadlet.agreement import Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.optim_knobs import OPTIMIZER_KNOBS, KnobBoard
@@ -109,6 +109,10 @@ class ActionRunner:
                 return "no data sampler attached: pass sampler= (with add_source(name, path)) to attach()"
             if not args.get("name") or not args.get("path"):
                 return "data_add needs arguments name and path"
+            try:
+                roots.data_path(args["path"], self._config.data_roots)
+            except ValueError as exc:
+                return str(exc)
         elif kind is ActionKind.FAULT_INJECT:
             if not self._config.fault_injection_allowed:
                 return "fault injection is disabled: start the job with TORCHLOOM_ALLOW_FAULT_INJECTION=1"
@@ -123,13 +127,10 @@ class ActionRunner:
         return None
 
     def _rollback_path(self, args: Mapping[str, str]) -> Path:
+        # Only the id counts, resolved under this rank's own checkpoint root and run (a replay's
+        # checkpoints are its own too): a path in a message is never opened.
         ckpt = args.get("checkpoint_id") or args.get("checkpoint", "")
-        # A replay runs under its own run id: its checkpoints are its own, at the deterministic path.
-        if not self._replaying and args.get("checkpoint_path"):
-            return Path(args["checkpoint_path"])
-        seq = naming.seq_of(ckpt)
-        root = layout.default_root(self._config.checkpoint_dir)
-        return layout.checkpoint_path(root, self._config.job, self._config.run_id, seq)
+        return roots.rollback_path(self._config.checkpoint_dir, self._config.job, self._config.run_id, ckpt)
 
     # ---- training thread ------------------------------------------------------------------------
 
@@ -187,8 +188,9 @@ class ActionRunner:
         elif kind is ActionKind.EVAL:
             return self._evaluate()
         elif kind is ActionKind.DATA_ADD:
-            name, path = body.args["name"], body.args["path"]
-            self._sampler.add_source(name, path)
+            # Checked again here: the file read is the one under a data root now, not at filing.
+            name, path = body.args["name"], roots.data_path(body.args["path"], self._config.data_roots)
+            self._sampler.add_source(name, str(path))
             return {"source": name}
         elif kind is ActionKind.FAULT_INJECT and int(body.args["rank"]) == self._ctx.rank:
             assert self._fake_nvml is not None  # refused at filing otherwise

@@ -152,8 +152,8 @@ def validate_action(
     """Check an action's arguments against the run; return the action as it is to be published.
 
     `pending` are the run's commands still in flight: they count as taken (a tag, a source name) so
-    two submits cannot race past the check. A rollback gets the resolved `checkpoint_id` and
-    `checkpoint_path` added to its arguments.
+    two submits cannot race past the check. A rollback gets the resolved `checkpoint_id` added to its
+    arguments (and any `checkpoint_path` removed: ranks resolve ids under their own root).
 
     Raises:
         CommandRejected: naming what was wrong and what would be right.
@@ -187,7 +187,9 @@ def validate_action(
         if ck is None:
             raise _reject(kind, f"checkpoint {ref!r} does not exist: {reg.describe_checkpoints()}")
         args["checkpoint_id"] = ck.id
-        args["checkpoint_path"] = ck.path
+        # No path: every rank resolves the id under its own checkpoint root (a path in a message is
+        # never opened), so the weaver sends none.
+        args.pop("checkpoint_path", None)
     elif kind is ActionKind.DATA_ADD:
         name = args["name"]
         if not _SOURCE.match(name):

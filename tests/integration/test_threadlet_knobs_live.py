@@ -75,7 +75,10 @@ async def test_every_knob_takes_effect_at_the_decided_step_and_replay_is_bit_ide
     extra = tmp_path / "extra.pt"
     gen = torch.Generator().manual_seed(5)
     torch.save(torch.randn(100, 9, generator=gen), extra)
-    env = job_env(subprocess_env, tmp_path, job, TORCHLOOM_NATS_URL=nats_server.url)
+    # `data add` reads only under the job's data roots: here the test's directory.
+    env = job_env(
+        subprocess_env, tmp_path, job, TORCHLOOM_NATS_URL=nats_server.url, TORCHLOOM_DATA_ROOTS=str(tmp_path)
+    )
     async with (
         open_weaver(WeaverConfig(nats_url=nats_server.url)) as w,
         ControlClient(w.grpc_address) as client,
@@ -132,7 +135,13 @@ async def test_every_knob_takes_effect_at_the_decided_step_and_replay_is_bit_ide
     assert [c["kind"] for c in plan["commands"]] == kinds
     (tmp_path / "replay.json").write_text(json.dumps(plan))
     replay_out = tmp_path / "replay"
-    renv = job_env(subprocess_env, tmp_path, job, TORCHLOOM_REPLAY=str(tmp_path / "replay.json"))
+    renv = job_env(
+        subprocess_env,
+        tmp_path,
+        job,
+        TORCHLOOM_REPLAY=str(tmp_path / "replay.json"),
+        TORCHLOOM_DATA_ROOTS=str(tmp_path),
+    )
     renv.pop("TORCHLOOM_NATS_URL", None)
     proc = torchrun(replay_out, renv)
     procs.append(proc)

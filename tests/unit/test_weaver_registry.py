@@ -75,7 +75,7 @@ def test_applied_checkpoint_and_rollback_build_the_registry_and_status() -> None
     cmd = submit(s, ActionKind.ROLLBACK, checkpoint="before-spike")
     assert cmd.body == Action(
         kind=ActionKind.ROLLBACK,
-        args={"checkpoint": "before-spike", "checkpoint_id": "ckpt-1", "checkpoint_path": "/ck/j/r1/ckpt-1"},
+        args={"checkpoint": "before-spike", "checkpoint_id": "ckpt-1"},
     )
     ack_all(s, cmd, {"branch": "b2", "parent_branch": "main", "from_checkpoint": "ckpt-1", "fork_step": "10"})
     status = liveness.status(s, "j", 101.0, POLICY).jobs[0]

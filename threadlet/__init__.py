@@ -17,6 +17,7 @@ import torch.distributed as dist
 from threadlet import resume
 from threadlet.agent import EvalFn, Threadlet
 from threadlet.config import ThreadletConfig, from_env
+from threadlet.loader import LoaderState
 
 __all__ = ["EvalFn", "Threadlet", "ThreadletConfig", "attach", "finish", "from_env"]
 
@@ -37,6 +38,7 @@ def attach(
     config: ThreadletConfig | None = None,
     checkpoint_dir: str | None = None,
     sampler: Any = None,
+    loader: Any = None,
     eval_fn: EvalFn | None = None,
 ) -> Threadlet:
     """Attach a threadlet to this rank's training. Returns at once, whatever the bus does.
@@ -60,6 +62,12 @@ def attach(
             load_state_dict), with `add_source(name, path)` the target of `data add`, and with
             `register_knobs(tl)` (a `threadlet.data.MixtureSampler`) its knobs, `mix` and
             `batch_size`, are registered here (do not register them again).
+        loader: a torchdata `StatefulDataLoader`: its per-rank state is checkpointed, rolled back
+            and resumed with the job, exactly on the same world size and resharded by global
+            position on another (`threadlet.loader.LoaderState`: use torchdata's
+            `StatefulDistributedSampler`; a plain `DistributedSampler` restarts the epoch). The
+            loader applies a loaded state at its next `iter()`, so take a new iterator after a
+            rollback (when `tl.branch` changes).
         eval_fn: called by the `eval` action on every rank at the same step; returns metric
             name -> float (also settable later with `tl.on_eval`).
 
@@ -82,7 +90,13 @@ def attach(
     # commands are not applied again; the weaver sees a new run of the same job.
     config = dataclasses.replace(config, run_id=resume.effective_run_id(config.run_id))
     tl = Threadlet(
-        config, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler, eval_fn=eval_fn
+        config,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        loader=LoaderState(loader) if loader is not None else None,
+        eval_fn=eval_fn,
     )
     if config.local and config.replay_path is None and not _local_logged:
         _local_logged = True

@@ -34,7 +34,7 @@ class ActionRunner:
         state: the training state; the runner moves its step, branch, paused and stop flags.
         board: the rank's knobs.
         model, optimizer, scheduler, sampler: the user's training objects (checkpointed, rolled
-            back; the sampler also takes `data add`).
+            back; the sampler also takes `data add`); loader: a threadlet.loader.LoaderState.
         eval_fn: the `eval` action's function (settable later as `eval_fn`).
         group: the process group of collective checkpoint saves and loads (None: this rank alone).
         fake_nvml: the fake device `fault_inject` scripts (None: none on this rank).
@@ -53,6 +53,7 @@ class ActionRunner:
         optimizer: Any = None,
         scheduler: Any = None,
         sampler: Any = None,
+        loader: Any = None,
         eval_fn: EvalFn | None = None,
         group: Any = None,
         fake_nvml: nvml_fake.FakeNvml | None = None,
@@ -66,6 +67,7 @@ class ActionRunner:
         self._optimizer = optimizer
         self._scheduler = scheduler
         self._sampler = sampler
+        self._loader = loader
         self.eval_fn = eval_fn
         self._group = group
         self._fake_nvml = fake_nvml
@@ -240,7 +242,7 @@ class ActionRunner:
 
     def release(self) -> None:
         """Drop the user's training objects (at close), so the runner keeps none of them alive."""
-        self._model = self._optimizer = self._scheduler = self._sampler = None
+        self._model = self._optimizer = self._scheduler = self._sampler = self._loader = None
         self.eval_fn = None
 
     def _threadlet_state(self) -> dict[str, Any]:
@@ -266,6 +268,7 @@ class ActionRunner:
             optimizer=self._optimizer,
             scheduler=self._scheduler,
             sampler=self._sampler,
+            loader=self._loader,
             threadlet_state=self._threadlet_state(),
         )
         if self._ctx.rank == 0:  # the collective save has returned: DCP's metadata covers every rank
@@ -302,6 +305,7 @@ class ActionRunner:
             optimizer=self._optimizer,
             scheduler=self._scheduler,
             sampler=self._sampler,
+            loader=self._loader,
             threadlet_keys={"step": 0, "branch": "", "knobs": ""},
         )
         self._restore_user_knobs(str(saved["knobs"]))

@@ -60,6 +60,7 @@ class Threadlet:
         optimizer: Any = None,
         scheduler: Any = None,
         sampler: Any = None,
+        loader: Any = None,
         eval_fn: EvalFn | None = None,
     ) -> None:
         self.config = config
@@ -85,6 +86,7 @@ class Threadlet:
             optimizer=optimizer,
             scheduler=scheduler,
             sampler=sampler,
+            loader=loader,
             eval_fn=eval_fn,
             group=self.group,
             fake_nvml=self._fake_nvml,

@@ -1,9 +1,9 @@
 """Consistent checkpoints of one rank's training with torch.distributed.checkpoint: save and in-place
-load of model, optimizer, scheduler, sampler, RNG and threadlet state. Ids come from torchloom.naming
-and paths from torchloom.layout (docs/design.md, "Actions").
+load of model, optimizer, scheduler, sampler, data loader, RNG and threadlet state. Ids come from
+torchloom.naming and paths from torchloom.layout (docs/design.md, "Actions").
 
 Model and optimizer go through `get_state_dict`/`set_state_dict` (DDP and FSDP aware); everything
-that differs per rank (RNG, sampler, scheduler) is one entry per rank, since DCP keeps a single copy
+that differs per rank (RNG, sampler, loader, scheduler) is one entry per rank, since DCP keeps a single copy
 of identical keys across ranks: a JSON document under `rank<R>` whose tensors (and numpy arrays) are
 separate DCP tensors `rank<R>_t<i>`. Nothing here pickles; DCP's own non-tensor items are read with
 `torch.load(weights_only=True)` (`_SafeLoadPlanner`). Checkpoints are only ever read from under the
@@ -195,11 +195,10 @@ def _first_line(exc: CheckpointException) -> str:
     return "; ".join(parts) or str(exc)
 
 
-def _per_rank_objects(scheduler: Any, sampler: Any) -> tuple[tuple[str, Any], ...]:
+def _per_rank_objects(scheduler: Any, sampler: Any, loader: Any) -> tuple[tuple[str, Any], ...]:
     """The per-rank entry's optional stateful objects, by name, that have state_dict/load_state_dict."""
-    return tuple(
-        (name, obj) for name, obj in (("scheduler", scheduler), ("sampler", sampler)) if _has_state(obj)
-    )
+    named = (("scheduler", scheduler), ("sampler", sampler), ("loader", loader))
+    return tuple((name, obj) for name, obj in named if _has_state(obj))
 
 
 def _train_state(model: Any, optimizer: Any) -> dict[str, Any]:
@@ -220,6 +219,7 @@ def save(
     optimizer: Any = None,
     scheduler: Any = None,
     sampler: Any = None,
+    loader: Any = None,
     threadlet_state: Mapping[str, Any],
 ) -> None:
     """Save a checkpoint collectively: every rank of `group` calls this at the same step.
@@ -229,12 +229,13 @@ def save(
         rank: this rank, naming its per-rank entry.
         group: the process group DCP coordinates over (the threadlet's gloo group).
         model, optimizer: saved through DCP's state-dict helpers.
-        scheduler, sampler: anything with state_dict/load_state_dict (or None).
+        scheduler, sampler, loader: anything with state_dict/load_state_dict (or None); the loader
+            is a threadlet.loader.LoaderState.
         threadlet_state: plain values identical on every rank (step, branch, knobs, ...).
     """
     path.mkdir(parents=True, exist_ok=True)
     per_rank: dict[str, Any] = {"rng": capture_rng()}
-    for name, obj in _per_rank_objects(scheduler, sampler):
+    for name, obj in _per_rank_objects(scheduler, sampler, loader):
         per_rank[name] = obj.state_dict()
     if optimizer is not None and model is None:
         per_rank["optim"] = optimizer.state_dict()
@@ -256,6 +257,7 @@ def load(
     optimizer: Any = None,
     scheduler: Any = None,
     sampler: Any = None,
+    loader: Any = None,
     threadlet_keys: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Load a checkpoint in place, collectively (every rank of `group` at the same step).
@@ -263,7 +265,7 @@ def load(
     Args:
         path: the checkpoint directory.
         rank: this rank; its own per-rank entry is read.
-        group, model, optimizer, scheduler, sampler: as in `save`.
+        group, model, optimizer, scheduler, sampler, loader: as in `save`.
         threadlet_keys: the threadlet-state keys to read, each with a placeholder of its type.
 
     Returns:
@@ -289,7 +291,7 @@ def load(
     per_rank: dict[str, Any] = _decode(json.loads(state[key]), by_index)
     if "optim" in per_rank and optimizer is not None:
         optimizer.load_state_dict(per_rank["optim"])
-    for name, obj in _per_rank_objects(scheduler, sampler):
+    for name, obj in _per_rank_objects(scheduler, sampler, loader):
         if name in per_rank:
             obj.load_state_dict(per_rank[name])
     restore_rng(per_rank["rng"])

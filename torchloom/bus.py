@@ -27,6 +27,12 @@ ErrorCallback = Callable[[Exception], Awaitable[None]]
 # Retention of the durable streams: the journal is an audit trail, so keep it long.
 COMMANDS_MAX_AGE_S = 30 * 24 * 3600.0
 JOURNAL_MAX_AGE_S = 90 * 24 * 3600.0
+# Every stream is bounded in bytes and messages too, so no flood fills the store (oldest dropped first).
+JOURNAL_MAX_MSGS = 10_000_000
+JOURNAL_MAX_BYTES = 4 * 1024 * 1024 * 1024
+COMMANDS_MAX_MSGS = 1_000_000
+COMMANDS_MAX_BYTES = 1024 * 1024 * 1024
+ACKS_MAX_MSGS = 10_000_000
 # Acks matter until their command's outcome is journaled (seconds to minutes); a day covers a weaver
 # that stays down a long time, the byte cap a flood.
 ACKS_MAX_AGE_S = 24 * 3600.0
@@ -135,6 +141,8 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1, shared_comm
             subjects.STREAM_JOURNAL,
             [subjects.journal_all(), subjects.events_all()],
             max_age_s=JOURNAL_MAX_AGE_S,
+            max_msgs=JOURNAL_MAX_MSGS,
+            max_bytes=JOURNAL_MAX_BYTES,
             replicas=replicas,
             description="torchloom: command outcomes and job events (the audit trail)",
         ),
@@ -142,6 +150,7 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1, shared_comm
             subjects.STREAM_ACKS,
             [subjects.acks_all()],
             max_age_s=ACKS_MAX_AGE_S,
+            max_msgs=ACKS_MAX_MSGS,
             max_bytes=ACKS_MAX_BYTES,
             replicas=replicas,
             description="torchloom: every rank's acks, until the weaver has journaled their outcomes",
@@ -152,6 +161,8 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1, shared_comm
             subjects.STREAM_COMMANDS,
             [subjects.commands_all()],
             max_age_s=COMMANDS_MAX_AGE_S,
+            max_msgs=COMMANDS_MAX_MSGS,
+            max_bytes=COMMANDS_MAX_BYTES,
             replicas=replicas,
             description="torchloom: every validated command, per job and run",
         )

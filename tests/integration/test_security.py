@@ -1,0 +1,375 @@
+"""Every attack of the security review, replayed against a default `torchloom run` 2-rank job by a client
+that can publish on the bus (anonymous while the embedded server allows it; otherwise the weaver's own
+NATS credential, the strongest publisher there is). Each attack must fail with the job training on and
+its state unchanged, and a legitimate command afterwards must still apply:
+
+- forged commands straight onto the command subject (a rollback pointing at a crafted pickle
+  checkpoint, an in-bounds lr, a command signed with another key): refused by every rank, journaled;
+- forged heartbeats (a new run id, last_seq=1000000, phantom rank 7, rank -5, subject/body mismatch,
+  a second incarnation of a live rank): status unchanged;
+- forged acks (APPLIED for a command the ranks refuse, REJECTED for one they apply): outcomes true;
+- a flood of heartbeats with distinct job names: weaver memory bounded, status small, a concurrent set
+  still applied and journaled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import pickle
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from tests.integration.helpers import EXAMPLE, kill_tree, unbound_env
+from torchloom import discovery, signing, subjects, wire
+from torchloom.client import ControlClient
+from torchloom.messages import (
+    Ack,
+    AckStatus,
+    Action,
+    ActionKind,
+    Command,
+    Heartbeat,
+    Issuer,
+    JobEvent,
+    JobStatus,
+    Outcome,
+    OutcomeStatus,
+    SetConfig,
+    SubmitRequest,
+)
+
+JOB = "sec"
+
+
+class _Payload:
+    """Unpickling this creates `marker`: the code a crafted checkpoint would run in a rank."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def _crafted_checkpoint(root: Path, marker: Path) -> Path:
+    """A directory that looks like a DCP checkpoint whose metadata and items are pickles of `_Payload`."""
+    path = root / "evil" / "ckpt-1"
+    path.mkdir(parents=True)
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        (path / name).write_bytes(pickle.dumps(_Payload(marker)))
+    (path / "torchloom-complete.json").write_text(json.dumps({"step": 1, "branch": "main"}))
+    return path
+
+
+async def _attacker(url: str, home: Path) -> Any:
+    """A NATS client with publish rights: anonymous if the server allows it, else the weaver's credential."""
+    try:
+        return await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+    except Exception:
+        from torchloom import credentials  # present once the embedded server requires credentials
+
+        store = credentials.CredentialStore.open(home / "controlplane" / "secrets")
+        return await nats.connect(url, **store.client_auth(credentials.Role.WEAVER).nats_options())
+
+
+async def _status(client: ControlClient) -> JobStatus:
+    jobs = [j for j in (await client.status(JOB)).jobs if j.job == JOB]
+    assert jobs, "the job is gone from status"
+    return jobs[0]
+
+
+async def _until_training(client: ControlClient, proc: subprocess.Popen[bytes], min_step: int) -> JobStatus:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"torchloom run exited early with {proc.returncode}"
+        with contextlib.suppress(Exception):
+            st = await _status(client)
+            if (
+                len(st.ranks) == 2
+                and all(r.alive for r in st.ranks)
+                and min(r.step for r in st.ranks) >= min_step
+            ):
+                return st
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the job never reached step {min_step}")
+
+
+async def _set(client: ControlClient, **values: Any) -> Outcome:
+    return await client.submit(
+        SubmitRequest(job=JOB, body=SetConfig(values=values), timeout_s=30, command_id=uuid.uuid4().hex)
+    )
+
+
+def _forged(status: JobStatus, body: SetConfig | Action, *, seq: int | None = None) -> Command:
+    return Command(
+        command_id=uuid.uuid4().hex,
+        job=JOB,
+        run_id=status.run_id,
+        seq=seq if seq is not None else status.last_seq + 1,
+        issuer=Issuer(kind="cli", identity="attacker"),
+        issued_at_s=time.time(),
+        body=body,
+    )
+
+
+async def _until_lr(client: ControlClient, lr: float) -> JobStatus:
+    """Status once both ranks' heartbeats report `lr` (they come every 0.2 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        st = await _status(client)
+        if {r.knobs.get("lr") for r in st.ranks} == {lr}:
+            return st
+        assert time.monotonic() < deadline, f"status never showed lr={lr}: {[r.knobs for r in st.ranks]}"
+        await asyncio.sleep(0.1)
+
+
+def _same_ranks(before: JobStatus, after: JobStatus) -> None:
+    assert after.run_id == before.run_id and after.world_size == before.world_size == 2
+    assert [(r.rank, r.incarnation, r.host) for r in after.ranks] == [
+        (r.rank, r.incarnation, r.host) for r in before.ranks
+    ]
+    assert all(r.alive for r in after.ranks)
+    assert max(r.step for r in after.ranks) > max(r.step for r in before.ranks), "training stalled"
+
+
+async def _journal(client: ControlClient) -> list[Outcome | JobEvent]:
+    return [e async for e in client.journal(JOB) if isinstance(e, Outcome | JobEvent)]
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as sink:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+@pytest.mark.timeout(480)
+async def test_every_attack_fails_and_the_job_trains_on(
+    tmp_path: Path, tl_home: Path, subprocess_env: dict[str, str]
+) -> None:
+    env = unbound_env(subprocess_env, OMP_NUM_THREADS="1")
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    cmd = [
+        sys.executable, "-m", "torchloom.app.cli", "run", "--job", JOB, "--nproc-per-node", "2",
+        str(EXAMPLE), "--steps", "1000000", "--step-sleep", "0.02", "--out", str(out),
+    ]  # fmt: skip
+    proc = _start(cmd, env, tmp_path / "run.log")
+    try:
+        deadline = time.monotonic() + 60
+        while (info := discovery.read()) is None:
+            assert time.monotonic() < deadline and proc.poll() is None, "no control plane came up"
+            await asyncio.sleep(0.2)
+        async with ControlClient(info.grpc, timeout_s=30) as client:
+            start = await _until_training(client, proc, min_step=5)
+            await _attack_all(client, start, info, tl_home, tmp_path, marker)
+            stopped = await client.submit(
+                SubmitRequest(
+                    job=JOB, body=Action(kind=ActionKind.STOP), timeout_s=60, command_id=uuid.uuid4().hex
+                )
+            )
+            assert stopped.status is OutcomeStatus.APPLIED, stopped.reason
+        assert await asyncio.to_thread(proc.wait, 120) == 0
+        # The ranks' own records: every decided command came from the weaver (a real command id).
+        for rank in (0, 1):
+            decided = json.loads((out / f"rank{rank}.applied.json").read_text())
+            assert all(d["command_id"] and "attacker" not in json.dumps(d) for d in decided)
+            lrs = {
+                json.loads(line)["lr"]["body"]
+                for line in (out / f"rank{rank}.jsonl").read_text().splitlines()
+            }
+            assert 0.005 not in lrs and 0.006 not in lrs, "a forged lr was applied"
+        assert not marker.exists(), "the crafted checkpoint ran code in a rank"
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=30)
+
+
+async def _attack_all(
+    client: ControlClient,
+    start: JobStatus,
+    info: discovery.WeaverInfo,
+    home: Path,
+    tmp_path: Path,
+    marker: Path,
+) -> None:
+    nc = await _attacker(info.nats_url, home)
+    try:
+        await _forged_commands(client, nc, start, tmp_path, marker)
+        await _forged_heartbeats(client, nc)
+        await _forged_acks(client, nc)
+        await _flood(client, nc, info)
+    finally:
+        await nc.close()
+
+
+async def _forged_commands(
+    client: ControlClient, nc: Any, start: JobStatus, tmp_path: Path, marker: Path
+) -> None:
+    evil = _crafted_checkpoint(tmp_path, marker)
+    subject = subjects.commands(JOB, start.run_id)
+    rollback = _forged(
+        start,
+        Action(
+            kind=ActionKind.ROLLBACK,
+            args={"checkpoint": "ckpt-1", "checkpoint_id": "ckpt-1", "checkpoint_path": str(evil)},
+        ),
+    )
+    await nc.publish(subject, wire.encode(rollback))
+    lr = _forged(start, SetConfig(values={"lr": 0.005}), seq=start.last_seq + 2)
+    await nc.publish(subject, wire.encode(lr))
+    other_key = signing.Signer.generate().sign(
+        _forged(start, SetConfig(values={"lr": 0.006}), seq=start.last_seq + 3)
+    )
+    await nc.publish(subject, wire.encode(other_key))
+    await nc.flush()
+    # The next real command still takes the next seq and applies on both ranks.
+    applied = await _set(client, lr=0.002)
+    assert applied.status is OutcomeStatus.APPLIED, applied.reason
+    assert applied.command is not None and applied.command.seq == start.last_seq + 1
+    _same_ranks(start, await _until_lr(client, 0.002))
+    assert not await asyncio.to_thread(marker.exists)
+    refusals: list[JobEvent] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        refusals = [
+            e
+            for e in await _journal(client)
+            if isinstance(e, JobEvent)
+            and e.kind == "refused"
+            and "unsigned command refused on rank" in e.message
+        ]
+        if {e.attrs.get("rank") for e in refusals} >= {"0", "1"}:
+            break
+        await asyncio.sleep(0.5)
+    assert {e.attrs.get("rank") for e in refusals} >= {"0", "1"}, refusals
+
+
+async def _forged_heartbeats(client: ControlClient, nc: Any) -> None:
+    before = await _status(client)
+    real = before.ranks[0]
+
+    def hb(rank: int, **kw: Any) -> Heartbeat:
+        fields: dict[str, Any] = {
+            "job": JOB,
+            "run_id": before.run_id,
+            "rank": rank,
+            "world_size": 2,
+            "incarnation": uuid.uuid4().hex,
+            "host": "evil",
+            "pid": 666,
+            "step": 1,
+        }
+        fields.update(kw)
+        return Heartbeat(**fields)
+
+    forged = [
+        (subjects.heartbeat(JOB, 0), hb(0, run_id="evil")),  # a new run: takes the job away
+        (subjects.heartbeat(JOB, 0), hb(0, incarnation=real.incarnation, host=real.host, last_seq=1_000_000)),
+        (subjects.heartbeat(JOB, 7), hb(7)),  # a phantom rank
+        (subjects.heartbeat(JOB, -5), hb(-5)),
+        (subjects.heartbeat(JOB, 0), hb(1)),  # subject says rank 0, body rank 1
+        (subjects.heartbeat(JOB, 1), hb(1)),  # a second incarnation of a live rank
+        (subjects.heartbeat(JOB, 0), hb(0, world_size=3)),
+    ]
+    for _ in range(5):
+        for subject, beat in forged:
+            await nc.publish(subject, wire.encode(beat))
+        await nc.flush()
+        await asyncio.sleep(0.1)
+    applied = await _set(client, lr=0.003)
+    assert applied.status is OutcomeStatus.APPLIED, applied.reason
+    after = await _status(client)
+    _same_ranks(before, after)
+    assert after.last_seq < 1_000_000 and [r.rank for r in after.ranks] == [0, 1]
+    assert all(r.host != "evil" for r in after.ranks)
+
+
+async def _forged_acks(client: ControlClient, nc: Any) -> None:
+    before = await _status(client)
+
+    async def forge(status: AckStatus, stop: asyncio.Event) -> None:
+        seq = before.last_seq + 1
+        while not stop.is_set():
+            for rank in (0, 1):
+                ack = Ack(
+                    command_id="",
+                    job=JOB,
+                    run_id=before.run_id,
+                    seq=seq,
+                    rank=rank,
+                    incarnation=uuid.uuid4().hex,
+                    status=status,
+                    reason="forged",
+                )
+                await nc.publish(subjects.acks(JOB), wire.encode(ack))
+            await asyncio.sleep(0.002)
+
+    for status, body, expect in (
+        (AckStatus.APPLIED, {"mix": "not-a-mixture"}, OutcomeStatus.REJECTED),
+        (AckStatus.REJECTED, {"lr": 0.004}, OutcomeStatus.APPLIED),
+    ):
+        stop = asyncio.Event()
+        task = asyncio.create_task(forge(status, stop))
+        try:
+            await asyncio.sleep(0.05)
+            outcome = await _set(client, **body)
+        finally:
+            stop.set()
+            await task
+        assert outcome.status is expect, (body, outcome.reason)
+        assert all(r.reason != "forged" for r in outcome.results)
+        before = await _status(client)
+    await _until_lr(client, 0.004)
+
+
+async def _flood(client: ControlClient, nc: Any, info: discovery.WeaverInfo) -> None:
+    before = await _status(client)
+    rss_before = _rss_kib(info.pid)
+    stop = asyncio.Event()
+
+    async def flood() -> int:
+        sent = 0
+        while not stop.is_set() and sent < 20_000:
+            for _ in range(200):
+                name = f"flood{sent}"
+                beat = Heartbeat(job=name, run_id="r", rank=0, world_size=1, incarnation="i", host="evil")
+                await nc.publish(subjects.heartbeat(name, 0), wire.encode(beat))
+                sent += 1
+            await asyncio.sleep(0)
+        await nc.flush()
+        return sent
+
+    task = asyncio.create_task(flood())
+    try:
+        outcome = await _set(client, lr=0.001)
+    finally:
+        sent = await task
+    assert sent == 20_000
+    assert outcome.status is OutcomeStatus.APPLIED, outcome.reason
+    await asyncio.sleep(1.0)
+    t0 = time.monotonic()
+    reply = await client.status()
+    took = time.monotonic() - t0
+    size = len(wire.encode(reply))
+    assert size < 500_000 and took < 1.5, (size, took)
+    assert len(reply.jobs) <= 257
+    grown_mib = (_rss_kib(info.pid) - rss_before) / 1024
+    assert grown_mib < 40, f"the weaver grew {grown_mib:.0f} MiB under the flood"
+    _same_ranks(before, await _status(client))
+    outcomes = [e for e in await _journal(client) if isinstance(e, Outcome)]
+    assert outcome.command_id in {o.command_id for o in outcomes}, "the concurrent set was not journaled"

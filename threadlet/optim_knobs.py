@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from threadlet import lr
+from threadlet.lr import LrControl
 from torchloom.errors import CommandRejected
 from torchloom.knobs import BUILTIN_SPECS, split_key, validate_set
 from torchloom.messages import KnobSpec, KnobType, KnobValue
@@ -148,14 +150,6 @@ def _checked(name: str, value: KnobValue) -> KnobValue:
         raise ValueError(exc.reason) from None
 
 
-def _schedulers(scheduler: Any) -> list[Any]:
-    """The scheduler and, for SequentialLR/ChainedScheduler, the ones it wraps."""
-    if scheduler is None:
-        return []
-    inner = getattr(scheduler, "_schedulers", None)
-    return [scheduler, *(inner or [])]
-
-
 class KnobBoard:
     """Every knob of one rank.
 
@@ -167,21 +161,20 @@ class KnobBoard:
     lr and weight_decay (all torch.optim optimizers), momentum (SGD, RMSprop), betas (Adam,
     AdamW, ...) and eps.
 
-    Knobs and schedulers: setting `lr` (of all groups or one) sets the group's *base* lr. With a
-    scheduler attached, the scheduler's `base_lrs` and the group's `initial_lr` become the new
-    value and the current lr becomes `new_base * factor`, where `factor = current lr / old base`
-    is where the schedule stands now. The schedule keeps its shape (StepLR, CosineAnnealingLR,
-    LambdaLR, ... continue from the same point, scaled) and its next step never undoes the
-    change. Without a scheduler the lr is set as given.
+    Setting `lr` (of all groups or one) follows `threadlet.lr`: the next optimizer step uses exactly
+    the value, and a given scheduler's remaining schedule is scaled to it.
 
     Args:
         optimizer: a torch optimizer, or None for user knobs only.
-        scheduler: an LR scheduler (or a SequentialLR/ChainedScheduler) that follows lr changes.
+        scheduler: the LR scheduler the loop steps (any of torch.optim.lr_scheduler, including
+            SequentialLR/ChainedScheduler and ReduceLROnPlateau); lr sets scale its schedule.
+
+    Raises:
+        ValueError: on a scheduler that is not a torch LR scheduler, or duplicate group names.
     """
 
     def __init__(self, optimizer: Any = None, scheduler: Any = None) -> None:
         self._optimizer = optimizer
-        self._scheduler = scheduler
         self.groups: tuple[str, ...] = group_names(optimizer) if optimizer is not None else ()
         self._builtin: tuple[str, ...] = ()
         if optimizer is not None:
@@ -189,6 +182,7 @@ class KnobBoard:
             self._builtin = tuple(
                 name for name in OPTIMIZER_KNOBS if groups and all(_has_knob(g, name) for g in groups)
             )
+        self._lr = LrControl(optimizer, scheduler) if optimizer is not None else None
         self._user: dict[str, tuple[KnobSpec, Getter, Applier]] = {}
         self._validators: Mapping[str, Validator] = {}
         self.training = TrainingKnobs(on_schema_change=self._rebuild)
@@ -197,7 +191,7 @@ class KnobBoard:
     def release(self) -> None:
         """Forget the optimizer, scheduler and every knob (at close), so the board, which every
         component of a threadlet shares, keeps none of the user's objects alive."""
-        self._optimizer = self._scheduler = None
+        self._optimizer = self._lr = None
         self.groups = self._builtin = ()
         self._user = {}
         self._validators = {}
@@ -289,18 +283,30 @@ class KnobBoard:
             dataclasses.replace(spec, value=self.value(name)) for name, spec in sorted(self.schema.items())
         )
 
-    def apply(self, values: Mapping[str, KnobValue]) -> None:
+    def apply(self, values: Mapping[str, KnobValue]) -> dict[str, str]:
         """Apply validated, typed values (keys `name` or `name@group`).
 
-        Every user validate hook runs first, so a change is applied whole or not at all (a
-        hook's CommandRejected propagates before any state changes). For lr with a scheduler,
-        see the class docstring.
+        Every user validate hook and every lr check runs first, so a change is applied whole or not
+        at all (a hook's CommandRejected, or the ValueError of an lr that cannot apply at this step,
+        propagates before any state changes).
+
+        Returns:
+            The ack detail: for a change of lr, the lr in effect per group set and how it carries
+            on (`threadlet.lr.LrControl.detail`); else empty.
         """
         validators = self._validators
+        lr_groups: list[int] = []
         for key in sorted(values):
-            check = validators.get(split_key(key)[0])
+            name, group = split_key(key)
+            check = validators.get(name)
             if check is not None:
                 check(values[key])
+            if name == "lr" and self._lr is not None and name in self._builtin:
+                value = values[key]
+                assert isinstance(value, float | int) and not isinstance(value, bool)
+                for i in self._group_indices(group):
+                    self._lr.check(i, float(value))
+                    lr_groups.append(i)
         for key in sorted(values):
             name, group = split_key(key)
             value = values[key]
@@ -310,6 +316,28 @@ class KnobBoard:
                 self.training.apply(name, value)
             else:
                 self._user[name][2](value)
+        if not lr_groups or self._lr is None:
+            return {}
+        return self._lr.detail(sorted(set(lr_groups)), self.groups)
+
+    def lr_overwritten(self) -> list[str]:
+        """Messages for lr values set here that something else has changed since (checked at every
+        step boundary; each change reported once)."""
+        if self._lr is None:
+            return []
+        return [
+            f"lr@{self.groups[i]}={value:g} set by torchloom was changed to {now:g} outside the "
+            f"threadlet (by a scheduler it was not given?): {lr.FIX}"
+            for i, value, now in self._lr.overwritten()
+        ]
+
+    def forget_lr_sets(self) -> None:
+        """A checkpoint put back other lr values: stop watching the ones set before."""
+        if self._lr is not None:
+            self._lr.forget()
+
+    def _group_indices(self, group: str | None) -> list[int]:
+        return [i for i, name in enumerate(self.groups) if group is None or name == group]
 
     def _apply_builtin(self, name: str, group: str | None, value: KnobValue) -> None:
         new: float | tuple[float, ...]
@@ -320,42 +348,15 @@ class KnobBoard:
             assert isinstance(value, float | int) and not isinstance(value, bool)
             new = float(value)
             assert math.isfinite(new)
-        for i, (gname, pg) in enumerate(zip(self.groups, self._optimizer.param_groups, strict=True)):
-            if group is not None and gname != group:
-                continue
+        for i in self._group_indices(group):
+            pg = self._optimizer.param_groups[i]
             if name == "lr":
-                assert isinstance(new, float)
-                self._set_lr(i, pg, new)
+                assert isinstance(new, float) and self._lr is not None
+                self._lr.set(i, new)
             elif isinstance(pg[name], torch.Tensor):  # capturable/tensor hyperparameters stay tensors
                 pg[name].fill_(new)
             else:
                 pg[name] = new
-
-    def _set_lr(self, i: int, pg: dict[str, Any], new_base: float) -> None:
-        current = float(pg["lr"])
-        scheds = [s for s in _schedulers(self._scheduler) if getattr(s, "base_lrs", None) is not None]
-        old_base: float | None = None
-        for s in scheds:
-            if i < len(s.base_lrs):
-                old_base = float(s.base_lrs[i])
-                break
-        if old_base is None and "initial_lr" in pg:
-            old_base = float(pg["initial_lr"])
-        factor = current / old_base if scheds and old_base else 1.0
-        for s in scheds:
-            if i < len(s.base_lrs):
-                s.base_lrs[i] = new_base
-        if "initial_lr" in pg:
-            pg["initial_lr"] = new_base
-        lr = new_base * factor
-        if isinstance(pg["lr"], torch.Tensor):
-            pg["lr"].fill_(lr)
-        else:
-            pg["lr"] = lr
-        for s in _schedulers(self._scheduler):
-            last = getattr(s, "_last_lr", None)
-            if isinstance(last, list) and i < len(last):
-                last[i] = lr
 
 
 def _has_knob(group: Mapping[str, Any], name: str) -> bool:

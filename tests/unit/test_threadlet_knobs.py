@@ -1,4 +1,4 @@
-"""Built-in optimizer knobs and user knobs: schema, group scoping, scheduler base_lrs, local decisions."""
+"""Built-in optimizer knobs and user knobs: schema, group scoping, lr under a scheduler, local decisions."""
 
 from __future__ import annotations
 
@@ -50,17 +50,17 @@ def test_apply_every_group_and_one_group() -> None:
     assert specs["lr"].value == 0.02
 
 
-def test_lr_follows_into_scheduler_base_lrs() -> None:
+def test_lr_is_x_under_a_scheduler_and_the_schedule_follows() -> None:
     opt = make_optimizer()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5)
     assert [g["lr"] for g in opt.param_groups] == [5e-4, 5e-4]
     board = KnobBoard(opt, sched)
     board.apply({"lr@body": 0.1})
-    assert sched.base_lrs == [0.1, 1e-3]
+    assert opt.param_groups[0]["lr"] == 0.1 and sched.base_lrs == [1e-3, 1e-3]
     opt.step()
     sched.step()
-    # Without base_lrs the scheduler would have put 5e-4 back.
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    # The scheduler's next step keeps X (its schedule is flat) instead of putting 5e-4 back.
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
     assert opt.param_groups[1]["lr"] == pytest.approx(5e-4)
 
 

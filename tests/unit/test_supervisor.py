@@ -86,7 +86,8 @@ def test_checkpoint_dir_layout(tmp_path: Path) -> None:
     assert (
         checkpoint_dir("j", "r1", "ckpt-3", {env.HOME: str(tmp_path)}) == tmp_path / "checkpoints/j/r1/ckpt-3"
     )
-    assert checkpoint_dir("j", "r1", "/abs/ckpt-3", {}) == Path("/abs/ckpt-3")
+    with pytest.raises(ValueError, match="expected ckpt-<seq>"):
+        checkpoint_dir("j", "r1", "/abs/ckpt-3", {})  # a path from a request is never used
 
 
 def test_attempt_env() -> None:

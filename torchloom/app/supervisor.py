@@ -31,7 +31,9 @@ DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 STOP_GRACE_S = 10.0
 RUN_STOPPING = "run_stopping"  # the JobEvent kind a stop signal on the launcher announces
-STOPPING_FLUSH_S = 1  # seconds (nats-py takes an int) how long the announcement may hold up forwarding the signal
+STOPPING_FLUSH_S = (
+    1  # seconds (nats-py takes an int) how long the announcement may hold up forwarding the signal
+)
 _NPROC = frozenset({"--nproc-per-node", "--nproc_per_node"})
 
 
@@ -74,10 +76,13 @@ def surviving_devices(visible: Sequence[str], exclude_local_ranks: set[int]) -> 
 
 
 def checkpoint_dir(job: str, run_id: str, checkpoint: str, environ: Mapping[str, str] | None = None) -> Path:
-    """Where the threadlets wrote `checkpoint` (an id, or already a path): torchloom.layout's
-    `<root>/<job>/<run_id>/<id>`, root from TORCHLOOM_CHECKPOINT_DIR or TORCHLOOM_HOME of `environ`."""
-    if os.sep in checkpoint:
-        return Path(checkpoint)
+    """Where the threadlets wrote checkpoint id `checkpoint` (`ckpt-<seq>`): torchloom.layout's
+    `<root>/<job>/<run_id>/<id>`, root from TORCHLOOM_CHECKPOINT_DIR or TORCHLOOM_HOME of `environ`.
+
+    Raises:
+        ValueError: `checkpoint` is not a checkpoint id (a path is never taken from a request).
+    """
+    naming.seq_of(checkpoint)
     return layout.run_dir(layout.default_root(environ=environ), job, run_id) / checkpoint
 
 
@@ -323,7 +328,9 @@ class Supervisor:
             )
             return None
         t0 = time.monotonic()
-        checkpoint = req.checkpoint_path or req.checkpoint_id
+        # Only the id counts, resolved under this launcher's checkpoint root: a path in a message is
+        # never handed to the ranks to load (docs/security.md, "No code from data").
+        checkpoint = req.checkpoint_id if naming.is_checkpoint_id(req.checkpoint_id) else ""
         path = checkpoint_dir(self.job, req.run_id, checkpoint, self._env) if checkpoint else None
         step = layout.checkpoint_step(path) if path is not None else None
         common = {

@@ -70,3 +70,18 @@ def test_config_takes_roots_and_key_from_the_environment(
 def test_a_malformed_public_key_is_refused_at_config_time() -> None:
     with pytest.raises(ValueError, match="expected 64 hex characters"):
         ThreadletConfig(weaver_pubkey="not-a-key")
+
+
+def test_run_takes_repeatable_data_roots_and_hands_ranks_the_weaver_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchloom.app.launcher import child_env, split_run_args
+
+    monkeypatch.setenv("TORCHLOOM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHLOOM_VERIFY_COMMANDS", "0")  # the launcher's own environment never leaks it
+    spec = split_run_args(["--data-root", str(tmp_path / "a"), f"--data-root={tmp_path / 'b'}", "train.py"])
+    assert spec.data_roots == (str(tmp_path / "a"), str(tmp_path / "b"))
+    out = child_env(spec, run_id="r1", nats_url="nats://127.0.0.1:4222", grpc="127.0.0.1:1")
+    assert out["TORCHLOOM_DATA_ROOTS"] == os.pathsep.join(spec.data_roots)
+    key = signing.load_or_create(signing.default_key_path()).public_key
+    assert out["TORCHLOOM_WEAVER_PUBKEY"] == key and "TORCHLOOM_VERIFY_COMMANDS" not in out

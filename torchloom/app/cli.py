@@ -271,12 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch SCRIPT under torchrun with a weaver (started here unless one is reachable)",
         usage="torchloom run [--job NAME] [--run-id ID] [--nats URL] [--grpc HOST:PORT] [--ui] [--ui-port P] "
         "[--allow-fault-injection] [--hung-after S] [--straggler-factor F] "
-        f"[--health-policy {'|'.join(PolicyMode)}] [torchrun options] SCRIPT [ARGS]",
+        f"[--health-policy {'|'.join(PolicyMode)}] [--data-root DIR]... [torchrun options] SCRIPT [ARGS]",
         description="torchrun options (e.g. --nproc-per-node 2, --nnodes, --max-restarts, --rdzv-*, "
         "--standalone) go before SCRIPT; everything after SCRIPT belongs to the script. --job defaults "
         "to the script's stem, --nproc-per-node to 1; without a rendezvous option --standalone is added. "
         "--ui serves the web UI (URL on stderr); --allow-fault-injection lets `torchloom fault inject` "
-        "reach the ranks; the health options configure a weaver started here. The weaver runs in a "
+        "reach the ranks; --data-root DIR (repeatable; default the working directory) is where "
+        "`torchloom data add` may read files from; the health options configure a weaver started here. "
+        "The weaver runs in a "
         "control plane shared by every job of $TORCHLOOM_HOME: started (detached) when none runs, it "
         "exits 10 s (TORCHLOOM_CONTROLPLANE_IDLE_S) after its last job ended. Exit status: the job's; "
         "130 after Ctrl-C, 143 after SIGTERM (the job is stopped, never relaunched).",

@@ -316,6 +316,8 @@ def apply_health(state: WeaverState, decision: HealthDecision) -> None:
                 entry.health, entry.health_reason = h.kind, h.reason
                 if h.stalled:
                     entry.stalled_at_s = decision.now
+                if h.kind in (hp.HealthKind.DEAD, hp.HealthKind.WAITING):
+                    entry.excused_at_s = decision.now
         job.phase, job.alerted = run.phase, run.alerted
 
 

@@ -66,6 +66,9 @@ class RankView:
         device: its last device health, if reported.
         stalled_at: weaver clock (s) when it was last found stalled (a cause or waiting; 0: never).
             Its step time includes the stall for a while after, so it is no straggler until then.
+        excused_at: weaver clock (s) when it was last found dead or waiting: its step stood still
+            for a reason `classify` already reported, so its hung clock starts there, not at its
+            last step change (a rank back from SIGSTOP, or done waiting, is not hung at once).
     """
 
     rank: int
@@ -76,10 +79,17 @@ class RankView:
     state: RankState = RankState.RUNNING
     device: DeviceHealth | None = None
     stalled_at: float = 0.0
+    excused_at: float = 0.0
 
     @classmethod
     def from_heartbeat(
-        cls, hb: Heartbeat, *, received_at: float, last_step_change_at: float, stalled_at: float = 0.0
+        cls,
+        hb: Heartbeat,
+        *,
+        received_at: float,
+        last_step_change_at: float,
+        stalled_at: float = 0.0,
+        excused_at: float = 0.0,
     ) -> RankView:
         """Build the view of `hb`'s rank; the clocks are the weaver's, not the rank's."""
         return cls(
@@ -91,7 +101,12 @@ class RankView:
             state=hb.state,
             device=hb.device,
             stalled_at=stalled_at,
+            excused_at=excused_at,
         )
+
+    def hung_s(self, now: float) -> float:
+        """How long its step has stood still with nothing else to explain it (see `excused_at`)."""
+        return now - max(self.last_step_change_at, self.excused_at)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,10 +170,19 @@ def _check_thresholds(
 STALLING = frozenset({HealthKind.DEAD, HealthKind.UNHEALTHY, HealthKind.HUNG})
 
 
-def _near(a: RankView, b: RankView) -> bool:
-    # Ranks in lockstep stall at the same step, or one apart: a rank may have counted the step the
-    # stalled peer never reported, or the peer froze before its heartbeat carried its last step.
-    return abs(a.step - b.step) <= 1
+def _waits_on(w: RankView, cause: RankView, silent: bool, dead_after_s: float) -> bool:
+    """Whether stalled `w` is blocked by `cause`, stalled too (silent: no heartbeat for dead_after_s).
+
+    Ranks in lockstep stall at the same step, or one apart (a rank counted the step its stalled
+    peer never finished). A live cause's heartbeats carry its step as it stands, so that is the
+    test. A silent cause's last step is stale: it stepped on for up to a heartbeat interval before
+    it froze, so `w` may be several steps past it, but no further than it got by then: `w` stopped
+    within `dead_after_s` (or its own stall time) of the cause's last heartbeat, not later.
+    """
+    if not silent:
+        return abs(w.step - cause.step) <= 1
+    grace = max(dead_after_s, WAIT_FACTOR * w.step_time_s)
+    return w.step >= cause.step - 1 and w.last_step_change_at <= cause.last_heartbeat_at + grace
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +204,7 @@ def _blame(ranks: Sequence[RankView], now: float, dead_after_s: float, hung_afte
     step and blocks in the next collective; the cause never finished it). Live ranks stuck at one
     step, all alike, give no cause: nothing tells the rank that hangs from the ranks that wait.
     A running live rank is stalled when its current step has lasted over `WAIT_FACTOR` times its
-    usual step time; stalled next to a cause (`_near`), it waits on it.
+    usual step time; stalled with a cause (`_waits_on`), it waits on it.
     """
     silent = [
         v for v in ranks if v.state is not RankState.FINISHED and now - v.last_heartbeat_at > dead_after_s
@@ -189,7 +213,7 @@ def _blame(ranks: Sequence[RankView], now: float, dead_after_s: float, hung_afte
     stalled = [v for v in live if now - v.last_step_change_at > WAIT_FACTOR * v.step_time_s]
     causes = {v.rank: HealthKind.DEAD for v in silent}
     for v in stalled:
-        if now - v.last_step_change_at <= hung_after_s or any(_near(v, d) for d in silent):
+        if v.hung_s(now) <= hung_after_s or any(_waits_on(v, d, True, dead_after_s) for d in silent):
             continue
         if any(w.step == v.step + 1 for w in stalled):
             sick = v.device is not None and not v.device.healthy
@@ -198,7 +222,13 @@ def _blame(ranks: Sequence[RankView], now: float, dead_after_s: float, hung_afte
     waiting_on: dict[int, tuple[int, ...]] = {}
     for w in stalled:
         if w.rank not in causes:
-            on = tuple(sorted(c for c in causes if _near(w, by_rank[c])))
+            on = tuple(
+                sorted(
+                    c
+                    for c, kind in causes.items()
+                    if _waits_on(w, by_rank[c], kind is HealthKind.DEAD, dead_after_s)
+                )
+            )
             if on:
                 waiting_on[w.rank] = on
     return _Blame(causes=causes, waiting_on=waiting_on)
@@ -283,11 +313,11 @@ def classify(
                 f"step {v.step} waiting {stuck_s:.1f} s on {_ranks_text(on)} ({kinds})",
                 stuck_s,
             )
-        if v.state is RankState.RUNNING and stuck_s > hung_after_s:
+        if v.state is RankState.RUNNING and v.hung_s(now) > hung_after_s:
             return (
                 HealthKind.HUNG,
-                f"step {v.step} unchanged for {stuck_s:.1f} s (limit {hung_after_s:g} s)",
-                stuck_s,
+                f"step {v.step} unchanged for {v.hung_s(now):.1f} s (limit {hung_after_s:g} s)",
+                v.hung_s(now),
             )
         peers = [t for r, t in timed.items() if r != v.rank]
         median = statistics.median(peers) if len(peers) >= min_samples else 0.0

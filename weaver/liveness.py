@@ -246,6 +246,7 @@ def rank_health(job: JobState, now: float, policy: hp.HealthPolicy) -> dict[int,
             received_at=e.last_seen_s,
             last_step_change_at=e.last_step_change_at,
             stalled_at=e.stalled_at_s,
+            excused_at=e.excused_at_s,
         )
         for e in job.ranks.values()
     ]

@@ -29,6 +29,7 @@ class RankEntry:
     health: hp.HealthKind = hp.HealthKind.HEALTHY
     health_reason: str = ""
     stalled_at_s: float = 0.0  # last health check that found it stalled (see `RankView.stalled_at`)
+    excused_at_s: float = 0.0  # last health check that found it dead or waiting (`RankView.excused_at`)
 
     @property
     def incarnation(self) -> str:

@@ -61,6 +61,22 @@ def test_a_frozen_rank_is_the_cause_and_its_peers_wait_on_it() -> None:
     assert health[0].reason == "step 20 waiting 1.9 s on rank 1 (dead)"
 
 
+def test_a_frozen_ranks_last_step_is_stale_by_up_to_a_heartbeat() -> None:
+    # Rank 1 stepped on for 0.2 s after its last heartbeat (at step 12) before it froze; rank 0
+    # stopped at 15, 0.15 s after that heartbeat. A rank that stopped long after it did not wait on it.
+    frozen = view(1, step=12, silent_s=5.0, stuck_s=5.0)
+    assert kinds(
+        classify([view(0, step=15, stuck_s=4.85), frozen], NOW, dead_after_s=0.8, hung_after_s=3.0)
+    ) == [
+        WAITING,
+        DEAD,
+    ]
+    late = view(0, step=400, stuck_s=3.5)  # kept stepping for 1.5 s without rank 1: not blocked by it
+    assert kinds(classify([late, frozen], NOW, dead_after_s=0.8, hung_after_s=3.0)) == [HUNG, DEAD]
+    behind = view(0, step=9, stuck_s=4.9)  # stopped before rank 1's last step: not waiting on it
+    assert kinds(classify([behind, frozen], NOW, dead_after_s=0.8, hung_after_s=3.0)) == [HUNG, DEAD]
+
+
 def test_waiting_is_never_hung_however_long_it_lasts() -> None:
     ranks = [view(0, stuck_s=60.0), view(1, silent_s=60.0, stuck_s=60.0)]
     assert kinds(classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0)) == [WAITING, DEAD]
@@ -111,7 +127,7 @@ def test_peers_that_keep_stepping_are_not_waiting() -> None:
 
 def test_waiting_and_recently_stalled_ranks_are_no_stragglers() -> None:
     # While rank 1 is frozen, rank 0's step time (0.4 s) is 8x rank 1's last one: it waited, it is not slow.
-    stalled = [view(0, step_time_s=0.4, stuck_s=1.0), view(1, silent_s=2.0, stuck_s=2.0)]
+    stalled = [view(0, step_time_s=0.4, stuck_s=1.6), view(1, silent_s=2.0, stuck_s=2.0)]
     assert kinds(classify(stalled, NOW, dead_after_s=0.8, hung_after_s=3.0)) == [WAITING, DEAD]
     # Right after the stall, rank 0's step-time mean includes the wait and rank 1's heartbeat lags.
     after = [view(0, step_time_s=1.32, stalled_at=NOW - 0.3), view(1, stalled_at=NOW - 0.3)]
@@ -143,11 +159,11 @@ class Lockstep:
         self.t = 0.0
         self.events: list[JobEvent] = []
 
-    def run(self, until_s: float, *, tick_s: float = 0.1) -> None:
+    def run(self, until_s: float, *, tick_s: float = 0.1, stepping: bool = True) -> None:
         """Advance time, heartbeating every tick and running the weaver's health check."""
         while self.t < until_s:
             self.t = round(self.t + tick_s, 6)
-            blocked = bool(self.frozen)
+            blocked = bool(self.frozen) or not stepping
             for r in range(self.world):
                 if r in self.frozen:
                     continue
@@ -167,7 +183,7 @@ def test_sigstop_gives_one_event_naming_the_cause_and_its_waiting_peers() -> Non
     job = Lockstep(4)
     job.run(1.0)
     job.frozen.add(2)
-    job.run(3.0)
+    job.run(5.0)  # longer than hung_after_s: waiting is never hung
     events = job.health_events()
     assert [(e.kind, e.attrs.get("rank"), e.attrs.get("waiting")) for e in events] == [
         ("rank_dead", "2", "0,1,3")
@@ -188,7 +204,8 @@ def test_sigstop_gives_one_event_naming_the_cause_and_its_waiting_peers() -> Non
     # SIGCONT: heartbeats and steps resume; the waits had inflated the peers' step-time means.
     job.frozen.clear()
     job.step_time[0] = 1.32  # 26x the others': a straggler, were it not the wait
-    job.run(4.0)
+    job.run(5.3, stepping=False)  # heartbeats are back before the first step: stood still, not hung
+    job.run(6.5)
     resumed = job.health_events()[1:]
     assert [(e.kind, e.attrs.get("rank"), e.attrs.get("resumed")) for e in resumed] == [
         ("rank_recovered", "2", "0,1,3")

@@ -88,8 +88,8 @@ def test_replay_of_journal_reproduces_final_params(tmp_path: Path, run_env: dict
     err = _finish(replay)
     assert "5 applied commands of job rp" in err
     for rank in (0, 1):
-        a = torch.load(first / f"rank{rank}.params.pt")
-        b = torch.load(second / f"rank{rank}.params.pt")
+        a = torch.load(first / f"rank{rank}.params.pt", weights_only=True)
+        b = torch.load(second / f"rank{rank}.params.pt", weights_only=True)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (rank, key)

@@ -117,8 +117,8 @@ def test_history_and_replay_of_a_finished_run(
     err = _finish(replay)
     assert "4 applied commands of job hist" in err
     for rank in (0, 1):
-        a = torch.load(first / f"rank{rank}.params.pt")
-        b = torch.load(second / f"rank{rank}.params.pt")
+        a = torch.load(first / f"rank{rank}.params.pt", weights_only=True)
+        b = torch.load(second / f"rank{rank}.params.pt", weights_only=True)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (rank, key)

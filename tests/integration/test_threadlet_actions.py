@@ -102,7 +102,7 @@ async def test_checkpoint_eval_rollback_stop_then_replay_is_bit_identical(
     stdout, _ = await asyncio.to_thread(proc.communicate, timeout=180)
     assert proc.returncode == 0, stdout.decode(errors="replace")[-4000:]
     for r in (0, 1):
-        live, again = (torch.load(d / f"rank{r}.params.pt") for d in (out, replay_out))
+        live, again = (torch.load(d / f"rank{r}.params.pt", weights_only=True) for d in (out, replay_out))
         assert live.keys() == again.keys()
         assert all(torch.equal(live[k], again[k]) for k in live), r
         replayed = json.loads((replay_out / f"rank{r}.applied.json").read_text())

@@ -148,7 +148,7 @@ async def test_every_knob_takes_effect_at_the_decided_step_and_replay_is_bit_ide
     stdout, _ = await asyncio.to_thread(proc.communicate, timeout=180)
     assert proc.returncode == 0, stdout.decode(errors="replace")[-4000:]
     for r in (0, 1):
-        live, again = (torch.load(d / f"rank{r}.params.pt") for d in (out, replay_out))
+        live, again = (torch.load(d / f"rank{r}.params.pt", weights_only=True) for d in (out, replay_out))
         assert live.keys() == again.keys()
         assert all(torch.equal(live[k], again[k]) for k in live), r
         live_recs, replay_recs = (read_records(d / f"rank{r}.jsonl") for d in (out, replay_out))

@@ -70,7 +70,7 @@ _RDZV_CHOICES = frozenset(
     | {"--master-port", "--master_port", "--master-addr", "--master_addr", "--nnodes"}
 )
 READY_TIMEOUT_S = 30.0
-KEEPER_INTERVAL_S = 1.0  # how often a running job checks that its control plane is alive
+KEEPER_INTERVAL_S = 0.25  # how often a running job checks that its control plane is alive
 _RDZV_ID = frozenset({"--rdzv-id", "--rdzv_id"})
 _NNODES = frozenset({"--nnodes"})
 

@@ -40,6 +40,7 @@ def attach(
     sampler: Any = None,
     loader: Any = None,
     eval_fn: EvalFn | None = None,
+    handles_stop: bool = False,
 ) -> Threadlet:
     """Attach a threadlet to this rank's training. Returns at once, whatever the bus does.
 
@@ -50,8 +51,9 @@ def attach(
         model: the (DDP) model; kept for later actions, never touched from the bus thread.
         optimizer: its parameter groups provide the lr and weight_decay knobs; name a group with a
             "name" key in its dict (else "0", "1", ...) to allow `lr@name`.
-        scheduler: an LR scheduler; setting lr also sets its `base_lrs` (and the groups'
-            `initial_lr`) so the scheduler does not silently undo the change.
+        scheduler: the LR scheduler the loop steps (any of torch.optim.lr_scheduler, a transformers
+            schedule); `set lr=X` makes the next step use X and scales the rest of its schedule by
+            X / its value there (`threadlet.lr`). Without it a scheduler overwrites a set lr.
         job: overrides TORCHLOOM_JOB.
         nats_url: overrides TORCHLOOM_NATS_URL; with none at all the threadlet runs in local mode
             (no bus, `step()` only counts).
@@ -70,6 +72,8 @@ def attach(
             rollback (when `tl.branch` changes).
         eval_fn: called by the `eval` action on every rank at the same step; returns metric
             name -> float (also settable later with `tl.on_eval`).
+        handles_stop: the loop ends itself on a stop (reads `tl.should_stop`); otherwise, unless
+            it iterates `tl.range`, the `step()` after a decided stop ends the process with status 0.
 
     Training loops should iterate `for step in tl.range(total_steps):` so they follow a rollback
     (step_count moves back to the checkpoint's step) and end after a `stop` action. Clip with
@@ -97,6 +101,7 @@ def attach(
         sampler=sampler,
         loader=LoaderState(loader) if loader is not None else None,
         eval_fn=eval_fn,
+        handles_stop=handles_stop,
     )
     if config.local and config.replay_path is None and not _local_logged:
         _local_logged = True

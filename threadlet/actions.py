@@ -149,6 +149,9 @@ class ActionRunner:
             status, reason = AckStatus.REJECTED, f"rank {self._ctx.rank} refused: {filed.refusal}"
         elif verdict is Verdict.REJECT_OTHER:
             status, reason = AckStatus.REJECTED, "refused by another rank"
+        elif isinstance(body, Action) and body.kind is ActionKind.STOP and self._state.stop:
+            # Decided at the same boundary on every rank, so every rank rejects it alike.
+            status, reason = AckStatus.REJECTED, "already stopping: a stop was decided before this one"
         else:
             try:
                 detail = self._apply(seq, body, filed.values)
@@ -171,12 +174,12 @@ class ActionRunner:
     def _apply(self, seq: int, body: SetConfig | Action, values: Mapping[str, KnobValue]) -> dict[str, str]:
         """Carry out a decided command; return the ack detail (docs/design.md, "Actions")."""
         if isinstance(body, SetConfig):
-            self._board.apply(values)
-            return {}
+            return self._board.apply(values)
         kind, st = body.kind, self._state
         if kind is ActionKind.PAUSE:
             # A replay has no one to resume it; the recorded resume sits at the same position.
             st.paused = not self._replaying
+            return {"held_at_boundary": _flag(st.paused)}
         elif kind is ActionKind.RESUME:
             st.paused = False
         elif kind is ActionKind.CHECKPOINT:
@@ -184,6 +187,11 @@ class ActionRunner:
         elif kind is ActionKind.STOP:
             detail = self._checkpoint(seq, body.args.get("tag", ""))
             st.stop = True
+            st.paused = False  # a stop ends a pause too
+            # The ack promises what happens next; the front keeps that promise at the next step.
+            st.exit_at_next_step = not st.loop_handles_stop
+            detail["handled_by_loop"] = _flag(st.loop_handles_stop)
+            detail["exits_at_next_step"] = _flag(st.exit_at_next_step)
             return detail
         elif kind is ActionKind.ROLLBACK:
             return self._rollback(seq, body.args)
@@ -279,6 +287,7 @@ class ActionRunner:
             "checkpoint_path": str(path),
             "checkpoint_step": str(st.step_count),
             "branch": st.branch,
+            **self._coverage("saved"),
         }
 
     def _rollback(self, seq: int, args: Mapping[str, str]) -> dict[str, str]:
@@ -292,7 +301,21 @@ class ActionRunner:
             "parent_branch": parent,
             "from_checkpoint": args.get("checkpoint_id") or path.name,
             "fork_step": str(st.step_count),
+            **self._coverage("restored"),
         }
+
+    def _coverage(self, verb: str) -> dict[str, str]:
+        """Which parts of the loop a checkpoint holds (`verb` "saved") or a rollback put back
+        ("restored"): the ones attached, and RNG always. The data position only with a loader
+        (`attach(loader=)`) or a stateful sampler; a plain DataLoader goes on where it is."""
+        parts = {
+            "model": self._model is not None,
+            "optimizer": self._optimizer is not None,
+            "scheduler": _stateful(self._scheduler),
+            "data_position": _stateful(self._loader) or _stateful(self._sampler),
+            "rng": True,
+        }
+        return {f"{name}_{verb}": _flag(held) for name, held in parts.items()}
 
     def _load_checkpoint(self, path: Path, source: int) -> dict[str, Any]:
         """Load `path` in place (collectively), taking per-rank entry `source`; put back its knobs and
@@ -308,6 +331,7 @@ class ActionRunner:
             loader=self._loader,
             threadlet_keys={"step": 0, "branch": "", "knobs": ""},
         )
+        self._board.forget_lr_sets()
         self._restore_user_knobs(str(saved["knobs"]))
         self._state.step_count = int(saved["step"])
         if self._fake_nvml is not None:
@@ -333,3 +357,11 @@ class ActionRunner:
         assert self.eval_fn is not None  # refused at filing otherwise
         results = self.eval_fn()
         return {f"eval.{name}": repr(float(value)) for name, value in results.items()}
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))

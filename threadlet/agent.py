@@ -5,13 +5,16 @@ bus thread). Local mode builds the same components, with no link and no agreemen
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 import torch
 import torch.distributed as dist
@@ -41,6 +44,12 @@ class Threadlet:
     with `for step in tl.range(total_steps):` (or read `tl.step_count`) instead of their own counter;
     `range` also ends after a `stop` action.
 
+    Stop: once a `stop` is decided (and its checkpoint taken), the next `step()` closes the
+    threadlet, destroys the threadlet's process group and raises `SystemExit(0)` on every rank at
+    the same step, so any loop ends and torchrun exits 0. A script that ends its loop itself says so
+    by iterating `tl.range`, reading `tl.should_stop`, calling `tl.handles_stop()` or passing
+    `handles_stop=True`; then `step()` never exits.
+
     Attributes:
         config: the resolved configuration.
         applied: one frozen `Decided` record per command decided on this rank, in seq order (seq,
@@ -62,11 +71,13 @@ class Threadlet:
         sampler: Any = None,
         loader: Any = None,
         eval_fn: EvalFn | None = None,
+        handles_stop: bool = False,
     ) -> None:
         self.config = config
         self._ctx = RankContext.detect()
-        self._state = TrainingState()
+        self._state = TrainingState(loop_handles_stop=handles_stop)
         self.applied: list[Decided] = []
+        self._last_lr_set: Decided | None = None  # the latest applied set of lr (for notices)
         self.resumed_from = ""
         self._closed = False
         self._last_t = time.perf_counter()
@@ -176,6 +187,8 @@ class Threadlet:
         eval) runs. Never raises because of the bus.
         """
         st = self._state
+        if st.exit_at_next_step:
+            self._exit_after_stop()
         now = time.perf_counter()
         dt = now - self._last_t
         self._last_t = now
@@ -189,6 +202,9 @@ class Threadlet:
             runner.apply_overrides()
         if self._closed:
             return
+        if self._last_lr_set is not None:
+            for message in self._board.lr_overwritten():
+                self._reporter.notice(self._last_lr_set, "lr_overwritten", message)
         if self._replay is not None:
             self._replay_boundary()
         elif self._link is not None:
@@ -215,6 +231,7 @@ class Threadlet:
         if total_steps < 0:
             raise ValueError(f"total_steps={total_steps} rejected: must be >= 0")
         st = self._state
+        st.loop_handles_stop = True
         while not st.stop and st.step_count < total_steps:
             yield st.step_count
 
@@ -259,8 +276,17 @@ class Threadlet:
 
     @property
     def should_stop(self) -> bool:
-        """True once a `stop` action was decided (after its checkpoint): leave the training loop."""
-        return self._state.stop
+        """True once a `stop` action was decided (after its checkpoint): leave the training loop.
+        Reading it declares that the loop handles stop (see `handles_stop`)."""
+        st = self._state
+        st.loop_handles_stop = True
+        return st.stop
+
+    def handles_stop(self) -> None:
+        """Declare that the script ends its loop on a stop itself (reading `should_stop`), so
+        `step()` never ends the process. Declare it before training: the ack of a stop decided
+        earlier already promised the exit at the next step."""
+        self._state.loop_handles_stop = True
 
     @property
     def paused(self) -> bool:
@@ -385,6 +411,8 @@ class Threadlet:
         for filed, verdict in batch:
             decided = self._runner.carry_out(filed, verdict, step=step, branch=branch)
             self.applied.append(decided)
+            if decided.applied and any(k.split("@", 1)[0] == "lr" for k in decided.values):
+                self._last_lr_set = decided
             if ack:
                 self._reporter.ack(
                     decided,
@@ -394,6 +422,27 @@ class Threadlet:
                 )
         self._reporter.status_due()
 
+    def _exit_after_stop(self) -> NoReturn:
+        """End this rank cleanly after a decided stop: close, leave the agreement group together
+        with the other ranks (all decided the stop at the same step) and raise SystemExit(0), so
+        the script's `with` and `finally` blocks still run. The default process group is the
+        script's: destroyed at interpreter exit unless the script did it first."""
+        st = self._state
+        log.info("threadlet rank %d: stop decided, ending the process at step %d", self.rank, st.step_count)
+        group = self.group
+        self.close()
+        if group is not None:
+            with contextlib.suppress(Exception):  # bounded by the group's timeout
+                dist.barrier(group=group)
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(group)
+            self.group = None
+        atexit.register(_destroy_default_group)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        raise SystemExit(0)
+
     def _close_bus(self, final_status: Heartbeat | None) -> None:
         if self._link is not None:
             self._link.close(final_status)
@@ -402,6 +451,12 @@ class Threadlet:
                 self._probe.close()
             except Exception as exc:
                 log.debug("device probe close: %r", exc)
+
+
+def _destroy_default_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def _load_replay(config: ThreadletConfig) -> replay.Schedule | None:

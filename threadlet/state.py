@@ -68,6 +68,10 @@ class TrainingState:
         last_decided: the highest seq decided on this rank (the same on every rank).
         paused: a `pause` action holds the loop at its step boundary.
         stop: a `stop` action was decided: the loop should end.
+        loop_handles_stop: the script ends its loop on a stop itself (it iterates `tl.range`, reads
+            `tl.should_stop` or said so); otherwise the next `step()` after a stop ends the process.
+        exit_at_next_step: a stop was decided while the loop did not handle it: the next `step()`
+            closes the threadlet and ends the process with status 0.
         step_time_s: moving mean of the time between two `step()` calls.
     """
 
@@ -77,6 +81,8 @@ class TrainingState:
     last_decided: int = 0
     paused: bool = False
     stop: bool = False
+    loop_handles_stop: bool = False
+    exit_at_next_step: bool = False
     step_time_s: float = 0.0
 
 

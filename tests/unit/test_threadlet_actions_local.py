@@ -58,6 +58,8 @@ def test_checkpoint_rollback_eval_stop_on_one_rank(tmp_path: Path) -> None:
             "checkpoint_path": str(tmp_path / JOB / RUN / "ckpt-1"),
             "checkpoint_step": "4",
             "branch": "main",
+            **{f"{part}_saved": "true" for part in ("model", "optimizer", "rng")},
+            **{f"{part}_saved": "false" for part in ("scheduler", "data_position")},
         }
         assert got[3].detail == {"eval.loss": "0.25"}
         assert got[4].detail == {
@@ -65,11 +67,15 @@ def test_checkpoint_rollback_eval_stop_on_one_rank(tmp_path: Path) -> None:
             "parent_branch": "main",
             "from_checkpoint": "ckpt-1",
             "fork_step": "4",
+            **{f"{part}_restored": "true" for part in ("model", "optimizer", "rng")},
+            **{f"{part}_restored": "false" for part in ("scheduler", "data_position")},
         }
         assert (got[4].branch, got[4].step) == ("main", 7)  # decided where the run was
         assert "no data sampler attached" in got[5].reason
         assert "fault injection is disabled" in got[6].reason
         assert got[7].detail["checkpoint_id"] == "ckpt-7" and got[7].branch == "b4"
+        # tl.range ends the loop itself: the stop does not end the process.
+        assert (got[7].detail["handled_by_loop"], got[7].detail["exits_at_next_step"]) == ("true", "false")
         # The loop resumed at the checkpoint's step with the checkpoint's weights and lr.
         main4 = next(w for b, s, w in seen if (b, s) == ("main", 4))
         assert ("b4", 4, main4) in seen

@@ -91,13 +91,13 @@ def micro(iterations: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def latency(commands: int, step_sleep: float) -> dict[str, object]:
+def latency(commands: int, step_sleep: float, modes: list[str]) -> dict[str, object]:
     """Command latency on a real job with ranks verifying (command_latency hands them the weaver's
     public key), then with verification off."""
     os.environ[env.HOME] = tempfile.mkdtemp(prefix="tl-bench-sign-")  # the weaver's key goes here
     os.environ.pop(env.WEAVER_PUBKEY, None)
     results: dict[str, object] = {}
-    for mode in ("verify", "no_verify"):
+    for mode in modes:
         if mode == "verify":
             os.environ.pop(env.VERIFY_COMMANDS, None)
         else:
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--commands", type=int, default=100, help="per mode; 0 skips the job runs")
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--modes", default="verify,no_verify", help="comma-separated: verify, no_verify")
     parser.add_argument("--out", default=str(REPO / "bench/results/signing.json"))
     args = parser.parse_args()
     result: dict[str, object] = {"micro_us": micro(args.iterations)}
@@ -122,7 +123,7 @@ def main() -> None:
             f"{row['verify_us_p50']:>15.1f}{row['verify_us_p99']:>15.1f}"
         )
     if args.commands > 0:
-        runs = latency(args.commands, args.step_sleep)
+        runs = latency(args.commands, args.step_sleep, args.modes.split(","))
         result["latency"] = runs
         print(f"\n{'end to end (ms)':<22}{'p50':>10}{'p99':>10}{'mean':>10}")
         for mode, res in runs.items():

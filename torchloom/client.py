@@ -14,10 +14,10 @@ import dataclasses
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 
@@ -48,6 +48,25 @@ _CONNECT_TIMEOUT_S = 2.0
 _ANSWER_MARGIN_S = 1.0
 
 
+_T = TypeVar("_T")
+
+
+def weaver_addresses(address: str) -> list[str]:
+    """The `host:port` addresses of a comma-separated list: an active weaver and its standbys, in
+    the order to try them.
+
+    Raises:
+        ValueError: an entry is not HOST:PORT, or the list is empty.
+    """
+    found = [a.strip() for a in address.split(",") if a.strip()]
+    if not found or any(":" not in a for a in found):
+        raise ValueError(
+            f"weaver address {address!r} rejected: expected HOST:PORT (e.g. 127.0.0.1:50051), or "
+            "several separated by commas (an active weaver and its standbys)"
+        )
+    return found
+
+
 def new_command_id() -> str:
     """A fresh client-chosen command id (uuid4 hex), as the CLI sends with every submit."""
     return uuid.uuid4().hex
@@ -57,7 +76,9 @@ class ControlClient:
     """A connection to the weaver's gRPC Control service. Use as `async with ControlClient(addr):`.
 
     Args:
-        address: the weaver's `host:port`.
+        address: the weaver's `host:port`, or several separated by commas (an active weaver and its
+            standbys): a status or submit answered UNAVAILABLE (a standby names the active weaver
+            so) moves on to the next one, and `address` is then the one that answered.
         timeout_s: deadline of a status call, and the slack added to a submit's own timeout.
         command_timeout_s: how long a submit without `timeout_s` may wait (the weaver's default).
         token: the bearer token every call carries; None: `tokens.resolve_token()` (TORCHLOOM_TOKEN,
@@ -75,14 +96,11 @@ class ControlClient:
         token: str | None = None,
         root_certificates: bytes | None = None,
     ) -> None:
-        if not address or ":" not in address:
-            raise ValueError(
-                f"weaver address {address!r} rejected: expected HOST:PORT (e.g. 127.0.0.1:50051)"
-            )
+        self.addresses = weaver_addresses(address)
         for name, value in (("timeout_s", timeout_s), ("command_timeout_s", command_timeout_s)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} rejected: must be a positive number of seconds")
-        self.address = address
+        self.address = self.addresses[0]
         self.timeout_s = timeout_s
         self.command_timeout_s = command_timeout_s
         token = token if token is not None else tokens.resolve_token()
@@ -141,9 +159,26 @@ class ControlClient:
         """
         wait_s = request.timeout_s if request.timeout_s > 0 else self.command_timeout_s
         try:
-            return await self._submit_call(request, wait_s + self.timeout_s)
+            return await self._failing_over(lambda: self._submit_call(request, wait_s + self.timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "the submit") from None
+
+    async def _failing_over(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """`call()`, and on UNAVAILABLE again on each next address (a standby, or a weaver that is
+        gone); the last error when none answers."""
+        for left in range(len(self.addresses) - 1, -1, -1):
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not left:
+                    raise
+            await self._use(self.addresses[(self.addresses.index(self.address) + 1) % len(self.addresses)])
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _use(self, address: str) -> None:
+        await self.close()
+        self.address = address
+        await self.__aenter__()
 
     async def _submit_call(self, request: SubmitRequest, timeout_s: float) -> Outcome:
         call: grpc.aio.UnaryUnaryMultiCallable[SubmitRequest, Outcome] = self._chan().unary_unary(
@@ -167,16 +202,19 @@ class ControlClient:
             JobNotFound: the weaver knows no job of that name.
             WeaverUnavailable: the weaver cannot be reached or did not answer in time.
         """
-        call: grpc.aio.UnaryUnaryMultiCallable[StatusRequest, StatusReply] = self._chan().unary_unary(
-            f"{_SERVICE}/Status",
-            request_serializer=wire.encode,
-            response_deserializer=wire.decode_status_reply,
-        )
+
+        async def once() -> StatusReply:
+            call: grpc.aio.UnaryUnaryMultiCallable[StatusRequest, StatusReply] = self._chan().unary_unary(
+                f"{_SERVICE}/Status",
+                request_serializer=wire.encode,
+                response_deserializer=wire.decode_status_reply,
+            )
+            return await call(StatusRequest(job=job), timeout=self.timeout_s, metadata=self._metadata)
+
         try:
-            reply = await call(StatusRequest(job=job), timeout=self.timeout_s, metadata=self._metadata)
+            return await self._failing_over(once)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "the status request") from None
-        return reply
 
     async def watch(self, job: str = "") -> AsyncIterator[WatchEvent]:
         """Stream live metrics, job events and final outcomes until the weaver closes the stream.
@@ -281,7 +319,8 @@ async def submit_until(
 
     Args:
         request: the command; an empty `command_id` gets a fresh one (kept across attempts).
-        resolve: returns the weaver's `host:port`, or None when none is known right now.
+        resolve: returns the weaver's `host:port` (or several, comma-separated: an active weaver and
+            its standbys, tried in turn), or None when none is known right now.
         deadline_s: total time for every attempt, including the ranks' answers.
         unreached_give_up_s: stop earlier when no weaver was reached in this long.
         retry_wait_s: pause between attempts.
@@ -299,14 +338,15 @@ async def submit_until(
     start = time.monotonic()
     end = start + deadline_s
     reached, attempts, error = False, 0, ""
+    turn = 0  # which of several addresses (an active weaver and its standbys) is tried next
     while True:
         now = time.monotonic()
         if now >= end or (not reached and now - start >= unreached_give_up_s):
             return SubmitResult(
                 command_id=request.command_id, outcome=None, reached=reached, attempts=attempts, error=error
             )
-        address = resolve()
-        if address is None:
+        found = resolve()
+        if found is None:
             error = "no weaver found"
             if attempts == 0 and not reached:  # nothing was ever there: no restart to wait out
                 return SubmitResult(
@@ -314,9 +354,14 @@ async def submit_until(
                 )
             await asyncio.sleep(retry_wait_s)
             continue
+        addresses = weaver_addresses(found)
+        address = addresses[turn % len(addresses)]
+        turn += 1
         async with ControlClient(address) as client:
             if not await client.ready(min(_CONNECT_TIMEOUT_S, end - now)):
                 error = f"no connection to the weaver at {address}"
+                if turn % len(addresses):  # the next one may be up: try it at once
+                    continue
                 await asyncio.sleep(retry_wait_s)
                 continue
             reached = True
@@ -330,7 +375,8 @@ async def submit_until(
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _RETRYABLE:
                     error = f"{exc.code().name}: {exc.details()}"
-                    await asyncio.sleep(retry_wait_s)
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or not turn % len(addresses):
+                        await asyncio.sleep(retry_wait_s)
                     continue
                 raise client._error(exc, "the submit") from None
         return SubmitResult(command_id=request.command_id, outcome=outcome, reached=True, attempts=attempts)

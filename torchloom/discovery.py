@@ -62,10 +62,15 @@ def discovery_path() -> Path:
 
 
 def check_address(addr: str) -> str:
-    """Return `addr` when it looks like HOST:PORT, else raise ValueError naming the expected form."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"gRPC address {addr!r} is not valid: expected HOST:PORT (e.g. 127.0.0.1:50051)")
+    """Return `addr` when it looks like HOST:PORT, or several separated by commas (an active weaver
+    and its standbys), else raise ValueError naming the expected form."""
+    for one in addr.split(","):
+        host, sep, port = one.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"gRPC address {addr!r} is not valid: expected HOST:PORT (e.g. 127.0.0.1:50051), "
+                "or several separated by commas"
+            )
     return addr
 
 

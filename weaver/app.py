@@ -1,6 +1,7 @@
 """The weaver's composition and entry points: `open_weaver()` starts a `Weaver` and then the gRPC
 Control service over it; `serve()` runs that for embedding (CLI, launcher) and `main()` for
-`python -m weaver`.
+`python -m weaver`. `open_standby_weaver()` and `serve_standby()` (`python -m weaver --standby`) run
+a weaver that serves only while it holds the lease of `weaver.leader`, so several can share one NATS.
 """
 
 from __future__ import annotations
@@ -9,17 +10,22 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchloom import defaults, tokens
+from torchloom import bus, defaults, tokens
 from torchloom.policy import PolicyMode
 from weaver.config import WeaverConfig
 from weaver.grpc_api import ControlServer
 from weaver.health_policy import DEFAULT_DEAD_AFTER_S
+from weaver.leader import Leadership, LeaseConfig, StandbyBackend
 from weaver.service import Weaver
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,134 @@ async def open_weaver(config: WeaverConfig) -> AsyncIterator[RunningWeaver]:
         yield RunningWeaver(weaver, control)
 
 
+@dataclass(frozen=True, slots=True)
+class StandbyWeaver:
+    """A weaver that serves only while it holds the lease: its gRPC Control service is up from the
+    start and answers UNAVAILABLE, naming the active weaver, until then (`weaver.leader`)."""
+
+    control: ControlServer
+    backend: StandbyBackend
+    leadership: Leadership
+    follower: asyncio.Task[None]
+
+    @property
+    def grpc_address(self) -> str:
+        """`host:port` the Control service listens on (the bound port when 0 was asked)."""
+        return self.control.address
+
+    @property
+    def weaver(self) -> Weaver | None:
+        """The started weaver while this one is active, else None."""
+        active = self.backend.active
+        return active if isinstance(active, Weaver) else None
+
+    async def wait_closed(self) -> None:
+        """Return once the weaver has stopped for good (only on an error it could not survive)."""
+        await self.follower
+
+
+async def _serve_while_elected(config: WeaverConfig, leadership: Leadership, backend: StandbyBackend) -> None:
+    """Each time the lease is won: start a weaver (which recovers from the journal and commands
+    streams before it subscribes), serve through it until the lease is lost, then close it."""
+    while True:
+        await leadership.elected.wait()
+        won = time.monotonic()
+        try:
+            async with Weaver(config) as weaver:
+                backend.active = weaver
+                log.info("weaver active: serving %.2f s after winning the lease", time.monotonic() - won)
+                lost = asyncio.ensure_future(leadership.lost.wait())
+                closed = asyncio.ensure_future(weaver.wait_closed())
+                try:
+                    await asyncio.wait({lost, closed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    backend.active = None
+                    for task in (lost, closed):
+                        task.cancel()
+        except Exception:  # NATS gone while starting, a crashed loop: let another weaver try
+            log.exception("weaver failed while holding the lease: giving the lease up")
+        if leadership.elected.is_set():
+            await leadership.release()
+            await asyncio.sleep(leadership.config.stale_after_s)
+
+
+@contextlib.asynccontextmanager
+async def open_standby_weaver(config: WeaverConfig, lease: LeaseConfig) -> AsyncIterator[StandbyWeaver]:
+    """Bind the gRPC Control service on `config.grpc_addr`, then take part in the lease on
+    `config.nats_url`; while this weaver holds it, a started `Weaver` serves behind the service.
+    On the way out the weaver closes first, then the lease is given up, so a standby takes over at
+    once.
+
+    Raises:
+        OSError: the gRPC address cannot be bound.
+        NatsUnavailable: NATS cannot be reached.
+        TokenError: the token file is malformed or readable by others.
+    """
+    tokens_file = Path(config.grpc_tokens_file) if config.grpc_tokens_file else None
+    table = await asyncio.to_thread(tokens.TokenTable.load_or_create, tokens_file)
+    backend = StandbyBackend()
+    async with ControlServer(backend, config.grpc_addr, tokens=table, tls=config.tls()) as control:
+        nc = await bus.connect(
+            config.nats_url, name="torchloom-weaver-lease", connect_timeout_s=config.nats_timeout_s
+        )
+        try:
+            identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+            leadership = Leadership(
+                nc.jetstream(timeout=config.nats_timeout_s), identity, control.address, lease
+            )
+            backend.leadership = leadership
+            holding = asyncio.create_task(leadership.run(), name="weaver-lease")
+            follower = asyncio.create_task(
+                _serve_while_elected(config, leadership, backend), name="weaver-follower"
+            )
+            log.info(
+                "weaver %s serving gRPC on %s, active once it holds the lease", identity, control.address
+            )
+            try:
+                yield StandbyWeaver(control, backend, leadership, follower)
+            finally:
+                for task in (follower, holding):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    if task is follower:
+                        await leadership.release()
+        finally:
+            await nc.close()
+
+
+@contextlib.contextmanager
+def _sigterm(handle: bool) -> Iterator[asyncio.Event]:
+    """An event SIGTERM sets, when `handle` and the main thread runs the loop and nobody else
+    handles SIGTERM yet; the handler is removed on exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = (
+        handle
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
+    if installed:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        yield stop
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _until_closed_or(stop: asyncio.Event, wait_closed: Awaitable[None]) -> None:
+    closed = asyncio.ensure_future(wait_closed)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (closed, stopped):
+            task.cancel()
+    if closed.done() and not closed.cancelled():
+        closed.result()  # surface a crashed loop
+
+
 async def serve(
     config: WeaverConfig,
     *,
@@ -82,32 +216,26 @@ async def serve(
             SIGTERM yet, and it is removed on exit. SIGINT is left to `asyncio.run`, which
             cancels the main task.
     """
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed = False
-    if (
-        handle_sigterm
-        and threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    ):
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        installed = True
-    try:
+    with _sigterm(handle_sigterm) as stop:
         async with open_weaver(config) as running:
             if ready is not None:
                 ready(running)
-            closed = asyncio.ensure_future(running.weaver.wait_closed())
-            stopped = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (closed, stopped):
-                    task.cancel()
-            if closed.done() and not closed.cancelled():
-                closed.result()  # surface a crashed loop
-    finally:
-        if installed:
-            loop.remove_signal_handler(signal.SIGTERM)
+            await _until_closed_or(stop, running.weaver.wait_closed())
+
+
+async def serve_standby(
+    config: WeaverConfig,
+    lease: LeaseConfig,
+    *,
+    ready: Callable[[StandbyWeaver], None] | None = None,
+    handle_sigterm: bool = False,
+) -> None:
+    """`serve` for a weaver that takes part in the lease (`open_standby_weaver`)."""
+    with _sigterm(handle_sigterm) as stop:
+        async with open_standby_weaver(config, lease) as running:
+            if ready is not None:
+                ready(running)
+            await _until_closed_or(stop, running.wait_closed())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.HEALTH_POLICY.value,
         help=f"what rank health problems trigger (default: {defaults.HEALTH_POLICY})",
     )
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="share NATS with other weavers: serve only while holding the lease, else stand by",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     base = WeaverConfig.from_env(nats_url=args.nats, grpc_addr=args.grpc)
@@ -150,9 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    def _ready(w: RunningWeaver) -> None:
+    def _ready(w: RunningWeaver | StandbyWeaver) -> None:
         print(f"weaver ready: grpc {w.grpc_address}, nats {config.nats_url}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, ready=_ready, handle_sigterm=True))
+        if args.standby:
+            asyncio.run(serve_standby(config, LeaseConfig(), ready=_ready, handle_sigterm=True))
+        else:
+            asyncio.run(serve(config, ready=_ready, handle_sigterm=True))
     return 0

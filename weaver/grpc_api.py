@@ -191,12 +191,17 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
             return weaver.status(req.job)
         except JobNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except NatsUnavailable as exc:  # a standby weaver, naming the active one
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def watch(
         req: WatchRequest, context: grpc.aio.ServicerContext[WatchRequest, WatchEvent]
     ) -> AsyncIterator[WatchEvent]:
-        async for ev in weaver.iter_watch(req.job):
-            yield ev
+        try:
+            async for ev in weaver.iter_watch(req.job):
+                yield ev
+        except NatsUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def journal(
         req: JournalRequest, context: grpc.aio.ServicerContext[JournalRequest, WatchEvent]

@@ -271,7 +271,10 @@ class StandbyBackend:
     def journal(
         self, job: str = "", *, follow: bool = False, run_id: str = "", command_id: str = ""
     ) -> AsyncIterator[Outcome | JobEvent]:
-        return self._backend().journal(job, follow=follow, run_id=run_id, command_id=command_id)
+        backend = self._backend()
+        if run_id or command_id:
+            return backend.journal(job, follow=follow, run_id=run_id, command_id=command_id)
+        return backend.journal(job, follow=follow)  # also a weaver without the run/command filters
 
     def refuse_call(self, message: str, *, job: str = "", key: str = "", **attrs: str) -> None:
         if self.active is not None:

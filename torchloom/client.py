@@ -49,6 +49,7 @@ _ANSWER_MARGIN_S = 1.0
 
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def weaver_addresses(address: str) -> list[str]:
@@ -172,8 +173,11 @@ class ControlClient:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or not left:
                     raise
-            await self._use(self.addresses[(self.addresses.index(self.address) + 1) % len(self.addresses)])
+            await self._use(self._next_address())
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _next_address(self) -> str:
+        return self.addresses[(self.addresses.index(self.address) + 1) % len(self.addresses)]
 
     async def _use(self, address: str) -> None:
         await self.close()
@@ -225,18 +229,8 @@ class ControlClient:
         Raises:
             WeaverUnavailable: the weaver cannot be reached or dropped the stream.
         """
-        call: grpc.aio.UnaryStreamMultiCallable[WatchRequest, WatchEvent] = self._chan().unary_stream(
-            f"{_SERVICE}/Watch", request_serializer=wire.encode, response_deserializer=wire.decode_watch_event
-        )
-        stream = call(WatchRequest(job=job), metadata=self._metadata)
-        try:
-            async for ev in stream:
-                yield ev
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise self._error(exc, "the watch") from None
-        finally:
-            stream.cancel()
+        async for ev in self._streamed("Watch", WatchRequest(job=job), "the watch"):
+            yield ev
 
     async def journal(
         self, job: str = "", follow: bool = False, *, run_id: str = "", command_id: str = ""
@@ -256,25 +250,37 @@ class ControlClient:
             ValueError: `job` is not a valid job name.
             WeaverUnavailable: the weaver cannot be reached or dropped the stream.
         """
-        call: grpc.aio.UnaryStreamMultiCallable[JournalRequest, WatchEvent] = self._chan().unary_stream(
-            f"{_SERVICE}/Journal",
-            request_serializer=wire.encode,
-            response_deserializer=wire.decode_watch_event,
-        )
-        stream = call(
-            JournalRequest(job=job, follow=follow, run_id=run_id, command_id=command_id),
-            metadata=self._metadata,
-        )
-        try:
-            async for ev in stream:
-                yield ev
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(exc.details() or "bad journal request") from None
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise self._error(exc, "the journal") from None
-        finally:
-            stream.cancel()
+        request = JournalRequest(job=job, follow=follow, run_id=run_id, command_id=command_id)
+        async for ev in self._streamed("Journal", request, "the journal"):
+            yield ev
+
+    async def _streamed(self, method: str, request: _R, what: str) -> AsyncIterator[WatchEvent]:
+        """The server stream of `method`; UNAVAILABLE before its first item (a standby, or a weaver
+        that is gone) moves on to the next address."""
+        for left in range(len(self.addresses) - 1, -1, -1):
+            call: grpc.aio.UnaryStreamMultiCallable[_R, WatchEvent] = self._chan().unary_stream(
+                f"{_SERVICE}/{method}",
+                request_serializer=wire.encode,
+                response_deserializer=wire.decode_watch_event,
+            )
+            stream = call(request, metadata=self._metadata)
+            started = False
+            try:
+                async for ev in stream:
+                    started = True
+                    yield ev
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise ValueError(exc.details() or f"bad request for {what}") from None
+                if code == grpc.StatusCode.CANCELLED:
+                    return
+                if code != grpc.StatusCode.UNAVAILABLE or started or not left:
+                    raise self._error(exc, what) from None
+            finally:
+                stream.cancel()
+            await self._use(self._next_address())
 
 
 AddressSource = Callable[[], str | None]

@@ -12,14 +12,25 @@ import os
 import sys
 from typing import Any, NoReturn
 
+import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LRScheduler
 
 from threadlet import resume
 from threadlet.agent import EvalFn, Threadlet
 from threadlet.config import ThreadletConfig, from_env
 from threadlet.loader import LoaderState
 
-__all__ = ["EvalFn", "Threadlet", "ThreadletConfig", "attach", "finish", "from_env"]
+__all__ = [
+    "EvalFn",
+    "Threadlet",
+    "ThreadletConfig",
+    "attach",
+    "finish",
+    "from_env",
+    "unwrap_optimizer",
+    "unwrap_scheduler",
+]
 
 log = logging.getLogger("threadlet")
 
@@ -80,6 +91,10 @@ def attach(
     `tl.clip_grad_(params)` and accumulate `tl.grad_accum_steps` micro-batches per step to make
     `grad_clip_norm` and `grad_accum_steps` steerable.
 
+    What `accelerate.Accelerator.prepare` returns may be passed as it is: its `AcceleratedOptimizer`
+    and `AcceleratedScheduler` are unwrapped to the torch optimizer and scheduler they drive
+    (`unwrap_optimizer`, `unwrap_scheduler`), and its DDP model is handled like any DDP model.
+
     Raises:
         ValueError: on a malformed setting (the message names the expected form).
     """
@@ -90,6 +105,7 @@ def attach(
         raise ValueError("attach(): pass either config= or job/nats_url/run_id, not both")
     if checkpoint_dir is not None:
         config = dataclasses.replace(config, checkpoint_dir=checkpoint_dir)
+    optimizer, scheduler = unwrap_optimizer(optimizer), unwrap_scheduler(scheduler)
     # After torchrun's elastic restart N, report as run `<run>-aN` so the previous attempt's
     # commands are not applied again; the weaver sees a new run of the same job.
     config = dataclasses.replace(config, run_id=resume.effective_run_id(config.run_id))
@@ -108,6 +124,38 @@ def attach(
         log.info("threadlet: no TORCHLOOM_NATS_URL, running in local mode (no live control)")
     _current = tl
     return tl
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer a wrapper drives (accelerate's `AcceleratedOptimizer` keeps it as
+    `.optimizer`; so do similar wrappers), else `optimizer` itself.
+
+    The knobs write the inner optimizer's `param_groups` (the wrapper only forwards to them), and
+    checkpoints save its state without the wrapper's extra attributes.
+    """
+    for _ in range(_MAX_WRAPPERS):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def unwrap_scheduler(scheduler: Any) -> Any:
+    """The LR scheduler a wrapper drives (accelerate's `AcceleratedScheduler` keeps it as
+    `.scheduler` and steps it), else `scheduler` itself.
+
+    Setting lr rescales the inner scheduler's schedule; the wrapper keeps stepping it as before.
+    """
+    for _ in range(_MAX_WRAPPERS):
+        inner = getattr(scheduler, "scheduler", None)
+        if isinstance(scheduler, LRScheduler) or not isinstance(inner, LRScheduler):
+            break
+        scheduler = inner
+    return scheduler
+
+
+_MAX_WRAPPERS = 8  # wrappers nest a level or two; a cycle of references must not loop forever
 
 
 def finish(tl: Threadlet | None = None) -> NoReturn:

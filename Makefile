@@ -50,8 +50,12 @@ endif
 test: $(STAMP) ui-setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
 
+# The CLI lives in $(VENV)/bin: the last line says how to put `torchloom` on PATH in a new shell.
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) examples/demo.py
+	@OMP_NUM_THREADS=1 $(PY) examples/demo.py; status=$$?; \
+	echo "make demo: torchloom is installed in $(VENV); in a new shell run 'source $(VENV)/bin/activate'" \
+		"to put torchloom on PATH (then: torchloom --version)"; \
+	exit $$status
 
 # Embedded nats-server stores of finished runs accumulate under $TORCHLOOM_HOME/runs.
 clean-runs:

@@ -456,12 +456,16 @@ class Weaver:
     # ---- the API --------------------------------------------------------------------------------
 
     async def _load_seq_floor(self, job: str, run_id: str) -> None:
-        """Read the run's last command from the stream so seqs continue after a weaver restart."""
-        async with self._submit_lock:
-            current = self.state.jobs.get(job)
-            if current is None or current.run_id != run_id or current.seq_known:
-                return
-            await self._load_seq_floor_locked(job, run_id)
+        """Read the run's last command from the stream so seqs continue after a weaver restart.
+
+        Eager, on a run's first heartbeat, and without the submit lock: a flood of new jobs must not
+        queue a real submit behind their reads. A submit that needs the floor first reads it itself;
+        whichever read lands first counts (see `_load_seq_floor_locked`).
+        """
+        current = self.state.jobs.get(job)
+        if current is None or current.run_id != run_id or current.seq_known:
+            return
+        await self._load_seq_floor_locked(job, run_id)
 
     async def _load_seq_floor_locked(self, job: str, run_id: str) -> None:
         last, stream_seq = await self.streams.last_command(job, run_id)
@@ -473,6 +477,9 @@ class Weaver:
             # rank refused.
             signed = [c.seq for c, _ in await self.streams.commands(job, run_id) if self._signed(c)]
             last = max(signed, default=0)
+        current = self.state.jobs.get(job)
+        if current is not None and current.run_id == run_id and current.seq_known:
+            return  # another read landed first (no await from here on, so no command slipped in)
         submits.set_seq_floor(self.state, job, run_id, last, stream_seq)
 
     async def submit(self, req: SubmitRequest) -> Outcome:

@@ -371,5 +371,8 @@ async def _flood(client: ControlClient, nc: Any, info: discovery.WeaverInfo) -> 
     grown_mib = (_rss_kib(info.pid) - rss_before) / 1024
     assert grown_mib < 40, f"the weaver grew {grown_mib:.0f} MiB under the flood"
     _same_ranks(before, await _status(client))
-    outcomes = [e for e in await _journal(client) if isinstance(e, Outcome)]
-    assert outcome.command_id in {o.command_id for o in outcomes}, "the concurrent set was not journaled"
+    # The journal is written behind the answer (an outbox), so give it time, but it must arrive.
+    deadline = time.monotonic() + 30
+    while outcome.command_id not in {e.command_id for e in await _journal(client) if isinstance(e, Outcome)}:
+        assert time.monotonic() < deadline, "the concurrent set was not journaled"
+        await asyncio.sleep(0.5)

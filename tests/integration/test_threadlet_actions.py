@@ -73,9 +73,12 @@ async def test_checkpoint_eval_rollback_stop_then_replay_is_bit_identical(
         "parent_branch": "main",
         "from_checkpoint": "ckpt-2",
         "fork_step": str(ck_step),
+        **{f"{part}_restored": "true" for part in ("model", "optimizer", "data_position", "rng")},
+        "scheduler_restored": "false",
     }
     assert [b.id for b in status.branches][-1] == "b4" and status.branch == "b4"
     assert stop.detail["checkpoint_id"] == "ckpt-5" and stop.detail["branch"] == "b4" and stop.branch == "b4"
+    assert stop.detail["handled_by_loop"] == "true"  # train_tiny iterates tl.range
 
     for r in (0, 1):
         records = read_records(out / f"rank{r}.jsonl")

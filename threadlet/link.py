@@ -20,7 +20,6 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.js import api
-from nats.js.errors import NoStreamResponseError
 
 from threadlet.config import ThreadletConfig
 from threadlet.health import DeviceProbe
@@ -121,8 +120,8 @@ class Link:
 
     def publish_durable(self, subject: str, data: bytes, msg_id: str) -> None:
         """Like `publish`, but retried until the JetStream stream capturing `subject` stores it
-        (an ack must reach the weaver even across a server restart); `msg_id` makes repeats one
-        message. Never blocks, never raises."""
+        (an ack must reach the weaver even across a server restart), for up to DURABLE_RETRY_S;
+        `msg_id` makes repeats one message. Never blocks, never raises."""
         if self._closing:
             return
         try:
@@ -176,14 +175,12 @@ class Link:
                 js = nc.jetstream(timeout=cfg.connect_timeout_s)
                 await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
                 return
-            except NoStreamResponseError:
-                # No stream captures the subject (a weaver that keeps none): a plain publish is all
-                # there is to do.
-                await self._publish(subject, data)
-                return
-            except Exception as exc:  # a restarting server or stream leader: try again
+            except Exception as exc:
+                # A restarting server, or a stream electing its leader ("no response from stream"
+                # too): try again.
                 if self._closing or time.monotonic() > end:
                     self.errors.append(f"publish on {subject} not stored: {exc!r}")
+                    await self._publish(subject, data)  # a live reader may still see it
                     return
             await asyncio.sleep(wait)
             wait = min(longest, wait * 2)

@@ -139,7 +139,10 @@ class Reporter:
             branch=decided.branch,
             refused_by_peer=refused_by_peer,
         )
-        self._link.publish(subjects.acks(self._config.job), wire.encode(ack))
+        # Retried until the acks stream stores it, once per (run, seq, rank, incarnation): the weaver
+        # may be down or NATS restarting right now, and the outcome must still be completed.
+        msg_id = f"ack:{ack.run_id}:{ack.seq}:{ack.rank}:{ack.incarnation}"
+        self._link.publish_durable(subjects.acks(self._config.job), wire.encode(ack), msg_id)
 
     def notice(self, decided: Decided, kind: str, message: str) -> None:
         """Report something that went wrong with a command after it was decided (e.g. a set lr that

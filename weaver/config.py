@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchloom import defaults, env
+from torchloom import defaults, env, subjects
 from torchloom.policy import PolicyMode, parse_mode
 from weaver.admission import Limits
 from weaver.grpc_api import TlsFiles, is_loopback
@@ -43,6 +43,9 @@ class WeaverConfig:
             None: `$TORCHLOOM_HOME/controlplane/secrets/signing.key` (torchloom.signing).
         max_jobs, max_ranks_per_job, max_ranks_total, job_evict_after_s: bounds on what the weaver
             holds (see `weaver.admission.Limits`).
+        acks_consumer: the durable JetStream consumer this weaver reads acks through; a restarted
+            weaver takes up where its predecessor of the same name stopped. Two weavers running at
+            once on one NATS need different names (each then sees every ack).
         grpc_tokens_file: the bearer tokens the gRPC service accepts (torchloom/tokens.py; created
             0600 with fresh tokens when absent); None: `$TORCHLOOM_HOME/controlplane/secrets/
             grpc-tokens.json`.
@@ -71,6 +74,7 @@ class WeaverConfig:
     max_ranks_per_job: int = _LIMITS.max_ranks_per_job
     max_ranks_total: int = _LIMITS.max_ranks_total
     job_evict_after_s: float = _LIMITS.job_evict_after_s
+    acks_consumer: str = subjects.ACKS_CONSUMER
     grpc_tokens_file: str | None = None
     grpc_tls_cert_file: str | None = None
     grpc_tls_key_file: str | None = None
@@ -115,6 +119,7 @@ class WeaverConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{name}={value!r} rejected: must be an integer in [{low}, {high}]")
         _positive("job_evict_after_s", self.job_evict_after_s, upper=30 * 24 * 3600.0)
+        subjects.check_token("acks_consumer", self.acks_consumer)
         # A name given as text ("pause") becomes the enum; anything else is refused naming the choices.
         object.__setattr__(self, "health_policy", parse_mode(self.health_policy, name="health_policy"))
 

@@ -61,8 +61,11 @@ class ControlBackend(Protocol):
         """The live feed of one job, or of every job for ""."""
         ...
 
-    def journal(self, job: str = "", *, follow: bool = False) -> AsyncIterator[Outcome | JobEvent]:
-        """The durable journal, oldest first (raises `ValueError`, `NatsUnavailable`)."""
+    def journal(
+        self, job: str = "", *, follow: bool = False, run_id: str = "", command_id: str = ""
+    ) -> AsyncIterator[Outcome | JobEvent]:
+        """The durable journal, oldest first, of one run or one command when asked (raises
+        `ValueError`, `NatsUnavailable`)."""
         ...
 
     def refuse_call(self, message: str, *, job: str = "", key: str = "", **attrs: str) -> None:
@@ -207,7 +210,9 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
         req: JournalRequest, context: grpc.aio.ServicerContext[JournalRequest, WatchEvent]
     ) -> AsyncIterator[WatchEvent]:
         try:
-            async for ev in weaver.journal(req.job, follow=req.follow):
+            async for ev in weaver.journal(
+                req.job, follow=req.follow, run_id=req.run_id, command_id=req.command_id
+            ):
                 yield ev
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

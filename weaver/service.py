@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from types import TracebackType
@@ -38,11 +39,12 @@ from torchloom.messages import (
     SubmitRequest,
     WatchEvent,
 )
-from weaver import admission, health_plan, liveness, outcomes, recovery, submits
+from weaver import admission, dedupe, health_plan, liveness, outcomes, recovery, submits
 from weaver import health_policy as hp
+from weaver.acks import RETRY, AckFeed, CommandKey, Retry
 from weaver.config import WeaverConfig
 from weaver.model import WeaverState
-from weaver.streams import Outbox, SeqConflict, Streams
+from weaver.streams import Outbox, OutboxItem, SeqConflict, Streams
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,8 @@ class Weaver:
         self._nc: Client | None = None
         self._streams: Streams | None = None
         self._outbox = Outbox()
+        self._acks = AckFeed(config.acks_consumer, self._take_ack)
+        self._started_at_s = time.time()
         self._runner: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._started = asyncio.Event()
@@ -169,8 +173,11 @@ class Weaver:
             # Before the subscriptions: acks of commands from before a restart must find them pending.
             await self._recover()
             nc = self._nc
+            self._started_at_s = time.time()
             await nc.subscribe(subjects.heartbeats_all(), cb=self._on_heartbeat)
-            await nc.subscribe(subjects.acks_all(), cb=self._on_ack)
+            # Acks come through the durable consumer: those a previous weaver did not journal yet too.
+            async with asyncio.timeout(self.config.nats_timeout_s):
+                await self._acks.start(js)
             await nc.subscribe(subjects.metrics_all(), cb=self._on_metrics)
             await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=self._on_api_submit)
             await nc.subscribe(subjects.api_status(), queue=QUEUE_GROUP, cb=self._on_api_status)
@@ -208,6 +215,7 @@ class Weaver:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
+        await self._acks.stop()
         for watcher in list(self._watchers):
             watcher.close()
         if self._runner is not None:
@@ -277,13 +285,16 @@ class Weaver:
         await self.nats.publish(subjects.launcher(plan.job), wire.encode(request))
         health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
 
-    async def _publish(self, subject: str, payload: bytes) -> None:
-        """Publish one outbox message: to JetStream when journaling, else to core NATS."""
+    async def _publish(self, item: OutboxItem) -> None:
+        """Publish one outbox message: to JetStream (stored once per msg id) when journaling, else to
+        core NATS."""
         if self.config.journal and self._streams is not None:
             async with asyncio.timeout(self.config.nats_timeout_s):
-                await self._streams.js.publish(subject, payload)
+                await self._streams.js.publish(
+                    item.subject, item.payload, headers={"Nats-Msg-Id": item.msg_id}
+                )
         else:
-            await self.nats.publish(subject, payload)
+            await self.nats.publish(item.subject, item.payload)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run `coro` in the TaskGroup; its failure is logged, never allowed to stop the weaver."""
@@ -335,13 +346,30 @@ class Weaver:
         return self._verifier is not None and self._verifier.verify(cmd)
 
     def _finish(self, outcome: Outcome) -> None:
-        """Deliver a final outcome: to its waiting submitter, watchers, the journal and the events."""
+        """Deliver a decision: to its waiting submitters, watchers, the journal and the events.
+
+        The journal entry carries a msg id per seq (per command id for a refusal), so a decision
+        published again (a retry, or a restarted weaver completing the same command) is stored once;
+        the acks it was made of are acknowledged to JetStream only once it is stored.
+        """
+        dedupe.remember(self.state, outcome)
         fut = self._waiters.pop(outcome.command_id, None)
         if fut is not None and not fut.done():
             fut.set_result(outcome)
         self._fan_out(outcome)
+        cmd = outcome.command
+        key: CommandKey | None = (cmd.job, cmd.run_id, cmd.seq) if cmd is not None else None
+
+        async def release() -> None:
+            if key is not None:
+                await self._acks.release(key)
+
         if self.config.journal:
-            self._outbox.put(subjects.journal(outcome.job), wire.encode(outcome))
+            subject = subjects.journal(outcome.job or admission.WEAVER_JOB)
+            msg_id = dedupe.journal_msg_id(outcome)
+            self._outbox.put(subject, wire.encode(outcome), msg_id=msg_id, keep=True, then=release)
+        else:
+            self._spawn(release(), name="weaver-release-acks")
         self._announce(outcomes.outcome_event(outcome, time.time()))
 
     # ---- NATS callbacks -------------------------------------------------------------------------
@@ -377,17 +405,23 @@ class Weaver:
         if effects.new_run:
             self._spawn(self._load_seq_floor(hb.job, hb.run_id), name=f"weaver-seq-{hb.job}")
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _take_ack(self, msg: Msg) -> CommandKey | Retry | None:
+        """Fold one ack from the durable feed in. Returns the key of its command while that command's
+        outcome is not journaled yet (the feed holds the message until then), RETRY while its rank
+        has not reported since the weaver started, else None (acknowledged: of no more use)."""
         now = time.time()
         try:
             ack = wire.decode_ack(msg.data)
         except ValueError as exc:
             self._refuse("ack", "", "", f"malformed ack on {msg.subject} refused: {exc}", now)
-            return
+            return None
+        job = self.state.jobs.get(ack.job)
+        if job is not None and ack.rank not in job.ranks and self._warming_up(now):
+            return RETRY  # an ack a previous weaver left: judge it once its rank has reported
         reason = admission.check_ack(self.state, ack, msg.subject)
         if reason is not None:
             self._refuse("ack", ack.job, ack.run_id, f"ack on {msg.subject} refused: {reason}", now)
-            return
+            return None
         if ack.unverified:
             # A rank refused a message on its command subject that the weaver did not sign.
             self._refuse(
@@ -401,10 +435,13 @@ class Weaver:
                 seq=str(ack.seq),
                 command_id=ack.command_id[:64],
             )
-            return
+            return None
+        key = (ack.job, ack.run_id, ack.seq)
         outcome = outcomes.record_ack(self.state, ack, now)
         if outcome is not None:
             self._finish(outcome)
+            return key
+        return key if job is not None and job.run_id == ack.run_id and ack.seq in job.pending else None
 
     async def _on_metrics(self, msg: Msg) -> None:
         if not self._watchers:
@@ -438,7 +475,14 @@ class Weaver:
             try:
                 outcome = await self.submit(req)
             except NatsUnavailable as exc:
-                outcome = submits.rejected_outcome(req, str(exc), time.time())
+                # Not a rejection: the command may be stored. Not known yet; a repeat with the same
+                # command id is answered with its decision.
+                outcome = Outcome(
+                    command_id=req.command_id,
+                    job=req.job,
+                    status=OutcomeStatus.TIMEOUT,
+                    reason=f"not known yet: {exc}; send it again with the same command id",
+                )
         with contextlib.suppress(Exception):  # the requester may be gone
             await msg.respond(wire.encode(outcome))
 
@@ -456,92 +500,130 @@ class Weaver:
     # ---- the API --------------------------------------------------------------------------------
 
     async def _load_seq_floor(self, job: str, run_id: str) -> None:
-        """Read the run's last command from the stream so seqs continue after a weaver restart.
+        """Read the run's last command from the stream so seqs continue after a weaver restart."""
+        async with self._submit_lock:
+            current = self.state.jobs.get(job)
+            if current is None or current.run_id != run_id or current.seq_known:
+                return
+            await self._load_seq_floor_locked(job, run_id)
 
-        Eager, on a run's first heartbeat, and without the submit lock: a flood of new jobs must not
-        queue a real submit behind their reads. A submit that needs the floor first reads it itself;
-        whichever read lands first counts (see `_load_seq_floor_locked`).
-        """
-        current = self.state.jobs.get(job)
-        if current is None or current.run_id != run_id or current.seq_known:
-            return
-        await self._load_seq_floor_locked(job, run_id)
+    async def _load_seq_floor_locked(self, job_name: str, run_id: str) -> None:
+        # The tail, not just the last command: every stored command the weaver lost track of (its own
+        # publish whose answer was lost, a standby weaver's) becomes pending again, so its acks count
+        # and a repeat of its id finds it. Only what our key signed counts: a message published
+        # straight onto the subject was refused by every rank.
+        job = self.state.jobs.get(job_name)
+        after = job.last_stream_seq if job is not None and job.run_id == run_id else 0
+        tail = await self.streams.commands_after(job_name, run_id, after)
+        recovery.replay_commands(self.state, job_name, run_id, [(c, s) for c, s in tail if self._signed(c)])
+        if job is not None and job.run_id == run_id and tail:
+            # The next publish expects the subject's true last message, signed or not.
+            job.last_stream_seq = max(job.last_stream_seq, tail[-1][1])
 
-    async def _load_seq_floor_locked(self, job: str, run_id: str) -> None:
-        last, stream_seq = await self.streams.last_command(job, run_id)
-        current = self.state.jobs.get(job)
-        known = current.last_seq if current is not None and current.run_id == run_id else 0
-        if last > known:
-            # A seq this weaver did not hand out: count it only if our key signed it (a standby
-            # weaver's), never a message someone published straight onto the subject, which every
-            # rank refused.
-            signed = [c.seq for c, _ in await self.streams.commands(job, run_id) if self._signed(c)]
-            last = max(signed, default=0)
-        current = self.state.jobs.get(job)
-        if current is not None and current.run_id == run_id and current.seq_known:
-            return  # another read landed first (no await from here on, so no command slipped in)
-        submits.set_seq_floor(self.state, job, run_id, last, stream_seq)
+    def _warming_up(self, now: float) -> bool:
+        # Right after a (re)start the weaver knows jobs from the journal but not yet their ranks and
+        # knobs; a submit then would be refused for want of facts a heartbeat brings a moment later.
+        return now - self._started_at_s < max(3.0, 3 * self.config.dead_after_s)
 
     async def submit(self, req: SubmitRequest) -> Outcome:
-        """Validate, sequence and publish a command, then wait for every rank's ack.
+        """Decide a command once: validate, sequence, sign and publish it, then wait for every rank.
+
+        A repeat of a command id (a client retrying after a lost answer or a weaver restart) is
+        never sequenced again: it is answered with the decision, or waits for the command in flight.
 
         Returns:
-            APPLIED or REJECTED once every rank answered, REJECTED at once when validation fails
-            (nothing is published), or TIMEOUT when the deadline passes first (the command stays in
-            flight; its final outcome is journaled later).
+            APPLIED or REJECTED once every rank answered; REJECTED at once when the weaver refuses it
+            (nothing is published; the refusal is journaled with who asked and why); or TIMEOUT when
+            the deadline passes first (the command stays in flight; its outcome is journaled later).
 
         Raises:
-            NatsUnavailable: the command could not be made durable in JetStream.
+            NatsUnavailable: the command could not be made durable in JetStream (it may be stored:
+                send it again with the same command id), or the weaver is still recovering.
         """
         submitted = time.time()
+        if not req.command_id:
+            req = dataclasses.replace(req, command_id=uuid.uuid4().hex)
         timeout_s = req.timeout_s if req.timeout_s > 0 else self.config.command_timeout_s
-        dead_after = self.config.dead_after_s
-        try:
+        known = dedupe.lookup(self.state, req.command_id)
+        if known is None:
             async with self._submit_lock:
-                job = liveness.resolve_job(self.state, req.job, submitted, dead_after)
-                for attempt in (1, 2):
-                    if not job.seq_known:
-                        await self._load_seq_floor_locked(job.job, job.run_id)
-                    cmd = submits.plan_submit(self.state, req, submitted, dead_after)
-                    fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-                    self._waiters[cmd.command_id] = fut
-                    try:
-                        await self._publish_command(cmd, job.last_stream_seq)
-                        break
-                    except SeqConflict as exc:
-                        if attempt == 2:
-                            raise NatsUnavailable(
-                                f"command for {job.job} was not stored: another weaver keeps publishing "
-                                f"commands of run {job.run_id} ({exc}); run one weaver per NATS cluster"
-                            ) from exc
-                        log.warning("seq %d of %s was taken by another writer: reloading", cmd.seq, job.job)
-        except (CommandRejected, JobNotFound) as exc:
-            return submits.rejected_outcome(req, str(exc), time.time())
+                known = dedupe.lookup(self.state, req.command_id)  # a concurrent repeat came first
+                if known is None:
+                    known = await self._sequence(req, submitted)
+        if isinstance(known, Outcome):
+            return known
+        cmd = known
+        # The ranks may have answered while the publish was being confirmed.
+        done = self.state.decided.get(cmd.command_id)
+        if done is not None:
+            return done
+        fut = self._waiters.get(cmd.command_id)
+        if fut is None:
+            fut = self._waiters[cmd.command_id] = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(fut)
         except TimeoutError:
+            # Tracking goes on; the final outcome still reaches the journal and later repeats.
             return outcomes.timeout_outcome(self.state, cmd, timeout_s, time.time())
-        finally:
-            # Tracking goes on without a waiter; the final outcome still reaches the journal.
-            self._waiters.pop(cmd.command_id, None)
 
-    async def _publish_command(self, cmd: Command, expected_stream_seq: int) -> None:
-        """Store `cmd` in JetStream, only if the run's subject still ends at `expected_stream_seq`.
-
-        Raises:
-            SeqConflict: another writer stored a command there first (the seq may be taken).
-            NatsUnavailable: the command could not be stored.
-        """
-        submits.mark_published(self.state, cmd, time.time())
+    async def _sequence(self, req: SubmitRequest, now: float) -> Outcome | Command:
+        """Under the submit lock: the refusal (journaled), or the stored command with its seq."""
+        dead_after = self.config.dead_after_s
         try:
+            job = liveness.resolve_job(self.state, req.job, now, dead_after)
+        except JobNotFound as exc:
+            recovering = any(not j.ranks for j in self.state.jobs.values())
+            if not req.job and recovering and self._warming_up(now):
+                raise NatsUnavailable(f"the weaver is starting up ({exc}); try again") from exc
+            return self._refuse_submit(req, str(exc), now, job=req.job)
+        if not job.ranks and self._warming_up(now):
+            raise NatsUnavailable(f"the weaver is starting up: job {job.job} has not reported yet; try again")
+        for _ in range(3):
+            if not job.seq_known:
+                await self._load_seq_floor_locked(job.job, job.run_id)
+                found = dedupe.lookup(self.state, req.command_id)
+                if found is not None:  # an earlier attempt of ours was stored after all
+                    return found
+            try:
+                cmd = submits.plan_submit(self.state, req, now, dead_after, command_id=req.command_id)
+            except (CommandRejected, JobNotFound) as exc:
+                return self._refuse_submit(req, str(exc), now, job=job.job, run_id=job.run_id)
+            submits.mark_published(self.state, cmd, time.time())
             assert self._signer is not None, "the weaver is not started"
-            stream_seq = await self.streams.store_command(self._signer.sign(cmd), expected_stream_seq)
-        except (SeqConflict, NatsUnavailable):
-            submits.abandon(self.state, cmd)
-            self._waiters.pop(cmd.command_id, None)
-            raise
-        submits.mark_stored(self.state, cmd, stream_seq)
+            try:
+                stream_seq, duplicate = await self.streams.store_command(
+                    self._signer.sign(cmd), job.last_stream_seq
+                )
+            except SeqConflict:
+                submits.abandon(self.state, cmd)
+                log.warning("seq %d of %s was taken by another writer: reloading", cmd.seq, job.job)
+                continue
+            except NatsUnavailable:
+                submits.abandon(self.state, cmd)
+                raise
+            if duplicate:
+                # This id was stored by an attempt whose answer was lost: read it back from the tail.
+                submits.abandon(self.state, cmd)
+                continue
+            submits.mark_stored(self.state, cmd, stream_seq)
+            return cmd
+        raise NatsUnavailable(
+            f"command for {job.job} was not stored: another weaver keeps publishing commands of run "
+            f"{job.run_id}; run one weaver per NATS cluster"
+        )
+
+    def _refuse_submit(
+        self, req: SubmitRequest, reason: str, now: float, *, job: str, run_id: str = ""
+    ) -> Outcome:
+        """Decide and journal a refused submit: nothing is published; a repeat gets the same answer."""
+        try:
+            subjects.check_token("job", job)
+        except ValueError:
+            job = ""  # journaled under the weaver's own name; `reason` says what was asked
+        outcome = dedupe.refused_outcome(req, reason, now, job=job, run_id=run_id)
+        self._finish(outcome)
+        return outcome
 
     def status(self, job: str = "") -> StatusReply:
         """A snapshot of one job, or of every job for an empty name.
@@ -578,9 +660,25 @@ class Weaver:
 
     # ---- the journal ----------------------------------------------------------------------------
 
-    def journal(self, job: str = "", *, follow: bool = False) -> AsyncIterator[Outcome | JobEvent]:
-        """The durable journal of one job (or of all for ""), oldest first; see `Streams.journal`."""
-        return self.streams.journal(job, follow=follow)
+    async def journal(
+        self, job: str = "", *, follow: bool = False, run_id: str = "", command_id: str = ""
+    ) -> AsyncIterator[Outcome | JobEvent]:
+        """The durable journal of one job (or of all for ""), oldest first; see `Streams.journal`.
+
+        Args:
+            run_id: only that run's entries.
+            command_id: only that command's decision; ends after it (with `follow`, waits for it).
+        """
+        if command_id:
+            done = self.state.decided.get(command_id)
+            if done is not None and (not job or done.job == job):
+                yield done
+                return
+        async for entry in self.streams.journal(job, follow=follow):
+            if dedupe.journal_match(entry, run_id=run_id, command_id=command_id):
+                yield entry
+                if command_id:
+                    return
 
     async def _recover(self) -> None:
         """Rebuild jobs, registries, seq floors and in-flight commands from the streams."""

@@ -1,5 +1,6 @@
 """The weaver's JetStream I/O: reading the journal and a run's commands, storing a command under the
-run's expected last sequence, and the outbox that publishes journal entries and events in order.
+run's expected last sequence, and the outbox that publishes journal entries and events in order,
+each under a Nats-Msg-Id and retried until stored.
 
 No decisions and no weaver state: `weaver.service` calls these and folds what they return into its
 state through `weaver.submits` and `weaver.recovery`.
@@ -8,9 +9,12 @@ state through `weaver.submits` and `weaver.recovery`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -24,8 +28,11 @@ log = logging.getLogger(__name__)
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 _WRONG_LAST_SEQUENCE = 10071
-# Outbound journal/event publishes waiting for JetStream; past this we drop rather than grow.
+# Outbound events waiting for JetStream; past this new events are dropped rather than held. Outcomes
+# are never dropped: there is one per command, and the journal must hold each.
 OUTBOX_SIZE = 10_000
+# Pause between attempts to store the outbox's oldest message (a restarting server or stream leader).
+_RETRY_WAIT_S = (0.1, 2.0)
 
 
 class SeqConflict(Exception):
@@ -124,11 +131,38 @@ class Streams:
             raise NatsUnavailable(f"cannot read the last command of {job}/{run_id}: {exc}") from exc
         return wire.decode_command(raw.data or b"").seq, raw.seq or 0
 
-    async def store_command(self, cmd: Command, expected_stream_seq: int) -> int:
+    async def commands_after(self, job: str, run_id: str, stream_seq: int) -> list[tuple[Command, int]]:
+        """The run's stored commands after stream sequence `stream_seq`, oldest first, with theirs.
+
+        Usually none or one: what another writer, or a publish of ours whose answer was lost, stored
+        since the weaver last looked.
+
+        Raises:
+            NatsUnavailable: the stream could not be read.
+        """
+        subject = subjects.commands(job, run_id)
+        found: list[tuple[Command, int]] = []
+        seq = stream_seq
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    raw = await self.js.get_msg(
+                        subjects.STREAM_COMMANDS, seq=seq + 1, subject=subject, next=True
+                    )
+            except NotFoundError:
+                return found
+            except Exception as exc:
+                raise NatsUnavailable(f"cannot read the commands of {job}/{run_id}: {exc}") from exc
+            seq = raw.seq or seq + 1
+            with contextlib.suppress(ValueError):
+                found.append((wire.decode_command(raw.data or b""), seq))
+
+    async def store_command(self, cmd: Command, expected_stream_seq: int) -> tuple[int, bool]:
         """Store `cmd` in JetStream, only if the run's subject still ends at `expected_stream_seq`.
 
         Returns:
-            The stream sequence JetStream gave the command.
+            The stream sequence of the command and whether JetStream already held a message with
+            its id (`Nats-Msg-Id` = command id: stored by an earlier attempt, nothing new stored).
 
         Raises:
             SeqConflict: another writer stored a command there first (the seq may be taken).
@@ -152,31 +186,72 @@ class Streams:
             raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
         except Exception as exc:
             raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
-        return ack.seq
+        return ack.seq, bool(ack.duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One message to store: its `msg_id` makes a retried publish one stored message; `then` runs
+    once it is stored (e.g. acknowledging the acks an outcome was made of)."""
+
+    subject: str
+    payload: bytes
+    msg_id: str
+    then: Callable[[], Awaitable[None]] | None = None
 
 
 class Outbox:
     """Journal entries and events waiting to be published, in order, by one loop (`run`).
 
-    Bounded: when JetStream falls behind by `size` messages, new ones are dropped (and logged) rather
-    than held without limit. Publishing is best effort; a failed publish is logged and skipped.
+    A message that fails to publish is retried (same Nats-Msg-Id, so it is stored once) until it is
+    stored, and the ones behind it wait: the journal keeps its order and loses nothing while a server
+    restarts. Bounded: while JetStream is behind by `size` messages, new events are dropped (and
+    logged); outcomes are always kept (one per command, bounded by the commands in flight).
     """
 
     def __init__(self, size: int = OUTBOX_SIZE) -> None:
-        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(size)
+        self._size = size
+        self._queue: collections.deque[OutboxItem] = collections.deque()
+        self._ready = asyncio.Event()
+        self.dropped = 0
 
-    def put(self, subject: str, payload: bytes) -> None:
-        """Queue a message without waiting; drop it when the outbox is full."""
-        try:
-            self._queue.put_nowait((subject, payload))
-        except asyncio.QueueFull:
-            log.warning("outbox full: dropped a message for %s", subject)
+    def put(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str = "",
+        keep: bool = False,
+        then: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Queue a message without waiting. `msg_id` defaults to a fresh one; without `keep` the
+        message is dropped when the outbox is full."""
+        if not keep and len(self._queue) >= self._size:
+            self.dropped += 1
+            log.warning("outbox full: dropped a message for %s (%d so far)", subject, self.dropped)
+            return
+        self._queue.append(OutboxItem(subject, payload, msg_id or uuid.uuid4().hex, then))
+        self._ready.set()
 
-    async def run(self, publish: Callable[[str, bytes], Awaitable[object]]) -> None:
-        """Publish queued messages with `publish(subject, payload)` until cancelled."""
+    async def run(self, publish: Callable[[OutboxItem], Awaitable[object]]) -> None:
+        """Publish queued messages with `publish(item)`, oldest first, until cancelled."""
+        wait = _RETRY_WAIT_S[0]
         while True:
-            subject, payload = await self._queue.get()
+            while not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._queue[0]
             try:
-                await publish(subject, payload)
-            except Exception as exc:  # the journal is best effort; the weaver must keep going
-                log.warning("could not publish to %s: %s", subject, exc)
+                await publish(item)
+            except Exception as exc:  # not stored: the weaver keeps going and tries again
+                log.warning("could not publish to %s (retrying in %.1fs): %s", item.subject, wait, exc)
+                await asyncio.sleep(wait)
+                wait = min(_RETRY_WAIT_S[1], wait * 2)
+                continue
+            wait = _RETRY_WAIT_S[0]
+            self._queue.popleft()
+            if item.then is not None:
+                try:
+                    await item.then()
+                except Exception as exc:
+                    log.warning("after publishing to %s: %s", item.subject, exc)

@@ -154,7 +154,8 @@ async def read_journal(client: ControlClient) -> list[WatchEvent]:
 
 
 def outcomes(entries: list[WatchEvent]) -> list[Outcome]:
-    return [e for e in entries if isinstance(e, Outcome)]
+    """The decided commands among journal entries (refused attempts have no command)."""
+    return [e for e in entries if isinstance(e, Outcome) and e.command is not None]
 
 
 async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
@@ -186,6 +187,20 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
             assert bad.status is OutcomeStatus.REJECTED
             assert "checkpoint 'nope' does not exist: known checkpoints are ckpt-1 (tag good)" in bad.reason
             assert await commands_stored(nc) == stored and w1.weaver.state.jobs[JOB].last_seq == 2
+            # ... and journaled as a refused attempt: who asked and why, no seq.
+
+            async def refusal_journaled() -> bool:
+                return any(
+                    isinstance(e, Outcome) and e.command_id == bad.command_id and e.command is None
+                    for e in await read_journal(client)
+                )
+
+            await until("the refusal in the journal", refusal_journaled)
+            refusal = next(
+                e for e in await read_journal(client) if isinstance(e, Outcome) and e.command is None
+            )
+            assert refusal.issuer is not None and refusal.issuer.kind == ME.kind
+            assert refusal.reason == bad.reason and refusal.run_id == RUN
 
             rb = await client.submit(
                 SubmitRequest(
@@ -197,7 +212,8 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
                 kind=ActionKind.ROLLBACK,
                 args={
                     "checkpoint": "good",
-                    "checkpoint_id": "ckpt-1",  # no path: each rank resolves the id under its own root
+                    "checkpoint_id": "ckpt-1",
+                    "checkpoint_path": f"/ck/{JOB}/{RUN}/ckpt-1",
                 },
             )
 
@@ -255,7 +271,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
 
             async def follow() -> None:
                 async for ev in client.journal(JOB, follow=True):
-                    if isinstance(ev, Outcome):
+                    if isinstance(ev, Outcome) and ev.command is not None:
                         followed.append(ev)
                         if len(followed) == 5:
                             return
@@ -315,7 +331,8 @@ async def test_two_weavers_never_publish_the_same_seq(nats_server: EmbeddedNats,
     async with (
         Ranks(nc) as ranks,
         open_weaver(weaver_config(nats_server)) as w1,
-        open_weaver(weaver_config(nats_server)) as w2,
+        # A second weaver running at once reads the acks through a consumer of its own.
+        open_weaver(weaver_config(nats_server, acks_consumer="second-weaver")) as w2,
         ControlClient(w1.grpc_address) as c1,
         ControlClient(w2.grpc_address) as c2,
     ):

@@ -1,0 +1,29 @@
+"""A weaver process for the chaos test: `python chaos_weaver.py NATS_URLS GRPC_ADDR REPLICAS`.
+
+It runs until SIGTERM or SIGKILL (the test kills it once mid-stream and starts it again on the same
+gRPC address); NATS_URLS is a comma-separated list of the cluster's servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from weaver.app import RunningWeaver, serve
+from weaver.config import WeaverConfig
+
+
+def main() -> None:
+    nats_urls, grpc_addr, replicas = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = WeaverConfig(nats_url=nats_urls, grpc_addr=grpc_addr, replicas=replicas, nats_timeout_s=3.0)
+
+    def ready(running: RunningWeaver) -> None:
+        print(f"weaver ready: grpc {running.grpc_address}", flush=True)
+
+    asyncio.run(serve(config, ready=ready, handle_sigterm=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The weaver's durable ack feed: every rank's acks, read from the TORCHLOOM_ACKS stream through a
+durable consumer, each acknowledged to JetStream only once the outcome it helped decide is journaled.
+
+So a weaver killed at any point loses no ack: what it had not journaled yet is delivered again to
+the next weaver, which rebuilt the command as pending from the commands stream and completes it.
+No decisions here: the service says, per ack, which command it belongs to (or that it is of no use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from torchloom import bus, subjects
+
+log = logging.getLogger(__name__)
+
+# An unacknowledged ack is delivered again after this long: a delivery lost while the weaver
+# reconnected (a push consumer's in-flight messages) comes back this soon. A held one comes back too
+# and replaces the delivery held before (one per stream sequence).
+ACK_WAIT_S = 2.0
+# Acks held (not yet acknowledged) at most: pending commands x ranks. Past it JetStream pauses the
+# delivery, so it is far above any real backlog.
+MAX_ACK_PENDING = 65_536
+
+# An ack that cannot be judged yet (its rank has not reported since the weaver started) comes back
+# after this long.
+RETRY_DELAY_S = 0.5
+
+
+class Retry:
+    """A handler's answer: deliver this ack again shortly (see RETRY_DELAY_S)."""
+
+
+RETRY = Retry()
+# What a command is known by while its outcome is open: (job, run id, seq).
+CommandKey = tuple[str, str, int]
+# Folds one ack message into the weaver's state and says what to do with it: hold it until the
+# outcome of the open command with this key is journaled, acknowledge it now (None: of no further
+# use, e.g. malformed, refused or about a decided command), or RETRY it shortly.
+Handler = Callable[[Msg], CommandKey | Retry | None]
+
+
+class AckFeed:
+    """Follows TORCHLOOM_ACKS with a durable consumer (each weaver name has its own, so every weaver
+    sees every ack, and a restarted one resumes where its predecessor stopped).
+
+    Args:
+        durable: the consumer's name (`WeaverConfig.acks_consumer`).
+        handler: called with each decoded ack, on the event loop.
+    """
+
+    def __init__(self, durable: str, handler: Handler) -> None:
+        self._durable = durable
+        self._handler = handler
+        self._held: dict[CommandKey, dict[int, Msg]] = {}
+        self._sub: Any = None
+
+    async def start(self, js: JetStreamContext) -> None:
+        """Bind (or create) the durable consumer and start delivery."""
+        config = ConsumerConfig(
+            durable_name=self._durable,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_S,
+            max_ack_pending=MAX_ACK_PENDING,
+            max_deliver=-1,
+            # A consumer whose weaver is gone this long is removed; a new one starts from the oldest
+            # ack the stream still holds (as old as this), so nothing is missed either way.
+            inactive_threshold=bus.ACKS_MAX_AGE_S,
+        )
+        self._sub = await js.subscribe(
+            subjects.acks_all(),
+            durable=self._durable,
+            stream=subjects.STREAM_ACKS,
+            cb=self._on_msg,
+            manual_ack=True,
+            config=config,
+            pending_msgs_limit=MAX_ACK_PENDING,
+        )
+
+    async def stop(self) -> None:
+        """Stop delivery (the durable consumer stays on the server for the next weaver)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def held(self) -> int:
+        return sum(len(v) for v in self._held.values())
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            key = self._handler(msg)
+        except Exception:  # a bug in a handler must not stall the feed
+            log.exception("ack handling failed on %s", msg.subject)
+            key = None
+        if key is None:
+            await _ack(msg)
+        elif isinstance(key, Retry):
+            try:
+                await msg.nak(delay=RETRY_DELAY_S)
+            except Exception as exc:  # without the nak it comes back after ACK_WAIT_S
+                log.debug("could not nak an ack message: %s", exc)
+        else:
+            self._held.setdefault(key, {})[msg.metadata.sequence.stream] = msg
+
+    async def release(self, key: CommandKey) -> None:
+        """The outcome of command `key` is journaled: acknowledge every ack held for it."""
+        for msg in self._held.pop(key, {}).values():
+            await _ack(msg)
+
+
+async def _ack(msg: Msg) -> None:
+    try:
+        await msg.ack()
+    except Exception as exc:  # a lost ack-ack only means a redelivery, which is ignored
+        log.debug("could not acknowledge an ack message: %s", exc)

@@ -154,6 +154,16 @@ class Reporter:
         notice = dataclasses.replace(decided, detail={"notice": kind, "message": message})
         self.ack(notice, received_at_s=0.0, decided_at_s=time.time(), refused_by_peer=False)
 
+    def notice(self, decided: Decided, kind: str, message: str) -> None:
+        """Report something that went wrong with a command after it was decided (e.g. a set lr that
+        a scheduler the threadlet was not given overwrote): logged on this rank and published as a
+        follow-up ack of the same command, `detail["notice"]` = `kind`, `detail["message"]` =
+        `message`. The weaver counts only a rank's first ack toward the outcome, so this one
+        changes no outcome; the acks stream keeps it and watchers see it."""
+        log.warning("threadlet rank %d: %s", self._ctx.rank, message)
+        notice = dataclasses.replace(decided, detail={"notice": kind, "message": message})
+        self.ack(notice, received_at_s=0.0, decided_at_s=time.time(), refused_by_peer=False)
+
     def surface_errors(self) -> None:
         """Drain the link's problems and log them, at most one line per interval."""
         link = self._link

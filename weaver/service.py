@@ -500,12 +500,16 @@ class Weaver:
     # ---- the API --------------------------------------------------------------------------------
 
     async def _load_seq_floor(self, job: str, run_id: str) -> None:
-        """Read the run's last command from the stream so seqs continue after a weaver restart."""
-        async with self._submit_lock:
-            current = self.state.jobs.get(job)
-            if current is None or current.run_id != run_id or current.seq_known:
-                return
-            await self._load_seq_floor_locked(job, run_id)
+        """Read the run's commands the weaver has not seen, so seqs continue after a weaver restart.
+
+        Eager, on a run's first heartbeat, and without the submit lock: a flood of new jobs must not
+        queue a real submit behind their reads. A submit that needs the floor first reads it itself;
+        reading the tail twice is harmless (`recovery.replay_commands` skips what it already holds).
+        """
+        current = self.state.jobs.get(job)
+        if current is None or current.run_id != run_id or current.seq_known:
+            return
+        await self._load_seq_floor_locked(job, run_id)
 
     async def _load_seq_floor_locked(self, job_name: str, run_id: str) -> None:
         # The tail, not just the last command: every stored command the weaver lost track of (its own

@@ -212,8 +212,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
                 kind=ActionKind.ROLLBACK,
                 args={
                     "checkpoint": "good",
-                    "checkpoint_id": "ckpt-1",
-                    "checkpoint_path": f"/ck/{JOB}/{RUN}/ckpt-1",
+                    "checkpoint_id": "ckpt-1",  # no path: each rank resolves the id under its own root
                 },
             )
 

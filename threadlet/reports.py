@@ -139,20 +139,12 @@ class Reporter:
             branch=decided.branch,
             refused_by_peer=refused_by_peer,
         )
-        # Retried until the acks stream stores it, once per (run, seq, rank, incarnation): the weaver
-        # may be down or NATS restarting right now, and the outcome must still be completed.
+        # Retried until the acks stream stores it, once per (run, seq, rank, incarnation) and notice:
+        # the weaver may be down or NATS restarting right now, and the outcome must still be completed.
         msg_id = f"ack:{ack.run_id}:{ack.seq}:{ack.rank}:{ack.incarnation}"
+        if "notice" in ack.detail:
+            msg_id += f":notice:{ack.detail['notice']}"
         self._link.publish_durable(subjects.acks(self._config.job), wire.encode(ack), msg_id)
-
-    def notice(self, decided: Decided, kind: str, message: str) -> None:
-        """Report something that went wrong with a command after it was decided (e.g. a set lr that
-        a scheduler the threadlet was not given overwrote): logged on this rank and published as a
-        follow-up ack of the same command, `detail["notice"]` = `kind`, `detail["message"]` =
-        `message`. The weaver counts only a rank's first ack toward the outcome, so this one
-        changes no outcome; the acks stream keeps it and watchers see it."""
-        log.warning("threadlet rank %d: %s", self._ctx.rank, message)
-        notice = dataclasses.replace(decided, detail={"notice": kind, "message": message})
-        self.ack(notice, received_at_s=0.0, decided_at_s=time.time(), refused_by_peer=False)
 
     def notice(self, decided: Decided, kind: str, message: str) -> None:
         """Report something that went wrong with a command after it was decided (e.g. a set lr that

@@ -1,6 +1,6 @@
-"""A weaver process for the chaos test: `python chaos_weaver.py NATS_URLS GRPC_ADDR REPLICAS`.
+"""A weaver process for tests that kill it: `python weaver_proc.py NATS_URLS GRPC_ADDR REPLICAS`.
 
-It runs until SIGTERM or SIGKILL (the test kills it once mid-stream and starts it again on the same
+It runs until SIGTERM or SIGKILL (a test kills it mid-stream and starts it again on the same
 gRPC address); NATS_URLS is a comma-separated list of the cluster's servers.
 """
 

@@ -52,3 +52,15 @@ def test_committed_static_matches_a_fresh_build(tmp_path: Path) -> None:
         assert filecmp.cmp(out / rel, committed / rel, shallow=False), (
             f"weaver/static/{rel} is stale: run `make ui-build` and commit it"
         )
+
+
+def test_every_health_kind_the_weaver_reports_has_a_colour() -> None:
+    """The device panel marks a rank with its weaver verdict as the row's class: each non-healthy
+    kind needs a rule, or a rank waiting on a dead peer looks like a healthy one."""
+    from weaver.health_policy import HealthKind
+
+    css = (UI / "src" / "app.css").read_text()
+    missing = [
+        k.value for k in HealthKind if k is not HealthKind.HEALTHY and f"#devices tr.{k.value} td" not in css
+    ]
+    assert not missing, f"ui/src/app.css has no `#devices tr.<kind> td` rule for {missing}"

@@ -565,9 +565,11 @@ function renderTimeline() {
       }
       const kindCls = /dead|fail|hung|unhealthy|straggler/.test(e.kind)
         ? "bad"
-        : /reconfigure|resumed|rollback|recovered/.test(e.kind)
-          ? "info"
-          : "";
+        : /waiting|stopping/.test(e.kind)
+          ? "wait"
+          : /reconfigure|resumed|rollback|recovered/.test(e.kind)
+            ? "info"
+            : "";
       return `<div class="entry ${esc(e.kind)}" data-command="${esc(e.command_id || "")}">
         <span class="time">${clock(e.time_s)}</span><span class="kind ${kindCls}">${esc(e.kind)}</span>
         <span class="text">${text}</span></div>`;

@@ -474,7 +474,7 @@ export function deviceState(device) {
 /**
  * One rank's health for the device panel, from the weaver's verdict (RankStatus.health) when known,
  * else from the rank's own heartbeat: {state, reason}, state one of healthy, unhealthy, dead, hung,
- * straggler, unknown. A device a heartbeat reports unhealthy stays so even if the weaver lags.
+ * waiting (stalled on a dead or hung peer, not at fault), straggler, unknown. A device a heartbeat reports unhealthy stays so even if the weaver lags.
  */
 export function rankHealth(status, device) {
   const dev = deviceState(device);

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +61,29 @@ async def journal(addr: str) -> list[Any]:
         return [e async for e in client.journal(JOB)]
 
 
-def start_job(out: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+@contextlib.asynccontextmanager
+async def training_job(
+    tmp_path: Path,
+    env: dict[str, str],
+    server: EmbeddedNats,
+    procs: list[subprocess.Popen[bytes]],
+    **job_vars: str,
+) -> AsyncIterator[tuple[WeaverProc, subprocess.Popen[bytes], Path]]:
+    """A weaver process on `server` and a 2-rank job training under it: (weaver, job, records dir)."""
+    weaver = WeaverProc(server.url, env, tmp_path / "weaver.log")
+    weaver.start()
+    out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
         str(EXAMPLE), "--steps", "1000000", "--out", str(out), "--step-sleep", "0.02",
     ]  # fmt: skip
-    return start_session(cmd, env)
+    job = start_session(cmd, job_env(env, JOB, TORCHLOOM_NATS_URL=server.url, **job_vars))
+    procs.append(job)
+    try:
+        await until("two training ranks", lambda: trained(weaver.addr), timeout_s=90, proc=job)
+        yield weaver, job, out
+    finally:
+        weaver.stop()
 
 
 async def stop_job(addr: str, job: subprocess.Popen[bytes]) -> SubmitResult:
@@ -101,18 +120,10 @@ async def test_weaver_killed_between_submit_and_outcome_and_a_refusal_journaled_
     nats_server: EmbeddedNats,
     procs: list[subprocess.Popen[bytes]],
 ) -> None:
-    weaver = WeaverProc(nats_server.url, subprocess_env, tmp_path / "weaver.log")
-    weaver.start()
-    out = tmp_path / "out"
     # Ranks file each command up to 3 s after it arrives: time to kill the weaver in between.
-    env = job_env(
-        subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url, TORCHLOOM_TEST_DELIVERY_DELAY_S="3"
-    )
-    job = start_job(out, env)
-    procs.append(job)
-    try:
-        await until("two training ranks", lambda: trained(weaver.addr), timeout_s=90, proc=job)
-
+    async with training_job(
+        tmp_path, subprocess_env, nats_server, procs, TORCHLOOM_TEST_DELIVERY_DELAY_S="3"
+    ) as (weaver, job, out):
         # A refusal: journaled once, with who asked and why; its repeat is the same decision.
         bad = await submit(weaver.addr, SetConfig(values={"lr": "-1"}), command_id="refused-1")
         again = await submit(weaver.addr, SetConfig(values={"lr": "-1"}), command_id="refused-1")
@@ -158,8 +169,6 @@ async def test_weaver_killed_between_submit_and_outcome_and_a_refusal_journaled_
         by_seq = one_outcome_per_seq(await journal(weaver.addr))
         assert by_seq[1].command_id == result["command_id"] and by_seq[1].status is OutcomeStatus.APPLIED
         assert sorted(by_seq) == [d["seq"] for d in records[0]]
-    finally:
-        weaver.stop()
 
 
 @pytest.mark.timeout(240)
@@ -169,13 +178,7 @@ async def test_nats_server_killed_during_a_stream_of_commands(
     nats_server: EmbeddedNats,
     procs: list[subprocess.Popen[bytes]],
 ) -> None:
-    weaver = WeaverProc(nats_server.url, subprocess_env, tmp_path / "weaver.log")
-    weaver.start()
-    out = tmp_path / "out"
-    job = start_job(out, job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url))
-    procs.append(job)
-    try:
-        await until("two training ranks", lambda: trained(weaver.addr), timeout_s=90, proc=job)
+    async with training_job(tmp_path, subprocess_env, nats_server, procs) as (weaver, job, out):
         results: list[tuple[float, SubmitResult]] = []
         kill_at = {5, 12}
         for n in range(1, 21):
@@ -205,5 +208,3 @@ async def test_nats_server_killed_during_a_stream_of_commands(
 
         by_seq = await until("every outcome in the journal", complete, timeout_s=30)
         assert {o.command_id: s for s, o in by_seq.items()} == {c: d["seq"] for c, d in decided.items()}
-    finally:
-        weaver.stop()

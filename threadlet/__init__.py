@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from threadlet import resume
 from threadlet.agent import EvalFn, Threadlet
 from threadlet.config import ThreadletConfig, from_env
+from threadlet.ddp_hook import wrap_comm_hook
 from threadlet.loader import LoaderState
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "from_env",
     "unwrap_optimizer",
     "unwrap_scheduler",
+    "wrap_comm_hook",
 ]
 
 log = logging.getLogger("threadlet")

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Self
 import torch
 import torch.distributed as dist
 
-from threadlet import health, nvml_fake, replay
+from threadlet import ddp_hook, health, nvml_fake, replay
 from threadlet.actions import ActionRunner, EvalFn
 from threadlet.agreement import Agreement, Batch, GlooTransport, Verdict
 from threadlet.config import ThreadletConfig
@@ -59,6 +59,9 @@ class Threadlet:
             local mode).
         group: the dedicated gloo group of the step agreement and checkpoints (None with one rank
             or no bus).
+        agreement_path: how the step agreement travels: "piggyback" (inside DDP's gradient
+            all-reduce), "side" (beside a user's DDP comm hook, in the same backward), "gloo" (its
+            own rounds on `group`) or "local" (one rank, no rounds).
     """
 
     def __init__(
@@ -109,6 +112,8 @@ class Threadlet:
             prepare=self._runner.prepare,
             transport=GlooTransport(self.group) if self.group is not None else None,
         )
+        self.agreement_path = "local" if self.group is None else "gloo"
+        self.use_ddp(model)
         self._probe: health.DeviceProbe | None = None
         self._link: Link | None = None
         if not config.local:
@@ -177,6 +182,22 @@ class Threadlet:
     def rounds(self) -> int:
         """Agreement rounds started (a cost/latency statistic)."""
         return self._agreement.rounds
+
+    def use_ddp(self, model: Any) -> str:
+        """Carry the step agreement inside the gradient all-reduce of the DistributedDataParallel that
+        is (or wraps) `model`, from the next round on; `attach(model=...)` already does this.
+
+        A collective: call it on every rank at the same point, before the next backward. Without a
+        DDP over the whole world, with a hook of the user's not wrapped by
+        `threadlet.wrap_comm_hook`, or with `agreement="gloo"`, the gloo rounds stay.
+
+        Returns:
+            The agreement path now in use (see `agreement_path`).
+        """
+        if self.group is None or self.config.agreement != "auto" or self.agreement_path != "gloo":
+            return self.agreement_path
+        self.agreement_path = ddp_hook.connect(self._agreement, model, self.group)
+        return self.agreement_path
 
     # ---- the training loop ----------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ A round is offer -> collective -> verdict. Each rank offers `(ready, refused_fir
 proposals (`Offer`); an `AgreementTransport` combines the offers of all ranks by an element-wise
 MIN (today `GlooTransport`, an async all-reduce over a dedicated gloo group); the pure `decide` turns
 the agreed round into the same ordered verdicts on every rank (docs/design.md, "Commands"). The
-`Agreement` component keeps the inbox of filed commands and schedules rounds in ticks.
+`Agreement` component keeps the inbox of filed commands and schedules rounds in ticks. With DDP, a
+`Piggyback` (threadlet/ddp_hook.py) carries a round in every synchronized backward instead, and the
+gloo rounds remain for what has no backward: a pause, or a loop that stopped backpropagating.
 """
 
 from __future__ import annotations
@@ -179,6 +181,25 @@ class GlooTransport:
         return decode(buf.tolist())
 
 
+class Piggyback(Protocol):
+    """Rounds carried by the training's own collective (DDP's gradient all-reduce): `start` stages
+    the offer at a boundary, `done` says at each later boundary whether a backward carried it (the
+    same answer on every rank), `finish` returns the agreed `(ready, refused_first)`, `cancel`
+    drops a round no backward carried."""
+
+    def start(self, ready: int, refused_first: int, busy: bool, last_decided: int) -> Offer: ...
+
+    def done(self) -> bool: ...
+
+    def finish(self) -> tuple[int, int]: ...
+
+    def cancel(self) -> None: ...
+
+
+# Boundaries a piggybacked round waits for a synchronized backward before a gloo round replaces it
+# (a loop that calls step() per micro-batch under no_sync, or stopped backpropagating through DDP).
+PIGGYBACK_PATIENCE_TICKS = 64
+
 Prepare = Callable[[Command, float], Filed]
 
 
@@ -195,6 +216,8 @@ class Agreement:
         prepare: this rank's local check of a received command (thread-safe; no training state).
         transport: the collective of a round; None when this rank is alone: it agrees with itself
             and decides at the boundary after filing, without rounds.
+        piggyback: rounds carried by DDP's backward (`use_piggyback` connects one later); while
+            connected, every running step offers a round there and `transport` serves pauses.
     """
 
     def __init__(
@@ -204,6 +227,7 @@ class Agreement:
         *,
         prepare: Prepare,
         transport: AgreementTransport | None,
+        piggyback: Piggyback | None = None,
     ) -> None:
         self._config = config
         self._state = state
@@ -218,6 +242,15 @@ class Agreement:
         self._due_tick = 0
         self._lag = 1  # agreed in each round; the first round is read at the next boundary
         self.rounds = 0  # rounds started (a cost/latency statistic)
+        self._piggyback = piggyback
+        self._via_piggyback = False  # the round in flight rides the backward
+        self._piggyback_tick = 0  # when it was staged
+        self._gloo_next = False  # a piggybacked round timed out: the next round is a gloo one
+
+    def use_piggyback(self, piggyback: Piggyback) -> None:
+        """Carry rounds in DDP's backward from the next round on (every rank calls it at the same
+        boundary, so every rank switches at the same round)."""
+        self._piggyback = piggyback
 
     # ---- bus thread -----------------------------------------------------------------------------
 
@@ -239,6 +272,8 @@ class Agreement:
         """The commands decided at this boundary with their verdicts, in seq order, taken out of
         the inbox. Waits for the round in flight only when it is due (almost always complete)."""
         st = self._state
+        if self._via_piggyback:
+            return self._read_piggyback()
         if self._transport is None:
             if not self.inbox:  # the common case costs no lock
                 return _NOTHING
@@ -264,10 +299,44 @@ class Agreement:
             decide(st.last_decided, offered.ready, offered.refused_first, agreed.ready, agreed.refused_first)
         )
 
+    def _read_piggyback(self) -> Batch:
+        st, piggyback, offered = self._state, self._piggyback, self._offered
+        assert piggyback is not None and offered is not None
+        if not piggyback.done():
+            # A pause has no backward, nor does a loop that stopped calling it: after the agreed
+            # patience, on every rank at the same boundary, a gloo round takes over.
+            if st.paused or st.tick - self._piggyback_tick >= PIGGYBACK_PATIENCE_TICKS:
+                piggyback.cancel()
+                self._offered, self._via_piggyback = None, False
+                self._gloo_next, self._next_round_tick = True, st.tick
+            return _NOTHING
+        self._offered, self._via_piggyback = None, False
+        if offered.ready <= st.last_decided:
+            # This rank offered nothing new: the MIN is nothing new either; no need to read it.
+            piggyback.cancel()
+            return _NOTHING
+        agreed_ready, agreed_refused = piggyback.finish()
+        if agreed_ready <= st.last_decided:
+            return _NOTHING
+        return self._take(
+            decide(st.last_decided, offered.ready, offered.refused_first, agreed_ready, agreed_refused)
+        )
+
     def start_round(self) -> None:
         """Offer this rank's filed commands in a new round when one is due."""
         st = self._state
-        if self._transport is None or self._offered is not None:
+        if self._offered is not None:
+            return
+        piggyback = self._piggyback
+        if piggyback is not None and not st.paused and not self._gloo_next:
+            # Every synchronized backward carries a round: offering costs a compare when idle.
+            ready, refused = self._local_offer()
+            self._offered = piggyback.start(ready, refused, bool(self.inbox), st.last_decided)
+            self._via_piggyback, self._piggyback_tick = True, st.tick
+            self.rounds += 1
+            return
+        self._gloo_next = False
+        if self._transport is None:
             return
         # A round costs the step some CPU and wake-ups (it runs beside the training step), so an
         # idle job spaces rounds about idle_round_period_s apart.
@@ -283,7 +352,14 @@ class Agreement:
 
     def close(self) -> None:
         """Finish the round in flight (every rank started the same rounds: the group ends quiescent)."""
-        if self._offered is None or self._transport is None:
+        if self._offered is None:
+            return
+        if self._via_piggyback:
+            assert self._piggyback is not None
+            self._offered, self._via_piggyback = None, False
+            self._piggyback.cancel()
+            return
+        if self._transport is None:
             return
         self._offered = None
         try:

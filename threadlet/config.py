@@ -21,6 +21,9 @@ def _positive(name: str, value: float, *, upper: float | None = None) -> None:
         raise ValueError(f"{name}={value!r} rejected: must be a finite number in {bound}")
 
 
+AGREEMENT_PATHS = ("auto", "gloo")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ThreadletConfig:
     """Settings of one rank's threadlet.
@@ -50,8 +53,14 @@ class ThreadletConfig:
             threadlet/replay.py); heartbeats still go to the bus when nats_url is set.
         fault_injection_allowed: accept `fault_inject` actions (demos and tests only).
         fake_nvml: a FakeNvml fault spec ("xid:79@50"): device health comes from that fake.
-        test_delivery_delay_s: TEST ONLY: the bus thread sleeps a random 0..this seconds (seeded
-            by rank) before filing each received command, to shake out delivery-order races.
+        test_delivery_delay_s: TEST ONLY: the bus thread files each received command after a
+            random 0..this seconds (seeded by test_delivery_seed and rank), so commands are filed
+            out of order and at different times on each rank, to shake out delivery-order races.
+        test_delivery_seed: TEST ONLY: the seed of those delays (a test prints it to reproduce).
+        agreement: how the step agreement travels: "auto" rides DDP's gradient all-reduce when the
+            model is (or is wrapped by) a DistributedDataParallel over the whole world, else a
+            dedicated gloo group; "gloo" always uses the gloo group. A replay must use the same
+            setting as the run it replays for bit-identical gradients.
         weaver_pubkey: the weaver's Ed25519 public key (64 hex characters, from `torchloom run`):
             a command whose signature does not verify against it is refused and reported.
         verify_commands: False accepts unsigned commands (only on a bus the user alone can reach);
@@ -78,6 +87,8 @@ class ThreadletConfig:
     fault_injection_allowed: bool = False
     fake_nvml: str | None = None
     test_delivery_delay_s: float = 0.0
+    test_delivery_seed: int = 0
+    agreement: str = "auto"
     weaver_pubkey: str | None = None
     verify_commands: bool = True
     data_roots: tuple[str, ...] = ()
@@ -112,6 +123,10 @@ class ThreadletConfig:
         delay = self.test_delivery_delay_s
         if not math.isfinite(delay) or not 0 <= delay <= 10:
             raise ValueError(f"test_delivery_delay_s={delay!r} rejected: must be a number in [0, 10]")
+        if self.agreement not in AGREEMENT_PATHS:
+            raise ValueError(
+                f"agreement={self.agreement!r} rejected: expected one of {', '.join(AGREEMENT_PATHS)}"
+            )
         if self.weaver_pubkey is not None:
             signing.Verifier(self.weaver_pubkey)  # a malformed key is a clear ValueError now, not later
         object.__setattr__(self, "data_roots", roots.parse_roots(os.pathsep.join(self.data_roots)))
@@ -141,7 +156,8 @@ def from_env(
             fault_injection_allowed, fake_nvml, test_delivery_delay_s, weaver_pubkey,
             verify_commands and data_roots default to TORCHLOOM_CHECKPOINT_DIR, TORCHLOOM_REPLAY,
             TORCHLOOM_ALLOW_FAULT_INJECTION (=1), TORCHLOOM_FAKE_NVML, TORCHLOOM_TEST_DELIVERY_DELAY_S,
-            TORCHLOOM_WEAVER_PUBKEY, TORCHLOOM_VERIFY_COMMANDS (=0 turns it off) and
+            TORCHLOOM_WEAVER_PUBKEY, TORCHLOOM_VERIFY_COMMANDS (=0 turns it off),
+            TORCHLOOM_TEST_DELIVERY_SEED, TORCHLOOM_AGREEMENT and
             TORCHLOOM_DATA_ROOTS (os.pathsep-separated).
 
     Raises:
@@ -157,6 +173,8 @@ def from_env(
     overrides.setdefault("fault_injection_allowed", env.get(env.ALLOW_FAULT_INJECTION) == "1")
     overrides.setdefault("fake_nvml", env.get(env.FAKE_NVML))
     overrides.setdefault("test_delivery_delay_s", env.get_float(env.TEST_DELIVERY_DELAY_S, 0.0))
+    overrides.setdefault("test_delivery_seed", int(env.get_float(env.TEST_DELIVERY_SEED, 0.0)))
+    overrides.setdefault("agreement", env.get(env.AGREEMENT, "auto") or "auto")
     overrides.setdefault("weaver_pubkey", env.get(env.WEAVER_PUBKEY))
     overrides.setdefault("verify_commands", env.get(env.VERIFY_COMMANDS) != "0")
     overrides.setdefault("data_roots", roots.parse_roots(env.get(env.DATA_ROOTS)))

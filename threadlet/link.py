@@ -68,8 +68,8 @@ class Link:
         self._rank = rank
         self._on_command = on_command
         self._probe = probe
-        # Test-only delivery jitter (TORCHLOOM_TEST_DELIVERY_DELAY_S), reproducible per rank.
-        self._delay_rng = random.Random(rank)
+        # Test-only delivery jitter (TORCHLOOM_TEST_DELIVERY_DELAY_S), reproducible per seed and rank.
+        self._delay_rng = random.Random(config.test_delivery_seed * 1_000_003 + rank)
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
         self._resubscribe = asyncio.Event()
@@ -305,10 +305,19 @@ class Link:
                 await self._report_unverified(cmd, refusal, received_at_s)
                 return
             max_delay = self._config.test_delivery_delay_s
-            if max_delay > 0:
-                # The consumer calls back one message at a time, so order is kept; only timing moves.
-                await asyncio.sleep(self._delay_rng.uniform(0.0, max_delay))
             assert self._on_command is not None
+            if max_delay > 0:
+                # Each command is filed after its own delay, so ranks file in different orders.
+                self._track(self._file_later(cmd, received_at_s, self._delay_rng.uniform(0.0, max_delay)))
+                return
+            self._on_command(cmd, received_at_s)
+        except Exception as exc:
+            self.errors.append(f"bad command message: {exc!r}")
+
+    async def _file_later(self, cmd: Command, received_at_s: float, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        assert self._on_command is not None
+        try:
             self._on_command(cmd, received_at_s)
         except Exception as exc:
             self.errors.append(f"bad command message: {exc!r}")

@@ -20,6 +20,8 @@ CHECKPOINT_DIR = "TORCHLOOM_CHECKPOINT_DIR"  # checkpoint root; default $TORCHLO
 FAKE_NVML = "TORCHLOOM_FAKE_NVML"  # a FakeNvml fault spec (threadlet/nvml_fake.from_spec), for demos
 REPLAY = "TORCHLOOM_REPLAY"  # JSON command list: the threadlet replays it instead of following the bus
 TEST_DELIVERY_DELAY_S = "TORCHLOOM_TEST_DELIVERY_DELAY_S"  # test-only: random delay before filing
+TEST_DELIVERY_SEED = "TORCHLOOM_TEST_DELIVERY_SEED"  # test-only: seed of those delays
+AGREEMENT = "TORCHLOOM_AGREEMENT"  # "auto" (ride DDP's all-reduce when there is one) or "gloo"
 
 
 def get(name: str, default: str | None = None) -> str | None:

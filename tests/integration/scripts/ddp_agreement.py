@@ -1,0 +1,138 @@
+"""Rounds riding DDP's backward, on a real torchrun job: each rank's `Agreement` is connected to the
+piggyback hook of a real DDP model (`threadlet.ddp_hook.connect`), files commands at its own random
+ticks (out of order, some refused on one rank), trains with gradient accumulation (no_sync
+micro-steps) and a pause, and writes what it decided, the gradients after each step and the hook
+statistics to OUT/rank{R}.json. The test compares the ranks and a plain-DDP run.
+
+    torchrun --nproc-per-node 3 ddp_agreement.py OUT --mode piggyback|side|plain --accum 1|3 --seed S
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from threadlet import ddp_hook
+from threadlet.agreement import Agreement, GlooTransport, Verdict
+from threadlet.config import ThreadletConfig
+from threadlet.state import Filed, TrainingState
+from torchloom.messages import Command, Issuer, SetConfig
+
+COMMANDS = 60
+TICKS = 160
+
+
+def command(seq: int) -> Command:
+    return Command(
+        command_id=f"c{seq}",
+        job="j",
+        run_id="r",
+        seq=seq,
+        issuer=Issuer(kind="test", identity="t"),
+        issued_at_s=0.0,
+        body=SetConfig(values={"lr": "0.1"}),
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out", type=Path)
+    p.add_argument("--mode", choices=["piggyback", "side", "plain"], required=True)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    # Two buckets (a 4 KB cap), so the offer rides one of several.
+    net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    ddp = DistributedDataParallel(net, bucket_cap_mb=0.004)
+    user_calls = [0]
+    if args.mode == "side":
+
+        def user_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks real annotations
+            user_calls[0] += 1
+            return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
+
+        ddp.register_comm_hook(*ddp_hook.wrap_comm_hook(None, user_hook))
+    rng = random.Random(args.seed * 7919 + rank)
+    # The seqs this rank refuses (rank-specific) and the tick at which it files each one.
+    refused = {s for s in range(1, COMMANDS + 1) if rng.random() < 0.1}
+    arrival = {s: rng.randrange(1, TICKS // 2) for s in range(1, COMMANDS + 1)}
+    state = TrainingState(step_time_s=0.001)
+    group = dist.new_group(backend="gloo")
+    agreement = Agreement(
+        ThreadletConfig(),
+        state,
+        prepare=lambda cmd, t: Filed(cmd, t, "refused" if cmd.seq in refused else None),
+        transport=GlooTransport(group),
+    )
+    path = "gloo" if args.mode == "plain" else ddp_hook.connect(agreement, ddp, group)
+    data = torch.Generator().manual_seed(1)
+    decided: list[list[object]] = []
+    grads: list[float] = []
+    pause_at, resume_at = TICKS // 3, TICKS // 3 + 5
+    for tick in range(1, TICKS + 1):
+        state.tick = state.step_count = tick
+        for seq, at in arrival.items():
+            if at == tick:
+                agreement.file(command(seq), 0.0)
+        # The pause is a decided state every rank enters at the same tick: rounds go through gloo.
+        state.paused = pause_at <= tick < resume_at
+        if not state.paused:
+            for micro in range(args.accum):
+                x = torch.randn(8, 16, generator=data)
+                last = micro == args.accum - 1
+                with contextlib.nullcontext() if last else ddp.no_sync():
+                    ddp(x).pow(2).mean().backward()
+            grads.append(float(sum(p.grad.double().sum() for p in net.parameters())))
+            for p_ in net.parameters():
+                p_.grad = None
+        for filed, verdict in agreement.read_round():
+            state.last_decided = filed.command.seq
+            decided.append([tick, filed.command.seq, verdict is Verdict.APPLY])
+        agreement.start_round()
+    # Whatever is left is decided by a few more steps.
+    tick = TICKS
+    while state.last_decided < COMMANDS and tick < TICKS + 200:
+        tick += 1
+        state.tick = state.step_count = tick
+        ddp(torch.randn(8, 16, generator=data)).pow(2).mean().backward()
+        for p_ in net.parameters():
+            p_.grad = None
+        for filed, verdict in agreement.read_round():
+            state.last_decided = filed.command.seq
+            decided.append([tick, filed.command.seq, verdict is Verdict.APPLY])
+        agreement.start_round()
+    agreement.close()
+    hooks = [s for _, s in ddp._comm_hooks if isinstance(s, ddp_hook.PiggybackHook)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "path": path,
+                "decided": decided,
+                "grads": grads,
+                "refused": sorted(refused),
+                "rounds": agreement.rounds,
+                "carried": hooks[0].transport.carried if hooks and hooks[0].transport else 0,
+                "user_calls": user_calls[0],
+                "world": world,
+            }
+        )
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.integration.helpers import EXAMPLE, job_env, start_session, until
+from tests.integration.helpers import cli as run_cli
 from tests.integration.weaver_proc import WeaverProc
 from torchloom.client import ControlClient, SubmitResult, submit_until
 from torchloom.errors import JobNotFound, WeaverUnavailable
@@ -136,6 +137,11 @@ async def test_weaver_killed_between_submit_and_outcome_and_a_refusal_journaled_
         refused = await until("the refusal in the journal", refusal, timeout_s=30)
         assert len(refused) == 1 and refused[0].command_id == "refused-1"
         assert refused[0].reason == bad.outcome.reason and refused[0].issuer is not None
+        shown = await asyncio.to_thread(
+            run_cli, "journal", "--command", "refused-1", "--grpc", weaver.addr, "--json", env=subprocess_env
+        )
+        assert shown.returncode == 2, shown.stderr  # exits like the submit did: rejected
+        assert json.loads(shown.stdout)["command_id"] == "refused-1"
 
         # `torchloom set` (its own command id), then the weaver dies before any rank answered.
         cli = await asyncio.create_subprocess_exec(

@@ -45,6 +45,10 @@ __all__ = ["TorchloomCallback"]
 
 log = logging.getLogger("threadlet")
 
+# How often the module's logged values (`trainer.callback_metrics`, rebuilt from Lightning's results on
+# every read: a few hundred microseconds) are refreshed for the bus; the loss follows every report.
+LOGGED_REFRESH_S = 1.0
+
 
 class TorchloomCallback(pl.Callback):
     """Steer a Lightning `Trainer.fit` with torchloom (see the module docstring for what each command
@@ -60,6 +64,7 @@ class TorchloomCallback(pl.Callback):
         self._steering = Steering(AttachOptions(**options))
         self._trainer: Any = None
         self._throttle = Throttle(0.0)
+        self._logged_throttle = Throttle(LOGGED_REFRESH_S)
         self._last_global_step = 0
         self._clip = False  # grad_clip_norm is steerable (the Trainer clips by norm)
 
@@ -106,6 +111,7 @@ class TorchloomCallback(pl.Callback):
         if self._throttle.due():  # .item() syncs a device: refresh on the metrics clock only
             loss = scalar(outputs.get("loss") if isinstance(outputs, dict) else outputs)
             steering.loss = loss if loss is not None else steering.loss
+        if self._logged_throttle.due():  # Lightning assembles callback_metrics on each read
             steering.metrics = numeric_metrics(trainer.callback_metrics)
         done = steering.boundary(tl)
         if done.rolled_back_to is not None:

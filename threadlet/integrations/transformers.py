@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from types import FrameType
 from typing import Any, Unpack
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from threadlet.agent import Threadlet
 from threadlet.integrations.common import (
@@ -70,7 +71,7 @@ class TorchloomCallback(TrainerCallback):
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._trainer = _calling_trainer(self)
+        self._trainer = _calling_trainer()
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -78,7 +79,7 @@ class TorchloomCallback(TrainerCallback):
         if self.threadlet is not None:  # a second train() call: steer it with the same threadlet
             return
         if self._trainer is None:  # added with trainer.add_callback after __init__
-            self._trainer = _calling_trainer(self)
+            self._trainer = _calling_trainer()
         if self._trainer is None:
             raise RuntimeError(
                 "TorchloomCallback: no transformers.Trainer is calling it; "
@@ -142,14 +143,14 @@ class TorchloomCallback(TrainerCallback):
         return eval_metrics(trainer.evaluate)
 
 
-def _calling_trainer(callback: TorchloomCallback) -> Any:
-    """The Trainer whose method is calling a hook of `callback` (found on the call stack: the
-    Trainer calls on_init_end from `__init__` and on_train_begin from its training loop), or None."""
-    frame = sys._getframe(1)
+def _calling_trainer() -> Trainer | None:
+    """The Trainer whose method is calling the hook that calls this, found on the call stack (the
+    Trainer calls on_init_end from `__init__` and on_train_begin from its training loop; a wrapper
+    callback in between does not hide it), or None."""
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         obj = frame.f_locals.get("self")
-        handler = getattr(obj, "callback_handler", None)
-        if handler is not None and any(cb is callback for cb in getattr(handler, "callbacks", ())):
+        if isinstance(obj, Trainer):
             return obj
-        frame = frame.f_back  # type: ignore[assignment]  # None ends the walk
+        frame = frame.f_back
     return None

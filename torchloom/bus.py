@@ -16,8 +16,9 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.errors import BadRequestError
 
 from torchloom import subjects
-from torchloom.credentials import ClientAuth, redact_url
+from torchloom.credentials import ClientAuth
 from torchloom.errors import NatsUnavailable
+from torchloom.private_files import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,7 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import secrets
-import stat
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,16 +26,14 @@ import nkeys
 
 from torchloom import discovery, subjects
 from torchloom.errors import TorchloomError
+from torchloom.private_files import private_dir, read_private, write_private, write_private_json
 
 # Where the control plane keeps secrets, under $TORCHLOOM_HOME (docs/security.md).
 SECRETS_SUBDIR = Path("controlplane") / "secrets"
-PRIVATE_DIR_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
 SEED_SUFFIX = ".nk"
 PASSWORD_SUFFIX = ".password.json"
 _BCRYPT_ROUNDS = 11  # nats-server verifies on every browser connect; 11 is its `nats server passwd` default
 _CREDS_JWT_MARK = "-----BEGIN NATS USER JWT-----"
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^@/,\s]*@")
 
 
 class CredentialsError(TorchloomError, ValueError):
@@ -155,44 +151,9 @@ def permissions(role: Role, job: str | None = None) -> Permissions:
     return Permissions(publish=(subjects.api_submit(), *viewer_publish), subscribe=viewer_subscribe)
 
 
-def redact_url(url: str) -> str:
-    """`url` (or a comma-separated list) with any `user:pass@` replaced by `***@`, for logs and errors."""
-    return _URL_USERINFO.sub(r"\g<scheme>***@", url)
-
-
-def private_dir(path: Path) -> Path:
-    """Create `path` (and parents) and make it 0700 when this user owns it; return it."""
-    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    with contextlib.suppress(PermissionError):
-        st = path.stat()
-        if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != PRIVATE_DIR_MODE:
-            path.chmod(PRIVATE_DIR_MODE)
-    return path
-
-
-def write_private(target: Path, text: str) -> Path:
-    """Write `text` to `target` atomically, 0600 from creation, in a 0700 directory; return `target`."""
-    private_dir(target.parent)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, target)
-    return target
-
-
 def _read_private(path: Path) -> str:
     """Read a secret file, refusing one that other users may read."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CredentialsError(f"credential file {path} does not exist") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CredentialsError(
-            f"credential file {path} has mode {stat.S_IMODE(mode):o}: it must be readable by its owner "
-            f"only (chmod 600 {path})"
-        )
-    return path.read_text()
+    return read_private(path, "credential file", error=CredentialsError)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -375,7 +336,7 @@ class CredentialStore:
         password = secrets.token_urlsafe(24)
         hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=_BCRYPT_ROUNDS)).decode()
         data = {"user": role.value, "password": password, "bcrypt": hashed}
-        write_private(path, json.dumps(data, indent=2) + "\n")
+        write_private_json(path, data)
         return PasswordUser(role=role, user=role.value, password=password, bcrypt_hash=hashed)
 
     def client_auth(self, role: Role, job: str | None = None) -> ClientAuth:

@@ -3,7 +3,7 @@
 The control plane (`torchloom weaver`, or the one `torchloom run` starts) writes the file; every other
 CLI command reads it, so a second terminal needs no flags. Lookup order: an explicit `--grpc`, then
 `TORCHLOOM_GRPC`, then the file (only while the process that wrote it is alive). The file is 0600 in a
-0700 `$TORCHLOOM_HOME`, written atomically; `write_private_json` is how every state file there is written.
+0700 `$TORCHLOOM_HOME`, written atomically through `torchloom.private_files`, like every state file there.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from torchloom import env
+from torchloom.private_files import write_private_json
 
 FILE_NAME = "weaver.json"
-PRIVATE_DIR_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
 
 
 def home(environ: Mapping[str, str] | None = None) -> Path:
@@ -29,31 +28,6 @@ def home(environ: Mapping[str, str] | None = None) -> Path:
     `~/.torchloom`."""
     raw = env.get(env.HOME) if environ is None else environ.get(env.HOME)
     return Path(raw).expanduser() if raw else Path.home() / ".torchloom"
-
-
-def private_dir(path: Path) -> Path:
-    """Create `path` (and missing parents) and make it 0700; return it.
-
-    Only a directory this user owns is tightened; another user's directory is left as it is (then
-    the files in it are still 0600).
-    """
-    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    with contextlib.suppress(PermissionError):
-        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o777 != PRIVATE_DIR_MODE:
-            path.chmod(PRIVATE_DIR_MODE)
-    return path
-
-
-def write_private_json(target: Path, data: Any) -> Path:
-    """Write `data` as JSON to `target` atomically (temp file, then rename), mode 0600 in a 0700
-    directory; return `target`."""
-    private_dir(target.parent)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, target)
-    return target
 
 
 def discovery_path() -> Path:

@@ -22,8 +22,9 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
 
-from torchloom.credentials import CredentialStore, NkeyUser, private_dir, write_private
+from torchloom.credentials import CredentialStore, NkeyUser
 from torchloom.errors import NatsUnavailable
+from torchloom.private_files import private_dir, write_private
 
 _CLIENT_RE = re.compile(r"Listening for client connections on ([0-9.]+):(\d+)")
 _WS_RE = re.compile(r"Listening for websocket clients on (ws://[0-9.]+:\d+)")

@@ -11,10 +11,7 @@ public key is not secret and travels as 64 hex characters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from nacl.signing import SigningKey, VerifyKey
 from torchloom import discovery, wire
 from torchloom.errors import TorchloomError
 from torchloom.messages import Command
+from torchloom.private_files import check_private, write_private
 
 # Prepended to the signed bytes: a signature over a command is valid for nothing else.
 _DOMAIN = b"torchloom.v1.Command\x00"
@@ -40,12 +38,6 @@ def default_key_path(environ: Mapping[str, str] | None = None) -> Path:
     """Where a weaver keeps its signing key unless told otherwise:
     `$TORCHLOOM_HOME/controlplane/secrets/signing.key` (of `environ`, default this process's)."""
     return discovery.home(environ) / "controlplane" / "secrets" / KEY_FILE_NAME
-
-
-def _private_dir(path: Path) -> None:
-    """Create `path` (and parents) and make it 0700: the key file's directory is nobody else's."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,20 +70,11 @@ class Signer:
         Raises:
             SignatureError: `path` exists and holds another key.
         """
-        _private_dir(path.parent)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(bytes(self._key).hex() + "\n")
-            try:
-                os.link(tmp, path)  # fails if another process created the key first
-            except FileExistsError:
-                if load(path).public_key != self.public_key:
-                    raise SignatureError(f"signing key {path} already exists and holds another key") from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            write_private(path, bytes(self._key).hex() + "\n", replace=False)
+        except FileExistsError:  # another process created the key first
+            if load(path).public_key != self.public_key:
+                raise SignatureError(f"signing key {path} already exists and holds another key") from None
 
 
 def load(path: Path) -> Signer:
@@ -102,11 +85,7 @@ def load(path: Path) -> Signer:
             characters (a 32-byte Ed25519 seed).
         FileNotFoundError: there is no such file.
     """
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise SignatureError(
-            f"signing key {path} is accessible to other users (mode {mode:04o}): run `chmod 600 {path}`"
-        )
+    check_private(path, "signing key", error=SignatureError)
     text = path.read_text(encoding="ascii", errors="replace").strip()
     try:
         seed = bytes.fromhex(text)

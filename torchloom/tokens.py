@@ -17,12 +17,11 @@ import json
 import os
 import secrets
 import socket
-import stat
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from torchloom import discovery, env
+from torchloom import discovery, env, private_files
 from torchloom.errors import TorchloomError
 
 FILE_NAME = "grpc-tokens.json"
@@ -64,16 +63,7 @@ def read_private_text(path: Path, what: str) -> str:
     Raises:
         TokenError: the file is missing, unreadable or readable by others.
     """
-    try:
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise TokenError(
-                f"{what} {path} has mode {stat.S_IMODE(mode):o}: it must be readable by its owner only "
-                f"(chmod 600 {path})"
-            )
-        return path.read_text()
-    except OSError as exc:
-        raise TokenError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return private_files.read_private(path, what, error=TokenError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +136,7 @@ class TokenTable:
         data = {
             "tokens": [{"role": e.role.value, "identity": e.identity, "token": e.token} for e in self.entries]
         }
-        return discovery.write_private_json(path, data)
+        return private_files.write_private_json(path, data)
 
     def token(self, role: TokenRole) -> str:
         """The token of `role` (the first one when several share it)."""

@@ -17,9 +17,9 @@ from torchloom.credentials import (
     Role,
     inbox_prefix,
     permissions,
-    redact_url,
 )
 from torchloom.nats_server import EmbeddedNats, check_origin, loopback_origins
+from torchloom.private_files import redact_url
 
 
 def _mode(path: Path) -> int:

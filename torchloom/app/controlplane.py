@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client
 
-from torchloom import bus, defaults, discovery, env, subjects, wire
+from torchloom import bus, defaults, discovery, env, private_files, subjects, wire
 from torchloom.app import runs
 from torchloom.app.launcher import HealthOptions, UsageError, parse_health
 from torchloom.errors import NatsUnavailable, TorchloomError
@@ -48,12 +47,9 @@ LOG_FILE = "controlplane.log"
 SECRETS_DIR = "secrets"
 WEAVER_READY_TIMEOUT_S = 30.0
 WEAVER_RETRY_S = 0.5
-_CREDENTIALS_IN_URL = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
 
-def redact(text: str) -> str:
-    """`text` with the `user:pass@` part of every URL in it replaced by `***@`."""
-    return _CREDENTIALS_IN_URL.sub(r"\1***@", text)
+redact = private_files.redact_url  # `user:pass@` of every URL in a text -> `***@`
 
 
 class _RedactingFilter(logging.Filter):
@@ -463,7 +459,7 @@ class ControlPlane:
 
     def _write_state(self) -> None:
         server = self.server
-        discovery.write_private_json(
+        private_files.write_private_json(
             state_path(self.config.home),
             {
                 "pid": os.getpid(),

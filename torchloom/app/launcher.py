@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from torchloom import defaults, discovery, env, naming, signing, subjects
+from torchloom import defaults, discovery, env, naming, private_files, signing, subjects
 from torchloom.app import actions as cli_actions
 from torchloom.app import runs
 from torchloom.app.supervisor import Supervisor, nproc_of, with_nproc
@@ -457,8 +457,8 @@ def start_control_plane(
     environ[env.HOME] = str(discovery.home())
     argv = [sys.executable, "-m", "torchloom.app.controlplane", "--grpc", grpc or defaults.GRPC_BIND_ADDR]
     argv += health.argv()
-    cp_dir = discovery.private_dir(runs.controlplane_dir())
-    fd = os.open(controlplane_log(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, discovery.PRIVATE_FILE_MODE)
+    cp_dir = private_files.private_dir(runs.controlplane_dir())
+    fd = os.open(controlplane_log(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, private_files.PRIVATE_FILE_MODE)
     try:
         proc = subprocess.Popen(
             argv,

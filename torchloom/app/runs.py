@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchloom import discovery, subjects
+from torchloom import discovery, private_files, subjects
 from torchloom.errors import JobNotFound, TorchloomError
 
 CONTROLPLANE_DIR = "controlplane"
@@ -82,7 +82,7 @@ class Lease:
 
 
 def write_lease(lease: Lease, home: Path | None = None) -> Path:
-    return discovery.write_private_json(leases_dir(home) / lease.file_name, asdict(lease))
+    return private_files.write_private_json(leases_dir(home) / lease.file_name, asdict(lease))
 
 
 def remove_lease(lease: Lease, home: Path | None = None) -> None:
@@ -165,7 +165,7 @@ class RunRecord:
 
 def record_run(record: RunRecord, home: Path | None = None) -> Path:
     """Write (or rewrite) the run's index entry `runs/<run_id>.json`."""
-    return discovery.write_private_json(runs_dir(home) / f"{record.run_id}.json", asdict(record))
+    return private_files.write_private_json(runs_dir(home) / f"{record.run_id}.json", asdict(record))
 
 
 def read_runs(home: Path | None = None) -> list[RunRecord]:
@@ -211,14 +211,14 @@ class ControlPlaneLock:
     """The flock on `controlplane/lock`; one per holder (not shared between threads)."""
 
     def __init__(self, home: Path | None = None) -> None:
-        self.path = discovery.private_dir(controlplane_dir(home)) / LOCK_FILE
+        self.path = private_files.private_dir(controlplane_dir(home)) / LOCK_FILE
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free; True when this holder has it."""
         if self._fd is not None:
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, discovery.PRIVATE_FILE_MODE)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, private_files.PRIVATE_FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

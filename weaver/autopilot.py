@@ -1,0 +1,288 @@
+"""The autopilot of one job: its policy's rules evaluated over the job's model health signals at every
+metrics report, through the guardrails, into firings the weaver submits like any command.
+
+`Pilot` is the per-job state (signal track, knob start values, firing history, pending proposals).
+Its mutators take the job's `JobState` snapshot and `now` and return what to do; they never do I/O:
+`on_metrics(pilot, job, metrics, now)`, `approve(pilot, id, now)` and `refuse(pilot, id, now)`.
+A firing's requests carry issuer kind "rule" and identity "rule:<name>"; its journal event
+("rule_fired", "rule_dry_run", "rule_proposed", "rule_refused") carries the rule, the signal window
+and the commands, so the journal says why every automated command was sent.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from torchloom.messages import Action, ActionKind, Body, Issuer, JobEvent, KnobValue, SetConfig, SubmitRequest
+from weaver import guardrails
+from weaver import signals as sg
+from weaver.model import JobState
+from weaver.rules import LAST_GOOD, ActionStep, AlertStep, Policy, Rule, SetStep
+
+ISSUER_KIND = "rule"
+SIGNAL_EVENT_INTERVAL_S = 10.0  # one "signal" event per signal kind and job at most this often
+REFUSAL_EVENT_INTERVAL_S = 60.0  # one "rule_refused" event per rule at most this often
+MAX_PROPOSALS = 64
+
+
+class Mode(StrEnum):
+    SEND = "send"
+    DRY_RUN = "dry_run"
+    PROPOSED = "proposed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Firing:
+    """A rule that fired: the commands to submit (in order) and the journal event that explains them."""
+
+    rule: str
+    mode: Mode
+    requests: tuple[SubmitRequest, ...]
+    event: JobEvent
+    proposal_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    events: tuple[JobEvent, ...] = ()
+    firings: tuple[Firing, ...] = ()
+
+
+@dataclass(slots=True, kw_only=True)
+class Pilot:
+    """One job's autopilot state."""
+
+    policy: Policy
+    track: sg.Track = field(default_factory=sg.Track)
+    starts: dict[str, KnobValue] = field(default_factory=dict)
+    fired_at: dict[str, collections.deque[float]] = field(default_factory=dict)
+    fired_step: dict[str, int] = field(default_factory=dict)
+    proposals: dict[str, Firing] = field(default_factory=dict)
+    signal_event_at: dict[str, float] = field(default_factory=dict)
+    refusal_event_at: dict[str, float] = field(default_factory=dict)
+    branch: str | None = None  # the branch the step-based rules count on
+
+
+def _event(
+    job: JobState, kind: str, message: str, now: float, command_id: str = "", **attrs: str
+) -> JobEvent:
+    return JobEvent(
+        job=job.job,
+        run_id=job.run_id,
+        kind=kind,
+        message=message,
+        time_s=now,
+        command_id=command_id,
+        attrs=attrs,
+    )
+
+
+def _knob_values(job: JobState) -> dict[str, KnobValue]:
+    return {k.name: k.value for k in job.knobs if k.value is not None}
+
+
+def note_starts(pilot: Pilot, job: JobState) -> None:
+    """Remember each knob's first reported value: the bounds are factors of it."""
+    for name, value in _knob_values(job).items():
+        pilot.starts.setdefault(name, value)
+
+
+def _last_good(job: JobState, step: int) -> str | None:
+    """The newest checkpoint on the current branch's lineage taken at or before `step`."""
+    reg = job.registry
+    limits: dict[str, int] = {}
+    branch, limit = reg.branch, step
+    while branch and branch not in limits:
+        limits[branch] = limit
+        info = reg.branches.get(branch)
+        if info is None or not info.parent:
+            break
+        branch, limit = info.parent, min(limit, info.fork_step)
+    fit = [c for c in reg.checkpoints.values() if c.step <= limits.get(c.branch or "main", -1)]
+    best = max(fit, key=lambda c: (c.step, c.seq), default=None)
+    return best.id if best is not None else None
+
+
+def _bodies(rule: Rule, job: JobState, det: sg.Detected) -> tuple[list[Body], list[str]] | str:
+    """The rule's commands resolved against the job now, and its alerts; or why they cannot be."""
+    current = _knob_values(job)
+    bodies: list[Body] = []
+    alerts: list[str] = []
+    for step in rule.do:
+        if isinstance(step, AlertStep):
+            alerts.append(step.message)
+        elif isinstance(step, ActionStep):
+            args = dict(step.args)
+            if step.kind is ActionKind.ROLLBACK and args.get("checkpoint") == LAST_GOOD:
+                found = _last_good(job, det.last_good_step)
+                if found is None:
+                    return f"no checkpoint taken at or before step {det.last_good_step} to roll back to"
+                args["checkpoint"] = found
+            bodies.append(Action(kind=step.kind, args=args))
+        else:
+            assert isinstance(step, SetStep)
+            values: dict[str, KnobValue] = {}
+            for key, raw in step.values.items():
+                if isinstance(raw, str):
+                    now_value = current.get(key, current.get(key.split("@", 1)[0]))
+                    if isinstance(now_value, bool) or not isinstance(now_value, int | float):
+                        return (
+                            f"{key} {raw} needs the value of {key} in effect, which the job does not report"
+                        )
+                    values[key] = float(now_value) * float(raw[1:])
+                else:
+                    values[key] = raw
+            bodies.append(SetConfig(values=values))
+    return bodies, alerts
+
+
+def _describe(body: Body) -> dict[str, Any]:
+    if isinstance(body, SetConfig):
+        return {"set": {k: v if not isinstance(v, tuple) else list(v) for k, v in body.values.items()}}
+    assert isinstance(body, Action)
+    return {"action": body.kind.value, **body.args}
+
+
+def _window_json(det: sg.Detected) -> str:
+    return json.dumps([[s, v if math.isfinite(v) else None] for s, v in det.window], allow_nan=False)
+
+
+def _fire(pilot: Pilot, rule: Rule, job: JobState, det: sg.Detected, now: float) -> Firing | JobEvent | None:
+    """Apply the guardrails to one rule whose condition holds; record the firing when it goes ahead."""
+    refusal = guardrails.rate_refusal(rule, pilot.fired_at.get(rule.name, ()), now)
+    resolved = _bodies(rule, job, det) if refusal is None else refusal
+    if isinstance(resolved, str):
+        refusal = resolved
+    else:
+        bodies, alerts = resolved
+        for body in bodies:
+            refusal = refusal or guardrails.body_refusal(body, pilot.starts, pilot.policy.guards)
+    attrs = {
+        "rule": rule.name,
+        "signal": det.signal.value,
+        "step": str(det.step),
+        "branch": det.branch,
+        "value": f"{det.value:g}",
+        "threshold": f"{det.threshold:g}",
+        "last_good_step": str(det.last_good_step),
+        "window": _window_json(det),
+    }
+    if refusal is not None:
+        last = pilot.refusal_event_at.get(rule.name)
+        if last is not None and now - last < REFUSAL_EVENT_INTERVAL_S:
+            return None
+        pilot.refusal_event_at[rule.name] = now
+        return _event(
+            job, "rule_refused", f"rule {rule.name} not fired: {refusal}", now, reason=refusal, **attrs
+        )
+    # Counted whatever the mode: a dry run shows what the rule would really have done.
+    pilot.fired_at.setdefault(rule.name, collections.deque(maxlen=rule.max_per_hour + 1)).append(now)
+    pilot.fired_step[rule.name] = det.step
+    guards = pilot.policy.guards
+    mode = Mode.DRY_RUN if guards.dry_run else Mode.PROPOSED if guards.approval else Mode.SEND
+    issuer = Issuer(kind=ISSUER_KIND, identity=f"rule:{rule.name}")
+    requests = tuple(
+        SubmitRequest(body=b, job=job.job, issuer=issuer, command_id=uuid.uuid4().hex) for b in bodies
+    )
+    commands = json.dumps([_describe(b) for b in bodies], sort_keys=True)
+    proposal = uuid.uuid4().hex[:12] if mode is Mode.PROPOSED else ""
+    verb = {Mode.SEND: "sends", Mode.DRY_RUN: "would have sent (dry run)", Mode.PROPOSED: "proposes"}[mode]
+    kind = {Mode.SEND: "rule_fired", Mode.DRY_RUN: "rule_dry_run", Mode.PROPOSED: "rule_proposed"}[mode]
+    message = f"rule {rule.name} ({det.signal.value} at step {det.step}) {verb} {commands}"
+    if alerts:
+        message += f"; alert: {'; '.join(alerts)}"
+    extra = {"commands": commands, "mode": mode.value, "alerts": json.dumps(alerts)}
+    if proposal:
+        extra["proposal"] = proposal
+    first_id = requests[0].command_id if requests else ""
+    event = _event(job, kind, message, now, first_id, **attrs, **extra)
+    firing = Firing(rule=rule.name, mode=mode, requests=requests, event=event, proposal_id=proposal)
+    if proposal:
+        if len(pilot.proposals) >= MAX_PROPOSALS:
+            pilot.proposals.pop(next(iter(pilot.proposals)))
+        pilot.proposals[proposal] = firing
+    return firing
+
+
+def on_metrics(pilot: Pilot, job: JobState, sample: sg.Sample, now: float) -> Decision:
+    """Fold one metrics report into the job's signals and evaluate every rule (mutates `pilot`)."""
+    note_starts(pilot, job)
+    lead = sg.observe(pilot.track, sample)
+    if lead and pilot.branch != pilot.track.branch:
+        # A rollback starts another branch at an earlier step: step-based rules count afresh.
+        pilot.branch = pilot.track.branch
+        pilot.fired_step.clear()
+    events: list[JobEvent] = []
+    firings: list[Firing] = []
+    for rule in pilot.policy.rules:
+        cond = rule.condition
+        if cond.signal is not sg.Signal.NONFINITE and not lead:
+            continue  # the series did not move: nothing new to find
+        det = sg.detect(pilot.track, cond, since_step=pilot.fired_step.get(rule.name, 0))
+        if det is None:
+            continue
+        if det.signal is not sg.Signal.EVERY_STEPS:
+            last = pilot.signal_event_at.get(det.signal.value)
+            if last is None or now - last >= SIGNAL_EVENT_INTERVAL_S:
+                pilot.signal_event_at[det.signal.value] = now
+                events.append(
+                    _event(
+                        job,
+                        "signal",
+                        f"{det.signal.value} at step {det.step}: {det.value:g} (threshold {det.threshold:g})",
+                        now,
+                        signal=det.signal.value,
+                        step=str(det.step),
+                        value=f"{det.value:g}",
+                        threshold=f"{det.threshold:g}",
+                    )
+                )
+        result = _fire(pilot, rule, job, det, now)
+        if isinstance(result, JobEvent):
+            events.append(result)
+        elif result is not None:
+            firings.append(result)
+    return Decision(events=tuple(events), firings=tuple(firings))
+
+
+def approve(pilot: Pilot, proposal_id: str, job: JobState, now: float) -> Firing:
+    """Accept a pending proposal: its commands go out as proposed.
+
+    Raises:
+        KeyError: no pending proposal has that id.
+    """
+    proposed = pilot.proposals.pop(proposal_id)
+    event = _event(
+        job,
+        "rule_approved",
+        f"proposal {proposal_id} of rule {proposed.rule} approved: sends {proposed.event.attrs['commands']}",
+        now,
+        proposed.event.command_id,
+        **{**proposed.event.attrs, "mode": Mode.SEND.value},
+    )
+    return Firing(
+        rule=proposed.rule, mode=Mode.SEND, requests=proposed.requests, event=event, proposal_id=proposal_id
+    )
+
+
+def refuse(pilot: Pilot, proposal_id: str, job: JobState, now: float) -> JobEvent:
+    """Refuse a pending proposal: nothing is sent.
+
+    Raises:
+        KeyError: no pending proposal has that id.
+    """
+    proposed = pilot.proposals.pop(proposal_id)
+    return _event(
+        job,
+        "rule_refused_by_operator",
+        f"proposal {proposal_id} of rule {proposed.rule} refused: nothing sent",
+        now,
+        proposed.event.command_id,
+        **proposed.event.attrs,
+    )

@@ -1,0 +1,71 @@
+"""Guardrails for automated issuers (autopilot rules, agents): per-rule rate limits and cool-downs,
+bounds on how far a knob may move from its start value, and actions forbidden unless allowed.
+
+Pure: each check returns None when the proposal may go ahead, else the refusal in words (what was
+refused, the bound, and what would be allowed). Times are unix seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from torchloom.messages import Action, Body, KnobValue, SetConfig
+from weaver.rules import FORBIDDEN, Guards, Rule
+
+HOUR_S = 3600.0
+
+
+def rate_refusal(rule: Rule, fired_at: Iterable[float], now: float) -> str | None:
+    """Refuse a firing within the rule's cool-down of its last one, or past `max_per_hour`."""
+    times = sorted(fired_at)
+    if times and now - times[-1] < rule.cooldown_s:
+        wait = rule.cooldown_s - (now - times[-1])
+        return (
+            f"rule {rule.name!r} is cooling down: fired {now - times[-1]:.1f} s ago, "
+            f"cooldown_s={rule.cooldown_s:g} ({wait:.1f} s left)"
+        )
+    recent = [t for t in times if now - t < HOUR_S]
+    if len(recent) >= rule.max_per_hour:
+        return (
+            f"rule {rule.name!r} fired {len(recent)} times in the last hour: max_per_hour={rule.max_per_hour}"
+        )
+    return None
+
+
+def action_refusal(body: Action, guards: Guards) -> str | None:
+    """Refuse an action automated issuers may not take unless the policy allows it."""
+    if body.kind in FORBIDDEN and body.kind not in guards.allow:
+        return (
+            f"action {body.kind.value!r} is forbidden to automated issuers: "
+            f'the policy must list it in allow = ["{body.kind.value}"]'
+        )
+    return None
+
+
+def bound_refusal(key: str, value: KnobValue, start: KnobValue | None, guards: Guards) -> str | None:
+    """Refuse moving a numeric knob outside [low x start, high x start] (the policy's bounds)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None  # bounds are factors of a number; other knobs are checked by their schema
+    if isinstance(start, bool) or not isinstance(start, int | float):
+        return f"{key}={value:g} refused: the start value of {key} is not known, so its bounds are not either"
+    low, high = guards.bounds_of(key)
+    lo, hi = sorted((low * start, high * start))
+    if not lo <= value <= hi:
+        return (
+            f"{key}={value:g} refused: automated issuers keep {key} within [{lo:g}, {hi:g}] "
+            f"({low:g} to {high:g} x its start value {start:g})"
+        )
+    return None
+
+
+def body_refusal(body: Body, starts: Mapping[str, KnobValue], guards: Guards) -> str | None:
+    """The first refusal of a command body by the action and bound guardrails, else None."""
+    if isinstance(body, Action):
+        return action_refusal(body, guards)
+    assert isinstance(body, SetConfig)
+    for key, value in body.values.items():
+        start = starts.get(key, starts.get(key.split("@", 1)[0]))
+        why = bound_refusal(key, value, start, guards)
+        if why is not None:
+            return why
+    return None

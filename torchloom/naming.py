@@ -7,6 +7,9 @@ from __future__ import annotations
 import re
 
 MAIN_BRANCH = "main"  # the branch a run starts on; each rollback starts `b<seq>`
+# The JobEvent kind a launcher publishes when `torchloom run` got SIGTERM/SIGINT (attr `signal`): the
+# run is ending on purpose, so the weaver orders no restart or health command for it.
+RUN_STOPPING = "run_stopping"
 _CKPT_ID = re.compile(r"^ckpt-([1-9][0-9]*)$")
 _ATTEMPT = re.compile(r"^(?P<base>.+)-a(?P<n>[1-9][0-9]*)$")
 

@@ -2,12 +2,13 @@
 actions into typed plans (commands to submit, a restart request for the launcher).
 
 Pure: `decide_health(state, now, policy)` returns a `HealthDecision` (the effects for the service to
-carry out and the per-run updates to apply), and `restart_event(req)`.
+carry out and the per-run updates to apply), `restart_event(req)` and `is_stopping(state, job, run_id)`.
 
 Mutators: `apply_health(state, decision)` records each rank's condition and each job's recovery
 phase and alerted conditions in `state`; `check_health(state, now, policy)` is decide then apply,
 returning the effects; `set_phase(state, job, run_id, phase)` moves a job's recovery along once the
-service has carried out (or failed) a plan.
+service has carried out (or failed) a plan; `note_stopping(state, event, now)` marks a run its
+launcher is stopping, after which nothing is planned for it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from torchloom import naming
 from torchloom.messages import Action, ActionKind, Issuer, JobEvent, RestartRequest, SubmitRequest
 from weaver import health_policy as hp
 from weaver.liveness import rank_health
@@ -37,6 +39,8 @@ _HEALTH_EVENT = {
 # event per job and health check for all of them, never one per peer.
 RANKS_WAITING = "ranks_waiting"
 RANKS_RESUMED = "ranks_resumed"
+# The weaver's own journal entry for a launcher's `naming.RUN_STOPPING`: from then on it plans nothing.
+HEALTH_STANDING_DOWN = "health_standing_down"
 
 
 GRAD_ACCUM_KNOB = "grad_accum_steps"
@@ -329,7 +333,46 @@ def check_health(state: WeaverState, now: float, policy: hp.HealthPolicy) -> Hea
 
 
 def set_phase(state: WeaverState, job_name: str, run_id: str, phase: hp.Phase) -> None:
-    """Move a job's recovery along once the service has carried out (or failed) a plan."""
+    """Move a job's recovery along once the service has carried out (or failed) a plan. A stopping
+    run stays stopping: a plan that was under way when the stop came does not revive it."""
     job = state.jobs.get(job_name)
-    if job is not None and job.run_id == run_id:
+    if job is not None and job.run_id == run_id and job.phase is not hp.Phase.STOPPING:
         job.phase = phase
+
+
+def is_stopping(state: WeaverState, job_name: str, run_id: str) -> bool:
+    """Whether that run is ending on its launcher's signal (a plan under way must not go on)."""
+    job = state.jobs.get(job_name)
+    return job is not None and job.run_id == run_id and job.phase is hp.Phase.STOPPING
+
+
+def note_stopping(state: WeaverState, event: JobEvent, now: float) -> JobEvent | None:
+    """Mark the run a launcher's `naming.RUN_STOPPING` event names as stopping (`Phase.STOPPING`):
+    the health policy orders no restart, checkpoint, pause or alert for it from then on.
+
+    The event counts for the job's current run, or when it names an attempt of that run the weaver
+    has not seen yet (the launcher relaunched it a moment ago); anything else is stale.
+
+    Returns:
+        The weaver's own `HEALTH_STANDING_DOWN` event to journal, or None when the event is not a
+        stop, names no run the weaver knows, or the run was already marked.
+    """
+    if event.kind != naming.RUN_STOPPING:
+        return None
+    job = state.jobs.get(event.job)
+    if job is None or not naming.is_attempt_of(event.run_id, job.run_id):
+        return None
+    if job.phase is hp.Phase.STOPPING:
+        return None
+    previous = job.phase
+    job.phase = hp.Phase.STOPPING
+    signal = event.attrs.get("signal", "")
+    return job_event(
+        job,
+        HEALTH_STANDING_DOWN,
+        f"run {job.run_id} is stopping ({signal or 'launcher'}): no restart or health command will be "
+        "ordered for it",
+        now,
+        signal=signal,
+        previous_phase=previous.value,
+    )

@@ -50,6 +50,7 @@ class Phase(StrEnum):
     CHECKPOINTING = "checkpointing"  # checkpoint ordered, restart follows once it is written
     RESTARTING = "restarting"
     PAUSED = "paused"
+    STOPPING = "stopping"  # the run is ending on its launcher's signal: nothing more is ordered
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -589,7 +590,9 @@ def decide(
     "pause": pause and alert for dead, unhealthy and hung; alert for stragglers. "alert": alert only.
 
     Idempotent: while a checkpoint or restart is under way (`phase`) nothing new is ordered, a
-    paused job is not paused again, and a condition in `alerted` is not alerted again.
+    paused job is not paused again, and a condition in `alerted` is not alerted again. A stopping
+    run (`Phase.STOPPING`: its launcher got SIGTERM/SIGINT) gets nothing at all, not even alerts:
+    its ranks going away is the stop, not a fault.
 
     Args:
         job_snapshot: job facts and recovery state.
@@ -605,7 +608,7 @@ def decide(
 
 
 def _decide(snap: JobSnapshot, health: Mapping[int, RankHealth], pol: HealthPolicy) -> list[Action]:
-    if snap.phase in (Phase.CHECKPOINTING, Phase.RESTARTING):
+    if snap.phase in (Phase.CHECKPOINTING, Phase.RESTARTING, Phase.STOPPING):
         return []
     dead = _ranks(health, HealthKind.DEAD)
     unhealthy = _ranks(health, HealthKind.UNHEALTHY)

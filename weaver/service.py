@@ -179,6 +179,8 @@ class Weaver:
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await self._acks.start(js)
             await nc.subscribe(subjects.metrics_all(), cb=self._on_metrics)
+            # Launchers announce a stopping run here (only the weaver and launcher roles may publish).
+            await nc.subscribe(subjects.events_all(), cb=self._on_event)
             await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=self._on_api_submit)
             await nc.subscribe(subjects.api_status(), queue=QUEUE_GROUP, cb=self._on_api_status)
             async with asyncio.timeout(self.config.nats_timeout_s):
@@ -264,6 +266,8 @@ class Weaver:
         """Issue the policy's commands in order, then ask the launcher for the restart."""
         checkpoint = checkpoint_path = ""
         for req in plan.submits:
+            if health_plan.is_stopping(self.state, plan.job, plan.run_id):
+                return
             outcome = await self.submit(req)
             taking = isinstance(req.body, Action) and req.body.kind is ActionKind.CHECKPOINT
             if taking and outcome.status is OutcomeStatus.APPLIED and outcome.command is not None:
@@ -276,7 +280,7 @@ class Weaver:
                 log.warning("health checkpoint of %s did not apply: %s", plan.job, outcome.reason)
                 health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.IDLE)
                 return
-        if plan.restart is None:
+        if plan.restart is None or health_plan.is_stopping(self.state, plan.job, plan.run_id):
             return
         request = dataclasses.replace(plan.restart, time_s=time.time())
         if not request.checkpoint_id:
@@ -457,6 +461,22 @@ class Weaver:
             self._refuse("metrics", sm.job, sm.run_id, f"metrics on {msg.subject} refused: {reason}", now)
             return
         self._fan_out(sm)
+
+    async def _on_event(self, msg: Msg) -> None:
+        """A launcher's `naming.RUN_STOPPING` marks its run as stopping (`health_plan.note_stopping`);
+        every other event here is the weaver's own or a launcher's report, journaled as it is."""
+        if len(msg.data) > admission.MAX_MESSAGE_BYTES:
+            return
+        try:
+            ev = wire.decode_event(msg.data)
+            if ev.kind != naming.RUN_STOPPING or msg.subject != subjects.events(ev.job):
+                return
+        except ValueError:
+            return  # not ours to judge: the journal keeps it as published
+        noted = health_plan.note_stopping(self.state, ev, time.time())
+        if noted is not None:
+            log.info("%s", noted.message)
+            self._announce(noted)
 
     async def _on_api_submit(self, msg: Msg) -> None:
         # A submit waits for every rank; run it apart so other requests are not queued behind it.

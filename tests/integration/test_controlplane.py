@@ -209,3 +209,8 @@ def test_sigterm_ends_the_job_under_every_policy(
     runs = {e["run_id"] for e in entries}
     assert runs == {job["run_id"]}, runs  # no `-a1` attempt: nothing was relaunched
     assert not any(e["kind"] == "reconfigure_restarting" for e in entries)
+    # The weaver heard the stop and stood down: it planned no restart (nor any other health action)
+    # for the ranks that went away, whatever the policy.
+    assert any(e["kind"] == "health_standing_down" for e in entries), [e["kind"] for e in entries]
+    planned = [e["attrs"].get("action") for e in entries if e["kind"] == "health_action"]
+    assert "Restart" not in planned and not any(e["kind"] == "restart" for e in entries), planned

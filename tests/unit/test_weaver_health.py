@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.unit.factories import heartbeat
-from torchloom.messages import ActionKind, DeviceHealth, Heartbeat, RankState
+from torchloom.messages import ActionKind, DeviceHealth, Heartbeat, JobEvent, RankState
 from weaver import health_plan, liveness
 from weaver.config import WeaverConfig
 from weaver.health_policy import HealthPolicy, Phase, PolicyMode
@@ -122,3 +122,49 @@ def test_reconfigure_on_unhealthy_device_checkpoints_then_requests_a_restart() -
 def test_config_builds_the_policy() -> None:
     p = WeaverConfig(hung_after_s=2.0, straggler_factor=3.0, health_policy="pause").policy()
     assert (p.mode, p.hung_after_s, p.straggler_factor, p.dead_after_s) == (PolicyMode.PAUSE, 2.0, 3.0, 0.8)
+
+
+def stopping_event(run: str = "r1", kind: str = "run_stopping", job: str = "j") -> JobEvent:
+    return JobEvent(
+        job=job, run_id=run, kind=kind, message="SIGTERM on the launcher", attrs={"signal": "SIGTERM"}
+    )
+
+
+def test_a_stopping_run_gets_no_restart_checkpoint_pause_or_alert() -> None:
+    s = WeaverState()
+    beat(s, 0.0, (4, 4))
+    noted = health_plan.note_stopping(s, stopping_event(), 0.1)
+    assert noted is not None and noted.kind == health_plan.HEALTH_STANDING_DOWN
+    assert noted.attrs["signal"] == "SIGTERM" and "no restart" in noted.message
+    assert s.jobs["j"].phase is Phase.STOPPING
+    # Both ranks go silent as the run ends: dead, but nothing is ordered under any policy.
+    for mode in PolicyMode:
+        decision = health_plan.decide_health(s, 5.0, policy(mode))
+        assert decision.effects.plans == (), mode
+        assert not [e for e in decision.effects.events if e.kind == "health_action"], mode
+    effects = health_plan.check_health(s, 5.0, policy(PolicyMode.RECONFIGURE))
+    assert ("rank_dead", "0") in kinds(effects)  # the transitions are still reported as they are
+    assert s.jobs["j"].phase is Phase.STOPPING
+    # A plan under way when the stop came cannot move the run out of stopping.
+    health_plan.set_phase(s, "j", "r1", Phase.RESTARTING)
+    assert health_plan.is_stopping(s, "j", "r1") and s.jobs["j"].phase is Phase.STOPPING
+    assert health_plan.note_stopping(s, stopping_event(), 5.1) is None  # journaled once
+
+
+def test_the_same_dead_rank_without_a_stop_gets_a_restart() -> None:
+    """The control for the test above: the decision differs only by the stop."""
+    s = WeaverState()
+    beat(s, 0.0, (4, 4))
+    effects = health_plan.check_health(s, 5.0, policy(PolicyMode.RECONFIGURE))
+    assert [p.restart is not None for p in effects.plans] == [True]
+
+
+def test_only_a_stop_of_the_current_run_or_its_attempt_counts() -> None:
+    s = WeaverState()
+    beat(s, 0.0, (4, 4))
+    assert health_plan.note_stopping(s, stopping_event(kind="reconfigure_stopping"), 0.1) is None
+    assert health_plan.note_stopping(s, stopping_event(run="r0"), 0.1) is None  # another run
+    assert health_plan.note_stopping(s, stopping_event(job="other"), 0.1) is None  # unknown job
+    assert s.jobs["j"].phase is Phase.IDLE
+    assert health_plan.note_stopping(s, stopping_event(run="r1-a1"), 0.1) is not None  # a relaunch of it
+    assert health_plan.is_stopping(s, "j", "r1")

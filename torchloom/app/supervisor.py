@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 STOP_GRACE_S = 10.0
-RUN_STOPPING = "run_stopping"  # the JobEvent kind a stop signal on the launcher announces
+RUN_STOPPING = naming.RUN_STOPPING  # the JobEvent kind a stop signal on the launcher announces
 STOPPING_FLUSH_S = (
     1  # seconds (nats-py takes an int) how long the announcement may hold up forwarding the signal
 )

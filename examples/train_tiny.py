@@ -17,9 +17,11 @@ What a user can steer while it runs (`torchloom set ...`, `torchloom data add ..
 Each rank writes DIR/rank{R}.jsonl (one line per optimizer step: branch, loss, the knob values that
 step used, lr/weight_decay/betas/eps per group, samples per source, and float64 sums of the
 parameters before and after it), DIR/rank{R}.applied.json (the commands it decided) and
-DIR/rank{R}.params.pt (the final parameters). Batches depend only on (seed, micro-batch number,
-rank), and the sampler rides along checkpoints, so a rollback retraces the same batches and a replay
-of the decided commands is bit-identical. The loop iterates `tl.range(steps)`, so it follows
+DIR/rank{R}.params.pt (the final parameters). Batches come from one global sample order (each rank
+takes its slice of every global batch), and the sampler rides along checkpoints, so a rollback
+retraces the same batches, a replay of the decided commands is bit-identical, and a restart on fewer
+ranks (a reconfiguration, grad_accum_steps scaled up) continues the same order; a restarted rank
+appends to its records. The loop iterates `tl.range(steps)`, so it follows
 rollbacks and ends early on `stop`; an eval function (loss on held-out rows of each source) serves
 the `eval` action. Without TORCHLOOM_NATS_URL it runs in local mode.
 """
@@ -55,6 +57,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="directory for per-rank records")
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step (default 0)")
     p.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
+    p.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also record each step's samples ([source, index] per micro-batch), the sampler's global "
+        "position before the step, the world size and the run id",
+    )
     args = p.parse_args()
     if args.steps < 1:
         p.error(f"--steps={args.steps} must be >= 1")
@@ -137,7 +145,11 @@ def main() -> None:
     # sampler=: its mix/batch_size become knobs, `data add` adds sources to it, and checkpoints
     # (hence rollbacks) restore its position.
     tl = threadlet.attach(model=model, optimizer=opt, sampler=sampler, eval_fn=evaluate)
-    with open(args.out / f"rank{rank}.jsonl", "w", encoding="utf-8") as records:
+    if rank == 0:
+        print(f"agreement path: {tl.agreement_path}", flush=True)
+    # A resumed rank (a restart, a reconfiguration) keeps the records of the attempts before it.
+    mode = "a" if tl.resumed_from else "w"
+    with open(args.out / f"rank{rank}.jsonl", mode, encoding="utf-8") as records:
         for step in tl.range(args.steps):
             # The values this iteration uses: commands decided at the previous boundary
             # (tl.step_count == step) are already in force.
@@ -154,12 +166,16 @@ def main() -> None:
                 "batch_size": sampler.batch_size,
                 "mix": sampler.get_mix(),
             }
+            if args.log_samples:
+                rec.update(position=sampler.position, world=world, run=tl.config.run_id)
+            drawn: list[list[tuple[str, int]]] = []
             before = checksum()
             opt.zero_grad(set_to_none=True)
             total, counts = 0.0, Counter[str]()
             per_source: dict[str, list[float]] = {}
             for micro in range(accum):
                 batch = sampler.next_batch()
+                drawn.append(batch)
                 rows = rows_of(sampler, batch)
                 pred = model(rows[:, :FEATURES])
                 err = (pred - rows[:, FEATURES:]).pow(2).squeeze(1)
@@ -185,6 +201,8 @@ def main() -> None:
                 params_before=before,
                 params=checksum(),
             )
+            if args.log_samples:
+                rec["samples"] = drawn
             records.write(json.dumps(rec) + "\n")
             records.flush()
             tl.step(loss=total, tokens=sum(counts.values()), **source_loss)

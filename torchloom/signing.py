@@ -5,6 +5,10 @@ commands").
 
 The signature covers `wire.signing_bytes(command)` (the Command with `signature` empty, serialized
 deterministically) behind a domain tag, so it cannot be replayed as a signature of anything else.
+The weaver's RestartRequests to a launcher are signed too: over the exact bytes published, behind
+their own domain tag, carried in the `SIGNATURE_HEADER` NATS header; the launcher verifies them with
+the same public key it hands its ranks, so a request that did not come from the weaver restarts
+nothing.
 The private key is a 32-byte seed stored hex-encoded in a 0600 file inside a 0700 directory; the
 public key is not secret and travels as 64 hex characters.
 """
@@ -25,6 +29,8 @@ from torchloom.private_files import check_private, write_private
 
 # Prepended to the signed bytes: a signature over a command is valid for nothing else.
 _DOMAIN = b"torchloom.v1.Command\x00"
+_RESTART_DOMAIN = b"torchloom.v1.RestartRequest\x00"
+SIGNATURE_HEADER = "Torchloom-Signature"  # NATS header of a signed RestartRequest: hex Ed25519
 KEY_FILE_NAME = "signing.key"
 _SEED_BYTES = 32
 _HEX_PUBLIC_LEN = 64
@@ -62,6 +68,10 @@ class Signer:
         """`cmd` with its signature set (any signature it had is replaced)."""
         signed = self._key.sign(_DOMAIN + wire.signing_bytes(cmd)).signature
         return dataclasses.replace(cmd, signature=bytes(signed))
+
+    def sign_restart(self, data: bytes) -> str:
+        """The signature (hex, for `SIGNATURE_HEADER`) over an encoded RestartRequest, as published."""
+        return bytes(self._key.sign(_RESTART_DOMAIN + data).signature).hex()
 
     def save(self, path: Path) -> None:
         """Write the seed to `path` (mode 0600, directory 0700), atomically; an existing file is kept
@@ -135,6 +145,15 @@ class Verifier:
                 "characters (an Ed25519 public key)"
             )
         object.__setattr__(self, "_key", VerifyKey(raw))
+
+    def verify_restart(self, data: bytes, signature: str | None) -> bool:
+        """Whether `signature` (the `SIGNATURE_HEADER` value) is the weaver's over the bytes `data`."""
+        try:
+            raw = bytes.fromhex(signature or "")
+            self._key.verify(_RESTART_DOMAIN + data, raw)
+        except (BadSignatureError, ValueError, TypeError):
+            return False
+        return True
 
     def verify(self, cmd: Command) -> bool:
         """Whether `cmd.signature` is the weaver's signature over `cmd`."""

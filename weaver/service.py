@@ -286,7 +286,11 @@ class Weaver:
         if not request.checkpoint_id:
             request = dataclasses.replace(request, checkpoint_id=checkpoint, checkpoint_path=checkpoint_path)
         self._announce(health_plan.restart_event(request))
-        await self.nats.publish(subjects.launcher(plan.job), wire.encode(request))
+        assert self._signer is not None, "the weaver is not started"
+        data = wire.encode(request)
+        # Signed: a launcher carries out only the weaver's restarts (signing.SIGNATURE_HEADER).
+        signature = {signing.SIGNATURE_HEADER: self._signer.sign_restart(data)}
+        await self.nats.publish(subjects.launcher(plan.job), data, headers=signature)
         health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
 
     async def _publish(self, item: OutboxItem) -> None:

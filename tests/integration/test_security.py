@@ -8,6 +8,8 @@ its state unchanged, and a legitimate command afterwards must still apply:
 - forged heartbeats (a new run id, last_seq=1000000, phantom rank 7, rank -5, subject/body mismatch,
   a second incarnation of a live rank): status unchanged;
 - forged acks (APPLIED for a command the ranks refuse, REJECTED for one they apply): outcomes true;
+- forged restart requests on the launcher subject (unsigned, signed with another key): the launcher
+  refuses them (a `restart_refused` event each) and the run is not relaunched;
 - a flood of heartbeats with distinct job names: weaver memory bounded, status small, a concurrent set
   still applied and journaled.
 """
@@ -43,6 +45,7 @@ from torchloom.messages import (
     JobStatus,
     Outcome,
     OutcomeStatus,
+    RestartRequest,
     SetConfig,
     SubmitRequest,
 )
@@ -212,6 +215,7 @@ async def _attack_all(
         await _forged_commands(client, nc, start, tmp_path, marker)
         await _forged_heartbeats(client, nc)
         await _forged_acks(client, nc)
+        await _forged_restarts(client, nc)
         await _flood(client, nc, info)
     finally:
         await nc.close()
@@ -335,6 +339,32 @@ async def _forged_acks(client: ControlClient, nc: Any) -> None:
         assert all(r.reason != "forged" for r in outcome.results)
         before = await _status(client)
     await _until_lr(client, 0.004)
+
+
+async def _forged_restarts(client: ControlClient, nc: Any) -> None:
+    before = await _status(client)
+    data = wire.encode(
+        RestartRequest(job=JOB, run_id=before.run_id, world_size=1, exclude_ranks=(1,), reason="forged")
+    )
+    other_key = {signing.SIGNATURE_HEADER: signing.Signer.generate().sign_restart(data)}
+    want = {"it is unsigned", "its signature is not the weaver's"}
+    seen: set[str] = set()
+    for headers in (None, other_key):
+        await nc.publish(subjects.launcher(JOB), data, headers=headers)
+        await nc.flush()
+        await asyncio.sleep(1.1)  # the launcher reports a refusal once a second
+    deadline = time.monotonic() + 20
+    while seen != want:
+        events = [e for e in await _journal(client) if isinstance(e, JobEvent)]
+        assert not [e for e in events if e.kind.startswith("reconfigure_")], (
+            "a forged restart was carried out"
+        )
+        seen = {w for e in events if e.kind == "restart_refused" for w in want if w in e.message}
+        assert time.monotonic() < deadline, f"the launcher did not report both refusals: {seen}"
+        await asyncio.sleep(0.5)
+    applied = await _set(client, lr=0.0025)
+    assert applied.status is OutcomeStatus.APPLIED, applied.reason
+    _same_ranks(before, await _until_lr(client, 0.0025))  # same run, same incarnations: no relaunch
 
 
 async def _flood(client: ControlClient, nc: Any, info: discovery.WeaverInfo) -> None:

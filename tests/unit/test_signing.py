@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from torchloom import signing, wire
-from torchloom.messages import Action, ActionKind, Command, Issuer, SetConfig
+from torchloom.messages import Action, ActionKind, Command, Issuer, RestartRequest, SetConfig
 
 
 def _command(**kw: object) -> Command:
@@ -100,3 +100,14 @@ def test_a_malformed_public_key_is_refused_naming_the_form() -> None:
 def test_default_key_path_is_under_home(tmp_path: Path) -> None:
     path = signing.default_key_path({"TORCHLOOM_HOME": str(tmp_path)})
     assert path == tmp_path / "controlplane" / "secrets" / "signing.key"
+
+
+def test_restart_requests_are_signed_over_their_exact_bytes() -> None:
+    signer = signing.Signer.generate()
+    data = wire.encode(RestartRequest(job="j", run_id="r", world_size=1, reason="rank 1 dead"))
+    sig = signer.sign_restart(data)
+    verifier = signer.verifier()
+    assert verifier.verify_restart(data, sig)
+    assert not verifier.verify_restart(data + b"\x00", sig)  # other bytes
+    assert not verifier.verify_restart(data, None) and not verifier.verify_restart(data, "zz")
+    assert not signing.Signer.generate().verifier().verify_restart(data, sig)  # another key

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from torchloom import env, wire
+from torchloom import env, signing, wire
 from torchloom.app.supervisor import (
     DISABLE_SHARED_STORE,
     attempt_env,
@@ -16,6 +16,8 @@ from torchloom.app.supervisor import (
     nproc_of,
     parse_restart,
     surviving_devices,
+    verified_restart,
+    weaver_verifier,
     with_nproc,
 )
 from torchloom.messages import RestartRequest
@@ -102,3 +104,23 @@ def test_attempt_env() -> None:
     plain = attempt_env(base, run_id="r1-a2", base_run_id="r1", devices=["0", "2"])
     assert env.RESUME_FROM not in plain and env.KNOB_OVERRIDES not in plain
     assert plain["CUDA_VISIBLE_DEVICES"] == "0,2"
+
+
+def test_only_a_restart_request_the_weaver_signed_is_carried_out() -> None:
+    weaver = signing.Signer.generate()
+    verifier = weaver_verifier({env.WEAVER_PUBKEY: weaver.public_key})
+    data = wire.encode(RestartRequest(job="j", run_id="r", world_size=1, checkpoint_id="ckpt-3"))
+    req = verified_restart(data, weaver.sign_restart(data), verifier)
+    assert (req.run_id, req.world_size, req.checkpoint_id) == ("r", 1, "ckpt-3")
+    with pytest.raises(ValueError, match="unsigned"):
+        verified_restart(data, None, verifier)
+    with pytest.raises(ValueError, match="not the weaver's"):
+        verified_restart(data, signing.Signer.generate().sign_restart(data), verifier)
+    forged = wire.encode(RestartRequest(job="j", run_id="r", world_size=2, checkpoint_id="ckpt-3"))
+    with pytest.raises(ValueError, match="not the weaver's"):
+        verified_restart(forged, weaver.sign_restart(data), verifier)  # a signature of other bytes
+    # No key, or a malformed one: nothing can be checked, so nothing is carried out.
+    for environ in ({}, {env.WEAVER_PUBKEY: "not-hex"}):
+        assert weaver_verifier(environ) is None
+        with pytest.raises(ValueError, match="no weaver public key"):
+            verified_restart(data, weaver.sign_restart(data), weaver_verifier(environ))

@@ -20,7 +20,7 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from torchloom import bus, env, layout, naming, subjects, wire
+from torchloom import bus, env, layout, naming, signing, subjects, wire
 from torchloom.messages import Heartbeat, JobEvent, RestartRequest
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ STOPPING_FLUSH_S = (
     1  # seconds (nats-py takes an int) how long the announcement may hold up forwarding the signal
 )
 _NPROC = frozenset({"--nproc-per-node", "--nproc_per_node"})
+RESTART_REFUSED = "restart_refused"  # the JobEvent kind of a restart request that is not the weaver's
+REFUSED_EVENT_EVERY_S = 1.0  # a flood of forged requests gets one event a second (each is logged)
 
 
 def with_nproc(torchrun_args: Sequence[str], nproc: int) -> tuple[str, ...]:
@@ -100,6 +102,38 @@ def parse_restart(data: bytes) -> RestartRequest:
             f"grad_accum_steps={req.grad_accum_steps} >= 0 and exclude_ranks={list(req.exclude_ranks)} >= 0"
         )
     return req
+
+
+def verified_restart(data: bytes, signature: str | None, verifier: signing.Verifier | None) -> RestartRequest:
+    """`parse_restart` of a request only the weaver could have sent: `signature` (its
+    `signing.SIGNATURE_HEADER`) must be the weaver's signature over exactly `data`.
+
+    Raises:
+        ValueError: there is no weaver public key to check with, the signature is missing or not the
+            weaver's, or `parse_restart` refuses the request.
+    """
+    if verifier is None:
+        raise ValueError(
+            f"restart request refused: this launcher has no weaver public key ({env.WEAVER_PUBKEY}) to "
+            "check it with"
+        )
+    if not verifier.verify_restart(data, signature):
+        why = "it is unsigned" if not signature else "its signature is not the weaver's"
+        raise ValueError(f"restart request refused: {why} ({signing.SIGNATURE_HEADER} header)")
+    return parse_restart(data)
+
+
+def weaver_verifier(environ: Mapping[str, str]) -> signing.Verifier | None:
+    """The verifier of the weaver's public key the ranks get (`TORCHLOOM_WEAVER_PUBKEY` of `environ`);
+    None (every restart request refused) when it is absent or malformed."""
+    key = environ.get(env.WEAVER_PUBKEY)
+    if not key:
+        return None
+    try:
+        return signing.Verifier(key)
+    except signing.SignatureError as exc:
+        log.warning("supervisor: %s: restart requests will be refused", exc)
+        return None
 
 
 def attempt_env(
@@ -168,6 +202,8 @@ class Supervisor:
         self._nats_url = nats_url
         self._command = command
         self._env = dict(child_env)
+        self._verifier = weaver_verifier(child_env)
+        self._refused_event_at = 0.0
         self._nproc = nproc
         self._on_start = on_start
         self._elastic_membership = elastic_membership
@@ -266,10 +302,15 @@ class Supervisor:
             self._signal_attempt(sig)
 
     async def _on_request(self, msg: Msg) -> None:
+        signature = (msg.headers or {}).get(signing.SIGNATURE_HEADER)
         try:
-            req = parse_restart(msg.data)
+            req = verified_restart(msg.data, signature, self._verifier)
         except ValueError as exc:
             log.warning("supervisor: ignored a launcher request: %s", exc)
+            now = time.monotonic()
+            if now - self._refused_event_at >= REFUSED_EVENT_EVERY_S:
+                self._refused_event_at = now
+                await self._publish(RESTART_REFUSED, str(exc), reason=str(exc))
             return
         await self._requests.put(req)
 

@@ -12,12 +12,17 @@ from threadlet.config import ThreadletConfig
 from threadlet.link import Link
 from threadlet.optim_knobs import KnobBoard
 from threadlet.state import Decided, RankContext, TrainingState
-from torchloom import subjects, wire
+from torchloom import knobs, subjects, wire
 from torchloom.messages import Ack, Heartbeat, RankState, StepMetrics
 
 log = logging.getLogger("threadlet")
 
 _ERROR_LOG_INTERVAL_S = 10.0
+# The full knob schema rides heartbeats for this many heartbeat intervals after it changes (the link
+# publishes the latest status on its own clock), and again every _KNOBS_REFRESH_S for a receiver
+# that started since (a restarted weaver, a new UI page).
+_KNOBS_FULL_INTERVALS = 3
+_KNOBS_REFRESH_S = 2.0
 
 
 class Reporter:
@@ -51,9 +56,20 @@ class Reporter:
         self.next_status_t = 0.0
         self._next_error_log_t = 0.0
         self._errors_seen = 0
+        self._knobs_hash = 0  # of the schema last sent in full
+        self._knobs_full_until = 0.0
+        self._knobs_refresh_t = 0.0
 
     def status(self, rank_state: RankState) -> Heartbeat:
         ctx, st = self._ctx, self._state
+        specs = self._board.specs()
+        schema_hash = knobs.schema_hash(specs)
+        now = time.monotonic()
+        if schema_hash != self._knobs_hash or now >= self._knobs_refresh_t:
+            self._knobs_hash = schema_hash
+            self._knobs_full_until = now + _KNOBS_FULL_INTERVALS * self._config.heartbeat_interval_s
+            self._knobs_refresh_t = now + _KNOBS_REFRESH_S
+        full = now < self._knobs_full_until
         return Heartbeat(
             job=self._config.job,
             run_id=self._config.run_id,
@@ -67,7 +83,9 @@ class Reporter:
             state=rank_state,
             step_time_s=st.step_time_s,
             last_seq=st.last_decided,
-            knobs=self._board.specs(),
+            knobs=specs if full else (),
+            knobs_hash=schema_hash,
+            knob_values={} if full else {s.name: s.value for s in specs if s.value is not None},
             branch=st.branch,
             tick=st.tick,
             fault_injection_allowed=self._config.fault_injection_allowed,

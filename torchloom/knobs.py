@@ -6,6 +6,7 @@ A change is validated as a whole: either every assignment is valid and a typed d
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 
@@ -240,3 +241,17 @@ def validate_set(schema: Mapping[str, KnobSpec], values: Mapping[str, KnobValue]
 def schema_of(specs: Iterable[KnobSpec]) -> dict[str, KnobSpec]:
     """Index knob specs by name."""
     return {spec.name: spec for spec in specs}
+
+
+def schema_hash(specs: Iterable[KnobSpec]) -> int:
+    """A stable 64-bit hash of a knob schema without the current values (heartbeats send the schema
+    only when this changes, and the hash otherwise). Never 0, which means "no hash"."""
+    digest = hashlib.blake2b(digest_size=8)
+    for spec in sorted(specs, key=lambda s: s.name):
+        fields = (
+            spec.name, spec.type.value, spec.min, spec.max, spec.min_exclusive, spec.max_exclusive,
+            spec.description, spec.groups, spec.choices,
+        )  # fmt: skip
+        digest.update(repr(fields).encode())
+        digest.update(b"\0")
+    return int.from_bytes(digest.digest(), "big") or 1

@@ -167,6 +167,9 @@ class Heartbeat:
     branch: str = ""
     tick: int = 0
     fault_injection_allowed: bool = False
+    # `knobs` only when the schema changed or is due again; else its hash and the current values.
+    knobs_hash: int = 0
+    knob_values: Mapping[str, KnobValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -81,7 +81,7 @@ def _set(out: Any, src: Any, names: tuple[str, ...]) -> None:
 
 _COMMAND_FIELDS = _scalar_fields(m.Command, "issuer", "body")
 _ACK_FIELDS = _scalar_fields(m.Ack, "status", "detail")
-_HEARTBEAT_FIELDS = _scalar_fields(m.Heartbeat, "state", "knobs", "device")
+_HEARTBEAT_FIELDS = _scalar_fields(m.Heartbeat, "state", "knobs", "device", "knob_values")
 _METRICS_FIELDS = _scalar_fields(m.StepMetrics, "values")
 _EVENT_FIELDS = _scalar_fields(m.JobEvent, "attrs")
 _RESTART_FIELDS = _scalar_fields(m.RestartRequest, "exclude_ranks")
@@ -252,6 +252,7 @@ def to_pb(msg: Any) -> Any:
         hb = pb.Heartbeat(state=_STATE[msg.state], **_copy(msg, _HEARTBEAT_FIELDS))
         for spec in msg.knobs:
             _knob_to_pb(spec, hb.knobs.add())
+        _values_to_pb(msg.knob_values, hb.knob_values)
         if msg.device is not None:
             _device_to_pb(msg.device, hb.device)
         return hb
@@ -405,6 +406,7 @@ def decode_heartbeat(data: bytes) -> m.Heartbeat:
     return m.Heartbeat(
         state=_enum_back(_STATE_BACK, msg.state, "rank state"),
         knobs=tuple(_knob_from_pb(k) for k in msg.knobs),
+        knob_values=_values_from_pb(msg.knob_values),
         device=_device_from_pb(msg.device) if msg.HasField("device") else None,
         **_copy(msg, _HEARTBEAT_FIELDS),
     )

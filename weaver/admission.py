@@ -82,6 +82,8 @@ def check_heartbeat(
         return bad_rank
     if len(hb.knobs) > MAX_KNOBS:
         return f"{len(hb.knobs)} knobs exceed the limit of {MAX_KNOBS}"
+    if len(hb.knob_values) > MAX_KNOBS:
+        return f"{len(hb.knob_values)} knob values exceed the limit of {MAX_KNOBS}"
     job = state.jobs.get(hb.job)
     if job is None:
         if len(state.jobs) >= limits.max_jobs:

@@ -12,6 +12,7 @@ job's live `JobState`, for the caller to read or hand to a mutator), `rank_healt
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -99,6 +100,7 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
                     ),
                 )
     job.world_size = hb.world_size
+    hb = with_known_schema(job, hb)
     if hb.knobs:
         job.knobs = hb.knobs
     # The seq floor comes from the commands stream only (`submits.set_seq_floor`): a heartbeat's
@@ -232,6 +234,23 @@ def resolve_job(state: WeaverState, name: str, now: float, dead_after_s: float) 
 
 
 # ---- status ----------------------------------------------------------------------------------------
+
+
+def with_known_schema(job: JobState, hb: Heartbeat) -> Heartbeat:
+    """`hb` with its knob schema: a heartbeat that sent only the schema's hash (and the current
+    values) gets the schema its rank's process last sent in full with that hash. An unknown hash
+    (a weaver that started since) leaves it without knobs until the rank sends the schema again."""
+    if hb.knobs or not hb.knobs_hash:
+        return hb
+    entry = job.ranks.get(hb.rank)
+    if entry is None or entry.incarnation != hb.incarnation:
+        return hb
+    last = entry.heartbeat
+    if last.knobs_hash != hb.knobs_hash or not last.knobs:
+        return hb
+    values = hb.knob_values
+    specs = tuple(dataclasses.replace(s, value=values.get(s.name, s.value)) for s in last.knobs)
+    return dataclasses.replace(hb, knobs=specs)
 
 
 def _knob_values(specs: tuple[KnobSpec, ...]) -> dict[str, KnobValue]:

@@ -607,6 +607,27 @@ class Heartbeat(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class KnobValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
@@ -625,6 +646,8 @@ class Heartbeat(_message.Message):
     BRANCH_FIELD_NUMBER: _builtins.int
     TICK_FIELD_NUMBER: _builtins.int
     FAULT_INJECTION_ALLOWED_FIELD_NUMBER: _builtins.int
+    KNOBS_HASH_FIELD_NUMBER: _builtins.int
+    KNOB_VALUES_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     run_id: _builtins.str
     rank: _builtins.int
@@ -646,12 +669,19 @@ class Heartbeat(_message.Message):
     """step() calls since the process started; unlike step it never rewinds"""
     fault_injection_allowed: _builtins.bool
     """launched with `torchloom run --allow-fault-injection`"""
+    knobs_hash: _builtins.int
+    """Hash of the knob schema (torchloom.knobs.schema_hash: every spec without its value). `knobs`
+    is sent when it changes and every few seconds; otherwise it is empty and `knob_values` carries
+    the current values, and the receiver keeps the schema it last saw with this hash.
+    """
     @_builtins.property
     def knobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___KnobSpec]:
         """schema with current values"""
 
     @_builtins.property
     def device(self) -> Global___DeviceHealth: ...
+    @_builtins.property
+    def knob_values(self) -> _containers.MessageMap[_builtins.str, Global___Value]: ...
     def __init__(
         self,
         *,
@@ -673,10 +703,12 @@ class Heartbeat(_message.Message):
         branch: _builtins.str = ...,
         tick: _builtins.int = ...,
         fault_injection_allowed: _builtins.bool = ...,
+        knobs_hash: _builtins.int = ...,
+        knob_values: _abc.Mapping[_builtins.str, Global___Value] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "device", b"device", "fault_injection_allowed", b"fault_injection_allowed", "host", b"host", "incarnation", b"incarnation", "job", b"job", "knobs", b"knobs", "last_seq", b"last_seq", "local_rank", b"local_rank", "pid", b"pid", "rank", b"rank", "run_id", b"run_id", "sent_at_s", b"sent_at_s", "state", b"state", "step", b"step", "step_time_s", b"step_time_s", "tick", b"tick", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "device", b"device", "fault_injection_allowed", b"fault_injection_allowed", "host", b"host", "incarnation", b"incarnation", "job", b"job", "knob_values", b"knob_values", "knobs", b"knobs", "knobs_hash", b"knobs_hash", "last_seq", b"last_seq", "local_rank", b"local_rank", "pid", b"pid", "rank", b"rank", "run_id", b"run_id", "sent_at_s", b"sent_at_s", "state", b"state", "step", b"step", "step_time_s", b"step_time_s", "tick", b"tick", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

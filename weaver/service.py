@@ -49,6 +49,7 @@ from weaver.streams import Outbox, OutboxItem, SeqConflict, Streams
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "torchloom-weaver"
+WARM_UP_MIN_S = 5.0  # after a (re)start, a submit the ranks' reports could decide waits at least this
 
 __all__ = ["QUEUE_GROUP", "Watcher", "Weaver"]
 
@@ -551,7 +552,8 @@ class Weaver:
     def _warming_up(self, now: float) -> bool:
         # Right after a (re)start the weaver knows jobs from the journal but not yet their ranks and
         # knobs; a submit then would be refused for want of facts a heartbeat brings a moment later.
-        return now - self._started_at_s < max(3.0, 3 * self.config.dead_after_s)
+        # Long enough for a rank's next full knob schema (threadlets resend it every 2 s).
+        return now - self._started_at_s < max(WARM_UP_MIN_S, 3 * self.config.dead_after_s)
 
     async def submit(self, req: SubmitRequest) -> Outcome:
         """Decide a command once: validate, sequence, sign and publish it, then wait for every rank.
@@ -605,8 +607,9 @@ class Weaver:
             if not req.job and recovering and self._warming_up(now):
                 raise NatsUnavailable(f"the weaver is starting up ({exc}); try again") from exc
             return self._refuse_submit(req, str(exc), now, job=req.job)
-        if not job.ranks and self._warming_up(now):
-            raise NatsUnavailable(f"the weaver is starting up: job {job.job} has not reported yet; try again")
+        waiting = submits.not_ready(job, req.body, warming_up=self._warming_up(now))
+        if waiting is not None:
+            raise NatsUnavailable(waiting)  # not a rejection: the client retries with the same id
         for _ in range(3):
             if not job.seq_known:
                 await self._load_seq_floor_locked(job.job, job.run_id)

@@ -1,8 +1,8 @@
 """Submits: validating a command against its job, giving it the run's next seq, and the seq bookkeeping
 that keeps seqs unique across weaver restarts and rival weavers.
 
-Pure: `job_facts(job)`, `validate_body(job, body)` and `rejected_outcome(req, reason, now)` (which
-only draws a fresh command id).
+Pure: `job_facts(job)`, `not_ready(job, body, warming_up=...)`, `validate_body(job, body)` and
+`rejected_outcome(req, reason, now)` (which only draws a fresh command id).
 
 Mutators, each updating the `WeaverState` passed in and returning nothing else of it:
 `plan_submit` (consumes a seq and tracks the command as pending; returns the command),
@@ -29,6 +29,29 @@ def job_facts(job: JobState) -> rg.JobFacts:
         # Every rank must allow it: one rank launched without the flag refuses anyway.
         fault_injection_allowed=bool(beats) and all(b.fault_injection_allowed for b in beats),
     )
+
+
+def not_ready(job: JobState, body: Body, *, warming_up: bool) -> str | None:
+    """Why the weaver cannot judge `body` for `job` yet, or None when it can.
+
+    Right after a weaver (re)starts it knows jobs from its journal before their ranks report, and a
+    rank sends its knob schema in full only now and then; judging a command then would refuse it for
+    want of facts a heartbeat brings a moment later (`set lr=...` as an "unknown knob"). So while
+    `warming_up`, a job with no rank reported yet, or a config change to a job whose knob schema no
+    rank has reported yet, is not ready: the caller answers "try again" (gRPC UNAVAILABLE), never a
+    rejection, and the client retries with the same command id. Once warmed up the facts stand as
+    they are (a job that has no such knob is told so).
+    """
+    if not warming_up:
+        return None
+    if not job.ranks:
+        return f"the weaver is starting up: job {job.job} has not reported yet; try again"
+    if isinstance(body, SetConfig) and not job.knobs:
+        return (
+            f"the weaver is starting up: job {job.job} has not reported its knobs yet, so "
+            f"{', '.join(sorted(body.values))} cannot be checked; try again"
+        )
+    return None
 
 
 def validate_body(job: JobState, body: Body) -> Body:

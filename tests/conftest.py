@@ -1,4 +1,5 @@
-"""Shared fixtures: a real nats-server per test (JetStream in tmp_path), and repo paths."""
+"""Shared fixtures: a real nats-server per test (JetStream in tmp_path) enforcing torchloom's NATS roles,
+and repo paths."""
 
 from __future__ import annotations
 
@@ -9,15 +10,27 @@ from pathlib import Path
 
 import pytest
 
+from torchloom.credentials import CredentialStore
 from torchloom.nats_server import EmbeddedNats
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    """A real nats-server on a free loopback port, stopped (terminate, wait, kill) after the test."""
-    server = EmbeddedNats(tmp_path / "nats")
+def nats_store(tmp_path: Path) -> CredentialStore:
+    """The NATS role credentials of the test's server (secrets 0600 in a 0700 directory)."""
+    return CredentialStore.open(tmp_path / "nats-secrets")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path, nats_store: CredentialStore) -> Iterator[EmbeddedNats]:
+    """A real nats-server on a free loopback port that admits only torchloom's roles, as the control
+    plane runs it: clients connect with `nats_store`'s credentials (`server.credentials`), a job's
+    ranks once the test granted the job (tests/integration/helpers.job_env). No WebSocket listener
+    (a UI test starts its own with its page's origins). A test that needs an open server starts its
+    own `EmbeddedNats` without credentials and says why. Stopped (terminate, wait, kill) after the test.
+    """
+    server = EmbeddedNats(tmp_path / "nats", credentials=nats_store)
     server.start()
     try:
         yield server

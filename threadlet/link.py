@@ -24,6 +24,7 @@ from nats.js import api
 from threadlet.config import ThreadletConfig
 from threadlet.health import DeviceProbe
 from torchloom import bus, signing, subjects, wire
+from torchloom.credentials import ClientAuth, Role, inbox_prefix
 from torchloom.messages import Ack, AckStatus, Command, Heartbeat, StepMetrics
 
 log = logging.getLogger(__name__)
@@ -242,12 +243,23 @@ class Link:
         assert cfg.nats_url is not None
         while self._nc is None:
             try:
+                # The job's own credential: it may publish only this job's reports and read only
+                # this job's commands (docs/security.md). Read at each attempt: a missing or
+                # too-open file is an error the rank reports, not a crash.
+                auth = (
+                    ClientAuth.from_file(
+                        cfg.nats_creds_file, inbox_prefix=inbox_prefix(Role.THREADLET, cfg.job)
+                    )
+                    if cfg.nats_creds_file
+                    else None
+                )
                 self._nc = await bus.connect(
                     cfg.nats_url,
                     name=f"threadlet-{cfg.job}-{self._rank}",
                     connect_timeout_s=cfg.connect_timeout_s,
                     reconnect_wait_s=cfg.reconnect_wait_s,
                     on_reconnected=self._on_reconnected,
+                    credentials=auth,
                 )
             except Exception as exc:
                 self.errors.append(str(exc))
@@ -280,10 +292,12 @@ class Link:
             else:
                 config.deliver_policy = api.DeliverPolicy.ALL
             try:
-                # The stream appears when the weaver starts; until then, retry.
+                # The job's command stream appears when its job registers (or the weaver first hears
+                # of it); until then, retry. Naming the stream spares a stream lookup, which a
+                # threadlet's credential may not make.
                 self._sub = await js.subscribe(
                     subject,
-                    stream=subjects.STREAM_COMMANDS,
+                    stream=subjects.stream_commands_of(cfg.job),
                     cb=self._on_msg,
                     config=config,
                     ordered_consumer=True,
@@ -296,6 +310,11 @@ class Link:
 
     async def _on_msg(self, msg: Any) -> None:
         received_at_s = time.time()
+        cfg = self._config
+        if msg.subject != subjects.commands(cfg.job, cfg.run_id):
+            # A delivery someone aimed at this consumer keeps its stored subject: not ours.
+            self.errors.append(f"ignored a message of {msg.subject} on the command consumer")
+            return
         try:
             stream_seq = int(msg.metadata.sequence.stream)
             self._last_stream_seq = max(self._last_stream_seq, stream_seq)

@@ -13,7 +13,7 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from torchloom import subjects
 from torchloom.credentials import ClientAuth
@@ -195,6 +195,29 @@ async def ensure_job_commands(js: JetStreamContext, job: str, *, replicas: int =
     await _add_or_update(js, config)
     assert config.name is not None  # job_commands_stream always names it
     return config.name
+
+
+async def remove_shared_commands(js: JetStreamContext) -> int:
+    """Delete the shared TORCHLOOM_COMMANDS stream of an older store, if there is one; return how
+    many messages it held (0 when there was none).
+
+    It captures every job's command subjects, so while it exists no per-job stream can be created
+    (JetStream refuses overlapping streams). Its commands belong to runs of an earlier version,
+    whose ranks followed that stream; the journal keeps their outcomes.
+    """
+    try:
+        info = await js.stream_info(subjects.STREAM_COMMANDS)
+    except NotFoundError:
+        return 0
+    held = int(info.state.messages)
+    await js.delete_stream(subjects.STREAM_COMMANDS)
+    log.warning(
+        "deleted the shared stream %s (%d command(s) of earlier runs) to make room for per-job command "
+        "streams; the journal keeps every outcome",
+        subjects.STREAM_COMMANDS,
+        held,
+    )
+    return held
 
 
 async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:

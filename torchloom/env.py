@@ -9,6 +9,9 @@ import os
 
 NATS_URL = "TORCHLOOM_NATS_URL"  # nats://127.0.0.1:4222; unset: embedded server
 GRPC_ADDR = "TORCHLOOM_GRPC"  # host:port of the weaver's gRPC Control service
+# The NATS credential this process connects with: an nkey seed file or a .creds file, mode 0600
+# (torchloom/credentials.py). `torchloom run` hands each rank its job's threadlet credential here.
+NATS_CREDS_FILE = "TORCHLOOM_NATS_CREDS_FILE"
 TOKEN = "TORCHLOOM_TOKEN"  # bearer token for the weaver's gRPC service (torchloom/tokens.py)
 GRPC_CA_FILE = "TORCHLOOM_GRPC_CA_FILE"  # PEM CA of a weaver serving gRPC over TLS (off loopback)
 JOB = "TORCHLOOM_JOB"  # job name the threadlets of a run report under

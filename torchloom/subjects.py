@@ -36,6 +36,19 @@ def check_token(kind: str, value: str) -> str:
     return value
 
 
+def matches(pattern: str, subject: str) -> bool:
+    """Whether `subject` is one of the subjects `pattern` names (NATS wildcards: `*` one token, `>`
+    the rest). A JetStream delivery keeps its stored subject whatever subject it was delivered on, so
+    a handler checks this before believing a message belongs to what it subscribed to."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or (token != "*" and token != got[i]):
+            return False
+    return len(got) == len(want)
+
+
 def commands(job: str, run_id: str) -> str:
     """Validated commands for one run of a job, in seq order (JetStream, STREAM_COMMANDS)."""
     return f"{PREFIX}.cmd.{check_token('job', job)}.{check_token('run id', run_id)}"

@@ -138,7 +138,10 @@ async def open_standby_weaver(config: WeaverConfig, lease: LeaseConfig) -> Async
     backend = StandbyBackend()
     async with ControlServer(backend, config.grpc_addr, tokens=table, tls=config.tls()) as control:
         nc = await bus.connect(
-            config.nats_url, name="torchloom-weaver-lease", connect_timeout_s=config.nats_timeout_s
+            config.nats_url,
+            name="torchloom-weaver-lease",
+            connect_timeout_s=config.nats_timeout_s,
+            credentials=config.nats_credentials,
         )
         try:
             identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torchloom import defaults, env, subjects
+from torchloom.credentials import ClientAuth, Role, inbox_prefix
 from torchloom.policy import PolicyMode, parse_mode
 from weaver.admission import Limits
 from weaver.grpc_api import TlsFiles, is_loopback
@@ -26,6 +27,8 @@ class WeaverConfig:
 
     Attributes:
         nats_url: the NATS server (e.g. nats://127.0.0.1:4222).
+        nats_credentials: how the weaver authenticates to NATS (the control plane's weaver nkey,
+            torchloom/credentials.py); None connects without a credential (an open server).
         grpc_addr: where the gRPC Control service listens, `host:port`; port 0 picks a free one.
         dead_after_s: a rank whose last heartbeat is older than this is dead.
         command_timeout_s: how long a submit waits for every rank when the request names no timeout.
@@ -58,6 +61,7 @@ class WeaverConfig:
     """
 
     nats_url: str = defaults.NATS_URL
+    nats_credentials: ClientAuth | None = None
     grpc_addr: str = defaults.GRPC_BIND_ADDR
     dead_after_s: float = DEFAULT_DEAD_AFTER_S
     command_timeout_s: float = defaults.COMMAND_TIMEOUT_S
@@ -145,9 +149,18 @@ class WeaverConfig:
 
     @classmethod
     def from_env(cls, *, nats_url: str | None = None, grpc_addr: str | None = None) -> WeaverConfig:
-        """Build a config: explicit arguments, then TORCHLOOM_NATS_URL / TORCHLOOM_GRPC, then defaults."""
+        """Build a config: explicit arguments, then TORCHLOOM_NATS_URL / TORCHLOOM_GRPC, then defaults;
+        the NATS credential from TORCHLOOM_NATS_CREDS_FILE (none when unset).
+
+        Raises:
+            CredentialsError: that file is missing, readable by others or not a credential.
+        """
+        creds = env.get(env.NATS_CREDS_FILE)
         return cls(
             nats_url=nats_url or env.get(env.NATS_URL) or defaults.NATS_URL,
+            nats_credentials=ClientAuth.from_file(creds, inbox_prefix=inbox_prefix(Role.WEAVER))
+            if creds
+            else None,
             grpc_addr=grpc_addr or env.get(env.GRPC_ADDR) or defaults.GRPC_BIND_ADDR,
             signing_key_file=env.get(env.SIGNING_KEY_FILE),
         )

@@ -123,6 +123,7 @@ class Weaver:
         self._limits = config.limits()
         self.refusals = admission.Refusals()
         self._next_eviction_s = 0.0
+        self._job_streams: set[str] = set()  # jobs whose command stream this weaver has ensured
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -165,12 +166,19 @@ class Weaver:
             )
             self._verifier = self._signer.verifier()
             self._nc = await bus.connect(
-                self.config.nats_url, name="torchloom-weaver", connect_timeout_s=self.config.nats_timeout_s
+                self.config.nats_url,
+                name="torchloom-weaver",
+                connect_timeout_s=self.config.nats_timeout_s,
+                credentials=self.config.nats_credentials,
+                on_error=self._on_nats_error,
             )
             js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
             self._streams = Streams(js, self.config.nats_timeout_s)
             async with asyncio.timeout(self.config.nats_timeout_s):
-                await bus.ensure_streams(js, replicas=self.config.replicas)
+                # Commands live in one stream per job (a threadlet's credential names its own); an
+                # older store's shared stream would overlap them.
+                await bus.remove_shared_commands(js)
+                await bus.ensure_streams(js, replicas=self.config.replicas, shared_commands=False)
             # Before the subscriptions: acks of commands from before a restart must find them pending.
             await self._recover()
             nc = self._nc
@@ -351,6 +359,26 @@ class Weaver:
         known = self.state.jobs.get(job)
         self._refuse("call", job, known.run_id if known else "", message, time.time(), key=key, **attrs)
 
+    async def _on_nats_error(self, exc: Exception) -> None:
+        """The server's asynchronous errors: a refused publish or subscribe becomes a refusal event."""
+        if "permissions violation" in str(exc).lower():
+            self._refuse("permission", "", "", f"NATS refused the weaver: {exc}", time.time(), key="nats")
+
+    def _foreign(self, kind: str, pattern: str, msg: Msg) -> bool:
+        """True (and counted) when `msg` is not of the subjects `pattern` names: a JetStream
+        delivery someone aimed at our subscription keeps its stored subject."""
+        if subjects.matches(pattern, msg.subject):
+            return False
+        self._refuse(
+            kind,
+            "",
+            "",
+            f"{kind} subscription got a message of {msg.subject}: dropped",
+            time.time(),
+            key="foreign",
+        )
+        return True
+
     def _signed(self, cmd: Command) -> bool:
         return self._verifier is not None and self._verifier.verify(cmd)
 
@@ -385,6 +413,8 @@ class Weaver:
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         now = time.time()
+        if self._foreign("heartbeat", subjects.heartbeats_all(), msg):
+            return
         if len(msg.data) > admission.MAX_MESSAGE_BYTES:
             self._refuse(
                 "heartbeat", "", "", f"heartbeat of {len(msg.data)} bytes on {msg.subject} refused", now
@@ -419,6 +449,8 @@ class Weaver:
         outcome is not journaled yet (the feed holds the message until then), RETRY while its rank
         has not reported since the weaver started, else None (acknowledged: of no more use)."""
         now = time.time()
+        if self._foreign("ack", subjects.acks_all(), msg):
+            return None
         try:
             ack = wire.decode_ack(msg.data)
         except ValueError as exc:
@@ -453,7 +485,7 @@ class Weaver:
         return key if job is not None and job.run_id == ack.run_id and ack.seq in job.pending else None
 
     async def _on_metrics(self, msg: Msg) -> None:
-        if not self._watchers:
+        if not self._watchers or self._foreign("metrics", subjects.metrics_all(), msg):
             return
         now = time.time()
         try:
@@ -483,7 +515,26 @@ class Weaver:
             log.info("%s", noted.message)
             self._announce(noted)
 
+    def _not_a_request(self, kind: str, subject: str, msg: Msg) -> bool:
+        """True (and counted) unless `msg` is a request on `subject` whose reply goes to an inbox:
+        an answer is published with the weaver's rights, so it must not land on a subject of its
+        requester's choice."""
+        if msg.subject == subject and (msg.reply or "").startswith(f"{subjects.INBOX}."):
+            return False
+        self._refuse(
+            kind,
+            "",
+            "",
+            f"{kind} request on {msg.subject} with reply subject {msg.reply or '(none)'!r} dropped: "
+            f"expected {subject} with a reply to an {subjects.INBOX}. subject",
+            time.time(),
+            key="reply",
+        )
+        return True
+
     async def _on_api_submit(self, msg: Msg) -> None:
+        if self._not_a_request("api", subjects.api_submit(), msg):
+            return
         # A submit waits for every rank; run it apart so other requests are not queued behind it.
         self._spawn(self._serve_api_submit(msg), name="weaver-api-submit")
 
@@ -512,6 +563,8 @@ class Weaver:
             await msg.respond(wire.encode(outcome))
 
     async def _on_api_status(self, msg: Msg) -> None:
+        if self._not_a_request("api", subjects.api_status(), msg):
+            return
         try:
             req = wire.decode_status_request(msg.data)
             reply = self.status(req.job)
@@ -536,7 +589,20 @@ class Weaver:
             return
         await self._load_seq_floor_locked(job, run_id)
 
+    async def _ensure_job_stream(self, job: str) -> None:
+        """Create the job's command stream once (the control plane may have made it at registration)."""
+        if job in self._job_streams:
+            return
+        try:
+            async with asyncio.timeout(self.config.nats_timeout_s):
+                await bus.ensure_job_commands(self.streams.js, job, replicas=self.config.replicas)
+        except Exception as exc:  # nats-py raises several types for "not now"
+            raise NatsUnavailable(f"cannot create the command stream of job {job}: {exc!r}") from exc
+        self._job_streams.add(job)
+
     async def _load_seq_floor_locked(self, job_name: str, run_id: str) -> None:
+        # Every path to a job's first command comes here first: make sure its stream exists.
+        await self._ensure_job_stream(job_name)
         # The tail, not just the last command: every stored command the weaver lost track of (its own
         # publish whose answer was lost, a standby weaver's) becomes pending again, so its acks count
         # and a repeat of its id finds it. Only what our key signed counts: a message published

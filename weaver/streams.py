@@ -108,7 +108,7 @@ class Streams:
         commands: list[tuple[Command, int]] = []
         try:
             async for msg in self.read(
-                subjects.STREAM_COMMANDS, subjects.commands(job, run_id), follow=False
+                subjects.stream_commands_of(job), subjects.commands(job, run_id), follow=False
             ):
                 with contextlib.suppress(ValueError):
                     commands.append((wire.decode_command(msg.data), msg.metadata.sequence.stream))
@@ -124,7 +124,9 @@ class Streams:
         """
         try:
             async with asyncio.timeout(self.timeout_s):
-                raw = await self.js.get_last_msg(subjects.STREAM_COMMANDS, subjects.commands(job, run_id))
+                raw = await self.js.get_last_msg(
+                    subjects.stream_commands_of(job), subjects.commands(job, run_id)
+                )
         except NotFoundError:
             return 0, 0
         except Exception as exc:
@@ -147,7 +149,7 @@ class Streams:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     raw = await self.js.get_msg(
-                        subjects.STREAM_COMMANDS, seq=seq + 1, subject=subject, next=True
+                        subjects.stream_commands_of(job), seq=seq + 1, subject=subject, next=True
                     )
             except NotFoundError:
                 return found

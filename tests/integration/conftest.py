@@ -1,5 +1,5 @@
 """Integration fixtures: `procs` collects the process trees a test starts and kills what is left;
-`nc` is a NATS connection to the test's server."""
+`nc` is a NATS connection to the test's server, with the weaver's credential."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import nats
 import pytest
 
-from tests.integration.helpers import kill_tree
+from tests.integration.helpers import connect, kill_tree
 from torchloom.nats_server import EmbeddedNats
 
 
@@ -27,6 +26,6 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 @pytest.fixture
 async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
-    conn = await nats.connect(nats_server.url)
+    conn = await connect(nats_server)
     yield conn
     await conn.close()

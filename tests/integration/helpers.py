@@ -21,12 +21,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
+from nats.aio.client import Client
 
 from tests.conftest import REPO
-from torchloom import signing, subjects, wire
+from torchloom import bus, signing, subjects, wire
 from torchloom.client import ControlClient
+from torchloom.credentials import ClientAuth, Role
 from torchloom.errors import JobNotFound
 from torchloom.messages import Command, JobEvent, Outcome, OutcomeStatus, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
@@ -87,14 +88,55 @@ def signed(cmd: Command) -> Command:
     return signing.load_or_create(signing.default_key_path()).sign(cmd)
 
 
-def job_env(base: dict[str, str], job: str, **extra: str) -> dict[str, str]:
-    """`base` plus the job name, a fresh run id, one OMP thread, the weaver's public key and `extra`."""
+def auth(server: EmbeddedNats, role: Role = Role.WEAVER, job: str | None = None) -> ClientAuth | None:
+    """The credential `role` connects to `server` with (None on an open server)."""
+    return server.credentials.client_auth(role, job) if server.credentials is not None else None
+
+
+async def connect(server: EmbeddedNats, role: Role = Role.WEAVER, job: str | None = None) -> Client:
+    """A NATS connection to `server` as `role` (the weaver by default: it may do anything)."""
+    return await bus.connect(server.url, name=f"test-{role.value}", credentials=auth(server, role, job))
+
+
+def rank_creds(server: EmbeddedNats, job: str) -> dict[str, str]:
+    """The variables ranks of `job` need to reach `server`: its URL and, on a secured server, their
+    job's threadlet credential (granted here and applied with a reload, as a job's registration does)."""
+    env = {"TORCHLOOM_NATS_URL": server.url}
+    if server.credentials is not None:
+        env["TORCHLOOM_NATS_CREDS_FILE"] = str(server.grant_job(job).seed_file)
+    return env
+
+
+def weaver_creds(server: EmbeddedNats) -> dict[str, str]:
+    """The variable a weaver process (`python -m weaver`, `torchloom weaver --nats`) reads its NATS
+    credential from, for `server` (empty on an open server)."""
+    if server.credentials is None:
+        return {}
+    return {"TORCHLOOM_NATS_CREDS_FILE": str(server.credentials.nkey_user(Role.WEAVER).seed_file)}
+
+
+def run_creds(server: EmbeddedNats, job: str) -> list[str]:
+    """`torchloom run --nats URL` options for `server`: the URL and, on a secured server, its secrets
+    directory (every party then uses its role's credential; `job` is granted first)."""
+    args = ["--nats", server.url]
+    if server.credentials is not None:
+        server.grant_job(job)
+        args += ["--nats-creds", str(server.credentials.directory)]
+    return args
+
+
+def job_env(
+    base: dict[str, str], job: str, *, server: EmbeddedNats | None = None, **extra: str
+) -> dict[str, str]:
+    """`base` plus the job name, a fresh run id, one OMP thread, the weaver's public key, the bus of
+    `server` (`rank_creds`) when given, and `extra`."""
     env = dict(base)
     env.update(
         TORCHLOOM_JOB=job,
         TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
         OMP_NUM_THREADS="1",
         TORCHLOOM_WEAVER_PUBKEY=weaver_pubkey(),
+        **(rank_creds(server, job) if server is not None else {}),
         **extra,
     )
     return env
@@ -156,9 +198,9 @@ def replay_plan(out: Path, job: str) -> dict[str, Any]:
     }
 
 
-async def job_events(url: str, job: str) -> list[JobEvent]:
+async def job_events(url: str, job: str, *, credentials: ClientAuth | None = None) -> list[JobEvent]:
     """Every event of `job` in the events stream (read until 1 s passes without one)."""
-    nc = await nats.connect(url)
+    nc = await bus.connect(url, name="test-events", credentials=credentials)
     try:
         sub = await nc.jetstream().subscribe(subjects.events(job), ordered_consumer=True)
         out: list[JobEvent] = []
@@ -246,8 +288,10 @@ def _tails(logs: Sequence[Path]) -> str:
 
 
 def weaver_config(server: EmbeddedNats, **kw: Any) -> WeaverConfig:
-    """A weaver on `server` that declares a rank dead after 1 s without a heartbeat."""
-    return WeaverConfig(nats_url=server.url, dead_after_s=1.0, **kw)
+    """A weaver on `server` with its credential, that declares a rank dead after 1 s without a
+    heartbeat unless `kw` says otherwise."""
+    kw.setdefault("dead_after_s", 1.0)
+    return WeaverConfig(nats_url=server.url, nats_credentials=auth(server), **kw)
 
 
 def ws_handshake(port: int, origin: str) -> int:

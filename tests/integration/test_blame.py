@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import unbound_env, until
+from tests.integration.helpers import run_creds, unbound_env, until
 from tests.integration.test_reconfigure_faults import JOB, SCRIPT, _client, _status, _torchloom_run
 from torchloom.client import ControlClient
 from torchloom.messages import JobEvent, StatusReply
@@ -55,8 +55,7 @@ async def test_a_frozen_rank_is_blamed_and_its_peer_reported_waiting(
     tmp_path: Path, nats_server: EmbeddedNats, run_env: dict[str, str], tl_home: Path
 ) -> None:
     args = [
-        "--nats",
-        nats_server.url,
+        *run_creds(nats_server, JOB),
         "--health-policy",
         "alert",
         "--hung-after",

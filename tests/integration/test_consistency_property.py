@@ -19,13 +19,12 @@ import nats
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.helpers import until, weaver_pubkey
+from tests.integration.helpers import connect, rank_creds, until, weaver_config, weaver_pubkey
 from torchloom import subjects, wire
 from torchloom.client import ControlClient
 from torchloom.messages import Ack, Action, ActionKind, Issuer, OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
 from weaver.app import open_weaver
-from weaver.config import WeaverConfig
 
 WORLD = 4
 COMMANDS = 200
@@ -61,7 +60,7 @@ async def test_random_commands_with_random_delivery_delays_apply_identically_on_
     job, run_id, out = "prop", uuid.uuid4().hex[:8], tmp_path / "out"
     env = dict(
         subprocess_env,
-        TORCHLOOM_NATS_URL=nats_server.url,
+        **rank_creds(nats_server, job),
         TORCHLOOM_JOB=job,
         TORCHLOOM_RUN_ID=run_id,
         TORCHLOOM_TEST_DELIVERY_DELAY_S="0.05",
@@ -69,13 +68,13 @@ async def test_random_commands_with_random_delivery_delays_apply_identically_on_
         OMP_NUM_THREADS="1",
     )
     acks: list[Ack] = []
-    tap = await nats.connect(nats_server.url)
+    tap = await connect(nats_server)
 
     async def on_ack(msg: nats.aio.msg.Msg) -> None:
         acks.append(wire.decode_ack(msg.data))
 
     await tap.subscribe(subjects.acks(job), cb=on_ack)
-    async with open_weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)) as weaver:
+    async with open_weaver(weaver_config(nats_server, dead_after_s=5.0)) as weaver:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--standalone",
             str(REPO / "examples" / "train_tiny.py"), "--steps", "100000", "--step-sleep", "0.002",

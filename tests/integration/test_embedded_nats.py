@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import connect
 from torchloom import bus, subjects
 from torchloom.credentials import CredentialStore, Role
 from torchloom.errors import NatsUnavailable
@@ -64,3 +65,22 @@ async def test_a_secured_server_restarts_with_the_same_credentials_and_refuses_s
             await bus.connect(server.url, name="stranger", connect_timeout_s=1.0)
     finally:
         server.stop()
+
+
+async def test_an_older_stores_shared_command_stream_makes_way_for_per_job_streams(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc = await connect(nats_server)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_streams(js)  # as an earlier version left its store: one stream for every job
+        await js.publish(subjects.commands("j", "r"), b"old")
+        with pytest.raises(Exception):  # noqa: B017 (JetStream refuses overlapping subjects; nats-py's type varies)
+            await bus.ensure_job_commands(js, "j")
+        assert await bus.remove_shared_commands(js) == 1
+        assert await bus.remove_shared_commands(js) == 0  # idempotent
+        assert await bus.ensure_job_commands(js, "j") == subjects.stream_commands_of("j")
+        ack = await js.publish(subjects.commands("j", "r"), b"new")
+        assert ack.stream == subjects.stream_commands_of("j")
+    finally:
+        await nc.close()

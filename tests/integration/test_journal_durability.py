@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.helpers import until, weaver_pubkey
+from tests.integration.helpers import auth, rank_creds, until, weaver_pubkey
 from torchloom.client import ControlClient
+from torchloom.credentials import CredentialStore
 from torchloom.messages import Issuer, JobEvent, Outcome, OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
 from weaver.app import open_weaver
@@ -44,12 +45,12 @@ async def journal(client: ControlClient) -> list[Outcome | JobEvent]:
 
 @pytest.mark.timeout(240)
 async def test_journal_survives_weaver_and_nats_server_restart(
-    tmp_path: Path, subprocess_env: dict[str, str]
+    tmp_path: Path, subprocess_env: dict[str, str], nats_store: CredentialStore
 ) -> None:
-    server = EmbeddedNats(tmp_path / "nats").start()
+    server = EmbeddedNats(tmp_path / "nats", credentials=nats_store).start()
     env = dict(
         subprocess_env,
-        TORCHLOOM_NATS_URL=server.url,
+        **rank_creds(server, JOB),
         TORCHLOOM_JOB=JOB,
         TORCHLOOM_RUN_ID=uuid.uuid4().hex[:8],
         TORCHLOOM_WEAVER_PUBKEY=weaver_pubkey(),
@@ -64,7 +65,7 @@ async def test_journal_survives_weaver_and_nats_server_restart(
     issuer = Issuer(kind="agent", identity="durability-test")
     try:
         async with (
-            open_weaver(WeaverConfig(nats_url=server.url)) as weaver,
+            open_weaver(WeaverConfig(nats_url=server.url, nats_credentials=auth(server))) as weaver,
             ControlClient(weaver.grpc_address) as c,
         ):
             await wait_for_ranks(c, 2)
@@ -81,7 +82,7 @@ async def test_journal_survives_weaver_and_nats_server_restart(
         server.stop()  # terminate, wait, kill; the store stays on disk
         server.start()  # same port, same store
         async with (
-            open_weaver(WeaverConfig(nats_url=server.url)) as weaver,
+            open_weaver(WeaverConfig(nats_url=server.url, nats_credentials=auth(server))) as weaver,
             ControlClient(weaver.grpc_address) as c,
         ):
             step_after = await wait_for_ranks(c, 2)  # the ranks reconnected by themselves

@@ -22,6 +22,7 @@ import pytest
 from tests.integration.helpers import until
 from torchloom import discovery, subjects, wire
 from torchloom.client import ControlClient
+from torchloom.credentials import CredentialStore, Role
 from torchloom.messages import Action, ActionKind, Issuer, JobEvent, OutcomeStatus, StatusReply, SubmitRequest
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "reconf_train.py"
@@ -44,10 +45,14 @@ def _records(out: Path) -> list[dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def _event_feed(url: str) -> AsyncIterator[list[JobEvent]]:
+async def _event_feed(info: discovery.WeaverInfo) -> AsyncIterator[list[JobEvent]]:
     """The job's events (from the journal's start), appended live: node A's embedded NATS, which holds
-    the journal, ends with node A, so the test reads them while it runs."""
-    nc = await nats.connect(url, allow_reconnect=False)
+    the journal, ends with node A, so the test reads them while it runs (with the weaver's credential
+    from the control plane's store: the server admits no anonymous client)."""
+    store = CredentialStore(info.secrets_dir)
+    nc = await nats.connect(
+        info.nats_url, allow_reconnect=False, **store.client_auth(Role.WEAVER).nats_options()
+    )
     got: list[JobEvent] = []
 
     async def on_event(msg: Any) -> None:
@@ -128,7 +133,7 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
         async with (
             _node([*node_b, "--rdzv-conf", f"{conf},is_host=0", *script], env, logs[1]) as b,
             ControlClient(info.grpc) as client,
-            _event_feed(info.nats_url) as events,
+            _event_feed(info) as events,
         ):
 
             async def both_training() -> StatusReply | None:
@@ -171,6 +176,8 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
             async with asyncio.timeout(60):
                 code = await a.wait()
     assert code == 0, logs[0].read_text(errors="replace")[-4000:]
+    # Node A told the user how other nodes join (same TORCHLOOM_HOME, where the credentials are).
+    assert f"other nodes join with TORCHLOOM_HOME={env['TORCHLOOM_HOME']}" in logs[0].read_text()
 
     seen = [(e.kind, e.run_id, dict(e.attrs)) for e in events]
     dead = [e for e in events if e.kind == "rank_dead" and e.run_id == RUN]

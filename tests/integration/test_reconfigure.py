@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import cli, job_events, read_all_records, unbound_env
+from tests.integration.helpers import auth, cli, job_events, read_all_records, run_creds, unbound_env
 from torchloom.nats_server import EmbeddedNats
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "reconf_train.py"
@@ -16,9 +16,9 @@ JOB = "reconf"
 
 
 def _run(
-    args: list[str], url: str, env: dict[str, str], timeout_s: float = 120.0
+    args: list[str], server: EmbeddedNats, env: dict[str, str], timeout_s: float = 120.0
 ) -> subprocess.CompletedProcess[str]:
-    return cli("run", "--job", JOB, "--nats", url, *args, env=env, timeout_s=timeout_s)
+    return cli("run", "--job", JOB, *run_creds(server, JOB), *args, env=env, timeout_s=timeout_s)
 
 
 @pytest.fixture
@@ -34,11 +34,11 @@ async def test_xid_on_rank_1_continues_on_one_rank_with_no_step_lost(
     script = [str(SCRIPT), "--steps", "90", "--xid-at", "30", "--out", str(out)]
     res = _run(
         ["--health-policy", "reconfigure", "--nproc-per-node", "2", *script],
-        nats_server.url,
+        nats_server,
         run_env,
     )
     assert res.returncode == 0, res.stderr[-4000:]
-    events = await job_events(nats_server.url, JOB)
+    events = await job_events(nats_server.url, JOB, credentials=auth(nats_server))
     kinds = [e.kind for e in events]
     for kind in ("device_unhealthy", "reconfigure_checkpointed", "reconfigure_stopping"):
         assert kind in kinds, kinds

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import job_events, read_all_records, unbound_env, until
+from tests.integration.helpers import auth, job_events, read_all_records, run_creds, unbound_env, until
 from torchloom import discovery
 from torchloom.client import ControlClient
 from torchloom.messages import (
@@ -92,7 +92,7 @@ async def test_kill_9_of_a_rank_is_detected_and_torchrun_restarts_from_the_check
 ) -> None:
     out = tmp_path / "out"
     steps = 400
-    args = ["--nats", nats_server.url, "--max-restarts", "1", "--nproc-per-node", "2"]
+    args = [*run_creds(nats_server, JOB), "--max-restarts", "1", "--nproc-per-node", "2"]
     script = [str(SCRIPT), "--steps", str(steps), "--step-sleep", "0.02", "--out", str(out)]
     async with _torchloom_run([*args, *script], run_env) as proc:
         client = await _client(proc)
@@ -123,7 +123,7 @@ async def test_kill_9_of_a_rank_is_detected_and_torchrun_restarts_from_the_check
         err = (await proc.stderr.read()).decode() if proc.stderr else ""
     assert code == 0, err[-4000:]
 
-    events = await job_events(nats_server.url, JOB)
+    events = await job_events(nats_server.url, JOB, credentials=auth(nats_server))
     dead = [
         e for e in events if e.kind == "rank_dead" and e.run_id == base_run and e.attrs.get("rank") == "1"
     ]
@@ -151,7 +151,7 @@ async def test_a_stalled_rank_is_reported_hung_then_recovers(
     tmp_path: Path, nats_server: EmbeddedNats, run_env: dict[str, str], tl_home: Path
 ) -> None:
     out = tmp_path / "out"
-    args = ["--nats", nats_server.url, "--hung-after", "1.5", "--nproc-per-node", "2"]
+    args = [*run_creds(nats_server, JOB), "--hung-after", "1.5", "--nproc-per-node", "2"]
     script = [str(SCRIPT), "--steps", "60", "--hang-at", "20", "--hang-s", "10", "--out", str(out)]
     async with _torchloom_run([*args, *script], run_env) as proc:
         client = await _client(proc)
@@ -176,7 +176,7 @@ async def test_a_stalled_rank_is_reported_hung_then_recovers(
                 code = await proc.wait()
         err = (await proc.stderr.read()).decode() if proc.stderr else ""
     assert code == 0, err[-4000:]
-    events = await job_events(nats_server.url, JOB)
+    events = await job_events(nats_server.url, JOB, credentials=auth(nats_server))
     hung = [e for e in events if e.kind == "rank_hung" and e.attrs.get("rank") == "1"]
     assert hung, [(e.kind, dict(e.attrs)) for e in events]
     recovered = [e for e in events if e.kind == "rank_recovered" and e.attrs.get("rank") == "1"]
@@ -190,10 +190,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _start_weaver(url: str, grpc: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+async def _start_weaver(server: EmbeddedNats, grpc: str, env: dict[str, str]) -> asyncio.subprocess.Process:
     """A standalone `torchloom weaver` on the external NATS, once it answers Status."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "torchloom.app.cli", "weaver", "--nats", url, "--grpc", grpc, env=env,
+        sys.executable, "-m", "torchloom.app.cli", "weaver", *run_creds(server, JOB), "--grpc", grpc, env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
 
@@ -241,9 +241,9 @@ async def test_kill_9_of_the_weaver_mid_run_loses_nothing_and_training_goes_on(
 ) -> None:
     out = tmp_path / "out"
     grpc = f"127.0.0.1:{_free_port()}"
-    weaver = await _start_weaver(nats_server.url, grpc, run_env)
+    weaver = await _start_weaver(nats_server, grpc, run_env)
     try:
-        args = ["--nats", nats_server.url, "--grpc", grpc, "--nproc-per-node", "2"]
+        args = [*run_creds(nats_server, JOB), "--grpc", grpc, "--nproc-per-node", "2"]
         script = [str(SCRIPT), "--steps", "100000", "--step-sleep", "0.02", "--out", str(out)]
         async with _torchloom_run([*args, *script], run_env) as proc:
             async with ControlClient(grpc) as client:
@@ -269,7 +269,7 @@ async def test_kill_9_of_the_weaver_mid_run_loses_nothing_and_training_goes_on(
                 proc=proc,
             )
             moved = _last_step(out / "rank0.jsonl")
-            weaver = await _start_weaver(nats_server.url, grpc, run_env)
+            weaver = await _start_weaver(nats_server, grpc, run_env)
             async with ControlClient(grpc) as client:
                 after = await until(
                     "ranks back in the new weaver",

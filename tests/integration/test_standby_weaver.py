@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import EXAMPLE, job_env, start_session, until
+from tests.integration.helpers import EXAMPLE, job_env, start_session, until, weaver_creds
 from torchloom.client import ControlClient, new_command_id, submit_until
 from torchloom.errors import JobNotFound, WeaverUnavailable
 from torchloom.messages import Action, ActionKind, Issuer, Outcome, OutcomeStatus, SetConfig, SubmitRequest
@@ -60,7 +60,7 @@ async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
     subprocess_env: dict[str, str],
     procs: list[subprocess.Popen[bytes]],
 ) -> None:
-    env = dict(subprocess_env, OMP_NUM_THREADS="1")
+    env = dict(subprocess_env, OMP_NUM_THREADS="1", **weaver_creds(nats_server))
     ports = [_free_port(), _free_port()]
     first = _weaver(nats_server.url, ports[0], env)
     procs.append(first)
@@ -80,7 +80,7 @@ async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
             str(EXAMPLE), "--steps", "100000", "--step-sleep", "0.01", "--out", str(out),
         ],
-        job_env(env, JOB, TORCHLOOM_NATS_URL=nats_server.url),
+        job_env(env, JOB, server=nats_server),
     )  # fmt: skip
     procs.append(job)
     async with ControlClient(both) as client:

@@ -27,8 +27,10 @@ def torchrun(out: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return helpers.torchrun(out, env, steps=STEPS, step_sleep=0.01)
 
 
-def job_env(base: dict[str, str], tmp_path: Path, job: str, **extra: str) -> dict[str, str]:
-    return helpers.job_env(base, job, TORCHLOOM_CHECKPOINT_DIR=str(tmp_path / "ckpt"), **extra)
+def job_env(
+    base: dict[str, str], tmp_path: Path, job: str, *, server: EmbeddedNats | None = None, **extra: str
+) -> dict[str, str]:
+    return helpers.job_env(base, job, server=server, TORCHLOOM_CHECKPOINT_DIR=str(tmp_path / "ckpt"), **extra)
 
 
 async def test_checkpoint_eval_rollback_stop_then_replay_is_bit_identical(
@@ -39,9 +41,9 @@ async def test_checkpoint_eval_rollback_stop_then_replay_is_bit_identical(
 ) -> None:
     job = "actjob"
     out = tmp_path / "live"
-    env = job_env(subprocess_env, tmp_path, job, TORCHLOOM_NATS_URL=nats_server.url)
+    env = job_env(subprocess_env, tmp_path, job, server=nats_server)
     async with (
-        open_weaver(WeaverConfig(nats_url=nats_server.url)) as w,
+        open_weaver(WeaverConfig(nats_url=nats_server.url, nats_credentials=helpers.auth(nats_server))) as w,
         ControlClient(w.grpc_address) as client,
     ):
         proc = torchrun(out, env)
@@ -122,11 +124,9 @@ async def test_fault_inject_turns_the_target_ranks_device_unhealthy(
 ) -> None:
     job = "faultjob"
     out = tmp_path / "out"
-    env = job_env(
-        subprocess_env, tmp_path, job, TORCHLOOM_NATS_URL=nats_server.url, TORCHLOOM_ALLOW_FAULT_INJECTION="1"
-    )
+    env = job_env(subprocess_env, tmp_path, job, server=nats_server, TORCHLOOM_ALLOW_FAULT_INJECTION="1")
     async with (
-        open_weaver(WeaverConfig(nats_url=nats_server.url)) as w,
+        open_weaver(WeaverConfig(nats_url=nats_server.url, nats_credentials=helpers.auth(nats_server))) as w,
         ControlClient(w.grpc_address) as client,
     ):
         proc = torchrun(out, env)

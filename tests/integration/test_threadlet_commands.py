@@ -33,7 +33,7 @@ JOB = "tinyjob"
 
 @pytest.fixture
 def job_env(subprocess_env: dict[str, str], nats_server: EmbeddedNats) -> dict[str, str]:
-    return helpers.job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url)
+    return helpers.job_env(subprocess_env, JOB, server=nats_server)
 
 
 def command(job: str, run_id: str, seq: int, what: dict[str, object] | ActionKind) -> Command:
@@ -60,10 +60,11 @@ async def test_commands_decided_at_same_step_on_both_ranks(
 ) -> None:
     run_id = job_env["TORCHLOOM_RUN_ID"]
     out = tmp_path / "out"
-    nc = await nats.connect(nats_server.url)
+    nc = await helpers.connect(nats_server)
     try:
         js = nc.jetstream()
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, shared_commands=False)
+        await bus.ensure_job_commands(js, JOB)  # what the job's registration does
         acks: list[Ack] = []
         heartbeats: list[Heartbeat] = []
 
@@ -146,10 +147,11 @@ async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_sam
 ) -> None:
     run_id = job_env["TORCHLOOM_RUN_ID"]
     out = tmp_path / "out"
-    nc = await nats.connect(nats_server.url)
+    nc = await helpers.connect(nats_server)
     try:
         js = nc.jetstream()
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, shared_commands=False)
+        await bus.ensure_job_commands(js, JOB)  # what the job's registration does
         paused = asyncio.Event()
         paused_ranks: set[int] = set()
 

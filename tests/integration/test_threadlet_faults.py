@@ -8,7 +8,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import nats
 import pytest
 
 from tests.integration import helpers
@@ -22,7 +21,7 @@ JOB = "faultjob"
 
 @pytest.fixture
 def job_env(subprocess_env: dict[str, str], nats_server: EmbeddedNats) -> dict[str, str]:
-    return helpers.job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url)
+    return helpers.job_env(subprocess_env, JOB, server=nats_server)
 
 
 async def wait_training(out: Path, proc: subprocess.Popen[bytes], steps: int, timeout_s: float = 60) -> None:
@@ -32,14 +31,14 @@ async def wait_training(out: Path, proc: subprocess.Popen[bytes], steps: int, ti
     await until(f"both ranks at {steps} steps", trained, timeout_s=timeout_s, interval_s=0.05, proc=proc)
 
 
-async def wait_consumers(url: str, count: int, timeout_s: float = 30) -> None:
-    """Poll the command stream until `count` consumers (one per rank) follow it."""
-    nc = await nats.connect(url)
+async def wait_consumers(server: EmbeddedNats, count: int, timeout_s: float = 30) -> None:
+    """Poll the job's command stream until `count` consumers (one per rank) follow it."""
+    nc = await helpers.connect(server)
     try:
         js = nc.jetstream()
 
         async def following() -> bool:
-            return (await js.stream_info(subjects.STREAM_COMMANDS)).state.consumer_count >= count
+            return (await js.stream_info(subjects.stream_commands_of(JOB))).state.consumer_count >= count
 
         await until(
             f"{count} consumers on the command stream", following, timeout_s=timeout_s, interval_s=0.05
@@ -67,19 +66,20 @@ async def test_command_after_server_restart_still_arrives(
     tmp_path: Path, job_env: dict[str, str], nats_server: EmbeddedNats, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     run_id = job_env["TORCHLOOM_RUN_ID"]
-    nc = await nats.connect(nats_server.url)
-    await bus.ensure_streams(nc.jetstream())
+    nc = await helpers.connect(nats_server)
+    await bus.ensure_streams(nc.jetstream(), shared_commands=False)
+    await bus.ensure_job_commands(nc.jetstream(), JOB)
     await nc.close()
     out = tmp_path / "out"
     steps = 1200
     proc = torchrun(out, job_env, steps=steps, step_sleep=0.01)
     procs.append(proc)
     await wait_training(out, proc, 10)
-    await wait_consumers(nats_server.url, 2)
+    await wait_consumers(nats_server, 2)
 
     nats_server.kill()
     nats_server.start()  # same port and JetStream store: the stream survives, the consumers do not
-    nc = await nats.connect(nats_server.url)
+    nc = await helpers.connect(nats_server)
     try:
         await nc.jetstream().publish(
             subjects.commands(JOB, run_id), wire.encode(command(JOB, run_id, 1, {"lr@head": 0.004}))

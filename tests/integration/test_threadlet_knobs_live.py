@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tests.integration.helpers import read_records, replay_plan, submit, wait_training
+from tests.integration.helpers import auth, read_records, replay_plan, submit, wait_training
 from tests.integration.test_threadlet_actions import job_env, torchrun
 from torchloom.client import ControlClient
 from torchloom.messages import Action, ActionKind, SetConfig
@@ -76,11 +76,9 @@ async def test_every_knob_takes_effect_at_the_decided_step_and_replay_is_bit_ide
     gen = torch.Generator().manual_seed(5)
     torch.save(torch.randn(100, 9, generator=gen), extra)
     # `data add` reads only under the job's data roots: here the test's directory.
-    env = job_env(
-        subprocess_env, tmp_path, job, TORCHLOOM_NATS_URL=nats_server.url, TORCHLOOM_DATA_ROOTS=str(tmp_path)
-    )
+    env = job_env(subprocess_env, tmp_path, job, server=nats_server, TORCHLOOM_DATA_ROOTS=str(tmp_path))
     async with (
-        open_weaver(WeaverConfig(nats_url=nats_server.url)) as w,
+        open_weaver(WeaverConfig(nats_url=nats_server.url, nats_credentials=auth(nats_server))) as w,
         ControlClient(w.grpc_address) as client,
     ):
         proc = torchrun(out, env)

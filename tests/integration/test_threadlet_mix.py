@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import REPO
-from tests.integration.helpers import job_env, read_records, torchrun
+from tests.integration.helpers import auth, job_env, read_records, torchrun
 from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound
 from torchloom.messages import OutcomeStatus, SetConfig, SubmitRequest
@@ -31,9 +31,9 @@ async def test_live_mix_changes_the_drawn_sources_from_the_decided_step_on_both_
     procs: list[subprocess.Popen[bytes]],
 ) -> None:
     out = tmp_path / "out"
-    env = job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=nats_server.url)
+    env = job_env(subprocess_env, JOB, server=nats_server)
     async with (
-        open_weaver(WeaverConfig(nats_url=nats_server.url)) as w,
+        open_weaver(WeaverConfig(nats_url=nats_server.url, nats_credentials=auth(nats_server))) as w,
         ControlClient(w.grpc_address) as client,
     ):
         proc = torchrun(out, env, steps=STEPS, step_sleep=0.02, script=SCRIPT)

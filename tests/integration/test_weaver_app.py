@@ -12,15 +12,15 @@ import time
 
 import pytest
 
+from tests.integration.helpers import weaver_config, weaver_creds
 from torchloom.client import ControlClient
 from torchloom.nats_server import EmbeddedNats
 from weaver.app import RunningWeaver, serve
-from weaver.config import WeaverConfig
 
 
 async def test_serve_reports_ready_and_stops_on_cancel(nats_server: EmbeddedNats) -> None:
     ready: asyncio.Future[RunningWeaver] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(WeaverConfig(nats_url=nats_server.url), ready=ready.set_result))
+    task = asyncio.create_task(serve(weaver_config(nats_server), ready=ready.set_result))
     running = await asyncio.wait_for(ready, 10)
     assert re.fullmatch(r"127\.0\.0\.1:\d+", running.grpc_address)
     assert not running.grpc_address.endswith(":0")
@@ -41,7 +41,7 @@ def test_python_m_weaver_exits_cleanly_on_sigterm(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=subprocess_env,
+        env={**subprocess_env, **weaver_creds(nats_server)},
     )
     try:
         assert proc.stdout is not None

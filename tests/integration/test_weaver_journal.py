@@ -145,7 +145,7 @@ async def live(client: ControlClient) -> None:
 
 
 async def commands_stored(nc: Any) -> int:
-    return int((await nc.jetstream().stream_info(subjects.STREAM_COMMANDS)).state.messages)
+    return int((await nc.jetstream().stream_info(subjects.stream_commands_of(JOB))).state.messages)
 
 
 async def read_journal(client: ControlClient) -> list[WatchEvent]:
@@ -350,7 +350,7 @@ async def test_two_weavers_never_publish_the_same_seq(nats_server: EmbeddedNats,
         assert second.status is OutcomeStatus.APPLIED
         # (A core subscriber also saw the refused publish; threadlets read the stream, which holds 2.)
         assert await commands_stored(nc) == 2
-        raw = await nc.jetstream().get_last_msg(subjects.STREAM_COMMANDS, subjects.commands(JOB, RUN))
+        raw = await nc.jetstream().get_last_msg(subjects.stream_commands_of(JOB), subjects.commands(JOB, RUN))
         stored = wire.decode_command(raw.data)
         assert (stored.seq, stored.command_id) == (2, second.command_id)
         assert {c.seq for c in ranks.commands} == {1, 2}

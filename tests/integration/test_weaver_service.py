@@ -114,7 +114,11 @@ async def job_visible(client: ControlClient, world: int = 2) -> None:
 
 
 async def stream_messages(nc: Any, stream: str) -> int:
-    info = await nc.jetstream().stream_info(stream)
+    """Messages stored in `stream` (0 when it does not exist: a job's stream appears with the job)."""
+    try:
+        info = await nc.jetstream().stream_info(stream)
+    except NotFoundError:
+        return 0
     return int(info.state.messages)
 
 
@@ -133,7 +137,7 @@ async def test_invalid_submit_is_rejected_and_nothing_published(nats_server: Emb
         assert "needs argument 'checkpoint'" in bad_action.reason
         no_job = await client.submit(SubmitRequest(job="nope", body=SetConfig(values={"lr": "0.1"})))
         assert no_job.status is OutcomeStatus.REJECTED and "no job named 'nope'" in no_job.reason
-        assert await stream_messages(nc, subjects.STREAM_COMMANDS) == 0
+        assert await stream_messages(nc, subjects.stream_commands_of(JOB)) == 0
         assert w.weaver.state.jobs[JOB].last_seq == 0
 
 
@@ -279,9 +283,9 @@ async def test_restarted_weaver_continues_seq_from_the_stream(nats_server: Embed
             await job_visible(client)
             out = await client.submit(SubmitRequest(body=Action(kind=ActionKind.EVAL), timeout_s=0.2))
             assert out.command is not None and out.command.seq == 3
-    raw = await nc.jetstream().get_last_msg(subjects.STREAM_COMMANDS, subjects.commands(JOB, RUN))
+    raw = await nc.jetstream().get_last_msg(subjects.stream_commands_of(JOB), subjects.commands(JOB, RUN))
     assert wire.decode_command(raw.data).seq == 3
-    assert await stream_messages(nc, subjects.STREAM_COMMANDS) == 3
+    assert await stream_messages(nc, subjects.stream_commands_of(JOB)) == 3
 
 
 async def test_new_run_restarts_seq_and_dead_ranks_are_announced(nats_server: EmbeddedNats, nc: Any) -> None:

@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "run",
         help="launch SCRIPT under torchrun with a weaver (started here unless one is reachable)",
-        usage="torchloom run [--job NAME] [--run-id ID] [--nats URL] [--grpc HOST:PORT] [--ui] [--ui-port P] "
+        usage="torchloom run [--job NAME] [--run-id ID] [--nats URL [--nats-creds PATH]] [--grpc HOST:PORT] "
+        "[--ui] [--ui-port P] "
         "[--allow-fault-injection] [--hung-after S] [--straggler-factor F] "
         f"[--health-policy {'|'.join(PolicyMode)}] [--data-root DIR]... [torchrun options] SCRIPT [ARGS]",
         description="torchrun options (e.g. --nproc-per-node 2, --nnodes, --max-restarts, --rdzv-*, "
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ui serves the web UI (URL on stderr); --allow-fault-injection lets `torchloom fault inject` "
         "reach the ranks; --data-root DIR (repeatable; default the working directory) is where "
         "`torchloom data add` may read files from; the health options configure a weaver started here. "
+        "The embedded NATS server admits only torchloom's roles (docs/security.md); for a server of "
+        "yours, --nats-creds PATH is its credential (a file, or a directory from "
+        "`python -m torchloom.credentials`). "
         "The weaver runs in a "
         "control plane shared by every job of $TORCHLOOM_HOME: started (detached) when none runs, it "
         "exits 10 s (TORCHLOOM_CONTROLPLANE_IDLE_S) after its last job ended. Exit status: the job's; "
@@ -300,7 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--nats", metavar="URL", help="NATS server URL (default: TORCHLOOM_NATS_URL, else embedded)"
     )
     weaver.add_argument(
+        "--nats-creds",
+        metavar="PATH",
+        help="credential for --nats: an nkey seed or .creds file (0600), or a secrets directory from "
+        "`python -m torchloom.credentials` (default: TORCHLOOM_NATS_CREDS_FILE; the embedded server "
+        "uses the control plane's own)",
+    )
+    weaver.add_argument(
         "--grpc", type=_address, metavar="HOST:PORT", help="gRPC bind address (default 127.0.0.1:0)"
+    )
+    weaver.add_argument(
+        "--grpc-tls-cert", metavar="FILE", help="PEM certificate chain: required to bind off loopback"
+    )
+    weaver.add_argument("--grpc-tls-key", metavar="FILE", help="PEM private key of --grpc-tls-cert")
+    weaver.add_argument(
+        "--ui-port",
+        type=int,
+        default=0,
+        metavar="P",
+        help="port of the web UI (`torchloom ui`), whose page origin the embedded WebSocket accepts "
+        "(default: a free one, in the discovery file)",
     )
     weaver.add_argument("--hung-after", metavar="S", help="a rank whose step stalls this long is hung (10)")
     weaver.add_argument(
@@ -529,7 +552,22 @@ def _run_command(args: argparse.Namespace) -> int:
         except launcher.UsageError as exc:
             print(f"torchloom weaver: {exc}", file=sys.stderr)
             return 2
-        return controlplane.serve_weaver(nats_url=args.nats, grpc=args.grpc, health=health)
+        if args.nats_creds is not None and not (args.nats or env.get(env.NATS_URL)):
+            print(
+                "torchloom weaver: --nats-creds is the credential for --nats URL (a server of yours); "
+                "the embedded server uses the control plane's own credentials",
+                file=sys.stderr,
+            )
+            return 2
+        return controlplane.serve_weaver(
+            nats_url=args.nats,
+            grpc=args.grpc,
+            health=health,
+            nats_creds=args.nats_creds,
+            ui_port=args.ui_port,
+            grpc_tls_cert=args.grpc_tls_cert,
+            grpc_tls_key=args.grpc_tls_key,
+        )
     if command in ("journal", "checkpoints", "branches") and _wants_history(args):
         return _history_command(args)
     if command == "status":

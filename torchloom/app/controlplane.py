@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -30,9 +31,11 @@ from nats.aio.client import Client
 from torchloom import bus, defaults, discovery, env, private_files, subjects, wire
 from torchloom.app import runs
 from torchloom.app.launcher import HealthOptions, UsageError, parse_health
+from torchloom.app.natsauth import GivenAccess, OpenAccess, StoreAccess
+from torchloom.credentials import SECRETS_SUBDIR, ClientAuth, CredentialStore, Role
 from torchloom.errors import NatsUnavailable, TorchloomError
 from torchloom.messages import JobEvent
-from torchloom.nats_server import EmbeddedNats
+from torchloom.nats_server import EmbeddedNats, loopback_origins
 from torchloom.policy import PolicyMode
 from weaver import app as weaver_app
 from weaver.app import RunningWeaver
@@ -44,7 +47,7 @@ IDLE_EXIT_S = 10.0  # default grace after the last lease ended
 IDLE_EXIT_ENV = env.CONTROLPLANE_IDLE_S
 STATE_FILE = "state.json"
 LOG_FILE = "controlplane.log"
-SECRETS_DIR = "secrets"
+LEASE_POLL_S = 0.05  # how often the leases directory is looked at for a new or ended lease
 WEAVER_READY_TIMEOUT_S = 30.0
 WEAVER_RETRY_S = 0.5
 
@@ -64,7 +67,9 @@ class Credentials(Protocol):
 
     The control plane calls `prepare` before every start of the embedded server (the first and each
     supervised restart), `job_added` when a job's first lease appears (create and apply its threadlet
-    credentials) and `job_removed` when its last lease ends.
+    credentials) and `job_removed` when its last lease ends (and at start for each job `granted`
+    that holds no lease). Its own connections and the weaver's use `client_auth(Role.WEAVER)`.
+    Implementations: `StoreAccess`, `GivenAccess` and `OpenAccess` in torchloom.app.natsauth.
     """
 
     @property
@@ -72,26 +77,13 @@ class Credentials(Protocol):
 
     def prepare(self, server: EmbeddedNats) -> None: ...
 
+    def client_auth(self, role: Role) -> ClientAuth | None: ...
+
+    def granted(self) -> tuple[str, ...]: ...
+
     def job_added(self, job: str) -> None: ...
 
     def job_removed(self, job: str) -> None: ...
-
-
-class OpenAccess:
-    """No NATS authentication: the embedded server on loopback accepts any local client."""
-
-    @property
-    def secrets_dir(self) -> Path | None:
-        return None
-
-    def prepare(self, server: EmbeddedNats) -> None:
-        return None
-
-    def job_added(self, job: str) -> None:
-        return None
-
-    def job_removed(self, job: str) -> None:
-        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +93,10 @@ class ControlPlaneConfig:
     Attributes:
         home: the `$TORCHLOOM_HOME` it serves (discovery file, leases, stores).
         nats_url: an external server; None runs the embedded one and supervises it.
+        nats_creds: `--nats-creds PATH` for the external server (a credential file or a torchloom
+            secrets directory, torchloom.app.natsauth); None connects to it without one.
+        ui_port: the web UI's port, whose page origins the embedded server's WebSocket accepts
+            (0: a free one, chosen before the server starts and kept across its restarts).
         grpc_addr: the weaver's gRPC bind address (port 0: a free one).
         idle_exit_s: exit once no lease has been held this long; None: never (`torchloom weaver`).
         weaver_options: extra WeaverConfig keyword arguments (the health options).
@@ -110,6 +106,8 @@ class ControlPlaneConfig:
 
     home: Path
     nats_url: str | None = None
+    nats_creds: str | None = None
+    ui_port: int = 0
     grpc_addr: str = defaults.GRPC_BIND_ADDR
     idle_exit_s: float | None = IDLE_EXIT_S
     weaver_options: Mapping[str, Any] = field(default_factory=dict)
@@ -123,6 +121,13 @@ class ControlPlaneConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 60.0:
                 raise ValueError(f"{name}={value!r} rejected: must be in (0, 60]")
+        if not 0 <= self.ui_port <= 65535:
+            raise ValueError(f"ui_port={self.ui_port!r} rejected: must be in [0, 65535] (0: a free port)")
+        if self.nats_creds is not None and self.nats_url is None:
+            raise ValueError(
+                "nats_creds is for an external server (nats_url): the embedded one uses the control "
+                "plane's own credentials"
+            )
         host, sep, port = self.grpc_addr.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(
@@ -136,6 +141,23 @@ def state_path(home: Path | None = None) -> Path:
 
 def log_path(home: Path | None = None) -> Path:
     return runs.controlplane_dir(home) / LOG_FILE
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for the web UI, whose origin must be known early)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def default_credentials(config: ControlPlaneConfig) -> Credentials:
+    """The embedded server's role table (the control plane's credential store under `home`), or
+    for an external server the `nats_creds` given (else none)."""
+    if config.nats_url is None:
+        return StoreAccess(CredentialStore.open(config.home / SECRETS_SUBDIR))
+    if config.nats_creds is not None:
+        return GivenAccess(config.nats_creds)
+    return OpenAccess()
 
 
 def _is_nats_server(pid: int) -> bool:
@@ -166,16 +188,22 @@ class ControlPlane:
 
     Args:
         config: how it runs.
-        credentials: NATS authentication (default: none, the loopback server accepts local clients).
+        credentials: NATS authentication (default: `default_credentials(config)`, the role table
+            of the control plane's credential store on the embedded server).
+
+    Raises:
+        CredentialsError: the credential store or `config.nats_creds` cannot be used.
     """
 
     def __init__(self, config: ControlPlaneConfig, *, credentials: Credentials | None = None) -> None:
         self.config = config
-        self.credentials: Credentials = credentials or OpenAccess()
+        self.credentials: Credentials = credentials or default_credentials(config)
         self.server: EmbeddedNats | None = None
         self.nats_url = config.nats_url or ""
         self.ws_url = ""
         self.grpc = ""
+        self.ui_port = config.ui_port
+        self.operator_token = ""
         self.nats_restarts = 0
         self.events: list[JobEvent] = []  # what it published, in order
         self.ready = asyncio.Event()  # set once the weaver serves gRPC and the discovery file exists
@@ -203,7 +231,11 @@ class ControlPlane:
         try:
             await self._start_nats()
             with contextlib.suppress(NatsUnavailable):  # events are for watchers; no events is no crash
-                self._nc = await bus.connect(self.nats_url, name="torchloom-controlplane")
+                self._nc = await bus.connect(
+                    self.nats_url,
+                    name="torchloom-controlplane",
+                    credentials=self.credentials.client_auth(Role.WEAVER),
+                )
             first = asyncio.get_running_loop().create_future()
             tasks.append(asyncio.create_task(self._weaver_loop(first), name="controlplane-weaver"))
             await first  # the first weaver start must succeed: a bad --grpc is an error, not a retry
@@ -248,16 +280,25 @@ class ControlPlane:
         if self.config.nats_url is not None:
             self._write_state()
             return
+        # nats-server fixes the WebSocket's allowed origins at start: the UI's port comes first.
+        if not self.ui_port:
+            self.ui_port = int((previous or {}).get("ui_port") or 0) or free_port()
+        origins = loopback_origins(self.ui_port)
         if previous is not None:
             log.info(
                 "continuing the store %s of a control plane that stopped with jobs running",
                 previous["store_dir"],
             )
             self.server = EmbeddedNats(
-                previous["store_dir"], port=previous.get("nats_port"), ws_port=previous.get("ws_port")
+                previous["store_dir"],
+                port=previous.get("nats_port"),
+                ws_port=previous.get("ws_port"),
+                allowed_origins=origins,
             )
         else:
-            self.server = EmbeddedNats(runs.runs_dir(self.config.home) / f"cp-{uuid.uuid4().hex[:12]}")
+            self.server = EmbeddedNats(
+                runs.runs_dir(self.config.home) / f"cp-{uuid.uuid4().hex[:12]}", allowed_origins=origins
+            )
         self.credentials.prepare(self.server)
         try:
             await asyncio.to_thread(self.server.start)
@@ -268,7 +309,7 @@ class ControlPlane:
             log.warning(
                 "nats-server could not come back on port %s: starting on a free port", self.server.port
             )
-            self.server = EmbeddedNats(previous["store_dir"])
+            self.server = EmbeddedNats(previous["store_dir"], allowed_origins=origins)
             self.credentials.prepare(self.server)
             await asyncio.to_thread(self.server.start)
         self.nats_url, self.ws_url = self.server.url, self.server.ws_url
@@ -335,7 +376,11 @@ class ControlPlane:
                     fut.set_result(w)
 
             config = WeaverConfig(
-                nats_url=self.nats_url, grpc_addr=self._grpc_bind, **self.config.weaver_options
+                nats_url=self.nats_url,
+                grpc_addr=self._grpc_bind,
+                nats_credentials=self.credentials.client_auth(Role.WEAVER),
+                **self._secured_options(),
+                **self.config.weaver_options,
             )
             task = asyncio.create_task(weaver_app.serve(config, ready=_ready), name="torchloom-weaver")
             try:
@@ -346,6 +391,7 @@ class ControlPlane:
                 pass
             if ready.done():
                 self.grpc = ready.result().grpc_address
+                self.operator_token = ready.result().operator_token
                 self._grpc_bind = self.grpc  # a restarted weaver answers at the same address
                 self._write_discovery()
                 self._write_state()
@@ -383,13 +429,41 @@ class ControlPlane:
                 log.warning("weaver start failed, retrying: %r", exc)
             await asyncio.sleep(WEAVER_RETRY_S)
 
+    def _secured_options(self) -> dict[str, Any]:
+        """WeaverConfig settings that hold when the embedded server enforces the role table: only
+        the ui-operator role may publish on api.submit, so that is who submits there."""
+        if self.server is None or self.credentials.secrets_dir is None:
+            return {}
+        return {"api_submit_identity": Role.UI_OPERATOR.value}
+
     # ---- leases, discovery, state ---------------------------------------------------------------------
+
+    async def _wait_leases(self, timeout_s: float) -> None:
+        """Sleep up to `timeout_s`, returning early when a lease file appears or goes (a launcher
+        waits for its job to be registered before it starts the ranks)."""
+        directory = runs.leases_dir(self.config.home)
+
+        def stamp() -> int:
+            try:
+                return directory.stat().st_mtime_ns
+            except OSError:
+                return 0
+
+        before, end = stamp(), time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            await asyncio.sleep(min(LEASE_POLL_S, max(0.0, end - time.monotonic())))
+            if stamp() != before:
+                return
 
     async def _lease_loop(self) -> None:
         idle_since: float | None = time.monotonic()
+        live, _ended = runs.sweep_leases(self.config.home)
+        for job in sorted(set(self.credentials.granted()) - {lease.job for lease in live}):
+            log.info("job %s holds no lease: withdrawing its credential", job)
+            await asyncio.to_thread(self.credentials.job_removed, job)
         while True:
             live, _ended = runs.sweep_leases(self.config.home)
-            self._update_jobs(live)
+            await self._update_jobs(live)
             now = time.monotonic()
             if live:
                 idle_since = None
@@ -405,24 +479,38 @@ class ControlPlane:
                 log.info("no job has held a lease for %.1fs: exiting", now - idle_since)
                 self.stop()
                 return
-            await asyncio.sleep(self.config.lease_interval_s)
+            await self._wait_leases(self.config.lease_interval_s)
 
-    def _update_jobs(self, live: list[runs.Lease]) -> None:
+    async def _update_jobs(self, live: list[runs.Lease]) -> None:
+        """Grant each newly leased job its credential and command stream, withdraw an ended job's,
+        then list the jobs in the discovery file: a launcher starts its ranks once its job is there."""
         jobs: dict[str, list[runs.Lease]] = {}
         for lease in live:
             jobs.setdefault(lease.job, []).append(lease)
         added, removed = jobs.keys() - self._jobs.keys(), self._jobs.keys() - jobs.keys()
-        self._jobs = jobs
         for job in sorted(added):
             log.info(
                 "job %s holds a lease (run %s, launcher pid %d)", job, jobs[job][-1].run_id, jobs[job][-1].pid
             )
-            self.credentials.job_added(job)
+            await asyncio.to_thread(self.credentials.job_added, job)
+            await self._ensure_job_stream(job)
         for job in sorted(removed):
             log.info("job %s holds no lease any more", job)
-            self.credentials.job_removed(job)
+            await asyncio.to_thread(self.credentials.job_removed, job)
+        self._jobs = jobs
         if (added or removed) and self.ready.is_set():
             self._write_discovery()
+
+    async def _ensure_job_stream(self, job: str) -> None:
+        """Create the job's command stream now, so its ranks follow it from their first attempt (the
+        weaver would create it at the job's first heartbeat; a threadlet may not create streams)."""
+        if self._nc is None:
+            return
+        try:
+            async with asyncio.timeout(WEAVER_RETRY_S * 4):
+                await bus.ensure_job_commands(self._nc.jetstream(), job)
+        except Exception as exc:  # the weaver creates it at the first heartbeat anyway
+            log.warning("could not create the command stream of job %s yet: %r", job, exc)
 
     def _try_exit(self) -> bool:
         """Under the lock: with still no live lease, withdraw the discovery file and say yes.
@@ -453,6 +541,8 @@ class ControlPlane:
                 jobs=self.jobs,
                 store_dir=str(self.server.run_dir) if self.server is not None else "",
                 secrets_dir=str(secrets) if secrets is not None else "",
+                token=self.operator_token,
+                ui_port=self.ui_port if self.server is not None else 0,
             ),
             self.config.home / discovery.FILE_NAME,
         )
@@ -467,6 +557,7 @@ class ControlPlane:
                 "nats_port": server.port if server is not None else None,
                 "ws_port": server.ws_port if server is not None else None,
                 "nats_pid": (server.pid or 0) if server is not None else 0,
+                "ui_port": self.ui_port,
                 "grpc": self.grpc,
             },
         )
@@ -534,7 +625,16 @@ def already_running(home: Path) -> discovery.WeaverInfo | None:
     return discovery.read(home / discovery.FILE_NAME)
 
 
-def serve_weaver(*, nats_url: str | None, grpc: str | None, health: HealthOptions | None = None) -> int:
+def serve_weaver(
+    *,
+    nats_url: str | None,
+    grpc: str | None,
+    health: HealthOptions | None = None,
+    nats_creds: str | None = None,
+    ui_port: int = 0,
+    grpc_tls_cert: str | None = None,
+    grpc_tls_key: str | None = None,
+) -> int:
     """`torchloom weaver`: the control plane in the foreground, without the idle exit."""
     home = discovery.home()
     running = already_running(home)
@@ -545,20 +645,34 @@ def serve_weaver(*, nats_url: str | None, grpc: str | None, health: HealthOption
             file=sys.stderr,
         )
         return 1
-    config = ControlPlaneConfig(
-        home=home,
-        nats_url=nats_url or env.get(env.NATS_URL),
-        grpc_addr=grpc or defaults.GRPC_BIND_ADDR,
-        idle_exit_s=None,
-        weaver_options=(health or HealthOptions()).config_kwargs(),
-    )
-    return asyncio.run(serve_control_plane(ControlPlane(config), to_stdout=True))
+    options = (health or HealthOptions()).config_kwargs()
+    if grpc_tls_cert is not None or grpc_tls_key is not None:
+        options.update(grpc_tls_cert_file=grpc_tls_cert, grpc_tls_key_file=grpc_tls_key)
+    url = nats_url or env.get(env.NATS_URL)
+    try:
+        # The weaver's own settings are checked now, so a bad flag is a usage error, not a retry.
+        WeaverConfig(grpc_addr=grpc or defaults.GRPC_BIND_ADDR, **options)
+        config = ControlPlaneConfig(
+            home=home,
+            nats_url=url,
+            nats_creds=(nats_creds or env.get(env.NATS_CREDS_FILE)) if url else None,
+            ui_port=ui_port,
+            grpc_addr=grpc or defaults.GRPC_BIND_ADDR,
+            idle_exit_s=None,
+            weaver_options=options,
+        )
+        cp = ControlPlane(config)
+    except ValueError as exc:  # CredentialsError too
+        print(f"torchloom weaver: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve_control_plane(cp, to_stdout=True))
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m torchloom.app.controlplane`: the detached control plane `torchloom run` starts.
 
-    The NATS URL (an external server) comes from TORCHLOOM_NATS_URL, never from argv.
+    The NATS URL (an external server) comes from TORCHLOOM_NATS_URL, never from argv; `--nats-creds`
+    names a credential file (its path, never a secret).
     """
     parser = argparse.ArgumentParser(prog="python -m torchloom.app.controlplane", description=__doc__)
     parser.add_argument("--grpc", default=defaults.GRPC_BIND_ADDR, help="gRPC bind address")
@@ -569,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hung-after")
     parser.add_argument("--straggler-factor")
     parser.add_argument("--health-policy", choices=[m.value for m in PolicyMode])
+    parser.add_argument("--nats-creds", help="credential file or secrets directory for TORCHLOOM_NATS_URL")
+    parser.add_argument("--ui-port", type=int, default=0, help="the web UI's port (0: a free one)")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.addFilter(_RedactingFilter())
@@ -582,15 +698,18 @@ def main(argv: list[str] | None = None) -> int:
         config = ControlPlaneConfig(
             home=discovery.home(),
             nats_url=env.get(env.NATS_URL),
+            nats_creds=args.nats_creds,
+            ui_port=args.ui_port,
             grpc_addr=args.grpc,
             idle_exit_s=None
             if args.no_idle_exit
             else (args.idle_exit_s if args.idle_exit_s is not None else idle_exit_default()),
             weaver_options=health.config_kwargs(),
         )
+        cp = ControlPlane(config)
     except (UsageError, ValueError) as exc:
         parser.error(str(exc))
-    return asyncio.run(serve_control_plane(ControlPlane(config)))
+    return asyncio.run(serve_control_plane(cp))
 
 
 if __name__ == "__main__":

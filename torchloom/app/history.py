@@ -2,8 +2,9 @@
 
 The run index (torchloom.app.runs) names the run's store. When the live control plane serves that
 store, its weaver's journal is read over gRPC; when the run used an external server, from that server;
-otherwise a private nats-server (loopback, free port) is started on the stored JetStream directory,
-the journal stream is read, and the server is stopped. Checkpoints and branches are rebuilt from the
+otherwise a private nats-server (loopback, free port, admitting only the weaver credential of this
+home's credential store) is started on the stored JetStream directory, the journal stream is read, and
+the server is stopped. Checkpoints and branches are rebuilt from the
 entries by the weaver's own recovery (the same fold a restarted weaver does).
 """
 
@@ -16,9 +17,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from torchloom import bus, discovery, naming
+from torchloom import bus, discovery, env, naming
+from torchloom.app import natsauth
 from torchloom.app.runs import RunRecord
 from torchloom.client import ControlClient
+from torchloom.credentials import ClientAuth, CredentialStore, Role
 from torchloom.errors import JobNotFound, NatsUnavailable
 from torchloom.messages import JobEvent, JobStatus, Outcome
 from torchloom.nats_server import EmbeddedNats
@@ -80,11 +83,14 @@ async def read_entries(record: RunRecord) -> list[Entry]:
         return of_run(found, record)
     if record.store_dir:
         return of_run(await _read_store(Path(record.store_dir), record.job), record)
-    return of_run(await _read_url(record.nats_url, record.job), record)
+    # A server of the user's: their credential, if they gave one (TORCHLOOM_NATS_CREDS_FILE).
+    given = env.get(env.NATS_CREDS_FILE)
+    auth = natsauth.given_auth(given, Role.WEAVER) if given else None
+    return of_run(await _read_url(record.nats_url, record.job, auth), record)
 
 
-async def _read_url(url: str, job: str) -> list[Entry]:
-    nc = await bus.connect(url, name="torchloom-history")
+async def _read_url(url: str, job: str, credentials: ClientAuth | None) -> list[Entry]:
+    nc = await bus.connect(url, name="torchloom-history", credentials=credentials)
     try:
         return [e async for e in Streams(nc.jetstream(timeout=READ_TIMEOUT_S), READ_TIMEOUT_S).journal(job)]
     finally:
@@ -103,9 +109,10 @@ async def _read_store(store_dir: Path, job: str) -> list[Entry]:
         raise NatsUnavailable(f"no JetStream store at {data}: the run's journal was removed or never written")
     with tempfile.TemporaryDirectory(prefix="torchloom-history-") as tmp:
         (Path(tmp) / _STORE).symlink_to(data.resolve(), target_is_directory=True)
-        server = EmbeddedNats(tmp)
+        store = await asyncio.to_thread(CredentialStore.open)
+        server = EmbeddedNats(tmp, credentials=store)  # no WebSocket, no anonymous client
         await asyncio.to_thread(server.start)
         try:
-            return await _read_url(server.url, job)
+            return await _read_url(server.url, job, store.client_auth(Role.WEAVER))
         finally:
             await asyncio.to_thread(server.stop)

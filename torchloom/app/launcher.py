@@ -25,9 +25,10 @@ from typing import Any
 
 from torchloom import defaults, discovery, env, naming, private_files, signing, subjects
 from torchloom.app import actions as cli_actions
-from torchloom.app import runs
+from torchloom.app import natsauth, runs
 from torchloom.app.supervisor import Supervisor, nproc_of, with_nproc
 from torchloom.client import ControlClient
+from torchloom.credentials import ClientAuth, Role
 from torchloom.errors import TorchloomError, WeaverUnavailable
 from torchloom.policy import PolicyMode, parse_mode
 from weaver.ui_server import serve_ui
@@ -55,6 +56,7 @@ RUN_OPTIONS = frozenset(
         "--job",
         "--run-id",
         "--nats",
+        "--nats-creds",
         "--grpc",
         "--ui-port",
         "--hung-after",
@@ -154,6 +156,8 @@ class RunSpec:
     Attributes:
         job: job name (default: the script's stem).
         nats_url: `--nats`, else None (then TORCHLOOM_NATS_URL, else the embedded server).
+        nats_creds: `--nats-creds PATH` for that server: a credential file every party uses, or a
+            torchloom secrets directory (each party its role's); else TORCHLOOM_NATS_CREDS_FILE.
         grpc: `--grpc`, else None.
         torchrun_args: options for torch.distributed.run, in the order given, with defaults added.
         script: the training script (or module with -m).
@@ -175,6 +179,7 @@ class RunSpec:
     replay_path: str | None = None
     run_id: str | None = None
     data_roots: tuple[str, ...] = ()  # `--data-root`, absolute; () lets ranks use their working directory
+    nats_creds: str | None = None
 
     @property
     def multinode(self) -> bool:
@@ -301,6 +306,11 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         subjects.check_token("job", job)
     except ValueError as exc:
         raise UsageError(f"{exc} (set it with --job NAME)") from None
+    if "--nats-creds" in ours and "--nats" not in ours and not env.get(env.NATS_URL):
+        raise UsageError(
+            "--nats-creds is the credential for a NATS server of yours: give its URL with --nats URL "
+            "(the embedded server uses the control plane's own credentials)"
+        )
     grpc = ours.get("--grpc")
     if grpc is not None:
         try:
@@ -327,6 +337,7 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         ),
         run_id=run_id,
         data_roots=tuple(data_roots),
+        nats_creds=str(Path(ours["--nats-creds"]).expanduser().resolve()) if "--nats-creds" in ours else None,
     )
 
 
@@ -347,10 +358,19 @@ def torchrun_command(spec: RunSpec) -> list[str]:
     ]
 
 
-def child_env(spec: RunSpec, *, run_id: str, nats_url: str, grpc: str) -> dict[str, str]:
-    """Return the environment of the torchrun child: ours plus the TORCHLOOM_* variables."""
+def child_env(
+    spec: RunSpec, *, run_id: str, nats_url: str, grpc: str, nats_creds_file: str | None = None
+) -> dict[str, str]:
+    """Return the environment of the torchrun child: ours plus the TORCHLOOM_* variables.
+
+    `nats_creds_file` is the ranks' NATS credential (their job's threadlet seed file): its path,
+    never the secret, goes into TORCHLOOM_NATS_CREDS_FILE.
+    """
     out = dict(os.environ)
     out[env.NATS_URL] = nats_url
+    out.pop(env.NATS_CREDS_FILE, None)
+    if nats_creds_file is not None:
+        out[env.NATS_CREDS_FILE] = nats_creds_file
     out[env.JOB] = spec.job
     out[env.RUN_ID] = run_id
     out[env.GRPC_ADDR] = grpc
@@ -385,6 +405,7 @@ class WeaverEndpoints:
     owned: bool  # True when this launcher started the control plane
     store_dir: str = ""  # the embedded server's directory (its JetStream store), "" when external
     pid: int = 0  # the control plane's pid (0: a weaver we do not manage, found by --grpc)
+    secrets_dir: str = ""  # the control plane's credential store ("" when it keeps none)
 
 
 async def _probe(grpc: str, timeout_s: float = 2.0) -> bool:
@@ -406,6 +427,7 @@ def _endpoints(info: discovery.WeaverInfo, *, owned: bool) -> WeaverEndpoints:
         owned=owned,
         store_dir=info.store_dir,
         pid=info.pid,
+        secrets_dir=info.secrets_dir,
     )
 
 
@@ -445,18 +467,28 @@ def controlplane_log() -> Path:
 
 
 def start_control_plane(
-    *, nats_url: str | None, grpc: str | None, health: HealthOptions
+    *,
+    nats_url: str | None,
+    grpc: str | None,
+    health: HealthOptions,
+    nats_creds: str | None = None,
+    ui_port: int = 0,
 ) -> subprocess.Popen[bytes]:
     """Start `python -m torchloom.app.controlplane` detached: its own session, output appended to
-    `$TORCHLOOM_HOME/controlplane/controlplane.log`, the NATS URL in its environment (never argv)."""
+    `$TORCHLOOM_HOME/controlplane/controlplane.log`, the NATS URL in its environment (never argv; a
+    URL may hold a password), the path of a credential file on argv (a path is no secret)."""
     environ = dict(os.environ)
-    for name in (env.NATS_URL, env.GRPC_ADDR, env.JOB, env.RUN_ID):
+    for name in (env.NATS_URL, env.GRPC_ADDR, env.JOB, env.RUN_ID, env.NATS_CREDS_FILE):
         environ.pop(name, None)
     if nats_url is not None:
         environ[env.NATS_URL] = nats_url
     environ[env.HOME] = str(discovery.home())
     argv = [sys.executable, "-m", "torchloom.app.controlplane", "--grpc", grpc or defaults.GRPC_BIND_ADDR]
     argv += health.argv()
+    if nats_creds is not None:
+        argv += ["--nats-creds", nats_creds]
+    if ui_port:
+        argv += ["--ui-port", str(ui_port)]
     cp_dir = private_files.private_dir(runs.controlplane_dir())
     fd = os.open(controlplane_log(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, private_files.PRIVATE_FILE_MODE)
     try:
@@ -516,12 +548,75 @@ async def attach(spec: RunSpec, lease: runs.Lease) -> WeaverEndpoints:
         nats_url = spec.nats_url or env.get(env.NATS_URL)
         endpoints = await find_reusable(nats_url, spec.grpc)
         if endpoints is None:
-            proc = start_control_plane(nats_url=nats_url, grpc=spec.grpc, health=spec.health)
+            proc = start_control_plane(
+                nats_url=nats_url,
+                grpc=spec.grpc,
+                health=spec.health,
+                nats_creds=given_creds(spec) if nats_url else None,
+                ui_port=spec.ui_port,
+            )
             endpoints = _endpoints(await wait_ready(proc), owned=True)
         runs.write_lease(lease)
-        return endpoints
     finally:
         lock.release()
+    if endpoints.pid:
+        await wait_registered(lease, endpoints.pid)
+    return endpoints
+
+
+def given_creds(spec: RunSpec) -> str | None:
+    """`--nats-creds`, else TORCHLOOM_NATS_CREDS_FILE: the user's credential for their own server."""
+    return spec.nats_creds or env.get(env.NATS_CREDS_FILE)
+
+
+async def wait_registered(lease: runs.Lease, pid: int, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until the control plane `pid` lists the lease's job in the discovery file: it has then
+    minted the job's NATS credential, applied it to the server and created its command stream, so
+    the ranks can connect and follow their commands from the start.
+
+    Raises:
+        WeaverUnavailable: it did not within `timeout_s` (naming its log).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = discovery.read()
+        if info is not None and info.pid == pid and lease.job in info.jobs:
+            return
+        if time.monotonic() >= deadline:
+            raise WeaverUnavailable(
+                f"the control plane (pid {pid}) did not register job {lease.job} within {timeout_s:g}s; "
+                f"see {controlplane_log()}"
+            )
+        await asyncio.sleep(0.02)
+
+
+def nats_auth(spec: RunSpec, endpoints: WeaverEndpoints) -> tuple[ClientAuth | None, str | None]:
+    """How this run talks to NATS: the supervisor's credential (the launcher role) and the file its
+    ranks read theirs from (their job's threadlet credential). From the control plane's credential
+    store when it keeps one (the embedded server), else from `--nats-creds` (a server of the
+    user's), else none.
+
+    Raises:
+        CredentialsError: a credential is missing, readable by others or malformed.
+    """
+    store = natsauth.store_of(endpoints.secrets_dir)
+    if store is not None:
+        return store.client_auth(Role.LAUNCHER), str(store.nkey_user(Role.THREADLET, spec.job).seed_file)
+    given = given_creds(spec)
+    if given is None:
+        return None, None
+    return natsauth.given_auth(given, Role.LAUNCHER), str(natsauth.given_rank_file(given, spec.job))
+
+
+def join_hint(spec: RunSpec, endpoints: WeaverEndpoints) -> str:
+    """How another node of a multi-node run joins: the same command with this control plane's
+    addresses and the same TORCHLOOM_HOME, where it finds the credentials (0600 files)."""
+    words = ["torchloom", "run", "--job", spec.job, "--nats", endpoints.nats_url, "--grpc", endpoints.grpc]
+    return (
+        f"torchloom: other nodes join with TORCHLOOM_HOME={discovery.home()} (its credentials are "
+        f"0600 files there, for this user only) and: {' '.join(words)} [the same torchrun options] "
+        f"{spec.script} ..."
+    )
 
 
 async def keep_control_plane(spec: RunSpec, lease: runs.Lease, interval_s: float = KEEPER_INTERVAL_S) -> None:
@@ -565,6 +660,9 @@ async def run(spec: RunSpec) -> int:
                 flush=True,
             )
         announce(endpoints, run_id=run_id, job=spec.job)
+        if spec.multinode:
+            print(join_hint(spec, endpoints), file=sys.stderr, flush=True)
+        launcher_auth, ranks_creds = nats_auth(spec, endpoints)
         record = runs.RunRecord(
             run_id=run_id, job=spec.job, store_dir=endpoints.store_dir, nats_url=endpoints.nats_url
         )
@@ -584,7 +682,14 @@ async def run(spec: RunSpec) -> int:
             command=lambda n: torchrun_command(
                 spec if n is None else replace(spec, torchrun_args=with_nproc(spec.torchrun_args, n))
             ),
-            child_env=child_env(spec, run_id=run_id, nats_url=endpoints.nats_url, grpc=endpoints.grpc),
+            child_env=child_env(
+                spec,
+                run_id=run_id,
+                nats_url=endpoints.nats_url,
+                grpc=endpoints.grpc,
+                nats_creds_file=ranks_creds,
+            ),
+            credentials=launcher_auth,
             nproc=nproc_of(spec.torchrun_args),
             elastic_membership=spec.multinode,
         )

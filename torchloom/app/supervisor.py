@@ -21,6 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from torchloom import bus, env, layout, naming, signing, subjects, wire
+from torchloom.credentials import ClientAuth
 from torchloom.messages import Heartbeat, JobEvent, RestartRequest
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class Supervisor:
         child_env: the first attempt's environment (TORCHLOOM_* set).
         nproc: the first attempt's ranks per node.
         on_start: called with each attempt's run id once its process started (to announce it).
+        credentials: the supervisor's NATS credential (the launcher role); None: none.
         elastic_membership: torchrun spans nodes (`--nnodes MIN:MAX`): its agents re-rendezvous when a
             node is lost and restart the survivors themselves, and this launcher runs only one node's
             agent, so restart requests are declined (a "restart_declined" event says so) rather than
@@ -193,6 +195,7 @@ class Supervisor:
         nproc: int,
         on_start: Callable[[str], None] | None = None,
         elastic_membership: bool = False,
+        credentials: ClientAuth | None = None,
     ) -> None:
         self.job = job
         self.base_run_id = run_id
@@ -200,6 +203,7 @@ class Supervisor:
         self.attempt = 0
         self.events: list[JobEvent] = []  # what this supervisor published, in order
         self._nats_url = nats_url
+        self._credentials = credentials
         self._command = command
         self._env = dict(child_env)
         self._verifier = weaver_verifier(child_env)
@@ -225,7 +229,9 @@ class Supervisor:
         self._env[DISABLE_SHARED_STORE] = "1"
         self._env[env.BASE_RUN_ID] = self.base_run_id
         try:
-            self._nc = await bus.connect(self._nats_url, name=f"torchloom-supervisor-{self.job}")
+            self._nc = await bus.connect(
+                self._nats_url, name=f"torchloom-supervisor-{self.job}", credentials=self._credentials
+            )
         except Exception as exc:  # restarts need the bus; training does not, so go on without them
             log.warning("supervisor: no NATS (%s): restart requests will not be carried out", exc)
         else:

@@ -401,6 +401,13 @@ async def _flood(client: ControlClient, nc: Any, info: discovery.WeaverInfo) -> 
     grown_mib = (_rss_kib(info.pid) - rss_before) / 1024
     assert grown_mib < 40, f"the weaver grew {grown_mib:.0f} MiB under the flood"
     _same_ranks(before, await _status(client))
+    # Heartbeats make no JetStream streams: a job's command stream comes with its first valid command.
+    flooded = [
+        s.config.name
+        for s in await nc.jetstream().streams_info()
+        if (s.config.name or "").startswith(f"{subjects.STREAM_COMMANDS_JOB_PREFIX}flood")
+    ]
+    assert flooded == [], f"{len(flooded)} command streams made for flood jobs, e.g. {flooded[:3]}"
     # The journal is written behind the answer (an outbox), so give it time, but it must arrive.
     deadline = time.monotonic() + 30
     while outcome.command_id not in {e.command_id for e in await _journal(client) if isinstance(e, Outcome)}:

@@ -1,7 +1,8 @@
 """End to end: checkpoint, set lr, change the data mix, rollback, then lr and mix again on the new
 branch, on a real 2-rank job; `torchloom journal --json` to a file;
 `torchloom replay` of that file (whose last set, on the new branch, shapes the result) reproduces
-every rank's final parameters bit for bit."""
+every rank's final parameters bit for bit, on either agreement path (riding DDP's gradient
+all-reduce, or the gloo rounds; the replay runs on the same path as the run)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,13 @@ def _finish(proc: subprocess.Popen[str]) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_replay_of_journal_reproduces_final_params(tmp_path: Path, run_env: dict[str, str]) -> None:  # noqa: F811
+@pytest.mark.parametrize("agreement", ["auto", "gloo"])
+def test_replay_of_journal_reproduces_final_params(
+    tmp_path: Path,
+    run_env: dict[str, str],  # noqa: F811
+    agreement: str,
+) -> None:
+    run_env = dict(run_env, TORCHLOOM_AGREEMENT=agreement)
     first, second = tmp_path / "first", tmp_path / "second"
     script = [str(EXAMPLE), "--steps", STEPS, "--step-sleep", "0.03", "--out"]
     proc = _run(["run", "--job", "rp", "--nproc-per-node", "2", *script, str(first)], run_env)

@@ -17,7 +17,7 @@ help:
 	@echo "make test    unit and integration tests (sets up the venv and the UI's test tools first)"
 	@echo "make check   ruff format --check, ruff check, mypy --strict"
 	@echo "make proto   regenerate torchloom/v1 from proto/torchloom/v1/torchloom.proto"
-	@echo "make venv    create $(VENV) and install torch==$(TORCH_VERSION) and torchloom[dev,data,hf,lightning]"
+	@echo "make venv    create $(VENV) and install torch==$(TORCH_VERSION) and torchloom[dev,data,hf,lightning,tensorboard]"
 
 venv: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==$(TORCH_VERSION) numpy -c requirements-dev.lock
-	$(PIP) install --quiet -e '.[dev,data,hf,lightning]' torch==$(TORCH_VERSION) -c requirements-dev.lock
+	$(PIP) install --quiet -e '.[dev,data,hf,lightning,tensorboard]' torch==$(TORCH_VERSION) -c requirements-dev.lock
 	touch $@
 
 proto: $(STAMP)

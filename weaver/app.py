@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from weaver.config import WeaverConfig
 from weaver.grpc_api import ControlServer
 from weaver.health_policy import DEFAULT_DEAD_AFTER_S
 from weaver.leader import Leadership, LeaseConfig, StandbyBackend
+from weaver.metrics import MetricsServer
 from weaver.service import Weaver
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class RunningWeaver:
 
     weaver: Weaver
     control: ControlServer
+    metrics: MetricsServer | None = None  # the Prometheus endpoint, when `config.metrics_port` is set
 
     @property
     def grpc_address(self) -> str:
@@ -53,7 +56,8 @@ class RunningWeaver:
 async def open_weaver(config: WeaverConfig) -> AsyncIterator[RunningWeaver]:
     """Start a weaver, then its gRPC Control service on `config.grpc_addr`; stop them in reverse order.
 
-    The service accepts the bearer tokens of `config.grpc_tokens_file` (created when absent).
+    The service accepts the bearer tokens of `config.grpc_tokens_file` (created when absent). With
+    `config.metrics_port` set, the weaver's Prometheus metrics are served too (`weaver.metrics`).
 
     Raises:
         OSError: the gRPC address cannot be bound (the weaver is closed again).
@@ -67,7 +71,13 @@ async def open_weaver(config: WeaverConfig) -> AsyncIterator[RunningWeaver]:
         ControlServer(weaver, config.grpc_addr, tokens=table, tls=config.tls()) as control,
     ):
         log.info("weaver serving gRPC on %s", control.address)
-        yield RunningWeaver(weaver, control)
+        if config.metrics_port is None:
+            yield RunningWeaver(weaver, control)
+            return
+        async with MetricsServer(
+            weaver.metrics, config.metrics_host, config.metrics_port, allow_remote=config.metrics_allow_remote
+        ) as metrics:
+            yield RunningWeaver(weaver, control, metrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +113,8 @@ async def _serve_while_elected(config: WeaverConfig, leadership: Leadership, bac
         await leadership.elected.wait()
         won = time.monotonic()
         try:
-            async with Weaver(config) as weaver:
+            # The lease is ours: a predecessor still bound to the acks consumer has lost it.
+            async with Weaver(dataclasses.replace(config, acks_take_over=True)) as weaver:
                 backend.active = weaver
                 log.info("weaver active: serving %.2f s after winning the lease", time.monotonic() - won)
                 lost = asyncio.ensure_future(leadership.lost.wait())
@@ -271,6 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="share NATS with other weavers: serve only while holding the lease, else stand by",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port; default: none)",
+    )
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="where metrics bind (default loopback)")
+    parser.add_argument(
+        "--metrics-allow-remote",
+        action="store_true",
+        help="allow a non-loopback --metrics-host (the endpoint has no token)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     base = WeaverConfig.from_env(nats_url=args.nats, grpc_addr=args.grpc)
@@ -282,12 +305,17 @@ def main(argv: list[str] | None = None) -> int:
             hung_after_s=args.hung_after,
             straggler_factor=args.straggler_factor,
             health_policy=PolicyMode(args.health_policy),
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            metrics_allow_remote=args.metrics_allow_remote,
         )
     except ValueError as exc:
         parser.error(str(exc))
 
     def _ready(w: RunningWeaver | StandbyWeaver) -> None:
-        print(f"weaver ready: grpc {w.grpc_address}, nats {config.nats_url}", flush=True)
+        metrics = w.metrics if isinstance(w, RunningWeaver) else None
+        served = f", metrics {metrics.url}" if metrics is not None else ""
+        print(f"weaver ready: grpc {w.grpc_address}, nats {config.nats_url}{served}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         if args.standby:

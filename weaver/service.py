@@ -43,13 +43,13 @@ from weaver import admission, dedupe, health_plan, liveness, outcomes, recovery,
 from weaver import health_policy as hp
 from weaver.acks import RETRY, AckFeed, CommandKey, Retry
 from weaver.config import WeaverConfig
+from weaver.metrics import WeaverMetrics
 from weaver.model import WeaverState
 from weaver.streams import Outbox, OutboxItem, SeqConflict, Streams
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "torchloom-weaver"
-WARM_UP_MIN_S = 5.0  # after a (re)start, a submit the ranks' reports could decide waits at least this
 
 __all__ = ["QUEUE_GROUP", "Watcher", "Weaver"]
 
@@ -123,7 +123,9 @@ class Weaver:
         self._limits = config.limits()
         self.refusals = admission.Refusals()
         self._next_eviction_s = 0.0
-        self._job_streams: set[str] = set()  # jobs whose command stream this weaver has ensured
+        self.metrics = WeaverMetrics(
+            self.status, self.refusals.total, lambda: {n: len(j.pending) for n, j in self.state.jobs.items()}
+        )
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -166,19 +168,12 @@ class Weaver:
             )
             self._verifier = self._signer.verifier()
             self._nc = await bus.connect(
-                self.config.nats_url,
-                name="torchloom-weaver",
-                connect_timeout_s=self.config.nats_timeout_s,
-                credentials=self.config.nats_credentials,
-                on_error=self._on_nats_error,
+                self.config.nats_url, name="torchloom-weaver", connect_timeout_s=self.config.nats_timeout_s
             )
             js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
             self._streams = Streams(js, self.config.nats_timeout_s)
             async with asyncio.timeout(self.config.nats_timeout_s):
-                # Commands live in one stream per job (a threadlet's credential names its own); an
-                # older store's shared stream would overlap them.
-                await bus.remove_shared_commands(js)
-                await bus.ensure_streams(js, replicas=self.config.replicas, shared_commands=False)
+                await bus.ensure_streams(js, replicas=self.config.replicas)
             # Before the subscriptions: acks of commands from before a restart must find them pending.
             await self._recover()
             nc = self._nc
@@ -270,6 +265,7 @@ class Weaver:
         gone = admission.evict_dead_jobs(self.state, now, self.config.dead_after_s, self._limits)
         if gone:
             log.info("forgot %d dead job(s): %s", len(gone), ", ".join(gone[:10]))
+            self.metrics.forget_jobs(gone)
 
     async def _carry_out(self, plan: health_plan.HealthPlan) -> None:
         """Issue the policy's commands in order, then ask the launcher for the restart."""
@@ -295,11 +291,7 @@ class Weaver:
         if not request.checkpoint_id:
             request = dataclasses.replace(request, checkpoint_id=checkpoint, checkpoint_path=checkpoint_path)
         self._announce(health_plan.restart_event(request))
-        assert self._signer is not None, "the weaver is not started"
-        data = wire.encode(request)
-        # Signed: a launcher carries out only the weaver's restarts (signing.SIGNATURE_HEADER).
-        signature = {signing.SIGNATURE_HEADER: self._signer.sign_restart(data)}
-        await self.nats.publish(subjects.launcher(plan.job), data, headers=signature)
+        await self.nats.publish(subjects.launcher(plan.job), wire.encode(request))
         health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
 
     async def _publish(self, item: OutboxItem) -> None:
@@ -359,26 +351,6 @@ class Weaver:
         known = self.state.jobs.get(job)
         self._refuse("call", job, known.run_id if known else "", message, time.time(), key=key, **attrs)
 
-    async def _on_nats_error(self, exc: Exception) -> None:
-        """The server's asynchronous errors: a refused publish or subscribe becomes a refusal event."""
-        if "permissions violation" in str(exc).lower():
-            self._refuse("permission", "", "", f"NATS refused the weaver: {exc}", time.time(), key="nats")
-
-    def _foreign(self, kind: str, pattern: str, msg: Msg) -> bool:
-        """True (and counted) when `msg` is not of the subjects `pattern` names: a JetStream
-        delivery someone aimed at our subscription keeps its stored subject."""
-        if subjects.matches(pattern, msg.subject):
-            return False
-        self._refuse(
-            kind,
-            "",
-            "",
-            f"{kind} subscription got a message of {msg.subject}: dropped",
-            time.time(),
-            key="foreign",
-        )
-        return True
-
     def _signed(self, cmd: Command) -> bool:
         return self._verifier is not None and self._verifier.verify(cmd)
 
@@ -390,6 +362,7 @@ class Weaver:
         the acks it was made of are acknowledged to JetStream only once it is stored.
         """
         dedupe.remember(self.state, outcome)
+        self.metrics.observe_outcome(outcome)
         fut = self._waiters.pop(outcome.command_id, None)
         if fut is not None and not fut.done():
             fut.set_result(outcome)
@@ -413,8 +386,6 @@ class Weaver:
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         now = time.time()
-        if self._foreign("heartbeat", subjects.heartbeats_all(), msg):
-            return
         if len(msg.data) > admission.MAX_MESSAGE_BYTES:
             self._refuse(
                 "heartbeat", "", "", f"heartbeat of {len(msg.data)} bytes on {msg.subject} refused", now
@@ -449,8 +420,6 @@ class Weaver:
         outcome is not journaled yet (the feed holds the message until then), RETRY while its rank
         has not reported since the weaver started, else None (acknowledged: of no more use)."""
         now = time.time()
-        if self._foreign("ack", subjects.acks_all(), msg):
-            return None
         try:
             ack = wire.decode_ack(msg.data)
         except ValueError as exc:
@@ -485,18 +454,23 @@ class Weaver:
         return key if job is not None and job.run_id == ack.run_id and ack.seq in job.pending else None
 
     async def _on_metrics(self, msg: Msg) -> None:
-        if not self._watchers or self._foreign("metrics", subjects.metrics_all(), msg):
+        # Unwatched, metrics are read only for the exporter's loss, and quietly, as they were dropped.
+        watched = bool(self._watchers)
+        if not (watched or self.metrics.serving):
             return
         now = time.time()
         try:
             sm = wire.decode_metrics(msg.data)
         except ValueError as exc:
-            self._refuse("metrics", "", "", f"malformed metrics on {msg.subject} refused: {exc}", now)
+            if watched:
+                self._refuse("metrics", "", "", f"malformed metrics on {msg.subject} refused: {exc}", now)
             return
         reason = admission.check_metrics(self.state, sm, msg.subject)
         if reason is not None:
-            self._refuse("metrics", sm.job, sm.run_id, f"metrics on {msg.subject} refused: {reason}", now)
+            if watched:
+                self._refuse("metrics", sm.job, sm.run_id, f"metrics on {msg.subject} refused: {reason}", now)
             return
+        self.metrics.observe_step_metrics(sm)
         self._fan_out(sm)
 
     async def _on_event(self, msg: Msg) -> None:
@@ -515,26 +489,7 @@ class Weaver:
             log.info("%s", noted.message)
             self._announce(noted)
 
-    def _not_a_request(self, kind: str, subject: str, msg: Msg) -> bool:
-        """True (and counted) unless `msg` is a request on `subject` whose reply goes to an inbox:
-        an answer is published with the weaver's rights, so it must not land on a subject of its
-        requester's choice."""
-        if msg.subject == subject and (msg.reply or "").startswith(f"{subjects.INBOX}."):
-            return False
-        self._refuse(
-            kind,
-            "",
-            "",
-            f"{kind} request on {msg.subject} with reply subject {msg.reply or '(none)'!r} dropped: "
-            f"expected {subject} with a reply to an {subjects.INBOX}. subject",
-            time.time(),
-            key="reply",
-        )
-        return True
-
     async def _on_api_submit(self, msg: Msg) -> None:
-        if self._not_a_request("api", subjects.api_submit(), msg):
-            return
         # A submit waits for every rank; run it apart so other requests are not queued behind it.
         self._spawn(self._serve_api_submit(msg), name="weaver-api-submit")
 
@@ -563,8 +518,6 @@ class Weaver:
             await msg.respond(wire.encode(outcome))
 
     async def _on_api_status(self, msg: Msg) -> None:
-        if self._not_a_request("api", subjects.api_status(), msg):
-            return
         try:
             req = wire.decode_status_request(msg.data)
             reply = self.status(req.job)
@@ -589,20 +542,7 @@ class Weaver:
             return
         await self._load_seq_floor_locked(job, run_id)
 
-    async def _ensure_job_stream(self, job: str) -> None:
-        """Create the job's command stream once (the control plane may have made it at registration)."""
-        if job in self._job_streams:
-            return
-        try:
-            async with asyncio.timeout(self.config.nats_timeout_s):
-                await bus.ensure_job_commands(self.streams.js, job, replicas=self.config.replicas)
-        except Exception as exc:  # nats-py raises several types for "not now"
-            raise NatsUnavailable(f"cannot create the command stream of job {job}: {exc!r}") from exc
-        self._job_streams.add(job)
-
     async def _load_seq_floor_locked(self, job_name: str, run_id: str) -> None:
-        # Every path to a job's first command comes here first: make sure its stream exists.
-        await self._ensure_job_stream(job_name)
         # The tail, not just the last command: every stored command the weaver lost track of (its own
         # publish whose answer was lost, a standby weaver's) becomes pending again, so its acks count
         # and a repeat of its id finds it. Only what our key signed counts: a message published
@@ -618,8 +558,7 @@ class Weaver:
     def _warming_up(self, now: float) -> bool:
         # Right after a (re)start the weaver knows jobs from the journal but not yet their ranks and
         # knobs; a submit then would be refused for want of facts a heartbeat brings a moment later.
-        # Long enough for a rank's next full knob schema (threadlets resend it every 2 s).
-        return now - self._started_at_s < max(WARM_UP_MIN_S, 3 * self.config.dead_after_s)
+        return now - self._started_at_s < max(3.0, 3 * self.config.dead_after_s)
 
     async def submit(self, req: SubmitRequest) -> Outcome:
         """Decide a command once: validate, sequence, sign and publish it, then wait for every rank.
@@ -637,6 +576,7 @@ class Weaver:
                 send it again with the same command id), or the weaver is still recovering.
         """
         submitted = time.time()
+        self.metrics.observe_submit(req)
         if not req.command_id:
             req = dataclasses.replace(req, command_id=uuid.uuid4().hex)
         timeout_s = req.timeout_s if req.timeout_s > 0 else self.config.command_timeout_s
@@ -661,7 +601,9 @@ class Weaver:
                 return await asyncio.shield(fut)
         except TimeoutError:
             # Tracking goes on; the final outcome still reaches the journal and later repeats.
-            return outcomes.timeout_outcome(self.state, cmd, timeout_s, time.time())
+            timed_out = outcomes.timeout_outcome(self.state, cmd, timeout_s, time.time())
+            self.metrics.observe_outcome(timed_out)
+            return timed_out
 
     async def _sequence(self, req: SubmitRequest, now: float) -> Outcome | Command:
         """Under the submit lock: the refusal (journaled), or the stored command with its seq."""
@@ -673,9 +615,8 @@ class Weaver:
             if not req.job and recovering and self._warming_up(now):
                 raise NatsUnavailable(f"the weaver is starting up ({exc}); try again") from exc
             return self._refuse_submit(req, str(exc), now, job=req.job)
-        waiting = submits.not_ready(job, req.body, warming_up=self._warming_up(now))
-        if waiting is not None:
-            raise NatsUnavailable(waiting)  # not a rejection: the client retries with the same id
+        if not job.ranks and self._warming_up(now):
+            raise NatsUnavailable(f"the weaver is starting up: job {job.job} has not reported yet; try again")
         for _ in range(3):
             if not job.seq_known:
                 await self._load_seq_floor_locked(job.job, job.run_id)

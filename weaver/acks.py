@@ -16,6 +16,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from torchloom import bus, subjects
 
@@ -54,19 +55,26 @@ class AckFeed:
     Args:
         durable: the consumer's name (`WeaverConfig.acks_consumer`).
         handler: called with each decoded ack, on the event loop.
+        take_over: the consumer may still be bound to a predecessor that lost the lease (stalled or
+            cut off, its connection not yet dropped by the server): replace it (`WeaverConfig.
+            acks_take_over`). Only a weaver that holds the lease may: it fences the old one's feed.
     """
 
-    def __init__(self, durable: str, handler: Handler) -> None:
+    def __init__(self, durable: str, handler: Handler, *, take_over: bool = False) -> None:
         self._durable = durable
         self._handler = handler
+        self._take_over = take_over
         self._held: dict[CommandKey, dict[int, Msg]] = {}
         self._sub: Any = None
 
     async def start(self, js: JetStreamContext) -> None:
-        """Bind (or create) the durable consumer and start delivery."""
+        """Bind (or create) the durable consumer and start delivery (taking it over first when
+        allowed and still bound to another subscription)."""
+        start_seq = await self._replace_bound(js) if self._take_over else None
         config = ConsumerConfig(
             durable_name=self._durable,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ACK_WAIT_S,
             max_ack_pending=MAX_ACK_PENDING,
@@ -84,6 +92,27 @@ class AckFeed:
             config=config,
             pending_msgs_limit=MAX_ACK_PENDING,
         )
+
+    async def _replace_bound(self, js: JetStreamContext) -> int | None:
+        """Delete the durable consumer when a subscription (a predecessor's) is still bound to it, so
+        that one gets no more acks; return the stream sequence the new consumer starts at: the first
+        ack the old one had not had acknowledged, so none is lost (None: nothing to replace)."""
+        try:
+            info = await js.consumer_info(subjects.STREAM_ACKS, self._durable)
+        except NotFoundError:
+            return None
+        if not info.push_bound:
+            return None
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        log.warning(
+            "acks consumer %s is still bound to a weaver that lost the lease: replacing it from stream "
+            "sequence %d",
+            self._durable,
+            floor + 1,
+        )
+        with contextlib.suppress(NotFoundError):  # gone meanwhile (its inactive threshold)
+            await js.delete_consumer(subjects.STREAM_ACKS, self._durable)
+        return floor + 1
 
     async def stop(self) -> None:
         """Stop delivery (the durable consumer stays on the server for the next weaver)."""

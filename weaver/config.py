@@ -47,6 +47,10 @@ class WeaverConfig:
         acks_consumer: the durable JetStream consumer this weaver reads acks through; a restarted
             weaver takes up where its predecessor of the same name stopped. Two weavers running at
             once on one NATS need different names (each then sees every ack).
+        acks_take_over: replace the acks consumer when it is still bound to another subscription (a
+            predecessor that lost the lease but whose connection the server has not dropped yet:
+            stalled, cut off); set by the standby path once this weaver holds the lease. Off, such a
+            start fails ("consumer is already bound"), so a second weaver never steals the feed.
         grpc_tokens_file: the bearer tokens the gRPC service accepts (torchloom/tokens.py; created
             0600 with fresh tokens when absent); None: `$TORCHLOOM_HOME/controlplane/secrets/
             grpc-tokens.json`.
@@ -81,6 +85,7 @@ class WeaverConfig:
     max_ranks_total: int = _LIMITS.max_ranks_total
     job_evict_after_s: float = _LIMITS.job_evict_after_s
     acks_consumer: str = subjects.ACKS_CONSUMER
+    acks_take_over: bool = False
     grpc_tokens_file: str | None = None
     grpc_tls_cert_file: str | None = None
     grpc_tls_key_file: str | None = None

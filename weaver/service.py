@@ -108,7 +108,7 @@ class Weaver:
         self._nc: Client | None = None
         self._streams: Streams | None = None
         self._outbox = Outbox()
-        self._acks = AckFeed(config.acks_consumer, self._take_ack)
+        self._acks = AckFeed(config.acks_consumer, self._take_ack, take_over=config.acks_take_over)
         self._started_at_s = time.time()
         self._runner: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None

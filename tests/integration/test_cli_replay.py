@@ -1,8 +1,8 @@
 """End to end: checkpoint, set lr, change the data mix, rollback, then lr and mix again on the new
 branch, on a real 2-rank job; `torchloom journal --json` to a file;
-`torchloom replay` of that file (whose last set, on the new branch, shapes the result) reproduces
-every rank's final parameters bit for bit, on either agreement path (riding DDP's gradient
-all-reduce, or the gloo rounds; the replay runs on the same path as the run)."""
+`torchloom replay` of that file (whose last set, on the new branch, shapes the result, and whose
+stop ends it) reproduces every rank's final parameters bit for bit, on either agreement path
+(riding DDP's gradient all-reduce, or the gloo rounds; the replay runs on the same path as the run)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from tests.integration.helpers import EXAMPLE
 from tests.integration.helpers import cli as _cli
 from tests.integration.test_cli_actions import _poll_json, run_env  # noqa: F401 (fixture)
 
-STEPS = "260"
+# Far more than the test needs: the job runs until the test's `stop`, so no command can arrive after
+# the loop ended on a loaded machine, and the replay ends at the same (recorded) stop.
+STEPS = "1000000"
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -52,6 +54,7 @@ def test_replay_of_journal_reproduces_final_params(
     agreement: str,
 ) -> None:
     run_env = dict(run_env, TORCHLOOM_AGREEMENT=agreement)
+    run_env = dict(run_env, TORCHLOOM_CONTROLPLANE_IDLE_S="1")  # exits soon after the job
     first, second = tmp_path / "first", tmp_path / "second"
     script = [str(EXAMPLE), "--steps", STEPS, "--step-sleep", "0.03", "--out"]
     proc = _run(["run", "--job", "rp", "--nproc-per-node", "2", *script, str(first)], run_env)
@@ -75,11 +78,12 @@ def test_replay_of_journal_reproduces_final_params(
         ):
             res = _cli(*words, "--json", env=run_env)
             assert res.returncode == 0, (words, res.stdout, res.stderr)
-        res = _cli("journal", "--json", "--job", "rp", env=run_env)
+        res = _cli("journal", "--json", "--job", "rp", env=run_env)  # from the live weaver
         assert res.returncode == 0, res.stderr
-        (tmp_path / "j.json").write_text(res.stdout)
         kinds = [e["kind"] for e in json.loads(res.stdout)["entries"] if e["type"] == "outcome"]
         assert kinds == ["checkpoint", "set", "set", "rollback", "set"]
+        res = _cli("stop", "--json", env=run_env)  # applied on every rank: the loop ends after it
+        assert res.returncode == 0, (res.stdout, res.stderr)
     finally:
         _finish(proc)
     deadline = time.monotonic() + 60
@@ -89,11 +93,17 @@ def test_replay_of_journal_reproduces_final_params(
         and time.monotonic() < deadline
     ):
         time.sleep(0.1)
+    # With no weaver left, the journal is the stored one of the latest run, now ending with the stop.
+    res = _cli("journal", "--json", "--job", "rp", env=run_env)
+    assert res.returncode == 0, res.stderr
+    (tmp_path / "j.json").write_text(res.stdout)
+    kinds = [e["kind"] for e in json.loads(res.stdout)["entries"] if e["type"] == "outcome"]
+    assert kinds == ["checkpoint", "set", "set", "rollback", "set", "stop"]
     replay = _run(
         ["replay", str(tmp_path / "j.json"), "--nproc-per-node", "2", "--", *script, str(second)], run_env
     )
     err = _finish(replay)
-    assert "5 applied commands of job rp" in err
+    assert "6 applied commands of job rp" in err
     for rank in (0, 1):
         a = torch.load(first / f"rank{rank}.params.pt", weights_only=True)
         b = torch.load(second / f"rank{rank}.params.pt", weights_only=True)

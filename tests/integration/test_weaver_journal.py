@@ -13,7 +13,7 @@ from typing import Any
 
 from tests.integration.helpers import until, weaver_config
 from tests.integration.test_weaver_service import KNOBS
-from torchloom import subjects, wire
+from torchloom import subjects, tokens, wire
 from torchloom.client import ControlClient
 from torchloom.errors import JobNotFound
 from torchloom.messages import (
@@ -36,7 +36,10 @@ from weaver.app import open_weaver
 
 JOB = "jjob"
 RUN = "run1"
-ME = Issuer(kind="cli", identity="alice@host")
+ME = Issuer(kind="cli", identity="alice@host")  # the identity this client claims
+# What the journal records instead: the identity the client's bearer token authenticated (the
+# local operator's, which ControlClient sends by default).
+AUTHENTICATED = Issuer(kind=ME.kind, identity=tokens.operator_identity())
 
 
 def detail_for(cmd: Command) -> dict[str, str]:
@@ -199,7 +202,7 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
             refusal = next(
                 e for e in await read_journal(client) if isinstance(e, Outcome) and e.command is None
             )
-            assert refusal.issuer is not None and refusal.issuer.kind == ME.kind
+            assert refusal.issuer == AUTHENTICATED  # who asked: the token's identity, not the claim
             assert refusal.reason == bad.reason and refusal.run_id == RUN
 
             rb = await client.submit(
@@ -232,7 +235,9 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
 
         entries = outcomes(before)
         first = entries[0]
-        assert first.command is not None and first.command.issuer == ME and first.command.seq == 1
+        assert first.command is not None and first.command.seq == 1
+        # The journal trusts the authenticated identity, never the one the client claimed.
+        assert first.command.issuer == AUTHENTICATED and first.command.issuer.identity != ME.identity
         assert first.command.issued_at_s > 0 and first.command.body == Action(
             kind=ActionKind.CHECKPOINT, args={"tag": "good"}
         )

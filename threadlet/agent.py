@@ -27,7 +27,7 @@ from threadlet.link import Link
 from threadlet.optim_knobs import Applier, Getter, KnobBoard, TrainingKnobs, Validator, knob_type
 from threadlet.reports import Reporter
 from threadlet.state import Decided, RankContext, TrainingState
-from torchloom import replay_file
+from torchloom import naming, replay_file
 from torchloom.messages import Heartbeat, KnobSpec, KnobType, RankState
 
 __all__ = ["EvalFn", "Threadlet"]
@@ -225,7 +225,7 @@ class Threadlet:
             return
         if self._last_lr_set is not None:
             for message in self._board.lr_overwritten():
-                self._reporter.notice(self._last_lr_set, "lr_overwritten", message)
+                self._reporter.notice(self._last_lr_set, naming.LR_OVERWRITTEN, message)
         if self._replay is not None:
             self._replay_boundary()
         elif self._link is not None:

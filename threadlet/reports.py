@@ -12,7 +12,7 @@ from threadlet.config import ThreadletConfig
 from threadlet.link import Link
 from threadlet.optim_knobs import KnobBoard
 from threadlet.state import Decided, RankContext, TrainingState
-from torchloom import knobs, subjects, wire
+from torchloom import knobs, naming, subjects, wire
 from torchloom.messages import Ack, Heartbeat, RankState, StepMetrics
 
 log = logging.getLogger("threadlet")
@@ -160,18 +160,19 @@ class Reporter:
         # Retried until the acks stream stores it, once per (run, seq, rank, incarnation) and notice:
         # the weaver may be down or NATS restarting right now, and the outcome must still be completed.
         msg_id = f"ack:{ack.run_id}:{ack.seq}:{ack.rank}:{ack.incarnation}"
-        if "notice" in ack.detail:
-            msg_id += f":notice:{ack.detail['notice']}"
+        if naming.ACK_NOTICE in ack.detail:
+            msg_id += f":notice:{ack.detail[naming.ACK_NOTICE]}"
         self._link.publish_durable(subjects.acks(self._config.job), wire.encode(ack), msg_id)
 
     def notice(self, decided: Decided, kind: str, message: str) -> None:
         """Report something that went wrong with a command after it was decided (e.g. a set lr that
         a scheduler the threadlet was not given overwrote): logged on this rank and published as a
-        follow-up ack of the same command, `detail["notice"]` = `kind`, `detail["message"]` =
-        `message`. The weaver counts only a rank's first ack toward the outcome, so this one
-        changes no outcome; the acks stream keeps it and watchers see it."""
+        follow-up ack of the same command, `detail[naming.ACK_NOTICE]` = `kind` (one of
+        `naming.NOTICE_KINDS`), `detail[naming.ACK_NOTICE_MESSAGE]` = `message`. It changes no
+        outcome: the weaver journals it as an event of that kind (rate-limited) naming this rank."""
         log.warning("threadlet rank %d: %s", self._ctx.rank, message)
-        notice = dataclasses.replace(decided, detail={"notice": kind, "message": message})
+        detail = {naming.ACK_NOTICE: kind, naming.ACK_NOTICE_MESSAGE: message}
+        notice = dataclasses.replace(decided, detail=detail)
         self.ack(notice, received_at_s=0.0, decided_at_s=time.time(), refused_by_peer=False)
 
     def surface_errors(self) -> None:

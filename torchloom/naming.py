@@ -10,6 +10,14 @@ MAIN_BRANCH = "main"  # the branch a run starts on; each rollback starts `b<seq>
 # The JobEvent kind a launcher publishes when `torchloom run` got SIGTERM/SIGINT (attr `signal`): the
 # run is ending on purpose, so the weaver orders no restart or health command for it.
 RUN_STOPPING = "run_stopping"
+# A follow-up ack whose detail has ACK_NOTICE reports something that went wrong with its command after
+# it was decided: detail[ACK_NOTICE] is the notice kind, detail[ACK_NOTICE_MESSAGE] says what and how
+# to fix it. The weaver journals each as a JobEvent of the same kind, naming the rank and command.
+ACK_NOTICE = "notice"
+ACK_NOTICE_MESSAGE = "message"
+# Notice: an lr set by torchloom was changed outside the threadlet (a scheduler it was not given).
+LR_OVERWRITTEN = "lr_overwritten"
+NOTICE_KINDS = frozenset({LR_OVERWRITTEN})
 _CKPT_ID = re.compile(r"^ckpt-([1-9][0-9]*)$")
 _ATTEMPT = re.compile(r"^(?P<base>.+)-a(?P<n>[1-9][0-9]*)$")
 

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from torchloom import bus, naming, signing, subjects, wire
 from torchloom.errors import CommandRejected, JobNotFound, NatsUnavailable
 from torchloom.messages import (
+    Ack,
     Action,
     ActionKind,
     Command,
@@ -39,7 +40,7 @@ from torchloom.messages import (
     SubmitRequest,
     WatchEvent,
 )
-from weaver import admission, dedupe, health_plan, liveness, outcomes, recovery, submits
+from weaver import admission, dedupe, health_plan, liveness, notices, outcomes, recovery, submits
 from weaver import health_policy as hp
 from weaver.acks import RETRY, AckFeed, CommandKey, Retry
 from weaver.config import WeaverConfig
@@ -122,6 +123,7 @@ class Weaver:
         self._verifier: signing.Verifier | None = None
         self._limits = config.limits()
         self.refusals = admission.Refusals()
+        self._notices = notices.Notices()
         self._next_eviction_s = 0.0
         self.metrics = WeaverMetrics(
             self.status, self.refusals.total, lambda: {n: len(j.pending) for n, j in self.state.jobs.items()}
@@ -446,12 +448,28 @@ class Weaver:
                 command_id=ack.command_id[:64],
             )
             return None
+        if notices.is_notice(ack):  # a follow-up about a decided command, never an answer to it
+            self._journal_notice(ack, now)
+            return None
         key = (ack.job, ack.run_id, ack.seq)
         outcome = outcomes.record_ack(self.state, ack, now)
         if outcome is not None:
             self._finish(outcome)
             return key
         return key if job is not None and job.run_id == ack.run_id and ack.seq in job.pending else None
+
+    def _journal_notice(self, ack: Ack, now: float) -> None:
+        """Journal a rank's notice about a command as an event of its kind, rate-limited
+        (`weaver.notices`); a redelivered one is stored once (its own Nats-Msg-Id)."""
+        reason = notices.check_notice(ack)
+        if reason is not None:
+            self._refuse("ack", ack.job, ack.run_id, f"notice of rank {ack.rank} refused: {reason}", now)
+            return
+        ev = self._notices.note(ack, now)
+        if ev is not None:
+            log.warning("%s: %s", ev.kind, ev.message)
+            self._fan_out(ev)
+            self._outbox.put(subjects.events(ev.job), wire.encode(ev), msg_id=notices.msg_id(ack))
 
     async def _on_metrics(self, msg: Msg) -> None:
         # Unwatched, metrics are read only for the exporter's loss, and quietly, as they were dropped.

@@ -1,0 +1,79 @@
+"""End to end: a rank's follow-up notice reaches the journal. A script drives its optimizer with a
+scheduler it did not pass to `threadlet.attach`; `torchloom set lr` is applied, the scheduler
+overwrites it at its next step, the rank publishes a notice on its acks, and the weaver journals it as
+an `lr_overwritten` event naming the rank, the command and the fix (`torchloom journal --json`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.helpers import REPO
+from tests.integration.helpers import cli as _cli
+from tests.integration.test_cli_actions import _poll_json, run_env  # noqa: F401 (fixture)
+from torchloom import naming
+
+SCRIPT = REPO / "tests" / "integration" / "scripts" / "unattached_scheduler.py"
+FIX = "pass scheduler=... to threadlet.attach"
+
+
+@pytest.mark.timeout(300)
+def test_lr_overwritten_by_an_unattached_scheduler_is_journaled(
+    run_env: dict[str, str],  # noqa: F811
+) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torchloom.app.cli",
+            "run",
+            "--job",
+            "ntc",
+            "--nproc-per-node",
+            "1",
+            str(SCRIPT),
+        ],
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _poll_json(
+            ["status", "--json"],
+            run_env,
+            proc,
+            lambda d: bool(d["jobs"]) and any(r["step"] >= 5 for r in d["jobs"][0]["ranks"]),
+        )
+        res = _cli("set", "lr=0.05", "--json", env=run_env, timeout_s=120)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        command_id = json.loads(res.stdout)["command_id"]
+
+        def noticed(d: dict[str, object]) -> bool:
+            return any(
+                e["type"] == "event" and e["kind"] == naming.LR_OVERWRITTEN
+                for e in d["entries"]  # type: ignore[attr-defined]
+            )
+
+        journal = _poll_json(["journal", "--json", "--job", "ntc"], run_env, proc, noticed)
+        events = [
+            e for e in journal["entries"] if e["type"] == "event" and e["kind"] == naming.LR_OVERWRITTEN
+        ]
+        assert len(events) == 1, events  # reported once, though the scheduler keeps stepping
+        ev = events[0]
+        assert ev["attrs"]["rank"] == "0" and ev["command_id"] == command_id, ev
+        assert "set by torchloom was changed to" in ev["message"] and FIX in ev["message"], ev
+        # The notice changed no outcome: the set stays applied, once.
+        sets = [e for e in journal["entries"] if e["type"] == "outcome"]
+        assert [(e["kind"], e["status"]) for e in sets] == [("set", "applied")], sets
+        res = _cli("stop", "--json", env=run_env, timeout_s=120)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)

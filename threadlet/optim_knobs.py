@@ -72,6 +72,9 @@ class TrainingKnobs:
     def __init__(self, on_schema_change: Callable[[], None] | None = None) -> None:
         self._on_schema_change = on_schema_change
         self.enabled: tuple[str, ...] = ()
+        # Knobs reported but not changeable live: name -> why; every set of one is refused with it.
+        # Swapped whole, so the background thread (`KnobBoard.validate`) never sees it mid-update.
+        self.fixed: Mapping[str, str] = {}
         self._clip_norm = 0.0
         self._accum = 1
 
@@ -93,6 +96,25 @@ class TrainingKnobs:
             self._accum = value
             changed |= self._enable("grad_accum_steps")
         if changed and self._on_schema_change is not None:
+            self._on_schema_change()
+
+    def fix(self, *, grad_accum_steps: int, reason: str) -> None:
+        """Report `grad_accum_steps` with this value but refuse every change of it with `reason`, on
+        every rank when the command arrives: for a loop that cannot apply a change at the agreed
+        step (the HF Trainer fixes its accumulation for an epoch), so `torchloom set` says why
+        instead of calling the knob unknown.
+
+        Raises:
+            ValueError: on a value outside the knob's bounds or an empty `reason`.
+        """
+        if not reason:
+            raise ValueError("fix(reason='') rejected: say why grad_accum_steps cannot change live")
+        value = _checked("grad_accum_steps", grad_accum_steps)
+        assert isinstance(value, int)
+        self._accum = value
+        self.fixed = {**self.fixed, "grad_accum_steps": reason}
+        self._enable("grad_accum_steps")
+        if self._on_schema_change is not None:  # the description now says why
             self._on_schema_change()
 
     def _enable(self, name: str) -> bool:
@@ -141,6 +163,14 @@ class TrainingKnobs:
         else:
             assert isinstance(value, int) and not isinstance(value, bool)
             self._accum = value
+
+
+def _refuse_fixed(fixed: Mapping[str, str], values: Mapping[str, KnobValue]) -> None:
+    """Raise CommandRejected (the reason `TrainingKnobs.fix` gave) for the first fixed knob set."""
+    for key in sorted(values):
+        name = split_key(key)[0]
+        if name in fixed:
+            raise CommandRejected(fixed[name], key=key)
 
 
 def _checked(name: str, value: KnobValue) -> KnobValue:
@@ -200,7 +230,15 @@ class KnobBoard:
 
     def _build_schema(self) -> dict[str, KnobSpec]:
         out = {name: dataclasses.replace(BUILTIN_SPECS[name], groups=self.groups) for name in self._builtin}
-        out.update({name: BUILTIN_SPECS[name] for name in self.training.enabled})
+        fixed = self.training.fixed
+        out.update(
+            {
+                name: dataclasses.replace(BUILTIN_SPECS[name], description=f"fixed: {fixed[name]}")
+                if name in fixed
+                else BUILTIN_SPECS[name]
+                for name in self.training.enabled
+            }
+        )
         out.update({name: spec for name, (spec, _, _) in self._user.items()})
         return out
 
@@ -244,6 +282,7 @@ class KnobBoard:
             CommandRejected: naming the first bad key; nothing is changed.
         """
         typed = validate_set(self.schema, values)
+        _refuse_fixed(self.training.fixed, typed)
         validators = self._validators
         for key in sorted(typed):
             check = validators.get(split_key(key)[0])
@@ -294,6 +333,7 @@ class KnobBoard:
             The ack detail: for a change of lr, the lr in effect per group set and how it carries
             on (`threadlet.lr.LrControl.detail`); else empty.
         """
+        _refuse_fixed(self.training.fixed, values)
         validators = self._validators
         lr_groups: list[int] = []
         for key in sorted(values):

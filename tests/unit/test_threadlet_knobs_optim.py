@@ -206,3 +206,24 @@ def test_user_knob_cannot_take_a_training_knob_name() -> None:
     with pytest.raises(ValueError, match="already exists"):
         board.register(KnobSpec(name="grad_clip_norm", type=KnobType.FLOAT), get=lambda: 0.0, apply=print)
     assert math.isclose(board.training.grad_clip_norm, 0.0)
+
+
+def test_a_fixed_knob_is_reported_and_every_set_refused_with_its_reason() -> None:
+    board = KnobBoard()
+    board.training.fix(grad_accum_steps=4, reason="grad_accum_steps cannot change live here: because")
+    spec = board.schema["grad_accum_steps"]
+    assert spec.description == "fixed: grad_accum_steps cannot change live here: because"
+    assert {s.name: s.value for s in board.specs()} == {"grad_accum_steps": 4}
+    with pytest.raises(CommandRejected, match="cannot change live here: because") as info:
+        board.validate({"grad_accum_steps": "8"})
+    assert info.value.key == "grad_accum_steps"
+    with pytest.raises(CommandRejected, match="cannot change live here"):  # apply checks it too
+        board.apply({"grad_accum_steps": 8})
+    assert board.training.grad_accum_steps == 4
+    board.training.enable(grad_clip_norm=1.0)  # other knobs stay settable
+    board.apply(board.validate({"grad_clip_norm": "2"}))
+    assert board.training.grad_clip_norm == 2.0
+    with pytest.raises(ValueError, match="say why"):
+        board.training.fix(grad_accum_steps=4, reason="")
+    with pytest.raises(ValueError, match=r"must be in \[1, 1024\]"):
+        board.training.fix(grad_accum_steps=0, reason="x")

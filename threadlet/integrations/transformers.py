@@ -6,10 +6,11 @@ command applies there, at the same step on every rank:
 
 - every optimizer knob (lr, weight_decay, betas, eps; lr=X with the Trainer's own scheduler);
 - `grad_clip_norm` is `args.max_grad_norm`, which the Trainer reads at every optimizer step (live);
-- `grad_accum_steps` is not offered: the Trainer fixes `gradient_accumulation_steps` for an epoch
-  (it counts the epoch's update steps and aligns its DDP gradient syncs on it), so a change could not
-  apply at the agreed step; the job reports no such knob and the weaver refuses `set grad_accum_steps`
-  naming the knobs it has. Set `TrainingArguments(gradient_accumulation_steps=N)` instead;
+- `grad_accum_steps` is reported with the Trainer's value but cannot change live: the Trainer fixes
+  `gradient_accumulation_steps` for an epoch (it counts the epoch's update steps and aligns its DDP
+  gradient syncs on it), so a change could not apply at the agreed step; every rank refuses
+  `set grad_accum_steps` saying so (`GRAD_ACCUM_FIXED`). Set
+  `TrainingArguments(gradient_accumulation_steps=N)` instead;
 - pause blocks at the step boundary; stop ends training through `control.should_training_stop` (the
   Trainer finishes normally: `train()` returns);
 - checkpoint and rollback use the threadlet's DCP checkpoints (model, optimizer, scheduler, RNG; see
@@ -41,9 +42,17 @@ from threadlet.integrations.common import (
     scalar,
 )
 
-__all__ = ["TorchloomCallback"]
+__all__ = ["GRAD_ACCUM_FIXED", "TorchloomCallback"]
 
 log = logging.getLogger("threadlet")
+
+# Why every rank refuses `set grad_accum_steps` under the Trainer.
+GRAD_ACCUM_FIXED = (
+    "grad_accum_steps cannot change live under the HF Trainer: it fixes gradient_accumulation_steps "
+    "for an epoch (it counts the epoch's update steps and aligns its DDP gradient syncs on it), so a "
+    "change could not apply at the agreed step; set TrainingArguments(gradient_accumulation_steps=N) "
+    "and start the run again"
+)
 
 
 class TorchloomCallback(TrainerCallback):
@@ -93,6 +102,8 @@ class TorchloomCallback(TrainerCallback):
             eval_fn=self._evaluate,
         )
         tl.training.enable(grad_clip_norm=max(float(args.max_grad_norm or 0.0), 0.0))
+        accum = min(max(int(args.gradient_accumulation_steps), 1), 1024)  # reported within its bounds
+        tl.training.fix(grad_accum_steps=accum, reason=GRAD_ACCUM_FIXED)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

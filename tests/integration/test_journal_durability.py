@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.integration.helpers import auth, rank_creds, until, weaver_pubkey
+from torchloom import tokens
 from torchloom.client import ControlClient
 from torchloom.credentials import CredentialStore
 from torchloom.messages import Issuer, JobEvent, Outcome, OutcomeStatus, SetConfig, SubmitRequest
@@ -27,11 +28,12 @@ JOB = "durable"
 
 
 async def wait_for_ranks(client: ControlClient, world: int, deadline_s: float = 90.0) -> int:
-    """Wait until `world` ranks of JOB are alive; return the highest step they report."""
+    """Wait until `world` ranks of JOB are alive and their knobs known (a weaver that has not seen
+    them yet answers a set with "try again"); return the highest step they report."""
 
     async def top_step() -> tuple[int] | None:
         jobs = [j for j in (await client.status()).jobs if j.job == JOB]
-        if jobs and sum(r.alive for r in jobs[0].ranks) == world:
+        if jobs and sum(r.alive for r in jobs[0].ranks) == world and jobs[0].knobs:
             return (max(r.step for r in jobs[0].ranks),)  # a tuple: step 0 is found too
         return None
 
@@ -91,7 +93,10 @@ async def test_journal_survives_weaver_and_nats_server_restart(
             kept = outcomes[0]
             assert kept.status is OutcomeStatus.APPLIED
             assert kept.command is not None
-            assert kept.command.issuer == issuer
+            # The issuer is the identity the gRPC token authenticated (the local operator's, which
+            # ControlClient sends by default), not the one the client claimed, and it survives too.
+            assert kept.command.issuer == Issuer(kind=issuer.kind, identity=tokens.operator_identity())
+            assert kept.command.issuer.identity != issuer.identity
             assert kept.command.seq == 1
             assert dict(kept.command.body.values) == {"lr": 0.004}  # type: ignore[union-attr]
             assert sorted(r.rank for r in kept.results) == [0, 1]

@@ -298,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     base = WeaverConfig.from_env(nats_url=args.nats, grpc_addr=args.grpc)
     try:
-        config = WeaverConfig(
-            nats_url=base.nats_url,
-            grpc_addr=base.grpc_addr,
+        # From the environment's config, so its NATS credential and signing key are kept.
+        config = dataclasses.replace(
+            base,
             dead_after_s=args.dead_after,
             hung_after_s=args.hung_after,
             straggler_factor=args.straggler_factor,

@@ -1,7 +1,9 @@
 """Two weavers on one nats-server (`python -m weaver --standby`): one holds the lease and serves, the
 other answers UNAVAILABLE naming it. A 2-rank torchrun job is steered by a stream of commands through
-both addresses; the active weaver is killed with SIGKILL mid-stream; the standby takes over, and every
-command is decided exactly once on every rank, with one journal outcome per seq."""
+both addresses; the active weaver is killed with SIGKILL mid-stream (or stalled with SIGSTOP between two
+commands: its NATS connection, and so its binding to the durable acks consumer, outlives its lease);
+the standby takes over, and every command is decided exactly once on every rank, with one journal
+outcome per seq."""
 
 from __future__ import annotations
 
@@ -54,11 +56,13 @@ async def _answers(address: str) -> str:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault", ["kill", "stall"])
 async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
     tmp_path: Path,
     nats_server: EmbeddedNats,
     subprocess_env: dict[str, str],
     procs: list[subprocess.Popen[bytes]],
+    fault: str,
 ) -> None:
     env = dict(subprocess_env, OMP_NUM_THREADS="1", **weaver_creds(nats_server))
     ports = [_free_port(), _free_port()]
@@ -97,20 +101,32 @@ async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
     issuer = Issuer(kind="test", identity="standby")
     outcomes: list[Outcome] = []
     takeover_s = 0.0
+    addresses = both
+
+    async def took_over() -> bool:
+        return await _answers(f"127.0.0.1:{ports[1]}") == "active"
+
+    def current() -> str:
+        return addresses
+
     for n in range(COMMANDS):
+        if n == KILL_AFTER and fault == "stall":
+            # SIGSTOP: the stalled weaver stays connected to NATS, its acks subscription still bound.
+            first.send_signal(signal.SIGSTOP)
+            stalled_at = time.monotonic()
+            await until("the standby active", took_over, timeout_s=TAKEOVER_BOUND_S, interval_s=0.05)
+            takeover_s = time.monotonic() - stalled_at
+            print(f"\nstandby weaver active {takeover_s:.2f} s after SIGSTOP of the active one")
+            addresses = f"127.0.0.1:{ports[1]}"  # a stalled weaver would hold each call to its deadline
         request = SubmitRequest(
             job=JOB, body=SetConfig(values={"lr": f"0.00{n + 1}"}), issuer=issuer, command_id=new_command_id()
         )
-        pending = asyncio.create_task(submit_until(request, lambda: both, deadline_s=60))
-        if n == KILL_AFTER:  # kill -9 the active weaver while this command is in flight
+        pending = asyncio.create_task(submit_until(request, current, deadline_s=60))
+        if n == KILL_AFTER and fault == "kill":  # kill -9 the active weaver while this command is in flight
             await asyncio.sleep(0.05)
             first.send_signal(signal.SIGKILL)
             await asyncio.to_thread(first.wait, 10)
             killed_at = time.monotonic()
-
-            async def took_over() -> bool:
-                return await _answers(f"127.0.0.1:{ports[1]}") == "active"
-
             await until("the standby active", took_over, timeout_s=TAKEOVER_BOUND_S, interval_s=0.05)
             takeover_s = time.monotonic() - killed_at
             print(f"\nstandby weaver active {takeover_s:.2f} s after kill -9 of the active one")
@@ -122,7 +138,7 @@ async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
     stop = SubmitRequest(
         job=JOB, body=Action(kind=ActionKind.STOP), issuer=issuer, command_id=new_command_id()
     )
-    assert (await submit_until(stop, lambda: both, deadline_s=60)).outcome is not None
+    assert (await submit_until(stop, current, deadline_s=60)).outcome is not None
     await until("the job to end", lambda: job.poll() is not None, timeout_s=120)
 
     seqs = [o.command.seq for o in outcomes if o.command is not None]
@@ -134,10 +150,16 @@ async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
         per_seq = collections.Counter(d["seq"] for d in decided)
         assert max(per_seq.values()) == 1, (rank, per_seq)
 
-    async with ControlClient(both) as client:
+    async with ControlClient(addresses) as client:
         journal = [e async for e in client.journal(JOB)]
     per_seq_outcomes = collections.Counter(
         e.command.seq for e in journal if isinstance(e, Outcome) and e.command is not None
     )
     assert all(per_seq_outcomes[s] == 1 for s in seqs), per_seq_outcomes
     assert max(per_seq_outcomes.values()) == 1, per_seq_outcomes
+    if fault == "stall":
+        # The stalled weaver was still bound to the acks consumer when the standby won the lease.
+        first.kill()
+        second.terminate()
+        log = (await asyncio.to_thread(second.communicate, None, 30))[0].decode(errors="replace")
+        assert "still bound to a weaver that lost the lease" in log, log[-3000:]

@@ -17,6 +17,7 @@ import {
   downsample,
   formatBytes,
   formatValue,
+  newCommandId,
   orderMetrics,
   rankHealth,
   validateKnob,
@@ -414,9 +415,11 @@ async function send(what, req) {
     return;
   }
   showControlMsg(`${what}: sent, waiting for every rank...`, "pending");
+  // One id per click: the bus retries with it, and the weaver decides it once.
+  const commandId = newCommandId();
   try {
     const o = await bus.submit(
-      { ...req, job: state.job, identity: `ui@${location.host}`, timeout_s: SUBMIT_TIMEOUT_S },
+      { ...req, job: state.job, identity: `ui@${location.host}`, timeout_s: SUBMIT_TIMEOUT_S, command_id: commandId },
       (SUBMIT_TIMEOUT_S + 5) * 1000,
     );
     state.timeline.add(outcomeEntry(o));
@@ -424,6 +427,10 @@ async function send(what, req) {
     showControlMsg(outcomeText(what, o), o.status === "applied" ? "ok" : o.status === "rejected" ? "error" : "pending");
   } catch (err) {
     const text = String(err?.message || err);
+    if (err?.failure === "unknown") {
+      showControlMsg(`${what}: no answer yet: it may still apply (command ${commandId}, see the journal)`, "pending");
+      return;
+    }
     const hint = /no responders|503/i.test(text) ? "no weaver is answering on api.submit" : text;
     showControlMsg(`${what}: not sent: ${hint}`, "error");
   }

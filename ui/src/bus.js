@@ -14,6 +14,7 @@ import {
   encodeStatusRequest,
   encodeSubmit,
 } from "./proto.js";
+import { submitFailure } from "./logic.js";
 
 const PREFIX = "torchloom.v1";
 export const SUBJECTS = {
@@ -28,6 +29,9 @@ export const SUBJECTS = {
 
 export const JOURNAL_STREAM = "TORCHLOOM_JOURNAL";
 const RETRY_MS = 1000;
+// One api.submit request waits this long for its reply before it is sent again (same command id:
+// a repeat joins the weaver's pending decision, so waiting again costs nothing).
+const SUBMIT_ATTEMPT_MS = 10000;
 // How much journal history a page loads when it opens: the newest entries, not 90 days of them.
 const HISTORY_MAX = 2000;
 
@@ -172,13 +176,35 @@ export class Bus {
     }
   }
 
-  /** Submit a command through the weaver (api.submit); resolves to the decoded Outcome. */
+  /**
+   * Submit a command through the weaver (api.submit); resolves to the decoded Outcome. `req.command_id`
+   * names the command: a request left unanswered (no weaver answering yet, a timeout, a lost
+   * connection: `submitFailure`) is sent again with the same id until `timeoutMs` has passed, and the
+   * weaver decides that id once. The error thrown at the end carries `failure` ("unsent"/"unknown").
+   */
   async submit(req, timeoutMs = 30000) {
     if (this.auth.readOnly) throw new Error("read-only page: it cannot steer the job");
-    const nc = this.nc;
-    if (!nc || nc.isClosed()) throw new Error("NATS unreachable: cannot send the command now");
-    const reply = await nc.request(SUBJECTS.submit, encodeSubmit(req), { timeout: timeoutMs });
-    return decodeOutcome(reply.data);
+    if (!req.command_id) throw new RangeError("a submit needs a command_id (one per user action)");
+    const payload = encodeSubmit(req);
+    const end = Date.now() + timeoutMs;
+    let failure = "unsent";
+    for (;;) {
+      try {
+        const nc = this.nc;
+        if (!nc || nc.isClosed()) throw new Error("NATS unreachable: cannot send the command now");
+        const left = Math.max(end - Date.now(), 1);
+        const reply = await nc.request(SUBJECTS.submit, payload, { timeout: Math.min(left, SUBMIT_ATTEMPT_MS) });
+        return decodeOutcome(reply.data);
+      } catch (err) {
+        const kind = submitFailure(err);
+        if (kind === "unknown") failure = "unknown"; // once it may have been taken, it stays so
+        if (kind === null || end - Date.now() < RETRY_MS) {
+          if (kind !== null) err.failure = failure;
+          throw err;
+        }
+        await new Promise((r) => setTimeout(r, RETRY_MS));
+      }
+    }
   }
 
   /** Ask the weaver for job status (api.status). */

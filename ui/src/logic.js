@@ -524,3 +524,30 @@ export function formatBytes(n) {
   }
   return `${x < 10 && i > 0 ? x.toFixed(1) : Math.round(x)} ${units[i]}`;
 }
+
+/**
+ * A fresh command id for one user action: a uuid4 in hex, as the CLI's. The weaver decides a
+ * command id once, so a retry of the action with the same id never becomes a second command.
+ * `crypto.randomUUID` exists only in a secure context; getRandomValues everywhere.
+ */
+export function newCommandId(cryptoApi = globalThis.crypto) {
+  if (typeof cryptoApi.randomUUID === "function") return cryptoApi.randomUUID().replaceAll("-", "");
+  const b = cryptoApi.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40; // version 4
+  b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * Why an api.submit request got no answer, as far as retrying it goes: "unsent" when no weaver took
+ * it (nobody answering on the subject, NATS unreachable: it is safe to say nothing was sent),
+ * "unknown" when it may have been taken (a timeout, a connection lost on the way), null when a retry
+ * cannot help (a weaver's refusal comes back as an Outcome, never as an error). Both retryable kinds
+ * are sent again with the same command id.
+ */
+export function submitFailure(err) {
+  const text = String(err?.message || err || "");
+  if (/no responders|503|unreachable/i.test(text)) return "unsent";
+  if (/timeout|timed out|disconnect|closed|reconnect/i.test(text)) return "unknown";
+  return null;
+}

@@ -278,7 +278,7 @@ function toValue(v, type) {
 /**
  * Encode a SubmitRequest.
  *
- * @param {{job: string, identity: string, timeout_s?: number,
+ * @param {{job: string, identity: string, timeout_s?: number, command_id?: string,
  *          set?: Record<string, {value: any, type: string}>,
  *          action?: {kind: string, args?: Record<string, string>}}} req
  * @returns {Uint8Array}
@@ -288,6 +288,7 @@ export function encodeSubmit(req) {
     job: req.job || "",
     issuer: pb.Issuer.create({ kind: "ui", identity: req.identity || "" }),
     timeout_s: req.timeout_s || 0,
+    command_id: req.command_id || "",
   };
   if (req.set) {
     const values = {};

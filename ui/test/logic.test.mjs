@@ -13,6 +13,8 @@ import {
   describeBody,
   describeBounds,
   downsample,
+  newCommandId,
+  submitFailure,
   validateKnob,
 } from "../src/logic.js";
 
@@ -161,4 +163,24 @@ test("rank health prefers the weaver's verdict and keeps a device's own reason",
   assert.deepEqual(rankHealth({ health: "healthy", health_reason: "" }, sick).state, "unhealthy");
   assert.deepEqual(rankHealth({ health: "dead", health_reason: "no heartbeat for 5 s" }, { healthy: true }), { state: "dead", reason: "no heartbeat for 5 s" });
   assert.deepEqual(rankHealth(null, { healthy: true }), { state: "healthy", reason: "" });
+});
+
+test("a command id is a fresh uuid4 in hex, with or without crypto.randomUUID", () => {
+  const uuid4Hex = /^[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$/;
+  const a = newCommandId();
+  assert.match(a, uuid4Hex);
+  assert.notEqual(newCommandId(), a);
+  const noRandomUUID = { getRandomValues: (b) => globalThis.crypto.getRandomValues(b) };
+  const b = newCommandId(noRandomUUID);
+  assert.match(b, uuid4Hex);
+  assert.notEqual(newCommandId(noRandomUUID), b);
+});
+
+test("a submit is retried only when no weaver answered, saying whether it may have been taken", () => {
+  assert.equal(submitFailure(new Error("503 no responders: 'torchloom.v1.api.submit'")), "unsent");
+  assert.equal(submitFailure(new Error("NATS unreachable: cannot send the command now")), "unsent");
+  assert.equal(submitFailure(new Error("TimeoutError: timeout")), "unknown");
+  assert.equal(submitFailure(new Error("connection closed")), "unknown");
+  assert.equal(submitFailure(new Error("read-only page: it cannot steer the job")), null);
+  assert.equal(submitFailure(new RangeError("unknown action 'explode'")), null);
 });

@@ -18,6 +18,13 @@ test("a SubmitRequest from the UI carries issuer kind ui and typed values", () =
   assert.throws(() => encodeSubmit({ action: { kind: "explode" } }), /unknown action 'explode'/);
 });
 
+test("a SubmitRequest carries the action's command id, so the weaver decides a retry once", () => {
+  const id = "0123456789abcdef0123456789abcdef";
+  const req = pb.SubmitRequest.decode(encodeSubmit({ job: "j", command_id: id, action: { kind: "eval" } }));
+  assert.equal(req.command_id, id);
+  assert.equal(pb.SubmitRequest.decode(encodeSubmit({ job: "j", action: { kind: "eval" } })).command_id, "");
+});
+
 test("heartbeat knobs keep unset bounds as null and enums as names", () => {
   const hb = pb.Heartbeat.encode(
     pb.Heartbeat.create({

@@ -14,7 +14,7 @@ import {
   encodeStatusRequest,
   encodeSubmit,
 } from "./proto.js";
-import { submitFailure } from "./logic.js";
+import { newCommandId, submitFailure } from "./logic.js";
 
 const PREFIX = "torchloom.v1";
 export const SUBJECTS = {
@@ -178,14 +178,14 @@ export class Bus {
 
   /**
    * Submit a command through the weaver (api.submit); resolves to the decoded Outcome. `req.command_id`
-   * names the command: a request left unanswered (no weaver answering yet, a timeout, a lost
+   * names the command (one per user action; a call without one is an action of its own and gets
+   * a fresh one): a request left unanswered (no weaver answering yet, a timeout, a lost
    * connection: `submitFailure`) is sent again with the same id until `timeoutMs` has passed, and the
    * weaver decides that id once. The error thrown at the end carries `failure` ("unsent"/"unknown").
    */
   async submit(req, timeoutMs = 30000) {
     if (this.auth.readOnly) throw new Error("read-only page: it cannot steer the job");
-    if (!req.command_id) throw new RangeError("a submit needs a command_id (one per user action)");
-    const payload = encodeSubmit(req);
+    const payload = encodeSubmit(req.command_id ? req : { ...req, command_id: newCommandId() });
     const end = Date.now() + timeoutMs;
     let failure = "unsent";
     for (;;) {

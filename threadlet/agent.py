@@ -218,6 +218,8 @@ class Threadlet:
         st.step_time_s = dt if st.tick == 1 else st.step_time_s + _STEP_TIME_EMA * (dt - st.step_time_s)
         if self._fake_nvml is not None:
             self._fake_nvml.set_step(st.step_count)
+        if loss is not None:
+            self._reporter.note_loss(loss)
         runner = self._runner
         if runner.pending_overrides:
             runner.apply_overrides()
@@ -293,7 +295,10 @@ class Threadlet:
             knobs.enable(grad_clip_norm=knobs.grad_clip_norm)
         if self._runner.pending_overrides:
             self._runner.apply_overrides()
-        return knobs.clip_grad_(parameters, norm_type=norm_type)
+        norm = knobs.clip_grad_(parameters, norm_type=norm_type)
+        if norm is not None:
+            self._reporter.note_grad_norm(norm)
+        return norm
 
     @property
     def should_stop(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 from threadlet.config import ThreadletConfig
@@ -56,6 +57,11 @@ class Reporter:
         self.next_status_t = 0.0
         self._next_error_log_t = 0.0
         self._errors_seen = 0
+        # Model health for the weaver's autopilot: counts of steps with a non-finite loss or gradient
+        # norm (cumulative, so a sampled metrics report never hides one) and the latest grad norm.
+        self.nonfinite_loss_steps = 0
+        self.nonfinite_grad_steps = 0
+        self.grad_norm: float | None = None
         self._knobs_hash = 0  # of the schema last sent in full
         self._knobs_full_until = 0.0
         self._knobs_refresh_t = 0.0
@@ -101,6 +107,18 @@ class Reporter:
         """Refresh the status at the next step (knobs or the last decided seq changed)."""
         self.next_status_t = 0.0
 
+    def note_loss(self, loss: object) -> None:
+        """Count a non-finite loss given as a Python number (a tensor is read only when metrics are
+        due, in `send_metrics`: reading it every step would sync the device)."""
+        if isinstance(loss, float) and not math.isfinite(loss):
+            self.nonfinite_loss_steps += 1
+
+    def note_grad_norm(self, norm: float) -> None:
+        """Record the gradient norm `clip_grad_` computed anyway (a Python float already)."""
+        self.grad_norm = norm
+        if not math.isfinite(norm):
+            self.nonfinite_grad_steps += 1
+
     def send_metrics(
         self, now: float, loss: float | None, tokens: float | None, extra: dict[str, float]
     ) -> None:
@@ -113,6 +131,12 @@ class Reporter:
         values: dict[str, float] = {"step_time_s": st.step_time_s}
         if loss is not None:
             values["loss"] = float(loss)
+            if not isinstance(loss, float) and not math.isfinite(values["loss"]):
+                self.nonfinite_loss_steps += 1  # a tensor loss, read now (see `note_loss`)
+        values["nonfinite_loss_steps"] = float(self.nonfinite_loss_steps)
+        values["nonfinite_grad_steps"] = float(self.nonfinite_grad_steps)
+        if self.grad_norm is not None:
+            values["grad_norm"] = self.grad_norm
         if tokens is not None:
             values["tokens"] = float(tokens)
         lrs = self._board.group_values("lr")

@@ -17,15 +17,19 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
 from torchloom import defaults, tokens, wire
 from torchloom.errors import JobNotFound, TorchloomError, Unauthenticated, WeaverUnavailable
 from torchloom.messages import (
+    JobEvent,
     JournalRequest,
     Outcome,
+    PolicyReply,
+    PolicyRequest,
+    ProposalDecision,
     StatusReply,
     StatusRequest,
     SubmitRequest,
@@ -219,6 +223,46 @@ class ControlClient:
             return await self._failing_over(once)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "the status request") from None
+
+    async def _unary(self, method: str, request: Any, decode: Callable[[bytes], _T], what: str) -> _T:
+        async def once() -> _T:
+            call: grpc.aio.UnaryUnaryMultiCallable[Any, _T] = self._chan().unary_unary(
+                f"{_SERVICE}/{method}", request_serializer=wire.encode, response_deserializer=decode
+            )
+            return await call(request, timeout=self.timeout_s, metadata=self._metadata)
+
+        try:
+            return await self._failing_over(once)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(exc.details() or f"{what} refused") from None
+            raise self._error(exc, what) from None
+
+    async def set_policy(self, job: str, text: str) -> PolicyReply:
+        """Run `job` under the autopilot policy `text` (TOML; "" turns its rules off).
+
+        Raises:
+            ValueError: the weaver refused the policy (the message names the field and form).
+            JobNotFound: no job was named and not exactly one runs.
+            WeaverUnavailable: the weaver cannot be reached or did not answer in time.
+        """
+        request = PolicyRequest(job=job, text=text)
+        return await self._unary("SetPolicy", request, wire.decode_policy_reply, "the policy")
+
+    async def get_policy(self, job: str = "") -> PolicyReply:
+        """A job's autopilot policy and the proposals waiting for an answer (errors as `set_policy`)."""
+        request = PolicyRequest(job=job)
+        return await self._unary("GetPolicy", request, wire.decode_policy_reply, "the policy request")
+
+    async def decide_proposal(self, proposal_id: str, *, approve: bool, job: str = "") -> JobEvent:
+        """Approve (send its commands now) or refuse an autopilot proposal; returns the journaled event.
+
+        Raises:
+            JobNotFound: no such job, or it has no pending proposal with that id.
+            WeaverUnavailable: the weaver cannot be reached or did not answer in time.
+        """
+        request = ProposalDecision(job=job, proposal_id=proposal_id, approve=approve)
+        return await self._unary("DecideProposal", request, wire.decode_event, "the decision")
 
     async def watch(self, job: str = "") -> AsyncIterator[WatchEvent]:
         """Stream live metrics, job events and final outcomes until the weaver closes the stream.

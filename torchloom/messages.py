@@ -340,4 +340,33 @@ class JournalRequest:
     command_id: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyRequest:
+    """Set (`text`: the policy's TOML; "" turns rules off) or read the autopilot policy of `job`
+    ("": the only running job)."""
+
+    job: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyReply:
+    """A job's autopilot policy (`name` "" when it runs without rules) and the proposals waiting for
+    a person (their "rule_proposed" events)."""
+
+    job: str
+    name: str = ""
+    text: str = ""
+    proposals: tuple[JobEvent, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProposalDecision:
+    """A person's answer to an autopilot proposal: approve sends its commands, refuse sends none."""
+
+    proposal_id: str
+    approve: bool
+    job: str = ""
+
+
 WatchEvent = StepMetrics | JobEvent | Outcome

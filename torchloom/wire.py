@@ -302,6 +302,15 @@ def to_pb(msg: Any) -> Any:
             for spec in js.knobs:
                 _knob_to_pb(spec, out_js.knobs.add())
         return reply
+    if isinstance(msg, m.PolicyRequest):
+        return pb.PolicyRequest(job=msg.job, text=msg.text)
+    if isinstance(msg, m.PolicyReply):
+        out_p = pb.PolicyReply(job=msg.job, name=msg.name, text=msg.text)
+        for ev in msg.proposals:
+            _event_to_pb(ev, out_p.proposals.add())
+        return out_p
+    if isinstance(msg, m.ProposalDecision):
+        return pb.ProposalDecision(job=msg.job, proposal_id=msg.proposal_id, approve=msg.approve)
     raise WireError(f"cannot encode {type(msg).__name__}")
 
 
@@ -451,6 +460,23 @@ def decode_watch_request(data: bytes) -> m.WatchRequest:
 def decode_journal_request(data: bytes) -> m.JournalRequest:
     msg = _parse(pb.JournalRequest, data)
     return m.JournalRequest(job=msg.job, follow=msg.follow, run_id=msg.run_id, command_id=msg.command_id)
+
+
+def decode_policy_request(data: bytes) -> m.PolicyRequest:
+    msg = _parse(pb.PolicyRequest, data)
+    return m.PolicyRequest(job=msg.job, text=msg.text)
+
+
+def decode_policy_reply(data: bytes) -> m.PolicyReply:
+    msg = _parse(pb.PolicyReply, data)
+    return m.PolicyReply(
+        job=msg.job, name=msg.name, text=msg.text, proposals=tuple(_event_from_pb(e) for e in msg.proposals)
+    )
+
+
+def decode_proposal_decision(data: bytes) -> m.ProposalDecision:
+    msg = _parse(pb.ProposalDecision, data)
+    return m.ProposalDecision(job=msg.job, proposal_id=msg.proposal_id, approve=msg.approve)
 
 
 def decode_knob_spec(data: bytes) -> m.KnobSpec:

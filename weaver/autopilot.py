@@ -67,6 +67,7 @@ class Pilot:
     signal_event_at: dict[str, float] = field(default_factory=dict)
     refusal_event_at: dict[str, float] = field(default_factory=dict)
     branch: str | None = None  # the branch the step-based rules count on
+    run_id: str = ""
 
 
 def _event(
@@ -286,3 +287,80 @@ def refuse(pilot: Pilot, proposal_id: str, job: JobState, now: float) -> JobEven
         proposed.event.command_id,
         **proposed.event.attrs,
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyView:
+    """What `torchloom policy show` prints: a job's policy (its TOML) and its pending proposals."""
+
+    job: str
+    name: str = ""
+    text: str = ""
+    proposals: tuple[JobEvent, ...] = ()
+
+
+class Pilots:
+    """The autopilots of every job (no I/O): the policy each job runs under and its `Pilot`.
+
+    A job without a policy of its own runs under `default` (the weaver's configured policy, None
+    for none); `set_policy(job, None)` turns the autopilot off for that job even then (a replay
+    follows its file, not rules).
+    """
+
+    def __init__(self, default: Policy | None = None) -> None:
+        self._default = default
+        self._policies: dict[str, Policy | None] = {}
+        self._pilots: dict[str, Pilot] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether any job may have rules to evaluate (metrics are then read with no watcher)."""
+        return self._default is not None or any(p is not None for p in self._policies.values())
+
+    def policy_of(self, job: str) -> Policy | None:
+        return self._policies.get(job, self._default)
+
+    def set_policy(self, job: str, policy: Policy | None) -> None:
+        """Run `job` under `policy` from its next report on (None: no rules); pending proposals go."""
+        self._policies[job] = policy
+        self._pilots.pop(job, None)
+
+    def forget(self, job: str) -> None:
+        self._policies.pop(job, None)
+        self._pilots.pop(job, None)
+
+    def view(self, job: str) -> PolicyView:
+        policy = self.policy_of(job)
+        pilot = self._pilots.get(job)
+        pending = tuple(f.event for f in pilot.proposals.values()) if pilot is not None else ()
+        if policy is None:
+            return PolicyView(job=job, proposals=pending)
+        return PolicyView(job=job, name=policy.name, text=policy.text, proposals=pending)
+
+    def pilot(self, job: JobState) -> Pilot | None:
+        """The job's pilot for its current run (a new run starts afresh); None without a policy."""
+        policy = self.policy_of(job.job)
+        if policy is None:
+            return None
+        pilot = self._pilots.get(job.job)
+        if pilot is None or pilot.policy is not policy or pilot.run_id != job.run_id:
+            pilot = self._pilots[job.job] = Pilot(policy=policy, run_id=job.run_id)
+        return pilot
+
+    def on_metrics(self, job: JobState, sample: sg.Sample, now: float) -> Decision:
+        pilot = self.pilot(job)
+        return Decision() if pilot is None else on_metrics(pilot, job, sample, now)
+
+    def decide(self, job: JobState, proposal_id: str, *, approve_it: bool, now: float) -> Firing | JobEvent:
+        """Approve (a firing to send) or refuse (its event) a pending proposal of `job`.
+
+        Raises:
+            KeyError: `job` has no pending proposal with that id.
+        """
+        pilot = self._pilots.get(job.job)
+        if pilot is None or proposal_id not in pilot.proposals:
+            known = ", ".join(pilot.proposals) if pilot is not None and pilot.proposals else "none"
+            raise KeyError(f"job {job.job} has no pending proposal {proposal_id!r} (pending: {known})")
+        if approve_it:
+            return approve(pilot, proposal_id, job, now)
+        return refuse(pilot, proposal_id, job, now)

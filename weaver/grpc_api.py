@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 import grpc
 
@@ -32,6 +32,9 @@ from torchloom.messages import (
     JobEvent,
     JournalRequest,
     Outcome,
+    PolicyReply,
+    PolicyRequest,
+    ProposalDecision,
     StatusReply,
     StatusRequest,
     SubmitRequest,
@@ -40,6 +43,7 @@ from torchloom.messages import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SERVICE = defaults.GRPC_SERVICE
 # How long a stop lets in-flight calls (open Watch streams among them) finish before cancelling them.
@@ -66,6 +70,18 @@ class ControlBackend(Protocol):
     ) -> AsyncIterator[Outcome | JobEvent]:
         """The durable journal, oldest first, of one run or one command when asked (raises
         `ValueError`, `NatsUnavailable`)."""
+        ...
+
+    def set_policy(self, req: PolicyRequest) -> PolicyReply:
+        """Run a job under an autopilot policy (raises `ValueError`, `JobNotFound`)."""
+        ...
+
+    def get_policy(self, req: PolicyRequest) -> PolicyReply:
+        """A job's autopilot policy and pending proposals (raises `ValueError`, `JobNotFound`)."""
+        ...
+
+    def decide_proposal(self, req: ProposalDecision) -> JobEvent:
+        """Approve or refuse a proposal (raises `ValueError`, `JobNotFound`, `KeyError`)."""
         ...
 
     def refuse_call(self, message: str, *, job: str = "", key: str = "", **attrs: str) -> None:
@@ -178,6 +194,19 @@ def _authenticated(req: SubmitRequest) -> SubmitRequest:
     return dataclasses.replace(req, issuer=Issuer(kind=req.issuer.kind, identity=identity))
 
 
+async def _answer(context: grpc.aio.ServicerContext[Any, _T], call: Callable[[], _T]) -> _T:
+    """The answer of a synchronous backend call, its errors as gRPC status codes."""
+    try:
+        return call()
+    except (JobNotFound, KeyError) as exc:
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]) if exc.args else str(exc))
+    except NatsUnavailable as exc:  # a standby weaver, naming the active one
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    except ValueError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    raise AssertionError("context.abort returns only by raising")
+
+
 def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
     async def submit(
         req: SubmitRequest, context: grpc.aio.ServicerContext[SubmitRequest, Outcome]
@@ -219,6 +248,21 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
         except NatsUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
+    async def set_policy(
+        req: PolicyRequest, context: grpc.aio.ServicerContext[PolicyRequest, PolicyReply]
+    ) -> PolicyReply:
+        return await _answer(context, lambda: weaver.set_policy(req))
+
+    async def get_policy(
+        req: PolicyRequest, context: grpc.aio.ServicerContext[PolicyRequest, PolicyReply]
+    ) -> PolicyReply:
+        return await _answer(context, lambda: weaver.get_policy(req))
+
+    async def decide_proposal(
+        req: ProposalDecision, context: grpc.aio.ServicerContext[ProposalDecision, JobEvent]
+    ) -> JobEvent:
+        return await _answer(context, lambda: weaver.decide_proposal(req))
+
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
@@ -237,6 +281,17 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
                 journal,
                 request_deserializer=wire.decode_journal_request,
                 response_serializer=wire.encode_watch_event,
+            ),
+            "SetPolicy": grpc.unary_unary_rpc_method_handler(
+                set_policy, request_deserializer=wire.decode_policy_request, response_serializer=wire.encode
+            ),
+            "GetPolicy": grpc.unary_unary_rpc_method_handler(
+                get_policy, request_deserializer=wire.decode_policy_request, response_serializer=wire.encode
+            ),
+            "DecideProposal": grpc.unary_unary_rpc_method_handler(
+                decide_proposal,
+                request_deserializer=wire.decode_proposal_decision,
+                response_serializer=wire.encode,
             ),
         },
     )

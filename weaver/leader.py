@@ -29,7 +29,16 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from nats.js.kv import KeyValue
 
 from torchloom.errors import NatsUnavailable
-from torchloom.messages import JobEvent, Outcome, StatusReply, SubmitRequest, WatchEvent
+from torchloom.messages import (
+    JobEvent,
+    Outcome,
+    PolicyReply,
+    PolicyRequest,
+    ProposalDecision,
+    StatusReply,
+    SubmitRequest,
+    WatchEvent,
+)
 from weaver.grpc_api import ControlBackend
 
 log = logging.getLogger(__name__)
@@ -275,6 +284,15 @@ class StandbyBackend:
         if run_id or command_id:
             return backend.journal(job, follow=follow, run_id=run_id, command_id=command_id)
         return backend.journal(job, follow=follow)  # also a weaver without the run/command filters
+
+    def set_policy(self, req: PolicyRequest) -> PolicyReply:
+        return self._backend().set_policy(req)
+
+    def get_policy(self, req: PolicyRequest) -> PolicyReply:
+        return self._backend().get_policy(req)
+
+    def decide_proposal(self, req: ProposalDecision) -> JobEvent:
+        return self._backend().decide_proposal(req)
 
     def refuse_call(self, message: str, *, job: str = "", key: str = "", **attrs: str) -> None:
         if self.active is not None:

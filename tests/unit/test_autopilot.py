@@ -261,3 +261,57 @@ def test_default_policy_is_the_issue_s_list() -> None:
         "plateau-decay-lr": sg.Signal.PLATEAU,
     }
     assert not p.guards.dry_run and not p.guards.approval and p.guards.bounds["lr"] == (0.01, 10.0)
+
+
+# ---- wire, config and command line ------------------------------------------------------------
+
+
+def test_policy_messages_roundtrip() -> None:
+    from torchloom import wire
+    from torchloom.messages import JobEvent, PolicyReply, PolicyRequest, ProposalDecision
+
+    req = PolicyRequest(job="j", text="name = 'x'\n")
+    assert wire.decode_policy_request(wire.encode(req)) == req
+    ev = JobEvent(
+        job="j", run_id="r", kind="rule_proposed", message="m", time_s=1.0, attrs={"proposal": "p1"}
+    )
+    reply = PolicyReply(job="j", name="x", text="t", proposals=(ev,))
+    assert wire.decode_policy_reply(wire.encode(reply)) == reply
+    dec = ProposalDecision(job="j", proposal_id="p1", approve=True)
+    assert wire.decode_proposal_decision(wire.encode(dec)) == dec
+
+
+def test_weaver_config_checks_its_policy(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from weaver.config import WeaverConfig
+
+    assert WeaverConfig(autopilot_policy="default").autopilot() is not None
+    assert WeaverConfig().autopilot() is None
+    bad = Path(str(tmp_path)) / "bad.toml"
+    bad.write_text("[[rule]]\nname = 'a'\nwhen = 'nope'\ndo = [{action = 'checkpoint'}]\n")
+    with pytest.raises(ValueError, match=r"bad\.toml: rule 'a'\.when: 'nope' rejected"):
+        WeaverConfig(autopilot_policy=str(bad))
+
+
+def test_run_policy_option() -> None:
+    from torchloom.app import launcher
+
+    spec = launcher.split_run_args(["--policy", "default", "train.py"])
+    assert spec.policy == "default"
+    with pytest.raises(launcher.UsageError, match=r"--policy /nonexistent\.toml: policy file"):
+        launcher.split_run_args(["--policy", "/nonexistent.toml", "train.py"])
+
+
+def test_pilots_follow_set_policy_and_default() -> None:
+    default = rules.load("default")
+    pilots = autopilot.Pilots(default)
+    job = job_state(checkpoints=(("ckpt-1", 0),))
+    assert pilots.active and pilots.policy_of(JOB) is default
+    pilots.set_policy(JOB, None)  # a replay: no rules even under a default
+    assert pilots.on_metrics(job, metrics(1, math.nan, bad=1), 1.0).firings == ()
+    assert pilots.view(JOB).name == ""
+    pilots.set_policy(JOB, only_rule("nonfinite-rollback"))
+    assert len(pilots.on_metrics(job, metrics(2, math.nan, bad=2), 2.0).firings) == 1
+    with pytest.raises(KeyError, match="no pending proposal 'nope'"):
+        pilots.decide(job, "nope", approve_it=True, now=3.0)

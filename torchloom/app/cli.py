@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import torchloom
 from torchloom import defaults, discovery, env, knobs, replay_file, tokens
 from torchloom.app import actions as cli_actions
-from torchloom.app import controlplane, history, launcher, runs
+from torchloom.app import controlplane, history, launcher, policy_cmd, runs
 from torchloom.app import format as cli_format
 from torchloom.app.format import json_value
 from torchloom.app.launcher import RunSpec
@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--rank", type=int, required=True, metavar="R", help="the rank whose device fails")
     inject.add_argument("--xid", type=int, required=True, metavar="N", help="the NVIDIA XID code (e.g. 79)")
 
+    policy_cmd.add_parser(sub, client_parent)
+
     def lister(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[client_parent()], help=help_text)
         p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -607,6 +609,8 @@ def _run_command(args: argparse.Namespace) -> int:
                 )
             )
         return EXIT_OK
+    if command == "policy":
+        return policy_cmd.command(args)
     body: Body
     if command == "set":
         body = SetConfig(values=knobs.parse_assignments(args.assignments))
@@ -684,6 +688,8 @@ def _main_replay(argv: Sequence[str]) -> int:
         if job is None:  # the replay runs under the journal's job name unless told otherwise
             rest = ["--job", replay["job"], *rest]
         spec = launcher.split_run_args(rest)
+        if spec.policy is not None:
+            raise ValueError("--policy does not apply to a replay: it follows the journal's commands")
     except ValueError as exc:  # UsageError is a ValueError too
         print(f"torchloom replay: {exc}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from typing import Any
 
 from torchloom import defaults, discovery, env, naming, private_files, signing, subjects
 from torchloom.app import actions as cli_actions
-from torchloom.app import natsauth, runs
+from torchloom.app import natsauth, policy_cmd, runs
 from torchloom.app.supervisor import Supervisor, nproc_of, with_nproc
 from torchloom.client import ControlClient
 from torchloom.credentials import ClientAuth, Role
@@ -63,6 +63,7 @@ RUN_OPTIONS = frozenset(
         "--straggler-factor",
         "--health-policy",
         "--data-root",  # repeatable: every one given is a root
+        "--policy",  # autopilot rules: a TOML file or "default" (torchloom.app.policy_cmd)
     }
 )
 RUN_FLAGS = frozenset({"--ui", "--allow-fault-injection"})
@@ -180,6 +181,7 @@ class RunSpec:
     run_id: str | None = None
     data_roots: tuple[str, ...] = ()  # `--data-root`, absolute; () lets ranks use their working directory
     nats_creds: str | None = None
+    policy: str | None = None  # `--policy FILE|default`, checked; its text goes to the weaver at start
 
     @property
     def multinode(self) -> bool:
@@ -317,6 +319,12 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
             discovery.check_address(grpc)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    policy = ours.get("--policy")
+    if policy is not None:
+        try:
+            policy_cmd.policy_text(policy)
+        except ValueError as exc:
+            raise UsageError(f"--policy {policy}: {exc}") from None
     ui_port = ours.get("--ui-port", "0")
     if not ui_port.isdigit() or int(ui_port) > 65535:
         raise UsageError(
@@ -338,6 +346,7 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         run_id=run_id,
         data_roots=tuple(data_roots),
         nats_creds=str(Path(ours["--nats-creds"]).expanduser().resolve()) if "--nats-creds" in ours else None,
+        policy=policy,
     )
 
 
@@ -660,6 +669,13 @@ async def run(spec: RunSpec) -> int:
                 flush=True,
             )
         announce(endpoints, run_id=run_id, job=spec.job)
+        if spec.policy is not None or spec.replay_path is not None:
+            # Before the ranks start, so the rules see the first report; a replay runs without rules
+            # (it follows its file), even when the job had a policy before.
+            text = policy_cmd.policy_text(spec.policy) if spec.policy is not None else ""
+            reply = await policy_cmd.set_job_policy(endpoints.grpc, spec.job, text)
+            if reply.name:
+                print(f"torchloom: job {spec.job} runs under autopilot policy {reply.name}", file=sys.stderr)
         if spec.multinode:
             print(join_hint(spec, endpoints), file=sys.stderr, flush=True)
         launcher_auth, ranks_creds = nats_auth(spec, endpoints)

@@ -56,6 +56,21 @@ class ControlStub:
                 request_serializer=torchloom_dot_v1_dot_torchloom__pb2.JournalRequest.SerializeToString,
                 response_deserializer=torchloom_dot_v1_dot_torchloom__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/torchloom.v1.Control/SetPolicy',
+                request_serializer=torchloom_dot_v1_dot_torchloom__pb2.PolicyRequest.SerializeToString,
+                response_deserializer=torchloom_dot_v1_dot_torchloom__pb2.PolicyReply.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/torchloom.v1.Control/GetPolicy',
+                request_serializer=torchloom_dot_v1_dot_torchloom__pb2.PolicyRequest.SerializeToString,
+                response_deserializer=torchloom_dot_v1_dot_torchloom__pb2.PolicyReply.FromString,
+                _registered_method=True)
+        self.DecideProposal = channel.unary_unary(
+                '/torchloom.v1.Control/DecideProposal',
+                request_serializer=torchloom_dot_v1_dot_torchloom__pb2.ProposalDecision.SerializeToString,
+                response_deserializer=torchloom_dot_v1_dot_torchloom__pb2.JobEvent.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -88,6 +103,25 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPolicy(self, request, context):
+        """Autopilot: set or read a job's policy; approve or refuse a proposal (answers the journaled event).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideProposal(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +144,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Journal,
                     request_deserializer=torchloom_dot_v1_dot_torchloom__pb2.JournalRequest.FromString,
                     response_serializer=torchloom_dot_v1_dot_torchloom__pb2.WatchEvent.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=torchloom_dot_v1_dot_torchloom__pb2.PolicyRequest.FromString,
+                    response_serializer=torchloom_dot_v1_dot_torchloom__pb2.PolicyReply.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=torchloom_dot_v1_dot_torchloom__pb2.PolicyRequest.FromString,
+                    response_serializer=torchloom_dot_v1_dot_torchloom__pb2.PolicyReply.SerializeToString,
+            ),
+            'DecideProposal': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideProposal,
+                    request_deserializer=torchloom_dot_v1_dot_torchloom__pb2.ProposalDecision.FromString,
+                    response_serializer=torchloom_dot_v1_dot_torchloom__pb2.JobEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +271,87 @@ class Control:
             '/torchloom.v1.Control/Journal',
             torchloom_dot_v1_dot_torchloom__pb2.JournalRequest.SerializeToString,
             torchloom_dot_v1_dot_torchloom__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torchloom.v1.Control/SetPolicy',
+            torchloom_dot_v1_dot_torchloom__pb2.PolicyRequest.SerializeToString,
+            torchloom_dot_v1_dot_torchloom__pb2.PolicyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torchloom.v1.Control/GetPolicy',
+            torchloom_dot_v1_dot_torchloom__pb2.PolicyRequest.SerializeToString,
+            torchloom_dot_v1_dot_torchloom__pb2.PolicyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideProposal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torchloom.v1.Control/DecideProposal',
+            torchloom_dot_v1_dot_torchloom__pb2.ProposalDecision.SerializeToString,
+            torchloom_dot_v1_dot_torchloom__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,10 @@ class ControlStub:
     Watch: _grpc.UnaryStreamMultiCallable[_torchloom_pb2.WatchRequest, _torchloom_pb2.WatchEvent]
     Journal: _grpc.UnaryStreamMultiCallable[_torchloom_pb2.JournalRequest, _torchloom_pb2.WatchEvent]
     """The durable journal (JetStream): command outcomes and job events, oldest first."""
+    SetPolicy: _grpc.UnaryUnaryMultiCallable[_torchloom_pb2.PolicyRequest, _torchloom_pb2.PolicyReply]
+    """Autopilot: set or read a job's policy; approve or refuse a proposal (answers the journaled event)."""
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_torchloom_pb2.PolicyRequest, _torchloom_pb2.PolicyReply]
+    DecideProposal: _grpc.UnaryUnaryMultiCallable[_torchloom_pb2.ProposalDecision, _torchloom_pb2.JobEvent]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -55,6 +59,10 @@ class ControlAsyncStub(ControlStub):
     Watch: _aio.UnaryStreamMultiCallable[_torchloom_pb2.WatchRequest, _torchloom_pb2.WatchEvent]  # type: ignore[assignment]
     Journal: _aio.UnaryStreamMultiCallable[_torchloom_pb2.JournalRequest, _torchloom_pb2.WatchEvent]  # type: ignore[assignment]
     """The durable journal (JetStream): command outcomes and job events, oldest first."""
+    SetPolicy: _aio.UnaryUnaryMultiCallable[_torchloom_pb2.PolicyRequest, _torchloom_pb2.PolicyReply]  # type: ignore[assignment]
+    """Autopilot: set or read a job's policy; approve or refuse a proposal (answers the journaled event)."""
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_torchloom_pb2.PolicyRequest, _torchloom_pb2.PolicyReply]  # type: ignore[assignment]
+    DecideProposal: _aio.UnaryUnaryMultiCallable[_torchloom_pb2.ProposalDecision, _torchloom_pb2.JobEvent]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     """How the CLI, scripts and agents talk to the weaver. The UI reaches the same handlers over NATS
@@ -89,5 +97,27 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_torchloom_pb2.WatchEvent], _abc.AsyncIterator[_torchloom_pb2.WatchEvent]]:
         """The durable journal (JetStream): command outcomes and job events, oldest first."""
+
+    @_abc_1.abstractmethod
+    def SetPolicy(
+        self,
+        request: _torchloom_pb2.PolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_torchloom_pb2.PolicyReply, _abc.Awaitable[_torchloom_pb2.PolicyReply]]:
+        """Autopilot: set or read a job's policy; approve or refuse a proposal (answers the journaled event)."""
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _torchloom_pb2.PolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_torchloom_pb2.PolicyReply, _abc.Awaitable[_torchloom_pb2.PolicyReply]]: ...
+
+    @_abc_1.abstractmethod
+    def DecideProposal(
+        self,
+        request: _torchloom_pb2.ProposalDecision,
+        context: _ServicerContext,
+    ) -> _typing.Union[_torchloom_pb2.JobEvent, _abc.Awaitable[_torchloom_pb2.JobEvent]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

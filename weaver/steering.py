@@ -1,0 +1,159 @@
+"""The weaver's autopilot shell: feeds each job's metrics reports to its rules (`weaver.autopilot`),
+journals what they decide and submits their commands through the weaver's one submit path (the same
+validation, sequencing, signing and journal as any command), in order, stopping at the first that
+does not apply.
+
+The `Weaver` front owns one `Steering` and hands it three of its own operations: announce (journal
+an event), submit and spawn (run a coroutine in the weaver's TaskGroup).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from torchloom import subjects
+from torchloom.errors import JobNotFound
+from torchloom.messages import (
+    JobEvent,
+    Outcome,
+    OutcomeStatus,
+    PolicyReply,
+    PolicyRequest,
+    ProposalDecision,
+    StepMetrics,
+    SubmitRequest,
+)
+from weaver import autopilot, liveness, rules
+from weaver import signals as sg
+from weaver.model import WeaverState, job_event
+
+log = logging.getLogger(__name__)
+
+
+class Steering:
+    """Rules over every job's signals, carried out through the weaver.
+
+    Args:
+        state: the weaver's state (read: jobs, knobs, checkpoints).
+        default: the policy of jobs without their own (the weaver config's), None for none.
+        announce: journal an event and send it to watchers.
+        submit: the weaver's submit.
+        spawn: run a coroutine in the weaver's TaskGroup under a name.
+    """
+
+    def __init__(
+        self,
+        state: WeaverState,
+        default: rules.Policy | None,
+        *,
+        announce: Callable[[JobEvent], None],
+        submit: Callable[[SubmitRequest], Awaitable[Outcome]],
+        spawn: Callable[[Coroutine[Any, Any, None], str], None],
+    ) -> None:
+        self._state = state
+        self.pilots = autopilot.Pilots(default)
+        self._announce = announce
+        self._submit = submit
+        self._spawn = spawn
+
+    @property
+    def active(self) -> bool:
+        return self.pilots.active
+
+    def on_metrics(self, sm: StepMetrics, now: float) -> None:
+        """Evaluate the job's rules on one admitted report; journal and carry out what they decide."""
+        job = self._state.jobs.get(sm.job)
+        if job is None or job.run_id != sm.run_id:
+            return
+        try:
+            decision = self.pilots.on_metrics(job, sg.sample_of(sm), now)
+        except Exception:  # a bug in a rule must not stop metrics
+            log.exception("autopilot of %s failed", sm.job)
+            return
+        for ev in decision.events:
+            self._announce(ev)
+        for firing in decision.firings:
+            self._carry_out(firing)
+
+    def _carry_out(self, firing: autopilot.Firing) -> None:
+        self._announce(firing.event)
+        if firing.mode is autopilot.Mode.SEND and firing.requests:
+            self._spawn(self._send(firing), f"weaver-rule-{firing.rule}")
+
+    async def _send(self, firing: autopilot.Firing) -> None:
+        for req in firing.requests:
+            outcome = await self._submit(req)
+            if outcome.status is not OutcomeStatus.APPLIED:
+                job = self._state.jobs.get(req.job)
+                if job is not None:
+                    self._announce(
+                        job_event(
+                            job,
+                            "rule_interrupted",
+                            f"rule {firing.rule}: command {req.command_id} {outcome.status.value} "
+                            f"({outcome.reason}); its later commands were not sent",
+                            outcome.completed_at_s or time.time(),
+                            rule=firing.rule,
+                            command_id=req.command_id,
+                        )
+                    )
+                return
+
+    # ---- the API (the Control service's SetPolicy, GetPolicy and DecideProposal) -------------------
+
+    def _job_name(self, job: str, now: float, dead_after_s: float) -> str:
+        if job:
+            subjects.check_token("job", job)  # a policy may be set before the job first reports
+            return job
+        return liveness.resolve_job(self._state, "", now, dead_after_s).job
+
+    def _reply(self, view: autopilot.PolicyView) -> PolicyReply:
+        return PolicyReply(job=view.job, name=view.name, text=view.text, proposals=view.proposals)
+
+    def set_policy_request(self, req: PolicyRequest, now: float, dead_after_s: float) -> PolicyReply:
+        """SetPolicy (raises `ValueError` naming what is wrong, `JobNotFound` without a job)."""
+        return self._reply(self.set_policy(self._job_name(req.job, now, dead_after_s), req.text))
+
+    def get_policy_request(self, req: PolicyRequest, now: float, dead_after_s: float) -> PolicyReply:
+        """GetPolicy (raises `ValueError`, `JobNotFound`)."""
+        return self._reply(self.view(self._job_name(req.job, now, dead_after_s)))
+
+    def decide_request(self, req: ProposalDecision, now: float, dead_after_s: float) -> JobEvent:
+        """DecideProposal (raises `ValueError`, `JobNotFound`, `KeyError` for an unknown proposal)."""
+        job = self._job_name(req.job, now, dead_after_s)
+        return self.decide(job, req.proposal_id, approve_it=req.approve, now=now)
+
+    def set_policy(self, job: str, text: str) -> autopilot.PolicyView:
+        """Run `job` under the policy `text` (TOML; "" turns its rules off).
+
+        Raises:
+            rules.PolicyError: the text is not a valid policy (the message names the field).
+        """
+        policy = rules.parse(text, source=f"policy of job {job}") if text.strip() else None
+        self.pilots.set_policy(job, policy)
+        name = policy.name if policy is not None else "none"
+        log.info("job %s now runs under autopilot policy %s", job, name)
+        return self.pilots.view(job)
+
+    def view(self, job: str) -> autopilot.PolicyView:
+        return self.pilots.view(job)
+
+    def decide(self, job_name: str, proposal_id: str, *, approve_it: bool, now: float) -> JobEvent:
+        """A person's answer to a proposal: approved, its commands go out now; refused, nothing.
+
+        Raises:
+            JobNotFound: the weaver does not know `job_name`.
+            KeyError: the job has no pending proposal with that id.
+        """
+        job = self._state.jobs.get(job_name)
+        if job is None:
+            raise JobNotFound(f"no job {job_name!r} is known to the weaver")
+        result = self.pilots.decide(job, proposal_id, approve_it=approve_it, now=now)
+        if isinstance(result, JobEvent):
+            self._announce(result)
+            return result
+        self._carry_out(result)
+        return result.event

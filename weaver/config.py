@@ -12,8 +12,8 @@ from weaver import rules
 from weaver.admission import Limits
 from weaver.grpc_api import TlsFiles, is_loopback
 from weaver.health_policy import DEFAULT_DEAD_AFTER_S, HealthPolicy
-from weaver.rules import Policy
 from weaver.metrics import check_bind as check_metrics_bind
+from weaver.rules import Policy
 
 _LIMITS = Limits()  # the defaults
 

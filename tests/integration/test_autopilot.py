@@ -1,0 +1,90 @@
+"""The autopilot end to end: a 2-rank job under `torchloom run --policy default` whose loss turns NaN at
+a chosen step. The default rules checkpoint every 100 steps, then roll back to the last checkpoint
+taken before the NaN and halve lr; every firing is journaled with its rule, and the job exits 0."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import cli, unbound_env
+
+SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
+NAN_AT = 220
+
+
+@pytest.mark.timeout(300)
+def test_default_policy_rolls_back_a_nan_and_halves_lr(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    env = unbound_env(
+        subprocess_env,
+        OMP_NUM_THREADS="1",
+        TORCHLOOM_CONTROLPLANE_IDLE_S="1",
+        TORCHLOOM_TEST_NAN_AT_STEP=str(NAN_AT),
+    )
+    out = tmp_path / "out"
+    run = ["run", "--policy", "default", "--job", "nanjob", "--nproc-per-node", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchloom.app.cli", *run, str(SCRIPT), "--steps", "330", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "job nanjob runs under autopilot policy default" in proc.stderr
+    run_id = re.search(r"job nanjob run (\w+)", proc.stderr)
+    assert run_id is not None, proc.stderr[-2000:]
+
+    per_rank = [json.loads((out / f"rank{r}.applied.json").read_text()) for r in (0, 1)]
+    assert per_rank[0] == per_rank[1]  # both ranks decided the same commands at the same steps
+    decided = per_rank[0]
+    kinds = [d["kind"] for d in decided]
+    assert "rollback" in kinds, decided
+    rb = kinds.index("rollback")
+    checkpoints = {
+        d["detail"].get("checkpoint_id", f"ckpt-{d['seq']}"): d
+        for d in decided[:rb]
+        if d["kind"] == "checkpoint"
+    }
+    assert checkpoints, decided
+    target = decided[rb]["args"]["checkpoint"]
+    # The last checkpoint taken before the NaN: periodic, at or after step 100, before NAN_AT.
+    assert target in checkpoints and 100 <= checkpoints[target]["step"] < NAN_AT, decided
+    later = [d for d in checkpoints.values() if checkpoints[target]["step"] < d["step"] < NAN_AT]
+    assert not later, decided
+    assert decided[rb + 1]["kind"] == "set" and decided[rb + 1]["values"] == {"lr": 0.025}, decided
+    assert all(d["status"] == "applied" for d in decided), decided
+    records = [json.loads(line) for line in (out / "rank0.jsonl").read_text().splitlines()]
+    # Back at the checkpoint's step on a new branch, with half the lr from the set's step on.
+    branch = decided[rb]["detail"].get("branch") or records[-1]["branch"]
+    resumed = [r for r in records if r["branch"] == branch]
+    assert resumed and resumed[0]["step"] == checkpoints[target]["step"], resumed[:3]
+    assert resumed[-1]["lr"] == pytest.approx(0.025) and resumed[-1]["step"] == 329
+
+    res = cli("journal", "--run", run_id.group(1), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    entries: list[dict[str, Any]] = json.loads(res.stdout)["entries"]
+    fired = [e for e in entries if e["type"] == "event" and e["kind"] == "rule_fired"]
+    nan_rule = [e for e in fired if e["attrs"]["rule"] == "nonfinite-rollback"]
+    assert len(nan_rule) == 1, fired
+    attrs = nan_rule[0]["attrs"]
+    assert attrs["signal"] == "nonfinite" and json.loads(attrs["commands"]) == [
+        {"action": "rollback", "checkpoint": target},
+        {"set": {"lr": 0.025}},
+    ]
+    assert json.loads(attrs["window"]), attrs  # the signal window that fired it
+    by_rule = {
+        (e["kind"], e["issuer"]["identity"])
+        for e in entries
+        if e["type"] == "outcome" and e["issuer"] and e["issuer"]["kind"] == "rule"
+    }
+    assert {("rollback", "rule:nonfinite-rollback"), ("set", "rule:nonfinite-rollback")} <= by_rule
+    assert ("checkpoint", "rule:periodic-checkpoint") in by_rule

@@ -81,7 +81,7 @@ def test_run_then_set_from_another_process_applies_at_one_step(
             "2",
             str(EXAMPLE),
             "--steps",
-            "1000",
+            "1000000",  # far more than the test needs: its `stop` ends the job
             "--step-sleep",
             "0.03",
             "--out",
@@ -160,6 +160,9 @@ def test_run_then_set_from_another_process_applies_at_one_step(
             assert message in body["reason"], (word, body["reason"])
             assert message in res.stderr
 
+        # The job runs until told to stop, so no command above raced the end of its loop.
+        stopped = _cli("stop", "--json", env=run_env)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         _stdout, stderr = proc.communicate(timeout=240)
     finally:
         if watcher is not None and watcher.poll() is None:
@@ -178,6 +181,7 @@ def test_run_then_set_from_another_process_applies_at_one_step(
             ("set", "applied"),
             ("pause", "applied"),
             ("resume", "applied"),
+            ("stop", "applied"),
         ]
         assert (decided[0]["command_id"], decided[0]["step"]) == (outcome["command_id"], step)
         # The rank's optimizer used the new lr from exactly that step on, and never before.

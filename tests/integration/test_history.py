@@ -19,7 +19,9 @@ from tests.integration.helpers import EXAMPLE, kill_tree, unbound_env
 from tests.integration.helpers import cli as _cli
 from torchloom import discovery
 
-STEPS = "500"
+# Far more than the test needs: the job runs until the test's `stop`, so no command can arrive after
+# the loop ended on a loaded machine, and the replay ends at the same (recorded) stop.
+STEPS = "1000000"
 
 
 @pytest.fixture
@@ -85,6 +87,7 @@ def test_history_and_replay_of_a_finished_run(
             ["set", "lr=0.003"],
             ["rollback", "a"],
             ["set", "lr=0.0005"],
+            ["stop"],
         ):
             res = _cli(*words, "--json", env=hist_env, timeout_s=120)
             assert res.returncode == 0, (words, res.stdout, res.stderr)
@@ -96,12 +99,13 @@ def test_history_and_replay_of_a_finished_run(
 
     journal = _json("journal", "--run", run_id, env=hist_env)
     kinds = [e["kind"] for e in journal["entries"] if e["type"] == "outcome"]
-    assert kinds == ["checkpoint", "set", "rollback", "set"], kinds
+    assert kinds == ["checkpoint", "set", "rollback", "set", "stop"], kinds
     assert {e["run_id"] for e in journal["entries"]} == {run_id}
     # No weaver and no --run: the latest run.
     assert _json("journal", env=hist_env) == journal
     checkpoints = _json("checkpoints", "--run", run_id, env=hist_env)
-    assert [(c["tag"], c["branch"]) for c in checkpoints["checkpoints"]] == [("a", "main")]
+    # The tagged one, then the one the stop took on the rollback's branch (seq 3: b3).
+    assert [(c["tag"], c["branch"]) for c in checkpoints["checkpoints"]] == [("a", "main"), (None, "b3")]
     branches = _json("branches", "--run", run_id, env=hist_env)
     assert len(branches["branches"]) == 2 and branches["current"] != "main"
     assert [b["from_checkpoint"] for b in branches["branches"] if b["parent"]] == [
@@ -115,7 +119,7 @@ def test_history_and_replay_of_a_finished_run(
         ["replay", "--run", run_id, "--nproc-per-node", "2", "--", *script, str(second)], hist_env
     )
     err = _finish(replay)
-    assert "4 applied commands of job hist" in err
+    assert "5 applied commands of job hist" in err
     for rank in (0, 1):
         a = torch.load(first / f"rank{rank}.params.pt", weights_only=True)
         b = torch.load(second / f"rank{rank}.params.pt", weights_only=True)

@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
 NAN_AT = 220
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_default_policy_rolls_back_a_nan_and_halves_lr(
     tmp_path: Path, subprocess_env: dict[str, str]
 ) -> None:
@@ -88,3 +88,32 @@ def test_default_policy_rolls_back_a_nan_and_halves_lr(
     }
     assert {("rollback", "rule:nonfinite-rollback"), ("set", "rule:nonfinite-rollback")} <= by_rule
     assert ("checkpoint", "rule:periodic-checkpoint") in by_rule
+
+    # The replay follows the journal: the rule-issued commands at the same steps, and no rule fires
+    # again (the NaN comes back at the same step, the rollback is the file's, not a rule's).
+    out2 = tmp_path / "replayed"
+    again_args = ["replay", "--run", run_id.group(1), "--nproc-per-node", "2", "--", str(SCRIPT)]
+    replay = subprocess.run(
+        [sys.executable, "-m", "torchloom.app.cli", *again_args, "--steps", "330", "--out", str(out2)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert replay.returncode == 0, replay.stderr[-4000:]
+    assert "runs under autopilot policy" not in replay.stderr
+    again = json.loads((out2 / "rank0.applied.json").read_text())
+    assert [(d["kind"], d["step"], d["values"]) for d in again] == [
+        (d["kind"], d["step"], d["values"]) for d in decided
+    ]
+    replayed = [json.loads(line) for line in (out2 / "rank0.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"], r["loss"]) for r in replayed] == [
+        (r["step"], r["lr"], r["loss"]) for r in records
+    ]
+    replay_run = re.search(r"job nanjob run (\w+)", replay.stderr)
+    assert replay_run is not None
+    res = cli("journal", "--run", replay_run.group(1), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    assert not [
+        e for e in json.loads(res.stdout)["entries"] if e["type"] == "event" and e["kind"].startswith("rule")
+    ]

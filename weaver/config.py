@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torchloom import defaults, env, subjects
+from torchloom.credentials import ClientAuth, Role, inbox_prefix
 from torchloom.policy import PolicyMode, parse_mode
-from weaver import rules
 from weaver.admission import Limits
 from weaver.grpc_api import TlsFiles, is_loopback
 from weaver.health_policy import DEFAULT_DEAD_AFTER_S, HealthPolicy
 from weaver.metrics import check_bind as check_metrics_bind
-from weaver.rules import Policy
 
 _LIMITS = Limits()  # the defaults
 
@@ -29,6 +28,8 @@ class WeaverConfig:
 
     Attributes:
         nats_url: the NATS server (e.g. nats://127.0.0.1:4222).
+        nats_credentials: how the weaver authenticates to NATS (the control plane's weaver nkey,
+            torchloom/credentials.py); None connects without a credential (an open server).
         grpc_addr: where the gRPC Control service listens, `host:port`; port 0 picks a free one.
         dead_after_s: a rank whose last heartbeat is older than this is dead.
         command_timeout_s: how long a submit waits for every rank when the request names no timeout.
@@ -62,8 +63,6 @@ class WeaverConfig:
             (api.submit). Set it ("ui-operator") only when the NATS server enforces torchloom's role
             table, where no other client may publish there; None keeps the identity the request
             claims (a bus torchloom does not secure cannot say who sent it).
-        autopilot_policy: the autopilot policy (a TOML file, or "default" for the shipped one) of
-            every job that was given none of its own (`torchloom policy set`); None: no rules.
         metrics_port: serve Prometheus metrics on `metrics_host:metrics_port` at /metrics
             (`weaver.metrics`); 0 picks a free port; None (the default) serves none.
         metrics_host: where the metrics endpoint binds; loopback unless `metrics_allow_remote`.
@@ -72,6 +71,7 @@ class WeaverConfig:
     """
 
     nats_url: str = defaults.NATS_URL
+    nats_credentials: ClientAuth | None = None
     grpc_addr: str = defaults.GRPC_BIND_ADDR
     dead_after_s: float = DEFAULT_DEAD_AFTER_S
     command_timeout_s: float = defaults.COMMAND_TIMEOUT_S
@@ -94,7 +94,6 @@ class WeaverConfig:
     grpc_tls_cert_file: str | None = None
     grpc_tls_key_file: str | None = None
     api_submit_identity: str | None = None
-    autopilot_policy: str | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_allow_remote: bool = False
@@ -143,16 +142,6 @@ class WeaverConfig:
             check_metrics_bind(self.metrics_host, self.metrics_port, allow_remote=self.metrics_allow_remote)
         # A name given as text ("pause") becomes the enum; anything else is refused naming the choices.
         object.__setattr__(self, "health_policy", parse_mode(self.health_policy, name="health_policy"))
-        if self.autopilot_policy is not None:
-            self.autopilot()  # a bad file is refused now, naming the field, not at the first report
-
-    def autopilot(self) -> Policy | None:
-        """The autopilot policy `autopilot_policy` names, read and checked (None without one).
-
-        Raises:
-            PolicyError: the file cannot be read or is not a valid policy.
-        """
-        return None if self.autopilot_policy is None else rules.load(self.autopilot_policy)
 
     def policy(self) -> HealthPolicy:
         """The health policy these thresholds describe."""
@@ -176,9 +165,18 @@ class WeaverConfig:
 
     @classmethod
     def from_env(cls, *, nats_url: str | None = None, grpc_addr: str | None = None) -> WeaverConfig:
-        """Build a config: explicit arguments, then TORCHLOOM_NATS_URL / TORCHLOOM_GRPC, then defaults."""
+        """Build a config: explicit arguments, then TORCHLOOM_NATS_URL / TORCHLOOM_GRPC, then defaults;
+        the NATS credential from TORCHLOOM_NATS_CREDS_FILE (none when unset).
+
+        Raises:
+            CredentialsError: that file is missing, readable by others or not a credential.
+        """
+        creds = env.get(env.NATS_CREDS_FILE)
         return cls(
             nats_url=nats_url or env.get(env.NATS_URL) or defaults.NATS_URL,
+            nats_credentials=ClientAuth.from_file(creds, inbox_prefix=inbox_prefix(Role.WEAVER))
+            if creds
+            else None,
             grpc_addr=grpc_addr or env.get(env.GRPC_ADDR) or defaults.GRPC_BIND_ADDR,
             signing_key_file=env.get(env.SIGNING_KEY_FILE),
         )

@@ -35,9 +35,6 @@ from torchloom.messages import (
     JobEvent,
     Outcome,
     OutcomeStatus,
-    PolicyReply,
-    PolicyRequest,
-    ProposalDecision,
     StatusReply,
     StatusRequest,
     SubmitRequest,
@@ -49,12 +46,12 @@ from weaver.acks import RETRY, AckFeed, CommandKey, Retry
 from weaver.config import WeaverConfig
 from weaver.metrics import WeaverMetrics
 from weaver.model import WeaverState
-from weaver.steering import Steering
 from weaver.streams import Outbox, OutboxItem, SeqConflict, Streams
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "torchloom-weaver"
+WARM_UP_MIN_S = 5.0  # after a (re)start, a submit the ranks' reports could decide waits at least this
 
 __all__ = ["QUEUE_GROUP", "Watcher", "Weaver"]
 
@@ -132,10 +129,7 @@ class Weaver:
         self.metrics = WeaverMetrics(
             self.status, self.refusals.total, lambda: {n: len(j.pending) for n, j in self.state.jobs.items()}
         )
-        # Autopilot rules: their commands go through `submit` like any other (issuer kind "rule").
-        self.steering = Steering(
-            self.state, config.autopilot(), announce=self._announce, submit=self.submit, spawn=self._spawn
-        )
+        self._job_streams: set[str] = set()  # jobs whose command stream this weaver has ensured
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -178,12 +172,19 @@ class Weaver:
             )
             self._verifier = self._signer.verifier()
             self._nc = await bus.connect(
-                self.config.nats_url, name="torchloom-weaver", connect_timeout_s=self.config.nats_timeout_s
+                self.config.nats_url,
+                name="torchloom-weaver",
+                connect_timeout_s=self.config.nats_timeout_s,
+                credentials=self.config.nats_credentials,
+                on_error=self._on_nats_error,
             )
             js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
             self._streams = Streams(js, self.config.nats_timeout_s)
             async with asyncio.timeout(self.config.nats_timeout_s):
-                await bus.ensure_streams(js, replicas=self.config.replicas)
+                # Commands live in one stream per job (a threadlet's credential names its own); an
+                # older store's shared stream would overlap them.
+                await bus.remove_shared_commands(js)
+                await bus.ensure_streams(js, replicas=self.config.replicas, shared_commands=False)
             # Before the subscriptions: acks of commands from before a restart must find them pending.
             await self._recover()
             nc = self._nc
@@ -301,7 +302,11 @@ class Weaver:
         if not request.checkpoint_id:
             request = dataclasses.replace(request, checkpoint_id=checkpoint, checkpoint_path=checkpoint_path)
         self._announce(health_plan.restart_event(request))
-        await self.nats.publish(subjects.launcher(plan.job), wire.encode(request))
+        assert self._signer is not None, "the weaver is not started"
+        data = wire.encode(request)
+        # Signed: a launcher carries out only the weaver's restarts (signing.SIGNATURE_HEADER).
+        signature = {signing.SIGNATURE_HEADER: self._signer.sign_restart(data)}
+        await self.nats.publish(subjects.launcher(plan.job), data, headers=signature)
         health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
 
     async def _publish(self, item: OutboxItem) -> None:
@@ -361,6 +366,26 @@ class Weaver:
         known = self.state.jobs.get(job)
         self._refuse("call", job, known.run_id if known else "", message, time.time(), key=key, **attrs)
 
+    async def _on_nats_error(self, exc: Exception) -> None:
+        """The server's asynchronous errors: a refused publish or subscribe becomes a refusal event."""
+        if "permissions violation" in str(exc).lower():
+            self._refuse("permission", "", "", f"NATS refused the weaver: {exc}", time.time(), key="nats")
+
+    def _foreign(self, kind: str, pattern: str, msg: Msg) -> bool:
+        """True (and counted) when `msg` is not of the subjects `pattern` names: a JetStream
+        delivery someone aimed at our subscription keeps its stored subject."""
+        if subjects.matches(pattern, msg.subject):
+            return False
+        self._refuse(
+            kind,
+            "",
+            "",
+            f"{kind} subscription got a message of {msg.subject}: dropped",
+            time.time(),
+            key="foreign",
+        )
+        return True
+
     def _signed(self, cmd: Command) -> bool:
         return self._verifier is not None and self._verifier.verify(cmd)
 
@@ -396,6 +421,8 @@ class Weaver:
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         now = time.time()
+        if self._foreign("heartbeat", subjects.heartbeats_all(), msg):
+            return
         if len(msg.data) > admission.MAX_MESSAGE_BYTES:
             self._refuse(
                 "heartbeat", "", "", f"heartbeat of {len(msg.data)} bytes on {msg.subject} refused", now
@@ -430,6 +457,8 @@ class Weaver:
         outcome is not journaled yet (the feed holds the message until then), RETRY while its rank
         has not reported since the weaver started, else None (acknowledged: of no more use)."""
         now = time.time()
+        if self._foreign("ack", subjects.acks_all(), msg):
+            return None
         try:
             ack = wire.decode_ack(msg.data)
         except ValueError as exc:
@@ -482,7 +511,9 @@ class Weaver:
     async def _on_metrics(self, msg: Msg) -> None:
         # Unwatched, metrics are read only for the exporter's loss, and quietly, as they were dropped.
         watched = bool(self._watchers)
-        if not (watched or self.metrics.serving or self.steering.active):
+        if not (watched or self.metrics.serving) or (
+            watched and self._foreign("metrics", subjects.metrics_all(), msg)
+        ):
             return
         now = time.time()
         try:
@@ -497,8 +528,6 @@ class Weaver:
                 self._refuse("metrics", sm.job, sm.run_id, f"metrics on {msg.subject} refused: {reason}", now)
             return
         self.metrics.observe_step_metrics(sm)
-        if self.steering.active:
-            self.steering.on_metrics(sm, now)
         self._fan_out(sm)
 
     async def _on_event(self, msg: Msg) -> None:
@@ -517,7 +546,26 @@ class Weaver:
             log.info("%s", noted.message)
             self._announce(noted)
 
+    def _not_a_request(self, kind: str, subject: str, msg: Msg) -> bool:
+        """True (and counted) unless `msg` is a request on `subject` whose reply goes to an inbox:
+        an answer is published with the weaver's rights, so it must not land on a subject of its
+        requester's choice."""
+        if msg.subject == subject and (msg.reply or "").startswith(f"{subjects.INBOX}."):
+            return False
+        self._refuse(
+            kind,
+            "",
+            "",
+            f"{kind} request on {msg.subject} with reply subject {msg.reply or '(none)'!r} dropped: "
+            f"expected {subject} with a reply to an {subjects.INBOX}. subject",
+            time.time(),
+            key="reply",
+        )
+        return True
+
     async def _on_api_submit(self, msg: Msg) -> None:
+        if self._not_a_request("api", subjects.api_submit(), msg):
+            return
         # A submit waits for every rank; run it apart so other requests are not queued behind it.
         self._spawn(self._serve_api_submit(msg), name="weaver-api-submit")
 
@@ -546,6 +594,8 @@ class Weaver:
             await msg.respond(wire.encode(outcome))
 
     async def _on_api_status(self, msg: Msg) -> None:
+        if self._not_a_request("api", subjects.api_status(), msg):
+            return
         try:
             req = wire.decode_status_request(msg.data)
             reply = self.status(req.job)
@@ -570,7 +620,20 @@ class Weaver:
             return
         await self._load_seq_floor_locked(job, run_id)
 
+    async def _ensure_job_stream(self, job: str) -> None:
+        """Create the job's command stream once (the control plane may have made it at registration)."""
+        if job in self._job_streams:
+            return
+        try:
+            async with asyncio.timeout(self.config.nats_timeout_s):
+                await bus.ensure_job_commands(self.streams.js, job, replicas=self.config.replicas)
+        except Exception as exc:  # nats-py raises several types for "not now"
+            raise NatsUnavailable(f"cannot create the command stream of job {job}: {exc!r}") from exc
+        self._job_streams.add(job)
+
     async def _load_seq_floor_locked(self, job_name: str, run_id: str) -> None:
+        # Every path to a job's first command comes here first: make sure its stream exists.
+        await self._ensure_job_stream(job_name)
         # The tail, not just the last command: every stored command the weaver lost track of (its own
         # publish whose answer was lost, a standby weaver's) becomes pending again, so its acks count
         # and a repeat of its id finds it. Only what our key signed counts: a message published
@@ -586,7 +649,8 @@ class Weaver:
     def _warming_up(self, now: float) -> bool:
         # Right after a (re)start the weaver knows jobs from the journal but not yet their ranks and
         # knobs; a submit then would be refused for want of facts a heartbeat brings a moment later.
-        return now - self._started_at_s < max(3.0, 3 * self.config.dead_after_s)
+        # Long enough for a rank's next full knob schema (threadlets resend it every 2 s).
+        return now - self._started_at_s < max(WARM_UP_MIN_S, 3 * self.config.dead_after_s)
 
     async def submit(self, req: SubmitRequest) -> Outcome:
         """Decide a command once: validate, sequence, sign and publish it, then wait for every rank.
@@ -643,8 +707,9 @@ class Weaver:
             if not req.job and recovering and self._warming_up(now):
                 raise NatsUnavailable(f"the weaver is starting up ({exc}); try again") from exc
             return self._refuse_submit(req, str(exc), now, job=req.job)
-        if not job.ranks and self._warming_up(now):
-            raise NatsUnavailable(f"the weaver is starting up: job {job.job} has not reported yet; try again")
+        waiting = submits.not_ready(job, req.body, warming_up=self._warming_up(now))
+        if waiting is not None:
+            raise NatsUnavailable(waiting)  # not a rejection: the client retries with the same id
         for _ in range(3):
             if not job.seq_known:
                 await self._load_seq_floor_locked(job.job, job.run_id)
@@ -698,17 +763,6 @@ class Weaver:
             JobNotFound: the weaver has not heard of that job.
         """
         return liveness.status(self.state, job, time.time(), self.config.policy())
-
-    def set_policy(self, req: PolicyRequest) -> PolicyReply:
-        """Run a job under an autopilot policy (`weaver.steering.Steering.set_policy_request`)."""
-        return self.steering.set_policy_request(req, time.time(), self.config.dead_after_s)
-
-    def get_policy(self, req: PolicyRequest) -> PolicyReply:
-        return self.steering.get_policy_request(req, time.time(), self.config.dead_after_s)
-
-    def decide_proposal(self, req: ProposalDecision) -> JobEvent:
-        """Approve or refuse an autopilot proposal (raises `KeyError` for an unknown one)."""
-        return self.steering.decide_request(req, time.time(), self.config.dead_after_s)
 
     def status_request(self, req: StatusRequest) -> StatusReply:
         return self.status(req.job)

@@ -1,7 +1,10 @@
-"""Command latency from `Control.Submit` to every rank's acknowledgement, on a real 2-rank torchrun job.
+"""Command latency from `Control.Submit` to every rank's acknowledgement, on a real 2-rank torchrun job,
+on both agreement paths side by side: riding DDP's gradient all-reduce ("piggyback") and the gloo
+rounds ("gloo", TORCHLOOM_AGREEMENT=gloo).
 
-Starts an embedded nats-server and an in-process weaver, launches examples/train_tiny.py under torchrun,
-then submits N lr changes one after another over gRPC. Each Outcome carries the timestamps we need:
+For each path, starts an embedded nats-server and an in-process weaver, launches examples/train_tiny.py
+under torchrun, then submits N lr changes one after another over gRPC. Each Outcome carries the
+timestamps we need:
 
 * bus time  = (first rank receipt - publish) + (outcome complete - last rank decision) + submit->publish
 * apply wait = last rank decision - last rank receipt (waiting for the next step boundary + agreement)
@@ -36,13 +39,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def run(args: argparse.Namespace) -> dict[str, object]:
+async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     job, run_id = "bench", uuid.uuid4().hex[:12]
     with EmbeddedNats(tmp / "nats") as server:
         async with open_weaver(WeaverConfig(nats_url=server.url)) as weaver:
             env = dict(os.environ, TORCHLOOM_NATS_URL=server.url, TORCHLOOM_JOB=job, TORCHLOOM_RUN_ID=run_id)
             env.setdefault("OMP_NUM_THREADS", "1")
+            env["TORCHLOOM_AGREEMENT"] = agreement
             env.setdefault("TORCHLOOM_WEAVER_PUBKEY", weaver.weaver.public_key)  # ranks verify commands
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -111,6 +115,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         }
 
     return {
+        "agreement": agreement,
         "commands": args.commands,
         "step_sleep_s": args.step_sleep,
         "total_ms": row(total),
@@ -126,13 +131,19 @@ def main() -> None:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--out", default=str(REPO / "bench/results/command_latency.json"))
     args = parser.parse_args()
-    result = asyncio.run(run(args))
-    print(f"{'part':<30}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
-    for key in [k for k in result if k.endswith("_ms")]:
-        row = result[key]
-        assert isinstance(row, dict)
-        print(f"{key:<30}{row['p50']:>10.3f}{row['p99']:>10.3f}{row['mean']:>10.3f}")
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    paths = {"piggyback": "auto", "gloo": "gloo"}
+    results = {name: asyncio.run(run(args, agreement)) for name, agreement in paths.items()}
+    head = "".join(f"{name + ' ' + col:>18}" for name in paths for col in ("p50", "p99"))
+    print(f"{'part (ms)':<28}{head}")
+    first = results["piggyback"]
+    for key in [k for k in first if k.endswith("_ms")]:
+        cells = ""
+        for name in paths:
+            row = results[name][key]
+            assert isinstance(row, dict)
+            cells += f"{row['p50']:>18.3f}{row['p99']:>18.3f}"
+        print(f"{key:<28}{cells}")
+    Path(args.out).write_text(json.dumps({"paths": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

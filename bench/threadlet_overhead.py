@@ -1,18 +1,25 @@
-"""Per-step overhead of the threadlet with nothing pending, measured inside a real 2-rank torchrun job.
+"""Per-step overhead of the threadlet with nothing pending, measured inside a real 2-rank torchrun job,
+on both agreement paths side by side.
 
-Each rank runs the same tiny DDP training loop in alternating blocks: K steps calling `tl.step()`
-and K steps without it, interleaved so that drift in machine load hits both arms alike. Rank 0 prints
-a table and writes JSON. Run it through the launcher so a real nats-server and weaver are on the bus:
+Each rank trains two identical DDP models in alternating blocks: K steps of a plain DDP model without
+the threadlet, and K steps of its twin, attached to the threadlet (its DDP carrying the agreement's
+comm hook on the piggyback path) and calling `tl.step()`; interleaved so that drift in machine load
+hits both arms alike. Run without torchrun, it launches itself through `torchloom run` (a real
+nats-server and weaver on the bus) once per path, then prints both side by side and writes one JSON:
 
-    torchloom run --job bench --nproc-per-node 2 bench/threadlet_overhead.py --blocks 40 --block-steps 50
+    python bench/threadlet_overhead.py --blocks 40 --block-steps 50
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,27 +39,35 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", default="bench/results/threadlet_overhead.json")
     args = parser.parse_args()
+    if "RANK" not in os.environ:
+        drive(args)
+        return
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, args.hidden), nn.ReLU(), nn.Linear(args.hidden, 1))
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    twin = copy.deepcopy(model)
+    plain = nn.parallel.DistributedDataParallel(model)  # the arm without the threadlet
+    ddp = nn.parallel.DistributedDataParallel(twin)
+    opts = {id(plain): torch.optim.AdamW(plain.parameters(), lr=1e-3)}
+    opt = opts[id(ddp)] = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     x = torch.randn(args.batch, 64)
     y = torch.randn(args.batch, 1)
     overrides = {} if args.idle_round_period is None else {"idle_round_period_s": args.idle_round_period}
     tl = threadlet.attach(model=ddp, optimizer=opt, config=threadlet.from_env(**overrides))
 
-    def train_step() -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(ddp(x), y)
+    def train_step(net: nn.Module) -> float:
+        o = opts[id(net)]
+        o.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(net(x), y)
         loss.backward()
-        opt.step()
+        o.step()
         return float(loss.detach())
 
-    for _ in range(50):  # warm-up both paths
-        tl.step(loss=train_step())
+    for _ in range(50):  # warm-up both arms
+        tl.step(loss=train_step(ddp))
+        train_step(plain)
     with_tl: list[float] = []
     without: list[float] = []
     in_call: list[float] = []
@@ -62,7 +77,7 @@ def main() -> None:
         block_times: list[float] = []
         for _ in range(args.block_steps):
             t0 = time.perf_counter()
-            loss = train_step()
+            loss = train_step(ddp if use_tl else plain)
             if use_tl and not os.environ.get("BENCH_AA"):
                 t1 = time.perf_counter()
                 tl.step(loss=loss)
@@ -81,6 +96,7 @@ def main() -> None:
         mean_with = statistics.fmean(with_tl)
         mean_without = statistics.fmean(without)
         result = {
+            "agreement_path": tl.agreement_path,
             "world_size": dist.get_world_size(),
             "hidden": args.hidden,
             "batch": args.batch,
@@ -117,6 +133,43 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     threadlet.finish(tl)
+
+
+def drive(args: argparse.Namespace) -> None:
+    """Run the measurement once per agreement path under `torchloom run`; print both side by side."""
+    repo = Path(__file__).resolve().parent.parent
+    results: dict[str, dict[str, object]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="tl-overhead-"))
+    for agreement in ("auto", "gloo"):
+        out = tmp / f"{agreement}.json"
+        cmd = [
+            sys.executable, "-m", "torchloom.app.cli", "run", "--job", f"overhead-{agreement}",
+            "--nproc-per-node", "2", str(Path(__file__).resolve()), "--blocks", str(args.blocks),
+            "--block-steps", str(args.block_steps), "--hidden", str(args.hidden), "--batch", str(args.batch),
+            "--out", str(out),
+        ]  # fmt: skip
+        if args.idle_round_period is not None:
+            cmd += ["--idle-round-period", str(args.idle_round_period)]
+        env = dict(os.environ, TORCHLOOM_AGREEMENT=agreement, OMP_NUM_THREADS="1")
+        subprocess.run(cmd, env=env, check=True, cwd=repo)
+        result = json.loads(out.read_text())
+        results[str(result["agreement_path"])] = result
+    keys = [
+        ("median_step_s_without", 1e3, "step ms, no threadlet"),
+        ("median_step_s_with", 1e3, "step ms, threadlet"),
+        ("overhead_pct_median", 1, "overhead % (pooled medians)"),
+        ("overhead_pct_pairs", 1, "overhead % (adjacent pairs)"),
+        ("step_call_us_median", 1, "tl.step() median us"),
+        ("step_call_us_mean", 1, "tl.step() mean us"),
+        ("step_call_us_p99", 1, "tl.step() p99 us"),
+        ("agreement_rounds", 1, "agreement rounds"),
+    ]
+    names = list(results)
+    print(f"{'':<30}" + "".join(f"{n:>14}" for n in names))
+    for key, scale, label in keys:
+        print(f"{label:<30}" + "".join(f"{float(results[n][key]) * scale:>14.3f}" for n in names))  # type: ignore[arg-type]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"paths": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

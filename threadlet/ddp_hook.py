@@ -123,10 +123,13 @@ class PiggybackTransport:
         self._counts = torch.zeros(WIDTH, dtype=torch.float64)  # this rank's code, staged
         self._mins = torch.zeros(OFFER_WIDTH, dtype=torch.int64)  # side path: this rank's offer
         self._staged: Offer | None = None
+        self._offer = Offer(0, NONE_REFUSED, False, 1, 1)  # the last offer built, and its inputs
+        self._key: tuple[int, int, bool, int] | None = None
         self._last_decided = 0
         self._code: tuple[int, int] | None = None  # (ready, refused) relative to L, as encoded
         self._min_key: tuple[int, int, bool] | None = None  # the offer _mins holds
         self._buf: torch.Tensor | None = None  # the first bucket with the code appended
+        self._head = self._tail = torch.empty(0)  # its gradient and code parts
         self._fired = False
         self._settle = 0  # boundaries to wait after the backward (CUDA: 1)
         self._waited = 0
@@ -141,6 +144,12 @@ class PiggybackTransport:
 
     def start(self, ready: int, refused_first: int, busy: bool, last_decided: int) -> Offer:
         """Stage this rank's offer for the next synchronized backward; returns it as offered."""
+        self._fired = False
+        self._waited = 0
+        key = (ready, refused_first, busy, last_decided)
+        if key == self._key:  # an idle rank offers the same as last step: nothing to build
+            self._staged = self._offer
+            return self._offer
         ready, refused_first = clamp(ready, refused_first, last_decided)
         code = (ready - last_decided, refused_first - last_decided)
         if code != self._code:  # an idle rank re-stages the same code: no work
@@ -153,10 +162,9 @@ class PiggybackTransport:
             for i, value in enumerate(encode(offer)):
                 self._mins[i] = value
             self._min_key = (ready, refused_first, busy)
-        self._staged = offer
+        self._staged = self._offer = offer
+        self._key = key
         self._last_decided = last_decided
-        self._fired = False
-        self._waited = 0
         return offer
 
     def done(self) -> bool:
@@ -202,9 +210,16 @@ class PiggybackTransport:
         rank's collective has the same shape whatever happens."""
         n = buffer.numel()
         cuda = buffer.is_cuda
-        buf = self._ride_buffer(n, buffer)
-        torch.div(buffer, self.world_size, out=buf[:n])
-        tail = buf[n:]
+        buf = self._buf
+        if (
+            buf is None
+            or buf.numel() != n + WIDTH
+            or buf.dtype != buffer.dtype
+            or buf.device != buffer.device
+        ):
+            buf = self._ride_buffer(n, buffer)
+        torch.div(buffer, self.world_size, out=self._head)
+        tail = self._tail
         if self._staged is None:
             tail.zero_()
         elif cuda:
@@ -219,7 +234,7 @@ class PiggybackTransport:
             tail.copy_(self._counts)
         self._mark_fired(cuda)
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
-        split: torch.futures.Future[torch.Tensor] = fut.then(lambda f: self._split(f, n))
+        split: torch.futures.Future[torch.Tensor] = fut.then(self._split_cuda if cuda else self._split_host)
         return split
 
     def side(self, group: Any) -> None:
@@ -241,26 +256,24 @@ class PiggybackTransport:
             self.carried += 1
 
     def _ride_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        buf = self._buf
-        if buf is None or buf.numel() != n + WIDTH or buf.dtype != like.dtype or buf.device != like.device:
-            # The first bucket changes size once, when DDP rebuilds its buckets after step 1.
-            buf = torch.empty(n + WIDTH, dtype=like.dtype, device=like.device)
-            self._buf = buf
+        # The first bucket changes size once, when DDP rebuilds its buckets after step 1.
+        buf = self._buf = torch.empty(n + WIDTH, dtype=like.dtype, device=like.device)
+        self._head, self._tail = buf[:n], buf[n:]
+        if not buf.is_cuda:
+            self._sums = self._tail  # the all-reduce leaves the summed codes there
         return buf
 
-    def _split(self, fut: torch.futures.Future[Any], n: int) -> torch.Tensor:
-        out: torch.Tensor = fut.value()[0]
-        tail = out[n:]
-        if tail.is_cuda:
-            sums = self._sums
-            if sums is None or not sums.is_pinned():
-                sums = self._sums = torch.empty(WIDTH, dtype=out.dtype).pin_memory()
-            sums.copy_(tail, non_blocking=True)
-            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._event.record()
-        else:
-            self._sums = tail
-        return out[:n]
+    def _split_host(self, fut: torch.futures.Future[Any]) -> torch.Tensor:
+        return self._head
+
+    def _split_cuda(self, fut: torch.futures.Future[Any]) -> torch.Tensor:
+        sums = self._sums
+        if sums is None or not sums.is_pinned():
+            sums = self._sums = torch.empty(WIDTH, dtype=self._tail.dtype).pin_memory()
+        sums.copy_(self._tail, non_blocking=True)
+        self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        self._event.record()
+        return self._head
 
 
 def _group_device(group: Any) -> torch.device | None:
@@ -301,9 +314,9 @@ class PiggybackHook:
     def run(self, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
         self.calls += 1
         transport = self.transport
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
         if transport is None or bucket.index() != 0:
             return self._plain(bucket)
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
         buffer = bucket.buffer()
         if self.user_hook is None and exact_ranks(buffer.dtype) >= transport.world_size:
             return transport.ride(buffer, group)

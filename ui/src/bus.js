@@ -29,9 +29,10 @@ export const SUBJECTS = {
 
 export const JOURNAL_STREAM = "TORCHLOOM_JOURNAL";
 const RETRY_MS = 1000;
-// One api.submit request waits this long for its reply before it is sent again (same command id:
-// a repeat joins the weaver's pending decision, so waiting again costs nothing).
-const SUBMIT_ATTEMPT_MS = 10000;
+// One api.submit request waits for its reply as long as the weaver waits for the ranks (its
+// timeout_s) plus this, so a weaver's own "timeout" outcome arrives; past it the request is sent
+// again (same command id: a repeat joins the weaver's pending decision, so it costs nothing).
+const SUBMIT_REPLY_GRACE_MS = 2000;
 // How much journal history a page loads when it opens: the newest entries, not 90 days of them.
 const HISTORY_MAX = 2000;
 
@@ -187,13 +188,14 @@ export class Bus {
     if (this.auth.readOnly) throw new Error("read-only page: it cannot steer the job");
     const payload = encodeSubmit(req.command_id ? req : { ...req, command_id: newCommandId() });
     const end = Date.now() + timeoutMs;
+    const attemptMs = req.timeout_s ? req.timeout_s * 1000 + SUBMIT_REPLY_GRACE_MS : timeoutMs;
     let failure = "unsent";
     for (;;) {
       try {
         const nc = this.nc;
         if (!nc || nc.isClosed()) throw new Error("NATS unreachable: cannot send the command now");
         const left = Math.max(end - Date.now(), 1);
-        const reply = await nc.request(SUBJECTS.submit, payload, { timeout: Math.min(left, SUBMIT_ATTEMPT_MS) });
+        const reply = await nc.request(SUBJECTS.submit, payload, { timeout: Math.min(left, attemptMs) });
         return decodeOutcome(reply.data);
       } catch (err) {
         const kind = submitFailure(err);

@@ -14,8 +14,8 @@ peers WAITING on it, never hung nor stragglers themselves.
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -288,6 +288,22 @@ def classify(
         and now - v.last_heartbeat_at <= dead_after_s
         and v.rank not in settling
     }
+    # Sorted once: each rank's peer median is this list without its own value, found by bisection,
+    # so a tick costs O(n log n) rather than a sort of n-1 peers for each of n ranks (at 3,000 ranks
+    # that sort was most of the weaver's CPU; bench/weaver_scale.py).
+    ordered = sorted(timed.values())
+
+    def peer_median(rank: int) -> float:
+        own = timed.get(rank)
+        n = len(ordered) - (own is not None)
+        if n < min_samples or n == 0:
+            return 0.0
+        skip = bisect.bisect_left(ordered, own) if own is not None else n
+
+        def at(k: int) -> float:
+            return ordered[k if k < skip else k + 1]
+
+        return at(n // 2) if n % 2 else (at(n // 2 - 1) + at(n // 2)) / 2
 
     def condition(v: RankView) -> tuple[HealthKind, str, float]:
         silent_s = now - v.last_heartbeat_at
@@ -320,8 +336,7 @@ def classify(
                 f"step {v.step} unchanged for {v.hung_s(now):.1f} s (limit {hung_after_s:g} s)",
                 v.hung_s(now),
             )
-        peers = [t for r, t in timed.items() if r != v.rank]
-        median = statistics.median(peers) if len(peers) >= min_samples else 0.0
+        median = peer_median(v.rank)
         if v.rank in timed and median > 0 and timed[v.rank] > straggler_factor * median:
             mine = timed[v.rank]
             return (

@@ -9,10 +9,12 @@ from pathlib import Path
 from torchloom import defaults, env, subjects
 from torchloom.credentials import ClientAuth, Role, inbox_prefix
 from torchloom.policy import PolicyMode, parse_mode
+from weaver import rules
 from weaver.admission import Limits
 from weaver.grpc_api import TlsFiles, is_loopback
 from weaver.health_policy import DEFAULT_DEAD_AFTER_S, HealthPolicy
 from weaver.metrics import check_bind as check_metrics_bind
+from weaver.rules import Policy
 
 _LIMITS = Limits()  # the defaults
 
@@ -63,6 +65,8 @@ class WeaverConfig:
             (api.submit). Set it ("ui-operator") only when the NATS server enforces torchloom's role
             table, where no other client may publish there; None keeps the identity the request
             claims (a bus torchloom does not secure cannot say who sent it).
+        autopilot_policy: the autopilot policy (a TOML file, or "default" for the shipped one) of
+            every job that was given none of its own (`torchloom policy set`); None: no rules.
         metrics_port: serve Prometheus metrics on `metrics_host:metrics_port` at /metrics
             (`weaver.metrics`); 0 picks a free port; None (the default) serves none.
         metrics_host: where the metrics endpoint binds; loopback unless `metrics_allow_remote`.
@@ -94,6 +98,7 @@ class WeaverConfig:
     grpc_tls_cert_file: str | None = None
     grpc_tls_key_file: str | None = None
     api_submit_identity: str | None = None
+    autopilot_policy: str | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_allow_remote: bool = False
@@ -142,6 +147,16 @@ class WeaverConfig:
             check_metrics_bind(self.metrics_host, self.metrics_port, allow_remote=self.metrics_allow_remote)
         # A name given as text ("pause") becomes the enum; anything else is refused naming the choices.
         object.__setattr__(self, "health_policy", parse_mode(self.health_policy, name="health_policy"))
+        if self.autopilot_policy is not None:
+            self.autopilot()  # a bad file is refused now, naming the field, not at the first report
+
+    def autopilot(self) -> Policy | None:
+        """The autopilot policy `autopilot_policy` names, read and checked (None without one).
+
+        Raises:
+            PolicyError: the file cannot be read or is not a valid policy.
+        """
+        return None if self.autopilot_policy is None else rules.load(self.autopilot_policy)
 
     def policy(self) -> HealthPolicy:
         """The health policy these thresholds describe."""

@@ -35,6 +35,9 @@ from torchloom.messages import (
     JobEvent,
     Outcome,
     OutcomeStatus,
+    PolicyReply,
+    PolicyRequest,
+    ProposalDecision,
     StatusReply,
     StatusRequest,
     SubmitRequest,
@@ -46,6 +49,7 @@ from weaver.acks import RETRY, AckFeed, CommandKey, Retry
 from weaver.config import WeaverConfig
 from weaver.metrics import WeaverMetrics
 from weaver.model import WeaverState
+from weaver.steering import Steering
 from weaver.streams import Outbox, OutboxItem, SeqConflict, Streams
 
 log = logging.getLogger(__name__)
@@ -126,10 +130,14 @@ class Weaver:
         self.refusals = admission.Refusals()
         self._notices = notices.Notices()
         self._next_eviction_s = 0.0
+        self._job_streams: set[str] = set()  # jobs whose command stream this weaver has ensured
         self.metrics = WeaverMetrics(
             self.status, self.refusals.total, lambda: {n: len(j.pending) for n, j in self.state.jobs.items()}
         )
-        self._job_streams: set[str] = set()  # jobs whose command stream this weaver has ensured
+        # Autopilot rules: their commands go through `submit` like any other (issuer kind "rule").
+        self.steering = Steering(
+            self.state, config.autopilot(), announce=self._announce, submit=self.submit, spawn=self._spawn
+        )
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -511,7 +519,7 @@ class Weaver:
     async def _on_metrics(self, msg: Msg) -> None:
         # Unwatched, metrics are read only for the exporter's loss, and quietly, as they were dropped.
         watched = bool(self._watchers)
-        if not (watched or self.metrics.serving) or (
+        if not (watched or self.metrics.serving or self.steering.active) or (
             watched and self._foreign("metrics", subjects.metrics_all(), msg)
         ):
             return
@@ -528,6 +536,8 @@ class Weaver:
                 self._refuse("metrics", sm.job, sm.run_id, f"metrics on {msg.subject} refused: {reason}", now)
             return
         self.metrics.observe_step_metrics(sm)
+        if self.steering.active:
+            self.steering.on_metrics(sm, now)
         self._fan_out(sm)
 
     async def _on_event(self, msg: Msg) -> None:
@@ -763,6 +773,17 @@ class Weaver:
             JobNotFound: the weaver has not heard of that job.
         """
         return liveness.status(self.state, job, time.time(), self.config.policy())
+
+    def set_policy(self, req: PolicyRequest) -> PolicyReply:
+        """Run a job under an autopilot policy (`weaver.steering.Steering.set_policy_request`)."""
+        return self.steering.set_policy_request(req, time.time(), self.config.dead_after_s)
+
+    def get_policy(self, req: PolicyRequest) -> PolicyReply:
+        return self.steering.get_policy_request(req, time.time(), self.config.dead_after_s)
+
+    def decide_proposal(self, req: ProposalDecision) -> JobEvent:
+        """Approve or refuse an autopilot proposal (raises `KeyError` for an unknown one)."""
+        return self.steering.decide_request(req, time.time(), self.config.dead_after_s)
 
     def status_request(self, req: StatusRequest) -> StatusReply:
         return self.status(req.job)

@@ -8,12 +8,14 @@ import json
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.helpers import cli, unbound_env
+from tests.integration.helpers import cli, kill_tree, unbound_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
 NAN_AT = 220
@@ -117,3 +119,82 @@ def test_default_policy_rolls_back_a_nan_and_halves_lr(
     assert not [
         e for e in json.loads(res.stdout)["entries"] if e["type"] == "event" and e["kind"].startswith("rule")
     ]
+
+
+def _json_cli(*args: str, env: dict[str, str]) -> Any:
+    res = cli(*args, "--json", env=env, timeout_s=60)
+    assert res.returncode == 0, (args, res.stdout, res.stderr)
+    return json.loads(res.stdout)
+
+
+def _until(what: str, check: Callable[[], Any], proc: subprocess.Popen[str], timeout_s: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the job exited early with {proc.returncode} waiting for {what}"
+        found = check()
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(400)
+def test_approval_mode_waits_for_a_person(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    env = unbound_env(
+        subprocess_env,
+        OMP_NUM_THREADS="1",
+        TORCHLOOM_CONTROLPLANE_IDLE_S="1",
+        # Late enough that the checkpoint below (a few CLI calls on a loaded machine) comes first.
+        TORCHLOOM_TEST_NAN_AT_STEP="1500",
+    )
+    policy = tmp_path / "approve.toml"
+    policy.write_text(
+        'name = "careful"\napproval = true\n[[rule]]\nname = "nan"\nwhen = "nonfinite"\n'
+        'do = [{action = "rollback", checkpoint = "last_good"}, {set = {lr = "x0.5"}}]\n'
+    )
+    out = tmp_path / "out"
+    run = ["run", "--policy", str(policy), "--job", "apjob", "--nproc-per-node", "2", str(SCRIPT)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchloom.app.cli", *run, "--steps", "100000", "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+
+        def steps() -> int:
+            res = cli("status", "--json", env=env, timeout_s=30)
+            jobs = json.loads(res.stdout)["jobs"] if res.returncode == 0 else []
+            return min((r["step"] for r in jobs[0]["ranks"]), default=0) if jobs else 0
+
+        _until("step 20", lambda: steps() >= 20, proc)
+        shown = _json_cli("policy", "show", "--job", "apjob", env=env)
+        assert shown["policy"] == "careful" and shown["proposals"] == []
+        ckpt = _json_cli("checkpoint", env=env)
+        assert ckpt["status"] == "applied" and ckpt["applied"][0]["step"] < 1500, ckpt
+
+        def pending() -> list[dict[str, Any]]:
+            return list(_json_cli("policy", "show", "--job", "apjob", env=env)["proposals"])
+
+        (proposal,) = _until("a proposal", pending, proc)
+        assert proposal["rule"] == "nan" and proposal["signal"] == "nonfinite"
+        time.sleep(1.0)  # nothing is sent while it waits
+        assert [d for d in pending() if d["id"] != proposal["id"]] == []
+        bogus = cli("policy", "refuse", "nosuch", "--job", "apjob", env=env)
+        assert bogus.returncode == 2 and "no pending proposal 'nosuch'" in bogus.stderr, bogus.stderr
+        approved = cli("policy", "approve", proposal["id"], "--job", "apjob", env=env)
+        assert approved.returncode == 0 and "approved" in approved.stdout, approved.stderr
+        _until("the proposal to go", lambda: not pending(), proc)
+        stopped = _json_cli("stop", env=env)
+        assert stopped["status"] == "applied", stopped
+        _stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr[-3000:]
+    decided = json.loads((out / "rank0.applied.json").read_text())
+    assert [d["kind"] for d in decided] == ["checkpoint", "rollback", "set", "stop"], decided
+    assert decided[2]["values"] == {"lr": 0.025}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import cli, port_open, unbound_env
+from tests.integration.helpers import cli, port_open, unbound_env, ws_handshake
+from torchloom import bus
+from torchloom.errors import NatsUnavailable
 
 
 def _cli(*args: str, env: dict[str, str], timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -44,6 +47,13 @@ def test_weaver_serves_status_and_stops_cleanly(tl_home: Path, clean_env: dict[s
         assert port_open(info["nats_url"])
         # The embedded server keeps its JetStream store under $TORCHLOOM_HOME/runs/<id>/.
         assert any((tl_home / "runs").iterdir())
+        # It admits torchloom's roles only: no anonymous client, no page from an origin but the UI's.
+        with pytest.raises(NatsUnavailable, match="Authorization Violation|Connection reset"):
+            asyncio.run(bus.connect(info["nats_url"], name="anonymous", connect_timeout_s=1.0))
+        ws_port = int(info["ws_url"].rsplit(":", 1)[1])
+        assert info["ui_port"] > 0 and info["secrets_dir"]
+        assert ws_handshake(ws_port, "http://evil.example") == 403
+        assert ws_handshake(ws_port, f"http://127.0.0.1:{info['ui_port']}") == 101
 
         # Found through the discovery file alone: no --grpc, no TORCHLOOM_GRPC.
         status = _cli("status", "--json", env=clean_env)

@@ -1,6 +1,13 @@
-"""Every attack of the security review, replayed against a default `torchloom run` 2-rank job by a client
-that can publish on the bus (anonymous while the embedded server allows it; otherwise the weaver's own
-NATS credential, the strongest publisher there is). Each attack must fail with the job training on and
+"""Every attack of the security review, replayed against a default `torchloom run` 2-rank job. First
+what the bus itself refuses (the embedded server admits only torchloom's roles):
+
+- an anonymous client cannot connect;
+- the job's own threadlet credential cannot publish another job's heartbeats or acks, nor read another
+  job's commands (nor its own job's stream metadata);
+- a WebSocket handshake from a foreign page Origin gets 403 (the UI's own origin is accepted).
+
+Then, by a client that can publish anyway (the weaver's own NATS credential, the strongest publisher
+there is), what the weaver and the ranks refuse. Each attack must fail with the job training on and
 its state unchanged, and a legitimate command afterwards must still apply:
 
 - forged commands straight onto the command subject (a rollback pointing at a crafted pickle
@@ -30,9 +37,11 @@ from typing import Any
 import nats
 import pytest
 
-from tests.integration.helpers import EXAMPLE, kill_tree, unbound_env
-from torchloom import discovery, signing, subjects, wire
+from tests.integration.helpers import EXAMPLE, kill_tree, unbound_env, ws_handshake
+from torchloom import bus, discovery, signing, subjects, wire
 from torchloom.client import ControlClient
+from torchloom.credentials import ClientAuth, CredentialStore, Role
+from torchloom.errors import NatsUnavailable
 from torchloom.messages import (
     Ack,
     AckStatus,
@@ -73,15 +82,77 @@ def _crafted_checkpoint(root: Path, marker: Path) -> Path:
     return path
 
 
-async def _attacker(url: str, home: Path) -> Any:
-    """A NATS client with publish rights: anonymous if the server allows it, else the weaver's credential."""
-    try:
-        return await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
-    except Exception:
-        from torchloom import credentials  # present once the embedded server requires credentials
+async def _attacker(info: discovery.WeaverInfo) -> Any:
+    """A NATS client with every publish right: the weaver's own credential (nobody else may publish
+    where these attacks publish; the signatures and the weaver's checks must hold even so)."""
+    store = CredentialStore(info.secrets_dir)
+    return await nats.connect(info.nats_url, **store.client_auth(Role.WEAVER).nats_options())
 
-        store = credentials.CredentialStore.open(home / "controlplane" / "secrets")
-        return await nats.connect(url, **store.client_auth(credentials.Role.WEAVER).nats_options())
+
+OTHER = "other"  # a job the threadlet credential of JOB must not speak for
+
+
+async def _refused_at_the_bus(client: ControlClient, info: discovery.WeaverInfo, start: JobStatus) -> None:
+    """What the embedded server itself refuses, with the job's own ranks training on."""
+    store = CredentialStore(info.secrets_dir)
+    # No credential, no connection (plain NATS): the server answers "Authorization Violation" and
+    # closes, which the client sees as either.
+    with pytest.raises(NatsUnavailable, match="Authorization Violation|Connection reset"):
+        await bus.connect(info.nats_url, name="anonymous", connect_timeout_s=1.0)
+    # A foreign page cannot open the WebSocket; the UI's own origin can (and must then authenticate).
+    ws_port = int(info.ws_url.rsplit(":", 1)[1])
+    assert ws_handshake(ws_port, "http://evil.example") == 403
+    assert ws_handshake(ws_port, f"http://127.0.0.1:{info.ui_port}") == 101
+    # The job's own threadlet credential (what every rank of JOB holds) against job OTHER.
+    weaver = await _attacker(info)
+    violations: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        violations.append(str(exc).lower())
+
+    rank = await bus.connect(
+        info.nats_url,
+        name="threadlet-of-sec",
+        credentials=store.client_auth(Role.THREADLET, JOB),
+        on_error=on_error,
+    )
+    try:
+        js = weaver.jetstream()
+        await bus.ensure_job_commands(js, OTHER)
+        await js.publish(subjects.commands(OTHER, "r1"), b"other's command")
+        hb = Heartbeat(job=OTHER, run_id="r1", rank=0, world_size=1, incarnation="x", sent_at_s=time.time())
+        await rank.publish(subjects.heartbeat(OTHER, 0), wire.encode(hb))
+        forged_ack = Ack(
+            command_id="c", job=OTHER, run_id="r1", seq=1, rank=0, incarnation="x", status=AckStatus.APPLIED
+        )
+        await rank.publish(subjects.acks(OTHER), wire.encode(forged_ack))
+        await rank.flush()
+        with pytest.raises(Exception):  # noqa: B017 (a refused JetStream request just gets no answer)
+            await rank.jetstream(timeout=2.0).subscribe(
+                subjects.commands(OTHER, "r1"),
+                stream=subjects.stream_commands_of(OTHER),
+                ordered_consumer=True,
+            )
+        with pytest.raises(Exception):  # noqa: B017 (stream info is the weaver's, even of its own job)
+            await rank.jetstream(timeout=2.0).stream_info(subjects.stream_commands_of(JOB))
+        deadline = time.monotonic() + 10
+        wanted = (f'publish to "{subjects.heartbeat(OTHER, 0)}"', f'publish to "{subjects.acks(OTHER)}"')
+        while not all(any(w.lower() in v for v in violations) for w in wanted):
+            assert time.monotonic() < deadline, f"the server did not refuse the forged reports: {violations}"
+            await asyncio.sleep(0.1)
+        assert any(subjects.stream_commands_of(OTHER).lower() in v for v in violations), violations
+    finally:
+        await rank.close()
+        await weaver.close()
+    # Nothing of it reached the weaver: no job OTHER, and JOB goes on as it was.
+    assert [j.job for j in (await client.status()).jobs] == [JOB]
+    await asyncio.sleep(0.5)
+    _same_ranks(start, await _status(client))
+    # The ranks' own credential file, as `torchloom run` hands it over: 0600, named in their
+    # environment only by its path.
+    seed = store.nkey_user(Role.THREADLET, JOB).seed_file
+    assert seed.stat().st_mode & 0o077 == 0
+    assert ClientAuth.from_file(seed).seed_file == seed
 
 
 async def _status(client: ControlClient) -> JobStatus:
@@ -210,7 +281,8 @@ async def _attack_all(
     tmp_path: Path,
     marker: Path,
 ) -> None:
-    nc = await _attacker(info.nats_url, home)
+    await _refused_at_the_bus(client, info, start)
+    nc = await _attacker(info)
     try:
         await _forged_commands(client, nc, start, tmp_path, marker)
         await _forged_heartbeats(client, nc)

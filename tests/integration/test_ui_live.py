@@ -1,4 +1,5 @@
-"""The web UI against a REAL job: nats-server, an in-process weaver, the UI server, and a 2-rank
+"""The web UI against a REAL job: nats-server (secured as the control plane runs it: torchloom's roles,
+WebSocket for the UI's own origin only), an in-process weaver, the UI server, and a 2-rank
 torchrun of examples/train_tiny.py; headless Debian chromium driven by Playwright does what a person
 would (watch the loss, set lr, checkpoint and roll back from the list, pause/resume, see a device
 fault) and the page's debug hook shows what it plotted."""
@@ -22,11 +23,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.helpers import until, weaver_pubkey
+from tests.integration.helpers import rank_creds, until, weaver_config, weaver_pubkey
 from torchloom import bus as tl_bus
 from torchloom import subjects, wire
+from torchloom.app.controlplane import free_port
+from torchloom.credentials import ClientAuth, CredentialStore, Role, inbox_prefix
 from torchloom.messages import Action, ActionKind, Issuer, OutcomeStatus, SubmitRequest
-from torchloom.nats_server import EmbeddedNats
+from torchloom.nats_server import EmbeddedNats, loopback_origins
 from weaver.config import WeaverConfig
 from weaver.service import Weaver
 from weaver.ui_server import UiServer
@@ -47,6 +50,39 @@ except ImportError:
     pytest.skip("the playwright pip package is not installed (make browser-setup)", allow_module_level=True)
 
 
+@pytest.fixture
+def ui_port() -> int:
+    """The UI's port, chosen before nats-server starts (its WebSocket accepts only that page's origin)."""
+    return free_port()
+
+
+@pytest.fixture
+def nats_server(
+    tmp_path: Path, nats_store: CredentialStore, ui_port: int, tl_home: Path
+) -> Iterator[EmbeddedNats]:
+    """The test's nats-server as the control plane runs it for a UI on `ui_port`. After `tl_home`: the
+    weaver a test starts signs with the key of the same TORCHLOOM_HOME its ranks verify with."""
+    server = EmbeddedNats(
+        tmp_path / "nats", credentials=nats_store, allowed_origins=loopback_origins(ui_port)
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def ui_server(nats_server: EmbeddedNats) -> UiServer:
+    """The UI server on the port the server's WebSocket accepts, handing pages their NATS credential."""
+    port = int(nats_server.allowed_origins[0].rsplit(":", 1)[1])
+    return UiServer(nats_ws_url=nats_server.ws_url, port=port, credentials=nats_server.credentials)
+
+
+def ui_weaver_config(nats_server: EmbeddedNats) -> WeaverConfig:
+    """The weaver as the control plane runs it: only ui-operator may submit over NATS."""
+    return weaver_config(nats_server, dead_after_s=5.0, api_submit_identity=Role.UI_OPERATOR.value)
+
+
 async def control_msg(page: Page) -> str:
     return await page.text_content("#control-msg") or ""
 
@@ -61,7 +97,7 @@ def job(
     def start(*, steps: int = 400, step_sleep: float = 0.02, **extra_env: str) -> None:
         env = dict(subprocess_env)
         env.update(
-            TORCHLOOM_NATS_URL=nats_server.url,
+            **rank_creds(nats_server, JOB),
             TORCHLOOM_JOB=JOB,
             TORCHLOOM_RUN_ID=uuid.uuid4().hex[:12],
             TORCHLOOM_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
@@ -101,8 +137,8 @@ async def open_ui(
     """Weaver + UI server + a chromium page open on the UI with the operator token (the viewer
     token unless `operator`), its console echoed when `console`."""
     async with (
-        Weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)),
-        UiServer(nats_ws_url=nats_server.ws_url) as ui,
+        Weaver(ui_weaver_config(nats_server)),
+        ui_server(nats_server) as ui,
         async_playwright() as pw,
     ):
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
@@ -306,7 +342,7 @@ async def test_a_viewer_page_watches_but_cannot_steer(
 
 
 async def test_a_page_without_the_token_is_refused(nats_server: EmbeddedNats) -> None:
-    async with UiServer(nats_ws_url=nats_server.ws_url) as ui, async_playwright() as pw:
+    async with ui_server(nats_server) as ui, async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
             pg = await browser.new_page()
@@ -317,9 +353,15 @@ async def test_a_page_without_the_token_is_refused(nats_server: EmbeddedNats) ->
             await browser.close()
 
 
-async def submit_over_nats(nats_url: str, action: Action) -> None:
-    """Submit like any client would: NATS request-reply on api.submit; assert it applied."""
-    nc = await tl_bus.connect(nats_url, name="ui-test")
+async def submit_over_nats(nats_server: EmbeddedNats, action: Action) -> None:
+    """Submit as the operator page does: NATS request-reply on api.submit over the WebSocket, with
+    the ui-operator credential (no other browser role may publish there); assert it applied."""
+    assert nats_server.credentials is not None
+    user = nats_server.credentials.password_user(Role.UI_OPERATOR)
+    url = nats_server.ws_url.replace("ws://", f"ws://{user.user}:{user.password}@")
+    nc = await tl_bus.connect(
+        url, name="ui-test", credentials=ClientAuth(inbox_prefix=inbox_prefix(Role.UI_OPERATOR))
+    )
     try:
         req = SubmitRequest(job=JOB, issuer=Issuer(kind="cli", identity="test"), body=action, timeout_s=20)
         reply = await nc.request(subjects.api_submit(), wire.encode(req), timeout=30)
@@ -344,7 +386,7 @@ async def test_device_fault_is_marked_in_the_device_panel(
             ),
         )
         await submit_over_nats(
-            nats_server.url, Action(kind=ActionKind.FAULT_INJECT, args={"rank": "1", "xid": "79"})
+            nats_server, Action(kind=ActionKind.FAULT_INJECT, args={"rank": "1", "xid": "79"})
         )
         bad = page.locator(f'{rows}[data-rank="1"].unhealthy')
         await until("rank 1's device marked unhealthy", bad.count, timeout_s=30)
@@ -367,19 +409,17 @@ async def test_timeline_loads_the_journal_written_before_the_page_opened(
     nats_server: EmbeddedNats, job: Callable[..., None]
 ) -> None:
     job(steps=5000)
-    async with Weaver(WeaverConfig(nats_url=nats_server.url, dead_after_s=5.0)):
+    async with Weaver(ui_weaver_config(nats_server)):
         # Wait for the job, then act before any page exists.
         deadline = time.monotonic() + 90
         while True:
             try:
-                await submit_over_nats(
-                    nats_server.url, Action(kind=ActionKind.CHECKPOINT, args={"tag": "early"})
-                )
+                await submit_over_nats(nats_server, Action(kind=ActionKind.CHECKPOINT, args={"tag": "early"}))
                 break
             except AssertionError:
                 assert time.monotonic() < deadline, "the job never accepted a checkpoint"
                 await asyncio.sleep(0.5)
-        async with UiServer(nats_ws_url=nats_server.ws_url) as ui, async_playwright() as pw:
+        async with ui_server(nats_server) as ui, async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
             try:
                 page = await browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -402,6 +442,7 @@ async def test_timeline_loads_the_journal_written_before_the_page_opened(
 
 
 async def test_states_when_the_bus_is_unreachable_and_recovers(tmp_path: Path) -> None:
+    # An open server of its own: this is about the page's reconnects, not about who may connect.
     server = EmbeddedNats(tmp_path / "nats").start()
     ws_port, port = server.ws_port, server.port
     server.stop()

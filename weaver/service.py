@@ -642,8 +642,6 @@ class Weaver:
         self._job_streams.add(job)
 
     async def _load_seq_floor_locked(self, job_name: str, run_id: str) -> None:
-        # Every path to a job's first command comes here first: make sure its stream exists.
-        await self._ensure_job_stream(job_name)
         # The tail, not just the last command: every stored command the weaver lost track of (its own
         # publish whose answer was lost, a standby weaver's) becomes pending again, so its acks count
         # and a repeat of its id finds it. Only what our key signed counts: a message published
@@ -730,8 +728,15 @@ class Weaver:
                 cmd = submits.plan_submit(self.state, req, now, dead_after, command_id=req.command_id)
             except (CommandRejected, JobNotFound) as exc:
                 return self._refuse_submit(req, str(exc), now, job=job.job, run_id=job.run_id)
-            submits.mark_published(self.state, cmd, time.time())
             assert self._signer is not None, "the weaver is not started"
+            try:
+                # Only a command that passed validation makes its job's stream: heartbeats of any
+                # number of job names (the seq-floor read above reads, never creates) make none.
+                await self._ensure_job_stream(job.job)
+            except NatsUnavailable:
+                submits.abandon(self.state, cmd)
+                raise
+            submits.mark_published(self.state, cmd, time.time())
             try:
                 stream_seq, duplicate = await self.streams.store_command(
                     self._signer.sign(cmd), job.last_stream_seq

@@ -48,7 +48,7 @@ def test_weaver_serves_status_and_stops_cleanly(tl_home: Path, clean_env: dict[s
         # The embedded server keeps its JetStream store under $TORCHLOOM_HOME/runs/<id>/.
         assert any((tl_home / "runs").iterdir())
         # It admits torchloom's roles only: no anonymous client, no page from an origin but the UI's.
-        with pytest.raises(NatsUnavailable, match="Authorization Violation|Connection reset"):
+        with pytest.raises(NatsUnavailable, match=r"Authorization Violation|Connection reset"):
             asyncio.run(bus.connect(info["nats_url"], name="anonymous", connect_timeout_s=1.0))
         ws_port = int(info["ws_url"].rsplit(":", 1)[1])
         assert info["ui_port"] > 0 and info["secrets_dir"]

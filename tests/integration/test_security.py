@@ -97,7 +97,7 @@ async def _refused_at_the_bus(client: ControlClient, info: discovery.WeaverInfo,
     store = CredentialStore(info.secrets_dir)
     # No credential, no connection (plain NATS): the server answers "Authorization Violation" and
     # closes, which the client sees as either.
-    with pytest.raises(NatsUnavailable, match="Authorization Violation|Connection reset"):
+    with pytest.raises(NatsUnavailable, match=r"Authorization Violation|Connection reset"):
         await bus.connect(info.nats_url, name="anonymous", connect_timeout_s=1.0)
     # A foreign page cannot open the WebSocket; the UI's own origin can (and must then authenticate).
     ws_port = int(info.ws_url.rsplit(":", 1)[1])

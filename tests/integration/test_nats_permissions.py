@@ -40,6 +40,7 @@ def documented_matrix() -> dict[str, dict[str, bool]]:
     """The permission matrix table of docs/security.md: {operation: {role column: allowed}}."""
     text = (REPO / "docs" / "security.md").read_text()
     section = text.split("### Permission matrix", 1)[1]
+    section = re.split(r"^#{1,3} ", section, maxsplit=1, flags=re.MULTILINE)[0]  # up to the next heading
     rows = [line for line in section.splitlines() if line.startswith("|")]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     assert header[1:] == list(ROLE_COLUMNS), f"matrix columns {header[1:]} != {list(ROLE_COLUMNS)}"

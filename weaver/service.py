@@ -348,7 +348,8 @@ class Weaver:
 
     def _announce(self, ev: JobEvent) -> None:
         self._fan_out(ev)
-        self._outbox.put(subjects.events(ev.job), wire.encode(ev))
+        # An event about no job (a refused submit naming none) goes to the weaver's own subject.
+        self._outbox.put(subjects.events(ev.job or admission.WEAVER_JOB), wire.encode(ev))
 
     def _refuse(
         self, kind: str, job: str, run_id: str, message: str, now: float, *, key: str = "", **attrs: str

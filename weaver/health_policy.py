@@ -192,9 +192,19 @@ class _Blame:
 
     causes: dict[int, HealthKind]
     waiting_on: dict[int, tuple[int, ...]]
+    # waiting_on inverted once: asking each of n ranks for its waiters by scanning waiting_on cost
+    # O(n x waiting) per tick, most of the weaver's CPU at 1,000 ranks (bench/weaver_scale.py).
+    _by_cause: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_cause: dict[int, list[int]] = {}
+        for rank, on in self.waiting_on.items():
+            for cause in on:
+                by_cause.setdefault(cause, []).append(rank)
+        object.__setattr__(self, "_by_cause", {c: tuple(sorted(rs)) for c, rs in by_cause.items()})
 
     def waiters(self, rank: int) -> tuple[int, ...]:
-        return tuple(sorted(r for r, on in self.waiting_on.items() if rank in on))
+        return self._by_cause.get(rank, ())
 
 
 def _blame(ranks: Sequence[RankView], now: float, dead_after_s: float, hung_after_s: float) -> _Blame:

@@ -264,9 +264,11 @@ class PiggybackTransport:
         return buf
 
     def _split_host(self, fut: torch.futures.Future[Any]) -> torch.Tensor:
+        fut.value()  # re-raises a failed all-reduce (a dead peer), as DDP's default hook does
         return self._head
 
     def _split_cuda(self, fut: torch.futures.Future[Any]) -> torch.Tensor:
+        fut.value()  # re-raises a failed all-reduce (a dead peer), as DDP's default hook does
         sums = self._sums
         if sums is None or not sums.is_pinned():
             sums = self._sums = torch.empty(WIDTH, dtype=self._tail.dtype).pin_memory()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,15 @@ from tests.unit.factories import set_config
 from tests.unit.test_threadlet_agreement import _Collective, _refusing
 from threadlet.agreement import NONE_REFUSED, PIGGYBACK_PATIENCE_TICKS, Agreement, Offer, Verdict
 from threadlet.config import ThreadletConfig
-from threadlet.ddp_hook import WIDTH, WINDOW, clamp, decode_counts, encode_counts, exact_ranks
+from threadlet.ddp_hook import (
+    WIDTH,
+    WINDOW,
+    PiggybackTransport,
+    clamp,
+    decode_counts,
+    encode_counts,
+    exact_ranks,
+)
 from threadlet.state import TrainingState
 
 offers = st.tuples(st.integers(0, 40), st.one_of(st.just(NONE_REFUSED), st.integers(1, 40)))
@@ -177,3 +186,23 @@ def test_a_round_no_backward_carries_falls_back_to_gloo() -> None:
     assert len(decided_at) == 2 and decided_at[0] == decided_at[1]
     assert PIGGYBACK_PATIENCE_TICKS < decided_at[0] < PIGGYBACK_PATIENCE_TICKS + 20
     assert len(gloo.rounds) >= 1
+
+
+class _FailedWork:
+    """The work of a gradient all-reduce whose peer died (gloo: connection closed by peer)."""
+
+    def get_future(self) -> torch.futures.Future[list[torch.Tensor]]:
+        fut: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
+        fut.set_exception(RuntimeError("Connection closed by peer"))  # type: ignore[arg-type]  # torch types it as T
+        return fut
+
+
+def test_a_failed_all_reduce_fails_the_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead peer fails the gradient all-reduce: the bucket's future must fail too, as with DDP's
+    default hook, so the rank raises and torchrun re-rendezvouses instead of training on alone."""
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **kw: _FailedWork())
+    transport = PiggybackTransport(2)
+    transport.start(1, NONE_REFUSED, True, 0)
+    fut = transport.ride(torch.ones(4), group=None)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        fut.wait()

@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,7 @@ from nats.js import api
 from torchloom import bus, subjects, tokens, wire
 from torchloom.client import ControlClient
 from torchloom.credentials import ClientAuth, CredentialStore, Role, inbox_prefix
+from torchloom.errors import TorchloomError
 from torchloom.knobs import BUILTIN_SPECS
 from torchloom.messages import (
     Ack,
@@ -244,13 +246,17 @@ class Simulator:
         return sr.metrics_static + wire.encode(moving)
 
     async def publish(self, subject: str, data: bytes) -> None:
-        """Publish; when the client's outgoing buffer is full, flush it first (the sim is behind)."""
-        try:
-            await self.nc.publish(subject, data)
-        except nats_errors.OutboundBufferLimitError:
-            self.counts["buffer_full"] = self.counts.get("buffer_full", 0) + 1
-            await self.nc.flush(timeout=10)
-            await self.nc.publish(subject, data)
+        """Publish; when the client's outgoing buffer is full (the sim or the server is behind),
+        flush and try again a few times, then count the message as dropped."""
+        for _ in range(3):
+            try:
+                await self.nc.publish(subject, data)
+                return
+            except nats_errors.OutboundBufferLimitError:
+                self.counts["buffer_full"] = self.counts.get("buffer_full", 0) + 1
+                with contextlib.suppress(Exception):
+                    await self.nc.flush(timeout=5)
+        self.counts["dropped"] = self.counts.get("dropped", 0) + 1
 
     async def follow(self, sr: SimRank) -> None:
         """Follow the run's commands through an ordered JetStream consumer, as threadlet/link.py does
@@ -452,7 +458,7 @@ async def measure(
     `dead_after_s` > 0 overrides the weaver's default silence before a rank is dead.
 
     Raises:
-        RuntimeError: the ranks did not all join within `join_timeout_s`, or a process failed.
+        RuntimeError: a weaver or simulator process failed.
     """
     tmp = Path(tempfile.mkdtemp(prefix="tl-scale-"))
     procs = processes or max(1, math.ceil(ranks / RANKS_PER_PROCESS))
@@ -494,9 +500,10 @@ async def measure(
                 sims.append(await _spawn(tmp / f"sim{p}.log", *sim_args))
             children.extend(sims)
             async with ControlClient(grpc, token=token, timeout_s=30.0) as client:
-                joined_s = await _wait_joined(client, ranks, join_timeout_s)
-                for sim in sims:
-                    await _line(sim, '{"subscribed"', join_timeout_s)
+                joined_s, joined = await _wait_joined(client, ranks, join_timeout_s)
+                for sim in sims:  # every consumer created, or the time is up (counted in the result)
+                    with contextlib.suppress(TimeoutError):
+                        await _line(sim, '{"subscribed"', max(1.0, join_timeout_s - joined_s))
                 await asyncio.sleep(3.0)  # settle: first-heartbeat work and join events are done
                 joining = dict(events)
                 events.clear()
@@ -510,20 +517,28 @@ async def measure(
             for sim in sims:
                 with contextlib.suppress(ProcessLookupError):
                     sim.terminate()
-            for sim in sims:
-                line = await _line(sim, '{"done"', 30.0)
-                sim_counts.append(json.loads(line)["done"])
+            for sim in sims:  # a simulator too far behind to report in time is counted as silent
+                with contextlib.suppress(TimeoutError, RuntimeError):
+                    sim_counts.append(json.loads(await _line(sim, '{"done"', 60.0))["done"])
             await _stop(weaver)
+        log = server.log_path.read_text(errors="replace") if server.log_path.exists() else ""
         result.update(
             ranks=ranks,
             processes=procs,
             join_s=round(joined_s, 1),
-            sim_max_send_gap_s=round(max(c["max_send_gap_s"] for c in sim_counts), 3),
+            joined=joined,
+            weaver_slow_consumer=sum(
+                "Slow Consumer" in line and "torchloom-weaver" in line for line in log.splitlines()
+            ),
+            sims_reported=len(sim_counts),
+            sim_max_send_gap_s=round(max((c["max_send_gap_s"] for c in sim_counts), default=-1.0), 3),
             sim_late_ticks=sum(c["late_ticks"] for c in sim_counts),
             sim_errors=sum(c["errors"] for c in sim_counts),
             heartbeats_sent=sum(c["heartbeats"] for c in sim_counts),
             metrics_sent=sum(c["metrics"] for c in sim_counts),
             acks_sent=sum(c["acks"] for c in sim_counts),
+            sim_dropped=sum(c.get("dropped", 0) for c in sim_counts),
+            consumers=sum(c["subscribed"] for c in sim_counts),
         )
         ok = True
         return result
@@ -536,8 +551,9 @@ async def measure(
             print(f"weaver_scale: failed at {ranks} ranks; logs kept in {tmp}", file=sys.stderr)
 
 
-async def _wait_joined(client: ControlClient, ranks: int, timeout_s: float) -> float:
-    """Seconds until the weaver's status shows every rank alive."""
+async def _wait_joined(client: ControlClient, ranks: int, timeout_s: float) -> tuple[float, int]:
+    """Seconds until the weaver's status shows every rank alive, and how many were (fewer when
+    `timeout_s` passed first)."""
     start = time.monotonic()
     alive = 0
     while time.monotonic() - start < timeout_s:
@@ -545,9 +561,9 @@ async def _wait_joined(client: ControlClient, ranks: int, timeout_s: float) -> f
             status = await client.status(JOB)
             alive = sum(r.alive for r in status.jobs[0].ranks)
             if alive == ranks:
-                return time.monotonic() - start
+                return time.monotonic() - start, alive
         await asyncio.sleep(1.0)
-    raise RuntimeError(f"only {alive} of {ranks} ranks alive in the weaver's status after {timeout_s:g} s")
+    return time.monotonic() - start, alive
 
 
 async def _window(
@@ -567,6 +583,7 @@ async def _window(
     latencies: list[float] = []
     weaver_side: list[float] = []
     statuses: dict[str, int] = {}
+    errors: list[str] = []
     polls = {"ages": [], "dead": 0, "not_alive_max": 0, "health": {}, "rss": []}
 
     async def submitter() -> None:
@@ -574,11 +591,19 @@ async def _window(
         while time.monotonic() < end:
             lr = 1e-3 if i % 2 else 2e-3
             start = time.perf_counter()
-            out = await client.submit(
-                SubmitRequest(job=JOB, body=SetConfig(values={"lr": lr}), timeout_s=10.0)
-            )
+            try:
+                out = await client.submit(
+                    SubmitRequest(job=JOB, body=SetConfig(values={"lr": lr}), timeout_s=10.0)
+                )
+            except TorchloomError as exc:  # e.g. the command could not be stored: count, go on
+                statuses["error"] = statuses.get("error", 0) + 1
+                errors.append(str(exc)[:300])
+                await asyncio.sleep(1.0)
+                continue
             took = time.perf_counter() - start
             statuses[out.status.value] = statuses.get(out.status.value, 0) + 1
+            if out.status is not OutcomeStatus.APPLIED:
+                errors.append(f"{out.status.value}: {out.reason[:300]}")
             if out.status is OutcomeStatus.APPLIED:
                 latencies.append(took)
                 weaver_side.append(out.completed_at_s - out.submitted_at_s)
@@ -615,6 +640,7 @@ async def _window(
         "sim_cpu_cores": round(sum(cpu[p] for p in sim_pids), 3),
         "commands": sum(statuses.values()),
         "outcomes": statuses,
+        "command_errors": errors[:5],
         "cmd_p50_ms": ms(latencies, 50),
         "cmd_p99_ms": ms(latencies, 99),
         "cmd_max_ms": round(max(latencies) * 1e3, 1) if latencies else None,
@@ -636,13 +662,73 @@ def goals(r: dict[str, Any]) -> dict[str, bool]:
         "cmd_p99_under_50ms": r["cmd_p99_ms"] is not None
         and r["cmd_p99_ms"] < 50.0
         and r["outcomes"].get("applied", 0) == r["commands"],
-        "no_rank_dead": r["ranks_not_alive_max"] == 0 and r["rank_dead_events"] == 0,
+        "no_rank_dead": r["joined"] == r["ranks"]
+        and r["ranks_not_alive_max"] == 0
+        and r["rank_dead_events"] == 0,
+    }
+
+
+def cost_model(ranks: int, hb_hz: float, repeat_s: float = 2.0) -> dict[str, Any]:
+    """CPU cost (time.process_time, so a loaded machine inflates it less than wall time) of the
+    weaver's per-message and per-tick work at `ranks` ranks, in-process on the weaver's own
+    functions, and the cores they add up to at `hb_hz` heartbeats per rank and the weaver's 10 Hz
+    liveness tick. The live run shows what a starved weaver does; this shows what it asks for."""
+    from weaver import admission, health_plan, liveness
+    from weaver.config import WeaverConfig
+    from weaver.model import WeaverState
+
+    config = WeaverConfig()
+    policy, limits = config.policy(), config.limits()
+    sim = Simulator(argparse.Namespace(lo=0, hi=ranks, job=JOB, run_id="model", world=ranks, t0=time.time()))
+    now = time.time()
+    state = WeaverState()
+    payloads = [(subjects.heartbeat(JOB, sr.rank), sim.encoded_heartbeat(sr, now)) for sr in sim.ranks]
+
+    def fold(subject: str, data: bytes, at: float) -> None:  # Weaver._on_heartbeat's work
+        hb = wire.decode_heartbeat(data)
+        assert admission.check_heartbeat(state, hb, subject, at, config.dead_after_s, limits) is None
+        hb, _ = admission.clamp_last_seq(state, hb)
+        liveness.observe_heartbeat(state, hb, at)
+
+    def per_call(fn: Any) -> float:
+        calls, start = 0, time.process_time()
+        while time.process_time() - start < repeat_s:
+            fn()
+            calls += 1
+        return (time.process_time() - start) / calls
+
+    for subject, data in payloads:
+        fold(subject, data, now)
+    i = iter(range(1 << 60))
+    hb_s = per_call(lambda: fold(*payloads[next(i) % ranks], time.time()))
+    # A healthy job at `at`: every rank heard within the last heartbeat interval. decide_health
+    # changes nothing, so every call sees the same state at the same time.
+    at = time.time()
+    for k, entry in enumerate(state.jobs[JOB].ranks.values()):
+        entry.last_seen_s = entry.last_step_change_at = at - (k % 10) / (10 * hb_hz)
+    tick_s = per_call(lambda: health_plan.decide_health(state, at, policy))
+    status_s = per_call(lambda: liveness.status(state, JOB, at, policy))
+    # One rank silent past dead_after_s: every stalled peer is checked against it (blame).
+    silent = state.jobs[JOB].ranks[0]
+    silent.last_seen_s = silent.last_step_change_at = at - 2 * config.dead_after_s
+    tick_dead_s = per_call(lambda: health_plan.decide_health(state, at, policy))
+    tick_hz = 1.0 / config.liveness_interval_s
+    return {
+        "ranks": ranks,
+        "heartbeat_us": round(hb_s * 1e6, 1),
+        "liveness_tick_ms": round(tick_s * 1e3, 2),
+        "liveness_tick_one_dead_ms": round(tick_dead_s * 1e3, 2),
+        "status_ms": round(status_s * 1e3, 2),
+        "cores_heartbeats": round(hb_s * ranks * hb_hz, 3),
+        "cores_liveness": round(tick_s * tick_hz, 3),
+        "cores_liveness_one_dead": round(tick_dead_s * tick_hz, 3),
+        "cores_total": round(hb_s * ranks * hb_hz + tick_s * tick_hz, 3),
     }
 
 
 HEADER = (
     f"{'ranks':>6} {'cpu':>6} {'rss MiB':>8} {'p50 ms':>8} {'p99 ms':>8} {'cmds':>5} {'applied':>7} "
-    f"{'hb age s':>8} {'dead':>5} {'sim gap s':>9} {'sim cpu':>7} {'nats cpu':>8} {'load':>6}"
+    f"{'hb age s':>8} {'dead':>5} {'slow':>4} {'sim gap s':>9} {'sim cpu':>7} {'nats cpu':>8} {'load':>6}"
 )
 
 
@@ -654,7 +740,8 @@ def row(r: dict[str, Any]) -> str:
         f"{r['ranks']:>6} {r['weaver_cpu_cores']:>6.2f} {r['weaver_rss_mib_max']:>8.1f} "
         f"{num(r['cmd_p50_ms'], '8.1f')} {num(r['cmd_p99_ms'], '8.1f')} {r['commands']:>5} "
         f"{r['outcomes'].get('applied', 0):>7} {num(r['hb_age_max_s'], '8.2f')} "
-        f"{max(r['ranks_not_alive_max'], r['rank_dead_events']):>5} {r['sim_max_send_gap_s']:>9.2f} "
+        f"{max(r['ranks_not_alive_max'], r['rank_dead_events'], r['ranks'] - r['joined']):>5} "
+        f"{r['weaver_slow_consumer']:>4} {r['sim_max_send_gap_s']:>9.2f} "
         f"{r['sim_cpu_cores']:>7.2f} {r['nats_cpu_cores']:>8.2f} {r['loadavg_before'][0]:>6.1f}"
     )
 
@@ -675,19 +762,25 @@ def bench(a: argparse.Namespace) -> int:
     counts = [int(x) for x in a.ranks.split(",")]
     runs = []
     print(HEADER, flush=True)
-    for n in counts:
+    for n in counts if not a.no_live else ():
         profile = Path(tempfile.mkdtemp(prefix="tl-scale-prof-")) / "weaver.prof" if a.profile else None
-        r = asyncio.run(
-            measure(
-                n,
-                duration_s=a.duration_s,
-                hb_hz=a.hb_hz,
-                metrics_hz=a.metrics_hz,
-                command_gap_s=a.command_gap_s,
-                processes=a.processes,
-                profile=profile,
+        try:
+            r = asyncio.run(
+                measure(
+                    n,
+                    duration_s=a.duration_s,
+                    hb_hz=a.hb_hz,
+                    metrics_hz=a.metrics_hz,
+                    command_gap_s=a.command_gap_s,
+                    processes=a.processes,
+                    profile=profile,
+                )
             )
-        )
+        except (RuntimeError, TimeoutError) as exc:  # recorded; the next rank count still runs
+            runs.append({"ranks": n, "failed": repr(exc)})
+            print(f"{n:>6} failed: {exc!r}", flush=True)
+            traceback.print_exc()
+            continue
         r["goals"] = goals(r)
         if profile is not None:
             r["profile_top"] = print_profile(profile)
@@ -695,6 +788,19 @@ def bench(a: argparse.Namespace) -> int:
         print(row(r), flush=True)
         for line in r.get("profile_top", ()):
             print("   ", line)
+    models = []
+    if a.model:
+        print(
+            f"\n{'ranks':>6} {'hb us':>7} {'tick ms':>8} {'dead tick ms':>12} {'status ms':>9} {'cores':>6}"
+        )
+        for n in counts:
+            m = cost_model(n, a.hb_hz)
+            models.append(m)
+            print(
+                f"{n:>6} {m['heartbeat_us']:>7.1f} {m['liveness_tick_ms']:>8.2f} "
+                f"{m['liveness_tick_one_dead_ms']:>12.2f} {m['status_ms']:>9.2f} {m['cores_total']:>6.2f}",
+                flush=True,
+            )
     result = {
         "benchmark": "weaver_scale",
         "config": {
@@ -712,6 +818,7 @@ def bench(a: argparse.Namespace) -> int:
             "cpus": os.cpu_count(),
         },
         "runs": runs,
+        "cost_model": models,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -760,6 +867,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true", help="run the weaver under cProfile and print its hot spots"
     )
+    p.add_argument("--model", action="store_true", help="also measure the CPU cost model in-process")
+    p.add_argument("--no-live", action="store_true", help="skip the live runs (with --model)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "weaver_scale.json")
     a = p.parse_args(argv)
     if a.role is None:

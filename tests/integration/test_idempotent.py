@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,19 @@ from torchloom.nats_server import EmbeddedNats
 
 JOB = "idem"
 ISSUER = Issuer(kind="agent", identity="idempotence-test")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """An open nats-server (no roles) for this module: what is under test is idempotent submission
+    through weaver and server kills, driven by a bare weaver process (weaver_proc.py) that takes no
+    NATS credential; NATS roles have their own tests (test_nats_permissions, test_security)."""
+    server = EmbeddedNats(tmp_path / "open-nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 async def trained(addr: str) -> bool:

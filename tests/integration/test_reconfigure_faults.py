@@ -271,12 +271,14 @@ async def test_kill_9_of_the_weaver_mid_run_loses_nothing_and_training_goes_on(
             moved = _last_step(out / "rank0.jsonl")
             weaver = await _start_weaver(nats_server, grpc, run_env)
             async with ControlClient(grpc) as client:
-                after = await until(
-                    "ranks back in the new weaver",
-                    lambda: _at_step(client, None, moved),
-                    timeout_s=30,
-                    proc=proc,
-                )
+
+                async def back_with_knobs() -> StatusReply | None:
+                    # Idle heartbeats carry the knob schema's hash; a new weaver knows the schema
+                    # from the next full one (at most 2 s later), and reports no knobs until then.
+                    reply = await _at_step(client, None, moved)
+                    return reply if reply is not None and reply.jobs[0].knobs else None
+
+                after = await until("ranks back in the new weaver", back_with_knobs, timeout_s=30, proc=proc)
                 old_job, new_job = before.jobs[0], after.jobs[0]
                 assert new_job.run_id == old_job.run_id and new_job.world_size == 2
                 assert {r.rank: r.pid for r in new_job.ranks} == {r.rank: r.pid for r in old_job.ranks}

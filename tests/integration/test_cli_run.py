@@ -113,6 +113,12 @@ def test_run_then_set_from_another_process_applies_at_one_step(
         reader.start()
         assert job["job"] == "clitest" and job["world_size"] == 2
         assert {r["knobs"]["lr"] for r in job["ranks"]} == {0.001}
+        # The watch sees only what happens after it subscribed: wait for its first metrics line, or
+        # the outcome of a `set` sent while it was still starting would never reach it.
+        streaming = time.monotonic() + 60.0
+        while not any("metrics clitest" in line for line in watched):
+            assert watcher.poll() is None and time.monotonic() < streaming, "watch printed no metrics"
+            time.sleep(0.05)
 
         applied = _cli("set", "lr=0.003", "--json", env=run_env)
         assert applied.returncode == 0, applied.stdout + applied.stderr

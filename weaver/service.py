@@ -32,6 +32,7 @@ from torchloom.messages import (
     Action,
     ActionKind,
     Command,
+    Heartbeat,
     JobEvent,
     Outcome,
     OutcomeStatus,
@@ -43,7 +44,17 @@ from torchloom.messages import (
     SubmitRequest,
     WatchEvent,
 )
-from weaver import admission, dedupe, health_plan, liveness, notices, outcomes, recovery, submits
+from weaver import (
+    admission,
+    dedupe,
+    health_plan,
+    knob_schemas,
+    liveness,
+    notices,
+    outcomes,
+    recovery,
+    submits,
+)
 from weaver import health_policy as hp
 from weaver.acks import RETRY, AckFeed, CommandKey, Retry
 from weaver.config import WeaverConfig
@@ -113,6 +124,7 @@ class Weaver:
         self.state = WeaverState()
         self._nc: Client | None = None
         self._streams: Streams | None = None
+        self._schemas: knob_schemas.KnobSchemas | None = None  # once connected
         self._outbox = Outbox()
         self._acks = AckFeed(config.acks_consumer, self._take_ack, take_over=config.acks_take_over)
         self._started_at_s = time.time()
@@ -188,6 +200,7 @@ class Weaver:
             )
             js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
             self._streams = Streams(js, self.config.nats_timeout_s)
+            self._schemas = knob_schemas.KnobSchemas(js, replicas=self.config.replicas)
             async with asyncio.timeout(self.config.nats_timeout_s):
                 # Commands live in one stream per job (a threadlet's credential names its own); an
                 # older store's shared stream would overlap them.
@@ -453,6 +466,7 @@ class Weaver:
         hb, clamped = admission.clamp_last_seq(self.state, hb)
         if clamped is not None:
             self._refuse("heartbeat", hb.job, hb.run_id, f"heartbeat last_seq cut: {clamped}", now)
+        hb = await self._with_schema(hb)
         effects = liveness.observe_heartbeat(self.state, hb, now)
         for outcome in effects.dropped:
             self._finish(outcome)
@@ -460,6 +474,22 @@ class Weaver:
             self._announce(ev)
         if effects.new_run:
             self._spawn(self._load_seq_floor(hb.job, hb.run_id), name=f"weaver-seq-{hb.job}")
+
+    async def _with_schema(self, hb: Heartbeat) -> Heartbeat:
+        """Keep a schema sent in full (stored for the next weaver); give a hash-only heartbeat the
+        schema of its hash while the weaver knows no knobs of its job (it just started)."""
+        schemas = self._schemas
+        if schemas is None:
+            return hb
+        if hb.knobs:
+            if self._tg is not None and schemas.remember(hb):  # stored by a task of the TaskGroup
+                self._spawn(schemas.store(hb), name=f"weaver-schema-{hb.job}")
+            return hb
+        job = self.state.jobs.get(hb.job)
+        if not hb.knobs_hash or (job is not None and job.knobs):
+            return hb
+        specs = await schemas.lookup(hb.job, hb.knobs_hash)
+        return knob_schemas.with_schema(hb, specs) if specs is not None else hb
 
     def _take_ack(self, msg: Msg) -> CommandKey | Retry | None:
         """Fold one ack from the durable feed in. Returns the key of its command while that command's

@@ -27,6 +27,8 @@ from threadlet.link import Link
 from threadlet.optim_knobs import Applier, Getter, KnobBoard, TrainingKnobs, Validator, knob_type
 from threadlet.reports import Reporter
 from threadlet.state import Decided, RankContext, TrainingState
+from threadlet.update_ratio import SPEC as UPDATE_RATIO_SPEC
+from threadlet.update_ratio import UpdateRatio
 from torchloom import naming, replay_file
 from torchloom.messages import Heartbeat, KnobSpec, KnobType, RankState
 
@@ -122,7 +124,11 @@ class Threadlet:
             )
             on_command = None if self._replay is not None else self._agreement.file
             self._link = Link(config, rank=self._ctx.rank, on_command=on_command, probe=self._probe)
-        self._reporter = Reporter(config, self._ctx, self._state, self._board, self._link)
+        # The update-to-weight ratio on request (the `report_update_ratio` knob, 0 = off).
+        self._update_ratio = UpdateRatio(optimizer, self._board.groups) if optimizer is not None else None
+        if self._update_ratio is not None:
+            self._board.register(UPDATE_RATIO_SPEC, self._update_ratio.value, self._update_ratio.apply)
+        self._reporter = Reporter(config, self._ctx, self._state, self._board, self._link, self._update_ratio)
         try:
             # A sampler's knobs (mix, batch_size) exist before a resume restores or overrides them.
             if sampler is not None and callable(getattr(sampler, "register_knobs", None)):
@@ -240,6 +246,9 @@ class Threadlet:
             self._last_t = time.perf_counter()  # a pause is not step time
             now = self._last_t
         reporter = self._reporter
+        ratio = self._update_ratio
+        if ratio is not None and st.tick >= ratio.next_tick:
+            ratio.arm(st.tick)  # measure the next optimizer step (off: next_tick is never reached)
         if now >= reporter.next_metrics_t:
             reporter.send_metrics(now, loss, tokens, metrics)
         if now >= reporter.next_status_t:
@@ -380,6 +389,8 @@ class Threadlet:
         self._closed = True
         self._agreement.close()
         self._close_bus(self._reporter.status(RankState.FINISHED))
+        if self._update_ratio is not None:
+            self._update_ratio.release()
         self._runner.release()
         self._board.release()
 

@@ -13,6 +13,7 @@ from threadlet.config import ThreadletConfig
 from threadlet.link import Link
 from threadlet.optim_knobs import KnobBoard
 from threadlet.state import Decided, RankContext, TrainingState
+from threadlet.update_ratio import UpdateRatio
 from torchloom import knobs, naming, subjects, wire
 from torchloom.messages import Ack, Heartbeat, RankState, StepMetrics
 
@@ -38,6 +39,8 @@ class Reporter:
         state: the training state the reports describe (read only).
         board: the knobs a heartbeat lists with their values.
         link: the bus thread that publishes (None: no bus; every report is dropped).
+        update_ratio: the update-to-weight ratio measured on request (None without an optimizer);
+            its latest measurement rides every metrics report.
     """
 
     def __init__(
@@ -47,8 +50,10 @@ class Reporter:
         state: TrainingState,
         board: KnobBoard,
         link: Link | None,
+        update_ratio: UpdateRatio | None = None,
     ) -> None:
         self._config = config
+        self.update_ratio = update_ratio
         self._ctx = ctx
         self._state = state
         self._board = board
@@ -139,6 +144,8 @@ class Reporter:
             values["grad_norm"] = self.grad_norm
         if tokens is not None:
             values["tokens"] = float(tokens)
+        if self.update_ratio is not None and self.update_ratio.count:
+            values.update(self.update_ratio.report())
         lrs = self._board.group_values("lr")
         if lrs:
             values["lr"] = next(iter(lrs.values()))

@@ -14,9 +14,12 @@ something is wrong; `load(spec)` reads a file, or the shipped default for "defau
 
     [[rule]]
     name = "spike"
-    when = "loss_spike"      # nonfinite | loss_spike | divergence | plateau | throughput_drop | every_steps
+    when = "loss_spike"      # nonfinite | loss_spike | divergence | plateau | throughput_drop |
+                             # every_steps | update_ratio
     factor = 3.0             # loss_spike, divergence, throughput_drop
     steps = 200              # plateau, every_steps
+    above = 1e-2             # update_ratio: a newly measured ratio over this fires (the ranks
+                             # measure it only while the report_update_ratio knob is N > 0)
     cooldown_s = 60.0        # no second firing sooner
     max_per_hour = 10        # and at most this many in any hour
     do = [{set = {lr = "x0.5"}}, {action = "rollback", checkpoint = "last_good"}, {alert = "text"}]
@@ -42,10 +45,11 @@ LAST_GOOD = "last_good"  # a rollback's checkpoint: the newest taken before the 
 # Actions an automated issuer may not take unless the policy's `allow` lists them.
 FORBIDDEN: frozenset[ActionKind] = frozenset({ActionKind.STOP, ActionKind.DATA_ADD, ActionKind.FAULT_INJECT})
 
-_RULE_KEYS = frozenset({"name", "when", "factor", "steps", "cooldown_s", "max_per_hour", "do"})
+_RULE_KEYS = frozenset({"name", "when", "factor", "steps", "above", "cooldown_s", "max_per_hour", "do"})
 _TOP_KEYS = frozenset({"name", "dry_run", "approval", "allow", "bounds", "rule"})
 _FACTOR_SIGNALS = {Signal.LOSS_SPIKE: 3.0, Signal.DIVERGENCE: 10.0, Signal.THROUGHPUT_DROP: 2.0}
 _STEPS_SIGNALS = {Signal.PLATEAU: 500, Signal.EVERY_STEPS: 100}
+_ABOVE_SIGNALS = {Signal.UPDATE_RATIO: 1e-2}
 
 
 class PolicyError(ValueError):
@@ -197,12 +201,17 @@ def _rule(where: str, raw: Any, names: set[str]) -> Rule:
         steps = _int(f"{where}.steps", raw.get("steps", _STEPS_SIGNALS[signal]), low=1, high=10**9)
     elif "steps" in raw:
         raise _fail(f"{where}.steps", f"not used by when = {signal.value!r}")
+    above = 0.0
+    if signal in _ABOVE_SIGNALS:
+        above = _number(f"{where}.above", raw.get("above", _ABOVE_SIGNALS[signal]), low=0.0, high=1e6)
+    elif "above" in raw:
+        raise _fail(f"{where}.above", f"not used by when = {signal.value!r}")
     do = raw.get("do")
     if not isinstance(do, list) or not do:
         raise _fail(f"{where}.do", f"{do!r} rejected: expected a non-empty list of steps")
     return Rule(
         name=name,
-        condition=Condition(signal=signal, factor=factor, steps=steps),
+        condition=Condition(signal=signal, factor=factor, steps=steps, above=above),
         do=tuple(_step(f"{where}.do[{i}]", s) for i, s in enumerate(do)),
         cooldown_s=_number(f"{where}.cooldown_s", raw.get("cooldown_s", 60.0), low=0.0, high=7 * 86400.0),
         max_per_hour=_int(f"{where}.max_per_hour", raw.get("max_per_hour", 10), low=1, high=100_000),

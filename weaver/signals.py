@@ -1,6 +1,6 @@
 """Model health signals of one job, derived from the step metrics its ranks report: loss spikes over
-the loss's EMA, divergence, plateaus, non-finite losses or gradients, throughput drops and step
-counts (for periodic rules).
+the loss's EMA, divergence, plateaus, non-finite losses or gradients, throughput drops, update-to-weight
+ratios over a bound (measured on request, threadlet.update_ratio) and step counts (for periodic rules).
 
 Pure: `sample_of(metrics)` reads the values a rank reports; `observe(track, sample)` updates the job's
 bounded `Track` (a mutator of that one object) and `detect(track, condition)` says whether a
@@ -23,6 +23,10 @@ GRAD_NORM = "grad_norm"
 STEP_TIME = "step_time_s"
 NONFINITE_LOSS = "nonfinite_loss_steps"
 NONFINITE_GRAD = "nonfinite_grad_steps"
+# The update-to-weight ratio of the latest measured step and how many were measured (a rank measures
+# one step every N when asked, and reports the latest with every metrics report until the next).
+UPDATE_RATIO = "update_ratio"
+UPDATE_RATIO_COUNT = "update_ratio_count"
 
 WINDOW = 64  # samples kept per job: what a firing journals as its signal window
 _EMA_ALPHA = 0.1  # weight of a new loss in the loss EMA
@@ -40,6 +44,7 @@ class Signal(StrEnum):
     PLATEAU = "plateau"  # the loss EMA did not improve (by PLATEAU_TOLERANCE) in `steps` steps
     THROUGHPUT_DROP = "throughput_drop"  # step time over `factor` x its slow baseline
     EVERY_STEPS = "every_steps"  # every `steps` steps (periodic checkpoints)
+    UPDATE_RATIO = "update_ratio"  # a newly measured update-to-weight ratio over `above`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +59,8 @@ class Sample:
     step_time_s: float | None = None
     nonfinite_loss: int = 0
     nonfinite_grad: int = 0
+    update_ratio: float | None = None
+    update_ratio_count: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +70,7 @@ class Condition:
     signal: Signal
     factor: float = 0.0
     steps: int = 0
+    above: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +109,9 @@ class Track:
     nonfinite_new: bool = False
     last_good_step: int = 0
     step: int = 0
+    update_ratio: float = math.nan  # the lead rank's latest measured ratio
+    update_ratio_count: int = 0  # its measurement count when last seen
+    update_ratio_new: bool = False  # the latest report brought a new measurement
 
 
 def _count(raw: float | None) -> int:
@@ -119,6 +130,8 @@ def sample_of(sm: StepMetrics) -> Sample:
         step_time_s=values.get(STEP_TIME),
         nonfinite_loss=_count(values.get(NONFINITE_LOSS)),
         nonfinite_grad=_count(values.get(NONFINITE_GRAD)),
+        update_ratio=values.get(UPDATE_RATIO),
+        update_ratio_count=_count(values.get(UPDATE_RATIO_COUNT)),
     )
 
 
@@ -154,6 +167,16 @@ def observe(track: Track, sample: Sample) -> bool:
         track.lead_rank = sample.rank
     if sample.rank != track.lead_rank:
         return False
+    # A measurement is new when its count moved (either way: a restarted process counts from 1).
+    track.update_ratio_new = (
+        sample.update_ratio is not None
+        and sample.update_ratio_count > 0
+        and sample.update_ratio_count != track.update_ratio_count
+    )
+    if track.update_ratio_new:
+        assert sample.update_ratio is not None
+        track.update_ratio = sample.update_ratio
+        track.update_ratio_count = sample.update_ratio_count
     if sample.branch != track.branch or sample.step < track.step:
         _reset_series(track)
         track.branch = sample.branch
@@ -213,6 +236,9 @@ def detect(track: Track, cond: Condition, *, since_step: int = 0) -> Detected | 
         return hit(math.nan, 0.0) if track.nonfinite_new else None
     if latest is None:
         return None
+    if sig is Signal.UPDATE_RATIO:
+        high = track.update_ratio_new and track.update_ratio > cond.above
+        return hit(track.update_ratio, cond.above) if high else None
     if sig is Signal.EVERY_STEPS:
         due = since_step + cond.steps if since_step else cond.steps
         return hit(float(step), float(due)) if step >= due else None

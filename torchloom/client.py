@@ -24,6 +24,7 @@ import grpc
 from torchloom import defaults, tokens, wire
 from torchloom.errors import JobNotFound, TorchloomError, Unauthenticated, WeaverUnavailable
 from torchloom.messages import (
+    AgentRefusal,
     JobEvent,
     JournalRequest,
     Outcome,
@@ -143,7 +144,7 @@ class ControlClient:
         code = exc.code()
         if code == grpc.StatusCode.NOT_FOUND:
             return JobNotFound(exc.details() or "job not found")
-        if code == grpc.StatusCode.UNAUTHENTICATED:
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return Unauthenticated(f"weaver at {self.address} refused {what}: {exc.details()}")
         if code == grpc.StatusCode.UNAVAILABLE:
             return WeaverUnavailable(
@@ -263,6 +264,18 @@ class ControlClient:
         """
         request = ProposalDecision(job=job, proposal_id=proposal_id, approve=approve)
         return await self._unary("DecideProposal", request, wire.decode_event, "the decision")
+
+    async def report_agent_refusal(self, reason: str, *, reply: str = "", job: str = "") -> JobEvent:
+        """Journal a model reply this agent refused (nothing was proposed); needs an agent token.
+
+        Raises:
+            ValueError: an empty reason, or too many reports in a minute.
+            JobNotFound: no such job (or, for "", not exactly one runs).
+            WeaverUnavailable: the weaver cannot be reached or did not answer in time.
+            Unauthenticated: the token is unknown, or not an agent's.
+        """
+        request = AgentRefusal(job=job, reason=reason, reply=reply)
+        return await self._unary("ReportAgentRefusal", request, wire.decode_event, "the agent refusal")
 
     async def watch(self, job: str = "") -> AsyncIterator[WatchEvent]:
         """Stream live metrics, job events and final outcomes until the weaver closes the stream.

@@ -53,6 +53,8 @@ class KnobType(StrEnum):
 class Issuer:
     kind: str = "cli"
     identity: str = ""
+    # The identity a gRPC client claimed when its token authenticated it as another (journaled only).
+    claimed_identity: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -367,6 +369,15 @@ class ProposalDecision:
     proposal_id: str
     approve: bool
     job: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentRefusal:
+    """An agent's record of a model reply it refused (nothing was proposed), for the journal."""
+
+    reason: str
+    job: str = ""
+    reply: str = ""
 
 
 WatchEvent = StepMetrics | JobEvent | Outcome

@@ -4,7 +4,10 @@ finds its own.
 Whoever starts the weaver owns the token table, a 0600 JSON file in the control plane's 0700 secrets
 directory (`$TORCHLOOM_HOME/controlplane/secrets/grpc-tokens.json`), created with random tokens on
 first use: the local operator ("operator:<user>@<host>"), the web UI's operator ("ui-operator") and
-the launcher ("launcher"). A client sends `authorization: Bearer <token>` on every call; its token
+the launcher ("launcher"). Agents get tokens of their own, added one by one (`add_agent`, the CLI's
+`torchloom token add-agent NAME`): identity "agent:<name>", and the weaver puts their submits through
+the guardrails of the job's policy. A running weaver reads the table again when the file changes
+(`TokenFile`). A client sends `authorization: Bearer <token>` on every call; its token
 comes from an explicit argument, then TORCHLOOM_TOKEN, then the discovery file, then the table itself
 (readable only by the user who owns the control plane), so a user's own CLI needs no flags.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 import getpass
 import hmac
 import json
+import logging
 import os
+import re
 import secrets
 import socket
 from dataclasses import dataclass
@@ -24,11 +29,15 @@ from pathlib import Path
 from torchloom import discovery, env, private_files
 from torchloom.errors import TorchloomError
 
+log = logging.getLogger(__name__)
+
 FILE_NAME = "grpc-tokens.json"
 METADATA_KEY = "authorization"  # gRPC metadata keys are lower case
 SCHEME = "Bearer"
 _TOKEN_BYTES = 32
 _MAX_TOKEN_CHARS = 512
+AGENT_PREFIX = "agent:"
+_AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class TokenError(TorchloomError, ValueError):
@@ -41,6 +50,25 @@ class TokenRole(StrEnum):
     OPERATOR = "operator"
     UI_OPERATOR = "ui-operator"
     LAUNCHER = "launcher"
+    AGENT = "agent"  # one entry per agent, added by `add_agent`; never generated
+
+
+# The roles every table holds from its creation.
+BUILT_IN_ROLES = (TokenRole.OPERATOR, TokenRole.UI_OPERATOR, TokenRole.LAUNCHER)
+
+
+def agent_identity(name: str) -> str:
+    """"agent:<name>" for an agent called `name`.
+
+    Raises:
+        TokenError: `name` is not [A-Za-z0-9][A-Za-z0-9_.-]{0,63}.
+    """
+    if not _AGENT_NAME.fullmatch(name):
+        raise TokenError(
+            f"agent name {name!r} rejected: expected 1 to 64 of letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit)"
+        )
+    return f"{AGENT_PREFIX}{name}"
 
 
 def default_path() -> Path:
@@ -90,7 +118,7 @@ class TokenTable:
         return cls(
             tuple(
                 TokenEntry(role=r, identity=_identity_of(r), token=secrets.token_urlsafe(_TOKEN_BYTES))
-                for r in TokenRole
+                for r in BUILT_IN_ROLES
             )
         )
 
@@ -108,7 +136,12 @@ class TokenTable:
                 TokenEntry(role=TokenRole(e["role"]), identity=str(e["identity"]), token=str(e["token"]))
                 for e in data["tokens"]
             )
-        except (ValueError, KeyError, TypeError) as exc:
+            for e in entries:
+                if e.role is TokenRole.AGENT:
+                    if not e.identity.startswith(AGENT_PREFIX):
+                        raise ValueError(f"agent identity {e.identity!r} must start with {AGENT_PREFIX!r}")
+                    agent_identity(e.identity.removeprefix(AGENT_PREFIX))
+        except (ValueError, KeyError, TypeError) as exc:  # TokenError is a ValueError
             raise TokenError(
                 f"gRPC token file {path} is malformed ({type(exc).__name__}: {exc}): expected "
                 '{"tokens": [{"role": "operator", "identity": "...", "token": "..."}, ...]}'
@@ -145,14 +178,110 @@ class TokenTable:
                 return e.token
         raise KeyError(f"no {role.value} token in the table")
 
-    def identify(self, token: str) -> str | None:
-        """The identity `token` stands for, or None. Every entry is compared in constant time."""
-        found: str | None = None
+    def entry(self, token: str) -> TokenEntry | None:
+        """The entry of `token` (its role and identity), or None. Every entry is compared in
+        constant time."""
+        found: TokenEntry | None = None
         given = token.encode()
         for e in self.entries:
             if hmac.compare_digest(given, e.token.encode()):
-                found = e.identity
+                found = e
         return found
+
+    def identify(self, token: str) -> str | None:
+        """The identity `token` stands for, or None."""
+        found = self.entry(token)
+        return found.identity if found is not None else None
+
+    def with_agent(self, name: str) -> tuple[TokenTable, str]:
+        """This table with a fresh token for agent `name` (replacing its old one), and that token.
+
+        Raises:
+            TokenError: `name` is not a valid agent name (`agent_identity`).
+        """
+        identity = agent_identity(name)
+        token = secrets.token_urlsafe(_TOKEN_BYTES)
+        kept = tuple(e for e in self.entries if e.identity != identity)
+        return TokenTable((*kept, TokenEntry(role=TokenRole.AGENT, identity=identity, token=token))), token
+
+    def without_agent(self, name: str) -> TokenTable:
+        """This table without agent `name`'s token (the same table when it has none)."""
+        identity = agent_identity(name)
+        return TokenTable(tuple(e for e in self.entries if e.identity != identity))
+
+
+def table_path() -> Path:
+    """The token table of the live control plane (its discovery file names its secrets directory),
+    else `default_path()`."""
+    info = discovery.read()
+    if info is not None and info.secrets_dir:
+        return Path(info.secrets_dir) / FILE_NAME
+    return default_path()
+
+
+def add_agent(name: str, path: Path | None = None) -> tuple[str, str]:
+    """Give agent `name` a fresh token in the table at `path` (default `table_path()`; created with
+    the built-in roles when absent), replacing any it had; return its identity and token.
+
+    Raises:
+        TokenError: a bad name, or a table that is malformed or readable by others.
+    """
+    target = path or table_path()
+    table, token = TokenTable.load_or_create(target).with_agent(name)
+    table.save(target)
+    return agent_identity(name), token
+
+
+def remove_agent(name: str, path: Path | None = None) -> bool:
+    """Drop agent `name`'s token from the table; True when it had one.
+
+    Raises:
+        TokenError: a bad name, or a table that is malformed or readable by others.
+    """
+    target = path or table_path()
+    table = TokenTable.load(target)
+    kept = table.without_agent(name)
+    if kept == table:
+        return False
+    kept.save(target)
+    return True
+
+
+class TokenFile:
+    """The token table a running weaver accepts: `table` as given, read again from `path` whenever
+    the file changes (an agent added or removed while the weaver runs). A file that has become
+    unreadable or malformed keeps the last good table (and is logged once per change).
+
+    Args:
+        table: the table loaded at start.
+        path: the file it came from; None: `table` never changes.
+    """
+
+    def __init__(self, table: TokenTable, path: Path | None = None) -> None:
+        self._table = table
+        self._path = path
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        if self._path is None:
+            return None
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    @property
+    def table(self) -> TokenTable:
+        """The current table (one `stat` of the file per call)."""
+        stamp = self._stamp()
+        if stamp is not None and stamp != self._seen and self._path is not None:
+            self._seen = stamp
+            try:
+                self._table = TokenTable.load(self._path)
+            except TokenError as exc:
+                log.error("keeping the previous gRPC tokens: %s", exc)
+        return self._table
 
 
 def parse_authorization(value: str) -> str | None:

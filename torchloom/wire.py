@@ -165,10 +165,11 @@ def _body_from_pb(msg: Any) -> m.Body:
 def _issuer_to_pb(issuer: m.Issuer, out: pb.Issuer) -> None:
     out.kind = issuer.kind
     out.identity = issuer.identity
+    out.claimed_identity = issuer.claimed_identity
 
 
 def _issuer_from_pb(msg: pb.Issuer) -> m.Issuer:
-    return m.Issuer(kind=msg.kind, identity=msg.identity)
+    return m.Issuer(kind=msg.kind, identity=msg.identity, claimed_identity=msg.claimed_identity)
 
 
 # ---- to protobuf --------------------------------------------------------------------------------
@@ -277,6 +278,8 @@ def to_pb(msg: Any) -> Any:
         return req
     if isinstance(msg, m.StatusRequest):
         return pb.StatusRequest(job=msg.job)
+    if isinstance(msg, m.AgentRefusal):
+        return pb.AgentRefusal(job=msg.job, reason=msg.reason, reply=msg.reply)
     if isinstance(msg, m.WatchRequest):
         return pb.WatchRequest(job=msg.job)
     if isinstance(msg, m.JournalRequest):
@@ -477,6 +480,11 @@ def decode_policy_reply(data: bytes) -> m.PolicyReply:
 def decode_proposal_decision(data: bytes) -> m.ProposalDecision:
     msg = _parse(pb.ProposalDecision, data)
     return m.ProposalDecision(job=msg.job, proposal_id=msg.proposal_id, approve=msg.approve)
+
+
+def decode_agent_refusal(data: bytes) -> m.AgentRefusal:
+    msg = _parse(pb.AgentRefusal, data)
+    return m.AgentRefusal(job=msg.job, reason=msg.reason, reply=msg.reply)
 
 
 def decode_knob_spec(data: bytes) -> m.KnobSpec:

@@ -64,11 +64,13 @@ async def open_weaver(config: WeaverConfig) -> AsyncIterator[RunningWeaver]:
         NatsUnavailable: NATS cannot be reached.
         TokenError: the token file is malformed or readable by others.
     """
-    tokens_file = Path(config.grpc_tokens_file) if config.grpc_tokens_file else None
+    tokens_file = Path(config.grpc_tokens_file) if config.grpc_tokens_file else tokens.default_path()
     table = await asyncio.to_thread(tokens.TokenTable.load_or_create, tokens_file)
     async with (
         Weaver(config) as weaver,
-        ControlServer(weaver, config.grpc_addr, tokens=table, tls=config.tls()) as control,
+        ControlServer(
+            weaver, config.grpc_addr, tokens=table, tokens_file=tokens_file, tls=config.tls()
+        ) as control,
     ):
         log.info("weaver serving gRPC on %s", control.address)
         if config.metrics_port is None:
@@ -144,10 +146,13 @@ async def open_standby_weaver(config: WeaverConfig, lease: LeaseConfig) -> Async
         NatsUnavailable: NATS cannot be reached.
         TokenError: the token file is malformed or readable by others.
     """
-    tokens_file = Path(config.grpc_tokens_file) if config.grpc_tokens_file else None
+    tokens_file = Path(config.grpc_tokens_file) if config.grpc_tokens_file else tokens.default_path()
     table = await asyncio.to_thread(tokens.TokenTable.load_or_create, tokens_file)
     backend = StandbyBackend()
-    async with ControlServer(backend, config.grpc_addr, tokens=table, tls=config.tls()) as control:
+    control_server = ControlServer(
+        backend, config.grpc_addr, tokens=table, tokens_file=tokens_file, tls=config.tls()
+    )
+    async with control_server as control:
         nc = await bus.connect(
             config.nats_url,
             name="torchloom-weaver-lease",

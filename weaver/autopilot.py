@@ -41,11 +41,12 @@ class Mode(StrEnum):
 class Firing:
     """A rule that fired: the commands to submit (in order) and the journal event that explains them."""
 
-    rule: str
+    rule: str  # the rule's name; for an agent's proposal, the agent's identity
     mode: Mode
     requests: tuple[SubmitRequest, ...]
     event: JobEvent
     proposal_id: str = ""
+    source: str = ISSUER_KIND  # who fired: "rule", or "agent" (weaver.agents)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,9 +71,10 @@ class Pilot:
     run_id: str = ""
 
 
-def _event(
+def make_event(
     job: JobState, kind: str, message: str, now: float, command_id: str = "", **attrs: str
 ) -> JobEvent:
+    """An event of the job's current run (its `command_id` names the first command it concerns)."""
     return JobEvent(
         job=job.job,
         run_id=job.run_id,
@@ -84,13 +86,13 @@ def _event(
     )
 
 
-def _knob_values(job: JobState) -> dict[str, KnobValue]:
+def knob_values(job: JobState) -> dict[str, KnobValue]:
     return {k.name: k.value for k in job.knobs if k.value is not None}
 
 
 def note_starts(pilot: Pilot, job: JobState) -> None:
     """Remember each knob's first reported value: the bounds are factors of it."""
-    for name, value in _knob_values(job).items():
+    for name, value in knob_values(job).items():
         pilot.starts.setdefault(name, value)
 
 
@@ -112,7 +114,7 @@ def _last_good(job: JobState, step: int) -> str | None:
 
 def _bodies(rule: Rule, job: JobState, det: sg.Detected) -> tuple[list[Body], list[str]] | str:
     """The rule's commands resolved against the job now, and its alerts; or why they cannot be."""
-    current = _knob_values(job)
+    current = knob_values(job)
     bodies: list[Body] = []
     alerts: list[str] = []
     for step in rule.do:
@@ -143,7 +145,8 @@ def _bodies(rule: Rule, job: JobState, det: sg.Detected) -> tuple[list[Body], li
     return bodies, alerts
 
 
-def _describe(body: Body) -> dict[str, Any]:
+def describe(body: Body) -> dict[str, Any]:
+    """A command body as the journal's `commands` attribute shows it."""
     if isinstance(body, SetConfig):
         return {"set": {k: v if not isinstance(v, tuple) else list(v) for k, v in body.values.items()}}
     assert isinstance(body, Action)
@@ -179,7 +182,7 @@ def _fire(pilot: Pilot, rule: Rule, job: JobState, det: sg.Detected, now: float)
         if last is not None and now - last < REFUSAL_EVENT_INTERVAL_S:
             return None
         pilot.refusal_event_at[rule.name] = now
-        return _event(
+        return make_event(
             job, "rule_refused", f"rule {rule.name} not fired: {refusal}", now, reason=refusal, **attrs
         )
     # Counted whatever the mode: a dry run shows what the rule would really have done.
@@ -191,7 +194,7 @@ def _fire(pilot: Pilot, rule: Rule, job: JobState, det: sg.Detected, now: float)
     requests = tuple(
         SubmitRequest(body=b, job=job.job, issuer=issuer, command_id=uuid.uuid4().hex) for b in bodies
     )
-    commands = json.dumps([_describe(b) for b in bodies], sort_keys=True)
+    commands = json.dumps([describe(b) for b in bodies], sort_keys=True)
     proposal = uuid.uuid4().hex[:12] if mode is Mode.PROPOSED else ""
     verb = {Mode.SEND: "sends", Mode.DRY_RUN: "would have sent (dry run)", Mode.PROPOSED: "proposes"}[mode]
     kind = {Mode.SEND: "rule_fired", Mode.DRY_RUN: "rule_dry_run", Mode.PROPOSED: "rule_proposed"}[mode]
@@ -202,13 +205,18 @@ def _fire(pilot: Pilot, rule: Rule, job: JobState, det: sg.Detected, now: float)
     if proposal:
         extra["proposal"] = proposal
     first_id = requests[0].command_id if requests else ""
-    event = _event(job, kind, message, now, first_id, **attrs, **extra)
+    event = make_event(job, kind, message, now, first_id, **attrs, **extra)
     firing = Firing(rule=rule.name, mode=mode, requests=requests, event=event, proposal_id=proposal)
     if proposal:
-        if len(pilot.proposals) >= MAX_PROPOSALS:
-            pilot.proposals.pop(next(iter(pilot.proposals)))
-        pilot.proposals[proposal] = firing
+        hold(pilot, firing)
     return firing
+
+
+def hold(pilot: Pilot, firing: Firing) -> None:
+    """Keep a proposal until a person answers it (the oldest goes past `MAX_PROPOSALS`)."""
+    if len(pilot.proposals) >= MAX_PROPOSALS:
+        pilot.proposals.pop(next(iter(pilot.proposals)))
+    pilot.proposals[firing.proposal_id] = firing
 
 
 def on_metrics(pilot: Pilot, job: JobState, sample: sg.Sample, now: float) -> Decision:
@@ -233,7 +241,7 @@ def on_metrics(pilot: Pilot, job: JobState, sample: sg.Sample, now: float) -> De
             if last is None or now - last >= SIGNAL_EVENT_INTERVAL_S:
                 pilot.signal_event_at[det.signal.value] = now
                 events.append(
-                    _event(
+                    make_event(
                         job,
                         "signal",
                         f"{det.signal.value} at step {det.step}: {det.value:g} (threshold {det.threshold:g})",
@@ -259,16 +267,22 @@ def approve(pilot: Pilot, proposal_id: str, job: JobState, now: float) -> Firing
         KeyError: no pending proposal has that id.
     """
     proposed = pilot.proposals.pop(proposal_id)
-    event = _event(
+    who = f"{proposed.source} {proposed.rule}"
+    event = make_event(
         job,
-        "rule_approved",
-        f"proposal {proposal_id} of rule {proposed.rule} approved: sends {proposed.event.attrs['commands']}",
+        f"{proposed.source}_approved",
+        f"proposal {proposal_id} of {who} approved: sends {proposed.event.attrs['commands']}",
         now,
         proposed.event.command_id,
         **{**proposed.event.attrs, "mode": Mode.SEND.value},
     )
     return Firing(
-        rule=proposed.rule, mode=Mode.SEND, requests=proposed.requests, event=event, proposal_id=proposal_id
+        rule=proposed.rule,
+        mode=Mode.SEND,
+        requests=proposed.requests,
+        event=event,
+        proposal_id=proposal_id,
+        source=proposed.source,
     )
 
 
@@ -279,10 +293,10 @@ def refuse(pilot: Pilot, proposal_id: str, job: JobState, now: float) -> JobEven
         KeyError: no pending proposal has that id.
     """
     proposed = pilot.proposals.pop(proposal_id)
-    return _event(
+    return make_event(
         job,
-        "rule_refused_by_operator",
-        f"proposal {proposal_id} of rule {proposed.rule} refused: nothing sent",
+        f"{proposed.source}_refused_by_operator",
+        f"proposal {proposal_id} of {proposed.source} {proposed.rule} refused: nothing sent",
         now,
         proposed.event.command_id,
         **proposed.event.attrs,
@@ -297,6 +311,9 @@ class PolicyView:
     name: str = ""
     text: str = ""
     proposals: tuple[JobEvent, ...] = ()
+
+
+NO_RULES = Policy(name="", rules=())  # the pilot of a job without a policy, kept for its agents
 
 
 class Pilots:
@@ -345,6 +362,17 @@ class Pilots:
         pilot = self._pilots.get(job.job)
         if pilot is None or pilot.policy is not policy or pilot.run_id != job.run_id:
             pilot = self._pilots[job.job] = Pilot(policy=policy, run_id=job.run_id)
+        return pilot
+
+    def agent_pilot(self, job: JobState) -> Pilot:
+        """The job's pilot for its agents' proposals: the policy's, or one of `NO_RULES` (the agents'
+        guardrails then are the defaults) when the job runs without a policy."""
+        pilot = self.pilot(job)
+        if pilot is not None:
+            return pilot
+        pilot = self._pilots.get(job.job)
+        if pilot is None or pilot.policy is not NO_RULES or pilot.run_id != job.run_id:
+            pilot = self._pilots[job.job] = Pilot(policy=NO_RULES, run_id=job.run_id)
         return pilot
 
     def on_metrics(self, job: JobState, sample: sg.Sample, now: float) -> Decision:

@@ -3,7 +3,11 @@
 Every call must carry `authorization: Bearer <token>`; an interceptor maps the token to an identity
 through the `TokenTable` the composition gives it, refuses any other call with UNAUTHENTICATED (and
 has the weaver journal the refusal: who, why), and a Submit is issued by that identity, whatever the
-client claims. Off loopback the service binds only with TLS.
+client claims (a different claim is journaled beside it as `Issuer.claimed_identity`). A token of role
+"agent" submits through the guardrails of the job's policy (`weaver.agents`), with issuer kind
+"agent", and may journal the model replies it refused (ReportAgentRefusal). The token table is read
+again when its file changes, so an agent added while the weaver runs can call at once. Off loopback
+the service binds only with TLS.
 
 It depends on the `ControlBackend` protocol only (which `weaver.service.Weaver` satisfies), so the
 service never imports this module and this module never imports the service; the composition
@@ -28,6 +32,7 @@ import grpc
 from torchloom import defaults, tokens, wire
 from torchloom.errors import JobNotFound, NatsUnavailable
 from torchloom.messages import (
+    AgentRefusal,
     Issuer,
     JobEvent,
     JournalRequest,
@@ -46,6 +51,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 SERVICE = defaults.GRPC_SERVICE
+AGENT_KIND = "agent"  # the issuer kind of every submit made with an agent token
+_MAX_CLAIM_CHARS = 128
 # How long a stop lets in-flight calls (open Watch streams among them) finish before cancelling them.
 STOP_GRACE_S = 0.2
 
@@ -89,10 +96,18 @@ class ControlBackend(Protocol):
         refusal; `key` groups the ones counted together)."""
         ...
 
+    async def submit_agent(self, req: SubmitRequest) -> Outcome:
+        """An agent's submit: the guardrails of the job's policy, then `submit`."""
+        ...
 
-# The identity the interceptor authenticated, for the handler of the same call (grpc.aio runs the
-# interceptors and the handler of one call in one contextvars.Context).
-_IDENTITY: contextvars.ContextVar[str] = contextvars.ContextVar("torchloom_grpc_identity")
+    def report_agent_refusal(self, identity: str, report: AgentRefusal) -> JobEvent:
+        """Journal a model reply an agent refused (raises `ValueError`, `JobNotFound`)."""
+        ...
+
+
+# The token entry (role, identity) the interceptor authenticated, for the handler of the same call
+# (grpc.aio runs the interceptors and the handler of one call in one contextvars.Context).
+_CALLER: contextvars.ContextVar[tokens.TokenEntry] = contextvars.ContextVar("torchloom_grpc_caller")
 
 
 def is_loopback(host: str) -> bool:
@@ -129,7 +144,7 @@ class Authenticator(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # ge
     """Lets a call through only with a bearer token of `table`; refuses the rest with UNAUTHENTICATED
     and reports each refusal to `backend.refuse_call`."""
 
-    def __init__(self, table: tokens.TokenTable, backend: ControlBackend) -> None:
+    def __init__(self, table: tokens.TokenFile, backend: ControlBackend) -> None:
         self.table = table
         self.backend = backend
 
@@ -143,9 +158,9 @@ class Authenticator(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # ge
             return handler
         values = [v for k, v in handler_call_details.invocation_metadata or () if k == tokens.METADATA_KEY]
         token = tokens.parse_authorization(str(values[0])) if len(values) == 1 else None
-        identity = self.table.identify(token) if token else None
-        if identity is not None:
-            _IDENTITY.set(identity)
+        entry = self.table.table.entry(token) if token else None
+        if entry is not None:
+            _CALLER.set(entry)
             return handler
         if not values:
             why = f"no credential: send `{tokens.METADATA_KEY}: {tokens.SCHEME} <token>` metadata"
@@ -185,13 +200,17 @@ class Authenticator(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # ge
         return refuse
 
 
-def _authenticated(req: SubmitRequest) -> SubmitRequest:
-    """`req` issued by the caller's authenticated identity; the claimed identity is only logged."""
-    identity = _IDENTITY.get()
-    claimed = req.issuer.identity
-    if claimed and claimed != identity:
+def _authenticated(req: SubmitRequest, caller: tokens.TokenEntry) -> SubmitRequest:
+    """`req` issued by the caller's authenticated identity (an agent's always with kind "agent"); a
+    different claimed identity is kept as `claimed_identity`, for the journal only."""
+    identity = caller.identity
+    claimed = req.issuer.identity if req.issuer.identity != identity else ""
+    if claimed:
         log.info("submit %s: claimed issuer %r, authenticated as %r", req.command_id, claimed, identity)
-    return dataclasses.replace(req, issuer=Issuer(kind=req.issuer.kind, identity=identity))
+    kind = AGENT_KIND if caller.role is tokens.TokenRole.AGENT else req.issuer.kind
+    return dataclasses.replace(
+        req, issuer=Issuer(kind=kind, identity=identity, claimed_identity=claimed[:_MAX_CLAIM_CHARS])
+    )
 
 
 async def _answer(context: grpc.aio.ServicerContext[Any, _T], call: Callable[[], _T]) -> _T:
@@ -211,8 +230,11 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
     async def submit(
         req: SubmitRequest, context: grpc.aio.ServicerContext[SubmitRequest, Outcome]
     ) -> Outcome:
+        caller = _CALLER.get()
         try:
-            return await weaver.submit(_authenticated(req))
+            if caller.role is tokens.TokenRole.AGENT:
+                return await weaver.submit_agent(_authenticated(req, caller))
+            return await weaver.submit(_authenticated(req, caller))
         except NatsUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
@@ -263,6 +285,18 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
     ) -> JobEvent:
         return await _answer(context, lambda: weaver.decide_proposal(req))
 
+    async def report_agent_refusal(
+        req: AgentRefusal, context: grpc.aio.ServicerContext[AgentRefusal, JobEvent]
+    ) -> JobEvent:
+        caller = _CALLER.get()
+        if caller.role is not tokens.TokenRole.AGENT:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"ReportAgentRefusal is for agent tokens; {caller.identity} is a {caller.role.value} "
+                "(add one with `torchloom token add-agent NAME`)",
+            )
+        return await _answer(context, lambda: weaver.report_agent_refusal(caller.identity, req))
+
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
@@ -293,8 +327,18 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
                 request_deserializer=wire.decode_proposal_decision,
                 response_serializer=wire.encode,
             ),
+            "ReportAgentRefusal": grpc.unary_unary_rpc_method_handler(
+                report_agent_refusal,
+                request_deserializer=wire.decode_agent_refusal,
+                response_serializer=wire.encode,
+            ),
         },
     )
+
+
+def _token_file(table: tokens.TokenTable, path: Path | None) -> tokens.TokenFile:
+    # A parameter of ControlServer is named `tokens`, which hides the module there.
+    return tokens.TokenFile(table, path)
 
 
 class ControlServer:
@@ -307,6 +351,8 @@ class ControlServer:
         backend: the weaver.
         address: `host:port` to bind.
         tokens: the bearer tokens it accepts and the identity of each.
+        tokens_file: the file `tokens` came from: read again whenever it changes (agents added or
+            removed while serving); None: `tokens` is fixed.
         tls: certificate and key; required off loopback (plaintext is refused there).
 
     Raises:
@@ -319,6 +365,7 @@ class ControlServer:
         address: str,
         *,
         tokens: tokens.TokenTable,
+        tokens_file: Path | None = None,
         tls: TlsFiles | None = None,
     ) -> None:
         host = address.rpartition(":")[0]
@@ -329,10 +376,15 @@ class ControlServer:
             )
         self.backend = backend
         self.requested_address = address
-        self.tokens = tokens
+        self._tokens = _token_file(tokens, tokens_file)
         self.tls = tls
         self._server: grpc.aio.Server | None = None
         self._port = 0
+
+    @property
+    def tokens(self) -> tokens.TokenTable:
+        """The bearer tokens accepted now."""
+        return self._tokens.table
 
     @property
     def address(self) -> str:
@@ -346,7 +398,7 @@ class ControlServer:
         Raises:
             OSError: the address cannot be bound.
         """
-        server = grpc.aio.server(interceptors=(Authenticator(self.tokens, self.backend),))
+        server = grpc.aio.server(interceptors=(Authenticator(self._tokens, self.backend),))
         server.add_generic_rpc_handlers((_handlers(self.backend),))
         try:
             if self.tls is None:

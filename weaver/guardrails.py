@@ -1,4 +1,5 @@
-"""Guardrails for automated issuers (autopilot rules, agents): per-rule rate limits and cool-downs,
+"""Guardrails for automated issuers (autopilot rules, agents): per-rule and per-agent rate limits and
+cool-downs,
 bounds on how far a knob may move from its start value, and actions forbidden unless allowed.
 
 Pure: each check returns None when the proposal may go ahead, else the refusal in words (what was
@@ -10,26 +11,38 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from torchloom.messages import Action, Body, KnobValue, SetConfig
-from weaver.rules import FORBIDDEN, Guards, Rule
+from weaver.rules import FORBIDDEN, AgentGuards, Guards, Rule
 
 HOUR_S = 3600.0
 
 
-def rate_refusal(rule: Rule, fired_at: Iterable[float], now: float) -> str | None:
-    """Refuse a firing within the rule's cool-down of its last one, or past `max_per_hour`."""
-    times = sorted(fired_at)
-    if times and now - times[-1] < rule.cooldown_s:
-        wait = rule.cooldown_s - (now - times[-1])
+def _rate(
+    who: str, verb: str, cooldown_s: float, max_per_hour: int, times: list[float], now: float
+) -> str | None:
+    if times and now - times[-1] < cooldown_s:
+        wait = cooldown_s - (now - times[-1])
         return (
-            f"rule {rule.name!r} is cooling down: fired {now - times[-1]:.1f} s ago, "
-            f"cooldown_s={rule.cooldown_s:g} ({wait:.1f} s left)"
+            f"{who} is cooling down: {verb} {now - times[-1]:.1f} s ago, "
+            f"cooldown_s={cooldown_s:g} ({wait:.1f} s left)"
         )
     recent = [t for t in times if now - t < HOUR_S]
-    if len(recent) >= rule.max_per_hour:
-        return (
-            f"rule {rule.name!r} fired {len(recent)} times in the last hour: max_per_hour={rule.max_per_hour}"
-        )
+    if len(recent) >= max_per_hour:
+        return f"{who} {verb} {len(recent)} times in the last hour: max_per_hour={max_per_hour}"
     return None
+
+
+def rate_refusal(rule: Rule, fired_at: Iterable[float], now: float) -> str | None:
+    """Refuse a firing within the rule's cool-down of its last one, or past `max_per_hour`."""
+    return _rate(f"rule {rule.name!r}", "fired", rule.cooldown_s, rule.max_per_hour, sorted(fired_at), now)
+
+
+def agent_rate_refusal(
+    identity: str, agent: AgentGuards, proposed_at: Iterable[float], now: float
+) -> str | None:
+    """Refuse an agent's proposal within the policy's agent cool-down of its last accepted one, or
+    past the agent `max_per_hour`."""
+    times = sorted(proposed_at)
+    return _rate(f"agent {identity!r}", "proposed", agent.cooldown_s, agent.max_per_hour, times, now)
 
 
 def action_refusal(body: Action, guards: Guards) -> str | None:

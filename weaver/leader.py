@@ -30,6 +30,7 @@ from nats.js.kv import KeyValue
 
 from torchloom.errors import NatsUnavailable
 from torchloom.messages import (
+    AgentRefusal,
     JobEvent,
     Outcome,
     PolicyReply,
@@ -293,6 +294,12 @@ class StandbyBackend:
 
     def decide_proposal(self, req: ProposalDecision) -> JobEvent:
         return self._backend().decide_proposal(req)
+
+    async def submit_agent(self, req: SubmitRequest) -> Outcome:
+        return await self._backend().submit_agent(req)
+
+    def report_agent_refusal(self, identity: str, report: AgentRefusal) -> JobEvent:
+        return self._backend().report_agent_refusal(identity, report)
 
     def refuse_call(self, message: str, *, job: str = "", key: str = "", **attrs: str) -> None:
         if self.active is not None:

@@ -23,6 +23,12 @@ something is wrong; `load(spec)` reads a file, or the shipped default for "defau
     cooldown_s = 60.0        # no second firing sooner
     max_per_hour = 10        # and at most this many in any hour
     do = [{set = {lr = "x0.5"}}, {action = "rollback", checkpoint = "last_good"}, {alert = "text"}]
+
+    [agent]                  # the guardrails of agents' proposals (`torchloom agent`, the Submit of an
+                             # agent token); dry_run, approval, allow and bounds default to the ones
+                             # above ([agent.bounds] overrides them knob by knob)
+    cooldown_s = 10.0        # per agent: no second proposal sooner
+    max_per_hour = 60        # and at most this many in any hour
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ LAST_GOOD = "last_good"  # a rollback's checkpoint: the newest taken before the 
 FORBIDDEN: frozenset[ActionKind] = frozenset({ActionKind.STOP, ActionKind.DATA_ADD, ActionKind.FAULT_INJECT})
 
 _RULE_KEYS = frozenset({"name", "when", "factor", "steps", "above", "cooldown_s", "max_per_hour", "do"})
-_TOP_KEYS = frozenset({"name", "dry_run", "approval", "allow", "bounds", "rule"})
+_TOP_KEYS = frozenset({"name", "dry_run", "approval", "allow", "bounds", "rule", "agent"})
+_GUARD_KEYS = ("dry_run", "approval", "allow", "bounds")
+_AGENT_KEYS = frozenset({*_GUARD_KEYS, "cooldown_s", "max_per_hour"})
 _FACTOR_SIGNALS = {Signal.LOSS_SPIKE: 3.0, Signal.DIVERGENCE: 10.0, Signal.THROUGHPUT_DROP: 2.0}
 _STEPS_SIGNALS = {Signal.PLATEAU: 500, Signal.EVERY_STEPS: 100}
 _ABOVE_SIGNALS = {Signal.UPDATE_RATIO: 1e-2}
@@ -103,10 +111,21 @@ class Guards:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AgentGuards:
+    """The guardrails of agents' proposals (a policy's `[agent]` table): the guards they pass, and a
+    rate limit per agent."""
+
+    guards: Guards = field(default_factory=Guards)
+    cooldown_s: float = 10.0
+    max_per_hour: int = 60
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
     name: str
     rules: tuple[Rule, ...]
     guards: Guards = field(default_factory=Guards)
+    agent: AgentGuards = field(default_factory=AgentGuards)
     text: str = ""  # the TOML it was read from, as `torchloom policy show` prints it
 
 
@@ -250,6 +269,30 @@ def _guards(raw: Mapping[str, Any]) -> Guards:
     return Guards(dry_run=flags["dry_run"], approval=flags["approval"], allow=frozenset(allow), bounds=bounds)
 
 
+def _agent(raw: Mapping[str, Any]) -> AgentGuards:
+    """The `[agent]` table: its guards default to the policy's own, knob bounds merged."""
+    table = raw.get("agent", {})
+    if not isinstance(table, dict):
+        raise _fail("agent", f"{table!r} rejected: expected a table [agent]")
+    unknown = sorted(table.keys() - _AGENT_KEYS)
+    if unknown:
+        raise _fail(
+            "agent", f"unknown field(s) {', '.join(unknown)}: expected {', '.join(sorted(_AGENT_KEYS))}"
+        )
+    merged = {k: raw[k] for k in _GUARD_KEYS if k in raw} | {k: table[k] for k in _GUARD_KEYS if k in table}
+    if isinstance(raw.get("bounds"), dict) and isinstance(table.get("bounds"), dict):
+        merged["bounds"] = {**raw["bounds"], **table["bounds"]}
+    try:
+        guards = _guards(merged)
+    except PolicyError as exc:
+        raise _fail("agent", str(exc)) from None
+    return AgentGuards(
+        guards=guards,
+        cooldown_s=_number("agent.cooldown_s", table.get("cooldown_s", 10.0), low=0.0, high=7 * 86400.0),
+        max_per_hour=_int("agent.max_per_hour", table.get("max_per_hour", 60), low=1, high=100_000),
+    )
+
+
 def parse(text: str, *, source: str = "policy") -> Policy:
     """Read and check a policy.
 
@@ -277,6 +320,7 @@ def parse(text: str, *, source: str = "policy") -> Policy:
         names: set[str] = set()
         rules = tuple(_rule(f"rule[{i}]", r, names) for i, r in enumerate(rules_raw))
         guards = _guards(raw)
+        agent = _agent(raw)
     except PolicyError as exc:
         raise PolicyError(f"{source}: {exc}") from None
     for rule in rules:
@@ -286,7 +330,7 @@ def parse(text: str, *, source: str = "policy") -> Policy:
                     f"{source}: rule {rule.name!r}: action {step.kind.value!r} is forbidden to rules; "
                     f'add it to allow = ["{step.kind.value}"] to permit it'
                 )
-    return Policy(name=name, rules=rules, guards=guards, text=text)
+    return Policy(name=name, rules=rules, guards=guards, agent=agent, text=text)
 
 
 def default_text() -> str:

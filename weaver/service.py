@@ -31,6 +31,7 @@ from torchloom.messages import (
     Ack,
     Action,
     ActionKind,
+    AgentRefusal,
     Command,
     Heartbeat,
     JobEvent,
@@ -57,6 +58,7 @@ from weaver import (
 )
 from weaver import health_policy as hp
 from weaver.acks import RETRY, AckFeed, CommandKey, Retry
+from weaver.agents import AgentGate
 from weaver.config import WeaverConfig
 from weaver.metrics import WeaverMetrics
 from weaver.model import WeaverState
@@ -149,6 +151,17 @@ class Weaver:
         # Autopilot rules: their commands go through `submit` like any other (issuer kind "rule").
         self.steering = Steering(
             self.state, config.autopilot(), announce=self._announce, submit=self.submit, spawn=self._spawn
+        )
+        # Agents' submits pass their job policy's guardrails first (issuer kind "agent").
+        self.agents = AgentGate(
+            self.state,
+            self.steering.pilots,
+            announce=self._announce,
+            submit=self.submit,
+            refuse=lambda req, why, now, job: self._refuse_submit(
+                req, why, now, job=job.job, run_id=job.run_id
+            ),
+            dead_after_s=config.dead_after_s,
         )
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -820,6 +833,14 @@ class Weaver:
     def decide_proposal(self, req: ProposalDecision) -> JobEvent:
         """Approve or refuse an autopilot proposal (raises `KeyError` for an unknown one)."""
         return self.steering.decide_request(req, time.time(), self.config.dead_after_s)
+
+    async def submit_agent(self, req: SubmitRequest) -> Outcome:
+        """An agent's submit: its job policy's guardrails, then `submit` (`weaver.agents.AgentGate`)."""
+        return await self.agents.submit(req, time.time())
+
+    def report_agent_refusal(self, identity: str, report: AgentRefusal) -> JobEvent:
+        """Journal a model reply an agent refused (raises `ValueError`, `JobNotFound`)."""
+        return self.agents.report_refusal(identity, report, time.time())
 
     def status_request(self, req: StatusRequest) -> StatusReply:
         return self.status(req.job)

@@ -199,19 +199,25 @@ class Issuer(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     IDENTITY_FIELD_NUMBER: _builtins.int
+    CLAIMED_IDENTITY_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"cli" | "ui" | "rule" | "agent" | "grpc" | "replay" """
     identity: _builtins.str
     """user@host, agent name, ..."""
+    claimed_identity: _builtins.str
+    """What a gRPC client claimed as its identity when the weaver authenticated it as another: journaled
+    so the record says who claimed what, never trusted (the weaver sets `identity` from the token).
+    """
     def __init__(
         self,
         *,
         kind: _builtins.str = ...,
         identity: _builtins.str = ...,
+        claimed_identity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimed_identity", b"claimed_identity", "identity", b"identity", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1481,3 +1487,35 @@ class ProposalDecision(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProposalDecision: _TypeAlias = ProposalDecision  # noqa: Y015
+
+@_typing.final
+class AgentRefusal(_message.Message):
+    """An agent's record of a reply of its model that it refused (malformed, outside the schema, out of
+    bounds): nothing was proposed; the weaver journals it as an "agent_refused" event naming the agent.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """empty: the only running job"""
+    reason: _builtins.str
+    """why the reply was refused, in words"""
+    reply: _builtins.str
+    """the model's reply (truncated by the weaver)"""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        reply: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "reason", b"reason", "reply", b"reply"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentRefusal: _TypeAlias = AgentRefusal  # noqa: Y015

@@ -71,6 +71,11 @@ class ControlStub:
                 request_serializer=torchloom_dot_v1_dot_torchloom__pb2.ProposalDecision.SerializeToString,
                 response_deserializer=torchloom_dot_v1_dot_torchloom__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.ReportAgentRefusal = channel.unary_unary(
+                '/torchloom.v1.Control/ReportAgentRefusal',
+                request_serializer=torchloom_dot_v1_dot_torchloom__pb2.AgentRefusal.SerializeToString,
+                response_deserializer=torchloom_dot_v1_dot_torchloom__pb2.JobEvent.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -122,6 +127,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportAgentRefusal(self, request, context):
+        """Agents (tokens of role "agent"): journal a model reply the agent refused. An agent's Submit goes
+        through the guardrails of the job's policy ([agent]) before the weaver's own validation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +171,11 @@ def add_ControlServicer_to_server(servicer, server):
             'DecideProposal': grpc.unary_unary_rpc_method_handler(
                     servicer.DecideProposal,
                     request_deserializer=torchloom_dot_v1_dot_torchloom__pb2.ProposalDecision.FromString,
+                    response_serializer=torchloom_dot_v1_dot_torchloom__pb2.JobEvent.SerializeToString,
+            ),
+            'ReportAgentRefusal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportAgentRefusal,
+                    request_deserializer=torchloom_dot_v1_dot_torchloom__pb2.AgentRefusal.FromString,
                     response_serializer=torchloom_dot_v1_dot_torchloom__pb2.JobEvent.SerializeToString,
             ),
     }
@@ -351,6 +369,33 @@ class Control:
             target,
             '/torchloom.v1.Control/DecideProposal',
             torchloom_dot_v1_dot_torchloom__pb2.ProposalDecision.SerializeToString,
+            torchloom_dot_v1_dot_torchloom__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportAgentRefusal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torchloom.v1.Control/ReportAgentRefusal',
+            torchloom_dot_v1_dot_torchloom__pb2.AgentRefusal.SerializeToString,
             torchloom_dot_v1_dot_torchloom__pb2.JobEvent.FromString,
             options,
             channel_credentials,

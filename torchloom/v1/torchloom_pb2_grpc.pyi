@@ -46,6 +46,10 @@ class ControlStub:
     """Autopilot: set or read a job's policy; approve or refuse a proposal (answers the journaled event)."""
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_torchloom_pb2.PolicyRequest, _torchloom_pb2.PolicyReply]
     DecideProposal: _grpc.UnaryUnaryMultiCallable[_torchloom_pb2.ProposalDecision, _torchloom_pb2.JobEvent]
+    ReportAgentRefusal: _grpc.UnaryUnaryMultiCallable[_torchloom_pb2.AgentRefusal, _torchloom_pb2.JobEvent]
+    """Agents (tokens of role "agent"): journal a model reply the agent refused. An agent's Submit goes
+    through the guardrails of the job's policy ([agent]) before the weaver's own validation.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -63,6 +67,10 @@ class ControlAsyncStub(ControlStub):
     """Autopilot: set or read a job's policy; approve or refuse a proposal (answers the journaled event)."""
     GetPolicy: _aio.UnaryUnaryMultiCallable[_torchloom_pb2.PolicyRequest, _torchloom_pb2.PolicyReply]  # type: ignore[assignment]
     DecideProposal: _aio.UnaryUnaryMultiCallable[_torchloom_pb2.ProposalDecision, _torchloom_pb2.JobEvent]  # type: ignore[assignment]
+    ReportAgentRefusal: _aio.UnaryUnaryMultiCallable[_torchloom_pb2.AgentRefusal, _torchloom_pb2.JobEvent]  # type: ignore[assignment]
+    """Agents (tokens of role "agent"): journal a model reply the agent refused. An agent's Submit goes
+    through the guardrails of the job's policy ([agent]) before the weaver's own validation.
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     """How the CLI, scripts and agents talk to the weaver. The UI reaches the same handlers over NATS
@@ -119,5 +127,15 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _torchloom_pb2.ProposalDecision,
         context: _ServicerContext,
     ) -> _typing.Union[_torchloom_pb2.JobEvent, _abc.Awaitable[_torchloom_pb2.JobEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def ReportAgentRefusal(
+        self,
+        request: _torchloom_pb2.AgentRefusal,
+        context: _ServicerContext,
+    ) -> _typing.Union[_torchloom_pb2.JobEvent, _abc.Awaitable[_torchloom_pb2.JobEvent]]:
+        """Agents (tokens of role "agent"): journal a model reply the agent refused. An agent's Submit goes
+        through the guardrails of the job's policy ([agent]) before the weaver's own validation.
+        """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -893,7 +893,9 @@ class Weaver:
         """Rebuild jobs, registries, seq floors and in-flight commands from the streams."""
         if not self.config.journal:
             return
-        recovery.replay_journal(self.state, [e async for e in self.streams.journal()])
+        entries = [e async for e in self.streams.journal()]
+        recovery.replay_journal(self.state, entries)
+        self.steering.recover(entries)  # each job's journaled autopilot policy
         for job in list(self.state.jobs.values()):
             # Only what this weaver's key signed: every rank refused the rest.
             commands = [

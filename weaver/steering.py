@@ -5,13 +5,17 @@ does not apply.
 
 The `Weaver` front owns one `Steering` and hands it three of its own operations: announce (journal
 an event), submit and spawn (run a coroutine in the weaver's TaskGroup).
+
+A policy set on a job is journaled (a `policy_set` event carrying its TOML), so a restarted or
+standby weaver, which rebuilds its state from the journal, runs each job under the policy it last
+had (`recover`): rules keep firing after a takeover.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from torchloom import subjects
@@ -31,6 +35,11 @@ from weaver import signals as sg
 from weaver.model import WeaverState, job_event
 
 log = logging.getLogger(__name__)
+
+# Events of a rule's commands going out (fired in send mode, or a proposal approved): what the
+# metrics count as rule firings.
+FIRED_KINDS = frozenset({"rule_fired", "rule_approved"})
+POLICY_SET = "policy_set"  # the journal event a job's policy is recovered from (attrs: policy, text)
 
 
 class Steering:
@@ -136,7 +145,36 @@ class Steering:
         self.pilots.set_policy(job, policy)
         name = policy.name if policy is not None else "none"
         log.info("job %s now runs under autopilot policy %s", job, name)
+        known = self._state.jobs.get(job)
+        self._announce(
+            JobEvent(
+                job=job,
+                run_id=known.run_id if known is not None else "",
+                kind=POLICY_SET,
+                message=f"job {job} now runs under autopilot policy {name}",
+                time_s=time.time(),
+                attrs={"policy": name, "text": text if policy is not None else ""},
+            )
+        )
         return self.pilots.view(job)
+
+    def recover(self, entries: Iterable[object]) -> None:
+        """Run each job under the policy its latest journaled `policy_set` event names (after a
+        restart, oldest entries first). A policy that no longer parses is skipped, with a warning:
+        the job then runs under the weaver's default."""
+        latest: dict[str, JobEvent] = {}
+        for entry in entries:
+            if isinstance(entry, JobEvent) and entry.kind == POLICY_SET and entry.job:
+                latest[entry.job] = entry
+        for job, ev in latest.items():
+            text = ev.attrs.get("text", "")
+            try:
+                policy = rules.parse(text, source=f"policy of job {job}") if text.strip() else None
+            except rules.PolicyError as exc:
+                log.warning("the journaled policy of job %s is not loaded: %s", job, exc)
+                continue
+            self.pilots.set_policy(job, policy)
+            log.info("job %s runs under its journaled autopilot policy %s", job, ev.attrs.get("policy", ""))
 
     def view(self, job: str) -> autopilot.PolicyView:
         return self.pilots.view(job)

@@ -334,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="POLICY",
         help=f"what rank health problems trigger: {', '.join(PolicyMode)} (default {defaults.HEALTH_POLICY})",
     )
+    weaver.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="autopilot rules of every job that has none of its own: a TOML file or 'default' "
+        "(torchloom policy set overrides it per job)",
+    )
 
     set_p = sub.add_parser(
         "set", parents=[command_parent()], help="change knobs on every rank at the same step (KEY=VALUE ...)"
@@ -569,6 +575,7 @@ def _run_command(args: argparse.Namespace) -> int:
             ui_port=args.ui_port,
             grpc_tls_cert=args.grpc_tls_cert,
             grpc_tls_key=args.grpc_tls_key,
+            autopilot_policy=args.policy,
         )
     if command in ("journal", "checkpoints", "branches") and _wants_history(args):
         return _history_command(args)

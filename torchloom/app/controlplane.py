@@ -634,8 +634,10 @@ def serve_weaver(
     ui_port: int = 0,
     grpc_tls_cert: str | None = None,
     grpc_tls_key: str | None = None,
+    autopilot_policy: str | None = None,
 ) -> int:
-    """`torchloom weaver`: the control plane in the foreground, without the idle exit."""
+    """`torchloom weaver`: the control plane in the foreground, without the idle exit; with
+    `autopilot_policy` (a TOML file or "default") the rules of every job that has none of its own."""
     home = discovery.home()
     running = already_running(home)
     if running is not None:
@@ -648,6 +650,11 @@ def serve_weaver(
     options = (health or HealthOptions()).config_kwargs()
     if grpc_tls_cert is not None or grpc_tls_key is not None:
         options.update(grpc_tls_cert_file=grpc_tls_cert, grpc_tls_key_file=grpc_tls_key)
+    if autopilot_policy is not None:
+        # Absolute, so the weaver (re)started later reads the same file whatever its directory.
+        options["autopilot_policy"] = (
+            autopilot_policy if autopilot_policy == "default" else str(Path(autopilot_policy).resolve())
+        )
     url = nats_url or env.get(env.NATS_URL)
     try:
         # The weaver's own settings are checked now, so a bad flag is a usage error, not a retry.

@@ -355,8 +355,34 @@ class ActionRunner:
 
     def _evaluate(self) -> dict[str, str]:
         assert self.eval_fn is not None  # refused at filing otherwise
-        results = self.eval_fn()
-        return {f"eval.{name}": repr(float(value)) for name, value in results.items()}
+        return eval_detail(self.eval_fn())
+
+
+def eval_detail(results: object) -> dict[str, str]:
+    """The `eval` action's ack detail: `eval.<name>` -> the metric as `repr(float)`, which `float()`
+    reads back exactly ("nan" and "inf" for non-finite values), so a driver can compare candidates.
+
+    Raises:
+        ValueError: `results` is not a non-empty mapping of metric name -> number (the ack says so).
+    """
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError(
+            f"the eval function returned {type(results).__name__} {results!r:.80}: expected a non-empty "
+            "mapping of metric name -> number, e.g. {'loss': 0.25}"
+        )
+    detail: dict[str, str] = {}
+    for name, value in results.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"eval metric name {name!r} rejected: expected a non-empty string")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"eval metric {name}={value!r:.80} rejected: expected a number (a float, an int or a "
+                "one-element tensor)"
+            ) from None
+        detail[f"eval.{name}"] = repr(number)
+    return detail
 
 
 def _flag(value: bool) -> str:

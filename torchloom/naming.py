@@ -18,6 +18,12 @@ ACK_NOTICE_MESSAGE = "message"
 # Notice: an lr set by torchloom was changed outside the threadlet (a scheduler it was not given).
 LR_OVERWRITTEN = "lr_overwritten"
 NOTICE_KINDS = frozenset({LR_OVERWRITTEN})
+# `torchloom search` ends with a rollback to its start checkpoint whose args carry the search's record
+# under SEARCH_RESULT (a JSON object: knob, candidates, the metric of each, the winner); once that
+# rollback's outcome is final the weaver journals the record as a JobEvent of kind SEARCH_RESULT.
+# The search's commands carry issuer kind SEARCH_ISSUER.
+SEARCH_RESULT = "search_result"
+SEARCH_ISSUER = "search"
 _CKPT_ID = re.compile(r"^ckpt-([1-9][0-9]*)$")
 _ATTEMPT = re.compile(r"^(?P<base>.+)-a(?P<n>[1-9][0-9]*)$")
 

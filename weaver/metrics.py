@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from torchloom import naming
 from torchloom.messages import (
     Issuer,
     JobStatus,
@@ -49,7 +50,7 @@ __all__ = [
 
 # Issuer kinds counted under their own name; any other kind a client claims counts as "other", so a
 # client cannot grow the series without bound.
-ISSUER_KINDS = frozenset({"cli", "ui", "rule", "replay", "agent", "api", "sdk"})
+ISSUER_KINDS = frozenset({"cli", "ui", "rule", "replay", "agent", "api", "sdk", naming.SEARCH_ISSUER})
 OTHER = "other"
 # Submit -> outcome: a command waits for a step boundary on every rank, so tens of ms to minutes.
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

@@ -1,7 +1,7 @@
 """How a command ends: acks folded in, final outcomes computed and settled, deadlines that pass first.
 
 Pure: `final_outcome`, `rejection_reason`, `compute_outcome(pending, now)`, `timeout_outcome` (the
-command stays pending) and `outcome_event`.
+command stays pending), `outcome_event` and `search_event`.
 
 Mutators: `record_ack(state, ack, now)` stores the ack in the command's `Pending` and, when it was
 the last one missing, removes the pending command and settles its outcome (which it returns);
@@ -10,6 +10,7 @@ the last one missing, removes the pending command and settles its outcome (which
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from torchloom.messages import (
@@ -24,6 +25,7 @@ from torchloom.messages import (
     RankResult,
     SetConfig,
 )
+from torchloom.naming import SEARCH_RESULT
 from weaver import health_policy as hp
 from weaver import registry as rg
 from weaver.model import JobState, Pending, WeaverState
@@ -159,6 +161,34 @@ def outcome_event(outcome: Outcome, now: float) -> JobEvent:
         run_id=run_id,
         kind="command",
         message=message,
+        time_s=now,
+        command_id=outcome.command_id,
+        attrs=attrs,
+    )
+
+
+def search_event(outcome: Outcome, now: float) -> JobEvent | None:
+    """The `search_result` event of a search's concluding rollback (its args carry the record,
+    `naming.SEARCH_RESULT`; checked at submit), or None for any other outcome.
+
+    The attrs are the record's fields (strings as they are, anything else as JSON) and
+    `rollback_status`, the final status of the rollback that carried it.
+    """
+    cmd = outcome.command
+    if cmd is None or not isinstance(cmd.body, Action) or SEARCH_RESULT not in cmd.body.args:
+        return None
+    try:
+        record = rg.search_record(cmd.body.args[SEARCH_RESULT])
+    except ValueError:
+        return None  # refused at submit: not published
+    attrs = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in record.items()}
+    attrs["rollback_status"] = outcome.status.value
+    summary = record.get("summary")
+    return JobEvent(
+        job=outcome.job,
+        run_id=cmd.run_id,
+        kind=SEARCH_RESULT,
+        message=f"search {record.get('search', '')}: {summary if isinstance(summary, str) else ''}"[:500],
         time_s=now,
         command_id=outcome.command_id,
         attrs=attrs,

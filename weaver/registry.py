@@ -7,6 +7,7 @@ No I/O: `weaver.outcomes` folds outcomes in with `apply_outcome`, and `weaver.su
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from torchloom.messages import (
     Outcome,
     OutcomeStatus,
 )
-from torchloom.naming import MAIN_BRANCH, branch_id, checkpoint_id
+from torchloom.naming import MAIN_BRANCH, SEARCH_RESULT, branch_id, checkpoint_id
 
 _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SOURCE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -187,6 +188,11 @@ def validate_action(
         if ck is None:
             raise _reject(kind, f"checkpoint {ref!r} does not exist: {reg.describe_checkpoints()}")
         args["checkpoint_id"] = ck.id
+        if SEARCH_RESULT in args:
+            try:
+                search_record(args[SEARCH_RESULT])
+            except ValueError as exc:
+                raise _reject(kind, str(exc)) from None
         # No path: every rank resolves the id under its own checkpoint root (a path in a message is
         # never opened), so the weaver sends none.
         args.pop("checkpoint_path", None)
@@ -225,6 +231,27 @@ def validate_action(
             )
         args["rank"], args["xid"] = str(rank), str(xid)
     return Action(kind=kind, args=dict(sorted(args.items())))
+
+
+MAX_SEARCH_RECORD_CHARS = 8192
+
+
+def search_record(text: str) -> dict[str, object]:
+    """The record a search's concluding rollback carries (`naming.SEARCH_RESULT`): a JSON object.
+
+    Raises:
+        ValueError: not a JSON object, or longer than MAX_SEARCH_RECORD_CHARS.
+    """
+    form = f"expected a JSON object of at most {MAX_SEARCH_RECORD_CHARS} characters"
+    if len(text) > MAX_SEARCH_RECORD_CHARS:
+        raise ValueError(f"{SEARCH_RESULT} of {len(text)} characters rejected: {form}")
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(f"{SEARCH_RESULT} {text[:80]!r} rejected: {form}")
+    return record
 
 
 def _strict_int(raw: str) -> int | None:

@@ -451,6 +451,9 @@ class Weaver:
         else:
             self._spawn(release(), name="weaver-release-acks")
         self._announce(outcomes.outcome_event(outcome, time.time()))
+        searched = outcomes.search_event(outcome, time.time())
+        if searched is not None:
+            self._announce(searched)
 
     # ---- NATS callbacks -------------------------------------------------------------------------
 

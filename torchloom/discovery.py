@@ -64,6 +64,7 @@ class WeaverInfo:
             only its owner's CLI reads it and needs no flags ("" when not written here).
         ui_port: the port the web UI serves on; nats-server's WebSocket accepts only that page's
             origin, so `torchloom ui` uses it (0: none reserved).
+        metrics_url: where Prometheus scrapes the weaver's metrics (loopback; "" when none are served).
     """
 
     pid: int
@@ -76,6 +77,7 @@ class WeaverInfo:
     secrets_dir: str = ""
     token: str = field(default="", repr=False)
     ui_port: int = 0
+    metrics_url: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +91,7 @@ class WeaverInfo:
             "secrets_dir": self.secrets_dir,
             "token": self.token,
             "ui_port": self.ui_port,
+            "metrics_url": self.metrics_url,
         }
 
     @classmethod
@@ -116,6 +119,7 @@ class WeaverInfo:
             secrets_dir=str(data.get("secrets_dir") or ""),
             token=str(data.get("token") or ""),
             ui_port=ui_port if isinstance(ui_port := data.get("ui_port"), int) and 0 < ui_port < 65536 else 0,
+            metrics_url=str(data.get("metrics_url") or ""),
         )
 
 

@@ -62,7 +62,7 @@ from weaver.agents import AgentGate
 from weaver.config import WeaverConfig
 from weaver.metrics import WeaverMetrics
 from weaver.model import WeaverState
-from weaver.steering import Steering
+from weaver.steering import FIRED_KINDS, Steering
 from weaver.streams import Outbox, OutboxItem, SeqConflict, Streams
 
 log = logging.getLogger(__name__)
@@ -373,6 +373,8 @@ class Weaver:
             watcher.push(ev)
 
     def _announce(self, ev: JobEvent) -> None:
+        if ev.kind in FIRED_KINDS:
+            self.metrics.rule_fired(ev.job, ev.attrs.get("rule", ""))
         self._fan_out(ev)
         # An event about no job (a refused submit naming none) goes to the weaver's own subject.
         self._outbox.put(subjects.events(ev.job or admission.WEAVER_JOB), wire.encode(ev))

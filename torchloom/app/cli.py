@@ -388,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         lister(name, text).add_argument("--run", metavar="ID", help=run_help)
     lister("devices", "show every rank's device and its health")
+    sub.add_parser(
+        "metrics-url",
+        help="print where Prometheus scrapes the weaver's metrics (the control plane of $TORCHLOOM_HOME)",
+    )
     journal = lister("journal", "print the durable journal: command outcomes and job events")
     journal.add_argument("--run", metavar="ID", help=run_help)
     journal.add_argument(
@@ -580,6 +584,17 @@ def _run_command(args: argparse.Namespace) -> int:
         )
     if command in ("journal", "checkpoints", "branches") and _wants_history(args):
         return _history_command(args)
+    if command == "metrics-url":
+        info = discovery.read(discovery.discovery_path())
+        if info is None or not info.metrics_url:
+            print(
+                f"torchloom: no control plane serves metrics for {discovery.home()} "
+                "(`torchloom run` and `torchloom weaver` start one that does)",
+                file=sys.stderr,
+            )
+            return 1
+        print(info.metrics_url, flush=True)
+        return EXIT_OK
     if command == "status":
         reply = asyncio.run(fetch_status(args.grpc, args.job))
         print(json.dumps(status_json(reply)) if args.json else format_status(reply), flush=True)

@@ -204,6 +204,8 @@ class ControlPlane:
         self.grpc = ""
         self.ui_port = config.ui_port
         self.operator_token = ""
+        self.metrics_url = ""  # the weaver's Prometheus endpoint (served on a free loopback port)
+        self._metrics_port = 0  # kept across weaver restarts, as the gRPC address is
         self.nats_restarts = 0
         self.events: list[JobEvent] = []  # what it published, in order
         self.ready = asyncio.Event()  # set once the weaver serves gRPC and the discovery file exists
@@ -380,7 +382,7 @@ class ControlPlane:
                 grpc_addr=self._grpc_bind,
                 nats_credentials=self.credentials.client_auth(Role.WEAVER),
                 **self._secured_options(),
-                **self.config.weaver_options,
+                **{"metrics_port": self._metrics_port, **self.config.weaver_options},
             )
             task = asyncio.create_task(weaver_app.serve(config, ready=_ready), name="torchloom-weaver")
             try:
@@ -393,6 +395,10 @@ class ControlPlane:
                 self.grpc = ready.result().grpc_address
                 self.operator_token = ready.result().operator_token
                 self._grpc_bind = self.grpc  # a restarted weaver answers at the same address
+                served = ready.result().metrics
+                if served is not None:
+                    self.metrics_url = served.url
+                    self._metrics_port = int(served.address.rpartition(":")[2])
                 self._write_discovery()
                 self._write_state()
                 self.ready.set()
@@ -403,6 +409,7 @@ class ControlPlane:
                 log.warning("the weaver stopped: restarting it")
             else:
                 task.cancel()
+                self._metrics_port = 0  # its port may be taken now: any beats a weaver that cannot start
                 exc = None
                 with contextlib.suppress(asyncio.CancelledError):
                     try:
@@ -543,6 +550,7 @@ class ControlPlane:
                 secrets_dir=str(secrets) if secrets is not None else "",
                 token=self.operator_token,
                 ui_port=self.ui_port if self.server is not None else 0,
+                metrics_url=self.metrics_url,
             ),
             self.config.home / discovery.FILE_NAME,
         )
@@ -589,6 +597,8 @@ def print_ready(cp: ControlPlane, *, to_stdout: bool) -> None:
     ]
     if cp.ws_url:
         parts.append(f"WebSocket {cp.ws_url}")
+    if cp.metrics_url:
+        parts.append(f"metrics {cp.metrics_url}")
     print("; ".join(parts), file=sys.stderr, flush=True)
     if to_stdout:
         print(f"nats_url={redact(cp.nats_url)}\ngrpc={cp.grpc}", flush=True)

@@ -1,9 +1,11 @@
 """Where a running weaver can be found: the `$TORCHLOOM_HOME/weaver.json` file and the lookup order.
 
 The control plane (`torchloom weaver`, or the one `torchloom run` starts) writes the file; every other
-CLI command reads it, so a second terminal needs no flags. Lookup order: an explicit `--grpc`, then
-`TORCHLOOM_GRPC`, then the file (only while the process that wrote it is alive). The file is 0600 in a
-0700 `$TORCHLOOM_HOME`, written atomically through `torchloom.private_files`, like every state file there.
+CLI command reads it, so a second terminal needs no flags. Weavers started on their own (`python -m
+weaver`, active or standby on one NATS) each announce their gRPC address in `weavers/<pid>.json`.
+Lookup order: an explicit `--grpc`, then `TORCHLOOM_GRPC`, then the file and the announcements
+(only while the process that wrote each is alive). The files are 0600 in a 0700 `$TORCHLOOM_HOME`,
+written atomically through `torchloom.private_files`, like every state file there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torchloom import env
 from torchloom.private_files import write_private_json
 
 FILE_NAME = "weaver.json"
+WEAVERS_DIR = "weavers"
 
 
 def home(environ: Mapping[str, str] | None = None) -> Path:
@@ -170,8 +173,51 @@ def remove(path: Path | None = None, *, pid: int | None = None) -> None:
             target.unlink()
 
 
+def weavers_dir(root: Path | None = None) -> Path:
+    """Where weavers started on their own (`python -m weaver`, active or standby) announce their
+    gRPC address, one file each: `$TORCHLOOM_HOME/weavers/`."""
+    return (root or home()) / WEAVERS_DIR
+
+
+def announce_weaver(grpc: str, *, root: Path | None = None) -> Path:
+    """Write this process's entry (its pid and gRPC address) under `weavers_dir(root)`; return its
+    path for `withdraw_weaver`. 0600 in a 0700 directory, like the discovery file."""
+    path = weavers_dir(root) / f"{os.getpid()}.json"
+    return write_private_json(
+        path, {"pid": os.getpid(), "grpc": check_address(grpc), "started_at_s": time.time()}
+    )
+
+
+def withdraw_weaver(path: Path) -> None:
+    """Remove an entry `announce_weaver` wrote, when it is still this process's."""
+    remove(path)
+
+
+def live_weavers(root: Path | None = None) -> list[str]:
+    """The gRPC addresses of the weavers whose entries name a live process, oldest first (an entry
+    that does not parse is skipped: a weaver writing it now is seen at the next look)."""
+    found: list[tuple[float, str]] = []
+    try:
+        entries = list(weavers_dir(root).glob("*.json"))
+    except OSError:
+        return []
+    for path in entries:
+        try:
+            data = json.loads(path.read_text())
+            pid, grpc = int(data["pid"]), check_address(str(data["grpc"]))
+            started = float(data.get("started_at_s") or 0.0)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if pid_alive(pid):
+            found.append((started, grpc))
+    return [grpc for _, grpc in sorted(found)]
+
+
 def resolve_grpc(explicit: str | None = None) -> str | None:
-    """Return the weaver's gRPC address: `explicit`, then `TORCHLOOM_GRPC`, then the live file.
+    """Return the weaver's gRPC address: `explicit`, then `TORCHLOOM_GRPC`, then what the live
+    weavers of `$TORCHLOOM_HOME` announce: the control plane's (the discovery file) and every
+    weaver started on its own, active or standby (`live_weavers`), comma-separated in that order,
+    so a client moves on from a standby or a dead weaver to the one that serves.
 
     Raises:
         ValueError: when the explicit or environment address is not HOST:PORT.
@@ -182,4 +228,6 @@ def resolve_grpc(explicit: str | None = None) -> str | None:
     if from_env:
         return check_address(from_env)
     info = read()
-    return info.grpc if info is not None else None
+    found = [info.grpc] if info is not None and info.grpc else []
+    found += [a for a in live_weavers() if a not in found]
+    return ",".join(found) or None

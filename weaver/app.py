@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchloom import bus, defaults, tokens
+from torchloom import bus, defaults, discovery, tokens
 from torchloom.policy import PolicyMode
 from weaver.config import WeaverConfig
 from weaver.grpc_api import ControlServer
@@ -317,14 +317,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
+    announced: list[Path] = []
+
     def _ready(w: RunningWeaver | StandbyWeaver) -> None:
         metrics = w.metrics if isinstance(w, RunningWeaver) else None
         served = f", metrics {metrics.url}" if metrics is not None else ""
+        # Active or standby, the CLI of this TORCHLOOM_HOME finds it without flags (torchloom.discovery).
+        announced.append(discovery.announce_weaver(w.grpc_address))
         print(f"weaver ready: grpc {w.grpc_address}, nats {config.nats_url}{served}", flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        if args.standby:
-            asyncio.run(serve_standby(config, LeaseConfig(), ready=_ready, handle_sigterm=True))
-        else:
-            asyncio.run(serve(config, ready=_ready, handle_sigterm=True))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            if args.standby:
+                asyncio.run(serve_standby(config, LeaseConfig(), ready=_ready, handle_sigterm=True))
+            else:
+                asyncio.run(serve(config, ready=_ready, handle_sigterm=True))
+    finally:
+        for path in announced:
+            discovery.withdraw_weaver(path)
     return 0

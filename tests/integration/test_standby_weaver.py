@@ -3,7 +3,9 @@ other answers UNAVAILABLE naming it. A 2-rank torchrun job is steered by a strea
 both addresses; the active weaver is killed with SIGKILL mid-stream (or stalled with SIGSTOP between two
 commands: its NATS connection, and so its binding to the durable acks consumer, outlives its lease);
 the standby takes over, and every command is decided exactly once on every rank, with one journal
-outcome per seq."""
+outcome per seq. Each weaver announces its gRPC address in TORCHLOOM_HOME, so after the kill the
+submits that follow the announcements (no address given) and a `torchloom set` with no flags reach the
+standby that took over."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import EXAMPLE, job_env, start_session, until, weaver_creds
+from torchloom import discovery
 from torchloom.client import ControlClient, new_command_id, submit_until
 from torchloom.errors import JobNotFound, WeaverUnavailable
 from torchloom.messages import Action, ActionKind, Issuer, Outcome, OutcomeStatus, SetConfig, SubmitRequest
@@ -77,6 +80,8 @@ async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
 
     await until("the second weaver standing by", standing_by, proc=second)
     both = ",".join(f"127.0.0.1:{p}" for p in ports)
+    # Each weaver announces itself in TORCHLOOM_HOME: a CLI with no flags finds both.
+    assert discovery.resolve_grpc(None) == both
 
     out = tmp_path / "out"
     job = start_session(
@@ -106,7 +111,9 @@ async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
     async def took_over() -> bool:
         return await _answers(f"127.0.0.1:{ports[1]}") == "active"
 
-    def current() -> str:
+    def current() -> str | None:
+        if fault == "kill":  # as the CLI without flags: the live weavers' announcements
+            return discovery.resolve_grpc(None)
         return addresses
 
     for n in range(COMMANDS):
@@ -134,6 +141,23 @@ async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
         assert result.outcome is not None and result.outcome.status is OutcomeStatus.APPLIED, result
         outcomes.append(result.outcome)
     assert 0 < takeover_s < TAKEOVER_BOUND_S
+    if fault == "kill":
+        # The CLI itself, no --grpc and no TORCHLOOM_GRPC: the dead weaver's announcement names no
+        # live process any more, and the standby that took over applies the set.
+        assert discovery.resolve_grpc(None) == f"127.0.0.1:{ports[1]}"
+        cli_env = {k: v for k, v in subprocess_env.items() if k != "TORCHLOOM_GRPC"}
+        cmd = [sys.executable, "-m", "torchloom.app.cli", "set", "lr=0.0099", "--job", JOB, "--json"]
+        res = await asyncio.to_thread(
+            subprocess.run,
+            [*cmd, "--timeout", "60"],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        applied = json.loads(res.stdout)
+        assert applied["status"] == "applied" and [a["rank"] for a in applied["applied"]] == [0, 1], applied
 
     stop = SubmitRequest(
         job=JOB, body=Action(kind=ActionKind.STOP), issuer=issuer, command_id=new_command_id()

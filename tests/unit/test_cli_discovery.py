@@ -72,3 +72,23 @@ def test_bad_env_address_is_a_clear_error(tl_home: Path, monkeypatch: pytest.Mon
 def test_home_defaults_to_dot_torchloom(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TORCHLOOM_HOME", raising=False)
     assert discovery.home() == Path.home() / ".torchloom"
+
+
+def test_weavers_started_on_their_own_are_found_after_the_control_plane(
+    tl_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An active weaver and its standbys (`python -m weaver`) each announce themselves; a CLI with
+    no flags gets every live one, the control plane's first, and moves on from one to the next."""
+    monkeypatch.delenv("TORCHLOOM_GRPC", raising=False)
+    mine = discovery.announce_weaver("127.0.0.1:5")
+    assert discovery.resolve_grpc(None) == "127.0.0.1:5"
+    dead = discovery.weavers_dir() / "1.json"
+    dead.write_text(json.dumps({"pid": _dead_pid(), "grpc": "127.0.0.1:6", "started_at_s": 0.0}))
+    (discovery.weavers_dir() / "2.json").write_text("{half written")
+    assert discovery.live_weavers() == ["127.0.0.1:5"]
+    discovery.write(discovery.WeaverInfo(pid=os.getpid(), nats_url="nats://a:1", grpc="127.0.0.1:3"))
+    assert discovery.resolve_grpc(None) == "127.0.0.1:3,127.0.0.1:5"
+    assert oct(mine.stat().st_mode & 0o777) == oct(0o600)
+    discovery.withdraw_weaver(mine)
+    assert not mine.exists() and dead.exists()  # another process's entry is never removed here
+    assert discovery.resolve_grpc(None) == "127.0.0.1:3"

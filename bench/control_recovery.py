@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -121,6 +122,7 @@ async def _fault(kind: str, home: Path, out: Path, lr: float) -> dict[str, Any]:
         assert info is not None, "no control plane"
         pid = info.pid
     k_steps, k_t = _steps(out), time.monotonic()
+    killed_at = time.time()  # wall clock, to line up with the control plane's log (--keep)
     os.kill(pid, signal.SIGKILL)
     recovery_s, attempts = await _apply(lr)
     d_steps, d_t = _steps(out), time.monotonic()
@@ -128,6 +130,7 @@ async def _fault(kind: str, home: Path, out: Path, lr: float) -> dict[str, Any]:
     rate_during = (d_steps - k_steps) / (d_t - k_t)
     return {
         "fault": kind,
+        "killed_at": round(killed_at, 3),
         "recovery_s": round(recovery_s, 3),
         "cli_invocations": attempts,
         "steps_per_s_before": round(rate_before, 2),
@@ -153,6 +156,9 @@ async def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reps", type=int, default=3, help="faults of each kind (default 3)")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="copy the control plane's and the job's logs into this directory"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="torchloom-ctlbench-") as tmp:
         home, out = Path(tmp) / "home", Path(tmp) / "out"
@@ -186,6 +192,11 @@ async def main() -> int:
             info = discovery.read()
             if info is not None:
                 os.kill(info.pid, signal.SIGTERM)
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for src in (Path(tmp) / "run.log", home / "controlplane" / "controlplane.log"):
+                    if src.exists():
+                        shutil.copy(src, args.keep / src.name)
     summary = {kind: _summary([r for r in rows if r["fault"] == kind]) for kind in ("nats", "weaver")}
     print(f"\n{'fault':<8} {'n':>3} {'median s':>9} {'max s':>7} {'rate ratio (median/min)':>24}")
     for kind, s in summary.items():

@@ -26,11 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from torchloom import env
+
+if __name__ == "__main__" and not (os.environ.get(env.NATS_URL) or "").startswith(("ws://", "wss://")):
+    # Started as the detached control plane, which talks nats:// only: nats-py imports aiohttp for
+    # its WebSocket transport if it can, about a third of this process's imports (0.4 to 0.7 s on a
+    # loaded 2-core machine), all of it on the path of a restarted control plane's gap in control.
+    sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]  # None reads as "not installed"
+
 from nats.aio.client import Client
 
-from torchloom import bus, defaults, discovery, env, private_files, subjects, wire
+from torchloom import bus, defaults, discovery, private_files, subjects, wire
 from torchloom.app import runs
-from torchloom.app.launcher import HealthOptions, UsageError, parse_health
+from torchloom.app.health_options import HealthOptions, UsageError, parse_health
 from torchloom.app.natsauth import GivenAccess, OpenAccess, StoreAccess
 from torchloom.credentials import SECRETS_SUBDIR, ClientAuth, CredentialStore, Role
 from torchloom.errors import NatsUnavailable, TorchloomError
@@ -685,6 +693,16 @@ def serve_weaver(
     return asyncio.run(serve_control_plane(cp, to_stdout=True))
 
 
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), for the start-up log line; None elsewhere."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m torchloom.app.controlplane`: the detached control plane `torchloom run` starts.
 
@@ -710,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
         handlers=[handler],
     )
+    age_s = _process_age_s()
+    if age_s is not None:  # interpreter start and imports: part of a restarted control plane's gap
+        log.info("control plane process up %.2fs after its start", age_s)
     try:
         health = parse_health(args.hung_after, args.straggler_factor, args.health_policy)
         config = ControlPlaneConfig(

@@ -157,7 +157,7 @@ async def main() -> int:
     )
     parser.add_argument("--reps", type=int, default=3, help="faults of each kind (default 3)")
     parser.add_argument(
-        "--keep", type=Path, default=None, help="copy the control plane's and the job's logs into this directory"
+        "--keep", type=Path, default=None, help="copy the control plane's and the job's logs here"
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="torchloom-ctlbench-") as tmp:

@@ -24,6 +24,10 @@ FAKE_NVML = "TORCHLOOM_FAKE_NVML"  # a FakeNvml fault spec (threadlet/nvml_fake.
 REPLAY = "TORCHLOOM_REPLAY"  # JSON command list: the threadlet replays it instead of following the bus
 TEST_DELIVERY_DELAY_S = "TORCHLOOM_TEST_DELIVERY_DELAY_S"  # test-only: random delay before filing
 TEST_DELIVERY_SEED = "TORCHLOOM_TEST_DELIVERY_SEED"  # test-only: seed of those delays
+# `torchloom agent`: the key of its OpenAI-compatible endpoint (never on the command line), then the
+# variable OpenAI's own clients read.
+AGENT_API_KEY = "TORCHLOOM_AGENT_API_KEY"
+OPENAI_API_KEY = "OPENAI_API_KEY"
 AGREEMENT = "TORCHLOOM_AGREEMENT"  # "auto" (ride DDP's all-reduce when there is one) or "gloo"
 
 

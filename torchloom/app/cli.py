@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import torchloom
 from torchloom import defaults, discovery, env, knobs, replay_file, tokens
 from torchloom.app import actions as cli_actions
+from torchloom.app import agent as agent_cmd
 from torchloom.app import controlplane, history, launcher, policy_cmd, runs, search
 from torchloom.app import format as cli_format
 from torchloom.app.format import json_value
@@ -369,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--xid", type=int, required=True, metavar="N", help="the NVIDIA XID code (e.g. 79)")
 
     policy_cmd.add_parser(sub, client_parent)
+    agent_cmd.add_parser(sub, client_parent)
     search.add_parser(sub, command_parent)
 
     def lister(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -634,6 +636,8 @@ def _run_command(args: argparse.Namespace) -> int:
         return EXIT_OK
     if command == "policy":
         return policy_cmd.command(args)
+    if command in ("agent", "token"):
+        return agent_cmd.command(args)
     if command == "search":
         return search.command(args)
     body: Body

@@ -148,7 +148,9 @@ def permissions(role: Role, job: str | None = None) -> Permissions:
     )
     if role is Role.UI_VIEWER:
         return Permissions(publish=viewer_publish, subscribe=viewer_subscribe)
-    return Permissions(publish=(subjects.api_submit(), *viewer_publish), subscribe=viewer_subscribe)
+    return Permissions(
+        publish=(subjects.api_submit(), subjects.api_decide(), *viewer_publish), subscribe=viewer_subscribe
+    )
 
 
 def _read_private(path: Path) -> str:

@@ -140,6 +140,11 @@ def api_submit() -> str:
     return f"{PREFIX}.api.submit"
 
 
+def api_decide() -> str:
+    """Request-reply: ProposalDecision -> JobEvent; the same handler as gRPC Control.DecideProposal."""
+    return f"{PREFIX}.api.decide"
+
+
 def api_status() -> str:
     """Request-reply: StatusRequest -> StatusReply."""
     return f"{PREFIX}.api.status"

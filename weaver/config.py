@@ -62,9 +62,10 @@ class WeaverConfig:
         grpc_tls_cert_file, grpc_tls_key_file: PEM certificate chain and key of the gRPC service;
             both or neither, and required when `grpc_addr` is not a loopback address.
         api_submit_identity: the issuer identity of every submit that arrives over NATS
-            (api.submit). Set it ("ui-operator") only when the NATS server enforces torchloom's role
-            table, where no other client may publish there; None keeps the identity the request
-            claims (a bus torchloom does not secure cannot say who sent it).
+            (api.submit), and who decided every proposal answered there (api.decide). Set it
+            ("ui-operator") only when the NATS server enforces torchloom's role table, where no other
+            client may publish there; None keeps the identity the request claims (a bus torchloom
+            does not secure cannot say who sent it; a decision is then "nats:unauthenticated").
         autopilot_policy: the autopilot policy (a TOML file, or "default" for the shipped one) of
             every job that was given none of its own (`torchloom policy set`); None: no rules.
         metrics_port: serve Prometheus metrics on `metrics_host:metrics_port` at /metrics

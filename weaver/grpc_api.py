@@ -87,8 +87,9 @@ class ControlBackend(Protocol):
         """A job's autopilot policy and pending proposals (raises `ValueError`, `JobNotFound`)."""
         ...
 
-    def decide_proposal(self, req: ProposalDecision) -> JobEvent:
-        """Approve or refuse a proposal (raises `ValueError`, `JobNotFound`, `KeyError`)."""
+    def decide_proposal(self, req: ProposalDecision, decided_by: str = "") -> JobEvent:
+        """Approve or refuse a proposal, journaled as decided by `decided_by` (raises `ValueError`,
+        `JobNotFound`, `KeyError`)."""
         ...
 
     def refuse_call(self, message: str, *, job: str = "", key: str = "", **attrs: str) -> None:
@@ -283,7 +284,8 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
     async def decide_proposal(
         req: ProposalDecision, context: grpc.aio.ServicerContext[ProposalDecision, JobEvent]
     ) -> JobEvent:
-        return await _answer(context, lambda: weaver.decide_proposal(req))
+        caller = _CALLER.get()
+        return await _answer(context, lambda: weaver.decide_proposal(req, decided_by=caller.identity))
 
     async def report_agent_refusal(
         req: AgentRefusal, context: grpc.aio.ServicerContext[AgentRefusal, JobEvent]

@@ -292,8 +292,8 @@ class StandbyBackend:
     def get_policy(self, req: PolicyRequest) -> PolicyReply:
         return self._backend().get_policy(req)
 
-    def decide_proposal(self, req: ProposalDecision) -> JobEvent:
-        return self._backend().decide_proposal(req)
+    def decide_proposal(self, req: ProposalDecision, decided_by: str = "") -> JobEvent:
+        return self._backend().decide_proposal(req, decided_by)
 
     async def submit_agent(self, req: SubmitRequest) -> Outcome:
         return await self._backend().submit_agent(req)

@@ -68,9 +68,13 @@ from weaver.streams import Outbox, OutboxItem, SeqConflict, Streams
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "torchloom-weaver"
+# The kind of api.decide's answer when no decision was made (unknown proposal or job, bad request).
+DECIDE_FAILED = "proposal_not_decided"
+# Who decides over api.decide on a bus whose role table the weaver was not told about.
+NATS_ANONYMOUS = "nats:unauthenticated"
 WARM_UP_MIN_S = 5.0  # after a (re)start, a submit the ranks' reports could decide waits at least this
 
-__all__ = ["QUEUE_GROUP", "Watcher", "Weaver"]
+__all__ = ["DECIDE_FAILED", "QUEUE_GROUP", "Watcher", "Weaver"]
 
 
 class Watcher:
@@ -232,6 +236,7 @@ class Weaver:
             await nc.subscribe(subjects.events_all(), cb=self._on_event)
             await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=self._on_api_submit)
             await nc.subscribe(subjects.api_status(), queue=QUEUE_GROUP, cb=self._on_api_status)
+            await nc.subscribe(subjects.api_decide(), queue=QUEUE_GROUP, cb=self._on_api_decide)
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await nc.flush()
             self._runner = asyncio.create_task(self._run(), name="torchloom-weaver")
@@ -665,6 +670,32 @@ class Weaver:
         with contextlib.suppress(Exception):
             await msg.respond(wire.encode(reply))
 
+    async def _on_api_decide(self, msg: Msg) -> None:
+        """The page's answer to a proposal: `decide_proposal`, decided by the NATS api identity. A
+        decision that cannot be made is answered with a `DECIDE_FAILED` event (not journaled), the
+        reason in its message: the NATS API has no error channel."""
+        if self._not_a_request("api", subjects.api_decide(), msg):
+            return
+        try:
+            req = wire.decode_proposal_decision(msg.data)
+        except ValueError as exc:
+            answer = JobEvent(job="", kind=DECIDE_FAILED, message=str(exc), time_s=time.time())
+        else:
+            try:
+                answer = self.decide_proposal(
+                    req, decided_by=self.config.api_submit_identity or NATS_ANONYMOUS
+                )
+            except (ValueError, JobNotFound, KeyError) as exc:
+                answer = JobEvent(
+                    job=req.job,
+                    kind=DECIDE_FAILED,
+                    message=str(exc.args[0]) if exc.args else str(exc),
+                    time_s=time.time(),
+                    attrs={"proposal": req.proposal_id},
+                )
+        with contextlib.suppress(Exception):  # the requester may be gone
+            await msg.respond(wire.encode(answer))
+
     # ---- the API --------------------------------------------------------------------------------
 
     async def _load_seq_floor(self, job: str, run_id: str) -> None:
@@ -835,9 +866,10 @@ class Weaver:
     def get_policy(self, req: PolicyRequest) -> PolicyReply:
         return self.steering.get_policy_request(req, time.time(), self.config.dead_after_s)
 
-    def decide_proposal(self, req: ProposalDecision) -> JobEvent:
-        """Approve or refuse an autopilot proposal (raises `KeyError` for an unknown one)."""
-        return self.steering.decide_request(req, time.time(), self.config.dead_after_s)
+    def decide_proposal(self, req: ProposalDecision, decided_by: str = "") -> JobEvent:
+        """Approve or refuse an autopilot proposal (raises `KeyError` for an unknown one); the
+        decision's journal event names `decided_by`, the caller's authenticated identity."""
+        return self.steering.decide_request(req, time.time(), self.config.dead_after_s, decided_by=decided_by)
 
     async def submit_agent(self, req: SubmitRequest) -> Outcome:
         """An agent's submit: its job policy's guardrails, then `submit` (`weaver.agents.AgentGate`)."""

@@ -13,6 +13,7 @@ had (`recover`): rules keep firing after a takeover.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -130,10 +131,13 @@ class Steering:
         """GetPolicy (raises `ValueError`, `JobNotFound`)."""
         return self._reply(self.view(self._job_name(req.job, now, dead_after_s)))
 
-    def decide_request(self, req: ProposalDecision, now: float, dead_after_s: float) -> JobEvent:
-        """DecideProposal (raises `ValueError`, `JobNotFound`, `KeyError` for an unknown proposal)."""
+    def decide_request(
+        self, req: ProposalDecision, now: float, dead_after_s: float, *, decided_by: str = ""
+    ) -> JobEvent:
+        """DecideProposal (raises `ValueError`, `JobNotFound`, `KeyError` for an unknown proposal);
+        `decided_by` is the authenticated identity of the person who answered, for the journal."""
         job = self._job_name(req.job, now, dead_after_s)
-        return self.decide(job, req.proposal_id, approve_it=req.approve, now=now)
+        return self.decide(job, req.proposal_id, approve_it=req.approve, now=now, decided_by=decided_by)
 
     def set_policy(self, job: str, text: str) -> autopilot.PolicyView:
         """Run `job` under the policy `text` (TOML; "" turns its rules off).
@@ -179,8 +183,11 @@ class Steering:
     def view(self, job: str) -> autopilot.PolicyView:
         return self.pilots.view(job)
 
-    def decide(self, job_name: str, proposal_id: str, *, approve_it: bool, now: float) -> JobEvent:
-        """A person's answer to a proposal: approved, its commands go out now; refused, nothing.
+    def decide(
+        self, job_name: str, proposal_id: str, *, approve_it: bool, now: float, decided_by: str = ""
+    ) -> JobEvent:
+        """A person's answer to a proposal: approved, its commands go out now; refused, nothing. The
+        decision's event names `decided_by` (attribute `decided_by`) when given.
 
         Raises:
             JobNotFound: the weaver does not know `job_name`.
@@ -190,8 +197,19 @@ class Steering:
         if job is None:
             raise JobNotFound(f"no job {job_name!r} is known to the weaver")
         result = self.pilots.decide(job, proposal_id, approve_it=approve_it, now=now)
+        if decided_by:
+            result = _decided_by(result, decided_by)
         if isinstance(result, JobEvent):
             self._announce(result)
             return result
         self._carry_out(result)
         return result.event
+
+
+def _decided_by(result: autopilot.Firing | JobEvent, who: str) -> autopilot.Firing | JobEvent:
+    """A decision whose journal event names the person who made it."""
+    event = result if isinstance(result, JobEvent) else result.event
+    event = dataclasses.replace(
+        event, message=f"{event.message} (decided by {who})", attrs={**event.attrs, "decided_by": who}
+    )
+    return event if isinstance(result, JobEvent) else dataclasses.replace(result, event=event)

@@ -183,7 +183,7 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
         "ack.B",
     ):
         pub(f"{subjects.PREFIX}.{family}")
-    for family in ("events.A", "journal.A", "launcher.A", "api.submit", "api.status"):
+    for family in ("events.A", "journal.A", "launcher.A", "api.submit", "api.decide", "api.status"):
         pub(f"{subjects.PREFIX}.{family}")
     for family in (
         "cmd.A.r1",

@@ -52,13 +52,13 @@ def test_a_threadlet_is_confined_to_its_job() -> None:
     assert not any("B" in s or s.endswith("CONSUMER.>") for s in perms.publish)
 
 
-def test_browser_roles_never_publish_commands_and_only_the_operator_submits() -> None:
+def test_browser_roles_never_publish_commands_and_only_the_operator_submits_and_decides() -> None:
     viewer, operator = permissions(Role.UI_VIEWER), permissions(Role.UI_OPERATOR)
     for perms in (viewer, operator):
         assert not any(s.startswith("torchloom.v1.cmd") or s == "torchloom.v1.>" for s in perms.publish)
         assert not any("DELETE" in s or "PURGE" in s for s in perms.publish)
-    assert subjects.api_submit() not in viewer.publish
-    assert set(operator.publish) - set(viewer.publish) == {subjects.api_submit()}
+    assert subjects.api_submit() not in viewer.publish and subjects.api_decide() not in viewer.publish
+    assert set(operator.publish) - set(viewer.publish) == {subjects.api_submit(), subjects.api_decide()}
 
 
 @pytest.mark.parametrize(

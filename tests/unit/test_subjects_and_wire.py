@@ -18,6 +18,7 @@ def test_subjects_are_versioned_and_scoped() -> None:
     assert subjects.events("j") == "torchloom.v1.events.j"
     assert subjects.journal("j") == "torchloom.v1.journal.j"
     assert subjects.api_submit() == "torchloom.v1.api.submit"
+    assert subjects.api_decide() == "torchloom.v1.api.decide"
     for name in [
         subjects.commands_all(),
         subjects.heartbeats_all(),

@@ -150,10 +150,14 @@ async def test_the_issuer_is_the_authenticated_identity_not_the_claimed_one(
             )
         )
         assert outcome.command is not None
-        assert outcome.command.issuer == Issuer(kind="cli", identity=tokens.operator_identity())
+        # The claim is journaled beside the authenticated identity, never in its place.
+        issued = Issuer(
+            kind="cli", identity=tokens.operator_identity(), claimed_identity="root@somewhere-else"
+        )
+        assert outcome.command.issuer == issued
         # What the ranks receive (and what the journal records) is the stored, signed command.
         stored = [c for c, _ in await w.weaver.streams.commands(JOB, RUN)]
-        assert [c.issuer for c in stored] == [Issuer(kind="cli", identity=tokens.operator_identity())]
+        assert [c.issuer for c in stored] == [issued]
     # The UI's operator token stands for "ui-operator".
     table = tokens.TokenTable.load(tokens.default_path())
     assert table.identify(table.token(tokens.TokenRole.UI_OPERATOR)) == "ui-operator"

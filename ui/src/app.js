@@ -1,6 +1,7 @@
 // The torchloom dashboard: live charts per rank and branch, device health, checkpoints and the
-// branch tree, an event timeline (with the journal's history) and a control panel built from the
-// job's knob schema. Everything arrives over NATS WebSocket; drawing happens on
+// branch tree, an event timeline (with the journal's history), a control panel built from the
+// job's knob schema, and the autopilot's proposals waiting for a person (approve / refuse buttons on
+// the operator page only). Everything arrives over NATS WebSocket; drawing happens on
 // requestAnimationFrame, a bounded amount per frame, so a busy bus never freezes the page.
 import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
@@ -9,9 +10,11 @@ import { Bus } from "./bus.js";
 import {
   MAIN_BRANCH,
   MetricStore,
+  Proposals,
   Timeline,
   branchRows,
   chartStyle,
+  decisionResult,
   describeBody,
   describeBounds,
   downsample,
@@ -41,6 +44,9 @@ const state = {
   knobSig: "",
   store: new MetricStore({ capacity: Number(params.get("window") || 2000) }),
   timeline: new Timeline(500),
+  proposals: new Proposals(), // autopilot proposals from the events: pending until decided or expired
+  proposalsDrawn: "", // what the proposal panel last showed (version, job, run, role)
+  deciding: new Set(), // proposal ids whose decision is on its way
   charts: new Map(), // metric -> {el, plot, keys, dirty, lastDraw}
   frames: { count: 0, last: 0, deltas: new Float64Array(600), i: 0, max: 0 },
   received: { heartbeats: 0, metrics: 0, events: 0, outcomes: 0, acks: 0, history: 0 },
@@ -184,6 +190,7 @@ function addEvent(e) {
   };
   if (e.command_id) entry.command_id = e.command_id;
   state.timeline.add(entry);
+  state.proposals.note(e);
   state.panelsDirty = true;
 }
 
@@ -473,6 +480,63 @@ function onActionClicked(kind, target) {
   send(kind, { action: { kind, args } });
 }
 
+// ---- proposals -----------------------------------------------------------------------------------
+
+function showProposalMsg(text, kind) {
+  const el = $("#proposal-msg");
+  el.textContent = text;
+  el.className = `msg ${kind}`;
+}
+
+function renderProposals() {
+  const run = state.jobs.get(state.job)?.run_id || "";
+  const sig = `${state.proposals.version}|${state.job}|${run}|${state.readOnly}|${[...state.deciding].join(",")}`;
+  if (sig === state.proposalsDrawn) return;
+  state.proposalsDrawn = sig;
+  const pending = state.proposals.pending(state.job, run);
+  $("#proposal-list").innerHTML = pending.length
+    ? pending
+        .map((p) => {
+          const busy = state.deciding.has(p.id) ? " disabled" : "";
+          // A read-only page lists the proposals without the buttons: it cannot decide them.
+          const buttons = state.readOnly
+            ? ""
+            : `<div><button data-approve="${esc(p.id)}"${busy}>approve</button><button data-refuse="${esc(p.id)}"${busy}>refuse</button></div>`;
+          return `<div class="proposal" data-proposal="${esc(p.id)}" data-source="${esc(p.source)}">
+          <div><b>${esc(p.source)} ${esc(p.who)}</b> <span class="muted">proposal ${esc(p.id)} at ${clock(p.time_s)}</span></div>
+          <div class="commands">${p.commands.map(esc).join("; ")}</div>
+          <div class="reason">${esc(p.reason)}</div>${buttons}</div>`;
+        })
+        .join("")
+    : '<p class="muted">no proposal waits for a decision</p>';
+}
+
+async function decide(id, approve) {
+  const verb = approve ? "approve" : "refuse";
+  if (!bus || state.readOnly) {
+    showProposalMsg(`${verb} ${id}: not sent: this page is read-only (opened with the viewer token)`, "error");
+    return;
+  }
+  const p = state.proposals.byId.get(id);
+  state.deciding.add(id);
+  renderProposals();
+  showProposalMsg(`${verb} ${id}: sent...`, "pending");
+  try {
+    const answer = await bus.decide(p ? p.job : state.job, id, approve);
+    const result = decisionResult(verb, id, answer);
+    if (result.ok) addEvent(answer);
+    else state.proposals.expire(id, answer.message);
+    showProposalMsg(result.text, result.ok ? "ok" : "error");
+  } catch (err) {
+    // The decision's event, if it was made, still comes on the events subject and closes the entry.
+    showProposalMsg(`${verb} ${id}: no answer (${String(err?.message || err)}); the timeline shows whether it was decided`, "error");
+  } finally {
+    state.deciding.delete(id);
+    state.panelsDirty = true;
+    renderProposals();
+  }
+}
+
 // ---- panels ------------------------------------------------------------------------------------
 
 function renderDevices() {
@@ -695,6 +759,7 @@ function frame(t) {
       state.statusDrawn = state.statusVersion;
       renderCheckpoints();
     }
+    renderProposals(); // redraws only when the list, the job, its run or the role changed
     if (state.panelsDirty) renderTimeline();
     state.panelsDirty = false;
   }
@@ -739,6 +804,10 @@ window.__torchloom = {
   historyDone() {
     return state.historyDone;
   },
+  proposals() {
+    const run = state.jobs.get(state.job)?.run_id || "";
+    return state.proposals.pending(state.job, run).map((p) => ({ ...p }));
+  },
 };
 
 // ---- start -------------------------------------------------------------------------------------
@@ -772,6 +841,7 @@ function applyRole(role) {
     : "";
   renderControls();
   renderCheckpoints();
+  renderProposals();
 }
 
 async function main() {
@@ -795,6 +865,11 @@ async function main() {
   $("#actions").addEventListener("click", (ev) => {
     const kind = ev.target?.dataset?.action;
     if (kind) onActionClicked(kind);
+  });
+  $("#proposal-list").addEventListener("click", (ev) => {
+    const d = ev.target?.dataset || {};
+    if (d.approve) decide(d.approve, true);
+    else if (d.refuse) decide(d.refuse, false);
   });
   $("#checkpoints").addEventListener("click", (ev) => {
     const id = ev.target?.dataset?.rollback;

@@ -1,6 +1,7 @@
 // The UI's NATS link: a WebSocket connection to nats-server that retries forever, subscribes to the
-// job's subjects (torchloom/subjects.py), does api.submit / api.status request-reply, and reads the
-// history of the TORCHLOOM_JOURNAL stream (read-only JetStream ordered consumer) once per connection.
+// job's subjects (torchloom/subjects.py), does api.submit / api.decide / api.status request-reply,
+// and reads the history of the TORCHLOOM_JOURNAL stream (read-only JetStream ordered consumer) once
+// per connection.
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { wsconnect } from "@nats-io/nats-core";
 import {
@@ -11,6 +12,7 @@ import {
   decodeMetrics,
   decodeOutcome,
   decodeStatusReply,
+  encodeProposalDecision,
   encodeStatusRequest,
   encodeSubmit,
 } from "./proto.js";
@@ -24,6 +26,7 @@ export const SUBJECTS = {
   journal: `${PREFIX}.journal.*`,
   acks: `${PREFIX}.ack.*`,
   submit: `${PREFIX}.api.submit`,
+  decide: `${PREFIX}.api.decide`,
   status: `${PREFIX}.api.status`,
 };
 
@@ -207,6 +210,21 @@ export class Bus {
         await new Promise((r) => setTimeout(r, RETRY_MS));
       }
     }
+  }
+
+  /**
+   * Approve or refuse an autopilot proposal (api.decide); resolves to the weaver's answer, a decoded
+   * JobEvent: the decision's journal event, or one of kind DECIDE_FAILED saying why nothing was
+   * decided. Sent once: a lost answer is not retried, since the decision's event reaches the page
+   * on the events subject anyway, and a repeat would only be told the proposal is gone.
+   */
+  async decide(job, proposalId, approve, timeoutMs = 10000) {
+    if (this.auth.readOnly) throw new Error("read-only page: it cannot decide proposals");
+    const nc = this.nc;
+    if (!nc || nc.isClosed()) throw new Error("NATS unreachable: cannot send the decision now");
+    const payload = encodeProposalDecision({ job, proposal_id: proposalId, approve });
+    const reply = await nc.request(SUBJECTS.decide, payload, { timeout: timeoutMs });
+    return decodeJobEvent(reply.data);
   }
 
   /** Ask the weaver for job status (api.status). */

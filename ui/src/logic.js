@@ -551,3 +551,162 @@ export function submitFailure(err) {
   if (/timeout|timed out|disconnect|closed|reconnect/i.test(text)) return "unknown";
   return null;
 }
+
+// ---- autopilot proposals -----------------------------------------------------------------------
+
+// The weaver's events about proposals held in approval mode (weaver/autopilot.py, weaver/agents.py):
+// "<source>_proposed", then "<source>_approved" or "<source>_refused_by_operator", source rule|agent.
+const PROPOSED_RE = /^(rule|agent)_proposed$/;
+const DECIDED_RE = /^(rule|agent)_(approved|refused_by_operator)$/;
+/** The kind of api.decide's answer when nothing was decided (weaver.service.DECIDE_FAILED). */
+export const DECIDE_FAILED = "proposal_not_decided";
+/** Pending proposals a weaver keeps per job (weaver.autopilot.MAX_PROPOSALS): older ones are gone. */
+export const MAX_PENDING_PROPOSALS = 64;
+
+/** One proposed command as the journal's `commands` attribute shows it: "set lr=0.005", "rollback checkpoint=ckpt-3". */
+export function describeProposedCommand(c) {
+  if (c && c.set) return `set ${Object.entries(c.set).map(([k, v]) => `${k}=${formatValue(v)}`).join(" ")}`;
+  if (c && c.action) {
+    const args = Object.entries(c)
+      .filter(([k]) => k !== "action")
+      .map(([k, v]) => ` ${k}=${v}`)
+      .join("");
+    return `${c.action}${args}`;
+  }
+  return JSON.stringify(c);
+}
+
+function proposedCommands(attrs) {
+  try {
+    const list = JSON.parse(attrs.commands || "[]");
+    return Array.isArray(list) ? list.map(describeProposedCommand) : [String(attrs.commands)];
+  } catch {
+    return [String(attrs.commands)];
+  }
+}
+
+/** Why a proposal was made: the rule's signal at its step, or the agent's policy; and its alerts. */
+function proposalReason(source, a) {
+  let reason;
+  if (source === "agent") {
+    reason = `agent proposal held for approval${a.policy ? ` by policy ${a.policy}` : ""}`;
+  } else {
+    reason = `${a.signal || "signal"} at step ${a.step ?? "?"}: ${a.value ?? "?"} (threshold ${a.threshold ?? "?"})`;
+  }
+  let alerts = [];
+  try {
+    alerts = JSON.parse(a.alerts || "[]");
+  } catch {
+    alerts = [];
+  }
+  return alerts.length ? `${reason}; alert: ${alerts.join("; ")}` : reason;
+}
+
+/**
+ * The autopilot proposals a page knows of, folded from the job events (live and the journal's
+ * history, in any order and overlapping): proposed, then approved, refused, or expired. A proposal
+ * expires when its job's policy is set again or more than MAX_PENDING_PROPOSALS are pending (the
+ * weaver drops them then), when its run is no longer the job's (`pending` takes the current run),
+ * or when the weaver answers a decision with DECIDE_FAILED (`expire`).
+ */
+export class Proposals {
+  constructor() {
+    /** @type {Map<string, object>} id -> {id, job, run_id, source, who, commands, reason, time_s, status, decided_by, note} */
+    this.byId = new Map();
+    this.version = 0;
+  }
+
+  /** Fold one JobEvent ({job, run_id, kind, message, time_s, attrs}) in; true when the list changed. */
+  note(e) {
+    const a = e.attrs || {};
+    const proposed = PROPOSED_RE.exec(e.kind);
+    if (proposed && a.proposal) {
+      if (this.byId.has(a.proposal)) return false; // already known, maybe decided already
+      const source = proposed[1];
+      this.byId.set(a.proposal, {
+        id: a.proposal,
+        job: e.job,
+        run_id: e.run_id,
+        source,
+        who: source === "agent" ? a.agent || "" : a.rule || "",
+        commands: proposedCommands(a),
+        reason: proposalReason(source, a),
+        time_s: e.time_s,
+        status: "pending",
+        decided_by: "",
+        note: "",
+      });
+      this._bound(e.job);
+      this.version += 1;
+      return true;
+    }
+    const decided = DECIDED_RE.exec(e.kind);
+    if (decided && a.proposal) {
+      const status = decided[2] === "approved" ? "approved" : "refused";
+      const known = this.byId.get(a.proposal);
+      if (known && known.status === status) return false;
+      // A decision without its proposal (the history window began after it) still closes the id.
+      this.byId.set(a.proposal, {
+        ...(known || { id: a.proposal, job: e.job, run_id: e.run_id, source: decided[1], who: a.rule || a.agent || "" }),
+        commands: known ? known.commands : proposedCommands(a),
+        reason: known ? known.reason : proposalReason(decided[1], a),
+        time_s: known ? known.time_s : e.time_s,
+        status,
+        decided_by: a.decided_by || "",
+        note: "",
+      });
+      this.version += 1;
+      return true;
+    }
+    if (e.kind === "policy_set") {
+      let changed = false;
+      for (const p of this.byId.values()) {
+        if (p.job === e.job && p.status === "pending" && p.time_s <= e.time_s) {
+          p.status = "expired";
+          p.note = "the job's policy was set again";
+          changed = true;
+        }
+      }
+      if (changed) this.version += 1;
+      return changed;
+    }
+    return false;
+  }
+
+  /** The weaver no longer holds `id` (its answer to a decision said why): it is no longer pending. */
+  expire(id, why) {
+    const p = this.byId.get(id);
+    if (!p || p.status !== "pending") return false;
+    p.status = "expired";
+    p.note = why;
+    this.version += 1;
+    return true;
+  }
+
+  _bound(job) {
+    const pending = [...this.byId.values()].filter((p) => p.job === job && p.status === "pending");
+    pending.sort((x, y) => x.time_s - y.time_s);
+    for (const p of pending.slice(0, Math.max(0, pending.length - MAX_PENDING_PROPOSALS))) {
+      p.status = "expired";
+      p.note = `more than ${MAX_PENDING_PROPOSALS} proposals were pending`;
+    }
+  }
+
+  /** The proposals of `job` waiting for a decision, newest first (of run `runId` when given). */
+  pending(job, runId = "") {
+    return [...this.byId.values()]
+      .filter((p) => p.job === job && p.status === "pending" && (!runId || !p.run_id || p.run_id === runId))
+      .sort((x, y) => y.time_s - x.time_s);
+  }
+}
+
+/**
+ * What the page says about the weaver's answer to a decision (a JobEvent): {ok, text}. A
+ * DECIDE_FAILED answer means the weaver holds no such proposal (or job): nothing was decided.
+ */
+export function decisionResult(verb, id, answer) {
+  if (answer.kind === DECIDE_FAILED) return { ok: false, text: `${verb} ${id}: not decided: ${answer.message}` };
+  const by = answer.attrs?.decided_by ? ` by ${answer.attrs.decided_by}` : "";
+  const what = DECIDED_RE.exec(answer.kind)?.[2] === "approved" ? "approved: its commands were sent" : "refused: nothing sent";
+  return { ok: true, text: `${verb} ${id}: ${what}${by}` };
+}

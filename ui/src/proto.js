@@ -1,6 +1,6 @@
 // The UI's wire edge: the only module touching generated protobuf classes. It decodes bytes into
 // plain objects (snake_case, enums as the lowercase names torchloom.messages uses) and encodes
-// SubmitRequest, as torchloom/wire.py does for Python.
+// SubmitRequest and ProposalDecision, as torchloom/wire.py does for Python.
 import { torchloom } from "./gen/torchloom.js";
 
 const pb = torchloom.v1;
@@ -306,4 +306,11 @@ export function encodeSubmit(req) {
 
 export function encodeStatusRequest(job) {
   return pb.StatusRequest.encode(pb.StatusRequest.create({ job: job || "" })).finish();
+}
+
+/** A person's answer to an autopilot proposal (api.decide): {job, proposal_id, approve}. */
+export function encodeProposalDecision(d) {
+  if (!d.proposal_id) throw new RangeError("a decision needs the proposal's id");
+  const fields = { job: d.job || "", proposal_id: d.proposal_id, approve: Boolean(d.approve) };
+  return pb.ProposalDecision.encode(pb.ProposalDecision.create(fields)).finish();
 }

@@ -2,11 +2,16 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import {
+  DECIDE_FAILED,
+  MAX_PENDING_PROPOSALS,
   MetricStore,
+  Proposals,
   Series,
   Timeline,
   CHART_POINT_BUDGET,
   branchRows,
+  decisionResult,
+  describeProposedCommand,
   chartStyle,
   rankHealth,
   seriesKey,
@@ -183,4 +188,82 @@ test("a submit is retried only when no weaver answered, saying whether it may ha
   assert.equal(submitFailure(new Error("connection closed")), "unknown");
   assert.equal(submitFailure(new Error("read-only page: it cannot steer the job")), null);
   assert.equal(submitFailure(new RangeError("unknown action 'explode'")), null);
+});
+
+// ---- autopilot proposals -------------------------------------------------------------------------
+
+function proposed(id, { job = "j", run = "r1", t = 10, source = "rule", extra = {} } = {}) {
+  const who = source === "agent" ? { agent: "agent:bot", policy: "p" } : { rule: "spike", signal: "loss_spike", step: "40", value: "5", threshold: "3" };
+  return {
+    job,
+    run_id: run,
+    kind: `${source}_proposed`,
+    message: "m",
+    time_s: t,
+    command_id: `c-${id}`,
+    attrs: { proposal: id, commands: JSON.stringify([{ set: { lr: 0.005 } }, { action: "rollback", checkpoint: "ckpt-3" }]), alerts: "[]", ...who, ...extra },
+  };
+}
+
+test("a proposal is pending from its event until approved or refused, with who decided", () => {
+  const p = new Proposals();
+  assert.equal(p.note(proposed("a")), true);
+  assert.equal(p.note(proposed("b", { t: 11, source: "agent" })), true);
+  assert.equal(p.note(proposed("a")), false); // history and live overlap
+  const [b, a] = p.pending("j");
+  assert.deepEqual([a.id, a.source, a.who, a.commands], ["a", "rule", "spike", ["set lr=0.005", "rollback checkpoint=ckpt-3"]]);
+  assert.equal(a.reason, "loss_spike at step 40: 5 (threshold 3)");
+  assert.deepEqual([b.source, b.who, b.reason], ["agent", "agent:bot", "agent proposal held for approval by policy p"]);
+  p.note({ job: "j", kind: "rule_approved", time_s: 12, attrs: { proposal: "a", decided_by: "ui-operator" } });
+  p.note({ job: "j", kind: "agent_refused_by_operator", time_s: 13, attrs: { proposal: "b" } });
+  assert.deepEqual(p.pending("j"), []);
+  assert.equal(p.byId.get("a").status, "approved");
+  assert.equal(p.byId.get("a").decided_by, "ui-operator");
+  assert.equal(p.byId.get("b").status, "refused");
+  // A decision read before its proposal (history in any order) keeps the proposal closed.
+  p.note({ job: "j", kind: "rule_refused_by_operator", time_s: 20, attrs: { proposal: "c", rule: "r" } });
+  assert.equal(p.note(proposed("c", { t: 19 })), false);
+  assert.deepEqual(p.pending("j"), []);
+});
+
+test("a proposal expires with a new policy, a new run, the weaver's bound, or the weaver's answer", () => {
+  const p = new Proposals();
+  p.note(proposed("a", { t: 10 }));
+  p.note(proposed("other-job", { job: "k", t: 10 }));
+  p.note({ job: "j", kind: "policy_set", time_s: 11, attrs: { policy: "x", text: "" } });
+  assert.deepEqual(p.pending("j"), []);
+  assert.equal(p.byId.get("a").note, "the job's policy was set again");
+  assert.equal(p.pending("k").length, 1); // another job's policy is not this one's
+  p.note(proposed("old-run", { t: 12, run: "r0" }));
+  assert.deepEqual(p.pending("j", "r1"), []);
+  p.note(proposed("b", { t: 13 }));
+  assert.equal(p.expire("b", "job j has no pending proposal 'b'"), true);
+  assert.equal(p.expire("b", "again"), false);
+  assert.equal(p.byId.get("b").status, "expired");
+  for (let i = 0; i <= MAX_PENDING_PROPOSALS; i++) p.note(proposed(`n${i}`, { job: "m", t: 100 + i }));
+  const left = p.pending("m");
+  assert.equal(left.length, MAX_PENDING_PROPOSALS);
+  assert.equal(left.at(-1).id, "n1"); // the oldest went, as in the weaver
+  assert.equal(p.byId.get("n0").status, "expired");
+});
+
+test("proposed commands and decision answers read as a person says them", () => {
+  assert.equal(describeProposedCommand({ set: { lr: 0.005, "lr@head": 0.1 } }), "set lr=0.005 lr@head=0.1");
+  assert.equal(describeProposedCommand({ action: "checkpoint" }), "checkpoint");
+  const p = new Proposals();
+  p.note(proposed("x", { extra: { commands: "not json", alerts: '["look"]' } }));
+  assert.deepEqual(p.pending("j")[0].commands, ["not json"]);
+  assert.match(p.pending("j")[0].reason, /; alert: look$/);
+  assert.deepEqual(decisionResult("approve", "x", { kind: "rule_approved", attrs: { decided_by: "ui-operator" } }), {
+    ok: true,
+    text: "approve x: approved: its commands were sent by ui-operator",
+  });
+  assert.deepEqual(decisionResult("refuse", "x", { kind: "rule_refused_by_operator", attrs: {} }), {
+    ok: true,
+    text: "refuse x: refused: nothing sent",
+  });
+  assert.deepEqual(decisionResult("approve", "x", { kind: DECIDE_FAILED, message: "job j has no pending proposal 'x'" }), {
+    ok: false,
+    text: "approve x: not decided: job j has no pending proposal 'x'",
+  });
 });

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { torchloom } from "../src/gen/torchloom.js";
-import { decodeHeartbeat, decodeOutcome, encodeSubmit } from "../src/proto.js";
+import { decodeHeartbeat, decodeJobEvent, decodeOutcome, encodeProposalDecision, encodeSubmit } from "../src/proto.js";
 
 const pb = torchloom.v1;
 
@@ -59,4 +59,13 @@ test("outcome results decode per rank", () => {
   assert.deepEqual(d.results[0], { rank: 1, status: "rejected", step: 7, reason: "nope", detail: {}, branch: "" });
   assert.equal(d.command.seq, 3);
   assert.deepEqual(d.command.body, { set: { lr: 1 } });
+});
+
+test("a ProposalDecision carries the job, the proposal and the answer; its reply is a JobEvent", () => {
+  const d = pb.ProposalDecision.decode(encodeProposalDecision({ job: "j", proposal_id: "abc", approve: true }));
+  assert.deepEqual([d.job, d.proposal_id, d.approve], ["j", "abc", true]);
+  assert.equal(pb.ProposalDecision.decode(encodeProposalDecision({ proposal_id: "abc" })).approve, false);
+  assert.throws(() => encodeProposalDecision({ job: "j" }), /needs the proposal's id/);
+  const ev = pb.JobEvent.encode(pb.JobEvent.create({ job: "j", kind: "rule_approved", attrs: { decided_by: "ui-operator" } })).finish();
+  assert.deepEqual(decodeJobEvent(ev).attrs, { decided_by: "ui-operator" });
 });

@@ -124,6 +124,15 @@ async def test_a_proposal_is_approved_from_the_operator_page_and_only_listed_on_
             timeout_s=30,
         )
         assert "by ui-operator" in (await operator.text_content("#proposal-msg") or "")
+        # Asked again, the weaver holds it no more: nothing is decided, and the answer says why.
+        again = await operator.evaluate(
+            f"() => window.__torchloom.bus.decide('{JOB}', '{proposal}', false)"
+            ".then(e => [e.kind, e.message])"
+        )
+        assert again == [
+            "proposal_not_decided",
+            f"job {JOB} has no pending proposal '{proposal}' (pending: none)",
+        ]
         # Decided: gone from both pages' lists.
         await until("the operator's list empty", lambda: hook(operator, "proposals().length === 0"))
         await until("the viewer's list empty", lambda: hook(viewer, "proposals().length === 0"))

@@ -258,6 +258,9 @@ class ControlPlane:
             for task in done - {stopping}:
                 task.result()  # a loop ended: that is a bug; surface it
         finally:
+            # Set first: a weaver that swallows its cancellation returns normally, and the weaver
+            # loop must then end instead of restarting it (it did, forever, once NATS was gone).
+            self._stop.set()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -414,6 +417,8 @@ class ControlPlane:
                     first.set_result(None)
                 with contextlib.suppress(Exception):
                     await task
+                if self._stop.is_set():
+                    return  # it ended because the control plane is stopping (it may swallow the cancel)
                 log.warning("the weaver stopped: restarting it")
             else:
                 task.cancel()
@@ -424,6 +429,8 @@ class ControlPlane:
                         await task
                     except Exception as err:
                         exc = err
+                if self._stop.is_set():
+                    return
                 if self._grpc_bind != self.config.grpc_addr and not self.ready.is_set():
                     # The address a killed predecessor had may be taken now: any address beats none.
                     log.warning(

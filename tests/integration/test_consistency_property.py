@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import sys
 import uuid
 from pathlib import Path
@@ -23,7 +22,7 @@ import nats
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.helpers import connect, rank_creds, until, weaver_config, weaver_pubkey
+from tests.integration.helpers import connect, kill_tree, rank_creds, until, weaver_config, weaver_pubkey
 from torchloom import subjects, wire
 from torchloom.client import ControlClient
 from torchloom.messages import Ack, Action, ActionKind, Issuer, OutcomeStatus, SetConfig, SubmitRequest
@@ -161,7 +160,7 @@ async def test_random_commands_decide_once_at_one_step_in_order_and_take_effect(
             assert code == 0, (seed, log.read_text()[-3000:])
         finally:
             if proc.returncode is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)  # torchrun's ranks run in sessions of their own: not its group
                 await proc.wait()
     await tap.flush()
     await tap.close()

@@ -123,7 +123,13 @@ class Threadlet:
                 self._ctx.local_rank, device=_device_of(model), nvml=self._fake_nvml
             )
             on_command = None if self._replay is not None else self._agreement.file
-            self._link = Link(config, rank=self._ctx.rank, on_command=on_command, probe=self._probe)
+            self._link = Link(
+                config,
+                rank=self._ctx.rank,
+                on_command=on_command,
+                probe=self._probe,
+                incarnation=self._ctx.incarnation,
+            )
         # The update-to-weight ratio on request (the `report_update_ratio` knob, 0 = off).
         self._update_ratio = UpdateRatio(optimizer, self._board.groups) if optimizer is not None else None
         if self._update_ratio is not None:

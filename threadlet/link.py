@@ -1,5 +1,6 @@
 """The threadlet's bus side: a named daemon thread with a private asyncio loop that owns the NATS
-connection, follows the command stream and publishes heartbeats, acks and metrics.
+connection, pulls its run's commands from the consumer the weaver made for this rank process, and
+publishes heartbeats, acks and metrics.
 
 Nothing here touches the model or optimizer, and nothing here raises into the training thread:
 failures are appended to `errors` and surfaced by the agent at the next step boundary.
@@ -11,15 +12,18 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from nats.aio.client import Client
-from nats.js import api
+from nats.aio.msg import Msg
+from nats.js.errors import APIError
 
 from threadlet.config import ThreadletConfig
 from threadlet.health import DeviceProbe
@@ -34,9 +38,16 @@ THREAD_NAME = "torchloom-threadlet"
 # after a lost answer is still recognised as the same message.
 DURABLE_RETRY_S = 120.0
 _DURABLE_WAIT_S = (0.05, 1.0)  # first and longest pause between durable publish attempts
-# Idle heartbeats of the ordered consumer: two missed ones make nats-py recreate the consumer, so
-# a consumer lost with a restarted server comes back within about a second.
-_CONSUMER_IDLE_HEARTBEAT_S = 0.5
+# The command pull: one request always waits at the server (a long poll), so a stored command is
+# delivered at once; it asks for up to _PULL_BATCH commands, expires after _PULL_EXPIRES_S, and the
+# server sends an idle heartbeat every _PULL_HEARTBEAT_S: missing two of them (a request lost with a
+# restarted server or connection) makes the rank ask again.
+_PULL_BATCH = 64
+_PULL_EXPIRES_S = 10.0
+_PULL_HEARTBEAT_S = 1.0
+# While the consumer does not exist yet (the weaver makes it at the rank's first heartbeat, or when
+# the job's command stream is made), the rank asks again after this long, doubling up to the most.
+_NO_CONSUMER_WAIT_S = (0.05, 0.5)
 # A refused unsigned command is reported at most this often, so a flood of forged commands costs the
 # bus (and this thread) next to nothing; `Link.refused_unsigned` counts them all.
 _UNVERIFIED_REPORT_INTERVAL_S = 0.2
@@ -54,6 +65,8 @@ class Link:
             it arrived; it must be thread-safe and must not touch training state. None: commands
             are not followed (replay mode), only reports are published.
         probe: sampled on this thread for each heartbeat's device health (None: no device field).
+        incarnation: this process's incarnation (its heartbeats'), which names its command consumer;
+            a fresh one when not given.
     """
 
     def __init__(
@@ -63,20 +76,25 @@ class Link:
         rank: int,
         on_command: OnCommand | None,
         probe: DeviceProbe | None = None,
+        incarnation: str = "",
     ) -> None:
         assert config.nats_url is not None
         self._config = config
         self._rank = rank
+        self._incarnation = incarnation or uuid.uuid4().hex
+        self._consumer = subjects.rank_consumer(config.run_id, rank, self._incarnation)
         self._on_command = on_command
         self._probe = probe
         # Test-only delivery jitter (TORCHLOOM_TEST_DELIVERY_DELAY_S), reproducible per seed and rank.
         self._delay_rng = random.Random(config.test_delivery_seed * 1_000_003 + rank)
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
-        self._resubscribe = asyncio.Event()
         self._nc: Client | None = None
-        self._sub: Any = None
-        self._last_stream_seq = 0
+        self._pull_done = asyncio.Event()  # the current pull request ended (or was lost): ask again
+        self._pull_id = 0
+        self._pull_left = 0  # deliveries the current pull request still may bring
+        self._pull_seen_s = 0.0  # when the server last answered a pull of ours (monotonic)
+        self._no_consumer = False
         self._pending: set[asyncio.Task[None]] = set()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
@@ -266,58 +284,104 @@ class Link:
                 await asyncio.sleep(cfg.reconnect_wait_s)
         if self._on_command is None:
             return  # replay mode: reports only
-        while True:
-            await self._subscribe(self._nc)
-            await self._resubscribe.wait()
-            self._resubscribe.clear()
+        await self._follow(self._nc)
 
     async def _on_reconnected(self) -> None:
-        # A restarted server lost our (memory) consumer: resume from the last stream seq we saw.
-        self._resubscribe.set()
+        # A restarted server forgot our waiting pull request: ask again now.
+        self._pull_done.set()
 
-    async def _subscribe(self, nc: Client) -> None:
+    async def _follow(self, nc: Client) -> None:
+        """Pull this process's commands from its consumer, one long-poll request always waiting.
+
+        The weaver makes the consumer (durable, on the job's command stream, every command of the
+        run from the first); this rank's credential may pull from it and acknowledge, nothing more
+        (docs/security.md). The consumer outlives a restart of nats-server or of the weaver.
+        """
         cfg = self._config
-        subject = subjects.commands(cfg.job, cfg.run_id)
-        old, self._sub = self._sub, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(cfg.connect_timeout_s):
-                    await old.unsubscribe()
-        js = nc.jetstream(timeout=cfg.connect_timeout_s)
-        while self._sub is None:
-            config = api.ConsumerConfig()
-            if self._last_stream_seq > 0:
-                config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
-                config.opt_start_seq = self._last_stream_seq + 1
-            else:
-                config.deliver_policy = api.DeliverPolicy.ALL
+        api = f"{subjects.JS_API}.CONSUMER.MSG.NEXT.{subjects.stream_commands_of(cfg.job)}.{self._consumer}"
+        inbox = nc.new_inbox()
+        await nc.subscribe(f"{inbox}.*", cb=self._on_pull_msg)
+        wait, longest = _NO_CONSUMER_WAIT_S
+        request = json.dumps(
+            {
+                "batch": _PULL_BATCH,
+                "expires": int(_PULL_EXPIRES_S * 1e9),
+                "idle_heartbeat": int(_PULL_HEARTBEAT_S * 1e9),
+            }
+        ).encode()
+        while True:
+            self._pull_id += 1
+            self._pull_left, self._pull_seen_s = _PULL_BATCH, time.monotonic()
+            self._pull_done.clear()
+            self._no_consumer = False
             try:
-                # The job's command stream appears when its job registers (or the weaver first hears
-                # of it); until then, retry. Naming the stream spares a stream lookup, which a
-                # threadlet's credential may not make.
-                self._sub = await js.subscribe(
-                    subject,
-                    stream=subjects.stream_commands_of(cfg.job),
-                    cb=self._on_msg,
-                    config=config,
-                    ordered_consumer=True,
-                    idle_heartbeat=_CONSUMER_IDLE_HEARTBEAT_S,
+                await nc.publish(api, request, reply=f"{inbox}.{self._pull_id}")
+            except Exception as exc:  # closed or reconnecting: try again shortly
+                self.errors.append(f"cannot ask for commands: {exc!r}")
+                self._pull_done.set()
+            while not self._pull_done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_PULL_HEARTBEAT_S):
+                        await self._pull_done.wait()
+                if time.monotonic() - self._pull_seen_s > 2.5 * _PULL_HEARTBEAT_S:
+                    break  # the request is lost (or refused): no answer, no heartbeat
+            if self._no_consumer:
+                await self._no_consumer_yet(nc)
+                await asyncio.sleep(wait)
+                wait = min(longest, wait * 2)
+            else:
+                wait = _NO_CONSUMER_WAIT_S[0]
+
+    async def _no_consumer_yet(self, nc: Client) -> None:
+        """The consumer does not exist (yet). On a bus without credentials nobody may be there to
+        make it, and nothing stops this rank from doing so: it makes the one the weaver would."""
+        cfg = self._config
+        if cfg.nats_creds_file:
+            return  # a credentialed rank may not: the weaver makes it
+        try:
+            async with asyncio.timeout(cfg.connect_timeout_s):
+                await bus.ensure_rank_consumer(
+                    nc.jetstream(), cfg.job, cfg.run_id, self._rank, self._incarnation
                 )
-            except Exception as exc:
-                self.errors.append(f"cannot follow {subject} yet: {exc!r}")
-                await asyncio.sleep(cfg.reconnect_wait_s)
+        except (APIError, TimeoutError) as exc:  # no stream yet: the weaver makes it with a command
+            self.errors.append(f"cannot follow {subjects.commands(cfg.job, cfg.run_id)} yet: {exc!r}")
+
+    async def _on_pull_msg(self, msg: Msg) -> None:
+        """One answer to a pull request: a command to acknowledge and check, or a status."""
+        current = msg.subject.rsplit(".", 1)[-1] == str(self._pull_id)
+        # A delivery carries its acknowledgement subject as reply; the server's status messages none.
+        status = (msg.headers or {}).get("Status") if not msg.reply else None
+        if status is not None:
+            if not current:
+                return  # the end of a request already given up
+            self._pull_seen_s = time.monotonic()
+            # 404/408: nothing more for this request; 409: ended by the server; 503: no consumer.
+            self._no_consumer = status == "503"
+            if not self._no_consumer:
+                self.subscribed.set()  # the consumer exists
+            if status != "100":  # an idle heartbeat: the request still waits
+                self._pull_done.set()
+            return
         self.subscribed.set()
+        if current:
+            self._pull_seen_s = time.monotonic()
+            self._pull_left -= 1
+            if self._pull_left <= 0:
+                self._pull_done.set()
+        try:
+            await self._on_msg(msg)
+        finally:
+            with contextlib.suppress(Exception):  # unacknowledged, it comes again after the ack wait
+                await msg.ack()
 
     async def _on_msg(self, msg: Any) -> None:
         received_at_s = time.time()
         cfg = self._config
         if msg.subject != subjects.commands(cfg.job, cfg.run_id):
-            # A delivery someone aimed at this consumer keeps its stored subject: not ours.
+            # The consumer filters on this run's subject: anything else is not ours.
             self.errors.append(f"ignored a message of {msg.subject} on the command consumer")
             return
         try:
-            stream_seq = int(msg.metadata.sequence.stream)
-            self._last_stream_seq = max(self._last_stream_seq, stream_seq)
             cmd = wire.decode_command(msg.data)
             refusal = self._refusal(cmd)
             if refusal is not None:

@@ -12,8 +12,16 @@ from collections.abc import Awaitable, Callable
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from torchloom import subjects
 from torchloom.credentials import ClientAuth
@@ -44,6 +52,13 @@ DUPLICATE_WINDOW_S = 120.0
 # A job's command stream is bounded so one job's flood cannot fill the store (oldest dropped first).
 JOB_COMMANDS_MAX_MSGS = 100_000
 JOB_COMMANDS_MAX_BYTES = 256 * 1024 * 1024
+# A rank's command consumer (`rank_consumer`): an unacknowledged delivery (a pull whose answer was lost)
+# comes again after this; the rank drops a repeat by its seq.
+RANK_CONSUMER_ACK_WAIT_S = 5.0
+# A consumer nobody pulled from this long belongs to a process that is gone: the server deletes it.
+RANK_CONSUMER_INACTIVE_S = 3600.0
+# JetStream's error code when a consumer of that name exists with another config.
+_CONSUMER_EXISTS = 10148
 
 
 async def connect(
@@ -195,6 +210,44 @@ async def ensure_job_commands(js: JetStreamContext, job: str, *, replicas: int =
     await _add_or_update(js, config)
     assert config.name is not None  # job_commands_stream always names it
     return config.name
+
+
+def rank_consumer(job: str, run_id: str, rank: int, incarnation: str) -> ConsumerConfig:
+    """The durable pull consumer one rank process reads its run's commands from, every one from the
+    run's first: on the job's command stream, filtered on the run's subject, acknowledged one by one.
+
+    The weaver makes it (`ensure_rank_consumer`); a threadlet's credential may only pull from it and
+    acknowledge, so no rank chooses where JetStream delivers (docs/security.md).
+    """
+    return ConsumerConfig(
+        durable_name=subjects.rank_consumer(run_id, rank, incarnation),
+        description=f"torchloom: commands of {job} run {run_id} for rank {rank}",
+        filter_subject=subjects.commands(job, run_id),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=RANK_CONSUMER_ACK_WAIT_S,
+        max_deliver=-1,
+        inactive_threshold=RANK_CONSUMER_INACTIVE_S,
+    )
+
+
+async def ensure_rank_consumer(
+    js: JetStreamContext, job: str, run_id: str, rank: int, incarnation: str
+) -> str:
+    """Create the rank's command consumer (`rank_consumer`) unless it exists; returns its name.
+
+    Raises:
+        NotFoundError: the job has no command stream yet.
+        ValueError: a name is not a valid subject token.
+    """
+    config = rank_consumer(job, run_id, rank, incarnation)
+    try:
+        await js.add_consumer(subjects.stream_commands_of(job), config)
+    except APIError as exc:
+        if exc.err_code != _CONSUMER_EXISTS:  # made before with an older config: it still delivers
+            raise
+    assert config.durable_name is not None  # rank_consumer always names it
+    return config.durable_name
 
 
 async def remove_shared_commands(js: JetStreamContext) -> int:

@@ -129,13 +129,14 @@ def permissions(role: Role, job: str | None = None) -> Permissions:
                 subjects.heartbeats_of(checked),
                 subjects.metrics_of(checked),
                 subjects.acks(checked),
-                # An ordered consumer on the job's own command stream: nats-py's legacy create
-                # subject, and the named form. The stream holds this job's commands only.
-                _js_api("CONSUMER", "CREATE", stream),
-                _js_api("CONSUMER", "CREATE", stream, ">"),
+                # Pull (and look at, and acknowledge) the consumers the weaver made on the job's own
+                # command stream, one per rank process; never create one, whose delivery subject
+                # nats-server would not check against these permissions.
+                _js_api("CONSUMER", "MSG", "NEXT", stream, "*"),
+                _js_api("CONSUMER", "INFO", stream, "*"),
+                f"$JS.ACK.{stream}.>",
             ),
             subscribe=(inbox,),
-            allow_responses=True,  # flow-control replies of the ordered consumer
         )
     viewer_publish = (subjects.api_status(), *_journal_reader_publish())
     viewer_subscribe = (

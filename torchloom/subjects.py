@@ -68,6 +68,14 @@ def stream_commands_of(job: str) -> str:
     return f"{STREAM_COMMANDS_JOB_PREFIX}{check_token('job', job)}"
 
 
+def rank_consumer(run_id: str, rank: int, incarnation: str) -> str:
+    """The durable pull consumer on the job's command stream that one rank process reads its run's
+    commands from: the weaver makes it, the threadlet may only pull from it (docs/security.md)."""
+    if int(rank) < 0:
+        raise ValueError(f"rank {rank} is not valid: must be >= 0")
+    return f"rank-{check_token('run id', run_id)}-{int(rank)}-{check_token('incarnation', incarnation)}"
+
+
 def acks(job: str) -> str:
     """Per-rank acknowledgements of commands."""
     return f"{PREFIX}.ack.{check_token('job', job)}"

@@ -63,7 +63,7 @@ from weaver.config import WeaverConfig
 from weaver.metrics import WeaverMetrics
 from weaver.model import WeaverState
 from weaver.steering import FIRED_KINDS, Steering
-from weaver.streams import Outbox, OutboxItem, SeqConflict, Streams
+from weaver.streams import Outbox, OutboxItem, RankConsumers, SeqConflict, Streams
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class Weaver:
         self._nc: Client | None = None
         self._streams: Streams | None = None
         self._schemas: knob_schemas.KnobSchemas | None = None  # once connected
+        self._consumers: RankConsumers | None = None  # each rank's command consumer (made here)
         self._outbox = Outbox()
         self._acks = AckFeed(config.acks_consumer, self._take_ack, take_over=config.acks_take_over)
         self._started_at_s = time.time()
@@ -218,6 +219,7 @@ class Weaver:
             js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
             self._streams = Streams(js, self.config.nats_timeout_s)
             self._schemas = knob_schemas.KnobSchemas(js, replicas=self.config.replicas)
+            self._consumers = RankConsumers(js, self.config.nats_timeout_s)
             async with asyncio.timeout(self.config.nats_timeout_s):
                 # Commands live in one stream per job (a threadlet's credential names its own); an
                 # older store's shared stream would overlap them.
@@ -497,6 +499,12 @@ class Weaver:
             self._announce(ev)
         if effects.new_run:
             self._spawn(self._load_seq_floor(hb.job, hb.run_id), name=f"weaver-seq-{hb.job}")
+        consumers = self._consumers
+        if consumers is not None and consumers.wanted(hb.job, hb.run_id, hb.rank, hb.incarnation):
+            # A rank may only pull from the consumer the weaver makes for it (docs/security.md).
+            self._spawn(
+                consumers.ensure(hb.job, hb.run_id, hb.rank, hb.incarnation), name=f"weaver-consumer-{hb.job}"
+            )
 
     async def _with_schema(self, hb: Heartbeat) -> Heartbeat:
         """Keep a schema sent in full (stored for the next weaver); give a hash-only heartbeat the
@@ -813,6 +821,9 @@ class Weaver:
                 # Only a command that passed validation makes its job's stream: heartbeats of any
                 # number of job names (the seq-floor read above reads, never creates) make none.
                 await self._ensure_job_stream(job.job)
+                if self._consumers is not None:  # so each rank reads it as soon as it is stored
+                    ranks = [(r, e.incarnation) for r, e in job.ranks.items()]
+                    await self._consumers.ensure_run(job.job, job.run_id, ranks)
             except NatsUnavailable:
                 submits.abandon(self.state, cmd)
                 raise

@@ -1,6 +1,6 @@
 """The weaver's JetStream I/O: reading the journal and a run's commands, storing a command under the
-run's expected last sequence, and the outbox that publishes journal entries and events in order,
-each under a Nats-Msg-Id and retried until stored.
+run's expected last sequence, making each rank's command consumer, and the outbox that publishes
+journal entries and events in order, each under a Nats-Msg-Id and retried until stored.
 
 No decisions and no weaver state: `weaver.service` calls these and folds what they return into its
 state through `weaver.submits` and `weaver.recovery`.
@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from torchloom import subjects, wire
+from torchloom import bus, subjects, wire
 from torchloom.errors import NatsUnavailable
 from torchloom.messages import Command, JobEvent, Outcome
 
@@ -33,6 +34,11 @@ _WRONG_LAST_SEQUENCE = 10071
 OUTBOX_SIZE = 10_000
 # Pause between attempts to store the outbox's oldest message (a restarting server or stream leader).
 _RETRY_WAIT_S = (0.1, 2.0)
+# Rank consumers this weaver remembers having made (a repeat costs one idempotent request, no more).
+RANK_CONSUMERS_REMEMBERED = 65_536
+# After a job's stream was found missing, its new ranks wait this long before the next attempt (or
+# until the weaver makes the stream for a command, which makes every rank's consumer at once).
+_NO_STREAM_RETRY_S = 5.0
 
 
 class SeqConflict(Exception):
@@ -189,6 +195,58 @@ class Streams:
         except Exception as exc:
             raise NatsUnavailable(f"command #{cmd.seq} for {cmd.job} was not stored: {exc}") from exc
         return ack.seq, bool(ack.duplicate)
+
+
+class RankConsumers:
+    """Makes each rank process's command consumer (`bus.rank_consumer`): a threadlet may pull from
+    it but may create no consumer, so no rank chooses a delivery subject (docs/security.md).
+
+    A rank's consumer is made when its first heartbeat is admitted, if the job's command stream
+    exists; otherwise right before the run's first command is stored (`ensure_run`). Failures are
+    logged, never raised into the heartbeat path: the rank keeps asking, and the next command
+    tries again.
+    """
+
+    def __init__(self, js: JetStreamContext, timeout_s: float) -> None:
+        self.js = js
+        self.timeout_s = timeout_s
+        self._made: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._no_stream_until: dict[str, float] = {}  # job -> monotonic time of the next attempt
+
+    def wanted(self, job: str, run_id: str, rank: int, incarnation: str) -> bool:
+        """Whether this rank's consumer is not known to exist and may be made now."""
+        try:
+            name = subjects.rank_consumer(run_id, rank, incarnation)
+        except ValueError:
+            return False  # admission keeps such a heartbeat out; never a consumer name
+        return name not in self._made and time.monotonic() >= self._no_stream_until.get(job, 0.0)
+
+    async def ensure(self, job: str, run_id: str, rank: int, incarnation: str) -> None:
+        """Make the rank's consumer unless this weaver already did (a failure is logged)."""
+        name = subjects.rank_consumer(run_id, rank, incarnation)
+        if name in self._made:
+            return
+        self._made[name] = None  # claimed: a heartbeat meanwhile does not ask again
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await bus.ensure_rank_consumer(self.js, job, run_id, rank, incarnation)
+        except NotFoundError:
+            del self._made[name]
+            self._no_stream_until[job] = time.monotonic() + _NO_STREAM_RETRY_S
+            return
+        except Exception as exc:  # nats-py raises several types for "not now"
+            del self._made[name]
+            log.warning("could not make the command consumer of %s rank %d: %r", job, rank, exc)
+            return
+        while len(self._made) > RANK_CONSUMERS_REMEMBERED:
+            self._made.popitem(last=False)
+
+    async def ensure_run(self, job: str, run_id: str, ranks: list[tuple[int, str]]) -> None:
+        """Right after the job's stream was made for a command: the consumer of every `(rank,
+        incarnation)` of the run, so each rank reads the command as soon as it is stored."""
+        self._no_stream_until.pop(job, None)
+        wanted = [(r, inc) for r, inc in ranks if self.wanted(job, run_id, r, inc)]
+        await asyncio.gather(*(self.ensure(job, run_id, r, inc) for r, inc in wanted))
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,6 +98,25 @@ async def connect(server: EmbeddedNats, role: Role = Role.WEAVER, job: str | Non
     return await bus.connect(server.url, name=f"test-{role.value}", credentials=auth(server, role, job))
 
 
+async def make_rank_consumers(nc: Client, job: str) -> None:
+    """Play the weaver's part for ranks that run without one: at each rank process's first heartbeat,
+    make its command consumer (`bus.ensure_rank_consumer`, as `weaver.streams.RankConsumers` does),
+    the one its credential may pull from. `nc` must be the weaver's role and stay open meanwhile."""
+    made: set[tuple[str, int, str]] = set()
+
+    async def on_heartbeat(msg: Any) -> None:
+        hb = wire.decode_heartbeat(msg.data)
+        key = (hb.run_id, hb.rank, hb.incarnation)
+        if key not in made:
+            made.add(key)
+            try:
+                await bus.ensure_rank_consumer(nc.jetstream(), job, *key)
+            except Exception:
+                made.discard(key)  # the next heartbeat tries again
+
+    await nc.subscribe(subjects.heartbeats_of(job), cb=on_heartbeat)
+
+
 def rank_creds(server: EmbeddedNats, job: str) -> dict[str, str]:
     """The variables ranks of `job` need to reach `server`: its URL and, on a secured server, their
     job's threadlet credential (granted here and applied with a reload, as a job's registration does)."""

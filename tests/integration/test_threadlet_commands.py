@@ -65,6 +65,7 @@ async def test_commands_decided_at_same_step_on_both_ranks(
         js = nc.jetstream()
         await bus.ensure_streams(js, shared_commands=False)
         await bus.ensure_job_commands(js, JOB)  # what the job's registration does
+        await helpers.make_rank_consumers(nc, JOB)  # what the weaver does at their first heartbeat
         acks: list[Ack] = []
         heartbeats: list[Heartbeat] = []
 
@@ -152,6 +153,7 @@ async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_sam
         js = nc.jetstream()
         await bus.ensure_streams(js, shared_commands=False)
         await bus.ensure_job_commands(js, JOB)  # what the job's registration does
+        await helpers.make_rank_consumers(nc, JOB)  # what the weaver does at their first heartbeat
         paused = asyncio.Event()
         paused_ranks: set[int] = set()
 

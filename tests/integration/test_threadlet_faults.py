@@ -69,16 +69,21 @@ async def test_command_after_server_restart_still_arrives(
     nc = await helpers.connect(nats_server)
     await bus.ensure_streams(nc.jetstream(), shared_commands=False)
     await bus.ensure_job_commands(nc.jetstream(), JOB)
-    await nc.close()
+    await helpers.make_rank_consumers(nc, JOB)  # what the weaver does at their first heartbeat
     out = tmp_path / "out"
     steps = 1200
-    proc = torchrun(out, job_env, steps=steps, step_sleep=0.01)
-    procs.append(proc)
-    await wait_training(out, proc, 10)
-    await wait_consumers(nats_server, 2)
+    try:
+        proc = torchrun(out, job_env, steps=steps, step_sleep=0.01)
+        procs.append(proc)
+        await wait_training(out, proc, 10)
+        await wait_consumers(nats_server, 2)
+    finally:
+        await nc.close()
 
     nats_server.kill()
-    nats_server.start()  # same port and JetStream store: the stream survives, the consumers do not
+    # Same port and JetStream store: the stream and the ranks' durable consumers survive; each rank's
+    # waiting pull request does not, and the rank asks again.
+    nats_server.start()
     nc = await helpers.connect(nats_server)
     try:
         await nc.jetstream().publish(

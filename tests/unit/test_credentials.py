@@ -45,11 +45,14 @@ def test_a_threadlet_is_confined_to_its_job() -> None:
         "torchloom.v1.hb.A.*",
         "torchloom.v1.metrics.A.*",
         "torchloom.v1.ack.A",
-        "$JS.API.CONSUMER.CREATE.TORCHLOOM_CMD_A",
-        "$JS.API.CONSUMER.CREATE.TORCHLOOM_CMD_A.>",
+        # Pull from, look at and acknowledge the consumers the weaver made; never create one.
+        "$JS.API.CONSUMER.MSG.NEXT.TORCHLOOM_CMD_A.*",
+        "$JS.API.CONSUMER.INFO.TORCHLOOM_CMD_A.*",
+        "$JS.ACK.TORCHLOOM_CMD_A.>",
     }
     assert perms.subscribe == ("_INBOX.threadlet.A.>",)
-    assert not any("B" in s or s.endswith("CONSUMER.>") for s in perms.publish)
+    assert not perms.allow_responses
+    assert not any("B" in s or s.endswith("CONSUMER.>") or "CREATE" in s for s in perms.publish)
 
 
 def test_browser_roles_never_publish_commands_and_only_the_operator_submits_and_decides() -> None:

@@ -271,9 +271,27 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
         except NatsUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
+    async def not_for_agents(context: grpc.aio.ServicerContext[Any, Any], method: str, job: str) -> None:
+        """Refuse (PERMISSION_DENIED, journaled) a call an agent's token may not make: an agent that
+        could set the policy or answer proposals would lift its own guardrails and approve itself."""
+        caller = _CALLER.get()
+        if caller.role is not tokens.TokenRole.AGENT:
+            return
+        why = f"{method} is for people and launchers, not agents: the policy is what guards an agent"
+        weaver.refuse_call(
+            f"gRPC {method} from {caller.identity} refused: {why}",
+            job=job,
+            key=f"grpc-role {method}",
+            who=caller.identity,
+            method=method,
+            why=why,
+        )
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{why} ({caller.identity} is an agent token)")
+
     async def set_policy(
         req: PolicyRequest, context: grpc.aio.ServicerContext[PolicyRequest, PolicyReply]
     ) -> PolicyReply:
+        await not_for_agents(context, "SetPolicy", req.job)
         return await _answer(context, lambda: weaver.set_policy(req))
 
     async def get_policy(
@@ -284,6 +302,7 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
     async def decide_proposal(
         req: ProposalDecision, context: grpc.aio.ServicerContext[ProposalDecision, JobEvent]
     ) -> JobEvent:
+        await not_for_agents(context, "DecideProposal", req.job)
         caller = _CALLER.get()
         return await _answer(context, lambda: weaver.decide_proposal(req, decided_by=caller.identity))
 

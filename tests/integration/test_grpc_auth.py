@@ -118,6 +118,37 @@ async def test_calls_without_a_valid_token_are_refused_and_journaled(
             assert (await client.status()).jobs == ()
 
 
+async def test_an_agent_token_cannot_set_the_policy_or_answer_proposals(
+    nats_server: EmbeddedNats, tl_home: Path, nc: Any
+) -> None:
+    """An agent whose token could set the policy or approve proposals would lift its own guardrails
+    (or approve what approval mode holds for a person): both calls are refused and journaled, while
+    the operator's token may make them."""
+    async with open_weaver(weaver_config(nats_server)) as w, one_rank(nc):
+        _, agent_token = tokens.add_agent("eager", tokens.default_path())
+        async with ControlClient(w.grpc_address) as operator:
+            await until("the job in status", lambda: _has_job(operator))
+        async with ControlClient(w.grpc_address, token=agent_token) as agent:
+            await until("the agent's token accepted", lambda: _has_job(agent))
+            with pytest.raises(Unauthenticated, match="SetPolicy is for people and launchers, not agents"):
+                await agent.set_policy(JOB, "")
+            with pytest.raises(Unauthenticated, match="DecideProposal is for people and launchers"):
+                await agent.decide_proposal("p-1", approve=True, job=JOB)
+        await until("two refusals in the journal", lambda: _count_at_least(lambda: refused_events(w), 2))
+        refused = {e.attrs["method"]: e for e in await refused_events(w)}
+        assert refused["SetPolicy"].attrs["who"] == "agent:eager", refused
+        assert refused["DecideProposal"].attrs["who"] == "agent:eager", refused
+        async with ControlClient(w.grpc_address) as operator:
+            assert (await operator.set_policy(JOB, "")).job == JOB
+
+
+async def _has_job(client: ControlClient) -> bool:
+    try:
+        return bool((await client.status(JOB)).jobs)
+    except Exception:
+        return False
+
+
 async def _count_at_least(fetch: Any, n: int) -> bool:
     return len(await fetch()) >= n
 

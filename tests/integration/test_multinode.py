@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -107,6 +109,14 @@ def _agent_of(worker: int) -> tuple[int, int]:
     return agent, _parent(agent)
 
 
+def _check_private_and_unprinted(join_file: Path, log: Path) -> None:
+    """The join file is 0600 and its secrets are not in the log (the path is printed, not these)."""
+    assert stat.S_IMODE(join_file.stat().st_mode) == 0o600
+    secrets = json.loads(join_file.read_text())
+    for name in ("threadlet_seed", "launcher_seed", "grpc_token"):
+        assert secrets[name] not in log.read_text()
+
+
 @pytest.mark.timeout(150)
 async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resumes(
     tmp_path: Path, subprocess_env: dict[str, str]
@@ -129,9 +139,18 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
         ["--job", JOB, *torchrun, "--rdzv-conf", f"{conf},is_host=1", *script], env, logs[0]
     ) as a:
         info = await until("node A's weaver (discovery file)", discovery.read, timeout_s=60, logs=logs)
-        node_b = ["--job", JOB, "--nats", info.nats_url, "--grpc", info.grpc, *torchrun]
+
+        def join_file() -> str | None:
+            found = re.search(r"other nodes join with: torchloom run --join (\S+) ", logs[0].read_text())
+            return found.group(1) if found else None
+
+        # Node B shares nothing with node A but the join file A wrote (another TORCHLOOM_HOME).
+        joined = Path(await until("node A's join file", join_file, timeout_s=60, logs=logs))
+        _check_private_and_unprinted(joined, logs[0])
+        env_b = dict(env, TORCHLOOM_HOME=str(tmp_path / "home_b"))
+        node_b = ["--join", str(joined), *torchrun]
         async with (
-            _node([*node_b, "--rdzv-conf", f"{conf},is_host=0", *script], env, logs[1]) as b,
+            _node([*node_b, "--rdzv-conf", f"{conf},is_host=0", *script], env_b, logs[1]) as b,
             ControlClient(info.grpc) as client,
             _event_feed(info) as events,
         ):
@@ -176,8 +195,8 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
             async with asyncio.timeout(60):
                 code = await a.wait()
     assert code == 0, logs[0].read_text(errors="replace")[-4000:]
-    # Node A told the user how other nodes join (same TORCHLOOM_HOME, where the credentials are).
-    assert f"other nodes join with TORCHLOOM_HOME={env['TORCHLOOM_HOME']}" in logs[0].read_text()
+    # Node A's run ended: its join file is gone (the job's credential is withdrawn too).
+    assert not await asyncio.to_thread(joined.exists)
 
     seen = [(e.kind, e.run_id, dict(e.attrs)) for e in events]
     dead = [e for e in events if e.kind == "rank_dead" and e.run_id == RUN]

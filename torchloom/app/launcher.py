@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from torchloom import defaults, discovery, env, naming, private_files, signing, subjects
+from torchloom import defaults, discovery, env, naming, private_files, signing, subjects, tokens
 from torchloom.app import actions as cli_actions
+from torchloom.app import join as join_file
 from torchloom.app import natsauth, policy_cmd, runs
 from torchloom.app.health_options import HealthOptions as HealthOptions  # also torchloom.app.launcher's API
 from torchloom.app.health_options import UsageError as UsageError
@@ -64,6 +65,7 @@ RUN_OPTIONS = frozenset(
         "--health-policy",
         "--data-root",  # repeatable: every one given is a root
         "--policy",  # autopilot rules: a TOML file or "default" (torchloom.app.policy_cmd)
+        "--join",  # another node of a multi-node run: the first node's join file (torchloom.app.join)
     }
 )
 RUN_FLAGS = frozenset({"--ui", "--allow-fault-injection"})
@@ -110,6 +112,7 @@ class RunSpec:
     data_roots: tuple[str, ...] = ()  # `--data-root`, absolute; () lets ranks use their working directory
     nats_creds: str | None = None
     policy: str | None = None  # `--policy FILE|default`, checked; its text goes to the weaver at start
+    join: join_file.JoinInfo | None = None  # `--join FILE`: the first node's run this node joins
 
     @property
     def multinode(self) -> bool:
@@ -236,6 +239,9 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         subjects.check_token("job", job)
     except ValueError as exc:
         raise UsageError(f"{exc} (set it with --job NAME)") from None
+    joined = _read_join(ours, job=ours.get("--job"), run_id=run_id)
+    if joined is not None:
+        job, run_id = joined.job, joined.run_id
     if "--nats-creds" in ours and "--nats" not in ours and not env.get(env.NATS_URL):
         raise UsageError(
             "--nats-creds is the credential for a NATS server of yours: give its URL with --nats URL "
@@ -260,8 +266,8 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         )
     return RunSpec(
         job=job,
-        nats_url=ours.get("--nats"),
-        grpc=grpc,
+        nats_url=joined.nats_url if joined is not None else ours.get("--nats"),
+        grpc=joined.grpc if joined is not None else grpc,
         torchrun_args=tuple(torchrun),
         script=script,
         script_args=script_args,
@@ -275,7 +281,25 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         data_roots=tuple(data_roots),
         nats_creds=str(Path(ours["--nats-creds"]).expanduser().resolve()) if "--nats-creds" in ours else None,
         policy=policy,
+        join=joined,
     )
+
+
+def _read_join(ours: dict[str, str], *, job: str | None, run_id: str | None) -> join_file.JoinInfo | None:
+    """`--join FILE`, read and checked for this node's job and run; it names the NATS server, the
+    weaver and their credentials, so it goes with none of --nats, --nats-creds and --grpc."""
+    path = ours.get("--join")
+    if path is None:
+        return None
+    given = sorted({"--nats", "--nats-creds", "--grpc"} & ours.keys())
+    if given:
+        raise UsageError(
+            f"--join FILE names the NATS server, the weaver and their credentials: drop {', '.join(given)}"
+        )
+    try:
+        return join_file.read(path, job=job, run_id=run_id)
+    except join_file.JoinError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def new_run_id() -> str:
@@ -319,7 +343,11 @@ def child_env(
     if spec.replay_path is not None:
         out[env.REPLAY] = spec.replay_path
     # The ranks verify every command against the weaver's key; the public half is not secret.
-    out[env.WEAVER_PUBKEY] = signing.load_or_create(signing.default_key_path(out)).public_key
+    if spec.join is not None:  # the first node's weaver; its gRPC token is the launcher's, not theirs
+        out[env.WEAVER_PUBKEY] = spec.join.weaver_pubkey
+        out.pop(env.TOKEN, None)
+    else:
+        out[env.WEAVER_PUBKEY] = signing.load_or_create(signing.default_key_path(out)).public_key
     out.pop(env.VERIFY_COMMANDS, None)
     out.pop(env.DATA_ROOTS, None)
     if spec.data_roots:
@@ -545,6 +573,37 @@ def nats_auth(spec: RunSpec, endpoints: WeaverEndpoints) -> tuple[ClientAuth | N
     return natsauth.given_auth(given, Role.LAUNCHER), str(natsauth.given_rank_file(given, spec.job))
 
 
+def write_join_file(spec: RunSpec, endpoints: WeaverEndpoints, run_id: str) -> Path | None:
+    """On the first node of a multi-node run: the join file other nodes take (`--join FILE`), when
+    the control plane keeps the credentials (the embedded server); None otherwise."""
+    store = natsauth.store_of(endpoints.secrets_dir)
+    if store is None:
+        return None
+    table = tokens.TokenTable.load(Path(endpoints.secrets_dir) / tokens.FILE_NAME)
+    info = join_file.JoinInfo(
+        job=spec.job,
+        run_id=run_id,
+        expires_at_s=time.time() + join_file.JOIN_TTL_S,
+        nats_url=endpoints.nats_url,
+        threadlet_seed=store.nkey_user(Role.THREADLET, spec.job).seed_file.read_text().strip(),
+        launcher_seed=store.nkey_user(Role.LAUNCHER).seed_file.read_text().strip(),
+        weaver_pubkey=signing.load_or_create(signing.default_key_path()).public_key,
+        grpc=endpoints.grpc,
+        grpc_token=table.token(tokens.TokenRole.LAUNCHER),
+    )
+    return join_file.write(info)
+
+
+def join_command_hint(spec: RunSpec, path: Path) -> str:
+    """The one command line other nodes run, naming the join file by its path (never its content)."""
+    return (
+        f"torchloom: other nodes join with: torchloom run --join {path} [the same torchrun options] "
+        f"{spec.script} ... (the join file is 0600 and holds this run's credentials: copy it to them "
+        "privately; it expires in "
+        f"{join_file.JOIN_TTL_S / 3600:g} h and is removed when this run ends)"
+    )
+
+
 def join_hint(spec: RunSpec, endpoints: WeaverEndpoints) -> str:
     """How another node of a multi-node run joins: the same command with this control plane's
     addresses and the same TORCHLOOM_HOME, where it finds the credentials (0600 files)."""
@@ -584,6 +643,12 @@ def announce(endpoints: WeaverEndpoints, *, run_id: str | None = None, job: str 
 async def run(spec: RunSpec) -> int:
     """Launch the job under torchrun with a control plane reachable; return the exit status for it
     (128+N when signal N stopped it: 130 for Ctrl-C, 143 for SIGTERM)."""
+    joined = spec.join
+    if joined is not None:
+        # The first node's credentials become 0600 files of this node's own; its gRPC token is this
+        # launcher's (in its environment, which only this user can read; the ranks do not get it).
+        spec = replace(spec, nats_creds=str(join_file.take_credentials(joined)))
+        os.environ[env.TOKEN] = joined.grpc_token
     run_id = spec.run_id or new_run_id()
     lease = runs.Lease(job=spec.job, run_id=run_id, pid=os.getpid())
     async with contextlib.AsyncExitStack() as stack:
@@ -605,7 +670,12 @@ async def run(spec: RunSpec) -> int:
             if reply.name:
                 print(f"torchloom: job {spec.job} runs under autopilot policy {reply.name}", file=sys.stderr)
         if spec.multinode:
-            print(join_hint(spec, endpoints), file=sys.stderr, flush=True)
+            written = write_join_file(spec, endpoints, run_id) if spec.join is None else None
+            if written is not None:
+                stack.callback(join_file.remove, written)
+                print(join_command_hint(spec, written), file=sys.stderr, flush=True)
+            elif spec.join is None:
+                print(join_hint(spec, endpoints), file=sys.stderr, flush=True)
         launcher_auth, ranks_creds = nats_auth(spec, endpoints)
         record = runs.RunRecord(
             run_id=run_id, job=spec.job, store_dir=endpoints.store_dir, nats_url=endpoints.nats_url

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Self
 import torch
 import torch.distributed as dist
 
-from threadlet import ddp_hook, health, nvml_fake, replay
+from threadlet import ddp_hook, health, nvml_fake, orphan, replay
 from threadlet.actions import ActionRunner, EvalFn
 from threadlet.agreement import Agreement, Batch, GlooTransport, Verdict
 from threadlet.config import ThreadletConfig
@@ -147,6 +147,8 @@ class Threadlet:
         if self._link is not None:
             self._reporter.refresh_status(RankState.RUNNING)
             self._link.start()
+        # A rank of a steered torchrun job ends if its agent dies, instead of training on orphaned.
+        self._orphan_watch = None if config.local else orphan.watch_if_supervised(os.environ, rank=self.rank)
 
     # ---- identity and position ------------------------------------------------------------------
 
@@ -393,6 +395,8 @@ class Threadlet:
         if self._closed:
             return
         self._closed = True
+        if self._orphan_watch is not None:
+            self._orphan_watch.stop()
         self._agreement.close()
         self._close_bus(self._reporter.status(RankState.FINISHED))
         if self._update_ratio is not None:

@@ -120,3 +120,38 @@ def test_finish_exits_zero_every_time(tmp_path: Path, job_env: dict[str, str]) -
                 proc.wait(timeout=10)
         assert proc.returncode == 0, f"run {i}: " + stdout.decode(errors="replace")[-4000:]
         assert all(len(read_records(out / f"rank{r}.jsonl")) == 5 for r in (0, 1))
+
+
+def _children(pid: int, running: str) -> list[int]:
+    """The pids whose parent is `pid` and whose command line contains `running` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and running in (stat.parent / "cmdline").read_text():
+                kids.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return kids
+
+
+async def test_ranks_end_when_their_torchrun_agent_is_killed(
+    tmp_path: Path, job_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """torchrun starts its workers in sessions of their own with no parent-death signal: with its
+    agent SIGKILLed, they would train on orphaned (here for 100,000 steps). The threadlet's watch ends
+    them, saying why, with EXIT_ORPHANED."""
+    out = tmp_path / "out"
+    proc = torchrun(out, job_env, steps=100_000, step_sleep=0.01)
+    procs.append(proc)
+    await wait_training(out, proc, 10)
+    ranks = _children(proc.pid, "train_tiny")
+    assert len(ranks) == 2, ranks
+    proc.kill()  # the agent only: its workers are in sessions of their own
+    proc.wait(timeout=10)
+    await until("both orphaned ranks gone", lambda: not any(Path(f"/proc/{p}").exists() for p in ranks))
+    assert proc.stdout is not None
+    said = proc.stdout.read().decode(errors="replace")
+    for r in (0, 1):
+        assert f"torchloom: rank {r}: its torchrun agent (pid {proc.pid}) is gone" in said, said[-3000:]
+    assert len(read_records(out / "rank0.jsonl")) < 100_000

@@ -48,7 +48,7 @@ ui-setup:
 endif
 
 test: $(STAMP) ui-setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q --durations=30 $(PYTEST_ARGS) tests
 
 # The CLI lives in $(VENV)/bin: the last line says how to put `torchloom` on PATH in a new shell.
 demo: $(STAMP)

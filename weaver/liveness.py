@@ -249,8 +249,18 @@ def with_known_schema(job: JobState, hb: Heartbeat) -> Heartbeat:
     if last.knobs_hash != hb.knobs_hash or not last.knobs:
         return hb
     values = hb.knob_values
-    specs = tuple(dataclasses.replace(s, value=values.get(s.name, s.value)) for s in last.knobs)
+    # The hot path (every heartbeat between two full schemas): values as before, so the last specs
+    # serve again as they are; only a changed value makes new specs.
+    if all(_same(values.get(s.name, s.value), s.value) for s in last.knobs):
+        specs = last.knobs
+    else:
+        specs = tuple(dataclasses.replace(s, value=values.get(s.name, s.value)) for s in last.knobs)
     return dataclasses.replace(hb, knobs=specs)
+
+
+def _same(a: KnobValue | None, b: KnobValue | None) -> bool:
+    """Equal and of one type (1 == 1.0 == True, but a knob reports one of them)."""
+    return type(a) is type(b) and a == b
 
 
 def _knob_values(specs: tuple[KnobSpec, ...]) -> dict[str, KnobValue]:

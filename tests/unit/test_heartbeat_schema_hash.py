@@ -61,3 +61,21 @@ def test_weaver_fills_a_hash_only_heartbeat_from_the_rank_s_last_schema() -> Non
     assert job.knobs == (dataclasses.replace(SPEC, value=0.4),)  # the job keeps the last schema it saw
     liveness.observe_heartbeat(state, heartbeat(1, knobs_hash=h, knob_values={"dropout": 0.4}), 3.0)
     assert job.ranks[1].heartbeat.knobs == ()
+
+
+def test_unchanged_values_reuse_the_last_specs_and_a_change_of_type_does_not() -> None:
+    state = WeaverState()
+    spec = dataclasses.replace(SPEC, value=0.1)
+    h = knobs.schema_hash([spec])
+    liveness.observe_heartbeat(state, heartbeat(0, knobs=(spec,), knobs_hash=h), 1.0)
+    job = next(iter(state.jobs.values()))
+    first = job.ranks[0].heartbeat.knobs
+    liveness.observe_heartbeat(state, heartbeat(0, knobs_hash=h, knob_values={"dropout": 0.1}), 2.0)
+    assert job.ranks[0].heartbeat.knobs is first and job.knobs is first  # no new specs per heartbeat
+    liveness.observe_heartbeat(state, heartbeat(0, knobs_hash=h), 3.0)  # a value not reported: kept
+    assert job.ranks[0].heartbeat.knobs is first
+    int_spec = dataclasses.replace(SPEC, name="accum", type=KnobType.INT, value=1)
+    h2 = knobs.schema_hash([int_spec])
+    liveness.observe_heartbeat(state, heartbeat(0, knobs=(int_spec,), knobs_hash=h2), 4.0)
+    liveness.observe_heartbeat(state, heartbeat(0, knobs_hash=h2, knob_values={"accum": 1.0}), 5.0)
+    assert type(job.ranks[0].heartbeat.knobs[0].value) is float  # 1.0 == 1, yet reported as a float

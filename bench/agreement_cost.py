@@ -47,7 +47,7 @@ def measure(iters: int, out: Path) -> None:
     grads = torch.randn(BUCKET)
     buffer = grads.clone()
     transport = PiggybackTransport(world)
-    transport.start(3, NONE_REFUSED, True, 0)
+    transport.start(0, lambda: (3, NONE_REFUSED))
 
     def gloo_round() -> None:
         dist.all_reduce(offer.clone(), op=dist.ReduceOp.MIN, group=group)

@@ -4,10 +4,21 @@ rounds ("gloo", TORCHLOOM_AGREEMENT=gloo).
 
 For each path, starts an embedded nats-server and an in-process weaver, launches examples/train_tiny.py
 under torchrun, then submits N lr changes one after another over gRPC. Each Outcome carries the
-timestamps we need:
+timestamps that split its path into parts (p50 / p99 of each, in ms):
 
-* bus time  = (first rank receipt - publish) + (outcome complete - last rank decision) + submit->publish
-* apply wait = last rank decision - last rank receipt (waiting for the next step boundary + agreement)
+* client_to_weaver: the client's call -> the weaver's submit (gRPC in);
+* validate_sign: submit -> publish (validate, sequence, sign);
+* publish_to_first_rank: publish -> first rank has it (JetStream store, the rank's pull, verify);
+* receipt_spread: first rank has it -> last rank has it;
+* apply_wait: last rank has it -> last rank decided (the offer riding the next all-reduce, the
+  boundary after it);
+* ack_to_outcome: last rank decided -> outcome complete (ack through JetStream, the weaver's
+  consumer);
+* weaver_to_client: outcome complete -> the client has it (gRPC out);
+* bus = validate_sign + publish_to_first_rank + ack_to_outcome.
+
+The ranks' median step time (from their heartbeats) is reported with each path, so the apply wait
+reads in steps, and the load average before and after each path.
 
     python bench/command_latency.py --commands 200
 """
@@ -32,6 +43,16 @@ from weaver.app import open_weaver
 from weaver.config import WeaverConfig
 
 REPO = Path(__file__).resolve().parent.parent
+PARTS = (
+    "client_to_weaver",
+    "validate_sign",
+    "publish_to_first_rank",
+    "receipt_spread",
+    "apply_wait",
+    "ack_to_outcome",
+    "weaver_to_client",
+)
+PATHS = {"piggyback": "auto", "gloo": "gloo"}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -41,6 +62,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
+    load_before = os.getloadavg()[0]
     job, run_id = "bench", uuid.uuid4().hex[:12]
     with EmbeddedNats(tmp / "nats") as server:
         async with open_weaver(WeaverConfig(nats_url=server.url)) as weaver:
@@ -75,12 +97,8 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
                         await asyncio.sleep(0.1)
                     else:
                         raise RuntimeError("job did not start")
-                    total, bus, wait = [], [], []
-                    parts: dict[str, list[float]] = {
-                        "submit_to_stored": [],
-                        "stored_to_rank": [],
-                        "ack_to_outcome": [],
-                    }
+                    total, bus = [], []
+                    parts: dict[str, list[float]] = {name: [] for name in PARTS}
                     for i in range(args.commands):
                         lr = 1e-3 if i % 2 else 2e-3
                         t0 = time.time()
@@ -94,14 +112,22 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
                         last_recv = max(r.received_at_s for r in out.results)
                         last_dec = max(r.decided_at_s for r in out.results)
                         total.append(t1 - t0)
-                        wait.append(last_dec - last_recv)
-                        to_publish = out.published_at_s - out.submitted_at_s
-                        to_ranks = first_recv - out.published_at_s
-                        to_outcome = out.completed_at_s - last_dec
-                        bus.append(to_publish + to_ranks + to_outcome)
-                        parts["submit_to_stored"].append(to_publish)
-                        parts["stored_to_rank"].append(to_ranks)
-                        parts["ack_to_outcome"].append(to_outcome)
+                        split = {
+                            "client_to_weaver": out.submitted_at_s - t0,
+                            "validate_sign": out.published_at_s - out.submitted_at_s,
+                            "publish_to_first_rank": first_recv - out.published_at_s,
+                            "receipt_spread": last_recv - first_recv,
+                            "apply_wait": last_dec - last_recv,
+                            "ack_to_outcome": out.completed_at_s - last_dec,
+                            "weaver_to_client": t1 - out.completed_at_s,
+                        }
+                        for name, value in split.items():
+                            parts[name].append(value)
+                        bus.append(
+                            split["validate_sign"] + split["publish_to_first_rank"] + split["ack_to_outcome"]
+                        )
+                    status = await client.status()
+                    step_times = [r.step_time_s for j in status.jobs if j.job == job for r in j.ranks]
             finally:
                 proc.terminate()
                 async with asyncio.timeout(30):
@@ -114,14 +140,17 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
             "mean": statistics.fmean(values) * 1e3,
         }
 
+    step_s = statistics.median(step_times) if step_times else 0.0
     return {
         "agreement": agreement,
         "commands": args.commands,
         "step_sleep_s": args.step_sleep,
+        "median_step_ms": step_s * 1e3,
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
         "total_ms": row(total),
         "bus_ms": row(bus),
-        "apply_wait_ms": row(wait),
-        **{f"bus_{name}_ms": row(values) for name, values in parts.items()},
+        **{f"{name}_ms": row(values) for name, values in parts.items()},
     }
 
 
@@ -129,20 +158,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--commands", type=int, default=200)
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated: piggyback,gloo")
     parser.add_argument("--out", default=str(REPO / "bench/results/command_latency.json"))
     args = parser.parse_args()
-    paths = {"piggyback": "auto", "gloo": "gloo"}
+    paths = {name: PATHS[name] for name in args.paths.split(",")}
     results = {name: asyncio.run(run(args, agreement)) for name, agreement in paths.items()}
     head = "".join(f"{name + ' ' + col:>18}" for name in paths for col in ("p50", "p99"))
     print(f"{'part (ms)':<28}{head}")
-    first = results["piggyback"]
-    for key in [k for k in first if k.endswith("_ms")]:
+    first = results[next(iter(paths))]
+    for key in [k for k in first if k.endswith("_ms") and k != "median_step_ms"]:
         cells = ""
         for name in paths:
             row = results[name][key]
             assert isinstance(row, dict)
             cells += f"{row['p50']:>18.3f}{row['p99']:>18.3f}"
         print(f"{key:<28}{cells}")
+    for key in ("median_step_ms", "load_before", "load_after"):
+        print(f"{key:<28}" + "".join(f"{float(results[n][key]):>36.2f}" for n in paths))  # type: ignore[arg-type]
     Path(args.out).write_text(json.dumps({"paths": results}, indent=2) + "\n")
 
 

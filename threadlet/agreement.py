@@ -181,15 +181,24 @@ class GlooTransport:
         return decode(buf.tolist())
 
 
+# This rank's `(ready, refused_first)` now (`local_offer` over the inbox), asked by a piggybacked
+# round when the backward carries it.
+OfferNow = Callable[[], tuple[int, int]]
+
+
 class Piggyback(Protocol):
     """Rounds carried by the training's own collective (DDP's gradient all-reduce): `start` stages
-    the offer at a boundary, `done` says at each later boundary whether a backward carried it (the
-    same answer on every rank), `finish` returns the agreed `(ready, refused_first)`, `cancel`
-    drops a round no backward carried."""
+    a round at a boundary, and the next synchronized backward asks `offer` for this rank's offer as
+    it carries the round (so a command filed during the forward still rides this step); `done` says
+    at each later boundary whether a backward carried it (the same answer on every rank), `offered`
+    the `(ready, refused_first)` it carried (clamped to what a round can decide), `finish` the
+    agreed one; `cancel` drops a round unread."""
 
-    def start(self, ready: int, refused_first: int, busy: bool, last_decided: int) -> Offer: ...
+    def start(self, last_decided: int, offer: OfferNow) -> None: ...
 
     def done(self) -> bool: ...
+
+    def offered(self) -> tuple[int, int]: ...
 
     def finish(self) -> tuple[int, int]: ...
 
@@ -201,6 +210,9 @@ class Piggyback(Protocol):
 PIGGYBACK_PATIENCE_TICKS = 64
 
 Prepare = Callable[[Command, float], Filed]
+
+# The round in flight rides the backward (its offer is the transport's, made as it is carried).
+_PIGGYBACKED = Offer(0, NONE_REFUSED, False, 1, 1)
 
 
 class Agreement:
@@ -246,6 +258,7 @@ class Agreement:
         self._via_piggyback = False  # the round in flight rides the backward
         self._piggyback_tick = 0  # when it was staged
         self._gloo_next = False  # a piggybacked round timed out: the next round is a gloo one
+        self._offer_now: OfferNow = self._local_offer  # bound once: staging a round allocates nothing
 
     def use_piggyback(self, piggyback: Piggyback) -> None:
         """Carry rounds in DDP's backward from the next round on (every rank calls it at the same
@@ -300,8 +313,8 @@ class Agreement:
         )
 
     def _read_piggyback(self) -> Batch:
-        st, piggyback, offered = self._state, self._piggyback, self._offered
-        assert piggyback is not None and offered is not None
+        st, piggyback = self._state, self._piggyback
+        assert piggyback is not None
         if not piggyback.done():
             # A pause has no backward, nor does a loop that stopped calling it: after the agreed
             # patience, on every rank at the same boundary, a gloo round takes over.
@@ -311,16 +324,15 @@ class Agreement:
                 self._gloo_next, self._next_round_tick = True, st.tick
             return _NOTHING
         self._offered, self._via_piggyback = None, False
-        if offered.ready <= st.last_decided:
+        ready, refused_first = piggyback.offered()
+        if ready <= st.last_decided:
             # This rank offered nothing new: the MIN is nothing new either; no need to read it.
             piggyback.cancel()
             return _NOTHING
         agreed_ready, agreed_refused = piggyback.finish()
         if agreed_ready <= st.last_decided:
             return _NOTHING
-        return self._take(
-            decide(st.last_decided, offered.ready, offered.refused_first, agreed_ready, agreed_refused)
-        )
+        return self._take(decide(st.last_decided, ready, refused_first, agreed_ready, agreed_refused))
 
     def start_round(self) -> None:
         """Offer this rank's filed commands in a new round when one is due."""
@@ -329,9 +341,9 @@ class Agreement:
             return
         piggyback = self._piggyback
         if piggyback is not None and not st.paused and not self._gloo_next:
-            # Every synchronized backward carries a round: offering costs a compare when idle.
-            ready, refused = self._local_offer()
-            self._offered = piggyback.start(ready, refused, bool(self.inbox), st.last_decided)
+            # Every synchronized backward carries a round; it asks for the offer as it carries it.
+            piggyback.start(st.last_decided, self._offer_now)
+            self._offered = _PIGGYBACKED
             self._via_piggyback, self._piggyback_tick = True, st.tick
             self.rounds += 1
             return

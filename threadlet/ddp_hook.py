@@ -27,7 +27,7 @@ from torch._C._distributed_c10d import GradBucket
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from threadlet.agreement import NONE_REFUSED, OFFER_WIDTH, Agreement, Offer, decode, encode
+from threadlet.agreement import NONE_REFUSED, OFFER_WIDTH, Agreement, Offer, OfferNow, decode, encode
 
 __all__ = [
     "WIDTH",
@@ -106,10 +106,19 @@ def decode_counts(sums: list[float], world_size: int, last_decided: int) -> tupl
     return last_decided + d, refused
 
 
+def _no_offer() -> tuple[int, int]:
+    return 0, NONE_REFUSED
+
+
 class PiggybackTransport:
-    """The rounds of one rank carried by DDP's backward: `start` stages the offer at a step
-    boundary; the next synchronized backward carries it (`done` turns true at the same boundary on
-    every rank, since every rank runs the same synchronized backwards); `finish` reads the result.
+    """The rounds of one rank carried by DDP's backward: `start` stages a round at a step boundary;
+    the next synchronized backward asks for this rank's offer and carries it (`done` turns true at
+    the same boundary on every rank, since every rank runs the same synchronized backwards);
+    `finish` reads the result.
+
+    The offer is made in the backward, not at the boundary, so a command that reached this rank
+    during the forward is decided a step earlier. An idle rank's offer is the one it carried last
+    step: the code is not written again (the cost of an idle step is a call and a compare).
 
     On CUDA the result is copied to pinned host memory behind an event and read one boundary later,
     so reading it never waits for the stream.
@@ -120,14 +129,15 @@ class PiggybackTransport:
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self._counts = torch.zeros(WIDTH, dtype=torch.float64)  # this rank's code, staged
+        self._counts = torch.zeros(WIDTH, dtype=torch.float64)  # this rank's code, as carried
         self._mins = torch.zeros(OFFER_WIDTH, dtype=torch.int64)  # side path: this rank's offer
-        self._staged: Offer | None = None
-        self._offer = Offer(0, NONE_REFUSED, False, 1, 1)  # the last offer built, and its inputs
-        self._key: tuple[int, int, bool, int] | None = None
+        self._staged = False
+        self._offer_now: OfferNow = _no_offer  # asked for the offer as the backward carries it
         self._last_decided = 0
-        self._code: tuple[int, int] | None = None  # (ready, refused) relative to L, as encoded
-        self._min_key: tuple[int, int, bool] | None = None  # the offer _mins holds
+        self._asked: tuple[int, int, int] | None = None  # (ready, refused, L) last asked, carried as:
+        self._carried: tuple[int, int] = (0, NONE_REFUSED)  # the clamped offer
+        self._code: tuple[int, int] | None = None  # (ready, refused) relative to L, in _counts
+        self._min_key: tuple[int, int] | None = None  # the offer _mins holds
         self._buf: torch.Tensor | None = None  # the first bucket with the code appended
         self._head = self._tail = torch.empty(0)  # its gradient and code parts
         self._fired = False
@@ -142,30 +152,18 @@ class PiggybackTransport:
 
     # ---- training thread, at boundaries ---------------------------------------------------------
 
-    def start(self, ready: int, refused_first: int, busy: bool, last_decided: int) -> Offer:
-        """Stage this rank's offer for the next synchronized backward; returns it as offered."""
+    def start(self, last_decided: int, offer: OfferNow) -> None:
+        """Stage a round for the next synchronized backward, which asks `offer` for this rank's
+        `(ready, refused_first)` as it carries the round."""
         self._fired = False
         self._waited = 0
-        key = (ready, refused_first, busy, last_decided)
-        if key == self._key:  # an idle rank offers the same as last step: nothing to build
-            self._staged = self._offer
-            return self._offer
-        ready, refused_first = clamp(ready, refused_first, last_decided)
-        code = (ready - last_decided, refused_first - last_decided)
-        if code != self._code:  # an idle rank re-stages the same code: no work
-            if self._h2d is not None:
-                self._h2d.synchronize()  # the previous copy to the device has read the buffer
-            encode_counts(ready, refused_first, last_decided, self._counts)
-            self._code = code
-        offer = Offer(ready, refused_first, busy, 1, 1)
-        if (ready, refused_first, busy) != self._min_key:
-            for i, value in enumerate(encode(offer)):
-                self._mins[i] = value
-            self._min_key = (ready, refused_first, busy)
-        self._staged = self._offer = offer
-        self._key = key
         self._last_decided = last_decided
-        return offer
+        self._offer_now = offer
+        self._staged = True
+
+    def offered(self) -> tuple[int, int]:
+        """The `(ready, refused_first)` this rank's carried round offered (clamped, see `clamp`)."""
+        return self._carried
 
     def done(self) -> bool:
         """Whether the staged round was carried (call once per boundary)."""
@@ -179,7 +177,7 @@ class PiggybackTransport:
     def finish(self) -> tuple[int, int]:
         """The agreed `(ready, refused_first)` of the carried round; unstages it."""
         assert self._fired, "finish() before a backward carried the round"
-        self._staged = None
+        self._staged = False
         self._fired = False
         side = self._side
         if side is not None:
@@ -195,7 +193,7 @@ class PiggybackTransport:
 
     def cancel(self) -> None:
         """Drop the staged or carried round unread (its result, if any, is ignored)."""
-        self._staged = None
+        self._staged = False
         self._fired = False
         if self._side is not None:
             work, _ = self._side
@@ -203,6 +201,26 @@ class PiggybackTransport:
             work.wait()  # every rank launched it; completing it keeps the group quiescent
 
     # ---- the autograd thread, in the hook ------------------------------------------------------
+
+    def _make_offer(self) -> bool:
+        """Ask for this rank's offer and clamp it; returns whether it differs from the last one
+        carried (the code must be written again)."""
+        ready, refused_first = self._offer_now()
+        last = self._last_decided
+        asked = self._asked
+        if asked is not None and asked[0] == ready and asked[1] == refused_first and asked[2] == last:
+            return False  # an idle rank offers what it offered last step
+        self._asked = (ready, refused_first, last)
+        self._carried = clamp(ready, refused_first, last)
+        return True
+
+    def _write_code(self) -> None:
+        ready, refused_first = self._carried
+        last = self._last_decided
+        code = (ready - last, refused_first - last)
+        if code != self._code:  # the same code relative to a later L: nothing to write
+            encode_counts(ready, refused_first, last, self._counts)
+            self._code = code
 
     def ride(self, buffer: torch.Tensor, group: Any) -> torch.futures.Future[torch.Tensor]:
         """All-reduce `buffer` (divided by the world size, as DDP's default) with this rank's code
@@ -220,18 +238,23 @@ class PiggybackTransport:
             buf = self._ride_buffer(n, buffer)
         torch.div(buffer, self.world_size, out=self._head)
         tail = self._tail
-        if self._staged is None:
+        if not self._staged:
             tail.zero_()
-        elif cuda:
-            pinned = self._pinned
-            if pinned is None:
-                pinned = self._pinned = torch.empty(WIDTH, dtype=torch.float64).pin_memory()
-            pinned.copy_(self._counts)
-            tail.copy_(pinned, non_blocking=True)
-            self._h2d = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._h2d.record()
         else:
-            tail.copy_(self._counts)
+            if self._make_offer():
+                self._write_code()
+            if cuda:
+                pinned = self._pinned
+                if pinned is None:
+                    pinned = self._pinned = torch.empty(WIDTH, dtype=torch.float64).pin_memory()
+                elif self._h2d is not None:
+                    self._h2d.synchronize()  # the last step's copy to the device has read it
+                pinned.copy_(self._counts)
+                tail.copy_(pinned, non_blocking=True)
+                self._h2d = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                self._h2d.record()
+            else:
+                tail.copy_(self._counts)
         self._mark_fired(cuda)
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
         split: torch.futures.Future[torch.Tensor] = fut.then(self._split_cuda if cuda else self._split_host)
@@ -239,8 +262,14 @@ class PiggybackTransport:
 
     def side(self, group: Any) -> None:
         """Launch the offer's own int64 MIN all-reduce (when a round is staged)."""
-        if self._staged is None:
+        if not self._staged:
             return
+        self._make_offer()
+        ready, refused_first = self._carried
+        if (ready, refused_first) != self._min_key:
+            for i, value in enumerate(encode(Offer(ready, refused_first, False, 1, 1))):
+                self._mins[i] = value
+            self._min_key = (ready, refused_first)
         tensor = self._mins.clone()
         device = _group_device(group)
         if device is not None:
@@ -250,7 +279,7 @@ class PiggybackTransport:
         self._mark_fired(False)
 
     def _mark_fired(self, cuda: bool) -> None:
-        if self._staged is not None:
+        if self._staged:
             self._fired = True
             self._settle = 1 if cuda else 0
             self.carried += 1

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests.unit.factories import set_config
 from tests.unit.test_threadlet_agreement import _Collective, _refusing
-from threadlet.agreement import NONE_REFUSED, PIGGYBACK_PATIENCE_TICKS, Agreement, Offer, Verdict
+from threadlet.agreement import NONE_REFUSED, PIGGYBACK_PATIENCE_TICKS, Agreement, OfferNow, Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.ddp_hook import (
     WIDTH,
@@ -62,7 +62,8 @@ def test_exact_ranks_per_dtype() -> None:
 
 
 class _Backward:
-    """An in-process stand-in for DDP's synchronized backward: every rank's staged code, summed."""
+    """An in-process stand-in for DDP's synchronized backward: every rank's code, made as the
+    backward carries it, summed."""
 
     def __init__(self, ranks: int) -> None:
         self.members = [_Rider(ranks) for _ in range(ranks)]
@@ -70,7 +71,7 @@ class _Backward:
     def run(self) -> None:
         total = torch.zeros(WIDTH, dtype=torch.float32)
         for m in self.members:
-            total += m.code.to(torch.float32)
+            total += m.ride().to(torch.float32)
         for m in self.members:
             m.carried(total)
 
@@ -85,21 +86,30 @@ class _Rider:
         self.fired = False
         self.sums: list[float] = []
         self.last = 0
+        self.offer: OfferNow | None = None
+        self.carried_offer = (0, NONE_REFUSED)
 
-    def start(self, ready: int, refused_first: int, busy: bool, last_decided: int) -> Offer:
-        ready, refused_first = clamp(ready, refused_first, last_decided)
-        encode_counts(ready, refused_first, last_decided, self.code)
-        self.staged, self.fired, self.last = True, False, last_decided
-        return Offer(ready, refused_first, busy, 1, 1)
+    def start(self, last_decided: int, offer: OfferNow) -> None:
+        self.staged, self.fired, self.last, self.offer = True, False, last_decided, offer
+
+    def ride(self) -> torch.Tensor:
+        self.code.zero_()
+        if self.staged:
+            assert self.offer is not None
+            ready, refused_first = clamp(*self.offer(), self.last)
+            encode_counts(ready, refused_first, self.last, self.code)
+            self.carried_offer = (ready, refused_first)
+        return self.code
 
     def carried(self, total: torch.Tensor) -> None:
         if self.staged:
             self.fired, self.sums = True, total.tolist()
-        else:
-            self.code.zero_()
 
     def done(self) -> bool:
         return self.fired
+
+    def offered(self) -> tuple[int, int]:
+        return self.carried_offer
 
     def finish(self) -> tuple[int, int]:
         self.staged = self.fired = False
@@ -202,7 +212,7 @@ def test_a_failed_all_reduce_fails_the_backward(monkeypatch: pytest.MonkeyPatch)
     default hook, so the rank raises and torchrun re-rendezvouses instead of training on alone."""
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **kw: _FailedWork())
     transport = PiggybackTransport(2)
-    transport.start(1, NONE_REFUSED, True, 0)
+    transport.start(0, lambda: (1, NONE_REFUSED))
     fut = transport.ride(torch.ones(4), group=None)
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         fut.wait()

@@ -69,6 +69,8 @@ class Pilot:
     refusal_event_at: dict[str, float] = field(default_factory=dict)
     branch: str | None = None  # the branch the step-based rules count on
     run_id: str = ""
+    knobs_given: set[str] = field(default_factory=set)  # the policy's [knobs] settled for this run
+    knobs_waiting_noted: bool = False
 
 
 def make_event(
@@ -159,7 +161,9 @@ def _window_json(det: sg.Detected) -> str:
 
 def _fire(pilot: Pilot, rule: Rule, job: JobState, det: sg.Detected, now: float) -> Firing | JobEvent | None:
     """Apply the guardrails to one rule whose condition holds; record the firing when it goes ahead."""
-    refusal = guardrails.rate_refusal(rule, pilot.fired_at.get(rule.name, ()), now)
+    fired_at = pilot.fired_at.get(rule.name, ())
+    last_step = pilot.fired_step.get(rule.name)
+    refusal = guardrails.rate_refusal(rule, fired_at, now, fired_step=last_step, step=det.step)
     resolved = _bodies(rule, job, det) if refusal is None else refusal
     if isinstance(resolved, str):
         refusal = resolved
@@ -188,9 +192,25 @@ def _fire(pilot: Pilot, rule: Rule, job: JobState, det: sg.Detected, now: float)
     # Counted whatever the mode: a dry run shows what the rule would really have done.
     pilot.fired_at.setdefault(rule.name, collections.deque(maxlen=rule.max_per_hour + 1)).append(now)
     pilot.fired_step[rule.name] = det.step
+    why = f"{det.signal.value} at step {det.step}"
+    return _emit(pilot, job, rule.name, why, bodies, alerts, attrs, now)
+
+
+def _emit(
+    pilot: Pilot,
+    job: JobState,
+    name: str,
+    why: str,
+    bodies: list[Body],
+    alerts: list[str],
+    attrs: dict[str, str],
+    now: float,
+) -> Firing:
+    """The firing of `name` (a rule, or the policy for its `[knobs]`) in the policy's mode: its
+    requests as issuer `rule:<name>` and its journal event; held when the policy wants approval."""
     guards = pilot.policy.guards
     mode = Mode.DRY_RUN if guards.dry_run else Mode.PROPOSED if guards.approval else Mode.SEND
-    issuer = Issuer(kind=ISSUER_KIND, identity=f"rule:{rule.name}")
+    issuer = Issuer(kind=ISSUER_KIND, identity=f"rule:{name}")
     requests = tuple(
         SubmitRequest(body=b, job=job.job, issuer=issuer, command_id=uuid.uuid4().hex) for b in bodies
     )
@@ -198,7 +218,7 @@ def _fire(pilot: Pilot, rule: Rule, job: JobState, det: sg.Detected, now: float)
     proposal = uuid.uuid4().hex[:12] if mode is Mode.PROPOSED else ""
     verb = {Mode.SEND: "sends", Mode.DRY_RUN: "would have sent (dry run)", Mode.PROPOSED: "proposes"}[mode]
     kind = {Mode.SEND: "rule_fired", Mode.DRY_RUN: "rule_dry_run", Mode.PROPOSED: "rule_proposed"}[mode]
-    message = f"rule {rule.name} ({det.signal.value} at step {det.step}) {verb} {commands}"
+    message = f"rule {name} ({why}) {verb} {commands}"
     if alerts:
         message += f"; alert: {'; '.join(alerts)}"
     extra = {"commands": commands, "mode": mode.value, "alerts": json.dumps(alerts)}
@@ -206,10 +226,45 @@ def _fire(pilot: Pilot, rule: Rule, job: JobState, det: sg.Detected, now: float)
         extra["proposal"] = proposal
     first_id = requests[0].command_id if requests else ""
     event = make_event(job, kind, message, now, first_id, **attrs, **extra)
-    firing = Firing(rule=rule.name, mode=mode, requests=requests, event=event, proposal_id=proposal)
+    firing = Firing(rule=name, mode=mode, requests=requests, event=event, proposal_id=proposal)
     if proposal:
         hold(pilot, firing)
     return firing
+
+
+def _policy_knobs(pilot: Pilot, job: JobState, step: int, now: float) -> Decision:
+    """The policy's `[knobs]` the run reports and has not been given yet, as one set (issuer
+    `rule:<policy name>`); a knob the run does not report (yet) waits for a later report, named
+    once per run in a `policy_knobs_waiting` event. A knob already at its value is not sent again
+    (a new weaver's pilot starts afresh: it re-sends nothing a takeover did not lose). Bounds do not
+    apply: the person who set the policy chose these values, as with `torchloom set`."""
+    wanted = {k: v for k, v in pilot.policy.knobs.items() if k not in pilot.knobs_given}
+    if not wanted:
+        return Decision()
+    reported = {k.name for k in job.knobs}
+    current = knob_values(job)
+    ready = {k: v for k, v in wanted.items() if k.split("@", 1)[0] in reported}
+    pilot.knobs_given.update(ready)
+    values = {k: v for k, v in ready.items() if "@" in k or current.get(k) != v}
+    events: tuple[JobEvent, ...] = ()
+    waiting = sorted(wanted.keys() - ready.keys())
+    if waiting and not pilot.knobs_waiting_noted:
+        pilot.knobs_waiting_noted = True
+        message = (
+            f"policy {pilot.policy.name}: the run does not report knob(s) {', '.join(waiting)} (yet); "
+            "each is set once it does"
+        )
+        events = (
+            make_event(
+                job, "policy_knobs_waiting", message, now, policy=pilot.policy.name, knobs=json.dumps(waiting)
+            ),
+        )
+    if not values:
+        return Decision(events=events)
+    attrs = {"rule": pilot.policy.name, "signal": "knobs", "step": str(step), "branch": job.registry.branch}
+    why = f"the policy's [knobs] at step {step}"
+    firing = _emit(pilot, job, pilot.policy.name, why, [SetConfig(values=values)], [], attrs, now)
+    return Decision(events=events, firings=(firing,))
 
 
 def hold(pilot: Pilot, firing: Firing) -> None:
@@ -227,8 +282,9 @@ def on_metrics(pilot: Pilot, job: JobState, sample: sg.Sample, now: float) -> De
         # A rollback starts another branch at an earlier step: step-based rules count afresh.
         pilot.branch = pilot.track.branch
         pilot.fired_step.clear()
-    events: list[JobEvent] = []
-    firings: list[Firing] = []
+    given = _policy_knobs(pilot, job, sample.step, now)
+    events: list[JobEvent] = list(given.events)
+    firings: list[Firing] = list(given.firings)
     for rule in pilot.policy.rules:
         cond = rule.condition
         if cond.signal is not sg.Signal.NONFINITE and not lead:

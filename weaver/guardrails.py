@@ -31,8 +31,17 @@ def _rate(
     return None
 
 
-def rate_refusal(rule: Rule, fired_at: Iterable[float], now: float) -> str | None:
-    """Refuse a firing within the rule's cool-down of its last one, or past `max_per_hour`."""
+def rate_refusal(
+    rule: Rule, fired_at: Iterable[float], now: float, *, fired_step: int | None = None, step: int = 0
+) -> str | None:
+    """Refuse a firing within the rule's cool-down of its last one (`cooldown_s` seconds, and
+    `cooldown_steps` training steps after `fired_step`, the step it last fired at on this branch),
+    or past `max_per_hour`."""
+    if fired_step is not None and step - fired_step < rule.cooldown_steps:
+        return (
+            f"rule {rule.name!r} is cooling down: fired at step {fired_step}, now step {step}, "
+            f"cooldown_steps={rule.cooldown_steps} ({fired_step + rule.cooldown_steps - step} steps left)"
+        )
     return _rate(f"rule {rule.name!r}", "fired", rule.cooldown_s, rule.max_per_hour, sorted(fired_at), now)
 
 

@@ -11,6 +11,8 @@ something is wrong; `load(spec)` reads a file, or the shipped default for "defau
                              # "stop", "data_add", "fault_inject"
     [bounds]                 # how far a rule may move a knob, as factors of its start value
     lr = [0.01, 10.0]        # (every numeric knob not named here: DEFAULT_BOUNDS)
+    [knobs]                  # knob settings the rules need, sent once per run at its first report
+    report_update_ratio = 25 # (issuer rule:<policy name>; a knob the run does not report waits)
 
     [[rule]]
     name = "spike"
@@ -20,7 +22,9 @@ something is wrong; `load(spec)` reads a file, or the shipped default for "defau
     steps = 200              # plateau, every_steps
     above = 1e-2             # update_ratio: a newly measured ratio over this fires (the ranks
                              # measure it only while the report_update_ratio knob is N > 0)
+    consecutive = 2          # update_ratio: ... when the latest N measurements are all over it
     cooldown_s = 60.0        # no second firing sooner
+    cooldown_steps = 0       # nor within this many training steps of the last (on its branch)
     max_per_hour = 10        # and at most this many in any hour
     do = [{set = {lr = "x0.5"}}, {action = "rollback", checkpoint = "last_good"}, {alert = "text"}]
 
@@ -42,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from torchloom import knobs
-from torchloom.messages import ActionKind
-from weaver.signals import Condition, Signal
+from torchloom.messages import ActionKind, KnobValue
+from weaver.signals import MAX_CONSECUTIVE, Condition, Signal
 
 DEFAULT = "default"
 DEFAULT_BOUNDS = (0.01, 10.0)
@@ -51,8 +55,21 @@ LAST_GOOD = "last_good"  # a rollback's checkpoint: the newest taken before the 
 # Actions an automated issuer may not take unless the policy's `allow` lists them.
 FORBIDDEN: frozenset[ActionKind] = frozenset({ActionKind.STOP, ActionKind.DATA_ADD, ActionKind.FAULT_INJECT})
 
-_RULE_KEYS = frozenset({"name", "when", "factor", "steps", "above", "cooldown_s", "max_per_hour", "do"})
-_TOP_KEYS = frozenset({"name", "dry_run", "approval", "allow", "bounds", "rule", "agent"})
+_RULE_KEYS = frozenset(
+    {
+        "name",
+        "when",
+        "factor",
+        "steps",
+        "above",
+        "consecutive",
+        "cooldown_s",
+        "cooldown_steps",
+        "max_per_hour",
+        "do",
+    }
+)
+_TOP_KEYS = frozenset({"name", "dry_run", "approval", "allow", "bounds", "knobs", "rule", "agent"})
 _GUARD_KEYS = ("dry_run", "approval", "allow", "bounds")
 _AGENT_KEYS = frozenset({*_GUARD_KEYS, "cooldown_s", "max_per_hour"})
 _FACTOR_SIGNALS = {Signal.LOSS_SPIKE: 3.0, Signal.DIVERGENCE: 10.0, Signal.THROUGHPUT_DROP: 2.0}
@@ -93,6 +110,7 @@ class Rule:
     condition: Condition
     do: tuple[Step, ...]
     cooldown_s: float = 60.0
+    cooldown_steps: int = 0
     max_per_hour: int = 10
 
 
@@ -126,6 +144,8 @@ class Policy:
     rules: tuple[Rule, ...]
     guards: Guards = field(default_factory=Guards)
     agent: AgentGuards = field(default_factory=AgentGuards)
+    # Knob settings the rules need (`[knobs]`), sent once per run by the weaver (`weaver.autopilot`).
+    knobs: Mapping[str, KnobValue] = field(default_factory=dict)
     text: str = ""  # the TOML it was read from, as `torchloom policy show` prints it
 
 
@@ -225,14 +245,20 @@ def _rule(where: str, raw: Any, names: set[str]) -> Rule:
         above = _number(f"{where}.above", raw.get("above", _ABOVE_SIGNALS[signal]), low=0.0, high=1e6)
     elif "above" in raw:
         raise _fail(f"{where}.above", f"not used by when = {signal.value!r}")
+    consecutive = 1
+    if signal is Signal.UPDATE_RATIO:
+        consecutive = _int(f"{where}.consecutive", raw.get("consecutive", 1), low=1, high=MAX_CONSECUTIVE)
+    elif "consecutive" in raw:
+        raise _fail(f"{where}.consecutive", f"not used by when = {signal.value!r}")
     do = raw.get("do")
     if not isinstance(do, list) or not do:
         raise _fail(f"{where}.do", f"{do!r} rejected: expected a non-empty list of steps")
     return Rule(
         name=name,
-        condition=Condition(signal=signal, factor=factor, steps=steps, above=above),
+        condition=Condition(signal=signal, factor=factor, steps=steps, above=above, consecutive=consecutive),
         do=tuple(_step(f"{where}.do[{i}]", s) for i, s in enumerate(do)),
         cooldown_s=_number(f"{where}.cooldown_s", raw.get("cooldown_s", 60.0), low=0.0, high=7 * 86400.0),
+        cooldown_steps=_int(f"{where}.cooldown_steps", raw.get("cooldown_steps", 0), low=0, high=10**9),
         max_per_hour=_int(f"{where}.max_per_hour", raw.get("max_per_hour", 10), low=1, high=100_000),
     )
 
@@ -267,6 +293,25 @@ def _guards(raw: Mapping[str, Any]) -> Guards:
             raise _fail(where, f"{pair!r} rejected: LOW <= 1 <= HIGH (the start value is allowed)")
         bounds[knob] = (low, high)
     return Guards(dry_run=flags["dry_run"], approval=flags["approval"], allow=frozenset(allow), bounds=bounds)
+
+
+def _knobs(raw: Any) -> dict[str, KnobValue]:
+    """The `[knobs]` table: KNOB = NUMBER | true | false | "TEXT" (each checked against the run's knob
+    schema when it is sent, like any set)."""
+    if not isinstance(raw, dict):
+        raise _fail("knobs", f"{raw!r} rejected: expected a table KNOB = VALUE ([knobs])")
+    out: dict[str, KnobValue] = {}
+    for knob, value in raw.items():
+        where = f"knobs.{knob}"
+        try:
+            knobs.split_key(knob)
+        except ValueError as exc:
+            raise _fail(where, str(exc)) from None
+        finite = isinstance(value, int | float) and math.isfinite(value)
+        if not (isinstance(value, bool | str) or finite):
+            raise _fail(where, f'{value!r} rejected: expected a finite number, true, false or "TEXT"')
+        out[knob] = value
+    return out
 
 
 def _agent(raw: Mapping[str, Any]) -> AgentGuards:
@@ -321,6 +366,7 @@ def parse(text: str, *, source: str = "policy") -> Policy:
         rules = tuple(_rule(f"rule[{i}]", r, names) for i, r in enumerate(rules_raw))
         guards = _guards(raw)
         agent = _agent(raw)
+        knob_settings = _knobs(raw.get("knobs", {}))
     except PolicyError as exc:
         raise PolicyError(f"{source}: {exc}") from None
     for rule in rules:
@@ -330,7 +376,7 @@ def parse(text: str, *, source: str = "policy") -> Policy:
                     f"{source}: rule {rule.name!r}: action {step.kind.value!r} is forbidden to rules; "
                     f'add it to allow = ["{step.kind.value}"] to permit it'
                 )
-    return Policy(name=name, rules=rules, guards=guards, agent=agent, text=text)
+    return Policy(name=name, rules=rules, guards=guards, agent=agent, knobs=knob_settings, text=text)
 
 
 def default_text() -> str:

@@ -29,6 +29,7 @@ UPDATE_RATIO = "update_ratio"
 UPDATE_RATIO_COUNT = "update_ratio_count"
 
 WINDOW = 64  # samples kept per job: what a firing journals as its signal window
+MAX_CONSECUTIVE = 16  # update-to-weight ratio measurements kept per job (a condition's `consecutive`)
 _EMA_ALPHA = 0.1  # weight of a new loss in the loss EMA
 _SLOW_ALPHA = 0.02  # weight of a new step time in the baseline the throughput drop compares with
 _WARMUP = 5  # samples before EMA-based signals may fire
@@ -44,7 +45,7 @@ class Signal(StrEnum):
     PLATEAU = "plateau"  # the loss EMA did not improve (by PLATEAU_TOLERANCE) in `steps` steps
     THROUGHPUT_DROP = "throughput_drop"  # step time over `factor` x its slow baseline
     EVERY_STEPS = "every_steps"  # every `steps` steps (periodic checkpoints)
-    UPDATE_RATIO = "update_ratio"  # a newly measured update-to-weight ratio over `above`
+    UPDATE_RATIO = "update_ratio"  # the latest `consecutive` measured update-to-weight ratios over `above`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +72,7 @@ class Condition:
     factor: float = 0.0
     steps: int = 0
     above: float = 0.0
+    consecutive: int = 1  # update_ratio: how many latest measurements must all be over `above`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +114,10 @@ class Track:
     update_ratio: float = math.nan  # the lead rank's latest measured ratio
     update_ratio_count: int = 0  # its measurement count when last seen
     update_ratio_new: bool = False  # the latest report brought a new measurement
+    # The lead rank's latest measurements, newest last (ticks pace them, so a rollback keeps them).
+    update_ratios: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=MAX_CONSECUTIVE)
+    )
 
 
 def _count(raw: float | None) -> int:
@@ -177,6 +183,7 @@ def observe(track: Track, sample: Sample) -> bool:
         assert sample.update_ratio is not None
         track.update_ratio = sample.update_ratio
         track.update_ratio_count = sample.update_ratio_count
+        track.update_ratios.append(sample.update_ratio)
     if sample.branch != track.branch or sample.step < track.step:
         _reset_series(track)
         track.branch = sample.branch
@@ -237,7 +244,13 @@ def detect(track: Track, cond: Condition, *, since_step: int = 0) -> Detected | 
     if latest is None:
         return None
     if sig is Signal.UPDATE_RATIO:
-        high = track.update_ratio_new and track.update_ratio > cond.above
+        # A sustained excess, not one step's: Adam's first steps move every weight by about lr.
+        latest_ratios = list(track.update_ratios)[-cond.consecutive :]
+        high = (
+            track.update_ratio_new
+            and len(latest_ratios) == cond.consecutive
+            and all(r > cond.above for r in latest_ratios)
+        )
         return hit(track.update_ratio, cond.above) if high else None
     if sig is Signal.EVERY_STEPS:
         due = since_step + cond.steps if since_step else cond.steps

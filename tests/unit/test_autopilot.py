@@ -259,7 +259,9 @@ def test_default_policy_is_the_issue_s_list() -> None:
         "nonfinite-rollback": sg.Signal.NONFINITE,
         "spike-halve-lr": sg.Signal.LOSS_SPIKE,
         "plateau-decay-lr": sg.Signal.PLATEAU,
+        "hot-update-halve-lr": sg.Signal.UPDATE_RATIO,
     }
+    assert p.knobs == {"report_update_ratio": 25}  # what hot-update-halve-lr reads
     assert not p.guards.dry_run and not p.guards.approval and p.guards.bounds["lr"] == (0.01, 10.0)
 
 

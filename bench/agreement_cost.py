@@ -4,12 +4,18 @@ bucket (a 1 MiB float32 all-reduce, divided by the world size as DDP's default h
 without the 32 appended counts, through the real `PiggybackTransport.ride`). The numbers behind
 docs/design.md, "Agreement at scale".
 
+With --backward, what a communication hook costs a real DDP backward (2 ranks, MLP 64-H-1, batch
+32, one bucket): DDP's C++ reduction, torch's own Python `allreduce_hook`, and the piggyback hook
+carrying an idle round every step, interleaved in one process per rank:
+
     python bench/agreement_cost.py --worlds 2,4,8
+    python bench/agreement_cost.py --backward --hidden 256
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -21,9 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from threadlet.agreement import NONE_REFUSED, Offer, encode
-from threadlet.ddp_hook import PiggybackTransport
+from threadlet.ddp_hook import PiggybackHook, PiggybackTransport, piggyback_hook
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = 1 << 18  # float32 elements: DDP's first bucket is capped at 1 MiB
@@ -83,15 +91,86 @@ def measure(iters: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def measure_backward(iters: int, hidden: int, out: Path) -> None:
+    """Forward + backward of three DDP twins, interleaved step by step."""
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    arms = {name: nn.parallel.DistributedDataParallel(copy.deepcopy(base)) for name in BACKWARD_ARMS}
+    arms["python_hook"].register_comm_hook(None, default_hooks.allreduce_hook)
+    state = PiggybackHook(arms["piggyback_hook"].process_group)
+    transport = state.transport = PiggybackTransport(dist.get_world_size())
+    arms["piggyback_hook"].register_comm_hook(state, piggyback_hook)
+    last = dist.get_world_size()  # any decided seq: nothing is ever pending
+
+    def idle_offer() -> tuple[int, int]:
+        return last, NONE_REFUSED
+
+    x, y = torch.randn(32, 64), torch.randn(32, 1)
+    rows: dict[str, list[float]] = {name: [] for name in arms}
+    for i in range(iters + 100):
+        for name, net in arms.items():
+            if name == "piggyback_hook":  # the boundary: read the carried round, stage the next
+                if transport.done():
+                    transport.cancel()
+                transport.start(last, idle_offer)
+            net.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            nn.functional.mse_loss(net(x), y).backward()
+            if i >= 100:
+                rows[name].append(time.perf_counter() - t0)
+    if dist.get_rank() == 0:
+        result: dict[str, object] = {
+            name: {"median_us": statistics.median(v) * 1e6, "mean_us": statistics.fmean(v) * 1e6}
+            for name, v in rows.items()
+        }
+        result.update(hidden=hidden, iters=iters, load=os.getloadavg()[0])
+        out.write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+BACKWARD_ARMS = ("builtin", "python_hook", "piggyback_hook")
+
+
+def backward(args: argparse.Namespace) -> None:
+    part = Path(tempfile.mkdtemp(prefix="tl-agree-")) / "backward.json"
+    load = os.getloadavg()[0]
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+         __file__, "--iters", str(args.iters), "--hidden", str(args.hidden), "--measure-backward",
+         str(part)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True,
+    )  # fmt: skip
+    result = json.loads(part.read_text())
+    result["load_before"] = load
+    base = result["builtin"]["median_us"]
+    print(f"{'forward+backward':<18}{'median us':>12}{'mean us':>12}{'vs C++':>10}")
+    for name in BACKWARD_ARMS:
+        med, mean = result[name]["median_us"], result[name]["mean_us"]
+        print(f"{name:<18}{med:>12.1f}{mean:>12.1f}{(med / base - 1) * 100:>+9.1f}%")
+    print(f"load average {load:.1f} before, {result['load']:.1f} after")
+    out = Path(args.out).with_name("agreement_backward.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--worlds", default="2,4,8")
     p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--backward", action="store_true", help="the hook's cost in a real DDP backward")
+    p.add_argument("--hidden", type=int, default=256, help="--backward: the MLP's hidden width")
     p.add_argument("--out", default=str(REPO / "bench/results/agreement_cost.json"))
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--measure-backward", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure is not None:
         measure(args.iters, args.measure)
+        return
+    if args.measure_backward is not None:
+        measure_backward(args.iters, args.hidden, args.measure_backward)
+        return
+    if args.backward:
+        backward(args)
         return
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="tl-agree-"))

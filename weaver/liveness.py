@@ -199,6 +199,55 @@ def scale_event(job: JobState, previous: PreviousWorld, now: float) -> JobEvent:
     )
 
 
+@dataclass(slots=True)
+class ReadClock:
+    """How far the weaver has read its heartbeats, so its own lag is never blamed on a rank.
+
+    A heartbeat waiting in the weaver's queue was sent, yet its rank's last-seen time is old until
+    it is folded in. So liveness is judged at the time up to which every heartbeat received was
+    folded (`judged_at`): the last time the queue was seen empty while it has a backlog, `now`
+    without one. While the heartbeat connection is down, heartbeats sent meanwhile are lost rather
+    than late: no verdict until it is back, and for `dead_after_s` after that the clock is held back
+    by the gap, so a rank has time to be heard again. A tick that itself ran late (the event loop
+    was starved: its reads are late too) gives no verdict. Pure: the caller passes every time.
+    """
+
+    caught_up_at: float = 0.0  # when the heartbeat queue was last seen empty after a fold
+    disconnected_at: float | None = None  # since when the heartbeat connection is down
+    gap_s: float = 0.0  # the last disconnection's length
+    gap_until: float = 0.0  # the clock is held back by gap_s until then
+
+    def drained(self, now: float) -> None:
+        """The heartbeat queue was empty at `now` (every heartbeat received so far is folded)."""
+        self.caught_up_at = now
+
+    def disconnected(self, now: float) -> None:
+        if self.disconnected_at is None:
+            self.disconnected_at = now
+
+    def reconnected(self, now: float, dead_after_s: float) -> None:
+        if self.disconnected_at is not None:
+            self.gap_s = max(0.0, now - self.disconnected_at)
+            self.gap_until = now + dead_after_s
+            self.disconnected_at = None
+
+    def judged_at(self, now: float, *, backlog: int, tick_late_s: float, dead_after_s: float) -> float | None:
+        """The time to judge liveness at, or None for no verdict now.
+
+        Args:
+            backlog: heartbeats received and not folded yet.
+            tick_late_s: how late the liveness tick that asks woke up.
+        """
+        if self.disconnected_at is not None or tick_late_s > dead_after_s / 2:
+            return None
+        if backlog and not self.caught_up_at:
+            return None  # behind since the start: nothing is known to be read up to any time
+        at = now if backlog == 0 else min(now, self.caught_up_at)
+        if now < self.gap_until:
+            at -= self.gap_s
+        return at
+
+
 def is_alive(entry: RankEntry, now: float, dead_after_s: float) -> bool:
     """A rank is alive while its last heartbeat is within `dead_after_s` and it has not finished."""
     return entry.heartbeat.state is not RankState.FINISHED and now - entry.last_seen_s <= dead_after_s

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -73,6 +73,19 @@ DECIDE_FAILED = "proposal_not_decided"
 # Who decides over api.decide on a bus whose role table the weaver was not told about.
 NATS_ANONYMOUS = "nats:unauthenticated"
 WARM_UP_MIN_S = 5.0  # after a (re)start, a submit the ranks' reports could decide waits at least this
+# Heartbeats and metrics (15 messages per rank per second) come on a connection of their own, so a
+# backlog of them never delays a JetStream answer (a stored command, a pub ack) or an API request,
+# and a slow-consumer cut of it loses telemetry only. Its queues are bounded: past these, nats-py
+# drops the newest message (the weaver is seconds behind; the read clock holds verdicts back).
+TELEMETRY_PENDING_MSGS = 200_000
+TELEMETRY_PENDING_BYTES = 256 * 1024 * 1024
+# Unwatched, a rank's step metrics are read at most this often (the lead rank's, which the autopilot
+# follows step by step, every time): Prometheus keeps its loss within this, and the autopilot's
+# non-finite counts are cumulative, so a skipped report hides none.
+METRICS_SAMPLE_S = 1.0
+METRICS_SAMPLED_MAX = 65_536  # subjects remembered for that (a flood of made-up ranks starts it over)
+# A liveness verdict judged this far behind the wall clock (the weaver's own lag) is logged.
+LAG_WARN_S = 0.25
 
 __all__ = ["DECIDE_FAILED", "QUEUE_GROUP", "Watcher", "Weaver"]
 
@@ -129,6 +142,13 @@ class Weaver:
         self.config = config
         self.state = WeaverState()
         self._nc: Client | None = None
+        self._telemetry: Client | None = None  # heartbeats and metrics (TELEMETRY_PENDING_MSGS)
+        self._heartbeats: Any = None  # their subscription (its backlog feeds the read clock)
+        self._read_clock = liveness.ReadClock()
+        self._metrics_read_at: dict[str, float] = {}  # metrics subject -> when last read unwatched
+        self._lead_metrics: dict[str, str] = {}  # job's metrics subject prefix -> its lowest rank
+        self._lagging_since: float | None = None  # when liveness was last judged in time
+        self._lag_max_s = 0.0
         self._streams: Streams | None = None
         self._schemas: knob_schemas.KnobSchemas | None = None  # once connected
         self._consumers: RankConsumers | None = None  # each rank's command consumer (made here)
@@ -228,12 +248,21 @@ class Weaver:
             # Before the subscriptions: acks of commands from before a restart must find them pending.
             await self._recover()
             nc = self._nc
+            self._telemetry = await bus.connect(
+                self.config.nats_url,
+                name="torchloom-weaver-telemetry",
+                connect_timeout_s=self.config.nats_timeout_s,
+                credentials=self.config.nats_credentials,
+                on_error=self._on_nats_error,
+                on_disconnected=self._on_telemetry_lost,
+                on_reconnected=self._on_telemetry_back,
+            )
             self._started_at_s = time.time()
-            await nc.subscribe(subjects.heartbeats_all(), cb=self._on_heartbeat)
+            self._heartbeats = await self._subscribe_telemetry(subjects.heartbeats_all(), self._on_heartbeat)
+            await self._subscribe_telemetry(subjects.metrics_all(), self._on_metrics)
             # Acks come through the durable consumer: those a previous weaver did not journal yet too.
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await self._acks.start(js)
-            await nc.subscribe(subjects.metrics_all(), cb=self._on_metrics)
             # Launchers announce a stopping run here (only the weaver and launcher roles may publish).
             await nc.subscribe(subjects.events_all(), cb=self._on_event)
             await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=self._on_api_submit)
@@ -241,12 +270,22 @@ class Weaver:
             await nc.subscribe(subjects.api_decide(), queue=QUEUE_GROUP, cb=self._on_api_decide)
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await nc.flush()
+                await self._telemetry.flush()
             self._runner = asyncio.create_task(self._run(), name="torchloom-weaver")
             await self._started.wait()
         except BaseException:
             await self.close()
             raise
         log.info("weaver up: nats %s", self.config.nats_url)
+
+    async def _subscribe_telemetry(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> Any:
+        assert self._telemetry is not None
+        return await self._telemetry.subscribe(
+            subject,
+            cb=cb,
+            pending_msgs_limit=TELEMETRY_PENDING_MSGS,
+            pending_bytes_limit=TELEMETRY_PENDING_BYTES,
+        )
 
     async def _run(self) -> None:
         try:
@@ -283,6 +322,9 @@ class Weaver:
         for fut in self._waiters.values():
             fut.cancel()
         self._waiters.clear()
+        if self._telemetry is not None and not self._telemetry.is_closed:
+            with contextlib.suppress(Exception):  # telemetry is not drained: nothing of it is kept
+                await self._telemetry.close()
         if self._nc is not None and not self._nc.is_closed:
             try:
                 async with asyncio.timeout(self.config.nats_timeout_s):
@@ -296,10 +338,16 @@ class Weaver:
 
     async def _liveness_loop(self) -> None:
         policy = self.config.policy()
+        interval = self.config.liveness_interval_s
         while True:
-            await asyncio.sleep(self.config.liveness_interval_s)
+            due = time.monotonic() + interval
+            await asyncio.sleep(interval)
+            now = time.time()
+            at = self._judged_at(now, tick_late_s=time.monotonic() - due)
+            if at is None:
+                continue
             try:
-                effects = health_plan.check_health(self.state, time.time(), policy)
+                effects = health_plan.check_health(self.state, at, policy)
             except Exception:  # a bug in a health decision must not take the weaver down
                 log.exception("rank health check failed")
                 continue
@@ -308,6 +356,44 @@ class Weaver:
             self._evict(time.time())
             for plan in effects.plans:
                 self._spawn(self._carry_out(plan), name=f"weaver-health-{plan.job}")
+
+    def _judged_at(self, now: float, *, tick_late_s: float) -> float | None:
+        """When to judge the ranks' liveness at (`liveness.ReadClock`): the weaver's own lag is not
+        blamed on ranks. A lag is logged once when it starts and once, with its worst, when it ends."""
+        sub = self._heartbeats
+        backlog = sub.pending_msgs if sub is not None else 0
+        at = self._read_clock.judged_at(
+            now, backlog=backlog, tick_late_s=tick_late_s, dead_after_s=self.config.dead_after_s
+        )
+        lag = now - at if at is not None else max(tick_late_s, now - self._read_clock.caught_up_at)
+        if at is None or lag > LAG_WARN_S:
+            if self._lagging_since is None:
+                self._lagging_since, self._lag_max_s = now, 0.0
+                log.warning(
+                    "the weaver is %.2f s behind its heartbeats (%d queued, tick %.2f s late%s): "
+                    "liveness is judged at the time read up to",
+                    lag,
+                    backlog,
+                    tick_late_s,
+                    ", heartbeat connection down" if self._read_clock.disconnected_at is not None else "",
+                )
+            self._lag_max_s = max(self._lag_max_s, lag)
+        elif self._lagging_since is not None:
+            log.warning(
+                "the weaver caught up with its heartbeats after %.1f s (at most %.2f s behind)",
+                now - self._lagging_since,
+                self._lag_max_s,
+            )
+            self._lagging_since = None
+        return at
+
+    async def _on_telemetry_lost(self) -> None:
+        log.warning("heartbeat connection lost: no liveness verdict until it is back")
+        self._read_clock.disconnected(time.time())
+
+    async def _on_telemetry_back(self) -> None:
+        self._read_clock.reconnected(time.time(), self.config.dead_after_s)
+        log.warning("heartbeat connection back after %.1f s", self._read_clock.gap_s)
 
     def _evict(self, now: float) -> None:
         """Forget dead jobs now and then (`admission.evict_dead_jobs`), so their slots free up."""
@@ -505,6 +591,13 @@ class Weaver:
             self._spawn(
                 consumers.ensure(hb.job, hb.run_id, hb.rank, hb.incarnation), name=f"weaver-consumer-{hb.job}"
             )
+        self._note_read(now)
+
+    def _note_read(self, now: float) -> None:
+        """After a heartbeat: with none left queued, every one received so far is folded in."""
+        sub = self._heartbeats
+        if sub is None or sub.pending_msgs == 0:
+            self._read_clock.drained(now)
 
     async def _with_schema(self, hb: Heartbeat) -> Heartbeat:
         """Keep a schema sent in full (stored for the next weaver); give a hash-only heartbeat the
@@ -586,6 +679,8 @@ class Weaver:
         ):
             return
         now = time.time()
+        if not watched and not self._metrics_due(msg.subject, now):
+            return
         try:
             sm = wire.decode_metrics(msg.data)
         except ValueError as exc:
@@ -601,6 +696,26 @@ class Weaver:
         if self.steering.active:
             self.steering.on_metrics(sm, now)
         self._fan_out(sm)
+
+    def _metrics_due(self, subject: str, now: float) -> bool:
+        """Unwatched, whether to read this report: a rank's at most every `METRICS_SAMPLE_S`, and
+        while a policy runs, its job's lowest rank's (the series the autopilot follows) each time.
+        Skipping costs a dict lookup, so the 10 Hz reports of 1,000 ranks are cheap to pass over."""
+        if self.steering.active:
+            prefix, _, token = subject.rpartition(".")  # <metrics of the job>.<rank>
+            if token.isdigit():
+                lead = self._lead_metrics.get(prefix)
+                if lead is None or int(token) <= int(lead):
+                    if len(self._lead_metrics) >= METRICS_SAMPLED_MAX:
+                        self._lead_metrics.clear()
+                    self._lead_metrics[prefix] = token
+                    return True
+        if now - self._metrics_read_at.get(subject, 0.0) < METRICS_SAMPLE_S:
+            return False
+        if len(self._metrics_read_at) >= METRICS_SAMPLED_MAX:  # made-up rank numbers: start over
+            self._metrics_read_at.clear()
+        self._metrics_read_at[subject] = now
+        return True
 
     async def _on_event(self, msg: Msg) -> None:
         """A launcher's `naming.RUN_STOPPING` marks its run as stopping (`health_plan.note_stopping`);

@@ -253,6 +253,19 @@ def is_alive(entry: RankEntry, now: float, dead_after_s: float) -> bool:
     return entry.heartbeat.state is not RankState.FINISHED and now - entry.last_seen_s <= dead_after_s
 
 
+def silent_ranks(state: WeaverState, now: float, dead_after_s: float) -> int:
+    """How many unfinished ranks of every job have been silent over `dead_after_s` at `now`: one pass
+    with no allocation per rank, for a liveness tick to tell whether anything changed."""
+    cutoff = now - dead_after_s
+    finished = RankState.FINISHED
+    return sum(
+        1
+        for job in state.jobs.values()
+        for e in job.ranks.values()
+        if e.last_seen_s < cutoff and e.heartbeat.state is not finished
+    )
+
+
 def _has_live_ranks(job: JobState, now: float, dead_after_s: float) -> bool:
     return any(is_alive(e, now, dead_after_s) for e in job.ranks.values())
 

@@ -84,6 +84,8 @@ TELEMETRY_PENDING_BYTES = 256 * 1024 * 1024
 # non-finite counts are cumulative, so a skipped report hides none.
 METRICS_SAMPLE_S = 1.0
 METRICS_SAMPLED_MAX = 65_536  # subjects remembered for that (a flood of made-up ranks starts it over)
+# The full health check runs at least this often (and on every change of the silent ranks' count).
+HEALTH_CHECK_INTERVAL_S = 0.5
 # A liveness verdict judged this far behind the wall clock (the weaver's own lag) is logged.
 LAG_WARN_S = 0.25
 
@@ -339,6 +341,11 @@ class Weaver:
     async def _liveness_loop(self) -> None:
         policy = self.config.policy()
         interval = self.config.liveness_interval_s
+        # Every tick counts the silent ranks (O(n), cheap); the full health check (blame, hung,
+        # stragglers: most of a tick's cost at 1,000 ranks) runs when that count changed, or at
+        # least every HEALTH_CHECK_INTERVAL_S, so a rank going silent is judged as fast as before.
+        full_every = max(1, round(HEALTH_CHECK_INTERVAL_S / interval))
+        tick, silent_before = 0, -1
         while True:
             due = time.monotonic() + interval
             await asyncio.sleep(interval)
@@ -346,6 +353,11 @@ class Weaver:
             at = self._judged_at(now, tick_late_s=time.monotonic() - due)
             if at is None:
                 continue
+            tick += 1
+            silent = liveness.silent_ranks(self.state, at, self.config.dead_after_s)
+            if silent == silent_before and tick % full_every:
+                continue
+            silent_before = silent
             try:
                 effects = health_plan.check_health(self.state, at, policy)
             except Exception:  # a bug in a health decision must not take the weaver down

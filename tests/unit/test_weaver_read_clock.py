@@ -6,6 +6,7 @@ unwatched step metrics are read at a bounded rate per rank, the autopilot's lead
 from __future__ import annotations
 
 from tests.unit.factories import heartbeat
+from torchloom.messages import RankState
 from weaver import health_plan, liveness
 from weaver.config import WeaverConfig
 from weaver.model import WeaverState
@@ -73,3 +74,14 @@ def test_while_a_policy_runs_the_lowest_rank_is_read_every_time() -> None:
     lead, other = "torchloom.v1.metrics.j.0", "torchloom.v1.metrics.j.3"
     assert all(w._metrics_due(lead, 10.0 + k * 0.1) for k in range(5))
     assert w._metrics_due(other, 10.0) and not w._metrics_due(other, 10.1)
+
+
+def test_silent_ranks_counts_unfinished_ranks_past_the_limit() -> None:
+    state = WeaverState()
+    for rank in range(3):
+        liveness.observe_heartbeat(state, heartbeat(rank, world=3), 100.0)
+    liveness.observe_heartbeat(state, heartbeat(0, world=3), 101.0)
+    assert liveness.silent_ranks(state, 100.5, DEAD_S) == 0
+    assert liveness.silent_ranks(state, 101.5, DEAD_S) == 2
+    liveness.observe_heartbeat(state, heartbeat(1, world=3, state=RankState.FINISHED), 100.0)
+    assert liveness.silent_ranks(state, 101.5, DEAD_S) == 1  # a finished rank stopped on purpose

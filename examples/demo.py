@@ -4,7 +4,9 @@ It uses the real CLI as a user would: `torchloom run` (which starts NATS and a w
 `torchloom set` with no flags (found through the discovery file). `torchloom run --ui` also serves the
 web dashboard; its URL is printed once the job is up. Afterwards it reads each rank's own
 records and prints, per accepted command, the step every rank applied it at and the loss around it.
-Exit status 0 iff the job exited 0 and every rank applied every command at the same step.
+The job trains until the demo stops it (`torchloom stop`), so a slow machine never lets it end
+before it was steered. Exit status 0 iff the job exited 0 and every rank applied every command at the
+same step.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "examples" / "train_tiny.py"
-STEPS = 300
+STEPS = 1_000_000  # more than the demo needs: its `torchloom stop` ends the job
 LOSS_WINDOW = 10  # steps averaged for "loss before" and "loss after"
 DEADLINE_S = 180.0
 
@@ -142,7 +144,9 @@ def main() -> int:
             first = submit(["lr=0.003"], env)
             if first["exit"] == 0:
                 accepted.append(("lr=0.003", first))
-            wait_for_step(150, env, job)
+            wait_for_step(
+                max(a["step"] for a in first.get("applied", [])) + 50 if accepted else 150, env, job
+            )
             second = submit(["lr=0.0005", "weight_decay=0.05"], env)
             if second["exit"] == 0:
                 accepted.append(("lr=0.0005 weight_decay=0.05", second))
@@ -150,6 +154,10 @@ def main() -> int:
             rejected_ok = invalid["exit"] == 2 and invalid.get("status") == "rejected"
             verdict = "rejected as expected" if rejected_ok else "NOT rejected"
             print(f"demo: lr=-1 was {verdict}: {invalid.get('reason')}")
+            stop = torchloom("stop", "--job", "demo", "--json", env=env)
+            stopped = json.loads(stop.stdout) if stop.returncode == 0 else {}
+            where = ", ".join(f"rank {a['rank']} at step {a['step']}" for a in stopped.get("applied", []))
+            print(f"demo: torchloom stop: {f'applied ({where})' if stopped else stop.stderr.strip()}")
             code = job.wait(timeout=DEADLINE_S)
         finally:
             if job.poll() is None:

@@ -108,8 +108,9 @@ async def test_command_after_server_restart_still_arrives(
 
 @pytest.mark.slow
 def test_finish_exits_zero_every_time(tmp_path: Path, job_env: dict[str, str]) -> None:
-    """The gloo exit trap: without finish() about 40% of such runs abort at exit."""
-    for i in range(10):
+    """The gloo exit trap: without finish() about 40% of such runs abort at exit, so six runs catch its
+    return 95% of the time (ten took a minute of the suite's budget for 99%)."""
+    for i in range(6):
         out = tmp_path / f"run{i}"
         proc = torchrun(out, job_env, steps=5, step_sleep=0.0)
         try:

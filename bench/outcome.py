@@ -9,9 +9,10 @@ arms, each run a real `torchloom run --nproc-per-node 1` under a private TORCHLO
 * bad+rules: the same bad lr under `--policy default`.
 
 Reports the final validation loss per arm (mean, min, max, stdev), the steps the rule arm redid after
-rollbacks (loop iterations beyond STEPS) and the rules that fired, and whether each rule run replays
-bit-exactly from its journal (`torchloom replay --run ID`: the same loss at every iteration and the same
-final validation loss). Prints a table and writes bench/results/outcome.json.
+rollbacks (loop iterations beyond STEPS), the rules that fired and the steps its lr changed at, and
+whether each rule run replays bit-exactly from its journal (`torchloom replay --run ID`: the same
+loss at every iteration and the same final validation loss). Prints a table and writes
+bench/results/outcome.json.
 
     .venv/bin/python bench/outcome.py [--seeds 5] [--steps 600]
 """
@@ -19,6 +20,7 @@ final validation loss). Prints a table and writes bench/results/outcome.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -95,7 +97,14 @@ def one_run(arm: str, seed: int, steps: int, work: Path, env: dict[str, str]) ->
         row["rules_refused"] = sorted(
             {e["attrs"].get("rule", "") for e in events if e["kind"] == "rule_refused"}
         )
-        row["final_lr"] = _records(out)[-1]["lr"]
+        records = _records(out)
+        row["final_lr"] = records[-1]["lr"]
+        # Where the lr changed: (step, branch, new lr), from the run's own records.
+        row["lr_changes"] = [
+            [r["step"], r["branch"], r["lr"]]
+            for prev, r in itertools.pairwise(records)
+            if r["lr"] != prev["lr"]
+        ]
         row["replay"] = replay(found.group(1), seed, steps, work, env, out)
     return row
 

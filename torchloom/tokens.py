@@ -58,7 +58,7 @@ BUILT_IN_ROLES = (TokenRole.OPERATOR, TokenRole.UI_OPERATOR, TokenRole.LAUNCHER)
 
 
 def agent_identity(name: str) -> str:
-    """"agent:<name>" for an agent called `name`.
+    """The identity "agent:<name>" of an agent called `name`.
 
     Raises:
         TokenError: `name` is not [A-Za-z0-9][A-Za-z0-9_.-]{0,63}.

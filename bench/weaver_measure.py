@@ -14,6 +14,7 @@ import cProfile
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -40,7 +41,7 @@ from weaver_sim import Simulator  # noqa: E402
 
 JOB = "scale"
 RANKS_PER_PROCESS = 750
-SCRAPE_EVERY_S = 5.0  # how often the window scrapes the weaver's /metrics, as Prometheus would
+SCRAPE_EVERY_S = 15.0  # how often the window scrapes the weaver's /metrics (a common Prometheus interval)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # The script the children run (`weaver_scale.py weaver|sim ...`).
 SCRIPT = BENCH / "weaver_scale.py"
@@ -250,6 +251,7 @@ async def measure(
             weaver_slow_consumer=sum(
                 "Slow Consumer" in line and "torchloom-weaver" in line for line in log.splitlines()
             ),
+            **_weaver_lag(tmp / "weaver.log"),
             sims_reported=len(sim_counts),
             sim_max_send_gap_s=round(max((c["max_send_gap_s"] for c in sim_counts), default=-1.0), 3),
             sim_late_ticks=sum(c["late_ticks"] for c in sim_counts),
@@ -269,6 +271,18 @@ async def measure(
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"weaver_scale: failed at {ranks} ranks; logs kept in {tmp}", file=sys.stderr)
+
+
+def _weaver_lag(log: Path) -> dict[str, Any]:
+    """How far behind its heartbeats the weaver said it was (its lag warnings), and how often."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lags = [float(x) for x in re.findall(r"is ([0-9.]+) s behind its heartbeats", text)]
+    lags += [float(x) for x in re.findall(r"at most ([0-9.]+) s behind", text)]
+    return {
+        "weaver_lag_episodes": text.count("behind its heartbeats ("),
+        "weaver_lag_max_s": max(lags, default=0.0),
+        "weaver_heartbeat_connection_lost": text.count("heartbeat connection lost"),
+    }
 
 
 async def _wait_joined(client: ControlClient, ranks: int, timeout_s: float) -> tuple[float, int]:
@@ -404,29 +418,33 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
     as threadlets send them) and `metrics_hz` metrics per rank and the weaver's 10 Hz liveness tick.
     The live run shows what a starved weaver does; this shows what it asks for. Not in it: nats-py's
     own cost per delivered message."""
-    from weaver import admission, health_plan, liveness
+    from weaver import health_plan, liveness
     from weaver.config import WeaverConfig
-    from weaver.model import WeaverState
-    from weaver.service import HEALTH_CHECK_INTERVAL_S
+    from weaver.service import HEALTH_CHECK_INTERVAL_S, METRICS_SAMPLE_S, Weaver
 
     config = WeaverConfig()
-    policy, limits = config.policy(), config.limits()
+    policy = config.policy()
     sim = Simulator(
         argparse.Namespace(lo=0, hi=ranks, job=JOB, run_id="model", world=ranks, t0=time.time(), hb_hz=hb_hz)
     )
     now = time.time()
-    state = WeaverState()
+    # The weaver's own handlers, on a weaver that is never started (no bus): what a message costs it
+    # past nats-py, every check included. A handler that never waits finishes on its first send.
+    weaver = Weaver(config)
+    weaver.metrics.serving = 1  # the control plane serves /metrics: unwatched metrics are sampled
+    state = weaver.state
     full = [(subjects.heartbeat(JOB, sr.rank), sim.encoded_heartbeat(sr, now)) for sr in sim.ranks]
     hashed = [
         (s, sim.encoded_heartbeat(sr, now, full=False)) for (s, _), sr in zip(full, sim.ranks, strict=True)
     ]
     metrics = [(subjects.metrics(JOB, sr.rank), sim.encoded_metrics(sr, now)) for sr in sim.ranks]
 
-    def fold(subject: str, data: bytes, at: float) -> None:  # Weaver._on_heartbeat's work
-        hb = wire.decode_heartbeat(data)
-        assert admission.check_heartbeat(state, hb, subject, at, config.dead_after_s, limits) is None
-        hb, _ = admission.clamp_last_seq(state, hb)
-        liveness.observe_heartbeat(state, hb, at)
+    def handle(handler: Any, subject: str, data: bytes) -> None:
+        with contextlib.suppress(StopIteration):
+            handler(argparse.Namespace(subject=subject, data=data, reply="")).send(None)
+
+    def fold(subject: str, data: bytes, at: float = 0.0) -> None:
+        handle(weaver._on_heartbeat, subject, data)
 
     def per_call(fn: Any) -> float:
         calls, start = 0, time.process_time()
@@ -442,6 +460,18 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
     hashed_s = per_call(lambda: fold(*hashed[next(i) % ranks], time.time()))
     hb_s = 0.3 * full_s + 0.7 * hashed_s
     metrics_s = per_call(lambda: wire.decode_metrics(metrics[next(i) % ranks][1]))
+    for subject, data in metrics:
+        handle(weaver._on_metrics, subject, data)
+    # Within METRICS_SAMPLE_S of a rank's last read report, its next ones are passed over.
+    skipped_s = per_call(lambda: handle(weaver._on_metrics, *metrics[next(i) % ranks]))
+
+    def read_one() -> None:
+        weaver._metrics_read_at.clear()
+        handle(weaver._on_metrics, *metrics[next(i) % ranks])
+
+    read_s = per_call(read_one)
+    read_share = min(1.0, 1.0 / (metrics_hz * METRICS_SAMPLE_S))
+    metrics_handled_s = read_share * read_s + (1 - read_share) * skipped_s
     # A healthy job at `at`: every rank heard within the last heartbeat interval. decide_health
     # changes nothing, so every call sees the same state at the same time.
     at = time.time()
@@ -461,19 +491,23 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
     cores_liveness = scan_s * tick_hz + tick_s * full_hz
     cores_hb = hb_s * ranks * hb_hz
     cores_metrics = metrics_s * ranks * metrics_hz
+    cores_metrics_handled = metrics_handled_s * ranks * metrics_hz
     return {
         "ranks": ranks,
         "heartbeat_full_us": round(full_s * 1e6, 1),
         "heartbeat_hashed_us": round(hashed_s * 1e6, 1),
         "metrics_decode_us": round(metrics_s * 1e6, 1),
+        "metrics_read_us": round(read_s * 1e6, 1),
+        "metrics_skipped_us": round(skipped_s * 1e6, 2),
         "liveness_tick_ms": round(tick_s * 1e3, 2),
         "liveness_tick_one_dead_ms": round(tick_dead_s * 1e3, 2),
         "status_ms": round(status_s * 1e3, 2),
         "cores_heartbeats": round(cores_hb, 3),
         "cores_metrics_if_all_decoded": round(cores_metrics, 3),
+        "cores_metrics": round(cores_metrics_handled, 3),
         "silent_scan_ms": round(scan_s * 1e3, 3),
         "cores_liveness": round(cores_liveness, 3),
         "cores_liveness_if_full_every_tick": round(tick_s * tick_hz, 3),
         "cores_liveness_one_dead": round(tick_dead_s * full_hz, 3),
-        "cores_total": round(cores_hb + cores_liveness, 3),
+        "cores_total": round(cores_hb + cores_metrics_handled + cores_liveness, 3),
     }

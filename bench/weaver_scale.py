@@ -54,7 +54,7 @@ def goals(r: dict[str, Any]) -> dict[str, bool]:
 HEADER = (
     f"{'ranks':>6} {'cpu':>6} {'rss MiB':>8} {'p50 ms':>8} {'p99 ms':>8} {'cmds':>5} {'applied':>7} "
     f"{'hb age s':>8} {'dead':>5} {'slow':>4} {'sim gap s':>9} {'sim cpu':>7} {'nats cpu':>8} {'load':>6} "
-    f"{'scrape ms':>9}"
+    f"{'scrape ms':>9} {'lag s':>6}"
 )
 
 
@@ -69,7 +69,7 @@ def row(r: dict[str, Any]) -> str:
         f"{max(r['ranks_not_alive_max'], r['rank_dead_events'], r['ranks'] - r['joined']):>5} "
         f"{r['weaver_slow_consumer']:>4} {r['sim_max_send_gap_s']:>9.2f} "
         f"{r['sim_cpu_cores']:>7.2f} {r['nats_cpu_cores']:>8.2f} {r['loadavg_before'][0]:>6.1f} "
-        f"{num(r['scrape_max_ms'], '9.1f')}"
+        f"{num(r['scrape_max_ms'], '9.1f')} {r['weaver_lag_max_s']:>6.2f}"
     )
 
 
@@ -118,16 +118,20 @@ def bench(a: argparse.Namespace) -> int:
     models = []
     if a.model:
         print(
-            f"\n{'ranks':>6} {'hb full us':>10} {'hb hash us':>10} {'metrics us':>10} {'tick ms':>8} "
-            f"{'dead tick ms':>12} {'status ms':>9} {'cores':>6}"
+            f"\n{'ranks':>6} {'hb full us':>10} {'hb hash us':>10} {'metrics read/skip us':>20} "
+            f"{'tick ms':>8} {'dead tick ms':>12} {'status ms':>9} {'hb cores':>8} {'metrics':>7} "
+            f"{'liveness':>8} {'cores':>6}"
         )
         for n in counts:
             m = cost_model(n, a.hb_hz, a.metrics_hz)
             models.append(m)
             print(
                 f"{n:>6} {m['heartbeat_full_us']:>10.1f} {m['heartbeat_hashed_us']:>10.1f} "
-                f"{m['metrics_decode_us']:>10.1f} {m['liveness_tick_ms']:>8.2f} "
-                f"{m['liveness_tick_one_dead_ms']:>12.2f} {m['status_ms']:>9.2f} {m['cores_total']:>6.2f}",
+                f"{m['metrics_read_us']:>12.1f} / {m['metrics_skipped_us']:>5.1f} "
+                f"{m['liveness_tick_ms']:>8.2f} {m['liveness_tick_one_dead_ms']:>12.2f} "
+                f"{m['status_ms']:>9.2f} "
+                f"{m['cores_heartbeats']:>8.2f} {m['cores_metrics']:>7.2f} {m['cores_liveness']:>8.2f} "
+                f"{m['cores_total']:>6.2f}",
                 flush=True,
             )
     result = {

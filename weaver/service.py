@@ -399,6 +399,19 @@ class Weaver:
             self._lagging_since = None
         return at
 
+    def _read_time(self, now: float) -> float:
+        """The time status judges liveness at: the read clock's (so status and the health events
+        agree), else, with no verdict possible now, the last time every heartbeat was folded."""
+        sub = self._heartbeats
+        clock = self._read_clock
+        at = clock.judged_at(
+            now,
+            backlog=sub.pending_msgs if sub is not None else 0,
+            tick_late_s=0.0,
+            dead_after_s=self.config.dead_after_s,
+        )
+        return at if at is not None else min(now, clock.caught_up_at or now)
+
     async def _on_telemetry_lost(self) -> None:
         log.warning("heartbeat connection lost: no liveness verdict until it is back")
         self._read_clock.disconnected(time.time())
@@ -990,12 +1003,14 @@ class Weaver:
         return outcome
 
     def status(self, job: str = "") -> StatusReply:
-        """A snapshot of one job, or of every job for an empty name.
+        """A snapshot of one job, or of every job for an empty name. Liveness (alive, health, the
+        heartbeat ages) is judged at the time up to which the weaver has read its heartbeats
+        (`liveness.ReadClock`), as the health events are: its own lag is not blamed on ranks.
 
         Raises:
             JobNotFound: the weaver has not heard of that job.
         """
-        return liveness.status(self.state, job, time.time(), self.config.policy())
+        return liveness.status(self.state, job, self._read_time(time.time()), self.config.policy())
 
     def set_policy(self, req: PolicyRequest) -> PolicyReply:
         """Run a job under an autopilot policy (`weaver.steering.Steering.set_policy_request`)."""

@@ -248,3 +248,19 @@ def test_bind_is_loopback_unless_allowed() -> None:
         == 9100
     )
     assert WeaverConfig().metrics_port is None  # off unless asked
+
+
+def test_a_scrape_copies_the_state_so_its_text_can_be_made_off_the_event_loop() -> None:
+    s = Setup()
+    s.beat(0, step=3)
+    s.metrics.observe_step_metrics(StepMetrics(job=f.JOB, run_id=f.RUN, rank=0, step=3, values={"loss": 2.5}))
+    scrape = s.metrics.scrape()
+    before = s.metrics.render(scrape)
+    s.beat(0, step=9)  # the weaver moves on while the text is made (in a thread)
+    s.beat(1, step=9)
+    s.metrics.observe_step_metrics(StepMetrics(job=f.JOB, run_id=f.RUN, rank=0, step=9, values={"loss": 1.0}))
+    assert s.metrics.render(scrape) == before  # the text reads the scrape alone
+    text = before.decode()
+    assert f'torchloom_rank_step{{job="{f.JOB}",rank="0"}} 3.0' in text
+    assert f'torchloom_rank_loss{{job="{f.JOB}",rank="0"}} 2.5' in text and 'rank="1"' not in text
+    assert at(s.samples(), "torchloom_rank_step", job=f.JOB, rank="1") == 9.0  # a new scrape sees it

@@ -5,6 +5,9 @@ unwatched step metrics are read at a bounded rate per rank, the autopilot's lead
 
 from __future__ import annotations
 
+import time
+import types
+
 from tests.unit.factories import heartbeat
 from torchloom.messages import RankState
 from weaver import health_plan, liveness
@@ -85,3 +88,16 @@ def test_silent_ranks_counts_unfinished_ranks_past_the_limit() -> None:
     assert liveness.silent_ranks(state, 101.5, DEAD_S) == 2
     liveness.observe_heartbeat(state, heartbeat(1, world=3, state=RankState.FINISHED), 100.0)
     assert liveness.silent_ranks(state, 101.5, DEAD_S) == 1  # a finished rank stopped on purpose
+
+
+def test_status_judges_liveness_at_the_read_clock_like_the_health_events() -> None:
+    w = Weaver(WeaverConfig(dead_after_s=DEAD_S))
+    now = time.time()
+    for rank in (0, 1):
+        liveness.observe_heartbeat(w.state, heartbeat(rank, world=2), now - 2.0)
+    assert [r.alive for r in w.status().jobs[0].ranks] == [False, False]  # in time: both silent 2 s
+    # 2 s behind with heartbeats queued (a subscription's backlog, as nats-py counts it): not dead.
+    w._read_clock.drained(now - 2.0)
+    w._heartbeats = types.SimpleNamespace(pending_msgs=5000)
+    ranks = w.status().jobs[0].ranks
+    assert [r.alive for r in ranks] == [True, True] and all(r.last_heartbeat_s < 0.5 for r in ranks)

@@ -413,6 +413,8 @@ class Weaver:
         return at if at is not None else min(now, clock.caught_up_at or now)
 
     async def _on_telemetry_lost(self) -> None:
+        if self._closing is not None:
+            return  # closed on purpose
         log.warning("heartbeat connection lost: no liveness verdict until it is back")
         self._read_clock.disconnected(time.time())
 

@@ -38,8 +38,8 @@ JOB = "jjob"
 RUN = "run1"
 ME = Issuer(kind="cli", identity="alice@host")  # the identity this client claims
 # What the journal records instead: the identity the client's bearer token authenticated (the
-# local operator's, which ControlClient sends by default).
-AUTHENTICATED = Issuer(kind=ME.kind, identity=tokens.operator_identity())
+# local operator's, which ControlClient sends by default), with the claim kept beside it.
+AUTHENTICATED = Issuer(kind=ME.kind, identity=tokens.operator_identity(), claimed_identity=ME.identity)
 
 
 def detail_for(cmd: Command) -> dict[str, str]:

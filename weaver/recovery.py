@@ -70,6 +70,11 @@ def replay_commands(
     for cmd, stream_seq in commands:
         job.last_seq = max(job.last_seq, cmd.seq)
         job.last_stream_seq = max(job.last_stream_seq, stream_seq)
+        held = job.pending.get(cmd.seq)
+        if held is not None and held.command.command_id != cmd.command_id:
+            # The stream is the truth: another writer stored this seq while our own command with it
+            # was in flight (its publish fails the subject-sequence check and is abandoned).
+            del job.pending[cmd.seq]
         if cmd.seq not in job.registry.finished_seqs and cmd.seq not in job.pending:
             job.pending[cmd.seq] = Pending(
                 command=cmd,

@@ -141,8 +141,12 @@ def abandon(state: WeaverState, cmd: Command) -> None:
     job = state.jobs.get(cmd.job)
     if job is None or job.run_id != cmd.run_id:
         return
-    job.pending.pop(cmd.seq, None)
-    if job.last_seq == cmd.seq:
+    held = job.pending.get(cmd.seq)
+    if held is not None and held.command.command_id == cmd.command_id:
+        del job.pending[cmd.seq]
+    # A read of the stream's tail meanwhile may have put another writer's command at this seq
+    # (`recovery.replay_commands`): then the seq is taken, and the floor stays above it.
+    if job.last_seq == cmd.seq and cmd.seq not in job.pending:
         job.last_seq -= 1
     job.seq_known = False
 

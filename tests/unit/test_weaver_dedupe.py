@@ -136,3 +136,22 @@ def test_a_stored_command_the_weaver_lost_track_of_is_adopted_from_the_stream_ta
     assert dedupe.lookup(s, "cid-1") == cmd
     nxt = submits.plan_submit(s, _set(0.3, "cid-2"), 101.0, 5.0, command_id="cid-2")
     assert nxt.seq == 2
+
+
+def test_a_seq_another_writer_stored_while_ours_was_in_flight_is_never_handed_out_again() -> None:
+    # Found flaky in test_two_weavers_never_publish_the_same_seq: while our publish of seq 1 was in
+    # flight, a read of the tail (a heartbeat's, without the submit lock) found the other weaver's
+    # seq 1; then our publish failed the subject-sequence check and was abandoned. Abandoning must
+    # not free seq 1 again, and the retry must not read past it and reuse it: seq 2 is next.
+    s = f.running(knobs=(LR,))
+    ours = submits.plan_submit(s, _set(0.2, "ours"), 100.0, 5.0, command_id="ours")
+    assert ours.seq == 1
+    theirs = submits.plan_submit(f.running(knobs=(LR,)), _set(0.3, "theirs"), 100.0, 5.0, command_id="theirs")
+    recovery.replay_commands(s, f.JOB, f.RUN, [(theirs, 7)])
+    assert dedupe.lookup(s, "theirs") == theirs and dedupe.lookup(s, "ours") is None
+    submits.abandon(s, ours)
+    job = s.jobs[f.JOB]
+    assert job.last_seq == 1 and job.last_stream_seq == 7 and not job.seq_known
+    recovery.replay_commands(s, f.JOB, f.RUN, [])  # the reread tail after stream seq 7: nothing new
+    nxt = submits.plan_submit(s, _set(0.2, "ours"), 101.0, 5.0, command_id="ours")
+    assert nxt.seq == 2

@@ -61,7 +61,9 @@ async def test_a_secured_server_restarts_with_the_same_credentials_and_refuses_s
         msg = await nc.jetstream().get_last_msg(stream, subjects.commands("j", "r"))
         assert msg.data == b"x"
         await nc.close()
-        with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+        # Refused: the server sends -ERR 'Authorization Violation' and closes the connection; a
+        # client that reads the close first sees the reset (seen once in CI), either way no session.
+        with pytest.raises(NatsUnavailable, match=r"Authorization Violation|Connection reset by peer"):
             await bus.connect(server.url, name="stranger", connect_timeout_s=1.0)
     finally:
         server.stop()

@@ -94,8 +94,11 @@ async def test_journal_survives_weaver_and_nats_server_restart(
             assert kept.status is OutcomeStatus.APPLIED
             assert kept.command is not None
             # The issuer is the identity the gRPC token authenticated (the local operator's, which
-            # ControlClient sends by default), not the one the client claimed, and it survives too.
-            assert kept.command.issuer == Issuer(kind=issuer.kind, identity=tokens.operator_identity())
+            # ControlClient sends by default), not the one the client claimed (kept beside it as
+            # claimed_identity), and it survives too.
+            assert kept.command.issuer == Issuer(
+                kind=issuer.kind, identity=tokens.operator_identity(), claimed_identity=issuer.identity
+            )
             assert kept.command.issuer.identity != issuer.identity
             assert kept.command.seq == 1
             assert dict(kept.command.body.values) == {"lr": 0.004}  # type: ignore[union-attr]

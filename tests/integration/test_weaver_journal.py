@@ -92,9 +92,26 @@ class Ranks:
 
     async def _on_command(self, msg: Any) -> None:
         cmd = wire.decode_command(msg.data)
+        if not await self._stored(cmd):
+            return  # a publish JetStream refused: a core subscriber sees it, a threadlet never does
         self.commands.append(cmd)
         if self.auto_ack:
             await self.ack(cmd)
+
+    async def _stored(self, cmd: Command) -> bool:
+        """Whether the command stream holds `cmd`: real ranks read the stream (their consumer), so
+        they never see a publish that JetStream refused, such as a second weaver's stale seq."""
+        js = self.nc.jetstream()
+        stream = subjects.stream_commands_of(JOB)
+        for _ in range(20):  # the core delivery may come before JetStream has stored it
+            last = (await js.stream_info(stream)).state.last_seq
+            for seq in range(1, last + 1):
+                with contextlib.suppress(Exception):  # a deleted message
+                    raw = await js.get_msg(stream, seq)
+                    if wire.decode_command(raw.data or b"").command_id == cmd.command_id:
+                        return True
+            await asyncio.sleep(0.05)
+        return False
 
     async def ack(self, cmd: Command) -> None:
         detail = detail_for(cmd)

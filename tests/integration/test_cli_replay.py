@@ -56,7 +56,7 @@ def test_replay_of_journal_reproduces_final_params(
     run_env = dict(run_env, TORCHLOOM_AGREEMENT=agreement)
     run_env = dict(run_env, TORCHLOOM_CONTROLPLANE_IDLE_S="1")  # exits soon after the job
     first, second = tmp_path / "first", tmp_path / "second"
-    script = [str(EXAMPLE), "--steps", STEPS, "--step-sleep", "0.03", "--out"]
+    script = [str(EXAMPLE), "--steps", STEPS, "--step-sleep", "0.01", "--out"]
     proc = _run(["run", "--job", "rp", "--nproc-per-node", "2", *script, str(first)], run_env)
     try:
         _poll_json(

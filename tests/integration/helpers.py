@@ -182,6 +182,26 @@ def cli(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> subprocess.
     )
 
 
+def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start `python -m torchloom.app.cli ARGS` (a `torchloom run`, say) in a session of its own, so
+    a failed test can kill its whole tree; output piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "torchloom.app.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def min_step(env: dict[str, str]) -> int:
+    """The lowest step of the only job's ranks, from `torchloom status --json` (0 before it reports)."""
+    res = cli("status", "--json", env=env, timeout_s=30)
+    jobs = json.loads(res.stdout)["jobs"] if res.returncode == 0 else []
+    return min((r["step"] for r in jobs[0]["ranks"]), default=0) if jobs else 0
+
+
 def port_open(url: str) -> bool:
     """Whether a server accepts TCP connections at `url` (nats://HOST:PORT)."""
     host, port = url.removeprefix("nats://").rsplit(":", 1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, unbound_env
+from tests.integration.helpers import cli, kill_tree, min_step, start_cli, unbound_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
 JOB = "agjob"
@@ -140,33 +140,9 @@ def test_an_llm_agent_steers_a_job_through_the_guardrails(
     policy.write_text(POLICY)
     out = tmp_path / "out"
     run = ["run", "--policy", str(policy), "--job", JOB, "--nproc-per-node", "2", str(SCRIPT)]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torchloom.app.cli",
-            *run,
-            "--steps",
-            "100000",
-            "--out",
-            str(out),
-            "--step-sleep",
-            "0.05",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_cli(*run, "--steps", "100000", "--out", str(out), "--step-sleep", "0.05", env=env)
     try:
-
-        def steps() -> int:
-            res = cli("status", "--json", env=env, timeout_s=30)
-            jobs = json.loads(res.stdout)["jobs"] if res.returncode == 0 else []
-            return min((r["step"] for r in jobs[0]["ranks"]), default=0) if jobs else 0
-
-        _until("step 5", lambda: steps() >= 5, proc)
+        _until("step 5", lambda: min_step(env) >= 5, proc)
         token_file = tmp_path / "agent.token"
         added = cli("token", "add-agent", "tester", "--out", str(token_file), env=env)
         assert added.returncode == 0 and "agent:tester" in added.stderr, added.stderr

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, unbound_env
+from tests.integration.helpers import cli, kill_tree, min_step, start_cli, unbound_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
 NAN_AT = 220
@@ -154,22 +154,9 @@ def test_approval_mode_waits_for_a_person(tmp_path: Path, subprocess_env: dict[s
     )
     out = tmp_path / "out"
     run = ["run", "--policy", str(policy), "--job", "apjob", "--nproc-per-node", "2", str(SCRIPT)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torchloom.app.cli", *run, "--steps", "100000", "--out", str(out)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_cli(*run, "--steps", "100000", "--out", str(out), env=env)
     try:
-
-        def steps() -> int:
-            res = cli("status", "--json", env=env, timeout_s=30)
-            jobs = json.loads(res.stdout)["jobs"] if res.returncode == 0 else []
-            return min((r["step"] for r in jobs[0]["ranks"]), default=0) if jobs else 0
-
-        _until("step 20", lambda: steps() >= 20, proc)
+        _until("step 20", lambda: min_step(env) >= 20, proc)
         shown = _json_cli("policy", "show", "--job", "apjob", env=env)
         assert shown["policy"] == "careful" and shown["proposals"] == []
         ckpt = _json_cli("checkpoint", env=env)

@@ -6,13 +6,11 @@ for the update-to-weight ratio (`torchloom set report_update_ratio=5`), and a ru
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, unbound_env
+from tests.integration.helpers import cli, kill_tree, start_cli, unbound_env
 from tests.integration.test_autopilot import _until
 from tests.integration.test_weaver_metrics import Samples, scrape
 
@@ -56,14 +54,7 @@ def test_run_serves_metrics_and_a_scrape_finds_steps_losses_commands_and_rule_fi
     policy.write_text(POLICY)
     out = tmp_path / "out"
     run = ["run", "--policy", str(policy), "--job", JOB, "--nproc-per-node", "2", str(SCRIPT)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torchloom.app.cli", *run, "--steps", "100000", "--out", str(out)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_cli(*run, "--steps", "100000", "--out", str(out), env=env)
     try:
 
         def metrics_url() -> str:

@@ -6,15 +6,13 @@ search_result event. A search whose candidate is refused exits 2 and leaves the 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, unbound_env
+from tests.integration.helpers import cli, kill_tree, start_cli, unbound_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "search_train.py"
 STEPS = 15
@@ -33,14 +31,7 @@ def test_search_picks_the_best_lr_and_journals_every_branch(
     env = unbound_env(subprocess_env, OMP_NUM_THREADS="1", TORCHLOOM_CONTROLPLANE_IDLE_S="1")
     out = tmp_path / "out"
     run = ["run", "--job", "srch", "--nproc-per-node", "2", str(SCRIPT), "--out", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torchloom.app.cli", *run],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_cli(*run, env=env)
     try:
         deadline = time.monotonic() + 90
         while True:

@@ -345,7 +345,7 @@ async def test_each_role_can_do_exactly_what_docs_security_md_says(
 async def test_clients_without_credentials_are_refused(secured: tuple[EmbeddedNats, CredentialStore]) -> None:
     server, _ = secured
     for url in (server.url, server.ws_url):
-        with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+        with pytest.raises(NatsUnavailable, match=r"Authorization Violation|Connection reset by peer"):
             await bus.connect(url, name="anonymous", connect_timeout_s=1.0)
 
 
@@ -353,12 +353,12 @@ async def test_each_role_connects_only_over_its_transport(
     secured: tuple[EmbeddedNats, CredentialStore],
 ) -> None:
     server, store = secured
-    with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+    with pytest.raises(NatsUnavailable, match=r"Authorization Violation|Connection reset by peer"):
         await bus.connect(
             server.ws_url, name="weaver-ws", credentials=store.client_auth(Role.WEAVER), connect_timeout_s=1.0
         )
     viewer = store.password_user(Role.UI_VIEWER)
-    with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+    with pytest.raises(NatsUnavailable, match=r"Authorization Violation|Connection reset by peer"):
         url = server.url.replace("nats://", f"nats://{viewer.user}:{viewer.password}@")
         await bus.connect(url, name="viewer-plain", connect_timeout_s=1.0)
 
@@ -463,7 +463,8 @@ async def test_a_revoked_job_can_no_longer_connect_and_a_granted_one_can(
     kept.write_text(store.nkey_user(Role.THREADLET, "C").seed_file.read_text())
     kept.chmod(0o600)
     server.revoke_job("C")
-    with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+    # Refused: -ERR 'Authorization Violation', or the close read first as a reset (seen in CI).
+    with pytest.raises(NatsUnavailable, match=r"Authorization Violation|Connection reset by peer"):
         await bus.connect(
             server.url, name="revoked", credentials=ClientAuth.from_file(kept), connect_timeout_s=1.0
         )

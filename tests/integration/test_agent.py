@@ -12,14 +12,14 @@ import json
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.helpers import cli, kill_tree, min_step, start_cli, unbound_env
+from tests.integration.test_autopilot import _until
 
 SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
 JOB = "agjob"
@@ -87,17 +87,6 @@ def endpoint() -> Iterator[FakeEndpoint]:
         server.server_close()
 
 
-def _until(what: str, check: Callable[[], Any], proc: subprocess.Popen[str], timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the job exited early with {proc.returncode} waiting for {what}"
-        found = check()
-        if found:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _watch_until(env: dict[str, str], needle: str, timeout_s: float = 30.0) -> str:
     """`torchloom watch` with the agent's token until a line holds `needle`."""
     watch = subprocess.Popen(
@@ -142,7 +131,7 @@ def test_an_llm_agent_steers_a_job_through_the_guardrails(
     run = ["run", "--policy", str(policy), "--job", JOB, "--nproc-per-node", "2", str(SCRIPT)]
     proc = start_cli(*run, "--steps", "100000", "--out", str(out), "--step-sleep", "0.05", env=env)
     try:
-        _until("step 5", lambda: min_step(env) >= 5, proc)
+        _until("step 5", lambda: min_step(env) >= 5, proc, timeout_s=60.0)
         token_file = tmp_path / "agent.token"
         added = cli("token", "add-agent", "tester", "--out", str(token_file), env=env)
         assert added.returncode == 0 and "agent:tester" in added.stderr, added.stderr

@@ -5,6 +5,7 @@ parameter group), training-loop knobs (grad_clip_norm, grad_accum_steps) and use
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -185,7 +186,9 @@ class KnobBoard:
 
     `schema` is an immutable snapshot safe to read from the background thread, and so is `validate`
     (it reads only the schema and the validators, which must themselves be thread-safe);
-    everything else is called on the training thread only.
+    everything else is called on the training thread only. `schema_version` grows by one each time
+    the schema is rebuilt (a knob registered, enabled or fixed), so a reader that keeps something
+    derived from it (a heartbeat's schema hash) recomputes it only then.
 
     Built-in optimizer knobs are reported only where every parameter group has the parameter:
     lr and weight_decay (all torch.optim optimizers), momentum (SGD, RMSprop), betas (Adam,
@@ -216,7 +219,11 @@ class KnobBoard:
         self._user: dict[str, tuple[KnobSpec, Getter, Applier]] = {}
         self._validators: Mapping[str, Validator] = {}
         self.training = TrainingKnobs(on_schema_change=self._rebuild)
-        self.schema: Mapping[str, KnobSpec] = self._build_schema()
+        self.schema: Mapping[str, KnobSpec] = {}
+        self.schema_version = 0
+        self._sorted: tuple[KnobSpec, ...] = ()  # the schema in name order, without values
+        self._readers: tuple[tuple[str, Callable[[], KnobValue | None]], ...] = ()  # the same order
+        self._set_schema()
 
     def release(self) -> None:
         """Forget the optimizer, scheduler and every knob (at close), so the board, which every
@@ -226,7 +233,27 @@ class KnobBoard:
         self._user = {}
         self._validators = {}
         self.training = TrainingKnobs(on_schema_change=self._rebuild)
-        self.schema = self._build_schema()
+        self._set_schema()
+
+    def _set_schema(self) -> None:
+        # Swap in a new mapping so the background thread never sees a dict mid-update.
+        schema = self._build_schema()
+        self._sorted = tuple(spec for _, spec in sorted(schema.items()))
+        self._readers = tuple((spec.name, self._reader(spec.name)) for spec in self._sorted)
+        self.schema = schema
+        self.schema_version += 1
+
+    def _reader(self, name: str) -> Callable[[], KnobValue | None]:
+        """A function that reads the current value of knob `name`, resolved once per schema so that
+        `values` (every status refresh) does no lookup of where the knob lives."""
+        if name in self._builtin:
+            groups = self._optimizer.param_groups
+            if name == "betas":
+                return lambda: _read_pair(groups[0][name])
+            return lambda: float(groups[0][name])
+        if name in self.training.enabled:
+            return functools.partial(self.training.value, name)
+        return functools.partial(_user_value, self._user[name][1])
 
     def _build_schema(self) -> dict[str, KnobSpec]:
         out = {name: dataclasses.replace(BUILTIN_SPECS[name], groups=self.groups) for name in self._builtin}
@@ -246,8 +273,7 @@ class KnobBoard:
         clash = set(self.training.enabled) & set(self._user)
         if clash:
             raise ValueError(f"knob {sorted(clash)[0]!r} rejected: a user knob of that name already exists")
-        # Swap in a new mapping so the background thread never sees a dict mid-update.
-        self.schema = self._build_schema()
+        self._set_schema()
 
     def register(
         self, spec: KnobSpec, get: Getter, apply: Applier, validate: Validator | None = None
@@ -270,7 +296,7 @@ class KnobBoard:
         self._user[spec.name] = (spec, get, apply)
         if validate is not None:
             self._validators = {**self._validators, spec.name: validate}
-        self.schema = self._build_schema()
+        self._set_schema()
 
     def validate(self, values: Mapping[str, KnobValue]) -> dict[str, KnobValue]:
         """Validate a whole change: schema types and bounds, then each user knob's validate hook.
@@ -309,18 +335,25 @@ class KnobBoard:
         if name in self.training.enabled:
             return self.training.value(name)
         entry = self._user.get(name)
-        if entry is None:
-            return None
-        try:
-            return entry[1]()
-        except Exception:  # a broken user getter must not break heartbeats
-            return None
+        return None if entry is None else _user_value(entry[1])
 
     def specs(self) -> tuple[KnobSpec, ...]:
-        """The schema with current values, for heartbeats."""
-        return tuple(
-            dataclasses.replace(spec, value=self.value(name)) for name, spec in sorted(self.schema.items())
-        )
+        """The schema with current values, in name order."""
+        return tuple(dataclasses.replace(spec, value=self.value(spec.name)) for spec in self._sorted)
+
+    def schema_specs(self) -> tuple[KnobSpec, ...]:
+        """The schema in name order without values (the same tuple until `schema_version` changes)."""
+        return self._sorted
+
+    def values(self) -> dict[str, KnobValue]:
+        """The current value of every knob that has one, in name order: what a heartbeat carries
+        between two full schemas (reads the values only; builds no spec)."""
+        out: dict[str, KnobValue] = {}
+        for name, read in self._readers:
+            value = read()
+            if value is not None:
+                out[name] = value
+        return out
 
     def apply(self, values: Mapping[str, KnobValue]) -> dict[str, str]:
         """Apply validated, typed values (keys `name` or `name@group`).
@@ -411,5 +444,16 @@ def _has_knob(group: Mapping[str, Any], name: str) -> bool:
 def _read(group: Mapping[str, Any], name: str) -> KnobValue:
     value = group[name]
     if name == "betas":
-        return tuple(float(v) for v in value)
+        return _read_pair(value)
     return float(value)
+
+
+def _read_pair(value: Any) -> tuple[float, float]:
+    return (float(value[0]), float(value[1]))
+
+
+def _user_value(get: Getter) -> KnobValue | None:
+    try:
+        return get()
+    except Exception:  # a broken user getter must not break heartbeats
+        return None

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 
 from threadlet.config import ThreadletConfig
 from threadlet.link import Link
@@ -15,16 +16,18 @@ from threadlet.optim_knobs import KnobBoard
 from threadlet.state import Decided, RankContext, TrainingState
 from threadlet.update_ratio import UpdateRatio
 from torchloom import knobs, naming, subjects, wire
-from torchloom.messages import Ack, Heartbeat, RankState, StepMetrics
+from torchloom.messages import Ack, Heartbeat, KnobSpec, KnobValue, RankState, StepMetrics
 
 log = logging.getLogger("threadlet")
 
 _ERROR_LOG_INTERVAL_S = 10.0
 # The full knob schema rides heartbeats for this many heartbeat intervals after it changes (the link
-# publishes the latest status on its own clock), and again every _KNOBS_REFRESH_S for a receiver
-# that started since (a restarted weaver, a new UI page).
+# publishes the latest status on its own clock, and one heartbeat may be lost); otherwise they carry
+# its hash and the current values. A receiver that started since finds the schema elsewhere (a weaver
+# in its KV bucket, a UI page from the weaver); for one that cannot (the first weaver started after the
+# job, a bucket write that failed) the schema rides again every _KNOBS_REFRESH_S.
 _KNOBS_FULL_INTERVALS = 3
-_KNOBS_REFRESH_S = 2.0
+_KNOBS_REFRESH_S = 30.0
 
 
 class Reporter:
@@ -41,6 +44,7 @@ class Reporter:
         link: the bus thread that publishes (None: no bus; every report is dropped).
         update_ratio: the update-to-weight ratio measured on request (None without an optimizer);
             its latest measurement rides every metrics report.
+        clock: monotonic seconds, for when the knob schema rides in full.
     """
 
     def __init__(
@@ -51,8 +55,10 @@ class Reporter:
         board: KnobBoard,
         link: Link | None,
         update_ratio: UpdateRatio | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
+        self._clock = clock
         self.update_ratio = update_ratio
         self._ctx = ctx
         self._state = state
@@ -67,19 +73,27 @@ class Reporter:
         self.nonfinite_loss_steps = 0
         self.nonfinite_grad_steps = 0
         self.grad_norm: float | None = None
+        self._schema_version = -1  # the board's schema version `_knobs_hash` was computed for
         self._knobs_hash = 0  # of the schema last sent in full
         self._knobs_full_until = 0.0
         self._knobs_refresh_t = 0.0
 
     def status(self, rank_state: RankState) -> Heartbeat:
-        ctx, st = self._ctx, self._state
-        specs = self._board.specs()
-        schema_hash = knobs.schema_hash(specs)
-        now = time.monotonic()
-        if schema_hash != self._knobs_hash or now >= self._knobs_refresh_t:
-            self._knobs_hash = schema_hash
+        """This rank's status now: the knob schema in full while it is new (or due again), else only
+        its hash and the current values. The schema is hashed only when the board's schema version
+        changed, so a status between two changes reads the values and nothing else of the knobs."""
+        ctx, st, board = self._ctx, self._state, self._board
+        now = self._clock()
+        if board.schema_version != self._schema_version:
+            self._schema_version = board.schema_version
+            schema_hash = knobs.schema_hash(board.schema_specs())
+            if schema_hash != self._knobs_hash:
+                self._knobs_hash = schema_hash
+                self._knobs_refresh_t = 0.0  # new: send it now
+        if now >= self._knobs_refresh_t:
             self._knobs_full_until = now + _KNOBS_FULL_INTERVALS * self._config.heartbeat_interval_s
             self._knobs_refresh_t = now + _KNOBS_REFRESH_S
+        values = board.values()
         full = now < self._knobs_full_until
         return Heartbeat(
             job=self._config.job,
@@ -94,9 +108,9 @@ class Reporter:
             state=rank_state,
             step_time_s=st.step_time_s,
             last_seq=st.last_decided,
-            knobs=specs if full else (),
-            knobs_hash=schema_hash,
-            knob_values={} if full else {s.name: s.value for s in specs if s.value is not None},
+            knobs=_with_values(board.schema_specs(), values) if full else (),
+            knobs_hash=self._knobs_hash,
+            knob_values={} if full else values,
             branch=st.branch,
             tick=st.tick,
             fault_injection_allowed=self._config.fault_injection_allowed,
@@ -227,3 +241,7 @@ class Reporter:
                 self._errors_seen,
                 drained[-1],
             )
+
+
+def _with_values(specs: tuple[KnobSpec, ...], values: Mapping[str, KnobValue]) -> tuple[KnobSpec, ...]:
+    return tuple(dataclasses.replace(spec, value=values.get(spec.name)) for spec in specs)

@@ -257,9 +257,13 @@ class Threadlet:
         ratio = self._update_ratio
         if ratio is not None and st.tick >= ratio.next_tick:
             ratio.arm(st.tick)  # measure the next optimizer step (off: next_tick is never reached)
-        if now >= reporter.next_metrics_t:
+        # At most one report per step, so no step pays for both: when both are due, the one due
+        # longer goes now and the other at the next step.
+        metrics_late = now - reporter.next_metrics_t
+        status_late = now - reporter.next_status_t
+        if metrics_late >= 0 and metrics_late >= status_late:
             reporter.send_metrics(now, loss, tokens, metrics)
-        if now >= reporter.next_status_t:
+        elif status_late >= 0:
             reporter.refresh_status(RankState.RUNNING)
         if link.errors:
             reporter.surface_errors()

@@ -92,19 +92,6 @@ def _js_api(*tokens: str) -> str:
     return ".".join((subjects.JS_API, *tokens))
 
 
-def _journal_reader_publish() -> tuple[str, ...]:
-    # Exactly what an ordered consumer on the journal needs (nats.js pulls, nats-py pushes): stream
-    # info, consumer create (legacy and named forms), info and next. Never delete, purge or list.
-    journal = subjects.STREAM_JOURNAL
-    return (
-        _js_api("STREAM", "INFO", journal),
-        _js_api("CONSUMER", "CREATE", journal),
-        _js_api("CONSUMER", "CREATE", journal, ">"),
-        _js_api("CONSUMER", "INFO", journal, "*"),
-        _js_api("CONSUMER", "MSG", "NEXT", journal, "*"),
-    )
-
-
 def permissions(role: Role, job: str | None = None) -> Permissions:
     """The permission table row of `role` (of `job` for a threadlet); docs/security.md mirrors it."""
     checked = _check_job(role, job)
@@ -138,7 +125,10 @@ def permissions(role: Role, job: str | None = None) -> Permissions:
             ),
             subscribe=(inbox,),
         )
-    viewer_publish = (subjects.api_status(), *_journal_reader_publish())
+    # Browser roles make no JetStream request at all: the page asks the weaver for a journal feed
+    # (`api_feed`), which the weaver delivers to the role's own inbox (weaver/ui_feeds.py). A
+    # consumer the page made would deliver where the page chose, which nats-server does not check.
+    viewer_publish = (subjects.api_status(), subjects.api_feed(role.value))
     viewer_subscribe = (
         subjects.heartbeats_all(),
         subjects.metrics_all(),

@@ -156,3 +156,13 @@ def api_decide() -> str:
 def api_status() -> str:
     """Request-reply: StatusRequest -> StatusReply."""
     return f"{PREFIX}.api.status"
+
+
+def api_feed(owner: str) -> str:
+    """Request-reply: a journal feed for the browser role `owner` (`ui-viewer`, `ui-operator`), JSON
+    both ways (weaver.ui_feeds); only that role may publish here, so the subject names who asks."""
+    return f"{PREFIX}.api.feed.{check_token('feed owner', owner)}"
+
+
+def api_feeds_all() -> str:
+    return f"{PREFIX}.api.feed.*"

@@ -55,6 +55,7 @@ from weaver import (
     outcomes,
     recovery,
     submits,
+    ui_feeds,
 )
 from weaver import health_policy as hp
 from weaver.acks import RETRY, AckFeed, CommandKey, Retry
@@ -154,6 +155,7 @@ class Weaver:
         self._streams: Streams | None = None
         self._schemas: knob_schemas.KnobSchemas | None = None  # once connected
         self._consumers: RankConsumers | None = None  # each rank's command consumer (made here)
+        self._feeds: ui_feeds.UiFeeds | None = None  # the web pages' journal feeds (made here)
         self._outbox = Outbox()
         self._acks = AckFeed(config.acks_consumer, self._take_ack, take_over=config.acks_take_over)
         self._started_at_s = time.time()
@@ -242,6 +244,7 @@ class Weaver:
             self._streams = Streams(js, self.config.nats_timeout_s)
             self._schemas = knob_schemas.KnobSchemas(js, replicas=self.config.replicas)
             self._consumers = RankConsumers(js, self.config.nats_timeout_s)
+            self._feeds = ui_feeds.UiFeeds(js, self.config.nats_timeout_s)
             async with asyncio.timeout(self.config.nats_timeout_s):
                 # Commands live in one stream per job (a threadlet's credential names its own); an
                 # older store's shared stream would overlap them.
@@ -270,6 +273,7 @@ class Weaver:
             await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=self._on_api_submit)
             await nc.subscribe(subjects.api_status(), queue=QUEUE_GROUP, cb=self._on_api_status)
             await nc.subscribe(subjects.api_decide(), queue=QUEUE_GROUP, cb=self._on_api_decide)
+            await nc.subscribe(subjects.api_feeds_all(), queue=QUEUE_GROUP, cb=self._on_api_feed)
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await nc.flush()
                 await self._telemetry.flush()
@@ -845,6 +849,21 @@ class Weaver:
                 )
         with contextlib.suppress(Exception):  # the requester may be gone
             await msg.respond(wire.encode(answer))
+
+    async def _on_api_feed(self, msg: Msg) -> None:
+        """A web page asks for its journal history: `ui_feeds` makes a feed that delivers to an inbox
+        of the role named by the subject (only that role may publish there)."""
+        owner = msg.subject.rpartition(".")[2]
+        expected = subjects.api_feed(owner) if owner in ui_feeds.OWNERS else subjects.api_feeds_all()
+        if self._not_a_request("api", expected, msg):
+            return
+        self._spawn(self._serve_api_feed(owner, msg), name="weaver-api-feed")
+
+    async def _serve_api_feed(self, owner: str, msg: Msg) -> None:
+        assert self._feeds is not None  # subscribed only once started
+        reply = await self._feeds.answer(owner, msg.data)
+        with contextlib.suppress(Exception):  # the requester may be gone
+            await msg.respond(reply.encode())
 
     # ---- the API --------------------------------------------------------------------------------
 

@@ -16,11 +16,12 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, KeyValueConfig
 
-from tests.integration.helpers import until, ws_handshake
+from tests.integration.helpers import until, weaver_config, ws_handshake
 from torchloom import bus, subjects
-from torchloom.credentials import ClientAuth, CredentialStore, Role, inbox_prefix
+from torchloom.credentials import ClientAuth, CredentialStore, Role, inbox_prefix, permissions
 from torchloom.errors import NatsUnavailable
 from torchloom.nats_server import EmbeddedNats, loopback_origins
+from weaver.service import Weaver
 
 REPO = Path(__file__).resolve().parents[2]
 UI_PORT = 8765  # only named in allowed_origins; nothing needs to listen there
@@ -194,6 +195,8 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
         pub(f"{subjects.PREFIX}.{family}")
     for family in ("events.A", "journal.A", "launcher.A", "api.submit", "api.decide", "api.status"):
         pub(f"{subjects.PREFIX}.{family}")
+    for owner in (Role.UI_VIEWER, Role.UI_OPERATOR):
+        pub(subjects.api_feed(owner.value))
     for family in (
         "cmd.A.r1",
         "hb.A.0",
@@ -208,6 +211,7 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
     sub(subjects.api_submit())
     sub("_INBOX.>", " (every inbox)")
     sub("_INBOX.weaver.x", " (the weaver's inbox)")
+    sub("_INBOX.ui-viewer.x", " (the viewer's inbox)")
     sub("_INBOX.threadlet.B.x", " (job B's inbox)")
     req("account info", f"{api}.INFO")
     req("stream names", f"{api}.STREAM.NAMES")
@@ -228,6 +232,11 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
         f"consumer create, named, on `{journal}`",
         f"{api}.CONSUMER.CREATE.{journal}.probe-journal",
         _consumer(journal, name="probe-journal"),
+    )
+    req(
+        f"consumer create, push, delivering to `_INBOX.weaver.x`, on `{journal}`",
+        f"{api}.CONSUMER.CREATE.{journal}",
+        _consumer(journal, deliver_subject="_INBOX.weaver.x", deliver_policy="new", inactive_threshold=10**9),
     )
     req(
         f"consumer next on `{journal}`",
@@ -467,4 +476,70 @@ async def test_a_revoked_job_can_no_longer_connect_and_a_granted_one_can(
     with pytest.raises(NatsUnavailable, match=r"Authorization Violation|Connection reset by peer"):
         await bus.connect(
             server.url, name="revoked", credentials=ClientAuth.from_file(kept), connect_timeout_s=1.0
+        )
+
+
+async def test_a_browser_role_cannot_aim_a_delivery_at_another_jobs_stream(
+    secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
+) -> None:
+    # The vector the weaver-made journal feeds close (weaver/ui_feeds.py): the browser roles create
+    # no consumer, so none delivers where they choose.
+    server, store = secured
+    journal, aimed = subjects.STREAM_JOURNAL, subjects.commands("B", "r1")
+    for role in (Role.UI_VIEWER, Role.UI_OPERATOR):
+        attacker = await connect_as(server, store, role)
+        try:
+            before = await _last_seq_of_b(weaver)
+            for subject, config in (
+                (f"{subjects.JS_API}.CONSUMER.CREATE.{journal}", {}),
+                (f"{subjects.JS_API}.CONSUMER.CREATE.{journal}.probe-aim", {"name": "probe-aim"}),
+            ):
+                with pytest.raises(Exception, match="timeout"):  # refused: no answer
+                    await attacker.request(
+                        subject,
+                        json.dumps(_consumer(journal, deliver_subject=aimed, **config)).encode(),
+                        timeout=2.0,
+                    )
+            await asyncio.sleep(0.3)  # a delivery would be stored by now
+            assert await _last_seq_of_b(weaver) == before, role
+        finally:
+            await attacker.close()
+
+
+async def _aim_every_browser_request_at_b(
+    server: EmbeddedNats, store: CredentialStore, weaver: Client, *, why: str
+) -> int:
+    """Each browser role publishes on every subject it may, with job B's command subject as the reply
+    subject; nothing may be stored in B's stream. Returns how many requests were sent."""
+    aimed, sent = subjects.commands("B", "r1"), 0
+    for role in (Role.UI_VIEWER, Role.UI_OPERATOR):
+        page = await connect_as(server, store, role)
+        try:
+            before = await _last_seq_of_b(weaver)
+            for subject in permissions(role).publish:
+                await page.publish(subject, b"{}", reply=aimed)
+                sent += 1
+            await page.flush()
+            await asyncio.sleep(0.3)  # an answer would be stored by now
+            assert await _last_seq_of_b(weaver) == before, f"{role.value}, {why}"
+        finally:
+            await page.close()
+    return sent
+
+
+async def test_a_browser_roles_request_gets_no_answer_on_another_subject(
+    secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
+) -> None:
+    # The browser roles publish only on api.* subjects, which no stream captures: a request naming
+    # another job's command subject as its reply gets nothing stored there, with no weaver up (the
+    # server's no-responders answer) and with one (it answers only to an _INBOX. subject).
+    server, store = secured
+    await _aim_every_browser_request_at_b(server, store, weaver, why="no weaver up")
+    async with Weaver(weaver_config(server)) as service:
+        before = service.refusals.total.get("api", 0)
+        sent = await _aim_every_browser_request_at_b(server, store, weaver, why="a weaver up")
+        await until(
+            "the weaver's refusal of each",
+            lambda: service.refusals.total.get("api", 0) == before + sent,
+            timeout_s=DECIDE_S,
         )

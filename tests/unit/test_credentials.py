@@ -61,7 +61,15 @@ def test_browser_roles_never_publish_commands_and_only_the_operator_submits_and_
         assert not any(s.startswith("torchloom.v1.cmd") or s == "torchloom.v1.>" for s in perms.publish)
         assert not any("DELETE" in s or "PURGE" in s for s in perms.publish)
     assert subjects.api_submit() not in viewer.publish and subjects.api_decide() not in viewer.publish
-    assert set(operator.publish) - set(viewer.publish) == {subjects.api_submit(), subjects.api_decide()}
+    own_feed = {subjects.api_feed(Role.UI_OPERATOR.value)}
+    assert set(operator.publish) - set(viewer.publish) == {
+        subjects.api_submit(),
+        subjects.api_decide(),
+        *own_feed,
+    }
+    # No JetStream request at all: the weaver makes their journal feeds (weaver/ui_feeds.py).
+    for perms in (viewer, operator):
+        assert not any(s.startswith(subjects.JS_API) or s.startswith("$JS.") for s in perms.publish)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,8 @@
 // The UI's NATS link: a WebSocket connection to nats-server that retries forever, subscribes to the
 // job's subjects (torchloom/subjects.py), does api.submit / api.decide / api.status request-reply,
-// and reads the history of the TORCHLOOM_JOURNAL stream (read-only JetStream ordered consumer) once
-// per connection.
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { wsconnect } from "@nats-io/nats-core";
+// and reads the history of the TORCHLOOM_JOURNAL stream once per connection through a feed the
+// weaver makes (api.feed.<role>, weaver/ui_feeds.py): the page makes no JetStream request itself.
+import { nuid, wsconnect } from "@nats-io/nats-core";
 import {
   decodeAck,
   decodeHeartbeat,
@@ -16,7 +15,7 @@ import {
   encodeStatusRequest,
   encodeSubmit,
 } from "./proto.js";
-import { newCommandId, submitFailure } from "./logic.js";
+import { feedDelivery, feedOwner, feedRequest, newCommandId, parseFeedReply, submitFailure } from "./logic.js";
 
 const PREFIX = "torchloom.v1";
 export const SUBJECTS = {
@@ -28,9 +27,9 @@ export const SUBJECTS = {
   submit: `${PREFIX}.api.submit`,
   decide: `${PREFIX}.api.decide`,
   status: `${PREFIX}.api.status`,
+  feed: (owner) => `${PREFIX}.api.feed.${owner}`,
 };
 
-export const JOURNAL_STREAM = "TORCHLOOM_JOURNAL";
 const RETRY_MS = 1000;
 // One api.submit request waits for its reply as long as the weaver waits for the ranks (its
 // timeout_s) plus this, so a weaver's own "timeout" outcome arrives; past it the request is sent
@@ -38,6 +37,9 @@ const RETRY_MS = 1000;
 const SUBMIT_REPLY_GRACE_MS = 2000;
 // How much journal history a page loads when it opens: the newest entries, not 90 days of them.
 const HISTORY_MAX = 2000;
+// How long the weaver may take to make the feed, and a feed may go silent before it is asked again.
+const FEED_REQUEST_MS = 5000;
+const FEED_IDLE_MS = 10000;
 
 /**
  * Keeps one connection alive and feeds decoded messages to `handlers`.
@@ -133,50 +135,64 @@ export class Bus {
   }
 
   /**
-   * Read the journal stream up to its last message at call time (live entries keep arriving on the
-   * core subscriptions). Retries while the stream does not exist yet (no weaver has created it).
+   * Read the journal stream up to its last message at the weaver's answer (live entries keep
+   * arriving on the core subscriptions). Asks again while there is no weaver to make the feed, or a
+   * feed stops delivering before its end.
    */
   async _loadHistory(nc) {
     if (!this.h.onHistory) return;
     while (!nc.isClosed()) {
       try {
-        const jsm = await jetstreamManager(nc, { checkAPI: false });
-        const info = await jsm.streams.info(JOURNAL_STREAM);
-        const last = num64(info.state.last_seq);
-        const first = num64(info.state.first_seq);
-        if (last === 0 || info.state.messages === 0) {
-          this.h.onHistory([], true);
-          return;
-        }
-        const start = Math.max(first, last - HISTORY_MAX + 1);
-        const js = jetstream(nc, { checkAPI: false });
-        const consumer = await js.consumers.get(JOURNAL_STREAM, {
-          opt_start_seq: start,
-          deliver_policy: "by_start_sequence",
-        });
-        const msgs = await consumer.consume({ max_messages: 256 });
-        let batch = [];
-        for await (const m of msgs) {
-          try {
-            const item = decodeJournalMessage(m.subject, m.data);
-            if (item) batch.push(item);
-          } catch {
-            this.decodeErrors += 1;
-          }
-          const done = m.info.streamSequence >= last || m.info.pending === 0;
-          if (batch.length >= 200 || done) {
-            this.h.onHistory(batch, done);
-            batch = [];
-          }
-          if (done) break;
-        }
-        await msgs.close();
+        await this._readFeed(nc);
         return;
       } catch (err) {
         if (nc.isClosed()) return;
         this.historyError = String(err?.message || err);
         await new Promise((r) => setTimeout(r, RETRY_MS));
       }
+    }
+  }
+
+  /**
+   * One feed: subscribe to a fresh inbox of the page's role, ask the weaver to deliver the newest
+   * HISTORY_MAX entries there, and hand them to onHistory in batches until the last one.
+   */
+  async _readFeed(nc) {
+    const owner = feedOwner(this.auth.readOnly);
+    const deliver = `_INBOX.${owner}.feed.${nuid.next()}`;
+    const sub = nc.subscribe(deliver); // before the request: the feed delivers only while someone listens
+    try {
+      const reply = await nc.request(SUBJECTS.feed(owner), feedRequest(deliver, HISTORY_MAX), {
+        timeout: FEED_REQUEST_MS,
+      });
+      const feed = parseFeedReply(reply.data);
+      if (feed.lastSeq === 0) {
+        this.h.onHistory([], true);
+        return;
+      }
+      const msgs = sub[Symbol.asyncIterator]();
+      let batch = [];
+      for (;;) {
+        const { value: m, done: closed } = await nextWithin(msgs, FEED_IDLE_MS);
+        if (closed) throw new Error("journal feed closed before its last entry");
+        const at = feedDelivery(m.reply);
+        if (!at) continue; // not a delivery of the feed
+        try {
+          const item = decodeJournalMessage(m.subject, m.data);
+          if (item) batch.push(item);
+        } catch {
+          this.decodeErrors += 1;
+        }
+        const done = at.streamSeq >= feed.lastSeq || at.pending === 0;
+        if (batch.length >= 200 || done) {
+          this.h.onHistory(batch, done);
+          batch = [];
+        }
+        if (done) return;
+      }
+    } finally {
+      // Nobody listens any more: nats-server deletes the feed shortly (its inactive threshold).
+      sub.unsubscribe();
     }
   }
 
@@ -236,6 +252,11 @@ export class Bus {
   }
 }
 
-function num64(v) {
-  return typeof v === "number" ? v : Number(v || 0);
+/** The iterator's next message, or a rejection once `ms` pass without one. */
+function nextWithin(it, ms) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`journal feed: nothing delivered for ${ms / 1000} s`)), ms);
+  });
+  return Promise.race([it.next(), late]).finally(() => clearTimeout(timer));
 }

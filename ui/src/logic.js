@@ -552,6 +552,48 @@ export function submitFailure(err) {
   return null;
 }
 
+// ---- journal history feed ----------------------------------------------------------------------
+
+/**
+ * The NATS role whose journal feed a page asks for (weaver/ui_feeds.py): the operator page's
+ * ui-operator, every other page's (a viewer, a development page) ui-viewer. Only that role may
+ * publish on its api.feed subject and read the inbox the feed delivers to.
+ */
+export function feedOwner(readOnly) {
+  return readOnly ? "ui-viewer" : "ui-operator";
+}
+
+/** The JSON request for a feed of the newest `maxEntries` journal entries, delivered to `deliver`. */
+export function feedRequest(deliver, maxEntries) {
+  return new TextEncoder().encode(JSON.stringify({ deliver, max_entries: maxEntries }));
+}
+
+/**
+ * The weaver's answer to a feed request: {consumer, firstSeq, lastSeq}; lastSeq 0 means an empty
+ * journal (nothing will be delivered). Throws the weaver's reason when it made no feed.
+ */
+export function parseFeedReply(bytes) {
+  const body = JSON.parse(new TextDecoder().decode(bytes));
+  if (body.error) throw new Error(`journal feed refused: ${body.error}`);
+  return { consumer: body.consumer || "", firstSeq: body.first_seq || 0, lastSeq: body.last_seq || 0 };
+}
+
+/**
+ * Stream sequence and count still pending of one feed delivery, from its JetStream reply subject:
+ * `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`, or the form with a domain
+ * and account hash after `$JS.ACK` (11 or 12 tokens). null for any other subject.
+ */
+export function feedDelivery(reply) {
+  const t = String(reply || "").split(".");
+  if (t[0] !== "$JS" || t[1] !== "ACK") return null;
+  const at = t.length === 9 ? 2 : t.length >= 11 ? 4 : -1;
+  if (at < 0) return null;
+  const streamSeq = Number(t[at + 3]);
+  const pending = Number(t[at + 6]);
+  if (!Number.isInteger(streamSeq) || !Number.isInteger(pending)) return null;
+  return { streamSeq, pending };
+}
+
 // ---- autopilot proposals -----------------------------------------------------------------------
 
 // The weaver's events about proposals held in approval mode (weaver/autopilot.py, weaver/agents.py):

@@ -18,7 +18,11 @@ import {
   describeBody,
   describeBounds,
   downsample,
+  feedDelivery,
+  feedOwner,
+  feedRequest,
   newCommandId,
+  parseFeedReply,
   submitFailure,
   validateKnob,
 } from "../src/logic.js";
@@ -266,4 +270,34 @@ test("proposed commands and decision answers read as a person says them", () => 
     ok: false,
     text: "approve x: not decided: job j has no pending proposal 'x'",
   });
+});
+
+test("a feed delivery's stream sequence and pending count come from its JetStream reply subject", () => {
+  assert.deepEqual(feedDelivery("$JS.ACK.TORCHLOOM_JOURNAL.ui-feed-1.1.3.1.1796166772980136402.7"), {
+    streamSeq: 3,
+    pending: 7,
+  });
+  // The form with a domain and an account hash (and the optional trailing token).
+  assert.deepEqual(feedDelivery("$JS.ACK._.ACC.TORCHLOOM_JOURNAL.ui-feed-1.1.42.9.17.0"), { streamSeq: 42, pending: 0 });
+  assert.deepEqual(feedDelivery("$JS.ACK._.ACC.TORCHLOOM_JOURNAL.ui-feed-1.1.42.9.17.0.xyz"), { streamSeq: 42, pending: 0 });
+  for (const other of ["", undefined, "_INBOX.ui-viewer.x", "$JS.ACK.S.C.1.x.1.1.1", "$JS.ACK.S.C.1.2"]) {
+    assert.equal(feedDelivery(other), null, String(other));
+  }
+});
+
+test("a feed request names the role's inbox and the weaver's refusal becomes an error", () => {
+  assert.equal(feedOwner(true), "ui-viewer");
+  assert.equal(feedOwner(false), "ui-operator");
+  assert.deepEqual(JSON.parse(new TextDecoder().decode(feedRequest("_INBOX.ui-viewer.feed.a", 2000))), {
+    deliver: "_INBOX.ui-viewer.feed.a",
+    max_entries: 2000,
+  });
+  const enc = (o) => new TextEncoder().encode(JSON.stringify(o));
+  assert.deepEqual(parseFeedReply(enc({ consumer: "ui-feed-x", first_seq: 5, last_seq: 9, error: "" })), {
+    consumer: "ui-feed-x",
+    firstSeq: 5,
+    lastSeq: 9,
+  });
+  assert.equal(parseFeedReply(enc({ consumer: "", first_seq: 0, last_seq: 0, error: "" })).lastSeq, 0);
+  assert.throws(() => parseFeedReply(enc({ error: "ui-viewer already holds 16 journal feeds" })), /holds 16/);
 });

@@ -1,20 +1,21 @@
 """Outcome benchmark (issue 13): does the default autopilot policy rescue a run with a bad lr?
 
 A character-level language model (bench/scripts/charlm_train.py: an MLP over 16 characters, Adam) on
-bench/data/text.txt (generated pseudo-English, ~19 KB), a fixed budget of STEPS steps, 5 seeds, three
+bench/data/text.txt (generated pseudo-English, ~19 KB), a fixed budget of STEPS steps, 5 seeds, four
 arms, each run a real `torchloom run --nproc-per-node 1` under a private TORCHLOOM_HOME:
 
 * good: a static lr of 3e-3;
 * bad: 30x that (9e-2), untouched;
-* bad+rules: the same bad lr under `--policy default`.
+* bad+rules: the same bad lr under `--policy default`;
+* good+rules: the good lr under `--policy default` (the rules must not harm a healthy run).
 
-Reports the final validation loss per arm (mean, min, max, stdev), the steps the rule arm redid after
-rollbacks (loop iterations beyond STEPS), the rules that fired and the steps its lr changed at, and
-whether each rule run replays bit-exactly from its journal (`torchloom replay --run ID`: the same
-loss at every iteration and the same final validation loss). Prints a table and writes
+Reports the final validation loss per arm (mean, min, max, stdev), the steps each rule arm redid
+after rollbacks (loop iterations beyond STEPS), the rules that fired and the steps its lr changed
+at, and whether each rule run replays bit-exactly from its journal (`torchloom replay --run ID`: the
+same loss at every iteration and the same final validation loss). Prints a table and writes
 bench/results/outcome.json.
 
-    .venv/bin/python bench/outcome.py [--seeds 5] [--steps 600]
+    .venv/bin/python bench/outcome.py [--seeds 5] [--steps 600] [--arms good,bad,bad+rules,good+rules]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ ARMS = {
     "good": (GOOD_LR, False),
     "bad": (GOOD_LR * BAD_FACTOR, False),
     "bad+rules": (GOOD_LR * BAD_FACTOR, True),
+    "good+rules": (GOOD_LR, True),
 }
 BINDING_VARS = ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID")
 
@@ -105,16 +107,15 @@ def one_run(arm: str, seed: int, steps: int, work: Path, env: dict[str, str]) ->
             for prev, r in itertools.pairwise(records)
             if r["lr"] != prev["lr"]
         ]
-        row["replay"] = replay(found.group(1), seed, steps, work, env, out)
+        row["replay"] = replay(found.group(1), lr, seed, steps, work, env, out)
     return row
 
 
 def replay(
-    run_id: str, seed: int, steps: int, work: Path, env: dict[str, str], original: Path
+    run_id: str, lr: float, seed: int, steps: int, work: Path, env: dict[str, str], original: Path
 ) -> dict[str, Any]:
     """Replay the run from its journal and compare every iteration's loss and the final loss, bitwise."""
     out = work / f"replay-{run_id}"
-    lr = ARMS["bad+rules"][0]
     script = [str(SCRIPT), "--lr", repr(lr), "--seed", str(seed), "--steps", str(steps), "--out", str(out)]
     proc = _cli(["replay", "--run", run_id, "--nproc-per-node", "1", "--", *script], env)
     if proc.returncode != 0:
@@ -149,28 +150,37 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--arms", default=",".join(ARMS), help="a comma-separated subset of the arms")
     args = parser.parse_args()
+    chosen = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(chosen) - ARMS.keys())
+    if unknown:
+        parser.error(
+            f"--arms {args.arms!r}: unknown {', '.join(unknown)}; expected some of {', '.join(ARMS)}"
+        )
     work = Path(tempfile.mkdtemp(prefix="tl-outcome-"))
     env = _env(work / "home")
     rows = []
     for seed in range(args.seeds):
-        for arm in ARMS:
+        for arm in chosen:
             row = one_run(arm, seed, args.steps, work, env)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    arms = {arm: summary(rows, arm) for arm in ARMS}
-    good = arms["good"]["mean"]
+    arms = {arm: summary(rows, arm) for arm in chosen}
+    good = arms["good"]["mean"] if "good" in arms else None
 
     def within(arm: str) -> bool | None:
-        mean = arms[arm]["mean"]
+        mean = arms[arm]["mean"] if arm in arms else None
         return None if mean is None or good is None else mean <= good * 1.05
 
-    rule_rows = [r for r in rows if r["arm"] == "bad+rules"]
+    rule_rows = [r for r in rows if ARMS[r["arm"]][1]]
     verdict = {
         "rule_arm_within_5pct_of_good": within("bad+rules"),
         "bad_arm_within_5pct_of_good": within("bad"),
+        "good_rule_arm_within_5pct_of_good": within("good+rules"),
         "rule_runs_replay_bit_exactly": all(r["replay"]["ok"] for r in rule_rows),
-        "rule_arm_steps_lost": [r["steps_lost"] for r in rule_rows],
+        "rule_arm_steps_lost": [r["steps_lost"] for r in rule_rows if r["arm"] == "bad+rules"],
+        "good_rule_arm_steps_lost": [r["steps_lost"] for r in rule_rows if r["arm"] == "good+rules"],
     }
     print(f"{'arm':<11}{'lr':>9}{'val loss mean':>15}{'min':>9}{'max':>9}{'stdev':>9}")
     for arm, s in arms.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -149,6 +150,14 @@ class Threadlet:
             self._link.start()
         # A rank of a steered torchrun job ends if its agent dies, instead of training on orphaned.
         self._orphan_watch = None if config.local else orphan.watch_if_supervised(os.environ, rank=self.rank)
+        if not self.resumed_from and self._state.step_count == 0:
+            # Step 0, before the first optimizer step: what a run decided here (a policy's start
+            # commands) a replay applies here too.
+            if self._replay is not None:
+                self._replay_boundary()
+            elif self._link is not None and config.start_hold_s > 0:
+                self._hold_at_start()
+        self._arm_update_ratio()
 
     # ---- identity and position ------------------------------------------------------------------
 
@@ -254,9 +263,7 @@ class Threadlet:
             self._last_t = time.perf_counter()  # a pause is not step time
             now = self._last_t
         reporter = self._reporter
-        ratio = self._update_ratio
-        if ratio is not None and st.tick >= ratio.next_tick:
-            ratio.arm(st.tick)  # measure the next optimizer step (off: next_tick is never reached)
+        self._arm_update_ratio()
         # At most one report per step, so no step pays for both: when both are due, the one due
         # longer goes now and the other at the next step.
         metrics_late = now - reporter.next_metrics_t
@@ -428,6 +435,43 @@ class Threadlet:
         if batch:
             self._decide(batch, ack=True)
         self._agreement.start_round()
+
+    def _arm_update_ratio(self) -> None:
+        st, ratio = self._state, self._update_ratio
+        if ratio is not None and st.tick >= ratio.next_tick:
+            # Measure the next optimizer step, the one from this step on (off: never reached).
+            ratio.arm(st.tick, st.step_count)
+
+    def _hold_at_start(self) -> None:
+        """Hold a fresh run at step 0, paused, before its first optimizer step, until a resume is
+        decided (the weaver's autopilot sends its policy's start commands, then resume: decided here,
+        at step 0, on every rank) or `start_hold_s` of rounds passed. Rounds are collective, one per
+        poll, so every rank leaves the hold at the same round either way."""
+        st, reporter, cfg = self._state, self._reporter, self.config
+        polls = max(1, math.ceil(cfg.start_hold_s / cfg.paused_poll_s))
+        held = {naming.HELD_AT_START: 1.0}
+        st.paused = True
+        reporter.refresh_status(RankState.PAUSED)
+        for _ in range(polls):
+            now = time.perf_counter()
+            if now >= reporter.next_metrics_t:
+                reporter.send_metrics(now, None, None, held)  # again and again: a weaver may restart
+            if now >= reporter.next_status_t:
+                reporter.refresh_status(RankState.PAUSED)
+            time.sleep(cfg.paused_poll_s)
+            self._boundary()
+            if not st.paused or self._closed:
+                break
+        else:
+            log.warning(
+                "threadlet rank %d: no resume within start_hold_s=%g s; training starts without the "
+                "policy's start commands",
+                self.rank,
+                cfg.start_hold_s,
+            )
+            st.paused = False
+        reporter.refresh_status(RankState.RUNNING)
+        self._last_t = time.perf_counter()  # the hold is not step time
 
     def _wait_paused(self) -> None:
         st, reporter = self._state, self._reporter

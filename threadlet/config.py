@@ -46,6 +46,9 @@ class ThreadletConfig:
         max_round_lag_steps: upper bound of that lag, so a command waits at most this many steps
             once every rank has it.
         paused_poll_s: period of agreement rounds while the job is paused.
+        start_hold_s: a fresh run (not resumed, not a replay) holds at step 0, paused, until a
+            resume is decided (the weaver sends its policy's start commands, then resume) or this
+            many seconds of agreed rounds passed; 0 (the default) does not hold.
         close_timeout_s: bound on the final heartbeat and drain in `close()`.
         checkpoint_dir: checkpoint root; checkpoints go to `<root>/<job>/<run_id>/ckpt-<seq>/`.
             None: `$TORCHLOOM_HOME/checkpoints` (default `~/.torchloom/checkpoints`).
@@ -83,6 +86,7 @@ class ThreadletConfig:
     round_budget_s: float = 0.005
     max_round_lag_steps: int = 8
     paused_poll_s: float = 0.02
+    start_hold_s: float = 0.0
     close_timeout_s: float = 0.5
     checkpoint_dir: str | None = None
     replay_path: str | None = None
@@ -123,6 +127,8 @@ class ThreadletConfig:
             )
         _positive("paused_poll_s", self.paused_poll_s, upper=10.0)
         _positive("close_timeout_s", self.close_timeout_s, upper=60.0)
+        if not math.isfinite(self.start_hold_s) or not 0 <= self.start_hold_s <= 3600:
+            raise ValueError(f"start_hold_s={self.start_hold_s!r} rejected: must be a number in [0, 3600]")
         delay = self.test_delivery_delay_s
         if not math.isfinite(delay) or not 0 <= delay <= 10:
             raise ValueError(f"test_delivery_delay_s={delay!r} rejected: must be a number in [0, 10]")
@@ -160,7 +166,7 @@ def from_env(
             verify_commands and data_roots default to TORCHLOOM_CHECKPOINT_DIR, TORCHLOOM_REPLAY,
             TORCHLOOM_ALLOW_FAULT_INJECTION (=1), TORCHLOOM_FAKE_NVML, TORCHLOOM_TEST_DELIVERY_DELAY_S,
             TORCHLOOM_WEAVER_PUBKEY, TORCHLOOM_VERIFY_COMMANDS (=0 turns it off),
-            TORCHLOOM_TEST_DELIVERY_SEED, TORCHLOOM_AGREEMENT and
+            TORCHLOOM_TEST_DELIVERY_SEED, TORCHLOOM_AGREEMENT, TORCHLOOM_START_HOLD_S and
             TORCHLOOM_DATA_ROOTS (os.pathsep-separated); nats_creds_file to TORCHLOOM_NATS_CREDS_FILE.
 
     Raises:
@@ -178,6 +184,7 @@ def from_env(
     overrides.setdefault("test_delivery_delay_s", env.get_float(env.TEST_DELIVERY_DELAY_S, 0.0))
     overrides.setdefault("test_delivery_seed", int(env.get_float(env.TEST_DELIVERY_SEED, 0.0)))
     overrides.setdefault("agreement", env.get(env.AGREEMENT, "auto") or "auto")
+    overrides.setdefault("start_hold_s", env.get_float(env.START_HOLD_S, 0.0))
     overrides.setdefault("weaver_pubkey", env.get(env.WEAVER_PUBKEY))
     overrides.setdefault("verify_commands", env.get(env.VERIFY_COMMANDS) != "0")
     overrides.setdefault("data_roots", roots.parse_roots(env.get(env.DATA_ROOTS)))

@@ -24,6 +24,7 @@ KNOB = "report_update_ratio"
 # receiver of sampled reports tells a new measurement from the same one reported again.
 RATIO = "update_ratio"
 COUNT = "update_ratio_count"
+STEP = "update_ratio_step"  # the step the latest measured optimizer step started from
 MAX_EVERY = 1_000_000
 NEVER = sys.maxsize
 
@@ -93,6 +94,8 @@ class UpdateRatio:
         self.next_tick = NEVER
         self.values: dict[str, float] = {}  # the latest measurement's ratios (empty before one)
         self.count = 0  # measurements so far
+        self.step = 0  # the step the latest measured optimizer step started from
+        self._armed_step = 0
         self._handles: tuple[Any, ...] = ()
         self._before: list[list[torch.Tensor]] | None = None
 
@@ -107,12 +110,14 @@ class UpdateRatio:
         if value == 0:
             self._disarm()
 
-    def arm(self, tick: int) -> None:
-        """Measure the next optimizer step (the front calls this once `tick >= next_tick`)."""
+    def arm(self, tick: int, step: int = 0) -> None:
+        """Measure the next optimizer step, the one from `step` on (the front calls this once
+        `tick >= next_tick`)."""
         if self.every <= 0 or self._optimizer is None:
             self.next_tick = NEVER
             return
         self.next_tick = tick + self.every
+        self._armed_step = step
         if not self._handles:
             opt = self._optimizer
             self._handles = (
@@ -135,12 +140,14 @@ class UpdateRatio:
         with torch.no_grad():
             self.values = measure(self._params(), before, self._groups)
         self.count += 1
+        self.step = self._armed_step
 
     def report(self) -> dict[str, float]:
-        """The metrics to send: the latest ratios and the measurement count (empty before one)."""
+        """The metrics to send: the latest ratios, the measurement count and the step the measured
+        optimizer step started from (empty before one)."""
         if not self.count:
             return {}
-        return {**self.values, COUNT: float(self.count)}
+        return {**self.values, COUNT: float(self.count), STEP: float(self.step)}
 
     def _disarm(self) -> None:
         for handle in self._handles:

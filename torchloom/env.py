@@ -29,6 +29,9 @@ TEST_DELIVERY_SEED = "TORCHLOOM_TEST_DELIVERY_SEED"  # test-only: seed of those 
 AGENT_API_KEY = "TORCHLOOM_AGENT_API_KEY"
 OPENAI_API_KEY = "OPENAI_API_KEY"
 AGREEMENT = "TORCHLOOM_AGREEMENT"  # "auto" (ride DDP's all-reduce when there is one) or "gloo"
+# Ranks: hold a fresh run at step 0 (paused, before the first optimizer step) for at most this many
+# seconds until the weaver sends its policy's start commands; set by `torchloom run --policy`.
+START_HOLD_S = "TORCHLOOM_START_HOLD_S"
 
 
 def get(name: str, default: str | None = None) -> str | None:

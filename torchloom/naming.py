@@ -24,6 +24,9 @@ NOTICE_KINDS = frozenset({LR_OVERWRITTEN})
 # The search's commands carry issuer kind SEARCH_ISSUER.
 SEARCH_RESULT = "search_result"
 SEARCH_ISSUER = "search"
+# A rank held at step 0 (`TORCHLOOM_START_HOLD_S`) reports metrics with HELD_AT_START = 1 until the
+# hold ends: the weaver's autopilot then sends its policy's start commands and a resume.
+HELD_AT_START = "held_at_start"
 _CKPT_ID = re.compile(r"^ckpt-([1-9][0-9]*)$")
 _ATTEMPT = re.compile(r"^(?P<base>.+)-a(?P<n>[1-9][0-9]*)$")
 

@@ -23,7 +23,7 @@ from torchloom.messages import Action, ActionKind, Body, Issuer, JobEvent, KnobV
 from weaver import guardrails
 from weaver import signals as sg
 from weaver.model import JobState
-from weaver.rules import LAST_GOOD, ActionStep, AlertStep, Policy, Rule, SetStep
+from weaver.rules import LAST_GOOD, ActionStep, AlertStep, Policy, Rule, SetStep, Step, factor_of
 
 ISSUER_KIND = "rule"
 SIGNAL_EVENT_INTERVAL_S = 10.0  # one "signal" event per signal kind and job at most this often
@@ -71,6 +71,7 @@ class Pilot:
     run_id: str = ""
     knobs_given: set[str] = field(default_factory=set)  # the policy's [knobs] settled for this run
     knobs_waiting_noted: bool = False
+    start_given: bool = False  # the policy's start commands went to the run held at step 0
 
 
 def make_event(
@@ -114,17 +115,21 @@ def _last_good(job: JobState, step: int) -> str | None:
     return best.id if best is not None else None
 
 
-def _bodies(rule: Rule, job: JobState, det: sg.Detected) -> tuple[list[Body], list[str]] | str:
-    """The rule's commands resolved against the job now, and its alerts; or why they cannot be."""
+def _bodies(
+    steps: tuple[Step, ...], pilot: Pilot, job: JobState, det: sg.Detected | None
+) -> tuple[list[Body], list[str]] | str:
+    """Steps (a rule's, fired by `det`; the policy's start, with None) resolved against the job now,
+    and their alerts; or why they cannot be."""
     current = knob_values(job)
     bodies: list[Body] = []
     alerts: list[str] = []
-    for step in rule.do:
+    for step in steps:
         if isinstance(step, AlertStep):
             alerts.append(step.message)
         elif isinstance(step, ActionStep):
             args = dict(step.args)
             if step.kind is ActionKind.ROLLBACK and args.get("checkpoint") == LAST_GOOD:
+                assert det is not None  # rules.parse keeps rollbacks out of start
                 found = _last_good(job, det.last_good_step)
                 if found is None:
                     return f"no checkpoint taken at or before step {det.last_good_step} to roll back to"
@@ -140,7 +145,17 @@ def _bodies(rule: Rule, job: JobState, det: sg.Detected) -> tuple[list[Body], li
                         return (
                             f"{key} {raw} needs the value of {key} in effect, which the job does not report"
                         )
-                    values[key] = float(now_value) * float(raw[1:])
+                    factor, over_value = factor_of(raw)
+                    if not over_value:
+                        values[key] = float(now_value) * factor
+                        continue
+                    signal = det.value if det is not None else math.nan
+                    if not (math.isfinite(signal) and signal > 0):
+                        return f"{key} {raw} needs a finite, positive signal value, not {signal:g}"
+                    # A factor derived from a measurement: kept within the bounds, not refused.
+                    start = pilot.starts.get(key, pilot.starts.get(key.split("@", 1)[0]))
+                    target = float(now_value) * factor / signal
+                    values[key] = guardrails.clamp(key, target, start, pilot.policy.guards)
                 else:
                     values[key] = raw
             bodies.append(SetConfig(values=values))
@@ -164,7 +179,7 @@ def _fire(pilot: Pilot, rule: Rule, job: JobState, det: sg.Detected, now: float)
     fired_at = pilot.fired_at.get(rule.name, ())
     last_step = pilot.fired_step.get(rule.name)
     refusal = guardrails.rate_refusal(rule, fired_at, now, fired_step=last_step, step=det.step)
-    resolved = _bodies(rule, job, det) if refusal is None else refusal
+    resolved = _bodies(rule.do, pilot, job, det) if refusal is None else refusal
     if isinstance(resolved, str):
         refusal = resolved
     else:
@@ -205,11 +220,14 @@ def _emit(
     alerts: list[str],
     attrs: dict[str, str],
     now: float,
+    mode: Mode | None = None,
 ) -> Firing:
-    """The firing of `name` (a rule, or the policy for its `[knobs]`) in the policy's mode: its
-    requests as issuer `rule:<name>` and its journal event; held when the policy wants approval."""
+    """The firing of `name` (a rule, or the policy for its `[knobs]`) in the policy's mode (or
+    `mode`): its requests as issuer `rule:<name>` and its journal event; held when the policy wants
+    approval."""
     guards = pilot.policy.guards
-    mode = Mode.DRY_RUN if guards.dry_run else Mode.PROPOSED if guards.approval else Mode.SEND
+    if mode is None:
+        mode = Mode.DRY_RUN if guards.dry_run else Mode.PROPOSED if guards.approval else Mode.SEND
     issuer = Issuer(kind=ISSUER_KIND, identity=f"rule:{name}")
     requests = tuple(
         SubmitRequest(body=b, job=job.job, issuer=issuer, command_id=uuid.uuid4().hex) for b in bodies
@@ -267,6 +285,51 @@ def _policy_knobs(pilot: Pilot, job: JobState, step: int, now: float) -> Decisio
     return Decision(events=events, firings=(firing,))
 
 
+def _start(pilot: Pilot, job: JobState, step: int, now: float) -> Decision:
+    """A run held at step 0 for its policy (`Sample.held_at_start`): the policy's [knobs] (as one
+    set), its `start` commands and a resume, as one firing in that order, so they are decided at
+    step 0, before the first optimizer step, and the resume last. Once per run; it waits for a
+    report whose heartbeats brought the knobs it sets (the ranks report while held). In a dry run
+    or with approval the start commands are journaled or proposed and the resume alone is sent."""
+    policy = pilot.policy
+    reported = {k.name for k in job.knobs}
+    if not reported or any(k.split("@", 1)[0] not in reported for k in policy.knobs):
+        return Decision()
+    pilot.start_given = True
+    pilot.knobs_given.update(policy.knobs)
+    current = knob_values(job)
+    values = {k: v for k, v in policy.knobs.items() if "@" in k or current.get(k) != v}
+    bodies: list[Body] = [SetConfig(values=values)] if values else []
+    attrs = {"rule": policy.name, "signal": "start", "step": str(step), "branch": job.registry.branch}
+    resolved = _bodies(policy.start, pilot, job, None)
+    events: list[JobEvent] = []
+    alerts: list[str] = []
+    if isinstance(resolved, str):
+        message = f"policy {policy.name}: start commands not sent: {resolved}"
+        events.append(make_event(job, "rule_refused", message, now, reason=resolved, **attrs))
+    else:
+        bodies += resolved[0]
+        alerts = resolved[1]
+    resume = Action(kind=ActionKind.RESUME)
+    why = f"the policy's start commands at step {step}"
+    firings: list[Firing] = []
+    if not (policy.guards.dry_run or policy.guards.approval):
+        firings.append(_emit(pilot, job, policy.name, why, [*bodies, resume], alerts, attrs, now))
+    else:
+        if bodies or alerts:
+            firings.append(_emit(pilot, job, policy.name, why, bodies, alerts, attrs, now))
+        firings.append(
+            _emit(pilot, job, policy.name, "the end of the start hold", [resume], [], attrs, now, Mode.SEND)
+        )
+    return Decision(events=tuple(events), firings=tuple(firings))
+
+
+def _rolls_back(firing: Firing) -> bool:
+    return firing.mode is Mode.SEND and any(
+        isinstance(r.body, Action) and r.body.kind is ActionKind.ROLLBACK for r in firing.requests
+    )
+
+
 def hold(pilot: Pilot, firing: Firing) -> None:
     """Keep a proposal until a person answers it (the oldest goes past `MAX_PROPOSALS`)."""
     if len(pilot.proposals) >= MAX_PROPOSALS:
@@ -282,10 +345,15 @@ def on_metrics(pilot: Pilot, job: JobState, sample: sg.Sample, now: float) -> De
         # A rollback starts another branch at an earlier step: step-based rules count afresh.
         pilot.branch = pilot.track.branch
         pilot.fired_step.clear()
+    if sample.held_at_start:
+        # Held at step 0, nothing trains: the start commands (once), and no rule has anything to read.
+        return Decision() if pilot.start_given else _start(pilot, job, sample.step, now)
     given = _policy_knobs(pilot, job, sample.step, now)
     events: list[JobEvent] = list(given.events)
     firings: list[Firing] = list(given.firings)
     for rule in pilot.policy.rules:
+        if any(_rolls_back(f) for f in firings):
+            break  # the run goes back to other weights: the later rules judge the new branch
         cond = rule.condition
         if cond.signal is not sg.Signal.NONFINITE and not lead:
             continue  # the series did not move: nothing new to find

@@ -80,6 +80,16 @@ def bound_refusal(key: str, value: KnobValue, start: KnobValue | None, guards: G
     return None
 
 
+def clamp(key: str, value: float, start: KnobValue | None, guards: Guards) -> float:
+    """`value` moved into the bounds of `key` (a factor a rule derived from a signal, not one a person
+    chose, so it is kept within them rather than refused); unchanged when the start is not known."""
+    if isinstance(start, bool) or not isinstance(start, int | float):
+        return value
+    low, high = guards.bounds_of(key)
+    lo, hi = sorted((low * start, high * start))
+    return min(max(value, lo), hi)
+
+
 def body_refusal(body: Body, starts: Mapping[str, KnobValue], guards: Guards) -> str | None:
     """The first refusal of a command body by the action and bound guardrails, else None."""
     if isinstance(body, Action):

@@ -9,6 +9,9 @@ something is wrong; `load(spec)` reads a file, or the shipped default for "defau
     approval = false         # every firing waits for `torchloom policy approve ID`
     allow = []               # actions automated issuers may take although forbidden by default:
                              # "stop", "data_add", "fault_inject"
+    start = [{action = "checkpoint"}]  # commands for step 0, before the first optimizer step: a
+                             # run this policy is launched with (`torchloom run --policy`) holds
+                             # there until the weaver sent them, its [knobs] and a resume
     [bounds]                 # how far a rule may move a knob, as factors of its start value
     lr = [0.01, 10.0]        # (every numeric knob not named here: DEFAULT_BOUNDS)
     [knobs]                  # knob settings the rules need, sent once per run at its first report
@@ -27,6 +30,8 @@ something is wrong; `load(spec)` reads a file, or the shipped default for "defau
     cooldown_steps = 0       # nor within this many training steps of the last (on its branch)
     max_per_hour = 10        # and at most this many in any hour
     do = [{set = {lr = "x0.5"}}, {action = "rollback", checkpoint = "last_good"}, {alert = "text"}]
+                             # "xT/value" multiplies by T over the value that fired the rule (an
+                             # update ratio: T is the ratio aimed at), kept within [bounds]
 
     [agent]                  # the guardrails of agents' proposals (`torchloom agent`, the Submit of an
                              # agent token); dry_run, approval, allow and bounds default to the ones
@@ -69,7 +74,7 @@ _RULE_KEYS = frozenset(
         "do",
     }
 )
-_TOP_KEYS = frozenset({"name", "dry_run", "approval", "allow", "bounds", "knobs", "rule", "agent"})
+_TOP_KEYS = frozenset({"name", "dry_run", "approval", "allow", "bounds", "knobs", "start", "rule", "agent"})
 _GUARD_KEYS = ("dry_run", "approval", "allow", "bounds")
 _AGENT_KEYS = frozenset({*_GUARD_KEYS, "cooldown_s", "max_per_hour"})
 _FACTOR_SIGNALS = {Signal.LOSS_SPIKE: 3.0, Signal.DIVERGENCE: 10.0, Signal.THROUGHPUT_DROP: 2.0}
@@ -83,9 +88,24 @@ class PolicyError(ValueError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetStep:
-    """Knob assignments: a number sets the value; "xF" multiplies the value in effect by F."""
+    """Knob assignments: a number sets the value; "xF" multiplies the value in effect by F; "xT/value"
+    multiplies it by T over the value of the signal that fired the rule (see `factor_of`)."""
 
     values: Mapping[str, float | str]
+
+
+OVER_VALUE = "/value"
+
+
+def factor_of(raw: str) -> tuple[float, bool]:
+    """The factor of an "xF" or "xT/value" assignment, and whether it is divided by the signal's
+    value (F or T; NaN when malformed)."""
+    over = raw.endswith(OVER_VALUE)
+    text = raw[1 : -len(OVER_VALUE)] if over else raw[1:]
+    try:
+        return float(text), over
+    except ValueError:
+        return math.nan, over
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,7 +166,14 @@ class Policy:
     agent: AgentGuards = field(default_factory=AgentGuards)
     # Knob settings the rules need (`[knobs]`), sent once per run by the weaver (`weaver.autopilot`).
     knobs: Mapping[str, KnobValue] = field(default_factory=dict)
+    start: tuple[Step, ...] = ()  # commands for step 0, before the first optimizer step (`start`)
     text: str = ""  # the TOML it was read from, as `torchloom policy show` prints it
+
+    @property
+    def holds_at_start(self) -> bool:
+        """Whether a run launched under this policy should hold at step 0 for its start commands and
+        [knobs] (`TORCHLOOM_START_HOLD_S`): only when they are sent (not a dry run, no approval)."""
+        return bool(self.start or self.knobs) and not self.guards.dry_run and not self.guards.approval
 
 
 def _fail(where: str, what: str) -> PolicyError:
@@ -182,13 +209,13 @@ def _step(where: str, raw: Any) -> Step:
             except ValueError as exc:
                 raise _fail(f"{where}.set.{knob}", str(exc)) from None
             if isinstance(value, str):
+                form = 'expected a number, "xFACTOR" or "xTARGET/value"'
                 if not value.startswith("x"):
-                    raise _fail(f"{where}.set.{knob}", f'{value!r} rejected: expected a number or "xFACTOR"')
-                try:
-                    factor = float(value[1:])
-                except ValueError:
-                    factor = math.nan
-                _number(f"{where}.set.{knob}", factor, low=1e-6, high=1e6)
+                    raise _fail(f"{where}.set.{knob}", f"{value!r} rejected: {form}")
+                factor, _ = factor_of(value)
+                if not math.isfinite(factor):
+                    raise _fail(f"{where}.set.{knob}", f"{value!r} rejected: {form}")
+                _number(f"{where}.set.{knob}", factor, low=1e-12, high=1e6)
                 out[knob] = value
             else:
                 out[knob] = _number(f"{where}.set.{knob}", value, low=-1e12, high=1e12)
@@ -367,16 +394,35 @@ def parse(text: str, *, source: str = "policy") -> Policy:
         guards = _guards(raw)
         agent = _agent(raw)
         knob_settings = _knobs(raw.get("knobs", {}))
+        start = _start(raw.get("start", []))
     except PolicyError as exc:
         raise PolicyError(f"{source}: {exc}") from None
-    for rule in rules:
-        for step in rule.do:
-            if isinstance(step, ActionStep) and step.kind in FORBIDDEN and step.kind not in guards.allow:
-                raise PolicyError(
-                    f"{source}: rule {rule.name!r}: action {step.kind.value!r} is forbidden to rules; "
-                    f'add it to allow = ["{step.kind.value}"] to permit it'
-                )
-    return Policy(name=name, rules=rules, guards=guards, agent=agent, knobs=knob_settings, text=text)
+    steps = [(f"rule {rule.name!r}", step) for rule in rules for step in rule.do]
+    for where, step in [*steps, *(("start", step) for step in start)]:
+        if isinstance(step, ActionStep) and step.kind in FORBIDDEN and step.kind not in guards.allow:
+            raise PolicyError(
+                f"{source}: {where}: action {step.kind.value!r} is forbidden to rules; "
+                f'add it to allow = ["{step.kind.value}"] to permit it'
+            )
+    return Policy(
+        name=name, rules=rules, guards=guards, agent=agent, knobs=knob_settings, start=start, text=text
+    )
+
+
+def _start(raw: Any) -> tuple[Step, ...]:
+    """The `start` list: steps as in a rule's `do`, but with nothing a signal or an earlier
+    checkpoint would have to give (no "xT/value", no rollback: there is nothing to roll back to)."""
+    if not isinstance(raw, list):
+        raise _fail("start", f"{raw!r} rejected: expected a list of steps, as a rule's do")
+    out = tuple(_step(f"start[{i}]", s) for i, s in enumerate(raw))
+    for i, step in enumerate(out):
+        if isinstance(step, ActionStep) and step.kind is ActionKind.ROLLBACK:
+            raise _fail(f"start[{i}]", "a rollback at step 0 has nothing to go back to")
+        if isinstance(step, SetStep) and any(
+            isinstance(v, str) and factor_of(v)[1] for v in step.values.values()
+        ):
+            raise _fail(f"start[{i}]", '"xTARGET/value" needs the value of a signal; start has none')
+    return out
 
 
 def default_text() -> str:

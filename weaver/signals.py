@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from torchloom import naming
 from torchloom.messages import StepMetrics
 
 # The metric names a rank reports (threadlet.reports): cumulative counts of steps with a non-finite
@@ -27,6 +28,7 @@ NONFINITE_GRAD = "nonfinite_grad_steps"
 # one step every N when asked, and reports the latest with every metrics report until the next).
 UPDATE_RATIO = "update_ratio"
 UPDATE_RATIO_COUNT = "update_ratio_count"
+UPDATE_RATIO_STEP = "update_ratio_step"  # the step the measured optimizer step started from
 
 WINDOW = 64  # samples kept per job: what a firing journals as its signal window
 MAX_CONSECUTIVE = 16  # update-to-weight ratio measurements kept per job (a condition's `consecutive`)
@@ -62,6 +64,8 @@ class Sample:
     nonfinite_grad: int = 0
     update_ratio: float | None = None
     update_ratio_count: int = 0
+    update_ratio_step: int | None = None
+    held_at_start: bool = False  # the rank holds at step 0 for its policy's start commands
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,8 +118,9 @@ class Track:
     update_ratio: float = math.nan  # the lead rank's latest measured ratio
     update_ratio_count: int = 0  # its measurement count when last seen
     update_ratio_new: bool = False  # the latest report brought a new measurement
-    # The lead rank's latest measurements, newest last (ticks pace them, so a rollback keeps them).
-    update_ratios: collections.deque[float] = field(
+    # The lead rank's latest measurements on this branch as (step measured, ratio), newest last: a
+    # halved lr keeps them (the next measurement tells), a rollback's branch starts without them.
+    update_ratios: collections.deque[tuple[int, float]] = field(
         default_factory=lambda: collections.deque(maxlen=MAX_CONSECUTIVE)
     )
 
@@ -138,7 +143,13 @@ def sample_of(sm: StepMetrics) -> Sample:
         nonfinite_grad=_count(values.get(NONFINITE_GRAD)),
         update_ratio=values.get(UPDATE_RATIO),
         update_ratio_count=_count(values.get(UPDATE_RATIO_COUNT)),
+        update_ratio_step=_step(values.get(UPDATE_RATIO_STEP)),
+        held_at_start=values.get(naming.HELD_AT_START) == 1.0,
     )
+
+
+def _step(raw: float | None) -> int | None:
+    return int(raw) if raw is not None and math.isfinite(raw) and raw >= 0 else None
 
 
 def _finite(x: float | None) -> bool:
@@ -154,6 +165,7 @@ def _reset_series(track: Track) -> None:
     track.loss_ema = track.ema_before = track.best_ema = math.nan
     track.step_time_base = track.step_time_ema = math.nan
     track.seen = 0
+    track.update_ratios.clear()  # measured on other weights, maybe at another lr
 
 
 def observe(track: Track, sample: Sample) -> bool:
@@ -173,6 +185,9 @@ def observe(track: Track, sample: Sample) -> bool:
         track.lead_rank = sample.rank
     if sample.rank != track.lead_rank:
         return False
+    if sample.branch != track.branch or sample.step < track.step:
+        _reset_series(track)
+        track.branch = sample.branch
     # A measurement is new when its count moved (either way: a restarted process counts from 1).
     track.update_ratio_new = (
         sample.update_ratio is not None
@@ -183,10 +198,8 @@ def observe(track: Track, sample: Sample) -> bool:
         assert sample.update_ratio is not None
         track.update_ratio = sample.update_ratio
         track.update_ratio_count = sample.update_ratio_count
-        track.update_ratios.append(sample.update_ratio)
-    if sample.branch != track.branch or sample.step < track.step:
-        _reset_series(track)
-        track.branch = sample.branch
+        measured = sample.update_ratio_step if sample.update_ratio_step is not None else sample.step
+        track.update_ratios.append((min(measured, sample.step), sample.update_ratio))
     track.step = sample.step
     track.samples.append(sample)
     if not track.nonfinite_new and not _bad(sample.loss) and not _bad(sample.grad_norm):
@@ -227,14 +240,15 @@ def detect(track: Track, cond: Condition, *, since_step: int = 0) -> Detected | 
     latest = track.samples[-1] if track.samples else None
     step = latest.step if latest is not None else track.step
 
-    def hit(value: float | None, threshold: float) -> Detected:
+    def hit(value: float | None, threshold: float, trouble_step: int | None = None) -> Detected:
+        good = track.last_good_step
         return Detected(
             signal=cond.signal,
             step=step,
             branch=track.branch,
             value=math.nan if value is None else value,
             threshold=threshold,
-            last_good_step=track.last_good_step,
+            last_good_step=good if trouble_step is None else min(good, trouble_step),
             window=_window(track),
         )
 
@@ -244,14 +258,16 @@ def detect(track: Track, cond: Condition, *, since_step: int = 0) -> Detected | 
     if latest is None:
         return None
     if sig is Signal.UPDATE_RATIO:
-        # A sustained excess, not one step's: Adam's first steps move every weight by about lr.
+        # With `consecutive` > 1 a sustained excess, not one step's: Adam's first steps move every
+        # weight by about lr. The trouble began at the first of them: the last good weights are
+        # those that optimizer step started from.
         latest_ratios = list(track.update_ratios)[-cond.consecutive :]
         high = (
             track.update_ratio_new
             and len(latest_ratios) == cond.consecutive
-            and all(r > cond.above for r in latest_ratios)
+            and all(r > cond.above for _, r in latest_ratios)
         )
-        return hit(track.update_ratio, cond.above) if high else None
+        return hit(track.update_ratio, cond.above, latest_ratios[0][0]) if high else None
     if sig is Signal.EVERY_STEPS:
         due = since_step + cond.steps if since_step else cond.steps
         return hit(float(step), float(due)) if step >= due else None

@@ -259,9 +259,13 @@ def test_default_policy_is_the_issue_s_list() -> None:
         "nonfinite-rollback": sg.Signal.NONFINITE,
         "spike-halve-lr": sg.Signal.LOSS_SPIKE,
         "plateau-decay-lr": sg.Signal.PLATEAU,
+        "runaway-update-rollback": sg.Signal.UPDATE_RATIO,
         "hot-update-halve-lr": sg.Signal.UPDATE_RATIO,
     }
-    assert p.knobs == {"report_update_ratio": 25}  # what hot-update-halve-lr reads
+    assert p.knobs == {"report_update_ratio": 25}  # what the update ratio rules read
+    # A checkpoint before the first optimizer step, which runaway-update-rollback goes back to.
+    assert p.start == (rules.ActionStep(kind=ActionKind.CHECKPOINT, args={"tag": "start"}),)
+    assert p.holds_at_start
     assert not p.guards.dry_run and not p.guards.approval and p.guards.bounds["lr"] == (0.01, 10.0)
 
 

@@ -170,10 +170,13 @@ def test_cooldown_counts_steps_and_restarts_on_a_new_branch() -> None:
         report(28, 0.5, 2),  # fires
         report(38, 0.5, 3),  # 10 steps later: cooling down (cooldown_steps = 20)
         report(48, 0.5, 4),  # 20 steps later: fires
-        report(20, 0.5, 5, branch="b1"),  # a rollback's branch at an earlier step: counted afresh
+        # A rollback's branch at an earlier step: its measurements and cool-down count afresh (the
+        # discarded branch's ratios were of other weights), so the second one there fires.
+        report(20, 0.5, 5, branch="b1"),
+        report(45, 0.5, 6, branch="b1"),
     ]
     d = run_rule(job, samples)
-    assert [f.event.attrs["step"] for f in d.firings] == ["28", "48", "20"]
+    assert [f.event.attrs["step"] for f in d.firings] == ["28", "48", "45"]
     (refusal,) = [e for e in d.events if getattr(e, "kind", "") == "rule_refused"]
     assert refusal.attrs["step"] == "38"
     assert "cooldown_steps=20 (10 steps left)" in refusal.attrs["reason"]

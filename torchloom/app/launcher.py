@@ -32,6 +32,7 @@ from torchloom.app.supervisor import Supervisor, nproc_of, with_nproc
 from torchloom.client import ControlClient
 from torchloom.credentials import ClientAuth, Role
 from torchloom.errors import TorchloomError, WeaverUnavailable
+from weaver import rules
 from weaver.ui_server import serve_ui
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ _RDZV_CHOICES = frozenset(
 )
 READY_TIMEOUT_S = 30.0
 KEEPER_INTERVAL_S = 0.25  # how often a running job checks that its control plane is alive
+# A fresh run under a policy with start commands or [knobs] holds its ranks at step 0 at most this
+# long (TORCHLOOM_START_HOLD_S overrides) for the weaver to send them: normally well under a second.
+START_HOLD_S = 30.0
 _RDZV_ID = frozenset({"--rdzv-id", "--rdzv_id"})
 _NNODES = frozenset({"--nnodes"})
 
@@ -349,6 +353,9 @@ def child_env(
     else:
         out[env.WEAVER_PUBKEY] = signing.load_or_create(signing.default_key_path(out)).public_key
     out.pop(env.VERIFY_COMMANDS, None)
+    hold_s = out.pop(env.START_HOLD_S, None) or f"{START_HOLD_S:g}"
+    if spec.policy is not None and rules.load(spec.policy).holds_at_start:
+        out[env.START_HOLD_S] = hold_s  # the weaver sends the start commands before step 1
     out.pop(env.DATA_ROOTS, None)
     if spec.data_roots:
         out[env.DATA_ROOTS] = os.pathsep.join(spec.data_roots)

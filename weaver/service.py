@@ -862,6 +862,10 @@ class Weaver:
     async def _serve_api_feed(self, owner: str, msg: Msg) -> None:
         assert self._feeds is not None  # subscribed only once started
         reply = await self._feeds.answer(owner, msg.data)
+        if reply.refused:
+            self._refuse(
+                "api", "", "", f"journal feed for {owner} refused: {reply.error}", time.time(), key="feed"
+            )
         with contextlib.suppress(Exception):  # the requester may be gone
             await msg.respond(reply.encode())
 

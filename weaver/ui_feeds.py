@@ -38,6 +38,9 @@ FEEDS_PER_OWNER = 16  # open feeds per browser role (a tab, or a reconnect of on
 FEED_INACTIVE_S = 5.0  # nats-server deletes a feed this long after its inbox lost its subscriber
 FEED_MAX_AGE_S = 120.0  # a page reads its history in seconds; an older feed is deleted
 FEED_CONSUMER_PREFIX = "ui-feed-"
+# At the cap, the weaver asks JetStream which feeds still exist at most this often per role, so a
+# flood of requests is refused without a request to JetStream for each.
+FEED_RECHECK_S = 1.0
 # After the role's inbox prefix: one to four tokens, no wildcard (nats.js's nuid is one token).
 _DELIVER_REST = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,3}$")
 
@@ -108,12 +111,14 @@ class FeedRequest:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FeedReply:
-    """The weaver's answer. `last_seq` 0 and no `error`: the journal is empty, nothing is delivered."""
+    """The weaver's answer. `last_seq` 0 and no `error`: the journal is empty, nothing is delivered.
+    `refused` (not sent): the request did not fit (its form, the cap), rather than JetStream failing."""
 
     consumer: str = ""
     first_seq: int = 0
     last_seq: int = 0
     error: str = ""
+    refused: bool = False
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -158,6 +163,7 @@ class UiFeeds:
         self.timeout_s = timeout_s
         self.limits = limits or FeedLimits()
         self._open: dict[str, dict[str, float]] = {owner: {} for owner in OWNERS}  # name -> made at
+        self._checked_at: dict[str, float] = {}  # owner -> when its feeds' existence was last asked
         self._lock = asyncio.Lock()  # a role's count and its new feed change together
 
     def held(self, owner: str) -> int:
@@ -171,7 +177,7 @@ class UiFeeds:
             async with self._lock, asyncio.timeout(self.timeout_s):
                 return await self._open_feed(owner, request)
         except FeedRefused as exc:
-            return FeedReply(error=str(exc))
+            return FeedReply(error=str(exc), refused=True)
         except TimeoutError:
             return FeedReply(error=f"the journal did not answer within {self.timeout_s:g}s: ask again")
         except Exception as exc:  # nats-py raises several types for "not now"
@@ -208,11 +214,13 @@ class UiFeeds:
                 del feeds[name]
         if len(feeds) < limits.per_owner:
             return
-        for name in list(feeds):  # nats-server deleted those whose page stopped listening
-            try:
-                await self.js.consumer_info(subjects.STREAM_JOURNAL, name)
-            except NotFoundError:
-                del feeds[name]
+        if now - self._checked_at.get(owner, -FEED_RECHECK_S) >= FEED_RECHECK_S:
+            self._checked_at[owner] = now
+            for name in list(feeds):  # nats-server deleted those whose page stopped listening
+                try:
+                    await self.js.consumer_info(subjects.STREAM_JOURNAL, name)
+                except NotFoundError:
+                    del feeds[name]
         if len(feeds) >= limits.per_owner:
             raise FeedRefused(
                 f"{owner} already holds {len(feeds)} journal feeds, the most a browser role may hold: "

@@ -96,6 +96,7 @@ async def test_a_viewer_reads_the_journal_through_the_feed_the_weaver_made_on_it
 
 async def test_the_weaver_refuses_more_feeds_than_a_role_may_hold_and_an_abandoned_one_goes_away(
     secured: tuple[EmbeddedNats, CredentialStore],  # noqa: F811
+    weaver: Weaver,
     js: JetStreamContext,
 ) -> None:
     server, store = secured
@@ -111,6 +112,7 @@ async def test_the_weaver_refuses_more_feeds_than_a_role_may_hold_and_an_abandon
         over = await ask(operator, Role.UI_OPERATOR, f"{inbox_prefix(Role.UI_OPERATOR)}.feed.over")
         assert f"already holds {ui_feeds.FEEDS_PER_OWNER} journal feeds" in over["error"], over
         assert over["consumer"] == ""
+        assert weaver.refusals.total.get("api", 0) == 1  # counted, and announced as a refused event
 
         # The page of the first feed goes away: nats-server deletes its consumer once nobody listened
         # for the inactive threshold, and the role may have a feed again.

@@ -248,10 +248,16 @@ def schema_hash(specs: Iterable[KnobSpec]) -> int:
     only when this changes, and the hash otherwise). Never 0, which means "no hash"."""
     digest = hashlib.blake2b(digest_size=8)
     for spec in sorted(specs, key=lambda s: s.name):
+        # Bounds as floats: the wire carries them as doubles, so an int bound (grad_accum_steps'
+        # min=1) must hash as the receiver decodes it, or no receiver can check the hash.
         fields = (
-            spec.name, spec.type.value, spec.min, spec.max, spec.min_exclusive, spec.max_exclusive,
-            spec.description, spec.groups, spec.choices,
+            spec.name, spec.type.value, _bound(spec.min), _bound(spec.max), spec.min_exclusive,
+            spec.max_exclusive, spec.description, spec.groups, spec.choices,
         )  # fmt: skip
         digest.update(repr(fields).encode())
         digest.update(b"\0")
     return int.from_bytes(digest.digest(), "big") or 1
+
+
+def _bound(value: float | None) -> float | None:
+    return None if value is None else float(value)

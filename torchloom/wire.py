@@ -424,6 +424,50 @@ def decode_heartbeat(data: bytes) -> m.Heartbeat:
     )
 
 
+class HeartbeatDecoder:
+    """`decode_heartbeat` for a receiver of many heartbeats (the weaver): where a rank process sends
+    the same knob schema or device health as in its previous heartbeat (compared as protobuf, in C,
+    about 1 us), the dataclasses decoded then are reused instead of converted again (a full schema
+    is about 60 us, a device about 8). Equal input gives an equal `Heartbeat` either way. The knob
+    values are always converted: comparing protobuf maps costs more than converting six values.
+
+    Args:
+        max_senders: rank processes remembered; the oldest is forgotten past it.
+    """
+
+    def __init__(self, max_senders: int = 65_536) -> None:
+        self._max = max_senders
+        # (job, rank) -> (its previous message, the knobs and device decoded from it)
+        self._last: dict[tuple[str, int], tuple[Any, tuple[m.KnobSpec, ...], m.DeviceHealth | None]] = {}
+
+    def decode(self, data: bytes) -> m.Heartbeat:
+        msg = _parse(pb.Heartbeat, data)
+        fields = _copy(msg, _HEARTBEAT_FIELDS)
+        key = (fields["job"], fields["rank"])
+        last = self._last.get(key)
+        prev = last[0] if last is not None and last[0].incarnation == fields["incarnation"] else None
+        if prev is not None and msg.knobs == prev.knobs:
+            specs = last[1]  # type: ignore[index]
+        else:
+            specs = tuple(_knob_from_pb(k) for k in msg.knobs)
+        device: m.DeviceHealth | None = None
+        if msg.HasField("device"):
+            if prev is not None and prev.HasField("device") and msg.device == prev.device:
+                device = last[2]  # type: ignore[index]
+            else:
+                device = _device_from_pb(msg.device)
+        if last is None and len(self._last) >= self._max:
+            del self._last[next(iter(self._last))]
+        self._last[key] = (msg, specs, device)
+        return m.Heartbeat(
+            state=_enum_back(_STATE_BACK, msg.state, "rank state"),
+            knobs=specs,
+            knob_values=_values_from_pb(msg.knob_values),
+            device=device,
+            **fields,
+        )
+
+
 def decode_metrics(data: bytes) -> m.StepMetrics:
     return _metrics_from_pb(_parse(pb.StepMetrics, data))
 

@@ -154,6 +154,7 @@ class Weaver:
         self._lag_max_s = 0.0
         self._streams: Streams | None = None
         self._schemas: knob_schemas.KnobSchemas | None = None  # once connected
+        self._hb_decoder = wire.HeartbeatDecoder()  # reuses a rank's unchanged schema and device
         self._consumers: RankConsumers | None = None  # each rank's command consumer (made here)
         self._feeds: ui_feeds.UiFeeds | None = None  # the web pages' journal feeds (made here)
         self._outbox = Outbox()
@@ -593,7 +594,7 @@ class Weaver:
             )
             return
         try:
-            hb = wire.decode_heartbeat(msg.data)
+            hb = self._hb_decoder.decode(msg.data)
         except ValueError as exc:
             self._refuse("heartbeat", "", "", f"malformed heartbeat on {msg.subject} refused: {exc}", now)
             return

@@ -243,6 +243,8 @@ class Threadlet:
             self._fake_nvml.set_step(st.step_count)
         if loss is not None:
             self._reporter.note_loss(loss)
+        if self._update_ratio is not None and self._update_ratio.loss_due:
+            self._update_ratio.note_loss(loss)  # the loss of the step just measured
         runner = self._runner
         if runner.pending_overrides:
             runner.apply_overrides()

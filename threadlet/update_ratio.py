@@ -25,6 +25,7 @@ KNOB = "report_update_ratio"
 RATIO = "update_ratio"
 COUNT = "update_ratio_count"
 STEP = "update_ratio_step"  # the step the latest measured optimizer step started from
+LOSS = "update_ratio_loss"  # the loss of that step (the batch's, before the update), when given
 MAX_EVERY = 1_000_000
 NEVER = sys.maxsize
 
@@ -95,6 +96,8 @@ class UpdateRatio:
         self.values: dict[str, float] = {}  # the latest measurement's ratios (empty before one)
         self.count = 0  # measurements so far
         self.step = 0  # the step the latest measured optimizer step started from
+        self.loss: float | None = None  # the loss the training loop gave for that step
+        self.loss_due = False  # measured; the loss of that step comes with the next `step()`
         self._armed_step = 0
         self._handles: tuple[Any, ...] = ()
         self._before: list[list[torch.Tensor]] | None = None
@@ -141,13 +144,26 @@ class UpdateRatio:
             self.values = measure(self._params(), before, self._groups)
         self.count += 1
         self.step = self._armed_step
+        self.loss, self.loss_due = None, True
+
+    def note_loss(self, loss: object) -> None:
+        """The loss the loop gave `step()` after the measured optimizer step: that step's (read once
+        per measurement; a tensor costs one device sync then)."""
+        self.loss_due = False
+        if isinstance(loss, int | float) and not isinstance(loss, bool):
+            self.loss = float(loss)
+        elif isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.loss = float(loss.detach())
 
     def report(self) -> dict[str, float]:
         """The metrics to send: the latest ratios, the measurement count and the step the measured
         optimizer step started from (empty before one)."""
         if not self.count:
             return {}
-        return {**self.values, COUNT: float(self.count), STEP: float(self.step)}
+        out = {**self.values, COUNT: float(self.count), STEP: float(self.step)}
+        if self.loss is not None and math.isfinite(self.loss):
+            out[LOSS] = self.loss
+        return out
 
     def _disarm(self) -> None:
         for handle in self._handles:

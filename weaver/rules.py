@@ -26,6 +26,8 @@ something is wrong; `load(spec)` reads a file, or the shipped default for "defau
     above = 1e-2             # update_ratio: a newly measured ratio over this fires (the ranks
                              # measure it only while the report_update_ratio knob is N > 0)
     consecutive = 2          # update_ratio: ... when the latest N measurements are all over it
+    loss_rose = false        # update_ratio: ... and a loss reported since the latest is over the
+                             # loss of its step (once per measurement; a helpful big step is not)
     cooldown_s = 60.0        # no second firing sooner
     cooldown_steps = 0       # nor within this many training steps of the last (on its branch)
     max_per_hour = 10        # and at most this many in any hour
@@ -68,6 +70,7 @@ _RULE_KEYS = frozenset(
         "steps",
         "above",
         "consecutive",
+        "loss_rose",
         "cooldown_s",
         "cooldown_steps",
         "max_per_hour",
@@ -273,16 +276,29 @@ def _rule(where: str, raw: Any, names: set[str]) -> Rule:
     elif "above" in raw:
         raise _fail(f"{where}.above", f"not used by when = {signal.value!r}")
     consecutive = 1
+    loss_rose = False
     if signal is Signal.UPDATE_RATIO:
         consecutive = _int(f"{where}.consecutive", raw.get("consecutive", 1), low=1, high=MAX_CONSECUTIVE)
-    elif "consecutive" in raw:
-        raise _fail(f"{where}.consecutive", f"not used by when = {signal.value!r}")
+        loss_rose = raw.get("loss_rose", False)
+        if not isinstance(loss_rose, bool):
+            raise _fail(f"{where}.loss_rose", f"{loss_rose!r} rejected: expected true or false")
+    else:
+        for key in ("consecutive", "loss_rose"):
+            if key in raw:
+                raise _fail(f"{where}.{key}", f"not used by when = {signal.value!r}")
     do = raw.get("do")
     if not isinstance(do, list) or not do:
         raise _fail(f"{where}.do", f"{do!r} rejected: expected a non-empty list of steps")
     return Rule(
         name=name,
-        condition=Condition(signal=signal, factor=factor, steps=steps, above=above, consecutive=consecutive),
+        condition=Condition(
+            signal=signal,
+            factor=factor,
+            steps=steps,
+            above=above,
+            consecutive=consecutive,
+            loss_rose=loss_rose,
+        ),
         do=tuple(_step(f"{where}.do[{i}]", s) for i, s in enumerate(do)),
         cooldown_s=_number(f"{where}.cooldown_s", raw.get("cooldown_s", 60.0), low=0.0, high=7 * 86400.0),
         cooldown_steps=_int(f"{where}.cooldown_steps", raw.get("cooldown_steps", 0), low=0, high=10**9),

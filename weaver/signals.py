@@ -29,6 +29,7 @@ NONFINITE_GRAD = "nonfinite_grad_steps"
 UPDATE_RATIO = "update_ratio"
 UPDATE_RATIO_COUNT = "update_ratio_count"
 UPDATE_RATIO_STEP = "update_ratio_step"  # the step the measured optimizer step started from
+UPDATE_RATIO_LOSS = "update_ratio_loss"  # the loss of that step (before the update)
 
 WINDOW = 64  # samples kept per job: what a firing journals as its signal window
 MAX_CONSECUTIVE = 16  # update-to-weight ratio measurements kept per job (a condition's `consecutive`)
@@ -65,6 +66,7 @@ class Sample:
     update_ratio: float | None = None
     update_ratio_count: int = 0
     update_ratio_step: int | None = None
+    update_ratio_loss: float | None = None
     held_at_start: bool = False  # the rank holds at step 0 for its policy's start commands
 
 
@@ -77,6 +79,7 @@ class Condition:
     steps: int = 0
     above: float = 0.0
     consecutive: int = 1  # update_ratio: how many latest measurements must all be over `above`
+    loss_rose: bool = False  # update_ratio: and a loss reported since is over the measured step's
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,9 +121,10 @@ class Track:
     update_ratio: float = math.nan  # the lead rank's latest measured ratio
     update_ratio_count: int = 0  # its measurement count when last seen
     update_ratio_new: bool = False  # the latest report brought a new measurement
-    # The lead rank's latest measurements on this branch as (step measured, ratio), newest last: a
-    # halved lr keeps them (the next measurement tells), a rollback's branch starts without them.
-    update_ratios: collections.deque[tuple[int, float]] = field(
+    # The lead rank's latest measurements on this branch as (step measured, ratio, that step's loss
+    # or NaN), newest last: a halved lr keeps them (the next measurement tells), a rollback's branch
+    # starts without them.
+    update_ratios: collections.deque[tuple[int, float, float]] = field(
         default_factory=lambda: collections.deque(maxlen=MAX_CONSECUTIVE)
     )
 
@@ -144,6 +148,7 @@ def sample_of(sm: StepMetrics) -> Sample:
         update_ratio=values.get(UPDATE_RATIO),
         update_ratio_count=_count(values.get(UPDATE_RATIO_COUNT)),
         update_ratio_step=_step(values.get(UPDATE_RATIO_STEP)),
+        update_ratio_loss=values.get(UPDATE_RATIO_LOSS),
         held_at_start=values.get(naming.HELD_AT_START) == 1.0,
     )
 
@@ -199,7 +204,9 @@ def observe(track: Track, sample: Sample) -> bool:
         track.update_ratio = sample.update_ratio
         track.update_ratio_count = sample.update_ratio_count
         measured = sample.update_ratio_step if sample.update_ratio_step is not None else sample.step
-        track.update_ratios.append((min(measured, sample.step), sample.update_ratio))
+        loss_then = sample.update_ratio_loss if _finite(sample.update_ratio_loss) else math.nan
+        assert loss_then is not None
+        track.update_ratios.append((min(measured, sample.step), sample.update_ratio, loss_then))
     track.step = sample.step
     track.samples.append(sample)
     if not track.nonfinite_new and not _bad(sample.loss) and not _bad(sample.grad_norm):
@@ -235,7 +242,8 @@ def detect(track: Track, cond: Condition, *, since_step: int = 0) -> Detected | 
 
     Args:
         since_step: for `every_steps` and `plateau`, the step the condition last fired at (or 0):
-            they hold again only `steps` steps later.
+            they hold again only `steps` steps later; for `update_ratio` with `loss_rose`, a
+            measurement it fired on before that step does not fire again.
     """
     latest = track.samples[-1] if track.samples else None
     step = latest.step if latest is not None else track.step
@@ -262,11 +270,24 @@ def detect(track: Track, cond: Condition, *, since_step: int = 0) -> Detected | 
         # weight by about lr. The trouble began at the first of them: the last good weights are
         # those that optimizer step started from.
         latest_ratios = list(track.update_ratios)[-cond.consecutive :]
-        high = (
-            track.update_ratio_new
-            and len(latest_ratios) == cond.consecutive
-            and all(r > cond.above for _, r in latest_ratios)
-        )
+        over = len(latest_ratios) == cond.consecutive and all(r > cond.above for _, r, _ in latest_ratios)
+        if not cond.loss_rose:
+            high = over and track.update_ratio_new
+        else:
+            # Confirmed by the loss: a report since the measured step (any, until the next
+            # measurement; once) whose loss is over that step's. A big step that helps (a small
+            # init far from the solution) lowers the loss; a step that wrecks the weights raises it.
+            measured_step, _, loss_then = latest_ratios[-1] if latest_ratios else (0, 0.0, math.nan)
+            loss = latest.loss
+            high = (
+                over
+                and since_step <= measured_step
+                and step > measured_step
+                and math.isfinite(loss_then)
+                and loss is not None
+                and math.isfinite(loss)
+                and loss > loss_then
+            )
         return hit(track.update_ratio, cond.above, latest_ratios[0][0]) if high else None
     if sig is Signal.EVERY_STEPS:
         due = since_step + cond.steps if since_step else cond.steps

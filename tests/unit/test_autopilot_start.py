@@ -41,21 +41,31 @@ def job_state(lr: float = BAD_LR, *, knobs: bool = True) -> JobState:
 
 
 def report(step: int, *, branch: str = "main", held: bool = False, **values: float) -> sg.Sample:
-    vals = {"loss": 2.0, **values}
+    vals = {"loss": 2.0} | values
     if held:
         vals = {naming.HELD_AT_START: 1.0}
     return sg.sample_of(StepMetrics(job=JOB, run_id=RUN, rank=0, step=step, branch=branch, values=vals))
 
 
 def measured(
-    step: int, ratio: float, count: int, *, at: int | None = None, branch: str = "main"
+    step: int,
+    ratio: float,
+    count: int,
+    *,
+    at: int | None = None,
+    branch: str = "main",
+    loss_then: float = 3.5,
+    loss: float = 2.0,
 ) -> sg.Sample:
-    """A report at `at` (default `step` + 3) carrying the measurement of the optimizer step from `step`."""
-    return report(
-        step + 3 if at is None else at,
-        branch=branch,
-        **{sg.UPDATE_RATIO: ratio, sg.UPDATE_RATIO_COUNT: float(count), sg.UPDATE_RATIO_STEP: float(step)},
-    )
+    """A report at `at` (default `step` + 3) of loss `loss`, carrying the measurement of the optimizer
+    step from `step` and that step's loss `loss_then`."""
+    values = {
+        sg.UPDATE_RATIO: ratio,
+        sg.UPDATE_RATIO_COUNT: float(count),
+        sg.UPDATE_RATIO_STEP: float(step),
+        sg.UPDATE_RATIO_LOSS: loss_then,
+    }
+    return report(step + 3 if at is None else at, branch=branch, loss=loss, **values)
 
 
 def add_checkpoint(job: JobState, seq: int, step: int, branch: str = "main", tag: str = "") -> None:
@@ -149,7 +159,7 @@ def test_the_measured_step_is_the_last_good_step_and_a_rollback_forgets_the_rati
     det = sg.detect(track, cond)
     # Reported at step 4, measured on the optimizer step from step 0: the weights of step 0 are good.
     assert det is not None and det.step == 4 and det.last_good_step == 0 and det.value == 0.735
-    assert list(track.update_ratios) == [(0, 0.735)]
+    assert list(track.update_ratios) == [(0, 0.735, 3.5)]
     sg.observe(track, report(2, branch="b5"))  # the rollback's branch
     assert not track.update_ratios
     sg.observe(track, measured(20, 0.009, 2, branch="b5"))
@@ -169,8 +179,11 @@ def test_runaway_ratio_rolls_back_to_the_start_checkpoint_and_cuts_lr_from_the_r
     job = job_state()
     add_checkpoint(job, 2, 0, tag="start")
     pilot = autopilot.Pilot(policy=runaway(), run_id=RUN, knobs_given={ur.KNOB})
-    d = autopilot.on_metrics(pilot, job, measured(0, 0.735, 1, at=4), now=10.0)
-    (firing,) = d.firings  # the same report's hot-update-halve-lr is not judged: the run goes back
+    # Measured on the step from 0 (loss 3.5 there); the first report after it has a lower loss: not
+    # confirmed yet. The next one's loss is over 3.5: the step wrecked the weights.
+    assert autopilot.on_metrics(pilot, job, measured(0, 0.735, 1, at=1, loss=3.19), now=9.9).firings == ()
+    d = autopilot.on_metrics(pilot, job, report(4, loss=7.8), now=10.0)
+    (firing,) = d.firings  # the same report's other rules are not judged: the run goes back
     assert firing.rule == "runaway-update-rollback"
     rollback, cut = bodies(firing)
     assert rollback == Action(kind=ActionKind.ROLLBACK, args={"checkpoint": "ckpt-2"})
@@ -185,7 +198,7 @@ def test_a_derived_cut_is_kept_within_the_bounds() -> None:
     job = job_state()
     add_checkpoint(job, 2, 0)
     pilot = autopilot.Pilot(policy=runaway(), run_id=RUN, knobs_given={ur.KNOB})
-    (firing,) = autopilot.on_metrics(pilot, job, measured(0, 1000.0, 1), now=10.0).firings
+    (firing,) = autopilot.on_metrics(pilot, job, measured(0, 1000.0, 1, loss=9.0), now=10.0).firings
     assert bodies(firing)[1] == SetConfig(values={"lr": pytest.approx(BAD_LR * 0.01)})  # bounds [0.01, 10]
 
 
@@ -193,7 +206,7 @@ def test_runaway_rule_without_a_checkpoint_before_the_trouble_is_refused() -> No
     job = job_state()
     add_checkpoint(job, 4, 30)  # after the measured step
     pilot = autopilot.Pilot(policy=runaway(), run_id=RUN, knobs_given={ur.KNOB})
-    d = autopilot.on_metrics(pilot, job, measured(25, 0.5, 1, at=33), now=10.0)
+    d = autopilot.on_metrics(pilot, job, measured(25, 0.5, 1, at=33, loss=9.0), now=10.0)
     assert d.firings == ()
     (refused,) = [e for e in d.events if e.kind == "rule_refused"]
     assert "no checkpoint taken at or before step 25" in refused.attrs["reason"]
@@ -210,6 +223,26 @@ def test_the_default_rules_do_not_fire_on_a_good_lr_s_ratios(ratios: list[float]
         d = autopilot.on_metrics(pilot, job, measured(25 * i, r, i + 1), now=10.0 + i)
         fired += [f.rule for f in d.firings]
     assert fired == ["periodic-checkpoint"]
+
+
+def test_a_big_step_that_lowers_the_loss_is_not_runaway() -> None:
+    """A small init far from its solution (tests/integration/scripts/nan_train.py: SGD moves the
+    weights by 49% in its first step and the loss falls from 8.4): nothing fires, ever."""
+    job = job_state(lr=0.05)
+    add_checkpoint(job, 2, 0, tag="start")
+    pilot = autopilot.Pilot(policy=runaway(), run_id=RUN, knobs_given={ur.KNOB})
+    samples = [measured(0, 0.49, 1, at=3, loss_then=8.4, loss=1.0), report(6, loss=0.3), report(9, loss=0.1)]
+    assert [f for s in samples for f in autopilot.on_metrics(pilot, job, s, now=10.0).firings] == []
+
+
+def test_runaway_fires_once_per_measurement() -> None:
+    job = job_state()
+    add_checkpoint(job, 2, 0, tag="start")
+    pilot = autopilot.Pilot(policy=runaway(), run_id=RUN, knobs_given={ur.KNOB})
+    fired = autopilot.on_metrics(pilot, job, measured(0, 0.7, 1, at=3, loss=7.0), now=10.0).firings
+    assert len(fired) == 1
+    # Reports of the same branch before the rollback lands: the same measurement, not fired again.
+    assert autopilot.on_metrics(pilot, job, report(5, loss=8.0), now=10.1).firings == ()
 
 
 # ---- the threadlet: the hold, and a replay's step 0 ---------------------------------------------------
@@ -247,9 +280,10 @@ def test_a_replay_applies_the_commands_of_step_0_before_the_first_optimizer_step
         model(torch.ones(2, 4)).sum().backward()
         opt.step()
         tl.step(loss=1.0)
-        # The first optimizer step was measured, from step 0.
+        # The first optimizer step was measured, from step 0, with the loss the loop gave for it.
         ratio = tl._update_ratio
-        assert ratio is not None and ratio.count == 1 and ratio.report()[ur.STEP] == 0.0
+        assert ratio is not None and ratio.count == 1
+        assert ratio.report()[ur.STEP] == 0.0 and ratio.report()[ur.LOSS] == 1.0
 
 
 def test_run_holds_the_ranks_only_under_a_policy_with_start_commands_or_knobs(

@@ -187,6 +187,7 @@ class Link:
         end = time.monotonic() + DURABLE_RETRY_S
         wait, longest = _DURABLE_WAIT_S
         while True:
+            bus.check_cancelled()
             nc = self._nc
             try:
                 if nc is None or nc.is_closed:
@@ -310,6 +311,7 @@ class Link:
             }
         ).encode()
         while True:
+            bus.check_cancelled()  # a consumer request's answer may have swallowed our cancellation
             self._pull_id += 1
             self._pull_left, self._pull_seen_s = _PULL_BATCH, time.monotonic()
             self._pull_done.clear()

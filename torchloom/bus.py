@@ -61,6 +61,20 @@ RANK_CONSUMER_INACTIVE_S = 3600.0
 _CONSUMER_EXISTS = 10148
 
 
+def check_cancelled() -> None:
+    """Raise CancelledError when the current task's cancellation was swallowed by an await.
+
+    nats-py waits for every request's answer with `asyncio.wait_for`, which on Python 3.11 returns
+    the answer and drops a cancellation that arrives as the answer does (CPython gh-86296, fixed in
+    3.12): the task goes on with `cancelling()` still set, and a loop that then waits on an event
+    waits forever (a weaver's close hung so, once in a few dozen restarts). Every long-lived loop
+    that makes NATS requests calls this once per turn, so a cancelled loop always stops.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def connect(
     url: str,
     *,

@@ -112,6 +112,7 @@ async def _serve_while_elected(config: WeaverConfig, leadership: Leadership, bac
     """Each time the lease is won: start a weaver (which recovers from the journal and commands
     streams before it subscribes), serve through it until the lease is lost, then close it."""
     while True:
+        bus.check_cancelled()
         await leadership.elected.wait()
         won = time.monotonic()
         try:

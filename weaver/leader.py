@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from torchloom import bus
 from torchloom.errors import NatsUnavailable
 from torchloom.messages import (
     AgentRefusal,
@@ -172,6 +173,7 @@ class Leadership:
     async def run(self) -> None:
         """Wait for the lease, hold it until it is lost, and again; until cancelled."""
         while True:
+            bus.check_cancelled()
             try:
                 await self._win()
                 await self._hold()
@@ -194,6 +196,7 @@ class Leadership:
         kv = await self._bucket()
         seen = Seen(lease=None, revision=-1, since=time.monotonic())
         while True:
+            bus.check_cancelled()
             lease, revision = await self._read(kv)
             if revision != seen.revision:
                 seen = Seen(lease=lease, revision=revision, since=time.monotonic())
@@ -221,6 +224,7 @@ class Leadership:
         kv = await self._bucket()
         renewed = time.monotonic()
         while True:
+            bus.check_cancelled()
             await asyncio.sleep(self.config.renew_s)
             try:
                 async with asyncio.timeout(self.config.renew_s):

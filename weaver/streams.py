@@ -69,6 +69,7 @@ class Streams:
             sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
         try:
             while True:
+                bus.check_cancelled()
                 # Following waits for new entries as long as the reader wants them.
                 msg = await sub.next_msg(timeout=None if follow else deadline)
                 yield msg
@@ -297,6 +298,7 @@ class Outbox:
         """Publish queued messages with `publish(item)`, oldest first, until cancelled."""
         wait = _RETRY_WAIT_S[0]
         while True:
+            bus.check_cancelled()  # a publish's answer may have swallowed our cancellation
             while not self._queue:
                 self._ready.clear()
                 await self._ready.wait()

@@ -27,7 +27,9 @@ from weaver.config import WeaverConfig
 JOB = "durable"
 
 
-async def wait_for_ranks(client: ControlClient, world: int, deadline_s: float = 90.0) -> int:
+async def wait_for_ranks(
+    client: ControlClient, world: int, deadline_s: float = 90.0, logs: tuple[Path, ...] = ()
+) -> int:
     """Wait until `world` ranks of JOB are alive and their knobs known (a weaver that has not seen
     them yet answers a set with "try again"); return the highest step they report."""
 
@@ -37,7 +39,7 @@ async def wait_for_ranks(client: ControlClient, world: int, deadline_s: float = 
             return (max(r.step for r in jobs[0].ranks),)  # a tuple: step 0 is found too
         return None
 
-    (step,) = await until(f"{world} live ranks of {JOB}", top_step, timeout_s=deadline_s)
+    (step,) = await until(f"{world} live ranks of {JOB}", top_step, timeout_s=deadline_s, logs=logs)
     return int(step)
 
 
@@ -45,11 +47,13 @@ async def journal(client: ControlClient) -> list[Outcome | JobEvent]:
     return [e for e in [ev async for ev in client.journal(JOB)] if isinstance(e, Outcome | JobEvent)]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)  # above the sum of the waits below, so a slow phase fails by name
 async def test_journal_survives_weaver_and_nats_server_restart(
     tmp_path: Path, subprocess_env: dict[str, str], nats_store: CredentialStore
 ) -> None:
     server = EmbeddedNats(tmp_path / "nats", credentials=nats_store).start()
+    log = tmp_path / "ranks.log"  # the ranks' output, shown when a wait fails
+    log_file = log.open("wb")
     env = dict(
         subprocess_env,
         **rank_creds(server, JOB),
@@ -62,7 +66,7 @@ async def test_journal_survives_weaver_and_nats_server_restart(
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
         str(REPO / "examples" / "train_tiny.py"), "--steps", "100000", "--step-sleep", "0.01",
         "--out", str(tmp_path / "out"),
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+        env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     issuer = Issuer(kind="agent", identity="durability-test")
     try:
@@ -70,9 +74,9 @@ async def test_journal_survives_weaver_and_nats_server_restart(
             open_weaver(WeaverConfig(nats_url=server.url, nats_credentials=auth(server))) as weaver,
             ControlClient(weaver.grpc_address) as c,
         ):
-            await wait_for_ranks(c, 2)
+            await wait_for_ranks(c, 2, logs=(log,))
             first = await c.submit(
-                SubmitRequest(job=JOB, body=SetConfig(values={"lr": "0.004"}), issuer=issuer, timeout_s=60)
+                SubmitRequest(job=JOB, body=SetConfig(values={"lr": "0.004"}), issuer=issuer, timeout_s=45)
             )
             assert first.status is OutcomeStatus.APPLIED
 
@@ -80,14 +84,14 @@ async def test_journal_survives_weaver_and_nats_server_restart(
             async def journaled() -> bool:
                 return any(isinstance(e, Outcome) for e in await journal(c))
 
-            await until("the outcome in the journal", journaled, timeout_s=30)
+            await until("the outcome in the journal", journaled, timeout_s=20)
         server.stop()  # terminate, wait, kill; the store stays on disk
         server.start()  # same port, same store
         async with (
             open_weaver(WeaverConfig(nats_url=server.url, nats_credentials=auth(server))) as weaver,
             ControlClient(weaver.grpc_address) as c,
         ):
-            step_after = await wait_for_ranks(c, 2)  # the ranks reconnected by themselves
+            step_after = await wait_for_ranks(c, 2, deadline_s=60, logs=(log,))  # the ranks reconnected by themselves
             outcomes = [e for e in await journal(c) if isinstance(e, Outcome)]
             assert [o.command_id for o in outcomes] == [first.command_id]
             kept = outcomes[0]
@@ -106,7 +110,7 @@ async def test_journal_survives_weaver_and_nats_server_restart(
             assert len({r.step for r in kept.results}) == 1
             assert step_after > kept.results[0].step  # training went on through the restarts
             second = await c.submit(
-                SubmitRequest(job=JOB, body=SetConfig(values={"lr": "0.002"}), issuer=issuer, timeout_s=60)
+                SubmitRequest(job=JOB, body=SetConfig(values={"lr": "0.002"}), issuer=issuer, timeout_s=45)
             )
             assert second.status is OutcomeStatus.APPLIED
             assert second.command is not None and second.command.seq == 2
@@ -118,4 +122,5 @@ async def test_journal_survives_weaver_and_nats_server_restart(
         except TimeoutError:
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+        log_file.close()
         server.stop()

@@ -382,6 +382,7 @@ class ControlPlane:
     async def _weaver_loop(self, first: asyncio.Future[None]) -> None:
         """Run the weaver; restart it (on the same gRPC address) whenever it stops."""
         while True:
+            bus.check_cancelled()  # a weaver's start or close may have swallowed our cancellation
             ready: asyncio.Future[RunningWeaver] = asyncio.get_running_loop().create_future()
 
             def _ready(w: RunningWeaver, fut: asyncio.Future[RunningWeaver] = ready) -> None:

@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,25 +21,41 @@ from tests.conftest import REPO
 
 SCRIPT = REPO / "tests" / "integration" / "scripts" / "ddp_agreement.py"
 WORLD = 3
+MODES = ("piggyback", "side", "plain")
+ACCUMS = (1, 3)
+
+# The seed, and the ranks' records of each `(mode, accum)`.
+Runs = tuple[int, dict[tuple[str, int], list[dict[str, Any]]]]
 
 
-def run(out: Path, mode: str, accum: int, seed: int) -> list[dict[str, Any]]:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """Every mode at every accumulation, in one torchrun launch (each run on a fresh DDP model, group
+    and agreement; the tests only read the records)."""
+    out = tmp_path_factory.mktemp("ddp_agreement")
+    seed = random.randrange(2**31)
+    print(f"ddp agreement seed={seed}")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--standalone",
-         str(SCRIPT), str(out), "--mode", mode, "--accum", str(accum), "--seed", str(seed)],
-        env=env, capture_output=True, text=True, timeout=240,
+         str(SCRIPT), str(out), "--mode", *MODES, "--accum", *map(str, ACCUMS), "--seed", str(seed)],
+        env=env, capture_output=True, text=True, timeout=480,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert proc.returncode == 0, f"seed={seed}: {proc.stderr[-3000:]}"
+    return seed, {
+        (mode, accum): [
+            json.loads((out / f"{mode}-a{accum}" / f"rank{r}.json").read_text()) for r in range(WORLD)
+        ]
+        for mode in MODES
+        for accum in ACCUMS
+    }
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("accum", [1, 3])
-def test_rounds_ride_the_gradient_all_reduce(tmp_path: Path, accum: int) -> None:
-    seed = random.randrange(2**31)
-    print(f"ddp agreement seed={seed} accum={accum}")
-    results = {mode: run(tmp_path / mode, mode, accum, seed) for mode in ("piggyback", "side", "plain")}
+@pytest.mark.parametrize("accum", ACCUMS)
+def test_rounds_ride_the_gradient_all_reduce(runs: Runs, accum: int) -> None:
+    seed, records = runs
+    results = {mode: records[mode, accum] for mode in MODES}
     for mode, ranks in results.items():
         assert {r["path"] for r in ranks} == {"gloo" if mode == "plain" else mode}
         refused_anywhere = set().union(*(set(r["refused"]) for r in ranks))

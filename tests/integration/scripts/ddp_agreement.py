@@ -2,9 +2,13 @@
 piggyback hook of a real DDP model (`threadlet.ddp_hook.connect`), files commands at its own random
 ticks (out of order, some refused on one rank), trains with gradient accumulation (no_sync
 micro-steps) and a pause, and writes what it decided, the gradients after each step and the hook
-statistics to OUT/rank{R}.json. The test compares the ranks and a plain-DDP run.
+statistics to OUT/MODE-aACCUM/rank{R}.json. The test compares the ranks and a plain-DDP run.
 
-    torchrun --nproc-per-node 3 ddp_agreement.py OUT --mode piggyback|side|plain --accum 1|3 --seed S
+One launch runs every named mode at every named accumulation, one after another, each on a fresh
+model, DDP wrapper, gloo group and agreement with the same seeds (what separate launches would do;
+starting torchrun and three ranks costs far more than one run):
+
+    torchrun --nproc-per-node 3 ddp_agreement.py OUT --mode piggyback side plain --accum 1 3 --seed S
 """
 
 from __future__ import annotations
@@ -46,25 +50,33 @@ def command(seq: int) -> Command:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out", type=Path)
-    p.add_argument("--mode", choices=["piggyback", "side", "plain"], required=True)
-    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--mode", choices=["piggyback", "side", "plain"], nargs="+", required=True)
+    p.add_argument("--accum", type=int, nargs="+", default=[1])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     dist.init_process_group("gloo")
+    for accum in args.accum:
+        for mode in args.mode:
+            run(args.out / f"{mode}-a{accum}", mode, accum, args.seed)
+    dist.destroy_process_group()
+
+
+def run(out: Path, mode: str, accum: int, seed: int) -> None:
+    """One run of `mode` at `accum` micro-steps per step, its records written under `out`."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     # Two buckets (a 4 KB cap), so the offer rides one of several.
     net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
     ddp = DistributedDataParallel(net, bucket_cap_mb=0.004)
     user_calls = [0]
-    if args.mode == "side":
+    if mode == "side":
 
         def user_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks real annotations
             user_calls[0] += 1
             return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
 
         ddp.register_comm_hook(*ddp_hook.wrap_comm_hook(None, user_hook))
-    rng = random.Random(args.seed * 7919 + rank)
+    rng = random.Random(seed * 7919 + rank)
     # The seqs this rank refuses (rank-specific) and the tick at which it files each one.
     refused = {s for s in range(1, COMMANDS + 1) if rng.random() < 0.1}
     arrival = {s: rng.randrange(1, TICKS // 2) for s in range(1, COMMANDS + 1)}
@@ -76,7 +88,7 @@ def main() -> None:
         prepare=lambda cmd, t: Filed(cmd, t, "refused" if cmd.seq in refused else None),
         transport=GlooTransport(group),
     )
-    path = "gloo" if args.mode == "plain" else ddp_hook.connect(agreement, ddp, group)
+    path = "gloo" if mode == "plain" else ddp_hook.connect(agreement, ddp, group)
     data = torch.Generator().manual_seed(1)
     decided: list[list[object]] = []
     grads: list[float] = []
@@ -89,9 +101,9 @@ def main() -> None:
         # The pause is a decided state every rank enters at the same tick: rounds go through gloo.
         state.paused = pause_at <= tick < resume_at
         if not state.paused:
-            for micro in range(args.accum):
+            for micro in range(accum):
                 x = torch.randn(8, 16, generator=data)
-                last = micro == args.accum - 1
+                last = micro == accum - 1
                 with contextlib.nullcontext() if last else ddp.no_sync():
                     ddp(x).pow(2).mean().backward()
             grads.append(float(sum(p.grad.double().sum() for p in net.parameters())))
@@ -115,8 +127,8 @@ def main() -> None:
         agreement.start_round()
     agreement.close()
     hooks = [s for _, s in ddp._comm_hooks if isinstance(s, ddp_hook.PiggybackHook)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"rank{rank}.json").write_text(
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(
         json.dumps(
             {
                 "path": path,
@@ -131,7 +143,6 @@ def main() -> None:
         )
     )
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

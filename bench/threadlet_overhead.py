@@ -8,6 +8,13 @@ hits both arms alike. Run without torchrun, it launches itself through `torchloo
 nats-server and weaver on the bus) once per path, then prints both side by side and writes one JSON:
 
     python bench/threadlet_overhead.py --blocks 40 --block-steps 50
+
+`--micro` times `tl.step()` alone instead, in this process: one rank with an AdamW optimizer (five
+knobs) and a bus nobody serves (so the link thread runs and the reports are due on their clocks, as
+in a job), `--micro-steps` steps each after `--micro-step-ms` of busy work (cold caches, as after a
+training step); it prints the median, mean and p99 with the load average:
+
+    python bench/threadlet_overhead.py --micro --micro-steps 20000 --micro-step-ms 2
 """
 
 from __future__ import annotations
@@ -38,7 +45,13 @@ def main() -> None:
     parser.add_argument("--idle-round-period", type=float, default=None, help="idle_round_period_s")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", default="bench/results/threadlet_overhead.json")
+    parser.add_argument("--micro", action="store_true", help="time tl.step() alone (see the docstring)")
+    parser.add_argument("--micro-steps", type=int, default=20_000)
+    parser.add_argument("--micro-step-ms", type=float, default=2.0)
     args = parser.parse_args()
+    if args.micro:
+        micro(args.micro_steps, args.micro_step_ms / 1e3)
+        return
     if "RANK" not in os.environ:
         drive(args)
         return
@@ -133,6 +146,36 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     threadlet.finish(tl)
+
+
+def micro(steps: int, step_s: float) -> None:
+    """`tl.step()` with nothing pending, alone: median, mean and p99 in us, with the load average."""
+    model = nn.Linear(8, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # A bus nobody serves: the link thread runs (and fails to connect), the reports are due as in a job.
+    config = threadlet.ThreadletConfig(nats_url="nats://127.0.0.1:1", job="micro", run_id="micro-1")
+    tl = threadlet.attach(model=model, optimizer=opt, config=config)
+    for _ in range(200):
+        tl.step(loss=0.5)
+    load = os.getloadavg()[0]
+    times: list[int] = []
+    clock = time.perf_counter_ns
+    for _ in range(steps):
+        end = time.perf_counter() + step_s
+        while time.perf_counter() < end:  # busy, as a training step would be
+            pass
+        t0 = clock()
+        tl.step(loss=0.5)
+        times.append(clock() - t0)
+    tl.close()
+    times.sort()
+    us = [t / 1e3 for t in times]
+    p99 = us[int(0.99 * (len(us) - 1))]
+    print(
+        f"tl.step() alone, {steps} steps {step_s * 1e3:g} ms apart: median {statistics.median(us):.1f} us, "
+        f"mean {statistics.fmean(us):.1f} us, p99 {p99:.1f} us, max {us[-1]:.0f} us "
+        f"(load {load:.1f} -> {os.getloadavg()[0]:.1f})"
+    )
 
 
 def drive(args: argparse.Namespace) -> None:

@@ -10,16 +10,30 @@ from pathlib import Path
 
 import pytest
 
-from torchloom.credentials import CredentialStore
+from torchloom.credentials import PASSWORD_SUFFIX, CredentialStore
 from torchloom.nats_server import EmbeddedNats
+from torchloom.private_files import private_dir, read_private, write_private
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session")
+def browser_passwords(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The browser roles' password files (name: content) of one store opened for the session: a
+    password's bcrypt hash costs about 0.25 s of CPU, two per new store, and about 50 tests open one."""
+    store = CredentialStore.open(tmp_path_factory.mktemp("browser-passwords") / "secrets")
+    files = sorted(store.directory.glob(f"*{PASSWORD_SUFFIX}"))
+    return {f.name: read_private(f, "test password file") for f in files}
+
+
 @pytest.fixture
-def nats_store(tmp_path: Path) -> CredentialStore:
-    """The NATS role credentials of the test's server (secrets 0600 in a 0700 directory)."""
-    return CredentialStore.open(tmp_path / "nats-secrets")
+def nats_store(tmp_path: Path, browser_passwords: dict[str, str]) -> CredentialStore:
+    """The NATS role credentials of the test's server (secrets 0600 in a 0700 directory): fresh nkeys,
+    and the session's browser passwords (the store reads them as it would its own from a reopen)."""
+    directory = private_dir(tmp_path / "nats-secrets")
+    for name, text in browser_passwords.items():
+        write_private(directory / name, text)
+    return CredentialStore.open(directory)
 
 
 @pytest.fixture

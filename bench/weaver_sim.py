@@ -52,7 +52,7 @@ KNOBS = (
 # As threadlet/reports.py: the full schema rides this many heartbeats after each refresh, one every
 # _SCHEMA_REFRESH_S; the others carry its hash and the values.
 _SCHEMA_FULL_HEARTBEATS = 3
-_SCHEMA_REFRESH_S = 2.0
+_SCHEMA_REFRESH_S = 30.0
 # As threadlet/link.py: a long-poll pull of up to _PULL_BATCH commands, expiring after _PULL_EXPIRES_S,
 # with an idle heartbeat every _PULL_HEARTBEAT_S; asked again when it ends or goes quiet.
 _PULL_BATCH = 64
@@ -70,6 +70,7 @@ class SimRank:
     knobs: dict[str, Any]
     last_seq: int = 0
     last_hb_s: float = 0.0
+    first_hb_s: float = 0.0  # when its first heartbeat went (its schema rides the first few)
     max_gap_s: float = 0.0
     acked: int = 0
     pull_id: int = 0
@@ -111,6 +112,10 @@ class Simulator:
     def step(self, at_s: float) -> int:
         return max(0, int((at_s - self.a.t0) * STEPS_PER_S))
 
+    def utilization(self, at_s: float) -> float:
+        """The device utilization a rank reports at `at_s`: never the same two heartbeats running."""
+        return 90.0 + self.step(at_s) % 9
+
     def heartbeat(self, sr: SimRank, now: float, *, full: bool) -> Heartbeat:
         """The heartbeat a real rank in this state would send at `now` (`full`: with the schema)."""
         a = self.a
@@ -145,11 +150,16 @@ class Simulator:
         )
 
     def schema_due(self, sr: SimRank, now: float) -> bool:
-        """Whether this heartbeat carries the full schema: the first few after each refresh."""
+        """Whether this heartbeat carries the full schema: the first few of the process, and the
+        first few after each refresh."""
         interval = 1.0 / self.a.hb_hz
+        window = _SCHEMA_FULL_HEARTBEATS * interval
+        if not sr.first_hb_s:
+            sr.first_hb_s = now
         return (
-            now - self.a.t0 + sr.rank * interval / 7
-        ) % _SCHEMA_REFRESH_S < _SCHEMA_FULL_HEARTBEATS * interval
+            now - sr.first_hb_s < window
+            or (now - self.a.t0 + sr.rank * interval / 7) % _SCHEMA_REFRESH_S < window
+        )
 
     def encoded_heartbeat(self, sr: SimRank, now: float, *, full: bool = True) -> bytes:
         """wire bytes that decode to `heartbeat(sr, now, full=full)` (see the class docstring)."""
@@ -163,12 +173,18 @@ class Simulator:
                 incarnation=sr.incarnation,
                 step=self.step(now),
                 sent_at_s=now,
+                # A real probe's sample moves every heartbeat (merged into the static device below).
+                device=DeviceHealth(kind="cuda", utilization_pct=self.utilization(now)),
             )
         )
         static = sr.hb_full if full else sr.hb_hashed
         if static is None:
             whole = self.heartbeat(sr, now, full=full)
             static = wire.encode(dataclasses.replace(whole, step=0, sent_at_s=0.0))
+            assert whole.device is not None
+            whole = dataclasses.replace(
+                whole, device=dataclasses.replace(whole.device, utilization_pct=self.utilization(now))
+            )
             assert wire.decode_heartbeat(static + moving) == whole
             if full:
                 sr.hb_full = static

@@ -262,6 +262,7 @@ class SubmitRequest:
     issuer: Issuer = field(default_factory=Issuer)
     timeout_s: float = 0.0
     command_id: str = ""
+    reason: str = ""  # the issuer's free-text reason (an agent's), journaled with its proposal
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -272,7 +272,9 @@ def to_pb(msg: Any) -> Any:
         _outcome_to_pb(msg, out_o)
         return out_o
     if isinstance(msg, m.SubmitRequest):
-        req = pb.SubmitRequest(job=msg.job, timeout_s=msg.timeout_s, command_id=msg.command_id)
+        req = pb.SubmitRequest(
+            job=msg.job, timeout_s=msg.timeout_s, command_id=msg.command_id, reason=msg.reason
+        )
         _issuer_to_pb(msg.issuer, req.issuer)
         _body_to_pb(msg.body, req)
         return req
@@ -493,6 +495,7 @@ def decode_submit_request(data: bytes) -> m.SubmitRequest:
         timeout_s=msg.timeout_s,
         body=_body_from_pb(msg),
         command_id=msg.command_id,
+        reason=msg.reason,
     )
 
 

@@ -32,6 +32,18 @@ MAX_REASON_CHARS = 500
 MAX_REPORTS_PER_MINUTE = 30
 
 
+def printable(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """Untrusted free text as the journal keeps it: control characters (newlines, escapes) as spaces,
+    at most `limit` characters."""
+    return "".join(c if c.isprintable() else " " for c in text[:limit])
+
+
+def _reason_attrs(req: SubmitRequest) -> dict[str, str]:
+    """The agent's own reason for a proposal (`SubmitRequest.reason`), as journaled: `agent_reason`
+    (an event's `reason` says why the weaver did what the event records)."""
+    return {"agent_reason": printable(req.reason)} if req.reason.strip() else {}
+
+
 def _refused(job: JobState, req: SubmitRequest, why: str, now: float, *, stage: str) -> JobEvent:
     who = req.issuer.identity
     return autopilot.make_event(
@@ -44,6 +56,7 @@ def _refused(job: JobState, req: SubmitRequest, why: str, now: float, *, stage: 
         reason=why,
         stage=stage,
         commands=json.dumps([autopilot.describe(req.body)], sort_keys=True),
+        **_reason_attrs(req),
     )
 
 
@@ -72,7 +85,11 @@ def propose(pilot: Pilot, job: JobState, req: SubmitRequest, now: float) -> Firi
     attrs = {"agent": who, "commands": commands, "mode": mode.value, "policy": pilot.policy.name}
     if proposal:
         attrs["proposal"] = proposal
-    ev = autopilot.make_event(job, kind, f"agent {who} {verb} {commands}", now, req.command_id, **attrs)
+    attrs.update(_reason_attrs(req))
+    message = f"agent {who} {verb} {commands}"
+    if "agent_reason" in attrs:
+        message += f"; the agent says: {attrs['agent_reason']}"
+    ev = autopilot.make_event(job, kind, message, now, req.command_id, **attrs)
     firing = Firing(rule=who, mode=mode, requests=(req,), event=ev, proposal_id=proposal, source=ISSUER_KIND)
     if proposal:
         autopilot.hold(pilot, firing)
@@ -190,7 +207,7 @@ class AgentGate:
                 f"agent refusal from {identity} rejected: more than {MAX_REPORTS_PER_MINUTE} in a minute"
             )
         job = liveness.resolve_job(self._state, report.job, now, self._dead_after_s)
-        reason = report.reason[:MAX_REASON_CHARS]
+        reason = printable(report.reason)
         ev = autopilot.make_event(
             job,
             "agent_refused",

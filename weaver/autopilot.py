@@ -12,9 +12,11 @@ and the commands, so the journal says why every automated command was sent.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -29,6 +31,19 @@ ISSUER_KIND = "rule"
 SIGNAL_EVENT_INTERVAL_S = 10.0  # one "signal" event per signal kind and job at most this often
 REFUSAL_EVENT_INTERVAL_S = 60.0  # one "rule_refused" event per rule at most this often
 MAX_PROPOSALS = 64
+POLICY_SET = "policy_set"  # the journal event of a job's policy (weaver.steering); it drops proposals
+# A pending proposal a new weaver (a restart, a standby taking over) does not hold: its journal event.
+PROPOSAL_DROPPED = "proposal_dropped"
+_PROPOSED = frozenset({"rule_proposed", "agent_proposed"})
+_CLOSED = frozenset(
+    {
+        "rule_approved",
+        "agent_approved",
+        "rule_refused_by_operator",
+        "agent_refused_by_operator",
+        PROPOSAL_DROPPED,
+    }
+)
 
 
 class Mode(StrEnum):
@@ -425,6 +440,37 @@ def refuse(pilot: Pilot, proposal_id: str, job: JobState, now: float) -> JobEven
         proposed.event.command_id,
         **proposed.event.attrs,
     )
+
+
+def dropped_on_restart(entries: Iterable[object], now: float) -> list[JobEvent]:
+    """A new weaver's pilots start without its predecessor's pending proposals (they are not
+    persisted): one `proposal_dropped` event for each proposal the journal shows proposed and not yet
+    answered, dropped, or gone with a later `policy_set` of its job, so the person waiting on it (the
+    CLI's `policy show`, the page) learns that it will never be sent. Each names the proposal, who
+    proposed it and its commands; the rule (or agent) proposes again while its condition holds."""
+    pending: dict[str, JobEvent] = {}
+    for entry in entries:
+        if not isinstance(entry, JobEvent):
+            continue
+        pid = entry.attrs.get("proposal", "")
+        if entry.kind in _PROPOSED and pid:
+            pending[pid] = entry
+        elif entry.kind in _CLOSED and pid:
+            pending.pop(pid, None)
+        elif entry.kind == POLICY_SET:
+            pending = {k: ev for k, ev in pending.items() if ev.job != entry.job}
+    out = []
+    for pid, ev in pending.items():
+        source = ISSUER_KIND if ev.kind.startswith(ISSUER_KIND) else "agent"
+        who = ev.attrs.get("rule" if source == ISSUER_KIND else "agent", "")
+        commands = ev.attrs.get("commands", "")
+        message = (
+            f"proposal {pid} of {source} {who} dropped: the weaver restarted (or a standby took over) and "
+            f"a new weaver does not hold pending proposals; nothing was sent of {commands}"
+        )
+        attrs = {**ev.attrs, "source": source, "reason": "weaver_restarted"}
+        out.append(dataclasses.replace(ev, kind=PROPOSAL_DROPPED, message=message, time_s=now, attrs=attrs))
+    return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # Events of a rule's commands going out (fired in send mode, or a proposal approved): what the
 # metrics count as rule firings.
 FIRED_KINDS = frozenset({"rule_fired", "rule_approved"})
-POLICY_SET = "policy_set"  # the journal event a job's policy is recovered from (attrs: policy, text)
+POLICY_SET = autopilot.POLICY_SET  # the journal event a job's policy is recovered from (attrs: policy, text)
 
 
 class Steering:
@@ -166,6 +166,9 @@ class Steering:
         """Run each job under the policy its latest journaled `policy_set` event names (after a
         restart, oldest entries first). A policy that no longer parses is skipped, with a warning:
         the job then runs under the weaver's default."""
+        entries = list(entries)
+        for dropped in autopilot.dropped_on_restart(entries, time.time()):
+            self._announce(dropped)  # pilot state is not persisted: say so to whoever waits on one
         latest: dict[str, JobEvent] = {}
         for entry in entries:
             if isinstance(entry, JobEvent) and entry.kind == POLICY_SET and entry.job:

@@ -425,6 +425,7 @@ class LlmAgent:
                 job=self.job,
                 issuer=Issuer(kind="agent"),  # the weaver names the agent by its token
                 command_id=new_command_id(),
+                reason=plan.reason,  # journaled with the proposal
             )
             outcome = await self.client.submit(req)
             self.sent += 1

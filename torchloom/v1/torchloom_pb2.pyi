@@ -1033,6 +1033,7 @@ class SubmitRequest(_message.Message):
     ISSUER_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     COMMAND_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     SET_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     job: _builtins.str
@@ -1042,6 +1043,10 @@ class SubmitRequest(_message.Message):
     command_id: _builtins.str
     """Client-chosen id (a uuid4 hex) naming this command across retries: the weaver decides a command
     id once; a repeat returns that decision, never a second command. Empty: the weaver makes one.
+    """
+    reason: _builtins.str
+    """The issuer's free-text reason (an agent's model says why): journaled with an agent's proposal,
+    at most 500 characters, control characters replaced.
     """
     @_builtins.property
     def issuer(self) -> Global___Issuer: ...
@@ -1056,12 +1061,13 @@ class SubmitRequest(_message.Message):
         issuer: Global___Issuer | None = ...,
         timeout_s: _builtins.float = ...,
         command_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
         set: Global___SetConfig | None = ...,
         action: Global___Action | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "issuer", b"issuer", "set", b"set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "command_id", b"command_id", "issuer", b"issuer", "job", b"job", "set", b"set", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "command_id", b"command_id", "issuer", b"issuer", "job", b"job", "reason", b"reason", "set", b"set", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["set", "action"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

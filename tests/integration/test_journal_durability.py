@@ -91,7 +91,8 @@ async def test_journal_survives_weaver_and_nats_server_restart(
             open_weaver(WeaverConfig(nats_url=server.url, nats_credentials=auth(server))) as weaver,
             ControlClient(weaver.grpc_address) as c,
         ):
-            step_after = await wait_for_ranks(c, 2, deadline_s=60, logs=(log,))  # the ranks reconnected by themselves
+            # The ranks reconnected by themselves.
+            step_after = await wait_for_ranks(c, 2, deadline_s=60, logs=(log,))
             outcomes = [e for e in await journal(c) if isinstance(e, Outcome)]
             assert [o.command_id for o in outcomes] == [first.command_id]
             kept = outcomes[0]

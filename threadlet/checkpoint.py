@@ -237,9 +237,14 @@ def save(
     per_rank: dict[str, Any] = {"rng": capture_rng()}
     for name, obj in _per_rank_objects(scheduler, sampler, loader):
         per_rank[name] = obj.state_dict()
-    if optimizer is not None and model is None:
+    # An optimizer that has not stepped yet (a checkpoint at step 0) goes into the per-rank entry as
+    # it is: DCP's helpers would first take a zero-gradient step to create its state, which moves
+    # Adam's step count (its first real update then is 0.74 x lr) and AdamW's weights, so the run
+    # would not be the one it is without the checkpoint.
+    unstepped = optimizer is not None and not getattr(optimizer, "state", True)
+    if optimizer is not None and (model is None or unstepped):
         per_rank["optim"] = optimizer.state_dict()
-    state: dict[str, Any] = _train_state(model, optimizer)
+    state: dict[str, Any] = _train_state(model, None if unstepped else optimizer)
     encoder = _Encoder()
     state[_entry_key(rank)] = json.dumps(encoder.encode(per_rank))
     for i, tensor in enumerate(encoder.tensors):
@@ -276,15 +281,20 @@ def load(
     """
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist on rank {rank}")
-    state: dict[str, Any] = _train_state(model, optimizer)
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    # An optimizer saved before its first step is in the per-rank entry (see `save`).
+    optimizer_by_dcp = optimizer if any(k.startswith("optim.") for k in meta) else None
+    state: dict[str, Any] = _train_state(model, optimizer_by_dcp)
     key = _entry_key(rank)
     state[key] = ""
     tensors = _tensor_placeholders(path, rank)
     state.update(tensors)
     state["threadlet"] = dict(threadlet_keys)
     _dcp(dcp_load, state, path, group)
-    if model is not None and optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if model is not None and optimizer_by_dcp is not None:
+        set_state_dict(
+            model, optimizer_by_dcp, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
     elif model is not None:
         set_model_state_dict(model, state["model"])
     by_index = {int(k.rsplit("_t", 1)[1]): state[k] for k in tensors}

@@ -309,3 +309,46 @@ def test_run_holds_the_ranks_only_under_a_policy_with_start_commands_or_knobs(
     monkeypatch.setenv(env.START_HOLD_S, "5")
     assert hold("--policy", "default") == "5"
     assert hold() is None  # nothing would end it
+
+
+def _adam_losses(tmp_path: Path, commands: list[dict[str, object]], steps: int) -> list[tuple[str, float]]:
+    """(branch, loss) of each step of a small Adam run replaying `commands`."""
+    path = replay_file.write(tmp_path / "run", {"job": JOB, "commands": commands})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    config = threadlet.ThreadletConfig(
+        job=JOB, run_id=RUN, replay_path=str(path), checkpoint_dir=str(tmp_path / "ckpt")
+    )
+    out = []
+    with threadlet.attach(config=config, model=model, optimizer=opt) as tl:
+        for _ in tl.range(steps):
+            x = torch.randn(8, 4)
+            loss = (model(x) - x.sum(dim=1, keepdim=True)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append((tl.branch, loss.item()))
+            tl.step(loss=loss.item())
+    return out
+
+
+def test_a_checkpoint_before_the_first_step_changes_nothing_and_a_rollback_to_it_starts_afresh(
+    tmp_path: Path,
+) -> None:
+    """DCP's state-dict helpers create an unstepped optimizer's state with a zero-gradient step (Adam's
+    first real update would then be 0.74 x lr): the start checkpoint keeps it as it is."""
+    plain = _adam_losses(tmp_path / "a", [], 4)
+    ckpt = {"seq": 1, "step": 0, "branch": "main", "kind": "checkpoint", "values": {}, "args": {}}
+    assert _adam_losses(tmp_path / "b", [ckpt], 4) == plain
+    back = {
+        "seq": 2,
+        "step": 2,
+        "branch": "main",
+        "kind": "rollback",
+        "values": {},
+        "args": {"checkpoint": "ckpt-1"},
+    }
+    again = _adam_losses(tmp_path / "c", [ckpt, back], 4)
+    assert again[:2] == plain[:2] and [loss for _, loss in again[2:]] == [loss for _, loss in plain]
+    assert {branch for branch, _ in again[2:]} == {"b2"}

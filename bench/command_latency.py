@@ -3,8 +3,9 @@ on both agreement paths side by side: riding DDP's gradient all-reduce ("piggyba
 rounds ("gloo", TORCHLOOM_AGREEMENT=gloo).
 
 For each path, starts an embedded nats-server and an in-process weaver, launches examples/train_tiny.py
-under torchrun, then submits N lr changes one after another over gRPC. Each Outcome carries the
-timestamps that split its path into parts (p50 / p99 of each, in ms):
+(or, with `--model mlp`, a bare DDP MLP at about 2 ms steps) under torchrun, then submits N lr
+changes one after another over gRPC. Each Outcome carries the timestamps that split its path into
+parts (p50 / p99 of each, in ms):
 
 * client_to_weaver: the client's call -> the weaver's submit (gRPC in);
 * validate_sign: submit -> publish (validate, sequence, sign);
@@ -60,6 +61,19 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def _script(args: argparse.Namespace) -> list[str]:
+    """The training script and its arguments: train_tiny (a mixture sampler and a JSON record with two
+    parameter checksums every step: 6 to 8 ms steps on an idle 2-core machine), or a bare DDP MLP of
+    about 20,000 parameters (bench/scripts/sized_train.py: about 2 ms steps, the goal's pace)."""
+    if args.model == "mlp":
+        if args.step_sleep:
+            raise SystemExit("--step-sleep applies to --model tiny only")
+        mlp = ["--params", "20000", "--width", "64", "--batch", "32", "--steps", "1000000"]
+        return [str(REPO / "bench/scripts/sized_train.py"), *mlp]
+    tiny = ["--steps", "1000000", "--step-sleep", str(args.step_sleep)]
+    return [str(REPO / "examples/train_tiny.py"), *tiny]
+
+
 async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     load_before = os.getloadavg()[0]
@@ -77,11 +91,7 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
                 "--nproc-per-node",
                 "2",
                 "--standalone",
-                str(REPO / "examples/train_tiny.py"),
-                "--steps",
-                "1000000",
-                "--step-sleep",
-                str(args.step_sleep),
+                *_script(args),
                 "--out",
                 str(tmp / "out"),
                 env=env,
@@ -144,6 +154,7 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
     return {
         "agreement": agreement,
         "commands": args.commands,
+        "model": args.model,
         "step_sleep_s": args.step_sleep,
         "median_step_ms": step_s * 1e3,
         "load_before": load_before,
@@ -158,6 +169,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--commands", type=int, default=200)
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "mlp"),
+        default="tiny",
+        help="examples/train_tiny.py (default) or a bare DDP MLP at about 2 ms steps",
+    )
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated: piggyback,gloo")
     parser.add_argument("--out", default=str(REPO / "bench/results/command_latency.json"))
     args = parser.parse_args()

@@ -71,6 +71,8 @@ class ThreadletConfig:
         data_roots: directories `data add` may read from (resolved; default: the working directory).
         nats_creds_file: the NATS credential the rank connects with (its job's threadlet nkey seed
             file from `torchloom run`, or a .creds file; mode 0600); None connects without one.
+        nats_ca_file: the PEM CA the NATS server's certificate must verify against (a control plane
+            serving over TLS, `torchloom run --listen`); None: plain NATS.
     """
 
     nats_url: str | None = None
@@ -99,6 +101,7 @@ class ThreadletConfig:
     verify_commands: bool = True
     data_roots: tuple[str, ...] = ()
     nats_creds_file: str | None = None
+    nats_ca_file: str | None = None
 
     def __post_init__(self) -> None:
         subjects.check_token("job", self.job)
@@ -167,7 +170,8 @@ def from_env(
             TORCHLOOM_ALLOW_FAULT_INJECTION (=1), TORCHLOOM_FAKE_NVML, TORCHLOOM_TEST_DELIVERY_DELAY_S,
             TORCHLOOM_WEAVER_PUBKEY, TORCHLOOM_VERIFY_COMMANDS (=0 turns it off),
             TORCHLOOM_TEST_DELIVERY_SEED, TORCHLOOM_AGREEMENT, TORCHLOOM_START_HOLD_S and
-            TORCHLOOM_DATA_ROOTS (os.pathsep-separated); nats_creds_file to TORCHLOOM_NATS_CREDS_FILE.
+            TORCHLOOM_DATA_ROOTS (os.pathsep-separated); nats_creds_file to TORCHLOOM_NATS_CREDS_FILE
+            and nats_ca_file to TORCHLOOM_NATS_CA_FILE.
 
     Raises:
         ValueError: on a malformed variable or an out-of-bounds value.
@@ -189,6 +193,7 @@ def from_env(
     overrides.setdefault("verify_commands", env.get(env.VERIFY_COMMANDS) != "0")
     overrides.setdefault("data_roots", roots.parse_roots(env.get(env.DATA_ROOTS)))
     overrides.setdefault("nats_creds_file", env.get(env.NATS_CREDS_FILE))
+    overrides.setdefault("nats_ca_file", env.get(env.NATS_CA_FILE))
     return ThreadletConfig(
         nats_url=nats_url if nats_url is not None else env.get(env.NATS_URL),
         job=job if job is not None else env.get(env.JOB, DEFAULT_JOB) or DEFAULT_JOB,

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
@@ -272,6 +273,8 @@ class Link:
                     if cfg.nats_creds_file
                     else None
                 )
+                if cfg.nats_ca_file:  # a control plane serving over TLS: trust its CA, and only it
+                    auth = dataclasses.replace(auth or ClientAuth(), tls_ca_file=Path(cfg.nats_ca_file))
                 self._nc = await bus.connect(
                     cfg.nats_url,
                     name=f"threadlet-{cfg.job}-{self._rank}",

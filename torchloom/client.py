@@ -90,7 +90,8 @@ class ControlClient:
         token: the bearer token every call carries; None: `tokens.resolve_token()` (TORCHLOOM_TOKEN,
             then the discovery file).
         root_certificates: PEM CA certificates of a weaver serving TLS; None: a plaintext channel
-            (loopback), unless TORCHLOOM_GRPC_CA_FILE names a CA file.
+            (loopback), unless TORCHLOOM_GRPC_CA_FILE names a CA file or the address is that of
+            the discovery file's control plane serving TLS (`tokens.grpc_ca_certificates`).
     """
 
     def __init__(
@@ -113,7 +114,7 @@ class ControlClient:
         self._metadata: tuple[tuple[str, str], ...] = (
             ((tokens.METADATA_KEY, f"{tokens.SCHEME} {token}"),) if token else ()
         )
-        self._root_certificates = root_certificates or tokens.grpc_ca_certificates()
+        self._root_certificates = root_certificates or tokens.grpc_ca_certificates(self.addresses)
         self._channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> Self:

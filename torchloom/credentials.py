@@ -24,7 +24,7 @@ from typing import Any
 import bcrypt
 import nkeys
 
-from torchloom import discovery, subjects
+from torchloom import discovery, subjects, tls
 from torchloom.errors import TorchloomError
 from torchloom.private_files import private_dir, read_private, write_private, write_private_json
 
@@ -157,11 +157,15 @@ class ClientAuth:
         inbox_prefix: the client's inbox prefix (its role's, so the server lets it read its replies).
         seed_file: a file holding an nkey seed (SU...), or None.
         creds_file: a `.creds` file (user JWT and seed, for operator-mode servers), or None.
+        tls_ca_file: the PEM CA the server's certificate must verify against (a control plane
+            listening off loopback, torchloom/tls.py): the client then speaks TLS and trusts only
+            that CA; None: plain NATS (or the system's CAs for a `tls://` URL).
     """
 
     inbox_prefix: str = "_INBOX"
     seed_file: Path | None = None
     creds_file: Path | None = None
+    tls_ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.seed_file is not None and self.creds_file is not None:
@@ -192,6 +196,9 @@ class ClientAuth:
             options["nkeys_seed"] = str(self.seed_file)
         if self.creds_file is not None:
             options["user_credentials"] = str(self.creds_file)
+        if self.tls_ca_file is not None:
+            # nats-py checks the certificate against the URL's host (the address it listens on).
+            options["tls"] = tls.client_context(ca_file=self.tls_ca_file)
         return options
 
 

@@ -68,6 +68,8 @@ class WeaverInfo:
         ui_port: the port the web UI serves on; nats-server's WebSocket accepts only that page's
             origin, so `torchloom ui` uses it (0: none reserved).
         metrics_url: where Prometheus scrapes the weaver's metrics (loopback; "" when none are served).
+        tls_ca_file: the PEM CA of a control plane that serves NATS and gRPC over TLS (`torchloom run
+            --listen HOST`): clients of this file trust it for `nats_url` and `grpc` ("" without TLS).
     """
 
     pid: int
@@ -81,6 +83,7 @@ class WeaverInfo:
     token: str = field(default="", repr=False)
     ui_port: int = 0
     metrics_url: str = ""
+    tls_ca_file: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +98,7 @@ class WeaverInfo:
             "token": self.token,
             "ui_port": self.ui_port,
             "metrics_url": self.metrics_url,
+            "tls_ca_file": self.tls_ca_file,
         }
 
     @classmethod
@@ -123,6 +127,7 @@ class WeaverInfo:
             token=str(data.get("token") or ""),
             ui_port=ui_port if isinstance(ui_port := data.get("ui_port"), int) and 0 < ui_port < 65536 else 0,
             metrics_url=str(data.get("metrics_url") or ""),
+            tls_ca_file=str(data.get("tls_ca_file") or ""),
         )
 
 

@@ -14,6 +14,9 @@ GRPC_ADDR = "TORCHLOOM_GRPC"  # host:port of the weaver's gRPC Control service
 NATS_CREDS_FILE = "TORCHLOOM_NATS_CREDS_FILE"
 TOKEN = "TORCHLOOM_TOKEN"  # bearer token for the weaver's gRPC service (torchloom/tokens.py)
 GRPC_CA_FILE = "TORCHLOOM_GRPC_CA_FILE"  # PEM CA of a weaver serving gRPC over TLS (off loopback)
+# PEM CA a NATS client verifies the server with (a control plane's `--listen HOST`, torchloom/tls.py):
+# set, the client speaks TLS and trusts only that CA. `torchloom run` hands it to each rank.
+NATS_CA_FILE = "TORCHLOOM_NATS_CA_FILE"
 JOB = "TORCHLOOM_JOB"  # job name the threadlets of a run report under
 RUN_ID = "TORCHLOOM_RUN_ID"  # unique per `torchloom run` launch
 HOME = "TORCHLOOM_HOME"  # run-state directory; default ~/.torchloom

@@ -3,11 +3,14 @@
 JetStream stores under the run directory; a WebSocket listener on loopback serves the web UI. The
 server picks free ports itself (`-1`) and we read them from its log, as nats.py's test helper does.
 Given a CredentialStore, the config (0600) carries the role table of torchloom/credentials.py, so an
-anonymous client is refused; WebSocket then listens only for the origins it is given.
+anonymous client is refused; WebSocket then listens only for the origins it is given. Given a
+`tls.ServerTls`, the client port listens on that certificate's host and requires TLS (multi-node,
+`torchloom run --listen HOST`); the WebSocket stays on loopback.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,8 +28,9 @@ from urllib.parse import urlsplit
 from torchloom.credentials import CredentialStore, NkeyUser
 from torchloom.errors import NatsUnavailable
 from torchloom.private_files import private_dir, write_private
+from torchloom.tls import ServerTls, host_port
 
-_CLIENT_RE = re.compile(r"Listening for client connections on ([0-9.]+):(\d+)")
+_CLIENT_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _WS_RE = re.compile(r"Listening for websocket clients on (ws://[0-9.]+:\d+)")
 _READY = "Server is ready"
 _RELOADED = "Reloaded server configuration"
@@ -70,7 +74,7 @@ def find_binary() -> str:
 
 
 class EmbeddedNats:
-    """A nats-server child process with JetStream and a WebSocket listener, on loopback only.
+    """A nats-server child process with JetStream and a WebSocket listener, on loopback unless `tls`.
 
     Args:
         run_dir: where the config, log and JetStream store live.
@@ -85,6 +89,8 @@ class EmbeddedNats:
             `loopback_origins`). nats-server cannot change them on reload, so they are fixed at
             start. With credentials and no origins there is no WebSocket listener at all; without
             credentials, None keeps the old open listener.
+        tls: listen for clients on `tls.host` (instead of 127.0.0.1) with its certificate, and
+            refuse every client that does not speak TLS; None: plain NATS on loopback.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class EmbeddedNats:
         start_timeout_s: float = 10.0,
         credentials: CredentialStore | None = None,
         allowed_origins: Sequence[str] | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         if start_timeout_s <= 0:
             raise ValueError(f"start_timeout_s={start_timeout_s} must be > 0")
@@ -105,6 +112,7 @@ class EmbeddedNats:
         self.start_timeout_s = start_timeout_s
         self.credentials = credentials
         self.allowed_origins = tuple(check_origin(o) for o in allowed_origins or ())
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -116,6 +124,8 @@ class EmbeddedNats:
     def url(self) -> str:
         if self.port is None:
             raise NatsUnavailable("embedded nats-server is not started")
+        if self.tls is not None:
+            return f"tls://{host_port(self.tls.host, self.port)}"
         return f"nats://127.0.0.1:{self.port}"
 
     @property
@@ -149,13 +159,22 @@ class EmbeddedNats:
 
     def _render_config(self) -> str:
         port = -1 if self.port is None else self.port
+        where = "loopback only" if self.tls is None else f"clients on {self.tls.host} over TLS only"
         lines = [
-            "# Written by torchloom: the embedded server, loopback only.",
-            f'listen: "127.0.0.1:{port}"',
+            f"# Written by torchloom: the embedded server, {where}.",
+            f'listen: "{host_port(self.tls.host if self.tls is not None else "127.0.0.1", port)}"',
             'server_name: "torchloom-embedded"',
             f'jetstream {{ store_dir: "{self.run_dir.resolve()}" }}',
             "max_payload: 8MB",
         ]
+        if self.tls is not None:
+            # A client must complete the handshake within the timeout; one that speaks plain NATS
+            # is refused ("TLS Required"). Certificates of clients are not asked for: the nkeys
+            # (authorization below) say who a client is.
+            lines.append(
+                f"tls {{ cert_file: {json.dumps(str(self.tls.cert_file))}, "
+                f"key_file: {json.dumps(str(self.tls.key_file))}, timeout: 5 }}"
+            )
         if self.websocket:
             ws_port = -1 if self.ws_port is None else self.ws_port
             origins = ", ".join(f'"{o}"' for o in self.allowed_origins)

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -326,15 +327,20 @@ def resolve_token(explicit: str | None = None) -> str | None:
     return None
 
 
-def grpc_ca_certificates() -> bytes | None:
-    """The PEM CA certificates named by TORCHLOOM_GRPC_CA_FILE (a weaver serving TLS), else None.
+def grpc_ca_certificates(addresses: Sequence[str] = ()) -> bytes | None:
+    """The PEM CA certificates named by TORCHLOOM_GRPC_CA_FILE (a weaver serving TLS), else the CA
+    of the live control plane of the discovery file when it serves TLS (`torchloom run --listen`)
+    and `addresses` name its gRPC address (so a user's own CLI needs no flag), else None.
 
     Raises:
         TokenError: the variable names a file that cannot be read.
     """
     path = env.get(env.GRPC_CA_FILE)
     if path is None:
-        return None
+        info = discovery.read()
+        if info is None or not info.tls_ca_file or info.grpc not in addresses:
+            return None
+        path = info.tls_ca_file
     try:
         return Path(path).read_bytes()
     except OSError as exc:

@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,7 +36,7 @@ if __name__ == "__main__" and not (os.environ.get(env.NATS_URL) or "").startswit
 
 from nats.aio.client import Client
 
-from torchloom import bus, defaults, discovery, private_files, subjects, wire
+from torchloom import bus, defaults, discovery, private_files, subjects, tls, wire
 from torchloom.app import runs
 from torchloom.app.health_options import HealthOptions, UsageError, parse_health
 from torchloom.app.natsauth import GivenAccess, OpenAccess, StoreAccess
@@ -106,6 +106,10 @@ class ControlPlaneConfig:
         ui_port: the web UI's port, whose page origins the embedded server's WebSocket accepts
             (0: a free one, chosen before the server starts and kept across its restarts).
         grpc_addr: the weaver's gRPC bind address (port 0: a free one).
+        listen_host: serve the embedded server's client port and the weaver's gRPC on this address
+            of the machine, both over TLS with a certificate of the control plane's private CA
+            (`torchloom run --listen HOST`, torchloom/certs.py); `grpc_addr` must then be on it.
+            None: loopback and plaintext (the WebSocket for the local UI stays on loopback always).
         idle_exit_s: exit once no lease has been held this long; None: never (`torchloom weaver`).
         weaver_options: extra WeaverConfig keyword arguments (the health options).
         nats_check_interval_s: how often the embedded server's process is checked.
@@ -117,6 +121,7 @@ class ControlPlaneConfig:
     nats_creds: str | None = None
     ui_port: int = 0
     grpc_addr: str = defaults.GRPC_BIND_ADDR
+    listen_host: str | None = None
     idle_exit_s: float | None = IDLE_EXIT_S
     weaver_options: Mapping[str, Any] = field(default_factory=dict)
     nats_check_interval_s: float = 0.1
@@ -141,6 +146,17 @@ class ControlPlaneConfig:
             raise ValueError(
                 f"grpc_addr={self.grpc_addr!r} rejected: expected HOST:PORT with PORT in [0, 65535]"
             )
+        if self.listen_host is not None:
+            if self.nats_url is not None:
+                raise ValueError(
+                    "listen_host is for the embedded server: a NATS server of yours (nats_url) "
+                    "listens where you configured it"
+                )
+            if host.strip("[]") != self.listen_host:
+                raise ValueError(
+                    f"grpc_addr={self.grpc_addr!r} rejected: with listen_host={self.listen_host!r} the "
+                    f"weaver serves there too: expected {tls.host_port(self.listen_host, 0)} (any port)"
+                )
 
 
 def state_path(home: Path | None = None) -> Path:
@@ -207,6 +223,7 @@ class ControlPlane:
         self.config = config
         self.credentials: Credentials = credentials or default_credentials(config)
         self.server: EmbeddedNats | None = None
+        self.tls: tls.ServerTls | None = None  # with `listen_host`: the CA and certificate served
         self.nats_url = config.nats_url or ""
         self.ws_url = ""
         self.grpc = ""
@@ -242,9 +259,7 @@ class ControlPlane:
             await self._start_nats()
             with contextlib.suppress(NatsUnavailable):  # events are for watchers; no events is no crash
                 self._nc = await bus.connect(
-                    self.nats_url,
-                    name="torchloom-controlplane",
-                    credentials=self.credentials.client_auth(Role.WEAVER),
+                    self.nats_url, name="torchloom-controlplane", credentials=self._client_auth()
                 )
             first = asyncio.get_running_loop().create_future()
             tasks.append(asyncio.create_task(self._weaver_loop(first), name="controlplane-weaver"))
@@ -297,6 +312,8 @@ class ControlPlane:
         if not self.ui_port:
             self.ui_port = int((previous or {}).get("ui_port") or 0) or free_port()
         origins = loopback_origins(self.ui_port)
+        if self.config.listen_host is not None:
+            self.tls = await asyncio.to_thread(self._server_tls, self.config.listen_host)
         if previous is not None:
             log.info(
                 "continuing the store %s of a control plane that stopped with jobs running",
@@ -307,10 +324,13 @@ class ControlPlane:
                 port=previous.get("nats_port"),
                 ws_port=previous.get("ws_port"),
                 allowed_origins=origins,
+                tls=self.tls,
             )
         else:
             self.server = EmbeddedNats(
-                runs.runs_dir(self.config.home) / f"cp-{uuid.uuid4().hex[:12]}", allowed_origins=origins
+                runs.runs_dir(self.config.home) / f"cp-{uuid.uuid4().hex[:12]}",
+                allowed_origins=origins,
+                tls=self.tls,
             )
         self.credentials.prepare(self.server)
         try:
@@ -322,7 +342,7 @@ class ControlPlane:
             log.warning(
                 "nats-server could not come back on port %s: starting on a free port", self.server.port
             )
-            self.server = EmbeddedNats(previous["store_dir"], allowed_origins=origins)
+            self.server = EmbeddedNats(previous["store_dir"], allowed_origins=origins, tls=self.tls)
             self.credentials.prepare(self.server)
             await asyncio.to_thread(self.server.start)
         self.nats_url, self.ws_url = self.server.url, self.server.ws_url
@@ -392,8 +412,9 @@ class ControlPlane:
             config = WeaverConfig(
                 nats_url=self.nats_url,
                 grpc_addr=self._grpc_bind,
-                nats_credentials=self.credentials.client_auth(Role.WEAVER),
+                nats_credentials=self._client_auth(),
                 **self._secured_options(),
+                **self._tls_options(),
                 **{"metrics_port": self._metrics_port, **self.config.weaver_options},
             )
             task = asyncio.create_task(weaver_app.serve(config, ready=_ready), name="torchloom-weaver")
@@ -451,6 +472,25 @@ class ControlPlane:
                     return
                 log.warning("weaver start failed, retrying: %r", exc)
             await asyncio.sleep(WEAVER_RETRY_S)
+
+    def _server_tls(self, host: str) -> tls.ServerTls:
+        """The private CA and the certificate for `host` under the secrets directory (made or kept)."""
+        from torchloom import certs  # the X.509 toolkit costs a loopback control plane's start nothing
+
+        return certs.ensure_server_tls(self.config.home / SECRETS_SUBDIR / tls.TLS_SUBDIR, host)
+
+    def _client_auth(self) -> ClientAuth | None:
+        """The weaver credential, trusting the control plane's own CA when it serves TLS."""
+        auth = self.credentials.client_auth(Role.WEAVER)
+        if self.tls is None:
+            return auth
+        return replace(auth or ClientAuth(), tls_ca_file=self.tls.ca_file)
+
+    def _tls_options(self) -> dict[str, Any]:
+        """WeaverConfig settings of a control plane listening off loopback: gRPC over its certificate."""
+        if self.tls is None:
+            return {}
+        return {"grpc_tls_cert_file": str(self.tls.cert_file), "grpc_tls_key_file": str(self.tls.key_file)}
 
     def _secured_options(self) -> dict[str, Any]:
         """WeaverConfig settings that hold when the embedded server enforces the role table: only
@@ -567,6 +607,7 @@ class ControlPlane:
                 token=self.operator_token,
                 ui_port=self.ui_port if self.server is not None else 0,
                 metrics_url=self.metrics_url,
+                tls_ca_file=str(self.tls.ca_file) if self.tls is not None else "",
             ),
             self.config.home / discovery.FILE_NAME,
         )
@@ -728,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--health-policy", choices=[m.value for m in PolicyMode])
     parser.add_argument("--nats-creds", help="credential file or secrets directory for TORCHLOOM_NATS_URL")
     parser.add_argument("--ui-port", type=int, default=0, help="the web UI's port (0: a free one)")
+    parser.add_argument(
+        "--listen", metavar="HOST", help="serve NATS and gRPC on this address, over TLS (multi-node)"
+    )
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.addFilter(_RedactingFilter())
@@ -747,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
             nats_creds=args.nats_creds,
             ui_port=args.ui_port,
             grpc_addr=args.grpc,
+            listen_host=tls.check_listen_host(args.listen) if args.listen else None,
             idle_exit_s=None
             if args.no_idle_exit
             else (args.idle_exit_s if args.idle_exit_s is not None else idle_exit_default()),

@@ -1,30 +1,39 @@
 """Multi-node elastic run on one machine: two real `torchloom run` launchers play two nodes of one c10d
 rendezvous (`--nnodes 1:2`); node B's agent and worker are killed with SIGKILL, node A's torchrun
 re-rendezvouses alone and resumes from the checkpoint as `<run>-a1`, and the weaver reports the
-scale-down."""
+scale-down. Once on loopback, once with node A's control plane listening on 127.0.0.2 over TLS
+(`--listen`, as for nodes on other machines; nothing outside loopback is ever a target here): node B
+then joins over TLS with only the join file, a client without the CA and a plaintext client are
+refused, node A's CLI needs no flag, and a join file with another CA is refused naming the host."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import grpc
 import nats
 import pytest
 
-from tests.integration.helpers import until
-from torchloom import discovery, subjects, wire
+from tests.integration.helpers import cli, until
+from torchloom import certs, discovery, subjects, wire
+from torchloom.app.launcher import UsageError, split_run_args
 from torchloom.client import ControlClient
-from torchloom.credentials import CredentialStore, Role
+from torchloom.credentials import ClientAuth, CredentialStore, Role
+from torchloom.errors import WeaverUnavailable
 from torchloom.messages import Action, ActionKind, Issuer, JobEvent, OutcomeStatus, StatusReply, SubmitRequest
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "reconf_train.py"
@@ -46,15 +55,20 @@ def _records(out: Path) -> list[dict[str, Any]]:
     return recs
 
 
+def _weaver_auth(info: discovery.WeaverInfo, *, with_ca: bool = True) -> ClientAuth:
+    """The control plane's weaver credential, trusting its CA when it serves TLS (unless not `with_ca`)."""
+    auth = CredentialStore(info.secrets_dir).client_auth(Role.WEAVER)
+    if info.tls_ca_file and with_ca:
+        return dataclasses.replace(auth, tls_ca_file=Path(info.tls_ca_file))
+    return auth
+
+
 @contextlib.asynccontextmanager
 async def _event_feed(info: discovery.WeaverInfo) -> AsyncIterator[list[JobEvent]]:
     """The job's events (from the journal's start), appended live: node A's embedded NATS, which holds
     the journal, ends with node A, so the test reads them while it runs (with the weaver's credential
     from the control plane's store: the server admits no anonymous client)."""
-    store = CredentialStore(info.secrets_dir)
-    nc = await nats.connect(
-        info.nats_url, allow_reconnect=False, **store.client_auth(Role.WEAVER).nats_options()
-    )
+    nc = await nats.connect(info.nats_url, allow_reconnect=False, **_weaver_auth(info).nats_options())
     got: list[JobEvent] = []
 
     async def on_event(msg: Any) -> None:
@@ -117,9 +131,104 @@ def _check_private_and_unprinted(join_file: Path, log: Path) -> None:
         assert secrets[name] not in log.read_text()
 
 
-@pytest.mark.timeout(150)
+def _plain_nats_reply(host: str, port: int) -> tuple[dict[str, Any], bytes]:
+    """Speak plain NATS to `host:port`: its INFO greeting, and everything it answers a CONNECT and a
+    PING with until it closes the connection (or 5 s pass)."""
+    with socket.create_connection((host, port), timeout=5) as sock:
+        greeting = sock.recv(65536)
+        assert greeting.startswith(b"INFO "), greeting[:80]
+        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(4096):
+                answer += chunk
+    return json.loads(greeting[5:].split(b"\r\n", 1)[0]), answer
+
+
+def _check_join_names_tls(info: discovery.WeaverInfo, joined: Path) -> None:
+    """The join file names node A's TLS addresses and carries its CA, the one node A's clients trust."""
+    join_data = json.loads(joined.read_text())
+    assert (join_data["nats_url"], join_data["grpc"]) == (info.nats_url, info.grpc)
+    assert join_data["tls_ca_pem"] == Path(info.tls_ca_file).read_text()
+
+
+def _stale_join_file(joined: Path, tmp: Path) -> tuple[Path, str]:
+    """A copy of the join file with another CA (0600), and the NATS host:port it names."""
+    data = json.loads(joined.read_text())
+    data["tls_ca_pem"] = certs.ensure_server_tls(tmp / "stale-ca", "127.0.0.2").ca_pem()
+    stale = tmp / "stale-join.json"
+    stale.write_text(json.dumps(data))
+    stale.chmod(0o600)
+    return stale, urlsplit(data["nats_url"]).netloc
+
+
+async def _only_tls_with_the_ca(
+    info: discovery.WeaverInfo, joined: Path, env: dict[str, str], tmp: Path
+) -> None:
+    """Node A serves NATS and gRPC on 127.0.0.2 over TLS only, trusting nobody but its own CA's
+    holders; its own CLI needs no flag (the discovery file names the CA)."""
+    nats_at, grpc_at = urlsplit(info.nats_url), info.grpc
+    assert (nats_at.scheme, nats_at.hostname) == ("tls", "127.0.0.2"), info
+    assert grpc_at.startswith("127.0.0.2:") and info.tls_ca_file, info
+    _check_join_names_tls(info, joined)
+    res = await asyncio.to_thread(cli, "status", "--json", env=env, timeout_s=60)
+    assert res.returncode == 0 and JOB in res.stdout, res.stderr[-2000:]
+    # A client with the right credential but without the CA: the handshake fails, nothing is said.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await nats.connect(
+            info.nats_url,
+            allow_reconnect=False,
+            connect_timeout=5,
+            **_weaver_auth(info, with_ca=False).nats_options(),
+        )
+    other_ca = certs.ensure_server_tls(tmp / "other-ca", "127.0.0.2").ca_pem().encode()
+    with pytest.raises(WeaverUnavailable):
+        async with ControlClient(grpc_at, root_certificates=other_ca, timeout_s=5) as wrong:
+            await wrong.status(JOB)
+    # Plain NATS: the server demands TLS and answers a plaintext CONNECT with nothing but a close.
+    greeting, answer = await asyncio.to_thread(_plain_nats_reply, "127.0.0.2", int(nats_at.port or 0))
+    assert greeting.get("tls_required") is True, greeting
+    assert b"PONG" not in answer and b"+OK" not in answer, answer
+    # Plaintext gRPC: no HTTP/2 session, so no call, whatever token it would carry.
+    async with grpc.aio.insecure_channel(grpc_at) as channel:
+        status = channel.unary_unary("/torchloom.v1.Control/Status")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await status(b"", timeout=5)
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value
+
+
+async def _another_ca_is_refused(joined: Path, torchrun: list[str], env: dict[str, str], tmp: Path) -> None:
+    """A join file whose CA is not the first node's: `torchloom run --join` stops before anything
+    connects, naming the host whose certificate did not verify and the file."""
+    stale, host = _stale_join_file(joined, tmp)
+    env_c = dict(env, TORCHLOOM_HOME=str(tmp / "home_c"))
+    res = await asyncio.to_thread(
+        cli, "run", "--join", str(stale), *torchrun, str(SCRIPT), env=env_c, timeout_s=90
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert (
+        f"NATS server at {host} presented a certificate that the CA of join file {stale} does not verify"
+        in (res.stderr)
+    ), res.stderr[-2000:]
+
+
+def test_listen_takes_only_an_address_of_this_machine_that_a_certificate_can_name() -> None:
+    base = ["--nnodes", "2", "--rdzv-id", "r1", "train.py"]
+    assert split_run_args(["--listen", "127.0.0.2", *base]).listen == "127.0.0.2"
+    with pytest.raises(
+        UsageError, match=r"--listen 192.0.2.1 rejected: this machine has no address 192.0.2.1"
+    ):
+        split_run_args(["--listen", "192.0.2.1", *base])  # TEST-NET-1: bound nowhere, contacted never
+    with pytest.raises(UsageError, match="a wildcard address cannot be named in a certificate"):
+        split_run_args(["--listen", "0.0.0.0", *base])
+    with pytest.raises(UsageError, match=r"--grpc 127.0.0.1:5005 rejected: with --listen 127.0.0.2"):
+        split_run_args(["--listen", "127.0.0.2", "--grpc", "127.0.0.1:5005", *base])
+
+
+@pytest.mark.parametrize("listen", [None, "127.0.0.2"], ids=["loopback", "tls-off-127.0.0.1"])
+@pytest.mark.timeout(200)
 async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resumes(
-    tmp_path: Path, subprocess_env: dict[str, str]
+    tmp_path: Path, subprocess_env: dict[str, str], listen: str | None
 ) -> None:
     env = dict(subprocess_env)
     for name in ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID"):
@@ -135,8 +244,9 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
     torchrun += ["--rdzv-endpoint", f"127.0.0.1:{rdzv_port}", "--rdzv-id", RUN, "--max-restarts", "3"]
     script = [str(SCRIPT), "--steps", str(STEPS), "--step-sleep", "0.05", "--out", str(out)]
     logs = (tmp_path / "node_a.log", tmp_path / "node_b.log")
+    served = ["--listen", listen] if listen is not None else []
     async with _node(
-        ["--job", JOB, *torchrun, "--rdzv-conf", f"{conf},is_host=1", *script], env, logs[0]
+        ["--job", JOB, *served, *torchrun, "--rdzv-conf", f"{conf},is_host=1", *script], env, logs[0]
     ) as a:
         info = await until("node A's weaver (discovery file)", discovery.read, timeout_s=60, logs=logs)
 
@@ -147,6 +257,8 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
         # Node B shares nothing with node A but the join file A wrote (another TORCHLOOM_HOME).
         joined = Path(await until("node A's join file", join_file, timeout_s=60, logs=logs))
         _check_private_and_unprinted(joined, logs[0])
+        if listen is not None:
+            await _another_ca_is_refused(joined, ["--nnodes", "1:2", "--rdzv-id", RUN], env, tmp_path)
         env_b = dict(env, TORCHLOOM_HOME=str(tmp_path / "home_b"))
         node_b = ["--join", str(joined), *torchrun]
         async with (
@@ -166,6 +278,8 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
             reply = await until(
                 "both nodes' ranks training with world size 2", both_training, timeout_s=60, logs=logs
             )
+            if listen is not None:
+                await _only_tls_with_the_ca(info, joined, env, tmp_path)
             # Two launchers, one run: each node's rank is a worker of its own node's torchrun agent.
             agents = {r.rank: _agent_of(r.pid) for r in reply.jobs[0].ranks}
             assert {launcher for _, launcher in agents.values()} == {a.pid, b.pid}, agents

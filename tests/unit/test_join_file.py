@@ -58,8 +58,9 @@ def test_a_join_file_readable_by_others_is_refused_naming_its_mode(tmp_path: Pat
     ("text", "why"),
     [
         ("not json", "is not JSON"),
-        ('{"format": 2}', "is not a torchloom join file"),
-        ('{"format": 1, "job": "train"}', "has no valid 'run_id'"),
+        ('{"format": 1, "job": "train"}', "is not a torchloom join file"),  # before tls_ca_pem
+        ('{"format": 3}', "is not a torchloom join file"),
+        ('{"format": 2, "job": "train"}', "has no valid 'run_id'"),
     ],
 )
 def test_a_malformed_join_file_is_refused_naming_the_expected_form(
@@ -70,7 +71,7 @@ def test_a_malformed_join_file_is_refused_naming_the_expected_form(
     path.chmod(0o600)
     with pytest.raises(join.JoinError, match=why) as raised:
         join.read(path)
-    assert '"format": 1' in str(raised.value) or "expected" in str(raised.value)
+    assert '"format": 2' in str(raised.value) and "tls_ca_pem" in str(raised.value)
 
 
 def test_a_bad_seed_is_refused(tmp_path: Path) -> None:
@@ -121,3 +122,64 @@ def test_run_join_takes_the_job_run_and_addresses_from_the_file_and_refuses_its_
         split_run_args(["--join", str(path), "--nats", "nats://x:1", "--grpc", "127.0.0.1:1", "train.py"])
     with pytest.raises(UsageError, match="is for run 'r1' of job 'train', not run 'r9'"):
         split_run_args(["--join", str(path), "--nnodes", "2", "--rdzv-id", "r9", "train.py"])
+    # --listen serves a control plane: the first node's business, and only for the embedded server.
+    with pytest.raises(UsageError, match="--listen is for the first node .*: drop it with --join"):
+        split_run_args(["--join", str(path), "--listen", "127.0.0.2", "train.py"])
+    with pytest.raises(UsageError, match="--listen is for the embedded NATS server"):
+        split_run_args(["--nats", "nats://127.0.0.1:4222", "--listen", "127.0.0.2", "train.py"])
+
+
+def _tls_info(tmp_path: Path, **changes: object) -> join.JoinInfo:
+    from torchloom import certs
+
+    ca = certs.ensure_server_tls(tmp_path / "first-node-tls", "127.0.0.2").ca_pem()
+    fields: dict[str, object] = {
+        "nats_url": "tls://127.0.0.2:4222",
+        "grpc": "127.0.0.2:50051",
+        "tls_ca_pem": ca,
+    }
+    return _info(**{**fields, **changes})
+
+
+def test_a_tls_join_file_carries_the_ca_which_the_joining_node_keeps_beside_its_seeds(tmp_path: Path) -> None:
+    info = _tls_info(tmp_path)
+    path = join.write(info, home=tmp_path)
+    back = join.read(path)
+    assert back == info and back.uses_tls and back.tls_ca_pem.startswith("-----BEGIN CERTIFICATE-----")
+    directory = join.take_credentials(back, home=tmp_path)
+    ca = join.ca_file(directory, back)
+    assert ca == directory / "ca.pem" and ca.read_text() == info.tls_ca_pem
+    assert stat.S_IMODE(ca.stat().st_mode) == 0o600
+    assert join.ca_file(directory, _info()) is None  # a loopback file has none
+    spec_args = ["--join", str(path), "--nnodes", "2", "--rdzv-id", "r1", "train.py"]
+    from torchloom.app.launcher import split_run_args
+
+    spec = split_run_args(spec_args)
+    assert (spec.nats_url, spec.grpc, spec.join_path) == (
+        "tls://127.0.0.2:4222",
+        "127.0.0.2:50051",
+        str(path),
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        (
+            {"tls_ca_pem": "-----BEGIN CERTIFICATE-----\nbroken\n"},
+            r"malformed 'tls_ca_pem': expected a PEM CA",
+        ),
+        ({"nats_url": "nats://127.0.0.2:4222"}, r"carries a CA but its nats_url .* is not tls://HOST:PORT"),
+        ({"tls_ca_pem": ""}, r"names a tls:// NATS URL without 'tls_ca_pem'"),
+        (
+            {"tls_ca_pem": "", "nats_url": "nats://10.0.0.5:4222", "grpc": "10.0.0.5:1"},
+            r"names nats_url 'nats://10.0.0.5:4222', grpc '10.0.0.5:1' without 'tls_ca_pem': off loopback",
+        ),
+    ],
+)
+def test_a_join_file_never_sends_secrets_off_loopback_in_clear(
+    tmp_path: Path, changes: dict[str, object], why: str
+) -> None:
+    path = join.write(_tls_info(tmp_path, **changes), home=tmp_path)
+    with pytest.raises(join.JoinError, match=why):
+        join.read(path)

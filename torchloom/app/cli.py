@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="launch SCRIPT under torchrun with a weaver (started here unless one is reachable)",
         usage="torchloom run [--job NAME] [--run-id ID] [--nats URL [--nats-creds PATH]] [--grpc HOST:PORT] "
-        "[--join FILE] "
+        "[--join FILE | --listen HOST] "
         "[--ui] [--ui-port P] "
         "[--allow-fault-injection] [--hung-after S] [--straggler-factor F] "
         f"[--health-policy {'|'.join(PolicyMode)}] [--data-root DIR]... [torchrun options] SCRIPT [ARGS]",
@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`python -m torchloom.credentials`). "
         "A multi-node run's first node writes a join file (0600) and prints its path; the other nodes "
         "run `torchloom run --join FILE [torchrun options] SCRIPT`, which takes the NATS URL, gRPC "
-        "address and credentials from it. "
+        "address and credentials from it. For nodes on other machines, the first node's --listen HOST "
+        "(one of its addresses) serves NATS and gRPC there over TLS with a private CA the join file "
+        "carries (docs/security.md); by default both stay on loopback. "
         "The weaver runs in a "
         "control plane shared by every job of $TORCHLOOM_HOME: started (detached) when none runs, it "
         "exits 10 s (TORCHLOOM_CONTROLPLANE_IDLE_S) after its last job ended. Exit status: the job's; "

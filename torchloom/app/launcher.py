@@ -20,8 +20,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from torchloom import defaults, discovery, env, naming, private_files, signing, subjects, tokens
+from torchloom import defaults, discovery, env, naming, private_files, signing, subjects, tls, tokens
 from torchloom.app import actions as cli_actions
 from torchloom.app import join as join_file
 from torchloom.app import natsauth, policy_cmd, runs
@@ -67,6 +68,7 @@ RUN_OPTIONS = frozenset(
         "--data-root",  # repeatable: every one given is a root
         "--policy",  # autopilot rules: a TOML file or "default" (torchloom.app.policy_cmd)
         "--join",  # another node of a multi-node run: the first node's join file (torchloom.app.join)
+        "--listen",  # multi-node across machines: NATS and gRPC on this address, over TLS (torchloom/tls.py)
     }
 )
 RUN_FLAGS = frozenset({"--ui", "--allow-fault-injection"})
@@ -99,6 +101,9 @@ class RunSpec:
         script_args: everything after SCRIPT, untouched: it belongs to the script.
         run_id: `--run-id`, else derived from torchrun's `--rdzv-id` (so every node of a multi-node
             run reports the same run), else None (a fresh one per launch).
+        listen: `--listen HOST`: a control plane started here serves NATS and gRPC on HOST (an
+            address of this machine) over TLS, for nodes on other machines; None: loopback.
+        join_path: the `--join FILE` path (errors about the file name it).
     """
 
     job: str
@@ -117,6 +122,8 @@ class RunSpec:
     nats_creds: str | None = None
     policy: str | None = None  # `--policy FILE|default`, checked; its text goes to the weaver at start
     join: join_file.JoinInfo | None = None  # `--join FILE`: the first node's run this node joins
+    listen: str | None = None
+    join_path: str | None = None
 
     @property
     def multinode(self) -> bool:
@@ -257,6 +264,7 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
             discovery.check_address(grpc)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    listen = _listen_host(ours, grpc)
     policy = ours.get("--policy")
     if policy is not None:
         try:
@@ -286,7 +294,34 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
         nats_creds=str(Path(ours["--nats-creds"]).expanduser().resolve()) if "--nats-creds" in ours else None,
         policy=policy,
         join=joined,
+        listen=listen,
+        join_path=ours.get("--join"),
     )
+
+
+def _listen_host(ours: dict[str, str], grpc: str | None) -> str | None:
+    """`--listen HOST`, checked: an address of this machine that a certificate can name, for the
+    embedded server (not with --join, --nats or TORCHLOOM_NATS_URL); a --grpc must be on it."""
+    host = ours.get("--listen")
+    if host is None:
+        return None
+    if "--join" in ours:
+        raise UsageError("--listen is for the first node (it serves the control plane): drop it with --join")
+    if "--nats" in ours or env.get(env.NATS_URL):
+        raise UsageError(
+            "--listen is for the embedded NATS server: a server of yours (--nats, TORCHLOOM_NATS_URL) "
+            "listens where you configured it"
+        )
+    try:
+        host = tls.check_listen_host(host)
+    except tls.TlsError as exc:
+        raise UsageError(str(exc)) from None
+    if grpc is not None and (grpc.count(",") or grpc.rpartition(":")[0].strip("[]") != host):
+        raise UsageError(
+            f"--grpc {grpc} rejected: with --listen {host} the weaver serves there too; pass "
+            f"--grpc {tls.host_port(host, 0)} (any port) or no --grpc"
+        )
+    return host
 
 
 def _read_join(ours: dict[str, str], *, job: str | None, run_id: str | None) -> join_file.JoinInfo | None:
@@ -324,18 +359,28 @@ def torchrun_command(spec: RunSpec) -> list[str]:
 
 
 def child_env(
-    spec: RunSpec, *, run_id: str, nats_url: str, grpc: str, nats_creds_file: str | None = None
+    spec: RunSpec,
+    *,
+    run_id: str,
+    nats_url: str,
+    grpc: str,
+    nats_creds_file: str | None = None,
+    tls_ca_file: str | None = None,
 ) -> dict[str, str]:
     """Return the environment of the torchrun child: ours plus the TORCHLOOM_* variables.
 
     `nats_creds_file` is the ranks' NATS credential (their job's threadlet seed file): its path,
-    never the secret, goes into TORCHLOOM_NATS_CREDS_FILE.
+    never the secret, goes into TORCHLOOM_NATS_CREDS_FILE. `tls_ca_file` is the CA of a control
+    plane serving over TLS (`--listen`): the ranks trust it for NATS and gRPC.
     """
     out = dict(os.environ)
     out[env.NATS_URL] = nats_url
     out.pop(env.NATS_CREDS_FILE, None)
     if nats_creds_file is not None:
         out[env.NATS_CREDS_FILE] = nats_creds_file
+    out.pop(env.NATS_CA_FILE, None)
+    if tls_ca_file:
+        out[env.NATS_CA_FILE] = out[env.GRPC_CA_FILE] = tls_ca_file
     out[env.JOB] = spec.job
     out[env.RUN_ID] = run_id
     out[env.GRPC_ADDR] = grpc
@@ -378,6 +423,7 @@ class WeaverEndpoints:
     store_dir: str = ""  # the embedded server's directory (its JetStream store), "" when external
     pid: int = 0  # the control plane's pid (0: a weaver we do not manage, found by --grpc)
     secrets_dir: str = ""  # the control plane's credential store ("" when it keeps none)
+    tls_ca_file: str = ""  # the CA of a control plane serving NATS and gRPC over TLS ("" without)
 
 
 async def _probe(grpc: str, timeout_s: float = 2.0) -> bool:
@@ -400,16 +446,21 @@ def _endpoints(info: discovery.WeaverInfo, *, owned: bool) -> WeaverEndpoints:
         store_dir=info.store_dir,
         pid=info.pid,
         secrets_dir=info.secrets_dir,
+        tls_ca_file=info.tls_ca_file,
     )
 
 
-async def find_reusable(nats_url: str | None, grpc: str | None) -> WeaverEndpoints | None:
+async def find_reusable(
+    nats_url: str | None, grpc: str | None, listen: str | None = None
+) -> WeaverEndpoints | None:
     """Return a running control plane to reuse: the live one of $TORCHLOOM_HOME when it answers and
-    has the requested NATS URL and gRPC address, or an explicit `--grpc` + `--nats` pair that answers.
+    has the requested NATS URL, gRPC address and `--listen` host, or an explicit `--grpc` + `--nats`
+    pair that answers.
 
     Raises:
-        WeaverUnavailable: a live control plane of this home has another NATS URL or gRPC address, or
-            does not answer within READY_TIMEOUT_S (the message says which and what to do).
+        WeaverUnavailable: a live control plane of this home has another NATS URL, gRPC address or
+            listening host, or does not answer within READY_TIMEOUT_S (the message says which and
+            what to do).
     """
     info = discovery.read()
     if info is not None:
@@ -418,6 +469,12 @@ async def find_reusable(nats_url: str | None, grpc: str | None) -> WeaverEndpoin
                 f"a control plane (pid {info.pid}) already runs for {discovery.home()} with NATS "
                 f"{info.nats_url} and gRPC {info.grpc}; pass those (or no) --nats/--grpc, or use another "
                 "TORCHLOOM_HOME"
+            )
+        if listen is not None and (not info.tls_ca_file or urlsplit(info.nats_url).hostname != listen):
+            raise WeaverUnavailable(
+                f"a control plane (pid {info.pid}) already runs for {discovery.home()} with NATS "
+                f"{info.nats_url}, not over TLS on {listen}: --listen applies to a control plane started "
+                "here; let that one exit (10 s after its last job) or use another TORCHLOOM_HOME"
             )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not await _probe(info.grpc):  # it may be restarting its weaver
@@ -445,6 +502,7 @@ def start_control_plane(
     health: HealthOptions,
     nats_creds: str | None = None,
     ui_port: int = 0,
+    listen: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `python -m torchloom.app.controlplane` detached: its own session, output appended to
     `$TORCHLOOM_HOME/controlplane/controlplane.log`, the NATS URL in its environment (never argv; a
@@ -455,7 +513,10 @@ def start_control_plane(
     if nats_url is not None:
         environ[env.NATS_URL] = nats_url
     environ[env.HOME] = str(discovery.home())
-    argv = [sys.executable, "-m", "torchloom.app.controlplane", "--grpc", grpc or defaults.GRPC_BIND_ADDR]
+    bind = grpc or (tls.host_port(listen, 0) if listen is not None else defaults.GRPC_BIND_ADDR)
+    argv = [sys.executable, "-m", "torchloom.app.controlplane", "--grpc", bind]
+    if listen is not None:
+        argv += ["--listen", listen]
     argv += health.argv()
     if nats_creds is not None:
         argv += ["--nats-creds", nats_creds]
@@ -518,7 +579,13 @@ async def attach(spec: RunSpec, lease: runs.Lease) -> WeaverEndpoints:
         await asyncio.sleep(0.05)
     try:
         nats_url = spec.nats_url or env.get(env.NATS_URL)
-        endpoints = await find_reusable(nats_url, spec.grpc)
+        endpoints = await find_reusable(nats_url, spec.grpc, spec.listen)
+        if endpoints is None and spec.join is not None:
+            # A joining node never starts a control plane of its own: the first node's must answer.
+            raise WeaverUnavailable(
+                f"the first node's weaver at gRPC {spec.grpc} (join file {spec.join_path}) does not answer: "
+                "is its run still going, and can this machine reach that address?"
+            )
         if endpoints is None:
             proc = start_control_plane(
                 nats_url=nats_url,
@@ -526,6 +593,7 @@ async def attach(spec: RunSpec, lease: runs.Lease) -> WeaverEndpoints:
                 health=spec.health,
                 nats_creds=given_creds(spec) if nats_url else None,
                 ui_port=spec.ui_port,
+                listen=spec.listen,
             )
             endpoints = _endpoints(await wait_ready(proc), owned=True)
         runs.write_lease(lease)
@@ -571,6 +639,13 @@ def nats_auth(spec: RunSpec, endpoints: WeaverEndpoints) -> tuple[ClientAuth | N
     Raises:
         CredentialsError: a credential is missing, readable by others or malformed.
     """
+    auth, ranks = _role_auth(spec, endpoints)
+    if endpoints.tls_ca_file:  # the control plane serves over TLS: trust its CA, and only it
+        auth = replace(auth or ClientAuth(), tls_ca_file=Path(endpoints.tls_ca_file))
+    return auth, ranks
+
+
+def _role_auth(spec: RunSpec, endpoints: WeaverEndpoints) -> tuple[ClientAuth | None, str | None]:
     store = natsauth.store_of(endpoints.secrets_dir)
     if store is not None:
         return store.client_auth(Role.LAUNCHER), str(store.nkey_user(Role.THREADLET, spec.job).seed_file)
@@ -597,6 +672,7 @@ def write_join_file(spec: RunSpec, endpoints: WeaverEndpoints, run_id: str) -> P
         weaver_pubkey=signing.load_or_create(signing.default_key_path()).public_key,
         grpc=endpoints.grpc,
         grpc_token=table.token(tokens.TokenRole.LAUNCHER),
+        tls_ca_pem=Path(endpoints.tls_ca_file).read_text() if endpoints.tls_ca_file else "",
     )
     return join_file.write(info)
 
@@ -651,16 +727,24 @@ async def run(spec: RunSpec) -> int:
     """Launch the job under torchrun with a control plane reachable; return the exit status for it
     (128+N when signal N stopped it: 130 for Ctrl-C, 143 for SIGTERM)."""
     joined = spec.join
+    joined_ca: Path | None = None
     if joined is not None:
         # The first node's credentials become 0600 files of this node's own; its gRPC token is this
         # launcher's (in its environment, which only this user can read; the ranks do not get it).
-        spec = replace(spec, nats_creds=str(join_file.take_credentials(joined)))
+        taken = join_file.take_credentials(joined)
+        spec = replace(spec, nats_creds=str(taken))
         os.environ[env.TOKEN] = joined.grpc_token
+        joined_ca = join_file.ca_file(taken, joined)
+        if joined_ca is not None:  # this launcher's own gRPC calls trust the first node's CA
+            os.environ[env.GRPC_CA_FILE] = str(joined_ca)
+            await asyncio.to_thread(join_file.verify_servers, joined, spec.join_path or "")
     run_id = spec.run_id or new_run_id()
     lease = runs.Lease(job=spec.job, run_id=run_id, pid=os.getpid())
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(runs.remove_lease, lease)
         endpoints = await attach(spec, lease)
+        if joined_ca is not None:
+            endpoints = replace(endpoints, tls_ca_file=str(joined_ca))
         if not endpoints.owned and spec.health.config_kwargs():
             print(
                 "torchloom: reusing a running weaver, so --hung-after/--straggler-factor/--health-policy "
@@ -709,6 +793,7 @@ async def run(spec: RunSpec) -> int:
                 nats_url=endpoints.nats_url,
                 grpc=endpoints.grpc,
                 nats_creds_file=ranks_creds,
+                tls_ca_file=endpoints.tls_ca_file,
             ),
             credentials=launcher_auth,
             nproc=nproc_of(spec.torchrun_args),

@@ -13,6 +13,7 @@ had (`recover`): rules keep firing after a takeover.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -94,8 +95,16 @@ class Steering:
             self._spawn(self._send(firing), f"weaver-rule-{firing.rule}")
 
     async def _send(self, firing: autopilot.Firing) -> None:
-        for req in firing.requests:
-            outcome = await self._submit(req)
+        # Sequenced at once, in order (each submit takes the weaver's submit lock before it first
+        # waits, and the lock is FIFO), so the ranks decide a firing's commands at one boundary: a
+        # rollback's lr cut applies before the new branch's first step, not one step after it.
+        async def submit(req: SubmitRequest) -> Outcome:
+            return await self._submit(req)
+
+        async with asyncio.TaskGroup() as tg:
+            sent = [tg.create_task(submit(req)) for req in firing.requests]
+        for req, task in zip(firing.requests, sent, strict=True):
+            outcome = task.result()
             if outcome.status is not OutcomeStatus.APPLIED:
                 job = self._state.jobs.get(req.job)
                 if job is not None:
@@ -104,7 +113,7 @@ class Steering:
                             job,
                             "rule_interrupted",
                             f"rule {firing.rule}: command {req.command_id} {outcome.status.value} "
-                            f"({outcome.reason}); its later commands were not sent",
+                            f"({outcome.reason}); the firing's later commands were sequenced with it",
                             outcome.completed_at_s or time.time(),
                             rule=firing.rule,
                             command_id=req.command_id,

@@ -6,6 +6,7 @@ Each fires on a scripted signal and sends exactly its commands."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -17,10 +18,22 @@ import threadlet
 from tests.unit.factories import local_config
 from threadlet import update_ratio as ur
 from torchloom import naming, replay_file
-from torchloom.messages import Action, ActionKind, CheckpointInfo, KnobSpec, KnobType, SetConfig, StepMetrics
+from torchloom.messages import (
+    Action,
+    ActionKind,
+    CheckpointInfo,
+    KnobSpec,
+    KnobType,
+    Outcome,
+    OutcomeStatus,
+    SetConfig,
+    StepMetrics,
+    SubmitRequest,
+)
 from weaver import autopilot, rules
 from weaver import signals as sg
-from weaver.model import JobState
+from weaver.model import JobState, WeaverState
+from weaver.steering import Steering
 
 JOB = "j"
 RUN = "r1"
@@ -352,3 +365,34 @@ def test_a_checkpoint_before_the_first_step_changes_nothing_and_a_rollback_to_it
     again = _adam_losses(tmp_path / "c", [ckpt, back], 4)
     assert again[:2] == plain[:2] and [loss for _, loss in again[2:]] == [loss for _, loss in plain]
     assert {branch for branch, _ in again[2:]} == {"b2"}
+
+
+async def test_a_firing_s_commands_are_all_submitted_before_the_first_is_decided() -> None:
+    """So the ranks decide the rollback and its lr cut at one boundary: the new branch's first step
+    runs at the cut lr (one step at the old lr would do the damage again)."""
+    job = job_state()
+    add_checkpoint(job, 2, 0, tag="start")
+    pilot = autopilot.Pilot(policy=runaway(), run_id=RUN, knobs_given={ur.KNOB})
+    (firing,) = autopilot.on_metrics(pilot, job, measured(0, 0.735, 1, loss=7.8), now=10.0).firings
+    started: list[object] = []
+    decided = asyncio.Event()
+
+    async def submit(req: SubmitRequest) -> Outcome:
+        started.append(req.body)
+        await decided.wait()
+        return Outcome(command_id=req.command_id, job=JOB, status=OutcomeStatus.APPLIED)
+
+    spawned: list[asyncio.Task[None]] = []
+    steering = Steering(
+        WeaverState(),
+        None,
+        announce=lambda ev: None,
+        submit=submit,
+        spawn=lambda coro, name: spawned.append(asyncio.create_task(coro, name=name)),
+    )
+    steering._carry_out(firing)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert started == bodies(firing)  # both out, in order, before either was decided
+    decided.set()
+    await asyncio.wait_for(spawned[0], 5.0)

@@ -420,7 +420,9 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
     own cost per delivered message."""
     from weaver import health_plan, liveness
     from weaver.config import WeaverConfig
-    from weaver.service import HEALTH_CHECK_INTERVAL_S, METRICS_SAMPLE_S, Weaver
+    from weaver.health_loop import HEALTH_CHECK_INTERVAL_S
+    from weaver.service import Weaver
+    from weaver.telemetry import METRICS_SAMPLE_S
 
     config = WeaverConfig()
     policy = config.policy()
@@ -444,7 +446,7 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
             handler(argparse.Namespace(subject=subject, data=data, reply="")).send(None)
 
     def fold(subject: str, data: bytes, at: float = 0.0) -> None:
-        handle(weaver._on_heartbeat, subject, data)
+        handle(weaver.telemetry.on_heartbeat, subject, data)
 
     def per_call(fn: Any) -> float:
         calls, start = 0, time.process_time()
@@ -461,13 +463,13 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
     hb_s = 0.3 * full_s + 0.7 * hashed_s
     metrics_s = per_call(lambda: wire.decode_metrics(metrics[next(i) % ranks][1]))
     for subject, data in metrics:
-        handle(weaver._on_metrics, subject, data)
+        handle(weaver.telemetry.on_metrics, subject, data)
     # Within METRICS_SAMPLE_S of a rank's last read report, its next ones are passed over.
-    skipped_s = per_call(lambda: handle(weaver._on_metrics, *metrics[next(i) % ranks]))
+    skipped_s = per_call(lambda: handle(weaver.telemetry.on_metrics, *metrics[next(i) % ranks]))
 
     def read_one() -> None:
-        weaver._metrics_read_at.clear()
-        handle(weaver._on_metrics, *metrics[next(i) % ranks])
+        weaver.telemetry._metrics_read_at.clear()
+        handle(weaver.telemetry.on_metrics, *metrics[next(i) % ranks])
 
     read_s = per_call(read_one)
     read_share = min(1.0, 1.0 / (metrics_hz * METRICS_SAMPLE_S))
@@ -485,7 +487,7 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
     silent.last_seen_s = silent.last_step_change_at = at - 2 * config.dead_after_s
     tick_dead_s = per_call(lambda: health_plan.decide_health(state, at, policy))
     tick_hz = 1.0 / config.liveness_interval_s
-    # Weaver._liveness_loop: a scan of the silent ranks every tick, the full check at 2 Hz when the
+    # HealthLoop.run: a scan of the silent ranks every tick, the full check at 2 Hz when the
     # silent ranks do not change.
     full_hz = 1.0 / max(config.liveness_interval_s, HEALTH_CHECK_INTERVAL_S)
     cores_liveness = scan_s * tick_hz + tick_s * full_hz

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from torchloom import naming, subjects
 from torchloom.messages import Ack, Heartbeat, JobEvent, StepMetrics
@@ -207,6 +208,15 @@ class Refusals:
             time_s=now,
             attrs={"what": kind, "count": str(count), "total": str(self.total[kind]), **attrs},
         )
+
+
+class Refuse(Protocol):
+    """The weaver's refusal of a message (`Weaver._refuse`): counted by `Refusals.note` and, when
+    that lets it through, logged and announced. The components that read the bus are handed one."""
+
+    def __call__(
+        self, kind: str, job: str, run_id: str, message: str, now: float, *, key: str = "", **attrs: str
+    ) -> None: ...
 
 
 def _token_ok(value: str) -> bool:

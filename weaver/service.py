@@ -1,4 +1,7 @@
-"""The weaver's I/O shell: NATS subscriptions, the request-reply API, command publishing and watchers.
+"""The weaver's I/O shell: NATS connections and subscriptions, the submit path, acks, command
+publishing and watchers. Its components handle the rest: `weaver.telemetry` (heartbeats, metrics,
+launchers' events), `weaver.bus_api` (the request-reply API), `weaver.health_loop` (the liveness
+tick) and `weaver.watchers` (the live feed's subscribers).
 
 Every decision is delegated to the pure functions and mutators of `weaver.liveness`, `weaver.submits`,
 `weaver.outcomes`, `weaver.health_plan` and `weaver.recovery`; this module only feeds them messages
@@ -11,7 +14,6 @@ over a started `Weaver`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -25,21 +27,18 @@ from typing import Any, Self
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from torchloom import bus, naming, signing, subjects, wire
+from torchloom import bus, signing, subjects, wire
 from torchloom.errors import CommandRejected, JobNotFound, NatsUnavailable
 from torchloom.messages import (
     Ack,
-    Action,
-    ActionKind,
     AgentRefusal,
     Command,
-    Heartbeat,
     JobEvent,
     Outcome,
-    OutcomeStatus,
     PolicyReply,
     PolicyRequest,
     ProposalDecision,
+    RestartRequest,
     StatusReply,
     StatusRequest,
     SubmitRequest,
@@ -48,7 +47,6 @@ from torchloom.messages import (
 from weaver import (
     admission,
     dedupe,
-    health_plan,
     knob_schemas,
     liveness,
     notices,
@@ -57,22 +55,21 @@ from weaver import (
     submits,
     ui_feeds,
 )
-from weaver import health_policy as hp
 from weaver.acks import RETRY, AckFeed, CommandKey, Retry
 from weaver.agents import AgentGate
+from weaver.bus_api import DECIDE_FAILED, BusApi
 from weaver.config import WeaverConfig
+from weaver.health_loop import HealthLoop
 from weaver.metrics import WeaverMetrics
 from weaver.model import WeaverState
 from weaver.steering import FIRED_KINDS, Steering
 from weaver.streams import Outbox, OutboxItem, RankConsumers, SeqConflict, Streams
+from weaver.telemetry import Telemetry
+from weaver.watchers import Watcher
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "torchloom-weaver"
-# The kind of api.decide's answer when no decision was made (unknown proposal or job, bad request).
-DECIDE_FAILED = "proposal_not_decided"
-# Who decides over api.decide on a bus whose role table the weaver was not told about.
-NATS_ANONYMOUS = "nats:unauthenticated"
 WARM_UP_MIN_S = 5.0  # after a (re)start, a submit the ranks' reports could decide waits at least this
 # Heartbeats and metrics (15 messages per rank per second) come on a connection of their own, so a
 # backlog of them never delays a JetStream answer (a stored command, a pub ack) or an API request,
@@ -80,54 +77,8 @@ WARM_UP_MIN_S = 5.0  # after a (re)start, a submit the ranks' reports could deci
 # drops the newest message (the weaver is seconds behind; the read clock holds verdicts back).
 TELEMETRY_PENDING_MSGS = 200_000
 TELEMETRY_PENDING_BYTES = 256 * 1024 * 1024
-# Unwatched, a rank's step metrics are read at most this often (the lead rank's, which the autopilot
-# follows step by step, every time): Prometheus keeps its loss within this, and the autopilot's
-# non-finite counts are cumulative, so a skipped report hides none.
-METRICS_SAMPLE_S = 1.0
-METRICS_SAMPLED_MAX = 65_536  # subjects remembered for that (a flood of made-up ranks starts it over)
-# The full health check runs at least this often (and on every change of the silent ranks' count).
-HEALTH_CHECK_INTERVAL_S = 0.5
-# A liveness verdict judged this far behind the wall clock (the weaver's own lag) is logged.
-LAG_WARN_S = 0.25
 
 __all__ = ["DECIDE_FAILED", "QUEUE_GROUP", "Watcher", "Weaver"]
-
-
-class Watcher:
-    """One subscriber to the weaver's live feed, with a bounded queue that drops the oldest events.
-
-    Iterate it with `async for`; it ends when the weaver closes or `close()` is called.
-    """
-
-    def __init__(self, job: str, maxlen: int) -> None:
-        self.job = job
-        self.dropped = 0
-        self._queue: collections.deque[WatchEvent] = collections.deque(maxlen=maxlen)
-        self._ready = asyncio.Event()
-        self._closed = False
-
-    def push(self, ev: WatchEvent) -> None:
-        if self._closed or (self.job and ev.job != self.job):
-            return
-        if len(self._queue) == self._queue.maxlen:
-            self.dropped += 1
-        self._queue.append(ev)
-        self._ready.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._ready.set()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> WatchEvent:
-        while not self._queue:
-            if self._closed:
-                raise StopAsyncIteration
-            self._ready.clear()
-            await self._ready.wait()
-        return self._queue.popleft()
 
 
 class Weaver:
@@ -135,28 +86,23 @@ class Weaver:
 
     Entering connects to NATS, ensures the JetStream streams, recovers its state from them and
     subscribes to heartbeats, acks, metrics and the request-reply API. Its components: `state` (the
-    `WeaverState` the decision modules read and update), the JetStream `Streams` (once started) and
-    the `Outbox` of journal entries and events. The gRPC Control service is served over it by the
-    composition (`weaver.app.open_weaver`), through the methods `submit`, `status`, `iter_watch` and
-    `journal`.
+    `WeaverState` the decision modules read and update), the JetStream `Streams` (once started), the
+    `Outbox` of journal entries and events, `telemetry` (the heartbeat, metrics and event handlers),
+    `health` (the liveness tick), `steering` (autopilot), `agents` and, once started, a `BusApi`.
+    The gRPC Control service is served over it by the composition (`weaver.app.open_weaver`),
+    through the methods `submit`, `status`, `iter_watch` and `journal`.
     """
 
     def __init__(self, config: WeaverConfig) -> None:
         self.config = config
         self.state = WeaverState()
         self._nc: Client | None = None
-        self._telemetry: Client | None = None  # heartbeats and metrics (TELEMETRY_PENDING_MSGS)
+        self._telemetry_nc: Client | None = None  # heartbeats and metrics (TELEMETRY_PENDING_MSGS)
         self._heartbeats: Any = None  # their subscription (its backlog feeds the read clock)
         self._read_clock = liveness.ReadClock()
-        self._metrics_read_at: dict[str, float] = {}  # metrics subject -> when last read unwatched
-        self._lead_metrics: dict[str, str] = {}  # job's metrics subject prefix -> its lowest rank
-        self._lagging_since: float | None = None  # when liveness was last judged in time
-        self._lag_max_s = 0.0
         self._streams: Streams | None = None
         self._schemas: knob_schemas.KnobSchemas | None = None  # once connected
-        self._hb_decoder = wire.HeartbeatDecoder()  # reuses a rank's unchanged schema and device
         self._consumers: RankConsumers | None = None  # each rank's command consumer (made here)
-        self._feeds: ui_feeds.UiFeeds | None = None  # the web pages' journal feeds (made here)
         self._outbox = Outbox()
         self._acks = AckFeed(config.acks_consumer, self._take_ack, take_over=config.acks_take_over)
         self._started_at_s = time.time()
@@ -173,7 +119,6 @@ class Weaver:
         self._limits = config.limits()
         self.refusals = admission.Refusals()
         self._notices = notices.Notices()
-        self._next_eviction_s = 0.0
         self._job_streams: set[str] = set()  # jobs whose command stream this weaver has ensured
         self.metrics = WeaverMetrics(
             self.status, self.refusals.total, lambda: {n: len(j.pending) for n, j in self.state.jobs.items()}
@@ -192,6 +137,41 @@ class Weaver:
                 req, why, now, job=job.job, run_id=job.run_id
             ),
             dead_after_s=config.dead_after_s,
+        )
+        # The liveness tick: health checks, dead jobs forgotten, the health policy carried out.
+        self.health = HealthLoop(
+            self.state,
+            config,
+            self._limits,
+            self.metrics,
+            self._read_clock,
+            backlog=self._backlog,
+            submit=self.submit,
+            announce=self._announce,
+            spawn=self._spawn,
+            restart=self._send_restart,
+            closing=lambda: self._closing is not None,
+        )
+        # Heartbeats, step metrics and launchers' events (the API is served by a `BusApi` once started).
+        self.telemetry = Telemetry(
+            self.state,
+            config,
+            self._limits,
+            self.metrics,
+            self.steering,
+            self._read_clock,
+            backlog=self._backlog,
+            schemas=lambda: self._schemas,
+            consumers=lambda: self._consumers,
+            running=lambda: self._tg is not None,
+            watched=lambda: bool(self._watchers),
+            foreign=self._foreign,
+            refuse=self._refuse,
+            finish=self._finish,
+            announce=self._announce,
+            fan_out=self._fan_out,
+            spawn=self._spawn,
+            load_seq_floor=self._load_seq_floor,
         )
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -245,7 +225,15 @@ class Weaver:
             self._streams = Streams(js, self.config.nats_timeout_s)
             self._schemas = knob_schemas.KnobSchemas(js, replicas=self.config.replicas)
             self._consumers = RankConsumers(js, self.config.nats_timeout_s)
-            self._feeds = ui_feeds.UiFeeds(js, self.config.nats_timeout_s)
+            api = BusApi(
+                ui_feeds.UiFeeds(js, self.config.nats_timeout_s),
+                identity=self.config.api_submit_identity,
+                submit=self.submit,
+                status=self.status,
+                decide=self.decide_proposal,
+                refuse=self._refuse,
+                spawn=self._spawn,
+            )
             async with asyncio.timeout(self.config.nats_timeout_s):
                 # Commands live in one stream per job (a threadlet's credential names its own); an
                 # older store's shared stream would overlap them.
@@ -254,30 +242,32 @@ class Weaver:
             # Before the subscriptions: acks of commands from before a restart must find them pending.
             await self._recover()
             nc = self._nc
-            self._telemetry = await bus.connect(
+            self._telemetry_nc = await bus.connect(
                 self.config.nats_url,
                 name="torchloom-weaver-telemetry",
                 connect_timeout_s=self.config.nats_timeout_s,
                 credentials=self.config.nats_credentials,
                 on_error=self._on_nats_error,
-                on_disconnected=self._on_telemetry_lost,
-                on_reconnected=self._on_telemetry_back,
+                on_disconnected=self.health.on_telemetry_lost,
+                on_reconnected=self.health.on_telemetry_back,
             )
             self._started_at_s = time.time()
-            self._heartbeats = await self._subscribe_telemetry(subjects.heartbeats_all(), self._on_heartbeat)
-            await self._subscribe_telemetry(subjects.metrics_all(), self._on_metrics)
+            self._heartbeats = await self._subscribe_telemetry(
+                subjects.heartbeats_all(), self.telemetry.on_heartbeat
+            )
+            await self._subscribe_telemetry(subjects.metrics_all(), self.telemetry.on_metrics)
             # Acks come through the durable consumer: those a previous weaver did not journal yet too.
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await self._acks.start(js)
             # Launchers announce a stopping run here (only the weaver and launcher roles may publish).
-            await nc.subscribe(subjects.events_all(), cb=self._on_event)
-            await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=self._on_api_submit)
-            await nc.subscribe(subjects.api_status(), queue=QUEUE_GROUP, cb=self._on_api_status)
-            await nc.subscribe(subjects.api_decide(), queue=QUEUE_GROUP, cb=self._on_api_decide)
-            await nc.subscribe(subjects.api_feeds_all(), queue=QUEUE_GROUP, cb=self._on_api_feed)
+            await nc.subscribe(subjects.events_all(), cb=self.telemetry.on_event)
+            await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=api.on_submit)
+            await nc.subscribe(subjects.api_status(), queue=QUEUE_GROUP, cb=api.on_status)
+            await nc.subscribe(subjects.api_decide(), queue=QUEUE_GROUP, cb=api.on_decide)
+            await nc.subscribe(subjects.api_feeds_all(), queue=QUEUE_GROUP, cb=api.on_feed)
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await nc.flush()
-                await self._telemetry.flush()
+                await self._telemetry_nc.flush()
             self._runner = asyncio.create_task(self._run(), name="torchloom-weaver")
             await self._started.wait()
         except BaseException:
@@ -286,8 +276,8 @@ class Weaver:
         log.info("weaver up: nats %s", self.config.nats_url)
 
     async def _subscribe_telemetry(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> Any:
-        assert self._telemetry is not None
-        return await self._telemetry.subscribe(
+        assert self._telemetry_nc is not None
+        return await self._telemetry_nc.subscribe(
             subject,
             cb=cb,
             pending_msgs_limit=TELEMETRY_PENDING_MSGS,
@@ -298,7 +288,7 @@ class Weaver:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                tg.create_task(self._liveness_loop(), name="weaver-liveness")
+                tg.create_task(self.health.run(), name="weaver-liveness")
                 tg.create_task(self._outbox.run(self._publish), name="weaver-publisher")
                 self._started.set()
         finally:
@@ -329,9 +319,9 @@ class Weaver:
         for fut in self._waiters.values():
             fut.cancel()
         self._waiters.clear()
-        if self._telemetry is not None and not self._telemetry.is_closed:
+        if self._telemetry_nc is not None and not self._telemetry_nc.is_closed:
             with contextlib.suppress(Exception):  # telemetry is not drained: nothing of it is kept
-                await self._telemetry.close()
+                await self._telemetry_nc.close()
         if self._nc is not None and not self._nc.is_closed:
             try:
                 async with asyncio.timeout(self.config.nats_timeout_s):
@@ -341,132 +331,20 @@ class Weaver:
                 await self._nc.close()
         self._closed.set()
 
-    # ---- loops ----------------------------------------------------------------------------------
+    # ---- carrying out ----------------------------------------------------------------------------
 
-    async def _liveness_loop(self) -> None:
-        policy = self.config.policy()
-        interval = self.config.liveness_interval_s
-        # Every tick counts the silent ranks (O(n), cheap); the full health check (blame, hung,
-        # stragglers: most of a tick's cost at 1,000 ranks) runs when that count changed, or at
-        # least every HEALTH_CHECK_INTERVAL_S, so a rank going silent is judged as fast as before.
-        full_every = max(1, round(HEALTH_CHECK_INTERVAL_S / interval))
-        tick, silent_before = 0, -1
-        while True:
-            due = time.monotonic() + interval
-            await asyncio.sleep(interval)
-            now = time.time()
-            at = self._judged_at(now, tick_late_s=time.monotonic() - due)
-            if at is None:
-                continue
-            tick += 1
-            silent = liveness.silent_ranks(self.state, at, self.config.dead_after_s)
-            if silent == silent_before and tick % full_every:
-                continue
-            silent_before = silent
-            try:
-                effects = health_plan.check_health(self.state, at, policy)
-            except Exception:  # a bug in a health decision must not take the weaver down
-                log.exception("rank health check failed")
-                continue
-            for ev in effects.events:
-                self._announce(ev)
-            self._evict(time.time())
-            for plan in effects.plans:
-                self._spawn(self._carry_out(plan), name=f"weaver-health-{plan.job}")
-
-    def _judged_at(self, now: float, *, tick_late_s: float) -> float | None:
-        """When to judge the ranks' liveness at (`liveness.ReadClock`): the weaver's own lag is not
-        blamed on ranks. A lag is logged once when it starts and once, with its worst, when it ends."""
+    def _backlog(self) -> int:
+        """Heartbeats received but not read yet (the read clock's input)."""
         sub = self._heartbeats
-        backlog = sub.pending_msgs if sub is not None else 0
-        at = self._read_clock.judged_at(
-            now, backlog=backlog, tick_late_s=tick_late_s, dead_after_s=self.config.dead_after_s
-        )
-        lag = now - at if at is not None else max(tick_late_s, now - self._read_clock.caught_up_at)
-        if at is None or lag > LAG_WARN_S:
-            if self._lagging_since is None:
-                self._lagging_since, self._lag_max_s = now, 0.0
-                log.warning(
-                    "the weaver is %.2f s behind its heartbeats (%d queued, tick %.2f s late%s): "
-                    "liveness is judged at the time read up to",
-                    lag,
-                    backlog,
-                    tick_late_s,
-                    ", heartbeat connection down" if self._read_clock.disconnected_at is not None else "",
-                )
-            self._lag_max_s = max(self._lag_max_s, lag)
-        elif self._lagging_since is not None:
-            log.warning(
-                "the weaver caught up with its heartbeats after %.1f s (at most %.2f s behind)",
-                now - self._lagging_since,
-                self._lag_max_s,
-            )
-            self._lagging_since = None
-        return at
+        return sub.pending_msgs if sub is not None else 0
 
-    def _read_time(self, now: float) -> float:
-        """The time status judges liveness at: the read clock's (so status and the health events
-        agree), else, with no verdict possible now, the last time every heartbeat was folded."""
-        sub = self._heartbeats
-        clock = self._read_clock
-        at = clock.judged_at(
-            now,
-            backlog=sub.pending_msgs if sub is not None else 0,
-            tick_late_s=0.0,
-            dead_after_s=self.config.dead_after_s,
-        )
-        return at if at is not None else min(now, clock.caught_up_at or now)
-
-    async def _on_telemetry_lost(self) -> None:
-        if self._closing is not None:
-            return  # closed on purpose
-        log.warning("heartbeat connection lost: no liveness verdict until it is back")
-        self._read_clock.disconnected(time.time())
-
-    async def _on_telemetry_back(self) -> None:
-        self._read_clock.reconnected(time.time(), self.config.dead_after_s)
-        log.warning("heartbeat connection back after %.1f s", self._read_clock.gap_s)
-
-    def _evict(self, now: float) -> None:
-        """Forget dead jobs now and then (`admission.evict_dead_jobs`), so their slots free up."""
-        if now < self._next_eviction_s:
-            return
-        self._next_eviction_s = now + min(60.0, self._limits.job_evict_after_s / 4)
-        gone = admission.evict_dead_jobs(self.state, now, self.config.dead_after_s, self._limits)
-        if gone:
-            log.info("forgot %d dead job(s): %s", len(gone), ", ".join(gone[:10]))
-            self.metrics.forget_jobs(gone)
-
-    async def _carry_out(self, plan: health_plan.HealthPlan) -> None:
-        """Issue the policy's commands in order, then ask the launcher for the restart."""
-        checkpoint = checkpoint_path = ""
-        for req in plan.submits:
-            if health_plan.is_stopping(self.state, plan.job, plan.run_id):
-                return
-            outcome = await self.submit(req)
-            taking = isinstance(req.body, Action) and req.body.kind is ActionKind.CHECKPOINT
-            if taking and outcome.status is OutcomeStatus.APPLIED and outcome.command is not None:
-                first = min(outcome.results, key=lambda r: r.rank, default=None)
-                detail = first.detail if first is not None else {}
-                checkpoint = detail.get("checkpoint_id") or naming.checkpoint_id(outcome.command.seq)
-                checkpoint_path = detail.get("checkpoint_path", "")
-            elif taking:
-                # Restarting now would lose the state the checkpoint was to save: decide again later.
-                log.warning("health checkpoint of %s did not apply: %s", plan.job, outcome.reason)
-                health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.IDLE)
-                return
-        if plan.restart is None or health_plan.is_stopping(self.state, plan.job, plan.run_id):
-            return
-        request = dataclasses.replace(plan.restart, time_s=time.time())
-        if not request.checkpoint_id:
-            request = dataclasses.replace(request, checkpoint_id=checkpoint, checkpoint_path=checkpoint_path)
-        self._announce(health_plan.restart_event(request))
+    async def _send_restart(self, job: str, request: RestartRequest) -> None:
+        """Ask the job's launcher for a restart the health policy decided."""
         assert self._signer is not None, "the weaver is not started"
         data = wire.encode(request)
         # Signed: a launcher carries out only the weaver's restarts (signing.SIGNATURE_HEADER).
         signature = {signing.SIGNATURE_HEADER: self._signer.sign_restart(data)}
-        await self.nats.publish(subjects.launcher(plan.job), data, headers=signature)
-        health_plan.set_phase(self.state, plan.job, plan.run_id, hp.Phase.RESTARTING)
+        await self.nats.publish(subjects.launcher(job), data, headers=signature)
 
     async def _publish(self, item: OutboxItem) -> None:
         """Publish one outbox message: to JetStream (stored once per msg id) when journaling, else to
@@ -582,70 +460,7 @@ class Weaver:
         if searched is not None:
             self._announce(searched)
 
-    # ---- NATS callbacks -------------------------------------------------------------------------
-
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        now = time.time()
-        if self._foreign("heartbeat", subjects.heartbeats_all(), msg):
-            return
-        if len(msg.data) > admission.MAX_MESSAGE_BYTES:
-            self._refuse(
-                "heartbeat", "", "", f"heartbeat of {len(msg.data)} bytes on {msg.subject} refused", now
-            )
-            return
-        try:
-            hb = self._hb_decoder.decode(msg.data)
-        except ValueError as exc:
-            self._refuse("heartbeat", "", "", f"malformed heartbeat on {msg.subject} refused: {exc}", now)
-            return
-        # Job and run become subject tokens of commands and events, ranks index the run's world:
-        # whatever does not fit the subject and what the weaver knows changes nothing.
-        reason = admission.check_heartbeat(
-            self.state, hb, msg.subject, now, self.config.dead_after_s, self._limits
-        )
-        if reason is not None:
-            self._refuse("heartbeat", hb.job, hb.run_id, f"heartbeat on {msg.subject} refused: {reason}", now)
-            return
-        hb, clamped = admission.clamp_last_seq(self.state, hb)
-        if clamped is not None:
-            self._refuse("heartbeat", hb.job, hb.run_id, f"heartbeat last_seq cut: {clamped}", now)
-        hb = await self._with_schema(hb)
-        effects = liveness.observe_heartbeat(self.state, hb, now)
-        for outcome in effects.dropped:
-            self._finish(outcome)
-        for ev in effects.events:
-            self._announce(ev)
-        if effects.new_run:
-            self._spawn(self._load_seq_floor(hb.job, hb.run_id), name=f"weaver-seq-{hb.job}")
-        consumers = self._consumers
-        if consumers is not None and consumers.wanted(hb.job, hb.run_id, hb.rank, hb.incarnation):
-            # A rank may only pull from the consumer the weaver makes for it (docs/security.md).
-            self._spawn(
-                consumers.ensure(hb.job, hb.run_id, hb.rank, hb.incarnation), name=f"weaver-consumer-{hb.job}"
-            )
-        self._note_read(now)
-
-    def _note_read(self, now: float) -> None:
-        """After a heartbeat: with none left queued, every one received so far is folded in."""
-        sub = self._heartbeats
-        if sub is None or sub.pending_msgs == 0:
-            self._read_clock.drained(now)
-
-    async def _with_schema(self, hb: Heartbeat) -> Heartbeat:
-        """Keep a schema sent in full (stored for the next weaver); give a hash-only heartbeat the
-        schema of its hash while the weaver knows no knobs of its job (it just started)."""
-        schemas = self._schemas
-        if schemas is None:
-            return hb
-        if hb.knobs:
-            if self._tg is not None and schemas.remember(hb):  # stored by a task of the TaskGroup
-                self._spawn(schemas.store(hb), name=f"weaver-schema-{hb.job}")
-            return hb
-        job = self.state.jobs.get(hb.job)
-        if not hb.knobs_hash or (job is not None and job.knobs):
-            return hb
-        specs = await schemas.lookup(hb.job, hb.knobs_hash)
-        return knob_schemas.with_schema(hb, specs) if specs is not None else hb
+    # ---- acks -----------------------------------------------------------------------------------
 
     def _take_ack(self, msg: Msg) -> CommandKey | Retry | None:
         """Fold one ack from the durable feed in. Returns the key of its command while that command's
@@ -702,173 +517,6 @@ class Weaver:
             log.warning("%s: %s", ev.kind, ev.message)
             self._fan_out(ev)
             self._outbox.put(subjects.events(ev.job), wire.encode(ev), msg_id=notices.msg_id(ack))
-
-    async def _on_metrics(self, msg: Msg) -> None:
-        # Unwatched, metrics are read only for the exporter's loss, and quietly, as they were dropped.
-        watched = bool(self._watchers)
-        if not (watched or self.metrics.serving or self.steering.active) or (
-            watched and self._foreign("metrics", subjects.metrics_all(), msg)
-        ):
-            return
-        now = time.time()
-        if not watched and not self._metrics_due(msg.subject, now):
-            return
-        try:
-            sm = wire.decode_metrics(msg.data)
-        except ValueError as exc:
-            if watched:
-                self._refuse("metrics", "", "", f"malformed metrics on {msg.subject} refused: {exc}", now)
-            return
-        reason = admission.check_metrics(self.state, sm, msg.subject)
-        if reason is not None:
-            if watched:
-                self._refuse("metrics", sm.job, sm.run_id, f"metrics on {msg.subject} refused: {reason}", now)
-            return
-        self.metrics.observe_step_metrics(sm)
-        if self.steering.active:
-            self.steering.on_metrics(sm, now)
-        self._fan_out(sm)
-
-    def _metrics_due(self, subject: str, now: float) -> bool:
-        """Unwatched, whether to read this report: a rank's at most every `METRICS_SAMPLE_S`, and
-        while a policy runs, its job's lowest rank's (the series the autopilot follows) each time.
-        Skipping costs a dict lookup, so the 10 Hz reports of 1,000 ranks are cheap to pass over."""
-        if self.steering.active:
-            prefix, _, token = subject.rpartition(".")  # <metrics of the job>.<rank>
-            if token.isdigit():
-                lead = self._lead_metrics.get(prefix)
-                if lead is None or int(token) <= int(lead):
-                    if len(self._lead_metrics) >= METRICS_SAMPLED_MAX:
-                        self._lead_metrics.clear()
-                    self._lead_metrics[prefix] = token
-                    return True
-        if now - self._metrics_read_at.get(subject, 0.0) < METRICS_SAMPLE_S:
-            return False
-        if len(self._metrics_read_at) >= METRICS_SAMPLED_MAX:  # made-up rank numbers: start over
-            self._metrics_read_at.clear()
-        self._metrics_read_at[subject] = now
-        return True
-
-    async def _on_event(self, msg: Msg) -> None:
-        """A launcher's `naming.RUN_STOPPING` marks its run as stopping (`health_plan.note_stopping`);
-        every other event here is the weaver's own or a launcher's report, journaled as it is."""
-        if len(msg.data) > admission.MAX_MESSAGE_BYTES:
-            return
-        try:
-            ev = wire.decode_event(msg.data)
-            if ev.kind != naming.RUN_STOPPING or msg.subject != subjects.events(ev.job):
-                return
-        except ValueError:
-            return  # not ours to judge: the journal keeps it as published
-        noted = health_plan.note_stopping(self.state, ev, time.time())
-        if noted is not None:
-            log.info("%s", noted.message)
-            self._announce(noted)
-
-    def _not_a_request(self, kind: str, subject: str, msg: Msg) -> bool:
-        """True (and counted) unless `msg` is a request on `subject` whose reply goes to an inbox:
-        an answer is published with the weaver's rights, so it must not land on a subject of its
-        requester's choice."""
-        if msg.subject == subject and (msg.reply or "").startswith(f"{subjects.INBOX}."):
-            return False
-        self._refuse(
-            kind,
-            "",
-            "",
-            f"{kind} request on {msg.subject} with reply subject {msg.reply or '(none)'!r} dropped: "
-            f"expected {subject} with a reply to an {subjects.INBOX}. subject",
-            time.time(),
-            key="reply",
-        )
-        return True
-
-    async def _on_api_submit(self, msg: Msg) -> None:
-        if self._not_a_request("api", subjects.api_submit(), msg):
-            return
-        # A submit waits for every rank; run it apart so other requests are not queued behind it.
-        self._spawn(self._serve_api_submit(msg), name="weaver-api-submit")
-
-    async def _serve_api_submit(self, msg: Msg) -> None:
-        try:
-            req = wire.decode_submit_request(msg.data)
-        except ValueError as exc:
-            outcome = Outcome(command_id="", job="", status=OutcomeStatus.REJECTED, reason=str(exc))
-        else:
-            identity = self.config.api_submit_identity
-            if identity is not None:
-                # Only that role may publish on api.submit (the server's role table): it is the issuer.
-                req = dataclasses.replace(req, issuer=dataclasses.replace(req.issuer, identity=identity))
-            try:
-                outcome = await self.submit(req)
-            except NatsUnavailable as exc:
-                # Not a rejection: the command may be stored. Not known yet; a repeat with the same
-                # command id is answered with its decision.
-                outcome = Outcome(
-                    command_id=req.command_id,
-                    job=req.job,
-                    status=OutcomeStatus.TIMEOUT,
-                    reason=f"not known yet: {exc}; send it again with the same command id",
-                )
-        with contextlib.suppress(Exception):  # the requester may be gone
-            await msg.respond(wire.encode(outcome))
-
-    async def _on_api_status(self, msg: Msg) -> None:
-        if self._not_a_request("api", subjects.api_status(), msg):
-            return
-        try:
-            req = wire.decode_status_request(msg.data)
-            reply = self.status(req.job)
-        except (ValueError, JobNotFound) as exc:
-            # The NATS API has no error channel: an unknown job answers an empty reply.
-            log.debug("status request: %s", exc)
-            reply = StatusReply()
-        with contextlib.suppress(Exception):
-            await msg.respond(wire.encode(reply))
-
-    async def _on_api_decide(self, msg: Msg) -> None:
-        """The page's answer to a proposal: `decide_proposal`, decided by the NATS api identity. A
-        decision that cannot be made is answered with a `DECIDE_FAILED` event (not journaled), the
-        reason in its message: the NATS API has no error channel."""
-        if self._not_a_request("api", subjects.api_decide(), msg):
-            return
-        try:
-            req = wire.decode_proposal_decision(msg.data)
-        except ValueError as exc:
-            answer = JobEvent(job="", kind=DECIDE_FAILED, message=str(exc), time_s=time.time())
-        else:
-            try:
-                answer = self.decide_proposal(
-                    req, decided_by=self.config.api_submit_identity or NATS_ANONYMOUS
-                )
-            except (ValueError, JobNotFound, KeyError) as exc:
-                answer = JobEvent(
-                    job=req.job,
-                    kind=DECIDE_FAILED,
-                    message=str(exc.args[0]) if exc.args else str(exc),
-                    time_s=time.time(),
-                    attrs={"proposal": req.proposal_id},
-                )
-        with contextlib.suppress(Exception):  # the requester may be gone
-            await msg.respond(wire.encode(answer))
-
-    async def _on_api_feed(self, msg: Msg) -> None:
-        """A web page asks for its journal history: `ui_feeds` makes a feed that delivers to an inbox
-        of the role named by the subject (only that role may publish there)."""
-        owner = msg.subject.rpartition(".")[2]
-        expected = subjects.api_feed(owner) if owner in ui_feeds.OWNERS else subjects.api_feeds_all()
-        if self._not_a_request("api", expected, msg):
-            return
-        self._spawn(self._serve_api_feed(owner, msg), name="weaver-api-feed")
-
-    async def _serve_api_feed(self, owner: str, msg: Msg) -> None:
-        assert self._feeds is not None  # subscribed only once started
-        reply = await self._feeds.answer(owner, msg.data)
-        if reply.refused:
-            self._refuse(
-                "api", "", "", f"journal feed for {owner} refused: {reply.error}", time.time(), key="feed"
-            )
-        with contextlib.suppress(Exception):  # the requester may be gone
-            await msg.respond(reply.encode())
 
     # ---- the API --------------------------------------------------------------------------------
 
@@ -1036,7 +684,7 @@ class Weaver:
         Raises:
             JobNotFound: the weaver has not heard of that job.
         """
-        return liveness.status(self.state, job, self._read_time(time.time()), self.config.policy())
+        return liveness.status(self.state, job, self.health.read_time(time.time()), self.config.policy())
 
     def set_policy(self, req: PolicyRequest) -> PolicyReply:
         """Run a job under an autopilot policy (`weaver.steering.Steering.set_policy_request`)."""

@@ -162,7 +162,7 @@ _subject_rank = st.one_of(st.none(), st.integers(-10, 10))
 
 
 def _feed_heartbeat(state: WeaverState, data: bytes, subject: str) -> None:
-    """What `Weaver._on_heartbeat` does with one message, minus the I/O."""
+    """What `Telemetry.on_heartbeat` does with one message, minus the I/O."""
     try:
         hb = wire.decode_heartbeat(data)
     except wire.WireError:
@@ -174,7 +174,7 @@ def _feed_heartbeat(state: WeaverState, data: bytes, subject: str) -> None:
 
 
 def _feed_ack(state: WeaverState, data: bytes, subject: str) -> m.Outcome | None:
-    """What `Weaver._on_ack` does with one message, minus the I/O."""
+    """What `Weaver._take_ack` does with one message, minus the I/O."""
     try:
         a = wire.decode_ack(data)
     except wire.WireError:

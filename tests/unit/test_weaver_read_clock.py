@@ -1,7 +1,7 @@
 """The weaver's own lag is never blamed on a rank: liveness is judged at the time up to which every
 heartbeat received was folded in (`liveness.ReadClock`), and a silent rank is still found dead. And
 unwatched step metrics are read at a bounded rate per rank, the autopilot's lead rank every time
-(`Weaver._metrics_due`). No bus: the weaver is constructed, never started."""
+(`Telemetry.metrics_due`). No bus: the weaver is constructed, never started."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torchloom.messages import RankState
 from weaver import health_plan, liveness
 from weaver.config import WeaverConfig
 from weaver.model import WeaverState
-from weaver.service import METRICS_SAMPLE_S, Weaver
+from weaver.service import Weaver
+from weaver.telemetry import METRICS_SAMPLE_S
 
 DEAD_S = 0.8
 
@@ -66,17 +67,17 @@ def test_a_rank_whose_heartbeat_waits_in_the_queue_is_not_dead_and_a_silent_one_
 def test_unwatched_metrics_are_read_once_per_interval_per_rank() -> None:
     w = Weaver(WeaverConfig())
     subject0, subject1 = "torchloom.v1.metrics.j.0", "torchloom.v1.metrics.j.1"
-    assert w._metrics_due(subject0, 10.0) and w._metrics_due(subject1, 10.0)
-    assert not w._metrics_due(subject0, 10.0 + METRICS_SAMPLE_S / 2)
-    assert w._metrics_due(subject0, 10.0 + METRICS_SAMPLE_S)
+    assert w.telemetry.metrics_due(subject0, 10.0) and w.telemetry.metrics_due(subject1, 10.0)
+    assert not w.telemetry.metrics_due(subject0, 10.0 + METRICS_SAMPLE_S / 2)
+    assert w.telemetry.metrics_due(subject0, 10.0 + METRICS_SAMPLE_S)
 
 
 def test_while_a_policy_runs_the_lowest_rank_is_read_every_time() -> None:
     w = Weaver(WeaverConfig(autopilot_policy="default"))
     assert w.steering.active
     lead, other = "torchloom.v1.metrics.j.0", "torchloom.v1.metrics.j.3"
-    assert all(w._metrics_due(lead, 10.0 + k * 0.1) for k in range(5))
-    assert w._metrics_due(other, 10.0) and not w._metrics_due(other, 10.1)
+    assert all(w.telemetry.metrics_due(lead, 10.0 + k * 0.1) for k in range(5))
+    assert w.telemetry.metrics_due(other, 10.0) and not w.telemetry.metrics_due(other, 10.1)
 
 
 def test_silent_ranks_counts_unfinished_ranks_past_the_limit() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from torchloom.messages import JobEvent, StepMetrics
-from weaver.service import Watcher
+from weaver.watchers import Watcher
 
 
 def ev(i: int, job: str = "j") -> JobEvent:

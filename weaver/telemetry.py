@@ -1,0 +1,229 @@
+"""What the ranks and launchers report to the weaver over core NATS: heartbeats (folded into the state
+by `weaver.liveness`, after `weaver.admission` checked them), step metrics (for watchers, Prometheus
+and the autopilot; read at a bounded rate when nobody watches) and a launcher's run-stopping event.
+
+Heartbeats and metrics arrive on the weaver's telemetry connection; the handlers never block: slow
+work (storing a knob schema, reading a new run's commands, making a rank's consumer) is spawned in
+the weaver's TaskGroup.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from torchloom import naming, subjects, wire
+from torchloom.messages import Heartbeat, JobEvent, Outcome, WatchEvent
+from weaver import admission, health_plan, knob_schemas, liveness
+from weaver.config import WeaverConfig
+from weaver.metrics import WeaverMetrics
+from weaver.model import WeaverState
+from weaver.steering import Steering
+from weaver.streams import RankConsumers
+
+log = logging.getLogger(__name__)
+
+# Unwatched, a rank's step metrics are read at most this often (the lead rank's, which the autopilot
+# follows step by step, every time): Prometheus keeps its loss within this, and the autopilot's
+# non-finite counts are cumulative, so a skipped report hides none.
+METRICS_SAMPLE_S = 1.0
+METRICS_SAMPLED_MAX = 65_536  # subjects remembered for that (a flood of made-up ranks starts it over)
+
+__all__ = ["METRICS_SAMPLED_MAX", "METRICS_SAMPLE_S", "Telemetry"]
+
+
+class Telemetry:
+    """The handlers of the weaver's heartbeat, metrics and event subscriptions.
+
+    Args:
+        state: the weaver's state (heartbeats fold into it; metrics and events are checked against it).
+        config: the weaver's config (dead_after_s).
+        limits: the weaver's bounds on jobs and ranks (a heartbeat beyond them is refused).
+        metrics: the weaver's Prometheus metrics (fed every admitted step report).
+        steering: the autopilot (fed every admitted step report while a policy runs).
+        clock: how far the weaver has read its heartbeats (moved on when none is left queued).
+        backlog: how many heartbeats are received but not read yet.
+        schemas: the knob schemas' store, once the weaver is connected (else None).
+        consumers: the ranks' command consumers, once the weaver is connected (else None).
+        running: whether the weaver's TaskGroup runs (spawned work is kept, not dropped).
+        watched: whether anybody watches the weaver's live feed.
+        foreign: count a message of a subject its subscription does not name, True if so.
+        refuse: count and announce a refused message.
+        finish: deliver a decided outcome.
+        announce: journal an event and send it to watchers.
+        fan_out: send a live event (not journaled) to watchers.
+        spawn: run a coroutine in the weaver's TaskGroup under a name.
+        load_seq_floor: read a new run's stored commands (job, run id).
+    """
+
+    def __init__(
+        self,
+        state: WeaverState,
+        config: WeaverConfig,
+        limits: admission.Limits,
+        metrics: WeaverMetrics,
+        steering: Steering,
+        clock: liveness.ReadClock,
+        *,
+        backlog: Callable[[], int],
+        schemas: Callable[[], knob_schemas.KnobSchemas | None],
+        consumers: Callable[[], RankConsumers | None],
+        running: Callable[[], bool],
+        watched: Callable[[], bool],
+        foreign: Callable[[str, str, Msg], bool],
+        refuse: admission.Refuse,
+        finish: Callable[[Outcome], None],
+        announce: Callable[[JobEvent], None],
+        fan_out: Callable[[WatchEvent], None],
+        spawn: Callable[[Coroutine[Any, Any, None], str], None],
+        load_seq_floor: Callable[[str, str], Coroutine[Any, Any, None]],
+    ) -> None:
+        self._state = state
+        self._config = config
+        self._limits = limits
+        self._metrics = metrics
+        self._steering = steering
+        self._read_clock = clock
+        self._backlog = backlog
+        self._schemas = schemas
+        self._consumers = consumers
+        self._running = running
+        self._watched = watched
+        self._foreign = foreign
+        self._refuse = refuse
+        self._finish = finish
+        self._announce = announce
+        self._fan_out = fan_out
+        self._spawn = spawn
+        self._load_seq_floor = load_seq_floor
+        self._hb_decoder = wire.HeartbeatDecoder()  # reuses a rank's unchanged schema and device
+        self._metrics_read_at: dict[str, float] = {}  # metrics subject -> when last read unwatched
+        self._lead_metrics: dict[str, str] = {}  # job's metrics subject prefix -> its lowest rank
+
+    async def on_heartbeat(self, msg: Msg) -> None:
+        now = time.time()
+        if self._foreign("heartbeat", subjects.heartbeats_all(), msg):
+            return
+        if len(msg.data) > admission.MAX_MESSAGE_BYTES:
+            self._refuse(
+                "heartbeat", "", "", f"heartbeat of {len(msg.data)} bytes on {msg.subject} refused", now
+            )
+            return
+        try:
+            hb = self._hb_decoder.decode(msg.data)
+        except ValueError as exc:
+            self._refuse("heartbeat", "", "", f"malformed heartbeat on {msg.subject} refused: {exc}", now)
+            return
+        # Job and run become subject tokens of commands and events, ranks index the run's world:
+        # whatever does not fit the subject and what the weaver knows changes nothing.
+        reason = admission.check_heartbeat(
+            self._state, hb, msg.subject, now, self._config.dead_after_s, self._limits
+        )
+        if reason is not None:
+            self._refuse("heartbeat", hb.job, hb.run_id, f"heartbeat on {msg.subject} refused: {reason}", now)
+            return
+        hb, clamped = admission.clamp_last_seq(self._state, hb)
+        if clamped is not None:
+            self._refuse("heartbeat", hb.job, hb.run_id, f"heartbeat last_seq cut: {clamped}", now)
+        hb = await self._with_schema(hb)
+        effects = liveness.observe_heartbeat(self._state, hb, now)
+        for outcome in effects.dropped:
+            self._finish(outcome)
+        for ev in effects.events:
+            self._announce(ev)
+        if effects.new_run:
+            self._spawn(self._load_seq_floor(hb.job, hb.run_id), f"weaver-seq-{hb.job}")
+        consumers = self._consumers()
+        if consumers is not None and consumers.wanted(hb.job, hb.run_id, hb.rank, hb.incarnation):
+            # A rank may only pull from the consumer the weaver makes for it (docs/security.md).
+            self._spawn(
+                consumers.ensure(hb.job, hb.run_id, hb.rank, hb.incarnation), f"weaver-consumer-{hb.job}"
+            )
+        self._note_read(now)
+
+    def _note_read(self, now: float) -> None:
+        """After a heartbeat: with none left queued, every one received so far is folded in."""
+        if self._backlog() == 0:
+            self._read_clock.drained(now)
+
+    async def _with_schema(self, hb: Heartbeat) -> Heartbeat:
+        """Keep a schema sent in full (stored for the next weaver); give a hash-only heartbeat the
+        schema of its hash while the weaver knows no knobs of its job (it just started)."""
+        schemas = self._schemas()
+        if schemas is None:
+            return hb
+        if hb.knobs:
+            if self._running() and schemas.remember(hb):  # stored by a task of the TaskGroup
+                self._spawn(schemas.store(hb), f"weaver-schema-{hb.job}")
+            return hb
+        job = self._state.jobs.get(hb.job)
+        if not hb.knobs_hash or (job is not None and job.knobs):
+            return hb
+        specs = await schemas.lookup(hb.job, hb.knobs_hash)
+        return knob_schemas.with_schema(hb, specs) if specs is not None else hb
+
+    async def on_metrics(self, msg: Msg) -> None:
+        # Unwatched, metrics are read only for the exporter's loss, and quietly, as they were dropped.
+        watched = self._watched()
+        if not (watched or self._metrics.serving or self._steering.active) or (
+            watched and self._foreign("metrics", subjects.metrics_all(), msg)
+        ):
+            return
+        now = time.time()
+        if not watched and not self.metrics_due(msg.subject, now):
+            return
+        try:
+            sm = wire.decode_metrics(msg.data)
+        except ValueError as exc:
+            if watched:
+                self._refuse("metrics", "", "", f"malformed metrics on {msg.subject} refused: {exc}", now)
+            return
+        reason = admission.check_metrics(self._state, sm, msg.subject)
+        if reason is not None:
+            if watched:
+                self._refuse("metrics", sm.job, sm.run_id, f"metrics on {msg.subject} refused: {reason}", now)
+            return
+        self._metrics.observe_step_metrics(sm)
+        if self._steering.active:
+            self._steering.on_metrics(sm, now)
+        self._fan_out(sm)
+
+    def metrics_due(self, subject: str, now: float) -> bool:
+        """Unwatched, whether to read this report: a rank's at most every `METRICS_SAMPLE_S`, and
+        while a policy runs, its job's lowest rank's (the series the autopilot follows) each time.
+        Skipping costs a dict lookup, so the 10 Hz reports of 1,000 ranks are cheap to pass over."""
+        if self._steering.active:
+            prefix, _, token = subject.rpartition(".")  # <metrics of the job>.<rank>
+            if token.isdigit():
+                lead = self._lead_metrics.get(prefix)
+                if lead is None or int(token) <= int(lead):
+                    if len(self._lead_metrics) >= METRICS_SAMPLED_MAX:
+                        self._lead_metrics.clear()
+                    self._lead_metrics[prefix] = token
+                    return True
+        if now - self._metrics_read_at.get(subject, 0.0) < METRICS_SAMPLE_S:
+            return False
+        if len(self._metrics_read_at) >= METRICS_SAMPLED_MAX:  # made-up rank numbers: start over
+            self._metrics_read_at.clear()
+        self._metrics_read_at[subject] = now
+        return True
+
+    async def on_event(self, msg: Msg) -> None:
+        """A launcher's `naming.RUN_STOPPING` marks its run as stopping (`health_plan.note_stopping`);
+        every other event here is the weaver's own or a launcher's report, journaled as it is."""
+        if len(msg.data) > admission.MAX_MESSAGE_BYTES:
+            return
+        try:
+            ev = wire.decode_event(msg.data)
+            if ev.kind != naming.RUN_STOPPING or msg.subject != subjects.events(ev.job):
+                return
+        except ValueError:
+            return  # not ours to judge: the journal keeps it as published
+        noted = health_plan.note_stopping(self._state, ev, time.time())
+        if noted is not None:
+            log.info("%s", noted.message)
+            self._announce(noted)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import connect, kill_tree
+from tests.integration.helpers import connect, kill_tree, unbound_env
 from torchloom.nats_server import EmbeddedNats
 
 LEFTOVER_MARK = "TORCHLOOM_TEST_MARK"
@@ -62,6 +62,13 @@ def leftovers(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -
         warnings.warn(
             f"{request.node.nodeid} left {len(left)} processes running, killed: {shown}", stacklevel=1
         )
+
+
+@pytest.fixture
+def run_alone_env(subprocess_env: dict[str, str]) -> dict[str, str]:
+    """The environment of a test whose `torchloom run` starts its own control plane: no weaver or job
+    variable from outside, one OMP thread, and a control plane that exits 1 s after its last job."""
+    return unbound_env(subprocess_env, OMP_NUM_THREADS="1", TORCHLOOM_CONTROLPLANE_IDLE_S="1")
 
 
 @pytest.fixture

@@ -40,6 +40,14 @@ EXAMPLE = REPO / "examples" / "train_tiny.py"
 BINDING_VARS = ("TORCHLOOM_NATS_URL", "TORCHLOOM_GRPC", "TORCHLOOM_JOB", "TORCHLOOM_RUN_ID")
 
 
+def example_until_stop(step_sleep: float) -> list[str]:
+    """The example's arguments, all but the --out directory that follows them, for a job that trains
+    until the test's `stop`: far more steps than any test needs, so no command arrives after the loop
+    ended on a loaded machine, and its replay ends at the same (recorded) stop. The replay may run at
+    another pace (0: it reproduces the recorded steps whatever the pace)."""
+    return [str(EXAMPLE), "--steps", "1000000", "--step-sleep", str(step_sleep), "--out"]
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and its descendants (torchrun starts its workers in new sessions)."""
     children: dict[int, list[int]] = {}
@@ -193,6 +201,18 @@ def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
     )
+
+
+def finish_cli(proc: subprocess.Popen[str], timeout_s: float = 240.0) -> str:
+    """Wait for a `start_cli` process to end and return its stderr (the test checks `proc.returncode`);
+    past the deadline, or on any error while waiting, kill its whole tree and raise."""
+    try:
+        _out, err = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.communicate(timeout=30)
+    return err
 
 
 def min_step(env: dict[str, str]) -> int:

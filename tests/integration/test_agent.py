@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, min_step, start_cli, unbound_env
+from tests.integration.helpers import cli, kill_tree, min_step, start_cli
 from tests.integration.test_autopilot import _until
 
 SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
@@ -117,14 +117,9 @@ def _watch_until(env: dict[str, str], needle: str, timeout_s: float = 30.0) -> s
 
 @pytest.mark.timeout(240)
 def test_an_llm_agent_steers_a_job_through_the_guardrails(
-    tmp_path: Path, subprocess_env: dict[str, str], endpoint: FakeEndpoint
+    tmp_path: Path, run_alone_env: dict[str, str], endpoint: FakeEndpoint
 ) -> None:
-    env = unbound_env(
-        subprocess_env,
-        OMP_NUM_THREADS="1",
-        TORCHLOOM_CONTROLPLANE_IDLE_S="1",
-        TORCHLOOM_TEST_NAN_AT_STEP="100000000",
-    )
+    env = dict(run_alone_env, TORCHLOOM_TEST_NAN_AT_STEP="100000000")
     policy = tmp_path / "agents.toml"
     policy.write_text(POLICY)
     out = tmp_path / "out"

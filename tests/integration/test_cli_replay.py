@@ -7,43 +7,15 @@ stop ends it) reproduces every rank's final parameters bit for bit, on either ag
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.helpers import EXAMPLE
 from tests.integration.helpers import cli as _cli
+from tests.integration.helpers import example_until_stop, finish_cli, start_cli
 from tests.integration.test_cli_actions import _poll_json, run_env  # noqa: F401 (fixture)
-
-# Far more than the test needs: the job runs until the test's `stop`, so no command can arrive after
-# the loop ended on a loaded machine, and the replay ends at the same (recorded) stop.
-STEPS = "1000000"
-
-
-def _run(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "torchloom.app.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen[str]) -> str:
-    try:
-        _out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-3000:]
-    return err
 
 
 @pytest.mark.timeout(600)
@@ -56,8 +28,9 @@ def test_replay_of_journal_reproduces_final_params(
     run_env = dict(run_env, TORCHLOOM_AGREEMENT=agreement)
     run_env = dict(run_env, TORCHLOOM_CONTROLPLANE_IDLE_S="1")  # exits soon after the job
     first, second = tmp_path / "first", tmp_path / "second"
-    script = [str(EXAMPLE), "--steps", STEPS, "--step-sleep", "0.01", "--out"]
-    proc = _run(["run", "--job", "rp", "--nproc-per-node", "2", *script, str(first)], run_env)
+    proc = start_cli(
+        "run", "--job", "rp", "--nproc-per-node", "2", *example_until_stop(0.01), str(first), env=run_env
+    )
     try:
         _poll_json(
             ["status", "--json"],
@@ -85,7 +58,8 @@ def test_replay_of_journal_reproduces_final_params(
         res = _cli("stop", "--json", env=run_env)  # applied on every rank: the loop ends after it
         assert res.returncode == 0, (res.stdout, res.stderr)
     finally:
-        _finish(proc)
+        err = finish_cli(proc)
+    assert proc.returncode == 0, err[-3000:]
     deadline = time.monotonic() + 60
     while (
         run_env.get("TORCHLOOM_HOME")
@@ -99,10 +73,18 @@ def test_replay_of_journal_reproduces_final_params(
     (tmp_path / "j.json").write_text(res.stdout)
     kinds = [e["kind"] for e in json.loads(res.stdout)["entries"] if e["type"] == "outcome"]
     assert kinds == ["checkpoint", "set", "set", "rollback", "set", "stop"]
-    replay = _run(
-        ["replay", str(tmp_path / "j.json"), "--nproc-per-node", "2", "--", *script, str(second)], run_env
+    replay = start_cli(
+        "replay",
+        str(tmp_path / "j.json"),
+        "--nproc-per-node",
+        "2",
+        "--",
+        *example_until_stop(0),
+        str(second),
+        env=run_env,
     )
-    err = _finish(replay)
+    err = finish_cli(replay)
+    assert replay.returncode == 0, err[-3000:]
     assert "6 applied commands of job rp" in err
     for rank in (0, 1):
         a = torch.load(first / f"rank{rank}.params.pt", weights_only=True)

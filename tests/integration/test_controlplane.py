@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import EXAMPLE, kill_tree, port_open, unbound_env
+from tests.integration.helpers import EXAMPLE, finish_cli, kill_tree, port_open, unbound_env
 from tests.integration.helpers import cli as _cli
 from torchloom import discovery
 
@@ -78,16 +78,6 @@ def _wait(what: str, ok: Any, timeout_s: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def _finish(proc: subprocess.Popen[str], timeout_s: float = 240.0) -> str:
-    try:
-        _out, err = proc.communicate(timeout=timeout_s)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.communicate(timeout=30)
-    return err
-
-
 def _applied(out: Path, rank: int) -> list[dict[str, Any]]:
     data: list[dict[str, Any]] = json.loads((out / f"rank{rank}.applied.json").read_text())
     return data
@@ -119,7 +109,7 @@ def test_embedded_nats_killed_twice_during_a_stream_of_sets(
             sent.append((json.loads(res.stdout)["command_id"], lr))
         stop = _cli("stop", "--json", "--timeout", "60", env=cp_env, timeout_s=120)
         assert stop.returncode == 0, stop.stdout + stop.stderr
-        err = _finish(proc)
+        err = finish_cli(proc)
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
@@ -154,7 +144,7 @@ def test_two_jobs_share_one_control_plane_and_the_second_outlives_the_first(
         cp_env,
     )
     try:
-        err = _finish(first)
+        err = finish_cli(first)
         assert first.returncode == 0, err[-3000:]
         assert "started weaver" in err or "reusing weaver" in err
         info = discovery.read(tl_home / "weaver.json")
@@ -168,7 +158,7 @@ def test_two_jobs_share_one_control_plane_and_the_second_outlives_the_first(
         assert [a["rank"] for a in json.loads(res.stdout)["applied"]] == [0, 1]
         stop = _cli("stop", "--job", "second", "--json", env=cp_env, timeout_s=90)
         assert stop.returncode == 0, stop.stdout + stop.stderr
-        err = _finish(second)
+        err = finish_cli(second)
         assert second.returncode == 0, err[-3000:]
     finally:
         for proc in (first, second):
@@ -194,7 +184,7 @@ def test_sigterm_ends_the_job_under_every_policy(
         job = _job(cp_env, proc, "term", min_step=5)
         pids = [r["pid"] for r in job["ranks"]]
         proc.send_signal(signal.SIGTERM)
-        err = _finish(proc, timeout_s=120)
+        err = finish_cli(proc, timeout_s=120)
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)

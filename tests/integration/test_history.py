@@ -6,8 +6,6 @@ reproduces every rank's final parameters bit for bit without a saved JSON file."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,40 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from tests.integration.helpers import EXAMPLE, kill_tree, unbound_env
 from tests.integration.helpers import cli as _cli
+from tests.integration.helpers import example_until_stop, finish_cli, kill_tree, start_cli
 from torchloom import discovery
-
-# Far more than the test needs: the job runs until the test's `stop`, so no command can arrive after
-# the loop ended on a loaded machine, and the replay ends at the same (recorded) stop.
-STEPS = "1000000"
-
-
-@pytest.fixture
-def hist_env(subprocess_env: dict[str, str]) -> dict[str, str]:
-    return unbound_env(subprocess_env, OMP_NUM_THREADS="1", TORCHLOOM_CONTROLPLANE_IDLE_S="1")
-
-
-def _torchloom(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "torchloom.app.cli", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _finish(proc: subprocess.Popen[str]) -> str:
-    try:
-        _out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.communicate(timeout=30)
-    assert proc.returncode == 0, err[-3000:]
-    return err
 
 
 def _json(*args: str, env: dict[str, str]) -> dict[str, Any]:
@@ -67,16 +34,24 @@ def _nothing_running(home: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_history_and_replay_of_a_finished_run(
-    tmp_path: Path, tl_home: Path, hist_env: dict[str, str]
+    tmp_path: Path, tl_home: Path, run_alone_env: dict[str, str]
 ) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
-    script = [str(EXAMPLE), "--steps", STEPS, "--step-sleep", "0.03", "--out"]
-    proc = _torchloom(["run", "--job", "hist", "--nproc-per-node", "2", *script, str(first)], hist_env)
+    proc = start_cli(
+        "run",
+        "--job",
+        "hist",
+        "--nproc-per-node",
+        "2",
+        *example_until_stop(0.01),
+        str(first),
+        env=run_alone_env,
+    )
     try:
         deadline = time.monotonic() + 120.0
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, "the job never trained"
-            res = _cli("status", "--json", env=hist_env, timeout_s=30)
+            res = _cli("status", "--json", env=run_alone_env, timeout_s=30)
             jobs = json.loads(res.stdout)["jobs"] if res.returncode == 0 else []
             if jobs and len(jobs[0]["ranks"]) == 2 and min(r["step"] for r in jobs[0]["ranks"]) >= 20:
                 run_id = jobs[0]["run_id"]
@@ -89,36 +64,46 @@ def test_history_and_replay_of_a_finished_run(
             ["set", "lr=0.0005"],
             ["stop"],
         ):
-            res = _cli(*words, "--json", env=hist_env, timeout_s=120)
+            res = _cli(*words, "--json", env=run_alone_env, timeout_s=120)
             assert res.returncode == 0, (words, res.stdout, res.stderr)
-        _finish(proc)
+        err = finish_cli(proc)
+        assert proc.returncode == 0, err[-3000:]
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
     _nothing_running(tl_home)
 
-    journal = _json("journal", "--run", run_id, env=hist_env)
+    journal = _json("journal", "--run", run_id, env=run_alone_env)
     kinds = [e["kind"] for e in journal["entries"] if e["type"] == "outcome"]
     assert kinds == ["checkpoint", "set", "rollback", "set", "stop"], kinds
     assert {e["run_id"] for e in journal["entries"]} == {run_id}
     # No weaver and no --run: the latest run.
-    assert _json("journal", env=hist_env) == journal
-    checkpoints = _json("checkpoints", "--run", run_id, env=hist_env)
+    assert _json("journal", env=run_alone_env) == journal
+    checkpoints = _json("checkpoints", "--run", run_id, env=run_alone_env)
     # The tagged one, then the one the stop took on the rollback's branch (seq 3: b3).
     assert [(c["tag"], c["branch"]) for c in checkpoints["checkpoints"]] == [("a", "main"), (None, "b3")]
-    branches = _json("branches", "--run", run_id, env=hist_env)
+    branches = _json("branches", "--run", run_id, env=run_alone_env)
     assert len(branches["branches"]) == 2 and branches["current"] != "main"
     assert [b["from_checkpoint"] for b in branches["branches"] if b["parent"]] == [
         checkpoints["checkpoints"][0]["id"]
     ]
 
-    missing = _cli("journal", "--run", "nosuchrun", env=hist_env)
+    missing = _cli("journal", "--run", "nosuchrun", env=run_alone_env)
     assert missing.returncode != 0 and f"{run_id} (hist)" in missing.stderr
 
-    replay = _torchloom(
-        ["replay", "--run", run_id, "--nproc-per-node", "2", "--", *script, str(second)], hist_env
+    replay = start_cli(
+        "replay",
+        "--run",
+        run_id,
+        "--nproc-per-node",
+        "2",
+        "--",
+        *example_until_stop(0),
+        str(second),
+        env=run_alone_env,
     )
-    err = _finish(replay)
+    err = finish_cli(replay)
+    assert replay.returncode == 0, err[-3000:]
     assert "5 applied commands of job hist" in err
     for rank in (0, 1):
         a = torch.load(first / f"rank{rank}.params.pt", weights_only=True)

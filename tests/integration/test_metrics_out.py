@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, start_cli, unbound_env
+from tests.integration.helpers import cli, kill_tree, start_cli
 from tests.integration.test_autopilot import _until
 from tests.integration.test_weaver_metrics import Samples, scrape
 
@@ -42,14 +42,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 @pytest.mark.timeout(400)
 def test_run_serves_metrics_and_a_scrape_finds_steps_losses_commands_and_rule_firings(
-    tmp_path: Path, subprocess_env: dict[str, str]
+    tmp_path: Path, run_alone_env: dict[str, str]
 ) -> None:
-    env = unbound_env(
-        subprocess_env,
-        OMP_NUM_THREADS="1",
-        TORCHLOOM_CONTROLPLANE_IDLE_S="1",
-        TORCHLOOM_TEST_NAN_AT_STEP="10000000",
-    )
+    env = dict(run_alone_env, TORCHLOOM_TEST_NAN_AT_STEP="10000000")
     policy = tmp_path / "watched.toml"
     policy.write_text(POLICY)
     out = tmp_path / "out"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, start_cli, unbound_env
+from tests.integration.helpers import cli, kill_tree, start_cli
 
 SCRIPT = Path(__file__).parent / "scripts" / "search_train.py"
 STEPS = 15
@@ -26,9 +26,9 @@ def _status(env: dict[str, str]) -> dict[str, Any] | None:
 
 @pytest.mark.timeout(240)
 def test_search_picks_the_best_lr_and_journals_every_branch(
-    tmp_path: Path, subprocess_env: dict[str, str]
+    tmp_path: Path, run_alone_env: dict[str, str]
 ) -> None:
-    env = unbound_env(subprocess_env, OMP_NUM_THREADS="1", TORCHLOOM_CONTROLPLANE_IDLE_S="1")
+    env = run_alone_env
     out = tmp_path / "out"
     run = ["run", "--job", "srch", "--nproc-per-node", "2", str(SCRIPT), "--out", str(out)]
     proc = start_cli(*run, env=env)

@@ -15,22 +15,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, min_step, start_cli, unbound_env
+from tests.integration.helpers import cli, kill_tree, min_step, read_records, start_cli
 
 SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
 NAN_AT = 220
 
 
 @pytest.mark.timeout(600)
-def test_default_policy_rolls_back_a_nan_and_halves_lr(
-    tmp_path: Path, subprocess_env: dict[str, str]
-) -> None:
-    env = unbound_env(
-        subprocess_env,
-        OMP_NUM_THREADS="1",
-        TORCHLOOM_CONTROLPLANE_IDLE_S="1",
-        TORCHLOOM_TEST_NAN_AT_STEP=str(NAN_AT),
-    )
+def test_default_policy_rolls_back_a_nan_and_halves_lr(tmp_path: Path, run_alone_env: dict[str, str]) -> None:
+    env = dict(run_alone_env, TORCHLOOM_TEST_NAN_AT_STEP=str(NAN_AT))
     out = tmp_path / "out"
     run = ["run", "--policy", "default", "--job", "nanjob", "--nproc-per-node", "2"]
     proc = subprocess.run(
@@ -92,11 +85,22 @@ def test_default_policy_rolls_back_a_nan_and_halves_lr(
     assert ("checkpoint", "rule:periodic-checkpoint") in by_rule
 
     # The replay follows the journal: the rule-issued commands at the same steps, and no rule fires
-    # again (the NaN comes back at the same step, the rollback is the file's, not a rule's).
+    # again (the NaN comes back at the same step, the rollback is the file's, not a rule's). It runs
+    # without the run's 10 ms step sleep: the journal's steps, not the pace, place every command.
     out2 = tmp_path / "replayed"
-    again_args = ["replay", "--run", run_id.group(1), "--nproc-per-node", "2", "--", str(SCRIPT)]
+    again_args = [
+        "replay",
+        "--run",
+        run_id.group(1),
+        "--nproc-per-node",
+        "2",
+        "--",
+        str(SCRIPT),
+        "--steps",
+        "330",
+    ]
     replay = subprocess.run(
-        [sys.executable, "-m", "torchloom.app.cli", *again_args, "--steps", "330", "--out", str(out2)],
+        [sys.executable, "-m", "torchloom.app.cli", *again_args, "--step-sleep", "0", "--out", str(out2)],
         env=env,
         capture_output=True,
         text=True,
@@ -139,14 +143,10 @@ def _until(what: str, check: Callable[[], Any], proc: subprocess.Popen[str], tim
 
 
 @pytest.mark.timeout(400)
-def test_approval_mode_waits_for_a_person(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
-    env = unbound_env(
-        subprocess_env,
-        OMP_NUM_THREADS="1",
-        TORCHLOOM_CONTROLPLANE_IDLE_S="1",
-        # Late enough that the checkpoint below (a few CLI calls on a loaded machine) comes first.
-        TORCHLOOM_TEST_NAN_AT_STEP="1500",
-    )
+def test_approval_mode_waits_for_a_person(tmp_path: Path, run_alone_env: dict[str, str]) -> None:
+    nan_step_file = tmp_path / "nan_step"
+    # The NaN step is chosen once the checkpoint below is applied, so the checkpoint comes first.
+    env = dict(run_alone_env, TORCHLOOM_TEST_NAN_STEP_FILE=str(nan_step_file))
     policy = tmp_path / "approve.toml"
     policy.write_text(
         'name = "careful"\napproval = true\n[[rule]]\nname = "nan"\nwhen = "nonfinite"\n'
@@ -160,7 +160,12 @@ def test_approval_mode_waits_for_a_person(tmp_path: Path, subprocess_env: dict[s
         shown = _json_cli("policy", "show", "--job", "apjob", env=env)
         assert shown["policy"] == "careful" and shown["proposals"] == []
         ckpt = _json_cli("checkpoint", env=env)
-        assert ckpt["status"] == "applied" and ckpt["applied"][0]["step"] < 1500, ckpt
+        assert ckpt["status"] == "applied", ckpt
+        # 100 steps (a second or more) past rank 0's latest: both ranks read the file before then.
+        nan_at = read_records(out / "rank0.jsonl")[-1]["step"] + 100
+        assert ckpt["applied"][0]["step"] < nan_at, ckpt
+        (tmp_path / "nan_step.tmp").write_text(str(nan_at))
+        (tmp_path / "nan_step.tmp").replace(nan_step_file)
 
         def pending() -> list[dict[str, Any]]:
             return list(_json_cli("policy", "show", "--job", "apjob", env=env)["proposals"])

@@ -1,5 +1,8 @@
 """A tiny 2-rank DDP job whose reported loss turns NaN once, at step TORCHLOOM_TEST_NAN_AT_STEP (the
-first time the run passes it; a rollback does not bring it back), for the autopilot test.
+first time the run passes it; a rollback does not bring it back), for the autopilot test. With
+TORCHLOOM_TEST_NAN_STEP_FILE set instead, that step is read from the file once it appears, so a test
+chooses it while the job runs (after its own commands) rather than guessing how far a loaded machine
+gets meanwhile.
 
     torchloom run --policy default --nproc-per-node 2 nan_train.py --steps N --out DIR
 
@@ -31,7 +34,8 @@ def main() -> None:
     p.add_argument("--step-sleep", type=float, default=0.01)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    nan_at = int(os.environ["TORCHLOOM_TEST_NAN_AT_STEP"])
+    nan_file = os.environ.get("TORCHLOOM_TEST_NAN_STEP_FILE")
+    nan_at = None if nan_file else int(os.environ["TORCHLOOM_TEST_NAN_AT_STEP"])
     dist.init_process_group(backend="gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -49,6 +53,8 @@ def main() -> None:
             loss.backward()
             opt.step()
             value = loss.item()
+            if nan_at is None and nan_file and os.path.exists(nan_file):
+                nan_at = int(Path(nan_file).read_text())
             if step == nan_at and not injected:
                 injected = True
                 value = math.nan

@@ -123,7 +123,7 @@ def test_run_join_takes_the_job_run_and_addresses_from_the_file_and_refuses_its_
     with pytest.raises(UsageError, match="is for run 'r1' of job 'train', not run 'r9'"):
         split_run_args(["--join", str(path), "--nnodes", "2", "--rdzv-id", "r9", "train.py"])
     # --listen serves a control plane: the first node's business, and only for the embedded server.
-    with pytest.raises(UsageError, match="--listen is for the first node .*: drop it with --join"):
+    with pytest.raises(UsageError, match=r"--listen is for the first node .*: drop it with --join"):
         split_run_args(["--join", str(path), "--listen", "127.0.0.2", "train.py"])
     with pytest.raises(UsageError, match="--listen is for the embedded NATS server"):
         split_run_args(["--nats", "nats://127.0.0.1:4222", "--listen", "127.0.0.2", "train.py"])

@@ -152,17 +152,24 @@ class Telemetry:
 
     async def _with_schema(self, hb: Heartbeat) -> Heartbeat:
         """Keep a schema sent in full (stored for the next weaver); give a hash-only heartbeat the
-        schema of its hash while the weaver knows no knobs of its job (it just started)."""
+        schema of its hash. Usually its rank's last full heartbeat has it (`with_known_schema`, on the
+        hot path); else (a weaver that just started, or a last heartbeat without the schema, e.g. one
+        another holder of the job's credential sent) the schema of that hash this weaver or its
+        predecessor kept: the rank sends it in full only after a change and every 30 s."""
         schemas = self._schemas()
         if schemas is None:
             return hb
         if hb.knobs:
-            if self._running() and schemas.remember(hb):  # stored by a task of the TaskGroup
+            if schemas.remember(hb) and self._running():  # stored by a task of the TaskGroup
                 self._spawn(schemas.store(hb), f"weaver-schema-{hb.job}")
             return hb
-        job = self._state.jobs.get(hb.job)
-        if not hb.knobs_hash or (job is not None and job.knobs):
+        if not hb.knobs_hash:
             return hb
+        job = self._state.jobs.get(hb.job)
+        if job is not None:
+            completed = liveness.with_known_schema(job, hb)
+            if completed.knobs:
+                return completed
         specs = await schemas.lookup(hb.job, hb.knobs_hash)
         return knob_schemas.with_schema(hb, specs) if specs is not None else hb
 

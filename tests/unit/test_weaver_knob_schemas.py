@@ -1,13 +1,19 @@
-"""The pure parts of `weaver.knob_schemas`: bucket keys and filling a hash-only heartbeat."""
+"""`weaver.knob_schemas`: bucket keys, filling a hash-only heartbeat, and the weaver's heartbeat path
+filling it from the schemas it keeps."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from torchloom import knobs
+from nats.aio.msg import Msg
+
+from tests.unit.factories import JOB, heartbeat
+from torchloom import knobs, subjects, wire
 from torchloom.knobs import BUILTIN_SPECS
 from torchloom.messages import Heartbeat
-from weaver.knob_schemas import schema_key, with_schema
+from weaver.config import WeaverConfig
+from weaver.knob_schemas import KnobSchemas, schema_key, with_schema
+from weaver.service import Weaver
 
 SPECS = (BUILTIN_SPECS["lr"], BUILTIN_SPECS["weight_decay"])
 
@@ -26,3 +32,33 @@ def test_a_hash_only_heartbeat_gets_the_schema_with_its_own_values() -> None:
     assert [s.name for s in filled.knobs] == ["lr", "weight_decay"]
     assert {s.name: s.value for s in filled.knobs} == {"lr": 0.5, "weight_decay": None}
     assert knobs.schema_hash(filled.knobs) == hb.knobs_hash
+
+
+# ---- the weaver's heartbeat path ------------------------------------------------------------------
+
+
+def _msg(hb: Heartbeat) -> Msg:
+    return Msg(_client=None, subject=subjects.heartbeat(hb.job, hb.rank), data=wire.encode(hb))  # type: ignore[arg-type]
+
+
+def _lr_in_status(weaver: Weaver) -> object:
+    (job,) = weaver.status(JOB).jobs
+    return job.ranks[0].knobs.get("lr")
+
+
+async def test_a_schema_lost_from_a_ranks_last_heartbeat_comes_back_from_the_weavers_memory() -> None:
+    """A rank sends its schema in full only after a change and every 30 s, so a weaver cannot count
+    on its last heartbeat having it: after one without the schema (another holder of the job's
+    credential sent it, with the rank's incarnation), the rank's next hash-only heartbeat is filled
+    from the schemas the weaver keeps by hash, not left without knobs until the next full one."""
+    weaver = Weaver(WeaverConfig(nats_url="nats://127.0.0.1:1"))
+    weaver._schemas = KnobSchemas(None)  # type: ignore[arg-type]  # memory only: no bucket is asked
+    specs = tuple(dataclasses.replace(s, value=v) for s, v in zip(SPECS, (0.25, 0.01), strict=True))
+    digest = knobs.schema_hash(specs)
+    await weaver.telemetry.on_heartbeat(_msg(heartbeat(0, world=1, knobs=specs, knobs_hash=digest)))
+    assert _lr_in_status(weaver) == 0.25
+    await weaver.telemetry.on_heartbeat(_msg(heartbeat(0, world=1)))  # no schema, no hash, no values
+    assert _lr_in_status(weaver) is None
+    hash_only = heartbeat(0, world=1, knobs_hash=digest, knob_values={"lr": 0.5, "weight_decay": 0.01})
+    await weaver.telemetry.on_heartbeat(_msg(hash_only))
+    assert _lr_in_status(weaver) == 0.5

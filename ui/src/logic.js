@@ -648,7 +648,7 @@ function proposalReason(source, a) {
  * The autopilot proposals a page knows of, folded from the job events (live and the journal's
  * history, in any order and overlapping): proposed, then approved, refused, or expired. A proposal
  * expires when its job's policy is set again or more than MAX_PENDING_PROPOSALS are pending (the
- * weaver drops them then), when its run is no longer the job's (`pending` takes the current run),
+ * weaver drops them then), when a new weaver dropped it (`proposal_dropped`), when its run is no longer the job's (`pending` takes the current run),
  * or when the weaver answers a decision with DECIDE_FAILED (`expire`).
  */
 export class Proposals {
@@ -696,6 +696,27 @@ export class Proposals {
         status,
         decided_by: a.decided_by || "",
         note: "",
+      });
+      this.version += 1;
+      return true;
+    }
+    if (e.kind === "proposal_dropped" && a.proposal) {
+      // A new weaver (restart, standby) does not hold its predecessor's pending proposals.
+      const why = "the weaver restarted: this proposal was dropped, nothing of it was sent";
+      if (this.byId.has(a.proposal)) return this.expire(a.proposal, why);
+      // Read before its proposal (history in any order): the id stays closed.
+      this.byId.set(a.proposal, {
+        id: a.proposal,
+        job: e.job,
+        run_id: e.run_id,
+        source: a.source || "",
+        who: a.rule || a.agent || "",
+        commands: proposedCommands(a),
+        reason: "",
+        time_s: e.time_s,
+        status: "expired",
+        decided_by: "",
+        note: why,
       });
       this.version += 1;
       return true;

@@ -251,6 +251,23 @@ test("a proposal expires with a new policy, a new run, the weaver's bound, or th
   assert.equal(p.byId.get("n0").status, "expired");
 });
 
+test("a proposal a restarted weaver dropped is no longer pending, in either order", () => {
+  const p = new Proposals();
+  p.note(proposed("a", { t: 10 }));
+  const dropped = (id, t) => ({
+    job: "j", kind: "proposal_dropped", time_s: t, attrs: { proposal: id, source: "rule", rule: "r" },
+  });
+  assert.equal(p.note(dropped("a", 20)), true);
+  assert.deepEqual(p.pending("j"), []);
+  assert.equal(p.byId.get("a").status, "expired");
+  assert.match(p.byId.get("a").note, /weaver restarted/);
+  assert.equal(p.note(dropped("a", 21)), false); // once
+  // Read before its proposal (the journal's history): the proposal never shows as pending.
+  p.note(dropped("b", 30));
+  assert.equal(p.note(proposed("b", { t: 29 })), false);
+  assert.deepEqual(p.pending("j"), []);
+});
+
 test("proposed commands and decision answers read as a person says them", () => {
   assert.equal(describeProposedCommand({ set: { lr: 0.005, "lr@head": 0.1 } }), "set lr=0.005 lr@head=0.1");
   assert.equal(describeProposedCommand({ action: "checkpoint" }), "checkpoint");

@@ -15,10 +15,16 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.helpers import EXAMPLE, read_all_records, read_records, unbound_env
+from tests.integration.helpers import (
+    EXAMPLE,
+    finish_cli,
+    read_all_records,
+    read_records,
+    start_cli,
+    unbound_env,
+)
 from tests.integration.helpers import cli as _cli
 from tests.integration.test_cli_actions import _poll_json
-from tests.integration.test_cli_replay import _finish, _run
 
 LOADER_SCRIPT = REPO / "tests" / "integration" / "scripts" / "loader_train.py"
 
@@ -55,16 +61,16 @@ def test_xid_reconfiguration_of_train_tiny_from_2_ranks_to_1_keeps_the_sample_or
     tiny = [str(EXAMPLE), "--steps", steps, "--log-samples"]
     # The run without the fault.
     ref = ["run", "--job", "tinyref", "--nproc-per-node", "2", *tiny, "--out", str(tmp_path / "ref")]
-    _finish(_run(ref, _env(subprocess_env, tmp_path / "home-ref")))  # exit status 0
+    ref_run = start_cli(*ref, env=_env(subprocess_env, tmp_path / "home-ref"))
+    err = finish_cli(ref_run)
+    assert ref_run.returncode == 0, err[-3000:]
     # The same run, with rank 1's device failing (XID 79) under the reconfigure policy.
     env = _env(subprocess_env, tmp_path / "home")
     out = tmp_path / "out"
-    proc = _run(
-        [
-            *("run", "--job", "tiny", "--allow-fault-injection", "--health-policy", "reconfigure"),
-            *("--nproc-per-node", "2", *tiny, "--step-sleep", "0.05", "--out", str(out)),
-        ],
-        env,
+    proc = start_cli(
+        *("run", "--job", "tiny", "--allow-fault-injection", "--health-policy", "reconfigure"),
+        *("--nproc-per-node", "2", *tiny, "--step-sleep", "0.05", "--out", str(out)),
+        env=env,
     )
     try:
         _poll_json(
@@ -80,7 +86,8 @@ def test_xid_reconfiguration_of_train_tiny_from_2_ranks_to_1_keeps_the_sample_or
         res = _cli("fault", "inject", "--rank", "1", "--xid", "79", "--job", "tiny", "--json", env=env)
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
-        err = _finish(proc)  # exit status 0
+        err = finish_cli(proc)
+    assert proc.returncode == 0, err[-3000:]
     assert "sampler state rejected" not in err
 
     recs = read_all_records(out / "rank0.jsonl")
@@ -136,7 +143,7 @@ def test_stateful_dataloader_follows_set_pause_checkpoint_rollback_and_stop(
     env = _env(subprocess_env, tmp_path / "home")
     out = tmp_path / "out"
     job = ["--job", "loader"]
-    proc = _run(["run", *job, "--nproc-per-node", "2", str(LOADER_SCRIPT), "--out", str(out)], env)
+    proc = start_cli("run", *job, "--nproc-per-node", "2", str(LOADER_SCRIPT), "--out", str(out), env=env)
     try:
         _wait("both ranks training", lambda: {r["step"] for r in _records(out)} >= {0, 3}, proc)
         lr_at = _ok(_cli("set", "lr=0.05", "--json", *job, env=env))["applied"][0]["step"]
@@ -164,7 +171,8 @@ def test_stateful_dataloader_follows_set_pause_checkpoint_rollback_and_stop(
         stopped = _ok(_cli("stop", "--json", *job, env=env))
         assert stopped["status"] == "applied"
     finally:
-        _finish(proc)  # exit status 0
+        err = finish_cli(proc)
+    assert proc.returncode == 0, err[-3000:]
 
     for rank in (0, 1):
         recs = read_all_records(out / f"rank{rank}.jsonl")

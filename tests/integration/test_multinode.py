@@ -30,7 +30,8 @@ import pytest
 
 from tests.integration.helpers import cli, until
 from torchloom import certs, discovery, subjects, wire
-from torchloom.app.launcher import UsageError, split_run_args
+from torchloom.app.health_options import UsageError
+from torchloom.app.run_args import split_run_args
 from torchloom.client import ControlClient
 from torchloom.credentials import ClientAuth, CredentialStore, Role
 from torchloom.errors import WeaverUnavailable

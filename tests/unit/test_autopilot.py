@@ -301,12 +301,13 @@ def test_weaver_config_checks_its_policy(tmp_path: object) -> None:
 
 
 def test_run_policy_option() -> None:
-    from torchloom.app import launcher
+    from torchloom.app import run_args
+    from torchloom.app.health_options import UsageError
 
-    spec = launcher.split_run_args(["--policy", "default", "train.py"])
+    spec = run_args.split_run_args(["--policy", "default", "train.py"])
     assert spec.policy == "default"
-    with pytest.raises(launcher.UsageError, match=r"--policy /nonexistent\.toml: policy file"):
-        launcher.split_run_args(["--policy", "/nonexistent.toml", "train.py"])
+    with pytest.raises(UsageError, match=r"--policy /nonexistent\.toml: policy file"):
+        run_args.split_run_args(["--policy", "/nonexistent.toml", "train.py"])
 
 
 def test_pilots_follow_set_policy_and_default() -> None:

@@ -303,7 +303,7 @@ def test_run_holds_the_ranks_only_under_a_policy_with_start_commands_or_knobs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from torchloom import env
-    from torchloom.app import launcher
+    from torchloom.app import run_args
 
     monkeypatch.setenv(env.HOME, str(tmp_path))
     monkeypatch.delenv(env.START_HOLD_S, raising=False)
@@ -311,8 +311,8 @@ def test_run_holds_the_ranks_only_under_a_policy_with_start_commands_or_knobs(
     dry.write_text('dry_run = true\nstart = [{action = "checkpoint"}]\n')
 
     def hold(*args: str) -> str | None:
-        spec = launcher.split_run_args([*args, "t.py"])
-        return launcher.child_env(spec, run_id="r", nats_url="nats://127.0.0.1:1", grpc="h:1").get(
+        spec = run_args.split_run_args([*args, "t.py"])
+        return run_args.child_env(spec, run_id="r", nats_url="nats://127.0.0.1:1", grpc="h:1").get(
             env.START_HOLD_S
         )
 

@@ -9,7 +9,8 @@ import pytest
 
 from torchloom import env
 from torchloom.app import actions as cli_actions
-from torchloom.app import cli, launcher
+from torchloom.app import cli, run_args
+from torchloom.app.health_options import UsageError
 from torchloom.messages import Action, ActionKind
 
 
@@ -49,7 +50,7 @@ def test_issuer_is_cli_user_at_host() -> None:
 
 
 def test_run_options_ui_faults_and_health() -> None:
-    spec = launcher.split_run_args(
+    spec = run_args.split_run_args(
         [
             "--ui-port",
             "8765",
@@ -72,7 +73,7 @@ def test_run_options_ui_faults_and_health() -> None:
         "straggler_factor": 3.0,
         "health_policy": "pause",
     }
-    plain = launcher.split_run_args(["train.py"])
+    plain = run_args.split_run_args(["train.py"])
     assert not plain.ui and not plain.allow_fault_injection and plain.health.config_kwargs() == {}
 
 
@@ -86,18 +87,18 @@ def test_run_options_ui_faults_and_health() -> None:
     ],
 )
 def test_run_options_bad_values_name_the_bound(argv: list[str], message: str) -> None:
-    with pytest.raises(launcher.UsageError, match=message):
-        launcher.split_run_args(argv)
+    with pytest.raises(UsageError, match=message):
+        run_args.split_run_args(argv)
 
 
 def test_child_env_grants_fault_injection_and_replay_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(env.ALLOW_FAULT_INJECTION, "1")  # inherited from the shell: must not leak
-    spec = launcher.split_run_args(["t.py"])
-    out = launcher.child_env(spec, run_id="r", nats_url="nats://x:1", grpc="h:1")
+    spec = run_args.split_run_args(["t.py"])
+    out = run_args.child_env(spec, run_id="r", nats_url="nats://x:1", grpc="h:1")
     assert env.ALLOW_FAULT_INJECTION not in out and env.REPLAY not in out
-    spec = launcher.split_run_args(["--allow-fault-injection", "t.py"])
+    spec = run_args.split_run_args(["--allow-fault-injection", "t.py"])
     spec = dataclasses.replace(spec, replay_path="/r/replay.json")
-    out = launcher.child_env(spec, run_id="r", nats_url="nats://x:1", grpc="h:1")
+    out = run_args.child_env(spec, run_id="r", nats_url="nats://x:1", grpc="h:1")
     assert out[env.ALLOW_FAULT_INJECTION] == "1" and out[env.REPLAY] == "/r/replay.json"
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from torchloom.app import cli, launcher
-from torchloom.app.launcher import UsageError, split_run_args
+from torchloom.app import cli, launcher, run_args
+from torchloom.app.health_options import UsageError
+from torchloom.app.run_args import split_run_args
 
 
 def test_run_splits_torchrun_options_from_script_args() -> None:
@@ -26,7 +27,7 @@ def test_run_defaults_job_to_script_stem_and_one_process() -> None:
     assert spec.job == "train_tiny"
     assert spec.nats_url is None and spec.grpc is None
     assert spec.torchrun_args == ("--standalone", "--nproc-per-node", "1")
-    assert launcher.torchrun_command(spec)[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert run_args.torchrun_command(spec)[1:4] == ["-m", "torch.distributed.run", "--standalone"]
 
 
 def test_run_keeps_user_rendezvous_and_flags() -> None:
@@ -78,7 +79,7 @@ def test_exit_status_maps_signals() -> None:
 
 def test_child_env_sets_torchloom_variables() -> None:
     spec = split_run_args(["--job", "demo", "t.py"])
-    out = launcher.child_env(spec, run_id="abc", nats_url="nats://127.0.0.1:1", grpc="127.0.0.1:2")
+    out = run_args.child_env(spec, run_id="abc", nats_url="nats://127.0.0.1:1", grpc="127.0.0.1:2")
     assert out["TORCHLOOM_JOB"] == "demo"
     assert out["TORCHLOOM_RUN_ID"] == "abc"
     assert out["TORCHLOOM_NATS_URL"] == "nats://127.0.0.1:1"
@@ -86,9 +87,9 @@ def test_child_env_sets_torchloom_variables() -> None:
 
 
 def test_new_run_id_is_12_hex() -> None:
-    rid = launcher.new_run_id()
+    rid = run_args.new_run_id()
     assert len(rid) == 12 and int(rid, 16) >= 0
-    assert rid != launcher.new_run_id()
+    assert rid != run_args.new_run_id()
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ def test_a_malformed_public_key_is_refused_at_config_time() -> None:
 def test_run_takes_repeatable_data_roots_and_hands_ranks_the_weaver_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from torchloom.app.launcher import child_env, split_run_args
+    from torchloom.app.run_args import child_env, split_run_args
 
     monkeypatch.setenv("TORCHLOOM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TORCHLOOM_VERIFY_COMMANDS", "0")  # the launcher's own environment never leaks it

@@ -107,7 +107,8 @@ def test_taken_credentials_are_a_secrets_directory_each_party_reads(tmp_path: Pa
 
 
 def test_run_join_takes_the_job_run_and_addresses_from_the_file_and_refuses_its_own(tmp_path: Path) -> None:
-    from torchloom.app.launcher import UsageError, split_run_args
+    from torchloom.app.health_options import UsageError
+    from torchloom.app.run_args import split_run_args
 
     path = join.write(_info(), home=tmp_path)
     spec = split_run_args(["--join", str(path), "--nnodes", "2", "--rdzv-id", "r1", "train.py"])
@@ -152,7 +153,7 @@ def test_a_tls_join_file_carries_the_ca_which_the_joining_node_keeps_beside_its_
     assert stat.S_IMODE(ca.stat().st_mode) == 0o600
     assert join.ca_file(directory, _info()) is None  # a loopback file has none
     spec_args = ["--join", str(path), "--nnodes", "2", "--rdzv-id", "r1", "train.py"]
-    from torchloom.app.launcher import split_run_args
+    from torchloom.app.run_args import split_run_args
 
     spec = split_run_args(spec_args)
     assert (spec.nats_url, spec.grpc, spec.join_path) == (

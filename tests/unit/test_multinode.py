@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from tests.unit.factories import heartbeat
-from torchloom.app import launcher
-from torchloom.app.launcher import UsageError, is_multinode, split_run_args
+from torchloom.app import run_args
+from torchloom.app.health_options import UsageError
+from torchloom.app.run_args import is_multinode, split_run_args
 from torchloom.app.supervisor import Supervisor
 from torchloom.messages import Heartbeat, JobEvent, RestartRequest
 from weaver import liveness
@@ -73,7 +74,7 @@ def test_is_multinode(args: list[str], expected: bool) -> None:
 
 
 def test_check_run_id_accepts_plain_tokens() -> None:
-    assert launcher.check_run_id("exp-7_b") == "exp-7_b"
+    assert run_args.check_run_id("exp-7_b") == "exp-7_b"
 
 
 class _Running:

@@ -23,11 +23,11 @@ import torchloom
 from torchloom import defaults, discovery, env, knobs, replay_file, tokens
 from torchloom.app import actions as cli_actions
 from torchloom.app import agent as agent_cmd
-from torchloom.app import controlplane, history, launcher, policy_cmd, runs, search
+from torchloom.app import controlplane, history, launcher, policy_cmd, run_args, runs, search
 from torchloom.app import format as cli_format
 from torchloom.app.format import json_value
-from torchloom.app.launcher import RunSpec
 from torchloom.app.lookup import NO_WEAVER_HELP, weaver_address
+from torchloom.app.run_args import RunSpec
 from torchloom.client import ControlClient, SubmitResult, submit_until
 from torchloom.errors import (
     CommandRejected,
@@ -229,7 +229,7 @@ def _address(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the `torchloom` argument parser (`run` is parsed separately; see launcher.split_run_args)."""
+    """Return the `torchloom` argument parser (`run` is parsed separately; see run_args.split_run_args)."""
     parser = argparse.ArgumentParser(
         prog="torchloom",
         description="Steer a running PyTorch distributed job live: change knobs and run actions on every "
@@ -722,7 +722,7 @@ def _main_replay(argv: Sequence[str]) -> int:
         replay = cli_format.replay_from_journal(items, job)
         if job is None:  # the replay runs under the journal's job name unless told otherwise
             rest = ["--job", replay["job"], *rest]
-        spec = launcher.split_run_args(rest)
+        spec = run_args.split_run_args(rest)
         if spec.policy is not None:
             raise ValueError("--policy does not apply to a replay: it follows the journal's commands")
     except ValueError as exc:  # UsageError is a ValueError too
@@ -731,7 +731,7 @@ def _main_replay(argv: Sequence[str]) -> int:
     except TorchloomError as exc:  # the run is not indexed, or its store cannot be read
         print(f"torchloom replay: {exc}", file=sys.stderr)
         return 1
-    path = replay_file.write(discovery.home() / "replays" / launcher.new_run_id(), replay)
+    path = replay_file.write(discovery.home() / "replays" / run_args.new_run_id(), replay)
     print(
         f"torchloom replay: {len(replay['commands'])} applied commands of job {replay['job']} "
         f"from {journal} (replay file {path})",
@@ -743,7 +743,7 @@ def _main_replay(argv: Sequence[str]) -> int:
 
 def _main_run(argv: Sequence[str]) -> int:
     try:
-        spec = launcher.split_run_args(argv)
+        spec = run_args.split_run_args(argv)
     except launcher.UsageError as exc:
         print(f"torchloom run: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from torchloom import discovery
-from torchloom.app.controlplane import ControlPlane, ControlPlaneConfig
+from torchloom.app.controlplane import ControlPlane
+from torchloom.app.controlplane_config import ControlPlaneConfig
 from torchloom.nats_server import EmbeddedNats
 from weaver import app as weaver_app
 

@@ -26,7 +26,7 @@ from tests.conftest import REPO
 from tests.integration.helpers import rank_creds, until, weaver_config, weaver_pubkey
 from torchloom import bus as tl_bus
 from torchloom import subjects, wire
-from torchloom.app.controlplane import free_port
+from torchloom.app.controlplane_config import free_port
 from torchloom.credentials import ClientAuth, CredentialStore, Role, inbox_prefix
 from torchloom.messages import Action, ActionKind, Issuer, OutcomeStatus, SubmitRequest
 from torchloom.nats_server import EmbeddedNats, loopback_origins

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from torchloom import discovery
-from torchloom.app import controlplane, runs
+from torchloom.app import controlplane, controlplane_config, runs
 from torchloom.app.launcher import parse_health
 from torchloom.errors import JobNotFound
 
@@ -122,14 +122,14 @@ def test_redact_hides_url_credentials() -> None:
 
 
 def test_control_plane_config_checks(tmp_path: Path) -> None:
-    config = controlplane.ControlPlaneConfig(home=tmp_path)
-    assert config.idle_exit_s == controlplane.IDLE_EXIT_S and config.nats_url is None
+    config = controlplane_config.ControlPlaneConfig(home=tmp_path)
+    assert config.idle_exit_s == controlplane_config.IDLE_EXIT_S and config.nats_url is None
     with pytest.raises(ValueError, match=r"idle_exit_s=-1 rejected: must be in \[0, 86400\] or None"):
-        controlplane.ControlPlaneConfig(home=tmp_path, idle_exit_s=-1)
+        controlplane_config.ControlPlaneConfig(home=tmp_path, idle_exit_s=-1)
     with pytest.raises(ValueError, match="expected HOST:PORT"):
-        controlplane.ControlPlaneConfig(home=tmp_path, grpc_addr="nohost")
+        controlplane_config.ControlPlaneConfig(home=tmp_path, grpc_addr="nohost")
     with pytest.raises(ValueError, match=r"lease_interval_s=0 rejected"):
-        controlplane.ControlPlaneConfig(home=tmp_path, lease_interval_s=0)
+        controlplane_config.ControlPlaneConfig(home=tmp_path, lease_interval_s=0)
 
 
 def test_health_options_survive_the_trip_to_the_control_planes_argv() -> None:
@@ -141,7 +141,7 @@ def test_health_options_survive_the_trip_to_the_control_planes_argv() -> None:
 
 
 def test_idle_exit_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(controlplane.IDLE_EXIT_ENV, raising=False)
-    assert controlplane.idle_exit_default() == controlplane.IDLE_EXIT_S
-    monkeypatch.setenv(controlplane.IDLE_EXIT_ENV, "2.5")
-    assert controlplane.idle_exit_default() == 2.5
+    monkeypatch.delenv(controlplane_config.IDLE_EXIT_ENV, raising=False)
+    assert controlplane_config.idle_exit_default() == controlplane_config.IDLE_EXIT_S
+    monkeypatch.setenv(controlplane_config.IDLE_EXIT_ENV, "2.5")
+    assert controlplane_config.idle_exit_default() == 2.5

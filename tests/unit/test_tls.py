@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from torchloom import certs, tls
-from torchloom.app.controlplane import ControlPlaneConfig
+from torchloom.app.controlplane_config import ControlPlaneConfig
 from torchloom.credentials import ClientAuth
 from torchloom.nats_server import EmbeddedNats
 

@@ -247,10 +247,11 @@ class KnobBoard:
         """A function that reads the current value of knob `name`, resolved once per schema so that
         `values` (every status refresh) does no lookup of where the knob lives."""
         if name in self._builtin:
-            groups = self._optimizer.param_groups
+            # Through the optimizer each time: its load_state_dict (a rollback) replaces the list.
+            optimizer = self._optimizer
             if name == "betas":
-                return lambda: _read_pair(groups[0][name])
-            return lambda: float(groups[0][name])
+                return lambda: _read_pair(optimizer.param_groups[0][name])
+            return lambda: float(optimizer.param_groups[0][name])
         if name in self.training.enabled:
             return functools.partial(self.training.value, name)
         return functools.partial(_user_value, self._user[name][1])

@@ -63,6 +63,23 @@ def test_the_board_counts_a_version_per_schema_change_and_none_per_value_change(
     assert board.values() == {s.name: s.value for s in board.specs() if s.value is not None}
 
 
+def test_values_follow_an_optimizer_whose_state_was_loaded() -> None:
+    """A rollback loads the optimizer's state, which replaces its `param_groups` list: the values a
+    heartbeat carries must be read from the optimizer as it is now, not from the list it had when the
+    schema was built (test_search saw a stale lr in status after its rollback and set)."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    board = KnobBoard(opt)
+    saved = opt.state_dict()
+    board.apply({"lr": 0.5})
+    assert board.values()["lr"] == 0.5
+    opt.load_state_dict(saved)  # as a rollback does
+    assert board.values()["lr"] == pytest.approx(1e-3)
+    assert board.values()["betas"] == (0.9, 0.99)
+    board.apply({"lr": 0.1})  # a set after the rollback
+    assert board.values()["lr"] == pytest.approx(0.1) == opt.param_groups[0]["lr"]
+
+
 def test_the_schema_rides_in_full_exactly_after_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     hashed: list[int] = []
     real_hash = knobs.schema_hash

@@ -27,7 +27,7 @@ _ERROR_LOG_INTERVAL_S = 10.0
 # in its KV bucket, a UI page from the weaver); for one that cannot (the first weaver started after the
 # job, a bucket write that failed) the schema rides again every _KNOBS_REFRESH_S.
 _KNOBS_FULL_INTERVALS = 3
-_KNOBS_REFRESH_S = 30.0
+_KNOBS_REFRESH_S = 10.0
 
 
 class Reporter:
@@ -86,7 +86,9 @@ class Reporter:
         now = self._clock()
         if board.schema_version != self._schema_version:
             self._schema_version = board.schema_version
-            schema_hash = knobs.schema_hash(board.schema_specs())
+            specs = board.schema_specs()
+            # No knobs at all: no hash either, so a weaver never waits for a schema there is none of.
+            schema_hash = knobs.schema_hash(specs) if specs else 0
             if schema_hash != self._knobs_hash:
                 self._knobs_hash = schema_hash
                 self._knobs_refresh_t = 0.0  # new: send it now

@@ -1,14 +1,15 @@
 """The knob schemas the ranks reported, kept across weaver restarts in a JetStream KV bucket.
 
-A rank sends its knob schema in full only when it changes and every few seconds; between, its
-heartbeats carry the schema's hash and the current values (`threadlet.reports`). A weaver that just
-started (a restart, a standby taking over) knows no schema, so it could not check `set lr=...` until
-each rank's next full report. `KnobSchemas` remembers every schema a rank sent in full, keyed by job
-and hash, in memory and in the bucket; the new weaver looks a hash it does not know up there, so
-its first heartbeat of a rank already gives it the job's knobs.
+A rank sends its knob schema in full only after it changes and every `_KNOBS_REFRESH_S`; between,
+its heartbeats carry the schema's hash and the current values (`threadlet.reports`). A weaver that
+just started (a restart, a standby taking over) knows no schema, so it could not check `set lr=...`
+until each rank's next full report. `KnobSchemas` remembers every schema a rank sent in full, keyed
+by job and hash, in memory and in the bucket; the new weaver asks the bucket for a hash it does not
+know, off the heartbeat path and again every LOOKUP_RETRY_S until it has it (a bucket that does not
+answer while a server restarts), so a rank's next heartbeat gives it the job's knobs.
 
 Pure: `with_schema(hb, specs)`. I/O: `KnobSchemas`, owned by the `Weaver`, whose heartbeat callback
-calls `remember` (no I/O: a new schema is written by a task the caller spawns) and `lookup`.
+calls `remember` and `known` (no I/O) and spawns `store` and `fetch` (`want` says when).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import time
 
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
@@ -32,6 +34,9 @@ SCHEMA_TTL_S = 30 * 24 * 3600.0  # a schema no weaver rewrote in a month is of n
 SCHEMA_BUCKET_BYTES = 16 * 1024 * 1024  # a few KiB per (job, schema): bounded against a flood
 MEMORY_ENTRIES = 4096  # (job, hash) pairs kept in memory, oldest forgotten first
 LOOKUP_TIMEOUT_S = 1.0
+# A schema not found in the bucket (or a bucket not reachable: a server restarting) is asked for again
+# after this long, never more often: a restarted weaver learns it as soon as the bucket answers.
+LOOKUP_RETRY_S = 1.0
 
 
 def schema_key(job: str, schema_hash: int) -> str:
@@ -66,7 +71,8 @@ class KnobSchemas:
         self._known: collections.OrderedDict[tuple[str, int], tuple[KnobSpec, ...]] = (
             collections.OrderedDict()
         )
-        self._looked_up: set[tuple[str, int]] = set()  # asked the bucket once: not asked again
+        # (job, hash) -> when the bucket may be asked for it again (monotonic), oldest first.
+        self._next_ask: collections.OrderedDict[tuple[str, int], float] = collections.OrderedDict()
         self._kv: KeyValue | None = None
 
     def known(self, job: str, schema_hash: int) -> tuple[KnobSpec, ...] | None:
@@ -110,14 +116,33 @@ class KnobSchemas:
         except Exception as exc:  # NATS restarting, the bucket full: the next weaver waits for a report
             log.warning("could not store the knob schema of job %s: %r", hb.job, exc)
 
+    def want(self, job: str, schema_hash: int) -> bool:
+        """Whether to ask the bucket for this schema now: not in memory, and not asked within
+        LOOKUP_RETRY_S (it is then marked asked). The caller runs `fetch` off the heartbeat path."""
+        key = (job, schema_hash)
+        if not schema_hash or key in self._known:
+            return False
+        now = time.monotonic()
+        if self._next_ask.get(key, 0.0) > now:
+            return False
+        self._next_ask[key] = now + LOOKUP_RETRY_S
+        self._next_ask.move_to_end(key)
+        while len(self._next_ask) > MEMORY_ENTRIES:
+            self._next_ask.popitem(last=False)
+        return True
+
+    async def fetch(self, job: str, schema_hash: int) -> None:
+        """Read the schema of that hash from the bucket into memory (`known`); a miss or a failure
+        leaves it unknown, to be asked for again (`want`)."""
+        await self.lookup(job, schema_hash)
+
     async def lookup(self, job: str, schema_hash: int) -> tuple[KnobSpec, ...] | None:
-        """The schema of that hash: from memory, else (once per hash) from the bucket; None when
-        neither has it (the rank's next full report brings it)."""
+        """The schema of that hash: from memory, else from the bucket (kept in memory when found);
+        None when neither has it (a later ask, or the rank's next full report, brings it)."""
         key = (job, schema_hash)
         found = self._known.get(key)
-        if found is not None or key in self._looked_up or not schema_hash:
+        if found is not None or not schema_hash:
             return found
-        self._looked_up.add(key)
         try:
             async with asyncio.timeout(self._timeout_s):
                 kv = await self._bucket()

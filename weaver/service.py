@@ -559,7 +559,8 @@ class Weaver:
     def _warming_up(self, now: float) -> bool:
         # Right after a (re)start the weaver knows jobs from the journal but not yet their ranks and
         # knobs; a submit then would be refused for want of facts a heartbeat brings a moment later.
-        # Long enough for a rank's next full knob schema (threadlets resend it every 2 s).
+        # Long enough for every rank's first heartbeat; a knob schema it has not got yet is waited
+        # for at any age (`submits.not_ready`), since ranks resend it only now and then.
         return now - self._started_at_s < max(WARM_UP_MIN_S, 3 * self.config.dead_after_s)
 
     async def submit(self, req: SubmitRequest) -> Outcome:

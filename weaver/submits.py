@@ -40,8 +40,19 @@ def not_ready(job: JobState, body: Body, *, warming_up: bool) -> str | None:
     `warming_up`, a job with no rank reported yet, or a config change to a job whose knob schema no
     rank has reported yet, is not ready: the caller answers "try again" (gRPC UNAVAILABLE), never a
     rejection, and the client retries with the same command id. Once warmed up the facts stand as
-    they are (a job that has no such knob is told so).
+    they are (a job that has no such knob is told so), except one: a config change to a job whose
+    ranks report a knob schema's hash the weaver has not got yet is never judged (at any age).
     """
+    if isinstance(body, SetConfig) and not job.knobs:
+        hashes = sorted({e.heartbeat.knobs_hash for e in job.ranks.values() if e.heartbeat.knobs_hash})
+        if hashes:
+            # Its ranks have a schema (they report its hash), this weaver does not know it yet: they
+            # send it in full only after a change and now and then, and the schema bucket did not
+            # answer yet. Not a job without knobs: try again, whatever the weaver's age.
+            return (
+                f"the knob schema of job {job.job} (hash {hashes[0]:016x}) is not known to this weaver "
+                f"yet, so {', '.join(sorted(body.values))} cannot be checked; try again"
+            )
     if not warming_up:
         return None
     if not job.ranks:

@@ -4,13 +4,16 @@ filling it from the schemas it keeps."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
+import pytest
 from nats.aio.msg import Msg
 
 from tests.unit.factories import JOB, heartbeat
 from torchloom import knobs, subjects, wire
 from torchloom.knobs import BUILTIN_SPECS
 from torchloom.messages import Heartbeat
+from weaver import knob_schemas
 from weaver.config import WeaverConfig
 from weaver.knob_schemas import KnobSchemas, schema_key, with_schema
 from weaver.service import Weaver
@@ -62,3 +65,22 @@ async def test_a_schema_lost_from_a_ranks_last_heartbeat_comes_back_from_the_wea
     hash_only = heartbeat(0, world=1, knobs_hash=digest, knob_values={"lr": 0.5, "weight_decay": 0.01})
     await weaver.telemetry.on_heartbeat(_msg(hash_only))
     assert _lr_in_status(weaver) == 0.5
+
+
+def test_an_unknown_schema_is_asked_for_again_each_second_not_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One failed bucket read (a server restarting) must not leave a restarted weaver without the
+    schema until the rank's next full report: it asks again after LOOKUP_RETRY_S, never sooner."""
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    schemas = KnobSchemas(None)  # type: ignore[arg-type]  # `want` does no I/O
+    assert schemas.want("j", 7)
+    assert not schemas.want("j", 7)  # asked just now
+    now[0] += knob_schemas.LOOKUP_RETRY_S / 2
+    assert not schemas.want("j", 7)
+    now[0] += knob_schemas.LOOKUP_RETRY_S
+    assert schemas.want("j", 7)  # the last ask found nothing: again
+    assert not schemas.want("j", 0)  # no hash: no schema to ask for
+    full = heartbeat(0, world=1, knobs=SPECS, knobs_hash=knobs.schema_hash(SPECS))
+    assert schemas.remember(full)
+    now[0] += 10 * knob_schemas.LOOKUP_RETRY_S
+    assert not schemas.want("j", knobs.schema_hash(SPECS))  # known: never asked

@@ -3,6 +3,8 @@ ranks' next reports would decide: no rank reported yet, or a config change befor
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.unit import factories
@@ -49,3 +51,20 @@ def test_once_the_schema_came_a_set_is_judged_even_while_warming_up() -> None:
         submits.plan_submit(
             s, SubmitRequest(job=factories.JOB, body=SetConfig(values={"lr": "-1"})), 100.0, 5.0
         )
+
+
+def test_a_set_to_a_job_whose_schema_hash_the_weaver_lacks_is_not_ready_at_any_age() -> None:
+    """Ranks send the schema in full only after a change and every few seconds: a weaver past its
+    warm-up that still lacks it (the schema bucket did not answer during a server restart) must not
+    reject `set lr` as an unknown knob of a job that has it (the chaos test saw such false
+    rejections)."""
+    s = factories.running()
+    for entry in _job(s).ranks.values():
+        entry.heartbeat = dataclasses.replace(entry.heartbeat, knobs_hash=0x1234)
+    reason = submits.not_ready(_job(s), SET_LR, warming_up=False)
+    assert reason is not None and "0000000000001234" in reason and "try again" in reason
+    assert submits.not_ready(_job(s), Action(kind=ActionKind.CHECKPOINT), warming_up=False) is None
+    s_known = factories.running(knobs=(LR,))
+    for entry in _job(s_known).ranks.values():
+        entry.heartbeat = dataclasses.replace(entry.heartbeat, knobs_hash=0x1234)
+    assert submits.not_ready(_job(s_known), SET_LR, warming_up=False) is None  # known: judged

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +29,6 @@ do = [{action = "rollback", checkpoint = "last_good"}]
 """
 
 
-def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchloom.app.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-
-
 @pytest.mark.timeout(600)
 def test_start_checkpoint_is_taken_at_step_0_and_a_rollback_to_it_lands_on_every_rank(
     tmp_path: Path, subprocess_env: dict[str, str]
@@ -55,7 +43,7 @@ def test_start_checkpoint_is_taken_at_step_0_and_a_rollback_to_it_lands_on_every
     policy.write_text(POLICY)
     out = tmp_path / "out"
     run = ["run", "--policy", str(policy), "--job", "startjob", "--nproc-per-node", "2"]
-    proc = _run([*run, str(SCRIPT), "--steps", "60", "--out", str(out)], env)
+    proc = cli(*run, str(SCRIPT), "--steps", "60", "--out", str(out), env=env, timeout_s=280)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_id = re.search(r"job startjob run (\w+)", proc.stderr)
     assert run_id is not None, proc.stderr[-2000:]
@@ -104,7 +92,7 @@ def test_start_checkpoint_is_taken_at_step_0_and_a_rollback_to_it_lands_on_every
     # The replay decides the step-0 commands at step 0 and retraces every step.
     out2 = tmp_path / "replayed"
     replay_args = ["replay", "--run", run_id.group(1), "--nproc-per-node", "2", "--", str(SCRIPT)]
-    replay = _run([*replay_args, "--steps", "60", "--out", str(out2)], env)
+    replay = cli(*replay_args, "--steps", "60", "--out", str(out2), env=env, timeout_s=280)
     assert replay.returncode == 0, replay.stderr[-4000:]
     again = json.loads((out2 / "rank0.applied.json").read_text())
     assert [(d["kind"], d["step"], d["branch"]) for d in again] == [

@@ -387,8 +387,8 @@ class Link:
             self.errors.append(f"ignored a message of {msg.subject} on the command consumer")
             return
         try:
-            cmd = wire.decode_command(msg.data)
-            refusal = self._refusal(cmd)
+            cmd, verified = self._decode(msg.data)
+            refusal = self._refusal(cmd, verified=verified)
             if refusal is not None:
                 await self._report_unverified(cmd, refusal, received_at_s)
                 return
@@ -410,8 +410,16 @@ class Link:
         except Exception as exc:
             self.errors.append(f"bad command message: {exc!r}")
 
-    def _refusal(self, cmd: Command) -> str | None:
-        """Why `cmd` must not be filed (None: the weaver signed it, for this job and run)."""
+    def _decode(self, data: bytes) -> tuple[Command, bool]:
+        """The command received as `data` and whether its signature verified: over the received bytes
+        when they are in the weaver's layout (`Verifier.decode_command`); False when not checked."""
+        if self._config.verify_commands and self._verifier is not None:
+            return self._verifier.decode_command(data)
+        return wire.decode_command(data), False
+
+    def _refusal(self, cmd: Command, *, verified: bool | None = None) -> str | None:
+        """Why `cmd` must not be filed (None: the weaver signed it, for this job and run).
+        `verified` is `_decode`'s answer for the received bytes; None checks `cmd` itself."""
         cfg = self._config
         if not cfg.verify_commands:
             return None
@@ -419,7 +427,7 @@ class Link:
             return "this rank has no weaver public key (TORCHLOOM_WEAVER_PUBKEY), so it files no command"
         if not cmd.signature:
             return "the command is not signed"
-        if not self._verifier.verify(cmd):
+        if not (self._verifier.verify(cmd) if verified is None else verified):
             return "its signature does not match the weaver's key"
         if (cmd.job, cmd.run_id) != (cfg.job, cfg.run_id):
             # Signed, but for another job or run: a copy moved onto this run's subject.

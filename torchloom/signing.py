@@ -5,6 +5,9 @@ commands").
 
 The signature covers `wire.signing_bytes(command)` (the Command with `signature` empty, serialized
 deterministically) behind a domain tag, so it cannot be replayed as a signature of anything else.
+The weaver serializes a command once: it publishes the signed bytes followed by the signature's
+record (`Signer.encode_signed`), and a rank verifies those bytes as received and parses only them
+(`Verifier.decode_command`), so neither side serializes the command again.
 The weaver's RestartRequests to a launcher are signed too: over the exact bytes published, behind
 their own domain tag, carried in the `SIGNATURE_HEADER` NATS header; the launcher verifies them with
 the same public key it hands its ranks, so a request that did not come from the weaver restarts
@@ -65,9 +68,19 @@ class Signer:
         return Verifier(self.public_key)
 
     def sign(self, cmd: Command) -> Command:
-        """`cmd` with its signature set (any signature it had is replaced)."""
-        signed = self._key.sign(_DOMAIN + wire.signing_bytes(cmd)).signature
-        return dataclasses.replace(cmd, signature=bytes(signed))
+        """`cmd` with its signature set (any signature it had is replaced), for a caller that needs
+        the signed Command itself; the weaver publishes `encode_signed(cmd)`."""
+        return dataclasses.replace(cmd, signature=self._signature(wire.signing_bytes(cmd)))
+
+    def encode_signed(self, cmd: Command) -> bytes:
+        """`cmd` signed, as the weaver publishes it: `wire.signing_bytes(cmd)` (serialized once), then
+        the record of the signature over them (`wire.append_signature`). Any protobuf parser reads
+        these bytes as `sign(cmd)`; a rank verifies them without serializing again."""
+        signed = wire.signing_bytes(cmd)
+        return wire.append_signature(signed, self._signature(signed))
+
+    def _signature(self, signed: bytes) -> bytes:
+        return bytes(self._key.sign(_DOMAIN + signed).signature)
 
     def sign_restart(self, data: bytes) -> str:
         """The signature (hex, for `SIGNATURE_HEADER`) over an encoded RestartRequest, as published."""
@@ -157,10 +170,37 @@ class Verifier:
 
     def verify(self, cmd: Command) -> bool:
         """Whether `cmd.signature` is the weaver's signature over `cmd`."""
-        if not cmd.signature:
-            return False
+        return bool(cmd.signature) and self._valid(wire.signing_bytes(cmd), cmd.signature)
+
+    def decode_command(self, data: bytes) -> tuple[Command, bool]:
+        """The command in `data` (bytes received on a command subject) and whether the weaver signed it.
+
+        Bytes in the weaver's layout (`Signer.encode_signed`: signed bytes, then the signature's
+        record) are verified as received and only the signed bytes are parsed. Any other layout (an
+        older weaver's, another protobuf encoder's, a forgery) is parsed whole, serialized again and
+        verified (`verify`), as before; so is a message whose last record only looks like a signature.
+
+        Raises:
+            wire.WireError: `data` is not a Command.
+        """
+        split = wire.split_signature(data)
+        if split is not None:
+            signed, signature = split
+            if self._valid(signed, signature):
+                # Sound whatever else an attacker puts in `data`: the weaver signs only the domain tag
+                # plus `wire.signing_bytes` of a command it issued, so bytes this signature verifies
+                # over are such a command, and the command returned is parsed from exactly those
+                # bytes (a signature field inside them is overwritten by the checked one). Anything
+                # prepended, appended, or cut from them changes the bytes the signature must cover, so
+                # it fails here and the whole message takes the path below like any unsigned one.
+                return wire.decode_signed_command(signed, signature), True
+        cmd = wire.decode_command(data)
+        return cmd, self.verify(cmd)
+
+    def _valid(self, signed: bytes, signature: bytes) -> bool:
+        """Whether `signature` is the weaver's over the command bytes `signed`."""
         try:
-            self._key.verify(_DOMAIN + wire.signing_bytes(cmd), cmd.signature)
+            self._key.verify(_DOMAIN + signed, signature)
         except (BadSignatureError, ValueError, TypeError):
             return False
         return True

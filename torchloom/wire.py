@@ -402,8 +402,52 @@ def signing_bytes(cmd: m.Command) -> bytes:
     return bytes(out.SerializeToString(deterministic=True))
 
 
+SIGNATURE_BYTES = 64  # an Ed25519 signature
+# The record of Command.signature holding SIGNATURE_BYTES bytes: tag (field 7, wire type 2), length.
+_SIGNATURE_RECORD_HEAD = bytes(((7 << 3) | 2, SIGNATURE_BYTES))
+SIGNATURE_RECORD_LEN = len(_SIGNATURE_RECORD_HEAD) + SIGNATURE_BYTES
+
+
+def append_signature(signed: bytes, signature: bytes) -> bytes:
+    """The Command as the weaver publishes it: `signed` (`signing_bytes` of the command) followed by
+    the record of its `signature` field. A protobuf parser accepts fields in any order, so these bytes
+    parse as the command with its signature set, as `encode` of the signed command does.
+
+    Raises:
+        WireError: `signature` is not SIGNATURE_BYTES bytes long.
+    """
+    if len(signature) != SIGNATURE_BYTES:
+        raise WireError(f"a command signature has {SIGNATURE_BYTES} bytes, not {len(signature)}")
+    return signed + _SIGNATURE_RECORD_HEAD + signature
+
+
+def split_signature(data: bytes) -> tuple[bytes, bytes] | None:
+    """`(signed, signature)` when `data` ends with a SIGNATURE_BYTES record of field 7 as
+    `append_signature` writes it, else None. The split says only where the bytes would be: the same
+    bytes can end another field's payload, so only a signature that verifies over `signed` makes them
+    the weaver's command (`torchloom.signing.Verifier.decode_command`)."""
+    if len(data) <= SIGNATURE_RECORD_LEN:
+        return None
+    head_at = len(data) - SIGNATURE_RECORD_LEN
+    if data[head_at : head_at + len(_SIGNATURE_RECORD_HEAD)] != _SIGNATURE_RECORD_HEAD:
+        return None
+    return data[:head_at], data[-SIGNATURE_BYTES:]
+
+
 def decode_command(data: bytes) -> m.Command:
     return _command_from_pb(_parse(pb.Command, data))
+
+
+def decode_signed_command(signed: bytes, signature: bytes) -> m.Command:
+    """The command in `signed` (bytes a signature was verified over) with `signature` attached; a
+    signature field inside `signed` is overwritten, so the command carries the one that was checked.
+
+    Raises:
+        WireError: `signed` is not a Command.
+    """
+    msg = _parse(pb.Command, signed)
+    msg.signature = signature
+    return _command_from_pb(msg)
 
 
 def decode_ack(data: bytes) -> m.Ack:

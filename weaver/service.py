@@ -645,7 +645,7 @@ class Weaver:
             submits.mark_published(self.state, cmd, time.time())
             try:
                 stream_seq, duplicate = await self.streams.store_command(
-                    self._signer.sign(cmd), job.last_stream_seq
+                    cmd, self._signer.encode_signed(cmd), job.last_stream_seq
                 )
             except SeqConflict:
                 submits.abandon(self.state, cmd)

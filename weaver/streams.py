@@ -166,8 +166,9 @@ class Streams:
             with contextlib.suppress(ValueError):
                 found.append((wire.decode_command(raw.data or b""), seq))
 
-    async def store_command(self, cmd: Command, expected_stream_seq: int) -> tuple[int, bool]:
-        """Store `cmd` in JetStream, only if the run's subject still ends at `expected_stream_seq`.
+    async def store_command(self, cmd: Command, data: bytes, expected_stream_seq: int) -> tuple[int, bool]:
+        """Store `data`, the signed encoding of `cmd` (`Signer.encode_signed`), in JetStream, only if
+        the run's subject still ends at `expected_stream_seq`.
 
         Returns:
             The stream sequence of the command and whether JetStream already held a message with
@@ -181,7 +182,7 @@ class Streams:
             async with asyncio.timeout(self.timeout_s):
                 ack = await self.js.publish(
                     subjects.commands(cmd.job, cmd.run_id),
-                    wire.encode(cmd),
+                    data,
                     headers={
                         # The msg id lets JetStream drop a duplicate if this publish is ever retried.
                         "Nats-Msg-Id": cmd.command_id,

@@ -1,9 +1,12 @@
-"""Cost of signed commands: Ed25519 sign (weaver, per publish) and verify (each rank, on its bus thread)
-in microseconds per command, including the deterministic serialization, and the end-to-end command
-latency on a real 2-rank job with the ranks verifying vs. with verification off
-(TORCHLOOM_VERIFY_COMMANDS=0), using bench/command_latency.py's machinery.
+"""Cost of signed commands: what signing adds per command on the weaver (serialize, sign, append the
+signature, against serializing an unsigned command for publish) and on each rank (verify the received
+bytes and parse the signed part, against parsing an unsigned command), in microseconds, p50/p99 over
+single calls; the previous layout (sign a copy of the Command and encode it; parse everything, serialize
+it again and verify) is timed in the same run for comparison. Optionally the end-to-end command latency
+on a real 2-rank job with the ranks verifying vs. with verification off (TORCHLOOM_VERIFY_COMMANDS=0),
+using bench/command_latency.py's machinery.
 
-    python bench/signing.py --iterations 20000 --commands 100
+    python bench/signing.py --iterations 20000 --commands 0
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from torchloom import env, signing
+from nacl.signing import SigningKey
+
+from torchloom import env, signing, wire
 from torchloom import messages as m
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,33 +69,87 @@ def _commands() -> dict[str, m.Command]:
     }
 
 
-def micro(iterations: int) -> dict[str, dict[str, float]]:
-    """Microseconds per sign and per verify (median and p99 over batches of 100)."""
-    signer = signing.Signer.generate()
+def _operations(cmd: m.Command, signer: signing.Signer) -> dict[str, Callable[[], object]]:
+    """What each side does per command, by name: the weaver's publish and the rank's receive without
+    signing, with it, and with it as done before; and PyNaCl's Ed25519 alone on the same bytes (the
+    floor)."""
     verifier = signer.verifier()
-    out: dict[str, dict[str, float]] = {}
+    plain = wire.encode(cmd)
+    published = signer.encode_signed(cmd)
+    published_before = wire.encode(signer.sign(cmd))
+    assert verifier.decode_command(published) == (signer.sign(cmd), True)
+
+    def receive_before() -> bool:
+        return verifier.verify(wire.decode_command(published_before))
+
+    assert receive_before()
+    key = SigningKey.generate()
+    tagged = b"torchloom.v1.Command\x00" + wire.signing_bytes(cmd)  # what signing.py signs
+    tag_signature = key.sign(tagged).signature
+    return {
+        "publish_plain": lambda: wire.encode(cmd),  # a publish without signing
+        "publish_signed": lambda: signer.encode_signed(cmd),
+        "publish_signed_before": lambda: wire.encode(signer.sign(cmd)),
+        "receive_plain": lambda: wire.decode_command(plain),  # a receive without verifying
+        "receive_signed": lambda: verifier.decode_command(published),
+        "receive_signed_before": receive_before,
+        "ed25519_sign_alone": lambda: key.sign(tagged),
+        "ed25519_verify_alone": lambda: key.verify_key.verify(tagged, tag_signature),
+    }
+
+
+def _added(us: dict[str, list[float]], suffix: str) -> dict[str, float]:
+    """Microseconds signing adds on each side and in all, at p50 and p99 (differences of the
+    percentiles of the signed and the unsigned calls)."""
+    out: dict[str, float] = {}
+    for q in (50, 99):
+        sign = command_latency.pct(us["publish_signed" + suffix], q) - command_latency.pct(
+            us["publish_plain"], q
+        )
+        verify = command_latency.pct(us["receive_signed" + suffix], q) - command_latency.pct(
+            us["receive_plain"], q
+        )
+        out |= {f"sign_p{q}": sign, f"verify_p{q}": verify, f"total_p{q}": sign + verify}
+    return out
+
+
+def micro(iterations: int) -> dict[str, dict[str, Any]]:
+    """Per command kind: each operation's p50/p99 in microseconds over `iterations` single calls (the
+    operations interleaved, so load changes hit all alike), and what signing adds, now and before."""
+    signer = signing.Signer.generate()
+    out: dict[str, dict[str, Any]] = {}
     for name, cmd in _commands().items():
-        signed = signer.sign(cmd)
-        assert verifier.verify(signed)
-        sign_us: list[float] = []
-        verify_us: list[float] = []
-        for _ in range(max(1, iterations // 100)):
-            t0 = time.perf_counter()
-            for _ in range(100):
-                signer.sign(cmd)
-            t1 = time.perf_counter()
-            for _ in range(100):
-                verifier.verify(signed)
-            t2 = time.perf_counter()
-            sign_us.append((t1 - t0) / 100 * 1e6)
-            verify_us.append((t2 - t1) / 100 * 1e6)
+        ops = _operations(cmd, signer)
+        us: dict[str, list[float]] = {op: [] for op in ops}
+        for _ in range(iterations):
+            for op, call in ops.items():
+                t0 = time.perf_counter_ns()
+                call()
+                us[op].append((time.perf_counter_ns() - t0) / 1e3)
         out[name] = {
-            "sign_us_p50": statistics.median(sign_us),
-            "sign_us_p99": command_latency.pct(sign_us, 99),
-            "verify_us_p50": statistics.median(verify_us),
-            "verify_us_p99": command_latency.pct(verify_us, 99),
+            "us": {
+                op: {"p50": statistics.median(v), "p99": command_latency.pct(v, 99)} for op, v in us.items()
+            },
+            "added_us": _added(us, ""),
+            "added_us_before": _added(us, "_before"),
         }
     return out
+
+
+def _print_micro(micro_us: dict[str, dict[str, Any]]) -> None:
+    names = list(micro_us)
+    header = "".join(f"{n + ' p50':>17}{n + ' p99':>17}" for n in names)
+    print(f"\n{'us per call':<24}{header}")
+    for op in micro_us[names[0]]["us"]:
+        cells = [micro_us[n]["us"][op] for n in names]
+        print(f"{op:<24}" + "".join(f"{c['p50']:>17.1f}{c['p99']:>17.1f}" for c in cells))
+    for key, label in (("added_us", "signing adds (now)"), ("added_us_before", "signing adds (before)")):
+        print(f"\n{label:<24}{header}")
+        for part in ("sign", "verify", "total"):
+            cells = [micro_us[n][key] for n in names]
+            print(
+                f"{part:<24}" + "".join(f"{c[part + '_p50']:>17.1f}{c[part + '_p99']:>17.1f}" for c in cells)
+            )
 
 
 def latency(commands: int, step_sleep: float, modes: list[str]) -> dict[str, object]:
@@ -115,13 +176,13 @@ def main() -> None:
     parser.add_argument("--modes", default="verify,no_verify", help="comma-separated: verify, no_verify")
     parser.add_argument("--out", default=str(REPO / "bench/results/signing.json"))
     args = parser.parse_args()
-    result: dict[str, object] = {"micro_us": micro(args.iterations)}
-    print(f"{'command':<14}{'sign p50 us':>13}{'sign p99 us':>13}{'verify p50 us':>15}{'verify p99 us':>15}")
-    for name, row in result["micro_us"].items():  # type: ignore[attr-defined]
-        print(
-            f"{name:<14}{row['sign_us_p50']:>13.1f}{row['sign_us_p99']:>13.1f}"
-            f"{row['verify_us_p50']:>15.1f}{row['verify_us_p99']:>15.1f}"
-        )
+    load_before = os.getloadavg()
+    micro_us = micro(args.iterations)
+    load_after = os.getloadavg()
+    result: dict[str, Any] = {"micro_us": micro_us, "iterations": args.iterations}
+    result["load_average"] = {"before": load_before, "after": load_after}
+    print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
+    _print_micro(micro_us)
     if args.commands > 0:
         runs = latency(args.commands, args.step_sleep, args.modes.split(","))
         result["latency"] = runs

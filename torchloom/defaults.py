@@ -4,8 +4,6 @@ and which NATS server it expects, the gRPC service name, the health policy, and 
 
 from __future__ import annotations
 
-from importlib import metadata
-
 from torchloom.policy import PolicyMode
 
 # How long a command waits for every rank's ack when the request names no timeout (CLI --timeout,
@@ -24,6 +22,8 @@ HEALTH_POLICY = PolicyMode.ALERT
 def version() -> str:
     """The installed distribution's version (pyproject.toml's `version`); "0+unknown" when torchloom
     runs from a source tree that was never installed."""
+    from importlib import metadata  # here: only `--version` reads it (see torchloom.__getattr__)
+
     try:
         return metadata.version("torchloom")
     except metadata.PackageNotFoundError:

@@ -14,16 +14,19 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from torchloom import discovery
 from torchloom.app import format as cli_format
 from torchloom.app.lookup import weaver_address
 from torchloom.client import ControlClient
-from torchloom.credentials import PASSWORD_SUFFIX, CredentialStore, Role
 from torchloom.errors import JobNotFound, WeaverUnavailable
 from torchloom.messages import Action, ActionKind, Issuer, JobStatus, Outcome
-from weaver.ui_server import UiServer
+
+if TYPE_CHECKING:
+    # Imported where used: every CLI call loads this module, few serve the UI (bcrypt, the UI server).
+    from torchloom.credentials import CredentialStore
+    from weaver.ui_server import UiServer
 
 STATUS_TIMEOUT_S = 10.0
 REPLAY_USAGE = "torchloom replay (JOURNAL | --run ID) [--job NAME] [torchrun options] -- SCRIPT [ARGS]"
@@ -120,6 +123,8 @@ async def command_outcome(grpc: str | None, job: str, command_id: str, *, follow
 def ui_credentials(info: discovery.WeaverInfo | None) -> CredentialStore | None:
     """The control plane's NATS credentials when it keeps browser passwords (else the NATS server
     takes anonymous pages). Never creates one: the running nats-server would not know it."""
+    from torchloom.credentials import PASSWORD_SUFFIX, CredentialStore, Role
+
     if info is None or not info.secrets_dir:
         return None
     directory = Path(info.secrets_dir)
@@ -140,6 +145,8 @@ async def serve_ui(
 ) -> int:
     """Serve the web UI until cancelled; the NATS WebSocket URL, the page credentials and the port
     (which nats-server's allowed origins name) come from the discovery file unless given."""
+    from weaver.ui_server import UiServer
+
     info = discovery.read()
     ws = nats_ws or (info.ws_url if info is not None else "")
     if not ws:

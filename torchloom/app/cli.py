@@ -17,17 +17,17 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torchloom
 from torchloom import defaults, discovery, env, knobs, replay_file, tokens
 from torchloom.app import actions as cli_actions
 from torchloom.app import agent as agent_cmd
-from torchloom.app import controlplane, history, launcher, policy_cmd, run_args, runs, search
 from torchloom.app import format as cli_format
+from torchloom.app import policy_cmd, runs, search
 from torchloom.app.format import json_value
+from torchloom.app.health_options import UsageError, parse_health
 from torchloom.app.lookup import NO_WEAVER_HELP, weaver_address
-from torchloom.app.run_args import RunSpec
 from torchloom.client import ControlClient, SubmitResult, submit_until
 from torchloom.errors import (
     CommandRejected,
@@ -50,6 +50,13 @@ from torchloom.messages import (
     WatchEvent,
 )
 from torchloom.policy import PolicyMode
+
+if TYPE_CHECKING:
+    from torchloom.app.run_args import RunSpec
+
+# The control plane, the launcher, run arguments and stored history are imported by the commands that
+# use them: they bring NATS, aiohttp and the weaver, about two thirds of a CLI call's start (status,
+# set and journal talk gRPC only).
 
 EXIT_OK = 0
 EXIT_REJECTED = 2
@@ -228,6 +235,18 @@ def _address(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, as argparse's own action prints it, but reading the version only when asked (see
+    torchloom.__getattr__)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        print(f"{parser.prog} {torchloom.__version__}", flush=True)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the `torchloom` argument parser (`run` is parsed separately; see run_args.split_run_args)."""
     parser = argparse.ArgumentParser(
@@ -235,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Steer a running PyTorch distributed job live: change knobs and run actions on every "
         "rank at the same step.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {torchloom.__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="show program's version number and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client_parent() -> argparse.ArgumentParser:
@@ -546,6 +565,8 @@ def _history_command(args: argparse.Namespace) -> int:
     """journal/checkpoints/branches of a run from its stored journal (`--run ID`, default the latest)."""
     if getattr(args, "follow", False):
         raise ValueError("--follow needs a running weaver; --run reads a stored journal once")
+    from torchloom.app import history
+
     record = runs.find_run(args.run, job=args.job)
     entries = asyncio.run(history.read_entries(record))
     state = "running" if record.ended_at_s is None else f"exit status {record.exit_code}"
@@ -569,8 +590,8 @@ def _run_command(args: argparse.Namespace) -> int:
         os.environ[env.TOKEN] = tokens.read_token_file(args.token_file)
     if command == "weaver":
         try:
-            health = launcher.parse_health(args.hung_after, args.straggler_factor, args.health_policy)
-        except launcher.UsageError as exc:
+            health = parse_health(args.hung_after, args.straggler_factor, args.health_policy)
+        except UsageError as exc:
             print(f"torchloom weaver: {exc}", file=sys.stderr)
             return 2
         if args.nats_creds is not None and not (args.nats or env.get(env.NATS_URL)):
@@ -580,6 +601,8 @@ def _run_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+        from torchloom.app import controlplane
+
         return controlplane.serve_weaver(
             nats_url=args.nats,
             grpc=args.grpc,
@@ -687,6 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _stored_journal(run_id: str) -> list[dict[str, Any]]:
     """The `--json` journal entries of a stored run (for `torchloom replay --run ID`)."""
+    from torchloom.app import history
+
     record = runs.find_run(run_id)
     entries = asyncio.run(history.read_entries(record))
     return [i for i in map(cli_format.journal_entry_json, entries) if i is not None]
@@ -711,6 +736,8 @@ def _split_run_option(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def _main_replay(argv: Sequence[str]) -> int:
+    from torchloom.app import run_args
+
     try:
         run_id, argv = _split_run_option(argv)
         if run_id is not None:
@@ -742,15 +769,19 @@ def _main_replay(argv: Sequence[str]) -> int:
 
 
 def _main_run(argv: Sequence[str]) -> int:
+    from torchloom.app import run_args
+
     try:
         spec = run_args.split_run_args(argv)
-    except launcher.UsageError as exc:
+    except UsageError as exc:
         print(f"torchloom run: {exc}", file=sys.stderr)
         return 2
     return _main_run_spec(spec)
 
 
 def _main_run_spec(spec: RunSpec) -> int:
+    from torchloom.app import launcher
+
     try:
         return asyncio.run(launcher.run(spec))
     except KeyboardInterrupt:

@@ -89,11 +89,13 @@ def main() -> None:
         train_step(plain)
     with_tl: list[float] = []
     without: list[float] = []
+    cpu = {True: 0.0, False: 0.0}  # this process's CPU seconds (all threads) per arm: load-proof
     in_call: list[float] = []
     pair_ratios: list[float] = []
     for block in range(2 * args.blocks):
         use_tl = block % 2 == 0
         block_times: list[float] = []
+        cpu0 = time.process_time()
         for _ in range(args.block_steps):
             t0 = time.perf_counter()
             loss = train_step(ddp if use_tl else plain)
@@ -102,6 +104,7 @@ def main() -> None:
                 tl.step(loss=loss)
                 in_call.append(time.perf_counter() - t1)
             block_times.append(time.perf_counter() - t0)
+        cpu[use_tl] += time.process_time() - cpu0
         (with_tl if use_tl else without).extend(block_times)
         if use_tl:
             with_block = statistics.median(block_times)
@@ -130,6 +133,9 @@ def main() -> None:
             "pair_ratio_median": statistics.median(pair_ratios),
             "pair_ratio_q1_q3": statistics.quantiles(pair_ratios, n=4)[::2],
             "overhead_pct_pairs": (statistics.median(pair_ratios) - 1) * 100,
+            "cpu_ms_per_step_without": cpu[False] / len(without) * 1e3,
+            "cpu_ms_per_step_with": cpu[True] / len(with_tl) * 1e3,
+            "cpu_overhead_pct": (cpu[True] / cpu[False] - 1) * 100,
             "agreement_rounds": tl.rounds,
             "step_call_us_median": statistics.median(in_call) * 1e6,
             "step_call_us_mean": statistics.fmean(in_call) * 1e6,
@@ -143,6 +149,10 @@ def main() -> None:
         print(
             f"overhead (median of {len(pair_ratios)} adjacent-block ratios): "
             f"{result['overhead_pct_pairs']:+.2f}%  (IQR of ratios {q1:.3f}..{q3:.3f})"
+        )
+        print(
+            f"process CPU per step: {result['cpu_ms_per_step_without']:.3f} ms without, "
+            f"{result['cpu_ms_per_step_with']:.3f} ms with ({result['cpu_overhead_pct']:+.2f}%)"
         )
         print(f"agreement rounds: {tl.rounds} over {len(with_tl) + 50} tl.step() calls")
         print(
@@ -222,6 +232,7 @@ def drive(args: argparse.Namespace) -> None:
         ("median_step_s_with", 1e3, "step ms, threadlet"),
         ("overhead_pct_median", 1, "overhead % (pooled medians)"),
         ("overhead_pct_pairs", 1, "overhead % (adjacent pairs)"),
+        ("cpu_overhead_pct", 1, "process CPU per step, overhead %"),
         ("step_call_us_median", 1, "tl.step() median us"),
         ("step_call_us_mean", 1, "tl.step() mean us"),
         ("step_call_us_p99", 1, "tl.step() p99 us"),

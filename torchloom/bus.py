@@ -6,8 +6,11 @@ Connections reconnect forever with a short wait, so a restarting server costs se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import nats
 from nats.aio.client import Client
@@ -20,6 +23,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
@@ -142,11 +146,13 @@ def _stream(
     description: str,
     max_msgs: int | None = None,
     max_bytes: int | None = None,
+    transform: SubjectTransform | None = None,
 ) -> StreamConfig:
     """A file-backed stream that drops its oldest messages at its limits and deduplicates retries."""
     return StreamConfig(
         name=name,
         subjects=captures,
+        subject_transform=transform,
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
@@ -201,29 +207,88 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1, shared_comm
         await _add_or_update(js, config)
 
 
-def job_commands_stream(job: str, *, replicas: int = 1) -> StreamConfig:
-    """The config of one job's command stream: `subjects.commands_of(job)`, bounded, deduplicating.
+_CAPTURE_TOKEN_BYTES = 16
 
-    It cannot coexist with the shared TORCHLOOM_COMMANDS stream (both capture the job's subjects):
+
+@dataclass(frozen=True, slots=True)
+class JobCommands:
+    """One job's command stream as the weaver writes to it.
+
+    The stream captures only `subjects.commands_capture(token, job)` and stores each message under
+    `subjects.commands(job, run)` (a stream subject transform, nats-server 2.10 or later), which is
+    what ranks, history and replays read. `token` is random per stream and readable only by the
+    weaver role (the stream's config): no other client can aim a publish, or a JetStream answer to a
+    reply subject of its choosing, at a subject this stream stores.
+    """
+
+    stream: str
+    job: str
+    token: str
+
+    def subject(self, run_id: str) -> str:
+        """Where the weaver publishes a command of run `run_id` (stored as `commands(job, run_id)`)."""
+        return subjects.command_capture(self.token, self.job, run_id)
+
+
+def job_commands_stream(job: str, token: str, *, replicas: int = 1) -> StreamConfig:
+    """The config of one job's command stream: captures `subjects.commands_capture(token, job)`,
+    stores `subjects.commands_of(job)`; bounded, deduplicating (see `JobCommands`).
+
+    It cannot coexist with the shared TORCHLOOM_COMMANDS stream (both store the job's subjects):
     a weaver uses either that one (`ensure_streams`) or one per job (`ensure_job_commands`).
     """
+    capture = subjects.commands_capture(token, job)
     return _stream(
         subjects.stream_commands_of(job),
-        [subjects.commands_of(job)],
+        [capture],
         max_age_s=COMMANDS_MAX_AGE_S,
         max_msgs=JOB_COMMANDS_MAX_MSGS,
         max_bytes=JOB_COMMANDS_MAX_BYTES,
         replicas=replicas,
         description=f"torchloom: the validated commands of job {job}, every run",
+        transform=SubjectTransform(src=capture, dest=subjects.commands(job, "{{wildcard(1)}}", check=False)),
     )
 
 
-async def ensure_job_commands(js: JetStreamContext, job: str, *, replicas: int = 1) -> str:
-    """Create (or update) the command stream of `job`; idempotent. Returns the stream name."""
-    config = job_commands_stream(job, replicas=replicas)
+def _token_of(config: StreamConfig, job: str) -> str | None:
+    """The capture token of an existing job command stream, None for another layout (an older
+    version's stream captured the public subjects themselves)."""
+    captured = config.subjects or []
+    transform = config.subject_transform
+    if len(captured) != 1 or transform is None:
+        return None
+    head, _, rest = captured[0].partition(".wcmd.")
+    token, _, tail = rest.partition(".")
+    if head != subjects.PREFIX or tail != f"{job}.*":
+        return None
+    try:
+        return subjects.check_token("capture token", token)
+    except ValueError:
+        return None
+
+
+async def ensure_job_commands(js: JetStreamContext, job: str, *, replicas: int = 1) -> JobCommands:
+    """Create (or update) the command stream of `job`; idempotent. An existing stream keeps its
+    capture token; one in an older layout (capturing the public subjects) gets one.
+
+    Raises:
+        NatsUnavailable: the server took the stream without its subject transform (nats-server
+            older than 2.10).
+    """
+    name = subjects.stream_commands_of(job)
+    token = None
+    with contextlib.suppress(NotFoundError):
+        token = _token_of((await js.stream_info(name)).config, job)
+    config = job_commands_stream(job, token or secrets.token_hex(_CAPTURE_TOKEN_BYTES), replicas=replicas)
     await _add_or_update(js, config)
-    assert config.name is not None  # job_commands_stream always names it
-    return config.name
+    # Another weaver may have made it first with its own token: the server's copy decides.
+    stored = _token_of((await js.stream_info(name)).config, job)
+    if stored is None:
+        raise NatsUnavailable(
+            f"the command stream of job {job} was stored without its subject transform: torchloom needs "
+            "nats-server 2.10 or later"
+        )
+    return JobCommands(stream=name, job=job, token=stored)
 
 
 def rank_consumer(job: str, run_id: str, rank: int, incarnation: str) -> ConsumerConfig:

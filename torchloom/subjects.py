@@ -49,9 +49,24 @@ def matches(pattern: str, subject: str) -> bool:
     return len(got) == len(want)
 
 
-def commands(job: str, run_id: str) -> str:
-    """Validated commands for one run of a job, in seq order (JetStream, STREAM_COMMANDS)."""
-    return f"{PREFIX}.cmd.{check_token('job', job)}.{check_token('run id', run_id)}"
+def commands(job: str, run_id: str, *, check: bool = True) -> str:
+    """Validated commands for one run of a job, in seq order (JetStream, the job's command stream).
+    `check=False` lets `run_id` be a subject-mapping function (a stream's subject transform)."""
+    return f"{PREFIX}.cmd.{check_token('job', job)}.{check_token('run id', run_id) if check else run_id}"
+
+
+def commands_capture(token: str, job: str) -> str:
+    """The subjects one job's command stream captures: `<PREFIX>.wcmd.<token>.<job>.*`, which the
+    stream stores as `commands(job, run)`. `token` is the stream's secret (`bus.JobCommands`), known
+    only to weaver-role clients: nats-server does not check a request's reply subject, so any client
+    could have a JetStream answer stored on a subject a stream captures; a capture subject nobody
+    else knows cannot be aimed at (docs/security.md, "Reply subjects")."""
+    return f"{PREFIX}.wcmd.{check_token('capture token', token)}.{check_token('job', job)}.*"
+
+
+def command_capture(token: str, job: str, run_id: str) -> str:
+    """Where the weaver publishes a command of `run_id`: one of `commands_capture(token, job)`."""
+    return f"{commands_capture(token, job)[:-2]}.{check_token('run id', run_id)}"
 
 
 def commands_all() -> str:

@@ -119,7 +119,7 @@ class Weaver:
         self._limits = config.limits()
         self.refusals = admission.Refusals()
         self._notices = notices.Notices()
-        self._job_streams: set[str] = set()  # jobs whose command stream this weaver has ensured
+        self._job_streams: dict[str, bus.JobCommands] = {}  # command streams this weaver ensured
         self.metrics = WeaverMetrics(
             self.status, self.refusals.total, lambda: {n: len(j.pending) for n, j in self.state.jobs.items()}
         )
@@ -532,16 +532,19 @@ class Weaver:
             return
         await self._load_seq_floor_locked(job, run_id)
 
-    async def _ensure_job_stream(self, job: str) -> None:
-        """Create the job's command stream once (the control plane may have made it at registration)."""
-        if job in self._job_streams:
-            return
+    async def _ensure_job_stream(self, job: str) -> bus.JobCommands:
+        """Create the job's command stream once (the control plane may have made it at registration)
+        and learn its capture subject."""
+        known = self._job_streams.get(job)
+        if known is not None:
+            return known
         try:
             async with asyncio.timeout(self.config.nats_timeout_s):
-                await bus.ensure_job_commands(self.streams.js, job, replicas=self.config.replicas)
+                stream = await bus.ensure_job_commands(self.streams.js, job, replicas=self.config.replicas)
         except Exception as exc:  # nats-py raises several types for "not now"
             raise NatsUnavailable(f"cannot create the command stream of job {job}: {exc!r}") from exc
-        self._job_streams.add(job)
+        self._job_streams[job] = stream
+        return stream
 
     async def _load_seq_floor_locked(self, job_name: str, run_id: str) -> None:
         # The tail, not just the last command: every stored command the weaver lost track of (its own
@@ -635,7 +638,7 @@ class Weaver:
             try:
                 # Only a command that passed validation makes its job's stream: heartbeats of any
                 # number of job names (the seq-floor read above reads, never creates) make none.
-                await self._ensure_job_stream(job.job)
+                stream = await self._ensure_job_stream(job.job)
                 if self._consumers is not None:  # so each rank reads it as soon as it is stored
                     ranks = [(r, e.incarnation) for r, e in job.ranks.items()]
                     await self._consumers.ensure_run(job.job, job.run_id, ranks)
@@ -645,7 +648,7 @@ class Weaver:
             submits.mark_published(self.state, cmd, time.time())
             try:
                 stream_seq, duplicate = await self.streams.store_command(
-                    cmd, self._signer.encode_signed(cmd), job.last_stream_seq
+                    cmd, self._signer.encode_signed(cmd), job.last_stream_seq, stream=stream
                 )
             except SeqConflict:
                 submits.abandon(self.state, cmd)
@@ -653,6 +656,8 @@ class Weaver:
                 continue
             except NatsUnavailable:
                 submits.abandon(self.state, cmd)
+                # The stream may have been made again (another token): learn it again next time.
+                self._job_streams.pop(job.job, None)
                 raise
             if duplicate:
                 # This id was stored by an attempt whose answer was lost: read it back from the tail.

@@ -24,6 +24,7 @@ from nats.js.errors import APIError, NotFoundError
 from torchloom import bus, subjects, wire
 from torchloom.errors import NatsUnavailable
 from torchloom.messages import Command, JobEvent, Outcome
+from weaver.admission import WEAVER_JOB
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,21 @@ class Streams:
         try:
             async for msg in self.read(subjects.STREAM_JOURNAL, subject, follow=follow):
                 try:
+                    entry: Outcome | JobEvent
                     if msg.subject.startswith(journal_prefix):
-                        yield wire.decode_outcome(msg.data)
+                        entry = wire.decode_outcome(msg.data)
                     else:
-                        yield wire.decode_event(msg.data)
+                        entry = wire.decode_event(msg.data)
                 except ValueError as exc:
                     log.warning("skipped a malformed journal entry on %s: %s", msg.subject, exc)
+                    continue
+                if (entry.job or WEAVER_JOB) != msg.subject.rsplit(".", 1)[1]:
+                    # Not the weaver's (it files each entry under its own job): e.g. a JetStream answer
+                    # or a copy of another stored message, aimed here as a reply subject, which
+                    # nats-server does not check (docs/security.md, "Reply subjects").
+                    log.warning("skipped a journal entry of job %r filed on %s", entry.job, msg.subject)
+                    continue
+                yield entry
         except TimeoutError as exc:
             raise NatsUnavailable(f"the journal stream did not answer within {self.timeout_s:g}s") from exc
 
@@ -166,8 +176,11 @@ class Streams:
             with contextlib.suppress(ValueError):
                 found.append((wire.decode_command(raw.data or b""), seq))
 
-    async def store_command(self, cmd: Command, data: bytes, expected_stream_seq: int) -> tuple[int, bool]:
-        """Store `data`, the signed encoding of `cmd` (`Signer.encode_signed`), in JetStream, only if
+    async def store_command(
+        self, cmd: Command, data: bytes, expected_stream_seq: int, *, stream: bus.JobCommands
+    ) -> tuple[int, bool]:
+        """Store `data`, the signed encoding of `cmd` (`Signer.encode_signed`), in the job's command
+        `stream` (published on its secret capture subject, stored as `subjects.commands`), only if
         the run's subject still ends at `expected_stream_seq`.
 
         Returns:
@@ -181,7 +194,7 @@ class Streams:
         try:
             async with asyncio.timeout(self.timeout_s):
                 ack = await self.js.publish(
-                    subjects.commands(cmd.job, cmd.run_id),
+                    stream.subject(cmd.run_id),
                     data,
                     headers={
                         # The msg id lets JetStream drop a duplicate if this publish is ever retried.

@@ -106,6 +106,12 @@ async def connect(server: EmbeddedNats, role: Role = Role.WEAVER, job: str | Non
     return await bus.connect(server.url, name=f"test-{role.value}", credentials=auth(server, role, job))
 
 
+def weaver_publishes(job: str, run_id: str) -> str:
+    """The subjects the weaver publishes a run's commands on (its job stream's secret capture
+    subject, whatever the token): a core subscription here sees each command as the weaver sends it."""
+    return f"{subjects.PREFIX}.wcmd.*.{job}.{run_id}"
+
+
 async def make_rank_consumers(nc: Client, job: str) -> None:
     """Play the weaver's part for ranks that run without one: at each rank process's first heartbeat,
     make its command consumer (`bus.ensure_rank_consumer`, as `weaver.streams.RankConsumers` does),

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from nats.js.api import StreamConfig
+from nats.js.errors import NoStreamResponseError
 
 from tests.integration.helpers import connect
 from torchloom import bus, subjects
@@ -51,14 +53,14 @@ async def test_a_secured_server_restarts_with_the_same_credentials_and_refuses_s
         nc = await bus.connect(server.url, name="weaver", credentials=weaver)
         await bus.ensure_streams(nc.jetstream(), shared_commands=False)
         stream = await bus.ensure_job_commands(nc.jetstream(), "j")
-        await nc.jetstream().publish(subjects.commands("j", "r"), b"x")
+        await nc.jetstream().publish(stream.subject("r"), b"x")
         await nc.close()
         url = server.url
         server.kill()  # as a crash would; the supervisor restarts it on the same port
         server.start()
         assert server.url == url
         nc = await bus.connect(server.url, name="weaver", credentials=weaver)
-        msg = await nc.jetstream().get_last_msg(stream, subjects.commands("j", "r"))
+        msg = await nc.jetstream().get_last_msg(stream.stream, subjects.commands("j", "r"))
         assert msg.data == b"x"
         await nc.close()
         # Refused: the server sends -ERR 'Authorization Violation' and closes the connection; a
@@ -77,12 +79,42 @@ async def test_an_older_stores_shared_command_stream_makes_way_for_per_job_strea
         js = nc.jetstream()
         await bus.ensure_streams(js)  # as an earlier version left its store: one stream for every job
         await js.publish(subjects.commands("j", "r"), b"old")
-        with pytest.raises(Exception):  # noqa: B017 (JetStream refuses overlapping subjects; nats-py's type varies)
-            await bus.ensure_job_commands(js, "j")
         assert await bus.remove_shared_commands(js) == 1
         assert await bus.remove_shared_commands(js) == 0  # idempotent
-        assert await bus.ensure_job_commands(js, "j") == subjects.stream_commands_of("j")
-        ack = await js.publish(subjects.commands("j", "r"), b"new")
+        stream = await bus.ensure_job_commands(js, "j")
+        assert stream.stream == subjects.stream_commands_of("j")
+        ack = await js.publish(stream.subject("r"), b"new")
         assert ack.stream == subjects.stream_commands_of("j")
+        # Stored under the public subject the ranks read, captured only on the weaver's own one.
+        assert (await js.get_last_msg(stream.stream, subjects.commands("j", "r"))).data == b"new"
+        with pytest.raises(NoStreamResponseError):
+            await js.publish(subjects.commands("j", "r"), b"straight onto the public subject", timeout=1.0)
+    finally:
+        await nc.close()
+
+
+async def test_a_job_command_stream_keeps_its_capture_token_and_an_older_one_gets_one(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc = await connect(nats_server)
+    try:
+        js = nc.jetstream()
+        # As an earlier version made it: capturing the public subjects themselves.
+        await js.add_stream(
+            StreamConfig(name=subjects.stream_commands_of("k"), subjects=[subjects.commands_of("k")])
+        )
+        await js.publish(subjects.commands("k", "r"), b"before")
+        first = await bus.ensure_job_commands(js, "k")
+        assert await bus.ensure_job_commands(js, "k") == first  # idempotent: the same token
+        other = await bus.ensure_job_commands(js, "m")
+        assert other.token != first.token  # random per stream
+        await js.publish(first.subject("r"), b"after")
+        msgs = [await js.get_msg(first.stream, seq) for seq in (1, 2)]
+        assert [(m.subject, m.data) for m in msgs] == [
+            (subjects.commands("k", "r"), b"before"),
+            (subjects.commands("k", "r"), b"after"),
+        ]
+        with pytest.raises(NoStreamResponseError):
+            await js.publish(subjects.commands("k", "r"), b"no longer captured", timeout=1.0)
     finally:
         await nc.close()

@@ -17,11 +17,13 @@ from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, KeyValueConfig
 
 from tests.integration.helpers import until, weaver_config, ws_handshake
-from torchloom import bus, subjects
+from torchloom import bus, subjects, wire
 from torchloom.credentials import ClientAuth, CredentialStore, Role, inbox_prefix, permissions
 from torchloom.errors import NatsUnavailable
+from torchloom.messages import Command, Issuer, SetConfig
 from torchloom.nats_server import EmbeddedNats, loopback_origins
 from weaver.service import Weaver
+from weaver.streams import Streams
 
 REPO = Path(__file__).resolve().parents[2]
 UI_PORT = 8765  # only named in allowed_origins; nothing needs to listen there
@@ -185,6 +187,7 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
     for family in (
         "cmd.A.r1",
         "cmd.B.r1",
+        "wcmd.T.A.r1",
         "hb.A.0",
         "hb.B.0",
         "metrics.A.0",
@@ -199,6 +202,7 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
         pub(subjects.api_feed(owner.value))
     for family in (
         "cmd.A.r1",
+        "wcmd.*.A.*",
         "hb.A.0",
         "hb.B.0",
         "metrics.A.0",
@@ -306,8 +310,8 @@ async def weaver(secured: tuple[EmbeddedNats, CredentialStore]) -> AsyncIterator
     js = nc.jetstream()
     await bus.ensure_streams(js, shared_commands=False)
     for job in ("A", "B"):
-        await bus.ensure_job_commands(js, job)
-        await js.publish(subjects.commands(job, "r1"), f"cmd-{job}".encode())
+        stream = await bus.ensure_job_commands(js, job)
+        await js.publish(stream.subject("r1"), f"cmd-{job}".encode())
         await bus.ensure_rank_consumer(js, job, "r1", 0, RANK_INCARNATION)  # as at a rank's heartbeat
     await js.publish(subjects.events("A"), b"event")
     await js.add_consumer(
@@ -436,29 +440,87 @@ async def test_a_threadlet_cannot_aim_a_delivery_at_another_jobs_stream(
         await attacker.close()
 
 
-async def test_a_reply_subject_is_not_checked_so_a_jetstream_answer_can_land_in_another_jobs_stream(
+async def _aim_answers(attacker: Client, run_id: str, aimed: str) -> None:
+    """As a threadlet of A, have JetStream answer at `aimed`: the PubAck of its own ack publish, and
+    the next message of its rank-0 consumer of run `run_id` (a pull's reply subject)."""
+    await attacker.publish(subjects.acks("A"), b"ack", reply=aimed)
+    rank = subjects.rank_consumer(run_id, 0, RANK_INCARNATION)
+    await attacker.publish(
+        f"{subjects.JS_API}.CONSUMER.MSG.NEXT.{subjects.stream_commands_of('A')}.{rank}",
+        json.dumps({"batch": 1, "no_wait": True}).encode(),
+        reply=aimed,
+    )
+    await attacker.flush()
+
+
+async def test_a_reply_subject_aimed_at_another_jobs_commands_stores_nothing(
     secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
 ) -> None:
-    # The residual of docs/security.md: nats-server checks no reply subject against permissions, and a
-    # stream stores what JetStream answers there. Here the answer to a threadlet's own ack publish.
-    # If this starts failing, nats-server checks reply subjects now: update docs/security.md.
+    # nats-server checks no reply subject against permissions, and JetStream answers there (the PubAck
+    # of a threadlet's own ack publish, the messages of its pull). A job's command stream captures
+    # only its weaver-only capture subject (`bus.JobCommands`), so an answer aimed at the subject B's
+    # commands are stored under is stored nowhere. If nats-server starts checking reply subjects,
+    # this still holds.
     server, store = secured
     attacker = await connect_as(server, store, Role.THREADLET, "A")
     try:
         before = await _last_seq_of_b(weaver)
-        await attacker.publish(subjects.acks("A"), b"ack", reply=subjects.commands("B", "r1"))
-        await attacker.flush()
-
-        async def grew() -> bool:
-            return await _last_seq_of_b(weaver) > before
-
-        await until("the answer stored in job B's stream", grew, timeout_s=DECIDE_S, interval_s=0.05)
-        landed = await weaver.jetstream().get_msg(subjects.stream_commands_of("B"), before + 1)
-        # What lands is JetStream's answer (a PubAck), never a command the weaver signed: B's ranks
-        # refuse it, the weaver counts only signed commands, but it counts against B's limits.
-        assert landed.data is not None and b'"stream"' in landed.data
+        await _aim_answers(attacker, "r1", subjects.commands("B", "r1"))
+        await asyncio.sleep(0.5)  # a stored answer would be there by now
+        assert await _last_seq_of_b(weaver) == before
+        # Nor can it learn B's (or its own job's) capture subject: no stream info, no subscription.
+        with pytest.raises(Exception, match="timeout"):
+            await attacker.jetstream(timeout=1.0).stream_info(subjects.stream_commands_of("B"))
     finally:
         await attacker.close()
+
+
+async def test_a_copy_aimed_at_another_jobs_journal_is_stored_but_not_read_as_its_entry(
+    secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
+) -> None:
+    # What remains open (docs/security.md, "Reply subjects"): the journal stream captures the public
+    # events and journal subjects, so a threadlet of A can have a copy of one of A's stored commands
+    # stored there by aiming a pull's reply at B's events; the journal reader reads nothing of it as B's.
+    server, store = secured
+    js = weaver.jetstream()
+    stream = await bus.ensure_job_commands(js, "A")
+    cmd = _command("A", "r2")
+    await js.publish(stream.subject("r2"), wire.encode(cmd))
+    await bus.ensure_rank_consumer(js, "A", "r2", 0, RANK_INCARNATION)
+    before = (await js.stream_info(subjects.STREAM_JOURNAL)).state.last_seq
+    attacker = await connect_as(server, store, Role.THREADLET, "A")
+    try:
+        await _aim_answers(attacker, "r2", subjects.events("B"))
+
+        async def stored() -> bool:
+            return (await js.stream_info(subjects.STREAM_JOURNAL)).state.last_seq > before + 1
+
+        await until("the copy stored under B's events", stored, timeout_s=DECIDE_S, interval_s=0.05)
+    finally:
+        await attacker.close()
+    landed, answer = [await js.get_msg(subjects.STREAM_JOURNAL, before + i) for i in (1, 2)]
+    if answer.data == wire.encode(cmd):
+        landed, answer = answer, landed
+    # The PubAck is stored under B's events: JSON, which the reader skips as malformed.
+    assert answer.subject == subjects.events("B") and answer.data is not None and b'"stream"' in answer.data
+    # JetStream keeps a delivery's original subject: the copy is filed under A's command subject,
+    # which no journal reader reads; had it kept B's, it would parse as an event of another "job"
+    # (the command id), which the reader skips as not B's.
+    assert landed.data == wire.encode(cmd) and landed.subject == subjects.commands("A", "r2")
+    assert wire.decode_event(landed.data).job == cmd.command_id
+    assert [e async for e in Streams(js, 5.0).journal("B")] == []
+
+
+def _command(job: str, run_id: str) -> Command:
+    return Command(
+        command_id="c0ffee" * 5 + "00",
+        job=job,
+        run_id=run_id,
+        seq=1,
+        issuer=Issuer(kind="cli", identity="operator"),
+        issued_at_s=1.0,
+        body=SetConfig(values={"lr": 0.1}),
+    )
 
 
 async def test_a_revoked_job_can_no_longer_connect_and_a_granted_one_can(

@@ -118,8 +118,8 @@ async def _refused_at_the_bus(client: ControlClient, info: discovery.WeaverInfo,
     )
     try:
         js = weaver.jetstream()
-        await bus.ensure_job_commands(js, OTHER)
-        await js.publish(subjects.commands(OTHER, "r1"), b"other's command")
+        other = await bus.ensure_job_commands(js, OTHER)
+        await js.publish(other.subject("r1"), b"other's command")
         hb = Heartbeat(job=OTHER, run_id="r1", rank=0, world_size=1, incarnation="x", sent_at_s=time.time())
         await rank.publish(subjects.heartbeat(OTHER, 0), wire.encode(hb))
         forged_ack = Ack(
@@ -297,7 +297,15 @@ async def _forged_commands(
     client: ControlClient, nc: Any, start: JobStatus, tmp_path: Path, marker: Path
 ) -> None:
     evil = _crafted_checkpoint(tmp_path, marker)
-    subject = subjects.commands(JOB, start.run_id)
+    # Straight onto the subject the ranks read: nats-server stores nothing there (the job's stream
+    # captures only the weaver's secret capture subject), so no rank even sees it.
+    stream = await bus.ensure_job_commands(nc.jetstream(), JOB)
+    stored = (await nc.jetstream().stream_info(stream.stream)).state.last_seq
+    await nc.publish(subjects.commands(JOB, start.run_id), b"not stored")
+    await nc.flush()
+    # The attacker holds the weaver's credential here, so it can read the capture subject and reach
+    # the ranks: the signatures must hold even so.
+    subject = stream.subject(start.run_id)
     rollback = _forged(
         start,
         Action(
@@ -313,6 +321,7 @@ async def _forged_commands(
     )
     await nc.publish(subject, wire.encode(other_key))
     await nc.flush()
+    assert (await nc.jetstream().stream_info(stream.stream)).state.last_seq == stored + 3
     # The next real command still takes the next seq and applies on both ranks.
     applied = await _set(client, lr=0.002)
     assert applied.status is OutcomeStatus.APPLIED, applied.reason

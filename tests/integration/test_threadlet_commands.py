@@ -64,7 +64,7 @@ async def test_commands_decided_at_same_step_on_both_ranks(
     try:
         js = nc.jetstream()
         await bus.ensure_streams(js, shared_commands=False)
-        await bus.ensure_job_commands(js, JOB)  # what the job's registration does
+        stream = await bus.ensure_job_commands(js, JOB)  # what the job's registration does
         await helpers.make_rank_consumers(nc, JOB)  # what the weaver does at their first heartbeat
         acks: list[Ack] = []
         heartbeats: list[Heartbeat] = []
@@ -95,7 +95,7 @@ async def test_commands_decided_at_same_step_on_both_ranks(
         else:
             pytest.fail("ranks did not start training within 60 s")
 
-        subject = subjects.commands(JOB, run_id)
+        subject = stream.subject(run_id)  # where the weaver publishes (a weaver-only subject)
         await js.publish(subject, wire.encode(command(JOB, run_id, 1, {"lr": 0.005})))
         await js.publish(subject, wire.encode(command(JOB, run_id, 2, {"momentum": 0.5})))
 
@@ -152,7 +152,7 @@ async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_sam
     try:
         js = nc.jetstream()
         await bus.ensure_streams(js, shared_commands=False)
-        await bus.ensure_job_commands(js, JOB)  # what the job's registration does
+        stream = await bus.ensure_job_commands(js, JOB)  # what the job's registration does
         await helpers.make_rank_consumers(nc, JOB)  # what the weaver does at their first heartbeat
         paused = asyncio.Event()
         paused_ranks: set[int] = set()
@@ -173,7 +173,7 @@ async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_sam
             assert proc.poll() is None
             await asyncio.sleep(0.05)
 
-        subject = subjects.commands(JOB, run_id)
+        subject = stream.subject(run_id)  # where the weaver publishes (a weaver-only subject)
         await js.publish(subject, wire.encode(command(JOB, run_id, 1, ActionKind.PAUSE)))
         async with asyncio.timeout(30):
             await paused.wait()

@@ -68,7 +68,7 @@ async def test_command_after_server_restart_still_arrives(
     run_id = job_env["TORCHLOOM_RUN_ID"]
     nc = await helpers.connect(nats_server)
     await bus.ensure_streams(nc.jetstream(), shared_commands=False)
-    await bus.ensure_job_commands(nc.jetstream(), JOB)
+    stream = await bus.ensure_job_commands(nc.jetstream(), JOB)
     await helpers.make_rank_consumers(nc, JOB)  # what the weaver does at their first heartbeat
     out = tmp_path / "out"
     # The command is published about 15 steps in and applied about 10 steps later (load 3 to 5); the
@@ -89,7 +89,7 @@ async def test_command_after_server_restart_still_arrives(
     nc = await helpers.connect(nats_server)
     try:
         await nc.jetstream().publish(
-            subjects.commands(JOB, run_id), wire.encode(command(JOB, run_id, 1, {"lr@head": 0.004}))
+            stream.subject(run_id), wire.encode(command(JOB, run_id, 1, {"lr@head": 0.004}))
         )
     finally:
         await nc.close()

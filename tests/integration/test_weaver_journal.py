@@ -11,6 +11,7 @@ import contextlib
 import time
 from typing import Any
 
+from tests.integration import helpers
 from tests.integration.helpers import until, weaver_config
 from tests.integration.test_weaver_service import KNOBS
 from torchloom import subjects, tokens, wire
@@ -79,7 +80,7 @@ class Ranks:
         self._sub: Any = None
 
     async def __aenter__(self) -> Ranks:
-        self._sub = await self.nc.subscribe(subjects.commands(JOB, RUN), cb=self._on_command)
+        self._sub = await self.nc.subscribe(helpers.weaver_publishes(JOB, RUN), cb=self._on_command)
         self._tasks.append(asyncio.create_task(self._beat()))
         return self
 

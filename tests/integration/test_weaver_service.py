@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from nats.js.errors import NotFoundError
 
+from tests.integration import helpers
 from tests.integration.helpers import until, weaver_config
 from torchloom import subjects, wire
 from torchloom.client import ControlClient
@@ -147,7 +148,7 @@ async def test_submit_applied_journaled_and_watched(nats_server: EmbeddedNats, n
     async def on_cmd(msg: Any) -> None:
         await commands.put(wire.decode_command(msg.data))
 
-    await nc.subscribe(subjects.commands(JOB, RUN), cb=on_cmd)
+    await nc.subscribe(helpers.weaver_publishes(JOB, RUN), cb=on_cmd)
     async with (
         open_weaver(weaver_config(nats_server)) as w,
         FakeRanks(nc) as ranks,
@@ -212,7 +213,7 @@ async def test_rejecting_rank_and_late_acks_after_timeout(nats_server: EmbeddedN
     async def on_cmd(msg: Any) -> None:
         await commands.put(wire.decode_command(msg.data))
 
-    await nc.subscribe(subjects.commands(JOB, RUN), cb=on_cmd)
+    await nc.subscribe(helpers.weaver_publishes(JOB, RUN), cb=on_cmd)
     events: list[JobEvent] = []
 
     async def on_event(msg: Any) -> None:

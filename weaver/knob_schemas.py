@@ -8,8 +8,9 @@ by job and hash, in memory and in the bucket; the new weaver asks the bucket for
 know, off the heartbeat path and again every LOOKUP_RETRY_S until it has it (a bucket that does not
 answer while a server restarts), so a rank's next heartbeat gives it the job's knobs.
 
-Pure: `with_schema(hb, specs)`. I/O: `KnobSchemas`, owned by the `Weaver`, whose heartbeat callback
-calls `remember` and `known` (no I/O) and spawns `store` and `fetch` (`want` says when).
+I/O: `KnobSchemas`, owned by the `Weaver`, whose heartbeat path calls `remember` and `known` (no
+I/O; the heartbeat decoder fills a hash-only heartbeat's schema in from `known`) and spawns `store`
+and `fetch` (`want` says when).
 """
 
 from __future__ import annotations
@@ -42,15 +43,6 @@ LOOKUP_RETRY_S = 1.0
 def schema_key(job: str, schema_hash: int) -> str:
     """The bucket key of a job's schema: `<job>.<hash as 16 hex digits>` (a job is a subject token)."""
     return f"{job}.{schema_hash & 0xFFFF_FFFF_FFFF_FFFF:016x}"
-
-
-def with_schema(hb: Heartbeat, specs: tuple[KnobSpec, ...]) -> Heartbeat:
-    """`hb`, which carries only a schema hash and the current values, with the schema `specs` (the
-    values taken from `hb`)."""
-    values = hb.knob_values
-    return dataclasses.replace(
-        hb, knobs=tuple(dataclasses.replace(s, value=values.get(s.name, s.value)) for s in specs)
-    )
 
 
 class KnobSchemas:

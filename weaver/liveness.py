@@ -4,9 +4,9 @@ Mutator: `observe_heartbeat(state, hb, now)` folds a heartbeat into `state` in p
 replaces the job's state, a new incarnation replaces the rank's entry) and returns the effects for
 the service to carry out (events to announce, outcomes of commands the new run dropped).
 
-Pure (they read the state, never change it): `scale_event`, `is_alive`, `resolve_job` (returns the
-job's live `JobState`, for the caller to read or hand to a mutator), `rank_health`, `job_status` and
-`status`. `rank_health` is the one place a rank's health is computed: status's `alive` and `health`,
+Pure (they read the state, never change it): `known_schema` and `with_known_schema` (a hash-only
+heartbeat's schema), `scale_event`, `is_alive`, `resolve_job` (returns the job's live `JobState`,
+for the caller to read or hand to a mutator), `rank_health`, `job_status` and `status`. `rank_health` is the one place a rank's health is computed: status's `alive` and `health`,
 `torchloom devices` and the UI's device panel (both read status) and the health events all use it.
 """
 
@@ -16,6 +16,7 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
+from torchloom import wire
 from torchloom.errors import JobNotFound
 from torchloom.messages import (
     Heartbeat,
@@ -44,6 +45,9 @@ class HeartbeatEffects:
     new_run: bool = False
 
 
+_NO_EFFECTS = HeartbeatEffects()
+
+
 def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> HeartbeatEffects:
     """Fold one heartbeat into `state`, in place, and return what the service must carry out.
 
@@ -57,7 +61,7 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
     new_run = False
     if job is not None and hb.run_id != job.run_id:
         if hb.run_id in job.retired_runs:
-            return HeartbeatEffects()
+            return _NO_EFFECTS
         for pending in job.pending.values():
             dropped.append(
                 final_outcome(
@@ -100,7 +104,8 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
                     ),
                 )
     job.world_size = hb.world_size
-    hb = with_known_schema(job, hb)
+    if not hb.knobs and hb.knobs_hash:  # the weaver's decoder has filled it in already, if it could
+        hb = with_known_schema(job, hb)
     if hb.knobs:
         job.knobs = hb.knobs
     # The seq floor comes from the commands stream only (`submits.set_seq_floor`): a heartbeat's
@@ -139,6 +144,8 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
                 job, "rank_finished", f"rank {hb.rank} finished at step {hb.step}", now, rank=str(hb.rank)
             )
         )
+    if not (events or dropped or new_run):
+        return _NO_EFFECTS  # nearly every heartbeat: nothing to build
     return HeartbeatEffects(events=tuple(events), dropped=tuple(dropped), new_run=new_run)
 
 
@@ -298,31 +305,32 @@ def resolve_job(state: WeaverState, name: str, now: float, dead_after_s: float) 
 # ---- status ----------------------------------------------------------------------------------------
 
 
+def known_schema(job: JobState, rank: int, incarnation: str, knobs_hash: int) -> tuple[KnobSpec, ...] | None:
+    """The knob schema (with its last values) the rank's process last reported with that hash, in
+    full or filled in; None for another process, another hash, or a last heartbeat without one."""
+    entry = job.ranks.get(rank)
+    if entry is None or entry.incarnation != incarnation:
+        return None
+    last = entry.heartbeat
+    if last.knobs_hash != knobs_hash or not last.knobs:
+        return None
+    return last.knobs
+
+
 def with_known_schema(job: JobState, hb: Heartbeat) -> Heartbeat:
     """`hb` with its knob schema: a heartbeat that sent only the schema's hash (and the current
     values) gets the schema its rank's process last sent in full with that hash. An unknown hash
-    (a weaver that started since) leaves it without knobs until the rank sends the schema again."""
+    (a weaver that started since) leaves it without knobs until the rank sends the schema again.
+    (The weaver's decoder fills the schema in already, `wire.HeartbeatDecoder`; this serves a
+    heartbeat decoded otherwise.)"""
     if hb.knobs or not hb.knobs_hash:
         return hb
-    entry = job.ranks.get(hb.rank)
-    if entry is None or entry.incarnation != hb.incarnation:
+    specs = known_schema(job, hb.rank, hb.incarnation, hb.knobs_hash)
+    if specs is None:
         return hb
-    last = entry.heartbeat
-    if last.knobs_hash != hb.knobs_hash or not last.knobs:
-        return hb
-    values = hb.knob_values
-    # The hot path (every heartbeat between two full schemas): values as before, so the last specs
-    # serve again as they are; only a changed value makes new specs.
-    if all(_same(values.get(s.name, s.value), s.value) for s in last.knobs):
-        specs = last.knobs
-    else:
-        specs = tuple(dataclasses.replace(s, value=values.get(s.name, s.value)) for s in last.knobs)
-    return dataclasses.replace(hb, knobs=specs)
-
-
-def _same(a: KnobValue | None, b: KnobValue | None) -> bool:
-    """Equal and of one type (1 == 1.0 == True, but a knob reports one of them)."""
-    return type(a) is type(b) and a == b
+    # Values as before (every heartbeat between two full schemas): the last specs serve again as
+    # they are; only a changed value makes a new spec.
+    return dataclasses.replace(hb, knobs=wire.with_knob_values(specs, hb.knob_values))
 
 
 def _knob_values(specs: tuple[KnobSpec, ...]) -> dict[str, KnobValue]:

@@ -12,10 +12,10 @@ from nats.aio.msg import Msg
 from tests.unit.factories import JOB, heartbeat
 from torchloom import knobs, subjects, wire
 from torchloom.knobs import BUILTIN_SPECS
-from torchloom.messages import Heartbeat
+from torchloom.messages import Heartbeat, KnobSpec
 from weaver import knob_schemas
 from weaver.config import WeaverConfig
-from weaver.knob_schemas import KnobSchemas, schema_key, with_schema
+from weaver.knob_schemas import KnobSchemas, schema_key
 from weaver.service import Weaver
 
 SPECS = (BUILTIN_SPECS["lr"], BUILTIN_SPECS["weight_decay"])
@@ -31,10 +31,21 @@ def test_a_hash_only_heartbeat_gets_the_schema_with_its_own_values() -> None:
         job="j", run_id="r", rank=0, world_size=1, incarnation="i",
         knobs_hash=knobs.schema_hash(SPECS), knob_values={"lr": 0.5},
     )  # fmt: skip
-    filled = with_schema(hb, tuple(dataclasses.replace(s, value=None) for s in SPECS))
+    kept = tuple(dataclasses.replace(s, value=None) for s in SPECS)  # as `KnobSchemas` keeps them
+    asked: list[tuple[str, int, str, int]] = []
+
+    def known(job: str, rank: int, incarnation: str, digest: int) -> tuple[KnobSpec, ...]:
+        asked.append((job, rank, incarnation, digest))
+        return kept
+
+    decoder = wire.HeartbeatDecoder(schema=known)
+    filled, sent = decoder.decode(wire.encode(hb))
+    assert not sent and asked == [("j", 0, "i", hb.knobs_hash)]
     assert [s.name for s in filled.knobs] == ["lr", "weight_decay"]
     assert {s.name: s.value for s in filled.knobs} == {"lr": 0.5, "weight_decay": None}
     assert knobs.schema_hash(filled.knobs) == hb.knobs_hash
+    again, _ = decoder.decode(wire.encode(dataclasses.replace(hb, step=1)))
+    assert again.knobs is filled.knobs and len(asked) == 1  # same hash and values: not asked again
 
 
 # ---- the weaver's heartbeat path ------------------------------------------------------------------

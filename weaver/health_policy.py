@@ -188,23 +188,63 @@ def _waits_on(w: RankView, cause: RankView, silent: bool, dead_after_s: float) -
 
 @dataclass(frozen=True, slots=True)
 class _Blame:
-    """Who stalls whom: the causes (by rank, with their own kind) and the causes of each waiting rank."""
+    """Who stalls whom: the causes (by rank, with their own kind), the causes of each waiting rank
+    and the waiters of each cause. Ranks stalled alike share one tuple (see `_blame`), so a large
+    stall costs a tuple per kind of waiter, not per rank."""
 
     causes: dict[int, HealthKind]
     waiting_on: dict[int, tuple[int, ...]]
-    # waiting_on inverted once: asking each of n ranks for its waiters by scanning waiting_on cost
-    # O(n x waiting) per tick, most of the weaver's CPU at 1,000 ranks (bench/weaver_scale.py).
-    _by_cause: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        by_cause: dict[int, list[int]] = {}
-        for rank, on in self.waiting_on.items():
-            for cause in on:
-                by_cause.setdefault(cause, []).append(rank)
-        object.__setattr__(self, "_by_cause", {c: tuple(sorted(rs)) for c, rs in by_cause.items()})
+    by_cause: dict[int, tuple[int, ...]]
 
     def waiters(self, rank: int) -> tuple[int, ...]:
-        return self._by_cause.get(rank, ())
+        return self.by_cause.get(rank, ())
+
+
+def is_stalled(v: RankView, now: float) -> bool:
+    """Whether running, live `v` stands still: its current step has lasted over `WAIT_FACTOR` times its
+    usual step time, and a heartbeat since the step last changed showed it still. The weaver sees a
+    step change only when a heartbeat brings it, so with steps shorter than the heartbeat interval a
+    healthy rank's step looks still for up to an interval (0.1 s steps, 0.2 s heartbeats: half of
+    the ranks at any time); so no rank is stalled before one heartbeat interval without progress."""
+    return (
+        v.last_heartbeat_at > v.last_step_change_at
+        and now - v.last_step_change_at > WAIT_FACTOR * v.step_time_s
+    )
+
+
+class _SilentIndex:
+    """The silent ranks by last step, each step's in order of their last heartbeat, for `_waits_on`'s
+    test of a silent cause: a stalled rank waits on those at most one step past it (a prefix of the
+    steps) whose last heartbeat is late enough (a suffix of each step's ranks), found by bisection,
+    so a stalled rank costs O(steps x log silent), not O(silent)."""
+
+    def __init__(self, silent: Sequence[RankView], dead_after_s: float) -> None:
+        by_step: dict[int, list[RankView]] = {}
+        for v in silent:
+            by_step.setdefault(v.step, []).append(v)
+        self.steps = sorted(by_step)
+        self.ranks = [sorted(by_step[step], key=lambda v: v.last_heartbeat_at) for step in self.steps]
+        self.heard = [[v.last_heartbeat_at for v in rs] for rs in self.ranks]
+        self.dead_after_s = dead_after_s
+
+    def key(self, w: RankView) -> tuple[int, ...]:
+        """Where each step's suffix of silent ranks `w` waits on starts (one entry per step `w` may
+        wait on): the ranks it waits on are `ranks_of(key)`, so waiters with one key share them."""
+        out = []
+        heard_since = w.last_step_change_at - max(self.dead_after_s, WAIT_FACTOR * w.step_time_s)
+        for k in range(bisect.bisect_right(self.steps, w.step + 1)):
+            ranks, heard = self.ranks[k], self.heard[k]
+            i = bisect.bisect_left(heard, heard_since)
+            # The float subtraction may put the cut one off the test itself: move it onto the test.
+            while i > 0 and _waits_on(w, ranks[i - 1], True, self.dead_after_s):
+                i -= 1
+            while i < len(ranks) and not _waits_on(w, ranks[i], True, self.dead_after_s):
+                i += 1
+            out.append(i)
+        return tuple(out)
+
+    def ranks_of(self, key: tuple[int, ...]) -> list[int]:
+        return [v.rank for k, start in enumerate(key) for v in self.ranks[k][start:]]
 
 
 def _blame(ranks: Sequence[RankView], now: float, dead_after_s: float, hung_after_s: float) -> _Blame:
@@ -214,35 +254,64 @@ def _blame(ranks: Sequence[RankView], now: float, dead_after_s: float, hung_afte
     itself next to a silent one and that a stalled peer got one step past (the peer finished the
     step and blocks in the next collective; the cause never finished it). Live ranks stuck at one
     step, all alike, give no cause: nothing tells the rank that hangs from the ranks that wait.
-    A running live rank is stalled when its current step has lasted over `WAIT_FACTOR` times its
-    usual step time; stalled with a cause (`_waits_on`), it waits on it.
+    A stalled rank (`is_stalled`) next to a cause (`_waits_on`) waits on it.
+
+    When many ranks go quiet at once, the silent causes are indexed (`_SilentIndex`) and the live
+    causes grouped by step, so each stalled rank is matched in O(log silent); stalled ranks that
+    wait on the same causes (in lockstep, nearly all) share one tuple of them, and causes waited on
+    by the same ranks one tuple of waiters: no O(stalled x silent) work or memory unless the
+    answer itself is that large.
     """
     silent = [
         v for v in ranks if v.state is not RankState.FINISHED and now - v.last_heartbeat_at > dead_after_s
     ]
     live = [v for v in ranks if v.state is RankState.RUNNING and now - v.last_heartbeat_at <= dead_after_s]
-    stalled = [v for v in live if now - v.last_step_change_at > WAIT_FACTOR * v.step_time_s]
+    stalled = [v for v in live if is_stalled(v, now)]
     causes = {v.rank: HealthKind.DEAD for v in silent}
+    index = _SilentIndex(silent, dead_after_s)
+    keys = {v.rank: index.key(v) for v in stalled}
+    stalled_steps = {v.step for v in stalled}
+    live_causes: dict[int, list[int]] = {}  # step -> live causes at it
     for v in stalled:
-        if v.hung_s(now) <= hung_after_s or any(_waits_on(v, d, True, dead_after_s) for d in silent):
+        waits_on_silent = any(start < len(index.ranks[k]) for k, start in enumerate(keys[v.rank]))
+        if v.hung_s(now) <= hung_after_s or waits_on_silent:
             continue
-        if any(w.step == v.step + 1 for w in stalled):
+        if v.step + 1 in stalled_steps:
             sick = v.device is not None and not v.device.healthy
             causes[v.rank] = HealthKind.UNHEALTHY if sick else HealthKind.HUNG
-    by_rank = {v.rank: v for v in ranks}
-    waiting_on: dict[int, tuple[int, ...]] = {}
+            live_causes.setdefault(v.step, []).append(v.rank)
+    # Waiters grouped by what they wait on: the live causes within one step of theirs (keyed by
+    # their step when there are any) and the silent ones of their index key.
+    groups: dict[tuple[int | None, tuple[int, ...]], list[int]] = {}
     for w in stalled:
         if w.rank not in causes:
-            on = tuple(
-                sorted(
-                    c
-                    for c, kind in causes.items()
-                    if _waits_on(w, by_rank[c], kind is HealthKind.DEAD, dead_after_s)
-                )
+            near = w.step if any(s in live_causes for s in (w.step - 1, w.step, w.step + 1)) else None
+            groups.setdefault((near, keys[w.rank]), []).append(w.rank)
+    waiting_on: dict[int, tuple[int, ...]] = {}
+    members: list[tuple[int, ...]] = []  # the groups that wait on something
+    waited_by: dict[int, list[int]] = {}  # cause -> indices into `members`
+    for (near, key), group in groups.items():
+        on_live = (
+            [] if near is None else [c for s in (near - 1, near, near + 1) for c in live_causes.get(s, ())]
+        )
+        on = tuple(sorted([*on_live, *index.ranks_of(key)]))
+        if not on:
+            continue
+        members.append(tuple(sorted(group)))
+        for rank in group:
+            waiting_on[rank] = on
+        for c in on:
+            waited_by.setdefault(c, []).append(len(members) - 1)
+    merged: dict[tuple[int, ...], tuple[int, ...]] = {}  # one merge per distinct list of groups
+    by_cause: dict[int, tuple[int, ...]] = {}
+    for c, which in waited_by.items():
+        marker = tuple(which)
+        if marker not in merged:
+            merged[marker] = (
+                members[which[0]] if len(which) == 1 else tuple(sorted(r for g in which for r in members[g]))
             )
-            if on:
-                waiting_on[w.rank] = on
-    return _Blame(causes=causes, waiting_on=waiting_on)
+        by_cause[c] = merged[marker]
+    return _Blame(causes=causes, waiting_on=waiting_on, by_cause=by_cause)
 
 
 def _ranks_text(ranks: Sequence[int]) -> str:
@@ -315,6 +384,24 @@ def classify(
 
         return at(n // 2) if n % 2 else (at(n // 2 - 1) + at(n // 2)) / 2
 
+    # Texts of the rank tuples the blame shares among ranks stalled alike (by identity: the blame
+    # holds them), made once per tuple rather than once per rank.
+    on_texts: dict[int, str] = {}
+    waiters_texts: dict[int, str] = {}
+
+    def waited_text(on: tuple[int, ...]) -> str:
+        text = on_texts.get(id(on))
+        if text is None:
+            kinds = "/".join(sorted({blame.causes[c].value for c in on}))
+            text = on_texts[id(on)] = f"{_ranks_text(on)} ({kinds})"
+        return text
+
+    def waiters_text(waiters: tuple[int, ...]) -> str:
+        text = waiters_texts.get(id(waiters))
+        if text is None:
+            text = waiters_texts[id(waiters)] = f"; {_ranks_text(waiters)} waiting on it"
+        return text
+
     def condition(v: RankView) -> tuple[HealthKind, str, float]:
         silent_s = now - v.last_heartbeat_at
         stuck_s = now - v.last_step_change_at
@@ -334,12 +421,7 @@ def classify(
             return HealthKind.UNHEALTHY, f"{v.device.device or 'device'}: {what}", 0.0
         if v.rank in blame.waiting_on:
             on = blame.waiting_on[v.rank]
-            kinds = "/".join(sorted({blame.causes[c].value for c in on}))
-            return (
-                HealthKind.WAITING,
-                f"step {v.step} waiting {stuck_s:.1f} s on {_ranks_text(on)} ({kinds})",
-                stuck_s,
-            )
+            return HealthKind.WAITING, f"step {v.step} waiting {stuck_s:.1f} s on {waited_text(on)}", stuck_s
         if v.state is RankState.RUNNING and v.hung_s(now) > hung_after_s:
             return (
                 HealthKind.HUNG,
@@ -362,7 +444,7 @@ def classify(
         kind, reason, for_s = condition(v)
         waiters = blame.waiters(v.rank) if kind in STALLING else ()
         if waiters:
-            reason += f"; {_ranks_text(waiters)} waiting on it"
+            reason += waiters_text(waiters)
         out[v.rank] = RankHealth(
             rank=v.rank,
             kind=kind,

@@ -16,7 +16,16 @@ from torchloom.app import format as cli_format
 from torchloom.messages import DeviceHealth, JobEvent, RankState
 from torchloom.policy import PolicyMode
 from weaver import health_plan, liveness
-from weaver.health_policy import HealthKind, HealthPolicy, RankHealth, RankView, classify
+from weaver.health_policy import (
+    STALLING,
+    HealthKind,
+    HealthPolicy,
+    RankHealth,
+    RankView,
+    _waits_on,
+    classify,
+    is_stalled,
+)
 from weaver.model import WeaverState
 
 NOW = 1000.0
@@ -270,3 +279,108 @@ def test_status_and_devices_agree_on_every_rank(rows: list[tuple[float, float, i
         assert r.alive == liveness.is_alive(s.jobs["j"].ranks[r.rank], NOW, POLICY.dead_after_s)
         if r.health == "waiting":
             assert health[r.rank].waiting_on and all(health[c].waiters for c in health[r.rank].waiting_on)
+
+
+# ---- the stall bound and the blame's index ------------------------------------------------------------
+
+
+def test_a_rank_is_not_stalled_before_a_heartbeat_shows_its_step_still() -> None:
+    """0.1 s steps and 0.2 s heartbeats: the weaver sees each step change only when a heartbeat
+    brings it, so just before a healthy rank's next heartbeat its step has looked still for 0.2 s,
+    over WAIT_FACTOR x its step time. It is not stalled (nor waiting on a dead peer) until a
+    heartbeat shows the step standing still; then it is, at once."""
+    state = WeaverState()
+    t = 0.0
+    for k in range(10):  # both ranks step on; rank 1 then dies (its heartbeats stop)
+        t = k * 0.2
+        for r in (0, 1):
+            liveness.observe_heartbeat(
+                state, heartbeat(r, world=2, step=2 * k, tick=2 * k, step_time_s=0.1), t
+            )
+    dead_at = t
+    for k in range(10, 20):  # rank 0 keeps stepping: two steps per heartbeat
+        t = k * 0.2
+        liveness.observe_heartbeat(state, heartbeat(0, world=2, step=2 * k, tick=2 * k, step_time_s=0.1), t)
+        for between in (0.05, 0.1, 0.19):  # every health check until its next heartbeat
+            health = liveness.rank_health(state.jobs["j"], t + between, POLICY)
+            assert health[0].kind is HealthKind.HEALTHY, (t, between, health[0].reason)
+            assert not health[1].waiters
+    assert t + 0.19 - dead_at > POLICY.dead_after_s
+    # A heartbeat that shows the step still makes the rank stalled at once, waiting on a dead peer
+    # it may be blocked by; the same rank whose last heartbeat brought the step is not.
+    frozen = view(1, step=20, silent_s=0.9, stuck_s=0.9)
+    seen = view(0, step=21, silent_s=0.01, stuck_s=0.19, step_time_s=0.1)
+    unseen = view(0, step=21, silent_s=0.19, stuck_s=0.19, step_time_s=0.1)
+    assert kinds(classify([seen, frozen], NOW, dead_after_s=0.8, hung_after_s=3.0)) == [WAITING, DEAD]
+    assert kinds(classify([unseen, frozen], NOW, dead_after_s=0.8, hung_after_s=3.0)) == [
+        HealthKind.HEALTHY,
+        DEAD,
+    ]
+
+
+def _pairwise(ranks: list[RankView], dead_after_s: float, hung_after_s: float) -> dict[int, RankHealth]:
+    """The blame by its definition, every stalled rank tested against every cause (`_waits_on`):
+    what the indexed `classify` must agree with. Returns only the stalled ranks' and causes' parts."""
+    silent = [
+        v for v in ranks if v.state is not RankState.FINISHED and NOW - v.last_heartbeat_at > dead_after_s
+    ]
+    live = [v for v in ranks if v.state is RankState.RUNNING and NOW - v.last_heartbeat_at <= dead_after_s]
+    stalled = [v for v in live if is_stalled(v, NOW)]
+    causes = {v.rank: v for v in silent}
+    for v in stalled:
+        if v.hung_s(NOW) <= hung_after_s or any(_waits_on(v, d, True, dead_after_s) for d in silent):
+            continue
+        if any(w.step == v.step + 1 for w in stalled):
+            causes[v.rank] = v
+    out: dict[int, RankHealth] = {}
+    for w in stalled:
+        if w.rank not in causes:
+            on = tuple(sorted(c for c, cv in causes.items() if _waits_on(w, cv, cv in silent, dead_after_s)))
+            out[w.rank] = RankHealth(rank=w.rank, kind=WAITING, waiting_on=on)
+    for c in causes:
+        waiters = tuple(sorted(w for w, h in out.items() if c in h.waiting_on))
+        out[c] = RankHealth(rank=c, kind=DEAD, waiters=waiters)
+    return out
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.1, 0.5, 0.9, 1.5, 4.0]),  # silence
+            st.sampled_from([0.0, 0.1, 0.3, 1.0, 2.5, 3.5, 6.0]),  # time since the step changed
+            st.integers(18, 22),  # step
+            st.sampled_from([0.05, 0.4]),  # step time
+            st.sampled_from([RankState.RUNNING, RankState.RUNNING, RankState.PAUSED, RankState.FINISHED]),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_indexed_blame_is_the_pairwise_one(
+    rows: list[tuple[float, float, int, float, RankState]],
+) -> None:
+    ranks = [
+        view(r, silent_s=silence, stuck_s=max(stuck, silence), step=step, step_time_s=step_s, state=state)
+        for r, (silence, stuck, step, step_s, state) in enumerate(rows)
+    ]
+    health = classify(ranks, NOW, dead_after_s=0.8, hung_after_s=3.0)
+    want = _pairwise(ranks, 0.8, 3.0)
+    for r, h in health.items():
+        expected = want.get(r)
+        assert h.waiting_on == (expected.waiting_on if expected is not None else ()), r
+        assert h.waiters == (expected.waiters if expected is not None and h.kind in STALLING else ()), r
+        assert (h.kind is WAITING) == bool(h.waiting_on)
+
+
+def test_many_ranks_quiet_at_once_share_their_blame() -> None:
+    """Half of 2,000 lockstep ranks go silent (a switch, a starved weaver), the other half block:
+    each waiting rank waits on the same 1,000 ranks, and each silent rank has the same waiters,
+    so they share one tuple (and one text) rather than a million pairs of ranks."""
+    silent = [view(r, step=20, silent_s=2.0 + r / 1e4, stuck_s=2.0 + r / 1e4) for r in range(0, 2000, 2)]
+    waiting = [view(r, step=21 - r % 4 // 2, stuck_s=1.9) for r in range(1, 2000, 2)]
+    health = classify([*silent, *waiting], NOW, dead_after_s=0.8, hung_after_s=3.0)
+    waits = [health[v.rank] for v in waiting]
+    deads = [health[v.rank] for v in silent]
+    assert {h.kind for h in waits} == {WAITING} and {h.kind for h in deads} == {DEAD}
+    assert len({id(h.waiting_on) for h in waits}) == 1 and waits[0].waiting_on == tuple(range(0, 2000, 2))
+    assert len({id(h.waiters) for h in deads}) == 1 and deads[0].waiters == tuple(range(1, 2000, 2))

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import dataclasses
 import json
 import math
 import os
@@ -37,7 +38,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from command_latency import pct  # noqa: E402  (a sibling script, not a package)
-from weaver_sim import Simulator  # noqa: E402
+from weaver_sim import SCHEMA_FULL_HEARTBEATS, SCHEMA_REFRESH_S, Simulator  # noqa: E402
 
 JOB = "scale"
 RANKS_PER_PROCESS = 750
@@ -411,13 +412,28 @@ async def _window(
     }
 
 
+class _Delivered:
+    """What the weaver's handlers read of a nats-py `Msg` (made before the callback, in nats-py's own
+    cost per message, which the model leaves out)."""
+
+    __slots__ = ("data", "reply", "subject")
+
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject, self.data, self.reply = subject, data, ""
+
+
 def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.0) -> dict[str, Any]:
     """CPU cost (time.process_time, so a loaded machine inflates it less than wall time) of the
     weaver's per-message and per-tick work at `ranks` ranks, in-process on the weaver's own
-    functions, and the cores they add up to at `hb_hz` heartbeats (3 in 10 with the full knob schema,
-    as threadlets send them) and `metrics_hz` metrics per rank and the weaver's 10 Hz liveness tick.
-    The live run shows what a starved weaver does; this shows what it asks for. Not in it: nats-py's
-    own cost per delivered message."""
+    functions, and the cores they add up to at `hb_hz` heartbeats and `metrics_hz` metrics per rank
+    and the weaver's 10 Hz liveness tick. The live run shows what a starved weaver does; this shows
+    what it asks for. Not in it: nats-py's own cost per delivered message.
+
+    Heartbeats are folded as the simulated ranks send them: each rank's schema in full on 3 of
+    every `SCHEMA_REFRESH_S` x `hb_hz` heartbeats, else its hash and values, and its device sample
+    moving every heartbeat; that mix gives the cores. Apart: a hash-only heartbeat whose device did
+    not move (`heartbeat_hashed_us`), one whose device moved (`heartbeat_moved_us`) and one whose
+    knob values moved too, as under an lr schedule (`heartbeat_values_moved_us`)."""
     from weaver import health_plan, liveness
     from weaver.config import WeaverConfig
     from weaver.health_loop import HEALTH_CHECK_INTERVAL_S
@@ -435,18 +451,56 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
     weaver = Weaver(config)
     weaver.metrics.serving = 1  # the control plane serves /metrics: unwatched metrics are sampled
     state = weaver.state
-    full = [(subjects.heartbeat(JOB, sr.rank), sim.encoded_heartbeat(sr, now)) for sr in sim.ranks]
-    hashed = [
-        (s, sim.encoded_heartbeat(sr, now, full=False)) for (s, _), sr in zip(full, sim.ranks, strict=True)
+    on_heartbeat = weaver.telemetry.on_heartbeat
+    later = now + 1.0 / hb_hz  # the next heartbeat: step, time and the device sample moved
+
+    def heartbeats(at: float, *, full: bool) -> list[_Delivered]:
+        return [
+            _Delivered(subjects.heartbeat(JOB, sr.rank), sim.encoded_heartbeat(sr, at, full=full))
+            for sr in sim.ranks
+        ]
+
+    full, hashed, hashed_later = (
+        heartbeats(now, full=True),
+        heartbeats(now, full=False),
+        heartbeats(later, full=False),
+    )
+    # Under an lr schedule every heartbeat reports another lr.
+    scheduled = [
+        _Delivered(
+            d.subject,
+            wire.encode(
+                dataclasses.replace(
+                    hb := sim.heartbeat(sr, at, full=False),
+                    knob_values={**hb.knob_values, "lr": 1e-3 * (1 + k % 2)},
+                )
+            ),
+        )
+        for k, at in enumerate((now, later))
+        for d, sr in zip(hashed, sim.ranks, strict=True)
     ]
     metrics = [(subjects.metrics(JOB, sr.rank), sim.encoded_metrics(sr, now)) for sr in sim.ranks]
 
-    def handle(handler: Any, subject: str, data: bytes) -> None:
-        with contextlib.suppress(StopIteration):
-            handler(argparse.Namespace(subject=subject, data=data, reply="")).send(None)
+    # A bare try, not contextlib.suppress: its own microseconds are no part of the weaver's cost.
+    def deliver(handler: Any, batch: list[_Delivered]) -> None:
+        for msg in batch:
+            try:  # noqa: SIM105
+                handler(msg).send(None)
+            except StopIteration:
+                pass
 
-    def fold(subject: str, data: bytes, at: float = 0.0) -> None:
-        handle(weaver.telemetry.on_heartbeat, subject, data)
+    def fold_all(batch: list[_Delivered]) -> None:
+        deliver(on_heartbeat, batch)
+
+    def per_message(handler: Any, *batches: list[_Delivered]) -> float:
+        """CPU per message, `handler` given every message of `batches` in turn (each holds one of
+        every rank) until `repeat_s` has passed."""
+        done, start = 0, time.process_time()
+        while time.process_time() - start < repeat_s:
+            for batch in batches:
+                deliver(handler, batch)
+                done += len(batch)
+        return (time.process_time() - start) / done
 
     def per_call(fn: Any) -> float:
         calls, start = 0, time.process_time()
@@ -455,23 +509,46 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
             calls += 1
         return (time.process_time() - start) / calls
 
-    for subject, data in full:
-        fold(subject, data, now)
-    i = iter(range(1 << 60))
-    full_s = per_call(lambda: fold(*full[next(i) % ranks], time.time()))
-    hashed_s = per_call(lambda: fold(*hashed[next(i) % ranks], time.time()))
-    hb_s = 0.3 * full_s + 0.7 * hashed_s
-    metrics_s = per_call(lambda: wire.decode_metrics(metrics[next(i) % ranks][1]))
-    for subject, data in metrics:
-        handle(weaver.telemetry.on_metrics, subject, data)
+    fold_all(full)
+    fold_all(hashed)
+    hashed_s = per_message(on_heartbeat, hashed)  # the same heartbeat again: nothing else moved
+    moved_s = per_message(on_heartbeat, hashed_later, hashed)
+    values_moved_s = per_message(on_heartbeat, scheduled[ranks:], scheduled[:ranks])
+    # A rank's cycle: the schema in full on its first 3 heartbeats (after hash-only ones), then
+    # hash-only ones to the end of the refresh period; the device moves every time.
+    cycle = max(SCHEMA_FULL_HEARTBEATS + 1, round(SCHEMA_REFRESH_S * hb_hz))
+    full_later = heartbeats(later, full=True)
+    full_time = rest_time = 0.0
+    cycles = 0
+    while not cycles or full_time + rest_time < repeat_s:
+        fold_all(hashed_later)
+        start = time.process_time()
+        for k in range(SCHEMA_FULL_HEARTBEATS):
+            fold_all(full if k % 2 == 0 else full_later)
+        mid = time.process_time()
+        for k in range(cycle - SCHEMA_FULL_HEARTBEATS):
+            fold_all(hashed if k % 2 == 0 else hashed_later)
+        full_time, rest_time = full_time + mid - start, rest_time + time.process_time() - mid
+        cycles += 1
+    full_s = full_time / (cycles * SCHEMA_FULL_HEARTBEATS * ranks)
+    rest_s = rest_time / (cycles * (cycle - SCHEMA_FULL_HEARTBEATS) * ranks)
+    hb_s = (SCHEMA_FULL_HEARTBEATS * full_s + (cycle - SCHEMA_FULL_HEARTBEATS) * rest_s) / cycle
+    reports = [_Delivered(subject, data) for subject, data in metrics]
+    on_metrics = weaver.telemetry.on_metrics
+    read_at = weaver.telemetry._metrics_read_at
+
+    async def decode_only(msg: _Delivered) -> None:
+        wire.decode_metrics(msg.data)
+
+    async def read_one(msg: _Delivered) -> None:
+        read_at.clear()  # as if this rank's last report was read over METRICS_SAMPLE_S ago
+        await on_metrics(msg)
+
+    metrics_s = per_message(decode_only, reports)
+    deliver(on_metrics, reports)
     # Within METRICS_SAMPLE_S of a rank's last read report, its next ones are passed over.
-    skipped_s = per_call(lambda: handle(weaver.telemetry.on_metrics, *metrics[next(i) % ranks]))
-
-    def read_one() -> None:
-        weaver.telemetry._metrics_read_at.clear()
-        handle(weaver.telemetry.on_metrics, *metrics[next(i) % ranks])
-
-    read_s = per_call(read_one)
+    skipped_s = per_message(on_metrics, reports)
+    read_s = per_message(read_one, reports)
     read_share = min(1.0, 1.0 / (metrics_hz * METRICS_SAMPLE_S))
     metrics_handled_s = read_share * read_s + (1 - read_share) * skipped_s
     # A healthy job at `at`: every rank heard within the last heartbeat interval. decide_health
@@ -486,6 +563,14 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
     silent = state.jobs[JOB].ranks[0]
     silent.last_seen_s = silent.last_step_change_at = at - 2 * config.dead_after_s
     tick_dead_s = per_call(lambda: health_plan.decide_health(state, at, policy))
+    # Half the ranks silent at once (a switch lost, or a starved weaver's view), the other half
+    # blocked at the next step, their heartbeats showing it still: every blocked rank waits on
+    # every silent one.
+    for k, entry in enumerate(state.jobs[JOB].ranks.values()):
+        quiet = k % 2 == 0
+        entry.last_step_change_at = at - 1.0 - 0.5 * quiet
+        entry.last_seen_s = at - 1.0 - (k % 10) / (10 * hb_hz) if quiet else at - (k % 10) / (10 * hb_hz)
+    tick_half_quiet_s = per_call(lambda: health_plan.decide_health(state, at, policy))
     tick_hz = 1.0 / config.liveness_interval_s
     # HealthLoop.run: a scan of the silent ranks every tick, the full check at 2 Hz when the
     # silent ranks do not change.
@@ -498,11 +583,15 @@ def cost_model(ranks: int, hb_hz: float, metrics_hz: float, repeat_s: float = 2.
         "ranks": ranks,
         "heartbeat_full_us": round(full_s * 1e6, 1),
         "heartbeat_hashed_us": round(hashed_s * 1e6, 1),
+        "heartbeat_moved_us": round(moved_s * 1e6, 1),
+        "heartbeat_values_moved_us": round(values_moved_s * 1e6, 1),
+        "heartbeat_mix_us": round(hb_s * 1e6, 1),
         "metrics_decode_us": round(metrics_s * 1e6, 1),
         "metrics_read_us": round(read_s * 1e6, 1),
         "metrics_skipped_us": round(skipped_s * 1e6, 2),
         "liveness_tick_ms": round(tick_s * 1e3, 2),
         "liveness_tick_one_dead_ms": round(tick_dead_s * 1e3, 2),
+        "liveness_tick_half_quiet_ms": round(tick_half_quiet_s * 1e3, 2),
         "status_ms": round(status_s * 1e3, 2),
         "cores_heartbeats": round(cores_hb, 3),
         "cores_metrics_if_all_decoded": round(cores_metrics, 3),

@@ -118,18 +118,20 @@ def bench(a: argparse.Namespace) -> int:
     models = []
     if a.model:
         print(
-            f"\n{'ranks':>6} {'hb full us':>10} {'hb hash us':>10} {'metrics read/skip us':>20} "
-            f"{'tick ms':>8} {'dead tick ms':>12} {'status ms':>9} {'hb cores':>8} {'metrics':>7} "
-            f"{'liveness':>8} {'cores':>6}"
+            f"\n{'ranks':>6} {'hb hash us':>10} {'moved':>6} {'lr moved':>8} {'full':>6} {'mix':>6} "
+            f"{'metrics read/skip us':>20} {'tick ms':>8} {'dead tick':>9} {'half quiet':>10} "
+            f"{'status ms':>9} {'hb cores':>8} {'metrics':>7} {'liveness':>8} {'cores':>6}"
         )
         for n in counts:
             m = cost_model(n, a.hb_hz, a.metrics_hz)
             models.append(m)
             print(
-                f"{n:>6} {m['heartbeat_full_us']:>10.1f} {m['heartbeat_hashed_us']:>10.1f} "
+                f"{n:>6} {m['heartbeat_hashed_us']:>10.1f} {m['heartbeat_moved_us']:>6.1f} "
+                f"{m['heartbeat_values_moved_us']:>8.1f} {m['heartbeat_full_us']:>6.1f} "
+                f"{m['heartbeat_mix_us']:>6.1f} "
                 f"{m['metrics_read_us']:>12.1f} / {m['metrics_skipped_us']:>5.1f} "
-                f"{m['liveness_tick_ms']:>8.2f} {m['liveness_tick_one_dead_ms']:>12.2f} "
-                f"{m['status_ms']:>9.2f} "
+                f"{m['liveness_tick_ms']:>8.2f} {m['liveness_tick_one_dead_ms']:>9.2f} "
+                f"{m['liveness_tick_half_quiet_ms']:>10.2f} {m['status_ms']:>9.2f} "
                 f"{m['cores_heartbeats']:>8.2f} {m['cores_metrics']:>7.2f} {m['cores_liveness']:>8.2f} "
                 f"{m['cores_total']:>6.2f}",
                 flush=True,

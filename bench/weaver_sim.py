@@ -50,9 +50,9 @@ KNOBS = (
     ("grad_accum_steps", 1),
 )
 # As threadlet/reports.py: the full schema rides this many heartbeats after each refresh, one every
-# _SCHEMA_REFRESH_S; the others carry its hash and the values.
-_SCHEMA_FULL_HEARTBEATS = 3
-_SCHEMA_REFRESH_S = 30.0
+# SCHEMA_REFRESH_S; the others carry its hash and the values.
+SCHEMA_FULL_HEARTBEATS = 3
+SCHEMA_REFRESH_S = 10.0
 # As threadlet/link.py: a long-poll pull of up to _PULL_BATCH commands, expiring after _PULL_EXPIRES_S,
 # with an idle heartbeat every _PULL_HEARTBEAT_S; asked again when it ends or goes quiet.
 _PULL_BATCH = 64
@@ -153,12 +153,12 @@ class Simulator:
         """Whether this heartbeat carries the full schema: the first few of the process, and the
         first few after each refresh."""
         interval = 1.0 / self.a.hb_hz
-        window = _SCHEMA_FULL_HEARTBEATS * interval
+        window = SCHEMA_FULL_HEARTBEATS * interval
         if not sr.first_hb_s:
             sr.first_hb_s = now
         return (
             now - sr.first_hb_s < window
-            or (now - self.a.t0 + sr.rank * interval / 7) % _SCHEMA_REFRESH_S < window
+            or (now - self.a.t0 + sr.rank * interval / 7) % SCHEMA_REFRESH_S < window
         )
 
     def encoded_heartbeat(self, sr: SimRank, now: float, *, full: bool = True) -> bytes:

@@ -58,6 +58,8 @@ def test_attach_takes_accelerate_prepare_outputs(tmp_path: Path, subprocess_env:
             "optimizer": "AcceleratedOptimizer",
             "scheduler": "AcceleratedScheduler",
         }
+        # The agreement rides the gradient all-reduce of the DDP accelerate made (issue 12).
+        assert (out / f"rank{r}.agreement_path").read_text() == "piggyback"
         recs = read_all_records(out / f"rank{r}.jsonl")
         main = {x["step"]: x for x in recs if x["branch"] == "main"}
         new = [x for x in recs if x["branch"] == "b3"]

@@ -120,6 +120,10 @@ def steer(
         steps["stop"] = _command(env, "stop")["applied"][0]["step"]
         _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-4000:]
+        # The framework wrapped the model in DDP itself; the agreement found it and rode its
+        # gradient all-reduce (issue 12), not the gloo rounds.
+        paths = [(out / f"rank{r}.agreement_path").read_text() for r in (0, 1)]
+        assert paths == ["piggyback", "piggyback"], paths
     finally:
         if proc.poll() is None:
             proc.kill()

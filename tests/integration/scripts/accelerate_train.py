@@ -52,6 +52,7 @@ def main() -> None:
     (args.out / f"rank{rank}.types.json").write_text(json.dumps(types))
 
     tl = threadlet.attach(model=model, optimizer=opt, scheduler=sched)
+    (args.out / f"rank{rank}.agreement_path").write_text(tl.agreement_path)
     batches = iter(loader)
     with open(args.out / f"rank{rank}.jsonl", "a", encoding="utf-8") as records:
         for step in tl.range(args.steps):

@@ -1,6 +1,7 @@
 """Shared by the framework test jobs (hf_trainer.py, lightning_train.py): their command line, the
 per-step record file each rank appends to, and the end of a job (its decided commands written to
-OUT/rank<R>.applied.json, then `threadlet.finish`). Imported as a sibling module: torchrun puts the
+OUT/rank<R>.applied.json and the agreement path it used to OUT/rank<R>.agreement_path, then
+`threadlet.finish`). Imported as a sibling module: torchrun puts the
 script's folder first on sys.path."""
 
 from __future__ import annotations
@@ -49,4 +50,5 @@ class Records:
         assert tl is not None, "the callback never attached: did training start?"
         applied = [d.to_json() for d in tl.applied]
         (self.out / f"rank{self.rank}.applied.json").write_text(json.dumps(applied))
+        (self.out / f"rank{self.rank}.agreement_path").write_text(tl.agreement_path)
         threadlet.finish(tl)

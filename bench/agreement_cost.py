@@ -6,10 +6,12 @@ docs/design.md, "Agreement at scale".
 
 With --backward, what a communication hook costs a real DDP backward (2 ranks, MLP 64-H-1, batch
 32, one bucket): DDP's C++ reduction, torch's own Python `allreduce_hook`, and the piggyback hook
-carrying an idle round every step, interleaved in one process per rank:
+carrying an idle round every step, interleaved in one process per rank; wall time and the process's
+CPU time per forward+backward. With --cxx also a C++ hook that carries the same code
+(bench/cxx/ride_hook.cpp, built with torch.utils.cpp_extension: needs g++ and `pip install ninja`):
 
     python bench/agreement_cost.py --worlds 2,4,8
-    python bench/agreement_cost.py --backward --hidden 256
+    python bench/agreement_cost.py --backward --hidden 256 [--cxx]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from threadlet.agreement import NONE_REFUSED, Offer, encode
-from threadlet.ddp_hook import PiggybackHook, PiggybackTransport, piggyback_hook
+from threadlet.ddp_hook import WIDTH, PiggybackHook, PiggybackTransport, piggyback_hook
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = 1 << 18  # float32 elements: DDP's first bucket is capped at 1 MiB
@@ -91,12 +93,22 @@ def measure(iters: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def measure_backward(iters: int, hidden: int, out: Path) -> None:
-    """Forward + backward of three DDP twins, interleaved step by step."""
+def measure_backward(iters: int, hidden: int, out: Path, cxx: bool) -> None:
+    """Forward + backward of the DDP twins, interleaved step by step."""
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-    arms = {name: nn.parallel.DistributedDataParallel(copy.deepcopy(base)) for name in BACKWARD_ARMS}
+    names = BACKWARD_ARMS + (CXX_ARMS if cxx else ())
+    arms = {name: nn.parallel.DistributedDataParallel(copy.deepcopy(base)) for name in names}
+    if cxx:
+        from torch.utils.cpp_extension import load
+
+        ride = load(name="tl_ride_hook", sources=[str(REPO / "bench" / "cxx" / "ride_hook.cpp")])
+        code = torch.zeros(WIDTH)
+        code[:3] = 1.0  # an idle rank's code: constant, written at a boundary
+        cxx_sums = torch.zeros(WIDTH)
+        for name in CXX_ARMS:  # cxx_plain: DDP's own reduction, but through a registered C++ hook
+            ride.install(arms[name].reducer, arms[name].process_group, code, cxx_sums, name == "cxx_plain")
     arms["python_hook"].register_comm_hook(None, default_hooks.allreduce_hook)
     state = PiggybackHook(arms["piggyback_hook"].process_group)
     transport = state.transport = PiggybackTransport(dist.get_world_size())
@@ -108,6 +120,7 @@ def measure_backward(iters: int, hidden: int, out: Path) -> None:
 
     x, y = torch.randn(32, 64), torch.randn(32, 1)
     rows: dict[str, list[float]] = {name: [] for name in arms}
+    cpu: dict[str, list[float]] = {name: [] for name in arms}
     for i in range(iters + 100):
         for name, net in arms.items():
             if name == "piggyback_hook":  # the boundary: read the carried round, stage the next
@@ -115,13 +128,18 @@ def measure_backward(iters: int, hidden: int, out: Path) -> None:
                     transport.cancel()
                 transport.start(last, idle_offer)
             net.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             nn.functional.mse_loss(net(x), y).backward()
             if i >= 100:
                 rows[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)  # every thread of the process
     if dist.get_rank() == 0:
         result: dict[str, object] = {
-            name: {"median_us": statistics.median(v) * 1e6, "mean_us": statistics.fmean(v) * 1e6}
+            name: {
+                "median_us": statistics.median(v) * 1e6,
+                "mean_us": statistics.fmean(v) * 1e6,
+                "cpu_mean_us": statistics.fmean(cpu[name]) * 1e6,
+            }
             for name, v in rows.items()
         }
         result.update(hidden=hidden, iters=iters, load=os.getloadavg()[0])
@@ -130,6 +148,7 @@ def measure_backward(iters: int, hidden: int, out: Path) -> None:
 
 
 BACKWARD_ARMS = ("builtin", "python_hook", "piggyback_hook")
+CXX_ARMS = ("cxx_plain", "cxx_hook")
 
 
 def backward(args: argparse.Namespace) -> None:
@@ -138,16 +157,21 @@ def backward(args: argparse.Namespace) -> None:
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
          __file__, "--iters", str(args.iters), "--hidden", str(args.hidden), "--measure-backward",
-         str(part)],
+         str(part), *(["--cxx"] if args.cxx else [])],
         env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True,
     )  # fmt: skip
     result = json.loads(part.read_text())
     result["load_before"] = load
     base = result["builtin"]["median_us"]
-    print(f"{'forward+backward':<18}{'median us':>12}{'mean us':>12}{'vs C++':>10}")
-    for name in BACKWARD_ARMS:
-        med, mean = result[name]["median_us"], result[name]["mean_us"]
-        print(f"{name:<18}{med:>12.1f}{mean:>12.1f}{(med / base - 1) * 100:>+9.1f}%")
+    base_cpu = result["builtin"]["cpu_mean_us"]
+    head = f"{'forward+backward':<18}{'median us':>12}{'mean us':>12}{'vs C++':>10}"
+    print(f"{head}{'CPU us':>10}{'vs C++':>10}")
+    for name in BACKWARD_ARMS + (CXX_ARMS if args.cxx else ()):
+        med, mean, cpu = result[name]["median_us"], result[name]["mean_us"], result[name]["cpu_mean_us"]
+        print(
+            f"{name:<18}{med:>12.1f}{mean:>12.1f}{(med / base - 1) * 100:>+9.1f}%"
+            f"{cpu:>10.1f}{(cpu / base_cpu - 1) * 100:>+9.1f}%"
+        )
     print(f"load average {load:.1f} before, {result['load']:.1f} after")
     out = Path(args.out).with_name("agreement_backward.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -159,6 +183,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--backward", action="store_true", help="the hook's cost in a real DDP backward")
     p.add_argument("--hidden", type=int, default=256, help="--backward: the MLP's hidden width")
+    p.add_argument("--cxx", action="store_true", help="--backward: also a C++ hook (bench/cxx/ride_hook.cpp)")
     p.add_argument("--out", default=str(REPO / "bench/results/agreement_cost.json"))
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--measure-backward", type=Path, help=argparse.SUPPRESS)
@@ -167,7 +192,7 @@ def main() -> None:
         measure(args.iters, args.measure)
         return
     if args.measure_backward is not None:
-        measure_backward(args.iters, args.hidden, args.measure_backward)
+        measure_backward(args.iters, args.hidden, args.measure_backward, args.cxx)
         return
     if args.backward:
         backward(args)

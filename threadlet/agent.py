@@ -26,12 +26,12 @@ from threadlet.agreement import Agreement, Batch, GlooTransport, Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.link import Link
 from threadlet.optim_knobs import Applier, Getter, KnobBoard, TrainingKnobs, Validator, knob_type
-from threadlet.reports import Reporter
+from threadlet.reports import Outbox, Reporter
 from threadlet.state import Decided, RankContext, TrainingState
 from threadlet.update_ratio import SPEC as UPDATE_RATIO_SPEC
 from threadlet.update_ratio import UpdateRatio
 from torchloom import naming, replay_file
-from torchloom.messages import Heartbeat, KnobSpec, KnobType, RankState
+from torchloom.messages import KnobSpec, KnobType, RankState
 
 __all__ = ["EvalFn", "Threadlet"]
 
@@ -119,6 +119,8 @@ class Threadlet:
         self.use_ddp(model)
         self._probe: health.DeviceProbe | None = None
         self._link: Link | None = None
+        # The reports' hand-over: the Reporter swaps raw values in, the link thread builds from them.
+        outbox = Outbox(config, self._ctx, lr_groups=self._board.groups)
         if not config.local:
             self._probe = health.make_probe(
                 self._ctx.local_rank, device=_device_of(model), nvml=self._fake_nvml
@@ -130,12 +132,22 @@ class Threadlet:
                 on_command=on_command,
                 probe=self._probe,
                 incarnation=self._ctx.incarnation,
+                reports=outbox,
             )
         # The update-to-weight ratio on request (the `report_update_ratio` knob, 0 = off).
         self._update_ratio = UpdateRatio(optimizer, self._board.groups) if optimizer is not None else None
         if self._update_ratio is not None:
             self._board.register(UPDATE_RATIO_SPEC, self._update_ratio.value, self._update_ratio.apply)
-        self._reporter = Reporter(config, self._ctx, self._state, self._board, self._link, self._update_ratio)
+        self._reporter = Reporter(
+            config,
+            self._ctx,
+            self._state,
+            self._board,
+            self._link,
+            self._update_ratio,
+            outbox=outbox,
+            optimizer=optimizer,
+        )
         try:
             # A sampler's knobs (mix, batch_size) exist before a resume restores or overrides them.
             if sampler is not None and callable(getattr(sampler, "register_knobs", None)):
@@ -143,7 +155,7 @@ class Threadlet:
             if in_run:
                 self.resumed_from = self._runner.resume_at_start()
         except BaseException:
-            self._close_bus(None)
+            self._close_bus()
             raise
         if self._link is not None:
             self._reporter.refresh_status(RankState.RUNNING)
@@ -241,10 +253,14 @@ class Threadlet:
         st.step_time_s = dt if st.tick == 1 else st.step_time_s + _STEP_TIME_EMA * (dt - st.step_time_s)
         if self._fake_nvml is not None:
             self._fake_nvml.set_step(st.step_count)
-        if loss is not None:
-            self._reporter.note_loss(loss)
-        if self._update_ratio is not None and self._update_ratio.loss_due:
-            self._update_ratio.note_loss(loss)  # the loss of the step just measured
+        reporter = self._reporter
+        # A loss given as a Python number is checked every step (a tensor only when metrics are
+        # due, in `Reporter.send_metrics`: reading it every step would sync the device).
+        if isinstance(loss, float) and not math.isfinite(loss):
+            reporter.nonfinite_loss_steps += 1
+        ratio = self._update_ratio
+        if ratio is not None and ratio.loss_due:
+            ratio.note_loss(loss)  # the loss of the step just measured
         runner = self._runner
         if runner.pending_overrides:
             runner.apply_overrides()
@@ -252,7 +268,7 @@ class Threadlet:
             return
         if self._last_lr_set is not None:
             for message in self._board.lr_overwritten():
-                self._reporter.notice(self._last_lr_set, naming.LR_OVERWRITTEN, message)
+                reporter.notice(self._last_lr_set, naming.LR_OVERWRITTEN, message)
         if self._replay is not None:
             self._replay_boundary()
         elif self._link is not None:
@@ -264,16 +280,10 @@ class Threadlet:
             self._wait_paused()
             self._last_t = time.perf_counter()  # a pause is not step time
             now = self._last_t
-        reporter = self._reporter
-        self._arm_update_ratio()
-        # At most one report per step, so no step pays for both: when both are due, the one due
-        # longer goes now and the other at the next step.
-        metrics_late = now - reporter.next_metrics_t
-        status_late = now - reporter.next_status_t
-        if metrics_late >= 0 and metrics_late >= status_late:
-            reporter.send_metrics(now, loss, tokens, metrics)
-        elif status_late >= 0:
-            reporter.refresh_status(RankState.RUNNING)
+        if ratio is not None and st.tick >= ratio.next_tick:
+            ratio.arm(st.tick, st.step_count)  # measure the next optimizer step (see _arm_update_ratio)
+        if now >= reporter.next_report_t:
+            reporter.report(now, loss, tokens, metrics)
         if link.errors:
             reporter.surface_errors()
 
@@ -411,7 +421,8 @@ class Threadlet:
         if self._orphan_watch is not None:
             self._orphan_watch.stop()
         self._agreement.close()
-        self._close_bus(self._reporter.status(RankState.FINISHED))
+        self._reporter.refresh_status(RankState.FINISHED)  # the link sends it as it closes
+        self._close_bus()
         if self._update_ratio is not None:
             self._update_ratio.release()
         self._runner.release()
@@ -540,9 +551,9 @@ class Threadlet:
                 stream.flush()
         raise SystemExit(0)
 
-    def _close_bus(self, final_status: Heartbeat | None) -> None:
+    def _close_bus(self) -> None:
         if self._link is not None:
-            self._link.close(final_status)
+            self._link.close()
         if self._probe is not None:
             try:
                 self._probe.close()

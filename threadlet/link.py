@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -30,7 +30,7 @@ from threadlet.config import ThreadletConfig
 from threadlet.health import DeviceProbe
 from torchloom import bus, signing, subjects, wire
 from torchloom.credentials import ClientAuth, Role, inbox_prefix
-from torchloom.messages import Ack, AckStatus, Command, Heartbeat, StepMetrics
+from torchloom.messages import Ack, AckStatus, Command, DeviceHealth, Heartbeat, StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,23 @@ _UNVERIFIED_REPORT_INTERVAL_S = 0.2
 OnCommand = Callable[[Command, float], None]
 
 
+class ReportSource(Protocol):
+    """Builds the reports this thread publishes from the raw values the training thread last handed
+    over (threadlet/reports.py's `Outbox`), so a step never builds a message."""
+
+    def status(self, *, sent_at_s: float = 0.0, device: DeviceHealth | None = None) -> Heartbeat | None:
+        """The latest status with these two fields (None before the first)."""
+        ...
+
+    def new_metrics(self) -> StepMetrics | None:
+        """The latest metrics if not returned before, else None."""
+        ...
+
+    def metrics(self) -> StepMetrics | None:
+        """The latest metrics, returned before or not (None before the first)."""
+        ...
+
+
 class Link:
     """The background thread and its NATS connection.
 
@@ -68,6 +85,7 @@ class Link:
         probe: sampled on this thread for each heartbeat's device health (None: no device field).
         incarnation: this process's incarnation (its heartbeats'), which names its command consumer;
             a fresh one when not given.
+        reports: what heartbeats and metrics are built from (None: none are sent).
     """
 
     def __init__(
@@ -78,6 +96,7 @@ class Link:
         on_command: OnCommand | None,
         probe: DeviceProbe | None = None,
         incarnation: str = "",
+        reports: ReportSource | None = None,
     ) -> None:
         assert config.nats_url is not None
         self._config = config
@@ -99,12 +118,10 @@ class Link:
         self._pending: set[asyncio.Task[None]] = set()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
-        # Written by the training thread (whole-object swaps), read by the heartbeat loop.
-        self.status: Heartbeat | None = None
-        # The latest StepMetrics, swapped in by the training thread and published by the metrics
-        # loop, so a step never wakes this thread (a wake-up costs the step a GIL hand-off).
-        self.metrics: StepMetrics | None = None
-        self._metrics_sent: StepMetrics | None = None
+        # The training thread swaps raw values into it and this thread's heartbeat and metrics loops
+        # build and publish the latest on their clocks, so a step never wakes this thread (a wake-up
+        # costs the step a GIL hand-off) nor builds a message.
+        self._reports = reports
         # Appended here, drained by the training thread at a step boundary.
         self.errors: collections.deque[str] = collections.deque(maxlen=64)
         self.subscribed = threading.Event()
@@ -123,6 +140,16 @@ class Link:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def status(self) -> Heartbeat | None:
+        """The status the next heartbeat carries (built now; None before the first)."""
+        return None if self._reports is None else self._reports.status()
+
+    @property
+    def metrics(self) -> StepMetrics | None:
+        """The latest metrics handed over, published or not (built now; None before the first)."""
+        return None if self._reports is None else self._reports.metrics()
 
     @property
     def connected(self) -> bool:
@@ -149,12 +176,11 @@ class Link:
         except RuntimeError as exc:  # loop already closed
             self.errors.append(f"publish on {subject} dropped: {exc}")
 
-    def close(self, final_status: Heartbeat | None) -> None:
-        """Send `final_status` (best effort, bounded), close NATS and stop the thread; idempotent."""
+    def close(self) -> None:
+        """Send the latest metrics and status (best effort, bounded: hand over the final status
+        first), close NATS and stop the thread; idempotent."""
         if self._closing:
             return
-        if final_status is not None:
-            self.status = final_status
         self._closing = True
         if not self._thread.is_alive():
             self._loop.close()
@@ -482,15 +508,14 @@ class Link:
                     self.errors.append(f"metrics publish failed: {exc!r}")
 
     async def _send_metrics(self, nc: Client) -> None:
-        sm = self.metrics
-        if sm is None or sm is self._metrics_sent:
+        sm = None if self._reports is None else self._reports.new_metrics()
+        if sm is None:
             return
-        self._metrics_sent = sm
         await nc.publish(subjects.metrics(sm.job, sm.rank), wire.encode(sm))
 
     async def _send_heartbeat(self, nc: Client) -> None:
-        status = self.status
-        if status is None:
+        reports = self._reports
+        if reports is None:
             return
         device = None
         if self._probe is not None:
@@ -499,5 +524,7 @@ class Link:
                 device = self._probe.sample()
             except Exception as exc:
                 self.errors.append(f"device probe failed: {exc!r}")
-        hb = dataclasses.replace(status, sent_at_s=time.time(), device=device)
+        hb = reports.status(sent_at_s=time.time(), device=device)
+        if hb is None:
+            return  # before the first status (the front hands one over before it starts this thread)
         await nc.publish(subjects.heartbeat(hb.job, hb.rank), wire.encode(hb))

@@ -1,6 +1,7 @@
-"""The `Reporter`: what one rank tells the bus from the training thread: the status its heartbeats
-carry, the latest step metrics, the ack of each decided command, and bus problems surfaced (logged)
-at step boundaries. The `Link` thread publishes; nothing here blocks the step."""
+"""What one rank tells the bus. The `Reporter` runs on the training thread: at a step boundary it hands
+over the raw values of a report (a tuple swapped in whole), publishes acks and surfaces bus problems.
+The `Outbox` runs on the link thread: it builds the `Heartbeat` and `StepMetrics` from the latest raw
+values when the link publishes, so no step ever builds a message."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from threadlet.config import ThreadletConfig
 from threadlet.link import Link
@@ -16,7 +18,7 @@ from threadlet.optim_knobs import KnobBoard
 from threadlet.state import Decided, RankContext, TrainingState
 from threadlet.update_ratio import UpdateRatio
 from torchloom import knobs, naming, subjects, wire
-from torchloom.messages import Ack, Heartbeat, KnobSpec, KnobValue, RankState, StepMetrics
+from torchloom.messages import Ack, DeviceHealth, Heartbeat, KnobSpec, KnobValue, RankState, StepMetrics
 
 log = logging.getLogger("threadlet")
 
@@ -29,12 +31,178 @@ _ERROR_LOG_INTERVAL_S = 10.0
 _KNOBS_FULL_INTERVALS = 3
 _KNOBS_REFRESH_S = 10.0
 
+# The raw values of one status, all read at one step boundary: step, tick, state, last decided seq,
+# step time, branch, the board's schema version and schema (without values) and the knob values.
+StatusValues = tuple[int, int, RankState, int, float, str, int, tuple[KnobSpec, ...], dict[str, KnobValue]]
+# The raw values of one metrics report, all read at one step boundary: step, branch, when (the
+# `time.perf_counter()` of the boundary), step time, loss, tokens, the loop's other metrics, the
+# non-finite loss and gradient counts, the latest gradient norm, the update ratio's report (None when
+# not measured) and the lr per parameter group (in the optimizer's order).
+MetricsValues = tuple[
+    int,
+    str,
+    float,
+    float,
+    float | None,
+    float | None,
+    Mapping[str, float],
+    int,
+    int,
+    float | None,
+    dict[str, float] | None,
+    list[float],
+]
+
+
+class Outbox:
+    """The hand-over from the training thread to the link thread, and the link thread's builder.
+
+    The training thread stores `status_values` and `metrics_values` whole (one attribute store each,
+    atomic under the GIL), so a reader sees one boundary's values or the previous boundary's, never a
+    mix: a heartbeat's step, tick, state and last seq always come from the same boundary. The link
+    thread calls `status` and `new_metrics` when it publishes; only it keeps the schema state below
+    (`Reporter.status` builds on the calling thread, for a rank without a link and for tests).
+
+    Args:
+        config: job, run id and the heartbeat interval.
+        ctx: this rank's identity.
+        clock: monotonic seconds, for when the knob schema rides in full.
+        lr_groups: the optimizer's parameter group names (`KnobBoard.groups`), for the lr of each.
+    """
+
+    def __init__(
+        self,
+        config: ThreadletConfig,
+        ctx: RankContext,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        lr_groups: tuple[str, ...] = (),
+    ) -> None:
+        self._config = config
+        self._ctx = ctx
+        self._clock = clock
+        self.status_values: StatusValues | None = None
+        self.metrics_values: MetricsValues | None = None
+        self._metrics_sent: MetricsValues | None = None
+        self._lr_groups = lr_groups
+        self._schema_version = -1  # the board's schema version `_knobs_hash` was computed for
+        self._knobs_hash = 0  # of the schema last sent in full
+        self._knobs_full_until = 0.0
+        self._knobs_refresh_t = 0.0
+
+    def status(self, *, sent_at_s: float = 0.0, device: DeviceHealth | None = None) -> Heartbeat | None:
+        """The latest status as a heartbeat sent at `sent_at_s` with this device health (None
+        before the first)."""
+        values = self.status_values
+        return None if values is None else self.heartbeat(values, sent_at_s=sent_at_s, device=device)
+
+    def new_metrics(self) -> StepMetrics | None:
+        """The latest metrics if they were not returned here before, else None."""
+        values = self.metrics_values
+        if values is None or values is self._metrics_sent:
+            return None
+        self._metrics_sent = values
+        return self.step_metrics(values)
+
+    def metrics(self) -> StepMetrics | None:
+        """The latest metrics, returned here before or not (None before the first)."""
+        values = self.metrics_values
+        return None if values is None else self.step_metrics(values)
+
+    def heartbeat(
+        self, values: StatusValues, *, sent_at_s: float = 0.0, device: DeviceHealth | None = None
+    ) -> Heartbeat:
+        """The status of `values`: the knob schema in full while it is new (or due again), else only
+        its hash and the values. The schema is hashed only when the board's schema version changed."""
+        step, tick, rank_state, last_seq, step_time_s, branch, version, specs, knob_values = values
+        now = self._clock()
+        if version != self._schema_version:
+            self._schema_version = version
+            # No knobs at all: no hash either, so a weaver never waits for a schema there is none of.
+            schema_hash = knobs.schema_hash(specs) if specs else 0
+            if schema_hash != self._knobs_hash:
+                self._knobs_hash = schema_hash
+                self._knobs_refresh_t = 0.0  # new: send it now
+        if now >= self._knobs_refresh_t:
+            self._knobs_full_until = now + _KNOBS_FULL_INTERVALS * self._config.heartbeat_interval_s
+            self._knobs_refresh_t = now + _KNOBS_REFRESH_S
+        full = now < self._knobs_full_until
+        ctx, cfg = self._ctx, self._config
+        return Heartbeat(
+            job=cfg.job,
+            run_id=cfg.run_id,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            local_rank=ctx.local_rank,
+            incarnation=ctx.incarnation,
+            host=ctx.host,
+            pid=ctx.pid,
+            step=step,
+            state=rank_state,
+            sent_at_s=sent_at_s,
+            step_time_s=step_time_s,
+            last_seq=last_seq,
+            knobs=_with_values(specs, knob_values) if full else (),
+            knobs_hash=self._knobs_hash,
+            knob_values={} if full else knob_values,
+            branch=branch,
+            tick=tick,
+            fault_injection_allowed=cfg.fault_injection_allowed,
+            device=device,
+        )
+
+    def step_metrics(self, values: MetricsValues) -> StepMetrics:
+        """The `StepMetrics` of `values`, stamped with the wall clock of their boundary."""
+        (
+            step,
+            branch,
+            taken_at,
+            step_time_s,
+            loss,
+            tokens,
+            extra,
+            bad_loss,
+            bad_grad,
+            grad_norm,
+            ratio,
+            lrs,
+        ) = values
+        out: dict[str, float] = {"step_time_s": step_time_s}
+        if loss is not None:
+            out["loss"] = loss
+        out["nonfinite_loss_steps"] = float(bad_loss)
+        out["nonfinite_grad_steps"] = float(bad_grad)
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        if tokens is not None:
+            out["tokens"] = tokens
+        if ratio:
+            out.update(ratio)
+        if lrs:
+            out["lr"] = lrs[0]
+            if len(lrs) > 1:
+                # A group added after attach has no name on the board: it is left out.
+                out.update({f"lr@{g}": v for g, v in zip(self._lr_groups, lrs, strict=False)})
+        for key, value in extra.items():
+            out[key] = float(value)  # numbers only: the Reporter converted anything else
+        cfg = self._config
+        return StepMetrics(
+            job=cfg.job,
+            run_id=cfg.run_id,
+            rank=self._ctx.rank,
+            step=step,
+            branch=branch,
+            time_s=time.time() - (time.perf_counter() - taken_at),
+            values=out,
+        )
+
 
 class Reporter:
     """Status, metrics, acks and error reports of one rank (training thread only).
 
-    The front reads `next_metrics_t` and `next_status_t` at every step and calls `send_metrics` and
-    `refresh_status` when they are due, so an idle step costs two comparisons.
+    The front compares the step's time with `next_report_t` at every step and calls `report` when
+    it is reached, so an idle step costs one comparison. A report reads the raw values and swaps
+    them into the `outbox`; the link thread builds the message when it publishes.
 
     Args:
         config: job, run id and the report intervals.
@@ -45,6 +213,9 @@ class Reporter:
         update_ratio: the update-to-weight ratio measured on request (None without an optimizer);
             its latest measurement rides every metrics report.
         clock: monotonic seconds, for when the knob schema rides in full.
+        outbox: the hand-over to `link` (the one given to it); a new one when not given.
+        optimizer: the optimizer whose lr per parameter group rides each metrics report (None:
+            no lr is reported).
     """
 
     def __init__(
@@ -56,83 +227,97 @@ class Reporter:
         link: Link | None,
         update_ratio: UpdateRatio | None = None,
         clock: Callable[[], float] = time.monotonic,
+        outbox: Outbox | None = None,
+        optimizer: Any = None,
     ) -> None:
         self._config = config
-        self._clock = clock
         self.update_ratio = update_ratio
         self._ctx = ctx
         self._state = state
         self._board = board
         self._link = link
-        self.next_metrics_t = 0.0
-        self.next_status_t = 0.0
+        self.outbox = outbox if outbox is not None else Outbox(config, ctx, clock, lr_groups=board.groups)
+        self._status_period_s = config.heartbeat_interval_s / 2
+        self._metrics_period_s = config.metrics_interval_s
+        # The lr of every parameter group rides each metrics report (as `board.group_values("lr")`
+        # would give them: the board's group names, read through the optimizer).
+        self._lr_optimizer = optimizer if optimizer is not None and "lr" in board.schema else None
+        self._next_metrics_t = 0.0
+        self._next_status_t = 0.0
+        self.next_report_t = 0.0  # the earlier of the two
         self._next_error_log_t = 0.0
         self._errors_seen = 0
         # Model health for the weaver's autopilot: counts of steps with a non-finite loss or gradient
-        # norm (cumulative, so a sampled metrics report never hides one) and the latest grad norm.
+        # norm (cumulative, so a sampled metrics report never hides one) and the latest grad norm. The
+        # front counts a non-finite loss given as a float at every step itself (an idle step makes
+        # no call here).
         self.nonfinite_loss_steps = 0
         self.nonfinite_grad_steps = 0
         self.grad_norm: float | None = None
-        self._schema_version = -1  # the board's schema version `_knobs_hash` was computed for
-        self._knobs_hash = 0  # of the schema last sent in full
-        self._knobs_full_until = 0.0
-        self._knobs_refresh_t = 0.0
 
-    def status(self, rank_state: RankState) -> Heartbeat:
-        """This rank's status now: the knob schema in full while it is new (or due again), else only
-        its hash and the current values. The schema is hashed only when the board's schema version
-        changed, so a status between two changes reads the values and nothing else of the knobs."""
-        ctx, st, board = self._ctx, self._state, self._board
-        now = self._clock()
-        if board.schema_version != self._schema_version:
-            self._schema_version = board.schema_version
-            specs = board.schema_specs()
-            # No knobs at all: no hash either, so a weaver never waits for a schema there is none of.
-            schema_hash = knobs.schema_hash(specs) if specs else 0
-            if schema_hash != self._knobs_hash:
-                self._knobs_hash = schema_hash
-                self._knobs_refresh_t = 0.0  # new: send it now
-        if now >= self._knobs_refresh_t:
-            self._knobs_full_until = now + _KNOBS_FULL_INTERVALS * self._config.heartbeat_interval_s
-            self._knobs_refresh_t = now + _KNOBS_REFRESH_S
-        values = board.values()
-        full = now < self._knobs_full_until
-        return Heartbeat(
-            job=self._config.job,
-            run_id=self._config.run_id,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            local_rank=ctx.local_rank,
-            incarnation=ctx.incarnation,
-            host=ctx.host,
-            pid=ctx.pid,
-            step=st.step_count,
-            state=rank_state,
-            step_time_s=st.step_time_s,
-            last_seq=st.last_decided,
-            knobs=_with_values(board.schema_specs(), values) if full else (),
-            knobs_hash=self._knobs_hash,
-            knob_values={} if full else values,
-            branch=st.branch,
-            tick=st.tick,
-            fault_injection_allowed=self._config.fault_injection_allowed,
-        )
+    @property
+    def next_metrics_t(self) -> float:
+        """When metrics are due next (`time.perf_counter()` seconds)."""
+        return self._next_metrics_t
+
+    @next_metrics_t.setter
+    def next_metrics_t(self, t: float) -> None:
+        self._next_metrics_t = t
+        self.next_report_t = min(t, self._next_status_t)
+
+    @property
+    def next_status_t(self) -> float:
+        """When the status is due next (`time.perf_counter()` seconds)."""
+        return self._next_status_t
+
+    @next_status_t.setter
+    def next_status_t(self, t: float) -> None:
+        self._next_status_t = t
+        self.next_report_t = min(self._next_metrics_t, t)
+
+    # The report paths below run once every few dozen steps, so they find the caches cold: every
+    # function they call costs microseconds then. They read in plain statements and leave the rest
+    # to the link thread.
+
+    def report(
+        self, now: float, loss: float | None, tokens: float | None, extra: Mapping[str, float]
+    ) -> None:
+        """Hand over the report due (`now >= next_report_t`): at most one per step, so no step pays
+        for both; when both are due, the one due longer goes now and the other at the next step."""
+        if self._next_metrics_t <= self._next_status_t:
+            self.send_metrics(now, loss, tokens, extra)
+        else:
+            self.refresh_status(RankState.RUNNING)
 
     def refresh_status(self, rank_state: RankState) -> None:
-        """Hand the link a fresh status for its heartbeats."""
-        self.next_status_t = time.perf_counter() + self._config.heartbeat_interval_s / 2
-        if self._link is not None:
-            self._link.status = self.status(rank_state)
+        """Hand the link the raw values of a fresh status for its heartbeats."""
+        t = time.perf_counter() + self._status_period_s
+        self._next_status_t = t
+        self.next_report_t = min(t, self._next_metrics_t)
+        st, board = self._state, self._board
+        self.outbox.status_values = (
+            st.step_count,
+            st.tick,
+            rank_state,
+            st.last_decided,
+            st.step_time_s,
+            st.branch,
+            board.schema_version,
+            board.schema_specs(),
+            board.values(),
+        )
+
+    def status(self, rank_state: RankState) -> Heartbeat:
+        """Hand over a fresh status (`refresh_status`) and build it on the calling thread: for a rank
+        without a link thread, and for tests."""
+        self.refresh_status(rank_state)
+        values = self.outbox.status_values
+        assert values is not None
+        return self.outbox.heartbeat(values)
 
     def status_due(self) -> None:
         """Refresh the status at the next step (knobs or the last decided seq changed)."""
         self.next_status_t = 0.0
-
-    def note_loss(self, loss: object) -> None:
-        """Count a non-finite loss given as a Python number (a tensor is read only when metrics are
-        due, in `send_metrics`: reading it every step would sync the device)."""
-        if isinstance(loss, float) and not math.isfinite(loss):
-            self.nonfinite_loss_steps += 1
 
     def note_grad_norm(self, norm: float) -> None:
         """Record the gradient norm `clip_grad_` computed anyway (a Python float already)."""
@@ -141,46 +326,56 @@ class Reporter:
             self.nonfinite_grad_steps += 1
 
     def send_metrics(
-        self, now: float, loss: float | None, tokens: float | None, extra: dict[str, float]
+        self, now: float, loss: float | None, tokens: float | None, extra: Mapping[str, float]
     ) -> None:
-        """Swap in this step's metrics; the link publishes the latest on its own clock."""
-        self.next_metrics_t = now + self._config.metrics_interval_s
-        link = self._link
-        if link is None:
-            return
+        """Hand over this step's metrics (`now` is its `time.perf_counter()`); the link publishes
+        the latest on its own clock. What is not a Python float yet (a tensor loss or lr, a metric
+        given as a tensor or an int) is read here, on the training thread."""
+        t = now + self._metrics_period_s
+        self._next_metrics_t = t
+        self.next_report_t = min(t, self._next_status_t)
+        if loss is not None and not isinstance(loss, float):
+            loss = float(loss)  # a tensor: read now, when metrics are due, not at every step
+            if not math.isfinite(loss):
+                self.nonfinite_loss_steps += 1  # (the front counts a non-finite float at every step)
+        if tokens is not None and not isinstance(tokens, float):
+            tokens = float(tokens)
+        lrs: list[float] = []
+        optimizer = self._lr_optimizer
+        if optimizer is not None:
+            for group in optimizer.param_groups:  # through the optimizer: a rollback replaces them
+                lrs.append(float(group["lr"]))
+        ratio = self.update_ratio
         st = self._state
-        values: dict[str, float] = {"step_time_s": st.step_time_s}
-        if loss is not None:
-            values["loss"] = float(loss)
-            if not isinstance(loss, float) and not math.isfinite(values["loss"]):
-                self.nonfinite_loss_steps += 1  # a tensor loss, read now (see `note_loss`)
-        values["nonfinite_loss_steps"] = float(self.nonfinite_loss_steps)
-        values["nonfinite_grad_steps"] = float(self.nonfinite_grad_steps)
-        if self.grad_norm is not None:
-            values["grad_norm"] = self.grad_norm
-        if tokens is not None:
-            values["tokens"] = float(tokens)
-        if self.update_ratio is not None and self.update_ratio.count:
-            values.update(self.update_ratio.report())
-        lrs = self._board.group_values("lr")
-        if lrs:
-            values["lr"] = next(iter(lrs.values()))
-            if len(lrs) > 1:
-                values.update({f"lr@{g}": v for g, v in lrs.items()})
+        self.outbox.metrics_values = (
+            st.step_count,
+            st.branch,
+            now,
+            st.step_time_s,
+            loss,
+            tokens,
+            self._numbers(extra) if extra else extra,
+            self.nonfinite_loss_steps,
+            self.nonfinite_grad_steps,
+            self.grad_norm,
+            ratio.report() if ratio is not None and ratio.count else None,
+            lrs,
+        )
+
+    def _numbers(self, extra: Mapping[str, float]) -> Mapping[str, float]:
+        """The loop's metrics as floats. Its `**metrics` dict is the call's own, so when every value
+        is a float already it is handed over as it is; a value that is no number is dropped, named
+        in the link's errors."""
+        if all(isinstance(value, float) for value in extra.values()):
+            return extra
+        out: dict[str, float] = {}
         for key, value in extra.items():
             try:
-                values[key] = float(value)
+                out[key] = float(value)
             except (TypeError, ValueError):
-                link.errors.append(f"metric {key}={value!r} dropped: expected a number")
-        link.metrics = StepMetrics(
-            job=self._config.job,
-            run_id=self._config.run_id,
-            rank=self._ctx.rank,
-            step=st.step_count,
-            branch=st.branch,
-            time_s=time.time(),
-            values=values,
-        )
+                if self._link is not None:
+                    self._link.errors.append(f"metric {key}={value!r} dropped: expected a number")
+        return out
 
     def ack(
         self, decided: Decided, *, received_at_s: float, decided_at_s: float, refused_by_peer: bool

@@ -35,7 +35,7 @@ def test_reporter_sends_the_schema_when_it_changes_then_only_its_hash() -> None:
     assert [s.name for s in first.knobs] == ["dropout"] and first.knobs_hash == knobs.schema_hash(first.knobs)
     for _ in range(3):  # within the full window the schema keeps riding along
         assert rep.status(RankState.RUNNING).knobs
-    rep._knobs_full_until = 0.0  # the window has passed
+    rep.outbox._knobs_full_until = 0.0  # the window has passed
     value[0] = 0.2
     later = rep.status(RankState.RUNNING)
     assert later.knobs == () and later.knobs_hash == first.knobs_hash

@@ -188,5 +188,5 @@ def test_a_rank_files_the_new_layout_and_refuses_a_forgery() -> None:
         cmd, verified = lax._decode(forged)
         assert not verified and lax._refusal(cmd, verified=verified) is None
     finally:
-        link.close(None)
-        lax.close(None)
+        link.close()
+        lax.close()

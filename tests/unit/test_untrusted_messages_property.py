@@ -114,7 +114,7 @@ def test_a_rank_files_no_command_that_differs_from_what_the_weaver_signed(
         if link._refusal(cmd) is None:
             assert same, "a changed command passed the signature check"
     finally:
-        link.close(None)
+        link.close()
 
 
 def test_a_rank_without_a_key_files_nothing_unless_told_so() -> None:
@@ -126,8 +126,8 @@ def test_a_rank_without_a_key_files_nothing_unless_told_so() -> None:
         )
         assert lax._refusal(dataclasses.replace(signed, signature=b"")) is None
     finally:
-        strict.close(None)
-        lax.close(None)
+        strict.close()
+        lax.close()
 
 
 # ---- the weaver -----------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ __all__ = ["EvalFn", "Threadlet"]
 log = logging.getLogger("threadlet")
 
 _STEP_TIME_EMA = 0.1  # weight of the newest step in the step-time mean
+# A set lr that no scheduler given to the threadlet follows is compared with the optimizer's at most
+# this often (at each step of a slower loop): a change by something else is reported that late.
+_LR_CHECK_PERIOD_S = 0.05
 
 
 class Threadlet:
@@ -148,6 +151,7 @@ class Threadlet:
             outbox=outbox,
             optimizer=optimizer,
         )
+        self._next_lr_check_t = 0.0
         try:
             # A sampler's knobs (mix, batch_size) exist before a resume restores or overrides them.
             if sampler is not None and callable(getattr(sampler, "register_knobs", None)):
@@ -266,9 +270,12 @@ class Threadlet:
             runner.apply_overrides()
         if self._closed:
             return
-        if self._last_lr_set is not None:
+        last_lr_set = self._last_lr_set
+        if last_lr_set is not None and now >= self._next_lr_check_t:
+            # Whether something else changed a set lr: looked at on a clock, not at every step.
+            self._next_lr_check_t = now + _LR_CHECK_PERIOD_S
             for message in self._board.lr_overwritten():
-                reporter.notice(self._last_lr_set, naming.LR_OVERWRITTEN, message)
+                reporter.notice(last_lr_set, naming.LR_OVERWRITTEN, message)
         if self._replay is not None:
             self._replay_boundary()
         elif self._link is not None:

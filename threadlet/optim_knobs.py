@@ -395,8 +395,8 @@ class KnobBoard:
         return self._lr.detail(sorted(set(lr_groups)), self.groups)
 
     def lr_overwritten(self) -> list[str]:
-        """Messages for lr values set here that something else has changed since (checked at every
-        step boundary; each change reported once)."""
+        """Messages for lr values set here that something else has changed since (the front checks
+        at step boundaries, at most every 50 ms; each change reported once)."""
         if self._lr is None:
             return []
         return [

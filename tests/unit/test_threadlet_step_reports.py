@@ -1,8 +1,9 @@
 """`tl.step()` hands its reports over as raw values and the link thread builds the messages: a
 heartbeat built on another thread while the training thread steps always comes from one step boundary,
 the training thread never builds a `Heartbeat` or `StepMetrics`, the metrics carry what the step gave
-(a tensor loss and tensor metrics read on the training thread, the lr of every parameter group). No
-sockets: the link's NATS is never reached; its builders are called the way its loops call them."""
+(a tensor loss and tensor metrics read on the training thread, the lr of every parameter group), and a
+set lr that something else overwrites is reported once, on the check's clock. No sockets: the link's
+NATS is never reached; its builders are called the way its loops call them."""
 
 from __future__ import annotations
 
@@ -183,3 +184,26 @@ def test_the_metrics_carry_what_the_step_gave(
     tl.step(loss=0.5)
     sm = outbox.new_metrics()
     assert sm is not None and sm.values["nonfinite_loss_steps"] == 2.0 and sm.values["loss"] == 0.5
+
+
+def test_an_overwritten_lr_set_is_reported_once_on_the_check_s_clock(
+    tl: threadlet.Threadlet, caplog: pytest.LogCaptureFixture
+) -> None:
+    opt_groups = tl._board._optimizer.param_groups  # no scheduler: the set value is watched
+    tl._agreement.file(set_config(1, **{"lr@head": 0.05}), time.time())
+    tl.step()
+    assert tl.applied[-1].applied and opt_groups[1]["lr"] == 0.05
+    opt_groups[1]["lr"] = 0.02  # the loop's own code overwrites it
+
+    def notices() -> int:
+        return caplog.text.count("lr@head=0.05 set by torchloom was changed to 0.02")
+
+    with caplog.at_level(logging.WARNING, logger="threadlet"):
+        end = time.monotonic() + DEADLINE_S
+        while notices() == 0 and time.monotonic() < end:
+            tl.step()
+        assert notices() == 1
+        reported_at = time.perf_counter()
+        while time.perf_counter() - reported_at < 0.2:  # a few more check periods
+            tl.step()
+    assert notices() == 1  # reported once

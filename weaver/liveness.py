@@ -6,7 +6,8 @@ the service to carry out (events to announce, outcomes of commands the new run d
 
 Pure (they read the state, never change it): `known_schema` and `with_known_schema` (a hash-only
 heartbeat's schema), `scale_event`, `is_alive`, `resolve_job` (returns the job's live `JobState`,
-for the caller to read or hand to a mutator), `rank_health`, `job_status` and `status`. `rank_health` is the one place a rank's health is computed: status's `alive` and `health`,
+for the caller to read or hand to a mutator), `rank_health`, `job_status` and `status`.
+`rank_health` is the one place a rank's health is computed: status's `alive` and `health`,
 `torchloom devices` and the UI's device panel (both read status) and the health events all use it.
 """
 

@@ -133,9 +133,15 @@ def measure_backward(iters: int, hidden: int, out: Path, cxx: bool) -> None:
             if i >= 100:
                 rows[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)  # every thread of the process
+    # Same parameters, same batch: every arm's last backward must leave DDP's own gradients.
+    grads = {n: [p.grad for p in net.parameters()] for n, net in arms.items()}
+    same = {
+        n: all(torch.equal(a, b) for a, b in zip(g, grads["builtin"], strict=True)) for n, g in grads.items()
+    }
     if dist.get_rank() == 0:
         result: dict[str, object] = {
             name: {
+                "grads_equal_builtin": same[name],
                 "median_us": statistics.median(v) * 1e6,
                 "mean_us": statistics.fmean(v) * 1e6,
                 "cpu_mean_us": statistics.fmean(cpu[name]) * 1e6,
@@ -171,6 +177,7 @@ def backward(args: argparse.Namespace) -> None:
         print(
             f"{name:<18}{med:>12.1f}{mean:>12.1f}{(med / base - 1) * 100:>+9.1f}%"
             f"{cpu:>10.1f}{(cpu / base_cpu - 1) * 100:>+9.1f}%"
+            f"{'' if result[name]['grads_equal_builtin'] else '  GRADIENTS DIFFER FROM DDP'}"
         )
     print(f"load average {load:.1f} before, {result['load']:.1f} after")
     out = Path(args.out).with_name("agreement_backward.json")

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,11 @@ import pytest
 from nats.aio.client import Client
 
 from tests.conftest import REPO
-from torchloom import bus, signing, subjects, wire
+from torchloom import bus, discovery, signing, subjects, wire
 from torchloom.client import ControlClient
 from torchloom.credentials import ClientAuth, Role
-from torchloom.errors import JobNotFound
-from torchloom.messages import Command, JobEvent, Outcome, OutcomeStatus, SubmitRequest
+from torchloom.errors import JobNotFound, WeaverUnavailable
+from torchloom.messages import Command, JobEvent, Outcome, OutcomeStatus, StatusReply, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
 from weaver.config import WeaverConfig
 
@@ -221,11 +221,100 @@ def finish_cli(proc: subprocess.Popen[str], timeout_s: float = 240.0) -> str:
     return err
 
 
+def home_client(env: Mapping[str, str]) -> ControlClient | None:
+    """A client (to open with `async with`) of the control plane of `env`'s TORCHLOOM_HOME, with its
+    discovery file's address, token and CA, as a flagless CLI there finds it; None before the file
+    exists."""
+    info = discovery.read(discovery.home(env) / discovery.FILE_NAME)
+    if info is None:
+        return None
+    ca = Path(info.tls_ca_file).read_bytes() if info.tls_ca_file else None
+    return ControlClient(info.grpc, token=info.token or None, root_certificates=ca)
+
+
+async def home_status(env: Mapping[str, str], job: str = "") -> StatusReply | None:
+    """What `torchloom status [--job JOB]` shows for the control plane of `env`'s TORCHLOOM_HOME, read
+    through one gRPC call from this process (`home_client`); None while no control plane answers or
+    it does not know `job` yet. For polls: a CLI process per poll costs about a second of a loaded
+    core, taken from the job that is starting."""
+    client = home_client(env)
+    if client is None:
+        return None
+    try:
+        async with client:
+            return await client.status(job)
+    except (JobNotFound, WeaverUnavailable):
+        return None
+
+
+def wait_status(
+    env: Mapping[str, str],
+    what: str,
+    ok: Callable[[StatusReply], object],
+    *,
+    proc: subprocess.Popen[Any] | None = None,
+    job: str = "",
+    timeout_s: float = 120.0,
+) -> StatusReply:
+    """Poll `home_status` every 0.1 s until `ok` holds for the reply, and return it; fail naming
+    `what` at the deadline, or at once when `proc` (the `torchloom run` under test) has exited."""
+
+    async def poll() -> StatusReply:
+        end = time.monotonic() + timeout_s
+        while True:
+            reply = await home_status(env, job)
+            if reply is not None and ok(reply):
+                return reply
+            if proc is not None and proc.poll() is not None:
+                said = await _output(proc)
+                pytest.fail(
+                    f"the process exited ({proc.returncode}) while waiting for {what}: {said[-3000:]}"
+                )
+            if time.monotonic() > end:
+                pytest.fail(f"timed out after {timeout_s:g}s waiting for {what}; last status {reply!r}")
+            await asyncio.sleep(0.1)
+
+    return asyncio.run(poll())
+
+
+def wait_ranks(
+    env: Mapping[str, str],
+    min_step: int,
+    *,
+    proc: subprocess.Popen[Any] | None = None,
+    job: str = "",
+    ranks: int = 2,
+) -> StatusReply:
+    """`wait_status` until the job (`job`, or the first one) has `ranks` live ranks, each at
+    `min_step` or later."""
+
+    def ok(reply: StatusReply) -> bool:
+        live = [r for r in reply.jobs[0].ranks if r.alive] if reply.jobs else []
+        return len(live) == ranks and min(r.step for r in live) >= min_step
+
+    return wait_status(env, f"{ranks} live ranks at step {min_step}", ok, proc=proc, job=job)
+
+
+def status_job(
+    env: dict[str, str], min_step: int, *, proc: subprocess.Popen[Any], job: str = ""
+) -> dict[str, Any]:
+    """Once both ranks are at `min_step` (`wait_ranks`, polled in this process), the job as
+    `torchloom status --json [--job JOB]` shows it; that it shows them so is checked here."""
+    wait_ranks(env, min_step, proc=proc, job=job)
+    res = cli("status", "--json", *(("--job", job) if job else ()), env=env, timeout_s=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    jobs = json.loads(res.stdout)["jobs"]
+    live = [r for r in jobs[0]["ranks"] if r["alive"]] if jobs else []
+    assert len(live) == 2 and min(r["step"] for r in live) >= min_step, jobs
+    return dict(jobs[0])
+
+
 def min_step(env: dict[str, str]) -> int:
-    """The lowest step of the only job's ranks, from `torchloom status --json` (0 before it reports)."""
-    res = cli("status", "--json", env=env, timeout_s=30)
-    jobs = json.loads(res.stdout)["jobs"] if res.returncode == 0 else []
-    return min((r["step"] for r in jobs[0]["ranks"]), default=0) if jobs else 0
+    """The lowest step of the only job's ranks, from the status `torchloom status --json` shows (0
+    before it reports), read in this process (`home_status`)."""
+    reply = asyncio.run(home_status(env))
+    jobs = reply.jobs if reply is not None else ()
+    return min((r.step for r in jobs[0].ranks), default=0) if jobs else 0
 
 
 def port_open(url: str) -> bool:
@@ -315,7 +404,7 @@ async def until(
     *,
     timeout_s: float = 60.0,
     interval_s: float = 0.1,
-    proc: asyncio.subprocess.Process | subprocess.Popen[bytes] | None = None,
+    proc: asyncio.subprocess.Process | subprocess.Popen[Any] | None = None,
     logs: Sequence[Path] = (),
 ) -> Any:
     """Poll `check` (sync or async) until it returns something truthy, and return that; fail naming
@@ -339,11 +428,12 @@ async def until(
         await asyncio.sleep(interval_s)
 
 
-async def _output(proc: asyncio.subprocess.Process | subprocess.Popen[bytes]) -> str:
+async def _output(proc: asyncio.subprocess.Process | subprocess.Popen[Any]) -> str:
     """What an exited process wrote to its captured stderr (or stdout, where stderr goes there)."""
     if isinstance(proc, subprocess.Popen):
         stream = proc.stderr or proc.stdout
-        return stream.read().decode(errors="replace") if stream else ""
+        said = stream.read() if stream else ""
+        return said.decode(errors="replace") if isinstance(said, bytes) else said
     stream_a = proc.stderr or proc.stdout
     return (await stream_a.read()).decode(errors="replace") if stream_a else ""
 

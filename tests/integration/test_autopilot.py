@@ -4,6 +4,7 @@ taken before the NaN and halve lr; every firing is journaled with its rule, and 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, min_step, read_records, start_cli
+from tests.integration.helpers import cli, home_client, kill_tree, min_step, read_records, start_cli, until
 
 SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
 NAN_AT = 220
@@ -142,6 +143,25 @@ def _until(what: str, check: Callable[[], Any], proc: subprocess.Popen[str], tim
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _wait_pending(
+    env: dict[str, str], proc: subprocess.Popen[str], what: str, ok: Callable[[int], bool]
+) -> None:
+    """Until `ok(number of apjob's pending proposals)`, read in this process as `torchloom policy
+    show` reads them (a CLI per poll takes a core from the job)."""
+
+    async def poll() -> None:
+        client = home_client(env)
+        assert client is not None, "no control plane"
+        async with client:
+
+            async def held() -> bool:
+                return ok(len((await client.get_policy("apjob")).proposals))
+
+            await until(what, held, proc=proc, timeout_s=120)
+
+    asyncio.run(poll())
+
+
 @pytest.mark.timeout(400)
 def test_approval_mode_waits_for_a_person(tmp_path: Path, run_alone_env: dict[str, str]) -> None:
     nan_step_file = tmp_path / "nan_step"
@@ -170,7 +190,8 @@ def test_approval_mode_waits_for_a_person(tmp_path: Path, run_alone_env: dict[st
         def pending() -> list[dict[str, Any]]:
             return list(_json_cli("policy", "show", "--job", "apjob", env=env)["proposals"])
 
-        (proposal,) = _until("a proposal", pending, proc)
+        _wait_pending(env, proc, "a proposal", lambda n: n > 0)
+        (proposal,) = pending()
         assert proposal["rule"] == "nan" and proposal["signal"] == "nonfinite"
         time.sleep(1.0)  # nothing is sent while it waits
         assert [d for d in pending() if d["id"] != proposal["id"]] == []
@@ -178,7 +199,8 @@ def test_approval_mode_waits_for_a_person(tmp_path: Path, run_alone_env: dict[st
         assert bogus.returncode == 2 and "no pending proposal 'nosuch'" in bogus.stderr, bogus.stderr
         approved = cli("policy", "approve", proposal["id"], "--job", "apjob", env=env)
         assert approved.returncode == 0 and "approved" in approved.stdout, approved.stderr
-        _until("the proposal to go", lambda: not pending(), proc)
+        _wait_pending(env, proc, "the proposal to go", lambda n: n == 0)
+        assert not pending()
         stopped = _json_cli("stop", env=env)
         assert stopped["status"] == "applied", stopped
         _stdout, stderr = proc.communicate(timeout=120)

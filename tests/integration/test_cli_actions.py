@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import EXAMPLE, unbound_env
+from tests.integration.helpers import EXAMPLE, unbound_env, wait_status
 from tests.integration.helpers import cli as _cli
 
 
@@ -52,6 +52,19 @@ def test_action_commands_against_a_running_job(tmp_path: Path, run_env: dict[str
         text=True,
     )
     try:
+        # Waited for in this process (a CLI per poll takes a core from the starting job); the CLI
+        # polls below then see what they wait for at once.
+        wait_status(
+            run_env,
+            "two ranks with knobs and device health",
+            lambda s: (
+                s.jobs
+                and len(s.jobs[0].ranks) == 2
+                and s.jobs[0].knobs
+                and all(r.device is not None for r in s.jobs[0].ranks)
+            ),
+            proc=proc,
+        )
         _poll_json(
             ["status", "--json"], run_env, proc, lambda d: bool(d["jobs"]) and len(d["jobs"][0]["ranks"]) == 2
         )

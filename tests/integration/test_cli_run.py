@@ -15,29 +15,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.integration.helpers import EXAMPLE, unbound_env
+from tests.integration.helpers import EXAMPLE, status_job, unbound_env
 from tests.integration.helpers import cli as _cli
 from torchloom import discovery
-
-
-def _wait_for_ranks(env: dict[str, str], proc: subprocess.Popen[str], *, min_step: int) -> dict[str, Any]:
-    """Poll `torchloom status --json` until both ranks report at least `min_step`."""
-    deadline = time.monotonic() + 120.0
-    last = ""
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"torchloom run exited early with {proc.returncode}"
-        res = _cli("status", "--json", env=env, timeout_s=30)
-        last = res.stdout + res.stderr
-        if res.returncode == 0:
-            jobs = json.loads(res.stdout)["jobs"]
-            if jobs and len(jobs[0]["ranks"]) == 2 and min(r["step"] for r in jobs[0]["ranks"]) >= min_step:
-                return dict(jobs[0])
-        time.sleep(0.2)
-    raise AssertionError(f"ranks never reached step {min_step}: {last}")
 
 
 def _lr_change_steps(path: Path) -> list[tuple[int, float]]:
@@ -94,7 +77,7 @@ def test_run_then_set_from_another_process_applies_at_one_step(
     )
     watcher: subprocess.Popen[str] | None = None
     try:
-        job = _wait_for_ranks(run_env, proc, min_step=5)
+        job = status_job(run_env, 5, proc=proc)
         watcher = subprocess.Popen(
             [sys.executable, "-m", "torchloom.app.cli", "watch"],
             env=run_env,
@@ -281,7 +264,7 @@ def test_sigint_reaches_the_job_and_everything_stops(
         text=True,
     )
     try:
-        job = _wait_for_ranks(run_env, proc, min_step=2)
+        job = status_job(run_env, 2, proc=proc)
         pids = [r["pid"] for r in job["ranks"]]
         info = json.loads((tl_home / "weaver.json").read_text())
         proc.send_signal(signal.SIGINT)

@@ -21,10 +21,10 @@ from tests.integration.helpers import (
     read_all_records,
     read_records,
     start_cli,
+    status_job,
     unbound_env,
 )
 from tests.integration.helpers import cli as _cli
-from tests.integration.test_cli_actions import _poll_json
 
 LOADER_SCRIPT = REPO / "tests" / "integration" / "scripts" / "loader_train.py"
 
@@ -73,16 +73,7 @@ def test_xid_reconfiguration_of_train_tiny_from_2_ranks_to_1_keeps_the_sample_or
         env=env,
     )
     try:
-        _poll_json(
-            ["status", "--json", "--job", "tiny"],
-            env,
-            proc,
-            lambda d: (
-                bool(d["jobs"])
-                and len(d["jobs"][0]["ranks"]) == 2
-                and min(r["step"] for r in d["jobs"][0]["ranks"]) >= 15
-            ),
-        )
+        status_job(env, 15, proc=proc, job="tiny")
         res = _cli("fault", "inject", "--rank", "1", "--xid", "79", "--job", "tiny", "--json", env=env)
         assert res.returncode == 0, res.stdout + res.stderr
     finally:

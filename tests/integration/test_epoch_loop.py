@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.integration.helpers import cli, read_records, unbound_env
+from tests.integration.helpers import cli, read_records, status_job, unbound_env, wait_status
 
 SCRIPT = REPO / "tests" / "integration" / "scripts" / "epoch_onecycle.py"
 EPOCHS = 100
@@ -91,11 +91,7 @@ def test_epoch_loop_with_onecycle_set_pause_checkpoint_rollback_stop(
         text=True,
     )  # fmt: skip
     try:
-        wait_until(
-            proc,
-            "both ranks training",
-            lambda: len(ranks(env)) == 2 and min(r["step"] for r in ranks(env)) >= 3,
-        )
+        status_job(env, 3, proc=proc)  # both ranks training (polled in this process, then the CLI)
 
         lr_set = command(env, "set", f"lr={X}")
         s = lr_set["applied"][0]["step"]
@@ -104,7 +100,13 @@ def test_epoch_loop_with_onecycle_set_pause_checkpoint_rollback_stop(
 
         paused = command(env, "pause")
         p = paused["applied"][0]["step"]
-        wait_until(proc, "both ranks paused", lambda: {r["state"] for r in ranks(env)} == {"paused"})
+        wait_status(
+            env,
+            "both ranks paused",
+            lambda st: bool(st.jobs) and {str(r.state) for r in st.jobs[0].ranks} == {"paused"},
+            proc=proc,
+        )
+        assert {r["state"] for r in ranks(env)} == {"paused"}  # and `torchloom status` says so
         # Held at the boundary: no rank records past the paused step while paused.
         assert max(max(main_records(out, r)) for r in (0, 1)) <= p
         command(env, "resume")

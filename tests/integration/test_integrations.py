@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.helpers import cli, read_records, unbound_env
+from tests.integration.helpers import cli, read_records, unbound_env, wait_status
 
 SCRIPTS = REPO / "tests" / "integration" / "scripts"
 STEPS = 100_000  # far more than a test runs: only `stop` ends the job
@@ -92,7 +92,11 @@ def steer(
     try:
         _wait("both ranks training", _past(out, 5), proc, timeout_s=240)
         values = {"lr": str(LR), **knobs}
-        # The training-loop knobs appear once the callback has enabled them: wait for the schema.
+        # The training-loop knobs appear once the callback has enabled them: wait for the schema
+        # (in this process: a CLI per poll takes a core from the job), then `torchloom knobs` lists it.
+        wait_status(
+            env, "the knobs", lambda s: s.jobs and set(values) <= {k.name for k in s.jobs[0].knobs}, proc=proc
+        )
         _wait("the knobs", lambda: _knobs_known(env, set(values)), proc)
         steps["set"] = _command(env, "set", *(f"{k}={v}" for k, v in values.items()))["applied"][0]["step"]
 

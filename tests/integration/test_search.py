@@ -6,13 +6,12 @@ search_result event. A search whose candidate is refused exits 2 and leaves the 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.helpers import cli, kill_tree, start_cli
+from tests.integration.helpers import cli, kill_tree, start_cli, wait_status
 
 SCRIPT = Path(__file__).parent / "scripts" / "search_train.py"
 STEPS = 15
@@ -33,14 +32,23 @@ def test_search_picks_the_best_lr_and_journals_every_branch(
     run = ["run", "--job", "srch", "--nproc-per-node", "2", str(SCRIPT), "--out", str(out)]
     proc = start_cli(*run, env=env)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            job = _status(env)
-            if job and min(r["step"] for r in job["ranks"]) >= 5 and job["ranks"][0]["knobs"].get("lr"):
-                break
-            assert time.monotonic() < deadline, "the job did not start training"
-            time.sleep(0.3)
+        # Waited for in this process (a CLI per poll takes a core from the starting job), then seen
+        # so by `torchloom status`.
+        wait_status(
+            env,
+            "both ranks training at step 5 with an lr knob",
+            lambda s: (
+                s.jobs
+                and len(s.jobs[0].ranks) == 2
+                and min(r.step for r in s.jobs[0].ranks) >= 5
+                and all(r.knobs.get("lr") for r in s.jobs[0].ranks)
+            ),
+            proc=proc,
+            job="srch",
+            timeout_s=90,
+        )
+        job = _status(env)
+        assert job and min(r["step"] for r in job["ranks"]) >= 5 and job["ranks"][0]["knobs"].get("lr"), job
 
         res = cli("search", "lr=x0.1,x10,x1000", "--steps", str(STEPS), "--job", "srch", "--json", env=env)
         assert res.returncode == 0, res.stderr

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import EXAMPLE, finish_cli, kill_tree, port_open, unbound_env
+from tests.integration.helpers import EXAMPLE, finish_cli, kill_tree, port_open, status_job, unbound_env
 from tests.integration.helpers import cli as _cli
 from torchloom import discovery
 
@@ -49,23 +49,6 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
-def _job(env: dict[str, str], proc: subprocess.Popen[str], job: str, *, min_step: int) -> dict[str, Any]:
-    """Poll `torchloom status --json --job JOB` until both ranks are alive at `min_step` or later."""
-    deadline = time.monotonic() + 120.0
-    last = ""
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"torchloom run exited early with {proc.returncode}"
-        res = _cli("status", "--json", "--job", job, env=env, timeout_s=30)
-        last = res.stdout + res.stderr
-        if res.returncode == 0:
-            jobs = json.loads(res.stdout)["jobs"]
-            ranks = [r for r in jobs[0]["ranks"] if r["alive"]] if jobs else []
-            if len(ranks) == 2 and min(r["step"] for r in ranks) >= min_step:
-                return dict(jobs[0])
-        time.sleep(0.2)
-    raise AssertionError(f"job {job} never had 2 live ranks at step {min_step}: {last}")
-
-
 def _state(home: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((home / "controlplane" / "state.json").read_text())
     return data
@@ -90,7 +73,7 @@ def test_embedded_nats_killed_twice_during_a_stream_of_sets(
     out = tmp_path / "out"
     proc = _run(["--job", "chaos", "--nproc-per-node", "2", *_long(out)], cp_env)
     try:
-        _job(cp_env, proc, "chaos", min_step=5)
+        status_job(cp_env, 5, proc=proc, job="chaos")
         url = json.loads((tl_home / "weaver.json").read_text())["nats_url"]
         sent: list[tuple[str, float]] = []
         codes: list[int] = []
@@ -145,13 +128,15 @@ def test_two_jobs_share_one_control_plane_and_the_second_outlives_the_first(
     )
     try:
         err = finish_cli(first)
+        first_ended = time.monotonic()
         assert first.returncode == 0, err[-3000:]
         assert "started weaver" in err or "reusing weaver" in err
         info = discovery.read(tl_home / "weaver.json")
         assert info is not None
-        _job(cp_env, second, "second", min_step=2)
-        # Well past the idle grace: the control plane stays for the job that still holds a lease.
-        time.sleep(3 * float(IDLE_S) + 1.0)
+        status_job(cp_env, 2, proc=second, job="second")
+        # Well past the idle grace since the first job ended (the second one's start usually took
+        # longer): the control plane stays for the job that still holds a lease.
+        time.sleep(max(0.0, first_ended + 3 * float(IDLE_S) + 1.0 - time.monotonic()))
         assert discovery.pid_alive(info.pid), "the control plane ended with the first job"
         res = _cli("set", "lr=0.005", "--job", "second", "--json", env=cp_env, timeout_s=90)
         assert res.returncode == 0, res.stdout + res.stderr
@@ -181,7 +166,7 @@ def test_sigterm_ends_the_job_under_every_policy(
         cp_env,
     )
     try:
-        job = _job(cp_env, proc, "term", min_step=5)
+        job = status_job(cp_env, 5, proc=proc, job="term")
         pids = [r["pid"] for r in job["ranks"]]
         proc.send_signal(signal.SIGTERM)
         err = finish_cli(proc, timeout_s=120)

@@ -186,19 +186,21 @@ async def test_commands_decided_exactly_once_through_server_and_weaver_kills(
         cluster.start(i)
     weaver: WeaverProc | None = None
     try:
-        await until(
-            "a healthy 3-node cluster", lambda: all(cluster.healthy(i) for i in range(3)), timeout_s=30
-        )
-        weaver = WeaverProc(cluster.urls, subprocess_env, tmp_path / "weaver.log", replicas=3)
-        weaver.start()
         out = tmp_path / "out"
         env = job_env(subprocess_env, JOB, TORCHLOOM_NATS_URL=cluster.urls)
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
             str(EXAMPLE), "--steps", "1000000", "--out", str(out), "--step-sleep", "0.02",
         ]  # fmt: skip
+        # The job starts while the cluster forms: its ranks import torch for seconds before they
+        # connect (and a rank's bus retries until a server answers).
         job = start_session(cmd, env)
         procs.append(job)
+        await until(
+            "a healthy 3-node cluster", lambda: all(cluster.healthy(i) for i in range(3)), timeout_s=30
+        )
+        weaver = WeaverProc(cluster.urls, subprocess_env, tmp_path / "weaver.log", replicas=3)
+        weaver.start()
         addr = weaver.addr
         logs = [tmp_path / "weaver.log"]
 
@@ -245,7 +247,6 @@ async def test_commands_decided_exactly_once_through_server_and_weaver_kills(
         for t in fault_tasks:
             await t
         chaos_end = time.monotonic()
-        await asyncio.sleep(2.0)
         meter_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await meter_task

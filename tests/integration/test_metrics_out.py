@@ -76,18 +76,20 @@ def test_run_serves_metrics_and_a_scrape_finds_steps_losses_commands_and_rule_fi
                 value(got, "torchloom_rule_firings_total", job=JOB, rule=rule) >= 1
                 for rule in ("ckpt", "ratio-alert")
             )
+            # A rank's loss in /metrics is at most 1 s old (with nobody watching, the weaver reads a
+            # rank's metrics at most once a second) and ranks held at step 0 for the policy's start
+            # commands report none: wait for both ranks' losses, as a scraper would see them.
+            losses = all(loss_of(got, r) is not None for r in ("0", "1"))
             return (
                 got
-                if ok and value(got, "torchloom_commands_submitted_total", job=JOB, issuer="rule")
+                if ok and losses and value(got, "torchloom_commands_submitted_total", job=JOB, issuer="rule")
                 else None
             )
 
         got = _until("both rules' firings in /metrics", fired, proc)
         for rank in ("0", "1"):
             assert value(got, "torchloom_rank_step", job=JOB, rank=rank) > 0
-            assert (
-                job_loss := got.get(("torchloom_rank_loss", frozenset({"job": JOB, "rank": rank}.items())))
-            ) is not None
+            assert (job_loss := loss_of(got, rank)) is not None
             assert job_loss >= 0
         assert value(got, "torchloom_commands_submitted_total", job=JOB, issuer="cli") == 1
         assert value(got, "torchloom_command_outcomes_total", job=JOB, issuer="cli", status="applied") == 1
@@ -105,3 +107,8 @@ def test_run_serves_metrics_and_a_scrape_finds_steps_losses_commands_and_rule_fi
             kill_tree(proc.pid)
             proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr[-3000:]
+
+
+def loss_of(got: Samples, rank: str) -> float | None:
+    """The rank's `torchloom_rank_loss` in a scrape, None when it has none yet."""
+    return got.get(("torchloom_rank_loss", frozenset({"job": JOB, "rank": rank}.items())))

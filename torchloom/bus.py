@@ -23,6 +23,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
     SubjectTransform,
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
@@ -280,9 +281,8 @@ async def ensure_job_commands(js: JetStreamContext, job: str, *, replicas: int =
     with contextlib.suppress(NotFoundError):
         token = _token_of((await js.stream_info(name)).config, job)
     config = job_commands_stream(job, token or secrets.token_hex(_CAPTURE_TOKEN_BYTES), replicas=replicas)
-    await _add_or_update(js, config)
     # Another weaver may have made it first with its own token: the server's copy decides.
-    stored = _token_of((await js.stream_info(name)).config, job)
+    stored = _token_of((await _add_or_update(js, config)).config, job)
     if stored is None:
         raise NatsUnavailable(
             f"the command stream of job {job} was stored without its subject transform: torchloom needs "
@@ -352,8 +352,9 @@ async def remove_shared_commands(js: JetStreamContext) -> int:
     return held
 
 
-async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    """The stream as the server holds it after creating `config`, or updating the stream to it."""
     try:
-        await js.add_stream(config)
+        return await js.add_stream(config)
     except BadRequestError:
-        await js.update_stream(config)
+        return await js.update_stream(config)

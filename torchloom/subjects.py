@@ -61,12 +61,16 @@ def commands_capture(token: str, job: str) -> str:
     only to weaver-role clients: nats-server does not check a request's reply subject, so any client
     could have a JetStream answer stored on a subject a stream captures; a capture subject nobody
     else knows cannot be aimed at (docs/security.md, "Reply subjects")."""
-    return f"{PREFIX}.wcmd.{check_token('capture token', token)}.{check_token('job', job)}.*"
+    return f"{_capture_prefix(token, job)}.*"
 
 
 def command_capture(token: str, job: str, run_id: str) -> str:
     """Where the weaver publishes a command of `run_id`: one of `commands_capture(token, job)`."""
-    return f"{commands_capture(token, job)[:-2]}.{check_token('run id', run_id)}"
+    return f"{_capture_prefix(token, job)}.{check_token('run id', run_id)}"
+
+
+def _capture_prefix(token: str, job: str) -> str:
+    return f"{PREFIX}.wcmd.{check_token('capture token', token)}.{check_token('job', job)}"
 
 
 def commands_all() -> str:

@@ -47,6 +47,26 @@ def _control_plane_gone(home: Path) -> bool:
     return not (home / "weaver.json").exists()
 
 
+def _wait_or_abort(
+    proc: subprocess.Popen[str], timeout_s: float, readers: list[threading.Thread], err: list[str]
+) -> None:
+    """Wait for `proc` to exit; one still running after `timeout_s` is aborted (SIGABRT, which
+    PYTHONFAULTHANDLER turns into every thread's stack on stderr) and the test fails showing where
+    it was stuck, its signal dispositions and its stderr."""
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        signals = [line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(timeout=10)
+        for reader in readers:
+            reader.join(timeout=10)
+        pytest.fail(f"still running {timeout_s} s after SIGINT; {signals}; stderr:\n{''.join(err)}")
+    for reader in readers:
+        reader.join(timeout=10)
+
+
 @pytest.mark.timeout(300)
 def test_run_then_set_from_another_process_applies_at_one_step(
     tmp_path: Path, tl_home: Path, run_env: dict[str, str]
@@ -78,22 +98,25 @@ def test_run_then_set_from_another_process_applies_at_one_step(
     watcher: subprocess.Popen[str] | None = None
     try:
         job = status_job(run_env, 5, proc=proc)
+        # Started with SIGINT ignored, as a background job of a non-interactive shell inherits it
+        # (how CI starts the suite): Ctrl-C must end a watch all the same. PYTHONFAULTHANDLER: a
+        # watch that does not end is aborted and shows every thread's stack.
         watcher = subprocess.Popen(
-            [sys.executable, "-m", "torchloom.app.cli", "watch"],
-            env=run_env,
+            ["/bin/sh", "-c", 'trap "" INT; exec "$0" -m torchloom.app.cli watch', sys.executable],
+            env={**run_env, "PYTHONFAULTHANDLER": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         watched: list[str] = []
-
-        def _read() -> None:
-            assert watcher is not None and watcher.stdout is not None
-            for line in watcher.stdout:
-                watched.append(line)
-
-        reader = threading.Thread(target=_read, daemon=True)
-        reader.start()
+        watch_err: list[str] = []
+        # Both pipes are drained as the watch writes: a full pipe nobody reads would block it.
+        readers = [
+            threading.Thread(target=lambda pipe=pipe, into=into: into.extend(pipe), daemon=True)
+            for pipe, into in ((watcher.stdout, watched), (watcher.stderr, watch_err))
+        ]
+        for reader in readers:
+            reader.start()
         assert job["job"] == "clitest" and job["world_size"] == 2
         assert {r["knobs"]["lr"] for r in job["ranks"]} == {0.001}
         # The watch sees only what happens after it subscribed: wait for its first metrics line, or
@@ -122,11 +145,8 @@ def test_run_then_set_from_another_process_applies_at_one_step(
         while not all(any(w in line for line in watched) for w in wanted) and time.monotonic() < deadline:
             time.sleep(0.05)
         watcher.send_signal(signal.SIGINT)
-        watcher.wait(timeout=30)
-        reader.join(timeout=10)
-        assert watcher.stderr is not None
-        watch_err = watcher.stderr.read()
-        assert watcher.returncode == 0, watch_err
+        _wait_or_abort(watcher, 30.0, readers, watch_err)
+        assert watcher.returncode == 0, "".join(watch_err)
         for w in wanted:
             assert any(w in line for line in watched), (w, watched[-5:])
 

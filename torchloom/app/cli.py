@@ -27,6 +27,7 @@ from torchloom.app import format as cli_format
 from torchloom.app import policy_cmd, runs, search
 from torchloom.app.format import json_value
 from torchloom.app.health_options import UsageError, parse_health
+from torchloom.app.interrupt import run_until_interrupted
 from torchloom.app.lookup import NO_WEAVER_HELP, weaver_address
 from torchloom.client import ControlClient, SubmitResult, submit_until
 from torchloom.errors import (
@@ -647,10 +648,8 @@ def _run_command(args: argparse.Namespace) -> int:
                 )
             )
         return EXIT_OK
-    if command == "watch":
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
-            asyncio.run(watch(args.grpc, args.job, sys.stdout))
-        return EXIT_OK
+    if command == "watch":  # Ctrl-C is how a watch ends, and it ends it promptly
+        return run_until_interrupted(watch(args.grpc, args.job, sys.stdout), code=EXIT_OK)
     if command == "ui":
         with contextlib.suppress(KeyboardInterrupt):
             return asyncio.run(

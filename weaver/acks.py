@@ -65,6 +65,8 @@ class AckFeed:
         self._handler = handler
         self._take_over = take_over
         self._held: dict[CommandKey, dict[int, Msg]] = {}
+        # Commands whose outcome is decided but not journaled yet (`hold`): their acks stay held.
+        self._journaling: set[CommandKey] = set()
         self._sub: Any = None
 
     async def start(self, js: JetStreamContext) -> None:
@@ -140,8 +142,19 @@ class AckFeed:
         else:
             self._held.setdefault(key, {})[msg.metadata.sequence.stream] = msg
 
+    def hold(self, key: CommandKey) -> None:
+        """The outcome of command `key` is decided and on its way to the journal: until `release(key)`,
+        its acks stay held, also those JetStream delivers again meanwhile (a journal write retried
+        past ACK_WAIT_S), which the handler must then answer with `key` (`journaling`)."""
+        self._journaling.add(key)
+
+    def journaling(self, key: CommandKey) -> bool:
+        """Whether the outcome of command `key` is decided but not journaled yet (`hold`)."""
+        return key in self._journaling
+
     async def release(self, key: CommandKey) -> None:
         """The outcome of command `key` is journaled: acknowledge every ack held for it."""
+        self._journaling.discard(key)
         for msg in self._held.pop(key, {}).values():
             await _ack(msg)
 

@@ -450,6 +450,8 @@ class Weaver:
                 await self._acks.release(key)
 
         if self.config.journal:
+            if key is not None:
+                self._acks.hold(key)
             subject = subjects.journal(outcome.job or admission.WEAVER_JOB)
             msg_id = dedupe.journal_msg_id(outcome)
             self._outbox.put(subject, wire.encode(outcome), msg_id=msg_id, keep=True, then=release)
@@ -502,6 +504,10 @@ class Weaver:
         outcome = outcomes.record_ack(self.state, ack, now)
         if outcome is not None:
             self._finish(outcome)
+            return key
+        if self._acks.journaling(key):
+            # Delivered again while the outcome's journal write is retried: acknowledged now, it
+            # would be lost to the next weaver if this one died before the write landed.
             return key
         return key if job is not None and job.run_id == ack.run_id and ack.seq in job.pending else None
 

@@ -1,0 +1,96 @@
+"""An outcome decided but not journaled when its weaver died is journaled by the next weaver, once.
+
+A real nats-server, weaver and 2-rank torchrun job. The journal stream is made to refuse every write
+(its max message size set to 1 byte: nothing stored is touched), so the weaver decides a command from
+both ranks' acks but its journal write is retried, past ACK_WAIT_S, when JetStream delivers the
+held acks again; then the weaver stops with the write never landed, the stream takes writes again,
+and a new weaver starts. It must journal that command's outcome from the acks its predecessor left
+unacknowledged (tests/integration/test_chaos.py saw it lost once: the redelivered acks were
+acknowledged as of no more use while the write was still being retried).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import job_env, torchrun, until, wait_training, weaver_config
+from torchloom import subjects
+from torchloom.client import ControlClient
+from torchloom.messages import Outcome, OutcomeStatus, SetConfig, SubmitRequest
+from torchloom.nats_server import EmbeddedNats
+from weaver.acks import ACK_WAIT_S
+from weaver.app import open_weaver
+
+JOB = "undone"
+
+
+async def _journal_takes_writes(js: Any, take: bool) -> None:
+    """Let the journal stream store messages again, or refuse every one (nothing stored is touched)."""
+    info = await js.stream_info(subjects.STREAM_JOURNAL)
+    await js.update_stream(dataclasses.replace(info.config, max_msg_size=-1 if take else 1))
+
+
+async def _journaled(client: ControlClient, command_id: str) -> list[Outcome]:
+    return [e async for e in client.journal(JOB) if isinstance(e, Outcome) and e.command_id == command_id]
+
+
+@pytest.mark.timeout(240)
+async def test_an_outcome_decided_but_not_journaled_is_journaled_by_the_next_weaver(
+    tmp_path: Path,
+    subprocess_env: dict[str, str],
+    nats_server: EmbeddedNats,
+    nc: Any,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    out = tmp_path / "out"
+    job = torchrun(out, job_env(subprocess_env, JOB, server=nats_server), steps=1_000_000, step_sleep=0.02)
+    procs.append(job)
+    js = nc.jetstream()
+    config = weaver_config(nats_server, dead_after_s=3.0)
+    acks_consumer = config.acks_consumer
+
+    try:
+        async with open_weaver(config) as running, ControlClient(running.grpc_address) as client:
+            await wait_training(client, JOB, job, out)
+            await _journal_takes_writes(js, False)
+            decided = await client.submit(
+                SubmitRequest(job=JOB, body=SetConfig(values={"lr": 0.003}), timeout_s=60)
+            )
+            assert decided.status is OutcomeStatus.APPLIED, decided
+            info = await js.consumer_info(subjects.STREAM_ACKS, acks_consumer)
+            delivered = info.delivered.consumer_seq
+
+            # Both acks are delivered again (after ACK_WAIT_S) while the outcome's write is retried.
+            async def redelivered() -> bool:
+                info = await js.consumer_info(subjects.STREAM_ACKS, acks_consumer)
+                return bool(info.delivered.consumer_seq >= delivered + 2)
+
+            await until("the held acks delivered again", redelivered, timeout_s=10 * ACK_WAIT_S)
+            assert not await _journaled(client, decided.command_id), "the journal took a write"
+        # The weaver has stopped (its outbox cancelled) with the write never landed.
+    finally:
+        await _journal_takes_writes(js, True)
+
+    async with open_weaver(config) as running, ControlClient(running.grpc_address) as client:
+        found = await until(
+            "the outcome journaled by the next weaver",
+            lambda: _journaled(client, decided.command_id),
+            timeout_s=60,
+            proc=job,
+        )
+        assert len(found) == 1, found
+        (kept,) = found
+        assert kept.status is OutcomeStatus.APPLIED
+        # The ranks' own answers, as the first weaver decided them.
+        assert [(r.rank, r.step) for r in kept.results] == [(r.rank, r.step) for r in decided.results]
+        # Exactly once: nothing more is written for it (a repeat of the id gets that decision).
+        again = await client.submit(
+            SubmitRequest(job=JOB, body=SetConfig(values={"lr": 0.003}), command_id=decided.command_id)
+        )
+        assert again.command_id == decided.command_id and again.status is OutcomeStatus.APPLIED
+        assert len(await _journaled(client, decided.command_id)) == 1

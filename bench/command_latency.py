@@ -172,6 +172,10 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
         "total_ms": row(total),
         "bus_ms": row(bus),
         **{f"{name}_ms": row(values) for name, values in parts.items()},
+        # Every command's parts in order (ms), so an outlier can be read whole: which part, which command.
+        "samples": {
+            name: [round(v * 1e3, 3) for v in values] for name, values in {"total": total, **parts}.items()
+        },
     }
 
 

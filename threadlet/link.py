@@ -379,11 +379,11 @@ class Link:
 
     async def _on_pull_msg(self, msg: Msg) -> None:
         """One answer to a pull request: a command to acknowledge and check, or a status."""
-        current = msg.subject.rsplit(".", 1)[-1] == str(self._pull_id)
         # A delivery carries its acknowledgement subject as reply; the server's status messages none.
         status = (msg.headers or {}).get("Status") if not msg.reply else None
         if status is not None:
-            if not current:
+            # A status comes on the request's own reply subject, so it names the request it ends.
+            if msg.subject.rsplit(".", 1)[-1] != str(self._pull_id):
                 return  # the end of a request already given up
             self._pull_seen_s = time.monotonic()
             # 404/408: nothing more for this request; 409: ended by the server; 503: no consumer.
@@ -394,11 +394,16 @@ class Link:
                 self._pull_done.set()
             return
         self.subscribed.set()
-        if current:
-            self._pull_seen_s = time.monotonic()
-            self._pull_left -= 1
-            if self._pull_left <= 0:
-                self._pull_done.set()
+        # A delivery keeps the command's own subject (JetStream sends it to the request's reply
+        # subject, but names the stored subject), so it cannot tell which request it answers: it
+        # counts against the current one. The server ends a request at its batch without a status,
+        # so a count that missed deliveries left the rank waiting for a request that was over until
+        # the heartbeat check gave up on it: every 64th command took 1.3 to 1.8 s to arrive. A
+        # delivery to a request already given up counts too: at worst the next request goes early.
+        self._pull_seen_s = time.monotonic()
+        self._pull_left -= 1
+        if self._pull_left <= 0:
+            self._pull_done.set()
         try:
             await self._on_msg(msg)
         finally:

@@ -4,17 +4,21 @@ Mutators only: `replay_journal(state, entries)` recreates jobs, runs, registries
 command ids from stored outcomes and events; `replay_commands(state, job, run_id, commands)` makes
 commands without a final outcome pending again and marks the run's seq floor known (the service
 also feeds it the tail of a run's commands it had not seen, e.g. its own publish whose answer was
-lost). Both update `state` in place; the service reads the streams and feeds them in oldest first.
+lost); `replay_acks(state, job, run_id, acks, now)` completes those the stored acks answer and
+`unanswerable(state, job, run_id, dropped_until_s, answered_within_s, now)` ends those whose acks
+the acks stream may have dropped, both returning the final outcomes for the service to journal.
+All update `state` in place; the service reads the streams and feeds them in oldest first.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable
 
-from torchloom.messages import Command, JobEvent, Outcome
-from weaver import dedupe
+from torchloom.messages import Ack, Command, JobEvent, Outcome, OutcomeStatus
+from weaver import dedupe, notices
 from weaver.model import JobState, Pending, WeaverState
-from weaver.outcomes import settle
+from weaver.outcomes import final_outcome, record_ack, settle
 
 
 def _recovered_job(
@@ -83,3 +87,63 @@ def replay_commands(
                 published_at_s=cmd.issued_at_s,
             )
     job.seq_known = True
+
+
+def replay_acks(
+    state: WeaverState, job_name: str, run_id: str, acks: Iterable[Ack], now: float
+) -> list[Outcome]:
+    """Fold the acks the acks stream holds for the run into its pending commands (oldest first);
+    return the final outcomes of those every rank has now answered (removed from pending and settled).
+
+    What a predecessor decided, or would have, but did not journal (it died first) is decided again
+    from the ranks' own answers, whatever its durable consumer still delivers. Counted as
+    `outcomes.record_ack` counts: the run, a pending seq with its command id, a rank inside the
+    world, once per rank. Not the rank's incarnation: none is known before heartbeats, and the stream
+    stores only what the job's ranks published. Refusal reports and notices are not answers.
+    """
+    job = state.jobs.get(job_name)
+    if job is None or job.run_id != run_id:
+        return []
+    decided: list[Outcome] = []
+    for ack in acks:
+        if ack.job != job_name or ack.unverified or notices.is_notice(ack):
+            continue
+        outcome = record_ack(state, ack, now)
+        if outcome is not None:
+            decided.append(outcome)
+    return decided
+
+
+def unanswerable(
+    state: WeaverState,
+    job_name: str,
+    run_id: str,
+    dropped_until_s: float,
+    answered_within_s: float,
+    now: float,
+) -> list[Outcome]:
+    """End the run's pending commands that no stored ack can decide: published before `dropped_until_s`
+    (up to when the acks stream may have dropped acks, `weaver.streams.StoredAcks`) and waiting
+    longer than `answered_within_s` (ranks answer within the command timeout: one published just
+    before a restart is left to its ranks). The ranks with no stored answer may have answered, so
+    each gets a final TIMEOUT outcome that says so (removed from pending and settled); returned for
+    the service to journal."""
+    job = state.jobs.get(job_name)
+    if job is None or job.run_id != run_id or dropped_until_s <= 0:
+        return []
+    when = datetime.datetime.fromtimestamp(dropped_until_s, datetime.UTC).isoformat(timespec="seconds")
+    ended: list[Outcome] = []
+    for seq, pending in sorted(job.pending.items()):
+        if pending.published_at_s >= dropped_until_s or now - pending.published_at_s < answered_within_s:
+            continue
+        missing = [r for r in range(pending.world_size) if r not in pending.acks]
+        who = f"rank(s) {', '.join(map(str, missing))}" if missing else "its ranks"
+        reason = (
+            f"unknown whether {who} applied it: no answer is stored, and the acks stream no longer "
+            f"holds acks stored before {when} (expired or purged)"
+        )
+        outcome = final_outcome(pending, OutcomeStatus.TIMEOUT, reason, now)
+        del job.pending[seq]
+        settle(job, outcome)
+        ended.append(outcome)
+    return ended

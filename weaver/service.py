@@ -70,6 +70,9 @@ from weaver.watchers import Watcher
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "torchloom-weaver"
+# Acks are read from this long before a recovered command's publish time: the acks stream's clock is
+# the server's, the command's that of the weaver that published it.
+STORED_ACKS_SLACK_S = 60.0
 WARM_UP_MIN_S = 5.0  # after a (re)start, a submit the ranks' reports could decide waits at least this
 # Heartbeats and metrics (15 messages per rank per second) come on a connection of their own, so a
 # backlog of them never delays a JetStream answer (a stored command, a pub ack) or an API request,
@@ -765,6 +768,28 @@ class Weaver:
                 if command_id:
                     return
 
+    async def _decide_recovered(self, job: str, run_id: str) -> None:
+        """Journal the outcomes of the run's recovered commands that the acks stream decides: a
+        predecessor may have decided them and died before its journal write landed, or before every
+        ack reached it, and the ranks will not answer again (their acks may be refused now: the
+        processes that sent them may be gone). Those whose acks the stream may have dropped end as
+        TIMEOUT, saying so."""
+        pending = self.state.jobs[job].pending.values()
+        since = min(p.published_at_s for p in pending) - STORED_ACKS_SLACK_S
+        stored = await self.streams.stored_acks(job, since_s=since)
+        now = time.time()
+        decided = recovery.replay_acks(self.state, job, run_id, stored.acks, now)
+        decided += recovery.unanswerable(
+            self.state, job, run_id, stored.dropped_until_s, self.config.command_timeout_s, now
+        )
+        for outcome in decided:
+            log.warning(
+                "journaling the outcome of %s #%d, left undecided by a previous weaver",
+                job,
+                outcome.command.seq if outcome.command else 0,
+            )
+            self._finish(outcome)
+
     async def _recover(self) -> None:
         """Rebuild jobs, registries, seq floors and in-flight commands from the streams."""
         if not self.config.journal:
@@ -778,6 +803,8 @@ class Weaver:
                 (c, s) for c, s in await self.streams.commands(job.job, job.run_id) if self._signed(c)
             ]
             recovery.replay_commands(self.state, job.job, job.run_id, commands)
+            if job.pending:
+                await self._decide_recovered(job.job, job.run_id)
             log.info(
                 "recovered job %s run %s: seq %d, %d checkpoint(s), %d in flight",
                 job.job,

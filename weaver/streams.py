@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import logging
 import time
 import uuid
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
 from torchloom import bus, subjects, wire
 from torchloom.errors import NatsUnavailable
-from torchloom.messages import Command, JobEvent, Outcome
+from torchloom.messages import Ack, Command, JobEvent, Outcome
 from weaver.admission import WEAVER_JOB
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,21 @@ class SeqConflict(Exception):
     """Another writer stored a command on the run's subject since this weaver last looked."""
 
 
+@dataclass(frozen=True, slots=True)
+class StoredAcks:
+    """A job's acks as the acks stream holds them (`Streams.stored_acks`).
+
+    Attributes:
+        acks: the job's acks stored since the time asked for, oldest first (malformed ones skipped).
+        dropped_until_s: acks stored before this time (the server's clock) may be gone: the stream
+            has removed its oldest messages (their age or its limits) up to there. 0.0: it never
+            removed one.
+    """
+
+    acks: list[Ack]
+    dropped_until_s: float
+
+
 class Streams:
     """Reads and command writes on the weaver's JetStream streams, each under a deadline of `timeout_s`."""
 
@@ -53,21 +70,28 @@ class Streams:
         self.js = js
         self.timeout_s = timeout_s
 
-    async def read(self, stream: str, subject: str, *, follow: bool) -> AsyncIterator[Msg]:
-        """Messages of `stream` matching `subject`, oldest first, through an ordered consumer.
+    async def read(
+        self, stream: str, subject: str, *, follow: bool, since_s: float | None = None
+    ) -> AsyncIterator[Msg]:
+        """Messages of `stream` matching `subject`, oldest first, through an ordered consumer; with
+        `since_s`, those stored from that time on (the server's clock).
 
         Without `follow` it ends at the last matching message stored when it was called.
         """
         js, deadline = self.js, self.timeout_s
-        try:
+        last, newest_at = 0, None
+        with contextlib.suppress(NotFoundError):
             async with asyncio.timeout(deadline):
-                last = (await js.get_last_msg(stream, subject)).seq or 0
-        except NotFoundError:
-            last = 0
-        if last == 0 and not follow:
-            return
+                newest = await js.get_last_msg(stream, subject)
+            last, newest_at = newest.seq or 0, newest.time
+        start = None if since_s is None else datetime.datetime.fromtimestamp(since_s, datetime.UTC)
+        if not follow and (last == 0 or (start is not None and newest_at is not None and newest_at < start)):
+            return  # nothing stored (since `since_s`) to wait for
+        config = None
+        if start is not None:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
         async with asyncio.timeout(deadline):
-            sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+            sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
         try:
             while True:
                 bus.check_cancelled()
@@ -132,6 +156,35 @@ class Streams:
         except TimeoutError as exc:
             raise NatsUnavailable(f"the commands stream did not answer for {job}: {exc}") from exc
         return commands
+
+    async def stored_acks(self, job: str, *, since_s: float) -> StoredAcks:
+        """The acks of `job` the acks stream stored from `since_s` on (the server's clock), and up to
+        when it may have dropped some: what a restarted weaver completes its predecessor's commands
+        from, whatever its durable consumer still delivers.
+
+        Raises:
+            NatsUnavailable: the acks stream did not answer in time.
+        """
+        acks: list[Ack] = []
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                state = (await self.js.stream_info(subjects.STREAM_ACKS)).state
+                dropped_until_s = 0.0
+                if state.first_seq > 1 and state.messages == 0:
+                    dropped_until_s = time.time()  # every ack it ever held is gone
+                elif state.first_seq > 1:
+                    first = await self.js.get_msg(subjects.STREAM_ACKS, seq=state.first_seq, next=True)
+                    dropped_until_s = first.time.timestamp() if first.time is not None else time.time()
+            async for msg in self.read(
+                subjects.STREAM_ACKS, subjects.acks(job), follow=False, since_s=since_s
+            ):
+                with contextlib.suppress(ValueError):
+                    acks.append(wire.decode_ack(msg.data))
+        except TimeoutError as exc:
+            raise NatsUnavailable(
+                f"the acks stream did not answer for {job} within {self.timeout_s:g}s"
+            ) from exc
+        return StoredAcks(acks, dropped_until_s)
 
     async def last_command(self, job: str, run_id: str) -> tuple[int, int]:
         """`(seq, stream sequence)` of the run's last stored command; `(0, 0)` when it has none.

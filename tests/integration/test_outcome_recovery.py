@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import job_env, torchrun, until, wait_training, weaver_config
+from tests.integration.helpers import job_env, kill_tree, torchrun, until, wait_training, weaver_config
 from torchloom import subjects
 from torchloom.client import ControlClient
 from torchloom.messages import Outcome, OutcomeStatus, SetConfig, SubmitRequest
@@ -40,18 +40,24 @@ async def _journaled(client: ControlClient, command_id: str) -> list[Outcome]:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("meanwhile", ["nothing", "ranks_gone", "acks_purged"])
 async def test_an_outcome_decided_but_not_journaled_is_journaled_by_the_next_weaver(
+    meanwhile: str,
     tmp_path: Path,
     subprocess_env: dict[str, str],
     nats_server: EmbeddedNats,
     nc: Any,
     procs: list[subprocess.Popen[bytes]],
 ) -> None:
+    """Between the two weavers: `nothing`; the job ends (`ranks_gone`: the acks its ranks sent are
+    all that is left of them, and no rank reports to the next weaver); or the acks stream is purged
+    (`acks_purged`: nothing can decide the command, which ends as TIMEOUT saying so)."""
     out = tmp_path / "out"
     job = torchrun(out, job_env(subprocess_env, JOB, server=nats_server), steps=1_000_000, step_sleep=0.02)
     procs.append(job)
     js = nc.jetstream()
-    config = weaver_config(nats_server, dead_after_s=3.0)
+    # Ranks answer within a second here: a command that waited longer has had its chance.
+    config = weaver_config(nats_server, dead_after_s=3.0, command_timeout_s=1.0)
     acks_consumer = config.acks_consumer
 
     try:
@@ -75,22 +81,31 @@ async def test_an_outcome_decided_but_not_journaled_is_journaled_by_the_next_wea
         # The weaver has stopped (its outbox cancelled) with the write never landed.
     finally:
         await _journal_takes_writes(js, True)
+    if meanwhile == "ranks_gone":
+        kill_tree(job.pid)
+        job.wait(timeout=30)
+    elif meanwhile == "acks_purged":
+        await js.purge_stream(subjects.STREAM_ACKS)
 
     async with open_weaver(config) as running, ControlClient(running.grpc_address) as client:
         found = await until(
             "the outcome journaled by the next weaver",
             lambda: _journaled(client, decided.command_id),
             timeout_s=60,
-            proc=job,
+            proc=job if meanwhile != "ranks_gone" else None,
         )
         assert len(found) == 1, found
         (kept,) = found
-        assert kept.status is OutcomeStatus.APPLIED
-        # The ranks' own answers, as the first weaver decided them.
-        assert [(r.rank, r.step) for r in kept.results] == [(r.rank, r.step) for r in decided.results]
+        if meanwhile == "acks_purged":
+            assert kept.status is OutcomeStatus.TIMEOUT and not kept.results, kept
+            assert "unknown whether rank(s) 0, 1 applied it" in kept.reason, kept.reason
+        else:
+            assert kept.status is OutcomeStatus.APPLIED
+            # The ranks' own answers, as the first weaver decided them.
+            assert [(r.rank, r.step) for r in kept.results] == [(r.rank, r.step) for r in decided.results]
         # Exactly once: nothing more is written for it (a repeat of the id gets that decision).
         again = await client.submit(
             SubmitRequest(job=JOB, body=SetConfig(values={"lr": 0.003}), command_id=decided.command_id)
         )
-        assert again.command_id == decided.command_id and again.status is OutcomeStatus.APPLIED
+        assert again.command_id == decided.command_id and again.status is kept.status
         assert len(await _journaled(client, decided.command_id)) == 1

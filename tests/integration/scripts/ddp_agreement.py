@@ -9,6 +9,9 @@ model, DDP wrapper, gloo group and agreement with the same seeds (what separate 
 starting torchrun and three ranks costs far more than one run):
 
     torchrun --nproc-per-node 3 ddp_agreement.py OUT --mode piggyback side plain --accum 1 3 --seed S
+
+With `--device cuda` the model and its gradients live on each rank's GPU and DDP reduces them over
+NCCL (one GPU per rank); the agreement's own group stays gloo, as in a threadlet.
 """
 
 from __future__ import annotations
@@ -53,21 +56,31 @@ def main() -> None:
     p.add_argument("--mode", choices=["piggyback", "side", "plain"], nargs="+", required=True)
     p.add_argument("--accum", type=int, nargs="+", default=[1])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
-    dist.init_process_group("gloo")
+    if args.device == "cuda":
+        dist.init_process_group("nccl")
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
     for accum in args.accum:
         for mode in args.mode:
-            run(args.out / f"{mode}-a{accum}", mode, accum, args.seed)
+            run(args.out / f"{mode}-a{accum}", mode, accum, args.seed, device)
     dist.destroy_process_group()
 
 
-def run(out: Path, mode: str, accum: int, seed: int) -> None:
+def run(out: Path, mode: str, accum: int, seed: int, device: torch.device) -> None:
     """One run of `mode` at `accum` micro-steps per step, its records written under `out`."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     # Two buckets (a 4 KB cap), so the offer rides one of several.
-    net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
-    ddp = DistributedDataParallel(net, bucket_cap_mb=0.004)
+    net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)).to(
+        device
+    )
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = DistributedDataParallel(net, device_ids=ids, bucket_cap_mb=0.004)
     user_calls = [0]
     if mode == "side":
 
@@ -102,7 +115,7 @@ def run(out: Path, mode: str, accum: int, seed: int) -> None:
         state.paused = pause_at <= tick < resume_at
         if not state.paused:
             for micro in range(accum):
-                x = torch.randn(8, 16, generator=data)
+                x = torch.randn(8, 16, generator=data).to(device)
                 last = micro == accum - 1
                 with contextlib.nullcontext() if last else ddp.no_sync():
                     ddp(x).pow(2).mean().backward()
@@ -118,7 +131,7 @@ def run(out: Path, mode: str, accum: int, seed: int) -> None:
     while state.last_decided < COMMANDS and tick < TICKS + 200:
         tick += 1
         state.tick = state.step_count = tick
-        ddp(torch.randn(8, 16, generator=data)).pow(2).mean().backward()
+        ddp(torch.randn(8, 16, generator=data).to(device)).pow(2).mean().backward()
         for p_ in net.parameters():
             p_.grad = None
         for filed, verdict in agreement.read_round():

@@ -296,17 +296,35 @@ def wait_ranks(
 
 
 def status_job(
-    env: dict[str, str], min_step: int, *, proc: subprocess.Popen[Any], job: str = ""
+    env: dict[str, str], min_step: int, *, proc: subprocess.Popen[Any], job: str = "", ranks: int = 2
 ) -> dict[str, Any]:
-    """Once both ranks are at `min_step` (`wait_ranks`, polled in this process), the job as
-    `torchloom status --json [--job JOB]` shows it; that it shows them so is checked here."""
-    wait_ranks(env, min_step, proc=proc, job=job)
+    """Once the job's `ranks` ranks are at `min_step` (`wait_ranks`, polled in this process), the job
+    as `torchloom status --json [--job JOB]` shows it; that it shows them so is checked here."""
+    wait_ranks(env, min_step, proc=proc, job=job, ranks=ranks)
     res = cli("status", "--json", *(("--job", job) if job else ()), env=env, timeout_s=30)
     assert res.returncode == 0, res.stdout + res.stderr
     jobs = json.loads(res.stdout)["jobs"]
     live = [r for r in jobs[0]["ranks"] if r["alive"]] if jobs else []
-    assert len(live) == 2 and min(r["step"] for r in live) >= min_step, jobs
+    assert len(live) == ranks and min(r["step"] for r in live) >= min_step, jobs
     return dict(jobs[0])
+
+
+def wait_journaled(env: Mapping[str, str], job: str, kind: str, *, proc: subprocess.Popen[Any]) -> None:
+    """Until the journal of `job` holds an event of `kind`, read in this process through the gRPC
+    journal `torchloom journal --job JOB` reads (`home_client`): a CLI per poll takes a core."""
+
+    async def poll() -> None:
+        client = home_client(env)
+        assert client is not None, "no control plane"
+        async with client:
+
+            async def journaled() -> bool:
+                entries = [e async for e in client.journal(job)]
+                return any(isinstance(e, JobEvent) and e.kind == kind for e in entries)
+
+            await until(f"a {kind} event in the journal of {job}", journaled, proc=proc, timeout_s=120)
+
+    asyncio.run(poll())
 
 
 def min_step(env: dict[str, str]) -> int:
@@ -353,7 +371,9 @@ def replay_plan(out: Path, job: str) -> dict[str, Any]:
 
 
 async def job_events(url: str, job: str, *, credentials: ClientAuth | None = None) -> list[JobEvent]:
-    """Every event of `job` in the events stream (read until 1 s passes without one)."""
+    """Every event of `job` in the events stream: read until the stream has none left to deliver (each
+    delivery says how many are pending), or, when it holds none, until 1 s passes without one. For a
+    finished run: what its weaver publishes after the read began may be missed."""
     nc = await bus.connect(url, name="test-events", credentials=credentials)
     try:
         sub = await nc.jetstream().subscribe(subjects.events(job), ordered_consumer=True)
@@ -364,6 +384,8 @@ async def job_events(url: str, job: str, *, credentials: ClientAuth | None = Non
             except TimeoutError:
                 return out
             out.append(wire.decode_event(msg.data))
+            if msg.metadata.num_pending == 0:
+                return out
     finally:
         await nc.close()
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from tests.integration.helpers import REPO
+from tests.integration.helpers import REPO, status_job, wait_journaled
 from tests.integration.helpers import cli as _cli
-from tests.integration.test_cli_actions import _poll_json, run_env  # noqa: F401 (fixture)
+from tests.integration.test_cli_actions import run_env  # noqa: F401 (fixture)
 from torchloom import naming
 
 SCRIPT = REPO / "tests" / "integration" / "scripts" / "unattached_scheduler.py"
@@ -42,23 +42,16 @@ def test_lr_overwritten_by_an_unattached_scheduler_is_journaled(
         text=True,
     )
     try:
-        _poll_json(
-            ["status", "--json"],
-            run_env,
-            proc,
-            lambda d: bool(d["jobs"]) and any(r["step"] >= 5 for r in d["jobs"][0]["ranks"]),
-        )
+        # Both waits poll in this process (a CLI per poll takes a core from the starting job); the
+        # CLI then shows what they waited for.
+        status_job(run_env, 5, proc=proc, ranks=1)
         res = _cli("set", "lr=0.05", "--json", env=run_env, timeout_s=120)
         assert res.returncode == 0, (res.stdout, res.stderr)
         command_id = json.loads(res.stdout)["command_id"]
-
-        def noticed(d: dict[str, object]) -> bool:
-            return any(
-                e["type"] == "event" and e["kind"] == naming.LR_OVERWRITTEN
-                for e in d["entries"]  # type: ignore[attr-defined]
-            )
-
-        journal = _poll_json(["journal", "--json", "--job", "ntc"], run_env, proc, noticed)
+        wait_journaled(run_env, "ntc", naming.LR_OVERWRITTEN, proc=proc)
+        res = _cli("journal", "--json", "--job", "ntc", env=run_env, timeout_s=60)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        journal = json.loads(res.stdout)
         events = [
             e for e in journal["entries"] if e["type"] == "event" and e["kind"] == naming.LR_OVERWRITTEN
         ]

@@ -13,6 +13,7 @@ import pytest
 from tests.integration.helpers import cli, kill_tree, start_cli
 from tests.integration.test_autopilot import _until
 from tests.integration.test_weaver_metrics import Samples, scrape
+from torchloom import discovery
 
 SCRIPT = Path(__file__).parent / "scripts" / "nan_train.py"
 JOB = "mjob"
@@ -51,14 +52,18 @@ def test_run_serves_metrics_and_a_scrape_finds_steps_losses_commands_and_rule_fi
     run = ["run", "--policy", str(policy), "--job", JOB, "--nproc-per-node", "2", str(SCRIPT)]
     proc = start_cli(*run, "--steps", "100000", "--out", str(out), env=env)
     try:
-
-        def metrics_url() -> str:
-            res = cli("metrics-url", env=env, timeout_s=30)
-            return res.stdout.strip() if res.returncode == 0 else ""
-
-        url = _until("the metrics URL", metrics_url, proc)
-        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics"), url
         home = Path(env["TORCHLOOM_HOME"])
+
+        def listed() -> bool:
+            info = discovery.read(home / discovery.FILE_NAME)
+            return info is not None and bool(info.metrics_url)
+
+        # Waited for in this process (a CLI per poll takes a core from the starting control plane).
+        _until("the metrics URL in the discovery file", listed, proc)
+        res = cli("metrics-url", env=env, timeout_s=30)
+        assert res.returncode == 0, res.stderr
+        url = res.stdout.strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics"), url
         assert json.loads((home / "weaver.json").read_text())["metrics_url"] == url
 
         def training() -> Samples | None:

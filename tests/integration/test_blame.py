@@ -19,7 +19,9 @@ from torchloom.client import ControlClient
 from torchloom.messages import JobEvent, StatusReply
 from torchloom.nats_server import EmbeddedNats
 
-STALL_S = 4.0  # longer than --hung-after: a waiting rank must not turn hung however long it waits
+# Longer than --hung-after: a waiting rank must not turn hung however long it waits (rank 0 has waited
+# since the SIGSTOP, seconds before this wait begins).
+STALL_S = 2.0
 
 
 @pytest.fixture

@@ -133,6 +133,9 @@ class Link:
         )
         self._last_report_s = 0.0
         self.refused_unsigned = 0
+        # The job's ack token, as the last command filed brought it (the weaver signs it into each):
+        # written on this thread, read by `ack_subject` on the training thread (one attribute store).
+        self._ack_token = ""
         if not config.verify_commands and on_command is not None:
             log.warning("threadlet: command signatures are NOT checked (TORCHLOOM_VERIFY_COMMANDS=0)")
 
@@ -175,6 +178,13 @@ class Link:
             self._loop.call_soon_threadsafe(self._track, self._publish_durable(subject, data, msg_id))
         except RuntimeError as exc:  # loop already closed
             self.errors.append(f"publish on {subject} dropped: {exc}")
+
+    def ack_subject(self) -> str:
+        """Where this rank publishes its acks: the ack capture subject of the token its job's commands
+        carry (the acks stream stores only those), or the public ack subject before any command brought
+        one (an older weaver's commands carry none: its acks stream captures that subject)."""
+        token, job = self._ack_token, self._config.job
+        return subjects.ack_capture(token, job) if token else subjects.acks(job)
 
     def close(self) -> None:
         """Send the latest metrics and status (best effort, bounded: hand over the final status
@@ -423,6 +433,8 @@ class Link:
             if refusal is not None:
                 await self._report_unverified(cmd, refusal, received_at_s)
                 return
+            if cmd.ack_token and cmd.ack_token != self._ack_token:
+                self._ack_token = subjects.check_token("ack token", cmd.ack_token)
             max_delay = self._config.test_delivery_delay_s
             assert self._on_command is not None
             if max_delay > 0:
@@ -490,6 +502,8 @@ class Link:
             received_at_s=received_at_s,
             unverified=True,
         )
+        # On the public ack subject, never the capture one: a refusal is not stored (a flood of forged
+        # commands costs the acks stream nothing); the weaver takes it live (weaver.acks.AckFeed.on_live).
         await self._publish(subjects.acks(cfg.job), wire.encode(ack))
 
     async def _heartbeats(self) -> None:

@@ -17,7 +17,7 @@ from threadlet.link import Link
 from threadlet.optim_knobs import KnobBoard
 from threadlet.state import Decided, RankContext, TrainingState
 from threadlet.update_ratio import UpdateRatio
-from torchloom import knobs, naming, subjects, wire
+from torchloom import knobs, naming, wire
 from torchloom.messages import Ack, DeviceHealth, Heartbeat, KnobSpec, KnobValue, RankState, StepMetrics
 
 log = logging.getLogger("threadlet")
@@ -404,7 +404,7 @@ class Reporter:
         msg_id = f"ack:{ack.run_id}:{ack.seq}:{ack.rank}:{ack.incarnation}"
         if naming.ACK_NOTICE in ack.detail:
             msg_id += f":notice:{ack.detail[naming.ACK_NOTICE]}"
-        self._link.publish_durable(subjects.acks(self._config.job), wire.encode(ack), msg_id)
+        self._link.publish_durable(self._link.ack_subject(), wire.encode(ack), msg_id)
 
     def notice(self, decided: Decided, kind: str, message: str) -> None:
         """Report something that went wrong with a command after it was decided (e.g. a set lr that

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -20,6 +22,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -148,12 +151,14 @@ def _stream(
     max_msgs: int | None = None,
     max_bytes: int | None = None,
     transform: SubjectTransform | None = None,
+    republish: RePublish | None = None,
 ) -> StreamConfig:
     """A file-backed stream that drops its oldest messages at its limits and deduplicates retries."""
     return StreamConfig(
         name=name,
         subjects=captures,
         subject_transform=transform,
+        republish=republish,
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
@@ -166,33 +171,66 @@ def _stream(
     )
 
 
+# The acks stream publishes every message it stores again, on its stored (public) subject
+# `ack.<job>`. Live readers (the web page, taps) subscribe there and
+# see exactly what is stored, once; nats-server publishes the copy, so no role needs the right to.
+_PUBLIC_COPY = RePublish(
+    src=f"{subjects.PREFIX}.*.*", dest=f"{subjects.PREFIX}." + "{{wildcard(1)}}.{{wildcard(2)}}"
+)
+_CAPTURE_TOKEN_BYTES = 16
+# The acks stream captures the ack subject of this many jobs at most (the newest; the weaver adds a
+# job's when it makes the job's first command of its life): a config update must fit in one message.
+ACKS_MAX_CAPTURES = 4096
+# The acks stream needs a subject before any job has one (without, nats-server would capture the
+# stream's name): an ack capture of this job name with a random token nobody is told.
+_ACKS_PLACEHOLDER_JOB = "_"
+
+
+def acks_stream(captures: list[str], *, replicas: int = 1) -> StreamConfig:
+    """The config of the acks stream capturing `captures` (`subjects.ack_capture` of each job the weaver
+    gave a token), each stored as `subjects.acks(job)`."""
+    return _stream(
+        subjects.STREAM_ACKS,
+        captures,
+        max_age_s=ACKS_MAX_AGE_S,
+        max_msgs=ACKS_MAX_MSGS,
+        max_bytes=ACKS_MAX_BYTES,
+        replicas=replicas,
+        description="torchloom: every rank's acks, until the weaver has journaled their outcomes",
+        transform=SubjectTransform(
+            src=subjects.ack_captures_all(), dest=subjects.acks("{{wildcard(2)}}", check=False)
+        ),
+        republish=_PUBLIC_COPY,
+    )
+
+
+def _ack_captures_of(config: StreamConfig) -> list[str]:
+    """The ack capture subjects of an existing acks stream, in its order ([] for an older layout)."""
+    if config.subject_transform is None:
+        return []
+    return [s for s in config.subjects or [] if subjects.matches(subjects.ack_captures_all(), s)]
+
+
 async def ensure_streams(js: JetStreamContext, *, replicas: int = 1, shared_commands: bool = True) -> None:
-    """Create (or update) the command, journal and acks streams; idempotent.
+    """Create (or update) the journal and acks streams, and the shared command stream; idempotent.
+    The acks stream keeps the jobs it captures; one in an older layout (capturing the public
+    subjects) is given its capture subjects.
 
     Args:
         shared_commands: also the one TORCHLOOM_COMMANDS stream for every job. False leaves the
             commands to per-job streams (`ensure_job_commands`), which role permissions can name.
     """
-    configs = [
-        _stream(
-            subjects.STREAM_JOURNAL,
-            [subjects.journal_all(), subjects.events_all()],
-            max_age_s=JOURNAL_MAX_AGE_S,
-            max_msgs=JOURNAL_MAX_MSGS,
-            max_bytes=JOURNAL_MAX_BYTES,
-            replicas=replicas,
-            description="torchloom: command outcomes and job events (the audit trail)",
-        ),
-        _stream(
-            subjects.STREAM_ACKS,
-            [subjects.acks_all()],
-            max_age_s=ACKS_MAX_AGE_S,
-            max_msgs=ACKS_MAX_MSGS,
-            max_bytes=ACKS_MAX_BYTES,
-            replicas=replicas,
-            description="torchloom: every rank's acks, until the weaver has journaled their outcomes",
-        ),
-    ]
+    journal = _stream(
+        subjects.STREAM_JOURNAL,
+        [subjects.journal_all(), subjects.events_all()],
+        max_age_s=JOURNAL_MAX_AGE_S,
+        max_msgs=JOURNAL_MAX_MSGS,
+        max_bytes=JOURNAL_MAX_BYTES,
+        replicas=replicas,
+        description="torchloom: command outcomes and job events (the audit trail)",
+    )
+    await _add_or_update(js, journal)
+    await _ensure_acks(js, replicas)
     if shared_commands:
         shared = _stream(
             subjects.STREAM_COMMANDS,
@@ -203,12 +241,27 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1, shared_comm
             replicas=replicas,
             description="torchloom: every validated command, per job and run",
         )
-        configs.insert(0, shared)
-    for config in configs:
-        await _add_or_update(js, config)
+        await _add_or_update(js, shared)
 
 
-_CAPTURE_TOKEN_BYTES = 16
+_ACKS_KEPT_FIELDS = ("max_age", "max_msgs", "max_bytes", "duplicate_window", "subject_transform", "republish")
+
+
+async def _ensure_acks(js: JetStreamContext, replicas: int) -> None:
+    """Make the acks stream, or give one of an older layout its capture subjects; an existing one is
+    written only when its limits or layout changed, keeping its jobs' captures. So while a weaver
+    runs, only its `ensure_ack_capture` writes that list (a standby starting does not undo an add)."""
+    try:
+        config: StreamConfig | None = (await js.stream_info(subjects.STREAM_ACKS)).config
+    except NotFoundError:
+        config = None
+    captures = _ack_captures_of(config) if config is not None else []
+    placeholder = subjects.ack_capture(secrets.token_hex(_CAPTURE_TOKEN_BYTES), _ACKS_PLACEHOLDER_JOB)
+    wanted = acks_stream(captures or [placeholder], replicas=replicas)
+    if config is None:
+        await _add_or_update(js, wanted)
+    elif not captures or any(getattr(config, f) != getattr(wanted, f) for f in _ACKS_KEPT_FIELDS):
+        await js.update_stream(wanted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +282,14 @@ class JobCommands:
     def subject(self, run_id: str) -> str:
         """Where the weaver publishes a command of run `run_id` (stored as `commands(job, run_id)`)."""
         return subjects.command_capture(self.token, self.job, run_id)
+
+    @property
+    def ack_token(self) -> str:
+        """The job's ack token: the ranks publish their acks on `subjects.ack_capture(ack_token, job)`
+        (each signed command carries it). Derived one way from the stream's token, so every weaver
+        computes the same one and a rank, which knows it, learns nothing of the command token."""
+        digest = hashlib.sha256(f"torchloom ack token\0{self.job}\0{self.token}".encode()).hexdigest()
+        return digest[: 2 * _CAPTURE_TOKEN_BYTES]
 
 
 def job_commands_stream(job: str, token: str, *, replicas: int = 1) -> StreamConfig:
@@ -277,18 +338,33 @@ async def ensure_job_commands(js: JetStreamContext, job: str, *, replicas: int =
             older than 2.10).
     """
     name = subjects.stream_commands_of(job)
-    token = None
-    with contextlib.suppress(NotFoundError):
-        token = _token_of((await js.stream_info(name)).config, job)
-    config = job_commands_stream(job, token or secrets.token_hex(_CAPTURE_TOKEN_BYTES), replicas=replicas)
-    # Another weaver may have made it first with its own token: the server's copy decides.
-    stored = _token_of((await _add_or_update(js, config)).config, job)
-    if stored is None:
-        raise NatsUnavailable(
-            f"the command stream of job {job} was stored without its subject transform: torchloom needs "
-            "nats-server 2.10 or later"
-        )
-    return JobCommands(stream=name, job=job, token=stored)
+    token = await _ensure_tokened(
+        js, name, lambda t: job_commands_stream(job, t, replicas=replicas), lambda c: _token_of(c, job)
+    )
+    return JobCommands(stream=name, job=job, token=token)
+
+
+async def ensure_ack_capture(js: JetStreamContext, commands: JobCommands) -> None:
+    """Make the acks stream capture the ack subject of `commands.job` (`JobCommands.ack_token`),
+    replacing an older token of that job; idempotent. The weaver calls it (one writer: the stream's
+    subject list is read, changed and written back) before the job's first command of its life.
+
+    Raises:
+        NotFoundError: there is no acks stream (`ensure_streams` makes it).
+    """
+    info = await js.stream_info(subjects.STREAM_ACKS)
+    captures = _ack_captures_of(info.config)
+    wanted = subjects.ack_capture(commands.ack_token, commands.job)
+    if wanted in captures:
+        return
+    others = (subjects.ack_captures_of(commands.job), subjects.ack_captures_of(_ACKS_PLACEHOLDER_JOB))
+    kept = [c for c in captures if not any(subjects.matches(o, c) for o in others)]
+    kept = (
+        [*kept[len(kept) - ACKS_MAX_CAPTURES + 1 :], wanted]
+        if len(kept) >= ACKS_MAX_CAPTURES
+        else [*kept, wanted]
+    )
+    await js.update_stream(dataclasses.replace(info.config, subjects=kept))
 
 
 def rank_consumer(job: str, run_id: str, rank: int, incarnation: str) -> ConsumerConfig:
@@ -350,6 +426,45 @@ async def remove_shared_commands(js: JetStreamContext) -> int:
         held,
     )
     return held
+
+
+async def _ensure_tokened(
+    js: JetStreamContext,
+    name: str,
+    config_of: Callable[[str], StreamConfig],
+    token_of: Callable[[StreamConfig], str | None],
+) -> str:
+    """Create stream `name` as `config_of(token)`, or update it to that, keeping the capture token it
+    holds (`token_of` its config; a new random one for a stream without); return the stored token.
+
+    Two writers at once: the second one's create fails and it reads the first one's token, so both
+    publish on the same subjects.
+
+    Raises:
+        NatsUnavailable: the server stored the stream without its subject transform (nats-server
+            older than 2.10).
+    """
+    for _ in range(3):
+        info: StreamInfo | None = None
+        with contextlib.suppress(NotFoundError):
+            info = await js.stream_info(name)
+        token = token_of(info.config) if info is not None else None
+        config = config_of(token or secrets.token_hex(_CAPTURE_TOKEN_BYTES))
+        if info is None:
+            try:
+                info = await js.add_stream(config)
+            except BadRequestError:
+                continue  # made meanwhile by another writer: read its token
+        else:
+            info = await js.update_stream(config)
+        stored = token_of(info.config)
+        if stored is None:
+            raise NatsUnavailable(
+                f"stream {name} was stored without its subject transform: torchloom needs nats-server 2.10 "
+                "or later"
+            )
+        return stored
+    raise NatsUnavailable(f"stream {name} kept changing while it was being made; try again")
 
 
 async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> StreamInfo:

@@ -115,6 +115,9 @@ def permissions(role: Role, job: str | None = None) -> Permissions:
             publish=(
                 subjects.heartbeats_of(checked),
                 subjects.metrics_of(checked),
+                # Acks on the capture subject the job's signed commands name (stored), refusals of
+                # unverified commands on the public one (taken live by the weaver, stored nowhere).
+                subjects.ack_captures_of(checked),
                 subjects.acks(checked),
                 # Pull (and look at, and acknowledge) the consumers the weaver made on the job's own
                 # command stream, one per rank process; never create one, whose delivery subject

@@ -84,6 +84,8 @@ class Command:
     body: Body
     # Ed25519 by the weaver's key over the command with this field empty (torchloom.signing).
     signature: bytes = b""
+    # Where the job's ranks ack it: subjects.ack_capture(ack_token, job); "" from an older weaver.
+    ack_token: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

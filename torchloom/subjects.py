@@ -95,13 +95,33 @@ def rank_consumer(run_id: str, rank: int, incarnation: str) -> str:
     return f"rank-{check_token('run id', run_id)}-{int(rank)}-{check_token('incarnation', incarnation)}"
 
 
-def acks(job: str) -> str:
-    """Per-rank acknowledgements of commands."""
-    return f"{PREFIX}.ack.{check_token('job', job)}"
+def acks(job: str, *, check: bool = True) -> str:
+    """Per-rank acknowledgements of commands, as the acks stream stores them (and republishes them,
+    for live readers). A rank publishes its acks on `ack_capture` instead; what it publishes here (a
+    refusal of an unverified command, an ack before the rank knows its job's ack token) is stored
+    nowhere: the weaver takes it live. `check=False` lets `job` be a subject-mapping function."""
+    return f"{PREFIX}.ack.{check_token('job', job) if check else job}"
 
 
 def acks_all() -> str:
     return f"{PREFIX}.ack.*"
+
+
+def ack_capture(token: str, job: str) -> str:
+    """Where the ranks of `job` publish their acks: `<PREFIX>.wack.<token>.<job>`, which the acks stream
+    captures only for the tokens the weaver gave (`bus.JobCommands.ack_token`, carried in every command
+    it signs) and stores as `acks(job)`. A rank of another job does not know the token, so it cannot
+    have a JetStream answer stored there through a reply subject (docs/security.md, "Reply subjects")."""
+    return f"{PREFIX}.wack.{check_token('ack token', token)}.{check_token('job', job)}"
+
+
+def ack_captures_of(job: str) -> str:
+    """Every ack capture subject of one job, whatever its token (the job's threadlets may publish there)."""
+    return f"{PREFIX}.wack.*.{check_token('job', job)}"
+
+
+def ack_captures_all() -> str:
+    return f"{PREFIX}.wack.*.*"
 
 
 def heartbeat(job: str, rank: int) -> str:

@@ -8,6 +8,7 @@ No decisions here: the service says, per ack, which command it belongs to (or th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -122,6 +123,26 @@ class AckFeed:
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def on_live(self, msg: Msg) -> None:
+        """An ack published on the public ack subject, which no stream stores: a rank's refusal of an
+        unverified command, or the ack of a rank that knows no ack token (an older threadlet), taken
+        now or never. The acks stream's own copy of each ack it stored (published again there for
+        live readers, with a `Nats-Stream` header) is skipped: the durable feed delivers that one."""
+        if self._sub is None or (msg.headers or {}).get("Nats-Stream"):
+            return
+        self._take_live(msg)
+
+    def _take_live(self, msg: Msg) -> None:
+        if self._sub is None:  # stopped meanwhile
+            return
+        try:
+            key = self._handler(msg)
+        except Exception:  # a bug in a handler must not stop the subscription
+            log.exception("ack handling failed on %s", msg.subject)
+            return
+        if isinstance(key, Retry):  # its rank has not reported since the weaver started: soon
+            asyncio.get_running_loop().call_later(RETRY_DELAY_S, self._take_live, msg)
 
     def held(self) -> int:
         return sum(len(v) for v in self._held.values())

@@ -264,6 +264,8 @@ class Weaver:
                 await self._acks.start(js)
             # Launchers announce a stopping run here (only the weaver and launcher roles may publish).
             await nc.subscribe(subjects.events_all(), cb=self.telemetry.on_event)
+            # Refusals of unverified commands (and acks of ranks without an ack token) are stored nowhere.
+            await nc.subscribe(subjects.acks_all(), cb=self._acks.on_live)
             await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=api.on_submit)
             await nc.subscribe(subjects.api_status(), queue=QUEUE_GROUP, cb=api.on_status)
             await nc.subscribe(subjects.api_decide(), queue=QUEUE_GROUP, cb=api.on_decide)
@@ -550,6 +552,7 @@ class Weaver:
         try:
             async with asyncio.timeout(self.config.nats_timeout_s):
                 stream = await bus.ensure_job_commands(self.streams.js, job, replicas=self.config.replicas)
+                await bus.ensure_ack_capture(self.streams.js, stream)
         except Exception as exc:  # nats-py raises several types for "not now"
             raise NatsUnavailable(f"cannot create the command stream of job {job}: {exc!r}") from exc
         self._job_streams[job] = stream
@@ -654,6 +657,11 @@ class Weaver:
             except NatsUnavailable:
                 submits.abandon(self.state, cmd)
                 raise
+            # Signed into it: where its ranks ack it (the acks stream stores only the job's token).
+            cmd = dataclasses.replace(cmd, ack_token=stream.ack_token)
+            held = job.pending.get(cmd.seq)
+            if held is not None and held.command.command_id == cmd.command_id:
+                held.command = cmd
             submits.mark_published(self.state, cmd, time.time())
             try:
                 stream_seq, duplicate = await self.streams.store_command(

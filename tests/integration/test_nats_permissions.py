@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, KeyValueConfig
+from nats.js.errors import NotFoundError
 
 from tests.integration.helpers import until, weaver_config, ws_handshake
 from torchloom import bus, subjects, wire
@@ -194,9 +196,18 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
         "metrics.B.0",
         "ack.A",
         "ack.B",
+        "wack.T.A",
+        "wack.T.B",
     ):
         pub(f"{subjects.PREFIX}.{family}")
-    for family in ("events.A", "journal.A", "launcher.A", "api.submit", "api.decide", "api.status"):
+    for family in (
+        "events.A",
+        "journal.A",
+        "launcher.A",
+        "api.submit",
+        "api.decide",
+        "api.status",
+    ):
         pub(f"{subjects.PREFIX}.{family}")
     for owner in (Role.UI_VIEWER, Role.UI_OPERATOR):
         pub(subjects.api_feed(owner.value))
@@ -207,6 +218,7 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
         "hb.B.0",
         "metrics.A.0",
         "ack.A",
+        "wack.*.A",
         "events.A",
         "journal.A",
         "launcher.A",
@@ -220,6 +232,7 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
     req("account info", f"{api}.INFO")
     req("stream names", f"{api}.STREAM.NAMES")
     req(f"stream info `{journal}`", f"{api}.STREAM.INFO.{journal}")
+    req(f"stream info `{subjects.STREAM_ACKS}`", f"{api}.STREAM.INFO.{subjects.STREAM_ACKS}")
     req(f"stream info `{cmd_a}`", f"{api}.STREAM.INFO.{cmd_a}")
     req("stream create", f"{api}.STREAM.CREATE.PROBE_NEW", {"name": "PROBE_NEW", "subjects": ["probe.new"]})
     req(f"stream purge `{cmd_a}`", f"{api}.STREAM.PURGE.{cmd_a}")
@@ -311,6 +324,7 @@ async def weaver(secured: tuple[EmbeddedNats, CredentialStore]) -> AsyncIterator
     await bus.ensure_streams(js, shared_commands=False)
     for job in ("A", "B"):
         stream = await bus.ensure_job_commands(js, job)
+        await bus.ensure_ack_capture(js, stream)  # as before the job's first command
         await js.publish(stream.subject("r1"), f"cmd-{job}".encode())
         await bus.ensure_rank_consumer(js, job, "r1", 0, RANK_INCARNATION)  # as at a rank's heartbeat
     await js.publish(subjects.events("A"), b"event")
@@ -440,10 +454,11 @@ async def test_a_threadlet_cannot_aim_a_delivery_at_another_jobs_stream(
         await attacker.close()
 
 
-async def _aim_answers(attacker: Client, run_id: str, aimed: str) -> None:
-    """As a threadlet of A, have JetStream answer at `aimed`: the PubAck of its own ack publish, and
-    the next message of its rank-0 consumer of run `run_id` (a pull's reply subject)."""
-    await attacker.publish(subjects.acks("A"), b"ack", reply=aimed)
+async def _aim_answers(attacker: Client, run_id: str, aimed: str, ack_subject: str) -> None:
+    """As a threadlet of A, have JetStream answer at `aimed`: the PubAck of its own ack publish on
+    `ack_subject` (A's ack capture subject: its ranks know A's token), and the next message of its
+    rank-0 consumer of run `run_id` (a pull's reply subject)."""
+    await attacker.publish(ack_subject, b"ack", reply=aimed)
     rank = subjects.rank_consumer(run_id, 0, RANK_INCARNATION)
     await attacker.publish(
         f"{subjects.JS_API}.CONSUMER.MSG.NEXT.{subjects.stream_commands_of('A')}.{rank}",
@@ -451,6 +466,11 @@ async def _aim_answers(attacker: Client, run_id: str, aimed: str) -> None:
         reply=aimed,
     )
     await attacker.flush()
+
+
+async def _ack_subject_of_a(weaver: Client) -> str:
+    stream = await bus.ensure_job_commands(weaver.jetstream(), "A")
+    return subjects.ack_capture(stream.ack_token, "A")
 
 
 async def test_a_reply_subject_aimed_at_another_jobs_commands_stores_nothing(
@@ -465,7 +485,7 @@ async def test_a_reply_subject_aimed_at_another_jobs_commands_stores_nothing(
     attacker = await connect_as(server, store, Role.THREADLET, "A")
     try:
         before = await _last_seq_of_b(weaver)
-        await _aim_answers(attacker, "r1", subjects.commands("B", "r1"))
+        await _aim_answers(attacker, "r1", subjects.commands("B", "r1"), await _ack_subject_of_a(weaver))
         await asyncio.sleep(0.5)  # a stored answer would be there by now
         assert await _last_seq_of_b(weaver) == before
         # Nor can it learn B's (or its own job's) capture subject: no stream info, no subscription.
@@ -473,6 +493,49 @@ async def test_a_reply_subject_aimed_at_another_jobs_commands_stores_nothing(
             await attacker.jetstream(timeout=1.0).stream_info(subjects.stream_commands_of("B"))
     finally:
         await attacker.close()
+
+
+async def _acks_held(js: JetStreamContext) -> int:
+    return int((await js.stream_info(subjects.STREAM_ACKS)).state.messages)
+
+
+async def test_a_reply_subject_aimed_at_another_jobs_acks_stores_nothing(
+    secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
+) -> None:
+    # The acks stream captures only each job's ack capture subject (a token only that job's commands
+    # carry), so JetStream's answers to a threadlet of A (the PubAck of its own ack, a copy of one of
+    # A's commands through a pull), aimed at B's ack subject or at a made-up capture subject of B, are
+    # delivered there (a subscriber sees them) and stored nowhere; a publish on A's public ack subject
+    # (where its refusals of unverified commands go, for the weaver to take live) is stored nowhere.
+    server, store = secured
+    js = weaver.jetstream()
+    own_ack = await _ack_subject_of_a(weaver)
+    aimed = (subjects.acks("B"), subjects.ack_capture("0" * 32, "B"))
+    seen: list[tuple[str, bytes]] = []
+
+    async def on_msg(msg: Any) -> None:
+        seen.append((msg.subject, msg.data))
+
+    watches = [await weaver.subscribe(a, cb=on_msg) for a in aimed]
+    await weaver.flush()
+    attacker = await connect_as(server, store, Role.THREADLET, "A")
+    try:
+        before = await _acks_held(js)
+        for target in aimed:
+            await _aim_answers(attacker, "r1", target, own_ack)
+        await until("the answers delivered", lambda: len(seen) >= 2 * len(aimed), timeout_s=DECIDE_S)
+        assert sum(b'"stream"' in data for _, data in seen) == len(aimed)
+        await attacker.publish(subjects.acks("A"), b"public ack")
+        await attacker.flush()
+        await asyncio.sleep(0.3)  # a stored answer would be there by now
+        assert await _acks_held(js) == before + len(aimed)  # A's own acks, its right, and nothing else
+        assert (await js.get_last_msg(subjects.STREAM_ACKS, subjects.acks("A"))).data == b"ack"
+        with pytest.raises(NotFoundError):
+            await js.get_last_msg(subjects.STREAM_ACKS, subjects.acks("B"))
+    finally:
+        await attacker.close()
+        for w in watches:
+            await w.unsubscribe()
 
 
 async def test_a_copy_aimed_at_another_jobs_journal_is_stored_but_not_read_as_its_entry(
@@ -490,7 +553,7 @@ async def test_a_copy_aimed_at_another_jobs_journal_is_stored_but_not_read_as_it
     before = (await js.stream_info(subjects.STREAM_JOURNAL)).state.last_seq
     attacker = await connect_as(server, store, Role.THREADLET, "A")
     try:
-        await _aim_answers(attacker, "r2", subjects.events("B"))
+        await _aim_answers(attacker, "r2", subjects.events("B"), subjects.ack_capture(stream.ack_token, "A"))
 
         async def stored() -> bool:
             return (await js.stream_info(subjects.STREAM_JOURNAL)).state.last_seq > before + 1

@@ -126,6 +126,8 @@ async def _refused_at_the_bus(client: ControlClient, info: discovery.WeaverInfo,
             command_id="c", job=OTHER, run_id="r1", seq=1, rank=0, incarnation="x", status=AckStatus.APPLIED
         )
         await rank.publish(subjects.acks(OTHER), wire.encode(forged_ack))
+        # Nor on OTHER's ack capture subjects, whatever the token (it cannot know OTHER's anyway).
+        await rank.publish(subjects.ack_capture(other.ack_token, OTHER), wire.encode(forged_ack))
         await rank.flush()
         with pytest.raises(Exception):  # noqa: B017 (a refused JetStream request just gets no answer)
             await rank.jetstream(timeout=2.0).subscribe(
@@ -136,7 +138,11 @@ async def _refused_at_the_bus(client: ControlClient, info: discovery.WeaverInfo,
         with pytest.raises(Exception):  # noqa: B017 (stream info is the weaver's, even of its own job)
             await rank.jetstream(timeout=2.0).stream_info(subjects.stream_commands_of(JOB))
         deadline = time.monotonic() + 10
-        wanted = (f'publish to "{subjects.heartbeat(OTHER, 0)}"', f'publish to "{subjects.acks(OTHER)}"')
+        wanted = (
+            f'publish to "{subjects.heartbeat(OTHER, 0)}"',
+            f'publish to "{subjects.acks(OTHER)}"',
+            f'publish to "{subjects.ack_capture(other.ack_token, OTHER)}"',
+        )
         while not all(any(w.lower() in v for v in violations) for w in wanted):
             assert time.monotonic() < deadline, f"the server did not refuse the forged reports: {violations}"
             await asyncio.sleep(0.1)

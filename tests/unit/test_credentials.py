@@ -45,6 +45,9 @@ def test_a_threadlet_is_confined_to_its_job() -> None:
         "torchloom.v1.hb.A.*",
         "torchloom.v1.metrics.A.*",
         "torchloom.v1.ack.A",
+        # Acks on the capture subject of the token its job's signed commands carry (any token: the
+        # acks stream stores only the weaver's).
+        "torchloom.v1.wack.*.A",
         # Pull from, look at and acknowledge the consumers the weaver made; never create one.
         "$JS.API.CONSUMER.MSG.NEXT.TORCHLOOM_CMD_A.*",
         "$JS.API.CONSUMER.INFO.TORCHLOOM_CMD_A.*",

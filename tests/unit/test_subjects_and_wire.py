@@ -30,6 +30,15 @@ def test_subjects_are_versioned_and_scoped() -> None:
         assert name.startswith("torchloom.v1.")
 
 
+def test_an_ack_capture_subject_holds_its_token_and_names_its_job() -> None:
+    token = "0123456789abcdef" * 2
+    assert subjects.ack_capture(token, "j") == f"torchloom.v1.wack.{token}.j"
+    assert subjects.matches(subjects.ack_captures_of("j"), subjects.ack_capture(token, "j"))
+    assert not subjects.matches(subjects.ack_captures_of("k"), subjects.ack_capture(token, "j"))
+    with pytest.raises(ValueError, match="ack token"):
+        subjects.ack_capture("a.b", "j")
+
+
 @pytest.mark.parametrize("bad", ["", "a.b", "a b", "a*", ">", "x" * 65])
 def test_bad_job_names_are_refused_naming_the_form(bad: str) -> None:
     with pytest.raises(ValueError, match=r"A-Z, a-z, 0-9, '_' and '-'"):
@@ -55,6 +64,7 @@ def test_roundtrip_of_every_message() -> None:
         issuer=issuer,
         issued_at_s=1.0,
         body=m.Action(kind=m.ActionKind.ROLLBACK, args={"checkpoint": "ckpt-1"}),
+        ack_token="ab" * 16,
     )
     ack = m.Ack(
         command_id="c1",

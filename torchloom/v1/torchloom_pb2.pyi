@@ -326,6 +326,7 @@ class Command(_message.Message):
     ISSUER_FIELD_NUMBER: _builtins.int
     ISSUED_AT_S_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    ACK_TOKEN_FIELD_NUMBER: _builtins.int
     SET_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
@@ -338,6 +339,12 @@ class Command(_message.Message):
     signature: _builtins.bytes
     """Ed25519 signature by the weaver's signing key over this Command serialized deterministically
     with `signature` empty (torchloom.signing). Every rank verifies it before filing the command.
+    """
+    ack_token: _builtins.str
+    """Where the job's ranks publish their acks of it: subjects.ack_capture(ack_token, job). The weaver
+    gives each job's commands one token; only the acks stream's capture of it is stored, so a client
+    that never received a command of the job cannot aim anything there (docs/security.md). Empty:
+    an older weaver's command, acknowledged on subjects.acks(job).
     """
     @_builtins.property
     def issuer(self) -> Global___Issuer: ...
@@ -355,12 +362,13 @@ class Command(_message.Message):
         issuer: Global___Issuer | None = ...,
         issued_at_s: _builtins.float = ...,
         signature: _builtins.bytes = ...,
+        ack_token: _builtins.str = ...,
         set: Global___SetConfig | None = ...,
         action: Global___Action | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "issuer", b"issuer", "set", b"set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "command_id", b"command_id", "issued_at_s", b"issued_at_s", "issuer", b"issuer", "job", b"job", "run_id", b"run_id", "seq", b"seq", "set", b"set", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_token", b"ack_token", "action", b"action", "body", b"body", "command_id", b"command_id", "issued_at_s", b"issued_at_s", "issuer", b"issuer", "job", b"job", "run_id", b"run_id", "seq", b"seq", "set", b"set", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["set", "action"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

@@ -82,7 +82,9 @@ async def test_commands_decided_at_same_step_on_both_ranks(
         await nc.subscribe(subjects.acks(JOB), cb=on_ack)
         await nc.subscribe(subjects.heartbeats_of(JOB), cb=on_hb)
 
-        proc = torchrun(out, job_env, steps=300, step_sleep=0.01)
+        # Published at step 20 and decided a few steps later: the other steps are margin for a loaded
+        # machine, then only waited for (about 13 ms a step).
+        proc = torchrun(out, job_env, steps=150, step_sleep=0.01)
         procs.append(proc)
 
         # Publish once both ranks are training (their records grow), so the change lands mid-run.
@@ -121,7 +123,7 @@ async def test_commands_decided_at_same_step_on_both_ranks(
     apply_step = applied[0][0]["step"]
     for r in (0, 1):
         records = read_records(out / f"rank{r}.jsonl")
-        assert len(records) == 300
+        assert len(records) == 150
         for rec in records:
             want = 0.005 if rec["step"] >= apply_step else 0.001  # type: ignore[operator]
             assert rec["lr"] == {"body": want, "head": want}, rec
@@ -165,7 +167,7 @@ async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_sam
                     paused.set()
 
         await nc.subscribe(subjects.heartbeats_of(JOB), cb=on_hb)
-        proc = torchrun(out, job_env, steps=200, step_sleep=0.01)
+        proc = torchrun(out, job_env, steps=120, step_sleep=0.01)  # paused at about step 20
         procs.append(proc)
         deadline = time.monotonic() + 60
         while not all(len(read_records(out / f"rank{r}.jsonl")) >= 20 for r in (0, 1)):
@@ -199,7 +201,7 @@ async def test_pause_holds_every_rank_and_commands_while_paused_apply_at_the_sam
     assert held == [pause_step, pause_step]
     for r in (0, 1):
         records = read_records(out / f"rank{r}.jsonl")
-        assert len(records) == 200
+        assert len(records) == 120
         for rec in records:
             want = 0.25 if rec["step"] >= pause_step else 0.01  # type: ignore[operator]
             assert rec["weight_decay"]["body"] == want, rec  # type: ignore[index]

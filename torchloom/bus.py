@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -171,8 +172,8 @@ def _stream(
     )
 
 
-# The acks stream publishes every message it stores again, on its stored (public) subject
-# `ack.<job>`. Live readers (the web page, taps) subscribe there and
+# The journal and acks streams publish every message they store again, on its stored (public) subject:
+# `journal.<job>`, `events.<job>`, `ack.<job>`. Live readers (the web page, taps) subscribe there and
 # see exactly what is stored, once; nats-server publishes the copy, so no role needs the right to.
 _PUBLIC_COPY = RePublish(
     src=f"{subjects.PREFIX}.*.*", dest=f"{subjects.PREFIX}." + "{{wildcard(1)}}.{{wildcard(2)}}"
@@ -184,6 +185,44 @@ ACKS_MAX_CAPTURES = 4096
 # The acks stream needs a subject before any job has one (without, nats-server would capture the
 # stream's name): an ack capture of this job name with a random token nobody is told.
 _ACKS_PLACEHOLDER_JOB = "_"
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStream:
+    """The journal stream as its rightful publishers write to it.
+
+    TORCHLOOM_JOURNAL captures only `subjects.journal_capture(token, ...)` (the weaver's outcomes and
+    events, the launchers' events) and stores each entry under its public subject (`journal.<job>`,
+    `events.<job>`; a stream subject transform), where every reader reads and where nats-server
+    publishes it again for live readers. `token` is random per stream and readable only by the weaver
+    and launcher roles (the stream's config): nobody else can have anything stored in the journal, not
+    even an answer aimed there through a reply subject (docs/security.md, "Reply subjects").
+    """
+
+    token: str
+
+    def subject(self, public: str) -> str:
+        """Where to publish what the journal stores as `public` (a subject or pattern of
+        `subjects.journal`/`subjects.events`)."""
+        return subjects.journal_capture(self.token, public)
+
+
+def journal_stream(token: str, *, replicas: int = 1) -> StreamConfig:
+    """The config of the journal stream whose capture token is `token` (see `JournalStream`)."""
+    return _stream(
+        subjects.STREAM_JOURNAL,
+        [
+            subjects.journal_capture(token, subjects.journal_all()),
+            subjects.journal_capture(token, subjects.events_all()),
+        ],
+        max_age_s=JOURNAL_MAX_AGE_S,
+        max_msgs=JOURNAL_MAX_MSGS,
+        max_bytes=JOURNAL_MAX_BYTES,
+        replicas=replicas,
+        description="torchloom: command outcomes and job events (the audit trail)",
+        transform=SubjectTransform(src=subjects.journal_capture_root(token), dest=f"{subjects.PREFIX}.>"),
+        republish=_PUBLIC_COPY,
+    )
 
 
 def acks_stream(captures: list[str], *, replicas: int = 1) -> StreamConfig:
@@ -204,6 +243,23 @@ def acks_stream(captures: list[str], *, replicas: int = 1) -> StreamConfig:
     )
 
 
+def _journal_token_of(config: StreamConfig) -> str | None:
+    """The capture token of an existing journal stream, None for another layout (an older version's
+    stream captured the public subjects themselves)."""
+    captured = config.subjects or []
+    head = f"{subjects.PREFIX}.wj."
+    token = captured[0].removeprefix(head).partition(".")[0] if captured else ""
+    try:
+        expected = journal_stream(token)
+    except ValueError:
+        return None
+    same = (
+        sorted(captured) == sorted(expected.subjects or [])
+        and config.subject_transform == expected.subject_transform
+    )
+    return token if same else None
+
+
 def _ack_captures_of(config: StreamConfig) -> list[str]:
     """The ack capture subjects of an existing acks stream, in its order ([] for an older layout)."""
     if config.subject_transform is None:
@@ -211,25 +267,27 @@ def _ack_captures_of(config: StreamConfig) -> list[str]:
     return [s for s in config.subjects or [] if subjects.matches(subjects.ack_captures_all(), s)]
 
 
-async def ensure_streams(js: JetStreamContext, *, replicas: int = 1, shared_commands: bool = True) -> None:
+async def ensure_streams(
+    js: JetStreamContext, *, replicas: int = 1, shared_commands: bool = True
+) -> JournalStream:
     """Create (or update) the journal and acks streams, and the shared command stream; idempotent.
-    The acks stream keeps the jobs it captures; one in an older layout (capturing the public
-    subjects) is given its capture subjects.
+    An existing journal stream keeps its capture token and the acks stream the jobs it captures;
+    streams in an older layout (capturing the public subjects) are given their capture subjects.
 
     Args:
         shared_commands: also the one TORCHLOOM_COMMANDS stream for every job. False leaves the
             commands to per-job streams (`ensure_job_commands`), which role permissions can name.
+
+    Returns:
+        The journal stream, for its capture subjects.
+
+    Raises:
+        NatsUnavailable: the server took the journal without its subject transform (nats-server
+            older than 2.10).
     """
-    journal = _stream(
-        subjects.STREAM_JOURNAL,
-        [subjects.journal_all(), subjects.events_all()],
-        max_age_s=JOURNAL_MAX_AGE_S,
-        max_msgs=JOURNAL_MAX_MSGS,
-        max_bytes=JOURNAL_MAX_BYTES,
-        replicas=replicas,
-        description="torchloom: command outcomes and job events (the audit trail)",
+    token = await _ensure_tokened(
+        js, subjects.STREAM_JOURNAL, lambda t: journal_stream(t, replicas=replicas), _journal_token_of
     )
-    await _add_or_update(js, journal)
     await _ensure_acks(js, replicas)
     if shared_commands:
         shared = _stream(
@@ -242,6 +300,7 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1, shared_comm
             description="torchloom: every validated command, per job and run",
         )
         await _add_or_update(js, shared)
+    return JournalStream(token=token)
 
 
 _ACKS_KEPT_FIELDS = ("max_age", "max_msgs", "max_bytes", "duplicate_window", "subject_transform", "republish")
@@ -262,6 +321,52 @@ async def _ensure_acks(js: JetStreamContext, replicas: int) -> None:
         await _add_or_update(js, wanted)
     elif not captures or any(getattr(config, f) != getattr(wanted, f) for f in _ACKS_KEPT_FIELDS):
         await js.update_stream(wanted)
+
+
+async def journal_of(js: JetStreamContext) -> JournalStream | None:
+    """The journal stream's capture token as the stream holds it (stream info: the weaver and launcher
+    roles only); None when there is no journal stream yet, or one of an older layout.
+
+    Raises:
+        NotFoundError: there is no journal stream (no weaver has started on this server yet).
+    """
+    token = _journal_token_of((await js.stream_info(subjects.STREAM_JOURNAL)).config)
+    return None if token is None else JournalStream(token=token)
+
+
+class EventPublisher:
+    """Publishes job events where the journal stores them, for a process that is not the weaver (the
+    control plane's own events, a launcher's): on the journal's capture subject, whose token it reads
+    once from the stream (a launcher role may read that stream's info and nothing else of
+    JetStream), so its events are stored whether or not a weaver is up. Until it could read one (no
+    journal stream yet: no weaver has started on this server; or no answer) an event goes to its
+    public subject, seen live and stored nowhere, and the next event asks again after `retry_s`.
+
+    Args:
+        nc: the process's connection (weaver or launcher role).
+        timeout_s: the deadline of reading the token.
+    """
+
+    def __init__(self, nc: Client, *, timeout_s: float = 2.0, retry_s: float = 5.0) -> None:
+        self._nc = nc
+        self._timeout_s = timeout_s
+        self._retry_s = retry_s
+        self._journal: JournalStream | None = None
+        self._asked_at = -float("inf")
+
+    async def _capture(self, public: str) -> str:
+        if self._journal is None and time.monotonic() - self._asked_at >= self._retry_s:
+            self._asked_at = time.monotonic()
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    self._journal = await journal_of(self._nc.jetstream())
+            except Exception as exc:  # none yet, or not now (a restarting server): the public subject
+                log.debug("could not read the journal stream's capture subject: %r", exc)
+        return public if self._journal is None else self._journal.subject(public)
+
+    async def publish(self, job: str, data: bytes) -> None:
+        """Publish an encoded JobEvent of `job` (core NATS, as every event)."""
+        await self._nc.publish(await self._capture(subjects.events(job)), data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,11 +464,7 @@ async def ensure_ack_capture(js: JetStreamContext, commands: JobCommands) -> Non
         return
     others = (subjects.ack_captures_of(commands.job), subjects.ack_captures_of(_ACKS_PLACEHOLDER_JOB))
     kept = [c for c in captures if not any(subjects.matches(o, c) for o in others)]
-    kept = (
-        [*kept[len(kept) - ACKS_MAX_CAPTURES + 1 :], wanted]
-        if len(kept) >= ACKS_MAX_CAPTURES
-        else [*kept, wanted]
-    )
+    kept = [*kept, wanted][-ACKS_MAX_CAPTURES:]  # the newest
     await js.update_stream(dataclasses.replace(info.config, subjects=kept))
 
 

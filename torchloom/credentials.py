@@ -104,7 +104,13 @@ def permissions(role: Role, job: str | None = None) -> Permissions:
         )
     if role is Role.LAUNCHER:
         return Permissions(
-            publish=(subjects.events_all(),),
+            # Its events where the journal stores them (the capture subject, whose token it reads
+            # from the journal stream's info) and, while there is no journal, where watchers see them.
+            publish=(
+                subjects.event_captures_all(),
+                subjects.events_all(),
+                _js_api("STREAM", "INFO", subjects.STREAM_JOURNAL),
+            ),
             subscribe=(subjects.launcher_all(), subjects.heartbeats_all(), inbox),
             allow_responses=True,
         )

@@ -124,6 +124,29 @@ def ack_captures_all() -> str:
     return f"{PREFIX}.wack.*.*"
 
 
+def journal_capture(token: str, subject: str) -> str:
+    """Where the journal stream's rightful publishers (the weaver, launchers) publish what it stores as
+    `subject` (a `journal(job)` or `events(job)` subject, or a pattern of them): `<PREFIX>.wj.<token>.`
+    and the rest of `subject`. The token is the stream's secret (`bus.JournalStream`), readable only
+    by the weaver and launcher roles, so nobody else can have anything stored in the journal."""
+    kind, _, job = subject.removeprefix(f"{PREFIX}.").partition(".")
+    if f"{PREFIX}.{kind}.{job}" != subject or kind not in ("journal", "events") or not job:
+        raise ValueError(
+            f"subject {subject!r} is not a journal subject: expected {PREFIX}.journal.<job> or .events.<job>"
+        )
+    return f"{PREFIX}.wj.{check_token('journal token', token)}.{subject.removeprefix(PREFIX + '.')}"
+
+
+def journal_capture_root(token: str) -> str:
+    """Every journal capture subject of one token: what the journal stream maps onto `<PREFIX>.>`."""
+    return f"{PREFIX}.wj.{check_token('journal token', token)}.>"
+
+
+def event_captures_all() -> str:
+    """Every event capture subject whatever its token (launchers may publish there)."""
+    return f"{PREFIX}.wj.*.events.*"
+
+
 def heartbeat(job: str, rank: int) -> str:
     return f"{PREFIX}.hb.{check_token('job', job)}.{int(rank)}"
 

@@ -104,6 +104,7 @@ class Weaver:
         self._heartbeats: Any = None  # their subscription (its backlog feeds the read clock)
         self._read_clock = liveness.ReadClock()
         self._streams: Streams | None = None
+        self._journal: bus.JournalStream | None = None  # where journal entries are published
         self._schemas: knob_schemas.KnobSchemas | None = None  # once connected
         self._consumers: RankConsumers | None = None  # each rank's command consumer (made here)
         self._outbox = Outbox()
@@ -241,7 +242,8 @@ class Weaver:
                 # Commands live in one stream per job (a threadlet's credential names its own); an
                 # older store's shared stream would overlap them.
                 await bus.remove_shared_commands(js)
-                await bus.ensure_streams(js, replicas=self.config.replicas, shared_commands=False)
+                journal = await bus.ensure_streams(js, replicas=self.config.replicas, shared_commands=False)
+            self._journal = self.telemetry.journal = journal
             # Before the subscriptions: acks of commands from before a restart must find them pending.
             await self._recover()
             nc = self._nc
@@ -262,8 +264,8 @@ class Weaver:
             # Acks come through the durable consumer: those a previous weaver did not journal yet too.
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await self._acks.start(js)
-            # Launchers announce a stopping run here (only the weaver and launcher roles may publish).
-            await nc.subscribe(subjects.events_all(), cb=self.telemetry.on_event)
+            # Launchers announce a stopping run here (only the weaver and launcher roles know the token).
+            await nc.subscribe(journal.subject(subjects.events_all()), cb=self.telemetry.on_event)
             # Refusals of unverified commands (and acks of ranks without an ack token) are stored nowhere.
             await nc.subscribe(subjects.acks_all(), cb=self._acks.on_live)
             await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=api.on_submit)
@@ -357,7 +359,9 @@ class Weaver:
         if self.config.journal and self._streams is not None:
             async with asyncio.timeout(self.config.nats_timeout_s):
                 await self._streams.js.publish(
-                    item.subject, item.payload, headers={"Nats-Msg-Id": item.msg_id}
+                    self._journal.subject(item.subject) if self._journal else item.subject,
+                    item.payload,
+                    headers={"Nats-Msg-Id": item.msg_id},
                 )
         else:
             await self.nats.publish(item.subject, item.payload)

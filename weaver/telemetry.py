@@ -16,7 +16,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from torchloom import naming, subjects, wire
+from torchloom import bus, naming, subjects, wire
 from torchloom.messages import Heartbeat, JobEvent, KnobSpec, Outcome, WatchEvent
 from weaver import admission, health_plan, knob_schemas, liveness
 from weaver.config import WeaverConfig
@@ -90,6 +90,9 @@ class Telemetry:
         load_seq_floor: Callable[[str, str], Coroutine[Any, Any, None]],
     ) -> None:
         self._state = state
+        # The journal stream, once the weaver has made it: launchers' events arrive on its capture
+        # subjects (None: on the public ones, a weaver without JetStream).
+        self.journal: bus.JournalStream | None = None
         self._config = config
         self._limits = limits
         self._metrics = metrics
@@ -239,12 +242,17 @@ class Telemetry:
 
     async def on_event(self, msg: Msg) -> None:
         """A launcher's `naming.RUN_STOPPING` marks its run as stopping (`health_plan.note_stopping`);
-        every other event here is the weaver's own or a launcher's report, journaled as it is."""
+        every other event here is the weaver's own or a launcher's report, journaled as it is. Events
+        come on the journal's capture subjects (`journal`), which only the weaver and launcher roles
+        know: an answer aimed at the public subject through a reply subject never gets here."""
         if len(msg.data) > admission.MAX_MESSAGE_BYTES:
             return
         try:
             ev = wire.decode_event(msg.data)
-            if ev.kind != naming.RUN_STOPPING or msg.subject != subjects.events(ev.job):
+            public = subjects.events(ev.job)
+            if ev.kind != naming.RUN_STOPPING or msg.subject != (
+                self.journal.subject(public) if self.journal else public
+            ):
                 return
         except ValueError:
             return  # not ours to judge: the journal keeps it as published

@@ -3,9 +3,12 @@ with credentials refuses anyone without one."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 from nats.js.errors import NoStreamResponseError
@@ -15,6 +18,13 @@ from torchloom import bus, subjects
 from torchloom.credentials import CredentialStore, Role
 from torchloom.errors import NatsUnavailable
 from torchloom.nats_server import EmbeddedNats
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
+    client = await connect(nats_server)
+    yield client
+    await client.close()
 
 
 async def test_embedded_server_serves_jetstream_and_restarts_on_the_same_port(tmp_path: Path) -> None:
@@ -122,62 +132,112 @@ async def test_a_job_command_stream_keeps_its_capture_token_and_an_older_one_get
 
 
 async def test_an_older_acks_stream_gets_its_capture_subjects_and_keeps_what_it_stored(
-    nats_server: EmbeddedNats,
+    nc: Client,
 ) -> None:
-    nc = await connect(nats_server)
+    js = nc.jetstream()
+    # As an earlier version made it: capturing the public subjects themselves.
+    await js.add_stream(StreamConfig(name=subjects.STREAM_ACKS, subjects=[subjects.acks_all()]))
+    await js.publish(subjects.acks("j"), b"ack before")
+    await bus.ensure_streams(js, shared_commands=False)
+    with pytest.raises(NoStreamResponseError):
+        await js.publish(subjects.acks("j"), b"no longer captured", timeout=1.0)
+    # The acks stream captures no job's acks until the weaver gives the job a token.
+    stream = await bus.ensure_job_commands(js, "j")
+    with pytest.raises(NoStreamResponseError):
+        await js.publish(subjects.ack_capture(stream.ack_token, "j"), b"no token yet", timeout=1.0)
+    await bus.ensure_ack_capture(js, stream)
+    await bus.ensure_ack_capture(js, stream)  # idempotent
+    live: list[tuple[str, bytes]] = []
+
+    async def on_live(msg: Msg) -> None:
+        live.append((msg.subject, msg.data))
+
+    await nc.subscribe(subjects.acks_all(), cb=on_live)
+    await nc.flush()
+    ack = await js.publish(subjects.ack_capture(stream.ack_token, "j"), b"ack after")
+    assert ack.stream == subjects.STREAM_ACKS
+    # Stored, and published again, under the public subject readers read.
+    stored = [await js.get_msg(subjects.STREAM_ACKS, seq) for seq in (1, 2)]
+    assert [(m.subject, m.data) for m in stored] == [
+        (subjects.acks("j"), b"ack before"),
+        (subjects.acks("j"), b"ack after"),
+    ]
+    await until("the live copy", lambda: live == [(subjects.acks("j"), b"ack after")], timeout_s=5.0)
+    # A weaver that starts again keeps the job's capture (the ranks keep acking there).
+    await bus.ensure_streams(js, shared_commands=False)
+    await js.publish(subjects.ack_capture(stream.ack_token, "j"), b"after a restart")
+
+
+async def test_the_journal_keeps_its_capture_token_stores_only_what_comes_there_and_an_older_one_gets_one(
+    nc: Client,
+) -> None:
+    js = nc.jetstream()
+    # As an earlier version made it: capturing the public subjects themselves.
+    await js.add_stream(
+        StreamConfig(name=subjects.STREAM_JOURNAL, subjects=[subjects.journal_all(), subjects.events_all()])
+    )
+    await js.publish(subjects.journal("j"), b"before")
+    journal = await bus.ensure_streams(js, shared_commands=False)
+    assert await bus.ensure_streams(js, shared_commands=False) == journal  # idempotent: the same token
+    assert await bus.journal_of(js) == journal
+    for public in (subjects.journal("j"), subjects.events("j")):
+        with pytest.raises(NoStreamResponseError):
+            await js.publish(public, b"no longer captured", timeout=1.0)
+    live: list[tuple[str, bytes]] = []
+
+    async def on_live(msg: Msg) -> None:
+        live.append((msg.subject, msg.data))
+
+    await nc.subscribe(subjects.journal_all(), cb=on_live)
+    await nc.flush()
+    await js.publish(journal.subject(subjects.journal("j")), b"after")
+    # Stored, and published again, under the public subject readers read.
+    msgs = [await js.get_msg(subjects.STREAM_JOURNAL, seq) for seq in (1, 2)]
+    assert [(m.subject, m.data) for m in msgs] == [
+        (subjects.journal("j"), b"before"),
+        (subjects.journal("j"), b"after"),
+    ]
+    await until("the live copy", lambda: live == [(subjects.journal("j"), b"after")], timeout_s=5.0)
+
+
+async def test_two_writers_making_the_journal_at_once_agree_on_its_token(nats_server: EmbeddedNats) -> None:
+    one, two = await connect(nats_server), await connect(nats_server)
     try:
-        js = nc.jetstream()
-        # As an earlier version made it: capturing the public subjects themselves.
-        await js.add_stream(StreamConfig(name=subjects.STREAM_ACKS, subjects=[subjects.acks_all()]))
-        await js.publish(subjects.acks("j"), b"ack before")
-        await bus.ensure_streams(js, shared_commands=False)
-        with pytest.raises(NoStreamResponseError):
-            await js.publish(subjects.acks("j"), b"no longer captured", timeout=1.0)
-        # The acks stream captures no job's acks until the weaver gives the job a token.
-        stream = await bus.ensure_job_commands(js, "j")
-        with pytest.raises(NoStreamResponseError):
-            await js.publish(subjects.ack_capture(stream.ack_token, "j"), b"no token yet", timeout=1.0)
-        await bus.ensure_ack_capture(js, stream)
-        await bus.ensure_ack_capture(js, stream)  # idempotent
-        live: list[tuple[str, bytes]] = []
-
-        async def on_live(msg: Msg) -> None:
-            live.append((msg.subject, msg.data))
-
-        await nc.subscribe(subjects.acks_all(), cb=on_live)
-        await nc.flush()
-        ack = await js.publish(subjects.ack_capture(stream.ack_token, "j"), b"ack after")
-        assert ack.stream == subjects.STREAM_ACKS
-        # Stored, and published again, under the public subject readers read.
-        stored = [await js.get_msg(subjects.STREAM_ACKS, seq) for seq in (1, 2)]
-        assert [(m.subject, m.data) for m in stored] == [
-            (subjects.acks("j"), b"ack before"),
-            (subjects.acks("j"), b"ack after"),
-        ]
-        await until("the live copy", lambda: live == [(subjects.acks("j"), b"ack after")], timeout_s=5.0)
-        # A weaver that starts again keeps the job's capture (the ranks keep acking there).
-        await bus.ensure_streams(js, shared_commands=False)
-        await js.publish(subjects.ack_capture(stream.ack_token, "j"), b"after a restart")
+        made = await asyncio.gather(
+            bus.ensure_streams(one.jetstream(), shared_commands=False),
+            bus.ensure_streams(two.jetstream(), shared_commands=False),
+        )
+        assert made[0] == made[1] == await bus.journal_of(one.jetstream())
     finally:
-        await nc.close()
+        await one.close()
+        await two.close()
 
 
 async def test_an_ack_token_is_per_job_and_tells_nothing_of_the_command_token(
-    nats_server: EmbeddedNats,
+    nc: Client,
 ) -> None:
-    nc = await connect(nats_server)
-    try:
-        js = nc.jetstream()
-        await bus.ensure_streams(js, shared_commands=False)
-        k, m = await bus.ensure_job_commands(js, "k"), await bus.ensure_job_commands(js, "m")
-        assert len({k.ack_token, m.ack_token, k.token, m.token}) == 4
-        assert (await bus.ensure_job_commands(js, "k")).ack_token == k.ack_token  # every weaver's
-        for stream in (k, m):
-            await bus.ensure_ack_capture(js, stream)
-        captured = (await js.stream_info(subjects.STREAM_ACKS)).config.subjects
-        # The placeholder it was made with is gone once a job is captured.
-        assert captured == [subjects.ack_capture(k.ack_token, "k"), subjects.ack_capture(m.ack_token, "m")]
-        with pytest.raises(NoStreamResponseError):  # k's token is not m's
-            await js.publish(subjects.ack_capture(k.ack_token, "m"), b"x", timeout=1.0)
-    finally:
-        await nc.close()
+    js = nc.jetstream()
+    await bus.ensure_streams(js, shared_commands=False)
+    k, m = await bus.ensure_job_commands(js, "k"), await bus.ensure_job_commands(js, "m")
+    assert len({k.ack_token, m.ack_token, k.token, m.token}) == 4
+    assert (await bus.ensure_job_commands(js, "k")).ack_token == k.ack_token  # every weaver's
+    for stream in (k, m):
+        await bus.ensure_ack_capture(js, stream)
+    captured = (await js.stream_info(subjects.STREAM_ACKS)).config.subjects
+    # The placeholder it was made with is gone once a job is captured.
+    assert captured == [subjects.ack_capture(k.ack_token, "k"), subjects.ack_capture(m.ack_token, "m")]
+    with pytest.raises(NoStreamResponseError):  # k's token is not m's
+        await js.publish(subjects.ack_capture(k.ack_token, "m"), b"x", timeout=1.0)
+
+
+async def test_the_acks_stream_captures_the_newest_jobs_up_to_its_bound(
+    nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus, "ACKS_MAX_CAPTURES", 2)
+    js = nc.jetstream()
+    await bus.ensure_streams(js, shared_commands=False)
+    made = [await bus.ensure_job_commands(js, job) for job in ("k", "m", "n")]
+    for stream in made:
+        await bus.ensure_ack_capture(js, stream)
+    captured = (await js.stream_info(subjects.STREAM_ACKS)).config.subjects
+    assert captured == [subjects.ack_capture(s.ack_token, s.job) for s in made[1:]]

@@ -203,6 +203,8 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
     for family in (
         "events.A",
         "journal.A",
+        "wj.T.events.A",
+        "wj.T.journal.A",
         "launcher.A",
         "api.submit",
         "api.decide",
@@ -221,6 +223,7 @@ def _operations() -> dict[str, Callable[[Probe], Awaitable[bool]]]:
         "wack.*.A",
         "events.A",
         "journal.A",
+        "wj.*.events.*",
         "launcher.A",
     ):
         sub(f"{subjects.PREFIX}.{family}")
@@ -321,13 +324,13 @@ async def weaver(secured: tuple[EmbeddedNats, CredentialStore]) -> AsyncIterator
     server, store = secured
     nc = await connect_as(server, store, Role.WEAVER)
     js = nc.jetstream()
-    await bus.ensure_streams(js, shared_commands=False)
+    journal = await bus.ensure_streams(js, shared_commands=False)
     for job in ("A", "B"):
         stream = await bus.ensure_job_commands(js, job)
         await bus.ensure_ack_capture(js, stream)  # as before the job's first command
         await js.publish(stream.subject("r1"), f"cmd-{job}".encode())
         await bus.ensure_rank_consumer(js, job, "r1", 0, RANK_INCARNATION)  # as at a rank's heartbeat
-    await js.publish(subjects.events("A"), b"event")
+    await js.publish(journal.subject(subjects.events("A")), b"event")
     await js.add_consumer(
         subjects.STREAM_JOURNAL, ConsumerConfig(durable_name=PULL_CONSUMER, ack_policy="explicit")
     )
@@ -538,40 +541,90 @@ async def test_a_reply_subject_aimed_at_another_jobs_acks_stores_nothing(
             await w.unsubscribe()
 
 
-async def test_a_copy_aimed_at_another_jobs_journal_is_stored_but_not_read_as_its_entry(
+async def _journal_held(js: JetStreamContext) -> int:
+    return int((await js.stream_info(subjects.STREAM_JOURNAL)).state.messages)
+
+
+async def test_a_reply_subject_aimed_at_another_jobs_journal_and_events_stores_nothing(
     secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
 ) -> None:
-    # What remains open (docs/security.md, "Reply subjects"): the journal stream captures the public
-    # events and journal subjects, so a threadlet of A can have a copy of one of A's stored commands
-    # stored there by aiming a pull's reply at B's events; the journal reader reads nothing of it as B's.
+    # The journal stream captures only its capture subjects (`bus.JournalStream`: a token the weaver
+    # and launcher roles alone can read), so JetStream's answers to a threadlet of A (the PubAck of
+    # its own ack, a copy of one of A's commands through a pull), aimed at B's journal and event
+    # subjects or at a made-up capture subject, are delivered there and stored nowhere.
     server, store = secured
     js = weaver.jetstream()
     stream = await bus.ensure_job_commands(js, "A")
     cmd = _command("A", "r2")
     await js.publish(stream.subject("r2"), wire.encode(cmd))
     await bus.ensure_rank_consumer(js, "A", "r2", 0, RANK_INCARNATION)
-    before = (await js.stream_info(subjects.STREAM_JOURNAL)).state.last_seq
+    aimed = (
+        subjects.events("B"),
+        subjects.journal("B"),
+        subjects.journal_capture("0" * 32, subjects.events("B")),
+    )
+    seen: list[tuple[str, bytes]] = []
+
+    async def on_msg(msg: Any) -> None:
+        seen.append((msg.subject, msg.data))
+
+    watches = [await weaver.subscribe(a, cb=on_msg) for a in aimed]
+    await weaver.flush()
     attacker = await connect_as(server, store, Role.THREADLET, "A")
     try:
-        await _aim_answers(attacker, "r2", subjects.events("B"), subjects.ack_capture(stream.ack_token, "A"))
-
-        async def stored() -> bool:
-            return (await js.stream_info(subjects.STREAM_JOURNAL)).state.last_seq > before + 1
-
-        await until("the copy stored under B's events", stored, timeout_s=DECIDE_S, interval_s=0.05)
+        before = await _journal_held(js)
+        for target in aimed:
+            await _aim_answers(attacker, "r2", target, subjects.ack_capture(stream.ack_token, "A"))
+        # Each target got the PubAck (JSON) and an answer to the pull: the first one the copy of A's
+        # command (which keeps its subject), the others a status (it awaits its acknowledgement).
+        await until("the answers delivered", lambda: len(seen) >= 2 * len(aimed), timeout_s=DECIDE_S)
+        assert sum(b'"stream"' in data for _, data in seen) == len(aimed)
+        assert sum(data == wire.encode(cmd) for _, data in seen) == 1
+        await asyncio.sleep(0.3)  # a stored answer would be there by now
+        assert await _journal_held(js) == before
     finally:
         await attacker.close()
-    landed, answer = [await js.get_msg(subjects.STREAM_JOURNAL, before + i) for i in (1, 2)]
-    if answer.data == wire.encode(cmd):
-        landed, answer = answer, landed
-    # The PubAck is stored under B's events: JSON, which the reader skips as malformed.
-    assert answer.subject == subjects.events("B") and answer.data is not None and b'"stream"' in answer.data
-    # JetStream keeps a delivery's original subject: the copy is filed under A's command subject,
-    # which no journal reader reads; had it kept B's, it would parse as an event of another "job"
-    # (the command id), which the reader skips as not B's.
-    assert landed.data == wire.encode(cmd) and landed.subject == subjects.commands("A", "r2")
-    assert wire.decode_event(landed.data).job == cmd.command_id
+        for w in watches:
+            await w.unsubscribe()
     assert [e async for e in Streams(js, 5.0).journal("B")] == []
+
+
+async def test_the_launchers_events_are_stored_and_the_public_journal_subjects_store_nothing(
+    secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
+) -> None:
+    # The launcher may read the journal's capture token (stream info) and nothing else of JetStream:
+    # its events are stored under their public subject and published there again for live readers.
+    # What anyone publishes on the public journal and event subjects (here the weaver) is stored nowhere.
+    server, store = secured
+    js = weaver.jetstream()
+    launcher = await connect_as(server, store, Role.LAUNCHER)
+    live: list[tuple[str, bytes]] = []
+
+    async def on_live(msg: Any) -> None:
+        live.append((msg.subject, msg.data))
+
+    watch = await weaver.subscribe(subjects.events("A"), cb=on_live)
+    await weaver.flush()
+    try:
+        before = await _journal_held(js)
+        await weaver.publish(subjects.journal("A"), b"public outcome")
+        await weaver.publish(subjects.events("A"), b"public event")
+        await weaver.flush()
+        await asyncio.sleep(0.3)
+        assert await _journal_held(js) == before
+        live.clear()
+        await bus.EventPublisher(launcher).publish("A", b"launcher event")
+        await launcher.flush()
+
+        async def stored() -> bool:
+            last = await js.get_last_msg(subjects.STREAM_JOURNAL, subjects.events("A"))
+            return last.data == b"launcher event"
+
+        await until("the launcher's event stored under events.A", stored, timeout_s=DECIDE_S, interval_s=0.05)
+        await until("the republished copy", lambda: live == [(subjects.events("A"), b"launcher event")])
+    finally:
+        await watch.unsubscribe()
+        await launcher.close()
 
 
 def _command(job: str, run_id: str) -> Command:

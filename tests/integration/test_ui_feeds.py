@@ -20,7 +20,7 @@ from tests.integration.test_nats_permissions import (  # noqa: F401 (the fixture
     connect_as,
     secured,
 )
-from torchloom import subjects
+from torchloom import bus, subjects
 from torchloom.credentials import CredentialStore, Role, inbox_prefix
 from torchloom.nats_server import EmbeddedNats
 from weaver import ui_feeds
@@ -40,8 +40,10 @@ async def weaver(secured: tuple[EmbeddedNats, CredentialStore]) -> AsyncIterator
 async def js(weaver: Weaver) -> JetStreamContext:
     """The weaver's JetStream, with five journal entries written."""
     js = weaver.nats.jetstream()
+    journal = await bus.journal_of(js)  # the journal stores only what comes on its capture subjects
+    assert journal is not None
     for i in range(5):
-        await js.publish(subjects.events("A"), f"entry-{i}".encode())
+        await js.publish(journal.subject(subjects.events("A")), f"entry-{i}".encode())
     return js
 
 

@@ -58,6 +58,16 @@ def test_a_threadlet_is_confined_to_its_job() -> None:
     assert not any("B" in s or s.endswith("CONSUMER.>") or "CREATE" in s for s in perms.publish)
 
 
+def test_the_launcher_reads_only_the_journals_capture_token_of_jetstream() -> None:
+    perms = permissions(Role.LAUNCHER)
+    assert set(perms.publish) == {
+        "torchloom.v1.wj.*.events.*",  # its events, where the journal stores them
+        "torchloom.v1.events.*",  # before there is a journal stream: live only
+        "$JS.API.STREAM.INFO.TORCHLOOM_JOURNAL",  # the capture token
+    }
+    assert not any(s.startswith("torchloom.v1.wj.*.journal") for s in perms.publish)
+
+
 def test_browser_roles_never_publish_commands_and_only_the_operator_submits_and_decides() -> None:
     viewer, operator = permissions(Role.UI_VIEWER), permissions(Role.UI_OPERATOR)
     for perms in (viewer, operator):

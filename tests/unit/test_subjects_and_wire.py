@@ -30,11 +30,28 @@ def test_subjects_are_versioned_and_scoped() -> None:
         assert name.startswith("torchloom.v1.")
 
 
-def test_an_ack_capture_subject_holds_its_token_and_names_its_job() -> None:
+def test_the_capture_subjects_hold_their_token_and_name_what_they_store() -> None:
     token = "0123456789abcdef" * 2
     assert subjects.ack_capture(token, "j") == f"torchloom.v1.wack.{token}.j"
     assert subjects.matches(subjects.ack_captures_of("j"), subjects.ack_capture(token, "j"))
     assert not subjects.matches(subjects.ack_captures_of("k"), subjects.ack_capture(token, "j"))
+    assert subjects.journal_capture(token, subjects.events("j")) == f"torchloom.v1.wj.{token}.events.j"
+    assert subjects.journal_capture(token, subjects.journal_all()) == f"torchloom.v1.wj.{token}.journal.*"
+    assert subjects.matches(
+        subjects.event_captures_all(), subjects.journal_capture(token, subjects.events("j"))
+    )
+    assert subjects.matches(
+        subjects.journal_capture_root(token), subjects.journal_capture(token, subjects.journal("j"))
+    )
+    # Only journal entries and events go to the journal's capture subjects, and a token is one token.
+    for public in (
+        subjects.acks("j"),
+        subjects.commands("j", "r"),
+        "elsewhere.events.j",
+        "torchloom.v1.events",
+    ):
+        with pytest.raises(ValueError, match=r"expected torchloom\.v1\.journal\.<job> or \.events\.<job>"):
+            subjects.journal_capture(token, public)
     with pytest.raises(ValueError, match="ack token"):
         subjects.ack_capture("a.b", "j")
 

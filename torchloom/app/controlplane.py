@@ -34,7 +34,7 @@ if __name__ == "__main__" and not (os.environ.get(env.NATS_URL) or "").startswit
 
 from nats.aio.client import Client
 
-from torchloom import bus, defaults, discovery, private_files, subjects, tls, wire
+from torchloom import bus, defaults, discovery, private_files, tls, wire
 from torchloom.app import runs
 from torchloom.app.controlplane_config import (
     IDLE_EXIT_S,
@@ -127,6 +127,7 @@ class ControlPlane:
         self._exiting = False
         self._jobs: dict[str, list[runs.Lease]] = {}
         self._nc: Client | None = None
+        self._events: bus.EventPublisher | None = None  # where the journal stores our events
 
     def stop(self) -> None:
         self._stop.set()
@@ -280,8 +281,9 @@ class ControlPlane:
             self.events.append(ev)
             if self._nc is None:
                 continue
+            self._events = self._events or bus.EventPublisher(self._nc)
             try:
-                await self._nc.publish(subjects.events(job), wire.encode(ev))
+                await self._events.publish(job, wire.encode(ev))
             except Exception as exc:  # the event is for watchers; the control plane goes on
                 log.warning("could not publish %s for %s: %s", kind, job, exc)
 

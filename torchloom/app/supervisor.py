@@ -215,6 +215,7 @@ class Supervisor:
         self._heartbeats: dict[str, asyncio.Event] = {}
         self._local_rank: dict[int, int] = {}  # rank -> local rank, from the current run's heartbeats
         self._nc: Client | None = None
+        self._events: bus.EventPublisher | None = None  # where the journal stores our events
         self._proc: asyncio.subprocess.Process | None = None
         self._watches: set[asyncio.Task[None]] = set()  # strong refs to the "resumed" watches
         self.stopping: signal.Signals | None = None  # the signal that is ending the run, once one came
@@ -350,8 +351,9 @@ class Supervisor:
         )
         self.events.append(ev)
         if self._nc is not None:
+            self._events = self._events or bus.EventPublisher(self._nc)
             try:
-                await self._nc.publish(subjects.events(self.job), wire.encode(ev))
+                await self._events.publish(self.job, wire.encode(ev))
             except Exception as exc:  # the event is for watchers; the restart goes on regardless
                 log.warning("supervisor: could not publish %s: %s", kind, exc)
 

@@ -55,7 +55,9 @@ def _records(out: Path, rank: int) -> list[dict[str, Any]]:
 async def _events(url: str) -> list[JobEvent]:
     nc = await nats.connect(url)
     try:
-        sub = await nc.jetstream().subscribe(subjects.events(JOB), ordered_consumer=True)
+        sub = await nc.jetstream().subscribe(
+            subjects.events(JOB), stream=subjects.STREAM_JOURNAL, ordered_consumer=True
+        )
         out: list[JobEvent] = []
         while True:
             try:

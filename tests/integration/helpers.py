@@ -376,7 +376,9 @@ async def job_events(url: str, job: str, *, credentials: ClientAuth | None = Non
     finished run: what its weaver publishes after the read began may be missed."""
     nc = await bus.connect(url, name="test-events", credentials=credentials)
     try:
-        sub = await nc.jetstream().subscribe(subjects.events(job), ordered_consumer=True)
+        sub = await nc.jetstream().subscribe(
+            subjects.events(job), stream=subjects.STREAM_JOURNAL, ordered_consumer=True
+        )
         out: list[JobEvent] = []
         while True:
             try:

@@ -78,7 +78,9 @@ async def _event_feed(info: discovery.WeaverInfo) -> AsyncIterator[list[JobEvent
         got.append(wire.decode_event(msg.data))
 
     try:
-        await nc.jetstream().subscribe(subjects.events(JOB), cb=on_event, ordered_consumer=True)
+        await nc.jetstream().subscribe(
+            subjects.events(JOB), stream=subjects.STREAM_JOURNAL, cb=on_event, ordered_consumer=True
+        )
         yield got
     finally:
         with contextlib.suppress(Exception):

@@ -99,8 +99,9 @@ def test_run_then_set_from_another_process_applies_at_one_step(
     try:
         job = status_job(run_env, 5, proc=proc)
         # Started with SIGINT ignored, as a background job of a non-interactive shell inherits it
-        # (how CI starts the suite): Ctrl-C must end a watch all the same. PYTHONFAULTHANDLER: a
-        # watch that does not end is aborted and shows every thread's stack.
+        # (the likely cause of CI's watches that outlived their SIGINT): Ctrl-C must end a watch all
+        # the same. PYTHONFAULTHANDLER: a watch that does not end is aborted and shows every
+        # thread's stack.
         watcher = subprocess.Popen(
             ["/bin/sh", "-c", 'trap "" INT; exec "$0" -m torchloom.app.cli watch', sys.executable],
             env={**run_env, "PYTHONFAULTHANDLER": "1"},

@@ -375,7 +375,8 @@ async def _window(
                 body = await asyncio.to_thread(_get, metrics_url)
                 scrapes.append(time.perf_counter() - start)
                 scraped_loss[0] = sum(line.startswith("torchloom_rank_loss{") for line in body.splitlines())
-            await asyncio.sleep(SCRAPE_EVERY_S)
+            # The next scrape, or the window's end: a window shorter than the interval ends on time.
+            await asyncio.sleep(max(0.0, min(SCRAPE_EVERY_S, end - time.monotonic())))
 
     await asyncio.gather(submitter(), poller(), scraper())
     elapsed = time.monotonic() - t0

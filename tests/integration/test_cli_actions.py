@@ -33,6 +33,44 @@ def _poll_json(args: list[str], env: dict[str, str], proc: subprocess.Popen[str]
     raise AssertionError(f"{args} never satisfied the condition: {last}")
 
 
+def _follow_then_ctrl_c(env: dict[str, str], command_id: str) -> None:
+    """`journal --follow` and `journal --command ID --follow` end on Ctrl-C, even started with SIGINT
+    ignored (as a background job of a non-interactive shell is): the first with 0 once it printed the
+    journal so far, the second (an id never submitted) with 3 and "unknown"."""
+    for args, code in ((["--follow", "--json"], 0), (["--command", "0" * 32, "--follow", "--json"], 3)):
+        follower = subprocess.Popen(
+            [
+                "/bin/sh",
+                "-c",
+                'trap "" INT; exec "$0" -m torchloom.app.cli journal "$@"',
+                sys.executable,
+                *args,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert follower.stdout is not None
+            if code == 0:  # following: the entries so far came first
+                line = follower.stdout.readline()
+                while line and command_id not in line:
+                    line = follower.stdout.readline()
+                assert command_id in line, follower.stderr.read() if follower.stderr else ""
+            else:
+                time.sleep(1.0)  # connected and waiting (an early Ctrl-C ends it the same way)
+            follower.send_signal(signal.SIGINT)
+            out, err = follower.communicate(timeout=30)
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.communicate(timeout=10)
+        assert follower.returncode == code, (args, follower.returncode, err)
+        if code == 3:
+            assert json.loads(out)["status"] == "unknown", out
+
+
 @pytest.fixture
 def run_env(subprocess_env: dict[str, str]) -> dict[str, str]:
     return unbound_env(subprocess_env, "TORCHLOOM_ALLOW_FAULT_INJECTION", OMP_NUM_THREADS="1")
@@ -106,6 +144,8 @@ def test_action_commands_against_a_running_job(tmp_path: Path, run_env: dict[str
             (0, steps[0], "applied"),
             (1, steps[1], "applied"),
         ]
+
+        _follow_then_ctrl_c(run_env, set_outcome["command_id"])
 
         res = _cli("rollback", "nosuch", "--json", env=run_env)
         assert res.returncode == 2, res.stdout + res.stderr

@@ -521,12 +521,14 @@ def _report(result: SubmitResult, as_json: bool) -> int:
 
 def _report_command(args: argparse.Namespace) -> int:
     """`torchloom journal --command ID [--follow]`: the command's outcome and the exit code of `set`."""
-    try:
-        outcome = asyncio.run(
-            cli_actions.command_outcome(args.grpc, args.job, args.command_id, follow=args.follow)
-        )
-    except KeyboardInterrupt:
-        outcome = None
+    found: list[Outcome | None] = [None]
+
+    async def _lookup() -> None:
+        found[0] = await cli_actions.command_outcome(args.grpc, args.job, args.command_id, follow=args.follow)
+
+    # Ctrl-C ends a --follow with "unknown" (EXIT_TIMEOUT), even where SIGINT was inherited ignored.
+    run_until_interrupted(_lookup(), code=EXIT_TIMEOUT)
+    outcome = found[0]
     if outcome is None:
         if args.json:
             print(json.dumps({"command_id": args.command_id, "status": "unknown", "reason": None}))
@@ -641,13 +643,11 @@ def _run_command(args: argparse.Namespace) -> int:
     if command == "journal" and args.command_id:
         return _report_command(args)
     if command == "journal":
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a --follow ends
-            asyncio.run(
-                cli_actions.print_journal(
-                    args.grpc, args.job, follow=args.follow, as_json=args.json, out=sys.stdout
-                )
-            )
-        return EXIT_OK
+        # Ctrl-C is how a --follow ends, and it ends it promptly (as a watch)
+        journal = cli_actions.print_journal(
+            args.grpc, args.job, follow=args.follow, as_json=args.json, out=sys.stdout
+        )
+        return run_until_interrupted(journal, code=EXIT_OK)
     if command == "watch":  # Ctrl-C is how a watch ends, and it ends it promptly
         return run_until_interrupted(watch(args.grpc, args.job, sys.stdout), code=EXIT_OK)
     if command == "ui":

@@ -4,7 +4,9 @@ rounds ("gloo", TORCHLOOM_AGREEMENT=gloo).
 
 For each path, starts an embedded nats-server and an in-process weaver, launches examples/train_tiny.py
 (or, with `--model mlp`, a bare DDP MLP at about 2 ms steps) under torchrun, then submits N lr
-changes one after another over gRPC. Each Outcome carries the timestamps that split its path into
+changes one after another over gRPC (with `--gap-s`, a pause before each: back to back, deciding
+commands is most of what the ranks do, and on 2 shared cores the control plane's work for each one
+slows their steps). Each Outcome carries the timestamps that split its path into
 parts (p50 / p99 of each, in ms):
 
 * client_to_weaver: the client's call -> the weaver's submit (gRPC in);
@@ -119,6 +121,8 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
                     total, bus = [], []
                     parts: dict[str, list[float]] = {name: [] for name in PARTS}
                     for i in range(args.commands):
+                        if args.gap_s:
+                            await asyncio.sleep(args.gap_s)  # the ranks back at their idle pace
                         lr = 1e-3 if i % 2 else 2e-3
                         t0 = time.time()
                         out = await client.submit(
@@ -165,6 +169,7 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
         "commands": args.commands,
         "model": args.model,
         "step_sleep_s": args.step_sleep,
+        "gap_s": args.gap_s,
         "median_step_ms": step_s * 1e3,
         "first_command_ms": first_ms,
         "load_before": load_before,
@@ -183,6 +188,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--commands", type=int, default=200)
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument(
+        "--gap-s",
+        type=float,
+        default=0.0,
+        help="pause before each command (0: back to back, so deciding commands sets the step time)",
+    )
     parser.add_argument(
         "--model",
         choices=("tiny", "mlp"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,8 +160,9 @@ async def test_serve_ui_returns_a_started_server_and_close_is_idempotent() -> No
 
 
 async def test_torchloom_ui_cli_serves_the_page_and_prints_its_urls(subprocess_env: dict[str, str]) -> None:
+    # Started with SIGINT ignored, as a background job of a non-interactive shell is: Ctrl-C ends it.
     proc = await asyncio.create_subprocess_exec(
-        "torchloom", "ui", "--nats-ws", WS, "--port", "0",
+        "/bin/sh", "-c", 'trap "" INT; exec torchloom ui --nats-ws "$0" --port 0', WS,
         env=subprocess_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -181,10 +183,12 @@ async def test_torchloom_ui_cli_serves_the_page_and_prints_its_urls(subprocess_e
         cookie = headers["set-cookie"].split(";", 1)[0]
         status, _, body = await _get(port, "/config.json", Cookie=cookie)
         assert status == 200 and json.loads(body) == {"nats_ws_url": WS, "role": "viewer"}
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
     finally:
         if proc.returncode is None:
-            proc.terminate()
-        async with asyncio.timeout(30):
+            proc.kill()
             await proc.wait()
 
 

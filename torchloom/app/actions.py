@@ -142,7 +142,7 @@ def print_ui_urls(ui: UiServer, *, prefix: str, out: TextIO) -> None:
 
 async def serve_ui(
     *, host: str, port: int | None, allow_remote: bool, nats_ws: str | None, read_only: bool = False
-) -> int:
+) -> None:
     """Serve the web UI until cancelled; the NATS WebSocket URL, the page credentials and the port
     (which nats-server's allowed origins name) come from the discovery file unless given."""
     from weaver.ui_server import UiServer
@@ -166,7 +166,6 @@ async def serve_ui(
     ) as ui:
         print_ui_urls(ui, prefix="torchloom UI", out=sys.stdout)
         await ui.serve_forever()
-    return 0
 
 
 def read_journal(source: str) -> str:

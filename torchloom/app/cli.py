@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import math
@@ -650,18 +649,15 @@ def _run_command(args: argparse.Namespace) -> int:
         return run_until_interrupted(journal, code=EXIT_OK)
     if command == "watch":  # Ctrl-C is how a watch ends, and it ends it promptly
         return run_until_interrupted(watch(args.grpc, args.job, sys.stdout), code=EXIT_OK)
-    if command == "ui":
-        with contextlib.suppress(KeyboardInterrupt):
-            return asyncio.run(
-                cli_actions.serve_ui(
-                    host=args.host,
-                    port=args.port,
-                    allow_remote=args.allow_remote,
-                    nats_ws=args.nats_ws,
-                    read_only=args.read_only,
-                )
-            )
-        return EXIT_OK
+    if command == "ui":  # served until Ctrl-C, which ends it promptly (as a watch)
+        serve = cli_actions.serve_ui(
+            host=args.host,
+            port=args.port,
+            allow_remote=args.allow_remote,
+            nats_ws=args.nats_ws,
+            read_only=args.read_only,
+        )
+        return run_until_interrupted(serve, code=EXIT_OK)
     if command == "policy":
         return policy_cmd.command(args)
     if command in ("agent", "token"):

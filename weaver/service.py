@@ -1,7 +1,8 @@
-"""The weaver's I/O shell: NATS connections and subscriptions, the submit path, acks, command
-publishing and watchers. Its components handle the rest: `weaver.telemetry` (heartbeats, metrics,
-launchers' events), `weaver.bus_api` (the request-reply API), `weaver.health_loop` (the liveness
-tick) and `weaver.watchers` (the live feed's subscribers).
+"""The weaver's I/O shell: NATS connections and subscriptions, acks, command publishing and watchers.
+Its components handle the rest: `weaver.submit_path` (submits decided once, their waiting submitters,
+the runs' seq floors), `weaver.telemetry` (heartbeats, metrics, launchers' events), `weaver.bus_api`
+(the request-reply API), `weaver.health_loop` (the liveness tick) and `weaver.watchers` (the live
+feed's subscribers).
 
 Every decision is delegated to the pure functions and mutators of `weaver.liveness`, `weaver.submits`,
 `weaver.outcomes`, `weaver.health_plan` and `weaver.recovery`; this module only feeds them messages
@@ -15,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
@@ -28,7 +27,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from torchloom import bus, signing, subjects, wire
-from torchloom.errors import CommandRejected, JobNotFound, NatsUnavailable
 from torchloom.messages import (
     Ack,
     AgentRefusal,
@@ -52,7 +50,6 @@ from weaver import (
     notices,
     outcomes,
     recovery,
-    submits,
     ui_feeds,
 )
 from weaver.acks import RETRY, AckFeed, CommandKey, Retry
@@ -63,7 +60,8 @@ from weaver.health_loop import HealthLoop
 from weaver.metrics import WeaverMetrics
 from weaver.model import WeaverState
 from weaver.steering import FIRED_KINDS, Steering
-from weaver.streams import Outbox, OutboxItem, RankConsumers, SeqConflict, Streams
+from weaver.streams import Outbox, OutboxItem, RankConsumers, Streams
+from weaver.submit_path import SubmitPath
 from weaver.telemetry import Telemetry
 from weaver.watchers import Watcher
 
@@ -73,7 +71,6 @@ QUEUE_GROUP = "torchloom-weaver"
 # Acks are read from this long before a recovered command's publish time: the acks stream's clock is
 # the server's, the command's that of the weaver that published it.
 STORED_ACKS_SLACK_S = 60.0
-WARM_UP_MIN_S = 5.0  # after a (re)start, a submit the ranks' reports could decide waits at least this
 # Heartbeats and metrics (15 messages per rank per second) come on a connection of their own, so a
 # backlog of them never delays a JetStream answer (a stored command, a pub ack) or an API request,
 # and a slow-consumer cut of it loses telemetry only. Its queues are bounded: past these, nats-py
@@ -90,7 +87,8 @@ class Weaver:
     Entering connects to NATS, ensures the JetStream streams, recovers its state from them and
     subscribes to heartbeats, acks, metrics and the request-reply API. Its components: `state` (the
     `WeaverState` the decision modules read and update), the JetStream `Streams` (once started), the
-    `Outbox` of journal entries and events, `telemetry` (the heartbeat, metrics and event handlers),
+    `Outbox` of journal entries and events, `submit_path` (submits and their waiting submitters),
+    `telemetry` (the heartbeat, metrics and event handlers),
     `health` (the liveness tick), `steering` (autopilot), `agents` and, once started, a `BusApi`.
     The gRPC Control service is served over it by the composition (`weaver.app.open_weaver`),
     through the methods `submit`, `status`, `iter_watch` and `journal`.
@@ -109,23 +107,30 @@ class Weaver:
         self._consumers: RankConsumers | None = None  # each rank's command consumer (made here)
         self._outbox = Outbox()
         self._acks = AckFeed(config.acks_consumer, self._take_ack, take_over=config.acks_take_over)
-        self._started_at_s = time.time()
         self._runner: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._started = asyncio.Event()
         self._closed = asyncio.Event()
         self._closing: asyncio.Task[None] | None = None
-        self._submit_lock = asyncio.Lock()
-        self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._watchers: set[Watcher] = set()
         self._signer: signing.Signer | None = None
         self._verifier: signing.Verifier | None = None
         self._limits = config.limits()
         self.refusals = admission.Refusals()
         self._notices = notices.Notices()
-        self._job_streams: dict[str, bus.JobCommands] = {}  # command streams this weaver ensured
         self.metrics = WeaverMetrics(
             self.status, self.refusals.total, lambda: {n: len(j.pending) for n, j in self.state.jobs.items()}
+        )
+        # Submits decided once, their submitters waiting for the outcome, the runs' seq floors.
+        self.submit_path = SubmitPath(
+            self.state,
+            config,
+            self.metrics,
+            signer=lambda: self._signer,
+            streams=lambda: self.streams,
+            consumers=lambda: self._consumers,
+            signed=self._signed,
+            finish=self._finish,
         )
         # Autopilot rules: their commands go through `submit` like any other (issuer kind "rule").
         self.steering = Steering(
@@ -137,7 +142,7 @@ class Weaver:
             self.steering.pilots,
             announce=self._announce,
             submit=self.submit,
-            refuse=lambda req, why, now, job: self._refuse_submit(
+            refuse=lambda req, why, now, job: self.submit_path.refuse(
                 req, why, now, job=job.job, run_id=job.run_id
             ),
             dead_after_s=config.dead_after_s,
@@ -175,7 +180,7 @@ class Weaver:
             announce=self._announce,
             fan_out=self._fan_out,
             spawn=self._spawn,
-            load_seq_floor=self._load_seq_floor,
+            load_seq_floor=self.submit_path.load_seq_floor,
         )
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -256,7 +261,7 @@ class Weaver:
                 on_disconnected=self.health.on_telemetry_lost,
                 on_reconnected=self.health.on_telemetry_back,
             )
-            self._started_at_s = time.time()
+            self.submit_path.started_at_s = time.time()
             self._heartbeats = await self._subscribe_telemetry(
                 subjects.heartbeats_all(), self.telemetry.on_heartbeat
             )
@@ -323,9 +328,7 @@ class Weaver:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        for fut in self._waiters.values():
-            fut.cancel()
-        self._waiters.clear()
+        self.submit_path.close()
         if self._telemetry_nc is not None and not self._telemetry_nc.is_closed:
             with contextlib.suppress(Exception):  # telemetry is not drained: nothing of it is kept
                 await self._telemetry_nc.close()
@@ -447,9 +450,7 @@ class Weaver:
         """
         dedupe.remember(self.state, outcome)
         self.metrics.observe_outcome(outcome)
-        fut = self._waiters.pop(outcome.command_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(outcome)
+        self.submit_path.answer(outcome)
         self._fan_out(outcome)
         cmd = outcome.command
         key: CommandKey | None = (cmd.job, cmd.run_id, cmd.seq) if cmd is not None else None
@@ -486,7 +487,7 @@ class Weaver:
             self._refuse("ack", "", "", f"malformed ack on {msg.subject} refused: {exc}", now)
             return None
         job = self.state.jobs.get(ack.job)
-        if job is not None and ack.rank not in job.ranks and self._warming_up(now):
+        if job is not None and ack.rank not in job.ranks and self.submit_path.warming_up(now):
             return RETRY  # an ack a previous weaver left: judge it once its rank has reported
         reason = admission.check_ack(self.state, ack, msg.subject)
         if reason is not None:
@@ -535,173 +536,17 @@ class Weaver:
 
     # ---- the API --------------------------------------------------------------------------------
 
-    async def _load_seq_floor(self, job: str, run_id: str) -> None:
-        """Read the run's commands the weaver has not seen, so seqs continue after a weaver restart.
-
-        Eager, on a run's first heartbeat, and without the submit lock: a flood of new jobs must not
-        queue a real submit behind their reads. A submit that needs the floor first reads it itself;
-        reading the tail twice is harmless (`recovery.replay_commands` skips what it already holds).
-        """
-        current = self.state.jobs.get(job)
-        if current is None or current.run_id != run_id or current.seq_known:
-            return
-        await self._load_seq_floor_locked(job, run_id)
-
-    async def _ensure_job_stream(self, job: str) -> bus.JobCommands:
-        """Create the job's command stream once (the control plane may have made it at registration)
-        and learn its capture subject."""
-        known = self._job_streams.get(job)
-        if known is not None:
-            return known
-        try:
-            async with asyncio.timeout(self.config.nats_timeout_s):
-                stream = await bus.ensure_job_commands(self.streams.js, job, replicas=self.config.replicas)
-                await bus.ensure_ack_capture(self.streams.js, stream)
-        except Exception as exc:  # nats-py raises several types for "not now"
-            raise NatsUnavailable(f"cannot create the command stream of job {job}: {exc!r}") from exc
-        self._job_streams[job] = stream
-        return stream
-
-    async def _load_seq_floor_locked(self, job_name: str, run_id: str) -> None:
-        # The tail, not just the last command: every stored command the weaver lost track of (its own
-        # publish whose answer was lost, a standby weaver's) becomes pending again, so its acks count
-        # and a repeat of its id finds it. Only what our key signed counts: a message published
-        # straight onto the subject was refused by every rank.
-        job = self.state.jobs.get(job_name)
-        after = job.last_stream_seq if job is not None and job.run_id == run_id else 0
-        tail = await self.streams.commands_after(job_name, run_id, after)
-        recovery.replay_commands(self.state, job_name, run_id, [(c, s) for c, s in tail if self._signed(c)])
-        if job is not None and job.run_id == run_id and tail:
-            # The next publish expects the subject's true last message, signed or not.
-            job.last_stream_seq = max(job.last_stream_seq, tail[-1][1])
-
-    def _warming_up(self, now: float) -> bool:
-        # Right after a (re)start the weaver knows jobs from the journal but not yet their ranks and
-        # knobs; a submit then would be refused for want of facts a heartbeat brings a moment later.
-        # Long enough for every rank's first heartbeat; a knob schema it has not got yet is waited
-        # for at any age (`submits.not_ready`), since ranks resend it only now and then.
-        return now - self._started_at_s < max(WARM_UP_MIN_S, 3 * self.config.dead_after_s)
-
     async def submit(self, req: SubmitRequest) -> Outcome:
-        """Decide a command once: validate, sequence, sign and publish it, then wait for every rank.
-
-        A repeat of a command id (a client retrying after a lost answer or a weaver restart) is
-        never sequenced again: it is answered with the decision, or waits for the command in flight.
+        """Decide a command once and wait for every rank (`weaver.submit_path.SubmitPath.submit`).
 
         Returns:
-            APPLIED or REJECTED once every rank answered; REJECTED at once when the weaver refuses it
-            (nothing is published; the refusal is journaled with who asked and why); or TIMEOUT when
-            the deadline passes first (the command stays in flight; its outcome is journaled later).
+            APPLIED, REJECTED (also at once, when the weaver refuses it) or TIMEOUT.
 
         Raises:
-            NatsUnavailable: the command could not be made durable in JetStream (it may be stored:
-                send it again with the same command id), or the weaver is still recovering.
+            NatsUnavailable: the command could not be made durable in JetStream (send it again with
+                the same command id), or the weaver is still recovering.
         """
-        submitted = time.time()
-        self.metrics.observe_submit(req)
-        if not req.command_id:
-            req = dataclasses.replace(req, command_id=uuid.uuid4().hex)
-        timeout_s = req.timeout_s if req.timeout_s > 0 else self.config.command_timeout_s
-        known = dedupe.lookup(self.state, req.command_id)
-        if known is None:
-            async with self._submit_lock:
-                known = dedupe.lookup(self.state, req.command_id)  # a concurrent repeat came first
-                if known is None:
-                    known = await self._sequence(req, submitted)
-        if isinstance(known, Outcome):
-            return known
-        cmd = known
-        # The ranks may have answered while the publish was being confirmed.
-        done = self.state.decided.get(cmd.command_id)
-        if done is not None:
-            return done
-        fut = self._waiters.get(cmd.command_id)
-        if fut is None:
-            fut = self._waiters[cmd.command_id] = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await asyncio.shield(fut)
-        except TimeoutError:
-            # Tracking goes on; the final outcome still reaches the journal and later repeats.
-            timed_out = outcomes.timeout_outcome(self.state, cmd, timeout_s, time.time())
-            self.metrics.observe_outcome(timed_out)
-            return timed_out
-
-    async def _sequence(self, req: SubmitRequest, now: float) -> Outcome | Command:
-        """Under the submit lock: the refusal (journaled), or the stored command with its seq."""
-        dead_after = self.config.dead_after_s
-        try:
-            job = liveness.resolve_job(self.state, req.job, now, dead_after)
-        except JobNotFound as exc:
-            recovering = any(not j.ranks for j in self.state.jobs.values())
-            if not req.job and recovering and self._warming_up(now):
-                raise NatsUnavailable(f"the weaver is starting up ({exc}); try again") from exc
-            return self._refuse_submit(req, str(exc), now, job=req.job)
-        waiting = submits.not_ready(job, req.body, warming_up=self._warming_up(now))
-        if waiting is not None:
-            raise NatsUnavailable(waiting)  # not a rejection: the client retries with the same id
-        for _ in range(3):
-            if not job.seq_known:
-                await self._load_seq_floor_locked(job.job, job.run_id)
-                found = dedupe.lookup(self.state, req.command_id)
-                if found is not None:  # an earlier attempt of ours was stored after all
-                    return found
-            try:
-                cmd = submits.plan_submit(self.state, req, now, dead_after, command_id=req.command_id)
-            except (CommandRejected, JobNotFound) as exc:
-                return self._refuse_submit(req, str(exc), now, job=job.job, run_id=job.run_id)
-            assert self._signer is not None, "the weaver is not started"
-            try:
-                # Only a command that passed validation makes its job's stream: heartbeats of any
-                # number of job names (the seq-floor read above reads, never creates) make none.
-                stream = await self._ensure_job_stream(job.job)
-                if self._consumers is not None:  # so each rank reads it as soon as it is stored
-                    ranks = [(r, e.incarnation) for r, e in job.ranks.items()]
-                    await self._consumers.ensure_run(job.job, job.run_id, ranks)
-            except NatsUnavailable:
-                submits.abandon(self.state, cmd)
-                raise
-            # Signed into it: where its ranks ack it (the acks stream stores only the job's token).
-            cmd = dataclasses.replace(cmd, ack_token=stream.ack_token)
-            held = job.pending.get(cmd.seq)
-            if held is not None and held.command.command_id == cmd.command_id:
-                held.command = cmd
-            submits.mark_published(self.state, cmd, time.time())
-            try:
-                stream_seq, duplicate = await self.streams.store_command(
-                    cmd, self._signer.encode_signed(cmd), job.last_stream_seq, stream=stream
-                )
-            except SeqConflict:
-                submits.abandon(self.state, cmd)
-                log.warning("seq %d of %s was taken by another writer: reloading", cmd.seq, job.job)
-                continue
-            except NatsUnavailable:
-                submits.abandon(self.state, cmd)
-                # The stream may have been made again (another token): learn it again next time.
-                self._job_streams.pop(job.job, None)
-                raise
-            if duplicate:
-                # This id was stored by an attempt whose answer was lost: read it back from the tail.
-                submits.abandon(self.state, cmd)
-                continue
-            submits.mark_stored(self.state, cmd, stream_seq)
-            return cmd
-        raise NatsUnavailable(
-            f"command for {job.job} was not stored: another weaver keeps publishing commands of run "
-            f"{job.run_id}; run one weaver per NATS cluster"
-        )
-
-    def _refuse_submit(
-        self, req: SubmitRequest, reason: str, now: float, *, job: str, run_id: str = ""
-    ) -> Outcome:
-        """Decide and journal a refused submit: nothing is published; a repeat gets the same answer."""
-        try:
-            subjects.check_token("job", job)
-        except ValueError:
-            job = ""  # journaled under the weaver's own name; `reason` says what was asked
-        outcome = dedupe.refused_outcome(req, reason, now, job=job, run_id=run_id)
-        self._finish(outcome)
-        return outcome
+        return await self.submit_path.submit(req)
 
     def status(self, job: str = "") -> StatusReply:
         """A snapshot of one job, or of every job for an empty name. Liveness (alive, health, the

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from torchloom.app import cli
 from torchloom.app import format as cli_format
+from torchloom.app import submit_cmd
 from torchloom.messages import (
     AckStatus,
     Action,
@@ -233,12 +233,12 @@ def test_action_outcome_json_carries_detail_per_rank() -> None:
             RankResult(rank=1, status=AckStatus.APPLIED, step=12),
         ),
     )
-    got = cli.outcome_json(outcome)
+    got = submit_cmd.outcome_json(outcome)
     assert got["applied"] == [
         {"rank": 0, "step": 12, "detail": {"eval.loss": "0.25"}},
         {"rank": 1, "step": 12},
     ]
-    assert "rank 0: eval.loss=0.25" in cli.format_outcome(outcome)
+    assert "rank 0: eval.loss=0.25" in submit_cmd.format_outcome(outcome)
 
 
 def _entries(*outcomes: Outcome) -> list[dict[str, Any]]:

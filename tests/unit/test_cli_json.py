@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from torchloom.app import cli
+from torchloom.app import cli, submit_cmd
 from torchloom.messages import (
     AckStatus,
     JobEvent,
@@ -33,7 +33,7 @@ def _outcome(status: OutcomeStatus, reason: str = "") -> Outcome:
 
 
 def test_outcome_json_shape() -> None:
-    got = cli.outcome_json(_outcome(OutcomeStatus.APPLIED))
+    got = submit_cmd.outcome_json(_outcome(OutcomeStatus.APPLIED))
     assert got == {
         "command_id": "c1",
         "status": "applied",
@@ -51,17 +51,17 @@ def test_rejected_outcome_keeps_reason_and_only_applied_ranks() -> None:
         reason="lr=-1 rejected: must be in (0, 10]",
         results=(RankResult(rank=0, status=AckStatus.REJECTED, step=3, reason="no"),),
     )
-    got = cli.outcome_json(outcome)
+    got = submit_cmd.outcome_json(outcome)
     assert got["status"] == "rejected"
     assert got["reason"] == "lr=-1 rejected: must be in (0, 10]"
     assert got["applied"] == []
-    assert cli.exit_code(outcome) == cli.EXIT_REJECTED
+    assert submit_cmd.exit_code(outcome) == submit_cmd.EXIT_REJECTED
 
 
 def test_exit_codes() -> None:
-    assert cli.exit_code(_outcome(OutcomeStatus.APPLIED)) == 0
-    assert cli.exit_code(_outcome(OutcomeStatus.TIMEOUT)) == cli.EXIT_TIMEOUT
-    assert cli.exit_code(_outcome(OutcomeStatus.PENDING)) == cli.EXIT_TIMEOUT
+    assert submit_cmd.exit_code(_outcome(OutcomeStatus.APPLIED)) == 0
+    assert submit_cmd.exit_code(_outcome(OutcomeStatus.TIMEOUT)) == submit_cmd.EXIT_TIMEOUT
+    assert submit_cmd.exit_code(_outcome(OutcomeStatus.PENDING)) == submit_cmd.EXIT_TIMEOUT
 
 
 def test_status_json_shape() -> None:
@@ -91,7 +91,7 @@ def test_status_json_shape() -> None:
 
 
 def test_human_forms_mention_every_rank() -> None:
-    text = cli.format_outcome(_outcome(OutcomeStatus.APPLIED))
+    text = submit_cmd.format_outcome(_outcome(OutcomeStatus.APPLIED))
     assert "rank 0: applied at step 61" in text and "rank 1: applied at step 61" in text
     table = cli.format_status(
         StatusReply(

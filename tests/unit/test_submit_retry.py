@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from torchloom.app import cli
+from torchloom.app import submit_cmd
 from torchloom.client import SubmitResult, new_command_id, submit_until
 from torchloom.messages import Outcome, OutcomeStatus, SetConfig, SubmitRequest
 
@@ -18,16 +18,16 @@ def _result(status: OutcomeStatus | None, *, reached: bool = True) -> SubmitResu
 @pytest.mark.parametrize(
     ("status", "reached", "code"),
     [
-        (OutcomeStatus.APPLIED, True, cli.EXIT_OK),
-        (OutcomeStatus.REJECTED, True, cli.EXIT_REJECTED),
-        (OutcomeStatus.TIMEOUT, True, cli.EXIT_TIMEOUT),
+        (OutcomeStatus.APPLIED, True, submit_cmd.EXIT_OK),
+        (OutcomeStatus.REJECTED, True, submit_cmd.EXIT_REJECTED),
+        (OutcomeStatus.TIMEOUT, True, submit_cmd.EXIT_TIMEOUT),
         # A weaver was reached but no answer came: the command may be in flight, never "no weaver".
-        (None, True, cli.EXIT_TIMEOUT),
-        (None, False, cli.EXIT_NO_WEAVER),
+        (None, True, submit_cmd.EXIT_TIMEOUT),
+        (None, False, submit_cmd.EXIT_NO_WEAVER),
     ],
 )
 def test_submit_exit_code_says_what_is_known(status: OutcomeStatus | None, reached: bool, code: int) -> None:
-    assert cli.submit_exit_code(_result(status, reached=reached)) == code
+    assert submit_cmd.submit_exit_code(_result(status, reached=reached)) == code
 
 
 def test_command_ids_are_fresh_uuid4_hex() -> None:

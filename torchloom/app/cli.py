@@ -2,7 +2,8 @@
 watch, knobs, checkpoints, branches, devices, journal) and serve the web UI.
 
 Every command that talks to a weaver finds it by --grpc, then TORCHLOOM_GRPC, then the discovery file.
-Output shapes under --json are a contract (see the README); the pure functions below build them.
+Output shapes under --json are a contract (see the README); the pure functions below build them. Set
+and the actions are submitted and reported by `torchloom.app.submit_cmd`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from torchloom import defaults, discovery, env, knobs, replay_file, tokens
 from torchloom.app import actions as cli_actions
 from torchloom.app import agent as agent_cmd
 from torchloom.app import format as cli_format
-from torchloom.app import policy_cmd, runs, search
+from torchloom.app import policy_cmd, runs, search, submit_cmd
 from torchloom.app.format import json_value
 from torchloom.app.health_options import UsageError, parse_health
 from torchloom.app.interrupt import run_until_interrupted
-from torchloom.app.lookup import NO_WEAVER_HELP, weaver_address
-from torchloom.client import ControlClient, SubmitResult, submit_until
+from torchloom.app.lookup import weaver_address
+from torchloom.app.submit_cmd import EXIT_NO_WEAVER, EXIT_OK, EXIT_REJECTED, EXIT_TIMEOUT, format_outcome
+from torchloom.client import ControlClient
 from torchloom.errors import (
     CommandRejected,
     CommandTimeout,
@@ -38,15 +40,11 @@ from torchloom.errors import (
     WeaverUnavailable,
 )
 from torchloom.messages import (
-    AckStatus,
     Body,
     JobEvent,
-    Outcome,
-    OutcomeStatus,
     SetConfig,
     StatusReply,
     StepMetrics,
-    SubmitRequest,
     WatchEvent,
 )
 from torchloom.policy import PolicyMode
@@ -58,32 +56,10 @@ if TYPE_CHECKING:
 # use them: they bring NATS, aiohttp and the weaver, about two thirds of a CLI call's start (status,
 # set and journal talk gRPC only).
 
-EXIT_OK = 0
-EXIT_REJECTED = 2
-EXIT_TIMEOUT = 3  # not known yet: still in flight, or no answer came; the command id is printed
-EXIT_NO_WEAVER = 4  # no weaver reachable and nothing was submitted
 WATCH_METRICS_INTERVAL_S = 1.0  # at most one metrics line per rank per interval
 
 
 # ---- JSON shapes (pure) --------------------------------------------------------------------------
-
-
-def outcome_json(outcome: Outcome) -> dict[str, Any]:
-    """Return the `--json` shape of set and actions: command_id, status, reason, applied ranks (with
-    each rank's ack `detail` where it has one)."""
-    applied: list[dict[str, Any]] = []
-    for r in sorted(outcome.results, key=lambda r: r.rank):
-        if r.status is AckStatus.APPLIED:
-            item: dict[str, Any] = {"rank": r.rank, "step": r.step}
-            if r.detail:
-                item["detail"] = dict(r.detail)
-            applied.append(item)
-    return {
-        "command_id": outcome.command_id,
-        "status": str(outcome.status),
-        "reason": outcome.reason or None,
-        "applied": applied,
-    }
 
 
 def status_json(reply: StatusReply) -> dict[str, Any]:
@@ -115,24 +91,6 @@ def status_json(reply: StatusReply) -> dict[str, Any]:
     }
 
 
-def exit_code(outcome: Outcome) -> int:
-    """Return the exit status for a command's outcome: 0 applied everywhere, 2 rejected (nothing
-    applied anywhere), 3 not known yet (timeout: the command stays in flight)."""
-    if outcome.status is OutcomeStatus.APPLIED:
-        return EXIT_OK
-    if outcome.status is OutcomeStatus.REJECTED:
-        return EXIT_REJECTED
-    return EXIT_TIMEOUT
-
-
-def submit_exit_code(result: SubmitResult) -> int:
-    """Return the exit status of a retried submit: the outcome's, else 3 when some attempt reached a
-    weaver (the command may be in flight) and 4 when none did (nothing was submitted)."""
-    if result.outcome is not None:
-        return exit_code(result.outcome)
-    return EXIT_TIMEOUT if result.reached else EXIT_NO_WEAVER
-
-
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -147,21 +105,6 @@ def _age(stamp_s: float, now_s: float) -> str:
         return "-"
     age = now_s - stamp_s if stamp_s > 1e9 else stamp_s
     return f"{max(0.0, age):.1f}s ago"
-
-
-def format_outcome(outcome: Outcome) -> str:
-    """Return the human form of a command's outcome: a summary line, then one line per rank."""
-    lines = [f"{outcome.status}: command {outcome.command_id} on job {outcome.job or '-'}"]
-    for r in sorted(outcome.results, key=lambda r: r.rank):
-        line = f"  rank {r.rank}: {r.status} at step {r.step}"
-        lines.append(f"{line} ({r.reason})" if r.reason else line)
-    details = cli_format.rank_detail_lines(outcome)
-    if details:
-        lines.append("  detail:")
-        lines += [f"  {line}" for line in details]
-    if outcome.reason:
-        lines.append(f"  reason: {outcome.reason}")
-    return "\n".join(lines)
 
 
 def format_status(reply: StatusReply, *, now_s: float | None = None) -> str:
@@ -456,19 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- commands ----------------------------------------------------------------------------------------
 
 
-async def submit(grpc: str | None, body: Body, *, job: str, timeout_s: float) -> SubmitResult:
-    """Submit a command under a fresh command id and retry it through weaver and NATS restarts
-    until an answer or `timeout_s` (the weaver decides the id once, so a retry never doubles it).
-
-    Raises:
-        WeaverUnavailable: no weaver is known at all (nothing was submitted).
-    """
-    weaver_address(grpc)  # fail at once, with the help text, when no weaver was ever started
-    request = SubmitRequest(body=body, job=job, issuer=cli_actions.cli_issuer(), timeout_s=timeout_s)
-    # Re-read the discovery file on every attempt: a restarted control plane may use other ports.
-    return await submit_until(request, lambda: discovery.resolve_grpc(grpc), deadline_s=timeout_s)
-
-
 async def fetch_status(grpc: str | None, job: str) -> StatusReply:
     """Return the weaver's status of one job (or all jobs when `job` is empty)."""
     addr = weaver_address(grpc)
@@ -484,61 +414,6 @@ async def watch(grpc: str | None, job: str, out: TextIO) -> None:
         async for event in client.watch(job):
             if limiter.allow(event, time.monotonic()):
                 print(format_watch_event(event), file=out, flush=True)
-
-
-def _report(result: SubmitResult, as_json: bool) -> int:
-    outcome = result.outcome
-    code = submit_exit_code(result)
-    if outcome is None:
-        if as_json:
-            status = "unknown" if result.reached else "not_submitted"
-            print(json.dumps({"command_id": result.command_id, "status": status, "reason": result.error}))
-        if code == EXIT_NO_WEAVER:
-            print(f"torchloom: {NO_WEAVER_HELP} (last error: {result.error})", file=sys.stderr)
-            return code
-    elif as_json:
-        print(json.dumps(outcome_json(outcome)), flush=True)
-    else:
-        print(format_outcome(outcome), flush=True)
-    follow = f"`torchloom journal --command {result.command_id} --follow`"
-    if code == EXIT_REJECTED and outcome is not None:
-        print(f"torchloom: rejected: {outcome.reason}", file=sys.stderr)
-    elif code == EXIT_TIMEOUT and outcome is not None:
-        print(
-            f"torchloom: timed out waiting for every rank's ack; command {result.command_id} stays in "
-            f"flight: {follow} shows its outcome",
-            file=sys.stderr,
-        )
-    elif code == EXIT_TIMEOUT:
-        print(
-            f"torchloom: no answer from the weaver before the deadline ({result.error}); command "
-            f"{result.command_id} may have been submitted: {follow} shows its outcome",
-            file=sys.stderr,
-        )
-    return code
-
-
-def _report_command(args: argparse.Namespace) -> int:
-    """`torchloom journal --command ID [--follow]`: the command's outcome and the exit code of `set`."""
-    found: list[Outcome | None] = [None]
-
-    async def _lookup() -> None:
-        found[0] = await cli_actions.command_outcome(args.grpc, args.job, args.command_id, follow=args.follow)
-
-    # Ctrl-C ends a --follow with "unknown" (EXIT_TIMEOUT), even where SIGINT was inherited ignored.
-    run_until_interrupted(_lookup(), code=EXIT_TIMEOUT)
-    outcome = found[0]
-    if outcome is None:
-        if args.json:
-            print(json.dumps({"command_id": args.command_id, "status": "unknown", "reason": None}))
-        print(
-            f"torchloom: no outcome of command {args.command_id} in the journal yet: it is in flight or "
-            "was never submitted (`--follow` waits for it)",
-            file=sys.stderr,
-        )
-        return EXIT_TIMEOUT
-    print(json.dumps(outcome_json(outcome)) if args.json else format_outcome(outcome), flush=True)
-    return exit_code(outcome)
 
 
 # Listing commands: (JSON builder from one job's status, its human form).
@@ -640,7 +515,7 @@ def _run_command(args: argparse.Namespace) -> int:
         job = asyncio.run(cli_actions.fetch_job(args.grpc, args.job))
         return _print_data(build(job), args.json, human)
     if command == "journal" and args.command_id:
-        return _report_command(args)
+        return submit_cmd.report_command(args)
     if command == "journal":
         # Ctrl-C is how a --follow ends, and it ends it promptly (as a watch)
         journal = cli_actions.print_journal(
@@ -669,8 +544,8 @@ def _run_command(args: argparse.Namespace) -> int:
         body = SetConfig(values=knobs.parse_assignments(args.assignments))
     else:
         body = cli_actions.action_body(args)
-    result = asyncio.run(submit(args.grpc, body, job=args.job, timeout_s=args.timeout))
-    return _report(result, args.json)
+    result = asyncio.run(submit_cmd.submit(args.grpc, body, job=args.job, timeout_s=args.timeout))
+    return submit_cmd.report(result, args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

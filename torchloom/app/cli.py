@@ -3,28 +3,28 @@ watch, knobs, checkpoints, branches, devices, journal) and serve the web UI.
 
 Every command that talks to a weaver finds it by --grpc, then TORCHLOOM_GRPC, then the discovery file.
 Output shapes under --json are a contract (see the README); the pure functions below build them. Set
-and the actions are submitted and reported by `torchloom.app.submit_cmd`.
+and the actions are submitted and reported by `torchloom.app.submit_cmd`, run and replay launched by
+`torchloom.app.run_cmd`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import torchloom
-from torchloom import defaults, discovery, env, knobs, replay_file, tokens
+from torchloom import defaults, discovery, env, knobs, tokens
 from torchloom.app import actions as cli_actions
 from torchloom.app import agent as agent_cmd
 from torchloom.app import format as cli_format
-from torchloom.app import policy_cmd, runs, search, submit_cmd
+from torchloom.app import policy_cmd, run_cmd, runs, search, submit_cmd
 from torchloom.app.format import json_value
 from torchloom.app.health_options import UsageError, parse_health
 from torchloom.app.interrupt import run_until_interrupted
@@ -48,9 +48,6 @@ from torchloom.messages import (
     WatchEvent,
 )
 from torchloom.policy import PolicyMode
-
-if TYPE_CHECKING:
-    from torchloom.app.run_args import RunSpec
 
 # The control plane, the launcher, run arguments and stored history are imported by the commands that
 # use them: they bring NATS, aiohttp and the weaver, about two thirds of a CLI call's start (status,
@@ -552,9 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `torchloom` command; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run" and not ({"-h", "--help"} & set(argv[1:2])):
-        return _main_run(argv[1:])
+        return run_cmd.main_run(argv[1:])
     if argv and argv[0] == "replay" and not ({"-h", "--help"} & set(argv[1:2])):
-        return _main_replay(argv[1:])
+        return run_cmd.main_replay(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _run_command(args)
@@ -576,89 +573,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # bad input found after parsing (a knob assignment, a UI bind address)
         print(f"torchloom: {exc}", file=sys.stderr)
         return 2
-
-
-def _stored_journal(run_id: str) -> list[dict[str, Any]]:
-    """The `--json` journal entries of a stored run (for `torchloom replay --run ID`)."""
-    from torchloom.app import history
-
-    record = runs.find_run(run_id)
-    entries = asyncio.run(history.read_entries(record))
-    return [i for i in map(cli_format.journal_entry_json, entries) if i is not None]
-
-
-def _split_run_option(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`--run ID` / `--run=ID` at the front of `torchloom replay`'s arguments: (ID, the rest), else
-    (None, argv).
-
-    Raises:
-        ValueError: `--run` without an id.
-    """
-    if not argv or argv[0].split("=", 1)[0] != "--run":
-        return None, list(argv)
-    if "=" in argv[0]:
-        run_id, rest = argv[0].split("=", 1)[1], list(argv[1:])
-    else:
-        run_id, rest = (argv[1] if len(argv) > 1 else ""), list(argv[2:])
-    if not run_id or run_id.startswith("-"):
-        raise ValueError(f"--run expects a run id: {cli_actions.REPLAY_USAGE}")
-    return run_id, rest
-
-
-def _main_replay(argv: Sequence[str]) -> int:
-    from torchloom.app import run_args
-
-    try:
-        run_id, argv = _split_run_option(argv)
-        if run_id is not None:
-            journal, job, rest = cli_actions.split_replay_args([f"run {run_id}", *argv])
-            items = _stored_journal(run_id)
-        else:
-            journal, job, rest = cli_actions.split_replay_args(argv)
-            items = cli_format.parse_journal_text(cli_actions.read_journal(journal))
-        replay = cli_format.replay_from_journal(items, job)
-        if job is None:  # the replay runs under the journal's job name unless told otherwise
-            rest = ["--job", replay["job"], *rest]
-        spec = run_args.split_run_args(rest)
-        if spec.policy is not None:
-            raise ValueError("--policy does not apply to a replay: it follows the journal's commands")
-    except ValueError as exc:  # UsageError is a ValueError too
-        print(f"torchloom replay: {exc}", file=sys.stderr)
-        return 2
-    except TorchloomError as exc:  # the run is not indexed, or its store cannot be read
-        print(f"torchloom replay: {exc}", file=sys.stderr)
-        return 1
-    path = replay_file.write(discovery.home() / "replays" / run_args.new_run_id(), replay)
-    print(
-        f"torchloom replay: {len(replay['commands'])} applied commands of job {replay['job']} "
-        f"from {journal} (replay file {path})",
-        file=sys.stderr,
-        flush=True,
-    )
-    return _main_run_spec(dataclasses.replace(spec, replay_path=str(path)))
-
-
-def _main_run(argv: Sequence[str]) -> int:
-    from torchloom.app import run_args
-
-    try:
-        spec = run_args.split_run_args(argv)
-    except UsageError as exc:
-        print(f"torchloom run: {exc}", file=sys.stderr)
-        return 2
-    return _main_run_spec(spec)
-
-
-def _main_run_spec(spec: RunSpec) -> int:
-    from torchloom.app import launcher
-
-    try:
-        return asyncio.run(launcher.run(spec))
-    except KeyboardInterrupt:
-        return 130
-    except TorchloomError as exc:
-        print(f"torchloom run: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""The weaver's I/O shell: NATS connections and subscriptions, acks, command publishing and watchers.
-Its components handle the rest: `weaver.submit_path` (submits decided once, their waiting submitters,
-the runs' seq floors), `weaver.telemetry` (heartbeats, metrics, launchers' events), `weaver.bus_api`
-(the request-reply API), `weaver.health_loop` (the liveness tick) and `weaver.watchers` (the live
-feed's subscribers).
+"""The weaver's I/O shell: NATS connections and subscriptions, command publishing and watchers. Its
+components handle the rest: `weaver.submit_path` (submits decided once, their waiting submitters, the
+runs' seq floors), `weaver.ack_intake` (acks in, every decision delivered), `weaver.telemetry`
+(heartbeats, metrics, launchers' events), `weaver.bus_api` (the request-reply API),
+`weaver.health_loop` (the liveness tick) and `weaver.watchers` (the live feed's subscribers).
 
 Every decision is delegated to the pure functions and mutators of `weaver.liveness`, `weaver.submits`,
 `weaver.outcomes`, `weaver.health_plan` and `weaver.recovery`; this module only feeds them messages
@@ -28,7 +28,6 @@ from nats.aio.msg import Msg
 
 from torchloom import bus, signing, subjects, wire
 from torchloom.messages import (
-    Ack,
     AgentRefusal,
     Command,
     JobEvent,
@@ -47,12 +46,10 @@ from weaver import (
     dedupe,
     knob_schemas,
     liveness,
-    notices,
-    outcomes,
     recovery,
     ui_feeds,
 )
-from weaver.acks import RETRY, AckFeed, CommandKey, Retry
+from weaver.ack_intake import AckIntake
 from weaver.agents import AgentGate
 from weaver.bus_api import DECIDE_FAILED, BusApi
 from weaver.config import WeaverConfig
@@ -68,9 +65,6 @@ from weaver.watchers import Watcher
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "torchloom-weaver"
-# Acks are read from this long before a recovered command's publish time: the acks stream's clock is
-# the server's, the command's that of the weaver that published it.
-STORED_ACKS_SLACK_S = 60.0
 # Heartbeats and metrics (15 messages per rank per second) come on a connection of their own, so a
 # backlog of them never delays a JetStream answer (a stored command, a pub ack) or an API request,
 # and a slow-consumer cut of it loses telemetry only. Its queues are bounded: past these, nats-py
@@ -88,10 +82,10 @@ class Weaver:
     subscribes to heartbeats, acks, metrics and the request-reply API. Its components: `state` (the
     `WeaverState` the decision modules read and update), the JetStream `Streams` (once started), the
     `Outbox` of journal entries and events, `submit_path` (submits and their waiting submitters),
-    `telemetry` (the heartbeat, metrics and event handlers),
-    `health` (the liveness tick), `steering` (autopilot), `agents` and, once started, a `BusApi`.
-    The gRPC Control service is served over it by the composition (`weaver.app.open_weaver`),
-    through the methods `submit`, `status`, `iter_watch` and `journal`.
+    `intake` (the acks feed and the delivery of every decision), `telemetry` (the heartbeat, metrics
+    and event handlers), `health` (the liveness tick), `steering` (autopilot), `agents` and, once
+    started, a `BusApi`. The gRPC Control service is served over it by the composition
+    (`weaver.app.open_weaver`), through the methods `submit`, `status`, `iter_watch` and `journal`.
     """
 
     def __init__(self, config: WeaverConfig) -> None:
@@ -106,7 +100,6 @@ class Weaver:
         self._schemas: knob_schemas.KnobSchemas | None = None  # once connected
         self._consumers: RankConsumers | None = None  # each rank's command consumer (made here)
         self._outbox = Outbox()
-        self._acks = AckFeed(config.acks_consumer, self._take_ack, take_over=config.acks_take_over)
         self._runner: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._started = asyncio.Event()
@@ -117,7 +110,6 @@ class Weaver:
         self._verifier: signing.Verifier | None = None
         self._limits = config.limits()
         self.refusals = admission.Refusals()
-        self._notices = notices.Notices()
         self.metrics = WeaverMetrics(
             self.status, self.refusals.total, lambda: {n: len(j.pending) for n, j in self.state.jobs.items()}
         )
@@ -130,7 +122,22 @@ class Weaver:
             streams=lambda: self.streams,
             consumers=lambda: self._consumers,
             signed=self._signed,
-            finish=self._finish,
+            finish=lambda outcome: self.intake.finish(outcome),
+        )
+        # Acks in, decisions out: each decision to its submitter, watchers, the journal and events.
+        self.intake = AckIntake(
+            self.state,
+            config,
+            self.metrics,
+            self._outbox,
+            streams=lambda: self.streams,
+            answer=self.submit_path.answer,
+            warming_up=self.submit_path.warming_up,
+            foreign=self._foreign,
+            refuse=self._refuse,
+            fan_out=self._fan_out,
+            announce=self._announce,
+            spawn=self._spawn,
         )
         # Autopilot rules: their commands go through `submit` like any other (issuer kind "rule").
         self.steering = Steering(
@@ -176,7 +183,7 @@ class Weaver:
             watched=lambda: bool(self._watchers),
             foreign=self._foreign,
             refuse=self._refuse,
-            finish=self._finish,
+            finish=self.intake.finish,
             announce=self._announce,
             fan_out=self._fan_out,
             spawn=self._spawn,
@@ -268,11 +275,11 @@ class Weaver:
             await self._subscribe_telemetry(subjects.metrics_all(), self.telemetry.on_metrics)
             # Acks come through the durable consumer: those a previous weaver did not journal yet too.
             async with asyncio.timeout(self.config.nats_timeout_s):
-                await self._acks.start(js)
+                await self.intake.feed.start(js)
             # Launchers announce a stopping run here (only the weaver and launcher roles know the token).
             await nc.subscribe(journal.subject(subjects.events_all()), cb=self.telemetry.on_event)
             # Refusals of unverified commands (and acks of ranks without an ack token) are stored nowhere.
-            await nc.subscribe(subjects.acks_all(), cb=self._acks.on_live)
+            await nc.subscribe(subjects.acks_all(), cb=self.intake.feed.on_live)
             await nc.subscribe(subjects.api_submit(), queue=QUEUE_GROUP, cb=api.on_submit)
             await nc.subscribe(subjects.api_status(), queue=QUEUE_GROUP, cb=api.on_status)
             await nc.subscribe(subjects.api_decide(), queue=QUEUE_GROUP, cb=api.on_decide)
@@ -321,7 +328,7 @@ class Weaver:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        await self._acks.stop()
+        await self.intake.feed.stop()
         for watcher in list(self._watchers):
             watcher.close()
         if self._runner is not None:
@@ -441,99 +448,6 @@ class Weaver:
     def _signed(self, cmd: Command) -> bool:
         return self._verifier is not None and self._verifier.verify(cmd)
 
-    def _finish(self, outcome: Outcome) -> None:
-        """Deliver a decision: to its waiting submitters, watchers, the journal and the events.
-
-        The journal entry carries a msg id per seq (per command id for a refusal), so a decision
-        published again (a retry, or a restarted weaver completing the same command) is stored once;
-        the acks it was made of are acknowledged to JetStream only once it is stored.
-        """
-        dedupe.remember(self.state, outcome)
-        self.metrics.observe_outcome(outcome)
-        self.submit_path.answer(outcome)
-        self._fan_out(outcome)
-        cmd = outcome.command
-        key: CommandKey | None = (cmd.job, cmd.run_id, cmd.seq) if cmd is not None else None
-
-        async def release() -> None:
-            if key is not None:
-                await self._acks.release(key)
-
-        if self.config.journal:
-            if key is not None:
-                self._acks.hold(key)
-            subject = subjects.journal(outcome.job or admission.WEAVER_JOB)
-            msg_id = dedupe.journal_msg_id(outcome)
-            self._outbox.put(subject, wire.encode(outcome), msg_id=msg_id, keep=True, then=release)
-        else:
-            self._spawn(release(), name="weaver-release-acks")
-        self._announce(outcomes.outcome_event(outcome, time.time()))
-        searched = outcomes.search_event(outcome, time.time())
-        if searched is not None:
-            self._announce(searched)
-
-    # ---- acks -----------------------------------------------------------------------------------
-
-    def _take_ack(self, msg: Msg) -> CommandKey | Retry | None:
-        """Fold one ack from the durable feed in. Returns the key of its command while that command's
-        outcome is not journaled yet (the feed holds the message until then), RETRY while its rank
-        has not reported since the weaver started, else None (acknowledged: of no more use)."""
-        now = time.time()
-        if self._foreign("ack", subjects.acks_all(), msg):
-            return None
-        try:
-            ack = wire.decode_ack(msg.data)
-        except ValueError as exc:
-            self._refuse("ack", "", "", f"malformed ack on {msg.subject} refused: {exc}", now)
-            return None
-        job = self.state.jobs.get(ack.job)
-        if job is not None and ack.rank not in job.ranks and self.submit_path.warming_up(now):
-            return RETRY  # an ack a previous weaver left: judge it once its rank has reported
-        reason = admission.check_ack(self.state, ack, msg.subject)
-        if reason is not None:
-            self._refuse("ack", ack.job, ack.run_id, f"ack on {msg.subject} refused: {reason}", now)
-            return None
-        if ack.unverified:
-            # A rank refused a message on its command subject that the weaver did not sign.
-            self._refuse(
-                "command",
-                ack.job,
-                ack.run_id,
-                f"unsigned command refused on rank {ack.rank}: {ack.reason}",
-                now,
-                key=f"unsigned {ack.job} {ack.rank}",
-                rank=str(ack.rank),
-                seq=str(ack.seq),
-                command_id=ack.command_id[:64],
-            )
-            return None
-        if notices.is_notice(ack):  # a follow-up about a decided command, never an answer to it
-            self._journal_notice(ack, now)
-            return None
-        key = (ack.job, ack.run_id, ack.seq)
-        outcome = outcomes.record_ack(self.state, ack, now)
-        if outcome is not None:
-            self._finish(outcome)
-            return key
-        if self._acks.journaling(key):
-            # Delivered again while the outcome's journal write is retried: acknowledged now, it
-            # would be lost to the next weaver if this one died before the write landed.
-            return key
-        return key if job is not None and job.run_id == ack.run_id and ack.seq in job.pending else None
-
-    def _journal_notice(self, ack: Ack, now: float) -> None:
-        """Journal a rank's notice about a command as an event of its kind, rate-limited
-        (`weaver.notices`); a redelivered one is stored once (its own Nats-Msg-Id)."""
-        reason = notices.check_notice(ack)
-        if reason is not None:
-            self._refuse("ack", ack.job, ack.run_id, f"notice of rank {ack.rank} refused: {reason}", now)
-            return
-        ev = self._notices.note(ack, now)
-        if ev is not None:
-            log.warning("%s: %s", ev.kind, ev.message)
-            self._fan_out(ev)
-            self._outbox.put(subjects.events(ev.job), wire.encode(ev), msg_id=notices.msg_id(ack))
-
     # ---- the API --------------------------------------------------------------------------------
 
     async def submit(self, req: SubmitRequest) -> Outcome:
@@ -625,28 +539,6 @@ class Weaver:
                 if command_id:
                     return
 
-    async def _decide_recovered(self, job: str, run_id: str) -> None:
-        """Journal the outcomes of the run's recovered commands that the acks stream decides: a
-        predecessor may have decided them and died before its journal write landed, or before every
-        ack reached it, and the ranks will not answer again (their acks may be refused now: the
-        processes that sent them may be gone). Those whose acks the stream may have dropped end as
-        TIMEOUT, saying so."""
-        pending = self.state.jobs[job].pending.values()
-        since = min(p.published_at_s for p in pending) - STORED_ACKS_SLACK_S
-        stored = await self.streams.stored_acks(job, since_s=since)
-        now = time.time()
-        decided = recovery.replay_acks(self.state, job, run_id, stored.acks, now)
-        decided += recovery.unanswerable(
-            self.state, job, run_id, stored.dropped_until_s, self.config.command_timeout_s, now
-        )
-        for outcome in decided:
-            log.warning(
-                "journaling the outcome of %s #%d, left undecided by a previous weaver",
-                job,
-                outcome.command.seq if outcome.command else 0,
-            )
-            self._finish(outcome)
-
     async def _recover(self) -> None:
         """Rebuild jobs, registries, seq floors and in-flight commands from the streams."""
         if not self.config.journal:
@@ -661,7 +553,7 @@ class Weaver:
             ]
             recovery.replay_commands(self.state, job.job, job.run_id, commands)
             if job.pending:
-                await self._decide_recovered(job.job, job.run_id)
+                await self.intake.decide_recovered(job.job, job.run_id)
             log.info(
                 "recovered job %s run %s: seq %d, %d checkpoint(s), %d in flight",
                 job.job,

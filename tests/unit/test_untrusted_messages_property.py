@@ -174,7 +174,7 @@ def _feed_heartbeat(state: WeaverState, data: bytes, subject: str) -> None:
 
 
 def _feed_ack(state: WeaverState, data: bytes, subject: str) -> m.Outcome | None:
-    """What `Weaver._take_ack` does with one message, minus the I/O."""
+    """What `AckIntake.take_ack` does with one message, minus the I/O."""
     try:
         a = wire.decode_ack(data)
     except wire.WireError:

@@ -243,8 +243,10 @@ async def test_losing_a_node_is_a_scale_down_the_weaver_reports_and_node_a_resum
     out = tmp_path / "out"
     rdzv_port = _free_port()
     # Node A hosts the rendezvous store (it must outlive node B); a dead node is dropped from the
-    # rendezvous after 3 missed 1 s keep-alives; the last call waits for stragglers to join.
-    conf = "join_timeout=60,last_call_timeout=8,keep_alive_interval=1,keep_alive_max_attempt=3"
+    # rendezvous after 3 missed 1 s keep-alives; the last call waits for stragglers to join: node B's
+    # agent joins about 0.5 s after node A's (both start once A's control plane is up), and after the
+    # kill node A waits the whole last call alone.
+    conf = "join_timeout=60,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3"
     torchrun = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
     torchrun += ["--rdzv-endpoint", f"127.0.0.1:{rdzv_port}", "--rdzv-id", RUN, "--max-restarts", "3"]
     script = [str(SCRIPT), "--steps", str(STEPS), "--step-sleep", "0.05", "--out", str(out)]

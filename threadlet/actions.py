@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from threadlet import checkpoint, nvml_fake, resume, roots
+from threadlet import nvml_fake, resume, roots
 from threadlet.agreement import Verdict
 from threadlet.config import ThreadletConfig
 from threadlet.optim_knobs import OPTIMIZER_KNOBS, KnobBoard
@@ -268,6 +268,10 @@ class ActionRunner:
         cfg, st = self._config, self._state
         root = layout.default_root(cfg.checkpoint_dir)
         path = layout.checkpoint_path(root, cfg.job, cfg.run_id, seq)
+        # Imported at a rank's first save or load: threadlet.checkpoint imports torch.distributed.
+        # checkpoint (DTensor, sympy), about 1 s of CPU every rank start paid before, checkpointing or not.
+        from threadlet import checkpoint
+
         checkpoint.save(
             path,
             rank=self._ctx.rank,
@@ -320,6 +324,8 @@ class ActionRunner:
     def _load_checkpoint(self, path: Path, source: int) -> dict[str, Any]:
         """Load `path` in place (collectively), taking per-rank entry `source`; put back its knobs and
         step. Returns the saved threadlet state; the caller decides the branch."""
+        from threadlet import checkpoint  # at the first save or load (`_checkpoint`)
+
         saved = checkpoint.load(
             path,
             rank=source,

@@ -102,3 +102,12 @@ def test_function_level_and_typing_imports_are_not_load_time(tmp_path: Path) -> 
     )
     got = load_time_imports("torchloom.m", path, {"torchloom.sibling"})
     assert got == {"typing.TYPE_CHECKING", "nats", "aiohttp", "torchloom.sibling"}
+
+
+def test_a_rank_start_loads_no_distributed_checkpoint() -> None:
+    """`import threadlet` (every rank, every start) leaves torch.distributed.checkpoint (DTensor,
+    sympy: about 1 s of CPU) to the first checkpoint a rank saves or loads."""
+    loaded = closure("threadlet")
+    assert "threadlet.agent" in loaded and "torch" in loaded
+    assert not reached(loaded, "torch.distributed.checkpoint"), "import it where a checkpoint is taken"
+    assert "threadlet.checkpoint" not in loaded

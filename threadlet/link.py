@@ -298,6 +298,7 @@ class Link:
         cfg = self._config
         assert cfg.nats_url is not None
         while self._nc is None:
+            bus.check_cancelled()  # a connect attempt may have swallowed close()'s cancellation
             try:
                 # The job's own credential: it may publish only this job's reports and read only
                 # this job's commands (docs/security.md). Read at each attempt: a missing or

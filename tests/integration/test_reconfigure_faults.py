@@ -155,9 +155,14 @@ async def test_a_stalled_rank_is_reported_hung_then_recovers(
 ) -> None:
     out = tmp_path / "out"
     args = [*run_creds(nats_server, JOB), "--hung-after", "1.5", "--nproc-per-node", "2"]
-    # Reported hung about 2 s into the hang, and `torchloom devices` shows it within a second more:
-    # the hang's other seconds are margin for a loaded machine, then only waited out.
-    script = [str(SCRIPT), "--steps", "60", "--hang-at", "20", "--hang-s", "7", "--out", str(out)]
+    # Rank 1 hangs until the test has seen it reported hung (about 2 s in, --hung-after 1.5) by status
+    # and by `torchloom devices`, then is released: no fixed hang to outlast a loaded machine's lag,
+    # none waited out (bounded at 60 s).
+    release = tmp_path / "release"
+    script = [
+        str(SCRIPT), "--steps", "60", "--hang-at", "20", "--hang-s", "60", "--hang-until", str(release),
+        "--out", str(out),
+    ]  # fmt: skip
     async with _torchloom_run([*args, *script], run_env) as proc:
         client = await _client(proc)
         async with client:
@@ -177,6 +182,7 @@ async def test_a_stalled_rank_is_reported_hung_then_recovers(
             rows = {d["rank"]: d for d in json.loads(raw)["devices"]}
             assert rows[1]["state"] == "hung", rows
             assert "unchanged" in rows[1]["reason"], rows
+            release.touch()
             async with asyncio.timeout(60):
                 code = await proc.wait()
         err = (await proc.stderr.read()).decode() if proc.stderr else ""

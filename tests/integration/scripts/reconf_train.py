@@ -2,10 +2,11 @@
 (step, loss, grad_accum_steps, world size, run id) to OUT/rank<R>.jsonl, across restarts.
 
 --xid-at STEP makes rank 1's (fake) device report XID 79 at that step; --hang-at STEP makes rank 1
-stop advancing there for --hang-s seconds; --die-at STEP makes rank 1 kill itself with SIGKILL there
-(first attempt only). Each record also carries the wall-clock time "t" the step ended, and the
-process's start time "start_t" and attach duration "attach_s" (a resume loads its checkpoint there),
-for bench/recovery.py; a hang writes OUT/hang.json with its start time.
+stop advancing there for --hang-s seconds (or until the file --hang-until names exists); --die-at
+STEP makes rank 1 kill itself with SIGKILL there (first attempt only). Each record also carries the
+wall-clock time "t" the step ended, and the process's start time "start_t" and attach duration
+"attach_s" (a resume loads its checkpoint there), for bench/recovery.py; a hang writes
+OUT/hang.json with its start time.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--xid-at", type=int, default=0)
     p.add_argument("--hang-at", type=int, default=0)
     p.add_argument("--hang-s", type=float, default=3600.0)
+    p.add_argument("--hang-until", type=Path, help="the hang also ends once this file exists")
     p.add_argument("--die-at", type=int, default=0)
     args = p.parse_args()
     dist.init_process_group(backend="gloo")
@@ -72,7 +74,9 @@ def main() -> None:
                 time.sleep(args.step_sleep)
             if rank == 1 and args.hang_at and step == args.hang_at and not restarted:
                 (args.out / "hang.json").write_text(json.dumps({"step": step, "t": time.time()}))
-                time.sleep(args.hang_s)
+                hang_end = time.monotonic() + args.hang_s
+                while time.monotonic() < hang_end and not (args.hang_until and args.hang_until.exists()):
+                    time.sleep(0.05)
             if rank == 1 and args.die_at and step == args.die_at and not restarted and not tl.resumed_from:
                 os.kill(os.getpid(), signal.SIGKILL)
             rec = {"step": step, "loss": total, "accum": accum, "world": world, "run": tl.config.run_id}

@@ -20,6 +20,7 @@ import {
   downsample,
   formatBytes,
   formatValue,
+  knobValueUpdates,
   newCommandId,
   orderMetrics,
   rankHealth,
@@ -126,6 +127,7 @@ function onHeartbeat(hb) {
   if (hb.job === state.job) {
     const lowest = Math.min(...j.ranks.keys());
     if (hb.rank === lowest && hb.knobs.length > 0) setKnobs(hb.knobs);
+    else if (hb.rank === lowest) showKnobValues(knobValueUpdates(state.knobs, hb.knob_values));
     state.panelsDirty = true;
   }
 }
@@ -332,13 +334,18 @@ function setKnobs(knobs) {
     state.knobSig = sig;
     renderControls();
   } else {
-    // Only current values changed: update text in place so typing in an input is never disturbed.
-    for (const k of knobs) {
-      const cur = document.querySelector(`[data-current="${CSS.escape(k.name)}"]`);
-      if (cur) {
-        cur.textContent = formatValue(k.value);
-        cur.title = cur.textContent;
-      }
+    showKnobValues(knobs.map((k) => [k, k.value]));
+  }
+}
+
+// Only current values changed: update text in place so typing in an input is never disturbed.
+function showKnobValues(updates) {
+  for (const [k, value] of updates) {
+    k.value = value;
+    const cur = document.querySelector(`[data-current="${CSS.escape(k.name)}"]`);
+    if (cur) {
+      cur.textContent = formatValue(value);
+      cur.title = cur.textContent;
     }
   }
 }

@@ -396,6 +396,20 @@ export function validateKnob(key, spec, raw) {
   }
 }
 
+/**
+ * What a values-only heartbeat (`knob_values`: name -> value, sent between two full knob lists)
+ * changes in the schema the page holds: [knob, value] for each knob of `knobs` it names. Names the
+ * schema lacks are left out: a schema the page has not seen comes with the next full list.
+ */
+export function knobValueUpdates(knobs, values) {
+  const out = [];
+  if (!values) return out;
+  for (const k of knobs) {
+    if (Object.prototype.hasOwnProperty.call(values, k.name)) out.push([k, values[k.name]]);
+  }
+  return out;
+}
+
 /** Human text for a knob's current value. */
 export function formatValue(v) {
   if (v == null) return "";

@@ -118,6 +118,8 @@ export function decodeHeartbeat(bytes) {
     last_seq: num(h.last_seq),
     // proto3 `optional` bounds: present only when set.
     knobs: knobSpecs(h.knobs),
+    // A heartbeat between two full knob lists carries only the current values (name -> value).
+    knob_values: valueMap(h.knob_values),
     device: device(h.device),
     branch: h.branch,
     tick: num(h.tick),

@@ -21,6 +21,7 @@ import {
   feedDelivery,
   feedOwner,
   feedRequest,
+  knobValueUpdates,
   newCommandId,
   parseFeedReply,
   submitFailure,
@@ -317,4 +318,13 @@ test("a feed request names the role's inbox and the weaver's refusal becomes an 
   });
   assert.equal(parseFeedReply(enc({ consumer: "", first_seq: 0, last_seq: 0, error: "" })).lastSeq, 0);
   assert.throws(() => parseFeedReply(enc({ error: "ui-viewer already holds 16 journal feeds" })), /holds 16/);
+});
+
+test("a values-only heartbeat updates the knobs the page holds, and only those", () => {
+  const lr = { ...LR, value: 0.001 };
+  const wd = { name: "weight_decay", type: "float", value: 0.1 };
+  const updates = knobValueUpdates([lr, wd], { lr: 0.02, unknown: 5 });
+  assert.deepEqual(updates, [[lr, 0.02]]);
+  assert.deepEqual(knobValueUpdates([lr], {}), []);
+  assert.deepEqual(knobValueUpdates([lr], undefined), []);
 });

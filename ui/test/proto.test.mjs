@@ -69,3 +69,12 @@ test("a ProposalDecision carries the job, the proposal and the answer; its reply
   const ev = pb.JobEvent.encode(pb.JobEvent.create({ job: "j", kind: "rule_approved", attrs: { decided_by: "ui-operator" } })).finish();
   assert.deepEqual(decodeJobEvent(ev).attrs, { decided_by: "ui-operator" });
 });
+
+test("a heartbeat between two full knob lists carries the current values alone", () => {
+  const hb = pb.Heartbeat.encode(
+    pb.Heartbeat.create({ job: "j", rank: 0, knobs_hash: 7, knob_values: { lr: pb.Value.create({ f: 0.02 }), n: pb.Value.create({ i: 3 }) } }),
+  ).finish();
+  const d = decodeHeartbeat(hb);
+  assert.deepEqual(d.knobs, []);
+  assert.deepEqual(d.knob_values, { lr: 0.02, n: 3 });
+});

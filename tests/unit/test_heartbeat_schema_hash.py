@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from tests.unit.factories import heartbeat, local_config
+from threadlet import reports
 from threadlet.optim_knobs import KnobBoard
 from threadlet.reports import Reporter
 from threadlet.state import RankContext, TrainingState
@@ -30,16 +31,23 @@ def test_reporter_sends_the_schema_when_it_changes_then_only_its_hash() -> None:
     board = KnobBoard(None, None)
     value = [0.1]
     board.register(SPEC, lambda: value[0], lambda v: None, None)
-    rep = Reporter(local_config(), RankContext.detect(), TrainingState(), board, None)
+    now = [100.0]
+    rep = Reporter(local_config(), RankContext.detect(), TrainingState(), board, None, clock=lambda: now[0])
     first = rep.status(RankState.RUNNING)
     assert [s.name for s in first.knobs] == ["dropout"] and first.knobs_hash == knobs.schema_hash(first.knobs)
     for _ in range(3):  # within the full window the schema keeps riding along
         assert rep.status(RankState.RUNNING).knobs
     rep.outbox._knobs_full_until = 0.0  # the window has passed
     value[0] = 0.2
+    # The values are read again at most every KNOB_VALUES_PERIOD_S (a status step stays cheap)...
+    assert rep.status(RankState.RUNNING).knob_values == {"dropout": 0.1}
+    now[0] += reports.KNOB_VALUES_PERIOD_S  # ... which has passed
     later = rep.status(RankState.RUNNING)
     assert later.knobs == () and later.knobs_hash == first.knobs_hash
     assert later.knob_values == {"dropout": 0.2}
+    value[0] = 0.3
+    rep.status_due()  # a command changed knobs: read at the next status
+    assert rep.status(RankState.RUNNING).knob_values == {"dropout": 0.3}
     assert wire.decode_heartbeat(wire.encode(later)) == later
     board.register(dataclasses.replace(SPEC, name="extra"), lambda: 1.0, lambda v: None, None)
     changed = rep.status(RankState.RUNNING)

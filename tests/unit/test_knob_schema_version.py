@@ -96,6 +96,7 @@ def test_the_schema_rides_in_full_exactly_after_it_changes(monkeypatch: pytest.M
     for i in range(int((reports._KNOBS_REFRESH_S - FULL_S) / (HB_S / 2)) - 1):
         value[0] = i / 1000
         board.apply({"lr": 1e-3 * (i + 1)})
+        rep.status_due()  # as the front does after a decided command: the values are read again
         hb = rep.status(RankState.RUNNING)
         assert not _full(hb) and hb.knobs_hash == first.knobs_hash
         assert hb.knob_values["dropout"] == value[0] and hb.knob_values["lr"] == pytest.approx(1e-3 * (i + 1))

@@ -321,7 +321,7 @@ class Reporter:
             st.last_decided,
             st.step_time_s,
             st.branch,
-            board.schema_version,
+            version,
             board.schema_specs(),
             knob_values,
         )

@@ -568,9 +568,9 @@ async def _ensure_tokened(
     raise NatsUnavailable(f"stream {name} kept changing while it was being made; try again")
 
 
-async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
-    """The stream as the server holds it after creating `config`, or updating the stream to it."""
+async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream of `config`, or update the existing one to it."""
     try:
-        return await js.add_stream(config)
+        await js.add_stream(config)
     except BadRequestError:
-        return await js.update_stream(config)
+        await js.update_stream(config)

@@ -5,6 +5,7 @@ over WebSocket) and tries every operation; the server's answer must be the docum
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -502,6 +503,24 @@ async def _acks_held(js: JetStreamContext) -> int:
     return int((await js.stream_info(subjects.STREAM_ACKS)).state.messages)
 
 
+@contextlib.asynccontextmanager
+async def _delivered(weaver: Client, aimed: tuple[str, ...]) -> AsyncIterator[list[tuple[str, bytes]]]:
+    """`(subject, data)` of every message delivered on `aimed` while the block runs (the weaver's
+    subscriptions: whatever reaches a subject, stored or not)."""
+    seen: list[tuple[str, bytes]] = []
+
+    async def on_msg(msg: Any) -> None:
+        seen.append((msg.subject, msg.data))
+
+    watches = [await weaver.subscribe(a, cb=on_msg) for a in aimed]
+    await weaver.flush()
+    try:
+        yield seen
+    finally:
+        for w in watches:
+            await w.unsubscribe()
+
+
 async def test_a_reply_subject_aimed_at_another_jobs_acks_stores_nothing(
     secured: tuple[EmbeddedNats, CredentialStore], weaver: Client
 ) -> None:
@@ -514,31 +533,23 @@ async def test_a_reply_subject_aimed_at_another_jobs_acks_stores_nothing(
     js = weaver.jetstream()
     own_ack = await _ack_subject_of_a(weaver)
     aimed = (subjects.acks("B"), subjects.ack_capture("0" * 32, "B"))
-    seen: list[tuple[str, bytes]] = []
-
-    async def on_msg(msg: Any) -> None:
-        seen.append((msg.subject, msg.data))
-
-    watches = [await weaver.subscribe(a, cb=on_msg) for a in aimed]
-    await weaver.flush()
-    attacker = await connect_as(server, store, Role.THREADLET, "A")
-    try:
-        before = await _acks_held(js)
-        for target in aimed:
-            await _aim_answers(attacker, "r1", target, own_ack)
-        await until("the answers delivered", lambda: len(seen) >= 2 * len(aimed), timeout_s=DECIDE_S)
-        assert sum(b'"stream"' in data for _, data in seen) == len(aimed)
-        await attacker.publish(subjects.acks("A"), b"public ack")
-        await attacker.flush()
-        await asyncio.sleep(0.3)  # a stored answer would be there by now
-        assert await _acks_held(js) == before + len(aimed)  # A's own acks, its right, and nothing else
-        assert (await js.get_last_msg(subjects.STREAM_ACKS, subjects.acks("A"))).data == b"ack"
-        with pytest.raises(NotFoundError):
-            await js.get_last_msg(subjects.STREAM_ACKS, subjects.acks("B"))
-    finally:
-        await attacker.close()
-        for w in watches:
-            await w.unsubscribe()
+    async with _delivered(weaver, aimed) as seen:
+        attacker = await connect_as(server, store, Role.THREADLET, "A")
+        try:
+            before = await _acks_held(js)
+            for target in aimed:
+                await _aim_answers(attacker, "r1", target, own_ack)
+            await until("the answers delivered", lambda: len(seen) >= 2 * len(aimed), timeout_s=DECIDE_S)
+            assert sum(b'"stream"' in data for _, data in seen) == len(aimed)
+            await attacker.publish(subjects.acks("A"), b"public ack")
+            await attacker.flush()
+            await asyncio.sleep(0.3)  # a stored answer would be there by now
+            assert await _acks_held(js) == before + len(aimed)  # A's own acks, its right, and nothing else
+            assert (await js.get_last_msg(subjects.STREAM_ACKS, subjects.acks("A"))).data == b"ack"
+            with pytest.raises(NotFoundError):
+                await js.get_last_msg(subjects.STREAM_ACKS, subjects.acks("B"))
+        finally:
+            await attacker.close()
 
 
 async def _journal_held(js: JetStreamContext) -> int:
@@ -563,29 +574,21 @@ async def test_a_reply_subject_aimed_at_another_jobs_journal_and_events_stores_n
         subjects.journal("B"),
         subjects.journal_capture("0" * 32, subjects.events("B")),
     )
-    seen: list[tuple[str, bytes]] = []
-
-    async def on_msg(msg: Any) -> None:
-        seen.append((msg.subject, msg.data))
-
-    watches = [await weaver.subscribe(a, cb=on_msg) for a in aimed]
-    await weaver.flush()
-    attacker = await connect_as(server, store, Role.THREADLET, "A")
-    try:
-        before = await _journal_held(js)
-        for target in aimed:
-            await _aim_answers(attacker, "r2", target, subjects.ack_capture(stream.ack_token, "A"))
-        # Each target got the PubAck (JSON) and an answer to the pull: the first one the copy of A's
-        # command (which keeps its subject), the others a status (it awaits its acknowledgement).
-        await until("the answers delivered", lambda: len(seen) >= 2 * len(aimed), timeout_s=DECIDE_S)
-        assert sum(b'"stream"' in data for _, data in seen) == len(aimed)
-        assert sum(data == wire.encode(cmd) for _, data in seen) == 1
-        await asyncio.sleep(0.3)  # a stored answer would be there by now
-        assert await _journal_held(js) == before
-    finally:
-        await attacker.close()
-        for w in watches:
-            await w.unsubscribe()
+    async with _delivered(weaver, aimed) as seen:
+        attacker = await connect_as(server, store, Role.THREADLET, "A")
+        try:
+            before = await _journal_held(js)
+            for target in aimed:
+                await _aim_answers(attacker, "r2", target, subjects.ack_capture(stream.ack_token, "A"))
+            # Each target got the PubAck (JSON) and an answer to the pull: the first one the copy of
+            # A's command (which keeps its subject), the others a status (it awaits its acknowledgement).
+            await until("the answers delivered", lambda: len(seen) >= 2 * len(aimed), timeout_s=DECIDE_S)
+            assert sum(b'"stream"' in data for _, data in seen) == len(aimed)
+            assert sum(data == wire.encode(cmd) for _, data in seen) == 1
+            await asyncio.sleep(0.3)  # a stored answer would be there by now
+            assert await _journal_held(js) == before
+        finally:
+            await attacker.close()
     assert [e async for e in Streams(js, 5.0).journal("B")] == []
 
 

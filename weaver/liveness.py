@@ -33,7 +33,7 @@ from torchloom.messages import (
 )
 from torchloom.naming import base_run_id
 from weaver import health_policy as hp
-from weaver.model import JobState, PreviousWorld, RankEntry, WeaverState, job_event
+from weaver.model import Announced, JobState, PreviousWorld, RankEntry, WeaverState, job_event
 from weaver.outcomes import final_outcome
 
 
@@ -113,9 +113,14 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
     # last_seq is a claim, and a forged one must not push every later seq out of the ranks' reach.
 
     entry = job.ranks.get(hb.rank)
+    said = job.announced.get(hb.rank)
     if entry is None or entry.incarnation != hb.incarnation:
         entry = RankEntry(heartbeat=hb, last_seen_s=now, last_step_change_at=now)
         job.ranks[hb.rank] = entry
+    if said is not None and said.incarnation == hb.incarnation:
+        entry.finished_reported = entry.finished_reported or said.finished  # the journal holds it
+    else:
+        job.announced[hb.rank] = said = Announced(hb.incarnation)
         events.append(
             job_event(
                 job,
@@ -128,7 +133,7 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
                 pid=str(hb.pid),
             )
         )
-    else:
+    if entry.heartbeat is not hb:
         # Progress is a step change or, across a rollback that rewinds the step, a tick change.
         old = entry.heartbeat
         if (hb.step, hb.tick) != (old.step, old.tick) or hb.state is not old.state:
@@ -139,7 +144,7 @@ def observe_heartbeat(state: WeaverState, hb: Heartbeat, now: float) -> Heartbea
         events.append(scale_event(job, job.scaled_from, now))
         job.scaled_from = None
     if hb.state is RankState.FINISHED and not entry.finished_reported:
-        entry.finished_reported = True
+        entry.finished_reported = said.finished = True
         events.append(
             job_event(
                 job, "rank_finished", f"rank {hb.rank} finished at step {hb.step}", now, rank=str(hb.rank)

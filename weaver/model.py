@@ -61,6 +61,10 @@ class JobState:
         phase, alerted: the health policy's recovery state (see `health_policy.JobSnapshot`).
         scaled_from: the previous attempt's world, while this attempt of the same run started with
             another world size and not all its ranks have reported yet (see `scale_event`).
+        announced: what the journal already says of each rank of this run: the incarnation it
+            last joined as, and whether that incarnation finished. A restarted weaver rebuilds it
+            from the journal, so a rank's first heartbeat after the restart adds no second
+            "rank_joined" (or "rank_finished") for what the journal holds once already.
     """
 
     job: str
@@ -78,6 +82,15 @@ class JobState:
     phase: hp.Phase = hp.Phase.IDLE
     alerted: frozenset[str] = frozenset()
     scaled_from: PreviousWorld | None = None
+    announced: dict[int, Announced] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Announced:
+    """One rank as the journal tells it: the incarnation it joined as, and whether it finished."""
+
+    incarnation: str
+    finished: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

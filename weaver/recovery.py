@@ -1,10 +1,11 @@
 """Rebuilding the state after a weaver restart, from the journal and the commands stream.
 
-Mutators only: `replay_journal(state, entries)` recreates jobs, runs, registries and the decided
-command ids from stored outcomes and events; `replay_commands(state, job, run_id, commands)` makes
-commands without a final outcome pending again and marks the run's seq floor known (the service
-also feeds it the tail of a run's commands it had not seen, e.g. its own publish whose answer was
-lost); `replay_acks(state, job, run_id, acks, now)` completes those the stored acks answer and
+Mutators only: `replay_journal(state, entries)` recreates jobs, runs, registries, what was said of
+each rank and the decided command ids from stored outcomes and events;
+`replay_commands(state, job, run_id, commands)` makes commands without a final outcome pending
+again and marks the run's seq floor known (the service also feeds it the tail of a run's commands
+it had not seen, e.g. its own publish whose answer was lost);
+`replay_acks(state, job, run_id, acks, now)` completes those the stored acks answer and
 `unanswerable(state, job, run_id, dropped_until_s, answered_within_s, now)` ends those whose acks
 the acks stream may have dropped, both returning the final outcomes for the service to journal.
 All update `state` in place; the service reads the streams and feeds them in oldest first.
@@ -17,7 +18,7 @@ from collections.abc import Iterable
 
 from torchloom.messages import Ack, Command, JobEvent, Outcome, OutcomeStatus
 from weaver import dedupe, notices
-from weaver.model import JobState, Pending, WeaverState
+from weaver.model import Announced, JobState, Pending, WeaverState
 from weaver.outcomes import final_outcome, record_ack, settle
 
 
@@ -37,13 +38,12 @@ def _recovered_job(
 def replay_journal(state: WeaverState, entries: Iterable[Outcome | JobEvent]) -> None:
     """Rebuild jobs, runs and registries from the journal (oldest first) after a weaver restart.
 
-    Ranks are not restored: they come back with their next heartbeat, under the same run.
+    Ranks are not restored: they come back with their next heartbeat, under the same run. What the
+    journal says of them is (`JobState.announced`), so that heartbeat journals no second join.
     """
     for entry in entries:
         if isinstance(entry, JobEvent):
-            if entry.kind == "run_started" and entry.run_id:
-                world = int(entry.attrs.get("world_size", "0") or 0)
-                _recovered_job(state, entry.job, entry.run_id, world, entry.time_s)
+            _replay_event(state, entry)
             continue
         # Repeats of a decided command id (a refusal too) are answered with the stored decision.
         dedupe.remember(state, entry)
@@ -57,6 +57,21 @@ def replay_journal(state: WeaverState, entries: Iterable[Outcome | JobEvent]) ->
         job.last_seq = max(job.last_seq, cmd.seq)
         job.pending.pop(cmd.seq, None)
         settle(job, entry)
+
+
+def _replay_event(state: WeaverState, event: JobEvent) -> None:
+    if event.kind == "run_started" and event.run_id:
+        world = int(event.attrs.get("world_size", "0") or 0)
+        _recovered_job(state, event.job, event.run_id, world, event.time_s)
+        return
+    job = state.jobs.get(event.job)
+    rank = event.attrs.get("rank", "")
+    if job is None or job.run_id != event.run_id or not rank.isdigit():
+        return
+    if event.kind == "rank_joined":
+        job.announced[int(rank)] = Announced(event.attrs.get("incarnation", ""))
+    elif event.kind == "rank_finished" and (said := job.announced.get(int(rank))) is not None:
+        said.finished = True
 
 
 def replay_commands(

@@ -275,6 +275,8 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
             assert [b.id for b in status2.branches] == ["main", "b3"] and status2.branch == "b3"
             assert status2.last_seq == 4
             assert await read_journal(client) == before
+            # Their heartbeats reach it: the journal already says these incarnations joined.
+            await live(client)
 
             # The ranks answer the command published before the restart: it is journaled.
             await ranks.ack(ranks.commands[-1])
@@ -306,6 +308,10 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
             async with asyncio.timeout(10):
                 await follower
             assert followed[-1].command_id == again.command_id
+            joined = [
+                e for e in await read_journal(client) if isinstance(e, JobEvent) and e.kind == "rank_joined"
+            ]
+            assert joined == [e for e in before if isinstance(e, JobEvent) and e.kind == "rank_joined"]
 
 
 async def test_frozen_step_is_hung_and_silence_is_dead(nats_server: EmbeddedNats, nc: Any) -> None:

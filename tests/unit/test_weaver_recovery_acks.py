@@ -1,13 +1,13 @@
 """weaver.recovery after a restart: commands a previous weaver left undecided are decided from the acks
 the acks stream holds (`replay_acks`), or end as TIMEOUT when the stream may have dropped their acks
-(`unanswerable`)."""
+(`unanswerable`); what the journal says of each rank is not said twice (`replay_journal`)."""
 
 from __future__ import annotations
 
 from tests.unit import factories as f
 from torchloom import naming
-from torchloom.messages import AckStatus, Command, JobEvent, OutcomeStatus
-from weaver import outcomes, recovery
+from torchloom.messages import AckStatus, Command, Heartbeat, JobEvent, OutcomeStatus, RankState
+from weaver import liveness, outcomes, recovery
 from weaver.model import WeaverState
 
 
@@ -68,3 +68,38 @@ def test_commands_whose_acks_the_stream_may_have_dropped_end_as_timeout_saying_s
     assert "no longer holds acks stored before 1970-01-01T00:00:20+00:00" in ended.reason
     job = s.jobs[f.JOB]
     assert sorted(job.pending) == [2, 3] and 1 in job.registry.finished_seqs
+
+
+def test_a_restarted_weaver_journals_no_second_join_or_finish_of_a_rank_the_journal_holds() -> None:
+    """The journal's "rank_joined" and "rank_finished" are the ranks' history: a weaver restarted
+    under a running job must not journal them again when the same incarnations' heartbeats arrive."""
+    s = WeaverState()
+
+    def said(kind: str, rank: int, **attrs: str) -> JobEvent:
+        return JobEvent(job=f.JOB, run_id=f.RUN, kind=kind, attrs={"rank": str(rank), **attrs})
+
+    older = JobEvent(
+        job=f.JOB, run_id="an older run", kind="rank_joined", attrs={"rank": "2", "incarnation": "x"}
+    )
+    recovery.replay_journal(
+        s,
+        [
+            JobEvent(job=f.JOB, run_id=f.RUN, kind="run_started", attrs={"world_size": "3"}),
+            said("rank_joined", 0, incarnation=f.incarnation(0)),
+            said("rank_joined", 1, incarnation=f.incarnation(1)),
+            said("rank_finished", 1),
+            said("rank_joined", 2, incarnation="before-its-restart"),
+            older,  # another run's: says nothing of this one
+        ],
+    )
+
+    def events(hb: Heartbeat) -> list[tuple[str, str]]:
+        return [(e.kind, e.attrs["rank"]) for e in liveness.observe_heartbeat(s, hb, 100.0).events]
+
+    assert events(f.heartbeat(0, world=3, step=5)) == []
+    assert events(f.heartbeat(1, world=3, step=9, state=RankState.FINISHED)) == []
+    # Rank 0 finishes after the restart: said once. Rank 2 restarted while no weaver ran: it joined.
+    assert events(f.heartbeat(0, world=3, step=9, state=RankState.FINISHED)) == [("rank_finished", "0")]
+    assert events(f.heartbeat(0, world=3, step=9, state=RankState.FINISHED)) == []
+    assert events(f.heartbeat(2, world=3, step=5)) == [("rank_joined", "2")]
+    assert sorted(s.jobs[f.JOB].ranks) == [0, 1, 2]

@@ -1,10 +1,10 @@
 """Cost of signed commands: what signing adds per command on the weaver (serialize, sign, append the
 signature, against serializing an unsigned command for publish) and on each rank (verify the received
 bytes and parse the signed part, against parsing an unsigned command), in microseconds, p50/p99 over
-single calls; the previous layout (sign a copy of the Command and encode it; parse everything, serialize
-it again and verify) is timed in the same run for comparison. Optionally the end-to-end command latency
-on a real 2-rank job with the ranks verifying vs. with verification off (TORCHLOOM_VERIFY_COMMANDS=0),
-using bench/command_latency.py's machinery.
+single calls; the rank's receive as it was with libsodium's verify (PyNaCl; ed25519-zebra since session
+7) and each library's Ed25519 alone are timed in the same run for comparison. Optionally the end-to-end
+command latency on a real 2-rank job with the ranks verifying vs. with verification off
+(TORCHLOOM_VERIFY_COMMANDS=0), using bench/command_latency.py's machinery.
 
     python bench/signing.py --iterations 20000 --commands 0
 """
@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nacl.signing import SigningKey
+import ed25519_zebra
+from nacl.signing import SigningKey, VerifyKey
 
 from torchloom import env, signing, wire
 from torchloom import messages as m
@@ -71,41 +72,44 @@ def _commands() -> dict[str, m.Command]:
 
 def _operations(cmd: m.Command, signer: signing.Signer) -> dict[str, Callable[[], object]]:
     """What each side does per command, by name: the weaver's publish and the rank's receive without
-    signing, with it, and with it as done before; and PyNaCl's Ed25519 alone on the same bytes (the
-    floor)."""
+    signing and with it; the receive as it was with libsodium's verify ("pynacl", until session 7);
+    and each library's Ed25519 alone on the same bytes (the floor)."""
     verifier = signer.verifier()
     plain = wire.encode(cmd)
     published = signer.encode_signed(cmd)
-    published_before = wire.encode(signer.sign(cmd))
     assert verifier.decode_command(published) == (signer.sign(cmd), True)
+    sodium_key = VerifyKey(bytes.fromhex(signer.public_key))
 
-    def receive_before() -> bool:
-        return verifier.verify(wire.decode_command(published_before))
+    def receive_pynacl() -> tuple[m.Command, bool]:
+        split = wire.split_signature(published)
+        assert split is not None
+        signed, signature = split
+        sodium_key.verify(b"torchloom.v1.Command\x00" + signed, signature)
+        return wire.decode_signed_command(signed, signature), True
 
-    assert receive_before()
+    assert receive_pynacl() == verifier.decode_command(published)
     key = SigningKey.generate()
     tagged = b"torchloom.v1.Command\x00" + wire.signing_bytes(cmd)  # what signing.py signs
-    tag_signature = key.sign(tagged).signature
+    tag_signature = bytes(key.sign(tagged).signature)
+    public = bytes(key.verify_key)
     return {
         "publish_plain": lambda: wire.encode(cmd),  # a publish without signing
         "publish_signed": lambda: signer.encode_signed(cmd),
-        "publish_signed_before": lambda: wire.encode(signer.sign(cmd)),
         "receive_plain": lambda: wire.decode_command(plain),  # a receive without verifying
         "receive_signed": lambda: verifier.decode_command(published),
-        "receive_signed_before": receive_before,
+        "receive_signed_pynacl": receive_pynacl,
         "ed25519_sign_alone": lambda: key.sign(tagged),
-        "ed25519_verify_alone": lambda: key.verify_key.verify(tagged, tag_signature),
+        "ed25519_verify_alone_pynacl": lambda: key.verify_key.verify(tagged, tag_signature),
+        "ed25519_verify_alone_zebra": lambda: ed25519_zebra.ed_verify(tag_signature, tagged, public),
     }
 
 
 def _added(us: dict[str, list[float]], suffix: str) -> dict[str, float]:
     """Microseconds signing adds on each side and in all, at p50 and p99 (differences of the
-    percentiles of the signed and the unsigned calls)."""
+    percentiles of the signed and the unsigned calls); `suffix` picks the receive measured."""
     out: dict[str, float] = {}
     for q in (50, 99):
-        sign = command_latency.pct(us["publish_signed" + suffix], q) - command_latency.pct(
-            us["publish_plain"], q
-        )
+        sign = command_latency.pct(us["publish_signed"], q) - command_latency.pct(us["publish_plain"], q)
         verify = command_latency.pct(us["receive_signed" + suffix], q) - command_latency.pct(
             us["receive_plain"], q
         )
@@ -115,7 +119,8 @@ def _added(us: dict[str, list[float]], suffix: str) -> dict[str, float]:
 
 def micro(iterations: int) -> dict[str, dict[str, Any]]:
     """Per command kind: each operation's p50/p99 in microseconds over `iterations` single calls (the
-    operations interleaved, so load changes hit all alike), and what signing adds, now and before."""
+    operations interleaved, so load changes hit all alike), and what signing adds, now and with
+    libsodium's verify."""
     signer = signing.Signer.generate()
     out: dict[str, dict[str, Any]] = {}
     for name, cmd in _commands().items():
@@ -131,7 +136,7 @@ def micro(iterations: int) -> dict[str, dict[str, Any]]:
                 op: {"p50": statistics.median(v), "p99": command_latency.pct(v, 99)} for op, v in us.items()
             },
             "added_us": _added(us, ""),
-            "added_us_before": _added(us, "_before"),
+            "added_us_pynacl": _added(us, "_pynacl"),
         }
     return out
 
@@ -143,7 +148,7 @@ def _print_micro(micro_us: dict[str, dict[str, Any]]) -> None:
     for op in micro_us[names[0]]["us"]:
         cells = [micro_us[n]["us"][op] for n in names]
         print(f"{op:<24}" + "".join(f"{c['p50']:>17.1f}{c['p99']:>17.1f}" for c in cells))
-    for key, label in (("added_us", "signing adds (now)"), ("added_us_before", "signing adds (before)")):
+    for key, label in (("added_us", "signing adds (now)"), ("added_us_pynacl", "with libsodium verify")):
         print(f"\n{label:<24}{header}")
         for part in ("sign", "verify", "total"):
             cells = [micro_us[n][key] for n in names]
@@ -153,8 +158,8 @@ def _print_micro(micro_us: dict[str, dict[str, Any]]) -> None:
 
 
 def latency(commands: int, step_sleep: float, modes: list[str]) -> dict[str, object]:
-    """Command latency on a real job with ranks verifying (command_latency hands them the weaver's
-    public key), then with verification off."""
+    """Command latency on a real job (examples/train_tiny.py, agreement on the gradient all-reduce) with
+    ranks verifying (command_latency hands them the weaver's public key), then with verification off."""
     os.environ[env.HOME] = tempfile.mkdtemp(prefix="tl-bench-sign-")  # the weaver's key goes here
     os.environ.pop(env.WEAVER_PUBKEY, None)
     results: dict[str, object] = {}
@@ -163,8 +168,8 @@ def latency(commands: int, step_sleep: float, modes: list[str]) -> dict[str, obj
             os.environ.pop(env.VERIFY_COMMANDS, None)
         else:
             os.environ[env.VERIFY_COMMANDS] = "0"
-        args = argparse.Namespace(commands=commands, step_sleep=step_sleep)
-        results[mode] = asyncio.run(command_latency.run(args))
+        args = argparse.Namespace(commands=commands, step_sleep=step_sleep, gap_s=0.0, model="tiny")
+        results[mode] = asyncio.run(command_latency.run(args, command_latency.PATHS["piggyback"]))
     return results
 
 

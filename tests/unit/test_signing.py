@@ -111,3 +111,31 @@ def test_restart_requests_are_signed_over_their_exact_bytes() -> None:
     assert not verifier.verify_restart(data + b"\x00", sig)  # other bytes
     assert not verifier.verify_restart(data, None) and not verifier.verify_restart(data, "zz")
     assert not signing.Signer.generate().verifier().verify_restart(data, sig)  # another key
+
+
+def test_the_ranks_verifier_agrees_with_libsodium_and_refuses_every_altered_signature() -> None:
+    """Ranks verify with ed25519-zebra, the weaver signs with libsodium: a libsodium signature
+    verifies, and any flipped bit in it, a non-canonical scalar (s + L, the malleated twin libsodium
+    refuses too), or another key (or bytes that are no curve point) fails as a plain "not signed"."""
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+
+    signer = signing.Signer.generate()
+    cmd = _command()
+    signed = signer.sign(cmd)
+    verifier = signer.verifier()
+    assert verifier.verify(signed)
+    sig = signed.signature
+    libsodium = VerifyKey(bytes.fromhex(signer.public_key))
+    for bit in range(0, 512, 7):
+        bad = bytearray(sig)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        assert not verifier.verify(dataclasses.replace(cmd, signature=bytes(bad)))
+    order = 2**252 + 27742317777372353535851937790883648493  # the group order L
+    s = int.from_bytes(sig[32:], "little")
+    malleated = sig[:32] + (s + order).to_bytes(32, "little")
+    assert not verifier.verify(dataclasses.replace(cmd, signature=malleated))
+    with pytest.raises(BadSignatureError):
+        libsodium.verify(b"torchloom.v1.Command\x00" + wire.signing_bytes(cmd), malleated)
+    for public in ("00" * 32, "ff" * 32):  # not the weaver's key; not a point at all
+        assert not signing.Verifier(public).verify(signed)

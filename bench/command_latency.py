@@ -18,7 +18,9 @@ parts (p50 / p99 of each, in ms):
 * ack_to_outcome: last rank decided -> outcome complete (ack through JetStream, the weaver's
   consumer);
 * weaver_to_client: outcome complete -> the client has it (gRPC out);
-* bus = validate_sign + publish_to_first_rank + ack_to_outcome.
+* bus = validate_sign + publish_to_first_rank + ack_to_outcome;
+* to_every_ack: the client's call -> the weaver has every rank's ack (total less weaver_to_client):
+  the issue-12 measure "submit to every rank's ack".
 
 The ranks' median step time (from their heartbeats) is reported with each path, so the apply wait
 reads in steps, and the load average before and after each path.
@@ -67,11 +69,16 @@ def _script(args: argparse.Namespace) -> list[str]:
     """The training script and its arguments: train_tiny (a mixture sampler and a JSON record with two
     parameter checksums every step: 6 to 8 ms steps on an idle 2-core machine), or a bare DDP MLP of
     about 20,000 parameters (bench/scripts/sized_train.py: about 2 ms steps, the goal's pace)."""
-    if args.model == "mlp":
+    if args.model in ("mlp", "small"):
         if args.step_sleep:
-            raise SystemExit("--step-sleep applies to --model tiny only")
-        mlp = ["--params", "20000", "--width", "64", "--batch", "32", "--steps", "1000000"]
-        return [str(REPO / "bench/scripts/sized_train.py"), *mlp]
+            raise SystemExit("--step-sleep applies to --model tiny only (--device-ms to the others)")
+        size = ["--params", "20000", "--width", "64", "--batch", "32"]
+        if args.model == "small":  # 2,000 parameters: the step is mostly DDP's all-reduce
+            size = ["--params", "2000", "--width", "32", "--batch", "8"]
+        steps = ["--steps", "1000000", "--device-ms", str(args.device_ms)]
+        return [str(REPO / "bench/scripts/sized_train.py"), *size, *steps]
+    if args.device_ms:
+        raise SystemExit("--device-ms applies to --model mlp or small")
     tiny = ["--steps", "1000000", "--step-sleep", str(args.step_sleep)]
     return [str(REPO / "examples/train_tiny.py"), *tiny]
 
@@ -118,7 +125,7 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
                     first_ms = (time.time() - t0) * 1e3
                     if first.status is not m.OutcomeStatus.APPLIED:
                         raise RuntimeError(f"first command: {first.status} {first.reason}")
-                    total, bus = [], []
+                    total, bus, to_acks = [], [], []
                     parts: dict[str, list[float]] = {name: [] for name in PARTS}
                     for i in range(args.commands):
                         if args.gap_s:
@@ -135,6 +142,7 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
                         last_recv = max(r.received_at_s for r in out.results)
                         last_dec = max(r.decided_at_s for r in out.results)
                         total.append(t1 - t0)
+                        to_acks.append(out.completed_at_s - t0)
                         split = {
                             "client_to_weaver": out.submitted_at_s - t0,
                             "validate_sign": out.published_at_s - out.submitted_at_s,
@@ -168,6 +176,7 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
         "agreement": agreement,
         "commands": args.commands,
         "model": args.model,
+        "device_ms": args.device_ms,
         "step_sleep_s": args.step_sleep,
         "gap_s": args.gap_s,
         "median_step_ms": step_s * 1e3,
@@ -175,6 +184,7 @@ async def run(args: argparse.Namespace, agreement: str) -> dict[str, object]:
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "total_ms": row(total),
+        "to_every_ack_ms": row(to_acks),
         "bus_ms": row(bus),
         **{f"{name}_ms": row(values) for name, values in parts.items()},
         # Every command's parts in order (ms), so an outlier can be read whole: which part, which command.
@@ -196,9 +206,16 @@ def main() -> None:
     )
     parser.add_argument(
         "--model",
-        choices=("tiny", "mlp"),
+        choices=("tiny", "mlp", "small"),
         default="tiny",
-        help="examples/train_tiny.py (default) or a bare DDP MLP at about 2 ms steps",
+        help="examples/train_tiny.py (default), a bare DDP MLP of 20,000 parameters (about 2 ms steps "
+        "on an idle machine) or of 2,000 (the step is DDP's all-reduce)",
+    )
+    parser.add_argument(
+        "--device-ms",
+        type=float,
+        default=0.0,
+        help="mlp and small: a host wait per step, as a training thread waits on a GPU (CPU free)",
     )
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated: piggyback,gloo")
     parser.add_argument("--out", default=str(REPO / "bench/results/command_latency.json"))
@@ -208,7 +225,7 @@ def main() -> None:
     head = "".join(f"{name + ' ' + col:>18}" for name in paths for col in ("p50", "p99"))
     print(f"{'part (ms)':<28}{head}")
     first = results[next(iter(paths))]
-    scalars = ("median_step_ms", "first_command_ms", "load_before", "load_after")
+    scalars = ("median_step_ms", "first_command_ms", "load_before", "load_after", "device_ms")
     for key in [k for k in first if k.endswith("_ms") and k not in scalars]:
         cells = ""
         for name in paths:

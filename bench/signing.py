@@ -168,7 +168,9 @@ def latency(commands: int, step_sleep: float, modes: list[str]) -> dict[str, obj
             os.environ.pop(env.VERIFY_COMMANDS, None)
         else:
             os.environ[env.VERIFY_COMMANDS] = "0"
-        args = argparse.Namespace(commands=commands, step_sleep=step_sleep, gap_s=0.0, model="tiny")
+        args = argparse.Namespace(
+            commands=commands, step_sleep=step_sleep, gap_s=0.0, model="tiny", device_ms=0.0
+        )
         results[mode] = asyncio.run(command_latency.run(args, command_latency.PATHS["piggyback"]))
     return results
 

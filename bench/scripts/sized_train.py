@@ -1,5 +1,9 @@
 """A DDP training script of a configurable size for benchmarks: an MLP of about --params parameters
-on synthetic data, attached to a threadlet, one JSON line per step with wall-clock timestamps."""
+on synthetic data, attached to a threadlet, one JSON line per step with wall-clock timestamps.
+
+`--device-ms X` makes each step GPU-shaped: the host waits X ms in the forward (a sleep, as a
+training thread waits on a CUDA stream), so the step takes about X ms more with the CPU idle, as on a
+GPU node where the control plane has free cores; without it every step is CPU work."""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--device-ms", type=float, default=0.0, help="host wait per step, as on a GPU (ms)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if "RANK" in os.environ:
@@ -49,6 +54,8 @@ def main() -> None:
             t0 = time.time()
             x = torch.randn(args.batch, args.width)
             loss = model(x).pow(2).mean()
+            if args.device_ms:
+                time.sleep(args.device_ms / 1e3)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

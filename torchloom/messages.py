@@ -252,6 +252,9 @@ class Outcome:
     # Who asked; for a refused attempt (command is None) the only record of the submitter.
     issuer: Issuer | None = None
     run_id: str = ""
+    # A refused attempt's body as submitted (what was asked); None for a sequenced command (its
+    # body is `command.body`) and for a body too large to journal (`ATTEMPT_MAX_BYTES`).
+    attempted: Body | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -87,7 +87,7 @@ _METRICS_FIELDS = _scalar_fields(m.StepMetrics, "values")
 _EVENT_FIELDS = _scalar_fields(m.JobEvent, "attrs")
 _RESTART_FIELDS = _scalar_fields(m.RestartRequest, "exclude_ranks")
 _RESULT_FIELDS = _scalar_fields(m.RankResult, "status", "detail")
-_OUTCOME_FIELDS = _scalar_fields(m.Outcome, "status", "results", "command", "issuer")
+_OUTCOME_FIELDS = _scalar_fields(m.Outcome, "status", "results", "command", "issuer", "attempted")
 _RANK_STATUS_FIELDS = _scalar_fields(m.RankStatus, "state", "knobs", "device")
 _JOB_STATUS_FIELDS = _scalar_fields(m.JobStatus, "ranks", "knobs", "checkpoints", "branches")
 _CHECKPOINT_FIELDS = _scalar_fields(m.CheckpointInfo)
@@ -222,6 +222,8 @@ def _outcome_to_pb(o: m.Outcome, out: pb.Outcome) -> None:
         _command_to_pb(o.command, out.command)
     if o.issuer is not None:
         _issuer_to_pb(o.issuer, out.issuer)
+    if o.attempted is not None:
+        _body_to_pb(o.attempted, out)
 
 
 def _metrics_to_pb(sm: m.StepMetrics, out: pb.StepMetrics) -> None:
@@ -325,6 +327,13 @@ def encode(msg: Any) -> bytes:
     return bytes(to_pb(msg).SerializeToString())
 
 
+def body_size(body: m.Body) -> int:
+    """The bytes `body` (a config change or an action) takes on the wire."""
+    out = pb.SubmitRequest()
+    _body_to_pb(body, out)
+    return int(out.ByteSize())
+
+
 def encode_watch_event(ev: m.WatchEvent) -> bytes:
     out = pb.WatchEvent()
     if isinstance(ev, m.StepMetrics):
@@ -390,6 +399,7 @@ def _outcome_from_pb(msg: pb.Outcome) -> m.Outcome:
         ),
         command=_command_from_pb(msg.command) if msg.HasField("command") else None,
         issuer=_issuer_from_pb(msg.issuer) if msg.HasField("issuer") else None,
+        attempted=_body_from_pb(msg) if msg.WhichOneof("body") else None,
         **_copy(msg, _OUTCOME_FIELDS),
     )
 

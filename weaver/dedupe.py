@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 
+from torchloom import wire
 from torchloom.messages import Command, JobEvent, Outcome, OutcomeStatus, SubmitRequest
 from weaver.model import WeaverState
 
@@ -21,6 +22,9 @@ from weaver.model import WeaverState
 # this is still answered from the journal by `torchloom journal --command ID`; a submit of it would
 # be sequenced again, which is why clients retry within a deadline, not forever.
 DECIDED_IDS = 10_000
+# A refused attempt's body is journaled with its refusal up to this size (what was asked); a larger
+# one is not (its reason still says why it was refused), so refusals cannot fill the journal.
+ATTEMPT_MAX_BYTES = 16 * 1024
 
 
 def lookup(state: WeaverState, command_id: str) -> Outcome | Command | None:
@@ -53,7 +57,9 @@ def refused_outcome(
     req: SubmitRequest, reason: str, now: float, *, job: str = "", run_id: str = ""
 ) -> Outcome:
     """The decision on a submit the weaver refused before sequencing it: REJECTED, no command, no
-    seq, with who asked and why (journaled as such)."""
+    seq, with who asked, what they asked (the body, up to `ATTEMPT_MAX_BYTES`) and why (journaled
+    as such)."""
+    attempted = req.body if wire.body_size(req.body) <= ATTEMPT_MAX_BYTES else None
     return Outcome(
         command_id=req.command_id or uuid.uuid4().hex,
         job=job or req.job,
@@ -63,6 +69,7 @@ def refused_outcome(
         completed_at_s=now,
         issuer=req.issuer,
         run_id=run_id,
+        attempted=attempted,
     )
 
 

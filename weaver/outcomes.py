@@ -143,14 +143,15 @@ def timeout_outcome(state: WeaverState, cmd: Command, timeout_s: float, now: flo
 def outcome_event(outcome: Outcome, now: float) -> JobEvent:
     """The `command` job event announcing a final outcome."""
     cmd = outcome.command
+    body = cmd.body if cmd is not None else outcome.attempted
     what = "command"
-    run_id = ""
+    if isinstance(body, SetConfig):
+        what = "set " + " ".join(f"{k}={v}" for k, v in sorted(body.values.items()))
+    elif body is not None:
+        what = body.kind.value
+    run_id = outcome.run_id
     if cmd is not None:
         run_id = cmd.run_id
-        if isinstance(cmd.body, SetConfig):
-            what = "set " + " ".join(f"{k}={v}" for k, v in sorted(cmd.body.values.items()))
-        else:
-            what = cmd.body.kind.value
         what = f"#{cmd.seq} {what}"
     message = f"{what}: {outcome.status.value}" + (f" ({outcome.reason})" if outcome.reason else "")
     attrs = {"status": outcome.status.value}

@@ -222,6 +222,8 @@ async def test_journal_checkpoints_and_rollback_survive_a_weaver_restart(
             )
             assert refusal.issuer == AUTHENTICATED  # who asked: the token's identity, not the claim
             assert refusal.reason == bad.reason and refusal.run_id == RUN
+            # ... and what was asked, though nothing was published.
+            assert refusal.attempted == Action(kind=ActionKind.ROLLBACK, args={"checkpoint": "nope"})
 
             rb = await client.submit(
                 SubmitRequest(

@@ -209,6 +209,27 @@ def test_journal_outcome_entry_shape() -> None:
     )
 
 
+def test_a_refused_attempt_shows_what_was_asked_and_no_seq() -> None:
+    refused = Outcome(
+        command_id="c9",
+        job="demo",
+        status=OutcomeStatus.REJECTED,
+        reason="lr=-1 rejected: must be in (0, 10]",
+        issuer=Issuer(kind="cli", identity="ann@host"),
+        run_id="r1",
+        attempted=SetConfig(values={"lr": -1.0}),
+    )
+    got = cli_format.journal_entry_json(refused)
+    assert got is not None
+    assert (got["seq"], got["kind"], got["values"], got["run_id"]) == (0, "set", {"lr": -1.0}, "r1")
+    assert cli_format.format_journal_entry(got) == (
+        "refused demo set lr=-1.0: rejected by cli:ann@host (lr=-1 rejected: must be in (0, 10])"
+    )
+    # An attempt whose body was too large to journal still reads as a refused command.
+    bare = cli_format.journal_entry_json(Outcome(command_id="c8", job="demo", status=OutcomeStatus.REJECTED))
+    assert bare is not None and cli_format.format_journal_entry(bare) == "refused demo command: rejected"
+
+
 def test_journal_event_entry_and_metrics_skipped() -> None:
     ev = JobEvent(job="demo", kind="rank_dead", message="rank 1 dead", time_s=5.0, attrs={"rank": "1"})
     got = cli_format.journal_entry_json(ev)

@@ -5,8 +5,11 @@ journal entry carries the message id that makes a re-publish a no-op."""
 from __future__ import annotations
 
 from tests.unit import factories as f
+from torchloom import wire
 from torchloom.messages import (
     AckStatus,
+    Action,
+    ActionKind,
     Issuer,
     JobEvent,
     KnobSpec,
@@ -72,6 +75,21 @@ def test_a_refusal_keeps_the_client_id_issuer_and_run_and_has_no_command() -> No
     assert out.issuer == Issuer(kind="cli", identity="ann@host") and out.run_id == f.RUN
     unnamed = dedupe.refused_outcome(SubmitRequest(body=SetConfig(values={})), "no", 5.0)
     assert len(unnamed.command_id) == 32  # an unnamed submit still gets an id to journal under
+
+
+def test_a_refusal_keeps_what_was_asked_through_the_wire_unless_it_is_too_large() -> None:
+    out = dedupe.refused_outcome(_set(-1.0), "lr=-1 rejected", 5.0, run_id=f.RUN)
+    assert out.attempted == SetConfig(values={"lr": -1.0})
+    decoded = wire.decode_outcome(wire.encode(out))
+    assert decoded == out and decoded.attempted == SetConfig(values={"lr": -1.0})
+    event = outcomes.outcome_event(out, 6.0)
+    assert event.message == "set lr=-1.0: rejected (lr=-1 rejected)" and event.run_id == f.RUN
+    huge = SubmitRequest(
+        job=f.JOB, body=Action(kind=ActionKind.EVAL, args={"x": "y" * dedupe.ATTEMPT_MAX_BYTES})
+    )
+    big = dedupe.refused_outcome(huge, "too large", 5.0)
+    assert big.attempted is None and wire.decode_outcome(wire.encode(big)).attempted is None
+    assert outcomes.outcome_event(big, 6.0).message == "command: rejected (too large)"
 
 
 def test_journal_msg_ids_name_one_entry_per_seq_or_refusal() -> None:

@@ -281,7 +281,7 @@ def journal_entry_json(entry: WatchEvent) -> dict[str, Any] | None:
         return None
     cmd = entry.command
     issuer = cmd.issuer if cmd is not None else entry.issuer
-    body = cmd.body if cmd is not None else None
+    body = cmd.body if cmd is not None else entry.attempted  # a refused attempt: what was asked
     kind = "set" if isinstance(body, SetConfig) else body.kind.value if isinstance(body, Action) else None
     return {
         "type": "outcome",
@@ -313,7 +313,9 @@ def format_journal_entry(item: Mapping[str, Any]) -> str:
     at = f" at step {steps[0]}" if len(steps) == 1 else f" at steps {steps}" if steps else ""
     issuer = item["issuer"] or {}
     who = f" by {issuer.get('kind')}:{issuer.get('identity')}" if issuer else ""
-    line = f"#{item['seq']:<4} {item['job']} {item['kind']} {what}".rstrip() + f": {item['status']}{at}{who}"
+    seq = f"#{item['seq']}" if item["seq"] else "refused"  # a refused attempt never had a seq
+    kind = item["kind"] or "command"
+    line = f"{seq:<5} {item['job']} {kind} {what}".rstrip() + f": {item['status']}{at}{who}"
     return f"{line} ({item['reason']})" if item["reason"] else line
 
 

@@ -991,6 +991,8 @@ class Outcome(_message.Message):
     COMPLETED_AT_S_FIELD_NUMBER: _builtins.int
     ISSUER_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
+    SET_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     job: _builtins.str
     status: Global___OutcomeStatus.ValueType
@@ -1010,6 +1012,10 @@ class Outcome(_message.Message):
         so `command` is absent) it is the only record of the submitter.
         """
 
+    @_builtins.property
+    def set(self) -> Global___SetConfig: ...
+    @_builtins.property
+    def action(self) -> Global___Action: ...
     def __init__(
         self,
         *,
@@ -1024,12 +1030,16 @@ class Outcome(_message.Message):
         completed_at_s: _builtins.float = ...,
         issuer: Global___Issuer | None = ...,
         run_id: _builtins.str = ...,
+        set: Global___SetConfig | None = ...,
+        action: Global___Action | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "issuer", b"issuer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "command", b"command", "issuer", b"issuer", "set", b"set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "command_id", b"command_id", "completed_at_s", b"completed_at_s", "issuer", b"issuer", "job", b"job", "published_at_s", b"published_at_s", "reason", b"reason", "results", b"results", "run_id", b"run_id", "status", b"status", "submitted_at_s", b"submitted_at_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "command", b"command", "command_id", b"command_id", "completed_at_s", b"completed_at_s", "issuer", b"issuer", "job", b"job", "published_at_s", b"published_at_s", "reason", b"reason", "results", b"results", "run_id", b"run_id", "set", b"set", "status", b"status", "submitted_at_s", b"submitted_at_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["set", "action"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 

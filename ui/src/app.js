@@ -211,11 +211,16 @@ function outcomeEntry(o) {
     status: o.status,
     reason: o.reason,
     seq: o.command?.seq,
-    issuer: o.command ? `${o.command.issuer.kind}${o.command.issuer.identity ? `:${o.command.issuer.identity}` : ""}` : "",
-    body: o.command ? describeBody(o.command.body) : "",
+    issuer: issuerText(o.command ? o.command.issuer : o.issuer),
+    body: describeBody(o.command ? o.command.body : o.attempted),
     ranks: Object.keys(ranks).length ? ranks : undefined,
     detail: detail || undefined,
   };
+}
+
+function issuerText(issuer) {
+  if (!issuer) return "";
+  return `${issuer.kind}${issuer.identity ? `:${issuer.identity}` : ""}`;
 }
 
 function onOutcome(o) {

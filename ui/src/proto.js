@@ -182,6 +182,9 @@ export function decodeOutcome(bytes) {
       branch: r.branch || "",
     })),
     command: command(o.command),
+    // A refused attempt (no command): who asked and what, as the weaver journaled it.
+    issuer: o.issuer ? { kind: o.issuer.kind || "", identity: o.issuer.identity || "" } : null,
+    attempted: body(o),
     submitted_at_s: o.submitted_at_s,
     completed_at_s: o.completed_at_s,
   };

@@ -61,6 +61,23 @@ test("outcome results decode per rank", () => {
   assert.deepEqual(d.command.body, { set: { lr: 1 } });
 });
 
+test("a refused attempt's outcome carries who asked and what, with no command", () => {
+  const o = pb.Outcome.encode(
+    pb.Outcome.create({
+      command_id: "c9",
+      job: "j",
+      status: pb.OutcomeStatus.OUTCOME_STATUS_REJECTED,
+      reason: "lr=-1 rejected",
+      issuer: pb.Issuer.create({ kind: "cli", identity: "ann@host" }),
+      set: pb.SetConfig.create({ values: { lr: pb.Value.create({ f: -1 }) } }),
+    }),
+  ).finish();
+  const d = decodeOutcome(o);
+  assert.equal(d.command, null);
+  assert.deepEqual(d.issuer, { kind: "cli", identity: "ann@host" });
+  assert.deepEqual(d.attempted, { set: { lr: -1 } });
+});
+
 test("a ProposalDecision carries the job, the proposal and the answer; its reply is a JobEvent", () => {
   const d = pb.ProposalDecision.decode(encodeProposalDecision({ job: "j", proposal_id: "abc", approve: true }));
   assert.deepEqual([d.job, d.proposal_id, d.approve], ["j", "abc", true]);

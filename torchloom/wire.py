@@ -327,6 +327,11 @@ def encode(msg: Any) -> bytes:
     return bytes(to_pb(msg).SerializeToString())
 
 
+# The largest command body (a config change's values, an action's arguments) the weaver sequences,
+# and the largest refused one it journals: a command reaches every rank and every journal read.
+BODY_MAX_BYTES = 16 * 1024
+
+
 def body_size(body: m.Body) -> int:
     """The bytes `body` (a config change or an action) takes on the wire."""
     out = pb.SubmitRequest()

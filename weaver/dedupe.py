@@ -22,9 +22,6 @@ from weaver.model import WeaverState
 # this is still answered from the journal by `torchloom journal --command ID`; a submit of it would
 # be sequenced again, which is why clients retry within a deadline, not forever.
 DECIDED_IDS = 10_000
-# A refused attempt's body is journaled with its refusal up to this size (what was asked); a larger
-# one is not (its reason still says why it was refused), so refusals cannot fill the journal.
-ATTEMPT_MAX_BYTES = 16 * 1024
 
 
 def lookup(state: WeaverState, command_id: str) -> Outcome | Command | None:
@@ -57,9 +54,10 @@ def refused_outcome(
     req: SubmitRequest, reason: str, now: float, *, job: str = "", run_id: str = ""
 ) -> Outcome:
     """The decision on a submit the weaver refused before sequencing it: REJECTED, no command, no
-    seq, with who asked, what they asked (the body, up to `ATTEMPT_MAX_BYTES`) and why (journaled
-    as such)."""
-    attempted = req.body if wire.body_size(req.body) <= ATTEMPT_MAX_BYTES else None
+    seq, with who asked, what they asked (the body, up to `wire.BODY_MAX_BYTES`: a larger one is
+    refused for its size, which the reason says, so refusals cannot fill the journal) and why
+    (journaled as such)."""
+    attempted = req.body if wire.body_size(req.body) <= wire.BODY_MAX_BYTES else None
     return Outcome(
         command_id=req.command_id or uuid.uuid4().hex,
         job=job or req.job,

@@ -1,5 +1,8 @@
 """How a command ends: acks folded in, final outcomes computed and settled, deadlines that pass first.
 
+An outcome carries every rank's answer, bounded (`RESULT_TEXT_MAX`, `RESULT_DETAIL_MAX`,
+`REASONS_LISTED`), so no rank's answer can make it too large to journal or to send a client.
+
 Pure: `final_outcome`, `rejection_reason`, `compute_outcome(pending, now)`, `timeout_outcome` (the
 command stays pending), `outcome_event` and `search_event`.
 
@@ -30,6 +33,31 @@ from weaver import health_policy as hp
 from weaver import registry as rg
 from weaver.model import JobState, Pending, WeaverState
 
+# What one rank's answer may put in an outcome, which every journal read and submit reply carries:
+# a rank's refusal may quote the value it refused, and an outcome has an answer from every rank.
+RESULT_TEXT_MAX = 1000  # characters of a rank's reason, and of each detail value
+RESULT_DETAIL_MAX = 16 * 1024  # characters of one rank's detail, keys and values together
+REASONS_LISTED = 8  # ranks whose reasons an outcome's own reason quotes
+
+
+def _cut(text: str, limit: int = RESULT_TEXT_MAX) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... (cut: {len(text)} characters)"
+
+
+def _detail(detail: Mapping[str, str]) -> dict[str, str]:
+    """A rank's detail as an outcome keeps it: each value cut to `RESULT_TEXT_MAX` characters, and
+    entries past `RESULT_DETAIL_MAX` characters in all left out (`detail_cut` says how many)."""
+    out: dict[str, str] = {}
+    used = 0
+    for key, value in detail.items():
+        key, value = _cut(key, 128), _cut(value)
+        used += len(key) + len(value)
+        if used > RESULT_DETAIL_MAX:
+            out["detail_cut"] = f"{len(detail) - len(out)} of {len(detail)} entries left out"
+            break
+        out[key] = value
+    return out
+
 
 def _results(pending: Pending) -> tuple[RankResult, ...]:
     return tuple(
@@ -37,10 +65,10 @@ def _results(pending: Pending) -> tuple[RankResult, ...]:
             rank=a.rank,
             status=a.status,
             step=a.step,
-            reason=a.reason,
+            reason=_cut(a.reason),
             received_at_s=a.received_at_s,
             decided_at_s=a.decided_at_s,
-            detail=dict(a.detail),
+            detail=_detail(a.detail),
             branch=a.branch,
         )
         for _, a in sorted(pending.acks.items())
@@ -59,6 +87,8 @@ def final_outcome(pending: Pending, status: OutcomeStatus, reason: str, now: flo
         submitted_at_s=pending.submitted_at_s,
         published_at_s=pending.published_at_s,
         completed_at_s=now,
+        issuer=pending.command.issuer,
+        run_id=pending.command.run_id,
     )
 
 
@@ -67,7 +97,9 @@ def rejection_reason(acks: Mapping[int, Ack]) -> str:
     followed a peer's refusal (`Ack.refused_by_peer`)."""
     rejected = [a for a in acks.values() if a.status is AckStatus.REJECTED]
     rejected.sort(key=lambda a: (a.refused_by_peer, a.rank))
-    return "; ".join(f"rank {a.rank}: {a.reason or 'rejected'}" for a in rejected)
+    text = "; ".join(f"rank {a.rank}: {_cut(a.reason or 'rejected')}" for a in rejected[:REASONS_LISTED])
+    more = len(rejected) - REASONS_LISTED
+    return text + (f"; and {more} more rank(s) (see each rank's result)" if more > 0 else "")
 
 
 def compute_outcome(pending: Pending, now: float) -> Outcome | None:

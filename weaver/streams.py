@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -372,6 +373,15 @@ class Outbox:
             item = self._queue[0]
             try:
                 await publish(item)
+            except nats.errors.MaxPayloadError as exc:
+                # Never storable, so never retried: it would hold every entry behind it forever.
+                # Outcomes are bounded (`weaver.outcomes`), so this is a server with a small max_payload.
+                log.error(
+                    "dropped a %d-byte message for %s that the server refuses: %s",
+                    len(item.payload),
+                    item.subject,
+                    exc,
+                )
             except Exception as exc:  # not stored: the weaver keeps going and tries again
                 log.warning("could not publish to %s (retrying in %.1fs): %s", item.subject, wait, exc)
                 await asyncio.sleep(wait)

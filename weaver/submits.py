@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import uuid
 
-from torchloom import knobs
+from torchloom import knobs, wire
+from torchloom.errors import CommandRejected
 from torchloom.messages import Action, Body, Command, Outcome, OutcomeStatus, SetConfig, SubmitRequest
 from weaver import registry as rg
 from weaver.liveness import resolve_job
@@ -71,8 +72,15 @@ def validate_body(job: JobState, body: Body) -> Body:
     Knob values come back typed; a rollback comes back with the resolved checkpoint id and path.
 
     Raises:
-        CommandRejected: an invalid knob assignment or action argument (see `registry.validate_action`).
+        CommandRejected: a body over `wire.BODY_MAX_BYTES`, an invalid knob assignment or action
+            argument (see `registry.validate_action`).
     """
+    size = wire.body_size(body)
+    if size > wire.BODY_MAX_BYTES:
+        raise CommandRejected(
+            f"command of {size} bytes rejected: a config change or action is at most "
+            f"{wire.BODY_MAX_BYTES} bytes (its values and arguments together)"
+        )
     if isinstance(body, SetConfig):
         typed = knobs.validate_set(knobs.schema_of(job.knobs), body.values)
         return SetConfig(values=typed)

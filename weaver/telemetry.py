@@ -127,7 +127,12 @@ class Telemetry:
             return
         if len(msg.data) > admission.MAX_MESSAGE_BYTES:
             self._refuse(
-                "heartbeat", "", "", f"heartbeat of {len(msg.data)} bytes on {msg.subject} refused", now
+                "heartbeat",
+                "",
+                "",
+                f"heartbeat of {len(msg.data)} bytes on {msg.subject} refused: at most "
+                f"{admission.MAX_MESSAGE_BYTES} bytes",
+                now,
             )
             return
         try:

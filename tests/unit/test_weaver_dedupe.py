@@ -84,9 +84,7 @@ def test_a_refusal_keeps_what_was_asked_through_the_wire_unless_it_is_too_large(
     assert decoded == out and decoded.attempted == SetConfig(values={"lr": -1.0})
     event = outcomes.outcome_event(out, 6.0)
     assert event.message == "set lr=-1.0: rejected (lr=-1 rejected)" and event.run_id == f.RUN
-    huge = SubmitRequest(
-        job=f.JOB, body=Action(kind=ActionKind.EVAL, args={"x": "y" * dedupe.ATTEMPT_MAX_BYTES})
-    )
+    huge = SubmitRequest(job=f.JOB, body=Action(kind=ActionKind.EVAL, args={"x": "y" * wire.BODY_MAX_BYTES}))
     big = dedupe.refused_outcome(huge, "too large", 5.0)
     assert big.attempted is None and wire.decode_outcome(wire.encode(big)).attempted is None
     assert outcomes.outcome_event(big, 6.0).message == "command: rejected (too large)"

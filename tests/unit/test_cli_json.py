@@ -87,6 +87,7 @@ def test_status_json_shape() -> None:
     assert job["ranks"][1]["knobs"] == {"betas": [0.9, 0.99], "lr": 0.1}
     assert job["ranks"][1]["last_heartbeat_s"] == 5.0
     assert job["ranks"][0]["state"] == "paused"
+    assert (job["ranks"][0]["health"], job["ranks"][0]["health_reason"]) == ("healthy", None)
     assert {"rank", "step", "knobs", "last_heartbeat_s"} <= set(job["ranks"][0])
 
 
@@ -102,6 +103,31 @@ def test_human_forms_mention_every_rank() -> None:
         now_s=100.0,
     )
     assert "demo" in table and "lr=0.5" in table
+    # A stopped rank still says "running"; its health is what the weaver concludes, with why.
+    stalled = cli.format_status(
+        StatusReply(
+            jobs=(
+                JobStatus(
+                    job="demo",
+                    world_size=2,
+                    ranks=(
+                        RankStatus(
+                            rank=0, step=7, health="waiting", health_reason="waiting on rank 1 (dead)"
+                        ),
+                        RankStatus(
+                            rank=1, step=7, alive=False, health="dead", health_reason="no heartbeat for 0.8 s"
+                        ),
+                    ),
+                ),
+            )
+        ),
+        now_s=100.0,
+    )
+    assert (
+        "  rank 0 waiting: waiting on rank 1 (dead)" in stalled
+        and "  rank 1 dead: no heartbeat for 0.8 s" in stalled
+    )
+    assert [line.split()[4] for line in stalled.splitlines()[2:4]] == ["waiting", "dead"]
     assert "no jobs" in cli.format_status(StatusReply())
 
 

@@ -74,6 +74,8 @@ def status_json(reply: StatusReply) -> dict[str, Any]:
                         "step": r.step,
                         "state": str(r.state),
                         "alive": r.alive,
+                        "health": r.health,  # healthy, dead, hung, waiting, ... (`rank_health`)
+                        "health_reason": r.health_reason or None,
                         "knobs": {name: json_value(v) for name, v in sorted(r.knobs.items())},
                         "last_heartbeat_s": r.last_heartbeat_s,
                         "host": r.host,
@@ -114,13 +116,19 @@ def format_status(reply: StatusReply, *, now_s: float | None = None) -> str:
         out.append(
             f"job {job.job}  run {job.run_id or '-'}  world_size {job.world_size}  last_seq {job.last_seq}"
         )
-        out.append(f"  {'rank':>4}  {'step':>8}  {'state':<8}  {'alive':<5}  {'heartbeat':<12}  knobs")
-        for r in sorted(job.ranks, key=lambda r: r.rank):
+        out.append(
+            f"  {'rank':>4}  {'step':>8}  {'state':<8}  {'alive':<5}  {'health':<9}  {'heartbeat':<12}  knobs"
+        )
+        ranks = sorted(job.ranks, key=lambda r: r.rank)
+        for r in ranks:
             knob_text = " ".join(f"{k}={_format_value(json_value(v))}" for k, v in sorted(r.knobs.items()))
             out.append(
                 f"  {r.rank:>4}  {r.step:>8}  {r.state!s:<8}  {'yes' if r.alive else 'NO':<5}  "
-                f"{_age(r.last_heartbeat_s, now):<12}  {knob_text}"
+                f"{r.health:<9}  {_age(r.last_heartbeat_s, now):<12}  {knob_text}"
             )
+        # Why a rank is not healthy: the state is what the rank last said, its health what the
+        # weaver concludes now (a stopped rank still says "running").
+        out += [f"  rank {r.rank} {r.health}: {r.health_reason}" for r in ranks if r.health_reason]
     return "\n".join(out)
 
 

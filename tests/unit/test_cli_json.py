@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from torchloom.app import cli, submit_cmd
 from torchloom.messages import (
@@ -143,3 +145,25 @@ def test_watch_lines_and_metrics_rate_limit() -> None:
     assert limiter.allow(m1, 10.5)  # per rank
     assert limiter.allow(ev, 10.5)  # events are never dropped
     assert limiter.allow(m0, 11.0)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`torchloom journal | head -3`: the pipe closes under the printing command; the CLI exits
+    141 (SIGPIPE's status) without a traceback, and its exit flush does not fail either."""
+    script = (
+        "import sys\n"
+        "from torchloom.app import cli\n"
+        "def many(args):\n"
+        "    for i in range(200000):\n"
+        "        print('line', i)\n"
+        "    return 0\n"
+        "cli._run_command = many\n"
+        "sys.exit(cli.main(['status']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away after one line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == cli.EXIT_BROKEN_PIPE, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -56,6 +56,9 @@ from torchloom.policy import PolicyMode
 WATCH_METRICS_INTERVAL_S = 1.0  # at most one metrics line per rank per interval
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a process ended by SIGPIPE
+
+
 # ---- JSON shapes (pure) --------------------------------------------------------------------------
 
 
@@ -555,6 +558,17 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `torchloom` command; returns the process exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`torchloom journal | head`): what was done is done. Say nothing
+        # more, and keep Python's own flush at exit from failing on the closed pipe as well.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run" and not ({"-h", "--help"} & set(argv[1:2])):
         return run_cmd.main_run(argv[1:])

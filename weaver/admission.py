@@ -12,11 +12,12 @@ second, not one per message).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from torchloom import naming, subjects
-from torchloom.messages import Ack, Heartbeat, JobEvent, StepMetrics
+from torchloom.messages import Ack, Heartbeat, JobEvent, StepMetrics, SubmitRequest
 from weaver.liveness import is_alive
 from weaver.model import JobState, WeaverState
 
@@ -25,6 +26,33 @@ WEAVER_JOB = "_weaver"
 MAX_KNOBS = 256
 # A real heartbeat is a few KiB (knob schema, device health); anything far larger is refused unread.
 MAX_MESSAGE_BYTES = 256 * 1024
+
+
+# A client's command id names its command across retries (the CLI and the page send a uuid4 hex;
+# a UUID with dashes fits too); an issuer kind says which kind of client it is ("cli", "ui", ...).
+COMMAND_ID_FORM = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+ISSUER_KIND_FORM = re.compile(r"[A-Za-z0-9_.-]{0,32}")  # empty: a client that did not say
+
+
+def issuer_kind_bad(req: SubmitRequest) -> bool:
+    return not ISSUER_KIND_FORM.fullmatch(req.issuer.kind)
+
+
+def check_submit(req: SubmitRequest) -> str | None:
+    """Why a submit's own fields are unusable (a command id or issuer kind that is not of the
+    documented form, which the journal and every terminal would carry), or None when they fit."""
+    if req.command_id and not COMMAND_ID_FORM.fullmatch(req.command_id):
+        return (
+            f"command_id {req.command_id[:40]!r}{'...' if len(req.command_id) > 40 else ''} "
+            f"({len(req.command_id)} characters) rejected: expected 1 to 64 characters from A-Z, a-z, "
+            "0-9 and '_.:-' (the CLI sends a uuid4 hex), or empty for one the weaver makes"
+        )
+    if issuer_kind_bad(req):
+        return (
+            f"issuer kind {req.issuer.kind[:40]!r}{'...' if len(req.issuer.kind) > 40 else ''} rejected: "
+            "expected at most 32 characters from A-Z, a-z, 0-9 and '_.-' (e.g. cli, ui, agent)"
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

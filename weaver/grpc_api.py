@@ -228,6 +228,41 @@ async def _answer(context: grpc.aio.ServicerContext[Any, _T], call: Callable[[],
 
 
 def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
+    async def malformed(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: ValueError) -> None:
+        """Refuse a request that does not parse as its message (INVALID_ARGUMENT, journaled as a
+        rate-limited "refused" event), instead of gRPC's UNKNOWN and a traceback in the log."""
+        caller = _CALLER.get()
+        why = f"malformed {method} request: {exc}"
+        weaver.refuse_call(
+            f"gRPC {method} from {caller.identity} refused: {why}",
+            key=f"grpc-malformed {method}",
+            who=caller.identity,
+            method=method,
+            why=why,
+        )
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
+
+    def unary(method: str, decode: Callable[[bytes], Any], handler: Callable[..., Any]) -> Any:
+        async def call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                req = decode(request)
+            except ValueError as exc:
+                await malformed(context, method, exc)
+            return await handler(req, context)
+
+        return grpc.unary_unary_rpc_method_handler(call, response_serializer=wire.encode)
+
+    def streaming(method: str, decode: Callable[[bytes], Any], handler: Callable[..., Any]) -> Any:
+        async def call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                req = decode(request)
+            except ValueError as exc:
+                await malformed(context, method, exc)
+            async for ev in handler(req, context):
+                yield ev
+
+        return grpc.unary_stream_rpc_method_handler(call, response_serializer=wire.encode_watch_event)
+
     async def submit(
         req: SubmitRequest, context: grpc.aio.ServicerContext[SubmitRequest, Outcome]
     ) -> Outcome:
@@ -321,37 +356,15 @@ def _handlers(weaver: ControlBackend) -> grpc.GenericRpcHandler[object, object]:
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
-            "Submit": grpc.unary_unary_rpc_method_handler(
-                submit, request_deserializer=wire.decode_submit_request, response_serializer=wire.encode
-            ),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                status, request_deserializer=wire.decode_status_request, response_serializer=wire.encode
-            ),
-            "Watch": grpc.unary_stream_rpc_method_handler(
-                watch,
-                request_deserializer=wire.decode_watch_request,
-                response_serializer=wire.encode_watch_event,
-            ),
-            "Journal": grpc.unary_stream_rpc_method_handler(
-                journal,
-                request_deserializer=wire.decode_journal_request,
-                response_serializer=wire.encode_watch_event,
-            ),
-            "SetPolicy": grpc.unary_unary_rpc_method_handler(
-                set_policy, request_deserializer=wire.decode_policy_request, response_serializer=wire.encode
-            ),
-            "GetPolicy": grpc.unary_unary_rpc_method_handler(
-                get_policy, request_deserializer=wire.decode_policy_request, response_serializer=wire.encode
-            ),
-            "DecideProposal": grpc.unary_unary_rpc_method_handler(
-                decide_proposal,
-                request_deserializer=wire.decode_proposal_decision,
-                response_serializer=wire.encode,
-            ),
-            "ReportAgentRefusal": grpc.unary_unary_rpc_method_handler(
-                report_agent_refusal,
-                request_deserializer=wire.decode_agent_refusal,
-                response_serializer=wire.encode,
+            "Submit": unary("Submit", wire.decode_submit_request, submit),
+            "Status": unary("Status", wire.decode_status_request, status),
+            "Watch": streaming("Watch", wire.decode_watch_request, watch),
+            "Journal": streaming("Journal", wire.decode_journal_request, journal),
+            "SetPolicy": unary("SetPolicy", wire.decode_policy_request, set_policy),
+            "GetPolicy": unary("GetPolicy", wire.decode_policy_request, get_policy),
+            "DecideProposal": unary("DecideProposal", wire.decode_proposal_decision, decide_proposal),
+            "ReportAgentRefusal": unary(
+                "ReportAgentRefusal", wire.decode_agent_refusal, report_agent_refusal
             ),
         },
     )

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from torchloom import bus, signing, subjects
 from torchloom.errors import CommandRejected, JobNotFound, NatsUnavailable
 from torchloom.messages import Command, Outcome, SubmitRequest
-from weaver import dedupe, liveness, outcomes, recovery, submits
+from weaver import admission, dedupe, liveness, outcomes, recovery, submits
 from weaver.config import WeaverConfig
 from weaver.metrics import WeaverMetrics
 from weaver.model import WeaverState
@@ -146,6 +146,15 @@ class SubmitPath:
         """
         submitted = time.time()
         self.metrics.observe_submit(req)
+        malformed = admission.check_submit(req)
+        if malformed is not None:
+            # Journaled under an id and kind of the weaver's: those given may be anything (escapes,
+            # 100 KB); the reason quotes their start.
+            issuer = (
+                dataclasses.replace(req.issuer, kind="?") if admission.issuer_kind_bad(req) else req.issuer
+            )
+            bad = dataclasses.replace(req, command_id=uuid.uuid4().hex, issuer=issuer)
+            return self.refuse(bad, malformed, submitted, job=req.job)
         if not req.command_id:
             req = dataclasses.replace(req, command_id=uuid.uuid4().hex)
         timeout_s = req.timeout_s if req.timeout_s > 0 else self.config.command_timeout_s

@@ -273,3 +273,58 @@ async def test_tls_serves_and_plaintext_clients_fail(
         async with ControlClient(w.grpc_address, timeout_s=2.0) as plain:
             with pytest.raises(WeaverUnavailable):
                 await plain.status()
+
+
+async def test_malformed_requests_and_ids_are_refused_naming_the_form_and_journaled(
+    nats_server: EmbeddedNats, tl_home: Path
+) -> None:
+    """A request that does not parse is INVALID_ARGUMENT naming what was wrong (it was gRPC's
+    UNKNOWN with a traceback in the weaver's log), and journaled; a command id or issuer kind outside
+    the documented form is REJECTED under an id of the weaver's (it was accepted as is: 100 KB ids,
+    terminal escapes that `torchloom journal` printed raw)."""
+    from torchloom.v1 import torchloom_pb2 as pb
+
+    async with open_weaver(weaver_config(nats_server)) as w:
+        _, token = tokens.add_agent("tester", tokens.default_path())
+        auth = (("authorization", f"Bearer {token}"),)
+        empty_value = pb.SubmitRequest(job=JOB)
+        empty_value.set.values["lr"].SetInParent()  # a Value with no kind set
+        async with grpc.aio.insecure_channel(w.grpc_address) as channel:
+            submit = channel.unary_unary(f"/{SERVICE}/Submit")
+            journal = channel.unary_stream(f"/{SERVICE}/Journal")
+            for call, payload in (
+                (submit, empty_value.SerializeToString()),
+                (submit, pb.SubmitRequest(job=JOB).SerializeToString()),  # no body
+                (submit, b"\xff\xff\xff"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(payload, metadata=auth, timeout=5)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+                assert (err.value.details() or "").startswith("malformed Submit request: "), err.value
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in journal(b"\xff\xff\xff", metadata=auth, timeout=5):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (err.value.details() or "").startswith("malformed Journal request: ")
+        # Journaled, rate-limited per method: Submit's first refusal and Journal's.
+        await until(
+            "the malformed calls journaled", lambda: _count_at_least(lambda: _refused_with(w, "malformed"), 2)
+        )
+
+        async with ControlClient(w.grpc_address) as client:
+            for command_id in ("bad id\x1b[31m", "x" * 100_000):
+                out = await client.submit(
+                    SubmitRequest(job=JOB, body=SetConfig(values={"lr": 0.5}), command_id=command_id)
+                )
+                assert out.status.value == "rejected" and out.command_id != command_id
+                assert "expected 1 to 64 characters from A-Z, a-z, 0-9 and '_.:-'" in out.reason, out.reason
+                assert len(out.reason) < 400 and "\x1b" not in out.reason  # quoted, escaped
+            odd = await client.submit(
+                SubmitRequest(job=JOB, body=SetConfig(values={"lr": 0.5}), issuer=Issuer(kind="k" * 5000))
+            )
+            assert odd.status.value == "rejected" and "issuer kind" in odd.reason
+            assert odd.issuer is not None and odd.issuer.kind == "?"
+
+
+async def _refused_with(w: RunningWeaver, why: str) -> list[JobEvent]:
+    return [e for e in await refused_events(w) if why in e.attrs.get("why", "")]

@@ -1060,7 +1060,9 @@ class SubmitRequest(_message.Message):
     """how long to wait for every rank; 0: the weaver's default"""
     command_id: _builtins.str
     """Client-chosen id (a uuid4 hex) naming this command across retries: the weaver decides a command
-    id once; a repeat returns that decision, never a second command. Empty: the weaver makes one.
+    id once; a repeat returns that decision, never a second command, whatever body the repeat
+    carries (the answer's `command` says what was decided). Empty: the weaver makes one. At most 64
+    characters from A-Z a-z 0-9 _ . : - (else REJECTED under an id of the weaver's).
     """
     reason: _builtins.str
     """The issuer's free-text reason (an agent's model says why): journaled with an agent's proposal,
@@ -1378,7 +1380,7 @@ class JournalRequest(_message.Message):
     run_id: _builtins.str
     """empty: every run"""
     command_id: _builtins.str
-    """empty: every entry; else only that command's outcome (and its event)"""
+    """empty: every entry; else only that command's outcome (no events)"""
     def __init__(
         self,
         *,

@@ -27,7 +27,7 @@ from threadlet.config import ThreadletConfig
 from threadlet.link import Link
 from threadlet.optim_knobs import Applier, Getter, KnobBoard, TrainingKnobs, Validator, knob_type
 from threadlet.reports import Outbox, Reporter
-from threadlet.state import Decided, RankContext, TrainingState
+from threadlet.state import Decided, Filed, RankContext, TrainingState, mark_superseded
 from threadlet.update_ratio import SPEC as UPDATE_RATIO_SPEC
 from threadlet.update_ratio import UpdateRatio
 from torchloom import naming, replay_file
@@ -523,19 +523,32 @@ class Threadlet:
         # rollback in the batch moved it: a replay finds them all at that one position.
         decided_at_s = time.time()
         step, branch = self._state.step_count, self._state.branch
-        for filed, verdict in batch:
+        done: list[Decided] = []
+        held: set[int] = set()  # sets a later set of this batch may replace: acked once it ran
+        for i, (filed, verdict) in enumerate(batch):
             decided = self._runner.carry_out(filed, verdict, step=step, branch=branch)
+            done.append(decided)
+            if decided.applied and decided.kind == "set" and _set_again(decided, batch[i + 1 :]):
+                held.add(i)
+            elif ack:
+                self._ack(filed, verdict, decided, decided_at_s)
+        if held:
+            done = mark_superseded(done)  # a value replaced at this same boundary: no step used it
+        for i, decided in enumerate(done):
             self.applied.append(decided)
             if decided.applied and any(k.split("@", 1)[0] == "lr" for k in decided.values):
                 self._last_lr_set = decided
-            if ack:
-                self._reporter.ack(
-                    decided,
-                    received_at_s=filed.received_at_s,
-                    decided_at_s=decided_at_s,
-                    refused_by_peer=verdict is Verdict.REJECT_OTHER,
-                )
+            if ack and i in held:
+                self._ack(*batch[i], decided, decided_at_s)
         self._reporter.status_due()
+
+    def _ack(self, filed: Filed, verdict: Verdict, decided: Decided, decided_at_s: float) -> None:
+        self._reporter.ack(
+            decided,
+            received_at_s=filed.received_at_s,
+            decided_at_s=decided_at_s,
+            refused_by_peer=verdict is Verdict.REJECT_OTHER,
+        )
 
     def _exit_after_stop(self) -> NoReturn:
         """End this rank cleanly after a decided stop: close, leave the agreement group together
@@ -566,6 +579,16 @@ class Threadlet:
                 self._probe.close()
             except Exception as exc:
                 log.debug("device probe close: %r", exc)
+
+
+def _set_again(decided: Decided, rest: Batch) -> bool:
+    """Whether a command agreed later in the same batch sets one of `decided`'s knobs again (any
+    group: `mark_superseded` then says exactly which keys it replaced, once it ran)."""
+    names = {key.split("@", 1)[0] for key in decided.values}
+    return any(
+        verdict is Verdict.APPLY and any(key.split("@", 1)[0] in names for key in filed.values)
+        for filed, verdict in rest
+    )
 
 
 def _destroy_default_group() -> None:

@@ -4,10 +4,11 @@ receipt (`Filed`) and a command decided at a step boundary (`Decided`, the entri
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Self
@@ -149,3 +150,28 @@ class Decided:
             "args": dict(self.args),
             "detail": dict(self.detail),
         }
+
+
+# Ack detail of a `set` whose values another `set` decided at the same boundary replaced: no step
+# ran with them ("lr by #6, weight_decay by #7").
+SUPERSEDED_BY = "superseded_by"
+
+
+def mark_superseded(batch: Sequence[Decided]) -> list[Decided]:
+    """The decisions of one boundary, in seq order, with `SUPERSEDED_BY` added to every applied
+    `set` whose values a later applied `set` of the same boundary replaced (the same key, or the
+    same knob for all groups): the value was in effect for no step, and its ack says so."""
+    out = list(batch)
+    for i, d in enumerate(out):
+        if not (d.applied and d.kind == "set"):
+            continue
+        by: dict[str, int] = {}
+        for later in out[i + 1 :]:
+            if later.applied and later.kind == "set":
+                for key in d.values:
+                    if key not in by and (key in later.values or key.split("@", 1)[0] in later.values):
+                        by[key] = later.seq
+        if by:
+            note = ", ".join(f"{key} by #{seq}" for key, seq in sorted(by.items()))
+            out[i] = dataclasses.replace(d, detail={**d.detail, SUPERSEDED_BY: note})
+    return out

@@ -100,3 +100,27 @@ def test_rollback_to_a_missing_checkpoint_is_refused_with_the_path(tmp_path: Pat
             tl.applied[0].reason == f"rank 0 refused: checkpoint path {missing} does not exist on this rank"
         )
         assert tl.branch == "main" and tl.step_count == 2
+
+
+def test_a_value_replaced_at_the_same_boundary_says_no_step_used_it() -> None:
+    """Three `set`s decided at one boundary: the optimizer ends with the last one's values, and the
+    earlier ones' acks say which of their keys a later one replaced (a tester's six concurrent sets
+    were each acked 'lr in effect' though only the last was ever used)."""
+    model = nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    tl = threadlet.attach(model=model, optimizer=opt, config=local_config())
+    try:
+        tl.step()
+        for cmd in (
+            set_config(1, lr=0.01, weight_decay=0.5),
+            set_config(2, lr=0.02),
+            set_config(3, weight_decay=0.25),
+        ):
+            tl._agreement.file(cmd, time.time())
+        tl.step()
+        assert len({a.step for a in tl.applied}) == 1  # one boundary
+        got = {a.seq: a.detail.get("superseded_by") for a in tl.applied}
+        assert got == {1: "lr by #2, weight_decay by #3", 2: None, 3: None}
+        assert (opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]) == (0.02, 0.25)
+    finally:
+        tl.close()

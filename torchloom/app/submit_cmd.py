@@ -10,20 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from torchloom import discovery
 from torchloom.app import actions as cli_actions
 from torchloom.app import format as cli_format
+from torchloom.app import lookup
 from torchloom.app.interrupt import run_until_interrupted
-from torchloom.app.lookup import NO_WEAVER_HELP, weaver_address
+from torchloom.app.lookup import NO_WEAVER_HELP
 from torchloom.client import SubmitResult, submit_until
+from torchloom.errors import WeaverUnavailable
 from torchloom.messages import AckStatus, Body, Outcome, OutcomeStatus, SubmitRequest
 
 EXIT_OK = 0
 EXIT_REJECTED = 2
 EXIT_TIMEOUT = 3  # not known yet: still in flight, or no answer came; the command id is printed
 EXIT_NO_WEAVER = 4  # no weaver reachable and nothing was submitted
+_MIN_ATTEMPT_S = 0.1  # the least time a submit gets once a weaver is announced
 
 
 def outcome_json(outcome: Outcome) -> dict[str, Any]:
@@ -81,13 +85,25 @@ async def submit(grpc: str | None, body: Body, *, job: str, timeout_s: float) ->
     """Submit a command under a fresh command id and retry it through weaver and NATS restarts
     until an answer or `timeout_s` (the weaver decides the id once, so a retry never doubles it).
 
+    A running job's control plane that is gone and being restarted (a live lease, no weaver
+    announced) is waited for within `timeout_s`.
+
     Raises:
-        WeaverUnavailable: no weaver is known at all (nothing was submitted).
+        WeaverUnavailable: no weaver is known and no job runs (at once), or the running job's control
+            plane did not come back within `timeout_s`; nothing was submitted either way.
     """
-    weaver_address(grpc)  # fail at once, with the help text, when no weaver was ever started
+    start = time.monotonic()
+    await lookup.find_weaver(grpc, wait_s=timeout_s)
+    # What the wait left (a weaver announced at the deadline still gets one short attempt).
+    left = max(_MIN_ATTEMPT_S, timeout_s - (time.monotonic() - start))
     request = SubmitRequest(body=body, job=job, issuer=cli_actions.cli_issuer(), timeout_s=timeout_s)
     # Re-read the discovery file on every attempt: a restarted control plane may use other ports.
-    return await submit_until(request, lambda: discovery.resolve_grpc(grpc), deadline_s=timeout_s)
+    result = await submit_until(request, lambda: discovery.resolve_grpc(grpc), deadline_s=left)
+    leases = [] if result.outcome is not None or result.reached else lookup.restarting_jobs(grpc)
+    if leases:  # no weaver reached while a job runs: its control plane is not back, not "start a job"
+        waited = round(time.monotonic() - start, 1)
+        raise WeaverUnavailable(f"{lookup.not_back_message(leases, waited)} (last error: {result.error})")
+    return result
 
 
 def report(result: SubmitResult, as_json: bool) -> int:

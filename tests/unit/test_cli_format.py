@@ -328,3 +328,14 @@ def test_replay_needs_one_job_or_a_choice() -> None:
     assert cli_format.replay_from_journal(entries, "b")["commands"][0]["step"] == 9
     with pytest.raises(ValueError, match="no command of job 'c'"):
         cli_format.replay_from_journal(entries, "c")
+
+
+def test_control_characters_from_the_bus_are_shown_escaped_not_sent_to_the_terminal() -> None:
+    from torchloom.app import cli
+
+    ev = JobEvent(job="demo", kind="refused", message="forged \x1b]0;pwned\x07 title\nnext", time_s=1.0)
+    got = cli_format.journal_entry_json(ev)
+    assert got is not None
+    line = cli_format.format_journal_entry(got)
+    assert line == "event   demo refused: forged \\x1b]0;pwned\\x07 title\\nnext"
+    assert cli.format_watch_event(ev) == line and "é" in cli_format.printable("é")

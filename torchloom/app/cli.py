@@ -136,7 +136,11 @@ def format_status(reply: StatusReply, *, now_s: float | None = None) -> str:
 
 
 def format_watch_event(event: WatchEvent) -> str:
-    """Return one terminal line for a watch event."""
+    """Return one terminal line for a watch event (control characters escaped)."""
+    return cli_format.printable(_watch_line(event))
+
+
+def _watch_line(event: WatchEvent) -> str:
     if isinstance(event, StepMetrics):
         values = " ".join(f"{k}={v:.6g}" for k, v in sorted(event.values.items()))
         return f"metrics {event.job} rank {event.rank} step {event.step} {values}".rstrip()

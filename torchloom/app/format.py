@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -303,8 +304,23 @@ def journal_entry_json(entry: WatchEvent) -> dict[str, Any] | None:
     }
 
 
+# C0 and C1 control characters (not the space): a terminal would act on them (colors, cursor moves,
+# titles), so text from the bus (a reason, a message, a metric name) is shown escaped instead.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character (newlines too) shown as its escape, e.g. `\\x1b`."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def format_journal_entry(item: Mapping[str, Any]) -> str:
-    """Return one terminal line for a journal entry built by `journal_entry_json`."""
+    """Return one terminal line for a journal entry built by `journal_entry_json` (control
+    characters escaped: `printable`)."""
+    return printable(_journal_line(item))
+
+
+def _journal_line(item: Mapping[str, Any]) -> str:
     if item["type"] == "event":
         text = f"event   {item['job']} {item['kind']}: {item['message']}".rstrip(": ")
         return f"{text} [{item['command_id']}]" if item.get("command_id") else text

@@ -37,13 +37,15 @@ def restarting_jobs(grpc: str | None) -> list[runs.Lease]:
 
 
 def _jobs(leases: list[runs.Lease]) -> str:
-    return ", ".join(f"{lease.job} (launcher pid {lease.pid})" for lease in leases)
+    """`job NAME (launcher pid N)`, or `jobs A (...), B (...)` for several."""
+    named = ", ".join(f"{lease.job} (launcher pid {lease.pid})" for lease in leases)
+    return f"job{'s' if len(leases) > 1 else ''} {named}"
 
 
 def not_back_message(leases: list[runs.Lease], waited_s: float) -> str:
     """What a command says when the control plane of the running jobs `leases` did not come back."""
     return (
-        f"the control plane of the running job {_jobs(leases)} did not come back within {waited_s:g} s; "
+        f"the control plane of the running {_jobs(leases)} did not come back within {waited_s:g} s; "
         "the command was not sent"
     )
 
@@ -76,7 +78,7 @@ class _Search:
         if not self.told:
             self.told = True
             print(
-                f"torchloom: the control plane of the running job {_jobs(leases)} is gone and being "
+                f"torchloom: the control plane of the running {_jobs(leases)} is gone and being "
                 f"restarted: waiting up to {self.wait_s:g} s for it",
                 file=sys.stderr,
                 flush=True,
@@ -100,7 +102,8 @@ def weaver_address(grpc: str | None, *, wait_s: float | None = None) -> str:
         addr = search.attempt()
         if addr is not None:
             return addr
-        time.sleep(_POLL_S)  # a file poll: the launcher's keeper writes no event this process could wait on
+        # A file poll: the launcher's keeper sends no event this process could wait on.
+        time.sleep(_POLL_S)
 
 
 async def find_weaver(grpc: str | None, *, wait_s: float) -> str:
@@ -114,6 +117,4 @@ async def find_weaver(grpc: str | None, *, wait_s: float) -> str:
         addr = search.attempt()
         if addr is not None:
             return addr
-        await asyncio.sleep(
-            _POLL_S
-        )  # a file poll: the launcher's keeper writes no event this process could wait on
+        await asyncio.sleep(_POLL_S)  # a file poll, as in weaver_address

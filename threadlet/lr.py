@@ -20,7 +20,7 @@ overwrites it, `LrControl.overwritten` reports it (the front asks at most every 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -125,6 +125,18 @@ def _driven_by_a_scheduler(optimizer: Any) -> bool:
     return bool(getattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched", False))
 
 
+# A factor on the rest of a schedule from which the ack warns what the schedule's high point becomes.
+STEEP_SCALE = 5.0
+
+
+def _configured_peak(group: Mapping[str, Any]) -> float | None:
+    """The highest lr the schedule was configured with for `group`, as far as the group records it
+    (`max_lr` of OneCycleLR and CyclicLR, else `initial_lr`, the base every other scheduler starts
+    from and returns to), or None."""
+    values = [v for k in ("max_lr", "initial_lr") if isinstance(v := group.get(k), (int, float))]
+    return float(max(values)) if values else None
+
+
 class LrControl:
     """Sets one optimizer's lr per parameter group with the semantics of the module docstring.
     Training thread only.
@@ -194,12 +206,26 @@ class LrControl:
             mode = LrMode.NOT_GIVEN
         out = {"lr_schedule": mode.value}
         scale = self._scale() if mode is LrMode.SCALED else []
+        steep: list[str] = []
         for i in indices:
             out[f"lr@{names[i]}"] = repr(read(self._groups[i]))
             if scale:
                 out[f"lr_scale@{names[i]}"] = repr(scale[i])
+                peak = _configured_peak(self._groups[i])
+                if scale[i] >= STEEP_SCALE and peak is not None:
+                    steep.append(
+                        f"{names[i]}: x{scale[i]:.3g}, so its configured {peak:.3g} "
+                        f"becomes {peak * scale[i]:.3g}"
+                    )
         if mode is LrMode.NOT_GIVEN:
             out["warning"] = f"a scheduler the threadlet was not given drives this optimizer: {FIX}"
+        elif steep:
+            # A set near a schedule's low point (the end of a cosine cycle, a warmup's start) gives a
+            # large factor, and the schedule's next high point (a warm restart, a warmup's end) runs at it.
+            out["warning"] = (
+                f"the rest of the schedule runs scaled ({'; '.join(steep)}) wherever it returns to its "
+                "configured lr (a warm restart, a warmup's end); set lr again there if that is too high"
+            )
         return out
 
     def overwritten(self) -> list[tuple[int, float, float]]:

@@ -276,6 +276,26 @@ def test_a_scheduler_not_given_is_named_in_the_ack_and_noticed_when_it_overwrite
     assert board.lr_overwritten() == []  # reported once
 
 
+def test_a_large_factor_warns_what_the_schedules_high_point_becomes_and_it_does() -> None:
+    """A tester set lr near the end of a warm-restart cycle: the factor was 22.6 and every restart
+    then ran at 22x the configured lr, with no word of it in the ack. The ack now says what the
+    configured lr becomes, and the restart shows it is true; a set at an ordinary point says nothing."""
+    opt = make_optimizer()  # body 0.1, head 0.05
+    sched = sch.CosineAnnealingWarmRestarts(opt, T_0=10)
+    board = KnobBoard(opt, sched)
+    for _ in range(9):  # the cycle's last step: the schedule is near 0
+        step(opt, sched)
+    detail = board.apply({"lr@head": 0.02})
+    factor = float(detail["lr_scale@head"])
+    assert factor > lr.STEEP_SCALE
+    assert f"head: x{factor:.3g}, so its configured 0.05 becomes {0.05 * factor:.3g}" in detail["warning"]
+    step(opt, sched)  # the warm restart
+    assert lrs(opt)[1] == pytest.approx(0.05 * factor)
+    opt2 = make_optimizer()
+    calm = KnobBoard(opt2, sch.StepLR(opt2, step_size=100))
+    assert "warning" not in calm.apply({"lr": 0.2})  # x2 and x4: nothing to warn
+
+
 def test_without_any_scheduler_the_value_stays() -> None:
     opt = make_optimizer()
     board = KnobBoard(opt)

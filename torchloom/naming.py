@@ -10,6 +10,9 @@ MAIN_BRANCH = "main"  # the branch a run starts on; each rollback starts `b<seq>
 # The JobEvent kind a launcher publishes when `torchloom run` got SIGTERM/SIGINT (attr `signal`): the
 # run is ending on purpose, so the weaver orders no restart or health command for it.
 RUN_STOPPING = "run_stopping"
+# The JobEvent kind a launcher publishes once its run ended, whatever the end (attrs: `exit_status`,
+# and when torchrun knows it the first failed rank's `failed_*`): the weaver stops calling its ranks running.
+RUN_ENDED = "run_ended"
 # A follow-up ack whose detail has ACK_NOTICE reports something that went wrong with its command after
 # it was decided: detail[ACK_NOTICE] is the notice kind, detail[ACK_NOTICE_MESSAGE] says what and how
 # to fix it. The weaver journals each as a JobEvent of the same kind, naming the rank and command.

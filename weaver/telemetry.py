@@ -1,6 +1,7 @@
 """What the ranks and launchers report to the weaver over core NATS: heartbeats (folded into the state
 by `weaver.liveness`, after `weaver.admission` checked them), step metrics (for watchers, Prometheus
-and the autopilot; read at a bounded rate when nobody watches) and a launcher's run-stopping event.
+and the autopilot; read at a bounded rate when nobody watches) and a launcher's run-stopping and
+run-ended events.
 
 Heartbeats and metrics arrive on the weaver's telemetry connection; the handlers never block: slow
 work (storing a knob schema, reading a new run's commands, making a rank's consumer) is spawned in
@@ -9,6 +10,7 @@ the weaver's TaskGroup.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -17,7 +19,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from torchloom import bus, naming, subjects, wire
-from torchloom.messages import Heartbeat, JobEvent, KnobSpec, Outcome, WatchEvent
+from torchloom.messages import Heartbeat, JobEvent, KnobSpec, Outcome, RankState, WatchEvent
 from weaver import admission, health_plan, knob_schemas, liveness
 from weaver.config import WeaverConfig
 from weaver.metrics import WeaverMetrics
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 METRICS_SAMPLE_S = 1.0
 METRICS_SAMPLED_MAX = 65_536  # subjects remembered for that (a flood of made-up ranks starts it over)
 
-__all__ = ["METRICS_SAMPLED_MAX", "METRICS_SAMPLE_S", "Telemetry", "heartbeat_subject"]
+__all__ = ["METRICS_SAMPLED_MAX", "METRICS_SAMPLE_S", "Telemetry", "heartbeat_subject", "mark_run_ended"]
 
 
 def heartbeat_subject(subject: str, prefix: str) -> bool:
@@ -41,6 +43,27 @@ def heartbeat_subject(subject: str, prefix: str) -> bool:
     `*.*`): what `subjects.matches(subjects.heartbeats_all(), subject)` answers, in a fifth of its
     time, for the heartbeat path's first test (a False still goes to the full test)."""
     return subject.startswith(prefix) and subject.count(".", len(prefix)) == 1
+
+
+def mark_run_ended(state: WeaverState, event: JobEvent) -> tuple[int, ...]:
+    """Mark every rank of the run a launcher's `naming.RUN_ENDED` event names as finished, so status
+    stops calling the ranks of a run that is over running (their processes are gone). The event
+    counts for the job's current run or a torchrun restart inside it; anything else is stale.
+
+    Returns:
+        The ranks marked (none when the event is not an end, names no run the weaver follows, or
+        every rank had finished already).
+    """
+    job = state.jobs.get(event.job)
+    if event.kind != naming.RUN_ENDED or job is None or not naming.is_attempt_of(job.run_id, event.run_id):
+        return ()
+    marked = []
+    for rank, entry in sorted(job.ranks.items()):
+        if entry.heartbeat.state is not RankState.FINISHED:
+            entry.heartbeat = dataclasses.replace(entry.heartbeat, state=RankState.FINISHED)
+            entry.finished_reported = True  # the launcher's event says it: no rank_finished of our own
+            marked.append(rank)
+    return tuple(marked)
 
 
 class Telemetry:
@@ -246,21 +269,27 @@ class Telemetry:
         return True
 
     async def on_event(self, msg: Msg) -> None:
-        """A launcher's `naming.RUN_STOPPING` marks its run as stopping (`health_plan.note_stopping`);
-        every other event here is the weaver's own or a launcher's report, journaled as it is. Events
-        come on the journal's capture subjects (`journal`), which only the weaver and launcher roles
-        know: an answer aimed at the public subject through a reply subject never gets here."""
+        """A launcher's `naming.RUN_STOPPING` marks its run as stopping (`health_plan.note_stopping`),
+        its `naming.RUN_ENDED` marks the run's ranks finished (`mark_run_ended`); every other event
+        here is the weaver's own or a launcher's report, journaled as it is. Events come on the
+        journal's capture subjects (`journal`), which only the weaver and launcher roles know: an
+        answer aimed at the public subject through a reply subject never gets here."""
         if len(msg.data) > admission.MAX_MESSAGE_BYTES:
             return
         try:
             ev = wire.decode_event(msg.data)
             public = subjects.events(ev.job)
-            if ev.kind != naming.RUN_STOPPING or msg.subject != (
+            if ev.kind not in (naming.RUN_STOPPING, naming.RUN_ENDED) or msg.subject != (
                 self.journal.subject(public) if self.journal else public
             ):
                 return
         except ValueError:
             return  # not ours to judge: the journal keeps it as published
+        if ev.kind == naming.RUN_ENDED:
+            marked = mark_run_ended(self._state, ev)
+            if marked:
+                log.info("run %s of job %s ended: ranks %s are no longer running", ev.run_id, ev.job, marked)
+            return
         noted = health_plan.note_stopping(self._state, ev, time.time())
         if noted is not None:
             log.info("%s", noted.message)

@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from torchloom import bus, env, layout, naming, signing, subjects, wire
+from torchloom.app import torchrun_result
 from torchloom.credentials import ClientAuth
 from torchloom.messages import Heartbeat, JobEvent, RestartRequest
 
@@ -32,6 +35,7 @@ DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 STOP_GRACE_S = 10.0
 RUN_STOPPING = naming.RUN_STOPPING  # the JobEvent kind a stop signal on the launcher announces
+RUN_ENDED = naming.RUN_ENDED  # the JobEvent kind of the run's end, whatever it was
 STOPPING_FLUSH_S = (
     1  # seconds (nats-py takes an int) how long the announcement may hold up forwarding the signal
 )
@@ -217,6 +221,7 @@ class Supervisor:
         self._nc: Client | None = None
         self._events: bus.EventPublisher | None = None  # where the journal stores our events
         self._proc: asyncio.subprocess.Process | None = None
+        self._results: Path | None = None  # where each attempt's torchrun writes how it ended
         self._watches: set[asyncio.Task[None]] = set()  # strong refs to the "resumed" watches
         self.stopping: signal.Signals | None = None  # the signal that is ending the run, once one came
 
@@ -239,6 +244,7 @@ class Supervisor:
             await self._nc.subscribe(subjects.launcher(self.job), cb=self._on_request)
             await self._nc.subscribe(subjects.heartbeats_of(self.job), cb=self._on_heartbeat)
         installed = self._forward_signals()
+        self._results = results = Path(tempfile.mkdtemp(prefix="torchloom-run-"))
         try:
             proc = await self._start(self._command(None), self._env)
             while True:
@@ -253,8 +259,11 @@ class Supervisor:
                 if exited.done():
                     code = exited.result()
                     if self.stopping is not None:
-                        return 128 + int(self.stopping)
-                    return 128 - code if code < 0 else code
+                        status = 128 + int(self.stopping)
+                    else:
+                        status = 128 - code if code < 0 else code
+                    await self._publish_end(status, code)
+                    return status
                 proc = await self._restart(proc, asked.result()) or proc
         finally:
             loop = asyncio.get_running_loop()
@@ -267,6 +276,7 @@ class Supervisor:
             if self._nc is not None:
                 with contextlib.suppress(Exception):
                     await self._nc.close()
+            shutil.rmtree(results, ignore_errors=True)
 
     def _forward_signals(self) -> list[signal.Signals]:
         """Pass SIGINT/SIGTERM on to the running attempt (it has its own session, so a Ctrl-C
@@ -302,11 +312,27 @@ class Supervisor:
                 f"{sig.name} on the launcher: run {self.run_id} is ending; no restart",
                 signal=sig.name,
             )
-            if self._nc is not None:
-                with contextlib.suppress(Exception):
-                    await self._nc.flush(timeout=STOPPING_FLUSH_S)
+            await self._flush()
         finally:
             self._signal_attempt(sig)
+
+    async def _flush(self) -> None:
+        """Let what was published reach the server (for at most STOPPING_FLUSH_S)."""
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=STOPPING_FLUSH_S)
+
+    async def _publish_end(self, status: int, returncode: int) -> None:
+        """Journal the run's end (`RUN_ENDED`): our exit status, and what torchrun's result file says
+        of the first failed rank (its exit code or signal, pid and host) when it wrote one."""
+        result = torchrun_result.read(self._result_file()) if self._results is not None else None
+        message, attrs = end_report(self.run_id, status, returncode, self.stopping, result)
+        await self._publish(RUN_ENDED, message, attempt=str(self.attempt), **attrs)
+        await self._flush()
+
+    def _result_file(self) -> Path:
+        assert self._results is not None
+        return self._results / f"{self.run_id}.json"
 
     async def _on_request(self, msg: Msg) -> None:
         signature = (msg.headers or {}).get(signing.SIGNATURE_HEADER)
@@ -338,6 +364,8 @@ class Supervisor:
 
     async def _start(self, argv: Sequence[str], environ: Mapping[str, str]) -> asyncio.subprocess.Process:
         self._heartbeats[self.run_id] = asyncio.Event()
+        if self._results is not None:  # torchrun then says which rank failed first, and how
+            argv = torchrun_result.wrap(argv, self._result_file())
         self._proc = await asyncio.create_subprocess_exec(
             *argv, env=dict(environ), stdin=asyncio.subprocess.DEVNULL, start_new_session=True
         )
@@ -450,6 +478,53 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(watch(), name=f"supervisor-resumed-{run_id}")
         self._watches.add(task)
         task.add_done_callback(self._watches.discard)
+
+
+def end_report(
+    run_id: str,
+    status: int,
+    returncode: int,
+    stopping: signal.Signals | None,
+    result: torchrun_result.TorchrunResult | None,
+) -> tuple[str, dict[str, str]]:
+    """The message and attrs of a `RUN_ENDED` event: the run's exit `status`, torchrun's `returncode`
+    (its signal when one killed it), the launcher's stop signal, and the first failed rank of
+    torchrun's `result` (`failed_rank`, `failed_local_rank`, `failed_exit_code` or `failed_signal`,
+    `failed_pid`, `failed_host`; `failed_ranks` lists every failed rank), when it is known."""
+    attrs = {"exit_status": str(status), "torchrun_exit_code": str(returncode)}
+    why: list[str] = []
+    if returncode < 0:
+        attrs["torchrun_signal"] = torchrun_result.signal_name(-returncode)
+        why.append(f"torchrun was killed by {attrs['torchrun_signal']}")
+    if stopping is not None:
+        attrs["stopped_by"] = stopping.name
+        why.append(f"stopped by {stopping.name} on the launcher")
+    first = result.first if result is not None else None
+    if result is not None and result.signal and stopping is None:
+        attrs["torchrun_signal"] = result.signal
+        why.append(f"torchrun got {result.signal}")
+    if result is not None and first is not None:
+        attrs.update(
+            failed_rank=str(first.rank),
+            failed_local_rank=str(first.local_rank),
+            failed_pid=str(first.pid),
+            failed_host=first.host,
+            failed_ranks=",".join(str(f.rank) for f in sorted(result.failures, key=lambda f: f.rank)),
+        )
+        if first.signal:
+            attrs["failed_signal"] = first.signal
+            how = f"killed by {first.signal}"
+        else:
+            attrs["failed_exit_code"] = str(first.exitcode)
+            how = f"exit code {first.exitcode}"
+        why.append(
+            f"rank {first.rank} (local rank {first.local_rank}, pid {first.pid} on {first.host}) "
+            f"failed first: {how}"
+        )
+    elif status != 0 and result is None and stopping is None:
+        why.append("torchrun did not say which rank failed")
+    message = f"run {run_id} ended with exit status {status}" + (f": {'; '.join(why)}" if why else "")
+    return message, attrs
 
 
 async def stop_group(proc: asyncio.subprocess.Process, grace_s: float = STOP_GRACE_S) -> int:

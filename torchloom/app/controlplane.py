@@ -60,6 +60,9 @@ log = logging.getLogger("torchloom.app.controlplane")  # also when run as __main
 LEASE_POLL_S = 0.05  # how often the leases directory is looked at for a new or ended lease
 WEAVER_READY_TIMEOUT_S = 30.0
 WEAVER_RETRY_S = 0.5
+# The JobEvent kind a control plane journals for every leased job when it replaced one that died
+# while those jobs ran (attrs: `previous_pid`, `pid`, `ended`, `store_dir`).
+CONTROL_PLANE_RESTARTED = "control_plane_restarted"
 
 
 redact = private_files.redact_url  # `user:pass@` of every URL in a text -> `***@`
@@ -128,6 +131,9 @@ class ControlPlane:
         self._jobs: dict[str, list[runs.Lease]] = {}
         self._nc: Client | None = None
         self._events: bus.EventPublisher | None = None  # where the journal stores our events
+        # The state of the control plane this one replaced (it died while jobs held leases), until
+        # the jobs' journals were told.
+        self._replaced: dict[str, Any] | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,7 +185,9 @@ class ControlPlane:
     # ---- NATS -------------------------------------------------------------------------------------------
 
     def _previous(self) -> dict[str, Any] | None:
-        """The state of a control plane that died while jobs still hold leases (else None)."""
+        """The state of a control plane that died while jobs still hold leases, when it ran the
+        embedded server (its store is continued); else None. A predecessor that died with jobs
+        running is remembered in `_replaced` either way, for `_announce_replaced`."""
         try:
             data = json.loads(state_path(self.config.home).read_text())
         except (OSError, ValueError):
@@ -188,7 +196,30 @@ class ControlPlane:
             return None
         _end_orphan(int(data.get("nats_pid") or 0))
         live, _ = runs.sweep_leases(self.config.home)
+        if live and int(data.get("pid") or 0) > 0:
+            self._replaced = data
         return data if live and data.get("store_dir") else None
+
+    async def _announce_replaced(self) -> None:
+        """Journal `CONTROL_PLANE_RESTARTED` for the jobs leased at its first lease sweep, when this
+        control plane replaced one that died while they ran. That one left its state file behind,
+        which its shutdown removes (also after an error), so a signal it could not handle ended it
+        (SIGKILL, the OOM killer's, a crash's SIGSEGV); which one only its parent could tell."""
+        old, self._replaced = self._replaced, None
+        if old is None:
+            return
+        store = str(self.server.run_dir) if self.server is not None else ""
+        continued = bool(store) and store == old.get("store_dir")
+        await self._announce(
+            CONTROL_PLANE_RESTARTED,
+            f"the control plane pid {old['pid']} was killed (it ended without its shutdown): "
+            f"control plane pid {os.getpid()} replaced it"
+            + (f" and continued its NATS store {store} on {redact(self.nats_url)}" if continued else ""),
+            previous_pid=str(old["pid"]),
+            pid=str(os.getpid()),
+            ended="killed",
+            store_dir=store if continued else "",
+        )
 
     async def _start_nats(self) -> None:
         previous = await asyncio.to_thread(self._previous)
@@ -417,6 +448,7 @@ class ControlPlane:
         while True:
             live, _ended = runs.sweep_leases(self.config.home)
             await self._update_jobs(live)
+            await self._announce_replaced()
             now = time.monotonic()
             if live:
                 idle_since = None

@@ -49,6 +49,9 @@ def mark_run_ended(state: WeaverState, event: JobEvent) -> tuple[int, ...]:
     """Mark every rank of the run a launcher's `naming.RUN_ENDED` event names as finished, so status
     stops calling the ranks of a run that is over running (their processes are gone). The event
     counts for the job's current run or a torchrun restart inside it; anything else is stale.
+    The rank whose failure ended the run (`failed_rank`, torchrun's first failure) is left as it
+    is: it did not finish, and its health says how it ended (dead: no heartbeat since). The others
+    are over too, mostly stopped by torchrun after it (the event says how each ended).
 
     Returns:
         The ranks marked (none when the event is not an end, names no run the weaver follows, or
@@ -57,9 +60,10 @@ def mark_run_ended(state: WeaverState, event: JobEvent) -> tuple[int, ...]:
     job = state.jobs.get(event.job)
     if event.kind != naming.RUN_ENDED or job is None or not naming.is_attempt_of(job.run_id, event.run_id):
         return ()
+    failed = {int(r) for r in event.attrs.get("failed_rank", "").split(",") if r.strip().isdigit()}
     marked = []
     for rank, entry in sorted(job.ranks.items()):
-        if entry.heartbeat.state is not RankState.FINISHED:
+        if rank not in failed and entry.heartbeat.state is not RankState.FINISHED:
             entry.heartbeat = dataclasses.replace(entry.heartbeat, state=RankState.FINISHED)
             entry.finished_reported = True  # the launcher's event says it: no rank_finished of our own
             marked.append(rank)

@@ -1,7 +1,8 @@
 """A run's end and a lost control plane are journaled, with real processes: `torchloom run` (2 ranks,
 real torchrun, the default `alert` health policy) whose rank 1 is killed with SIGKILL journals one
-`run_ended` naming exit status 1 and that rank (its signal and host), and `status` stops calling the
-ranks running as soon as the run ended; a run trained to completion journals exit status 0; a control
+`run_ended` naming exit status 1 and that rank (its signal and host), and `status` calls the rank that
+did not fail finished as soon as the run ended and the killed one dead, never finished; a run
+trained to completion journals exit status 0; a control
 plane killed with SIGKILL while a job runs is journaled as `control_plane_restarted` by the one that
 replaced it, naming the old pid."""
 
@@ -74,12 +75,13 @@ def _one(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
-def _ranks_said_running(env: dict[str, str], job: str) -> list[int]:
+def _ranks(env: dict[str, str], job: str) -> dict[int, tuple[str, str]]:
+    """Each rank's (state, health) as status says it now."""
     import asyncio
 
     reply = asyncio.run(home_status(env, job))
     assert reply is not None and reply.jobs, "the control plane no longer answers for the job"
-    return [r.rank for r in reply.jobs[0].ranks if r.state.value == "running"]
+    return {r.rank: (r.state.value, r.health) for r in reply.jobs[0].ranks}
 
 
 @pytest.mark.timeout(120)
@@ -90,8 +92,13 @@ def test_a_killed_rank_ends_the_run_and_the_journal_names_it(tmp_path: Path, env
         victim = next(r for r in job["ranks"] if r["rank"] == 1)
         os.kill(victim["pid"], signal.SIGKILL)
         err = finish_cli(proc, timeout_s=60)
-        # Right after the run ended, no rank is said to be running any more.
-        assert _ranks_said_running(env, "killed") == []
+        # Right after the run ended, the rank that did not fail is finished; the killed one is not
+        # called finished: it is reported dead (no heartbeat since it was killed).
+        assert _ranks(env, "killed")[0][0] == "finished"
+        deadline = time.monotonic() + 10
+        while _ranks(env, "killed")[1] != ("running", "dead") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _ranks(env, "killed")[1] == ("running", "dead")
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)

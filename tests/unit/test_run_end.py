@@ -99,3 +99,21 @@ def test_an_end_of_the_launcher_s_run_covers_a_torchrun_restart_inside_it() -> N
     state = WeaverState()
     liveness.observe_heartbeat(state, heartbeat(0, job="j", run="r1-a1", world=1), 1.0)
     assert mark_run_ended(state, _ended("r1")) == (0,)
+
+
+def test_a_failed_rank_is_not_called_finished() -> None:
+    """The rank whose failure ended the run (killed) did not finish: only its peers are marked (torchrun
+    stopped them after it), and it stays what liveness makes of it (dead once its heartbeats are old)."""
+    state = WeaverState()
+    for rank in (0, 1):
+        liveness.observe_heartbeat(state, heartbeat(rank, job="j", run="r1", world=2), 1.0)
+    ended = JobEvent(
+        job="j",
+        run_id="r1",
+        kind=naming.RUN_ENDED,
+        attrs={"exit_status": "1", "failed_rank": "1", "failed_ranks": "0,1"},  # 0: stopped by torchrun
+    )
+    assert mark_run_ended(state, ended) == (0,)
+    ranks = state.jobs["j"].ranks
+    assert ranks[0].heartbeat.state is RankState.FINISHED
+    assert ranks[1].heartbeat.state is RankState.RUNNING

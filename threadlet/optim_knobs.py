@@ -365,7 +365,8 @@ class KnobBoard:
 
         Returns:
             The ack detail: for a change of lr, the lr in effect per group set and how it carries
-            on (`threadlet.lr.LrControl.detail`); else empty.
+            on (`threadlet.lr.LrControl.detail`); for a plain weight_decay, the groups it set and
+            those it kept without decay (`_decayed`); else empty.
         """
         _refuse_fixed(self.training.fixed, values)
         validators = self._validators
@@ -381,18 +382,19 @@ class KnobBoard:
                 for i in self._group_indices(group):
                     self._lr.check(i, float(value))
                     lr_groups.append(i)
+        detail: dict[str, str] = {}
         for key in sorted(values):
             name, group = split_key(key)
             value = values[key]
             if name in self._builtin:
-                self._apply_builtin(name, group, value)
+                detail.update(self._apply_builtin(name, group, value))
             elif name in self.training.enabled:
                 self.training.apply(name, value)
             else:
                 self._user[name][2](value)
-        if not lr_groups or self._lr is None:
-            return {}
-        return self._lr.detail(sorted(set(lr_groups)), self.groups)
+        if lr_groups and self._lr is not None:
+            detail.update(self._lr.detail(sorted(set(lr_groups)), self.groups))
+        return detail
 
     def lr_overwritten(self) -> list[str]:
         """Messages for lr values set here that something else has changed since (the front checks
@@ -413,7 +415,17 @@ class KnobBoard:
     def _group_indices(self, group: str | None) -> list[int]:
         return [i for i, name in enumerate(self.groups) if group is None or name == group]
 
-    def _apply_builtin(self, name: str, group: str | None, value: KnobValue) -> None:
+    def _decayed(self) -> list[int]:
+        """The groups a plain `weight_decay=X` sets: those with weight decay now, so the groups a
+        loop built without it (biases and norms, as the HF Trainer does) keep none; every group when
+        none has any."""
+        groups = self._optimizer.param_groups
+        decayed = [i for i, g in enumerate(groups) if float(g["weight_decay"]) != 0.0]
+        return decayed or list(range(len(groups)))
+
+    def _apply_builtin(self, name: str, group: str | None, value: KnobValue) -> dict[str, str]:
+        """Set a built-in optimizer knob; returns its ack detail (for weight_decay: the groups set
+        and those kept without decay)."""
         new: float | tuple[float, ...]
         if name == "betas":
             assert isinstance(value, tuple) and len(value) == 2
@@ -422,7 +434,16 @@ class KnobBoard:
             assert isinstance(value, float | int) and not isinstance(value, bool)
             new = float(value)
             assert math.isfinite(new)
-        for i in self._group_indices(group):
+        indices = self._group_indices(group)
+        detail: dict[str, str] = {}
+        if name == "weight_decay" and group is None:
+            decayed = self._decayed()
+            kept = [i for i in indices if i not in decayed]
+            indices = decayed
+            if kept:
+                detail["weight_decay_kept_at_0"] = ",".join(self.groups[i] for i in kept)
+            detail.update({f"weight_decay@{self.groups[i]}": repr(new) for i in indices})
+        for i in indices:
             pg = self._optimizer.param_groups[i]
             if name == "lr":
                 assert isinstance(new, float) and self._lr is not None
@@ -431,6 +452,7 @@ class KnobBoard:
                 pg[name].fill_(new)
             else:
                 pg[name] = new
+        return detail
 
 
 def _has_knob(group: Mapping[str, Any], name: str) -> bool:

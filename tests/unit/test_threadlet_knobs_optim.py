@@ -71,6 +71,28 @@ def test_group_scoping_changes_only_that_group() -> None:
         board.validate({"eps@tail": 1e-4})
 
 
+def test_a_plain_weight_decay_keeps_the_groups_built_without_decay_at_0() -> None:
+    """The HF Trainer (and most loops) put biases and norms in a group with weight_decay 0: a plain
+    `set weight_decay=X` is meant for the decayed groups, and once overwrote that one too. A named
+    group is set as named; with no group decayed at all, a plain set reaches every group."""
+    body, norm = torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)
+    opt = torch.optim.AdamW(
+        [
+            {"params": body.parameters(), "name": "decay", "weight_decay": 0.01},
+            {"params": norm.parameters(), "name": "no_decay", "weight_decay": 0.0},
+        ]
+    )
+    board = KnobBoard(opt)
+    detail = board.apply(board.validate({"weight_decay": "0.2"}))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
+    assert detail == {"weight_decay@decay": "0.2", "weight_decay_kept_at_0": "no_decay"}
+    board.apply(board.validate({"weight_decay@no_decay": "0.05"}))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.05]
+    plain = two_groups(torch.optim.AdamW, lr=1e-3, weight_decay=0.0)
+    KnobBoard(plain).apply({"weight_decay": 0.1})
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.1, 0.1]
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [

@@ -189,8 +189,8 @@ def test_an_llm_agent_steers_a_job_through_the_guardrails(
     by_agent = [e for e in entries if e["type"] == "outcome" and (e["issuer"] or {}).get("kind") == "agent"]
     assert [(e["kind"], e["values"], e["status"]) for e in by_agent] == [
         ("set", {"lr": 0.025}, "applied"),
-        (None, {}, "rejected"),  # lr=5.0: refused before a command was made
-        (None, {}, "rejected"),  # stop
+        ("set", {"lr": 5.0}, "rejected"),  # refused before a command was made: what was asked
+        ("stop", {}, "rejected"),
     ], by_agent
     assert {e["issuer"]["identity"] for e in by_agent} == {"agent:tester"}
     refused = [e for e in entries if e["type"] == "event" and e["kind"] == "agent_refused"]

@@ -105,15 +105,17 @@ def check_and_report(out: Path, accepted: list[tuple[str, dict[str, Any]]]) -> b
         if same and step is not None:
             before = sum(mean_loss(records[r], step - LOSS_WINDOW, step) for r in (0, 1)) / 2
             after = sum(mean_loss(records[r], step, step + LOSS_WINDOW) for r in (0, 1)) / 2
-            # The ranks' own optimizer records must show the new values from exactly that step.
+            # The ranks' own optimizer records must show the new values from exactly that step: in
+            # every group, except that a plain weight_decay keeps a group built without decay at 0.
             for rank in (0, 1):
                 at = next(r for r in records[rank] if r["step"] == step)
                 prev = next(r for r in records[rank] if r["step"] == step - 1)
                 for key, value in (w.split("=", 1) for w in shown.split()):
-                    if (
-                        not all(abs(v - float(value)) < 1e-12 for v in at[key].values())
-                        or at[key] == prev[key]
-                    ):
+                    want = {
+                        group: 0.0 if key == "weight_decay" and before_value == 0.0 else float(value)
+                        for group, before_value in prev[key].items()
+                    }
+                    if any(abs(at[key][g] - v) > 1e-12 for g, v in want.items()) or at[key] == prev[key]:
                         same = False
         ok = ok and same
         print(f"{shown:<38} {steps[0]!s:>11} {steps[1]!s:>11} {before:>12.4f} {after:>11.4f}")

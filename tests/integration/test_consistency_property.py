@@ -74,11 +74,15 @@ async def wait_ranks(client: ControlClient, job: str, world: int, deadline_s: fl
 
 
 def in_effect(expected: dict[str, Any], values: dict[str, Any]) -> None:
-    """Fold one applied set into the expected knob values."""
+    """Fold one applied set into the expected knob values: a plain key sets every group, except
+    that a plain weight_decay sets only the groups with weight decay (all of them when none has)."""
     for key, value in values.items():
         name, _, group = key.partition("@")
         if name in ("lr", "weight_decay"):
-            for g in [group] if group else ["body", "head"]:
+            groups = [group] if group else ["body", "head"]
+            if name == "weight_decay" and not group:
+                groups = [g for g in groups if expected[name][g] != 0.0] or groups
+            for g in groups:
                 expected[name][g] = float(value)
         elif name == "grad_accum_steps":
             expected[name] = int(value)

@@ -63,8 +63,8 @@ async def test_a_restarted_weaver_gets_the_schema_from_a_hash_only_heartbeat(
         assert schemas is not None
 
         async def stored() -> bool:
-            kv = await nc.jetstream().key_value("TORCHLOOM_KNOB_SCHEMAS")
-            try:
+            try:  # the weaver makes the bucket in the background: it may not exist yet either
+                kv = await nc.jetstream().key_value("TORCHLOOM_KNOB_SCHEMAS")
                 await kv.get(f"{JOB}.{knobs.schema_hash(KNOBS):016x}")
             except Exception:
                 return False

@@ -37,7 +37,7 @@ from typing import Any
 import nats
 import pytest
 
-from tests.integration.helpers import EXAMPLE, kill_tree, unbound_env, ws_handshake
+from tests.integration.helpers import EXAMPLE, kill_tree, unbound_env, until, ws_handshake
 from torchloom import bus, discovery, signing, subjects, wire
 from torchloom.client import ControlClient
 from torchloom.credentials import ClientAuth, CredentialStore, Role
@@ -327,7 +327,11 @@ async def _forged_commands(
     )
     await nc.publish(subject, wire.encode(other_key))
     await nc.flush()
-    assert (await nc.jetstream().stream_info(stream.stream)).state.last_seq == stored + 3
+
+    async def three_stored() -> bool:  # JetStream stores a core publish after the flush's round trip
+        return (await nc.jetstream().stream_info(stream.stream)).state.last_seq == stored + 3
+
+    await until("the three forged commands stored", three_stored)
     # The next real command still takes the next seq and applies on both ranks.
     applied = await _set(client, lr=0.002)
     assert applied.status is OutcomeStatus.APPLIED, applied.reason

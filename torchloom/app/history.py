@@ -22,7 +22,7 @@ from torchloom.app import natsauth
 from torchloom.app.runs import RunRecord
 from torchloom.client import ControlClient
 from torchloom.credentials import ClientAuth, CredentialStore, Role
-from torchloom.errors import JobNotFound, NatsUnavailable
+from torchloom.errors import JobNotFound, NatsUnavailable, WeaverUnavailable
 from torchloom.messages import JobEvent, JobStatus, Outcome
 from torchloom.nats_server import EmbeddedNats
 from weaver import liveness, recovery
@@ -31,6 +31,8 @@ from weaver.model import WeaverState
 from weaver.streams import Streams
 
 READ_TIMEOUT_S = 10.0
+# How long a live weaver that refuses is asked again (it may be stopping or restarting) before failing.
+LIVE_RETRY_S = 10.0
 _STORE = "jetstream"  # the directory nats-server keeps its JetStream data in, under its store_dir
 
 Entry = Outcome | JobEvent
@@ -71,16 +73,23 @@ async def read_entries(record: RunRecord) -> list[Entry]:
 
     Raises:
         NatsUnavailable: the store cannot be opened or read.
-        WeaverUnavailable: the live weaver serving the store did not answer.
+        WeaverUnavailable: the live weaver serving the store did not answer for `LIVE_RETRY_S`.
     """
-    live = discovery.read()
-    if live is not None and (
+    deadline = time.monotonic() + LIVE_RETRY_S
+    while (live := discovery.read()) is not None and (
         (record.store_dir and live.store_dir == record.store_dir)
         or (not record.store_dir and live.nats_url == record.nats_url)
     ):
-        async with ControlClient(live.grpc) as client, asyncio.timeout(READ_TIMEOUT_S):
-            found = [e async for e in client.journal(record.job) if isinstance(e, Outcome | JobEvent)]
-        return of_run(found, record)
+        try:
+            async with ControlClient(live.grpc) as client, asyncio.timeout(READ_TIMEOUT_S):
+                found = [e async for e in client.journal(record.job) if isinstance(e, Outcome | JobEvent)]
+            return of_run(found, record)
+        except WeaverUnavailable:
+            # A control plane going idle (it withdraws its file, then stops) or being restarted
+            # refuses for a moment: look again, and read the store itself once nothing serves it.
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
     if record.store_dir:
         return of_run(await _read_store(Path(record.store_dir), record.job), record)
     # A server of the user's: their credential, if they gave one (TORCHLOOM_NATS_CREDS_FILE).

@@ -253,7 +253,7 @@ class Outcome:
     issuer: Issuer | None = None
     run_id: str = ""
     # A refused attempt's body as submitted (what was asked); None for a sequenced command (its
-    # body is `command.body`) and for a body too large to journal (`ATTEMPT_MAX_BYTES`).
+    # body is `command.body`) and for a body too large to journal (`wire.BODY_MAX_BYTES`).
     attempted: Body | None = None
 
 

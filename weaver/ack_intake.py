@@ -120,15 +120,9 @@ class AckIntake:
         now = time.time()
         if self._foreign("ack", subjects.acks_all(), msg):
             return None
-        if len(msg.data) > admission.MAX_MESSAGE_BYTES:
-            self._refuse(
-                "ack",
-                "",
-                "",
-                f"ack of {len(msg.data)} bytes on {msg.subject} refused: at most "
-                f"{admission.MAX_MESSAGE_BYTES} bytes",
-                now,
-            )
+        too_big = admission.oversized("ack", len(msg.data), msg.subject)
+        if too_big is not None:
+            self._refuse("ack", "", "", too_big, now)
             return None
         try:
             ack = wire.decode_ack(msg.data)

@@ -34,6 +34,19 @@ COMMAND_ID_FORM = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 ISSUER_KIND_FORM = re.compile(r"[A-Za-z0-9_.-]{0,32}")  # empty: a client that did not say
 
 
+def oversized(what: str, size: int, subject: str) -> str | None:
+    """Why a message of `size` bytes on `subject` is refused unread (over `MAX_MESSAGE_BYTES`),
+    naming the bound; None when it fits."""
+    if size <= MAX_MESSAGE_BYTES:
+        return None
+    return f"{what} of {size} bytes on {subject} refused: at most {MAX_MESSAGE_BYTES} bytes"
+
+
+def _start(text: str, limit: int = 40) -> str:
+    """The start of an untrusted `text`, quoted and escaped (`repr`), for a refusal to name it."""
+    return f"{text[:limit]!r}{'...' if len(text) > limit else ''}"
+
+
 def issuer_kind_bad(req: SubmitRequest) -> bool:
     return not ISSUER_KIND_FORM.fullmatch(req.issuer.kind)
 
@@ -43,13 +56,13 @@ def check_submit(req: SubmitRequest) -> str | None:
     documented form, which the journal and every terminal would carry), or None when they fit."""
     if req.command_id and not COMMAND_ID_FORM.fullmatch(req.command_id):
         return (
-            f"command_id {req.command_id[:40]!r}{'...' if len(req.command_id) > 40 else ''} "
-            f"({len(req.command_id)} characters) rejected: expected 1 to 64 characters from A-Z, a-z, "
+            f"command_id {_start(req.command_id)} ({len(req.command_id)} characters) rejected: "
+            "expected 1 to 64 characters from A-Z, a-z, "
             "0-9 and '_.:-' (the CLI sends a uuid4 hex), or empty for one the weaver makes"
         )
     if issuer_kind_bad(req):
         return (
-            f"issuer kind {req.issuer.kind[:40]!r}{'...' if len(req.issuer.kind) > 40 else ''} rejected: "
+            f"issuer kind {_start(req.issuer.kind)} rejected: "
             "expected at most 32 characters from A-Z, a-z, 0-9 and '_.-' (e.g. cli, ui, agent)"
         )
     return None

@@ -60,10 +60,10 @@ def mark_run_ended(state: WeaverState, event: JobEvent) -> tuple[int, ...]:
     job = state.jobs.get(event.job)
     if event.kind != naming.RUN_ENDED or job is None or not naming.is_attempt_of(job.run_id, event.run_id):
         return ()
-    failed = {int(r) for r in event.attrs.get("failed_rank", "").split(",") if r.strip().isdigit()}
+    failed = event.attrs.get("failed_rank", "")
     marked = []
     for rank, entry in sorted(job.ranks.items()):
-        if rank not in failed and entry.heartbeat.state is not RankState.FINISHED:
+        if str(rank) != failed and entry.heartbeat.state is not RankState.FINISHED:
             entry.heartbeat = dataclasses.replace(entry.heartbeat, state=RankState.FINISHED)
             entry.finished_reported = True  # the launcher's event says it: no rank_finished of our own
             marked.append(rank)
@@ -152,15 +152,9 @@ class Telemetry:
             "heartbeat", self._heartbeats_all, msg
         ):
             return
-        if len(msg.data) > admission.MAX_MESSAGE_BYTES:
-            self._refuse(
-                "heartbeat",
-                "",
-                "",
-                f"heartbeat of {len(msg.data)} bytes on {msg.subject} refused: at most "
-                f"{admission.MAX_MESSAGE_BYTES} bytes",
-                now,
-            )
+        too_big = admission.oversized("heartbeat", len(msg.data), msg.subject)
+        if too_big is not None:
+            self._refuse("heartbeat", "", "", too_big, now)
             return
         try:
             hb, schema_sent = self._hb_decoder.decode(msg.data)

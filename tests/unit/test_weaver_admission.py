@@ -148,3 +148,11 @@ def test_a_second_live_incarnation_of_a_rank_is_refused() -> None:
     assert "is alive as incarnation inc1" in (_hb_check(state, heartbeat(1, inc="forged")) or "")
     state.jobs[JOB].ranks[1].last_seen_s = NOW - 10 * DEAD
     assert _hb_check(state, heartbeat(1, inc="restarted")) is None
+
+
+def test_a_message_over_the_bound_is_refused_naming_it() -> None:
+    limit = ad.MAX_MESSAGE_BYTES
+    assert ad.oversized("ack", limit, "torchloom.v1.ack.j") is None
+    assert ad.oversized("ack", limit + 1, "torchloom.v1.ack.j") == (
+        f"ack of {limit + 1} bytes on torchloom.v1.ack.j refused: at most {limit} bytes"
+    )

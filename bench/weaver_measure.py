@@ -145,7 +145,7 @@ def _secured_server(tmp: Path) -> Iterator[EmbeddedNats]:
         yield server
 
 
-async def _watch_events(server: EmbeddedNats, job: str, seen: dict[str, int]) -> Any:
+async def _watch_events(server: EmbeddedNats, job: str, seen: dict[str, int], samples: list[str]) -> Any:
     """Count the job's events by kind (rank_dead, rank_hung, ...), read straight from NATS so the
     weaver does no extra work for it."""
     assert server.credentials is not None
@@ -157,6 +157,8 @@ async def _watch_events(server: EmbeddedNats, job: str, seen: dict[str, int]) ->
         with contextlib.suppress(ValueError):
             ev = wire.decode_event(msg.data)
             seen[ev.kind] = seen.get(ev.kind, 0) + 1
+            if ev.kind != "rank_joined" and len(samples) < 12:
+                samples.append(f"{ev.time_s:.2f} {ev.kind}: {ev.message[:300]}")
 
     await nc.subscribe(subjects.events(job), cb=on_event)
     return nc
@@ -207,7 +209,8 @@ async def measure(
             # As the control plane does when a job registers: its credential and command stream.
             seed = server.grant_job(JOB).seed_file
             events: dict[str, int] = {}
-            events_nc = await _watch_events(server, JOB, events)
+            samples: list[str] = []
+            events_nc = await _watch_events(server, JOB, events, samples)
             await bus.ensure_job_commands(events_nc.jetstream(timeout=10.0), JOB)
             t0 = time.time()
             sims = []
@@ -229,11 +232,13 @@ async def measure(
                 await asyncio.sleep(3.0)  # settle: first-heartbeat work and join events are done
                 joining = dict(events)
                 events.clear()
+                samples.clear()
                 pids = (weaver.pid, server.pid, [s.pid for s in sims])
                 result = await _window(client, *pids, ranks, duration_s, command_gap_s, metrics_url)
             result["events"] = dict(events)
             result["events_while_joining"] = joining
             result["rank_dead_events"] = events.get("rank_dead", 0)
+            result["event_samples"] = list(samples)
             await events_nc.close()
             sim_counts = []
             for sim in sims:
@@ -324,6 +329,7 @@ async def _window(
     end = t0 + duration_s
     latencies: list[float] = []
     weaver_side: list[float] = []
+    parts: dict[str, list[float]] = {}
     statuses: dict[str, int] = {}
     errors: list[str] = []
     polls = {"ages": [], "dead": 0, "not_alive_max": 0, "health": {}, "rss": []}
@@ -351,6 +357,17 @@ async def _window(
             if out.status is OutcomeStatus.APPLIED:
                 latencies.append(took)
                 weaver_side.append(out.completed_at_s - out.submitted_at_s)
+                if out.results:  # where the time went, by the timestamps the outcome carries
+                    recv = [r.received_at_s for r in out.results]
+                    acked = max(r.decided_at_s for r in out.results)
+                    for part, value in (
+                        ("validate_sign", out.published_at_s - out.submitted_at_s),
+                        ("publish_to_first_rank", min(recv) - out.published_at_s),
+                        ("first_to_last_rank", max(recv) - min(recv)),
+                        ("last_rank_to_last_ack", acked - max(recv)),
+                        ("last_ack_to_outcome", out.completed_at_s - acked),
+                    ):
+                        parts.setdefault(part, []).append(value)
             i += 1
             await asyncio.sleep(command_gap_s)
 
@@ -400,6 +417,7 @@ async def _window(
         "cmd_p99_ms": ms(latencies, 99),
         "cmd_max_ms": round(max(latencies) * 1e3, 1) if latencies else None,
         "cmd_weaver_p50_ms": ms(weaver_side, 50),
+        "cmd_parts_p50_p99_ms": {k: (ms(v, 50), ms(v, 99)) for k, v in parts.items()},
         "hb_age_max_s": round(max(ages), 3) if ages else None,
         "hb_age_median_s": round(statistics.median(ages), 3) if ages else None,
         "status_polls": len(ages),

@@ -336,7 +336,10 @@ class Link:
 
         The weaver makes the consumer (durable, on the job's command stream, every command of the
         run from the first); this rank's credential may pull from it and acknowledge, nothing more
-        (docs/security.md). The consumer outlives a restart of nats-server or of the weaver.
+        (docs/security.md). The consumer outlives a restart of the weaver; a restarted nats-server has
+        forgotten it (its state is in the server's memory, `bus.rank_consumer`): the pull is told "no
+        consumer" until the weaver has made it again, and it then delivers the run's commands from
+        the first, whose decided seqs the agreement drops.
         """
         cfg = self._config
         api = f"{subjects.JS_API}.CONSUMER.MSG.NEXT.{subjects.stream_commands_of(cfg.job)}.{self._consumer}"

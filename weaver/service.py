@@ -236,6 +236,7 @@ class Weaver:
                 connect_timeout_s=self.config.nats_timeout_s,
                 credentials=self.config.nats_credentials,
                 on_error=self._on_nats_error,
+                on_reconnected=self._on_reconnected,
             )
             js = self._nc.jetstream(timeout=self.config.nats_timeout_s)
             self._streams = Streams(js, self.config.nats_timeout_s)
@@ -293,6 +294,10 @@ class Weaver:
             await self.close()
             raise
         log.info("weaver up: nats %s", self.config.nats_url)
+
+    async def _on_reconnected(self) -> None:
+        if self._consumers is not None:
+            self._consumers.forget()
 
     async def _subscribe_telemetry(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> Any:
         assert self._telemetry_nc is not None

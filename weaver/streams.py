@@ -310,6 +310,15 @@ class RankConsumers:
         while len(self._made) > RANK_CONSUMERS_REMEMBERED:
             self._made.popitem(last=False)
 
+    def forget(self) -> None:
+        """The connection to the server came back: the server may have restarted and lost every
+        rank consumer (their state is in its memory, `bus.rank_consumer`), so each is made again at
+        its rank's next heartbeat. Where it still exists, making it again changes nothing."""
+        if self._made:
+            log.info("reconnected: the %d rank command consumers are made again", len(self._made))
+        self._made.clear()
+        self._no_stream_until.clear()
+
     async def ensure_run(self, job: str, run_id: str, ranks: list[tuple[int, str]]) -> None:
         """Right after the job's stream was made for a command: the consumer of every `(rank,
         incarnation)` of the run, so each rank reads the command as soon as it is stored."""

@@ -83,20 +83,21 @@ async def test_command_after_server_restart_still_arrives(
         await nc.close()
 
     nats_server.kill()
-    # Same port and JetStream store: the stream and the ranks' durable consumers survive; each rank's
-    # waiting pull request does not, and the rank asks again.
+    # Same port and JetStream store: the stream survives; the ranks' consumers (their state is in the
+    # server's memory) and waiting pull requests do not. Each rank asks again, told "no consumer"
+    # until the weaver's part makes it again at the rank's next heartbeat.
     nats_server.start()
     nc = await helpers.connect(nats_server)
     try:
+        await helpers.make_rank_consumers(nc, JOB)
         await nc.jetstream().publish(
             stream.subject(run_id), wire.encode(command(JOB, run_id, 1, {"lr@head": 0.004}))
         )
+        published_at_step = min(len(read_records(out / f"rank{r}.jsonl")) for r in (0, 1))
+        assert published_at_step < steps - 200, "the job ran out of steps before the command; raise steps"
+        stdout, _ = await asyncio.to_thread(proc.communicate, timeout=180)
     finally:
         await nc.close()
-    published_at_step = min(len(read_records(out / f"rank{r}.jsonl")) for r in (0, 1))
-    assert published_at_step < steps - 200, "the job ran out of steps before the command; raise steps"
-
-    stdout, _ = await asyncio.to_thread(proc.communicate, timeout=180)
     assert proc.returncode == 0, stdout.decode(errors="replace")[-4000:]
     applied = [json.loads((out / f"rank{r}.applied.json").read_text()) for r in (0, 1)]
     assert [[(a["seq"], a["status"]) for a in x] for x in applied] == [[(1, "applied")]] * 2

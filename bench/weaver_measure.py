@@ -157,7 +157,7 @@ async def _watch_events(server: EmbeddedNats, job: str, seen: dict[str, int], sa
         with contextlib.suppress(ValueError):
             ev = wire.decode_event(msg.data)
             seen[ev.kind] = seen.get(ev.kind, 0) + 1
-            if ev.kind != "rank_joined" and len(samples) < 12:
+            if ev.kind not in ("rank_joined", "command") and len(samples) < 12:
                 samples.append(f"{ev.time_s:.2f} {ev.kind}: {ev.message[:300]}")
 
     await nc.subscribe(subjects.events(job), cb=on_event)
@@ -234,7 +234,16 @@ async def measure(
                 events.clear()
                 samples.clear()
                 pids = (weaver.pid, server.pid, [s.pid for s in sims])
+                # The job's first command also makes its ack capture: timed apart, as in
+                # bench/command_latency.py, not one of the window's.
+                start = time.perf_counter()
+                first = await client.submit(
+                    SubmitRequest(job=JOB, body=SetConfig(values={"lr": 1e-3}), timeout_s=30.0)
+                )
+                first_ms = round((time.perf_counter() - start) * 1e3, 1)
+                await asyncio.sleep(command_gap_s)
                 result = await _window(client, *pids, ranks, duration_s, command_gap_s, metrics_url)
+            result["first_command"] = {"ms": first_ms, "status": first.status.value}
             result["events"] = dict(events)
             result["events_while_joining"] = joining
             result["rank_dead_events"] = events.get("rank_dead", 0)
@@ -266,6 +275,7 @@ async def measure(
             metrics_sent=sum(c["metrics"] for c in sim_counts),
             acks_sent=sum(c["acks"] for c in sim_counts),
             sim_dropped=sum(c.get("dropped", 0) for c in sim_counts),
+            sim_acks_not_stored=sum(c.get("acks_not_stored", 0) for c in sim_counts),
             consumers=sum(c["subscribed"] for c in sim_counts),
         )
         ok = True
@@ -340,7 +350,7 @@ async def _window(
         i = 0
         while time.monotonic() < end:
             lr = 1e-3 if i % 2 else 2e-3
-            start = time.perf_counter()
+            start, wall = time.perf_counter(), time.time()
             try:
                 out = await client.submit(
                     SubmitRequest(job=JOB, body=SetConfig(values={"lr": lr}), timeout_s=10.0)
@@ -361,11 +371,13 @@ async def _window(
                     recv = [r.received_at_s for r in out.results]
                     acked = max(r.decided_at_s for r in out.results)
                     for part, value in (
+                        ("client_to_weaver", out.submitted_at_s - wall),
                         ("validate_sign", out.published_at_s - out.submitted_at_s),
                         ("publish_to_first_rank", min(recv) - out.published_at_s),
                         ("first_to_last_rank", max(recv) - min(recv)),
                         ("last_rank_to_last_ack", acked - max(recv)),
                         ("last_ack_to_outcome", out.completed_at_s - acked),
+                        ("outcome_to_client", wall + took - out.completed_at_s),
                     ):
                         parts.setdefault(part, []).append(value)
             i += 1

@@ -108,6 +108,8 @@ class Simulator:
         self.counts = {"heartbeats": 0, "metrics": 0, "commands": 0, "acks": 0, "late_ticks": 0, "errors": 0}
         self.nc: Any = None
         self.inbox = ""
+        self.puback = ""
+        self.last_command: tuple[bytes, Command | None] = (b"", None)
 
     def step(self, at_s: float) -> int:
         return max(0, int((at_s - self.a.t0) * STEPS_PER_S))
@@ -211,12 +213,14 @@ class Simulator:
         )
         return sr.metrics_static + wire.encode(moving)
 
-    async def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+    async def publish(
+        self, subject: str, data: bytes, reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
         """Publish; when the client's outgoing buffer is full (the sim or the server is behind),
         flush and try again a few times, then count the message as dropped."""
         for _ in range(3):
             try:
-                await self.nc.publish(subject, data, reply=reply)
+                await self.nc.publish(subject, data, reply=reply, headers=headers)
                 return
             except nats_errors.OutboundBufferLimitError:
                 self.counts["buffer_full"] = self.counts.get("buffer_full", 0) + 1
@@ -270,13 +274,23 @@ class Simulator:
         with contextlib.suppress(Exception):
             await msg.ack()
         try:
-            cmd = wire.decode_command(msg.data)
+            # Every rank of this process gets the same command: decoded once (a real rank decodes
+            # its own copy, in its own process, at the same time as the others).
+            if msg.data != self.last_command[0]:
+                self.last_command = (msg.data, wire.decode_command(msg.data))
+            cmd = self.last_command[1]
+            assert cmd is not None
             self.counts["commands"] += 1
             # No signature check here (real ranks verify); only the job and run are checked.
             if (cmd.job, cmd.run_id) == (self.a.job, self.a.run_id):
                 await self.ack(sr, cmd, received)
         except Exception:
             self.counts["errors"] += 1
+
+    async def on_puback(self, msg: Any) -> None:
+        """The acks stream's answer to an ack: counted when it is an error (not stored)."""
+        if b'"error"' in msg.data:
+            self.counts["acks_not_stored"] = self.counts.get("acks_not_stored", 0) + 1
 
     async def pull_sweep(self, stop: asyncio.Event) -> None:
         """Ask again for each rank whose pull ended, was refused (no consumer yet) or went quiet."""
@@ -310,7 +324,12 @@ class Simulator:
         sr.hb_full = sr.hb_hashed = None
         sr.acked += 1
         self.counts["acks"] += 1
-        await self.publish(subjects.acks(cmd.job), wire.encode(ack))
+        # As threadlet/reports.py: a JetStream publish on the capture subject of the ack token the
+        # command carried (the acks stream stores it, the weaver reads it through its durable
+        # consumer), its msg id making a retry one message; the stream's answer is not waited for.
+        subject = subjects.ack_capture(cmd.ack_token, cmd.job) if cmd.ack_token else subjects.acks(cmd.job)
+        msg_id = f"ack:{ack.run_id}:{ack.seq}:{ack.rank}:{ack.incarnation}"
+        await self.publish(subject, wire.encode(ack), reply=self.puback, headers={"Nats-Msg-Id": msg_id})
 
     # ---- reports --------------------------------------------------------------------------------
 
@@ -352,6 +371,8 @@ class Simulator:
         self.nc = await bus.connect(a.nats, name=f"sim-{a.job}-{a.lo}-{a.hi}", credentials=auth)
         self.inbox = self.nc.new_inbox()
         await self.nc.subscribe(f"{self.inbox}.>", cb=self.on_pull_msg, pending_msgs_limit=1 << 20)
+        self.puback = self.nc.new_inbox()
+        await self.nc.subscribe(self.puback, cb=self.on_puback, pending_msgs_limit=1 << 20)
         try:
             reporting = asyncio.create_task(self.report(stop))
             pulling = asyncio.create_task(self.pull_sweep(stop))

@@ -478,11 +478,12 @@ def rank_consumer(job: str, run_id: str, rank: int, incarnation: str) -> Consume
     Its state (what it delivered and what was acknowledged) is kept in the server's memory, while
     the commands themselves stay in the stream's file store. On file, every delivery and every
     acknowledgement is a write of the consumer's state: one command to 1,000 rank consumers took
-    0.5 to 0.7 s to reach the last of them on an otherwise idle server, against 20 to 35 ms in
-    memory (docs/benchmarks.md, "Session 8"). A restarted server has forgotten such a consumer: the
-    weaver makes it again after it reconnects (`weaver.streams.RankConsumers.forget`), it delivers
-    the run's commands from the first again, and the rank drops the seqs it already decided
-    (`threadlet.agreement`), so nothing is lost or applied twice.
+    0.26 to 0.7 s to reach the last of them on an otherwise idle server, against 20 to 35 ms in
+    memory (`bench/consumer_fanout.py`; docs/benchmarks.md, "Session 8"). A restarted server has
+    forgotten such a consumer: the weaver makes it again after it reconnects
+    (`weaver.streams.RankConsumers.forget`), it delivers the run's commands from the first again,
+    and the rank drops the seqs it already decided (`threadlet.agreement`), so nothing is lost or
+    applied twice.
     """
     return ConsumerConfig(
         durable_name=subjects.rank_consumer(run_id, rank, incarnation),

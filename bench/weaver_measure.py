@@ -339,6 +339,7 @@ async def _window(
     end = t0 + duration_s
     latencies: list[float] = []
     weaver_side: list[float] = []
+    to_every_ack: list[float] = []
     parts: dict[str, list[float]] = {}
     statuses: dict[str, int] = {}
     errors: list[str] = []
@@ -366,6 +367,7 @@ async def _window(
                 errors.append(f"{out.status.value}: {out.reason[:300]}")
             if out.status is OutcomeStatus.APPLIED:
                 latencies.append(took)
+                to_every_ack.append(out.completed_at_s - wall)  # the measure
                 weaver_side.append(out.completed_at_s - out.submitted_at_s)
                 if out.results:  # where the time went, by the timestamps the outcome carries
                     recv = [r.received_at_s for r in out.results]
@@ -429,6 +431,8 @@ async def _window(
         "cmd_p99_ms": ms(latencies, 99),
         "cmd_max_ms": round(max(latencies) * 1e3, 1) if latencies else None,
         "cmd_weaver_p50_ms": ms(weaver_side, 50),
+        "to_every_ack_p50_ms": ms(to_every_ack, 50),
+        "to_every_ack_p99_ms": ms(to_every_ack, 99),
         "cmd_parts_p50_p99_ms": {k: (ms(v, 50), ms(v, 99)) for k, v in parts.items()},
         "hb_age_max_s": round(max(ages), 3) if ages else None,
         "hb_age_median_s": round(statistics.median(ages), 3) if ages else None,

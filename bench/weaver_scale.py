@@ -1,8 +1,9 @@
 """The weaver at scale: one real weaver process driven by N simulated ranks, each with real heartbeats
 (5 Hz), StepMetrics (10 Hz) and acks, and its own JetStream consumer of the job's command stream, all
 on a secured nats-server on loopback. Reports the weaver's CPU (cores) and RSS from /proc, command
-latency from submit to the last of N acks (p50/p99), the largest heartbeat age the weaver reports in
-status, and whether any rank was ever reported dead.
+latency from submit to the last of N acks at the weaver (`ack p50/p99`, the issue's measure; `p50/p99`
+is the client's whole call, the outcome with its N rank results brought back too), the largest
+heartbeat age the weaver reports in status, and whether any rank was ever reported dead.
 
     .venv/bin/python bench/weaver_scale.py --ranks 100,1000,3000 --duration-s 40
     .venv/bin/python bench/weaver_scale.py --ranks 3000 --profile --out /tmp/profile.json
@@ -39,11 +40,12 @@ from weaver_sim import STEPS_PER_S, simulate  # noqa: E402
 
 
 def goals(r: dict[str, Any]) -> dict[str, bool]:
-    """The issue's goals: under 1 core, command p99 under 50 ms, no rank falsely dead."""
+    """The issue's goals: under 1 core, command p99 under 50 ms (from submit to the last of the
+    ranks' acks at the weaver), no rank falsely dead."""
     return {
         "cpu_under_1_core": r["weaver_cpu_cores"] < 1.0,
-        "cmd_p99_under_50ms": r["cmd_p99_ms"] is not None
-        and r["cmd_p99_ms"] < 50.0
+        "cmd_p99_under_50ms": r["to_every_ack_p99_ms"] is not None
+        and r["to_every_ack_p99_ms"] < 50.0
         and r["outcomes"].get("applied", 0) == r["commands"],
         "no_rank_dead": r["joined"] == r["ranks"]
         and r["ranks_not_alive_max"] == 0
@@ -52,7 +54,8 @@ def goals(r: dict[str, Any]) -> dict[str, bool]:
 
 
 HEADER = (
-    f"{'ranks':>6} {'cpu':>6} {'rss MiB':>8} {'p50 ms':>8} {'p99 ms':>8} {'cmds':>5} {'applied':>7} "
+    f"{'ranks':>6} {'cpu':>6} {'rss MiB':>8} {'ack p50':>8} {'ack p99':>8} {'p50 ms':>8} {'p99 ms':>8} "
+    f"{'cmds':>5} {'applied':>7} "
     f"{'hb age s':>8} {'dead':>5} {'slow':>4} {'sim gap s':>9} {'sim cpu':>7} {'nats cpu':>8} {'load':>6} "
     f"{'scrape ms':>9} {'lag s':>6}"
 )
@@ -64,6 +67,7 @@ def row(r: dict[str, Any]) -> str:
 
     return (
         f"{r['ranks']:>6} {r['weaver_cpu_cores']:>6.2f} {r['weaver_rss_mib_max']:>8.1f} "
+        f"{num(r['to_every_ack_p50_ms'], '8.1f')} {num(r['to_every_ack_p99_ms'], '8.1f')} "
         f"{num(r['cmd_p50_ms'], '8.1f')} {num(r['cmd_p99_ms'], '8.1f')} {r['commands']:>5} "
         f"{r['outcomes'].get('applied', 0):>7} {num(r['hb_age_max_s'], '8.2f')} "
         f"{max(r['ranks_not_alive_max'], r['rank_dead_events'], r['ranks'] - r['joined']):>5} "

@@ -508,12 +508,21 @@ async def ensure_rank_consumer(
         ValueError: a name is not a valid subject token.
     """
     config = rank_consumer(job, run_id, rank, incarnation)
-    try:
-        await js.add_consumer(subjects.stream_commands_of(job), config)
-    except APIError as exc:
-        if exc.err_code != _CONSUMER_EXISTS:  # made before with an older config: it still delivers
-            raise
     assert config.durable_name is not None  # rank_consumer always names it
+    stream = subjects.stream_commands_of(job)
+    try:
+        await js.add_consumer(stream, config)
+    except APIError as exc:
+        if exc.err_code == _CONSUMER_EXISTS:  # made before with an older config: it still delivers
+            return config.durable_name
+        # One an older torchloom made keeps its state on file, and the server refuses to change that
+        # ("storage type can not be updated", a generic create error): it delivers the same commands.
+        try:
+            info = await js.consumer_info(stream, config.durable_name)
+        except NotFoundError:
+            raise exc from None
+        if info.config.filter_subject != config.filter_subject:
+            raise
     return config.durable_name
 
 

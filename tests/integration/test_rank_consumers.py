@@ -10,17 +10,20 @@ with the job's credential (it may pull, never make a consumer), stepping in a th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import uuid
 
+import pytest
 import torch
+from nats.js.errors import APIError
 from torch import nn
 
 import threadlet
 from tests.integration import helpers
 from threadlet.agent import Threadlet
-from torchloom import subjects
+from torchloom import bus, subjects
 from torchloom.client import ControlClient
 from torchloom.messages import OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
@@ -94,3 +97,29 @@ async def test_a_restarted_server_gets_the_rank_consumers_again(nats_server: Emb
     decided = [(d.seq, str(d.status)) for d in tl.applied]
     assert decided == [(1, "applied"), (2, "applied")], decided  # each once, the first not again
     assert opt.param_groups[0]["lr"] == 0.003
+
+
+async def test_a_consumer_an_older_version_made_on_file_is_kept(nats_server: EmbeddedNats) -> None:
+    """A weaver of this version, on a store where an older one made a rank's consumer with its state
+    on file, takes that consumer as made (it delivers the same commands): nats-server refuses to
+    change a consumer's storage, and that refusal, repeated at every heartbeat, must not be taken for
+    a failure to make it."""
+    nc = await helpers.connect(nats_server)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_job_commands(js, JOB)
+        config = bus.rank_consumer(JOB, "r1", 0, "inc-0")
+        older = dataclasses.replace(config, mem_storage=None)
+        await js.add_consumer(subjects.stream_commands_of(JOB), older)
+        assert await bus.ensure_rank_consumer(js, JOB, "r1", 0, "inc-0") == config.durable_name
+        info = await js.consumer_info(subjects.stream_commands_of(JOB), config.durable_name)
+        assert not info.config.mem_storage  # kept as it was
+        # A name taken by a consumer of another subject is still an error.
+        other = dataclasses.replace(older, durable_name=bus.rank_consumer(JOB, "r1", 1, "inc-1").durable_name)
+        await js.add_consumer(
+            subjects.stream_commands_of(JOB), dataclasses.replace(other, filter_subject=">")
+        )
+        with pytest.raises(APIError):
+            await bus.ensure_rank_consumer(js, JOB, "r1", 1, "inc-1")
+    finally:
+        await nc.close()

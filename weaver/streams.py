@@ -315,7 +315,10 @@ class RankConsumers:
         rank consumer (their state is in its memory, `bus.rank_consumer`), so each is made again at
         its rank's next heartbeat. Where it still exists, making it again changes nothing."""
         if self._made:
-            log.info("reconnected: the %d rank command consumers are made again", len(self._made))
+            log.info(
+                "reconnected: the %d rank command consumers are made again at their next heartbeats",
+                len(self._made),
+            )
         self._made.clear()
         self._no_stream_until.clear()
 

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from nats.aio.client import Client
@@ -32,6 +32,9 @@ from torchloom.errors import JobNotFound, WeaverUnavailable
 from torchloom.messages import Command, JobEvent, Outcome, OutcomeStatus, StatusReply, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
 from weaver.config import WeaverConfig
+
+if TYPE_CHECKING:
+    from threadlet.config import ThreadletConfig
 
 EXAMPLE = REPO / "examples" / "train_tiny.py"
 
@@ -138,6 +141,20 @@ def rank_creds(server: EmbeddedNats, job: str) -> dict[str, str]:
     if server.credentials is not None:
         env["TORCHLOOM_NATS_CREDS_FILE"] = str(server.grant_job(job).seed_file)
     return env
+
+
+def threadlet_config(server: EmbeddedNats, job: str, run_id: str) -> ThreadletConfig:
+    """The `ThreadletConfig` of an in-process rank of `job`'s run `run_id` on `server`: with the
+    job's credential on a secured server, and accepting commands signed by a weaver started here."""
+    from threadlet.config import ThreadletConfig  # here: most users of the helpers need no threadlet
+
+    return ThreadletConfig(
+        nats_url=server.url,
+        job=job,
+        run_id=run_id,
+        weaver_pubkey=weaver_pubkey(),
+        nats_creds_file=rank_creds(server, job).get("TORCHLOOM_NATS_CREDS_FILE"),
+    )
 
 
 def weaver_creds(server: EmbeddedNats) -> dict[str, str]:

@@ -60,14 +60,7 @@ async def test_more_commands_than_a_pull_batch_each_arrive(
         await helpers.make_rank_consumers(nc, JOB)  # the weaver's part, at the rank's first heartbeat
         model = nn.Linear(4, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        creds = helpers.rank_creds(nats_server, JOB).get("TORCHLOOM_NATS_CREDS_FILE")
-        config = threadlet.ThreadletConfig(
-            nats_url=nats_server.url,
-            job=JOB,
-            run_id=run_id,
-            weaver_pubkey=helpers.weaver_pubkey(),
-            nats_creds_file=creds,
-        )
+        config = helpers.threadlet_config(nats_server, JOB, run_id)
         tl = threadlet.attach(model=model, optimizer=opt, config=config)
         for seq in range(1, COMMANDS + 1):
             lr = 0.001 * seq

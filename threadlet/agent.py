@@ -123,7 +123,7 @@ class Threadlet:
         self._probe: health.DeviceProbe | None = None
         self._link: Link | None = None
         # The reports' hand-over: the Reporter swaps raw values in, the link thread builds from them.
-        outbox = Outbox(config, self._ctx, lr_groups=self._board.groups)
+        outbox = Outbox(config, self._ctx, lr_groups=self._board.groups, state=self._state)
         if not config.local:
             self._probe = health.make_probe(
                 self._ctx.local_rank, device=_device_of(model), nvml=self._fake_nvml

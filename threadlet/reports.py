@@ -63,15 +63,24 @@ class Outbox:
 
     The training thread stores `status_values` and `metrics_values` whole (one attribute store each,
     atomic under the GIL), so a reader sees one boundary's values or the previous boundary's, never a
-    mix: a heartbeat's step, tick, state and last seq always come from the same boundary. The link
-    thread calls `status` and `new_metrics` when it publishes; only it keeps the schema state below
-    (`Reporter.status` builds on the calling thread, for a rank without a link and for tests).
+    mix: a heartbeat's state, last seq, step time and knobs always come from the same boundary. The
+    link thread calls `status` and `new_metrics` when it publishes; only it keeps the schema state
+    below (`Reporter.status` builds on the calling thread, for a rank without a link and for tests).
+
+    A heartbeat's step is read from `state` as the heartbeat is built, not from the status values:
+    those are refreshed twice per heartbeat interval, so a rank that blocks (in a collective waiting
+    on a hung peer) would report the step of its last refresh, up to an interval's worth of steps
+    back, and a peer that hangs a step later would look ahead of it: the weaver blames the rank
+    behind (`weaver.health_policy`), the wrong one. One attribute read, on the link thread; nothing
+    is added to the training thread. The tick stays the boundary's (read apart from the step it
+    could come from another boundary); the weaver sees progress in a change of either.
 
     Args:
         config: job, run id and the heartbeat interval.
         ctx: this rank's identity.
         clock: monotonic seconds, for when the knob schema rides in full.
         lr_groups: the optimizer's parameter group names (`KnobBoard.groups`), for the lr of each.
+        state: the training state whose step each heartbeat carries (None: the status values').
     """
 
     def __init__(
@@ -81,10 +90,12 @@ class Outbox:
         clock: Callable[[], float] = time.monotonic,
         *,
         lr_groups: tuple[str, ...] = (),
+        state: TrainingState | None = None,
     ) -> None:
         self._config = config
         self._ctx = ctx
         self._clock = clock
+        self._state = state
         self.status_values: StatusValues | None = None
         self.metrics_values: MetricsValues | None = None
         self._metrics_sent: MetricsValues | None = None
@@ -119,6 +130,9 @@ class Outbox:
         """The status of `values`: the knob schema in full while it is new (or due again), else only
         its hash and the values. The schema is hashed only when the board's schema version changed."""
         step, tick, rank_state, last_seq, step_time_s, branch, version, specs, knob_values = values
+        live = self._state
+        if live is not None:  # where the rank is now, blocked or not (see the class docstring)
+            step = live.step_count
         now = self._clock()
         if version != self._schema_version:
             self._schema_version = version
@@ -242,7 +256,9 @@ class Reporter:
         self._state = state
         self._board = board
         self._link = link
-        self.outbox = outbox if outbox is not None else Outbox(config, ctx, clock, lr_groups=board.groups)
+        self.outbox = (
+            outbox if outbox is not None else Outbox(config, ctx, clock, lr_groups=board.groups, state=state)
+        )
         self._status_period_s = config.heartbeat_interval_s / 2
         self._metrics_period_s = config.metrics_interval_s
         # The lr of every parameter group rides each metrics report (as `board.group_values("lr")`

@@ -166,14 +166,20 @@ async def test_a_stalled_rank_is_reported_hung_then_recovers(
     async with _torchloom_run([*args, *script], run_env) as proc:
         client = await _client(proc)
         async with client:
+            seen: list[tuple[int, int, str, str]] = []  # the last status's ranks, for the failure text
 
             async def hung_rank_1() -> bool:
                 reply = await _status(client)
                 if reply is None or not reply.jobs:
                     return False
-                return any(r.rank == 1 and r.health == "hung" for r in reply.jobs[0].ranks)
+                ranks = reply.jobs[0].ranks
+                seen[:] = [(r.rank, r.step, r.health, r.health_reason) for r in ranks]
+                return any(r.rank == 1 and r.health == "hung" for r in ranks)
 
-            await until("rank 1 reported hung", hung_rank_1, timeout_s=60, proc=proc)
+            try:
+                await until("rank 1 reported hung", hung_rank_1, timeout_s=60, proc=proc)
+            except pytest.fail.Exception as exc:
+                raise AssertionError(f"{exc}; last status (rank, step, health, reason): {seen}") from exc
             devices = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "torchloom.app.cli", "devices", "--json", env=run_env,
                 stdout=asyncio.subprocess.PIPE,

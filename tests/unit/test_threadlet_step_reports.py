@@ -71,7 +71,10 @@ def test_a_status_is_handed_over_at_a_boundary_and_stays_that_boundary_s(tl: thr
     for _ in range(5):
         tl.step(loss=0.5)
     later = link.status
-    assert later is not None and (later.step, later.tick) == (4, 4)  # nothing handed over since
+    # Nothing handed over since: the tick and last seq are still that boundary's, but the step is
+    # where the rank is now, so a rank blocked between two hand-overs (in a collective waiting on a
+    # hung peer) is not reported behind the peer it waits on.
+    assert later is not None and (later.step, later.tick, later.last_seq) == (9, 4, 0)
     # A boundary that decides a command hands over a status naming it, with the values after it.
     tl._agreement.file(set_config(1, lr=0.05), time.time())
     tl.step(loss=0.5)
@@ -81,7 +84,7 @@ def test_a_status_is_handed_over_at_a_boundary_and_stays_that_boundary_s(tl: thr
     assert _values(after)["lr"] == 0.05
 
 
-def test_a_heartbeat_built_while_the_training_thread_steps_comes_from_one_boundary(
+def test_a_heartbeat_built_while_the_training_thread_steps_is_never_behind_its_boundary(
     tl: threadlet.Threadlet,
 ) -> None:
     outbox = tl._reporter.outbox
@@ -108,8 +111,9 @@ def test_a_heartbeat_built_while_the_training_thread_steps_comes_from_one_bounda
         reader.join(timeout=DEADLINE_S)
         sys.setswitchinterval(interval)
     assert len(seen) > 20
-    # Without a rollback step and tick advance together: a mix of two boundaries would split them.
-    assert all(hb.step == hb.tick and hb.state is RankState.RUNNING for hb in seen)
+    # Without a rollback step and tick advance together; the step is read live, the tick is the
+    # boundary's, so the step is never behind it.
+    assert all(hb.step >= hb.tick and hb.state is RankState.RUNNING for hb in seen)
     assert len({hb.step for hb in seen}) > 10
 
 

@@ -80,8 +80,11 @@ async def test_the_standby_takes_over_and_no_command_is_lost_or_decided_twice(
 
     await until("the second weaver standing by", standing_by, proc=second)
     both = ",".join(f"127.0.0.1:{p}" for p in ports)
-    # Each weaver announces itself in TORCHLOOM_HOME: a CLI with no flags finds both.
-    assert discovery.resolve_grpc(None) == both
+    # Each weaver announces itself in TORCHLOOM_HOME once it serves (its "weaver ready" line): a CLI
+    # with no flags finds both. The announcement follows the first answer, so wait for it.
+    await until(
+        "both weavers announced", lambda: discovery.resolve_grpc(None) == both, timeout_s=30, proc=second
+    )
 
     out = tmp_path / "out"
     job = start_session(

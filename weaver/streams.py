@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 _WRONG_LAST_SEQUENCE = 10071
+# JetStream's error code for a stream the server does not have (not "no message found", 10037).
+_STREAM_NOT_FOUND = 10059
 # Outbound events waiting for JetStream; past this new events are dropped rather than held. Outcomes
 # are never dropped: there is one per command, and the journal must hold each.
 OUTBOX_SIZE = 10_000
@@ -72,19 +74,34 @@ class Streams:
         self.timeout_s = timeout_s
 
     async def read(
-        self, stream: str, subject: str, *, follow: bool, since_s: float | None = None
+        self,
+        stream: str,
+        subject: str,
+        *,
+        follow: bool,
+        since_s: float | None = None,
+        missing_ok: bool = True,
     ) -> AsyncIterator[Msg]:
         """Messages of `stream` matching `subject`, oldest first, through an ordered consumer; with
         `since_s`, those stored from that time on (the server's clock).
 
-        Without `follow` it ends at the last matching message stored when it was called.
+        Without `follow` it ends at the last matching message stored when it was called. A stream
+        the server does not have reads as empty, unless not `missing_ok`.
+
+        Raises:
+            NatsUnavailable: not `missing_ok`, and the server has no such stream.
         """
         js, deadline = self.js, self.timeout_s
         last, newest_at = 0, None
-        with contextlib.suppress(NotFoundError):
+        try:
             async with asyncio.timeout(deadline):
                 newest = await js.get_last_msg(stream, subject)
             last, newest_at = newest.seq or 0, newest.time
+        except NotFoundError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND and not missing_ok:
+                # Not an empty journal: a store that does not hold it (or a server that has not
+                # loaded it) cannot tell what happened, and must not say "nothing".
+                raise NatsUnavailable(f"the server has no {stream} stream") from None
         start = None if since_s is None else datetime.datetime.fromtimestamp(since_s, datetime.UTC)
         if not follow and (last == 0 or (start is not None and newest_at is not None and newest_at < start)):
             return  # nothing stored (since `since_s`) to wait for
@@ -114,14 +131,14 @@ class Streams:
 
         Raises:
             ValueError: `job` is not a valid job name.
-            NatsUnavailable: JetStream did not answer in time.
+            NatsUnavailable: JetStream did not answer in time, or has no journal stream.
         """
         token = subjects.check_token("job", job) if job else "*"
         # Both journal.<job> and events.<job> and nothing else of the stream match this filter.
         subject = f"{subjects.PREFIX}.*.{token}"
         journal_prefix = subjects.journal_all()[:-1]
         try:
-            async for msg in self.read(subjects.STREAM_JOURNAL, subject, follow=follow):
+            async for msg in self.read(subjects.STREAM_JOURNAL, subject, follow=follow, missing_ok=False):
                 try:
                     entry: Outcome | JobEvent
                     if msg.subject.startswith(journal_prefix):

@@ -6,17 +6,23 @@ refuses. The read asks again instead of failing (a CI run's `torchloom replay --
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from torchloom import discovery
-from torchloom.app import history
+from torchloom import bus, discovery, subjects
+from torchloom.app import controlplane_config, history
 from torchloom.app.runs import RunRecord
+from torchloom.credentials import Role
 from torchloom.errors import NatsUnavailable, WeaverUnavailable
+from torchloom.nats_server import EmbeddedNats
+from weaver.streams import Streams
 
 
 def _refusing_address() -> str:
@@ -62,3 +68,57 @@ def test_a_weaver_that_goes_away_is_replaced_by_reading_the_store(tl_home: Path)
     with pytest.raises(NatsUnavailable, match="no JetStream store at"):
         asyncio.run(read())
     assert time.monotonic() - t0 >= 0.5  # the live weaver was asked until its file went
+
+
+def _holding(store: Path, pid: int) -> None:
+    """A control plane's state file naming `pid` as the process running the nats-server on `store`."""
+    path = controlplane_config.state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "store_dir": str(store), "nats_pid": 0}))
+
+
+def test_a_control_plane_still_stopping_on_the_store_is_waited_for(tl_home: Path) -> None:
+    """Exiting, a control plane withdraws its discovery file first and stops its nats-server last: a
+    private server opened on the store meanwhile shares it with the live one (a CI run's journal read
+    there found no entry at all). The read waits for the holder to be gone."""
+    store = tl_home / "store"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+    try:
+        _holding(store, holder.pid)
+        with pytest.raises(NatsUnavailable, match="no JetStream store at"):
+            asyncio.run(history.read_entries(_record(store)))
+        assert holder.poll() is not None  # the store was opened only once its holder had exited
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_control_plane_on_another_store_is_not_waited_for(tl_home: Path) -> None:
+    store = tl_home / "store"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        _holding(tl_home / "another-store", other.pid)
+        with pytest.raises(NatsUnavailable, match="no JetStream store at"):
+            asyncio.run(history.read_entries(_record(store)))
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+async def test_a_server_without_the_journal_stream_is_an_error_not_an_empty_journal(
+    nats_server: EmbeddedNats,
+) -> None:
+    """A store that does not hold the journal (or a server that has not loaded it) cannot say what
+    happened: reading it fails, naming the stream, where it read as an empty journal before."""
+    assert nats_server.credentials is not None
+    auth = nats_server.credentials.client_auth(Role.WEAVER)
+    nc = await bus.connect(nats_server.url, name="test-history", credentials=auth)
+    try:
+        streams = Streams(nc.jetstream(timeout=5.0), 5.0)
+        with pytest.raises(NatsUnavailable, match=f"no {subjects.STREAM_JOURNAL} stream"):
+            [e async for e in streams.journal("j")]
+        # Other reads of a stream that does not exist yet (a job's commands before its first) stay empty.
+        assert await streams.commands("j", "r1") == []
+    finally:
+        await nc.close()

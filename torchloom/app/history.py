@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from torchloom import bus, discovery, env, naming
-from torchloom.app import natsauth
+from torchloom.app import controlplane_config, natsauth
 from torchloom.app.runs import RunRecord
 from torchloom.client import ControlClient
 from torchloom.credentials import ClientAuth, CredentialStore, Role
@@ -91,11 +92,36 @@ async def read_entries(record: RunRecord) -> list[Entry]:
                 raise
             await asyncio.sleep(0.2)
     if record.store_dir:
+        await _wait_for_holder(Path(record.store_dir), deadline)
         return of_run(await _read_store(Path(record.store_dir), record.job), record)
     # A server of the user's: their credential, if they gave one (TORCHLOOM_NATS_CREDS_FILE).
     given = env.get(env.NATS_CREDS_FILE)
     auth = natsauth.given_auth(given, Role.WEAVER) if given else None
     return of_run(await _read_url(record.nats_url, record.job, auth), record)
+
+
+def _holder(store_dir: Path) -> int:
+    """The pid of a control plane of this home still running on `store_dir` (its state file names
+    the store, and it or its nats-server is alive), else 0. One that is exiting has withdrawn its
+    discovery file already but still runs its nats-server on the store until its last step, which
+    removes the state file."""
+    try:
+        data = json.loads(controlplane_config.state_path().read_text())
+        same = Path(str(data.get("store_dir") or "")).resolve() == store_dir.resolve()
+        pids = [int(data.get("pid") or 0), int(data.get("nats_pid") or 0)]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+    return next((pid for pid in pids if same and pid > 0 and discovery.pid_alive(pid)), 0)
+
+
+async def _wait_for_holder(store_dir: Path, deadline: float) -> None:
+    """Let a control plane that is exiting stop its nats-server on `store_dir` before a private one
+    opens the store (until `deadline`, `time.monotonic()`): two servers on one store is not a read
+    to trust. Past the deadline the store is read anyway, and a journal it cannot find is an error."""
+    while time.monotonic() < deadline:
+        if not _holder(store_dir):
+            return
+        await asyncio.sleep(0.1)
 
 
 async def _read_url(url: str, job: str, credentials: ClientAuth | None) -> list[Entry]:

@@ -12,7 +12,10 @@ PYTEST_ARGS ?=
 # The suite runs on this many pytest-xdist workers. Most of an integration test's time is waiting
 # (a job's processes importing torch, heartbeats, grace periods), so two workers finish the suite in
 # about 13 minutes on the 2-core machine where one took 19 to 21 (docs/benchmarks.md, "The suite").
-# TEST_WORKERS=0 runs it in this process, one test at a time.
+# TEST_WORKERS=0 runs it in this process, one test at a time. --dist worksteal: the default
+# scheduler hands each worker a first batch of a quarter of the tests in collection order, which put
+# nearly all integration tests on one worker (17.5 minutes); a worker with nothing left takes half of
+# the other's pending tests instead.
 TEST_WORKERS ?= 2
 
 .PHONY: help venv proto check test demo clean-runs ui-setup
@@ -53,7 +56,7 @@ ui-setup:
 endif
 
 test: $(STAMP) ui-setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --durations=30 $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=30 $(PYTEST_ARGS) tests
 
 # The CLI lives in $(VENV)/bin: the last line says how to put `torchloom` on PATH in a new shell.
 demo: $(STAMP)

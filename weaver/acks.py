@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +25,10 @@ from torchloom import bus, subjects
 log = logging.getLogger(__name__)
 
 # An unacknowledged ack is delivered again after this long: a delivery lost while the weaver
-# reconnected (a push consumer's in-flight messages) comes back this soon. A held one comes back too
-# and replaces the delivery held before (one per stream sequence).
+# reconnected (a push consumer's in-flight messages) comes back this soon. A held one is told "in
+# progress" (`AckFeed._keep_held`) once held half of this, so it does not come back while its
+# command waits for its last ack; one that comes back all the same (a journal write retried past it)
+# replaces the delivery held before (one per stream sequence).
 ACK_WAIT_S = 2.0
 # Acks held (not yet acknowledged) at most: pending commands x ranks. Past it JetStream pauses the
 # delivery, so it is far above any real backlog.
@@ -66,6 +69,9 @@ class AckFeed:
         self._handler = handler
         self._take_over = take_over
         self._held: dict[CommandKey, dict[int, Msg]] = {}
+        # When each held command's acks were last told "in progress" (or its first was held).
+        self._refreshed_at: dict[CommandKey, float] = {}
+        self._keeper: asyncio.Task[None] | None = None
         # Commands whose outcome is decided but not journaled yet (`hold`): their acks stay held.
         self._journaling: set[CommandKey] = set()
         self._sub: Any = None
@@ -95,6 +101,8 @@ class AckFeed:
             config=config,
             pending_msgs_limit=MAX_ACK_PENDING,
         )
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep_held(ACK_WAIT_S / 2), name="weaver-acks-held")
 
     async def _replace_bound(self, js: JetStreamContext) -> int | None:
         """Delete the durable consumer when a subscription (a predecessor's) is still bound to it, so
@@ -119,6 +127,11 @@ class AckFeed:
 
     async def stop(self) -> None:
         """Stop delivery (the durable consumer stays on the server for the next weaver)."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):
@@ -162,6 +175,27 @@ class AckFeed:
                 log.debug("could not nak an ack message: %s", exc)
         else:
             self._held.setdefault(key, {})[msg.metadata.sequence.stream] = msg
+            self._refreshed_at.setdefault(key, time.monotonic())
+
+    async def _keep_held(self, every_s: float) -> None:
+        """Tell JetStream that the acks of a command held for over `every_s` are still in progress
+        (one small publish each), so it does not deliver them again while the command waits for its
+        last ack. Without it, once commands take longer than ACK_WAIT_S (a weaver that falls
+        behind), every early ack came back every ACK_WAIT_S and the weaver that was behind took
+        each again: profiled at 1,000 ranks, 145,098 deliveries for 15,000 acks. A held ack waits
+        at most `every_s` and a half before it is told (the look runs every half of `every_s`)."""
+        while True:
+            await asyncio.sleep(every_s / 2)
+            now = time.monotonic()
+            for key, since in list(self._refreshed_at.items()):
+                if now - since < every_s or key not in self._refreshed_at:
+                    continue
+                self._refreshed_at[key] = now
+                for msg in list(self._held.get(key, {}).values()):
+                    try:
+                        await msg.in_progress()
+                    except Exception as exc:  # then it comes back, as it did before
+                        log.debug("could not mark a held ack in progress: %s", exc)
 
     def hold(self, key: CommandKey) -> None:
         """The outcome of command `key` is decided and on its way to the journal: until `release(key)`,
@@ -176,6 +210,7 @@ class AckFeed:
     async def release(self, key: CommandKey) -> None:
         """The outcome of command `key` is journaled: acknowledge every ack held for it."""
         self._journaling.discard(key)
+        self._refreshed_at.pop(key, None)
         for msg in self._held.pop(key, {}).values():
             await _ack(msg)
 

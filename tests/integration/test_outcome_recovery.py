@@ -2,15 +2,17 @@
 
 A real nats-server, weaver and 2-rank torchrun job. The journal stream is made to refuse every write
 (its max message size set to 1 byte: nothing stored is touched), so the weaver decides a command from
-both ranks' acks but its journal write is retried, past ACK_WAIT_S, when JetStream delivers the
-held acks again; then the weaver stops with the write never landed, the stream takes writes again,
-and a new weaver starts. It must journal that command's outcome from the acks its predecessor left
-unacknowledged (tests/integration/test_chaos.py saw it lost once: the redelivered acks were
-acknowledged as of no more use while the write was still being retried).
+both ranks' acks but its journal write is retried, past ACK_WAIT_S, while the acks stay held and
+pending (marked in progress, so JetStream does not deliver them again); then the weaver stops with
+the write never landed, the stream takes writes again, and a new weaver starts. It must journal that
+command's outcome from the acks its predecessor left unacknowledged (tests/integration/test_chaos.py
+saw it lost once: acks delivered again were acknowledged as of no more use while the write was still
+being retried; a delivery that comes back all the same, its in-progress mark lost, is held).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import subprocess
 from pathlib import Path
@@ -23,7 +25,7 @@ from torchloom import subjects
 from torchloom.client import ControlClient
 from torchloom.messages import Outcome, OutcomeStatus, SetConfig, SubmitRequest
 from torchloom.nats_server import EmbeddedNats
-from weaver.acks import ACK_WAIT_S
+from weaver.acks import ACK_WAIT_S, AckFeed
 from weaver.app import open_weaver
 
 JOB = "undone"
@@ -40,9 +42,14 @@ async def _journaled(client: ControlClient, command_id: str) -> list[Outcome]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("meanwhile", ["nothing", "ranks_gone", "acks_purged"])
+@pytest.mark.parametrize(
+    ("meanwhile", "marks"),
+    [("nothing", "kept"), ("ranks_gone", "kept"), ("acks_purged", "kept"), ("nothing", "lost")],
+)
 async def test_an_outcome_decided_but_not_journaled_is_journaled_by_the_next_weaver(
     meanwhile: str,
+    marks: str,
+    monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     subprocess_env: dict[str, str],
     nats_server: EmbeddedNats,
@@ -51,7 +58,15 @@ async def test_an_outcome_decided_but_not_journaled_is_journaled_by_the_next_wea
 ) -> None:
     """Between the two weavers: `nothing`; the job ends (`ranks_gone`: the acks its ranks sent are
     all that is left of them, and no rank reports to the next weaver); or the acks stream is purged
-    (`acks_purged`: nothing can decide the command, which ends as TIMEOUT saying so)."""
+    (`acks_purged`: nothing can decide the command, which ends as TIMEOUT saying so). With `marks`
+    "lost" the held acks' in-progress marks are lost (the feed sends none), so JetStream delivers
+    them again while the write is retried, and the feed must hold those deliveries too."""
+    if marks == "lost":
+
+        async def no_marks(self: AckFeed, every_s: float) -> None:
+            return None
+
+        monkeypatch.setattr(AckFeed, "_keep_held", no_marks)
     out = tmp_path / "out"
     job = torchrun(out, job_env(subprocess_env, JOB, server=nats_server), steps=1_000_000, step_sleep=0.02)
     procs.append(job)
@@ -68,15 +83,13 @@ async def test_an_outcome_decided_but_not_journaled_is_journaled_by_the_next_wea
                 SubmitRequest(job=JOB, body=SetConfig(values={"lr": 0.003}), timeout_s=60)
             )
             assert decided.status is OutcomeStatus.APPLIED, decided
+            # Both acks stay held, unacknowledged, while the outcome's write is retried past
+            # ACK_WAIT_S; the feed marks them in progress, so none is delivered again meanwhile
+            # (unless the marks are lost: then both are, and held again).
+            await asyncio.sleep(2.5 * ACK_WAIT_S)
             info = await js.consumer_info(subjects.STREAM_ACKS, acks_consumer)
-            delivered = info.delivered.consumer_seq
-
-            # Both acks are delivered again (after ACK_WAIT_S) while the outcome's write is retried.
-            async def redelivered() -> bool:
-                info = await js.consumer_info(subjects.STREAM_ACKS, acks_consumer)
-                return bool(info.delivered.consumer_seq >= delivered + 2)
-
-            await until("the held acks delivered again", redelivered, timeout_s=10 * ACK_WAIT_S)
+            assert info.num_ack_pending >= 2, info
+            assert (info.num_redelivered >= 2) if marks == "lost" else (info.num_redelivered == 0), info
             assert not await _journaled(client, decided.command_id), "the journal took a write"
         # The weaver has stopped (its outbox cancelled) with the write never landed.
     finally:

@@ -111,7 +111,9 @@ def _holder(store_dir: Path) -> int:
         pids = [int(data.get("pid") or 0), int(data.get("nats_pid") or 0)]
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
-    return next((pid for pid in pids if same and pid > 0 and discovery.pid_alive(pid)), 0)
+    if not same:
+        return 0
+    return next((pid for pid in pids if pid > 0 and discovery.pid_alive(pid)), 0)
 
 
 async def _wait_for_holder(store_dir: Path, deadline: float) -> None:

@@ -461,10 +461,12 @@ async def until(
         code = proc.poll() if isinstance(proc, subprocess.Popen) else proc.returncode if proc else None
         if proc is not None and code is not None:
             out = await _output(proc)
-            pytest.fail(f"the process exited ({code}) while waiting for {what}: {out[-3000:]}{_tails(logs)}")
+            pytest.fail(
+                f"the process exited ({code}) while waiting for {what}: {out[-3000:]}{log_tails(logs)}"
+            )
         if time.monotonic() > end:
             pytest.fail(
-                f"timed out after {timeout_s:g}s waiting for {what}; last value {got!r}{_tails(logs)}"
+                f"timed out after {timeout_s:g}s waiting for {what}; last value {got!r}{log_tails(logs)}"
             )
         await asyncio.sleep(interval_s)
 
@@ -479,7 +481,8 @@ async def _output(proc: asyncio.subprocess.Process | subprocess.Popen[Any]) -> s
     return (await stream_a.read()).decode(errors="replace") if stream_a else ""
 
 
-def _tails(logs: Sequence[Path]) -> str:
+def log_tails(logs: Sequence[Path]) -> str:
+    """The last 3,000 characters of each log in `logs` that exists, each under its name."""
     return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
 
 

@@ -30,7 +30,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import EXAMPLE, job_env, kill_tree, read_records, start_session, until
+from tests.integration.helpers import (
+    EXAMPLE,
+    job_env,
+    kill_tree,
+    log_tails,
+    read_records,
+    start_session,
+    until,
+)
 from tests.integration.weaver_proc import WeaverProc, free_port
 from torchloom.client import ControlClient, SubmitResult, submit_until
 from torchloom.errors import JobNotFound, WeaverUnavailable
@@ -58,6 +66,9 @@ FAULTS: tuple[tuple[int, str], ...] = (
 # A fault starts this long after its command was sent, so it lands while the command is in flight.
 FAULT_DELAY_S = 0.1
 SUBMIT_DEADLINE_S = 60.0
+# The whole stream (100 commands, 4 faults) takes 49 to 56 s here; past this bound the test stops and
+# says where the stream stood, instead of running into pytest's timeout with nothing to show.
+STREAM_BOUND_S = 180.0
 STALL_BOUND_S = 10.0
 RATE_BOUND = 0.3
 
@@ -177,7 +188,7 @@ async def status(addr: str) -> StatusReply | None:
         return None
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)  # past the test's own bounds (STREAM_BOUND_S), which say more
 async def test_commands_decided_exactly_once_through_server_and_weaver_kills(
     tmp_path: Path, subprocess_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -225,27 +236,80 @@ async def test_commands_decided_exactly_once_through_server_and_weaver_kills(
             cluster.kill(i)
             await asyncio.sleep(1.0)
             cluster.start(i)
-            await until(f"server {i} healthy again", lambda: cluster.healthy(i), timeout_s=60)
+            await until(
+                f"server {i} healthy again",
+                lambda: cluster.healthy(i),
+                timeout_s=60,
+                logs=[cluster.nodes[i].dir / "server.log"],
+            )
+            mark(f"server {i} healthy again")
 
         async def weaver_fault() -> None:
             assert weaver is not None
             await asyncio.sleep(FAULT_DELAY_S)
             weaver.kill()
             weaver.start()
+            mark("weaver restarted")
+            # A weaver that cannot start again (its process exits) fails the test here, with its log.
+            await until(
+                "the restarted weaver to answer",
+                lambda: status(addr),
+                timeout_s=60,
+                proc=weaver.proc,
+                logs=logs,
+            )
+            mark("weaver answers")
 
-        for n in range(1, COMMANDS + 1):
-            fault = faults.get(n)
-            if fault is not None:
-                # One fault at a time: the previous one has healed before the next starts.
+        timeline: list[str] = []  # what happened when, shown if the stream stalls
+
+        def mark(what: str) -> None:
+            timeline.append(f"{time.monotonic() - chaos_start:7.2f}s {what}")
+
+        async def stream() -> None:
+            for n in range(1, COMMANDS + 1):
+                fault = faults.get(n)
+                if fault is not None:
+                    # One fault at a time: the previous one has healed before the next starts.
+                    for t in fault_tasks:
+                        await t
+                    mark(f"fault {fault} at command {n}")
+                    what = weaver_fault() if fault == "weaver" else server_fault(int(fault.split("-")[1]))
+                    fault_tasks.append(asyncio.create_task(what))
+                request = SubmitRequest(job=JOB, body=SetConfig(values={"lr": lr_of(n)}), issuer=issuer)
+                mark(f"command {n} sent")
+                result = await submit_until(request, lambda: addr, deadline_s=SUBMIT_DEADLINE_S)
+                outcome = result.outcome
+                mark(
+                    f"command {n} {result.command_id}: "
+                    f"{outcome.status if outcome is not None else 'no outcome'} after {result.attempts} "
+                    f"attempt(s){'; ' + result.error if result.error else ''}"
+                )
+                results.append((lr_of(n), result))
                 for t in fault_tasks:
-                    await t
-                what = weaver_fault() if fault == "weaver" else server_fault(int(fault.split("-")[1]))
-                fault_tasks.append(asyncio.create_task(what))
-            request = SubmitRequest(job=JOB, body=SetConfig(values={"lr": lr_of(n)}), issuer=issuer)
-            result = await submit_until(request, lambda: addr, deadline_s=SUBMIT_DEADLINE_S)
-            results.append((lr_of(n), result))
-        for t in fault_tasks:
-            await t
+                    if t.done():
+                        t.result()  # a fault that did not heal fails the test now, not at its end
+            for t in fault_tasks:
+                await t
+            mark("faults healed")
+
+        try:
+            async with asyncio.timeout(STREAM_BOUND_S):
+                await stream()
+        except TimeoutError:
+            reply = await status(addr)
+            ranks = "\n".join(
+                f"  job last_seq={j.last_seq}; "
+                + "; ".join(f"rank {r.rank} alive={r.alive} step={r.step} state={r.state}" for r in j.ranks)
+                for j in (reply.jobs if reply is not None else ())
+            )
+            health = {n.name: cluster.healthy(i) for i, n in enumerate(cluster.nodes)}
+            server_logs = [n.dir / "server.log" for n in cluster.nodes]
+            pytest.fail(
+                f"the stream did not end within {STREAM_BOUND_S:g}s\n"
+                + "\n".join(timeline[-40:])
+                + f"\ncluster health {health}\nweaver status:\n{ranks or '  (no answer)'}"
+                + log_tails([*logs, *server_logs])
+            )
         chaos_end = time.monotonic()
         meter_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -21,7 +23,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats.errors
+import nats.js.errors
+
 from torchloom import bus, defaults, discovery, tokens
+from torchloom.errors import NatsUnavailable
 from torchloom.policy import PolicyMode
 from weaver.config import WeaverConfig
 from weaver.grpc_api import ControlServer
@@ -31,6 +37,12 @@ from weaver.metrics import MetricsServer
 from weaver.service import Weaver
 
 log = logging.getLogger(__name__)
+
+# A standalone weaver whose start fails on something that passes (`transient_start_error`) tries
+# again after START_RETRY_FIRST_S, doubling up to START_RETRY_MAX_S, for DEFAULT_START_GIVE_UP_S.
+START_RETRY_FIRST_S = 0.25
+START_RETRY_MAX_S = 5.0
+DEFAULT_START_GIVE_UP_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +270,82 @@ async def serve_standby(
             await _until_closed_or(stop, running.wait_closed())
 
 
+def transient_start_error(exc: BaseException) -> bool:
+    """Whether a weaver's start failed on something that passes by itself: NATS not reachable yet,
+    JetStream not answering in time (a cluster electing leaders after a server restarted), or the
+    gRPC port still held (a killed predecessor's)."""
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return True
+    return isinstance(
+        exc,
+        (
+            NatsUnavailable,
+            TimeoutError,  # also nats-py's own
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.StaleConnectionError,
+            nats.js.errors.ServiceUnavailableError,
+        ),
+    )
+
+
+async def serve_retrying(
+    config: WeaverConfig,
+    *,
+    ready: Callable[[RunningWeaver | StandbyWeaver], None] | None = None,
+    handle_sigterm: bool = False,
+    lease: LeaseConfig | None = None,
+    give_up_s: float = DEFAULT_START_GIVE_UP_S,
+) -> None:
+    """`serve` (with `lease`, `serve_standby`) that starts again while its start fails on something
+    that passes (`transient_start_error`), pausing START_RETRY_FIRST_S and doubling up to
+    START_RETRY_MAX_S, for up to `give_up_s`. A weaver restarted while its NATS cluster re-forms then
+    comes up once JetStream answers, instead of exiting. Only the start is retried: once ready, the
+    weaver ends as `serve` does.
+
+    Raises:
+        NatsUnavailable: the start still failed on something transient after `give_up_s`.
+        ValueError: `give_up_s` is negative or not finite.
+        Exception: any other start failure, at once (a bad key or token file, a bad config).
+    """
+    if not (math.isfinite(give_up_s) and give_up_s >= 0):
+        raise ValueError(f"give_up_s={give_up_s!r} rejected: must be a finite number of seconds >= 0")
+    first, pause = time.monotonic(), START_RETRY_FIRST_S
+    while True:
+        started = False
+
+        def _ready(running: RunningWeaver | StandbyWeaver) -> None:
+            nonlocal started
+            started = True
+            if ready is not None:
+                ready(running)
+
+        try:
+            if lease is None:
+                await serve(config, ready=_ready, handle_sigterm=handle_sigterm)
+            else:
+                await serve_standby(config, lease, ready=_ready, handle_sigterm=handle_sigterm)
+            return
+        except Exception as exc:
+            spent = time.monotonic() - first
+            if started or not transient_start_error(exc):
+                raise
+            if spent + pause > give_up_s:
+                raise NatsUnavailable(
+                    f"the weaver did not start within {give_up_s:g} s (--start-timeout): {exc!r}"
+                ) from exc
+            log.warning(
+                "the weaver could not start (%r): trying again in %.2f s (%.1f s of %g s spent)",
+                exc,
+                pause,
+                spent,
+                give_up_s,
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, START_RETRY_MAX_S)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m weaver --nats URL [--grpc HOST:PORT]`: run a weaver against an existing NATS."""
     parser = argparse.ArgumentParser(prog="python -m weaver", description=__doc__)
@@ -300,7 +388,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="allow a non-loopback --metrics-host (the endpoint has no token)",
     )
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=DEFAULT_START_GIVE_UP_S,
+        help="keep trying a start that fails on NATS (not reachable yet, JetStream electing leaders) "
+        f"or a port still held, this many seconds (default {DEFAULT_START_GIVE_UP_S:g}; 0: try once)",
+    )
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.start_timeout) and args.start_timeout >= 0):
+        parser.error(f"--start-timeout {args.start_timeout:g}: must be a finite number of seconds >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     base = WeaverConfig.from_env(nats_url=args.nats, grpc_addr=args.grpc)
     try:
@@ -329,10 +426,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            if args.standby:
-                asyncio.run(serve_standby(config, LeaseConfig(), ready=_ready, handle_sigterm=True))
-            else:
-                asyncio.run(serve(config, ready=_ready, handle_sigterm=True))
+            asyncio.run(
+                serve_retrying(
+                    config,
+                    ready=_ready,
+                    handle_sigterm=True,
+                    lease=LeaseConfig() if args.standby else None,
+                    give_up_s=args.start_timeout,
+                )
+            )
     finally:
         for path in announced:
             discovery.withdraw_weaver(path)

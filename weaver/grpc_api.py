@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import errno
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -443,7 +444,8 @@ class ControlServer:
             port = 0
         if port == 0:
             raise OSError(
-                f"cannot bind the gRPC Control service to {self.requested_address}: is the port in use?"
+                errno.EADDRINUSE,
+                f"cannot bind the gRPC Control service to {self.requested_address}: is the port in use?",
             )
         await server.start()
         self._server, self._port = server, port

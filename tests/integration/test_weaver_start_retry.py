@@ -1,0 +1,109 @@
+"""`python -m weaver` keeps trying a start that fails on something that passes (NATS not reachable
+yet, JetStream not answering while a cluster re-forms, the gRPC port still held), for
+`--start-timeout`; a start that fails on anything else (a malformed token file) ends at once.
+
+A weaver restarted by a supervisor while its NATS restarts too must come up once NATS does, not
+exit and leave the job unsteerable (CI once lost a chaos run to a weaver that never came back)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import until
+from tests.integration.weaver_proc import free_port
+from torchloom import tokens
+from torchloom.client import ControlClient
+from torchloom.errors import WeaverUnavailable
+from torchloom.nats_server import EmbeddedNats
+
+
+def _weaver(env: dict[str, str], nats_url: str, grpc: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # noqa: SIM115 - the child owns it from here
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "weaver", "--nats", nats_url, "--grpc", grpc, *extra],
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    finally:
+        out.close()
+
+
+async def _answers(addr: str) -> bool:
+    try:
+        async with ControlClient(addr, timeout_s=2.0) as client:
+            await client.status()
+    except WeaverUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+async def test_a_weaver_started_before_its_nats_comes_up_once_nats_does(
+    tmp_path: Path, subprocess_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    port = free_port()
+    addr = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "weaver.log"
+    weaver = _weaver(subprocess_env, f"nats://127.0.0.1:{port}", addr, log)
+    procs.append(weaver)
+    # Nothing listens on the port yet: the weaver says it will try again, and stays up.
+    await until(
+        "a retried start", lambda: "trying again" in log.read_text(), timeout_s=60, proc=weaver, logs=[log]
+    )
+    server = EmbeddedNats(tmp_path / "nats", port=port)
+    server.start()
+    try:
+        await until("the weaver to answer", lambda: _answers(addr), timeout_s=60, proc=weaver, logs=[log])
+        assert "weaver ready: grpc" in log.read_text()
+    finally:
+        weaver.terminate()
+        weaver.wait(timeout=30)
+        server.stop()
+    assert weaver.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_a_weaver_whose_nats_never_comes_gives_up_after_its_start_timeout(
+    tmp_path: Path, subprocess_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    log = tmp_path / "weaver.log"
+    weaver = _weaver(
+        subprocess_env,
+        f"nats://127.0.0.1:{free_port()}",
+        f"127.0.0.1:{free_port()}",
+        log,
+        "--start-timeout",
+        "2",
+    )
+    procs.append(weaver)
+    code = await asyncio.to_thread(weaver.wait, 60)
+    said = log.read_text()
+    assert code != 0, said[-3000:]
+    assert "did not start within 2 s (--start-timeout)" in said, said[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_a_start_that_cannot_pass_by_itself_is_not_retried(
+    tmp_path: Path, subprocess_env: dict[str, str], procs: list[subprocess.Popen[bytes]], tl_home: Path
+) -> None:
+    token_file = tl_home / "controlplane" / "secrets" / tokens.FILE_NAME
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text("not json")
+    token_file.chmod(0o600)
+    log = tmp_path / "weaver.log"
+    # NATS is not there either: a retry would wait for it (60 s by default); the bad file ends it.
+    weaver = _weaver(subprocess_env, f"nats://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", log)
+    procs.append(weaver)
+    code = await asyncio.to_thread(weaver.wait, 45)
+    said = log.read_text()
+    assert code != 0, said[-3000:]
+    assert "TokenError" in said, said[-3000:]
+    assert "trying again" not in said

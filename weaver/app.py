@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -27,7 +28,7 @@ import nats.errors
 import nats.js.errors
 
 from torchloom import bus, defaults, discovery, tokens
-from torchloom.errors import NatsUnavailable
+from torchloom.errors import NatsUnavailable, TorchloomError
 from torchloom.policy import PolicyMode
 from weaver.config import WeaverConfig
 from weaver.grpc_api import ControlServer
@@ -435,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                     give_up_s=args.start_timeout,
                 )
             )
+    except (TorchloomError, OSError) as exc:  # NATS gone for good, a bad file, a port in use: one line
+        print(f"python -m weaver: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         for path in announced:
             discovery.withdraw_weaver(path)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -34,7 +35,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from torchloom import subjects
 from torchloom.credentials import ClientAuth
-from torchloom.errors import NatsUnavailable
+from torchloom.errors import NatsRefused, NatsUnavailable
 from torchloom.private_files import redact_url
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,13 @@ async def connect(
     """
 
     last_error: list[Exception] = []
+    refused: list[Exception] = []  # an "Authorization Violation" (nats-py raises it as a plain Error too)
 
     async def _error(exc: Exception) -> None:
         log.debug("nats %s: %s", name, redact_url(str(exc)))
         last_error[:] = [exc]
+        if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower():
+            refused[:] = [exc]
         if on_error is not None:
             await on_error(exc)
 
@@ -139,6 +143,10 @@ async def connect(
         why = redact_url(str(exc)) or type(exc).__name__
         if last_error:  # e.g. "Authorization Violation" when the credentials are missing or wrong
             why += f" (last error: {redact_url(str(last_error[0])) or type(last_error[0]).__name__})"
+        if refused:
+            raise NatsRefused(
+                f"NATS at {redact_url(url)} refused the credentials: {redact_url(str(refused[0]))}"
+            ) from exc
         raise NatsUnavailable(f"cannot reach NATS at {redact_url(url)}: {why}") from exc
 
 

@@ -33,6 +33,11 @@ class NatsUnavailable(TorchloomError, ConnectionError):
     """The NATS server cannot be reached or could not be started."""
 
 
+class NatsRefused(NatsUnavailable):
+    """The NATS server answered and refused the connection's credentials ("Authorization
+    Violation"): trying again with the same ones cannot help."""
+
+
 class CommandTimeout(TorchloomError, TimeoutError):
     """Not every rank answered a command before the deadline."""
 

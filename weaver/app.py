@@ -28,7 +28,7 @@ import nats.errors
 import nats.js.errors
 
 from torchloom import bus, defaults, discovery, tokens
-from torchloom.errors import NatsUnavailable, TorchloomError
+from torchloom.errors import NatsRefused, NatsUnavailable, TorchloomError
 from torchloom.policy import PolicyMode
 from weaver.config import WeaverConfig
 from weaver.grpc_api import ControlServer
@@ -274,9 +274,11 @@ async def serve_standby(
 def transient_start_error(exc: BaseException) -> bool:
     """Whether a weaver's start failed on something that passes by itself: NATS not reachable yet,
     JetStream not answering in time (a cluster electing leaders after a server restarted), or the
-    gRPC port still held (a killed predecessor's)."""
+    gRPC port still held (a killed predecessor's). Refused credentials (`NatsRefused`) do not."""
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return True
+    if isinstance(exc, NatsRefused):  # wrong or missing credentials stay wrong
+        return False
     return isinstance(
         exc,
         (

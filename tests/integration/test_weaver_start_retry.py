@@ -110,3 +110,22 @@ async def test_a_start_that_cannot_pass_by_itself_is_not_retried(
     assert code != 0, said[-3000:]
     assert "python -m weaver: error: gRPC token file" in said and "is malformed" in said, said[-3000:]
     assert "trying again" not in said
+
+
+@pytest.mark.timeout(120)
+async def test_credentials_the_server_refuses_end_the_start_at_once(
+    tmp_path: Path,
+    subprocess_env: dict[str, str],
+    procs: list[subprocess.Popen[bytes]],
+    nats_server: EmbeddedNats,
+) -> None:
+    # The server admits only torchloom's roles, and this weaver has no credential file: refused.
+    env = {k: v for k, v in subprocess_env.items() if k != "TORCHLOOM_NATS_CREDS_FILE"}
+    log = tmp_path / "weaver.log"
+    weaver = _weaver(env, nats_server.url, f"127.0.0.1:{free_port()}", log)
+    procs.append(weaver)
+    code = await asyncio.to_thread(weaver.wait, 45)
+    said = log.read_text()
+    assert code == 1, said[-3000:]
+    assert "refused the credentials" in said and "Authorization Violation" in said, said[-3000:]
+    assert "trying again" not in said

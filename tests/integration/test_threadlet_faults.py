@@ -110,20 +110,20 @@ async def test_command_after_server_restart_still_arrives(
 
 
 @pytest.mark.slow
-def test_finish_exits_zero_every_time(tmp_path: Path, job_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("run", range(6))  # separate tests: the two workers share them out
+def test_finish_exits_zero_every_time(tmp_path: Path, job_env: dict[str, str], run: int) -> None:
     """The gloo exit trap: without finish() about 40% of such runs abort at exit, so six runs catch its
     return 95% of the time (ten took a minute of the suite's budget for 99%)."""
-    for i in range(6):
-        out = tmp_path / f"run{i}"
-        proc = torchrun(out, job_env, steps=5, step_sleep=0.0)
-        try:
-            stdout, _ = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                kill_tree(proc.pid)
-                proc.wait(timeout=10)
-        assert proc.returncode == 0, f"run {i}: " + stdout.decode(errors="replace")[-4000:]
-        assert all(len(read_records(out / f"rank{r}.jsonl")) == 5 for r in (0, 1))
+    out = tmp_path / f"run{run}"
+    proc = torchrun(out, job_env, steps=5, step_sleep=0.0)
+    try:
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, f"run {run}: " + stdout.decode(errors="replace")[-4000:]
+    assert all(len(read_records(out / f"rank{r}.jsonl")) == 5 for r in (0, 1))
 
 
 def _children(pid: int, running: str) -> list[int]:

@@ -1,6 +1,7 @@
-"""`python -m weaver` keeps trying a start that fails on something that passes (NATS not reachable
-yet, JetStream not answering while a cluster re-forms, the gRPC port still held), for
-`--start-timeout`; a start that fails on anything else (a malformed token file) ends at once.
+"""A weaver of your own (`python -m weaver`, and `torchloom weaver --nats URL`) keeps trying a start
+that fails on something that passes (NATS not reachable yet, JetStream not answering while a cluster
+re-forms, the gRPC port still held) for a bound; a start that fails on anything else (a malformed
+token file, refused credentials) ends at once.
 
 A weaver restarted by a supervisor while its NATS restarts too must come up once NATS does, not
 exit and leave the job unsteerable (CI once lost a chaos run to a weaver that never came back)."""
@@ -8,6 +9,7 @@ exit and leave the job unsteerable (CI once lost a chaos run to a weaver that ne
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ import pytest
 from tests.integration.helpers import until
 from tests.integration.weaver_proc import free_port
 from torchloom import tokens
+from torchloom.app.controlplane import ControlPlane
+from torchloom.app.controlplane_config import ControlPlaneConfig
 from torchloom.client import ControlClient
 from torchloom.errors import WeaverUnavailable
 from torchloom.nats_server import EmbeddedNats
@@ -129,3 +133,33 @@ async def test_credentials_the_server_refuses_end_the_start_at_once(
     assert code == 1, said[-3000:]
     assert "refused the credentials" in said and "Authorization Violation" in said, said[-3000:]
     assert "trying again" not in said
+
+
+@pytest.mark.timeout(120)
+async def test_a_control_plane_on_an_external_nats_waits_for_it_to_come_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `torchloom weaver --nats URL` (deploy/k8s/weaver.yaml): a pod that starts before its NATS.
+    port = free_port()
+    plane = ControlPlane(ControlPlaneConfig(home=tmp_path / "home", nats_url=f"nats://127.0.0.1:{port}"))
+    running = asyncio.create_task(plane.run())
+    server = EmbeddedNats(tmp_path / "late-nats", port=port)
+    try:
+        # Its first weaver start fails (nothing listens): the plane tries again, neither ending nor ready.
+        caplog.set_level(logging.WARNING, logger="torchloom.app.controlplane")
+        await until(
+            "a retried weaver start",
+            lambda: running.done() or "weaver start failed, retrying" in caplog.text,
+            timeout_s=60,
+        )
+        assert not running.done(), running.exception()
+        assert not plane.ready.is_set()
+        server.start()
+        async with asyncio.timeout(60):
+            await plane.ready.wait()
+        assert await _answers(plane.grpc)
+    finally:
+        plane.stop()
+        async with asyncio.timeout(30):
+            await asyncio.gather(running, return_exceptions=True)
+        server.stop()

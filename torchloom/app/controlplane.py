@@ -321,7 +321,12 @@ class ControlPlane:
     # ---- the weaver -------------------------------------------------------------------------------------
 
     async def _weaver_loop(self, first: asyncio.Future[None]) -> None:
-        """Run the weaver; restart it (on the same gRPC address) whenever it stops."""
+        """Run the weaver; restart it (on the same gRPC address) whenever it stops. On an external
+        NATS, a first start that fails on something that passes (the server not up yet, JetStream
+        electing leaders: `weaver.app.transient_start_error`) is tried again for
+        `weaver.app.DEFAULT_START_GIVE_UP_S`, as `python -m weaver` does: a pod started before its
+        NATS waits for it instead of crashing."""
+        began = time.monotonic()
         while True:
             bus.check_cancelled()  # a weaver's start or close may have swallowed our cancellation
             ready: asyncio.Future[RunningWeaver] = asyncio.get_running_loop().create_future()
@@ -385,12 +390,16 @@ class ControlPlane:
                     self._grpc_bind = self.config.grpc_addr
                     continue
                 if not first.done():
-                    first.set_exception(
-                        WeaverFailed(
-                            f"weaver did not become ready within {WEAVER_READY_TIMEOUT_S:g}s: {exc!r}"
-                        )
+                    # On an external NATS that may be starting: keep trying, within a bound.
+                    waiting = (
+                        self.server is None and exc is not None and weaver_app.transient_start_error(exc)
                     )
-                    return
+                    bound = weaver_app.DEFAULT_START_GIVE_UP_S if waiting else WEAVER_READY_TIMEOUT_S
+                    if not waiting or time.monotonic() - began >= bound:
+                        first.set_exception(
+                            WeaverFailed(f"weaver did not become ready within {bound:g}s: {exc!r}")
+                        )
+                        return
                 log.warning("weaver start failed, retrying: %r", exc)
             await asyncio.sleep(WEAVER_RETRY_S)
 

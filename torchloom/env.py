@@ -6,12 +6,17 @@ Precedence everywhere: an explicit argument, then the variable, then the default
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 NATS_URL = "TORCHLOOM_NATS_URL"  # nats://127.0.0.1:4222; unset: embedded server
 GRPC_ADDR = "TORCHLOOM_GRPC"  # host:port of the weaver's gRPC Control service
 # The NATS credential this process connects with: an nkey seed file or a .creds file, mode 0600
 # (torchloom/credentials.py). `torchloom run` hands each rank its job's threadlet credential here.
 NATS_CREDS_FILE = "TORCHLOOM_NATS_CREDS_FILE"
+# JetStream replicas of the weaver's streams on a NATS cluster of yours, 1 to 5 (default 1): 3 keeps
+# the journal, acks and commands through the loss of one server. Ignored on the embedded server.
+NATS_REPLICAS = "TORCHLOOM_NATS_REPLICAS"
 TOKEN = "TORCHLOOM_TOKEN"  # bearer token for the weaver's gRPC service (torchloom/tokens.py)
 GRPC_CA_FILE = "TORCHLOOM_GRPC_CA_FILE"  # PEM CA of a weaver serving gRPC over TLS (off loopback)
 # PEM CA a NATS client verifies the server with (a control plane's `--listen HOST`, torchloom/tls.py):
@@ -37,6 +42,9 @@ AGREEMENT = "TORCHLOOM_AGREEMENT"  # "auto" (ride DDP's all-reduce when there is
 START_HOLD_S = "TORCHLOOM_START_HOLD_S"
 
 
+_N = TypeVar("_N", int, float)
+
+
 def get(name: str, default: str | None = None) -> str | None:
     """Return the variable's value, or `default` when it is unset or empty."""
     value = os.environ.get(name)
@@ -45,13 +53,22 @@ def get(name: str, default: str | None = None) -> str | None:
 
 def get_float(name: str, default: float) -> float:
     """Return the variable as a float, or `default`; a malformed value is a clear ValueError."""
+    return _parsed(name, default, float, "a number")
+
+
+def get_int(name: str, default: int) -> int:
+    """Return the variable as an int, or `default`; a malformed value is a clear ValueError."""
+    return _parsed(name, default, int, "a whole number")
+
+
+def _parsed(name: str, default: _N, parse: Callable[[str], _N], expected: str) -> _N:
     raw = get(name)
     if raw is None:
         return default
     try:
-        return float(raw)
+        return parse(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
+        raise ValueError(f"{name}={raw!r} is not {expected}") from None
 
 
 # Restart and resume: set by the launcher's supervisor on a relaunched attempt, read by the threadlet.

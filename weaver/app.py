@@ -392,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         help="allow a non-loopback --metrics-host (the endpoint has no token)",
     )
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="JetStream replicas of the weaver's streams on a NATS cluster, 1 to 5 (default: "
+        "TORCHLOOM_NATS_REPLICAS, else 1; 3 keeps the journal through the loss of one server)",
+    )
+    parser.add_argument(
         "--start-timeout",
         type=float,
         default=DEFAULT_START_GIVE_UP_S,
@@ -402,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (math.isfinite(args.start_timeout) and args.start_timeout >= 0):
         parser.error(f"--start-timeout {args.start_timeout:g}: must be a finite number of seconds >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    base = WeaverConfig.from_env(nats_url=args.nats, grpc_addr=args.grpc)
     try:
+        base = WeaverConfig.from_env(nats_url=args.nats, grpc_addr=args.grpc)
         # From the environment's config, so its NATS credential and signing key are kept.
         config = dataclasses.replace(
             base,
@@ -414,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             metrics_allow_remote=args.metrics_allow_remote,
+            replicas=base.replicas if args.replicas is None else args.replicas,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -182,13 +182,19 @@ class WeaverConfig:
     @classmethod
     def from_env(cls, *, nats_url: str | None = None, grpc_addr: str | None = None) -> WeaverConfig:
         """Build a config: explicit arguments, then TORCHLOOM_NATS_URL / TORCHLOOM_GRPC, then defaults;
-        the NATS credential from TORCHLOOM_NATS_CREDS_FILE (none when unset).
+        the NATS credential from TORCHLOOM_NATS_CREDS_FILE (none when unset), the streams' replicas
+        from TORCHLOOM_NATS_REPLICAS (1 when unset).
 
         Raises:
             CredentialsError: that file is missing, readable by others or not a credential.
+            ValueError: TORCHLOOM_NATS_REPLICAS is not a whole number in [1, 5].
         """
         creds = env.get(env.NATS_CREDS_FILE)
+        replicas = env.get_int(env.NATS_REPLICAS, 1)
+        if not 1 <= replicas <= 5:
+            raise ValueError(f"{env.NATS_REPLICAS}={replicas} rejected: must be in [1, 5]")
         return cls(
+            replicas=replicas,
             nats_url=nats_url or env.get(env.NATS_URL) or defaults.NATS_URL,
             nats_credentials=ClientAuth.from_file(creds, inbox_prefix=inbox_prefix(Role.WEAVER))
             if creds

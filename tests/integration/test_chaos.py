@@ -20,12 +20,9 @@ import asyncio
 import contextlib
 import itertools
 import json
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,7 +36,8 @@ from tests.integration.helpers import (
     start_session,
     until,
 )
-from tests.integration.weaver_proc import WeaverProc, free_port
+from tests.integration.nats_cluster import Cluster
+from tests.integration.weaver_proc import WeaverProc
 from torchloom.client import ControlClient, SubmitResult, submit_until
 from torchloom.errors import JobNotFound, WeaverUnavailable
 from torchloom.messages import (
@@ -52,7 +50,6 @@ from torchloom.messages import (
     StatusReply,
     SubmitRequest,
 )
-from torchloom.nats_server import find_binary
 
 JOB = "chaos"
 COMMANDS = 100
@@ -71,80 +68,6 @@ SUBMIT_DEADLINE_S = 60.0
 STREAM_BOUND_S = 180.0
 STALL_BOUND_S = 10.0
 RATE_BOUND = 0.3
-
-
-@dataclass
-class Node:
-    name: str
-    port: int
-    cluster_port: int
-    http_port: int
-    dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-
-class Cluster:
-    """Three nats-servers on loopback forming one JetStream cluster; each keeps its ports and store
-    across a kill and restart."""
-
-    def __init__(self, root: Path, size: int = 3) -> None:
-        self.binary = find_binary()
-        self.nodes = [
-            Node(f"n{i}", free_port(), free_port(), free_port(), root / f"n{i}") for i in range(size)
-        ]
-        for node in self.nodes:
-            node.dir.mkdir(parents=True)
-            routes = ", ".join(f'"nats-route://127.0.0.1:{n.cluster_port}"' for n in self.nodes)
-            (node.dir / "server.conf").write_text(
-                f'server_name: "{node.name}"\n'
-                f'listen: "127.0.0.1:{node.port}"\n'
-                f'http: "127.0.0.1:{node.http_port}"\n'
-                f'jetstream {{ store_dir: "{node.dir / "js"}" }}\n'
-                f'cluster {{ name: "chaos", listen: "127.0.0.1:{node.cluster_port}", routes: [{routes}] }}\n'
-            )
-
-    @property
-    def urls(self) -> str:
-        return ",".join(n.url for n in self.nodes)
-
-    def start(self, i: int) -> None:
-        node = self.nodes[i]
-        log = open(node.dir / "server.log", "ab")  # noqa: SIM115 - the child owns it from here
-        node.proc = subprocess.Popen(
-            [self.binary, "-c", str(node.dir / "server.conf")], stdout=log, stderr=log, start_new_session=True
-        )
-        log.close()
-
-    def kill(self, i: int) -> None:
-        proc = self.nodes[i].proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-
-    def healthy(self, i: int) -> bool:
-        """The node serves clients and its JetStream is current with the cluster (/healthz is 200)."""
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.nodes[i].http_port}/healthz", timeout=1
-            ) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def stop_all(self) -> None:
-        for i in range(len(self.nodes)):
-            proc = self.nodes[i].proc
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
 
 
 class StepMeter:
@@ -193,8 +116,7 @@ async def test_commands_decided_exactly_once_through_server_and_weaver_kills(
     tmp_path: Path, subprocess_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
 ) -> None:
     cluster = Cluster(tmp_path / "cluster")
-    for i in range(3):
-        cluster.start(i)
+    cluster.start_all()
     weaver: WeaverProc | None = None
     try:
         out = tmp_path / "out"
@@ -207,9 +129,7 @@ async def test_commands_decided_exactly_once_through_server_and_weaver_kills(
         # connect (and a rank's bus retries until a server answers).
         job = start_session(cmd, env)
         procs.append(job)
-        await until(
-            "a healthy 3-node cluster", lambda: all(cluster.healthy(i) for i in range(3)), timeout_s=30
-        )
+        await until("a healthy 3-node cluster", cluster.all_healthy, timeout_s=30)
         weaver = WeaverProc(cluster.urls, subprocess_env, tmp_path / "weaver.log", replicas=3)
         weaver.start()
         addr = weaver.addr
@@ -290,7 +210,12 @@ async def test_commands_decided_exactly_once_through_server_and_weaver_kills(
                     fault_tasks.append(asyncio.create_task(what))
                 request = SubmitRequest(job=JOB, body=SetConfig(values={"lr": lr_of(n)}), issuer=issuer)
                 mark(f"command {n} sent")
-                result = await submit_until(request, lambda: addr, deadline_s=SUBMIT_DEADLINE_S)
+                # A weaver restarted right after a server restart may take several seconds to start
+                # (JetStream answering late: measured 4 to 8 s under I/O load, docs/benchmarks.md):
+                # the client waits for it the whole deadline, not the default 10 s unreached.
+                result = await submit_until(
+                    request, lambda: addr, deadline_s=SUBMIT_DEADLINE_S, unreached_give_up_s=SUBMIT_DEADLINE_S
+                )
                 outcome = result.outcome
                 mark(
                     f"command {n} {result.command_id}: "
@@ -332,6 +257,7 @@ async def test_commands_decided_exactly_once_through_server_and_weaver_kills(
             SubmitRequest(job=JOB, body=Action(kind=ActionKind.STOP), issuer=issuer),
             lambda: addr,
             deadline_s=SUBMIT_DEADLINE_S,
+            unreached_give_up_s=SUBMIT_DEADLINE_S,
         )
         assert stop.outcome is not None and stop.outcome.status is OutcomeStatus.APPLIED, stop
         await until("the job to end", lambda: job.poll() is not None, timeout_s=60)

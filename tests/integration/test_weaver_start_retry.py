@@ -11,33 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.helpers import until
-from tests.integration.weaver_proc import free_port
+from tests.integration.weaver_proc import free_port, python_m_weaver
 from torchloom import tokens
 from torchloom.app.controlplane import ControlPlane
 from torchloom.app.controlplane_config import ControlPlaneConfig
 from torchloom.client import ControlClient
 from torchloom.errors import WeaverUnavailable
 from torchloom.nats_server import EmbeddedNats
-
-
-def _weaver(env: dict[str, str], nats_url: str, grpc: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")  # noqa: SIM115 - the child owns it from here
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "weaver", "--nats", nats_url, "--grpc", grpc, *extra],
-            env=env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    finally:
-        out.close()
 
 
 async def _answers(addr: str) -> bool:
@@ -56,7 +41,7 @@ async def test_a_weaver_started_before_its_nats_comes_up_once_nats_does(
     port = free_port()
     addr = f"127.0.0.1:{free_port()}"
     log = tmp_path / "weaver.log"
-    weaver = _weaver(subprocess_env, f"nats://127.0.0.1:{port}", addr, log)
+    weaver = python_m_weaver(subprocess_env, f"nats://127.0.0.1:{port}", addr, log)
     procs.append(weaver)
     # Nothing listens on the port yet: the weaver says it will try again, and stays up.
     await until(
@@ -79,7 +64,7 @@ async def test_a_weaver_whose_nats_never_comes_gives_up_after_its_start_timeout(
     tmp_path: Path, subprocess_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
 ) -> None:
     log = tmp_path / "weaver.log"
-    weaver = _weaver(
+    weaver = python_m_weaver(
         subprocess_env,
         f"nats://127.0.0.1:{free_port()}",
         f"127.0.0.1:{free_port()}",
@@ -107,7 +92,9 @@ async def test_a_start_that_cannot_pass_by_itself_is_not_retried(
     token_file.chmod(0o600)
     log = tmp_path / "weaver.log"
     # NATS is not there either: a retry would wait for it (60 s by default); the bad file ends it.
-    weaver = _weaver(subprocess_env, f"nats://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", log)
+    weaver = python_m_weaver(
+        subprocess_env, f"nats://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", log
+    )
     procs.append(weaver)
     code = await asyncio.to_thread(weaver.wait, 45)
     said = log.read_text()
@@ -126,7 +113,7 @@ async def test_credentials_the_server_refuses_end_the_start_at_once(
     # The server admits only torchloom's roles, and this weaver has no credential file: refused.
     env = {k: v for k, v in subprocess_env.items() if k != "TORCHLOOM_NATS_CREDS_FILE"}
     log = tmp_path / "weaver.log"
-    weaver = _weaver(env, nats_server.url, f"127.0.0.1:{free_port()}", log)
+    weaver = python_m_weaver(env, nats_server.url, f"127.0.0.1:{free_port()}", log)
     procs.append(weaver)
     code = await asyncio.to_thread(weaver.wait, 45)
     said = log.read_text()

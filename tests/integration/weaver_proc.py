@@ -59,3 +59,21 @@ class WeaverProc:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def python_m_weaver(
+    env: dict[str, str], nats_url: str, grpc: str, log: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """`python -m weaver --nats NATS_URL --grpc GRPC EXTRA...` in a session of its own, its output
+    appended to `log`."""
+    out = open(log, "ab")  # noqa: SIM115 - the child owns it from here
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "weaver", "--nats", nats_url, "--grpc", grpc, *extra],
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    finally:
+        out.close()

@@ -316,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"what rank health problems trigger: {', '.join(PolicyMode)} (default {defaults.HEALTH_POLICY})",
     )
     weaver.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="JetStream replicas of the weaver's streams on --nats, a cluster of yours: 1 to 5 "
+        "(default: TORCHLOOM_NATS_REPLICAS, else 1; 3 keeps the journal through the loss of one server)",
+    )
+    weaver.add_argument(
         "--policy",
         metavar="FILE",
         help="autopilot rules of every job that has none of its own: a TOML file or 'default' "
@@ -501,6 +508,7 @@ def _run_command(args: argparse.Namespace) -> int:
             grpc_tls_cert=args.grpc_tls_cert,
             grpc_tls_key=args.grpc_tls_key,
             autopilot_policy=args.policy,
+            replicas=args.replicas,
         )
     if command in ("journal", "checkpoints", "branches") and _wants_history(args):
         return _history_command(args)

@@ -628,9 +628,11 @@ def serve_weaver(
     grpc_tls_cert: str | None = None,
     grpc_tls_key: str | None = None,
     autopilot_policy: str | None = None,
+    replicas: int | None = None,
 ) -> int:
     """`torchloom weaver`: the control plane in the foreground, without the idle exit; with
-    `autopilot_policy` (a TOML file or "default") the rules of every job that has none of its own."""
+    `autopilot_policy` (a TOML file or "default") the rules of every job that has none of its own;
+    on a NATS of yours, `replicas` (else TORCHLOOM_NATS_REPLICAS) JetStream replicas of its streams."""
     home = discovery.home()
     running = already_running(home)
     if running is not None:
@@ -650,6 +652,13 @@ def serve_weaver(
         )
     url = nats_url or env.get(env.NATS_URL)
     try:
+        if url:
+            options["replicas"] = stream_replicas(replicas)
+        elif replicas not in (None, 1):
+            raise ValueError(
+                f"--replicas {replicas}: the embedded NATS is one server (1 replica); "
+                "replicas are for --nats URL, a cluster of yours"
+            )
         # The weaver's own settings are checked now, so a bad flag is a usage error, not a retry.
         WeaverConfig(grpc_addr=grpc or defaults.GRPC_BIND_ADDR, **options)
         config = ControlPlaneConfig(
@@ -666,6 +675,20 @@ def serve_weaver(
         print(f"torchloom weaver: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(serve_control_plane(cp, to_stdout=True))
+
+
+def stream_replicas(given: int | None) -> int:
+    """The JetStream replicas of the weaver's streams on an external NATS: `given`, else
+    TORCHLOOM_NATS_REPLICAS, else 1.
+
+    Raises:
+        ValueError: not in [1, 5] (naming the flag or the variable it came from).
+    """
+    value = env.get_int(env.NATS_REPLICAS, 1) if given is None else given
+    if not 1 <= value <= 5:
+        source = env.NATS_REPLICAS if given is None else "--replicas"
+        raise ValueError(f"{source} {value} rejected: must be in [1, 5]")
+    return value
 
 
 def _process_age_s() -> float | None:
@@ -711,9 +734,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("control plane process up %.2fs after its start", age_s)
     try:
         health = parse_health(args.hung_after, args.straggler_factor, args.health_policy)
+        nats_url = env.get(env.NATS_URL)
+        options = health.config_kwargs()
+        if nats_url:  # a NATS of the user's: TORCHLOOM_NATS_REPLICAS, as `torchloom run` was given it
+            options["replicas"] = stream_replicas(None)
         config = ControlPlaneConfig(
             home=discovery.home(),
-            nats_url=env.get(env.NATS_URL),
+            nats_url=nats_url,
             nats_creds=args.nats_creds,
             ui_port=args.ui_port,
             grpc_addr=args.grpc,
@@ -721,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             idle_exit_s=None
             if args.no_idle_exit
             else (args.idle_exit_s if args.idle_exit_s is not None else idle_exit_default()),
-            weaver_options=health.config_kwargs(),
+            weaver_options=options,
         )
         cp = ControlPlane(config)
     except (UsageError, ValueError) as exc:

@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats
 import nats.errors
@@ -532,6 +533,45 @@ async def ensure_rank_consumer(
         if info.config.filter_subject != config.filter_subject:
             raise
     return config.durable_name
+
+
+_T = TypeVar("_T")
+
+# First per-request timeout of `retry_dropped` (doubling after each timeout).
+DROPPED_FIRST_S = 1.0
+
+
+async def retry_dropped(
+    nc: Client,
+    call: Callable[[JetStreamContext], Awaitable[_T]],
+    *,
+    total_s: float,
+    first_s: float = DROPPED_FIRST_S,
+) -> _T:
+    """Run `call` (idempotent JetStream API requests) through a context whose requests time out
+    after `first_s`, and again after a timeout with that doubled, for `total_s` in all.
+
+    A JetStream cluster drops API requests for a moment after a server rejoins (docs/benchmarks.md,
+    "A weaver restarted after a NATS server restart"): such a request never answers, so one long
+    timeout only waits longer, and asking again a second later answers at once.
+
+    Raises:
+        TimeoutError: no attempt answered within `total_s`.
+    """
+    end = time.monotonic() + total_s
+    attempt_s = first_s
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"JetStream did not answer within {total_s:g} s")
+        try:
+            async with asyncio.timeout(left):
+                return await call(nc.jetstream(timeout=min(attempt_s, left)))
+        except TimeoutError:  # nats-py's own TimeoutError is one too
+            if end - time.monotonic() <= 0:
+                raise
+            log.info("a JetStream request got no answer within %.1f s: asking again", min(attempt_s, left))
+            attempt_s *= 2
 
 
 async def remove_shared_commands(js: JetStreamContext) -> int:

@@ -25,8 +25,10 @@ from typing import Any, Self
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from torchloom import bus, signing, subjects, wire
+from torchloom.bus import JournalStream
 from torchloom.messages import (
     AgentRefusal,
     Command,
@@ -251,11 +253,12 @@ class Weaver:
                 refuse=self._refuse,
                 spawn=self._spawn,
             )
-            async with asyncio.timeout(self.config.nats_timeout_s):
-                # Commands live in one stream per job (a threadlet's credential names its own); an
-                # older store's shared stream would overlap them.
-                await bus.remove_shared_commands(js)
-                journal = await bus.ensure_streams(js, replicas=self.config.replicas, shared_commands=False)
+            # Commands live in one stream per job (a threadlet's credential names its own); an older
+            # store's shared stream would overlap them. Asked again after a dropped request, as a
+            # cluster drops them for a moment after a server rejoins.
+            journal = await bus.retry_dropped(
+                self._nc, self._ensure_streams, total_s=self.config.nats_timeout_s
+            )
             self._journal = self.telemetry.journal = journal
             # Before the subscriptions: acks of commands from before a restart must find them pending.
             await self._recover()
@@ -275,8 +278,7 @@ class Weaver:
             )
             await self._subscribe_telemetry(subjects.metrics_all(), self.telemetry.on_metrics)
             # Acks come through the durable consumer: those a previous weaver did not journal yet too.
-            async with asyncio.timeout(self.config.nats_timeout_s):
-                await self.intake.feed.start(js)
+            await bus.retry_dropped(self._nc, self.intake.feed.start, total_s=self.config.nats_timeout_s)
             # Launchers announce a stopping run here (only the weaver and launcher roles know the token).
             await nc.subscribe(journal.subject(subjects.events_all()), cb=self.telemetry.on_event)
             # Refusals of unverified commands (and acks of ranks without an ack token) are stored nowhere.
@@ -294,6 +296,10 @@ class Weaver:
             await self.close()
             raise
         log.info("weaver up: nats %s", self.config.nats_url)
+
+    async def _ensure_streams(self, js: JetStreamContext) -> JournalStream:
+        await bus.remove_shared_commands(js)
+        return await bus.ensure_streams(js, replicas=self.config.replicas, shared_commands=False)
 
     async def _on_reconnected(self) -> None:
         if self._consumers is not None:

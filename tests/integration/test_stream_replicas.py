@@ -12,7 +12,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from tests.integration.helpers import until
+from tests.integration.helpers import EXAMPLE, until
 from tests.integration.nats_cluster import Cluster
 from tests.integration.weaver_proc import free_port, python_m_weaver
 from torchloom import subjects
@@ -71,6 +71,11 @@ async def test_python_m_weaver_makes_its_streams_with_the_replicas_asked_for(
             "TORCHLOOM_NATS_REPLICAS=0 rejected: must be in [1, 5]",
         ),
         (["-m", "torchloom.app.cli", "weaver", "--replicas", "3"], {}, "the embedded NATS is one server"),
+        (
+            ["-m", "torchloom.app.cli", "run", "--nats", "nats://127.0.0.1:1", str(EXAMPLE)],
+            {"TORCHLOOM_NATS_REPLICAS": "9"},
+            "torchloom run: TORCHLOOM_NATS_REPLICAS 9 rejected: must be in [1, 5]",
+        ),
         (
             ["-m", "torchloom.app.cli", "weaver", "--nats", "nats://127.0.0.1:1", "--replicas", "6"],
             {},

@@ -44,6 +44,7 @@ from torchloom.app.controlplane_config import (
     free_port,
     idle_exit_default,
     state_path,
+    stream_replicas,
 )
 from torchloom.app.health_options import HealthOptions, UsageError, parse_health
 from torchloom.credentials import SECRETS_SUBDIR, ClientAuth, Role
@@ -675,20 +676,6 @@ def serve_weaver(
         print(f"torchloom weaver: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(serve_control_plane(cp, to_stdout=True))
-
-
-def stream_replicas(given: int | None) -> int:
-    """The JetStream replicas of the weaver's streams on an external NATS: `given`, else
-    TORCHLOOM_NATS_REPLICAS, else 1.
-
-    Raises:
-        ValueError: not in [1, 5] (naming the flag or the variable it came from).
-    """
-    value = env.get_int(env.NATS_REPLICAS, 1) if given is None else given
-    if not 1 <= value <= 5:
-        source = env.NATS_REPLICAS if given is None else "--replicas"
-        raise ValueError(f"{source} {value} rejected: must be in [1, 5]")
-    return value
 
 
 def _process_age_s() -> float | None:

@@ -141,3 +141,17 @@ def default_credentials(config: ControlPlaneConfig) -> Credentials:
 def idle_exit_default() -> float:
     """TORCHLOOM_CONTROLPLANE_IDLE_S, else IDLE_EXIT_S."""
     return env.get_float(IDLE_EXIT_ENV, IDLE_EXIT_S)
+
+
+def stream_replicas(given: int | None) -> int:
+    """The JetStream replicas of the weaver's streams on an external NATS: `given`, else
+    TORCHLOOM_NATS_REPLICAS, else 1.
+
+    Raises:
+        ValueError: not in [1, 5] (naming the flag or the variable it came from).
+    """
+    value = env.get_int(env.NATS_REPLICAS, 1) if given is None else given
+    if not 1 <= value <= 5:
+        source = env.NATS_REPLICAS if given is None else "--replicas"
+        raise ValueError(f"{source} {value} rejected: must be in [1, 5]")
+    return value

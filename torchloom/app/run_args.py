@@ -16,6 +16,7 @@ from pathlib import Path
 from torchloom import discovery, env, naming, signing, subjects, tls
 from torchloom.app import join as join_file
 from torchloom.app import policy_cmd
+from torchloom.app.controlplane_config import stream_replicas
 from torchloom.app.health_options import HealthOptions, UsageError, parse_health
 from weaver import rules
 
@@ -250,6 +251,11 @@ def split_run_args(argv: Sequence[str]) -> RunSpec:
             policy_cmd.policy_text(policy)
         except ValueError as exc:
             raise UsageError(f"--policy {policy}: {exc}") from None
+    if "--nats" in ours or env.get(env.NATS_URL):
+        try:  # read by the control plane this run starts: a bad value is a usage error here, now
+            stream_replicas(None)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     ui_port = ours.get("--ui-port", "0")
     if not ui_port.isdigit() or int(ui_port) > 65535:
         raise UsageError(

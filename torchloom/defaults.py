@@ -17,6 +17,9 @@ GRPC_BIND_ADDR = "127.0.0.1:0"
 NATS_URL = "nats://127.0.0.1:4222"
 # What a weaver does about rank health problems unless told otherwise: only report them.
 HEALTH_POLICY = PolicyMode.ALERT
+# JetStream replicas of the weaver's streams: 1 (one server) up to this (`--replicas`,
+# TORCHLOOM_NATS_REPLICAS); the bound is JetStream's own.
+MAX_STREAM_REPLICAS = 5
 
 
 def version() -> str:

@@ -56,9 +56,13 @@ def get_float(name: str, default: float) -> float:
     return _parsed(name, default, float, "a number")
 
 
-def get_int(name: str, default: int) -> int:
-    """Return the variable as an int, or `default`; a malformed value is a clear ValueError."""
-    return _parsed(name, default, int, "a whole number")
+def get_int(name: str, default: int, *, within: tuple[int, int] | None = None) -> int:
+    """Return the variable as an int, or `default`; a malformed value, or one outside the inclusive
+    bounds `within`, is a clear ValueError naming the variable."""
+    value = _parsed(name, default, int, "a whole number")
+    if within is not None and not within[0] <= value <= within[1]:
+        raise ValueError(f"{name}={value} rejected: must be in [{within[0]}, {within[1]}]")
+    return value
 
 
 def _parsed(name: str, default: _N, parse: Callable[[str], _N], expected: str) -> _N:

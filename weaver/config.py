@@ -129,8 +129,10 @@ class WeaverConfig:
         _positive("nats_timeout_s", self.nats_timeout_s, upper=600.0)
         if not 1 <= self.watch_queue_size <= 1_000_000:
             raise ValueError(f"watch_queue_size={self.watch_queue_size!r} rejected: must be in [1, 1000000]")
-        if not 1 <= self.replicas <= 5:
-            raise ValueError(f"replicas={self.replicas!r} rejected: must be in [1, 5]")
+        if not 1 <= self.replicas <= defaults.MAX_STREAM_REPLICAS:
+            raise ValueError(
+                f"replicas={self.replicas!r} rejected: must be in [1, {defaults.MAX_STREAM_REPLICAS}]"
+            )
         _positive("hung_after_s", self.hung_after_s, upper=24 * 3600.0)
         if not (math.isfinite(self.straggler_factor) and 1.0 < self.straggler_factor <= 1000.0):
             raise ValueError(f"straggler_factor={self.straggler_factor!r} rejected: must be in (1, 1000]")
@@ -190,11 +192,8 @@ class WeaverConfig:
             ValueError: TORCHLOOM_NATS_REPLICAS is not a whole number in [1, 5].
         """
         creds = env.get(env.NATS_CREDS_FILE)
-        replicas = env.get_int(env.NATS_REPLICAS, 1)
-        if not 1 <= replicas <= 5:
-            raise ValueError(f"{env.NATS_REPLICAS}={replicas} rejected: must be in [1, 5]")
         return cls(
-            replicas=replicas,
+            replicas=env.get_int(env.NATS_REPLICAS, 1, within=(1, defaults.MAX_STREAM_REPLICAS)),
             nats_url=nats_url or env.get(env.NATS_URL) or defaults.NATS_URL,
             nats_credentials=ClientAuth.from_file(creds, inbox_prefix=inbox_prefix(Role.WEAVER))
             if creds

@@ -74,7 +74,7 @@ async def test_python_m_weaver_makes_its_streams_with_the_replicas_asked_for(
         (
             ["-m", "torchloom.app.cli", "run", "--nats", "nats://127.0.0.1:1", str(EXAMPLE)],
             {"TORCHLOOM_NATS_REPLICAS": "9"},
-            "torchloom run: TORCHLOOM_NATS_REPLICAS 9 rejected: must be in [1, 5]",
+            "torchloom run: TORCHLOOM_NATS_REPLICAS=9 rejected: must be in [1, 5]",
         ),
         (
             ["-m", "torchloom.app.cli", "weaver", "--nats", "nats://127.0.0.1:1", "--replicas", "6"],

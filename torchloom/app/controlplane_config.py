@@ -148,10 +148,11 @@ def stream_replicas(given: int | None) -> int:
     TORCHLOOM_NATS_REPLICAS, else 1.
 
     Raises:
-        ValueError: not in [1, 5] (naming the flag or the variable it came from).
+        ValueError: not in [1, MAX_STREAM_REPLICAS] (naming the flag or the variable it came from).
     """
-    value = env.get_int(env.NATS_REPLICAS, 1) if given is None else given
-    if not 1 <= value <= 5:
-        source = env.NATS_REPLICAS if given is None else "--replicas"
-        raise ValueError(f"{source} {value} rejected: must be in [1, 5]")
-    return value
+    top = defaults.MAX_STREAM_REPLICAS
+    if given is None:
+        return env.get_int(env.NATS_REPLICAS, 1, within=(1, top))
+    if not 1 <= given <= top:
+        raise ValueError(f"--replicas {given} rejected: must be in [1, {top}]")
+    return given

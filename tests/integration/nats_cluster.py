@@ -3,12 +3,15 @@ user's (chaos, stream replicas)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.integration.helpers import until
 from tests.integration.weaver_proc import free_port
 from torchloom.nats_server import find_binary
 
@@ -71,6 +74,32 @@ class Cluster:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
+
+    async def restart(self, i: int, note: Callable[[str], None] = lambda _: None) -> None:
+        """Kill server `i`, start it again a second later on the same ports and store, and wait until
+        it is current with the cluster (/healthz; 60 s at most). One that exits meanwhile (a port of
+        its, free for that second, taken by another test's connection) is started again, up to 10
+        times, as a supervisor would. `note` hears each step (a test's timeline)."""
+        self.kill(i)
+        await asyncio.sleep(1.0)
+        self.start(i)
+        note(f"server {i} started again")
+        restarts = 0
+
+        def healed() -> bool:
+            nonlocal restarts
+            proc = self.nodes[i].proc
+            if proc is not None and proc.poll() is not None and restarts < 10:
+                restarts += 1
+                note(f"server {i} exited ({proc.returncode}): starting it again")
+                self.start(i)
+                return False
+            return self.healthy(i)
+
+        await until(
+            f"server {i} healthy again", healed, timeout_s=60, logs=[self.nodes[i].dir / "server.log"]
+        )
+        note(f"server {i} healthy again")
 
     def healthy(self, i: int) -> bool:
         """The node serves clients and its JetStream is current with the cluster (/healthz is 200)."""

@@ -153,29 +153,7 @@ async def test_commands_decided_exactly_once_through_server_and_weaver_kills(
 
         async def server_fault(i: int) -> None:
             await asyncio.sleep(FAULT_DELAY_S)  # land while the command is in flight
-            cluster.kill(i)
-            await asyncio.sleep(1.0)
-            cluster.start(i)
-            mark(f"server {i} started again")
-
-            restarts = 0
-
-            def healed() -> bool:
-                nonlocal restarts
-                proc = cluster.nodes[i].proc
-                if proc is not None and proc.poll() is not None and restarts < 10:
-                    restarts += 1
-                    # It exited: one of its ports, free for a second, was taken meanwhile (another
-                    # test's connection). A supervisor starts it again; so does the test.
-                    mark(f"server {i} exited ({proc.returncode}): starting it again")
-                    cluster.start(i)
-                    return False
-                return cluster.healthy(i)
-
-            await until(
-                f"server {i} healthy again", healed, timeout_s=60, logs=[cluster.nodes[i].dir / "server.log"]
-            )
-            mark(f"server {i} healthy again")
+            await cluster.restart(i, note=mark)
 
         async def weaver_fault() -> None:
             assert weaver is not None

@@ -9,7 +9,6 @@ exit and leave the job unsteerable (CI once lost a chaos run to a weaver that ne
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import subprocess
 from pathlib import Path
@@ -172,10 +171,7 @@ async def test_a_weaver_restarted_right_after_a_cluster_server_restart_serves_ag
             await until(
                 f"the weaver ready ({i})", lambda: _answers(addr), timeout_s=90, proc=weaver, logs=[log]
             )
-            cluster.kill(i)
-            await asyncio.sleep(1.0)
-            cluster.start(i)
-            await until(f"server {i} healthy again", functools.partial(cluster.healthy, i), timeout_s=60)
+            await cluster.restart(i)
             weaver.kill()
             weaver.wait(timeout=10)
             weaver = python_m_weaver(subprocess_env, cluster.urls, addr, log, "--replicas", "3")
